@@ -1,0 +1,110 @@
+"""Reading and writing bench tables (parquet or jsonl, any fsspec URI), whole or streamed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from r2ray import storage
+from r2ray.bench.schema import BenchError, validate_bench
+from r2ray.catalog import Catalog
+
+SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def read_table(uri: str) -> pa.Table:
+    """Read one parquet or jsonl file into Arrow; a garbled file is a :class:`BenchError`."""
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            if path.endswith(".parquet"):
+                return pq.read_table(handle)
+            return _read_jsonl(handle.read(), uri)
+    except BenchError:
+        raise
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
+        kind = "parquet" if path.endswith(".parquet") else "jsonl"
+        raise BenchError(f"{uri}: not a readable {kind} file ({err})") from None
+
+
+def _read_jsonl(data: bytes, uri: str) -> pa.Table:
+    """jsonl via pyarrow; on a parse error, find the offending line for the message."""
+    if not data.strip():
+        return pa.table({})
+    try:
+        return pajson.read_json(pa.BufferReader(data),
+                                read_options=pajson.ReadOptions(block_size=1 << 26))
+    except pa.ArrowInvalid as err:
+        for line_no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as bad:
+                    raise BenchError(f"{uri}, row {line_no}: invalid JSON ({bad.msg})") from None
+        raise BenchError(f"{uri}: not a readable jsonl file ({err})") from None
+
+
+def read_bench(uris: str | Iterable[str], catalog: Catalog | None = None) -> pa.Table:
+    """Read and validate a bench from files, directories or globs (parquet and/or jsonl)."""
+    tables = [validate_bench(read_table(uri), uri, catalog)
+              for uri in storage.list_files(uris, SUFFIXES)]
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    if len(tables) > 1:  # duplicates across files
+        validate_bench(table, "bench (all files)", catalog)
+    return table
+
+
+class TableWriter:
+    """Stream record batches to one parquet or jsonl file (by suffix). Use as a context manager."""
+
+    def __init__(self, uri: str, schema: pa.Schema):
+        self.uri, self.schema = str(uri), schema
+        self.rows = 0
+        fs, path = storage.filesystem(self.uri)
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        self._handle = fs.open(path, "wb")
+        self._parquet = (pq.ParquetWriter(self._handle, schema, compression="zstd")
+                         if path.endswith(".parquet") else None)
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        table = table.select(self.schema.names).cast(self.schema)
+        self.rows += table.num_rows
+        if self._parquet is not None:
+            self._parquet.write_table(table)
+        else:
+            lines = (json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+                     for row in table.to_pylist())
+            self._handle.write(("\n".join(lines) + "\n").encode("utf-8") if table.num_rows else b"")
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        self._handle.close()
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_table(table: pa.Table, uri: str) -> None:
+    with TableWriter(uri, table.schema) as writer:
+        writer.write(table)
+
+
+def iter_batches(uri: str, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Stream a parquet file in record batches (jsonl files are read whole)."""
+    fs, path = storage.filesystem(uri)
+    if path.endswith(".parquet"):
+        with fs.open(path, "rb") as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows)
+    else:
+        yield from read_table(uri).to_batches(max_chunksize=batch_rows)

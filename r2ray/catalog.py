@@ -1,0 +1,250 @@
+"""The model catalogue: which LLMs may answer, what they cost, which length budgets they offer.
+
+The YAML shape is a public interface::
+
+    budgets: [10, 20, ..., 4000, default]      # the default grid (output tokens)
+    models:
+      - {name, input_per_m, output_per_m, context, budgets (optional), endpoint (optional)}
+
+Prices are USD per million tokens. An *arm* is a (model, budget) pair; budget 0 stands for
+``default`` (no length instruction, the model's own length). Arms are enumerated model-major in
+catalogue order, so arm ``j`` is stable for a given catalogue and the catalogue hash pins it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from importlib import resources
+from typing import Annotated, NamedTuple
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from r2ray.errors import R2RayError
+
+DEFAULT_BUDGET = 0
+"""Arm budget value meaning 'default': no instruction, no cap beyond the context window."""
+
+DEFAULT_CATALOG = "default_catalog.yaml"
+
+
+class CatalogError(R2RayError, ValueError):
+    """A catalogue that cannot be used; the message says where and how to fix it."""
+
+
+class UnknownModel(CatalogError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+def parse_budget(value: int | str) -> int:
+    """`'default'` -> 0; positive integers pass; anything else is an error."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("default", "unlimited"):
+            return DEFAULT_BUDGET
+        if value.strip().isdigit():
+            value = int(value)
+        else:
+            raise ValueError(f"budget {value!r} is neither a positive integer nor 'default'")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"budget {value!r} is neither a positive integer nor 'default'")
+    return int(value)
+
+
+def budget_label(budget_tokens: int) -> str:
+    return "default" if budget_tokens == DEFAULT_BUDGET else str(budget_tokens)
+
+
+Budgets = list[int | str]
+
+
+def _normalise_budgets(values: Budgets) -> list[int]:
+    budgets = [parse_budget(v) for v in values]
+    if not budgets:
+        raise ValueError("the budget list is empty")
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"duplicate budgets in {values}")
+    return sorted(budgets, key=lambda b: (b == DEFAULT_BUDGET, b))  # numeric ascending, default last
+
+
+class ModelSpec(BaseModel):
+    """One LLM: prices in USD per million tokens, context window in tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1)]
+    input_per_m: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    output_per_m: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    context: Annotated[int, Field(gt=0)]
+    budgets: list[int] | None = None
+    endpoint: str | None = None
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _budgets(cls, value: Budgets | None) -> list[int] | None:
+        return None if value is None else _normalise_budgets(value)
+
+
+class Arm(NamedTuple):
+    model: str
+    budget_tokens: int  # 0 = default
+
+
+class Catalog(BaseModel):
+    """A validated catalogue. Build with :func:`load_catalog` or ``Catalog.model_validate``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budgets: list[int]
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _budgets(cls, value: Budgets) -> list[int]:
+        return _normalise_budgets(value)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Catalog:
+        seen: set[str] = set()
+        for spec in self.models:
+            if spec.name in seen:
+                raise ValueError(f"duplicate model name {spec.name!r}")
+            seen.add(spec.name)
+        return self
+
+    # ---- lookups -------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def model(self, name: str) -> ModelSpec:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UnknownModel(
+                f"unknown model {name!r}; the catalogue has: {', '.join(self.model_names)}"
+            ) from None
+
+    def budgets_of(self, name: str) -> list[int]:
+        spec = self.model(name)
+        return spec.budgets if spec.budgets is not None else self.budgets
+
+    @cached_property
+    def _by_name(self) -> dict[str, ModelSpec]:
+        return {m.name: m for m in self.models}
+
+    # ---- arms ----------------------------------------------------------------------------
+    @cached_property
+    def arms(self) -> list[Arm]:
+        """All (model, budget) arms, model-major in catalogue order, budgets ascending, default last."""
+        return [Arm(m.name, b) for m in self.models for b in self.budgets_of(m.name)]
+
+    @property
+    def n_arms(self) -> int:
+        return len(self.arms)
+
+    @cached_property
+    def arm_index(self) -> dict[Arm, int]:
+        return {arm: j for j, arm in enumerate(self.arms)}
+
+    def arm_of(self, model: str, budget_tokens: int) -> int:
+        try:
+            return self.arm_index[Arm(model, int(budget_tokens))]
+        except KeyError:
+            self.model(model)  # raises UnknownModel with the list of known models
+            raise CatalogError(
+                f"model {model!r} offers no budget {budget_label(budget_tokens)}; "
+                f"it offers {[budget_label(b) for b in self.budgets_of(model)]}"
+            ) from None
+
+    @cached_property
+    def arm_arrays(self) -> dict[str, np.ndarray]:
+        """Per-arm columns [K]: model index, budget tokens, USD per token in and out."""
+        model_pos = {name: i for i, name in enumerate(self.model_names)}
+        return {
+            "model_index": np.array([model_pos[a.model] for a in self.arms], dtype=np.int32),
+            "budget_tokens": np.array([a.budget_tokens for a in self.arms], dtype=np.int32),
+            "price_in_usd": np.array([self.model(a.model).input_per_m * 1e-6 for a in self.arms]),
+            "price_out_usd": np.array([self.model(a.model).output_per_m * 1e-6 for a in self.arms]),
+        }
+
+    def arm_cost_usd(self, input_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+        """Cost [N, K] in USD: input tokens [N] × input price + output tokens [N, K] × output price."""
+        arrays = self.arm_arrays
+        input_tokens = np.asarray(input_tokens, dtype=np.float64)
+        return (input_tokens[:, None] * arrays["price_in_usd"][None, :]
+                + np.asarray(output_tokens, dtype=np.float64) * arrays["price_out_usd"][None, :])
+
+    def cost_usd(self, model: str, input_tokens: float, output_tokens: float) -> float:
+        spec = self.model(model)
+        return (input_tokens * spec.input_per_m + output_tokens * spec.output_per_m) * 1e-6
+
+    # ---- identity and persistence --------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The YAML shape, with budget 0 written back as ``default``."""
+
+        def budgets(values: list[int]) -> list[int | str]:
+            return [budget_label(b) if b == DEFAULT_BUDGET else b for b in values]
+
+        models = []
+        for m in self.models:
+            row = {"name": m.name, "input_per_m": m.input_per_m, "output_per_m": m.output_per_m,
+                   "context": m.context}
+            if m.budgets is not None:
+                row["budgets"] = budgets(m.budgets)
+            if m.endpoint is not None:
+                row["endpoint"] = m.endpoint
+            models.append(row)
+        return {"budgets": budgets(self.budgets), "models": models}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON form; pins arm order and prices in manifests and models."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _format_validation(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg} (got {item.get('input')!r})")
+    return f"catalogue {source} is invalid:\n" + "\n".join(lines)
+
+
+def catalog_from_dict(data: object, source: str = "<dict>") -> Catalog:
+    if not isinstance(data, dict):
+        raise CatalogError(f"catalogue {source}: expected a mapping with 'budgets' and 'models'")
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as err:
+        raise CatalogError(_format_validation(source, err)) from None
+
+
+def load_catalog(path: str | None = None) -> Catalog:
+    """Load and validate a catalogue from a path or fsspec URI; ``None`` gives the default pool."""
+    if path is None:
+        text = resources.files("r2ray").joinpath(DEFAULT_CATALOG).read_text()
+        source = f"r2ray/{DEFAULT_CATALOG}"
+    else:
+        from r2ray.storage import read_text
+
+        text, source = read_text(path), str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise CatalogError(f"catalogue {source} is not valid YAML: {err}") from None
+    return catalog_from_dict(data, source)
+
+
+def save_catalog(catalog: Catalog, path: str) -> None:
+    from r2ray.storage import write_text
+
+    write_text(path, catalog.to_yaml())

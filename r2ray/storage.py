@@ -1,0 +1,125 @@
+"""Object storage through fsspec: local paths, ``file://`` and ``s3://`` behave the same.
+
+S3 settings come from the environment (never from arguments that end up in logs):
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` as usual, and ``R2RAY_S3_ENDPOINT`` (or the
+standard ``AWS_ENDPOINT_URL``) for an S3-compatible server such as SeaweedFS or MinIO.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterable
+
+import fsspec
+import pyarrow.fs as pafs
+from fsspec.core import url_to_fs
+
+
+def s3_options() -> dict:
+    """s3fs keyword arguments from the environment: endpoint only; keys stay in the environment."""
+    endpoint = os.environ.get("R2RAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict = {}
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+        options["config_kwargs"] = {"s3": {"addressing_style": "path"}}
+    return options
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a path or URI."""
+    uri = str(uri)
+    options = s3_options() if uri.startswith(("s3://", "s3a://")) else {}
+    return url_to_fs(uri, **options)
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem (for Ray Data and pyarrow.dataset) plus the path inside it."""
+    fs, path = filesystem(uri)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI without mangling the ``scheme://``."""
+    uri = str(uri)
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return os.path.join(uri, *parts)
+
+
+def with_scheme(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open(path, "r", encoding="utf-8") as handle:
+        return handle.read()
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object. Local files go through a temp name + rename so readers never see half."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    else:  # object stores: a single PUT is atomic
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def remove(uri: str, recursive: bool = True) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str]:
+    """Expand files, directories/prefixes and globs into a sorted list of data-file URIs.
+
+    Hidden files and names starting with ``_`` (``_SUCCESS``, ``_tmp``) are skipped. An input that
+    matches nothing is an error naming it, so a typo never reads as an empty backlog.
+    """
+    found: list[str] = []
+    for uri in [uris] if isinstance(uris, str) else list(uris):
+        fs, path = filesystem(uri)
+        if any(ch in path for ch in "*?["):
+            paths = fs.glob(path)
+        elif fs.isdir(path):
+            paths = fs.find(path)
+        elif fs.exists(path):
+            paths = [path]
+        else:
+            raise FileNotFoundError(f"input {uri} does not exist")
+        matched = [
+            p for p in paths
+            if p.endswith(suffixes) and not posixpath.basename(p).startswith((".", "_"))
+        ]
+        if not matched:
+            raise FileNotFoundError(f"input {uri} holds no files ending in {', '.join(suffixes)}")
+        found.extend(with_scheme(fs, p) for p in sorted(matched))
+    return found

@@ -1,0 +1,74 @@
+"""The catalogue: the default pool, arms, prices and validation messages."""
+
+import numpy as np
+import pytest
+
+from r2ray.catalog import (DEFAULT_BUDGET, Arm, CatalogError, UnknownModel, catalog_from_dict,
+                           load_catalog, save_catalog)
+
+GRID = [10, 20, 30, 40, 50, 80, 100, 150, 200, 300, 500, 800, 1200, 2000, 4000, DEFAULT_BUDGET]
+
+
+def test_default_catalogue_is_the_papers_pool():
+    catalog = load_catalog()
+    assert len(catalog.models) == 11
+    assert catalog.budgets == GRID
+    assert catalog.n_arms == 176
+    assert catalog.arms[0] == Arm("Qwen3-0.6B", 10)
+    assert catalog.arms[15] == Arm("Qwen3-0.6B", DEFAULT_BUDGET)
+    glm = catalog.model("GLM-4.6")
+    assert (glm.input_per_m, glm.output_per_m) == (0.44, 1.76)
+    out_prices = [m.output_per_m for m in catalog.models]
+    assert max(out_prices) / min(out_prices) == pytest.approx(88.0)  # prices span ~100x
+
+
+def test_arm_lookup_and_costs():
+    catalog = load_catalog()
+    j = catalog.arm_of("GLM-4.6", 200)
+    assert catalog.arms[j] == Arm("GLM-4.6", 200)
+    cost = catalog.arm_cost_usd(np.array([1000.0]), np.full((1, catalog.n_arms), 100.0))
+    assert cost[0, j] == pytest.approx((1000 * 0.44 + 100 * 1.76) / 1e6)
+    assert catalog.cost_usd("GLM-4.6", 1000, 100) == pytest.approx(cost[0, j])
+    with pytest.raises(UnknownModel, match="unknown model 'gpt-9'.*GLM-4.6"):
+        catalog.arm_of("gpt-9", 10)
+    with pytest.raises(CatalogError, match="offers no budget 7"):
+        catalog.arm_of("GLM-4.6", 7)
+
+
+def test_per_model_budgets_and_round_trip(tmp_path):
+    catalog = catalog_from_dict({
+        "budgets": [100, "default", 10],
+        "models": [{"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096},
+                   {"name": "b", "input_per_m": 0, "output_per_m": 0.5, "context": 8192,
+                    "budgets": ["default"], "endpoint": "http://127.0.0.1:9/v1"}],
+    })
+    assert catalog.budgets == [10, 100, DEFAULT_BUDGET]
+    assert catalog.arms == [Arm("a", 10), Arm("a", 100), Arm("a", 0), Arm("b", 0)]
+    path = tmp_path / "cat.yaml"
+    save_catalog(catalog, str(path))
+    again = load_catalog(str(path))
+    assert again == catalog and again.fingerprint == catalog.fingerprint
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"budgets": [10], "models": [{"name": "a", "input_per_m": -1, "output_per_m": 1,
+                                   "context": 10}]}, r"models\.0\.input_per_m"),
+    ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
+                                   "context": 10}] * 2}, "duplicate model name 'a'"),
+    ({"budgets": [10, -5], "models": []}, "budget -5 is neither"),
+    ({"budgets": [10, "lots"], "models": []}, "budget 'lots' is neither"),
+    ({"budgets": [10, 10, "default"], "models": []}, "duplicate budgets"),
+    ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
+                                   "context": 10, "colour": "red"}]}, "colour"),
+    ([1, 2], "expected a mapping"),
+])
+def test_bad_catalogues_say_where(data, message):
+    with pytest.raises(CatalogError, match=message):
+        catalog_from_dict(data, "cat.yaml")
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("budgets: [10\nmodels: {")
+    with pytest.raises(CatalogError, match="not valid YAML"):
+        load_catalog(str(path))
