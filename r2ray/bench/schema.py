@@ -32,7 +32,15 @@ OPTIONAL_COLUMNS = ["response", "cost_usd"]
 
 
 class BenchError(R2RayError, ValueError):
-    """Bad bench data. The message names the file, the row (1-based data row) and the field."""
+    """Bad bench data. The message names the file, the row (1-based data row) and the field.
+
+    ``row`` (0-based), ``field`` and ``detail`` (the message without the location) are kept
+    when known, so an adapter can re-point an error at the source line a bench row came from.
+    """
+
+    row: int | None = None
+    field: str | None = None
+    detail: str | None = None
 
 
 def bench_error(source: str, row: int | None, field: str | None, message: str) -> BenchError:
@@ -41,7 +49,9 @@ def bench_error(source: str, row: int | None, field: str | None, message: str) -
         where.append(f"row {row + 1}")
     if field is not None:
         where.append(f"field {field!r}")
-    return BenchError(": ".join([", ".join(where), message]))
+    error = BenchError(": ".join([", ".join(where), message]))
+    error.row, error.field, error.detail = row, field, message
+    return error
 
 
 def conform(table: pa.Table, source: str) -> pa.Table:

@@ -1,0 +1,190 @@
+"""Bad inputs to `r2ray bench convert`: exit status 2 and a message naming file, row and field."""
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r2ray.cli import main
+
+from conftest import TEST_DATA
+
+PB, RA, R2 = TEST_DATA / "paretobandit", TEST_DATA / "routerarena", TEST_DATA / "r2bench"
+ROUTERBENCH = TEST_DATA / "routerbench" / "routerbench_sample.csv"
+
+
+@pytest.fixture
+def fails(tmp_path, capsys):
+    """Run `r2ray bench convert`, expect exit status 2; returns the error message."""
+    def run(fmt, inputs, *extra):
+        code = main(["bench", "convert", "--format", fmt, *map(str, inputs),
+                     "--out", str(tmp_path / "out" / "bench.parquet"), *map(str, extra)])
+        captured = capsys.readouterr()
+        assert code == 2, captured.out
+        assert not (tmp_path / "out" / "bench.parquet").exists()
+        return captured.err
+    return run
+
+
+def copy_with(tmp_path, source, edit, name=None):
+    """A copy of ``source`` (in a fresh folder, with its side files), its lines passed through
+    ``edit``."""
+    folder = tmp_path / "in"
+    shutil.copytree(source.parent, folder, dirs_exist_ok=True)
+    target = folder / (name or source.name)
+    lines = source.read_text().splitlines()
+    target.write_text("\n".join(edit(lines)) + "\n")
+    return target
+
+
+def edit_json_line(index, change):
+    def edit(lines):
+        record = json.loads(lines[index])
+        change(record)
+        return lines[:index] + [json.dumps(record)] + lines[index + 1:]
+    return edit
+
+
+def edit_csv(change):
+    """An edit for :func:`copy_with` that rewrites the CSV records [header, row 1, ...]."""
+    def edit(lines):
+        records = change(list(csv.reader(io.StringIO("\n".join(lines)))))
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(records)
+        return out.getvalue().splitlines()
+    return edit
+
+
+def write_long(tmp_path, rows):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def long_row(**change):
+    row = {"query_id": "q1", "query": "2+2?", "category": "math", "model": "GLM-4.6",
+           "budget": 0, "input_tokens": 4, "output_tokens": 9, "quality": 1.0, "truncated": None}
+    return {**row, **change}
+
+
+# ---- missing column ------------------------------------------------------------------------
+def test_missing_column(fails, tmp_path):
+    source = R2 / "GLM-4.6.csv"
+    drop = source.read_text().splitlines()[0].split(",").index("200_count")
+    without_200_count = edit_csv(lambda rows: [r[:drop] + r[drop + 1:] for r in rows])
+    err = fails("r2bench", [copy_with(tmp_path, source, without_200_count)])
+    assert "GLM-4.6.csv" in err and "field '200_count'" in err and "missing column" in err
+    row = long_row()
+    del row["quality"]
+    err = fails("long", [write_long(tmp_path, [row])])
+    assert "mine.jsonl" in err and "field 'quality'" in err and "missing column" in err
+
+
+# ---- quality outside [0, 1] ------------------------------------------------------------------
+def test_quality_outside_unit_interval(fails, tmp_path):
+    bad = copy_with(tmp_path, PB / "test_k4.jsonl", edit_json_line(
+        2, lambda r: r["arms"]["google/gemini-2.5-pro"].update(reward=1.5)))
+    err = fails("paretobandit", [bad])
+    assert "test_k4.jsonl, row 3, field 'arms.google/gemini-2.5-pro.reward'" in err
+    assert "outside [0.0, 1.0]" in err
+    err = fails("long", [write_long(tmp_path, [long_row(), long_row(query_id="q2", quality=-0.1)])])
+    assert "mine.jsonl, row 2, field 'quality'" in err
+
+
+# ---- negative tokens -------------------------------------------------------------------------
+def test_negative_tokens(fails, tmp_path):
+    bad = copy_with(tmp_path, RA / "gemini-2.0-flash-001.jsonl", edit_json_line(
+        4, lambda r: r["token_usage"].update(output_tokens="-5")))  # values may be strings
+    err = fails("routerarena", [bad])
+    assert "gemini-2.0-flash-001.jsonl, row 5, field 'token_usage.output_tokens'" in err
+    assert "negative" in err
+    err = fails("long", [write_long(tmp_path, [long_row(output_tokens=-1)])])
+    assert "mine.jsonl, row 1, field 'output_tokens'" in err and "negative" in err
+
+
+# ---- duplicate (query, model, budget) --------------------------------------------------------
+def test_duplicate_rows_name_the_source_line(fails, tmp_path):
+    repeat_line_2 = lambda lines: lines[:4] + [lines[1]] + lines[4:]  # noqa: E731
+    bad = copy_with(tmp_path, PB / "test_k4.jsonl", repeat_line_2)
+    err = fails("paretobandit", [bad])
+    assert "test_k4.jsonl, row 5, field 'query_id'" in err and "duplicate" in err
+    err = fails("long", [write_long(tmp_path, [long_row(), long_row(query="again")])])
+    assert "mine.jsonl, row 2, field 'query_id'" in err and "duplicate" in err
+
+
+def test_duplicate_rows_across_files(fails, tmp_path):
+    shutil.copy(R2 / "Qwen3-0.6B.csv", tmp_path / "second.csv")
+    err = fails("r2bench", [R2 / "Qwen3-0.6B.csv", tmp_path / "second.csv"],
+                "--model", "Qwen3-0.6B", "--model", "Qwen3-0.6B")
+    assert "second.csv, row 1, field 'query_id'" in err and "duplicate" in err
+
+
+# ---- unknown model ---------------------------------------------------------------------------
+def test_unknown_model_lists_the_known_ones(fails, tmp_path):
+    shutil.copy(R2 / "GLM-4.6.csv", tmp_path / "mystery-7b.csv")
+    err = fails("r2bench", [tmp_path / "mystery-7b.csv"])
+    assert "mystery-7b.csv, row 1, field 'model'" in err and "unknown model 'mystery-7b'" in err
+    assert "Qwen3-0.6B" in err and "GLM-4.6" in err and "--catalog" in err
+    catalog = tmp_path / "mine.yaml"
+    catalog.write_text("budgets: [default]\nmodels:\n"
+                       "  - {name: other, input_per_m: 1, output_per_m: 2, context: 4096}\n")
+    err = fails("long", [write_long(tmp_path, [long_row()])], "--catalog", catalog)
+    assert "mine.jsonl, row 1, field 'model'" in err and "unknown model 'GLM-4.6'" in err
+    assert "has only: other" in err
+
+
+def test_model_counts_must_match_inputs(fails):
+    err = fails("r2bench", [R2 / "GLM-4.6.csv", R2 / "Qwen3-0.6B.csv"], "--model", "GLM-4.6")
+    assert "--model was given 1 time(s) for 2 input file(s)" in err
+
+
+# ---- garbled files ---------------------------------------------------------------------------
+def test_bad_json_line(fails, tmp_path):
+    bad = copy_with(tmp_path, RA / "claude-3-haiku-20240307.jsonl",
+                    lambda lines: lines[:1] + [lines[1][:80]] + lines[2:])
+    err = fails("routerarena", [bad])
+    assert "claude-3-haiku-20240307.jsonl, row 2" in err and "invalid JSON" in err
+
+
+def test_non_parquet_bytes(fails, tmp_path):
+    (tmp_path / "wide.parquet").write_bytes(b"sample_id,prompt\nnot,parquet\n")
+    err = fails("routerbench", [tmp_path / "wide.parquet"])
+    assert "wide.parquet" in err and "not a readable parquet file" in err
+
+
+def test_truncated_csv(fails, tmp_path):
+    text = (R2 / "Qwen3-0.6B.csv").read_text()
+    (tmp_path / "Qwen3-0.6B.csv").write_text(text[: len(text) - 150])  # cut in the last record
+    err = fails("r2bench", [tmp_path / "Qwen3-0.6B.csv"])
+    assert "Qwen3-0.6B.csv, row 20" in err and "truncated or garbled CSV" in err
+
+
+def test_routerbench_score_without_response(fails, tmp_path):
+    def blank_response(rows):
+        rows[3][rows[0].index("gpt-4-1106-preview|model_response")] = ""
+        return rows
+
+    err = fails("routerbench", [copy_with(tmp_path, ROUTERBENCH, edit_csv(blank_response))])
+    assert "routerbench_sample.csv, row 3, field 'gpt-4-1106-preview|model_response'" in err
+
+
+def test_routerarena_unknown_metric(fails, tmp_path):
+    bad = copy_with(tmp_path, RA / "gemini-2.0-flash-001.jsonl", edit_json_line(
+        0, lambda r: r["evaluation_result"].update(metric="bleu")))
+    err = fails("routerarena", [bad])
+    assert "row 1, field 'evaluation_result.metric'" in err and "unknown metric 'bleu'" in err
+
+
+def test_the_installed_command_exits_non_zero(tmp_path):
+    bad = copy_with(tmp_path, PB / "test_k4.jsonl", lambda lines: lines[:2] + ["{not json"])
+    command = [str(Path(sys.executable).parent / "r2ray"), "bench", "convert",
+               "--format", "paretobandit", str(bad), "--out", str(tmp_path / "x.parquet")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "test_k4.jsonl, row 3: invalid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
