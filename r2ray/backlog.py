@@ -1,0 +1,311 @@
+"""Reading and validating a routing backlog: every input row ends up routed or quarantined.
+
+A backlog is parquet or jsonl files (a file, a prefix or a glob; local, ``file://`` or ``s3://``)
+with columns ``query_id``, ``query`` and optional ``input_tokens``, ``tenant``, ``embedding``.
+Work is cut into *read units* (one parquet row group, or one jsonl file) so that a single large file
+still spreads over many workers. Each unit is read and validated by a pure function that returns the
+good rows plus a quarantine table with a reason per bad row — nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from r2ray import storage
+from r2ray.prompting import estimate_tokens
+
+BACKLOG_SUFFIXES = (".parquet", ".jsonl", ".json")
+ROW_BITS = 40  # order key = file index << 40 | row: unique, sortable, stable across re-runs
+
+QUARANTINE_SCHEMA = pa.schema([
+    pa.field("source", pa.string()),     # file URI
+    pa.field("row", pa.int64()),         # 1-based data row (jsonl: line number); null = whole file
+    pa.field("query_id", pa.string()),   # when it could be read
+    pa.field("reason", pa.string()),
+    pa.field("raw", pa.string()),        # the row as read, JSON, so nothing is lost
+])
+
+GOOD_SCHEMA = pa.schema([
+    pa.field("query_id", pa.string()),
+    pa.field("query", pa.string()),
+    pa.field("input_tokens", pa.int64()),
+    pa.field("tenant", pa.string()),
+    pa.field("order", pa.int64()),       # file index << ROW_BITS | 0-based row
+])
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """One piece of input: a parquet row group or a whole jsonl file."""
+
+    source: str
+    file_index: int
+    row_group: int | None = None   # parquet only
+    first_row: int = 0             # 0-based row of the unit's first row within its file
+
+
+def plan_units(input_uri: str | list[str]) -> tuple[list[ReadUnit], pa.Table]:
+    """Split the input into read units; unreadable parquet files become quarantine records."""
+    units: list[ReadUnit] = []
+    broken: list[dict] = []
+    for index, source in enumerate(storage.list_files(input_uri, BACKLOG_SUFFIXES)):
+        if not source.endswith(".parquet"):
+            units.append(ReadUnit(source, index))
+            continue
+        try:
+            fs, path = storage.filesystem(source)
+            with fs.open(path, "rb") as handle:
+                meta = pq.ParquetFile(handle).metadata
+        except (pa.ArrowInvalid, OSError) as err:
+            broken.append({"source": source, "row": None, "query_id": None,
+                           "reason": f"unreadable parquet file: {err}", "raw": None})
+            continue
+        first = 0
+        for group in range(meta.num_row_groups):
+            units.append(ReadUnit(source, index, group, first))
+            first += meta.row_group(group).num_rows
+    return units, pa.Table.from_pylist(broken, schema=QUARANTINE_SCHEMA)
+
+
+def read_unit(unit: ReadUnit) -> tuple[list[dict] | pa.Table, list[dict]]:
+    """Raw rows of one unit: an Arrow table (parquet) or dicts (jsonl), plus parse failures."""
+    fs, path = storage.filesystem(unit.source)
+    if unit.row_group is not None:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).read_row_group(unit.row_group), []
+    with fs.open(path, "rb") as handle:
+        text = handle.read().decode("utf-8", errors="replace")
+    rows, failures = [], []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+            row["__line"] = line_no
+            rows.append(row)
+        except ValueError as err:
+            failures.append({"source": unit.source, "row": line_no, "query_id": None,
+                             "reason": f"invalid JSON line: {err}", "raw": line})
+    return rows, failures
+
+
+def _jsonl_table(rows: list[dict], unit: ReadUnit) -> tuple[pa.Table, list[dict]]:
+    """jsonl rows → an Arrow table of well-typed fields; rows with wrongly typed fields are bad."""
+    kept, bad = [], []
+    for row in rows:
+        reason = _field_type_problem(row)
+        if reason is None:
+            kept.append(row)
+        else:
+            bad.append(_bad(unit.source, row.pop("__line"), row, reason))
+    columns = {name: [r.get(name) for r in kept] for name in
+               ("query_id", "query", "input_tokens", "tenant", "embedding")
+               if any(name in r for r in kept)}
+    columns["__line"] = [r["__line"] for r in kept]
+    types = {"query_id": pa.string(), "query": pa.string(), "input_tokens": pa.float64(),
+             "tenant": pa.string(), "embedding": pa.list_(pa.float64()), "__line": pa.int64()}
+    table = pa.table({k: pa.array(v, type=types[k]) for k, v in columns.items()})
+    return table, bad
+
+
+def _field_type_problem(row: dict) -> str | None:
+    checks = (("query_id", (str, int)), ("query", (str,)), ("input_tokens", (int, float)),
+              ("tenant", (str,)), ("embedding", (list,)))
+    for name, allowed in checks:
+        value = row.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
+            return f"{name} is a {type(value).__name__}, not a {' or '.join(t.__name__ for t in allowed)}"
+    vector = row.get("embedding")
+    if vector is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      for v in vector):
+        return "embedding holds non-numeric values"
+    if "query_id" in row and isinstance(row["query_id"], int):
+        row["query_id"] = str(row["query_id"])
+    return None
+
+
+def _bad(source: str, line: int | None, row: dict | None, reason: str) -> dict:
+    query_id = (row or {}).get("query_id")
+    return {"source": source, "row": line,
+            "query_id": query_id if isinstance(query_id, str) else None,
+            "reason": reason, "raw": None if row is None else json.dumps(row, default=str)}
+
+
+def validate_table(table: pa.Table, unit: ReadUnit, max_context_tokens: int,
+                   embedding_dim: int, embedding_required: bool = False
+                   ) -> tuple[pa.Table, pa.Table]:
+    """(good rows: GOOD_SCHEMA + ``embedding`` list<float32>, null = encode the text; quarantine
+    rows with a reason each), vectorised.
+
+    ``table`` carries a ``__line`` column (1-based row or line number in the source file).
+    ``max_context_tokens``: the largest context window in the catalogue; a query at least that long
+    fits no model. ``embedding_dim``: the predictor's input size. ``embedding_required``: the
+    model has no text encoder, so a row without a usable embedding cannot be scored.
+    """
+    n = table.num_rows
+    reasons = np.full(n, None, dtype=object)
+
+    def flag(mask: np.ndarray, reason) -> None:
+        mask = np.asarray(mask, dtype=bool) & (reasons == None)  # noqa: E711 (elementwise)
+        reasons[mask] = reason if isinstance(reason, str) else [reason(i) for i in np.flatnonzero(mask)]
+
+    query_id = _string_column(table, "query_id", flag)
+    query = _string_column(table, "query", flag)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(query)), 0)
+    flag(_filled(blank, False), "empty or whitespace-only query")
+    input_tokens = _input_tokens(table, query, flag)
+    flag(input_tokens >= max_context_tokens, lambda i: (
+        f"query is {int(input_tokens[i])} tokens; no model's context window "
+        f"(largest {max_context_tokens}) leaves room for an answer"))
+    tenant = _optional_string(table, "tenant", n, flag)
+    embedding = (_check_embeddings(table.column("embedding"), embedding_dim, flag)
+                 if "embedding" in table.column_names else pa.nulls(n, EMBEDDING_TYPE))
+    if embedding_required:
+        flag(embedding.is_null().to_numpy(zero_copy_only=False),
+             "no embedding; the model names no text encoder, so every query needs one")
+
+    bad = np.flatnonzero(reasons != None)  # noqa: E711
+    bad = bad[np.argsort(table.column("__line").to_numpy()[bad], kind="stable")]
+    lines = table.column("__line").to_numpy()
+    good_index = pa.array(np.flatnonzero(reasons == None))  # noqa: E711
+    good = pa.table({
+        "query_id": query_id.take(good_index), "query": query.take(good_index),
+        "input_tokens": pa.array(input_tokens.astype(np.int64)).take(good_index),
+        "tenant": tenant.take(good_index),
+        "order": pa.array((unit.file_index << ROW_BITS) | (lines - 1)).take(good_index),
+    }, schema=GOOD_SCHEMA)
+    good = good.append_column("embedding", embedding.take(good_index))
+    raw_rows = table.drop_columns(["__line"]).take(pa.array(bad)).to_pylist() if len(bad) else []
+    quarantine = [_bad(unit.source, int(lines[i]), raw, reasons[i]) for i, raw in zip(bad, raw_rows)]
+    return good, pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
+
+
+def _filled(array, value) -> np.ndarray:
+    return pc.fill_null(array, value).to_numpy(zero_copy_only=False)
+
+
+def _string_column(table: pa.Table, name: str, flag) -> pa.Array:
+    if name not in table.column_names:
+        flag(np.ones(table.num_rows, bool), f"missing {name} (the input has no '{name}' column)")
+        return pa.nulls(table.num_rows, pa.string())
+    column = table.column(name).combine_chunks()
+    if pa.types.is_integer(column.type) and name == "query_id":
+        column = column.cast(pa.string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_null(column.type)):
+        flag(np.ones(table.num_rows, bool), f"{name} is {column.type}, not a string")
+        return pa.nulls(table.num_rows, pa.string())
+    column = column.cast(pa.string())
+    empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0) if name == "query_id" \
+        else pa.array(np.zeros(len(column), bool))
+    flag(_filled(pc.or_kleene(pc.is_null(column), empty), True), f"missing {name}")
+    return column
+
+
+def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
+    """Given counts where present and valid, else estimated from the text (float64 [n])."""
+    chars = _filled(pc.utf8_length(query), 0).astype(np.float64)
+    words = _filled(pc.count_substring_regex(query, r"\S+"), 0).astype(np.float64)
+    estimate = np.maximum(1.0, np.maximum(words, np.ceil(chars / 4)))
+    if "input_tokens" not in table.column_names:
+        return estimate
+    column = table.column("input_tokens").combine_chunks()
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+            or pa.types.is_null(column.type)):
+        flag(np.ones(table.num_rows, bool), f"input_tokens is {column.type}, not a number")
+        return estimate
+    given = _filled(column.cast(pa.float64()), np.nan)
+    flag(~np.isnan(given) & ((given < 0) | (given != np.floor(given)) | ~np.isfinite(given)),
+         lambda i: f"input_tokens {given[i]:g} is not a non-negative integer")
+    return np.where(np.isnan(given) | ~np.isfinite(given) | (given < 0), estimate, given)
+
+
+def _optional_string(table: pa.Table, name: str, n: int, flag) -> pa.Array:
+    if name not in table.column_names:
+        return pa.nulls(n, pa.string())
+    column = table.column(name).combine_chunks()
+    if pa.types.is_null(column.type):
+        return column.cast(pa.string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        flag(np.ones(n, bool), f"{name} is {column.type}, not a string")
+        return pa.nulls(n, pa.string())
+    return column.cast(pa.string())
+
+
+EMBEDDING_TYPE = pa.list_(pa.float32())
+
+
+def _check_embeddings(column, embedding_dim: int, flag) -> pa.Array:
+    """Flag wrong lengths and non-finite values; return list<float32> with null = none given."""
+    column = column.combine_chunks()
+    n = len(column)
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)):
+        flag(np.ones(n, bool), f"embedding is {column.type}, not a list of numbers")
+        return pa.nulls(n, EMBEDDING_TYPE)
+    lengths = _filled(pc.list_value_length(column), -1)
+    present = lengths >= 0
+    flag(present & (lengths != embedding_dim),
+         lambda i: f"embedding has {lengths[i]} values; the model expects {embedding_dim}")
+    values = pc.list_flatten(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(column).to_numpy()
+    finite = np.ones(n, dtype=bool)
+    np.logical_and.at(finite, parents, np.isfinite(values))
+    flag(present & ~finite, "embedding holds NaN or infinite values")
+    usable = present & (lengths == embedding_dim) & finite
+    keep = usable[parents]
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.where(usable, embedding_dim, 0), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], pa.float32()),
+                                    mask=pa.array(~usable))
+
+
+def read_and_validate(unit: ReadUnit, max_context_tokens: int, embedding_dim: int,
+                      embedding_required: bool = False) -> tuple[pa.Table, pa.Table]:
+    """Read one unit and validate it; a unit that cannot be read is quarantined whole."""
+    try:
+        raw, failures = read_unit(unit)
+    except (pa.ArrowInvalid, OSError) as err:
+        broken = [_bad(unit.source, None, None, f"unreadable input: {err}")]
+        return (empty_good(), pa.Table.from_pylist(broken, schema=QUARANTINE_SCHEMA))
+    if isinstance(raw, pa.Table):
+        lines = np.arange(unit.first_row + 1, unit.first_row + raw.num_rows + 1)
+        table = raw.append_column("__line", pa.array(lines, pa.int64()))
+    else:
+        table, type_failures = _jsonl_table(raw, unit)
+        failures += type_failures
+    good, bad = validate_table(table, unit, max_context_tokens, embedding_dim, embedding_required)
+    if failures:
+        bad = pa.concat_tables([pa.Table.from_pylist(failures, schema=QUARANTINE_SCHEMA), bad])
+        bad = bad.sort_by("row")
+    return good, bad
+
+
+def empty_good() -> pa.Table:
+    return pa.Table.from_pylist([], schema=GOOD_SCHEMA.append(pa.field("embedding", EMBEDDING_TYPE)))
+
+
+def duplicate_reason(first_order: int) -> str:
+    file_index, row = first_order >> ROW_BITS, (first_order & ((1 << ROW_BITS) - 1)) + 1
+    return f"duplicate query_id (first seen in input file #{file_index}, row {row})"
+
+
+def is_duplicate(orders: np.ndarray, query_ids: pa.Array, first_seen: dict[str, int]) -> np.ndarray:
+    """[n] bool: this row repeats a query_id whose first (lowest-order) row is another row."""
+    if not first_seen:
+        return np.zeros(len(orders), dtype=bool)
+    keys = pa.array(list(first_seen))
+    hit = pc.is_in(query_ids, value_set=keys).to_numpy(zero_copy_only=False)
+    out = np.zeros(len(orders), dtype=bool)
+    for i in np.flatnonzero(hit):
+        out[i] = orders[i] != first_seen[query_ids[i].as_py()]
+    return out

@@ -1,0 +1,65 @@
+"""Typed configuration for the batch job, every default visible in one place.
+
+Unknown keys are rejected; the resolved config is saved in every run's manifest. S3 endpoints and
+credentials are deliberately *not* here: they come from the environment (see :mod:`r2ray.storage`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from r2ray.errors import R2RayError
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class ConfigError(R2RayError, ValueError):
+    pass
+
+
+class RouteConfig(BaseModel):
+    """One batch routing run: backlog in, routed prompts out, under one spend limit (USD)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: Annotated[str, Field(min_length=1)]           # file, prefix or glob; local or s3://
+    output: Annotated[str, Field(min_length=1)]          # runs land under <output>/<run_id>/
+    model: Annotated[str, Field(min_length=1)]           # models:/NAME@ALIAS, models:/NAME/V or a dir
+    budget_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    budget_per_query_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    reserve: Annotated[float, Field(ge=0, lt=1)] = 0.0   # share held back for prediction error
+    catalog: str | None = None                           # default: the catalogue the model carries
+    run_id: Annotated[str, Field(pattern=RUN_ID_PATTERN)] | None = None
+    force: bool = False                                  # redo a committed run id
+    defer: bool = False                                  # budget too small: defer, don't fail
+    seed: int = 0                                        # tie-break hash seed
+    tracking_uri: str | None = None                      # MLflow; default from the environment
+    workers: Annotated[int, Field(ge=1)] = 2             # predictor actors
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 0.5  # fractional: 2-core machines hang at 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    batch_size: Annotated[int, Field(ge=1)] = 1024       # queries per predictor call
+    blocks_per_worker: Annotated[int, Field(ge=1)] = 8   # input repartitioned for load balance
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> RouteConfig:
+        if (self.budget_usd is None) == (self.budget_per_query_usd is None):
+            raise ValueError("give exactly one of budget_usd (--budget-usd) and "
+                             "budget_per_query_usd (--budget-per-query)")
+        return self
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
+
+
+def route_config(**values) -> RouteConfig:
+    """Build a RouteConfig, turning validation errors into one readable ConfigError."""
+    try:
+        return RouteConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as err:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: "
+                 f"{re.sub(r'^Value error, ', '', e['msg'])}" for e in err.errors()]
+        raise ConfigError("invalid routing config:\n" + "\n".join(lines)) from None

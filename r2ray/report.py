@@ -1,0 +1,142 @@
+"""What a batch run tells people: spend by model and budget (table + plot), and an MLflow run.
+
+Numbers come from the assign stage's per-(model, budget) sums; this module only formats them.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+
+from r2ray import storage
+from r2ray.catalog import budget_label
+
+STATS_SCHEMA = pa.schema([
+    pa.field("model", pa.string()),
+    pa.field("budget", pa.int32()),
+    pa.field("queries", pa.int64()),
+    pa.field("spend_usd", pa.float64()),     # predicted, USD
+    pa.field("quality_sum", pa.float64()),   # Σ q̂
+    pa.field("tokens_sum", pa.float64()),    # Σ t̂
+])
+
+
+def combine_stats(parts: pa.Table) -> pa.Table:
+    """Sum per-block stats into one row per (model, budget), sorted by spend (largest first)."""
+    if parts.num_rows == 0:
+        return parts.cast(STATS_SCHEMA)
+    grouped = parts.group_by(["model", "budget"]).aggregate(
+        [("queries", "sum"), ("spend_usd", "sum"), ("quality_sum", "sum"), ("tokens_sum", "sum")])
+    grouped = pa.table({name: grouped.column(name if name in ("model", "budget") else f"{name}_sum")
+                        for name in STATS_SCHEMA.names})
+    return grouped.select(STATS_SCHEMA.names).cast(STATS_SCHEMA).sort_by(
+        [("spend_usd", "descending"), ("model", "ascending"), ("budget", "ascending")])
+
+
+def spend_by_model(stats: pa.Table) -> dict[str, dict]:
+    """{model: {queries, spend_usd}} for the manifest."""
+    out: dict[str, dict] = {}
+    for row in stats.to_pylist():
+        entry = out.setdefault(row["model"], {"queries": 0, "spend_usd": 0.0})
+        entry["queries"] += row["queries"]
+        entry["spend_usd"] += row["spend_usd"]
+    return out
+
+
+def report_markdown(manifest: dict, stats: pa.Table) -> str:
+    counts, spend = manifest["counts"], manifest["spend"]
+    lines = [
+        f"# r2ray batch run `{manifest['run_id']}`", "",
+        f"- committed: {manifest['committed_at']}",
+        f"- model: `{manifest['model']['uri']}` (version {manifest['model']['version']})",
+        f"- queries in: {counts['rows_in']:,} · routed: {counts['routed']:,} · "
+        f"quarantined: {counts['quarantined']:,} · unreadable files: {counts['unreadable_files']}",
+        f"- budget: ${spend['budget_usd']:.6f} (usable after reserve ${spend['usable_usd']:.6f}) · "
+        f"predicted spend: ${spend['predicted_usd']:.6f}",
+        f"- λ* = {manifest['solve']['lambda']:.6g} quality/USD · θ* = {manifest['solve']['theta']:.4f}"
+        f" · proven gap ≤ {manifest['solve']['gap']:.6g} (quality, summed)", "",
+        "| model | budget | queries | spend USD | mean q̂ | mean t̂ |", "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in stats.to_pylist():
+        n = max(row["queries"], 1)
+        lines.append(f"| {row['model']} | {budget_label(row['budget'])} | {row['queries']:,} | "
+                     f"{row['spend_usd']:.6f} | {row['quality_sum'] / n:.3f} | "
+                     f"{row['tokens_sum'] / n:.0f} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest["timings"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def spend_plot_png(stats: pa.Table) -> bytes:
+    """A stacked bar chart: predicted spend per model, stacked by budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = stats.to_pylist()
+    models = sorted({r["model"] for r in rows}, key=lambda m: -sum(
+        r["spend_usd"] for r in rows if r["model"] == m))
+    budgets = sorted({r["budget"] for r in rows}, key=lambda b: (b == 0, b))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bottom = np.zeros(len(models))
+    colours = plt.cm.viridis(np.linspace(0, 1, max(len(budgets), 1)))
+    for colour, budget in zip(colours, budgets):
+        spend = np.array([sum(r["spend_usd"] for r in rows
+                              if r["model"] == m and r["budget"] == budget) for m in models])
+        ax.bar(models, spend, bottom=bottom, color=colour, label=budget_label(budget))
+        bottom += spend
+    ax.set_ylabel("predicted spend (USD)")
+    ax.set_title("Spend by model and length budget")
+    ax.legend(title="budget (tokens)", fontsize=7, ncol=2)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(root_uri: str, manifest: dict, stats: pa.Table) -> dict[str, str]:
+    """report.md and spend.png under the run folder; returns their URIs."""
+    report_uri, plot_uri = storage.join(root_uri, "report.md"), storage.join(root_uri, "spend.png")
+    storage.write_text(report_uri, report_markdown(manifest, stats))
+    storage.write_bytes(plot_uri, spend_plot_png(stats))
+    return {"report": report_uri, "spend_plot": plot_uri}
+
+
+def log_to_mlflow(manifest: dict, stats: pa.Table, tracking_uri: str | None = None,
+                  experiment: str = "r2ray-batch") -> str:
+    """One MLflow run per batch: params, metrics, the report and the plot. Returns its run id."""
+    import mlflow
+
+    from r2ray.registry import configure_tracking
+
+    configure_tracking(tracking_uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=manifest["run_id"]) as run:
+        mlflow.log_params({
+            "run_id": manifest["run_id"], "model_uri": manifest["model"]["uri"],
+            "model_version": manifest["model"]["version"], "input": manifest["input"]["uri"],
+            "budget_usd": manifest["spend"]["budget_usd"], "reserve": manifest["config"]["reserve"],
+            "catalog_fingerprint": manifest["catalog_fingerprint"][:16],
+        })
+        mlflow.log_metrics({
+            "rows_in": manifest["counts"]["rows_in"], "routed": manifest["counts"]["routed"],
+            "quarantined": manifest["counts"]["quarantined"],
+            "predicted_spend_usd": manifest["spend"]["predicted_usd"],
+            "lambda_star": manifest["solve"]["lambda"], "theta_star": manifest["solve"]["theta"],
+            "gap": manifest["solve"]["gap"], "objective": manifest["solve"]["objective"],
+            **{f"seconds_{k}": v for k, v in manifest["timings"].items()},
+        })
+        mlflow.log_text(report_markdown(manifest, stats), "report.md")
+        mlflow.log_image(_png_image(spend_plot_png(stats)), "spend.png")
+        mlflow.log_dict(manifest, "manifest.json")
+        return run.info.run_id
+
+
+def _png_image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))

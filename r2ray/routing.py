@@ -1,0 +1,72 @@
+"""The one decision path shared by the batch job and the Serve endpoint.
+
+predictions (q̂, t̂ per arm) → costs ĉ = in_tokens × p_in + t̂ × p_out (USD) → arms a query cannot use
+are masked (NaN) → the batch solve or the online price λ picks an arm → :func:`routed_request`
+renders it with the one length-instruction template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from r2ray.catalog import DEFAULT_BUDGET, Catalog
+from r2ray.prompting import max_tokens_for, render_messages
+
+
+@dataclass(frozen=True)
+class ArmScores:
+    """Per query × arm, in ``catalog.arms`` order; NaN = the arm is not available to the query."""
+
+    quality: np.ndarray        # [N, K] float32 predicted quality q̂
+    output_tokens: np.ndarray  # [N, K] float32 predicted output tokens t̂
+    cost_usd: np.ndarray       # [N, K] float64 predicted cost ĉ (USD)
+
+
+def context_fits(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
+    """[N, K] bool: the prompt plus the arm's budget (at least one token) fits the model's context."""
+    context = np.array([catalog.model(arm.model).context for arm in catalog.arms], dtype=np.int64)
+    need = np.maximum(catalog.arm_arrays["budget_tokens"].astype(np.int64), 1)
+    return np.asarray(input_tokens, dtype=np.int64)[:, None] + need[None, :] <= context[None, :]
+
+
+def arm_scores(quality: np.ndarray, output_tokens: np.ndarray, catalog: Catalog,
+               input_tokens: np.ndarray, allowed: np.ndarray | None = None) -> ArmScores:
+    """Costs from predictions, with unusable arms (context, NaN, ``allowed`` [N, K] or [K]) masked."""
+    cost = catalog.arm_cost_usd(input_tokens, output_tokens)
+    usable = context_fits(catalog, input_tokens) & np.isfinite(quality) & np.isfinite(cost)
+    if allowed is not None:
+        usable &= np.broadcast_to(allowed, usable.shape)
+    return ArmScores(np.where(usable, quality, np.nan).astype(np.float32),
+                     np.where(usable, output_tokens, np.nan).astype(np.float32),
+                     np.where(usable, cost, np.nan))
+
+
+def allowed_arms(catalog: Catalog, models: list[str] | None = None,
+                 max_budget_tokens: int | None = None) -> np.ndarray:
+    """[K] bool mask for per-request limits: a set of models, a largest numeric budget.
+
+    With ``max_budget_tokens`` the default arm (uncapped length) is excluded too.
+    """
+    mask = np.ones(catalog.n_arms, dtype=bool)
+    if models is not None:
+        for name in models:
+            catalog.model(name)  # unknown names are an error listing the known ones
+        names = np.array([arm.model for arm in catalog.arms])
+        mask &= np.isin(names, models)
+    if max_budget_tokens is not None:
+        budgets = catalog.arm_arrays["budget_tokens"]
+        mask &= (budgets != DEFAULT_BUDGET) & (budgets <= max_budget_tokens)
+    return mask
+
+
+def routed_request(query: str, arm: int, catalog: Catalog, input_tokens: int) -> dict:
+    """Model, budget, chat messages and the hard ``max_tokens`` cap for one routed query."""
+    model, budget_tokens = catalog.arms[arm]
+    return {
+        "model": model,
+        "budget": int(budget_tokens),
+        "messages": render_messages(query, budget_tokens),
+        "max_tokens": max_tokens_for(budget_tokens, catalog.model(model).context, input_tokens),
+    }

@@ -1,0 +1,139 @@
+"""The score stage: validated queries → predictions → each query's hull chain, as Arrow columns.
+
+Only the upper convex hull of a query's arms can be chosen by the budget solve, so a scored row
+keeps just that chain (typically 5–6 arms of 176): the base arm plus steps (``step_arm``, ``dq``,
+``dc`` USD, ``key`` = dq/dc as float32) and the predicted output tokens of every hull arm. That
+keeps the materialised dataset small and lets the solve read it in constant passes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+
+import yaml
+
+from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.predictor.data import embedding_matrix
+from r2ray.routing import arm_scores
+from r2ray.solver import HullSteps, hull_steps
+
+SCORED_COLUMNS = ["base_arm", "base_q", "base_c", "step_arm", "dq", "dc", "key", "hull_tokens",
+                  "invalid_arms"]
+
+
+def query_embeddings(table: pa.Table, encoder, dimension: int) -> np.ndarray:
+    """[N, D] float32: the ``embedding`` column where given (non-null), the encoder elsewhere."""
+    embedding = np.empty((table.num_rows, dimension), dtype=np.float32)
+    need = np.ones(table.num_rows, dtype=bool)
+    if "embedding" in table.column_names:
+        column = table.column("embedding").combine_chunks()
+        need = column.is_null().to_numpy(zero_copy_only=False)
+        given = column.filter(pa.array(~need))
+        if len(given):
+            embedding[~need] = embedding_matrix(given)
+    if need.any():
+        if encoder is None:
+            raise ValueError("queries without an embedding reached a worker that has no encoder")
+        queries = table.column("query").to_pylist()
+        embedding[need] = encoder.encode([queries[i] for i in np.flatnonzero(need)])
+    return embedding
+
+
+def hull_columns(steps: HullSteps, output_tokens: np.ndarray) -> dict[str, pa.Array]:
+    """Per-query hull chains as Arrow columns (list columns share the CSR offsets)."""
+    offsets = pa.array(steps.offsets.astype(np.int32))
+    n = steps.n_queries
+    per_query = steps.steps_per_query
+    # hull arms per query: the base arm, then each step's arm
+    hull_offsets = steps.offsets + np.arange(n + 1)
+    hull_arm = np.empty(hull_offsets[-1], dtype=np.int64)
+    is_base = np.zeros(hull_offsets[-1], dtype=bool)
+    is_base[hull_offsets[:-1]] = True
+    hull_arm[is_base] = np.maximum(steps.base_arm, 0)
+    hull_arm[~is_base] = steps.step_arm
+    row = np.repeat(np.arange(n), per_query + 1)
+    tokens = output_tokens[row, hull_arm].astype(np.float32)
+    return {
+        "base_arm": pa.array(steps.base_arm, pa.int32()),
+        "base_q": pa.array(steps.base_q, pa.float64()),
+        "base_c": pa.array(steps.base_c, pa.float64()),
+        "step_arm": pa.ListArray.from_arrays(offsets, pa.array(steps.step_arm, pa.int32())),
+        "dq": pa.ListArray.from_arrays(offsets, pa.array(steps.dq, pa.float64())),
+        "dc": pa.ListArray.from_arrays(offsets, pa.array(steps.dc, pa.float64())),
+        "key": pa.ListArray.from_arrays(offsets, pa.array(steps.key, pa.float32())),
+        "hull_tokens": pa.ListArray.from_arrays(pa.array(hull_offsets.astype(np.int32)),
+                                                pa.array(tokens, pa.float32())),
+        "invalid_arms": pa.array(steps.invalid_arms, pa.int32()),
+    }
+
+
+def score_batch(table: pa.Table, predictor, catalog: Catalog, encoder=None) -> pa.Table:
+    """Validated queries (``query_id, query, input_tokens, tenant, order`` [+ ``embedding``]) →
+    the same rows without the embedding, plus the hull columns of :data:`SCORED_COLUMNS`."""
+    if table.num_rows == 0:
+        return _empty_scored(table)
+    embedding = query_embeddings(table, encoder, predictor.embedding_dim_)
+    predictions = predictor.predict(embedding)
+    input_tokens = table.column("input_tokens").to_numpy()
+    scores = arm_scores(predictions.quality, predictions.output_tokens, catalog, input_tokens)
+    columns = hull_columns(hull_steps(scores.quality, scores.cost_usd), scores.output_tokens)
+    return _with_columns(table, columns)
+
+
+def _with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    """Drop the embedding, keep the tenant as ``tenant_name`` (the solver's ``tenant`` is an
+    index), add the solver's keys (``query_pos`` = ``query_key`` = the input order) and the hull."""
+    out = table.drop_columns([c for c in ("embedding",) if c in table.column_names])
+    out = out.rename_columns(["tenant_name" if c == "tenant" else c for c in out.column_names])
+    order = out.column("order").to_numpy()
+    out = out.append_column("query_pos", pa.array(order, pa.int64()))
+    out = out.append_column("query_key", pa.array(order.astype(np.uint64), pa.uint64()))
+    for name, column in columns.items():
+        out = out.append_column(name, column)
+    return out
+
+
+def _empty_scored(table: pa.Table) -> pa.Table:
+    steps = hull_steps(np.zeros((0, 1), np.float32), np.zeros((0, 1)))
+    return _with_columns(table, hull_columns(steps, np.zeros((0, 1), np.float32)))
+
+
+def has_encoder(encoder_spec: str | None) -> bool:
+    """Whether a predictor names an encoder that can embed text (not precomputed-only)."""
+    return bool(encoder_spec) and encoder_spec not in ("precomputed", "synthetic", "world")
+
+
+def predictor_files(directory: str) -> dict[str, bytes]:
+    """The files of a saved predictor, to ship to workers through Ray's object store."""
+    return {name: open(os.path.join(directory, name), "rb").read()
+            for name in sorted(os.listdir(directory))}
+
+
+class ScoreWorker:
+    """Ray Data actor: loads the predictor (and encoder) once, then scores batches on its device.
+
+    Takes the saved predictor's files as bytes so workers on other nodes need no shared disk.
+    """
+
+    def __init__(self, files: dict[str, bytes], catalog_yaml: str | None = None,
+                 device: str | None = None):
+        from r2ray.encoders import default_device, load_encoder
+        from r2ray.predictor.persist import load_predictor
+
+        device = device or default_device()
+        with tempfile.TemporaryDirectory(prefix="r2ray-worker-") as folder:
+            for name, data in files.items():
+                with open(os.path.join(folder, name), "wb") as handle:
+                    handle.write(data)
+            self.predictor = load_predictor(folder, device=device)
+        self.catalog = (self.predictor.catalog_ if catalog_yaml is None
+                        else catalog_from_dict(yaml.safe_load(catalog_yaml), "--catalog"))
+        spec = self.predictor.encoder_spec
+        self.encoder = load_encoder(spec, device=device) if has_encoder(spec) else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return score_batch(batch, self.predictor, self.catalog, self.encoder)
