@@ -29,11 +29,10 @@ from r2ray.backlog import (QUARANTINE_SCHEMA, ROW_BITS, ReadUnit, duplicate_reas
 from r2ray.catalog import Catalog, catalog_from_dict, load_catalog
 from r2ray.config import RouteConfig
 from r2ray.errors import R2RayError
+from r2ray.failpoints import failpoint
 from r2ray.routing import routed_request
 from r2ray.runs import (AlreadyCommitted, RunPaths, commit, input_fingerprint, prepare_run,
                         read_manifest)
-
-FAILPOINT_ENV = "R2RAY_FAILPOINT"  # tests: raise at a named point to prove crash safety
 
 ROUTED_SCHEMA = pa.schema([
     pa.field("query_id", pa.string()),
@@ -53,11 +52,6 @@ ROUTED_SCHEMA = pa.schema([
 
 class EmptyInput(R2RayError):
     pass
-
-
-def failpoint(name: str) -> None:
-    if os.environ.get(FAILPOINT_ENV) == name:
-        raise RuntimeError(f"failpoint {name!r} hit ({FAILPOINT_ENV})")
 
 
 @contextmanager
@@ -114,7 +108,8 @@ def first_seen_duplicates(scored, n_buckets: int = 4) -> dict[str, int]:
 
 
 def _id_buckets(block: pa.Table, n_buckets: int) -> list[pa.Table]:
-    ids = block.select(["query_id", "order"])
+    ids = block.select(["query_id", "order"]).cast(
+        pa.schema([("query_id", pa.string()), ("order", pa.int64())]))
     # crc32, not hash(): string hashes differ between worker processes
     bucket = np.fromiter((zlib.crc32(q.encode()) % n_buckets
                           for q in ids.column("query_id").to_pylist()),
@@ -389,9 +384,8 @@ def route_batch(config: RouteConfig) -> dict:
             fn_constructor_kwargs={"files": model.files,
                                    "catalog_yaml": model.catalog.to_yaml()},
             max_restarts=-1, max_task_retries=-1).materialize()
-        failpoint("after_score")
     with _timed(timings, "deduplicate"):
-        duplicates = first_seen_duplicates(scored)
+        duplicates = first_seen_duplicates(scored) if scored.count() else {}
         solvable = scored if not duplicates else scored.map_batches(
             drop_rows_stage, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
             fn_kwargs={"duplicates": duplicates, "quarantine_uri": paths.quarantine},

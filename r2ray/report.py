@@ -89,7 +89,8 @@ def spend_plot_png(stats: pa.Table) -> bytes:
         bottom += spend
     ax.set_ylabel("predicted spend (USD)")
     ax.set_title("Spend by model and length budget")
-    ax.legend(title="budget (tokens)", fontsize=7, ncol=2)
+    if rows:
+        ax.legend(title="budget (tokens)", fontsize=7, ncol=2)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()

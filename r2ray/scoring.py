@@ -17,6 +17,7 @@ import pyarrow as pa
 import yaml
 
 from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
 from r2ray.routing import arm_scores
 from r2ray.solver import HullSteps, hull_steps
@@ -136,4 +137,5 @@ class ScoreWorker:
         self.encoder = load_encoder(spec, device=device) if has_encoder(spec) else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        kill_worker_once()
         return score_batch(batch, self.predictor, self.catalog, self.encoder)

@@ -119,3 +119,41 @@ def s3_bucket(s3_server, request):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
     fs.mkdir(name)
     yield f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """An in-process local Ray per test module (2 CPUs, no dashboard); modules that start their
+    own cluster (`ray start`, Serve) then find none running."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_routing_model(tmp_path_factory):
+    """A saved predictor over a 3-model × 4-budget catalogue, fitted on the synthetic world's
+    precomputed embeddings (per-arm Ridge: closed form, so the fixture is fast)."""
+    from r2ray.bench.synthetic import synth_backlog, synth_bench
+    from r2ray.catalog import catalog_from_dict
+    from r2ray.predictor import make_predictor, save_predictor
+    from r2ray.predictor.data import bench_arrays
+
+    catalog = catalog_from_dict({
+        "budgets": [20, 100, 400, "default"],
+        "models": [
+            {"name": "Gemma-3-1B", "input_per_m": 0.01, "output_per_m": 0.04, "context": 32768},
+            {"name": "Llama-3.1-70B-Instruct", "input_per_m": 0.12, "output_per_m": 0.30,
+             "context": 131072},
+            {"name": "GLM-4.6", "input_per_m": 0.44, "output_per_m": 1.76, "context": 202752},
+        ]})
+    bench = synth_bench(catalog, 600, seed=11)
+    queries = synth_backlog(catalog, 600, seed=11, embeddings=True)
+    predictor = make_predictor("per_arm_ridge").fit(bench_arrays(bench, catalog, queries), catalog)
+    folder = tmp_path_factory.mktemp("model") / "predictor"
+    save_predictor(predictor, str(folder), encoder_spec="precomputed")
+    return {"path": str(folder), "catalog": catalog}

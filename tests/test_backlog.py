@@ -1,0 +1,113 @@
+"""Backlog reading and validation: every bad row is quarantined with a reason naming it."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from r2ray.backlog import ROW_BITS, plan_units, read_and_validate
+
+CONTEXT = 1000
+DIM = 3
+
+
+def _validate_all(folder, embedding_required=False):
+    units, unreadable = plan_units(str(folder))
+    goods, bads = [], [unreadable]
+    for unit in units:
+        good, bad = read_and_validate(unit, CONTEXT, DIM, embedding_required)
+        goods.append(good)
+        bads.append(bad)
+    return pa.concat_tables(goods), pa.concat_tables(bads)
+
+
+def _reasons(bad: pa.Table) -> dict:
+    return {(r["row"], r["query_id"]): r["reason"] for r in bad.to_pylist()}
+
+
+def test_each_bad_row_gets_its_reason(tmp_path):
+    rows = [
+        {"query_id": "ok", "query": "What is 2+2?", "embedding": [0.1, 0.2, 0.3]},  # line 1
+        {"query": "no id here"},                                                     # 2
+        {"query_id": "blank", "query": "  \t "},                                      # 3
+        {"query_id": "number", "query": 42},                                          # 4
+        {"query_id": "long", "query": "x", "input_tokens": 5000},                     # 5
+        {"query_id": "dim", "query": "y", "embedding": [0.1, 0.2]},                   # 6
+        {"query_id": "nan", "query": "z", "embedding": [0.1, float("nan"), 0.3]},     # 7
+        {"query_id": "neg", "query": "w", "input_tokens": -1},                        # 8
+        {"query_id": 7, "query": "integer ids are fine"},                             # 9
+    ]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n{broken json\n"
+    (tmp_path / "a.jsonl").write_text(text)
+    good, bad = _validate_all(tmp_path)
+    assert good.column("query_id").to_pylist() == ["ok", "7"]
+    assert good.column("input_tokens").to_pylist()[0] >= 3
+    reasons = _reasons(bad)
+    assert reasons[(2, None)] == "missing query_id"
+    assert reasons[(3, "blank")] == "empty or whitespace-only query"
+    assert "query is a int, not a str" in reasons[(4, "number")]
+    assert "no model's context window" in reasons[(5, "long")]
+    assert reasons[(6, "dim")] == "embedding has 2 values; the model expects 3"
+    assert reasons[(7, "nan")] == "embedding holds NaN or infinite values"
+    assert "input_tokens -1" in reasons[(8, "neg")]
+    assert reasons[(10, None)].startswith("invalid JSON line")
+    assert good.num_rows + bad.num_rows == len(rows) + 1  # nothing silently dropped
+    raw = json.loads(bad.filter(pa.compute.equal(bad.column("query_id"), "dim"))
+                     .column("raw")[0].as_py())
+    assert raw["embedding"] == [0.1, 0.2]  # the row as read is kept
+
+
+def test_corrupt_parquet_among_good_files_is_quarantined_whole(tmp_path):
+    pq.write_table(pa.table({"query_id": ["a", "b"], "query": ["q a", "q b"]}),
+                   tmp_path / "good.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    good, bad = _validate_all(tmp_path)
+    assert sorted(good.column("query_id").to_pylist()) == ["a", "b"]
+    (record,) = bad.to_pylist()
+    assert record["source"].endswith("bad.parquet") and record["row"] is None
+    assert record["reason"].startswith("unreadable parquet file")
+
+
+def test_parquet_column_types_and_row_groups(tmp_path):
+    table = pa.table({"query_id": [f"q{i}" for i in range(10)],
+                      "query": [f"question {i}" for i in range(10)],
+                      "input_tokens": pa.array([5] * 9 + [None], pa.int64()),
+                      "tenant": ["t1"] * 10})
+    pq.write_table(table, tmp_path / "many.parquet", row_group_size=4)
+    units, _ = plan_units(str(tmp_path))
+    assert [u.row_group for u in units] == [0, 1, 2] and [u.first_row for u in units] == [0, 4, 8]
+    good, bad = _validate_all(tmp_path)
+    assert bad.num_rows == 0 and good.num_rows == 10
+    orders = good.column("order").to_numpy()
+    assert list(orders & ((1 << ROW_BITS) - 1)) == list(range(10))  # row numbers survive groups
+    assert good.column("input_tokens").to_pylist()[-1] >= 2  # missing count estimated
+    pq.write_table(pa.table({"query_id": ["x"], "query": pa.array([3], pa.int64())}),
+                   tmp_path / "typed.parquet")
+    _, bad = _validate_all(tmp_path)
+    assert bad.column("reason").to_pylist() == ["query is int64, not a string"]
+
+
+def test_embedding_required_when_the_model_has_no_encoder(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"query_id": "a", "query": "text only"}) + "\n")
+    good, bad = _validate_all(tmp_path, embedding_required=True)
+    assert good.num_rows == 0
+    assert "every query needs one" in bad.column("reason")[0].as_py()
+
+
+def test_embeddings_are_kept_as_float32_lists(tmp_path):
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+    pq.write_table(pa.table({"query_id": ["a", "b"], "query": ["x", "y"],
+                             "embedding": pa.array(list(vectors), pa.list_(pa.float32(), 3))}),
+                   tmp_path / "e.parquet")
+    good, _ = _validate_all(tmp_path)
+    assert good.column("embedding").to_pylist() == vectors.tolist()
+
+
+def test_empty_and_missing_inputs(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    good, bad = _validate_all(tmp_path)
+    assert good.num_rows == 0 and bad.num_rows == 0
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        plan_units(str(tmp_path / "missing"))

@@ -1,0 +1,114 @@
+"""End to end as operators run it: `ray start --head`, `ray job submit` of jobs/route_batch.py,
+backlog and output on a real S3 server (SeaweedFS on 127.0.0.1), the model from the MLflow
+registry by alias. A second job loses a scoring worker mid-run and must commit the same routing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import REPO, free_port
+from r2ray import storage
+from r2ray.bench.io import read_table, write_table
+from r2ray.bench.synthetic import synth_backlog
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server, tmp_path_factory):
+    """A real local Ray cluster started with `ray start`; yields the dashboard (jobs) address."""
+    temp = tmp_path_factory.mktemp("rt")
+    port, dashboard = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=180, cwd=temp)
+    try:
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "cwd": temp}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def registered_model(small_routing_model, tmp_path_factory):
+    """The small predictor registered in a SQLite MLflow store, alias `champion`."""
+    import mlflow
+
+    from r2ray.predictor import load_predictor
+    from r2ray.registry import register_predictor
+
+    tracking = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    predictor = load_predictor(small_routing_model["path"])
+    version = register_predictor(predictor, "r2ray-e2e", encoder_spec="precomputed",
+                                 tracking_uri=tracking)
+    mlflow.MlflowClient().set_registered_model_alias("r2ray-e2e", "champion", version.version)
+    return {"uri": "models:/r2ray-e2e@champion", "tracking": tracking}
+
+
+def _submit(cluster, args: list[str], runtime_env: dict | None = None) -> str:
+    command = [RAY, "job", "submit", "--address", cluster["address"]]
+    if runtime_env:
+        command += ["--runtime-env-json", json.dumps(runtime_env)]
+    entry = " ".join([f"cd {REPO} &&", sys.executable, "jobs/route_batch.py", *args])
+    done = subprocess.run([*command, "--", "bash", "-c", entry], env=cluster["env"],
+                          capture_output=True, text=True, timeout=900, cwd=cluster["cwd"])
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def _routed(root: str) -> pa.Table:
+    return pa.concat_tables([read_table(f) for f in
+                             storage.list_files(storage.join(root, "routed"), (".parquet",))])
+
+
+def test_job_submit_routes_s3_backlog_and_survives_a_lost_worker(
+        ray_cluster, registered_model, small_routing_model, s3_bucket, tmp_path):
+    backlog = synth_backlog(small_routing_model["catalog"], 600, seed=21, embeddings=True)
+    write_table(backlog.slice(0, 300), f"{s3_bucket}/backlog/part-0.parquet")
+    write_table(backlog.slice(300), f"{s3_bucket}/backlog/part-1.parquet")
+    bad = [{"query_id": "blank", "query": " "}, {"query": "no id"},
+           {"query_id": backlog.column("query_id")[0].as_py(), "query": "repeat",
+            "embedding": backlog.column("embedding")[0].as_py()}]
+    storage.write_text(f"{s3_bucket}/backlog/part-2.jsonl",
+                       "\n".join(json.dumps(r) for r in bad) + "\n")
+    budget = 3e-5 * 600
+    args = ["--input", f"{s3_bucket}/backlog", "--output", f"{s3_bucket}/runs",
+            "--model", registered_model["uri"], "--tracking-uri", registered_model["tracking"],
+            "--budget-usd", str(budget), "--batch-size", "100"]
+    output = _submit(ray_cluster, [*args, "--run-id", "nightly"])
+    assert "run nightly committed" in output
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in output  # credentials are never logged
+
+    manifest = json.loads(storage.read_text(f"{s3_bucket}/runs/nightly/manifest.json"))
+    assert manifest["counts"]["rows_in"] == 603
+    assert manifest["counts"]["routed"] == 600 and manifest["counts"]["quarantined"] == 3
+    assert manifest["model"]["version"] == "1" and manifest["model"]["name"] == "r2ray-e2e"
+    routed = _routed(f"{s3_bucket}/runs/nightly")
+    quarantine = pa.concat_tables([read_table(f) for f in storage.list_files(
+        f"{s3_bucket}/runs/nightly/quarantine", (".parquet",))])
+    assert set(routed.column("query_id").to_pylist()) == set(
+        backlog.column("query_id").to_pylist())
+    assert quarantine.num_rows == 3
+    spend = routed.column("c_hat_usd").to_numpy().sum(dtype=np.float64)
+    assert spend <= budget and manifest["spend"]["predicted_usd"] == pytest.approx(spend)
+    assert storage.exists(f"{s3_bucket}/runs/nightly/spend.png")
+
+    marker = tmp_path / "worker-killed"
+    _submit(ray_cluster, [*args, "--run-id", "lost-worker"],
+            {"env_vars": {"R2RAY_FAILPOINT": f"kill_worker_once:{marker}"}})
+    assert marker.exists()  # a scoring worker really died mid-run
+    again = _routed(f"{s3_bucket}/runs/lost-worker")
+    key = lambda t: sorted(zip(t.column("query_id").to_pylist(), t.column("model").to_pylist(),  # noqa: E731
+                               t.column("budget").to_pylist()))
+    assert key(again) == key(routed)

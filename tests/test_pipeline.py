@@ -1,0 +1,139 @@
+"""The batch job on a local in-process Ray: accounting, budget, crash safety, bad input."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from r2ray import runs
+from r2ray.bench.io import read_table, write_table
+from r2ray.bench.synthetic import synth_backlog
+from r2ray.config import route_config
+from r2ray.errors import R2RayError
+from r2ray.failpoints import FAILPOINT_ENV
+from r2ray.pipeline import route_batch
+
+pytestmark = pytest.mark.slow
+
+
+def _backlog(folder, catalog, n=400, seed=5):
+    """Good queries in two parquet files, plus a jsonl of bad rows and a corrupt file."""
+    table = synth_backlog(catalog, n, seed=seed, embeddings=True)
+    write_table(table.slice(0, n // 2), str(folder / "part-0.parquet"))
+    write_table(table.slice(n // 2), str(folder / "part-1.parquet"))
+    first = table.slice(0, 1).to_pylist()[0]
+    bad = [
+        {"query_id": first["query_id"], "query": "a repeat of the first id",
+         "embedding": first["embedding"]},                         # duplicate id
+        {"query": "no id", "embedding": first["embedding"]},        # missing id
+        {"query_id": "blank", "query": "   ", "embedding": first["embedding"]},
+        {"query_id": "dim", "query": "short vector", "embedding": [0.5, 0.5]},
+        {"query_id": "text-only", "query": "needs an encoder"},      # model has none
+    ]
+    (folder / "part-2.jsonl").write_text("\n".join(json.dumps(r) for r in bad) + "\n")
+    (folder / "part-3.parquet").write_bytes(b"not a parquet file at all")
+    return table
+
+
+def _routed(paths: runs.RunPaths) -> pa.Table:
+    return read_table_all(paths.routed)
+
+
+def read_table_all(uri) -> pa.Table:
+    from r2ray import storage
+    return pa.concat_tables([read_table(f) for f in storage.list_files(uri, (".parquet",))])
+
+
+def _config(tmp_path, model, **extra):
+    values = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=model["path"],
+                  budget_per_query_usd=5e-5, run_id="nightly", workers=2, batch_size=64,
+                  tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    return route_config(**(values | extra))
+
+
+def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, small_routing_model):
+    (tmp_path / "in").mkdir()
+    table = _backlog(tmp_path / "in", small_routing_model["catalog"])
+    config = _config(tmp_path, small_routing_model)
+    manifest = route_batch(config)
+    paths = runs.RunPaths(config.output, "nightly")
+    assert runs.is_committed(paths)
+    routed = _routed(paths)
+    quarantine = read_table_all(paths.quarantine)
+    counts = manifest["counts"]
+    assert counts == {"rows_in": 405, "routed": 400, "quarantined": 5, "duplicates": 1,
+                      "deferred": 0, "unreadable_files": 1}
+    assert routed.num_rows == 400 and len(set(routed.column("query_id").to_pylist())) == 400
+    assert set(routed.column("query_id").to_pylist()) == set(table.column("query_id").to_pylist())
+    reasons = sorted(r for r in quarantine.column("reason").to_pylist())
+    assert any(r.startswith("duplicate query_id (first seen in input file #0, row 1)")
+               for r in reasons)
+    assert any(r.startswith("unreadable parquet file") for r in reasons)
+    assert "missing query_id" in reasons and "empty or whitespace-only query" in reasons
+    spend = routed.column("c_hat_usd").to_numpy().sum(dtype=np.float64)
+    assert spend <= manifest["spend"]["usable_usd"] + 1e-12
+    assert manifest["spend"]["predicted_usd"] == pytest.approx(spend, rel=1e-12)
+    assert manifest["solve"]["lambda"] > 0 and manifest["solve"]["gap"] >= 0
+    # every routed prompt carries the length instruction and a hard cap that matches its budget
+    for row in routed.slice(0, 50).to_pylist():
+        content = row["messages"][-1]["content"]
+        if row["budget"] > 0:
+            assert f"at most {row['budget']} tokens" in content
+            assert row["budget"] < row["max_tokens"] <= row["budget"] * 1.1 + 8
+        assert row["lambda_star"] == manifest["solve"]["lambda"]
+    for artifact in ("report.md", "spend.png"):
+        assert (tmp_path / "out" / "nightly" / artifact).stat().st_size > 0
+    assert manifest["mlflow_run_id"]
+
+
+def test_crash_before_commit_then_rerun_gives_the_same_output(
+        tmp_path, ray_local, small_routing_model, monkeypatch):
+    (tmp_path / "in").mkdir()
+    _backlog(tmp_path / "in", small_routing_model["catalog"], n=200, seed=8)
+    clean = _config(tmp_path, small_routing_model, run_id="clean")
+    route_batch(clean)
+    crashed = _config(tmp_path, small_routing_model, run_id="crashy")
+    monkeypatch.setenv(FAILPOINT_ENV, "before_commit")
+    with pytest.raises(RuntimeError, match="failpoint"):
+        route_batch(crashed)
+    paths = runs.RunPaths(crashed.output, "crashy")
+    assert not runs.is_committed(paths) and (tmp_path / "out" / "crashy" / "routed").exists()
+    monkeypatch.delenv(FAILPOINT_ENV)
+    manifest = route_batch(crashed)
+    assert manifest["state_before"] == "redo"
+    again, first = _routed(paths), _routed(runs.RunPaths(clean.output, "clean"))
+    key = lambda t: sorted(zip(t.column("query_id").to_pylist(), t.column("model").to_pylist(),  # noqa: E731
+                               t.column("budget").to_pylist()))
+    assert key(again) == key(first)
+    assert len(set(again.column("query_id").to_pylist())) == again.num_rows  # no duplicates
+    # a committed run id is a no-op; --force redoes it
+    files_before = sorted(p.name for p in (tmp_path / "out" / "crashy" / "routed").rglob("*"))
+    assert route_batch(crashed)["committed_at"] == manifest["committed_at"]
+    forced = route_batch(_config(tmp_path, small_routing_model, run_id="crashy", force=True))
+    assert forced["state_before"] == "forced"
+    assert sorted(p.name for p in (tmp_path / "out" / "crashy" / "routed").rglob("*")) == files_before
+
+
+def test_infeasible_budget_commits_nothing(tmp_path, ray_local, small_routing_model):
+    (tmp_path / "in").mkdir()
+    _backlog(tmp_path / "in", small_routing_model["catalog"], n=100, seed=9)
+    config = _config(tmp_path, small_routing_model, budget_per_query_usd=None,
+                     budget_usd=1e-9, run_id="tiny")
+    with pytest.raises(R2RayError, match="infeasible budget.*minimum"):
+        route_batch(config)
+    assert not (tmp_path / "out" / "tiny").exists()
+    deferred = route_batch(_config(tmp_path, small_routing_model, budget_per_query_usd=None,
+                                   budget_usd=1e-9, run_id="tiny", defer=True))
+    assert deferred["counts"]["deferred"] + deferred["counts"]["routed"] == 100
+
+
+def test_empty_input_is_rejected(tmp_path, ray_local, small_routing_model):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.jsonl").write_text("")
+    pq.write_table(pa.table({"query_id": pa.array([], pa.string()),
+                             "query": pa.array([], pa.string())}), tmp_path / "in" / "e.parquet")
+    with pytest.raises(R2RayError, match="holds no queries"):
+        route_batch(_config(tmp_path, small_routing_model, run_id="empty"))
+    assert not (tmp_path / "out" / "empty").exists()
