@@ -1,19 +1,50 @@
-"""`r2ray demo` (the README's `make run`): the main job end to end on the embedded default."""
+"""`r2ray demo` (the README's `make run`): the main job end to end on the embedded default.
+
+Synthetic world bench → train the jointly conditioned predictor on MiniLM embeddings of the query
+text, register it in a local MLflow store and promote it to ``champion`` → route a fresh synthetic
+backlog of queries (text only; the workers embed it) under one global budget on a local Ray →
+print the committed manifest's summary. Everything lands under ``workdir`` (local files).
+"""
 
 from __future__ import annotations
 
 import os
 
-from r2ray.catalog import load_catalog
+DEMO_MODEL = "r2ray"
+DEMO_ALIAS = "champion"
+TRAIN_QUERIES = 3_000            # bench queries × 176 arms
+BUDGET_PER_QUERY_USD = 2e-4      # between the cheapest arms (~1e-5) and the best (~1e-3)
 
 
-def run_demo(workdir: str = "runs/demo", n_queries: int = 20_000, seed: int = 0) -> None:
-    """Synthetic world → bench statistics, all under ``workdir`` (local files)."""
+def run_demo(workdir: str = "runs/demo", n_queries: int = 20_000, seed: int = 0) -> dict:
     from r2ray.bench.stats import bench_stats_report
     from r2ray.bench.synthetic import write_world
+    from r2ray.catalog import load_catalog
+    from r2ray.config import route_config
+    from r2ray.pipeline import route_batch, summarise_manifest
+    from r2ray.training import TrainConfig, train_predictor_job
 
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    tracking = f"sqlite:///{workdir}/mlflow.db"
     catalog = load_catalog()
-    bench = os.path.join(workdir, "bench.parquet")
-    print(write_world(catalog, n_queries=n_queries, seed=seed, bench_uri=bench))
+    bench, backlog = f"{workdir}/bench.parquet", f"{workdir}/backlog/part-0.parquet"
+
+    print(f"[1/4] synthetic world: {TRAIN_QUERIES:,} bench queries × {catalog.n_arms} arms")
+    print(write_world(catalog, n_queries=TRAIN_QUERIES, seed=seed, bench_uri=bench))
     print(bench_stats_report([bench]))
+    print(f"[2/4] train on MiniLM embeddings, register {DEMO_MODEL}, promote @{DEMO_ALIAS}")
+    trained = train_predictor_job(TrainConfig(
+        bench=bench, registered_name=DEMO_MODEL, encoder="minilm", promote=DEMO_ALIAS,
+        seed=seed, tracking_uri=tracking))
+    print(trained.report())
+    print(f"[3/4] backlog: {n_queries:,} new queries (world seed {seed + 1}), text only")
+    print(write_world(catalog, n_queries=n_queries, seed=seed + 1, backlog_uri=backlog))
+    print(f"[4/4] route under ${BUDGET_PER_QUERY_USD * n_queries:,.2f} "
+          f"(${BUDGET_PER_QUERY_USD} per query) on a local Ray")
+    manifest = route_batch(route_config(
+        input=os.path.dirname(backlog), output=f"{workdir}/runs",
+        model=f"models:/{DEMO_MODEL}@{DEMO_ALIAS}", tracking_uri=tracking,
+        budget_per_query_usd=BUDGET_PER_QUERY_USD, run_id=f"demo-seed{seed}", force=True))
+    print(summarise_manifest(manifest))
+    return manifest
