@@ -1,0 +1,109 @@
+"""`r2ray bench stats`: per (model, budget) statistics, hand-computed, and the printed report."""
+
+import pyarrow as pa
+import pytest
+
+from r2ray.bench.io import write_table
+from r2ray.bench.stats import (bench_stats, bench_stats_report, catalog_uri_beside, combine_partials,
+                               finalise_stats, partial_sums)
+from r2ray.catalog import catalog_from_dict, save_catalog
+from r2ray.cli import main
+
+NAN = None
+ROWS = [  # query, model, budget, input, output, quality, truncated, cost_usd
+    ("q1", "A", 10, 100, 8, 1.0, False, NAN),
+    ("q2", "A", 10, 100, 12, 0.0, True, NAN),
+    ("q1", "A", 0, 100, 300, 1.0, False, NAN),
+    ("q2", "A", 0, 100, 500, 0.5, False, NAN),
+    ("q1", "B", 10, 100, 11, 0.6, False, 0.5),   # recorded cost wins over prices
+    ("q2", "B", 10, 100, 20, 0.2, True, NAN),
+    ("q1", "C", 0, 100, 100, 0.3, False, NAN),   # C is not in the catalogue
+]
+
+
+def tiny_bench() -> pa.Table:
+    names = ["query_id", "model", "budget", "input_tokens", "output_tokens", "quality", "truncated",
+             "cost_usd"]
+    columns = {name: [row[i] for row in ROWS] for i, name in enumerate(names)}
+    columns["query"] = [f"text of {q}" for q in columns["query_id"]]
+    columns["category"] = ["demo"] * len(ROWS)
+    return pa.table(columns)
+
+
+@pytest.fixture
+def catalog():
+    return catalog_from_dict({"budgets": [10, "default"], "models": [
+        {"name": "A", "input_per_m": 1.0, "output_per_m": 2.0, "context": 1000},
+        {"name": "B", "input_per_m": 10.0, "output_per_m": 20.0, "context": 1000}]})
+
+
+def test_hand_computed_statistics(catalog):
+    rows = bench_stats(tiny_bench(), catalog).to_pylist()
+    assert [(r["model"], r["budget"]) for r in rows] == [("A", 10), ("A", 0), ("B", 10), ("C", 0)]
+    a10, a_default, b10, c_default = rows
+    assert a10["count"] == 2 and a10["mean_quality"] == pytest.approx(0.5)
+    assert a10["mean_output_tokens"] == pytest.approx(10.0)
+    assert a10["share_within_1_1x"] == pytest.approx(0.5)       # 8 ≤ 11, 12 > 11
+    assert a10["share_truncated"] == pytest.approx(0.5)
+    assert a10["mean_cost_usd"] == pytest.approx((116e-6 + 124e-6) / 2)  # 100·1 + 8·2, 100·1 + 12·2
+    assert a_default["share_within_1_1x"] is None
+    assert a_default["mean_quality"] == pytest.approx(0.75)
+    assert a_default["mean_cost_usd"] == pytest.approx((700e-6 + 1100e-6) / 2)
+    assert b10["share_within_1_1x"] == pytest.approx(0.5)       # 11 is exactly 1.1 × 10: within
+    assert b10["mean_cost_usd"] == pytest.approx((0.5 + 1400e-6) / 2)
+    assert c_default["mean_cost_usd"] is None and c_default["count"] == 1
+
+
+def test_without_a_catalogue_only_recorded_costs_count():
+    rows = {(r["model"], r["budget"]): r for r in bench_stats(tiny_bench()).to_pylist()}
+    assert rows[("A", 10)]["mean_cost_usd"] is None
+    assert rows[("B", 10)]["mean_cost_usd"] == pytest.approx(0.5)  # the one row with a cost
+    assert rows[("A", 10)]["mean_quality"] == pytest.approx(0.5)
+
+
+def test_partial_sums_combine_to_the_whole(catalog):
+    table = tiny_bench()
+    parts = [partial_sums(table.slice(0, 3), catalog), partial_sums(table.slice(3), catalog)]
+    assert finalise_stats(combine_partials(parts), catalog).equals(bench_stats(table, catalog))
+
+
+def test_catalogue_beside_the_bench():
+    assert catalog_uri_beside("s3://b/x/bench.parquet") == "s3://b/x/bench.catalog.yaml"
+    assert catalog_uri_beside("out/bench.jsonl") == "out/bench.catalog.yaml"
+
+
+def test_report_uses_the_catalogue_beside_and_notes_unpriced_models(catalog, tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    write_table(tiny_bench(), str(bench))
+    save_catalog(catalog, catalog_uri_beside(str(bench)))
+    report = bench_stats_report([str(bench)])
+    lines = report.splitlines()
+    assert lines[0] == f"bench: 1 file(s), 7 rows; prices: {tmp_path / 'bench.catalog.yaml'}"
+    assert lines[1].split() == ["model", "budget", "count", "quality", "out_tokens", "within_1.1x",
+                                "truncated", "cost_usd"]
+    assert lines[2].split() == ["A", "10", "2", "0.500", "10.0", "50.0%", "50.0%", "1.200e-04"]
+    assert lines[3].split()[:2] == ["A", "default"] and lines[3].split()[5] == "-"
+    assert lines[5].split() == ["C", "default", "1", "0.300", "100.0", "-", "0.0%"]
+    assert "no prices for C" in lines[-1]
+
+
+def test_report_defaults_to_the_default_catalogue(tmp_path):
+    bench = tmp_path / "bench.parquet"
+    write_table(tiny_bench(), str(bench))
+    report = bench_stats_report(str(bench))
+    assert "prices: the default catalogue" in report
+    assert "no prices for A, C" in report  # B has a recorded cost on one row
+
+
+def test_cli_stats_prints_the_table_and_rejects_bad_rows(catalog, tmp_path, capsys):
+    bench = tmp_path / "bench.parquet"
+    write_table(tiny_bench(), str(bench))
+    yaml_path = tmp_path / "prices.yaml"
+    save_catalog(catalog, str(yaml_path))
+    assert main(["bench", "stats", str(bench), "--catalog", str(yaml_path)]) == 0
+    assert "1.200e-04" in capsys.readouterr().out
+    bad = tiny_bench().set_column(5, "quality", pa.array([0.1, 0.2, 1.5, 0.0, 0.0, 0.0, 0.0]))
+    write_table(bad, str(tmp_path / "bad.parquet"))
+    assert main(["bench", "stats", str(tmp_path / "bad.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.parquet, row 3, field 'quality'" in err and "1.5" in err
