@@ -51,7 +51,7 @@ def _bench_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _bench_convert(args: argparse.Namespace) -> None:
-    from r2ray.bench.adapters import convert_files
+    from r2ray.bench.formats import convert_files
 
     summary = convert_files(args.format, args.inputs, out=args.out, catalog_out=args.catalog_out,
                             model_names=args.model, catalog_path=args.catalog)
@@ -76,6 +76,108 @@ def _bench_stats(args: argparse.Namespace) -> None:
     print(bench_stats_report(args.bench, catalog_path=args.catalog))
 
 
+def _route_parser(commands: argparse._SubParsersAction) -> None:
+    route = commands.add_parser(
+        "route", help="route a backlog under one global budget (the nightly batch job, on Ray)")
+    route.add_argument("--input", required=True, help="backlog: parquet/jsonl file, prefix or glob")
+    route.add_argument("--output", required=True, help="runs are written under OUTPUT/RUN_ID/")
+    route.add_argument("--model", required=True,
+                       help="models:/NAME@ALIAS, models:/NAME/VERSION or a saved-predictor folder")
+    budget = route.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-usd", type=float, help="total spend limit for the run (USD)")
+    budget.add_argument("--budget-per-query", dest="budget_per_query_usd", type=float,
+                        help="spend limit per routed query (USD); total = this × queries")
+    route.add_argument("--reserve", type=float, help="share of the budget held back (0..1)")
+    route.add_argument("--catalog", help="catalogue YAML (default: the one the model carries)")
+    route.add_argument("--run-id", help="default: run-<UTC timestamp>")
+    route.add_argument("--force", action="store_true", help="redo a committed run id")
+    route.add_argument("--defer", action="store_true",
+                       help="if the budget cannot pay for the cheapest arms, defer queries "
+                            "(quality 0, cost 0) instead of failing")
+    route.add_argument("--seed", type=int, help="seed of the tie-break hash")
+    route.add_argument("--tracking-uri", help="MLflow tracking URI (default: environment)")
+    route.add_argument("--workers", type=int, help="predictor actors (default 2)")
+    route.add_argument("--cpus-per-worker", type=float, help="default 0.5")
+    route.add_argument("--gpus-per-worker", type=float, help="default 0")
+    route.add_argument("--batch-size", type=int, help="queries per predictor call (default 1024)")
+    route.set_defaults(handler=_route)
+
+
+def _route(args: argparse.Namespace) -> None:
+    from r2ray.config import route_config
+    from r2ray.pipeline import route_batch, summarise_manifest
+
+    fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "reserve",
+              "catalog", "run_id", "force", "defer", "seed", "tracking_uri", "workers",
+              "cpus_per_worker", "gpus_per_worker", "batch_size")
+    config = route_config(**{name: getattr(args, name) for name in fields})
+    print(summarise_manifest(route_batch(config)))
+
+
+def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="deferral curves, AUDC / QNC / Peak / cost ratios against every baseline")
+    evaluate.add_argument("--bench", required=True, help="long-format bench (file, folder or URI)")
+    evaluate.add_argument("--model", required=True,
+                          help="models:/NAME@ALIAS, models:/NAME/VERSION, a saved predictor "
+                               "folder, or a predictor name (its default settings)")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json and curves.png")
+    evaluate.add_argument("--catalog", help="catalogue YAML (default: the model's training one, "
+                          "else <bench>.catalog.yaml, else the default pool)")
+    evaluate.add_argument("--seeds", type=int, default=5, help="random splits (default 5)")
+    evaluate.add_argument("--split", choices=["random", "category"], default="random",
+                          help="random 80/20 per seed, or leave one category out")
+    evaluate.add_argument("--queries", help="table with query_id + embedding (skips the encoder)")
+    evaluate.add_argument("--methods", help="comma-separated learned methods (default: all)")
+    evaluate.add_argument("--tracking-uri", help="MLflow tracking URI (default: environment)")
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from r2ray.evaluation.run import evaluate_uris
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    evaluate_uris(args.bench, args.model, args.out, catalog_path=args.catalog, seeds=args.seeds,
+                  split=args.split, queries_uri=args.queries, methods=methods,
+                  tracking_uri=args.tracking_uri)
+
+
+def _train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="fit a predictor, log it to MLflow, register a version, optionally promote")
+    train.add_argument("--bench", required=True, help="long-format bench (file, folder or URI)")
+    train.add_argument("--queries", help="table with query_id + embedding, e.g. a synthetic "
+                       "backlog (skips the encoder)")
+    train.add_argument("--catalog", help="catalogue YAML (default: <bench>.catalog.yaml beside "
+                       "the bench, else the default pool)")
+    train.add_argument("--split", choices=["random", "category"], default="random",
+                       help="test split: random 20%% of queries, or leave one category out")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, help="most epochs (early stopping may end sooner)")
+    train.add_argument("--register", required=True, metavar="NAME", help="registered model name")
+    train.add_argument("--promote", metavar="ALIAS", help="move ALIAS to the new version if it "
+                       "beats the current holder on this run's test split")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: R2RAY_TRACKING_URI, "
+                       "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    train.add_argument("--encoder", help="minilm (default for text) or a local "
+                       "sentence-transformers folder; with --queries, the encoder that made them")
+    train.add_argument("--predictor", default="r2ray", help="registry key (default r2ray)")
+    train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                       help="predictor setting, e.g. --set monotone=budgets (repeatable)")
+    train.add_argument("--experiment", default="r2ray-train", help="MLflow experiment name")
+    train.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from r2ray.training import TrainConfig, parse_settings, train_predictor_job
+
+    fields = ("bench", "queries", "catalog", "split", "seed", "epochs", "promote",
+              "tracking_uri", "encoder", "predictor", "experiment")
+    config = TrainConfig(**{name: getattr(args, name) for name in fields},
+                         registered_name=args.register, settings=parse_settings(args.settings))
+    print(train_predictor_job(config).report())
+
+
 def _demo_parser(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="the main job end to end on the embedded default")
     demo.add_argument("--workdir", default="runs/demo", help="where everything is written")
@@ -94,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2ray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _bench_parsers(commands)
+    _route_parser(commands)
+    _evaluate_parser(commands)
+    _train_parser(commands)
     _demo_parser(commands)
     return parser
 

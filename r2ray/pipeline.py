@@ -376,7 +376,8 @@ def route_batch(config: RouteConfig) -> dict:
             fn_kwargs={"quarantine_uri": paths.quarantine, "max_context_tokens": max_context,
                        "embedding_dim": model.embedding_dim,
                        "embedding_required": not model.has_encoder})
-        queries = queries.repartition(config.workers * config.blocks_per_worker)
+        if len(units) < config.workers * config.blocks_per_worker:  # few big files: spread them
+            queries = queries.repartition(config.workers * config.blocks_per_worker)
         scored = queries.map_batches(
             ScoreWorker, batch_size=config.batch_size, batch_format="pyarrow",
             compute=ActorPoolStrategy(size=config.workers), num_cpus=config.cpus_per_worker,

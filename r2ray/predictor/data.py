@@ -140,3 +140,34 @@ def _first_seen_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     return uniques[order].astype(str), rank[inverse]
+
+
+SPLITS = ("random", "category")
+
+
+def split_indices(arrays: BenchArrays, split: str = "random", seed: int = 0,
+                  test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows). ``random``: a seeded ``test_fraction`` of queries;
+    ``category``: leave one category out, the ``seed``-th of the sorted categories."""
+    if split == "random":
+        return holdout_indices(arrays.n_queries, test_fraction, seed)
+    if split != "category":
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    categories = np.unique(arrays.category)
+    if len(categories) < 2:
+        raise BenchError(f"the category split needs at least two categories; the bench has "
+                         f"{list(categories)}; use the random split")
+    held_out = categories[seed % len(categories)]
+    is_test = arrays.category == held_out
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def holdout_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows): a seeded random ``fraction`` of ``n`` rows, at least one each."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"a held-out fraction must lie in (0, 1), got {fraction}")
+    if n < 2:
+        raise BenchError(f"cannot split {n} queries into two parts; the bench needs at least 2")
+    order = np.random.default_rng(seed).permutation(n)
+    n_out = min(n - 1, max(1, round(n * fraction)))
+    return np.sort(order[n_out:]), np.sort(order[:n_out])

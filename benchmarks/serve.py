@@ -1,0 +1,184 @@
+"""Benchmark of the online router on Ray Serve; prints its figures (it is not a timed test).
+
+    python benchmarks/serve.py            # ~3-5 minutes on a 2-core machine
+    python benchmarks/serve.py --quick    # fewer requests
+
+Set-up: a temporary MLflow store with a per-arm Ridge predictor on MiniLM embeddings of synthetic
+queries (the text path: every request is encoded online), Ray with 2 CPUs, Serve on 127.0.0.1
+with two copies of the app: ``/b`` micro-batching (batch_max_size 32) and ``/u`` without
+(batch_max_size 1). Figures, measured side by side in alternating rounds so that a busy machine
+shifts both sides of each ratio alike:
+
+1. p50/p99 latency of ``POST /v1/route``, sequential and with 8 concurrent clients;
+2. HTTP p50 ÷ in-process ``route_items()`` p50 on the same queries (goal <= 1.5);
+3. throughput with batching ÷ without, at 8 and 32 concurrent clients (goal >= 2);
+4. the same latency ratio for requests that carry a precomputed ``embedding`` (no encoder).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import tempfile
+import time
+
+import httpx
+import numpy as np
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def build_model(store: str, n_train: int):
+    """Fit and register the text predictor; returns (catalog, predictor, encoder, tracking URI)."""
+    import mlflow
+
+    from r2ray.bench.synthetic import synth_bench
+    from r2ray.catalog import catalog_from_dict
+    from r2ray.encoders import MINILM, load_encoder
+    from r2ray.predictor import make_predictor
+    from r2ray.predictor.data import bench_arrays
+    from r2ray.registry import register_predictor
+
+    catalog = catalog_from_dict({"budgets": [20, 100, 400, "default"], "models": [
+        {"name": "Gemma-3-1B", "input_per_m": 0.01, "output_per_m": 0.04, "context": 32768},
+        {"name": "Llama-3.1-70B-Instruct", "input_per_m": 0.12, "output_per_m": 0.30,
+         "context": 131072},
+        {"name": "GLM-4.6", "input_per_m": 0.44, "output_per_m": 1.76, "context": 202752}]})
+    uri = f"sqlite:///{store}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "serve-bench", artifact_location=f"{store}/artifacts"))
+    arrays = bench_arrays(synth_bench(catalog, n_train, seed=3), catalog)
+    encoder = load_encoder(MINILM)
+    predictor = make_predictor("per_arm_ridge").fit(
+        arrays.with_embedding(encoder.encode(list(arrays.query))), catalog)
+    register_predictor(predictor, "r2ray-bench", encoder_spec=MINILM, tracking_uri=uri)
+    mlflow.MlflowClient().set_registered_model_alias("r2ray-bench", "champion", "1")
+    return catalog, predictor, encoder, uri
+
+
+async def timed_requests(url: str, bodies: list[dict], clients: int) -> tuple[list[float], float]:
+    """Latencies (s) of every request and the wall time, ``clients`` requests in flight."""
+    queue = list(reversed(bodies))
+    latencies: list[float] = []
+
+    async def client(http: httpx.AsyncClient):
+        while queue:
+            body = queue.pop()
+            start = time.perf_counter()
+            response = await http.post(url, json=body)
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*[client(http) for _ in range(clients)])
+        return latencies, time.perf_counter() - start
+
+
+def in_process_latencies(model, bodies: list[dict]) -> list[float]:
+    from r2ray.prompting import estimate_tokens
+    from r2ray.serving.router import RouteItem, query_key, route_items
+
+    out = []
+    for body in bodies:
+        start = time.perf_counter()
+        item = RouteItem(body["query"], estimate_tokens(body["query"]), query_key(body["query"]),
+                         body["lambda"], embedding=body.get("embedding"))
+        route_items(model, [item])
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def alternate(rounds: int, a, b) -> tuple[list, list]:
+    """Run a() and b() in alternating rounds; lists of their results."""
+    results_a, results_b = [], []
+    for _ in range(rounds):
+        results_a.append(a())
+        results_b.append(b())
+    return results_a, results_b
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    n_queries, rounds = (60, 2) if args.quick else (160, 3)
+
+    import ray
+    import torch
+    from ray import serve
+
+    from r2ray.bench.synthetic import synth_backlog
+    from r2ray.serving.router import RoutingModel
+
+    from r2ray.serving.config import serve_config
+    from r2ray.serving.deployments import build_application
+
+    def app(args: dict):  # what serve/app.py does (this file's name shadows the `serve` folder)
+        return build_application(serve_config(args))
+
+    store = tempfile.mkdtemp(prefix="r2ray-serve-bench-")
+    catalog, predictor, encoder, uri = build_model(store, 200)
+    rows = synth_backlog(catalog, n_queries, seed=9, embeddings=True).to_pylist()
+    text = [{"query": r["query"], "lambda": 2000.0} for r in rows]
+    given = [{"query": r["query"], "lambda": 2000.0, "embedding": r["embedding"]} for r in rows]
+    local = RoutingModel(predictor, encoder, catalog, "local")
+    torch.set_num_threads(1)   # what a Router replica with a fractional CPU gets (OMP_NUM_THREADS=1)
+
+    with socket.socket() as sock:          # a free port on 127.0.0.1
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"model": "models:/r2ray-bench@champion", "tracking_uri": uri, "lambda": 2000.0,
+              "router_cpus": 0.2}
+    serve.run(app(common), name="b", route_prefix="/b")
+    serve.run(app(common | {"batch_max_size": 1}), name="u", route_prefix="/u")
+    base = f"http://127.0.0.1:{port}"
+    run = lambda path, bodies, clients: asyncio.run(  # noqa: E731
+        timed_requests(f"{base}{path}/v1/route", bodies, clients))
+    run("/b", text[:20], 4), run("/u", text[:20], 4)                       # warm-up
+    in_process_latencies(local, text[:10])
+
+    print(f"queries per round: {n_queries}, rounds: {rounds} (alternating), MiniLM text path\n")
+    http_seq, local_seq = alternate(rounds, lambda: run("/b", text, 1)[0],
+                                    lambda: in_process_latencies(local, text))
+    http_seq, local_seq = sum(http_seq, []), sum(local_seq, [])
+    conc = [run("/b", text, 8) for _ in range(rounds)]
+    conc_lat = sum((c[0] for c in conc), [])
+    print(f"sequential  HTTP        p50 {percentile(http_seq, 50) * 1e3:7.1f} ms   "
+          f"p99 {percentile(http_seq, 99) * 1e3:7.1f} ms")
+    print(f"sequential  in-process  p50 {percentile(local_seq, 50) * 1e3:7.1f} ms   "
+          f"p99 {percentile(local_seq, 99) * 1e3:7.1f} ms")
+    print(f"8 clients   HTTP        p50 {percentile(conc_lat, 50) * 1e3:7.1f} ms   "
+          f"p99 {percentile(conc_lat, 99) * 1e3:7.1f} ms")
+    print(f"HTTP p50 / in-process p50 = "
+          f"{percentile(http_seq, 50) / percentile(local_seq, 50):.2f}  (goal <= 1.5)\n")
+
+    for clients in (8, 32):
+        batched, unbatched = alternate(rounds, lambda: run("/b", text, clients)[1],
+                                       lambda: run("/u", text, clients)[1])
+        ratio = statistics.median(u / b for b, u in zip(batched, unbatched))
+        print(f"{clients:2d} clients  throughput batched {n_queries / statistics.median(batched):6.1f} "
+              f"q/s, unbatched {n_queries / statistics.median(unbatched):6.1f} q/s, "
+              f"batched / unbatched = {ratio:.2f}  (goal >= 2)")
+
+    http_given, local_given = alternate(rounds, lambda: run("/b", given, 1)[0],
+                                        lambda: in_process_latencies(local, given))
+    http_given, local_given = sum(http_given, []), sum(local_given, [])
+    print(f"\nprecomputed embedding (no encoder): HTTP p50 {percentile(http_given, 50) * 1e3:.1f} "
+          f"ms, in-process p50 {percentile(local_given, 50) * 1e3:.1f} ms, ratio "
+          f"{percentile(http_given, 50) / percentile(local_given, 50):.2f}")
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

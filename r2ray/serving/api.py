@@ -1,0 +1,124 @@
+"""The HTTP API as a FastAPI app over a :class:`RoutingService`: decode → library → encode.
+
+Status codes: 401/403 bad credentials (checked before the body is read), 413 body over
+``max_request_bytes``, 422 a body or option that cannot be used (the message and ``param`` name
+the field), 502 the chosen model's endpoint failed (with the reason). Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from r2ray import __version__
+from r2ray.serving.auth import AuthError, check_bearer
+from r2ray.serving.router import RouteRejected
+from r2ray.serving.schema import ChatCompletionRequest, ErrorBody, ErrorDetail, RouteRequest
+from r2ray.serving.service import RoutingService
+from r2ray.serving.upstream import UpstreamError
+
+MAX_FIELD_ERRORS = 5   # validation problems listed in one 422 message
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(message=message, type=kind, param=param, code=str(status)))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+async def _invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
+    problems = err.errors()
+    listed = "; ".join(f"{_field(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                       for e in problems[:MAX_FIELD_ERRORS])
+    more = f" (and {len(problems) - MAX_FIELD_ERRORS} more)" if len(problems) > MAX_FIELD_ERRORS else ""
+    return error_response(422, f"invalid request body: {listed}{more}", "invalid_request_error",
+                          _field(problems[0]["loc"]) if problems else None)
+
+
+async def _rejected(_: Request, err: RouteRejected) -> JSONResponse:
+    return error_response(422, f"{err.param}: {err}", "invalid_request_error", err.param)
+
+
+async def _unauthorised(_: Request, err: AuthError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return error_response(err.status, str(err), "authentication_error", headers=headers)
+
+
+async def _upstream(_: Request, err: UpstreamError) -> JSONResponse:
+    return error_response(502, str(err), "upstream_error")
+
+
+async def _http(_: Request, err: HTTPException) -> JSONResponse:
+    return error_response(err.status_code, str(err.detail), "invalid_request_error")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``max_bytes`` (declared or actually streamed)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(413, self._message(), "invalid_request_error")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, self._message())   # FastAPI re-raises HTTPException
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"request body is larger than the limit of {self.max_bytes} bytes"
+
+
+def build_api(service: RoutingService, key_digests: frozenset[str],
+              max_request_bytes: int) -> FastAPI:
+    """The FastAPI app: ``POST /v1/route``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+    ``GET /healthz`` (the only path without auth)."""
+    app = FastAPI(title="r2ray router", version=__version__)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    for kind, handler in ((RequestValidationError, _invalid_body), (RouteRejected, _rejected),
+                          (AuthError, _unauthorised), (UpstreamError, _upstream),
+                          (HTTPException, _http)):
+        app.add_exception_handler(kind, handler)
+
+    def authorised(authorization: str | None = Header(default=None)) -> None:
+        check_bearer(authorization, key_digests)
+
+    @app.post("/v1/route", dependencies=[Depends(authorised)])
+    async def route(request: RouteRequest) -> JSONResponse:
+        response, headers = await service.route(request)
+        return JSONResponse(response.model_dump(by_alias=True), headers=headers)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def chat_completions(request: ChatCompletionRequest) -> JSONResponse:
+        body, headers = await service.chat(request)
+        return JSONResponse(body, headers=headers)
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def models() -> JSONResponse:
+        return JSONResponse((await service.models()).model_dump())
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse(await service.health())
+
+    return app

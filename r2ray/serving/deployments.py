@@ -1,0 +1,168 @@
+"""The Ray Serve deployments: a FastAPI ingress, a batching Router, a Pacer; and the app graph.
+
+    HTTP → Ingress (auth, size limit, schema, forwarding; N replicas)
+             ├─ Router.route  (@serve.batch: one encoder + predictor call per batch; watches the
+             │                 registry alias and swaps versions between batches)
+             └─ Pacer.sync    (one replica: every ``price_sync_s`` each ingress reports the spend it
+                               saw and gets λ back, so no request waits on the Pacer)
+
+Metrics (Ray's Prometheus endpoint, next to Serve's own): ``r2ray_decisions`` per model, budget
+and tenant; ``r2ray_spend_usd`` per model and tenant; the gauge ``r2ray_lambda``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+from ray import serve
+from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
+
+from r2ray.serving.api import build_api
+from r2ray.serving.auth import load_key_digests
+from r2ray.serving.config import ServeConfig
+from r2ray.serving.pacer import Pacer, PriceState, starting_price
+from r2ray.serving.router import RouteDecision, RouteItem, load_routing_model, route_items
+from r2ray.serving.service import NullMetrics, RoutingService, SpendBook
+
+logger = logging.getLogger("ray.serve")
+INGRESS_MAX_ONGOING = 256   # requests per ingress replica; they are I/O-bound awaits
+
+
+@serve.deployment(num_replicas=1)
+class PacerDeployment:
+    """Holds λ (one replica: the spend books must be in one place)."""
+
+    def __init__(self, config: dict):
+        config = ServeConfig.model_validate(config)
+        lam, tie_cut, seed, source = starting_price(config.manifest, config.lam, config.tie_cut,
+                                                    config.seed)
+        self.pacer = Pacer(config.pacing, lam, tie_cut=tie_cut, seed=seed, source=source,
+                           now=time.monotonic())
+        self.gauge = metrics.Gauge("r2ray_lambda", description="price of budget, quality per USD")
+        self.gauge.set(self.pacer.lam)
+        logger.info("pacer starts at lambda=%.6g from %s", lam, source)
+
+    async def sync(self, spend_usd: float) -> PriceState:
+        """Add an ingress's spend since its last sync (USD); the current price."""
+        self.pacer.record(spend_usd, time.monotonic())
+        self.gauge.set(self.pacer.lam)
+        return self.pacer.state()
+
+
+@serve.deployment
+class RouterDeployment:
+    """Scores batches of queries with the registered model and applies the decision rule."""
+
+    async def __init__(self, config: dict):
+        self.config = ServeConfig.model_validate(config)
+        self.model = await asyncio.to_thread(self._load)
+        self.route.set_max_batch_size(self.config.batch_max_size)
+        self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)
+        self._watcher = asyncio.create_task(self._watch())
+
+    def _load(self):
+        c = self.config
+        return load_routing_model(c.model, c.tracking_uri, c.catalog, c.device)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def route(self, items: list[RouteItem]) -> list:
+        # Runs on the replica's loop on purpose: requests that arrive meanwhile queue up and
+        # form the next batch. A version swap replaces self.model, never the one used here.
+        return route_items(self.model, items)
+
+    async def describe(self) -> dict:
+        return {"version": self.model.version, "models": self.model.catalog.model_names,
+                "embedding_dim": self.model.embedding_dim,
+                "encoder": None if self.model.encoder is None else self.model.encoder.name}
+
+    async def _watch(self) -> None:
+        """Re-resolve ``models:/NAME@ALIAS`` every ``watch_interval_s``; load a new version
+        beside the old one, then swap the reference (in-flight batches keep the old one)."""
+        from r2ray.registry import resolve_version
+
+        if not self.config.model.startswith("models:/"):
+            return
+        while True:
+            await asyncio.sleep(self.config.watch_interval_s)
+            try:
+                found = await asyncio.to_thread(resolve_version, self.config.model,
+                                                self.config.tracking_uri)
+                if f"{found.name}/{found.version}" != self.model.version:
+                    fresh = await asyncio.to_thread(self._load)
+                    logger.info("model %s: swapping %s for %s", self.config.model,
+                                self.model.version, fresh.version)
+                    self.model = fresh
+            except Exception as err:  # keep serving the loaded version; say why
+                logger.warning("model %s: alias check failed, keeping %s: %s",
+                               self.config.model, self.model.version, err)
+
+
+class ServeMetrics(NullMetrics):
+    """Prometheus counters through Ray Serve's metrics (tagged with deployment and replica)."""
+
+    def __init__(self):
+        self.decisions = metrics.Counter("r2ray_decisions", description="routed queries",
+                                         tag_keys=("model", "budget", "tenant"))
+        self.spent = metrics.Counter("r2ray_spend_usd", description="spend counted for pacing, USD",
+                                     tag_keys=("model", "tenant"))
+
+    def decision(self, decision: RouteDecision, tenant: str | None) -> None:
+        self.decisions.inc(tags={"model": decision.model, "budget": str(decision.budget),
+                                 "tenant": tenant or ""})
+
+    def spend(self, cost_usd: float, model: str, tenant: str | None) -> None:
+        if cost_usd > 0:
+            self.spent.inc(cost_usd, tags={"model": model, "tenant": tenant or ""})
+
+
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING)
+@serve.ingress()
+class Ingress:
+    """HTTP front: the FastAPI app of :mod:`r2ray.serving.api` over a :class:`RoutingService`."""
+
+    async def __init__(self, router: DeploymentHandle, pacer: DeploymentHandle, config: dict,
+                       key_digests: list[str]):
+        self.config = ServeConfig.model_validate(config)
+        self.router, self.pacer = router, pacer
+        self.key_digests = frozenset(key_digests)
+        self.book = SpendBook(await pacer.sync.remote(0.0))
+        self.service = RoutingService(self.config, self._route, self.book, self._describe,
+                                      httpx.AsyncClient(), ServeMetrics())
+        self._syncer = asyncio.create_task(self._sync_prices())
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.service, self.key_digests, self.config.max_request_bytes)
+
+    async def _route(self, item: RouteItem):
+        return await self.router.route.remote(item)
+
+    async def _describe(self) -> dict:
+        return await self.router.describe.remote()
+
+    async def _sync_prices(self) -> None:
+        """Report spend and fetch λ every ``price_sync_s``; on failure keep the last price."""
+        while True:
+            await asyncio.sleep(self.config.price_sync_s)
+            spend = self.book.take()
+            try:
+                self.book.state = await self.pacer.sync.remote(spend)
+            except Exception as err:
+                self.book.add(spend)   # report it next time
+                logger.warning("pacer sync failed, keeping lambda=%.6g: %s", self.book.state.lam,
+                               err)
+
+
+def build_application(config: ServeConfig):
+    """The bound Serve application for ``config`` (nothing starts until it is run)."""
+    settings = config.model_dump()
+    digests = sorted(load_key_digests(config.api_key_envs))
+    pacer = PacerDeployment.options(ray_actor_options={"num_cpus": config.pacer_cpus}).bind(settings)
+    router = RouterDeployment.options(
+        num_replicas=config.router_replicas, ray_actor_options={"num_cpus": config.router_cpus},
+        max_ongoing_requests=max(64, 2 * config.batch_max_size)).bind(settings)
+    return Ingress.options(ray_actor_options={"num_cpus": config.ingress_cpus}).bind(
+        router, pacer, settings, digests)

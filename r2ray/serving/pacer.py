@@ -1,0 +1,108 @@
+"""Online spend pacing: the price λ (quality per USD) moved so spend tracks a target rate.
+
+Once per window of ``window_s`` seconds::
+
+    λ ← clamp(λ · exp(η · (min(spend_rate / target_rate, max_ratio) − 1)), λ_min, λ_max)
+
+Spending faster than the target raises λ (cheaper arms win), slower lowers it. This is a
+multiplicative (log-space integral) dual update, so the *average* spend rate converges to the
+target even when query difficulty drifts. Two hard stops send every query to its cheapest arm:
+a window that has already spent ``hard_stop_ratio`` × its share, and a total ``spend_limit_usd``.
+
+:class:`Pacer` is pure: time is passed in (seconds, any monotonic clock), so tests can simulate
+hours of traffic in milliseconds. The Serve ``Pacer`` deployment only holds one and a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from r2ray.serving.config import PacingConfig
+
+
+def paced_lambda(lam: float, spend_rate_usd_s: float, target_usd_s: float,
+                 config: PacingConfig) -> float:
+    """One multiplicative update of λ from a window's spend rate (USD/s) against the target."""
+    ratio = min(spend_rate_usd_s / target_usd_s, config.max_ratio)
+    moved = lam * math.exp(config.eta * (ratio - 1.0))
+    return min(max(moved, config.lambda_min), config.lambda_max)
+
+
+@dataclass(frozen=True)
+class PriceState:
+    """What a router needs to price a query right now (sent to every ingress replica)."""
+
+    lam: float            # quality per USD
+    tie_cut: float        # the batch solve's tie rule (applies while λ is exactly λ*)
+    seed: int
+    stopped: bool         # hard stop: route to the cheapest arm
+    source: str           # where λ started: "manifest <uri>", "config" or "default"
+    window_spend_usd: float = 0.0
+    total_spend_usd: float = 0.0
+    updates: int = 0      # windows closed so far
+
+
+class Pacer:
+    """Holds λ and the spend books; ``record`` spend as it happens, ``tick`` to close windows."""
+
+    def __init__(self, config: PacingConfig, lam: float, *, tie_cut: float = 1.0, seed: int = 0,
+                 source: str = "config", now: float = 0.0):
+        self.config = config
+        self.lam = min(max(float(lam), config.lambda_min), config.lambda_max) \
+            if config.target_usd_per_s is not None else float(lam)
+        self.tie_cut, self.seed, self.source = tie_cut, seed, source
+        self.window_start = now
+        self.window_spend_usd = 0.0
+        self.total_spend_usd = 0.0
+        self.updates = 0
+
+    def record(self, spend_usd: float, now: float) -> None:
+        """Add spend (USD) that happened at time ``now``; closes any window that ended first."""
+        self.tick(now)
+        self.window_spend_usd += max(float(spend_usd), 0.0)
+        self.total_spend_usd += max(float(spend_usd), 0.0)
+
+    def tick(self, now: float) -> PriceState:
+        """Close the window if ``window_s`` has passed (one update over the elapsed time)."""
+        elapsed = now - self.window_start
+        target = self.config.target_usd_per_s
+        if target is not None and elapsed >= self.config.window_s:
+            self.lam = paced_lambda(self.lam, self.window_spend_usd / elapsed, target, self.config)
+            self.window_start, self.window_spend_usd = now, 0.0
+            self.updates += 1
+        return self.state()
+
+    @property
+    def stopped(self) -> bool:
+        """A hard stop is in force: the window's share is spent, or the total limit is reached."""
+        c = self.config
+        if c.spend_limit_usd is not None and self.total_spend_usd >= c.spend_limit_usd:
+            return True
+        if c.target_usd_per_s is None or c.hard_stop_ratio is None:
+            return False
+        return self.window_spend_usd >= c.hard_stop_ratio * c.target_usd_per_s * c.window_s
+
+    def state(self) -> PriceState:
+        return PriceState(self.lam, self.tie_cut, self.seed, self.stopped, self.source,
+                          self.window_spend_usd, self.total_spend_usd, self.updates)
+
+
+def starting_price(manifest: str | None, lam: float | None, tie_cut: float = 1.0,
+                   seed: int = 0) -> tuple[float, float, int, str]:
+    """(λ, tie_cut, seed, source) to start from: a committed batch manifest's λ*, θ*-cut and seed
+    (``manifest`` is a ``manifest.json`` URI, or a batch output folder whose newest committed run
+    is used), else ``lam`` from the config, else 0 (every query gets its best predicted arm)."""
+    from r2ray.errors import R2RayError
+    from r2ray.runs import MANIFEST, latest_committed, read_manifest
+
+    if manifest is not None:
+        uri = manifest if manifest.rstrip("/").endswith(MANIFEST) else latest_committed(manifest)
+        if uri is None:
+            raise R2RayError(f"manifest: no committed batch run under {manifest}; run "
+                             "`r2ray route` first, or give lambda instead")
+        solve = read_manifest(uri)["solve"]
+        return float(solve["lambda"]), float(solve["tie_cut"]), int(solve["seed"]), f"manifest {uri}"
+    if lam is not None:
+        return float(lam), tie_cut, seed, "config"
+    return 0.0, tie_cut, seed, "default"

@@ -1,0 +1,236 @@
+"""Per-request routing: embedding → predictions → the batch job's decision rule → a decision.
+
+The decision is the one shared path (STYLE 8): :func:`r2ray.routing.arm_scores` prices and masks
+the arms, :func:`r2ray.solver.choose_arms` picks the arm the batch solve's rule picks at price λ
+(the same hull, the same tie hash, the same cut), :func:`r2ray.routing.routed_request` renders it.
+So with the batch run's λ*, ``tie_cut`` and ``seed``, and the same query keys, a query gets the
+arm the batch solve gave it (unless the solve's greedy fill moved it).
+
+**Query key** (what the tie hash reads): the first 8 bytes, little-endian, of BLAKE2b over
+``"id:" + query_id`` when the request names a ``query_id``, else over ``"text:" + query``. It is
+stable across processes, machines and versions; a batch job that wants its ties broken the same
+way online must pass the same keys to ``solve_budget(query_key=...)``.
+
+Nothing here knows about Ray: the Serve Router deployment calls :func:`route_items` on batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from r2ray.catalog import Catalog, ModelSpec, UnknownModel, load_catalog
+from r2ray.errors import R2RayError
+from r2ray.routing import ArmScores, allowed_arms, arm_scores, routed_request
+from r2ray.solver import NO_ARM, choose_arms
+
+
+def query_key(query: str, query_id: str | None = None) -> int:
+    """uint64 tie-hash key of a query (see the module docstring)."""
+    text = f"id:{query_id}" if query_id is not None else f"text:{query}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+class RouteRejected(R2RayError, ValueError):
+    """One query cannot be routed as asked; ``param`` names the request field to change."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # it travels back from Router replicas inside results
+        return type(self), (self.param, str(self))
+
+
+@dataclass(frozen=True)
+class RoutingModel:
+    """One loaded model version: predictor, its encoder (None: embeddings must be sent), prices."""
+
+    predictor: object          # r2ray.predictor.BasePredictor
+    encoder: object | None     # r2ray.encoders.Encoder
+    catalog: Catalog
+    version: str               # "NAME/VERSION" from the registry, or the folder it came from
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.predictor.embedding_dim_)
+
+
+def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: str | None = None,
+                       device: str | None = None) -> RoutingModel:
+    """Load ``models:/NAME@ALIAS`` (or a folder) with its encoder; ``catalog_path`` may change
+    prices and endpoints, never the arms the model was trained on."""
+    from r2ray.encoders import default_device, load_encoder
+    from r2ray.registry import load_registered
+    from r2ray.scoring import has_encoder
+
+    device = device or default_device()
+    bundle = load_registered(uri, tracking_uri, device=device)
+    catalog = bundle.catalog
+    if catalog_path is not None:
+        catalog = load_catalog(catalog_path)
+        if catalog.arms != bundle.catalog.arms:
+            raise R2RayError(f"catalog {catalog_path} offers other arms than {uri} was trained "
+                             f"on ({catalog.n_arms} vs {bundle.catalog.n_arms}); prices and "
+                             "endpoints may change, arms may not")
+    encoder = load_encoder(bundle.encoder_spec, device=device) \
+        if has_encoder(bundle.encoder_spec) else None
+    version = uri if bundle.version is None else f"{bundle.version.name}/{bundle.version.version}"
+    return RoutingModel(bundle.predictor, encoder, catalog, version)
+
+
+@dataclass(frozen=True)
+class RouteItem:
+    """One query as the router sees it: text, limits, and the price to route it at."""
+
+    query: str
+    input_tokens: int
+    key: int                                   # query_key(...)
+    lam: float                                 # quality per USD
+    tie_cut: float = 1.0
+    seed: int = 0
+    stopped: bool = False                      # hard stop: cheapest arm
+    price_source: str = "config"
+    embedding: list[float] | None = None
+    allowed_models: list[str] | None = None
+    max_budget_tokens: int | None = None
+    max_cost_usd: float | None = None
+    n_alternatives: int = 3
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    model: str
+    budget: int                  # output tokens, 0 = default
+    messages: list[dict]
+    max_tokens: int
+    q_hat: float
+    t_hat_tokens: float
+    c_hat_usd: float
+    lam: float
+    reason: str
+    version: str
+    input_tokens: int
+    arm: int
+    spec: ModelSpec | None = None  # the chosen model's prices and endpoint, in this version
+    alternatives: list[dict] = field(default_factory=list)
+
+
+def route_items(model: RoutingModel, items: list[RouteItem]) -> list[RouteDecision | RouteRejected]:
+    """Route a batch: one encoder and one predictor call for all, the decision per price group.
+
+    A query that cannot be routed gets a :class:`RouteRejected` in its place; the rest go on.
+    """
+    out: list[RouteDecision | RouteRejected | None] = [None] * len(items)
+    masks = {}
+    for i, item in enumerate(items):
+        try:
+            masks[i] = _allowed(model, item)
+        except RouteRejected as rejected:
+            out[i] = rejected
+    rows = list(masks)
+    if rows:
+        batch = [items[i] for i in rows]
+        scores = predict_scores(model, batch, np.stack([masks[i] for i in rows]))
+        for i, result in zip(rows, decide(model, scores, batch)):
+            out[i] = result
+    return out
+
+
+def _allowed(model: RoutingModel, item: RouteItem) -> np.ndarray:
+    """[K] arm mask of the request's limits; checks what can be checked before predicting."""
+    if item.embedding is None and model.encoder is None:
+        raise RouteRejected("embedding", f"model {model.version} has no text encoder (trained on "
+                            f"precomputed embeddings): send `embedding` with "
+                            f"{model.embedding_dim} floats")
+    if item.embedding is not None and len(item.embedding) != model.embedding_dim:
+        raise RouteRejected("embedding", f"embedding has {len(item.embedding)} values; model "
+                            f"{model.version} expects {model.embedding_dim}")
+    try:
+        return allowed_arms(model.catalog, item.allowed_models, item.max_budget_tokens)
+    except UnknownModel as err:
+        raise RouteRejected("allowed_models", str(err)) from None
+
+
+def embeddings(model: RoutingModel, items: list[RouteItem]) -> np.ndarray:
+    """[N, D] float32: the sent embeddings, the encoder's for the rest (one encoder call)."""
+    out = np.empty((len(items), model.embedding_dim), dtype=np.float32)
+    need = [i for i, item in enumerate(items) if item.embedding is None]
+    for i, item in enumerate(items):
+        if item.embedding is not None:
+            out[i] = item.embedding
+    if need:
+        out[need] = model.encoder.encode([items[i].query for i in need])
+    return out
+
+
+def predict_scores(model: RoutingModel, items: list[RouteItem], allowed: np.ndarray) -> ArmScores:
+    """Predictions priced and masked by the shared ``arm_scores`` (context, NaN, ``allowed``
+    [N, K]), then arms above a request's ``max_cost_usd`` masked too."""
+    predictions = model.predictor.predict(embeddings(model, items))
+    input_tokens = np.array([item.input_tokens for item in items], dtype=np.int64)
+    scores = arm_scores(predictions.quality, predictions.output_tokens, model.catalog,
+                        input_tokens, allowed)
+    max_cost = np.array([math.inf if i.max_cost_usd is None else i.max_cost_usd for i in items])
+    over = ~(scores.cost_usd <= max_cost[:, None])
+    return ArmScores(np.where(over, np.nan, scores.quality).astype(np.float32),
+                     np.where(over, np.nan, scores.output_tokens).astype(np.float32),
+                     np.where(over, np.nan, scores.cost_usd))
+
+
+def decide(model: RoutingModel, scores: ArmScores,
+           items: list[RouteItem]) -> list[RouteDecision | RouteRejected]:
+    """``choose_arms`` once per distinct (price, tie cut, seed); a hard stop prices at +inf,
+    which leaves every query on its cheapest arm."""
+    prices = np.array([math.inf if i.stopped else i.lam for i in items])
+    arms = np.full(len(items), NO_ARM, dtype=np.int64)
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault((prices[i], item.tie_cut, item.seed), []).append(i)
+    for (lam, tie_cut, seed), rows in groups.items():
+        keys = np.array([items[i].key for i in rows], dtype=np.uint64)
+        arms[rows] = choose_arms(scores.quality[rows], scores.cost_usd[rows], lam,
+                                 tie_cut=tie_cut, seed=seed, query_key=keys)
+    return [_decision(model, scores, i, int(arms[i]), item) for i, item in enumerate(items)]
+
+
+def _decision(model: RoutingModel, scores: ArmScores, row: int, arm: int,
+              item: RouteItem) -> RouteDecision | RouteRejected:
+    if arm == NO_ARM:
+        return _no_arm(item)
+    routed = routed_request(item.query, arm, model.catalog, item.input_tokens)
+    reason = ("hard stop: spend limit reached, cheapest arm" if item.stopped else
+              f"best value q - lambda*c on the quality/cost hull at lambda={item.lam:.6g} "
+              f"({item.price_source})")
+    return RouteDecision(
+        model=routed["model"], budget=routed["budget"], messages=routed["messages"],
+        max_tokens=routed["max_tokens"], q_hat=float(scores.quality[row, arm]),
+        t_hat_tokens=float(scores.output_tokens[row, arm]),
+        c_hat_usd=float(scores.cost_usd[row, arm]), lam=float(item.lam), reason=reason,
+        version=model.version, input_tokens=item.input_tokens, arm=arm,
+        spec=model.catalog.model(routed["model"]),
+        alternatives=alternatives(model.catalog, scores, row, arm,
+                                  math.inf if item.stopped else item.lam, item.n_alternatives))
+
+
+def _no_arm(item: RouteItem) -> RouteRejected:
+    for param in ("max_cost_usd", "max_budget_tokens", "allowed_models"):
+        if getattr(item, param) is not None:
+            return RouteRejected(param, f"no arm satisfies the request's limits; relax {param}")
+    return RouteRejected("query", "no arm can answer this query (too long for every context "
+                         "window, or no valid prediction)")
+
+
+def alternatives(catalog: Catalog, scores: ArmScores, row: int, chosen: int, lam: float,
+                 n: int) -> list[dict]:
+    """The next best usable arms after ``chosen``, by value q̂ − λ·ĉ (by cost under a hard stop)."""
+    q, c, t = scores.quality[row], scores.cost_usd[row], scores.output_tokens[row]
+    value = -c if math.isinf(lam) else q - lam * c
+    usable = np.flatnonzero(np.isfinite(value) & (np.arange(len(q)) != chosen))
+    ranked = usable[np.lexsort((-q[usable], -value[usable]))][:n]
+    return [{"model": catalog.arms[j].model, "budget": int(catalog.arms[j].budget_tokens),
+             "q_hat": float(q[j]), "t_hat_tokens": float(t[j]), "c_hat_usd": float(c[j]),
+             "value": float(value[j])} for j in ranked]

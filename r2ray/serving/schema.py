@@ -1,0 +1,147 @@
+"""Request and response bodies of the online API: ``/v1/route`` and OpenAI-compatible chat.
+
+Validation happens here, once, at the boundary: a bad body is a 422 whose message names the field.
+Our own bodies reject unknown fields (a typo like ``max_cost`` must not be silently ignored); the
+OpenAI chat body keeps unknown fields and passes them to the upstream model unchanged, since
+OpenAI adds parameters faster than any router can list them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+ROUTER_MODEL = "r2ray"   # `model` value in a chat request that asks r2ray to choose
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class RoutingOptions(BaseModel):
+    """Per-request knobs; every one optional."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    lam: float | None = Field(default=None, ge=0, allow_inf_nan=False,
+                              serialization_alias="lambda",
+                              validation_alias=AliasChoices("lambda", "lam"))
+    max_cost_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    max_budget_tokens: Annotated[int, Field(gt=0)] | None = None
+    allowed_models: Annotated[list[Annotated[str, Field(min_length=1)]],
+                              Field(min_length=1)] | None = None
+    tenant: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    query_id: Annotated[str, Field(min_length=1, max_length=500)] | None = None  # tie-hash key
+    embedding: Annotated[list[FiniteFloat], Field(min_length=1)] | None = None   # skips encoder
+
+
+class RouteRequest(RoutingOptions):
+    """``POST /v1/route``: one query to route (not answered)."""
+
+    query: Annotated[str, Field(min_length=1)]
+    input_tokens: Annotated[int, Field(gt=0)] | None = None  # default: estimated from the text
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class Alternative(BaseModel):
+    """A runner-up arm, ranked by its value q̂ − λ·ĉ at the price used."""
+
+    model: str
+    budget: int                # output tokens; 0 = default (no length instruction)
+    q_hat: float
+    t_hat_tokens: float
+    c_hat_usd: float
+    value: float
+
+
+class RouteResponse(BaseModel):
+    """The routing decision: what to call, with which messages and cap, and why."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    object: Literal["r2ray.route"] = "r2ray.route"
+    model: str
+    budget: int                # output tokens; 0 = default
+    messages: list[Message]
+    max_tokens: int
+    q_hat: float               # predicted quality of the chosen arm
+    t_hat_tokens: float        # predicted output tokens
+    c_hat_usd: float           # predicted cost, USD
+    lam: float = Field(serialization_alias="lambda")  # price used, quality per USD
+    reason: str
+    version: str               # model version that scored the query, e.g. "r2ray/3"
+    input_tokens: int
+    tenant: str | None = None
+    alternatives: list[Alternative] = []
+
+
+class ChatMessage(BaseModel):
+    """An OpenAI chat message; fields beyond role and content pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Annotated[str, Field(min_length=1)]
+    content: str | list[dict] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI ``POST /v1/chat/completions``; ``model: "r2ray"`` lets r2ray choose the model and
+    budget, a catalogue model name restricts the choice to that model's budgets."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    stream: bool = False
+    r2ray: RoutingOptions | None = None
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("streaming is not supported; send stream: false")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user_turn(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" and message_text(m) for m in value):
+            raise ValueError("needs at least one user message with text content")
+        return value
+
+
+def message_text(message: ChatMessage) -> str:
+    """The text of a message: a string, or the ``text`` parts of a content list."""
+    if isinstance(message.content, str):
+        return message.content
+    parts = message.content or []
+    return "\n".join(str(p.get("text", "")) for p in parts if p.get("type") == "text")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "r2ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, so OpenAI clients show our messages."""
+
+    error: ErrorDetail

@@ -1,0 +1,178 @@
+"""The ingress logic, free of Ray: request bodies → router items → responses, spend books.
+
+:class:`RoutingService` turns a validated request into a :class:`RouteItem` priced with the latest
+:class:`PriceState`, awaits the router (a Serve handle in production, a plain coroutine in tests
+and benchmarks), renders the answer, forwards chat to the chosen model's endpoint, and counts the
+spend that the Pacer will see at the next sync.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+
+import httpx
+
+from r2ray.prompting import estimate_tokens, render_messages
+from r2ray.serving.config import ServeConfig
+from r2ray.serving.pacer import PriceState
+from r2ray.serving.router import RouteDecision, RouteItem, RouteRejected, query_key
+from r2ray.serving.schema import (ROUTER_MODEL, ChatCompletionRequest, ModelCard, ModelList,
+                                  RouteRequest, RouteResponse, RoutingOptions, message_text)
+from r2ray.serving.upstream import chat_url, forward_chat, realised_cost_usd, upstream_key
+
+RouteFn = Callable[[RouteItem], Awaitable["RouteDecision | RouteRejected"]]
+
+
+class NullMetrics:
+    """Metric hooks; the Serve deployment plugs in Prometheus counters."""
+
+    def decision(self, decision: RouteDecision, tenant: str | None) -> None:
+        pass
+
+    def spend(self, cost_usd: float, model: str, tenant: str | None) -> None:
+        pass
+
+
+class SpendBook:
+    """Spend (USD) not yet reported to the Pacer, and the last price it answered with."""
+
+    def __init__(self, state: PriceState):
+        self.state = state
+        self.pending_usd = 0.0
+
+    def add(self, cost_usd: float) -> None:
+        self.pending_usd += cost_usd
+
+    def take(self) -> float:
+        pending, self.pending_usd = self.pending_usd, 0.0
+        return pending
+
+
+class RoutingService:
+    """What the HTTP API calls. ``route`` is the router; ``book`` holds the price to use."""
+
+    def __init__(self, config: ServeConfig, route: RouteFn, book: SpendBook,
+                 describe: Callable[[], Awaitable[dict]], client: httpx.AsyncClient | None = None,
+                 metrics: NullMetrics | None = None):
+        self.config, self._route, self.book, self._describe = config, route, book, describe
+        self.client = client
+        self.metrics = metrics or NullMetrics()
+
+    # ---- /v1/route ------------------------------------------------------------------------------
+    async def route(self, request: RouteRequest) -> tuple[RouteResponse, dict[str, str]]:
+        """(decision, x-r2ray headers); the predicted cost counts as spent."""
+        tokens = request.input_tokens or estimate_tokens(request.query)
+        decision = await self._decide(request, request.query, tokens)
+        self._spend(decision.c_hat_usd, decision.model, request.tenant)
+        return route_response(decision, request.tenant), routing_headers(decision)
+
+    async def _decide(self, options: RoutingOptions, query: str, input_tokens: int,
+                      **limits) -> RouteDecision:
+        item = route_item(options, query, input_tokens, self.book.state,
+                          self.config.alternatives, **limits)
+        decision = await self._route(item)
+        if isinstance(decision, RouteRejected):
+            raise decision
+        self.metrics.decision(decision, options.tenant)
+        return decision
+
+    def _spend(self, cost_usd: float, model: str, tenant: str | None) -> None:
+        self.book.add(cost_usd)
+        self.metrics.spend(cost_usd, model, tenant)
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------------
+    async def chat(self, request: ChatCompletionRequest) -> tuple[dict, dict[str, str]]:
+        """(body, x-r2ray headers): the upstream's answer, or the routing alone when the chosen
+        model has no endpoint in the catalogue."""
+        options = request.r2ray or RoutingOptions()
+        query = next(message_text(m) for m in reversed(request.messages) if m.role == "user"
+                     and message_text(m))
+        text = "\n".join(message_text(m) for m in request.messages)
+        cap = request.max_completion_tokens or request.max_tokens
+        limits = {"max_budget_tokens": min(filter(None, [options.max_budget_tokens, cap]),
+                                           default=None)}
+        if request.model != ROUTER_MODEL:
+            limits["allowed_models"] = [request.model]
+        try:
+            decision = await self._decide(options, query, estimate_tokens(text), **limits)
+        except RouteRejected as rejected:
+            if request.model != ROUTER_MODEL and rejected.param == "allowed_models":
+                rejected.param = "model"
+            raise
+        headers = routing_headers(decision)
+        url = chat_url(decision.spec)
+        if url is None:
+            self._spend(decision.c_hat_usd, decision.model, options.tenant)
+            return route_response(decision, options.tenant).model_dump(by_alias=True), headers
+        body = upstream_body(request, decision)
+        answer = await forward_chat(self.client, url, body,
+                                    upstream_key(decision.model, self.config.upstream_key_envs),
+                                    self.config.upstream_timeout_s)
+        realised = realised_cost_usd(decision.spec, answer)
+        self._spend(decision.c_hat_usd if realised is None else realised, decision.model,
+                    options.tenant)
+        return answer, headers
+
+    # ---- /v1/models, /healthz ---------------------------------------------------------------------
+    async def models(self) -> ModelList:
+        described = await self._describe()
+        return ModelList(data=[ModelCard(id=ROUTER_MODEL)]
+                         + [ModelCard(id=name) for name in described["models"]])
+
+    async def health(self) -> dict:
+        described = await self._describe()
+        state = self.book.state
+        return {"status": "ok", "version": described["version"], "lambda": state.lam,
+                "stopped": state.stopped, "price_source": state.source,
+                "window_spend_usd": state.window_spend_usd,
+                "total_spend_usd": state.total_spend_usd, "pacer_updates": state.updates}
+
+
+def route_item(options: RoutingOptions, query: str, input_tokens: int, price: PriceState,
+               n_alternatives: int, **limits) -> RouteItem:
+    """The router's view of one request; ``limits`` override the request's own."""
+    fields = {"allowed_models": options.allowed_models,
+              "max_budget_tokens": options.max_budget_tokens} | limits
+    return RouteItem(
+        query=query, input_tokens=input_tokens, key=query_key(query, options.query_id),
+        lam=price.lam if options.lam is None else options.lam, tie_cut=price.tie_cut,
+        seed=price.seed, stopped=price.stopped,
+        price_source=price.source if options.lam is None else "request lambda",
+        embedding=options.embedding, max_cost_usd=options.max_cost_usd,
+        n_alternatives=n_alternatives, **fields)
+
+
+def route_response(decision: RouteDecision, tenant: str | None) -> RouteResponse:
+    fields = asdict(decision)
+    for internal in ("arm", "spec"):
+        fields.pop(internal)
+    return RouteResponse(tenant=tenant, **fields)
+
+
+def upstream_body(request: ChatCompletionRequest, decision: RouteDecision) -> dict:
+    """The caller's body with the chosen model, the length instruction on the last user turn,
+    and the hard cap (in whichever of max_tokens / max_completion_tokens the caller used)."""
+    body = copy.deepcopy(request.model_dump(exclude={"r2ray"}, exclude_unset=True))
+    body["model"] = decision.model
+    last_user = max(i for i, m in enumerate(request.messages)
+                    if m.role == "user" and message_text(m))
+    instructed = render_messages(message_text(request.messages[last_user]), decision.budget)
+    body["messages"][last_user]["content"] = instructed[-1]["content"]
+    cap_field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    cap = request.max_completion_tokens or request.max_tokens
+    body[cap_field] = decision.max_tokens if cap is None else min(decision.max_tokens, cap)
+    return body
+
+
+def routing_headers(decision: RouteDecision) -> dict[str, str]:
+    """``x-r2ray-*`` response headers: what was chosen, at what price, by which version, why."""
+    values = {
+        "model": decision.model, "budget": decision.budget, "max-tokens": decision.max_tokens,
+        "q-hat": f"{decision.q_hat:.6g}", "c-hat-usd": f"{decision.c_hat_usd:.6g}",
+        "lambda": f"{decision.lam:.6g}", "version": decision.version, "reason": decision.reason,
+        "alternatives": ",".join(f"{a['model']}:{a['budget']}" for a in decision.alternatives),
+    }
+    # header values must be latin-1; model names and URIs might not be
+    return {f"x-r2ray-{k}": str(v).encode("ascii", "replace").decode() for k, v in values.items()}

@@ -1,0 +1,71 @@
+"""Forwarding a routed chat request to the chosen model's OpenAI-compatible endpoint.
+
+The endpoint is the model's ``endpoint`` in the catalogue (a base URL such as
+``https://api.example.com/v1``; ``/chat/completions`` is appended). Its key, if any, comes from
+the environment variable named for that model (or ``"*"``) in ``upstream_key_envs``. Every
+failure (unreachable, timeout, non-2xx, not JSON) becomes an :class:`UpstreamError`, which the
+API answers with 502 and the reason — never with the key.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+
+from r2ray.catalog import ModelSpec
+from r2ray.errors import R2RayError
+
+ERROR_TEXT_LIMIT = 300   # characters of an upstream error body quoted back to the caller
+
+
+class UpstreamError(R2RayError):
+    """The chosen model's endpoint did not answer usefully; the message says why."""
+
+
+def chat_url(spec: ModelSpec) -> str | None:
+    """``<endpoint>/chat/completions`` of a catalogue model, or None when it has no endpoint."""
+    return None if not spec.endpoint else spec.endpoint.rstrip("/") + "/chat/completions"
+
+
+def upstream_key(model: str, key_envs: dict[str, str]) -> str | None:
+    """The API key for ``model``'s endpoint from its named environment variable, if one is named."""
+    name = key_envs.get(model, key_envs.get("*"))
+    return os.environ.get(name) if name else None
+
+
+async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: str | None,
+                       timeout_s: float) -> dict:
+    """POST ``body`` to ``url``; the parsed JSON of a 2xx answer, else :class:`UpstreamError`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    host = httpx.URL(url).host
+    try:
+        response = await client.post(url, json=body, headers=headers, timeout=timeout_s)
+    except httpx.TimeoutException:
+        raise UpstreamError(f"upstream {body.get('model')} at {host} timed out after "
+                            f"{timeout_s:g} s") from None
+    except httpx.HTTPError as err:
+        raise UpstreamError(f"upstream {body.get('model')} at {host} is unreachable: "
+                            f"{type(err).__name__}") from None
+    if response.status_code >= 400:
+        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
+                            f"{response.status_code}: {response.text[:ERROR_TEXT_LIMIT]}")
+    try:
+        answer = response.json()
+    except ValueError:
+        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
+                            f"{response.status_code} with a body that is not JSON") from None
+    if not isinstance(answer, dict):
+        raise UpstreamError(f"upstream {body.get('model')} at {host} answered a JSON "
+                            f"{type(answer).__name__}, not an object")
+    return answer
+
+
+def realised_cost_usd(spec: ModelSpec, answer: dict) -> float | None:
+    """USD from the answer's ``usage`` (prompt and completion tokens), when it reports one."""
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+    try:
+        tokens_in, tokens_out = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    return (tokens_in * spec.input_per_m + tokens_out * spec.output_per_m) * 1e-6

@@ -1,0 +1,25 @@
+"""Exact global-budget solver: per-query convex hulls, λ* by radix select, certificates.
+
+In memory: ``hull_steps`` -> ``solve_budget`` (or ``solve_tenant_budgets``,
+``solve_with_model_caps``); online: ``choose_arm`` with the certificate's λ*, tie_cut and seed.
+Over Ray Data blocks: ``steps_to_table`` -> ``solve_dataset`` (see ``r2ray.solver.distributed``).
+"""
+from r2ray.solver.blocks import DEFER_ARM, tie_hash, with_defer_arm
+from r2ray.solver.budget import (
+    DualCertificate, InfeasibleBudget, SolveResult, choose_arm, choose_arms, solve_budget,
+    solve_groups)
+from r2ray.solver.distributed import (
+    STEP_SCHEMA, DatasetSolveResult, solve_dataset, steps_dataset, steps_to_table,
+    table_to_steps)
+from r2ray.solver.extensions import (
+    CapCertificate, CappedSolveResult, ModelCap, solve_tenant_budgets, solve_with_model_caps)
+from r2ray.solver.hull import NO_ARM, HullSteps, concat_steps, efficiency_key, hull_steps
+
+__all__ = [
+    "DEFER_ARM", "NO_ARM", "STEP_SCHEMA", "CapCertificate", "CappedSolveResult",
+    "DatasetSolveResult", "DualCertificate", "HullSteps", "InfeasibleBudget", "ModelCap",
+    "SolveResult", "choose_arm", "choose_arms", "concat_steps", "efficiency_key", "hull_steps",
+    "solve_budget", "solve_dataset", "solve_groups", "solve_tenant_budgets",
+    "solve_with_model_caps", "steps_dataset", "steps_to_table", "table_to_steps", "tie_hash",
+    "with_defer_arm",
+]

@@ -1,0 +1,185 @@
+"""Exact global-budget solve: λ* by radix select, the tie rule, rounding, and the certificate.
+
+Maximise Σ q̂ over one arm per query subject to Σ ĉ <= B. Every query starts on its cheapest hull
+arm; the money left buys hull steps in order of decreasing efficiency. λ* is the efficiency at
+which it runs out, found exactly by histogram passes (see ``select``); tied steps are taken in
+seeded-hash order while they fit, the first that does not is rounded down, and a greedy fill
+spends what is left. The dual value g(λ*) bounds the optimum from above.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from r2ray.solver.blocks import StepBlock, blocks_of, tie_hash, with_defer_arm
+from r2ray.solver.hull import HullSteps, hull_steps
+from r2ray.solver.passes import HASH_RANGE, arm_after, block_assign, taken_steps
+from r2ray.solver.search import FILL_LIMIT, InfeasibleBudget, Outcome, run_solve
+
+
+@dataclass(frozen=True)
+class DualCertificate:
+    """What one budget solve proved. Quality in q̂ units, money in USD, λ in quality per USD."""
+
+    lam: float              # λ*: price of budget; steps more efficient than this are taken
+    theta: float            # share of the tied spend (efficiency == λ*) that was taken
+    tie_cut: float          # a tied step is taken iff tie_hash(seed, query_key) / 2**32 < tie_cut
+    lp_fraction: float      # share of the tied spend the LP relaxation takes
+    spend_usd: float        # of the chosen arms (costs rounded up to the solve's quantum)
+    budget_usd: float
+    objective: float        # Σ q̂ of the chosen arms
+    lp_value: float         # optimum of the LP relaxation
+    upper_bound: float      # dual value g(λ*) >= any feasible objective
+    gap: float              # upper_bound - objective: the proven optimality gap
+    n_queries: int
+    n_steps: int
+    n_steps_taken: int
+    n_filled: int           # queries moved one extra step by the greedy fill
+    n_invalid_arms: int     # NaN/inf arms removed
+    n_unroutable: int       # queries with no valid arm (arm = NO_ARM)
+    n_deferred: int         # queries on the defer arm (arm = DEFER_ARM)
+    seed: int
+
+
+class CertifiedResult:
+    """Mixin for results holding ``certificates``: one per tenant, or one for the backlog."""
+
+    certificates: tuple[DualCertificate, ...]
+
+    @property
+    def certificate(self) -> DualCertificate:
+        """The certificate of a solve with one budget."""
+        if len(self.certificates) != 1:
+            raise ValueError("this solve has one certificate per tenant; use .certificates")
+        return self.certificates[0]
+
+
+@dataclass(frozen=True)
+class SolveResult(CertifiedResult):
+    """Chosen arm per query and the certificate(s)."""
+
+    arm: np.ndarray                             # int32 [N]
+    filled: np.ndarray                          # bool [N] moved by the greedy fill
+    certificates: tuple[DualCertificate, ...]
+
+
+class LocalPasses:
+    """Runs each pass over in-memory blocks; the driver logic is shared with Ray."""
+
+    def __init__(self, blocks: list[StepBlock], n_queries: int):
+        self.blocks, self.n_queries = blocks, n_queries
+
+    def reduce(self, fn, args: tuple, merge):
+        out = None
+        for block in self.blocks:
+            part = fn(block, *args)
+            out = part if out is None else merge(out, part)
+        return out
+
+    def assign(self, selection, fill_pos):
+        arm = np.empty(self.n_queries, np.int32)
+        filled = np.zeros(self.n_queries, bool)
+        totals = None
+        for block in self.blocks:
+            (block_arm, block_filled), part = block_assign(block, selection, fill_pos)
+            arm[block.query_pos], filled[block.query_pos] = block_arm, block_filled
+            totals = part if totals is None else totals.merge(part)
+        return totals, (arm, filled)
+
+
+def solve_budget(steps: HullSteps, budget_usd: float, *, seed: int = 0, defer: bool = False,
+                 query_key: np.ndarray | None = None, fill_limit: int = FILL_LIMIT) -> SolveResult:
+    """Assign one arm per query maximising Σ q̂ with Σ ĉ <= budget_usd (USD).
+
+    query_key: uint64 [N] keys hashed by the tie rule (default: the query positions); the online
+    side must pass the same key to ``choose_arm``. defer: add a "defer" arm (q 0, cost 0) to every
+    query instead of raising ``InfeasibleBudget`` when the budget is too small.
+    """
+    return solve_groups(steps, [budget_usd], seed=seed, defer=defer, query_key=query_key,
+                        fill_limit=fill_limit)
+
+
+def solve_groups(steps: HullSteps, budgets_usd, *, group=None, seed: int = 0,
+                 defer: bool = False, query_key=None, fill_limit: int = FILL_LIMIT,
+                 names=None) -> SolveResult:
+    """Independent budgets for groups of queries (``group``: int [N] in [0, len(budgets))),
+    solved together in the same passes."""
+    blocks = blocks_of(steps, query_key=query_key, group=group, defer=defer)
+    passes = LocalPasses(blocks, steps.n_queries)
+    outcome, (arm, filled) = run_solve(passes, validated_budgets(budgets_usd), seed=seed,
+                                       fill_limit=fill_limit, names=names)
+    return SolveResult(arm, filled, certificates(outcome))
+
+
+def validated_budgets(budgets_usd) -> list[float]:
+    """One or more budgets (USD) as floats; NaN and negative budgets are rejected."""
+    budgets = [float(b) for b in np.atleast_1d(np.asarray(budgets_usd, dtype=np.float64))]
+    for b in budgets:
+        if math.isnan(b) or b < 0:
+            raise ValueError(f"budget must be a non-negative number of USD; got {b!r}")
+    return budgets
+
+
+def certificates(outcome: Outcome) -> tuple[DualCertificate, ...]:
+    """Float certificates from the exact integer outcome of a solve."""
+    return tuple(_certificate(outcome, g) for g in range(len(outcome.budgets)))
+
+
+def _certificate(o: Outcome, g: int) -> DualCertificate:
+    usd = lambda quanta: math.ldexp(int(quanta), o.cost_exp)          # noqa: E731
+    quality = lambda quanta: math.ldexp(int(quanta), o.quality_exp)   # noqa: E731
+    t, s = o.totals, o.scale
+    lam = float(np.uint64(o.selection.lam64[g]).view(np.float64))
+    items = int(s.n_queries[g] + s.n_steps[g])
+    above_q = quality(t.base_q[g] + t.above_dq[g])
+    lp_value = above_q + lam * usd(o.remaining[g])
+    spent_above = usd(o.base_spend[g] + t.above_dc[g])
+    upper = (above_q + lam * (o.budgets[g] - spent_above) + lam * usd(items)
+             + math.ldexp(items, o.quality_exp - 1))
+    objective = quality(t.quality[g])
+    tie_weight = o.tie_weight[g]
+    return DualCertificate(
+        lam=lam, theta=o.tied_taken[g] / tie_weight if tie_weight else 1.0,
+        tie_cut=int(o.selection.cut[g]) / HASH_RANGE,
+        lp_fraction=o.remaining[g] / tie_weight if tie_weight else 1.0,
+        # quanta round costs up, so this bounds the true spend; it can pass the budget only
+        # when the exact base spend fits a budget that the rounded one does not (no steps taken)
+        spend_usd=min(usd(t.spend[g]), o.budgets[g]), budget_usd=o.budgets[g],
+        objective=objective,
+        lp_value=lp_value, upper_bound=upper, gap=upper - objective,
+        n_queries=int(s.n_queries[g]), n_steps=int(s.n_steps[g]),
+        n_steps_taken=int(t.steps_taken[g]), n_filled=int(t.filled[g]),
+        n_invalid_arms=int(s.n_invalid_arms[g]), n_unroutable=int(s.n_unroutable[g]),
+        n_deferred=int(t.deferred[g]), seed=o.selection.seed)
+
+
+def choose_arms(q: np.ndarray, c: np.ndarray, lam: float, *, tie_cut: float = 1.0,
+                seed: int = 0, query_key=None, defer: bool = False) -> np.ndarray:
+    """Arms the batch solve's rule picks at price ``lam`` (quality per USD) for [N, K] rows.
+
+    The same hull, tie hash and ``taken_steps`` rule as ``solve_budget``: with the certificate's
+    λ*, tie_cut and seed it reproduces the batch assignment of every query not moved by the fill.
+    """
+    steps = hull_steps(q, c)
+    steps = with_defer_arm(steps) if defer else steps
+    keys = np.arange(steps.n_queries) if query_key is None else query_key
+    block = StepBlock(steps, np.arange(steps.n_queries), np.asarray(keys, np.uint64))
+    lam64 = np.float64(max(float(lam), 0.0)).view(np.uint64)
+    cut = math.ceil(min(max(float(tie_cut), 0.0), 1.0) * HASH_RANGE)
+    step_hash = block.hash_for(seed)[block.step_query].astype(np.int64)
+    taken = taken_steps(block.key64, step_hash, lam64, cut)
+    return arm_after(steps, np.bincount(block.step_query[taken], minlength=steps.n_queries))
+
+
+def choose_arm(q_row: np.ndarray, c_row: np.ndarray, lam: float, *, tie_cut: float = 1.0,
+               seed: int = 0, query_key: int = 0, defer: bool = False) -> int:
+    """The arm for one query (q, c rows of K arms) at price ``lam``; see ``choose_arms``."""
+    arms = choose_arms(np.asarray(q_row)[None, :], np.asarray(c_row)[None, :], lam,
+                       tie_cut=tie_cut, seed=seed, query_key=[query_key], defer=defer)
+    return int(arms[0])
+
+
+__all__ = ["DualCertificate", "InfeasibleBudget", "SolveResult", "choose_arm", "choose_arms",
+           "solve_budget", "solve_groups", "tie_hash"]

@@ -1,0 +1,255 @@
+"""The training job as a library function: bench → split → fit → MLflow run → registered version.
+
+:func:`train_predictor_job` reads a long bench (and optionally a queries table with precomputed
+``embedding``s, e.g. a synthetic backlog), embeds the queries if needed, splits off a test set
+(random or leave-one-category-out), carves an early-stopping validation set from the training part
+(never from the test set), fits, logs params / metrics / per-arm table / calibration plot to an
+MLflow run, registers a pyfunc version, and with ``promote`` moves the alias only when the new
+version beats the current holder on this run's test split (both scored by
+:func:`r2ray.evaluation.scoring.score_predictor`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from r2ray import storage
+from r2ray.bench.io import SUFFIXES, read_bench, read_table
+from r2ray.catalog import Catalog, load_catalog
+from r2ray.encoders import MINILM, check_embedding_dimension, load_encoder
+from r2ray.errors import R2RayError
+from r2ray.predictor import make_predictor
+from r2ray.predictor.base import BasePredictor
+from r2ray.predictor.data import BenchArrays, bench_arrays, holdout_indices, split_indices
+from r2ray.predictor.diagnostics import calibration_bins, per_arm_report, summary_metrics
+from r2ray.registry import (Promotion, RegisteredPredictor, VersionInfo, configure_tracking,
+                            promote_if_better, register_predictor)
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """Everything the job needs; saved with the run as ``train_config.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bench: str                                   # long bench: file, folder or glob (any fsspec URI)
+    registered_name: str                         # registered model name, e.g. "r2ray"
+    queries: str | None = None                   # table with query_id + embedding
+    catalog: str | None = None                   # default: <bench>.catalog.yaml beside it, else the default pool
+    encoder: str | None = None                   # minilm | a local sentence-transformers folder
+    predictor: str = "r2ray"                     # a key of r2ray.predictor.PREDICTORS
+    settings: dict = Field(default_factory=dict)  # predictor constructor settings
+    split: Literal["random", "category"] = "random"
+    seed: int = 0
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    epochs: Annotated[int, Field(gt=0)] | None = None  # None: the predictor's default
+    promote: str | None = None                   # alias to move when the new version wins
+    tracking_uri: str | None = None              # default: R2RAY_TRACKING_URI / MLFLOW_TRACKING_URI / sqlite
+    experiment: str = "r2ray-train"
+
+
+@dataclass
+class TrainingData:
+    table: pa.Table
+    catalog: Catalog
+    arrays: BenchArrays          # every query, embeddings attached
+    encoder_spec: str | None     # the encoder that can embed new text for this predictor
+    queries: pa.Table | None
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    version: VersionInfo
+    metrics: dict[str, float]
+    promotion: Promotion | None
+    counts: dict[str, int]
+
+    def report(self) -> str:
+        lines = [f"trained {self.version.tags.get('kind', '?')} on {self.counts['train']:,} queries "
+                 f"(validation {self.counts['validation']:,}, test {self.counts['test']:,}) "
+                 f"in {self.metrics['train_seconds']:.1f} s",
+                 f"  test Brier {self.metrics['test_brier']:.4f}, log-token MAE "
+                 f"{self.metrics['test_log_tokens_mae']:.4f}, calibration error "
+                 f"{self.metrics['test_calibration_error']:.4f}",
+                 f"  registered {self.version.uri} (run {self.run_id})"]
+        if self.promotion is not None:
+            lines.append(self.promotion.report())
+        return "\n".join(lines)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def bench_catalog(bench_uri: str, catalog_path: str | None) -> Catalog:
+    """``catalog_path``, else the catalogue saved beside the (first) bench file, else the default."""
+    from r2ray.bench.stats import catalog_uri_beside
+
+    if catalog_path:
+        return load_catalog(catalog_path)
+    beside = catalog_uri_beside(storage.list_files(bench_uri, SUFFIXES)[0])
+    return load_catalog(beside if storage.exists(beside) else None)
+
+
+def read_queries(uri: str) -> pa.Table:
+    tables = [read_table(u).select(["query_id", "embedding"])
+              for u in storage.list_files(uri, SUFFIXES)]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def load_training_data(config: TrainConfig) -> TrainingData:
+    catalog = bench_catalog(config.bench, config.catalog)
+    table = read_bench(config.bench, catalog)
+    queries = read_queries(config.queries) if config.queries else None
+    arrays = bench_arrays(table, catalog, queries, source=config.bench)
+    if arrays.embedding is None:
+        encoder = load_encoder(config.encoder or MINILM)
+        log.info("embedding %d queries with %s on %s", arrays.n_queries, encoder.name, encoder.device)
+        return TrainingData(table, catalog, arrays.with_embedding(encoder.encode(
+            arrays.query.tolist())), encoder.name, None)
+    if config.encoder:  # the user says these embeddings came from this encoder: check it fits
+        check_embedding_dimension(arrays.embedding, load_encoder(config.encoder).dimension,
+                                  f"{config.queries} (encoder {config.encoder!r})")
+    return TrainingData(table, catalog, arrays, config.encoder, queries)
+
+
+def split_training_data(arrays: BenchArrays, config: TrainConfig) -> dict[str, np.ndarray]:
+    """Row indices of train / validation / test; validation is carved from train only."""
+    train, test = split_indices(arrays, config.split, config.seed, config.test_fraction)
+    kept, validation = holdout_indices(len(train), config.validation_fraction, config.seed + 1)
+    return {"train": train[kept], "validation": train[validation], "test": test}
+
+
+# ---- evaluation for promotion ---------------------------------------------------------------------
+def evaluation_arrays(registered: RegisteredPredictor, data: TrainingData,
+                      test_ids: np.ndarray) -> BenchArrays:
+    """This run's test queries as seen by ``registered`` (its own catalogue and encoder)."""
+    if registered.catalog.fingerprint == data.catalog.fingerprint:
+        arrays = data.arrays
+    else:
+        arrays = bench_arrays(data.table, registered.catalog, data.queries)
+    test = arrays.subset(np.flatnonzero(np.isin(arrays.query_id, test_ids)))
+    if test.embedding is not None and registered.encoder_spec == data.encoder_spec:
+        return test
+    if registered.encoder_spec:
+        return test.with_embedding(load_encoder(registered.encoder_spec).encode(test.query.tolist()))
+    raise ValueError(f"the holder was trained on embeddings from {registered.encoder_spec!r} and "
+                     f"this run on {data.encoder_spec!r}; they cannot be scored on the same inputs")
+
+
+def score_on_test(data: TrainingData, test_ids: np.ndarray):
+    from r2ray.evaluation.scoring import score_predictor
+
+    def score(registered: RegisteredPredictor) -> dict:
+        test = evaluation_arrays(registered, data, test_ids)
+        return score_predictor(registered.predictor, test, registered.catalog)
+
+    return score
+
+
+# ---- MLflow logging ----------------------------------------------------------------------------------
+def calibration_figure(bins: dict[str, np.ndarray], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
+    keep = bins["count"] > 0
+    axis.plot(bins["mean_predicted"][keep], bins["mean_observed"][keep], marker="o", label="test")
+    axis.set(xlabel="predicted quality q̂", ylabel="observed quality", title=title,
+             xlim=(0, 1), ylim=(0, 1))
+    axis.legend()
+    return figure
+
+
+def log_fit(predictor: BasePredictor, data: TrainingData, test: BenchArrays,
+            config: TrainConfig, counts: dict[str, int], seconds: float) -> dict[str, float]:
+    """Params, metrics, per-arm table and calibration plot into the active MLflow run."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    prediction = predictor.predict(test.embedding)
+    metrics = summary_metrics(prediction, test) | {"train_seconds": seconds}
+    history = getattr(predictor, "history_", None)
+    if history is not None:
+        metrics |= {"epochs_run": history.epochs_run, "best_epoch": history.best_epoch}
+        for step, (train_loss, val_loss) in enumerate(zip(history.train_loss,
+                                                          history.validation_loss), start=1):
+            mlflow.log_metrics({"train_loss": train_loss, "validation_loss": val_loss}, step=step)
+    mlflow.log_params({**config.model_dump(exclude={"settings", "tracking_uri"}),
+                       **{f"predictor.{k}": v for k, v in predictor.settings().items()},
+                       **{f"n_{k}": v for k, v in counts.items()},
+                       "encoder_used": data.encoder_spec, "n_arms": data.catalog.n_arms,
+                       "catalog_fingerprint": data.catalog.fingerprint,
+                       "data_fingerprint": predictor.data_fingerprint_})
+    mlflow.log_metrics(metrics)
+    mlflow.log_table(per_arm_report(prediction, test, data.catalog), "per_arm_test_metrics.json")
+    figure = calibration_figure(calibration_bins(prediction.quality, test.quality),
+                                f"{predictor.name}: calibration on {test.n_queries:,} test queries")
+    mlflow.log_figure(figure, "calibration.png")
+    plt.close(figure)
+    mlflow.log_dict(config.model_dump(), "train_config.json")
+    mlflow.log_text(data.catalog.to_yaml(), "catalog.yaml")
+    return metrics
+
+
+# ---- the job -------------------------------------------------------------------------------------------
+def train_predictor_job(config: TrainConfig) -> TrainResult:
+    """Fit, log, register and (optionally) promote; see the module docstring."""
+    import mlflow
+
+    configure_tracking(config.tracking_uri)
+    data = load_training_data(config)
+    rows = split_training_data(data.arrays, config)
+    parts = {name: data.arrays.subset(index) for name, index in rows.items()}
+    counts = {name: part.n_queries for name, part in parts.items()}
+    settings = config.settings | ({"epochs": config.epochs} if config.epochs else {})
+    predictor = make_predictor(config.predictor, **settings)
+    if "seed" in predictor.settings() and "seed" not in settings:
+        predictor.seed = config.seed
+    mlflow.set_experiment(config.experiment)
+    with mlflow.start_run(run_name=f"{config.predictor}-{config.split}-seed{config.seed}") as run:
+        started = time.perf_counter()
+        predictor.fit(parts["train"], data.catalog, parts["validation"])
+        seconds = time.perf_counter() - started
+        log.info("fitted %s in %.1f s", predictor.name, seconds)
+        predictor.encoder_spec = data.encoder_spec
+        metrics = log_fit(predictor, data, parts["test"], config, counts, seconds)
+        score = score_on_test(data, parts["test"].query_id)
+        candidate_score = score(RegisteredPredictor(predictor, data.catalog, data.encoder_spec, None))
+        metrics |= {f"test_{k}": candidate_score[k] for k in ("audc", "qnc", "peak")}
+        mlflow.log_metrics({f"test_{k}": candidate_score[k] for k in ("audc", "qnc", "peak")})
+        version = register_predictor(predictor, config.registered_name, encoder_spec=data.encoder_spec,
+                                     tags={"split": config.split, "seed": str(config.seed),
+                                           "test_audc": f"{candidate_score['audc']:.6f}"})
+        promotion = None
+        if config.promote:
+            promotion = promote_if_better(version, config.promote, score,
+                                          candidate_score=candidate_score)
+            mlflow.set_tag("promotion", promotion.report().splitlines()[0])
+    return TrainResult(run.info.run_id, version, metrics, promotion, counts)
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``["monotone=budgets", "epochs=8"]`` → ``{"monotone": "budgets", "epochs": 8}`` (values are
+    read as JSON where they parse, else kept as text)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise R2RayError(f"setting {pair!r} is not KEY=VALUE (e.g. monotone=budgets)")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value
+    return settings

@@ -1,0 +1,121 @@
+"""The evaluation harness on a small synthetic world: splits, every method, metrics.json, curves.png."""
+
+import json
+
+import numpy as np
+import pytest
+
+from r2ray.bench.synthetic import synth_backlog, synth_bench
+from r2ray.catalog import load_catalog
+from r2ray.errors import R2RayError
+from r2ray.evaluation.harness import aggregate_metrics, category_splits, random_splits
+from r2ray.evaluation.report import format_table
+from r2ray.evaluation.run import ModelUnderTest, run_evaluation
+from r2ray.predictor import PREDICTORS
+from r2ray.predictor.data import bench_arrays
+
+N_QUERIES = 300
+QUICK = {"r2ray": {"epochs": 3}, "per_arm_mlp": {"epochs": 1, "hidden": [32]},
+         "carrot_linear_default": {"max_iter": 20}, "carrot_linear_all": {"max_iter": 20}}
+
+
+@pytest.fixture(scope="module")
+def world():
+    catalog = load_catalog()
+    arrays = bench_arrays(synth_bench(catalog, N_QUERIES, seed=0), catalog,
+                          synth_backlog(catalog, N_QUERIES, seed=0, embeddings=True))
+    return arrays, catalog
+
+
+@pytest.fixture(scope="module")
+def evaluated(world, tmp_path_factory):
+    arrays, catalog = world
+    out = tmp_path_factory.mktemp("evaluation")
+    model = ModelUnderTest("r2ray", "r2ray", QUICK["r2ray"])
+    metrics = run_evaluation(arrays, catalog, model, seeds=[0, 1], split="random",
+                             out_dir=str(out), method_settings=QUICK, log=lambda line: None)
+    return metrics, out, catalog
+
+
+def test_metrics_json_names_every_method(evaluated):
+    metrics, out, catalog = evaluated
+    written = json.loads((out / "metrics.json").read_text())
+    expected = set(PREDICTORS) | {"random", "oracle_default", "oracle_all"} | {
+        f"single:{m}" for m in catalog.model_names}
+    assert set(written["methods"]) == expected
+    for name, m in written["methods"].items():
+        for key in ("audc", "qnc", "peak", "cost_ratio_at_95"):
+            assert key in m and f"{key}_std" in m, (name, key)
+        assert 0.0 <= m["audc"] <= 1.0 and 0.0 <= m["qnc"] <= 1.0
+    assert written["split"] == "random" and written["seeds"] == [0, 1]
+    assert written["normalisation"]["over"] == sorted(expected)
+    assert written["model"]["name"] == "r2ray" and "re-fitted" in written["model"]["how_evaluated"]
+    assert written["registered"] == {"skipped": "the model URI names settings only, no fitted weights"}
+    assert written["baseline_settings"]["per_arm_mlp"] == QUICK["per_arm_mlp"]
+    assert [s["n_test"] for s in written["splits"]] == [60, 60]
+
+
+def test_curves_png_is_written(evaluated):
+    _, out, _ = evaluated
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_oracles_and_learned_methods_rank_sensibly(evaluated):
+    methods = evaluated[0]["methods"]
+    for name, m in methods.items():
+        assert m["peak"] <= methods["oracle_all"]["peak"] + 1e-12, name
+    # on the same arms, knowing the truth beats every learned guess; every learned method beats random
+    assert methods["oracle_all"]["audc"] > max(methods[n]["audc"] for n in PREDICTORS)
+    assert min(methods[n]["audc"] for n in PREDICTORS) > methods["random"]["audc"]
+    assert methods["oracle_all"]["qnc"] <= methods["oracle_default"]["qnc"]
+
+
+def test_table_lists_every_method(evaluated):
+    metrics = evaluated[0]
+    table = format_table(metrics)
+    for name in metrics["methods"]:
+        assert name in table
+    assert "r2ray vs best default-arm baseline" in table
+
+
+def test_random_splits_are_80_20_and_disjoint():
+    splits = random_splits(100, [0, 1])
+    for split in splits:
+        assert len(split.test) == 20 and len(split.train) == 80
+        assert not set(split.train) & set(split.test)
+    assert splits[0].test.tolist() != splits[1].test.tolist()
+
+
+def test_category_splits_leave_one_category_out():
+    categories = np.array(["a", "b", "a", "c", "b"])
+    splits = category_splits(categories)
+    assert [s.label for s in splits] == ["category a", "category b", "category c"]
+    assert splits[0].test.tolist() == [0, 2] and splits[0].train.tolist() == [1, 3, 4]
+    with pytest.raises(R2RayError, match="at least two categories"):
+        category_splits(np.array(["a", "a"]))
+    with pytest.raises(R2RayError, match="without one"):
+        category_splits(np.array(["a", "", "b"]))
+
+
+def test_category_split_runs_with_fast_methods(world, tmp_path):
+    arrays, catalog = world
+    model = ModelUnderTest("per_arm_ridge", "per_arm_ridge", {})
+    metrics = run_evaluation(arrays, catalog, model, seeds=[0], split="category",
+                             out_dir=str(tmp_path), methods=["carrot_knn_default"],
+                             log=lambda line: None)
+    n_categories = len(set(arrays.category.tolist()))
+    assert len(metrics["splits"]) == n_categories
+    assert sum(s["n_test"] + s["n_test_dropped_missing_default_arm"]
+               for s in metrics["splits"]) == N_QUERIES
+    assert metrics["methods"]["per_arm_ridge"]["audc_std"] is not None
+
+
+def test_aggregation_rules_by_hand():
+    per_split = [{"audc": 0.5, "cost": 1.0, "ratio": {"b": 2.0, "c": 1.0}},
+                 {"audc": 0.7, "cost": None, "ratio": {"b": float("inf"), "c": 3.0}}]
+    got = aggregate_metrics(per_split)
+    assert got["audc"] == pytest.approx(0.6) and got["audc_std"] == pytest.approx(np.std([.5, .7], ddof=1))
+    assert got["cost"] is None and got["cost_std"] is None         # not reached in one split
+    assert got["ratio"]["b"] == float("inf") and got["ratio_std"]["b"] is None
+    assert got["ratio"]["c"] == pytest.approx(2.0)
+    assert aggregate_metrics(per_split[:1])["audc_std"] is None    # one split: no std

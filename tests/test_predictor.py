@@ -1,0 +1,148 @@
+"""The one battery every registry entry passes: shapes, coverage, masks, save/load, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from predictor_world import planted_arrays, small_catalog
+
+from r2ray.encoders import EncoderError
+from r2ray.predictor import (
+    PREDICTORS, ArmPredictions, PredictorError, PredictorVersionWarning, load_predictor,
+    make_predictor, save_predictor)
+from r2ray.predictor.base import default_arm_mask
+from r2ray.predictor.persist import CONFIG_FILE
+
+FAST = {"r2ray": {"epochs": 4}, "per_arm_mlp": {"epochs": 3, "hidden": [32, 16, 8]}}
+DEFAULT_ONLY = {"carrot_knn_default", "carrot_linear_default"}
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return small_catalog()
+
+
+@pytest.fixture(scope="module")
+def world(catalog):
+    train, _ = planted_arrays(catalog, n_queries=400, dim=16, seed=0)
+    test, _ = planted_arrays(catalog, n_queries=50, dim=16, seed=9)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def fitted(world, catalog):
+    train, _ = world
+    return {name: make_predictor(name, **FAST.get(name, {})).fit(train, catalog)
+            for name in PREDICTORS}
+
+
+@pytest.mark.parametrize("name", list(PREDICTORS))
+def test_predictions_cover_the_right_arms_with_valid_values(name, fitted, world, catalog):
+    _, test = world
+    predictor = fitted[name]
+    assert predictor.name == name
+    prediction = predictor.predict(test.embedding)
+    k = catalog.n_arms
+    assert prediction.quality.shape == prediction.output_tokens.shape == (50, k)
+    assert prediction.quality.dtype == prediction.output_tokens.dtype == np.float32
+    covered = default_arm_mask(catalog) if name in DEFAULT_ONLY else np.ones(k, bool)
+    assert not np.isnan(prediction.quality[:, covered]).any()
+    assert np.isnan(prediction.quality[:, ~covered]).all()
+    assert np.isnan(prediction.output_tokens[:, ~covered]).all()
+    q = prediction.quality[:, covered]
+    assert (q >= 0).all() and (q <= 1).all()
+    assert (prediction.output_tokens[:, covered] >= 0).all()
+    cost = prediction.cost_usd(catalog, test.input_tokens)
+    prices = catalog.arm_arrays
+    expected = (test.input_tokens[:, None] * prices["price_in_usd"]
+                + prediction.output_tokens * prices["price_out_usd"])
+    np.testing.assert_allclose(cost, expected)
+
+
+@pytest.mark.parametrize("name", list(PREDICTORS))
+def test_save_load_round_trip_gives_identical_predictions(name, fitted, world, tmp_path):
+    _, test = world
+    predictor = fitted[name]
+    save_predictor(predictor, str(tmp_path / name), encoder_spec="minilm")
+    document = json.loads((tmp_path / name / CONFIG_FILE).read_text())
+    assert document["kind"] == name and document["encoder"] == "minilm"
+    assert document["data_fingerprint"] == predictor.data_fingerprint_
+    assert "models:" in document["catalog_yaml"]
+    loaded = load_predictor(str(tmp_path / name))
+    assert loaded.name == name and loaded.catalog_ == predictor.catalog_
+    assert loaded.encoder_spec == "minilm"
+    before, after = predictor.predict(test.embedding), loaded.predict(test.embedding)
+    np.testing.assert_array_equal(before.quality, after.quality)
+    np.testing.assert_array_equal(before.output_tokens, after.output_tokens)
+
+
+def test_saved_files_hold_no_pickles(fitted, tmp_path):
+    save_predictor(fitted["r2ray"], str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictor.json", "tensors.safetensors"]
+    assert b"\x80\x04" not in (tmp_path / "tensors.safetensors").read_bytes()[:64]  # no pickle header
+
+
+def test_loading_warns_on_other_version_or_other_data(fitted, tmp_path):
+    save_predictor(fitted["per_arm_ridge"], str(tmp_path))
+    document = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(document | {"r2ray_version": "0.0.1"}))
+    with pytest.warns(PredictorVersionWarning, match="0.0.1"):
+        load_predictor(str(tmp_path))
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(document))
+    with pytest.warns(PredictorVersionWarning, match="other data"):
+        load_predictor(str(tmp_path), expected_data_fingerprint="f" * 64)
+
+
+def test_wrong_embedding_dimension_at_predict_is_clear(fitted):
+    with pytest.raises(EncoderError, match="dimension 5 does not match the predictor's 16"):
+        fitted["r2ray"].predict(np.zeros((2, 5), np.float32))
+
+
+def test_usage_errors_say_how_to_fix(world, catalog):
+    train, _ = world
+    with pytest.raises(PredictorError, match="unknown predictor 'nope'.*r2ray"):
+        make_predictor("nope")
+    with pytest.raises(PredictorError, match="bad settings"):
+        make_predictor("per_arm_ridge", epochs=3)
+    with pytest.raises(PredictorError, match="call fit"):
+        make_predictor("per_arm_ridge").predict(np.zeros((1, 16)))
+    no_embedding = train.subset(np.arange(10))
+    no_embedding = type(no_embedding)(**{**no_embedding.__dict__, "embedding": None})
+    with pytest.raises(PredictorError, match="no query embeddings"):
+        make_predictor("per_arm_ridge").fit(no_embedding, catalog)
+
+
+@pytest.mark.parametrize("name", list(PREDICTORS))
+def test_arms_missing_from_the_data_are_masked_not_learned_as_zero(name, world, catalog):
+    """Missing cells are left out of the loss: the zero placeholders do not drag predictions of a
+    half-observed arm to 0. An arm never observed: the joint network still predicts it (through
+    the model and budget it shares with other arms); per-arm methods say NaN (no data, no head)."""
+    train, test = world
+    quality, tokens = train.quality.copy(), train.output_tokens.copy()
+    hidden_arm = 1                                         # model-0 at budget 100: never observed
+    quality[:, hidden_arm] = tokens[:, hidden_arm] = np.nan
+    half = np.arange(train.n_queries) % 2 == 0             # model-0 at budget 20: half missing
+    quality[half, 0] = tokens[half, 0] = np.nan
+    masked = type(train)(**{**train.__dict__, "quality": quality, "output_tokens": tokens})
+    prediction = make_predictor(name, **FAST.get(name, {})).fit(masked, catalog).predict(
+        test.embedding)
+    if name == "r2ray":
+        assert np.isfinite(prediction.quality[:, hidden_arm]).all()
+    else:
+        assert np.isnan(prediction.quality[:, hidden_arm]).all()
+        assert np.isnan(prediction.output_tokens[:, hidden_arm]).all()
+    if name not in DEFAULT_ONLY:
+        observed_mean = np.nanmean(train.quality[~half, 0])
+        assert abs(np.mean(prediction.quality[:, 0]) - observed_mean) < 0.15
+
+
+def test_settings_rebuild_an_equal_predictor(fitted):
+    for name, predictor in fitted.items():
+        assert make_predictor(name, **predictor.settings()).settings() == predictor.settings()
+
+
+def test_arm_predictions_subset():
+    prediction = ArmPredictions(np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32))
+    assert prediction.subset(np.array([0, 2])).quality.shape == (2, 2)

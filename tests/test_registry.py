@@ -1,0 +1,125 @@
+"""MLflow registry against a throwaway SQLite store: register, load, promote by alias, and the
+pyfunc model loaded by alias in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import numpy as np
+import pytest
+from predictor_world import planted_arrays, small_catalog
+
+from r2ray.encoders import MINILM, load_encoder
+from r2ray.predictor import make_predictor
+from r2ray.registry import (RegistryError, alias_holder, load_registered, promote_if_better,
+                            register_predictor)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh tracking store + artifact folder; MLflow's global URIs restored afterwards."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("registry-tests", artifact_location=str(folder / "art"))
+    mlflow.set_experiment(experiment_id=experiment)
+    yield uri, folder
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+@pytest.fixture(scope="module")
+def data():
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=200, dim=16, seed=0)
+    test, _ = planted_arrays(catalog, n_queries=20, dim=16, seed=3)
+    return catalog, train, test
+
+
+def test_register_load_and_promote_only_when_better(store, data):
+    uri, _ = store
+    catalog, train, test = data
+    fitted = [make_predictor("per_arm_ridge", alpha=a).fit(train, catalog) for a in (10.0, 1.0, 3.0)]
+    versions = [register_predictor(p, "r2ray-promote", tracking_uri=uri) for p in fitted]
+    assert [v.version for v in versions] == ["1", "2", "3"]
+    assert versions[0].tags["kind"] == "per_arm_ridge"
+    assert versions[0].tags["catalog_fingerprint"] == catalog.fingerprint
+
+    loaded = load_registered("models:/r2ray-promote/1", tracking_uri=uri)
+    assert loaded.catalog == catalog and loaded.encoder_spec is None
+    assert loaded.version.version == "1"
+    np.testing.assert_array_equal(loaded.predictor.predict(test.embedding).quality,
+                                  fitted[0].predict(test.embedding).quality)
+
+    audc = {"1": 0.70, "2": 0.60, "3": 0.75}  # what "the same evaluation" says of each version
+    score = lambda r: {"audc": audc[r.version.version], "qnc": 0.5, "peak": 0.9}  # noqa: E731
+    first = promote_if_better(versions[0], "champion", score, tracking_uri=uri)
+    assert first.promoted and first.holder is None and "no current holder" in first.reason
+    worse = promote_if_better(versions[1], "champion", score, tracking_uri=uri)
+    assert not worse.promoted and worse.holder.version == "1"
+    assert "audc 0.6000" in worse.report() and "audc 0.7000" in worse.report()
+    assert alias_holder("r2ray-promote", "champion", uri).version == "1"
+    better = promote_if_better(versions[2], "champion", score, tracking_uri=uri)
+    assert better.promoted and "0.7500 > 0.7000" in better.reason
+    assert load_registered("models:/r2ray-promote@champion", tracking_uri=uri).version.version == "3"
+
+    def holder_fails(registered):
+        if registered.version.version == "3":
+            raise ValueError("holder speaks another catalogue")
+        return {"audc": 0.99}
+    blocked = promote_if_better(versions[1], "champion", holder_fails, tracking_uri=uri)
+    assert not blocked.promoted and "cannot be scored" in blocked.reason
+    assert alias_holder("r2ray-promote", "champion", uri).version == "3"
+
+
+def test_uris_that_do_not_resolve_are_clear_errors(store):
+    uri, _ = store
+    with pytest.raises(RegistryError, match="does not resolve"):
+        load_registered("models:/no-such-model@champion", tracking_uri=uri)
+    with pytest.raises(RegistryError, match="is not models:/NAME@ALIAS"):
+        load_registered("models:/a/b/c", tracking_uri=uri)
+    assert alias_holder("no-such-model", "champion", uri) is None
+
+
+def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data):
+    uri, folder = store
+    catalog, train, _ = data
+    encoder = load_encoder(MINILM, device="cpu")
+    train = train.subset(np.arange(48))
+    train = train.with_embedding(encoder.encode(train.query.tolist()))
+    predictor = make_predictor("per_arm_ridge").fit(train, catalog)
+    version = register_predictor(predictor, "r2ray-pyfunc", encoder_spec=MINILM, tracking_uri=uri)
+    mlflow.MlflowClient().set_registered_model_alias("r2ray-pyfunc", "champion", version.version)
+
+    queries = ["What is 17 * 23?", "Write a limerick about routers."]
+    script = textwrap.dedent("""
+        import json, sys
+        import mlflow, pandas as pd
+        model = mlflow.pyfunc.load_model("models:/r2ray-pyfunc@champion")
+        out = model.predict(pd.DataFrame({"query": json.loads(sys.argv[1]),
+                                          "input_tokens": [10, 12]}))
+        print(json.dumps({"columns": list(out.columns),
+                          **{c: [list(map(float, v)) for v in out[c]]
+                             for c in ("quality", "output_tokens", "cost_usd")},
+                          "arms": model.metadata.metadata["arms"]}))
+    """)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    env.pop("R2RAY_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(queries)], env=env, cwd=folder,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["columns"] == ["input_tokens", "quality", "output_tokens", "cost_usd"]
+    assert result["arms"][:2] == ["model-0|20", "model-0|100"] and len(result["arms"]) == 12
+    expected = predictor.predict(encoder.encode(queries))
+    np.testing.assert_allclose(result["quality"], expected.quality, atol=1e-5)
+    np.testing.assert_allclose(result["output_tokens"], expected.output_tokens, rtol=1e-5)
+    np.testing.assert_allclose(result["cost_usd"],
+                               expected.cost_usd(catalog, np.array([10.0, 12.0])), rtol=1e-5)

@@ -1,0 +1,335 @@
+"""Online routing without Ray: pacing maths and a simulated stream, request schemas, auth, the
+decision path agreeing with the batch solve, and the HTTP API in process (ASGI, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import pickle
+import sys
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from conftest import REPO
+from r2ray.bench.synthetic import synth_backlog
+from r2ray.errors import R2RayError
+from r2ray.predictor import load_predictor
+from r2ray.routing import arm_scores
+from r2ray.runs import RunPaths, commit
+from r2ray.serving.api import build_api
+from r2ray.serving.auth import AuthError, check_bearer, key_digest, load_key_digests
+from r2ray.serving.config import PacingConfig, serve_config
+from r2ray.serving.pacer import Pacer, PriceState, paced_lambda, starting_price
+from r2ray.serving.router import (RouteItem, RouteRejected, RoutingModel, query_key,
+                                  route_items)
+from r2ray.serving.schema import ChatCompletionRequest, RouteRequest
+from r2ray.serving.service import RoutingService, SpendBook, routing_headers, upstream_body
+from r2ray.solver import choose_arms, hull_steps, solve_budget
+
+
+# ---- pacing ----------------------------------------------------------------------------------------
+def test_paced_lambda_is_the_multiplicative_update_clamped():
+    config = PacingConfig(target_usd_per_s=1.0, eta=0.5, lambda_min=0.1, lambda_max=100.0,
+                          max_ratio=4.0)
+    assert paced_lambda(10.0, 1.0, 1.0, config) == pytest.approx(10.0)           # on target
+    assert paced_lambda(10.0, 2.0, 1.0, config) == pytest.approx(10.0 * math.exp(0.5))
+    assert paced_lambda(10.0, 0.0, 1.0, config) == pytest.approx(10.0 * math.exp(-0.5))
+    assert paced_lambda(10.0, 50.0, 1.0, config) == pytest.approx(10.0 * math.exp(1.5))  # ratio 4
+    assert paced_lambda(90.0, 4.0, 1.0, config) == 100.0                          # upper clamp
+    assert paced_lambda(0.11, 0.0, 1.0, config) == 0.1                            # lower clamp
+
+
+def test_pacer_updates_once_per_window_and_hard_stops():
+    config = PacingConfig(target_usd_per_s=0.01, window_s=10.0, eta=1.0, hard_stop_ratio=2.0)
+    pacer = Pacer(config, 5.0, now=0.0)
+    pacer.record(0.05, now=3.0)
+    assert pacer.tick(9.9).updates == 0 and pacer.lam == 5.0
+    pacer.record(0.15, now=9.95)            # window spend 0.2 = 2 × the window's 0.1 share
+    assert pacer.stopped
+    state = pacer.tick(10.0)                # rate 0.02 USD/s = 2 × target
+    assert state.updates == 1 and state.lam == pytest.approx(5.0 * math.e)
+    assert not state.stopped and state.window_spend_usd == 0 and state.total_spend_usd == 0.2
+    limited = Pacer(PacingConfig(spend_limit_usd=1.0), 5.0)
+    limited.record(0.999, now=1.0)
+    assert not limited.stopped
+    limited.record(0.002, now=2.0)
+    assert limited.stopped and limited.tick(1e6).lam == 5.0  # no target: λ never moves
+
+
+def _stream_window(rng, n: int, difficulty: float) -> tuple[np.ndarray, np.ndarray]:
+    """q, c [n, 12] for 3 models × 4 budgets; harder queries need more tokens for the same
+    quality and write longer answers, so the same λ buys dearer arms as difficulty drifts up."""
+    price_out = np.array([0.04, 0.30, 1.76]) * 1e-6          # USD per output token
+    skill = np.array([0.55, 0.75, 0.92])
+    budgets = np.array([20.0, 100.0, 400.0, 1000.0])
+    d = np.clip(difficulty + 0.1 * rng.standard_normal(n), 0.05, 0.95)[:, None, None]
+    tokens = budgets * (0.4 + d) * rng.lognormal(0.0, 0.25, (n, 3, 4))
+    quality = skill[:, None] * (1 - np.exp(-budgets / (300.0 * d))) \
+        + 0.02 * rng.standard_normal((n, 3, 4))
+    return quality.reshape(n, 12).astype(np.float32), (tokens * price_out[:, None]).reshape(n, 12)
+
+
+def _simulate(pacer: Pacer | None, lam: float, seconds: int, rate_qps: int, seed: int) -> float:
+    """Spend (USD) of a stream whose difficulty drifts from 0.3 to 0.8; λ fixed without a pacer."""
+    rng = np.random.default_rng(seed)
+    spend, step = 0.0, 5                                 # queries arrive in 5 s slices
+    for t in range(0, seconds, step):
+        q, c = _stream_window(rng, rate_qps * step, 0.3 + 0.5 * t / seconds)
+        price = pacer.tick(float(t)).lam if pacer else lam
+        slice_spend = c[np.arange(len(c)), choose_arms(q, c, price)].sum()
+        spend += slice_spend
+        if pacer:
+            pacer.record(slice_spend, float(t + step))
+    return spend
+
+
+def test_pacing_holds_spend_within_5_percent_over_a_drifting_stream():
+    rate_qps, seconds, target = 20, 3600, 2e-4            # USD per second
+    q, c = _stream_window(np.random.default_rng(99), 2000, 0.3)
+    per_query_usd = target / rate_qps
+    start = solve_budget(hull_steps(q, c), per_query_usd * len(q)).certificate.lam  # "batch λ*"
+    config = PacingConfig(target_usd_per_s=target, window_s=30.0, eta=0.5, hard_stop_ratio=None)
+    fixed = _simulate(None, start, seconds, rate_qps, seed=1)
+    paced = _simulate(Pacer(config, start), start, seconds, rate_qps, seed=1)
+    assert abs(fixed / (target * seconds) - 1) > 0.25     # the drift matters at a fixed price
+    assert paced / (target * seconds) == pytest.approx(1.0, abs=0.05)
+
+
+def test_starting_price_from_the_latest_committed_manifest(tmp_path):
+    for run_id, committed_at, lam in (("old", "2026-01-01T00:00:00+00:00", 3.0),
+                                      ("new", "2026-02-01T00:00:00+00:00", 7.0)):
+        commit(RunPaths(str(tmp_path), run_id), {"committed_at": committed_at, "solve": {
+            "lambda": lam, "tie_cut": 0.25, "seed": 4}})
+    (tmp_path / "uncommitted").mkdir()
+    lam, tie_cut, seed, source = starting_price(str(tmp_path), None)
+    assert (lam, tie_cut, seed) == (7.0, 0.25, 4) and "new/manifest.json" in source
+    assert starting_price(str(tmp_path / "old" / "manifest.json"), 9.0)[0] == 3.0
+    assert starting_price(None, 9.0) == (9.0, 1.0, 0, "config")
+    assert starting_price(None, None)[0] == 0.0
+    with pytest.raises(R2RayError, match="no committed batch run"):
+        starting_price(str(tmp_path / "uncommitted"), None)
+
+
+# ---- schemas, config, auth ------------------------------------------------------------------------
+def test_route_request_rejects_unknown_and_bad_fields_by_name():
+    assert RouteRequest.model_validate({"query": "hi", "lambda": 2.5}).lam == 2.5
+    for body, field in (({"query": "hi", "max_cost": 1}, "max_cost"),
+                        ({"query": "hi", "lambda": -1}, "lambda"),
+                        ({"query": ""}, "query"),
+                        ({"query": "hi", "allowed_models": []}, "allowed_models"),
+                        ({"query": "hi", "embedding": [0.1, float("nan")]}, "embedding")):
+        with pytest.raises(ValidationError) as err:
+            RouteRequest.model_validate(body)
+        assert err.value.errors()[0]["loc"][0] == field
+
+
+def test_chat_request_passes_unknown_openai_fields_and_rejects_what_cannot_work():
+    request = ChatCompletionRequest.model_validate({
+        "model": "r2ray", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2})
+    assert request.model_extra == {"temperature": 0.2}
+    for body, field in (({"model": "r2ray", "messages": [{"role": "user", "content": "hi"}],
+                          "stream": True}, "stream"),
+                        ({"model": "r2ray", "messages": [{"role": "system", "content": "x"}]},
+                         "messages"),
+                        ({"model": "r2ray", "messages": [{"role": "user", "content": "hi"}],
+                          "r2ray": {"lamda": 1}}, "r2ray")):
+        with pytest.raises(ValidationError) as err:
+            ChatCompletionRequest.model_validate(body)
+        assert err.value.errors()[0]["loc"][0] == field
+
+
+def test_bearer_keys_401_403_and_keys_from_the_environment(monkeypatch):
+    monkeypatch.setenv("R2RAY_TEST_KEYS", "alpha, beta")
+    digests = load_key_digests(["R2RAY_TEST_KEYS"])
+    assert digests == {key_digest("alpha"), key_digest("beta")}
+    check_bearer("Bearer beta", digests)
+    check_bearer(None, frozenset())                         # no keys configured: open
+    for header, status in ((None, 401), ("Basic alpha", 401), ("Bearer ", 401),
+                           ("Bearer gamma", 403)):
+        with pytest.raises(AuthError) as err:
+            check_bearer(header, digests)
+        assert err.value.status == status and "gamma" not in str(err.value)
+    monkeypatch.delenv("R2RAY_TEST_KEYS")
+    with pytest.raises(R2RayError, match="R2RAY_TEST_KEYS"):
+        load_key_digests(["R2RAY_TEST_KEYS"])
+
+
+def test_serve_config_file_and_app_builder_are_valid(monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    document = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    deploy = ServeDeploySchema.model_validate(document)
+    app_args = deploy.applications[0].args
+    assert deploy.applications[0].import_path == "serve.app:app"
+    assert serve_config(app_args).pacing.target_usd_per_s > 0
+    with pytest.raises(R2RayError, match="max_request_byte"):
+        serve_config({"max_request_byte": 10})
+    monkeypatch.syspath_prepend(str(REPO))
+    sys.modules.pop("serve.app", None)
+    from serve.app import app
+
+    monkeypatch.setenv("R2RAY_TEST_KEYS", "k")
+    built = app({"model": "models:/x@y", "lambda": "2", "api_key_envs": "R2RAY_TEST_KEYS"})
+    assert type(built).__name__ == "Application"
+
+
+# ---- the decision path: online agrees with the batch solve ----------------------------------------
+@pytest.fixture(scope="module")
+def routing_model(small_routing_model):
+    return RoutingModel(load_predictor(small_routing_model["path"]), None,
+                        small_routing_model["catalog"], "test/1")
+
+
+def _queries(catalog, n: int, seed: int, copies: int = 0) -> list[dict]:
+    """Backlog rows with embeddings; the first 20 repeated ``copies`` times under new ids, so
+    their hull steps tie exactly."""
+    rows = synth_backlog(catalog, n, seed=seed, embeddings=True).to_pylist()
+    return rows + [dict(r, query_id=f"{r['query_id']}-copy{k}")
+                   for r in rows[:20] for k in range(copies)]
+
+
+def _items(rows: list[dict], **price) -> list[RouteItem]:
+    return [RouteItem(query=r["query"], input_tokens=r["input_tokens"],
+                      key=query_key(r["query"], r["query_id"]), embedding=list(r["embedding"]),
+                      **price) for r in rows]
+
+
+def test_online_router_picks_the_batch_solves_arm_including_ties(routing_model):
+    catalog = routing_model.catalog
+    rows = _queries(catalog, 300, seed=5, copies=3)
+    keys = np.array([query_key(r["query"], r["query_id"]) for r in rows], dtype=np.uint64)
+    predictions = routing_model.predictor.predict(np.array([r["embedding"] for r in rows]))
+    scores = arm_scores(predictions.quality, predictions.output_tokens, catalog,
+                        np.array([r["input_tokens"] for r in rows]))
+    steps = hull_steps(scores.quality, scores.cost_usd)
+    # a budget that runs out half-way through the 4 tied copies of query 0's first step
+    eff = steps.dq / steps.dc
+    tied = eff == eff[steps.offsets[0]]
+    budget = steps.base_c.sum() + steps.dc[eff > eff[steps.offsets[0]]].sum() \
+        + 0.5 * steps.dc[tied].sum()
+    solved = solve_budget(steps, budget, seed=7, query_key=keys)
+    cert = solved.certificate
+    assert tied.sum() == 4 and 0 < cert.theta < 1      # the tie rule decides between copies
+
+    online = route_items(routing_model, _items(rows, lam=cert.lam, tie_cut=cert.tie_cut, seed=7))
+    online_arms = np.array([catalog.arm_of(d.model, d.budget) for d in online])
+    kept = ~solved.filled
+    assert kept.sum() >= len(rows) - 2
+    np.testing.assert_array_equal(online_arms[kept], solved.arm[kept])
+    copies_taken = online_arms[[0, 300, 301, 302]] != steps.base_arm[[0, 300, 301, 302]]
+    assert 0 < copies_taken.sum() < 4                   # some copies stepped up, some did not
+    assert all(d.version == "test/1" and d.lam == cert.lam for d in online)
+
+
+def test_router_limits_hard_stop_and_rejections(routing_model):
+    catalog = routing_model.catalog
+    rows = _queries(catalog, 6, seed=8)
+    free = route_items(routing_model, _items(rows, lam=0.0))
+    stopped = route_items(routing_model, _items(rows, lam=0.0, stopped=True))
+    for best, cheap in zip(free, stopped):
+        assert cheap.c_hat_usd <= min(a["c_hat_usd"] for a in cheap.alternatives)
+        assert cheap.c_hat_usd < best.c_hat_usd and cheap.reason.startswith("hard stop")
+    limited = route_items(routing_model, _items(rows, lam=0.0, allowed_models=["Gemma-3-1B"],
+                                                max_budget_tokens=100))
+    assert {(d.model, d.budget <= 100, d.budget > 0) for d in limited} == {("Gemma-3-1B", True, True)}
+    assert all(d.max_tokens <= 100 + 10 for d in limited)
+    capped = route_items(routing_model, _items(rows, lam=0.0, max_cost_usd=2e-5))
+    assert all(d.c_hat_usd <= 2e-5 for d in capped)
+    bad = [RouteItem("q", 10, 1, 0.0, embedding=[0.0] * 5),
+           RouteItem("q", 10, 1, 0.0),
+           RouteItem("q", 10, 1, 0.0, embedding=rows[0]["embedding"], allowed_models=["gpt-9"]),
+           RouteItem("q", 10, 1, 0.0, embedding=rows[0]["embedding"], max_cost_usd=1e-12)]
+    results = route_items(routing_model, bad + _items(rows[:1], lam=0.0))
+    assert [r.param for r in results[:4]] == ["embedding", "embedding", "allowed_models",
+                                              "max_cost_usd"]
+    assert all(isinstance(r, RouteRejected) for r in results[:4])
+    travelled = pickle.loads(pickle.dumps(results[2]))  # replicas send them back pickled
+    assert (travelled.param, str(travelled)) == ("allowed_models", str(results[2]))
+    assert "384" in str(results[0]) and "Gemma-3-1B" in str(results[2])
+    assert results[4].model                            # the good query in the batch still routes
+
+
+def test_query_key_is_stable_and_prefers_the_id():
+    assert query_key("hello") == 0x41700C479FA9F585          # pinned: keys must never change
+    assert query_key("x", "q0-000000001") == 0xF8CA3486B030DB52
+    assert query_key("hello") != query_key("hello!")
+    assert query_key("a", "id-1") == query_key("b", "id-1") != query_key("a")
+    assert 0 <= query_key("x") < 2**64
+
+
+# ---- the HTTP API in process (no Ray, no sockets) ---------------------------------------------------
+def _service(routing_model, **config) -> RoutingService:
+    async def route(item):
+        return route_items(routing_model, [item])[0]
+
+    async def describe():
+        return {"version": routing_model.version, "models": routing_model.catalog.model_names}
+
+    book = SpendBook(PriceState(lam=0.0, tie_cut=1.0, seed=0, stopped=False, source="test"))
+    return RoutingService(serve_config(config), route, book, describe)
+
+
+def _call(app, method: str, path: str, **kwargs) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ray") as client:
+            return await client.request(method, path, **kwargs)
+    return asyncio.run(go())
+
+
+def test_api_in_process_routes_counts_spend_and_maps_errors(routing_model):
+    service = _service(routing_model)
+    app = build_api(service, frozenset({key_digest("k1")}), max_request_bytes=20_000)
+    auth = {"Authorization": "Bearer k1"}
+    embedding = _queries(routing_model.catalog, 1, seed=3)[0]["embedding"]
+    ok = _call(app, "POST", "/v1/route", headers=auth,
+               json={"query": "What is 2+2?", "embedding": embedding, "tenant": "t1"})
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert body["version"] == "test/1" and body["lambda"] == 0.0 and body["tenant"] == "t1"
+    assert ok.headers["x-r2ray-model"] == body["model"] and len(body["alternatives"]) == 3
+    assert service.book.take() == pytest.approx(body["c_hat_usd"])
+    assert _call(app, "GET", "/healthz").json()["version"] == "test/1"
+    models = _call(app, "GET", "/v1/models", headers=auth).json()
+    assert [m["id"] for m in models["data"]][:2] == ["r2ray", "Gemma-3-1B"]
+    for kwargs, status, param in (
+            ({"json": {"query": "x"}}, 401, None),
+            ({"json": {"query": "x"}, "headers": {"Authorization": "Bearer nope"}}, 403, None),
+            ({"json": {"query": "x", "max_cost": 1}, "headers": auth}, 422, "max_cost"),
+            ({"content": b"{not json", "headers": auth | {"content-type": "application/json"}},
+             422, None),
+            ({"json": {"query": "x"}, "headers": auth}, 422, "embedding"),
+            ({"json": {"query": "x" * 30_000}, "headers": auth}, 413, None)):
+        response = _call(app, "POST", "/v1/route", **kwargs)
+        assert response.status_code == status, (kwargs, response.text)
+        error = response.json()["error"]
+        assert error["message"] and (param is None or error["param"] == param)
+    chat = _call(app, "POST", "/v1/chat/completions", headers=auth, json={
+        "model": "r2ray", "messages": [{"role": "user", "content": "hi"}],
+        "r2ray": {"embedding": embedding}})
+    assert chat.status_code == 200 and chat.json()["object"] == "r2ray.route"  # no endpoints
+    unknown = _call(app, "POST", "/v1/chat/completions", headers=auth, json={
+        "model": "gpt-9", "messages": [{"role": "user", "content": "hi"}],
+        "r2ray": {"embedding": embedding}})
+    assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "model"
+
+
+def test_upstream_body_keeps_the_conversation_and_caps_tokens(routing_model):
+    embedding = _queries(routing_model.catalog, 1, seed=3)[0]["embedding"]
+    request = ChatCompletionRequest.model_validate({
+        "model": "r2ray", "temperature": 0.1, "max_tokens": 50, "r2ray": {"embedding": embedding},
+        "messages": [{"role": "system", "content": "Be terse."},
+                     {"role": "user", "content": [{"type": "text", "text": "Name a prime."}]}]})
+    item = RouteItem("Name a prime.", 12, 1, 0.0, embedding=embedding, max_budget_tokens=50)
+    decision = route_items(routing_model, [item])[0]
+    body = upstream_body(request, decision)
+    assert body["model"] == decision.model and body["temperature"] == 0.1 and "r2ray" not in body
+    assert body["messages"][0] == {"role": "system", "content": "Be terse."}
+    assert body["messages"][1]["content"].startswith("Name a prime.\n\nAnswer concisely")
+    assert body["max_tokens"] <= 50
+    headers = routing_headers(decision)
+    assert headers["x-r2ray-version"] == "test/1" and all(v.isascii() for v in headers.values())

@@ -1,0 +1,207 @@
+"""solve_budget against scipy's HiGHS, the certificate, the tie rule and the edge cases."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from r2ray.solver import (
+    DEFER_ARM, NO_ARM, InfeasibleBudget, choose_arm, choose_arms, hull_steps, solve_budget)
+from solver_highs import (
+    budget_between, chosen, cheapest_total, dual_value, highs_lp, highs_milp, instances)
+
+fractions = st.sampled_from([0.0, 0.5, 1.0, 1.5]) | st.floats(0, 1.2)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(1.0, abs(a), abs(b))
+
+
+@settings(max_examples=250, deadline=None)
+@given(instances(), fractions, st.integers(0, 3))
+def test_lp_value_and_price_match_highs(instance, fraction, seed):
+    q, c = instance
+    assume((np.isfinite(q) & np.isfinite(c)).any())
+    steps = hull_steps(q, c)
+    budget = budget_between(q, c, steps, fraction)
+    cert = solve_budget(steps, budget, seed=seed).certificate
+    lp_value, highs_lam = highs_lp(q, c, budget)
+    assert rel(cert.lp_value, lp_value) <= 1e-9
+    assert rel(dual_value(q, c, budget, cert.lam), lp_value) <= 1e-9     # λ* is an optimal dual
+    if cert.lam > 0 and 1e-9 < cert.lp_fraction < 1 - 1e-9:             # the dual is unique
+        assert rel(cert.lam, highs_lam) <= 1e-9
+    else:                                                               # a range of optimal duals
+        assert rel(dual_value(q, c, budget, highs_lam), lp_value) <= 1e-9
+
+
+@settings(max_examples=250, deadline=None)
+@given(instances(), fractions, st.integers(0, 3))
+def test_assignment_is_feasible_and_certified(instance, fraction, seed):
+    q, c = instance
+    steps = hull_steps(q, c)
+    budget = budget_between(q, c, steps, fraction)
+    result = solve_budget(steps, budget, seed=seed)
+    cert = result.certificate
+    spend, objective = chosen(c, result.arm), chosen(q, result.arm)
+    assert spend <= budget and cert.spend_usd <= budget
+    assert rel(cert.spend_usd, spend) <= 1e-9 and rel(cert.objective, objective) <= 1e-9
+    largest_jump = float(steps.dq.max(initial=0.0))
+    assert -1e-9 <= cert.gap <= largest_jump + 1e-9
+    assert cert.upper_bound >= cert.lp_value - 1e-9 * max(1.0, abs(cert.lp_value))
+    valid = np.isfinite(q) & np.isfinite(c)
+    assert cert.n_invalid_arms == int((~valid).sum())
+    assert cert.n_unroutable == int((~valid.any(axis=1)).sum())
+    assert ((result.arm == NO_ARM) == ~valid.any(axis=1)).all()
+    rows = np.flatnonzero(result.arm >= 0)
+    assert valid[rows, result.arm[rows]].all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances(max_queries=5, max_arms=4), fractions)
+def test_objective_sits_between_integer_optimum_and_its_bound(instance, fraction):
+    q, c = instance
+    assume((np.isfinite(q) & np.isfinite(c)).any())
+    steps = hull_steps(q, c)
+    budget = budget_between(q, c, steps, fraction)
+    cert = solve_budget(steps, budget).certificate
+    best = highs_milp(q, c, budget)
+    assert cert.objective <= best + 1e-9 and best <= cert.upper_bound + 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances(), fractions, st.integers(0, 5))
+def test_online_choice_agrees_with_the_batch(instance, fraction, seed):
+    q, c = instance
+    steps = hull_steps(q, c)
+    result = solve_budget(steps, budget_between(q, c, steps, fraction), seed=seed)
+    cert = result.certificate
+    online = choose_arms(q, c, cert.lam, tie_cut=cert.tie_cut, seed=seed)
+    assert ((online == result.arm) | result.filled).all()
+    assert result.filled.sum() == cert.n_filled
+    for i in np.flatnonzero(~result.filled)[:3]:
+        assert choose_arm(q[i], c[i], cert.lam, tie_cut=cert.tie_cut, seed=seed,
+                          query_key=i) == result.arm[i]
+
+
+def identical_queries(n: int):
+    """n copies of a two-arm query: 0.2 quality for 1 USD, or 0.6 for 2 USD."""
+    return np.tile([[0.2, 0.6]], (n, 1)), np.tile([[1.0, 2.0]], (n, 1))
+
+
+def test_ties_are_split_by_the_seeded_hash():
+    q, c = identical_queries(10)
+    steps = hull_steps(q, c)
+    results = [solve_budget(steps, 14.0, seed=seed) for seed in range(4)]
+    for result in results:
+        cert = result.certificate
+        assert (result.arm == 1).sum() == 4 and cert.spend_usd == 14.0
+        assert cert.lam == pytest.approx(0.4) and cert.theta == pytest.approx(0.4)
+        assert cert.lp_fraction == pytest.approx(0.4) and cert.gap == pytest.approx(0.0, abs=1e-12)
+    picks = {tuple(np.flatnonzero(r.arm == 1)) for r in results}
+    assert len(picks) > 1                                   # the seed changes who gets the step
+    again = solve_budget(steps, 14.0, seed=2)
+    np.testing.assert_array_equal(again.arm, results[2].arm)
+
+
+def test_query_keys_drive_the_tie_order():
+    q, c = identical_queries(6)
+    steps = hull_steps(q, c)
+    keys = np.array([11, 5, 9, 2, 7, 3], np.uint64)
+    result = solve_budget(steps, 8.0, query_key=keys)
+    cert = result.certificate
+    assert (result.arm == 1).sum() == 2
+    for i in range(6):
+        assert choose_arm(q[i], c[i], cert.lam, tie_cut=cert.tie_cut,
+                          query_key=int(keys[i])) == result.arm[i]
+
+
+def test_rounding_down_then_greedy_fill():
+    # the marginal step (0.5 for 2 USD) does not fit; a small, less efficient one does
+    q = np.array([[0.0, 0.5], [0.0, 0.05]])
+    c = np.array([[0.0, 2.0], [0.0, 0.5]])
+    result = solve_budget(hull_steps(q, c), 1.0)
+    cert = result.certificate
+    assert cert.lam == pytest.approx(0.25) and cert.lp_value == pytest.approx(0.25)
+    assert result.arm.tolist() == [0, 1] and result.filled.tolist() == [False, True]
+    assert cert.objective == pytest.approx(0.05) and cert.gap == pytest.approx(0.2)
+
+
+def test_lambda_is_zero_when_every_best_arm_fits():
+    q, c = np.array([[0.1, 0.9, 0.5]]), np.array([[1.0, 2.0, 3.0]])
+    result = solve_budget(hull_steps(q, c), 100.0)
+    cert = result.certificate
+    assert result.arm.tolist() == [1] and cert.lam == 0.0 and cert.theta == 1.0
+    assert cert.lp_value == pytest.approx(0.9) and cert.gap == pytest.approx(0.0, abs=1e-12)
+    assert choose_arm(q[0], c[0], 0.0) == 1
+
+
+def test_infeasible_budget_states_the_minimum_spend():
+    q, c = np.array([[0.5, 0.9], [0.3, 0.4]]), np.array([[1.5, 3.0], [2.25, 5.0]])
+    with pytest.raises(InfeasibleBudget, match="minimum feasible spend") as err:
+        solve_budget(hull_steps(q, c), 3.0)
+    stated = float(re.search(r"spend ([0-9.e+-]+) USD", str(err.value)).group(1))
+    assert stated == pytest.approx(3.75) and err.value.min_spend_usd == pytest.approx(3.75)
+    assert isinstance(err.value, ValueError) and "defer=True" in str(err.value)
+
+
+def test_defer_arm_absorbs_an_infeasible_budget():
+    q, c = np.array([[0.5, 0.9], [0.3, 0.4]]), np.array([[1.5, 3.0], [2.25, 5.0]])
+    result = solve_budget(hull_steps(q, c), 2.0, defer=True)
+    cert = result.certificate
+    assert result.arm.tolist() == [0, DEFER_ARM] and cert.n_deferred == 1
+    assert cert.spend_usd == 1.5 and cert.objective == pytest.approx(0.5)
+    online = choose_arms(q, c, cert.lam, tie_cut=cert.tie_cut, defer=True)
+    assert ((online == result.arm) | result.filled).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(instances(), st.floats(0, 1.2))
+def test_defer_matches_highs_with_a_free_zero_arm(instance, fraction):
+    q, c = instance
+    steps = hull_steps(q, c)
+    budget = fraction * (cheapest_total(q, c) + math.fsum(steps.dc))
+    result = solve_budget(steps, budget, defer=True)
+    padded_q = np.hstack([np.asarray(q, np.float64), np.zeros((q.shape[0], 1))])
+    padded_c = np.hstack([np.asarray(c, np.float64), np.zeros((q.shape[0], 1))])
+    lp_value, _ = highs_lp(padded_q, padded_c, budget)
+    assert rel(result.certificate.lp_value, lp_value) <= 1e-9
+    arm = np.where(result.arm == DEFER_ARM, q.shape[1], result.arm)
+    assert chosen(padded_c, arm) <= budget
+
+
+def test_steps_sharing_a_float32_key_are_ordered_by_exact_efficiency():
+    # two steps whose efficiencies differ below float32 resolution; only one fits
+    q = np.array([[0.0, 1.0], [0.0, 1.0 + 1e-12]])
+    c = np.array([[0.0, 1.0], [0.0, 1.0]])
+    steps = hull_steps(q, c)
+    assert steps.key[0] == steps.key[1]
+    result = solve_budget(steps, 1.5)
+    assert result.arm.tolist() == [0, 1]              # the more efficient step is taken
+    assert result.certificate.lam == 1.0 and result.certificate.lp_fraction == 0.5
+
+
+def test_duplicated_queries_are_split_consistently():
+    rng = np.random.default_rng(3)
+    q, c = rng.random((1, 6)).round(1), rng.random((1, 6)).round(2)
+    q, c = np.repeat(q, 50, axis=0), np.repeat(c, 50, axis=0)
+    steps = hull_steps(q, c)
+    result = solve_budget(steps, budget_between(q, c, steps, 0.37))
+    assert len(set(result.arm.tolist())) <= 3   # the tie splits them across at most 2 arms (+fill)
+    assert chosen(c, result.arm) <= budget_between(q, c, steps, 0.37)
+
+
+@pytest.mark.parametrize("budget", [-1.0, float("nan")])
+def test_bad_budgets_are_rejected(budget):
+    q, c = identical_queries(2)
+    with pytest.raises(ValueError, match="budget"):
+        solve_budget(hull_steps(q, c), budget)
+
+
+def test_infinite_budget_takes_every_best_arm():
+    q, c = identical_queries(3)
+    result = solve_budget(hull_steps(q, c), float("inf"))
+    assert result.arm.tolist() == [1, 1, 1] and result.certificate.lam == 0.0

@@ -1,0 +1,162 @@
+"""hull_steps: hand cases and a property test against a brute-force gift wrap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from r2ray.solver import NO_ARM, concat_steps, efficiency_key, hull_steps
+from solver_highs import instances
+
+
+def chain(q, c, row: int = 0):
+    """(base arm, [step arms]) of one query."""
+    steps = hull_steps(np.asarray(q, np.float64)[None] if np.ndim(q) == 1 else q,
+                       np.asarray(c, np.float64)[None] if np.ndim(c) == 1 else c)
+    lo, hi = steps.offsets[row], steps.offsets[row + 1]
+    return int(steps.base_arm[row]), steps.step_arm[lo:hi].tolist()
+
+
+def brute_force_chain(q_row, c_row):
+    """Reference: start at the cheapest (then best) arm; repeatedly take the steepest
+    improving arm, the farthest one on ties."""
+    q_row, c_row = np.asarray(q_row, np.float64), np.asarray(c_row, np.float64)
+    valid = np.flatnonzero(np.isfinite(q_row) & np.isfinite(c_row))
+    if valid.size == 0:
+        return NO_ARM, []
+    current = min(valid, key=lambda j: (c_row[j], -q_row[j], j))
+    base, steps = int(current), []
+    while True:
+        best, best_slope = None, -np.inf
+        for j in valid:
+            dq, dc = q_row[j] - q_row[current], c_row[j] - c_row[current]
+            if dq > 0 and dc > 0 and (dq / dc > best_slope or
+                                      (dq / dc == best_slope and c_row[j] > c_row[best])):
+                best, best_slope = j, dq / dc
+        if best is None:
+            return base, steps
+        steps.append(int(best))
+        current = best
+
+
+def test_equal_costs_keep_the_better_arm():
+    assert chain([0.2, 0.5, 0.6], [1.0, 1.0, 2.0]) == (1, [2])
+
+
+def test_equal_qualities_keep_the_cheaper_arm():
+    assert chain([0.5, 0.5, 0.75], [1.0, 2.0, 3.0]) == (0, [2])
+
+
+def test_collinear_middle_point_is_not_a_vertex():
+    assert chain([0.25, 0.5, 0.75], [1.0, 2.0, 3.0]) == (0, [2])
+
+
+def test_dominated_and_below_chord_arms_are_dropped():
+    # arm 1 costs more than arm 3 for less quality; arm 2 sits below the chord 0 -> 3
+    assert chain([0.0, 0.3, 0.1, 1.0], [0.0, 3.0, 1.0, 2.0]) == (0, [3])
+
+
+def test_nan_and_inf_arms_are_removed_and_counted():
+    q = np.array([[np.nan, 0.5, 0.9], [np.nan, np.nan, np.nan]])
+    c = np.array([[0.1, np.inf, 2.0], [1.0, 2.0, 3.0]])
+    steps = hull_steps(q, c)
+    assert steps.invalid_arms.tolist() == [2, 3] and steps.n_invalid_arms == 5
+    assert steps.base_arm.tolist() == [2, NO_ARM] and steps.n_steps == 0
+    assert steps.base_q.tolist() == [0.9, 0.0] and steps.base_c.tolist() == [2.0, 0.0]
+
+
+def test_single_arm_query_has_no_steps():
+    steps = hull_steps(np.array([[0.7]]), np.array([[0.2]]))
+    assert steps.base_arm.tolist() == [0] and steps.n_steps == 0
+    assert steps.offsets.tolist() == [0, 0]
+
+
+def test_identical_arms_keep_the_lowest_index():
+    assert chain([0.5, 0.5, 0.5], [1.0, 1.0, 1.0]) == (0, [])
+
+
+def test_step_values_and_keys():
+    steps = hull_steps(np.array([[0.1, 0.6, 0.7]]), np.array([[0.5, 1.0, 3.0]]))
+    assert steps.step_arm.tolist() == [1, 2]
+    np.testing.assert_allclose(steps.dq, [0.5, 0.1])
+    np.testing.assert_allclose(steps.dc, [0.5, 2.0])
+    assert steps.key.dtype == np.float32 and steps.key.tolist() == pytest.approx([1.0, 0.05])
+
+
+def test_costs_that_share_float32_bits_are_still_ordered_exactly():
+    # both costs round to the same float32; the float64 order decides the hull
+    c = np.array([[1.0 + 2.0**-40, 1.0, 2.0]])
+    q = np.array([[0.9, 0.1, 0.95]])
+    assert chain(q, c) == (1, [0, 2])
+
+
+def test_rows_are_independent_of_their_chunk():
+    rng = np.random.default_rng(0)
+    q, c = rng.random((300, 20)), rng.random((300, 20))
+    whole = hull_steps(q, c, chunk_rows=300)
+    pieces = hull_steps(q, c, chunk_rows=7)
+    for name in ("base_arm", "offsets", "step_arm", "dq", "dc", "key"):
+        np.testing.assert_array_equal(getattr(whole, name), getattr(pieces, name))
+
+
+def test_slice_take_and_concat_round_trip():
+    rng = np.random.default_rng(1)
+    steps = hull_steps(rng.random((50, 8)), rng.random((50, 8)))
+    joined = concat_steps([steps.slice(0, 20), steps.slice(20, 50)])
+    taken = steps.take(np.arange(50))
+    for other in (joined, taken):
+        for name in ("base_arm", "offsets", "step_arm", "dq", "dc", "key"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(steps, name))
+    picked = steps.take(np.array([7, 3]))
+    assert picked.base_arm.tolist() == steps.base_arm[[7, 3]].tolist()
+
+
+def test_empty_backlog():
+    steps = hull_steps(np.zeros((0, 4), np.float32), np.zeros((0, 4)))
+    assert steps.n_queries == 0 and steps.offsets.tolist() == [0]
+
+
+@pytest.mark.parametrize("q, c, match", [
+    (np.zeros((2, 3)), np.zeros((2, 4)), "shape"),
+    (np.zeros((2, 3)), -np.ones((2, 3)), "costs must be >= 0"),
+    (np.zeros(3), np.zeros(3), "shape"),
+])
+def test_bad_inputs_say_how_to_fix(q, c, match):
+    with pytest.raises(ValueError, match=match):
+        hull_steps(q, c)
+
+
+def test_efficiency_key_rounds_toward_zero_and_stays_positive():
+    eff = np.array([1.0 + 2.0**-30, 0.1, 3.0, 1e-60, 1e60])
+    key = efficiency_key(eff)
+    assert (key[:3].astype(np.float64) <= eff[:3]).all() and key[0] == np.float32(1.0)
+    assert key[3] == np.finfo(np.float32).smallest_subnormal      # clipped, still positive
+    assert key[4] == np.finfo(np.float32).max
+    assert (np.diff(efficiency_key(np.sort(np.random.default_rng(0).random(1000)))) >= 0).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances(max_queries=5, max_arms=7))
+def test_hull_matches_brute_force(instance):
+    q, c = instance
+    steps = hull_steps(q, c)
+    for i in range(q.shape[0]):
+        assert chain(q, c, i) == brute_force_chain(q[i], c[i])
+    eff = steps.dq / steps.dc
+    for i in range(steps.n_queries):
+        chain_eff = eff[steps.offsets[i]:steps.offsets[i + 1]]
+        assert (np.diff(chain_eff) < 0).all()
+    assert (steps.dq > 0).all() and (steps.dc > 0).all()
+    np.testing.assert_array_equal(steps.key, efficiency_key(eff))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2**32 - 1))
+def test_float32_and_float64_inputs_give_the_same_hull(k, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.random((20, k)).astype(np.float32)
+    c = (rng.random((20, k)) * rng.choice([1e-6, 1.0, 1e3])).astype(np.float32)
+    a, b = hull_steps(q, c), hull_steps(q.astype(np.float64), c.astype(np.float64))
+    for name in ("base_arm", "offsets", "step_arm", "dq", "dc"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))

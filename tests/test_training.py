@@ -1,0 +1,153 @@
+"""The training job end to end on a planted bench: jobs/train_predictor.py, then `r2ray train`
+with --promote; plus its data preparation (catalogue beside the bench, splits, embeddings)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from predictor_world import planted_bench_table, small_catalog
+
+from r2ray.bench.io import write_table
+from r2ray.catalog import catalog_from_dict, save_catalog
+from r2ray.cli import main
+from r2ray.encoders import EncoderError
+from r2ray.errors import R2RayError
+from r2ray.predictor import make_predictor
+from r2ray.registry import RegisteredPredictor
+from r2ray.training import (TrainConfig, evaluation_arrays, load_training_data, parse_settings,
+                            split_training_data)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A planted bench (300 queries × 12 arms) with its catalogue beside it, and a queries table
+    with 16-dimensional embeddings."""
+    folder = tmp_path_factory.mktemp("train")
+    catalog = small_catalog()
+    table, queries = planted_bench_table(catalog, n_queries=300, dim=16, seed=0)
+    write_table(table, str(folder / "bench.parquet"))
+    write_table(queries, str(folder / "queries.parquet"))
+    save_catalog(catalog, str(folder / "bench.catalog.yaml"))
+    return folder, catalog
+
+
+def config(folder: Path, **overrides) -> TrainConfig:
+    return TrainConfig(**{"bench": str(folder / "bench.parquet"),
+                          "queries": str(folder / "queries.parquet"),
+                          "registered_name": "r2ray-test"} | overrides)
+
+
+def test_job_trains_logs_registers_then_promotion_compares_on_the_same_test(bench, capsys):
+    folder, catalog = bench
+    tracking = f"sqlite:///{folder}/mlflow.db"
+    common = ["--bench", str(folder / "bench.parquet"), "--queries", str(folder / "queries.parquet"),
+              "--register", "r2ray-test", "--promote", "champion", "--tracking-uri", tracking]
+    first = subprocess.run([sys.executable, str(REPO / "jobs" / "train_predictor.py"), *common,
+                            "--epochs", "3", "--set", "monotone=budgets"],
+                           cwd=folder, capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items()
+                                if k not in ("R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI")})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "registered models:/r2ray-test/1" in first.stdout
+    assert "alias @champion: promoted (no current holder)" in first.stdout
+
+    os.chdir(folder)  # artifacts of the in-process run land in this test's folder
+    try:
+        assert main(["train", *common, "--predictor", "per_arm_ridge"]) == 0
+    finally:
+        os.chdir(REPO)
+    report = capsys.readouterr().out
+    assert "registered models:/r2ray-test/2" in report
+    candidate = next(line for line in report.splitlines() if "candidate" in line)
+    holder = next(line for line in report.splitlines() if "holder" in line)
+    assert "models:/r2ray-test/2" in candidate and "audc" in candidate
+    assert "models:/r2ray-test/1" in holder and "audc" in holder  # both scored, both printed
+
+    client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    version = client.get_model_version("r2ray-test", "1")
+    run = client.get_run(version.run_id)
+    assert run.data.params["predictor.monotone"] == "budgets"
+    assert run.data.params["n_test"] == "60" and run.data.params["encoder_used"] == "None"
+    for metric in ("test_brier", "test_log_tokens_mae", "test_audc", "test_qnc", "test_peak",
+                   "train_seconds", "epochs_run"):
+        assert np.isfinite(run.data.metrics[metric]), metric
+    assert len(client.get_metric_history(run.info.run_id, "validation_loss")) == 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_arm_test_metrics.json", "calibration.png", "train_config.json",
+            "catalog.yaml"} <= artifacts
+    holder_now = client.get_model_version_by_alias("r2ray-test", "champion").version
+    promoted = "alias @champion: promoted" in report
+    assert str(holder_now) == ("2" if promoted else "1")
+
+
+def test_catalog_beside_the_bench_and_the_queries_embeddings_are_used(bench):
+    folder, catalog = bench
+    data = load_training_data(config(folder))
+    assert data.catalog == catalog and data.encoder_spec is None
+    assert data.arrays.embedding.shape == (300, 16) and data.arrays.quality.shape == (300, 12)
+
+
+def test_text_is_embedded_with_minilm_when_no_embeddings_are_given(tmp_path):
+    table, _ = planted_bench_table(small_catalog(), n_queries=12, dim=16, seed=0)
+    write_table(table, str(tmp_path / "bench.parquet"))  # no catalogue beside: the default pool
+    with pytest.raises(R2RayError, match="unknown model 'model-0'"):
+        load_training_data(config(tmp_path, queries=None))
+    save_catalog(small_catalog(), str(tmp_path / "bench.catalog.yaml"))
+    data = load_training_data(config(tmp_path, queries=None))
+    assert data.encoder_spec == "minilm" and data.arrays.embedding.shape == (12, 384)
+
+
+def test_embeddings_that_do_not_fit_the_named_encoder_fail_clearly(bench):
+    folder, _ = bench
+    with pytest.raises(EncoderError, match="dimension 16 does not match the predictor's 384"):
+        load_training_data(config(folder, encoder="minilm"))
+
+
+def test_splits_keep_test_out_of_training_and_validation(bench):
+    folder, _ = bench
+    arrays = load_training_data(config(folder)).arrays
+    rows = split_training_data(arrays, config(folder, seed=4))
+    train, validation, test = (set(rows[k].tolist()) for k in ("train", "validation", "test"))
+    assert not (train & validation) and not (train & test) and not (validation & test)
+    assert len(train | validation | test) == 300 and len(test) == 60 and len(validation) == 24
+    by_category = split_training_data(arrays, config(folder, split="category", seed=1))
+    held_out = set(arrays.category[by_category["test"]])
+    assert len(held_out) == 1
+    assert held_out.isdisjoint(arrays.category[by_category["train"]])
+    assert held_out.isdisjoint(arrays.category[by_category["validation"]])
+
+
+def test_parse_settings():
+    assert parse_settings(["monotone=budgets", "epochs=8", "hidden=[8, 4]"]) == {
+        "monotone": "budgets", "epochs": 8, "hidden": [8, 4]}
+    with pytest.raises(R2RayError, match="KEY=VALUE"):
+        parse_settings(["monotone"])
+
+
+def test_the_holder_is_scored_on_the_same_test_queries_in_its_own_terms(bench):
+    folder, catalog = bench
+    data = load_training_data(config(folder))
+    test_ids = data.arrays.query_id[:6]
+    repriced = catalog_from_dict(catalog.to_dict() | {"models": [
+        m | {"output_per_m": 2 * m["output_per_m"]} for m in catalog.to_dict()["models"]]})
+    holder = make_predictor("per_arm_ridge").fit(data.arrays, catalog)
+    same = evaluation_arrays(RegisteredPredictor(holder, catalog, None, None), data, test_ids)
+    assert same.query_id.tolist() == test_ids.tolist() and same.embedding.shape == (6, 16)
+    own_prices = evaluation_arrays(RegisteredPredictor(holder, repriced, None, None), data, test_ids)
+    np.testing.assert_allclose(own_prices.quality, same.quality)
+    assert (own_prices.cost_usd > same.cost_usd).all()     # its own catalogue, its own prices
+    text_holder = evaluation_arrays(RegisteredPredictor(holder, catalog, "minilm", None), data,
+                                    test_ids)
+    assert text_holder.embedding.shape == (6, 384)        # embedded with the holder's encoder
+    minilm_run = replace(data, encoder_spec="minilm")
+    with pytest.raises(ValueError, match="cannot be scored on the same inputs"):
+        evaluation_arrays(RegisteredPredictor(holder, catalog, None, None), minilm_run, test_ids)
