@@ -7,12 +7,20 @@ renders it with the one length-instruction template.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from r2ray.catalog import DEFAULT_BUDGET, Catalog
 from r2ray.prompting import max_tokens_for, render_messages
+
+
+def query_key(query: str, query_id: str | None = None) -> int:
+    """uint64 key hashed by the solver's tie rule: the same in the batch job and online, so a
+    query tied at λ* takes the same side in both. From the id when there is one, else the text."""
+    text = f"id:{query_id}" if query_id is not None else f"text:{query}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)

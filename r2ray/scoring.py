@@ -19,7 +19,7 @@ import yaml
 from r2ray.catalog import Catalog, catalog_from_dict
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
-from r2ray.routing import arm_scores
+from r2ray.routing import arm_scores, query_key
 from r2ray.solver import HullSteps, hull_steps
 
 SCORED_COLUMNS = ["base_arm", "base_q", "base_c", "step_arm", "dq", "dc", "key", "hull_tokens",
@@ -87,12 +87,14 @@ def score_batch(table: pa.Table, predictor, catalog: Catalog, encoder=None) -> p
 
 def _with_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
     """Drop the embedding, keep the tenant as ``tenant_name`` (the solver's ``tenant`` is an
-    index), add the solver's keys (``query_pos`` = ``query_key`` = the input order) and the hull."""
+    index), add the solver's keys and the hull. ``query_pos`` is the input order (unique);
+    ``query_key`` is :func:`r2ray.routing.query_key` of the id, the key Serve hashes too."""
     out = table.drop_columns([c for c in ("embedding",) if c in table.column_names])
     out = out.rename_columns(["tenant_name" if c == "tenant" else c for c in out.column_names])
-    order = out.column("order").to_numpy()
-    out = out.append_column("query_pos", pa.array(order, pa.int64()))
-    out = out.append_column("query_key", pa.array(order.astype(np.uint64), pa.uint64()))
+    keys = np.fromiter((query_key("", qid) for qid in out.column("query_id").to_pylist()),
+                       dtype=np.uint64, count=out.num_rows)
+    out = out.append_column("query_pos", pa.array(out.column("order").to_numpy(), pa.int64()))
+    out = out.append_column("query_key", pa.array(keys, pa.uint64()))
     for name, column in columns.items():
         out = out.append_column(name, column)
     return out

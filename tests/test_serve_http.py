@@ -244,7 +244,8 @@ def test_prometheus_counts_decisions_spend_and_lambda(serving, embedding):
 
 def test_text_queries_are_encoded_with_minilm_online(serving, registry):
     from r2ray.prompting import estimate_tokens
-    from r2ray.serving.router import RouteItem, RoutingModel, query_key, route_items
+    from r2ray.routing import query_key
+    from r2ray.serving.router import RouteItem, RoutingModel, route_items
 
     query = "Prove that the square root of 2 is irrational, step by step."
     response = httpx.post(f"{serving['url']}/text/v1/route", timeout=60,

@@ -24,8 +24,8 @@ from r2ray.serving.api import build_api
 from r2ray.serving.auth import AuthError, check_bearer, key_digest, load_key_digests
 from r2ray.serving.config import PacingConfig, serve_config
 from r2ray.serving.pacer import Pacer, PriceState, paced_lambda, starting_price
-from r2ray.serving.router import (RouteItem, RouteRejected, RoutingModel, query_key,
-                                  route_items)
+from r2ray.routing import query_key
+from r2ray.serving.router import RouteItem, RouteRejected, RoutingModel, route_items
 from r2ray.serving.schema import ChatCompletionRequest, RouteRequest
 from r2ray.serving.service import RoutingService, SpendBook, routing_headers, upstream_body
 from r2ray.solver import choose_arms, hull_steps, solve_budget

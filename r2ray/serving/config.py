@@ -65,6 +65,7 @@ class ServeConfig(BaseModel):
     alternatives: Annotated[int, Field(ge=0, le=20)] = 3
     router_replicas: Annotated[int, Field(ge=1)] = 1
     router_cpus: PositiveFloat = 0.25          # fractional: small machines hang on whole CPUs
+    router_gpus: Annotated[float, Field(ge=0)] = 0.0  # > 0: encoder and predictor on the GPU
     ingress_cpus: PositiveFloat = 0.1
     pacer_cpus: PositiveFloat = 0.05
     device: str | None = None                  # encoder/predictor device; default cuda if visible

@@ -160,9 +160,12 @@ def build_application(config: ServeConfig):
     """The bound Serve application for ``config`` (nothing starts until it is run)."""
     settings = config.model_dump()
     digests = sorted(load_key_digests(config.api_key_envs))
-    pacer = PacerDeployment.options(ray_actor_options={"num_cpus": config.pacer_cpus}).bind(settings)
+    pacer = PacerDeployment.options(  # no access log: every ingress syncs a few times a second
+        ray_actor_options={"num_cpus": config.pacer_cpus},
+        logging_config={"enable_access_log": False}).bind(settings)
     router = RouterDeployment.options(
-        num_replicas=config.router_replicas, ray_actor_options={"num_cpus": config.router_cpus},
+        num_replicas=config.router_replicas,
+        ray_actor_options={"num_cpus": config.router_cpus, "num_gpus": config.router_gpus},
         max_ongoing_requests=max(64, 2 * config.batch_max_size)).bind(settings)
     return Ingress.options(ray_actor_options={"num_cpus": config.ingress_cpus}).bind(
         router, pacer, settings, digests)

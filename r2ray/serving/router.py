@@ -8,15 +8,14 @@ arm the batch solve gave it (unless the solve's greedy fill moved it).
 
 **Query key** (what the tie hash reads): the first 8 bytes, little-endian, of BLAKE2b over
 ``"id:" + query_id`` when the request names a ``query_id``, else over ``"text:" + query``. It is
-stable across processes, machines and versions; a batch job that wants its ties broken the same
-way online must pass the same keys to ``solve_budget(query_key=...)``.
+stable across processes, machines and versions (:func:`r2ray.routing.query_key`); the batch job
+hashes the same keys, so ties break the same way online.
 
 Nothing here knows about Ray: the Serve Router deployment calls :func:`route_items` on batches.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -26,12 +25,6 @@ from r2ray.catalog import Catalog, ModelSpec, UnknownModel, load_catalog
 from r2ray.errors import R2RayError
 from r2ray.routing import ArmScores, allowed_arms, arm_scores, routed_request
 from r2ray.solver import NO_ARM, choose_arms
-
-
-def query_key(query: str, query_id: str | None = None) -> int:
-    """uint64 tie-hash key of a query (see the module docstring)."""
-    text = f"id:{query_id}" if query_id is not None else f"text:{query}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 class RouteRejected(R2RayError, ValueError):

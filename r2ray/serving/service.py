@@ -17,7 +17,8 @@ import httpx
 from r2ray.prompting import estimate_tokens, render_messages
 from r2ray.serving.config import ServeConfig
 from r2ray.serving.pacer import PriceState
-from r2ray.serving.router import RouteDecision, RouteItem, RouteRejected, query_key
+from r2ray.routing import query_key
+from r2ray.serving.router import RouteDecision, RouteItem, RouteRejected
 from r2ray.serving.schema import (ROUTER_MODEL, ChatCompletionRequest, ModelCard, ModelList,
                                   RouteRequest, RouteResponse, RoutingOptions, message_text)
 from r2ray.serving.upstream import chat_url, forward_chat, realised_cost_usd, upstream_key
