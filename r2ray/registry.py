@@ -2,8 +2,8 @@
 
 Tracking store: the ``tracking_uri`` argument, else ``R2RAY_TRACKING_URI``, else
 ``MLFLOW_TRACKING_URI``, else MLflow's default, a local SQLite file ``sqlite:///mlflow.db`` in the
-current folder (artifacts then go to ``./mlruns``). Production uses an ``mlflow server`` with a database and S3
-artifacts (``mlflow/README.md``); point ``R2RAY_TRACKING_URI`` at it.
+current folder (artifacts then go to ``./mlruns``). Production uses an ``mlflow server`` with a
+database and S3 artifacts (``mlflow/README.md``); point ``R2RAY_TRACKING_URI`` at it.
 
 A version is a pyfunc model logged from code (:mod:`r2ray.predictor.pyfunc`) whose one artifact is
 the saved predictor (tensors + JSON, with its catalogue), so ``mlflow.pyfunc.load_model(
@@ -87,7 +87,8 @@ def _signature():
                      ColSpec("long", "input_tokens", required=False),
                      ColSpec(Array("double"), "embedding", required=False)])
     outputs = Schema([ColSpec("double", "input_tokens"), ColSpec(Array("double"), "quality"),
-                      ColSpec(Array("double"), "output_tokens"), ColSpec(Array("double"), "cost_usd")])
+                      ColSpec(Array("double"), "output_tokens"),
+                      ColSpec(Array("double"), "cost_usd")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -193,7 +194,7 @@ def load_registered(uri: str, tracking_uri: str | None = None,
     return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, version)
 
 
-# ---- promote ----------------------------------------------------------------------------------------
+# ---- promote -------------------------------------------------------------------------------------
 def alias_holder(name: str, alias: str, tracking_uri: str | None = None) -> VersionInfo | None:
     """The version ``name@alias`` points at, or None when the alias (or the model) is not set."""
     try:
@@ -214,8 +215,8 @@ class Promotion:
 
     def report(self) -> str:
         def line(label: str, info: VersionInfo | None, score: dict | None) -> str:
-            metrics = ("not scored" if score is None else
-                       ", ".join(f"{k} {score[k]:.4f}" for k in ("audc", "qnc", "peak") if k in score))
+            metrics = ("not scored" if score is None else ", ".join(
+                f"{k} {score[k]:.4f}" for k in ("audc", "qnc", "peak") if k in score))
             return f"  {label:<10} {info.uri if info else '(none)':<28} {metrics}"
 
         verdict = "promoted" if self.promoted else "not promoted"

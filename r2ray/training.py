@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
     bench: str                                   # long bench: file, folder or glob (any fsspec URI)
     registered_name: str                         # registered model name, e.g. "r2ray"
     queries: str | None = None                   # table with query_id + embedding
-    catalog: str | None = None                   # default: <bench>.catalog.yaml beside it, else the default pool
+    catalog: str | None = None                   # default: <bench>.catalog.yaml, else the pool
     encoder: str | None = None                   # minilm | a local sentence-transformers folder
     predictor: str = "r2ray"                     # a key of r2ray.predictor.PREDICTORS
     settings: dict = Field(default_factory=dict)  # predictor constructor settings
@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     epochs: Annotated[int, Field(gt=0)] | None = None  # None: the predictor's default
     promote: str | None = None                   # alias to move when the new version wins
-    tracking_uri: str | None = None              # default: R2RAY_TRACKING_URI / MLFLOW_TRACKING_URI / sqlite
+    tracking_uri: str | None = None              # default: see r2ray.registry.configure_tracking
     experiment: str = "r2ray-train"
 
 
@@ -88,7 +88,7 @@ class TrainResult:
         return "\n".join(lines)
 
 
-# ---- data -------------------------------------------------------------------------------------------
+# ---- data ----------------------------------------------------------------------------------------
 def bench_catalog(bench_uri: str, catalog_path: str | None) -> Catalog:
     """``catalog_path``, else the catalogue saved beside the (first) bench file, else the default."""
     from r2ray.bench.stats import catalog_uri_beside
@@ -128,7 +128,7 @@ def split_training_data(arrays: BenchArrays, config: TrainConfig) -> dict[str, n
     return {"train": train[kept], "validation": train[validation], "test": test}
 
 
-# ---- evaluation for promotion ---------------------------------------------------------------------
+# ---- evaluation for promotion --------------------------------------------------------------------
 def evaluation_arrays(registered: RegisteredPredictor, data: TrainingData,
                       test_ids: np.ndarray) -> BenchArrays:
     """This run's test queries as seen by ``registered`` (its own catalogue and encoder)."""
@@ -155,14 +155,13 @@ def score_on_test(data: TrainingData, test_ids: np.ndarray):
     return score
 
 
-# ---- MLflow logging ----------------------------------------------------------------------------------
+# ---- MLflow logging ------------------------------------------------------------------------------
 def calibration_figure(bins: dict[str, np.ndarray], title: str):
-    import matplotlib
+    """Reliability diagram: mean observed quality against mean q̂ per bin (no pyplot state)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
     keep = bins["count"] > 0
     axis.plot(bins["mean_predicted"][keep], bins["mean_observed"][keep], marker="o", label="test")
@@ -175,7 +174,6 @@ def calibration_figure(bins: dict[str, np.ndarray], title: str):
 def log_fit(predictor: BasePredictor, data: TrainingData, test: BenchArrays,
             config: TrainConfig, counts: dict[str, int], seconds: float) -> dict[str, float]:
     """Params, metrics, per-arm table and calibration plot into the active MLflow run."""
-    import matplotlib.pyplot as plt
     import mlflow
 
     prediction = predictor.predict(test.embedding)
@@ -183,6 +181,7 @@ def log_fit(predictor: BasePredictor, data: TrainingData, test: BenchArrays,
     history = getattr(predictor, "history_", None)
     if history is not None:
         metrics |= {"epochs_run": history.epochs_run, "best_epoch": history.best_epoch}
+        mlflow.log_param("precision_used", history.precision)
         for step, (train_loss, val_loss) in enumerate(zip(history.train_loss,
                                                           history.validation_loss), start=1):
             mlflow.log_metrics({"train_loss": train_loss, "validation_loss": val_loss}, step=step)
@@ -197,13 +196,12 @@ def log_fit(predictor: BasePredictor, data: TrainingData, test: BenchArrays,
     figure = calibration_figure(calibration_bins(prediction.quality, test.quality),
                                 f"{predictor.name}: calibration on {test.n_queries:,} test queries")
     mlflow.log_figure(figure, "calibration.png")
-    plt.close(figure)
     mlflow.log_dict(config.model_dump(), "train_config.json")
     mlflow.log_text(data.catalog.to_yaml(), "catalog.yaml")
     return metrics
 
 
-# ---- the job -------------------------------------------------------------------------------------------
+# ---- the job -------------------------------------------------------------------------------------
 def train_predictor_job(config: TrainConfig) -> TrainResult:
     """Fit, log, register and (optionally) promote; see the module docstring."""
     import mlflow
@@ -226,7 +224,8 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
         predictor.encoder_spec = data.encoder_spec
         metrics = log_fit(predictor, data, parts["test"], config, counts, seconds)
         score = score_on_test(data, parts["test"].query_id)
-        candidate_score = score(RegisteredPredictor(predictor, data.catalog, data.encoder_spec, None))
+        candidate_score = score(RegisteredPredictor(predictor, data.catalog, data.encoder_spec,
+                                                    None))
         metrics |= {f"test_{k}": candidate_score[k] for k in ("audc", "qnc", "peak")}
         mlflow.log_metrics({f"test_{k}": candidate_score[k] for k in ("audc", "qnc", "peak")})
         version = register_predictor(predictor, config.registered_name, encoder_spec=data.encoder_spec,

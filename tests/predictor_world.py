@@ -29,7 +29,8 @@ def planted_truth(catalog: Catalog, n_queries: int, dim: int, seed: int) -> dict
     skills = np.random.default_rng(1234).normal(size=(len(catalog.models), dim))  # fixed per world
     arms = catalog.arm_arrays
     model, budget = arms["model_index"], arms["budget_tokens"].astype(np.float64)
-    capability = 1 / (1 + np.exp(-(x @ skills.T / np.sqrt(dim) * 2.5 + 0.3 * np.arange(len(skills)))))  # [N, M]
+    logit = x @ skills.T / np.sqrt(dim) * 2.5 + 0.3 * np.arange(len(skills))          # [N, M]
+    capability = 1 / (1 + np.exp(-logit))
     needed = np.exp(4.0 + 0.8 * np.tanh(x[:, :1]))                                    # [N, 1]
     sufficiency = np.where(budget == DEFAULT_BUDGET, 0.9, 1 - np.exp(-budget / needed))  # [N, K]
     quality = capability[:, model] * sufficiency

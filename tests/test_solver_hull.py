@@ -1,4 +1,5 @@
-"""hull_steps: hand cases and a property test against a brute-force gift wrap."""
+"""hull_steps: hand cases, a property test against a brute-force gift wrap, and the numba
+kernel against the numpy hull it replaced, bit for bit."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r2ray.solver import NO_ARM, concat_steps, efficiency_key, hull_steps
+from hull_numpy_reference import reference_efficiency_key, reference_hull_steps
 from solver_highs import instances
 
 
@@ -160,3 +162,111 @@ def test_float32_and_float64_inputs_give_the_same_hull(k, seed):
     a, b = hull_steps(q, c), hull_steps(q.astype(np.float64), c.astype(np.float64))
     for name in ("base_arm", "offsets", "step_arm", "dq", "dc"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+# --- the numba kernel against the numpy hull it replaced (tests/hull_numpy_reference.py) ---
+
+HULL_FIELDS = ("base_arm", "base_q", "base_c", "offsets", "step_arm", "dq", "dc", "key",
+               "invalid_arms")
+
+
+def assert_bit_identical(steps, reference):
+    for name in HULL_FIELDS:
+        got, want = getattr(steps, name), getattr(reference, name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert got.tobytes() == want.tobytes(), name       # -0.0 and 0.0 differ here
+
+
+QUANTISED_Q = [0.0, -0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
+QUANTISED_C = [0.0, -0.0, 0.25, 0.5, 1.0, 1.5, 3.0, 0.1, 0.2, 0.3]
+
+
+@st.composite
+def hard_rows(draw, max_queries: int = 6, max_arms: int = 24):
+    """(q, c): quantised ties, exact and rounded collinear points, wide magnitudes (subnormal
+    to huge), NaN/inf holes; float32, float64 or mixed."""
+    n, k = draw(st.integers(1, max_queries)), draw(st.integers(1, max_arms))
+    style = draw(st.sampled_from(["quantised", "collinear", "wide"]))
+    size = dict(min_size=n * k, max_size=n * k)
+    if style == "quantised":
+        q = draw(st.lists(st.sampled_from(QUANTISED_Q), **size))
+        c = draw(st.lists(st.sampled_from(QUANTISED_C), **size))
+    elif style == "collinear":    # q = slope * c (+ an intercept), exact or rounded
+        slope = draw(st.sampled_from([0.125, 0.1, 3.0, 1e-9]))
+        c = draw(st.lists(st.integers(0, 8).map(lambda x: x * 0.5), **size))
+        q = [slope * x + draw(st.sampled_from([0.0, 0.3, 5e-17])) for x in c]
+    else:                         # slopes that overflow, underflow or go subnormal
+        q = draw(st.lists(st.floats(-1e300, 1e300), **size))
+        c = draw(st.lists(st.floats(0, 1e300) | st.sampled_from([5e-324, 1e-310, 1e-300]),
+                          **size))
+    q, c = np.array(q).reshape(n, k), np.array(c).reshape(n, k)
+    holes = np.array(draw(st.lists(st.sampled_from(["ok"] * 8 + ["nan_q", "inf_q", "nan_c",
+                                                                 "inf_c"]), **size))).reshape(n, k)
+    q[holes == "nan_q"], q[holes == "inf_q"] = np.nan, -np.inf
+    c[holes == "nan_c"], c[holes == "inf_c"] = np.nan, np.inf
+    dtypes = draw(st.sampled_from([(np.float64, np.float64), (np.float32, np.float32),
+                                   (np.float32, np.float64), (np.float64, np.float32)]))
+    with np.errstate(over="ignore"):
+        return q.astype(dtypes[0]), c.astype(dtypes[1])
+
+
+@settings(max_examples=400, deadline=None)
+@given(hard_rows())
+def test_kernel_matches_the_numpy_hull_bit_for_bit(instance):
+    q, c = instance
+    assert_bit_identical(hull_steps(q, c), reference_hull_steps(q, c))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kernel_matches_the_numpy_hull_on_wide_rows(seed):
+    """176 arms like the benchmark's: 11 models x 16 budgets, many equal costs, 5% holes."""
+    rng = np.random.default_rng(seed)
+    n, models, budgets = 500, 11, 16
+    tokens = np.minimum([10, 20, 30, 40, 50, 80, 100, 150, 200, 300, 500, 800, 1200, 2000,
+                         4000, 10**6], rng.integers(100, 700, (n, models, 1)))
+    price = rng.choice([1e-7, 4e-7, 1.5e-6, 1e-5], models)[None, :, None]
+    c = (rng.integers(50, 500, (n, 1, 1)) * price / 4 + tokens * price).reshape(n, -1)
+    q = np.round(rng.random((n, models, 1)) * (1 - np.exp(-tokens / 300)), seed).reshape(n, -1)
+    q[rng.random(q.shape) < 0.05] = np.nan
+    for dtype in (np.float64, np.float32):
+        qd, cd = q.astype(dtype), c.astype(dtype)
+        assert_bit_identical(hull_steps(qd, cd), reference_hull_steps(qd, cd))
+
+
+def test_long_chains_grow_the_step_buffers():
+    # 176 arms on a strictly concave curve: every arm is a vertex, 175 steps per query
+    c = np.tile(np.arange(176.0), (2000, 1))
+    q = np.sqrt(c) * np.linspace(1.0, 2.0, 2000)[:, None]
+    steps = hull_steps(q, c)
+    assert (steps.steps_per_query == 175).all()
+    assert_bit_identical(steps, reference_hull_steps(q, c))
+
+
+def test_layouts_and_dtypes_do_not_change_the_hull():
+    rng = np.random.default_rng(3)
+    q, c = (rng.random((40, 30)) * 10).round(), rng.random((40, 30))
+    want = hull_steps(q, c)
+    strided = np.zeros((40, 60))
+    strided[:, ::2] = q
+    for other_q, other_c in ((np.asfortranarray(q), np.asfortranarray(c)),   # copied per chunk
+                             (strided[:, ::2], c),
+                             (q.astype(np.int64), c),                         # widened
+                             (q.astype(np.float32), c)):                      # mixed dtypes
+        assert_bit_identical(hull_steps(other_q, other_c, chunk_rows=16), want)
+
+
+def test_negative_cost_in_a_later_chunk_names_its_row():
+    c = np.ones((10, 3))
+    c[7, 2] = -0.5
+    with pytest.raises(ValueError, match=r"c\[7, 2\] = np.float64\(-0.5\)"):
+        hull_steps(np.ones((10, 3)), c, chunk_rows=4)
+
+
+def test_efficiency_key_matches_the_numpy_rounding():
+    rng = np.random.default_rng(5)
+    eff = np.concatenate([rng.random(1000) * 10.0 ** rng.integers(-45, 45, 1000),
+                          [0.0, -0.0, -1.0, 5e-324, 1e-46, 3.4028235e38, 3.5e38, np.inf, np.nan,
+                           1.0 + 2.0**-30, 0.1]])
+    assert efficiency_key(eff).tobytes() == reference_efficiency_key(eff).tobytes()
+    view = eff.reshape(3, -1)[:, ::7]
+    assert efficiency_key(view).tobytes() == reference_efficiency_key(view).tobytes()

@@ -32,7 +32,8 @@ class ArmPredictions:
     output_tokens: np.ndarray  # [N, K] float32, tokens; NaN = arm not covered
 
     def cost_usd(self, catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
-        """[N, K] float64 USD: input tokens [N] × input price + predicted output tokens × output price."""
+        """[N, K] float64 USD: input tokens [N] × input price + predicted output tokens × output
+        price."""
         return catalog.arm_cost_usd(input_tokens, self.output_tokens)
 
     def subset(self, index: np.ndarray) -> ArmPredictions:
@@ -147,7 +148,7 @@ class BasePredictor:
         self._restore(config["fitted"], tensors)
         return self
 
-    # ---- subclass hooks ---------------------------------------------------------------------------
+    # ---- subclass hooks --------------------------------------------------------------------------
     def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
              validation: BenchArrays | None) -> None:
         raise NotImplementedError

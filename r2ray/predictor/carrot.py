@@ -124,8 +124,9 @@ def fit_logistic(x: np.ndarray, targets: np.ndarray, l2: float, max_iter: int = 
 
 class CarrotLinear(BasePredictor):
     def __init__(self, arms: str = "default", l2: float = 1.0, alpha: float = 1.0,
-                 max_iter: int = 100):
+                 max_iter: int = 100, threads: int | None = 1):
         self.arms, self.l2, self.alpha, self.max_iter = arms, l2, alpha, max_iter
+        self.threads = threads
         self.coef_: dict[str, np.ndarray] | None = None
 
     @property
@@ -137,7 +138,7 @@ class CarrotLinear(BasePredictor):
         arms = covered_arms(catalog, self.arms)
         x_mean, x_scale = x.mean(axis=0), np.where(x.std(axis=0) > 1e-6, x.std(axis=0), 1.0)
         xs = (x - x_mean) / x_scale
-        wq, bq = fit_logistic(xs, train.quality[:, arms], self.l2, self.max_iter)
+        wq, bq = fit_logistic(xs, train.quality[:, arms], self.l2, self.max_iter, self.threads)
         wt, bt = fit_ridge(xs, log_tokens(train.output_tokens[:, arms]), self.alpha)
         self.coef_ = {"arms": arms.astype(np.int64), "x_mean": x_mean.astype(np.float32),
                       "x_scale": x_scale.astype(np.float32), "quality_weights": wq,

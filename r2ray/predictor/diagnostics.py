@@ -64,7 +64,8 @@ def expected_calibration_error(bins: dict[str, np.ndarray]) -> float:
     return float(np.average(gap, weights=bins["count"][keep])) if keep.any() else float("nan")
 
 
-def per_arm_report(prediction: ArmPredictions, test: BenchArrays, catalog: Catalog) -> dict[str, list]:
+def per_arm_report(prediction: ArmPredictions, test: BenchArrays,
+                   catalog: Catalog) -> dict[str, list]:
     """Columns (one row per arm): model, budget, cells, brier, log_tokens_mae, mean quality vs q̂."""
     observed = scored_cells(prediction.quality, test.quality)
     return {

@@ -21,12 +21,13 @@ class R2RayPredictor(TorchPredictor):
                  dropout: float = 0.1, monotone: str = "none", epochs: int = 12,
                  batch_size: int = 512, learning_rate: float = 3e-3, weight_decay: float = 1e-4,
                  patience: int = 3, token_weight: float = 0.5, validation_fraction: float = 0.1,
-                 seed: int = 0, device: str | None = None, threads: int | None = None,
+                 seed: int = 0, device: str | None = None, threads: int | None = 1,
                  time_limit_s: float | None = None,
-                 precision: str = "float32"):
-        self.query_hidden, self.joint_hidden, self.head_hidden = query_hidden, joint_hidden, head_hidden
-        self.rank = rank
-        self.model_embedding_dim, self.budget_embedding_dim = model_embedding_dim, budget_embedding_dim
+                 precision: str = "auto"):
+        self.query_hidden, self.joint_hidden = query_hidden, joint_hidden
+        self.head_hidden, self.rank = head_hidden, rank
+        self.model_embedding_dim = model_embedding_dim
+        self.budget_embedding_dim = budget_embedding_dim
         self.dropout, self.monotone = dropout, monotone
         self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
         self.weight_decay, self.patience, self.token_weight = weight_decay, patience, token_weight

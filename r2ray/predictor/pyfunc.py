@@ -38,12 +38,17 @@ def arm_labels(catalog: Catalog) -> list[str]:
     return [f"{arm.model}|{budget_label(arm.budget_tokens)}" for arm in catalog.arms]
 
 
+def _is_vector(value) -> bool:
+    """A non-empty list/array (None, NaN and empty lists mean: no embedding for this row)."""
+    return isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0
+
+
 def frame_embeddings(frame: pd.DataFrame, predictor: BasePredictor,
                      encoder: Encoder | None) -> np.ndarray:
     """[N, D] float32: the ``embedding`` column where given, else the encoded ``query``."""
     n, dim = len(frame), predictor.embedding_dim_
-    given = (frame["embedding"].map(lambda v: v is not None and np.size(v) > 0).to_numpy(bool)
-             if "embedding" in frame.columns else np.zeros(n, dtype=bool))
+    given = (frame["embedding"].map(_is_vector).to_numpy(bool) if "embedding" in frame.columns
+             else np.zeros(n, dtype=bool))
     embedding = np.zeros((n, dim), dtype=np.float32)
     if given.any():
         rows = np.stack([np.asarray(v, dtype=np.float32) for v in frame["embedding"][given]])
@@ -62,7 +67,7 @@ def frame_embeddings(frame: pd.DataFrame, predictor: BasePredictor,
 
 
 def frame_input_tokens(frame: pd.DataFrame) -> np.ndarray:
-    """[N] float64 input tokens: the ``input_tokens`` column, estimated from ``query`` where missing."""
+    """[N] float64 input tokens: the ``input_tokens`` column, else estimated from ``query``."""
     given = (pd.to_numeric(frame["input_tokens"], errors="coerce").to_numpy(float)
              if "input_tokens" in frame.columns else np.full(len(frame), np.nan))
     if np.isnan(given).any():
@@ -104,5 +109,6 @@ class R2RayPyfunc(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
-        needs_text = "embedding" not in frame.columns or frame["embedding"].isna().any()
+        needs_text = ("embedding" not in frame.columns
+                      or not frame["embedding"].map(_is_vector).all())
         return predict_frame(self.predictor, frame, self._encoder() if needs_text else None)
