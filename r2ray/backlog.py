@@ -10,7 +10,6 @@ good rows plus a quarantine table with a reason per bad row — nothing is silen
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +18,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from r2ray import storage
-from r2ray.prompting import estimate_tokens
 
 BACKLOG_SUFFIXES = (".parquet", ".jsonl", ".json")
 ROW_BITS = 40  # order key = file index << 40 | row: unique, sortable, stable across re-runs
@@ -212,7 +210,8 @@ def _string_column(table: pa.Table, name: str, flag) -> pa.Array:
 
 
 def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
-    """Given counts where present and valid, else estimated from the text (float64 [n])."""
+    """Given counts where present and valid, else estimated from the text (float64 [n]) by the
+    rule of :func:`r2ray.prompting.estimate_tokens`, vectorised."""
     chars = _filled(pc.utf8_length(query), 0).astype(np.float64)
     words = _filled(pc.count_substring_regex(query, r"\S+"), 0).astype(np.float64)
     estimate = np.maximum(1.0, np.maximum(words, np.ceil(chars / 4)))

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from r2ray import storage
 from r2ray.bench.io import SUFFIXES, read_bench, read_table
-from r2ray.catalog import Catalog, load_catalog
+from r2ray.catalog import Catalog
 from r2ray.encoders import MINILM, check_embedding_dimension, load_encoder
 from r2ray.errors import R2RayError
 from r2ray.predictor import make_predictor
@@ -91,12 +91,9 @@ class TrainResult:
 # ---- data ----------------------------------------------------------------------------------------
 def bench_catalog(bench_uri: str, catalog_path: str | None) -> Catalog:
     """``catalog_path``, else the catalogue saved beside the (first) bench file, else the default."""
-    from r2ray.bench.stats import catalog_uri_beside
+    from r2ray.bench.stats import catalog_for_bench
 
-    if catalog_path:
-        return load_catalog(catalog_path)
-    beside = catalog_uri_beside(storage.list_files(bench_uri, SUFFIXES)[0])
-    return load_catalog(beside if storage.exists(beside) else None)
+    return catalog_for_bench(storage.list_files(bench_uri, SUFFIXES)[0], catalog_path)[0]
 
 
 def read_queries(uri: str) -> pa.Table:

@@ -15,7 +15,7 @@ import numpy as np
 
 from r2ray import storage
 from r2ray.bench.io import read_bench, read_table
-from r2ray.catalog import Catalog, load_catalog
+from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 from r2ray.evaluation import harness, report
 from r2ray.evaluation.harness import log_line
@@ -91,16 +91,11 @@ def choose_catalog(model: ModelUnderTest, catalog_path: str | None,
                    bench_uri: str) -> tuple[Catalog, str]:
     """(catalogue, where from): ``--catalog``, else the model's training catalogue, else the
     ``<bench>.catalog.yaml`` beside the bench, else the default pool."""
-    from r2ray.bench.stats import catalog_uri_beside
+    from r2ray.bench.stats import catalog_for_bench
 
-    if catalog_path:
-        return load_catalog(catalog_path), catalog_path
-    if model.catalog is not None:
+    if model.catalog is not None and not catalog_path:
         return model.catalog, "the model's training catalogue"
-    beside = catalog_uri_beside(bench_uri)
-    if storage.exists(beside):
-        return load_catalog(beside), beside
-    return load_catalog(None), "the default catalogue"
+    return catalog_for_bench(bench_uri, catalog_path)
 
 
 def run_evaluation(arrays: BenchArrays, catalog: Catalog, model: ModelUnderTest, seeds: list[int],

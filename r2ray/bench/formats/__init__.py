@@ -8,7 +8,6 @@ the bench and its catalogue.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,10 +40,10 @@ OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 
 
 def default_catalog_out(out: str) -> str:
-    """``.../bench.parquet`` -> ``.../bench.catalog.yaml``."""
-    head, name = posixpath.split(str(out))
-    base = name.rsplit(".", 1)[0] if "." in name else name
-    return posixpath.join(head, f"{base}.catalog.yaml") if head else f"{base}.catalog.yaml"
+    """``.../bench.parquet`` -> ``.../bench.catalog.yaml`` (where ``bench stats`` looks)."""
+    from r2ray.bench.stats import catalog_uri_beside
+
+    return catalog_uri_beside(out)
 
 
 def convert_files(format: str, inputs: list[str], *, out: str, catalog_out: str | None = None,
