@@ -221,7 +221,7 @@ def test_kernel_matches_the_numpy_hull_bit_for_bit(instance):
 def test_kernel_matches_the_numpy_hull_on_wide_rows(seed):
     """176 arms like the benchmark's: 11 models x 16 budgets, many equal costs, 5% holes."""
     rng = np.random.default_rng(seed)
-    n, models, budgets = 500, 11, 16
+    n, models = 500, 11
     tokens = np.minimum([10, 20, 30, 40, 50, 80, 100, 150, 200, 300, 500, 800, 1200, 2000,
                          4000, 10**6], rng.integers(100, 700, (n, models, 1)))
     price = rng.choice([1e-7, 4e-7, 1.5e-6, 1e-5], models)[None, :, None]
