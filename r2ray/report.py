@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from r2ray import storage
 from r2ray.catalog import budget_label
+from r2ray.redaction import redact_values
 
 STATS_SCHEMA = pa.schema([
     pa.field("model", pa.string()),
@@ -46,6 +47,7 @@ def spend_by_model(stats: pa.Table) -> dict[str, dict]:
 
 
 def report_markdown(manifest: dict, stats: pa.Table) -> str:
+    manifest = redact_values(manifest)  # URIs may carry credentials; the report never does
     counts, spend = manifest["counts"], manifest["spend"]
     lines = [
         f"# r2ray batch run `{manifest['run_id']}`", "",
@@ -53,10 +55,12 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
         f"- model: `{manifest['model']['uri']}` (version {manifest['model']['version']})",
         f"- queries in: {counts['rows_in']:,} · routed: {counts['routed']:,} · "
         f"quarantined: {counts['quarantined']:,} · unreadable files: {counts['unreadable_files']}",
-        f"- budget: ${spend['budget_usd']:.6f} (usable after reserve ${spend['usable_usd']:.6f}) · "
-        f"predicted spend: ${spend['predicted_usd']:.6f}",
-        f"- λ* = {manifest['solve']['lambda']:.6g} quality/USD · θ* = {manifest['solve']['theta']:.4f}"
-        f" · proven gap ≤ {manifest['solve']['gap']:.6g} (quality, summed)", "",
+        f"- budget: ${spend['budget_usd']:.6g} (usable after reserve ${spend['usable_usd']:.6g}) · "
+        f"predicted spend: ${spend['predicted_usd']:.6g}",
+        "- **no query could be routed: every row was quarantined**" if manifest["solve"] is None
+        else f"- λ* = {manifest['solve']['lambda']:.6g} quality/USD · "
+             f"θ* = {manifest['solve']['theta']:.4f} · proven gap ≤ "
+             f"{manifest['solve']['gap']:.6g} (quality, summed)", "",
         "| model | budget | queries | spend USD | mean q̂ | mean t̂ |", "|---|---:|---:|---:|---:|---:|",
     ]
     for row in stats.to_pylist():
@@ -109,12 +113,18 @@ def write_report(root_uri: str, manifest: dict, stats: pa.Table) -> dict[str, st
 
 def log_to_mlflow(manifest: dict, stats: pa.Table, tracking_uri: str | None = None,
                   experiment: str = "r2ray-batch") -> str:
-    """One MLflow run per batch: params, metrics, the report and the plot. Returns its run id."""
+    """One MLflow run per batch: params, metrics, the report and the plot, with every URI in them
+    redacted, as is MLflow's own output. Returns its run id; MLflow's errors are RegistryError."""
+    from r2ray.registry import configure_tracking, mlflow_guard
+
+    with mlflow_guard():
+        configure_tracking(tracking_uri)
+        return _log_run(redact_values(manifest), stats, experiment)
+
+
+def _log_run(manifest: dict, stats: pa.Table, experiment: str) -> str:
     import mlflow
 
-    from r2ray.registry import configure_tracking
-
-    configure_tracking(tracking_uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=manifest["run_id"]) as run:
         mlflow.log_params({
@@ -127,8 +137,9 @@ def log_to_mlflow(manifest: dict, stats: pa.Table, tracking_uri: str | None = No
             "rows_in": manifest["counts"]["rows_in"], "routed": manifest["counts"]["routed"],
             "quarantined": manifest["counts"]["quarantined"],
             "predicted_spend_usd": manifest["spend"]["predicted_usd"],
-            "lambda_star": manifest["solve"]["lambda"], "theta_star": manifest["solve"]["theta"],
-            "gap": manifest["solve"]["gap"], "objective": manifest["solve"]["objective"],
+            **({} if manifest["solve"] is None else {
+                "lambda_star": manifest["solve"]["lambda"], "theta_star": manifest["solve"]["theta"],
+                "gap": manifest["solve"]["gap"], "objective": manifest["solve"]["objective"]}),
             **{f"seconds_{k}": v for k, v in manifest["timings"].items()},
         })
         mlflow.log_text(report_markdown(manifest, stats), "report.md")

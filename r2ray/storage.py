@@ -15,10 +15,17 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
+from r2ray.errors import R2RayError
+from r2ray.redaction import redact_uri
+
 
 def s3_options() -> dict:
     """s3fs keyword arguments from the environment: endpoint only; keys stay in the environment."""
     endpoint = os.environ.get("R2RAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and redact_uri(endpoint) != endpoint:  # botocore would quote it back in errors
+        raise R2RayError(f"the S3 endpoint {redact_uri(endpoint)} (R2RAY_S3_ENDPOINT or "
+                         "AWS_ENDPOINT_URL) carries credentials; give the server's URL alone and "
+                         "the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     options: dict = {}
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
@@ -114,12 +121,13 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
         elif fs.exists(path):
             paths = [path]
         else:
-            raise FileNotFoundError(f"input {uri} does not exist")
+            raise FileNotFoundError(f"input {redact_uri(uri)} does not exist")
         matched = [
             p for p in paths
             if p.endswith(suffixes) and not posixpath.basename(p).startswith((".", "_"))
         ]
         if not matched:
-            raise FileNotFoundError(f"input {uri} holds no files ending in {', '.join(suffixes)}")
+            raise FileNotFoundError(f"input {redact_uri(uri)} holds no files ending in "
+                                    f"{', '.join(suffixes)}")
         found.extend(with_scheme(fs, p) for p in sorted(matched))
     return found

@@ -30,8 +30,9 @@ from r2ray.predictor import make_predictor
 from r2ray.predictor.base import BasePredictor
 from r2ray.predictor.data import BenchArrays, bench_arrays, holdout_indices, split_indices
 from r2ray.predictor.diagnostics import calibration_bins, per_arm_report, summary_metrics
+from r2ray.redaction import redact_text, redact_values
 from r2ray.registry import (Promotion, RegisteredPredictor, VersionInfo, configure_tracking,
-                            promote_if_better, register_predictor)
+                            mlflow_guard, promote_if_better, register_predictor)
 
 log = logging.getLogger(__name__)
 
@@ -182,23 +183,24 @@ def log_fit(predictor: BasePredictor, data: TrainingData, test: BenchArrays,
         for step, (train_loss, val_loss) in enumerate(zip(history.train_loss,
                                                           history.validation_loss), start=1):
             mlflow.log_metrics({"train_loss": train_loss, "validation_loss": val_loss}, step=step)
-    mlflow.log_params({**config.model_dump(exclude={"settings", "tracking_uri"}),
+    mlflow.log_params(redact_values({**config.model_dump(exclude={"settings", "tracking_uri"}),
                        **{f"predictor.{k}": v for k, v in predictor.settings().items()},
                        **{f"n_{k}": v for k, v in counts.items()},
                        "encoder_used": data.encoder_spec, "n_arms": data.catalog.n_arms,
                        "catalog_fingerprint": data.catalog.fingerprint,
-                       "data_fingerprint": predictor.data_fingerprint_})
+                       "data_fingerprint": predictor.data_fingerprint_}))
     mlflow.log_metrics(metrics)
     mlflow.log_table(per_arm_report(prediction, test, data.catalog), "per_arm_test_metrics.json")
     figure = calibration_figure(calibration_bins(prediction.quality, test.quality),
                                 f"{predictor.name}: calibration on {test.n_queries:,} test queries")
     mlflow.log_figure(figure, "calibration.png")
-    mlflow.log_dict(config.model_dump(), "train_config.json")
-    mlflow.log_text(data.catalog.to_yaml(), "catalog.yaml")
+    mlflow.log_dict(redact_values(config.model_dump()), "train_config.json")
+    mlflow.log_text(redact_text(data.catalog.to_yaml()), "catalog.yaml")  # endpoints' credentials
     return metrics
 
 
 # ---- the job -------------------------------------------------------------------------------------
+@mlflow_guard()  # MLflow prints run links and errors with the tracking URI as given
 def train_predictor_job(config: TrainConfig) -> TrainResult:
     """Fit, log, register and (optionally) promote; see the module docstring."""
     import mlflow

@@ -22,6 +22,7 @@ from r2ray.evaluation.harness import log_line
 from r2ray.evaluation.metrics import lambda_grid
 from r2ray.predictor.base import Predictor
 from r2ray.predictor.data import BenchArrays, bench_arrays
+from r2ray.redaction import redact_uri, redact_values
 
 DEFAULT_ENCODER = "minilm"
 
@@ -61,13 +62,13 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelUnderTest:
         from r2ray.registry import load_registered
 
         loaded = load_registered(uri, tracking_uri)
-        version = asdict(loaded.version) if loaded.version is not None else {}
-        return ModelUnderTest(uri, loaded.predictor.name, loaded.predictor.settings(),
+        version = redact_values(asdict(loaded.version)) if loaded.version is not None else {}
+        return ModelUnderTest(redact_uri(uri), loaded.predictor.name, loaded.predictor.settings(),
                               loaded.predictor, loaded.catalog, loaded.encoder_spec, version)
     if uri in PREDICTORS:
         return ModelUnderTest(uri, uri, {})
-    raise R2RayError(f"--model {uri!r} is neither a registry URI (models:/NAME@ALIAS), a saved "
-                     f"predictor folder (no {CONFIG_FILE} there), nor a predictor name "
+    raise R2RayError(f"--model {redact_uri(uri)!r} is neither a registry URI (models:/NAME@ALIAS), "
+                     f"a saved predictor folder (no {CONFIG_FILE} there), nor a predictor name "
                      f"({', '.join(PREDICTORS)})")
 
 
@@ -159,10 +160,10 @@ def evaluate_uris(bench_uri: str, model_uri: str, out_dir: str, catalog_path: st
     model = resolve_model(model_uri, tracking_uri)
     catalog, catalog_source = choose_catalog(model, catalog_path, bench_uri)
     arrays, embeddings = load_bench_arrays(bench_uri, catalog, queries_uri, model.encoder, log)
-    context = {"bench": {"uri": bench_uri, "n_queries": arrays.n_queries,
-                         "n_arms": catalog.n_arms, "catalog_fingerprint": catalog.fingerprint,
-                         "catalog": catalog_source},
-               "embeddings": embeddings}
+    context = redact_values({"bench": {"uri": bench_uri, "n_queries": arrays.n_queries,
+                                       "n_arms": catalog.n_arms, "catalog": catalog_source,
+                                       "catalog_fingerprint": catalog.fingerprint},
+                             "embeddings": embeddings})  # metrics.json: no credentials
     storage.filesystem(out_dir)  # fail on a bad URI before hours of fitting
     return run_evaluation(arrays, catalog, model, list(range(seeds)), split, out_dir, context,
                           methods, log=log)

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
+from r2ray.redaction import redact_text
 from r2ray.serving.api import build_api
 from r2ray.serving.auth import load_key_digests
 from r2ray.serving.config import ServeConfig
@@ -98,7 +99,7 @@ class RouterDeployment:
                     self.model = fresh
             except Exception as err:  # keep serving the loaded version; say why
                 logger.warning("model %s: alias check failed, keeping %s: %s",
-                               self.config.model, self.model.version, err)
+                               self.config.model, self.model.version, redact_text(str(err)))
 
 
 class ServeMetrics(NullMetrics):

@@ -94,15 +94,17 @@ def starting_price(manifest: str | None, lam: float | None, tie_cut: float = 1.0
     (``manifest`` is a ``manifest.json`` URI, or a batch output folder whose newest committed run
     is used), else ``lam`` from the config, else 0 (every query gets its best predicted arm)."""
     from r2ray.errors import R2RayError
+    from r2ray.redaction import redact_uri
     from r2ray.runs import MANIFEST, latest_committed, read_manifest
 
     if manifest is not None:
         uri = manifest if manifest.rstrip("/").endswith(MANIFEST) else latest_committed(manifest)
         if uri is None:
-            raise R2RayError(f"manifest: no committed batch run under {manifest}; run "
+            raise R2RayError(f"manifest: no committed batch run under {redact_uri(manifest)}; run "
                              "`r2ray route` first, or give lambda instead")
         solve = read_manifest(uri)["solve"]
-        return float(solve["lambda"]), float(solve["tie_cut"]), int(solve["seed"]), f"manifest {uri}"
+        return float(solve["lambda"]), float(solve["tie_cut"]), int(solve["seed"]), \
+            f"manifest {redact_uri(uri)}"
     if lam is not None:
         return float(lam), tie_cut, seed, "config"
     return 0.0, tie_cut, seed, "default"

@@ -15,6 +15,7 @@ import httpx
 
 from r2ray.catalog import ModelSpec
 from r2ray.errors import R2RayError
+from r2ray.redaction import redact_text
 
 ERROR_TEXT_LIMIT = 300   # characters of an upstream error body quoted back to the caller
 
@@ -48,8 +49,9 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
         raise UpstreamError(f"upstream {body.get('model')} at {host} is unreachable: "
                             f"{type(err).__name__}") from None
     if response.status_code >= 400:
+        quoted = redact_text(response.text[:ERROR_TEXT_LIMIT])  # it may echo the URL's key
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code}: {response.text[:ERROR_TEXT_LIMIT]}")
+                            f"{response.status_code}: {quoted}")
     try:
         answer = response.json()
     except ValueError:
