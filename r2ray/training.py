@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -35,6 +36,7 @@ from r2ray.registry import (Promotion, RegisteredPredictor, VersionInfo, configu
                             mlflow_guard, promote_if_better, register_predictor)
 
 log = logging.getLogger(__name__)
+EMBED_CHUNK_QUERIES = 4096  # queries per progress line while embedding
 
 
 class TrainConfig(BaseModel):
@@ -75,17 +77,23 @@ class TrainResult:
     metrics: dict[str, float]
     promotion: Promotion | None
     counts: dict[str, int]
+    seconds: dict[str, float]    # wall time of each part of the job, in order
 
-    def report(self) -> str:
+    def report(self, wall_seconds: float | None = None) -> str:
+        """``wall_seconds``: of the whole command; what the parts leave is start-up (imports)."""
+        parts = self.seconds
+        if wall_seconds is not None:
+            parts = {"start-up": wall_seconds - sum(parts.values())} | parts
         lines = [f"trained {self.version.tags.get('kind', '?')} on {self.counts['train']:,} queries "
-                 f"(validation {self.counts['validation']:,}, test {self.counts['test']:,}) "
-                 f"in {self.metrics['train_seconds']:.1f} s",
+                 f"(validation {self.counts['validation']:,}, test {self.counts['test']:,})",
                  f"  test Brier {self.metrics['test_brier']:.4f}, log-token MAE "
                  f"{self.metrics['test_log_tokens_mae']:.4f}, calibration error "
                  f"{self.metrics['test_calibration_error']:.4f}",
                  f"  registered {self.version.uri} (run {self.run_id})"]
         if self.promotion is not None:
             lines.append(self.promotion.report())
+        shares = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
+        lines.append(f"  {sum(parts.values()):.1f} s in all ({shares})")
         return "\n".join(lines)
 
 
@@ -103,6 +111,19 @@ def read_queries(uri: str) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
+def embed(encoder, texts: list[str]) -> np.ndarray:
+    """``encoder.encode(texts)`` in chunks, with a line on stderr per chunk (count, rate), so a
+    long encode is never silent."""
+    started, parts = time.perf_counter(), []
+    for start in range(0, len(texts), EMBED_CHUNK_QUERIES):
+        parts.append(encoder.encode(texts[start:start + EMBED_CHUNK_QUERIES]))
+        done, seconds = min(start + EMBED_CHUNK_QUERIES, len(texts)), time.perf_counter() - started
+        print(f"embedding with {encoder.name} on {encoder.device}: {done:,}/{len(texts):,} "
+              f"queries in {seconds:.1f} s ({done / max(seconds, 1e-9):,.0f} queries/s)",
+              file=sys.stderr, flush=True)
+    return np.concatenate(parts) if parts else encoder.encode([])
+
+
 def load_training_data(config: TrainConfig) -> TrainingData:
     catalog = bench_catalog(config.bench, config.catalog)
     table = read_bench(config.bench, catalog)
@@ -110,9 +131,8 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     arrays = bench_arrays(table, catalog, queries, source=config.bench)
     if arrays.embedding is None:
         encoder = load_encoder(config.encoder or MINILM)
-        log.info("embedding %d queries with %s on %s", arrays.n_queries, encoder.name, encoder.device)
-        return TrainingData(table, catalog, arrays.with_embedding(encoder.encode(
-            arrays.query.tolist())), encoder.name, None)
+        return TrainingData(table, catalog, arrays.with_embedding(
+            embed(encoder, arrays.query.tolist())), encoder.name, None)
     if config.encoder:  # the user says these embeddings came from this encoder: check it fits
         check_embedding_dimension(arrays.embedding, load_encoder(config.encoder).dimension,
                                   f"{config.queries} (encoder {config.encoder!r})")
@@ -138,7 +158,8 @@ def evaluation_arrays(registered: RegisteredPredictor, data: TrainingData,
     if test.embedding is not None and registered.encoder_spec == data.encoder_spec:
         return test
     if registered.encoder_spec:
-        return test.with_embedding(load_encoder(registered.encoder_spec).encode(test.query.tolist()))
+        encoder = load_encoder(registered.encoder_spec)
+        return test.with_embedding(embed(encoder, test.query.tolist()))
     raise ValueError(f"the holder was trained on embeddings from {registered.encoder_spec!r} and "
                      f"this run on {data.encoder_spec!r}; they cannot be scored on the same inputs")
 
@@ -205,8 +226,10 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
     """Fit, log, register and (optionally) promote; see the module docstring."""
     import mlflow
 
+    started = time.perf_counter()
     configure_tracking(config.tracking_uri)
     data = load_training_data(config)
+    seconds = {"read and embed": time.perf_counter() - started}
     rows = split_training_data(data.arrays, config)
     parts = {name: data.arrays.subset(index) for name, index in rows.items()}
     counts = {name: part.n_queries for name, part in parts.items()}
@@ -216,12 +239,12 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
         predictor.seed = config.seed
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=f"{config.predictor}-{config.split}-seed{config.seed}") as run:
-        started = time.perf_counter()
+        fit_started = time.perf_counter()
         predictor.fit(parts["train"], data.catalog, parts["validation"])
-        seconds = time.perf_counter() - started
-        log.info("fitted %s in %.1f s", predictor.name, seconds)
+        seconds["fit"] = time.perf_counter() - fit_started
+        log.info("fitted %s in %.1f s", predictor.name, seconds["fit"])
         predictor.encoder_spec = data.encoder_spec
-        metrics = log_fit(predictor, data, parts["test"], config, counts, seconds)
+        metrics = log_fit(predictor, data, parts["test"], config, counts, seconds["fit"])
         score = score_on_test(data, parts["test"].query_id)
         candidate_score = score(RegisteredPredictor(predictor, data.catalog, data.encoder_spec,
                                                     None))
@@ -235,7 +258,8 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
             promotion = promote_if_better(version, config.promote, score,
                                           candidate_score=candidate_score)
             mlflow.set_tag("promotion", promotion.report().splitlines()[0])
-    return TrainResult(run.info.run_id, version, metrics, promotion, counts)
+    seconds["score, log and register"] = time.perf_counter() - started - sum(seconds.values())
+    return TrainResult(run.info.run_id, version, metrics, promotion, counts, seconds)
 
 
 def parse_settings(pairs: list[str]) -> dict:

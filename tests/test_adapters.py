@@ -185,3 +185,42 @@ def test_a_folder_input_skips_side_files_and_catalog_out_is_honoured(tmp_path, c
     assert read_bench(str(out)).num_rows == 4 * 301  # flash_token_counts.jsonl is not a bench file
     assert load_catalog(str(catalog_out)).model("google/gemini-2.5-flash").output_per_m == 2.5
     assert not (tmp_path / "pb.catalog.yaml").exists()
+
+
+def test_fit_prices_shrugs_off_wild_costs_and_flags_them():
+    rng = np.random.default_rng(1)
+    tokens_in, tokens_out = rng.integers(10, 2000, 200), rng.integers(1, 900, 200)
+    cost = (tokens_in * 0.5 + tokens_out * 1.5) * 1e-6
+    wild = rng.choice(200, 40, replace=False)  # 20% of the rows
+    cost[wild[:10]] = 1e9       # a typo
+    cost[wild[10:20]] = 0.0     # a failed call, billed as nothing
+    cost[wild[20:30]] *= 100    # cents, not dollars
+    cost[wild[30:]] /= 1000     # per thousand calls
+    fit = fit_prices(tokens_in, tokens_out, cost)
+    assert (fit.input_per_m, fit.output_per_m) == (pytest.approx(0.5), pytest.approx(1.5))
+    assert set(np.flatnonzero(fit.outliers)) == set(wild)
+
+
+def test_a_wild_cost_row_is_reported_and_cleared_not_priced(convert, tmp_path):
+    rows = [{"query_id": f"q{i}", "query": "2+2?", "category": "math", "model": "mystery",
+             "budget": 0, "input_tokens": 100 + i, "output_tokens": 50 + 3 * i, "quality": 1.0,
+             "truncated": None, "cost_usd": ((100 + i) * 1.0 + (50 + 3 * i) * 2.0) * 1e-6}
+            for i in range(10)]
+    rows[6]["cost_usd"] = 1e9
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench, catalog, summary = convert("long", [tmp_path / "mine.jsonl"])
+    mystery = catalog.model("mystery")
+    assert (mystery.input_per_m, mystery.output_per_m) == (pytest.approx(1.0), pytest.approx(2.0))
+    assert "mine.jsonl row 7" in summary and "1 row(s)" in summary and "10x" in summary
+    costs = {r["query_id"]: r["cost_usd"] for r in bench.to_pylist()}
+    assert costs["q6"] is None and costs["q5"] == rows[5]["cost_usd"]  # the rest kept as given
+
+
+def test_routerarena_caps_at_the_budgets_the_catalog_offers_the_model(convert, tmp_path):
+    catalog = tmp_path / "mine.yaml"
+    catalog.write_text("budgets: [10, 20, default]\nmodels:\n  - {name: gemini-2.0-flash-001, "
+                       "input_per_m: 0.1, output_per_m: 0.4, context: 8192, "
+                       "budgets: [10, default]}\n")
+    bench, found, _ = convert("routerarena", FIXTURES["routerarena"][:1], "--catalog", catalog)
+    assert set(bench.column("budget").to_pylist()) == {10, DEFAULT_BUDGET}
+    assert found.budgets == [10, DEFAULT_BUDGET]

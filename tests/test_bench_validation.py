@@ -188,3 +188,42 @@ def test_the_installed_command_exits_non_zero(tmp_path):
     assert result.returncode == 2
     assert "test_k4.jsonl, row 3: invalid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- hostile costs, budgets and output names (issue 9, items 9 and 10) ------------------------
+def test_budget_the_catalog_does_not_offer_names_the_row(fails, tmp_path):
+    catalog = tmp_path / "mine.yaml"
+    catalog.write_text("budgets: [10, default]\nmodels:\n"
+                       "  - {name: GLM-4.6, input_per_m: 1, output_per_m: 2, context: 4096}\n"
+                       "  - {name: small, input_per_m: 1, output_per_m: 2, context: 4096, "
+                       "budgets: [default]}\n")
+    rows = [long_row(), long_row(budget=10), long_row(budget=77)]
+    err = fails("long", [write_long(tmp_path, rows)], "--catalog", catalog)
+    assert "mine.jsonl, row 3, field 'budget'" in err and "77" in err and "10, default" in err
+    rows = [long_row(model="small"), long_row(model="small", budget=10)]  # its own list
+    err = fails("long", [write_long(tmp_path, rows)], "--catalog", catalog)
+    assert "mine.jsonl, row 2, field 'budget'" in err and "'small'" in err
+
+
+@pytest.mark.parametrize("cost", [float("inf"), float("nan")])
+def test_non_finite_cost_names_the_row(fails, tmp_path, cost):
+    rows = [long_row(query_id=f"q{i}", cost_usd=2e-5) for i in range(3)]
+    rows[1]["cost_usd"] = cost
+    err = fails("long", [write_long(tmp_path, rows)])
+    assert "mine.jsonl, row 2, field 'cost_usd'" in err and "not a finite number" in err
+
+
+def test_implausible_fitted_price_is_refused(fails, tmp_path):
+    # costs in cents and per thousand rows: 4 + 9 tokens cost 2 USD, ~150,000 USD per M tokens
+    rows = [long_row(query_id=f"q{i}", model="mystery", cost_usd=2.0) for i in range(5)]
+    err = fails("long", [write_long(tmp_path, rows)])
+    assert "mine.jsonl" in err and "'mystery'" in err and "implausible" in err
+    assert "field 'cost_usd'" in err
+
+
+@pytest.mark.parametrize("out", ["bench", "bench.json", "bench.csv", "bench.PARQUET"])
+def test_convert_output_names_must_be_readable(tmp_path, capsys, out):
+    code = main(["bench", "convert", "--format", "long", str(write_long(tmp_path, [long_row()])),
+                 "--out", str(tmp_path / out)])
+    assert code == 2 and "name a .parquet or .jsonl file" in capsys.readouterr().err
+    assert not (tmp_path / out).exists()

@@ -339,3 +339,14 @@ def test_world_rejects_bad_seed_and_range(catalog):
         World(catalog, seed=1.5)
     with pytest.raises(WorldError, match="range"):
         World(catalog).chunk(5, 2)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--backlog", "--truth"])
+@pytest.mark.parametrize("name", ["bench", "bench.json", "bench.csv", "bench.PARQUET"])
+def test_cli_synth_writes_only_names_the_readers_take(tmp_path, capsys, monkeypatch, flag, name):
+    monkeypatch.chdir(tmp_path)
+    others = [arg for other in ("--out", "--backlog", "--truth") if other != flag
+              for arg in (other, f"{other[2:]}.parquet")]
+    assert main(["bench", "synth", "--queries", "10", flag, name, *others]) == 2
+    assert f"{flag} {name}: name a .parquet or .jsonl file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

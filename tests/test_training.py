@@ -20,9 +20,9 @@ from r2ray.cli import main
 from r2ray.encoders import EncoderError
 from r2ray.errors import R2RayError
 from r2ray.predictor import make_predictor
-from r2ray.registry import RegisteredPredictor
-from r2ray.training import (TrainConfig, evaluation_arrays, load_training_data, parse_settings,
-                            split_training_data)
+from r2ray.registry import RegisteredPredictor, VersionInfo
+from r2ray.training import (TrainConfig, TrainResult, evaluation_arrays, load_training_data,
+                            parse_settings, split_training_data)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,7 @@ def test_job_trains_logs_registers_then_promotion_compares_on_the_same_test(benc
         os.chdir(REPO)
     report = capsys.readouterr().out
     assert "registered models:/r2ray-test/2" in report
+    assert " s in all (start-up " in report and ", fit " in report  # the command's wall time
     candidate = next(line for line in report.splitlines() if "candidate" in line)
     holder = next(line for line in report.splitlines() if "holder" in line)
     assert "models:/r2ray-test/2" in candidate and "audc" in candidate
@@ -151,3 +152,44 @@ def test_the_holder_is_scored_on_the_same_test_queries_in_its_own_terms(bench):
     minilm_run = replace(data, encoder_spec="minilm")
     with pytest.raises(ValueError, match="cannot be scored on the same inputs"):
         evaluation_arrays(RegisteredPredictor(holder, catalog, None, None), minilm_run, test_ids)
+
+
+class CountingEncoder:
+    """Stands in for MiniLM: 384 zeros per text, counting the calls."""
+
+    name, device, dimension = "fake", "cpu", 384
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, texts):
+        self.calls.append(len(texts))
+        return np.zeros((len(texts), self.dimension), dtype=np.float32)
+
+
+def test_embedding_prints_progress_per_chunk(tmp_path, capsys, monkeypatch):
+    table, _ = planted_bench_table(small_catalog(), n_queries=12, dim=16, seed=0)
+    write_table(table, str(tmp_path / "bench.parquet"))
+    save_catalog(small_catalog(), str(tmp_path / "bench.catalog.yaml"))
+    encoder = CountingEncoder()
+    monkeypatch.setattr("r2ray.training.load_encoder", lambda spec: encoder)
+    monkeypatch.setattr("r2ray.training.EMBED_CHUNK_QUERIES", 5)
+    data = load_training_data(config(tmp_path, queries=None))
+    assert data.arrays.embedding.shape == (12, 384) and encoder.calls == [5, 5, 2]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["5/12", "10/12", "12/12"]
+    assert all(line.startswith("embedding with fake on cpu: ") and "queries/s" in line
+               for line in lines)
+
+
+def test_report_gives_the_wall_time_and_its_parts():
+    result = TrainResult("run", VersionInfo("r2ray", "3", "run", "src", tags={"kind": "r2ray"}),
+                         {"test_brier": 0.1, "test_log_tokens_mae": 0.2,
+                          "test_calibration_error": 0.03}, None,
+                         {"train": 70, "validation": 10, "test": 20},
+                         {"read and embed": 76.0, "fit": 8.4, "score, log and register": 2.1})
+    report = result.report(wall_seconds=89.0)
+    assert ("89.0 s in all (start-up 2.5 s, read and embed 76.0 s, fit 8.4 s, "
+            "score, log and register 2.1 s)") in report
+    assert "in 8.4 s" not in report
+    assert "86.5 s in all (read and embed" in result.report()

@@ -12,8 +12,17 @@ import pyarrow.parquet as pq
 from r2ray import storage
 from r2ray.bench.schema import BenchError, validate_bench
 from r2ray.catalog import Catalog
+from r2ray.errors import R2RayError
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
+WRITE_SUFFIXES = (".parquet", ".jsonl")  # readers also take .json, read as jsonl: never written
+
+
+def check_output_name(uri: str, option: str) -> None:
+    """Readers know a file by its suffix: refuse, up front, a name no reader would pick up."""
+    if not str(uri).endswith(WRITE_SUFFIXES):
+        raise R2RayError(f"{option} {uri}: name a .parquet or .jsonl file (the suffix picks the "
+                         "format, and readers skip other names)")
 
 
 def read_table(uri: str) -> pa.Table:

@@ -17,9 +17,9 @@ from r2ray import storage
 from r2ray.bench.formats import long, paretobandit, r2bench, routerarena, routerbench
 from r2ray.bench.formats.common import AdapterOptions, Converted, ModelPrice, validate_parts
 from r2ray.bench.formats.pricing import (
-    default_last, found_catalog, resolve_prices, write_found_catalog,
+    check_catalog_budgets, default_last, found_catalog, resolve_prices, write_found_catalog,
 )
-from r2ray.bench.io import write_table
+from r2ray.bench.io import check_output_name, write_table
 from r2ray.catalog import budget_label, load_catalog
 from r2ray.errors import R2RayError
 
@@ -36,7 +36,6 @@ ADAPTERS: dict[str, Adapter] = {
     "paretobandit": Adapter(paretobandit.read, paretobandit.SUFFIXES),
     "routerarena": Adapter(routerarena.read, routerarena.SUFFIXES),
 }
-OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 
 
 def default_catalog_out(out: str) -> str:
@@ -53,8 +52,7 @@ def convert_files(format: str, inputs: list[str], *, out: str, catalog_out: str 
     files written, where prices came from, what was estimated)."""
     if format not in ADAPTERS:
         raise R2RayError(f"unknown bench format {format!r}; known: {', '.join(ADAPTERS)}")
-    if not str(out).endswith(OUTPUT_SUFFIXES):
-        raise R2RayError(f"--out {out}: name a .parquet or .jsonl file")
+    check_output_name(out, "--out")
     if model_names is not None and format != "r2bench":
         raise R2RayError("--model applies to --format r2bench only (other formats name models "
                          "in the data or the file name)")
@@ -63,12 +61,13 @@ def convert_files(format: str, inputs: list[str], *, out: str, catalog_out: str 
                              catalog_explicit=catalog_path is not None, model_names=model_names)
     converted = adapter.read(storage.list_files(inputs, adapter.suffixes), options)
     bench = validate_parts(converted.parts)
-    prices = resolve_prices(bench, converted.parts, converted.prices, options)
+    check_catalog_budgets(bench, converted.parts, options)
+    prices, bench, fit_notes = resolve_prices(bench, converted.parts, converted.prices, options)
     catalog = found_catalog(bench, prices)
     catalog_out = catalog_out or default_catalog_out(out)
     write_table(bench, out)
     write_found_catalog(catalog, prices, catalog_out)
-    return _summary(format, bench, prices, [out, catalog_out], converted.notes)
+    return _summary(format, bench, prices, [out, catalog_out], converted.notes + fit_notes)
 
 
 def _summary(format: str, bench, prices: dict[str, ModelPrice], written: list[str],

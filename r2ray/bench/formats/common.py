@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from r2ray import storage
@@ -242,9 +243,23 @@ def validate_parts(parts: list[SourcePart]) -> pa.Table:
 def _validate(table: pa.Table, sources: list[str], which: np.ndarray, rows: np.ndarray,
               label: str) -> pa.Table:
     try:
-        return validate_bench(table, label)
+        table = validate_bench(table, label)
+        _check_finite_costs(table, label)
+        return table
     except BenchError as err:
         if err.row is None:
             raise
         raise bench_error(sources[which[err.row]], int(rows[err.row]) - 1, err.field,
                           err.detail or str(err)) from None
+
+
+def _check_finite_costs(table: pa.Table, source: str) -> None:
+    """A blank cost is null (unknown); NaN or infinity is a garbled one, which no fit survives."""
+    if "cost_usd" not in table.column_names:
+        return
+    cost = table.column("cost_usd")
+    bad = np.flatnonzero(pc.invert(pc.fill_null(pc.is_finite(cost), True)).to_numpy(
+        zero_copy_only=False))
+    if bad.size:
+        raise bench_error(source, int(bad[0]), "cost_usd",
+                          f"{cost[int(bad[0])].as_py()} is not a finite number")

@@ -10,7 +10,7 @@ category: the dataset, ``global_index`` up to its first ``_`` (``MMLUPro_history
 answer in the shipped data scores -0.033); such scores are clipped into [0, 1] and counted. Any
 other score outside [0, 1] is an error.
 
-Hard-cap view: for each numeric budget b of the catalogue's grid, the answer cut at b tokens
+Hard-cap view: for each numeric budget b the catalogue offers the model, the answer cut at b tokens
 (:func:`r2ray.bench.answers.cut_text`, consistent with the source's token count), re-judged
 (:func:`r2ray.bench.answers.capped_quality`); output_tokens = min(count, b), truncated when cut,
 cost_usd = input tokens × input price + min(count, b) × output price.
@@ -50,19 +50,22 @@ class Answer(NamedTuple):
 
 
 def read(files: list[str], options: AdapterOptions) -> Converted:
-    grid = [b for b in options.catalog.budgets if b != DEFAULT_BUDGET]
+    catalog = options.catalog
     converted = Converted(parts=[])
     for uri in files:
         model = stem(uri)
+        offered = catalog.budgets_of(model) if model in catalog.model_names else catalog.budgets
+        grid = [b for b in offered if b != DEFAULT_BUDGET]
         found, counts = parse_answers(uri, model)
         if not found:
             raise BenchError(f"{uri}: no answers (the file is empty or every call failed)")
         default = _default_rows(uri, model, found)
         prices = source_prices(beside(uri, PRICE_FILE))
-        price = resolve_prices(default.table, [default], prices, options)[model]
-        converted.prices[model] = price
+        pricing = resolve_prices(default.table, [default], prices, options)
+        price = converted.prices[model] = pricing.prices[model]
+        default.table = pricing.bench  # wild costs cleared
         converted.parts += [default, _capped_rows(uri, model, found, price, grid)]
-        converted.notes.append(_note(uri, found, counts, grid))
+        converted.notes += [_note(uri, found, counts, grid), *pricing.notes]
     return converted
 
 
