@@ -79,9 +79,16 @@ def read_unit(unit: ReadUnit) -> tuple[list[dict] | pa.Table, list[dict]]:
         with fs.open(path, "rb") as handle:
             return pq.ParquetFile(handle).read_row_group(unit.row_group), []
     with fs.open(path, "rb") as handle:
-        text = handle.read().decode("utf-8", errors="replace")
+        data = handle.read()
     rows, failures = [], []
-    for line_no, line in enumerate(text.splitlines(), 1):
+    for line_no, raw in enumerate(_jsonl_lines(data), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            failures.append({"source": unit.source, "row": line_no, "query_id": None,
+                             "reason": f"invalid UTF-8 (byte {err.start})",
+                             "raw": raw.decode("utf-8", errors="backslashreplace")})
+            continue
         if not line.strip():
             continue
         try:
@@ -94,6 +101,37 @@ def read_unit(unit: ReadUnit) -> tuple[list[dict] | pa.Table, list[dict]]:
             failures.append({"source": unit.source, "row": line_no, "query_id": None,
                              "reason": f"invalid JSON line: {err}", "raw": line})
     return rows, failures
+
+
+def _jsonl_lines(data: bytes) -> list[bytes]:
+    """Lines of a jsonl file split on ``\\n`` only (JSON strings may hold U+2028 and friends)."""
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
+    """{1-based row: the row as stored, JSON} for a few rows of one input file (quarantine
+    records of rows that were valid on their own, e.g. duplicates, keep their content)."""
+    fs, path = storage.filesystem(source)
+    wanted = sorted(set(rows))
+    if not source.endswith(".parquet"):
+        with fs.open(path, "rb") as handle:
+            lines = _jsonl_lines(handle.read())
+        return {r: lines[r - 1].decode("utf-8", errors="backslashreplace") for r in wanted}
+    found = {}
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        starts = np.cumsum([0] + sizes)   # 0-based first row of each row group
+        group_of = np.searchsorted(starts, np.array(wanted) - 1, side="right") - 1
+        for group in np.unique(group_of):
+            mine = [r for r, g in zip(wanted, group_of) if g == group]
+            table = parquet.read_row_group(int(group))
+            picked = table.take(pa.array([r - 1 - starts[group] for r in mine])).to_pylist()
+            found.update((r, json.dumps(row, default=str)) for r, row in zip(mine, picked))
+    return found
 
 
 def _jsonl_table(rows: list[dict], unit: ReadUnit) -> tuple[pa.Table, list[dict]]:
@@ -293,9 +331,10 @@ def empty_good() -> pa.Table:
     return pa.Table.from_pylist([], schema=GOOD_SCHEMA.append(pa.field("embedding", EMBEDDING_TYPE)))
 
 
-def duplicate_reason(first_order: int) -> str:
+def duplicate_reason(first_order: int, sources: dict[int, str]) -> str:
+    """Why a repeated id is quarantined; ``sources``: input file index → URI."""
     file_index, row = first_order >> ROW_BITS, (first_order & ((1 << ROW_BITS) - 1)) + 1
-    return f"duplicate query_id (first seen in input file #{file_index}, row {row})"
+    return f"duplicate query_id (first seen in {sources[file_index]}, row {row})"
 
 
 def is_duplicate(orders: np.ndarray, query_ids: pa.Array, first_seen: dict[str, int]) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from functools import cached_property
 from importlib import resources
 from typing import Annotated, NamedTuple
@@ -86,6 +87,19 @@ class ModelSpec(BaseModel):
     @classmethod
     def _budgets(cls, value: Budgets | None) -> list[int] | None:
         return None if value is None else _normalise_budgets(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """Names are data (``meta-llama/Llama-3.1-8B-Instruct`` is fine), but never a path escape
+        or an invisible character in a file name or a log line."""
+        if value != value.strip():
+            raise ValueError(f"model name {value!r} has leading or trailing white space")
+        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
+            raise ValueError(f"model name {value!r} holds a control character")
+        if any(part in (".", "..") for part in value.replace("\\", "/").split("/")):
+            raise ValueError(f"model name {value!r} holds a '.' or '..' path segment")
+        return value
 
 
 class Arm(NamedTuple):

@@ -1,7 +1,8 @@
 """The ``r2ray`` command: argument parsing only; every command calls one library function.
 
 Errors a user can fix (:class:`r2ray.errors.R2RayError`, missing files) print one clear line
-and exit with status 2; anything else is a bug and keeps its traceback.
+and exit with status 2; ``route`` exits 3 when it committed a run that routed nothing; anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ import sys
 import time
 
 from r2ray.errors import R2RayError
+from r2ray.redaction import redact_text
+
+EXIT_USER_ERROR = 2
+"""Bad input or configuration; the message says what to fix. Nothing was committed."""
+EXIT_NOTHING_ROUTED = 3
+"""``route`` committed a run that routed no query (every row quarantined or deferred): the run is
+on record, but a scheduler should alert on it."""
 
 BENCH_FORMATS = ["long", "r2bench", "routerbench", "paretobandit", "routerarena"]
 
@@ -112,7 +120,9 @@ def _route(args: argparse.Namespace) -> None:
               "catalog", "run_id", "force", "defer", "seed", "tracking_uri", "workers",
               "cpus_per_worker", "gpus_per_worker", "batch_size")
     config = route_config(**{name: getattr(args, name) for name in fields})
-    print(summarise_manifest(route_batch(config)))
+    manifest = route_batch(config)
+    print(summarise_manifest(manifest))
+    return EXIT_NOTHING_ROUTED if manifest["counts"]["routed"] == 0 else 0
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -209,11 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        return args.handler(args) or 0
     except (R2RayError, FileNotFoundError) as err:
-        print(f"r2ray {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        print(f"r2ray {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

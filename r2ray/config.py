@@ -10,7 +10,8 @@ import datetime as dt
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from r2ray.errors import R2RayError
 
@@ -33,7 +34,7 @@ class RouteConfig(BaseModel):
     budget_per_query_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     reserve: Annotated[float, Field(ge=0, lt=1)] = 0.0   # share held back for prediction error
     catalog: str | None = None                           # default: the catalogue the model carries
-    run_id: Annotated[str, Field(pattern=RUN_ID_PATTERN)] | None = None
+    run_id: str | None = None                            # RUN_ID_PATTERN; default: a timestamp
     force: bool = False                                  # redo a committed run id
     defer: bool = False                                  # budget too small: defer, don't fail
     seed: int = 0                                        # tie-break hash seed
@@ -43,6 +44,14 @@ class RouteConfig(BaseModel):
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     batch_size: Annotated[int, Field(ge=1)] = 1024       # queries per predictor call
     blocks_per_worker: Annotated[int, Field(ge=1)] = 8   # input repartitioned for load balance
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(RUN_ID_PATTERN, value):
+            raise ValueError(f"run id {value!r} is not usable: give 1–128 characters of letters, "
+                             "digits, '.', '_' or '-', starting with a letter or digit")
+        return value
 
     @model_validator(mode="after")
     def _one_budget(self) -> RouteConfig:

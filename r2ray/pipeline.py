@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import os
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -31,8 +33,10 @@ from r2ray.config import RouteConfig
 from r2ray.errors import R2RayError
 from r2ray.failpoints import failpoint
 from r2ray.routing import routed_request
-from r2ray.runs import (AlreadyCommitted, RunPaths, commit, input_fingerprint, prepare_run,
-                        read_manifest)
+from r2ray.redaction import redact_text, redact_values
+from r2ray.report import STATS_SCHEMA
+from r2ray.runs import (RunPaths, abandon, check_output, commit, input_fingerprint, is_committed,
+                        read_manifest, routed_partition, start_attempt)
 
 ROUTED_SCHEMA = pa.schema([
     pa.field("query_id", pa.string()),
@@ -48,6 +52,11 @@ ROUTED_SCHEMA = pa.schema([
     pa.field("model_version", pa.string()),
     pa.field("run_id", pa.string()),
 ])
+
+
+TASK_CPUS = 0.25
+"""CPUs of each small Ray task (read, dedupe, solve, assign): fractional, so a 2-core machine runs
+several beside the scoring actors instead of starving them."""
 
 
 class EmptyInput(R2RayError):
@@ -97,8 +106,8 @@ def first_seen_duplicates(scored, n_buckets: int = 4) -> dict[str, int]:
     """
     import ray
 
-    split = ray.remote(num_cpus=0.25, num_returns=n_buckets)(_id_buckets)
-    find = ray.remote(num_cpus=0.25)(_repeated_ids)
+    split = ray.remote(num_cpus=TASK_CPUS, num_returns=n_buckets)(_id_buckets)
+    find = ray.remote(num_cpus=TASK_CPUS)(_repeated_ids)
     parts = [split.remote(ref, n_buckets) for ref in scored.to_arrow_refs()]
     parts = [p if isinstance(p, list) else [p] for p in parts]
     found = ray.get([find.remote(*[p[b] for p in parts]) for b in range(n_buckets)])
@@ -126,9 +135,13 @@ def _repeated_ids(*parts: pa.Table) -> pa.Table:
                      "first_order": repeated.column("order_min")})
 
 
-def drop_rows_stage(batch: pa.Table, duplicates: dict[str, int], quarantine_uri: str) -> pa.Table:
-    """Quarantine repeated query ids (all but the lowest-order row) and keep the rest."""
-    from r2ray.backlog import is_duplicate
+def drop_rows_stage(batch: pa.Table, duplicates: dict[str, int], sources: dict[int, str],
+                    quarantine_uri: str) -> pa.Table:
+    """Quarantine repeated query ids (all but the lowest-order row) and keep the rest.
+
+    ``sources``: input file index → URI; each record keeps its file, row and raw content.
+    """
+    from r2ray.backlog import is_duplicate, raw_rows
     from r2ray.bench.io import write_table
 
     orders = batch.column("order").to_numpy()
@@ -136,11 +149,15 @@ def drop_rows_stage(batch: pa.Table, duplicates: dict[str, int], quarantine_uri:
     if repeated.any():
         index = np.flatnonzero(repeated)
         ids = batch.column("query_id").take(pa.array(index)).to_pylist()
-        rows = [{"source": f"input file #{orders[i] >> ROW_BITS}",
-                 "row": int(orders[i] & ((1 << ROW_BITS) - 1)) + 1, "query_id": query_id,
-                 "reason": duplicate_reason(duplicates[query_id]), "raw": None}
-                for i, query_id in zip(index, ids)]
-        write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA),
+        files = orders[index] >> ROW_BITS
+        rows = (orders[index] & ((1 << ROW_BITS) - 1)) + 1
+        raw = {}
+        for file_index in np.unique(files):
+            raw[file_index] = raw_rows(sources[int(file_index)], rows[files == file_index].tolist())
+        records = [{"source": sources[int(f)], "row": int(r), "query_id": query_id,
+                    "reason": duplicate_reason(duplicates[query_id], sources), "raw": raw[f][int(r)]}
+                   for f, r, query_id in zip(files, rows, ids)]
+        write_table(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA),
                     storage.join(quarantine_uri, f"part-dup-{int(orders.min()):016x}.parquet"))
     return batch.filter(pa.array(~repeated))
 
@@ -156,7 +173,6 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
     import yaml
 
     from r2ray.bench.io import write_table
-    from r2ray.report import STATS_SCHEMA
     from r2ray.solver import DEFER_ARM
 
     catalog = catalog_from_dict(yaml.safe_load(catalog_yaml), "catalogue")
@@ -178,7 +194,7 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
         table = _routed_table(batch.filter(pa.array(routed)).filter(pa.array(rows)),
                               {k: v[rows] for k, v in chosen.items()}, catalog, lam,
                               model_version, run_id)
-        write_table(table, storage.join(routed_uri, f"model={model}", part))
+        write_table(table, storage.join(routed_uri, routed_partition(model), part))
         for budget in np.unique(chosen["budget"][rows]):
             sel = rows & (chosen["budget"] == budget)
             stats.append({"model": model, "budget": int(budget), "queries": int(sel.sum()),
@@ -298,6 +314,10 @@ def _init_ray() -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
+        # Ray 2.60 turns token auth on for a local instance and logs a notice every time; the
+        # README says so once (the `ray job` CLIs need RAY_AUTH_MODE=token), the job stays quiet
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
         ray.init(address=address, include_dashboard=False if not address else None,
                  ignore_reinit_error=True, log_to_driver=True)
 
@@ -334,12 +354,70 @@ def _log_report(manifest: dict, stats: pa.Table, tracking_uri: str | None, log) 
     try:
         return log(manifest, stats, tracking_uri)
     except Exception as err:  # noqa: BLE001 — any tracking failure must not lose a finished run
-        print(f"warning: could not log the batch to MLflow ({type(err).__name__}: {err})")
+        print(f"warning: could not log the batch to MLflow ({type(err).__name__}: "
+              f"{redact_text(str(err))})", file=sys.stderr)
         return None
 
 
 def route_batch(config: RouteConfig) -> dict:
-    """Run one batch routing job; returns the committed manifest (see :mod:`r2ray.runs`)."""
+    """Run one batch routing job; returns the committed manifest (see :mod:`r2ray.runs`).
+
+    Every argument (input, output, model, catalogue) is checked before anything is written or
+    removed; the run then works in a fresh attempt folder that only its manifest commits.
+    """
+    timings: dict[str, float] = {}
+    paths = RunPaths(config.output, config.resolved_run_id())
+    with _timed(timings, "plan"), storage.reporting(f"cannot read the input {config.input}"):
+        units, unreadable = plan_units(config.input)
+        files = sorted({u.source for u in units} | set(unreadable.column("source").to_pylist()))
+        fingerprint = input_fingerprint(files)
+    with storage.reporting(f"cannot use the output {paths.root}"):
+        check_output(paths, files)
+        if not config.force and is_committed(paths):
+            return _already_committed(paths, config, fingerprint)
+    with _timed(timings, "load_model"):
+        model = load_model(config.model, config.catalog, config.tracking_uri)
+    with storage.reporting(f"cannot write to the output {paths.root}"):
+        attempt, state = start_attempt(paths, fingerprint, config.force)
+    try:
+        return _route_attempt(config, attempt, state, model, units, unreadable, files,
+                              fingerprint, timings)
+    except R2RayError:
+        abandon(attempt, state)   # a clean refusal leaves nothing behind (a crash does: redo it)
+        raise
+
+
+def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -> dict:
+    """The committed manifest, with a warning naming each setting this call changes."""
+    manifest = read_manifest(paths)
+    before = manifest.get("config", {})
+    changed = [f"{name} ({_show(before.get(name))} → {_show(value)})"
+               for name, value in redact_values(config.model_dump()).items()
+               if name in DECISION_SETTINGS and before.get(name) != value]
+    if manifest.get("input", {}).get("fingerprint") != fingerprint:
+        changed.insert(0, "input files (their fingerprint differs)")
+    if changed:
+        print(f"warning: run {paths.run_id} is already committed with other settings: "
+              f"{'; '.join(changed)}. Nothing was redone: pass --force to redo it, or use a new "
+              "--run-id.", file=sys.stderr)
+    else:
+        print(f"run {paths.run_id} is already committed at {paths.manifest}; nothing to do "
+              "(--force redoes it)", file=sys.stderr)
+    return manifest
+
+
+DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "reserve", "catalog",
+                     "defer", "seed")
+"""Settings that change what a run decides; re-running a committed run id with others warns."""
+
+
+def _show(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: LoadedModel,
+                   units: list[ReadUnit], unreadable: pa.Table, files: list[str],
+                   fingerprint: str, timings: dict) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -349,30 +427,15 @@ def route_batch(config: RouteConfig) -> dict:
     from r2ray.solver import InfeasibleBudget
     from r2ray.solver.distributed import solve_dataset
 
-    timings: dict[str, float] = {}
-    run_id = config.resolved_run_id()
-    paths = RunPaths(config.output, run_id)
-    try:
-        state = prepare_run(paths, config.force)
-    except AlreadyCommitted as done:
-        manifest = read_manifest(paths)
-        print(f"{done}; nothing to do")
-        return manifest
-
-    with _timed(timings, "load_model"):
-        model = load_model(config.model, config.catalog, config.tracking_uri)
-    with _timed(timings, "plan"):
-        units, unreadable = plan_units(config.input)
-        files = sorted({u.source for u in units} | set(unreadable.column("source").to_pylist()))
-        fingerprint = input_fingerprint(files)
-        if unreadable.num_rows:
-            write_table(unreadable, storage.join(paths.quarantine, "part-unreadable.parquet"))
+    if unreadable.num_rows:
+        write_table(unreadable, storage.join(paths.quarantine, "part-unreadable.parquet"))
+    sources = {u.file_index: u.source for u in units}
     _init_ray()
     max_context = max(m.context for m in model.catalog.models)
     with _timed(timings, "read_validate_score"):
         queries = ray.data.from_items(_unit_items(units) or [], override_num_blocks=max(
             1, len(units))).map_batches(
-            read_stage, batch_size=1, batch_format="numpy", num_cpus=0.25,
+            read_stage, batch_size=1, batch_format="numpy", num_cpus=TASK_CPUS,
             fn_kwargs={"quarantine_uri": paths.quarantine, "max_context_tokens": max_context,
                        "embedding_dim": model.embedding_dim,
                        "embedding_required": not model.has_encoder})
@@ -384,44 +447,47 @@ def route_batch(config: RouteConfig) -> dict:
             num_gpus=config.gpus_per_worker or None,
             fn_constructor_kwargs={"files": model.files,
                                    "catalog_yaml": model.catalog.to_yaml()},
-            max_restarts=-1, max_task_retries=-1).materialize()
+            ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
         duplicates = first_seen_duplicates(scored) if scored.count() else {}
         solvable = scored if not duplicates else scored.map_batches(
-            drop_rows_stage, batch_format="pyarrow", batch_size=None, num_cpus=0.25,
-            fn_kwargs={"duplicates": duplicates, "quarantine_uri": paths.quarantine},
+            drop_rows_stage, batch_format="pyarrow", batch_size=None, num_cpus=TASK_CPUS,
+            fn_kwargs={"duplicates": duplicates, "sources": sources,
+                       "quarantine_uri": paths.quarantine},
         ).materialize()
         n_solvable = solvable.count()
     if n_solvable == 0 and quarantine_counts(paths.quarantine)["records"] == 0:
-        storage.remove(paths.root)
         raise EmptyInput(f"input {config.input} holds no queries ({len(files)} file(s), 0 rows)")
     budget_usd = (config.budget_usd if config.budget_usd is not None
                   else config.budget_per_query_usd * n_solvable)
     usable_usd = budget_usd * (1.0 - config.reserve)
-    with _timed(timings, "solve"):
-        try:
-            solved = solve_dataset(solvable, usable_usd, seed=config.seed, defer=config.defer,
-                                   num_cpus=0.25)
-        except InfeasibleBudget as err:
-            storage.remove(paths.root)
-            raise R2RayError(f"infeasible budget: {err} (usable budget ${usable_usd:.6f} after "
-                             f"a {config.reserve:.0%} reserve); nothing was committed") from None
-    certificate = solved.certificate
-    with _timed(timings, "assign_write"):
-        assign = ray.remote(num_cpus=0.25, max_retries=3)(assign_block)
-        settings = ray.put({"catalog_yaml": model.catalog.to_yaml(), "routed_uri": paths.routed,
-                            "deferred_uri": paths.path("deferred"), "lam": certificate.lam,
-                            "model_version": model.label, "run_id": run_id})
-        stats_parts = [assign.remote(block, arms, settings) for block, arms in
-                       zip(solvable.to_arrow_refs(), solved.arms.to_arrow_refs(), strict=True)]
-        stats = combine_stats(pa.concat_tables(ray.get(stats_parts)))
-        failpoint("before_commit")
+    certificate, stats = None, combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
+    if n_solvable:  # else every row was quarantined: commit that, so the night is on record
+        with _timed(timings, "solve"):
+            try:
+                solved = solve_dataset(solvable, usable_usd, seed=config.seed,
+                                       defer=config.defer, num_cpus=TASK_CPUS)
+            except InfeasibleBudget as err:
+                raise R2RayError(f"infeasible budget: {err} (usable budget {_usd(usable_usd)} "
+                                 f"after a {config.reserve:.0%} reserve); nothing was "
+                                 "committed") from None
+        certificate = solved.certificate
+        with _timed(timings, "assign_write"):
+            assign = ray.remote(num_cpus=TASK_CPUS, max_retries=3)(assign_block)
+            settings = ray.put({"catalog_yaml": model.catalog.to_yaml(),
+                                "routed_uri": paths.routed, "deferred_uri": paths.deferred,
+                                "lam": certificate.lam, "model_version": model.label,
+                                "run_id": paths.run_id})
+            stats_parts = [assign.remote(block, arms, settings) for block, arms in
+                           zip(solvable.to_arrow_refs(), solved.arms.to_arrow_refs(), strict=True)]
+            stats = combine_stats(pa.concat_tables(ray.get(stats_parts)))
+    failpoint("before_commit")
     routed = int(np.sum(stats.column("queries").to_numpy()))
     quarantine = quarantine_counts(paths.quarantine)
-    deferred = _count_rows(paths.path("deferred"))
+    deferred = _count_rows(paths.deferred)
     predicted_spend = float(np.sum(stats.column("spend_usd").to_numpy(), dtype=np.float64))
     manifest = {
-        "run_id": run_id,
+        "run_id": paths.run_id,
         "state_before": state,
         "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "r2ray_version": __version__,
@@ -430,24 +496,33 @@ def route_batch(config: RouteConfig) -> dict:
                    "deferred": deferred, "unreadable_files": quarantine["files"]},
         "spend": {"budget_usd": budget_usd, "reserve": config.reserve, "usable_usd": usable_usd,
                   "predicted_usd": predicted_spend, "by_model": spend_by_model(stats)},
-        "solve": {"lambda": certificate.lam, "theta": certificate.theta,
-                  "tie_cut": certificate.tie_cut, "seed": certificate.seed,
-                  "objective": certificate.objective, "lp_value": certificate.lp_value,
-                  "upper_bound": certificate.upper_bound, "gap": certificate.gap,
-                  "steps": certificate.n_steps, "steps_taken": certificate.n_steps_taken,
-                  "filled": certificate.n_filled, "invalid_arms": certificate.n_invalid_arms},
+        "solve": None if certificate is None else _solve_record(certificate),
         "model": {"uri": model.uri, "name": model.name, "version": model.version},
         "catalog_fingerprint": model.catalog.fingerprint,
         "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint},
         "output": {"routed": paths.routed, "quarantine": paths.quarantine,
-                   "deferred": paths.path("deferred")},
+                   "deferred": paths.deferred},
         "timings": timings,
         "config": config.model_dump(),
     }
-    manifest["artifacts"] = write_report(paths.root, manifest, stats)
+    manifest["artifacts"] = write_report(paths.path(), manifest, stats)
     manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri, log_to_mlflow)
     commit(paths, manifest)
     return manifest
+
+
+def _solve_record(certificate) -> dict:
+    return {"lambda": certificate.lam, "theta": certificate.theta,
+            "tie_cut": certificate.tie_cut, "seed": certificate.seed,
+            "objective": certificate.objective, "lp_value": certificate.lp_value,
+            "upper_bound": certificate.upper_bound, "gap": certificate.gap,
+            "steps": certificate.n_steps, "steps_taken": certificate.n_steps_taken,
+            "filled": certificate.n_filled, "invalid_arms": certificate.n_invalid_arms}
+
+
+def _usd(value: float) -> str:
+    """Money for people: six significant digits, whatever the magnitude ($1e+300, $0.399998)."""
+    return f"${value:.6g}"
 
 
 def summarise_manifest(manifest: dict) -> str:
@@ -459,14 +534,15 @@ def summarise_manifest(manifest: dict) -> str:
         f"  queries: {counts['rows_in']:,} in, {counts['routed']:,} routed, "
         f"{counts['quarantined']:,} quarantined ({counts['duplicates']:,} duplicates), "
         f"{counts['deferred']:,} deferred, {counts['unreadable_files']} unreadable file(s)",
-        f"  spend: predicted ${spend['predicted_usd']:.6f} of ${spend['usable_usd']:.6f} usable "
-        f"(budget ${spend['budget_usd']:.6f}, reserve {spend['reserve']:.0%})",
-        f"  λ* = {solve['lambda']:.6g} quality/USD, θ* = {solve['theta']:.4f}, "
-        f"objective {solve['objective']:.3f} ≤ bound {solve['upper_bound']:.3f} "
-        f"(gap {solve['gap']:.3g})",
-        "  by model: " + ", ".join(f"{m} {v['queries']:,} (${v['spend_usd']:.4f})" for m, v in
-                                   sorted(spend["by_model"].items(),
-                                          key=lambda kv: -kv[1]["spend_usd"])),
+        f"  spend: predicted {_usd(spend['predicted_usd'])} of {_usd(spend['usable_usd'])} "
+        f"usable (budget {_usd(spend['budget_usd'])}, reserve {spend['reserve']:.0%})",
+        "  no query could be routed: every row was quarantined (see quarantine/)" if solve is None
+        else f"  λ* = {solve['lambda']:.6g} quality/USD, θ* = {solve['theta']:.4f}, "
+             f"objective {solve['objective']:.3f} ≤ bound {solve['upper_bound']:.3f} "
+             f"(gap {solve['gap']:.3g})",
+        "  by model: " + (", ".join(f"{m} {v['queries']:,} ({_usd(v['spend_usd'])})" for m, v in
+                                    sorted(spend["by_model"].items(),
+                                           key=lambda kv: -kv[1]["spend_usd"])) or "none"),
         "  seconds: " + ", ".join(f"{k} {v}" for k, v in manifest["timings"].items()),
     ]
     return "\n".join(lines)

@@ -1,44 +1,69 @@
-"""A batch run's folder in object storage, and its commit point.
+"""A batch run's folder in object storage: who owns it, where an attempt writes, and the commit.
 
 Layout under ``<output>/<run_id>/``::
 
-    routed/model=<name>/part-*.parquet   routed prompts, one folder per model
-    quarantine/part-*.parquet            rows that could not be routed, a reason each
-    report.md, spend.png                 for people
-    manifest.json                        written LAST: the commit point
+    _r2ray_run.json                       the marker, written first: this folder is r2ray's
+    attempt-<stamp>-<hex>/                one attempt at the run
+        routed/model=<name>/part-*.parquet   routed prompts, one folder per model (name escaped)
+        quarantine/part-*.parquet            rows that could not be routed, a reason each
+        deferred/part-*.parquet              rows the budget could not pay for
+        report.md, spend.png                 for people
+    manifest.json                         written LAST: the commit point; names its attempt
 
-Consumers trust a run only once ``manifest.json`` exists. A run id without a manifest is an
-interrupted run: running it again clears what it left and redoes it, so no part is ever duplicated.
-A committed run id is left alone unless forced.
+Consumers trust a run only once ``manifest.json`` exists, and read the routed prompts from the
+folders it names. Safety rules, in order:
+
+- r2ray never removes what it did not write: a folder without the marker is refused unless empty,
+  and inside a marked folder only ``attempt-*`` folders that no manifest names are ever removed.
+- An interrupted run (marker, no manifest) is redone in a new attempt; its old attempts are cleared.
+- A committed run is left alone unless forced; a forced run builds a new attempt beside the old one
+  and swaps by overwriting ``manifest.json`` (one atomic write), so a failed forced run leaves the
+  committed run intact. Superseded attempts are removed only after the new manifest is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
 import json
+import posixpath
+import secrets
+from urllib.parse import quote
 from dataclasses import dataclass
 
-from r2ray import storage
+from r2ray import __version__, storage
 from r2ray.errors import R2RayError
+from r2ray.redaction import redact_values
 
 MANIFEST = "manifest.json"
+MARKER = "_r2ray_run.json"
+ATTEMPT_PREFIX = "attempt-"
 
 
 class AlreadyCommitted(R2RayError):
     """The run id is committed; re-running it is a no-op unless forced."""
 
 
+class RunFolderError(R2RayError):
+    """The run folder cannot be used safely (not r2ray's, not writable, holds the input)."""
+
+
 @dataclass(frozen=True)
 class RunPaths:
+    """The run folder ``<output>/<run_id>/`` and one attempt inside it."""
+
     output: str
     run_id: str
+    attempt: str = ""
 
     @property
     def root(self) -> str:
         return storage.join(self.output, self.run_id)
 
     def path(self, *parts: str) -> str:
-        return storage.join(self.root, *parts)
+        """A path inside the attempt folder (the run folder when no attempt is set)."""
+        return storage.join(self.root, *([self.attempt] if self.attempt else []), *parts)
 
     @property
     def routed(self) -> str:
@@ -49,8 +74,16 @@ class RunPaths:
         return self.path("quarantine")
 
     @property
+    def deferred(self) -> str:
+        return self.path("deferred")
+
+    @property
     def manifest(self) -> str:
-        return self.path(MANIFEST)
+        return storage.join(self.root, MANIFEST)
+
+    @property
+    def marker(self) -> str:
+        return storage.join(self.root, MARKER)
 
 
 def is_committed(paths: RunPaths) -> bool:
@@ -62,28 +95,94 @@ def read_manifest(paths_or_uri: RunPaths | str) -> dict:
     return json.loads(storage.read_text(uri))
 
 
-def prepare_run(paths: RunPaths, force: bool = False) -> str:
-    """Make the run folder ready; returns 'fresh', 'redo' (interrupted run cleared) or 'forced'.
+def committed_paths(paths: RunPaths) -> RunPaths:
+    """The paths of the committed attempt (``attempt`` empty for runs from before attempts)."""
+    return RunPaths(paths.output, paths.run_id, read_manifest(paths).get("attempt", ""))
 
-    Raises :class:`AlreadyCommitted` for a committed run unless ``force``.
+
+def _children(uri: str) -> list[str]:
+    """Base names directly under a folder (none if it does not exist)."""
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def check_output(paths: RunPaths, input_files: list[str]) -> None:
+    """Refuse a run folder r2ray may not write into, before anything is written or removed."""
+    fs, root = storage.filesystem(paths.root)
+    for uri in (paths.output, paths.root):
+        fs_, path = storage.filesystem(uri)
+        if fs_.isfile(path):
+            raise RunFolderError(f"output {uri} is a file, not a folder")
+    for source in input_files:
+        fs_in, path = storage.filesystem(source)
+        if fs_in.protocol == fs.protocol and (path + "/").startswith(root.rstrip("/") + "/"):
+            raise RunFolderError(f"input file {source} lies inside the run folder {paths.root}; "
+                                 "choose another --output or --run-id")
+    names = _children(paths.root)
+    if names and MARKER not in names:
+        raise RunFolderError(
+            f"{paths.root} exists and is not an r2ray run folder (no {MARKER}; it holds "
+            f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}); r2ray will not write into "
+            "or clear it — choose another --run-id or --output, or move its contents away")
+
+
+def start_attempt(paths: RunPaths, fingerprint: str, force: bool = False) -> tuple[RunPaths, str]:
+    """Mark the run folder as r2ray's and open a new attempt; returns (attempt paths, state).
+
+    ``state`` is 'fresh', 'redo' (an interrupted run's attempts were cleared) or 'forced' (a
+    committed run is being rebuilt beside itself). Raises :class:`AlreadyCommitted` for a
+    committed run unless ``force``. Call :func:`check_output` first.
     """
-    if is_committed(paths):
-        if not force:
-            raise AlreadyCommitted(
-                f"run {paths.run_id} is already committed at {paths.manifest}; "
-                "pass --force to redo it")
-        storage.remove(paths.manifest)  # un-commit first, so a crash below leaves no stale commit
-        storage.remove(paths.root)
-        return "forced"
-    if storage.exists(paths.root):
-        storage.remove(paths.root)
-        return "redo"
-    return "fresh"
+    committed = is_committed(paths)
+    if committed and not force:
+        raise AlreadyCommitted(f"run {paths.run_id} is already committed at {paths.manifest}; "
+                               "pass --force to redo it")
+    names = _children(paths.root)
+    state = "forced" if committed else ("redo" if MARKER in names else "fresh")
+    if not committed:
+        remove_attempts(paths, keep="")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    attempt = RunPaths(paths.output, paths.run_id, f"{ATTEMPT_PREFIX}{stamp}-{secrets.token_hex(3)}")
+    marker = {"run_id": paths.run_id, "input_fingerprint": fingerprint, "attempt": attempt.attempt,
+              "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "r2ray_version": __version__}
+    try:  # the marker is also the write probe: an unwritable output fails here, before any work
+        storage.write_text(paths.marker, json.dumps(marker, indent=2) + "\n")
+    except (OSError, PermissionError, ValueError) as err:
+        raise RunFolderError(f"cannot write to the output {paths.root}: "
+                             f"{type(err).__name__}: {err}") from None
+    return attempt, state
 
 
-def commit(paths: RunPaths, manifest: dict) -> None:
-    """Write the manifest, the last write of a run."""
-    storage.write_text(paths.manifest, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+def remove_attempts(paths: RunPaths, keep: str) -> None:
+    """Remove the run's ``attempt-*`` folders except ``keep`` (only folders r2ray wrote)."""
+    if MARKER not in _children(paths.root):
+        return
+    for name in _children(paths.root):
+        if name.startswith(ATTEMPT_PREFIX) and name != keep:
+            storage.remove(storage.join(paths.root, name))
+
+
+def abandon(attempt: RunPaths, state: str) -> None:
+    """Undo a failed attempt: its folder, and the marker too if this attempt created the folder."""
+    storage.remove(attempt.path())
+    if state == "fresh":
+        storage.remove(attempt.marker)
+        fs, root = storage.filesystem(attempt.root)
+        if fs.exists(root) and not fs.ls(root, detail=False):
+            with contextlib.suppress(FileNotFoundError):  # object stores have no empty folders
+                fs.rmdir(root)
+
+
+def commit(attempt: RunPaths, manifest: dict) -> None:
+    """Write the manifest (the last write of a run; ``manifest['attempt']`` is set to name its
+    attempt), then drop the attempts it supersedes."""
+    manifest["attempt"] = attempt.attempt
+    stored = redact_values(manifest)   # URIs (tracking, input, output) may carry credentials
+    storage.write_text(attempt.manifest, json.dumps(stored, indent=2, sort_keys=True) + "\n")
+    remove_attempts(attempt, keep=attempt.attempt)
 
 
 def input_fingerprint(files: list[str]) -> str:
@@ -98,7 +197,8 @@ def input_fingerprint(files: list[str]) -> str:
 
 
 def latest_committed(output: str) -> str | None:
-    """URI of the newest committed manifest under ``output`` (by its ``committed_at``), if any."""
+    """URI of the newest committed manifest under ``output`` (by its ``committed_at``) that has a
+    solve (a run whose every row was quarantined priced nothing), if any."""
     fs, path = storage.filesystem(output)
     if not fs.exists(path):
         return None
@@ -106,7 +206,15 @@ def latest_committed(output: str) -> str | None:
     best, best_time = None, ""
     for manifest in manifests:
         uri = storage.with_scheme(fs, manifest)
-        committed_at = read_manifest(uri).get("committed_at", "")
-        if committed_at >= best_time:
+        record = read_manifest(uri)
+        committed_at = record.get("committed_at", "")
+        if record.get("solve") and committed_at >= best_time:
             best, best_time = uri, committed_at
     return best
+
+
+def routed_partition(model: str) -> str:
+    """The hive folder of a model's routed prompts: ``model=<name>``, the name percent-escaped
+    (``/``, ``=``, ``%``, spaces, unicode), so a name is never a path and reads back exactly
+    through pyarrow's and Ray Data's hive partitioning."""
+    return f"model={quote(model, safe='')}"

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import fsspec
 import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
 from r2ray.errors import R2RayError
-from r2ray.redaction import redact_uri
+from r2ray.redaction import redact_text, redact_uri
 
 
 def s3_options() -> dict:
@@ -131,3 +132,27 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
                                     f"{', '.join(suffixes)}")
         found.extend(with_scheme(fs, p) for p in sorted(matched))
     return found
+
+
+class StorageError(R2RayError):
+    """Object storage could not be reached or used (endpoint down, bad credentials, no access)."""
+
+
+@contextmanager
+def reporting(action: str) -> Iterator[None]:
+    """Turn storage failures (botocore, s3fs, OS errors) into one readable line naming ``action``;
+    a missing file stays a FileNotFoundError (the CLI prints it as one line too)."""
+    try:
+        yield
+    except (R2RayError, FileNotFoundError):
+        raise
+    except Exception as err:  # noqa: BLE001 — s3fs surfaces botocore, aiohttp and OS errors alike
+        if not _is_storage_error(err):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise StorageError(redact_text(f"{action}: {type(err).__name__}: {message}")) from None
+
+
+def _is_storage_error(err: Exception) -> bool:
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in (
+        "botocore", "aiobotocore", "aiohttp", "s3fs")

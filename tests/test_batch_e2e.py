@@ -69,7 +69,7 @@ def _submit(cluster, args: list[str], runtime_env: dict | None = None) -> str:
 
 def _routed(root: str) -> pa.Table:
     return pa.concat_tables([read_table(f) for f in
-                             storage.list_files(storage.join(root, "routed"), (".parquet",))])
+                             storage.list_files(root, (".parquet",))])
 
 
 def test_job_submit_routes_s3_backlog_and_survives_a_lost_worker(
@@ -94,21 +94,22 @@ def test_job_submit_routes_s3_backlog_and_survives_a_lost_worker(
     assert manifest["counts"]["rows_in"] == 603
     assert manifest["counts"]["routed"] == 600 and manifest["counts"]["quarantined"] == 3
     assert manifest["model"]["version"] == "1" and manifest["model"]["name"] == "r2ray-e2e"
-    routed = _routed(f"{s3_bucket}/runs/nightly")
+    routed = _routed(manifest["output"]["routed"])
     quarantine = pa.concat_tables([read_table(f) for f in storage.list_files(
-        f"{s3_bucket}/runs/nightly/quarantine", (".parquet",))])
+        manifest["output"]["quarantine"], (".parquet",))])
     assert set(routed.column("query_id").to_pylist()) == set(
         backlog.column("query_id").to_pylist())
     assert quarantine.num_rows == 3
     spend = routed.column("c_hat_usd").to_numpy().sum(dtype=np.float64)
     assert spend <= budget and manifest["spend"]["predicted_usd"] == pytest.approx(spend)
-    assert storage.exists(f"{s3_bucket}/runs/nightly/spend.png")
+    assert storage.exists(manifest["artifacts"]["spend_plot"])
 
     marker = tmp_path / "worker-killed"
     _submit(ray_cluster, [*args, "--run-id", "lost-worker"],
             {"env_vars": {"R2RAY_FAILPOINT": f"kill_worker_once:{marker}"}})
     assert marker.exists()  # a scoring worker really died mid-run
-    again = _routed(f"{s3_bucket}/runs/lost-worker")
+    again = _routed(json.loads(storage.read_text(
+        f"{s3_bucket}/runs/lost-worker/manifest.json"))["output"]["routed"])
     key = lambda t: sorted(zip(t.column("query_id").to_pylist(), t.column("model").to_pylist(),  # noqa: E731
                                t.column("budget").to_pylist()))
     assert key(again) == key(routed)

@@ -1,6 +1,7 @@
 """The batch job on a local in-process Ray: accounting, budget, crash safety, bad input."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pytest
 from r2ray import runs
 from r2ray.bench.io import read_table, write_table
 from r2ray.bench.synthetic import synth_backlog
+from r2ray.cli import EXIT_NOTHING_ROUTED, main
 from r2ray.config import route_config
 from r2ray.errors import R2RayError
 from r2ray.failpoints import FAILPOINT_ENV
@@ -58,8 +60,8 @@ def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, smal
     table = _backlog(tmp_path / "in", small_routing_model["catalog"])
     config = _config(tmp_path, small_routing_model)
     manifest = route_batch(config)
-    paths = runs.RunPaths(config.output, "nightly")
-    assert runs.is_committed(paths)
+    paths = runs.committed_paths(runs.RunPaths(config.output, "nightly"))
+    assert runs.is_committed(paths) and paths.attempt.startswith("attempt-")
     routed = _routed(paths)
     quarantine = read_table_all(paths.quarantine)
     counts = manifest["counts"]
@@ -68,7 +70,8 @@ def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, smal
     assert routed.num_rows == 400 and len(set(routed.column("query_id").to_pylist())) == 400
     assert set(routed.column("query_id").to_pylist()) == set(table.column("query_id").to_pylist())
     reasons = sorted(r for r in quarantine.column("reason").to_pylist())
-    assert any(r.startswith("duplicate query_id (first seen in input file #0, row 1)")
+    first_file = str(tmp_path / "in" / "part-0.parquet")
+    assert any(r.startswith(f"duplicate query_id (first seen in {first_file}, row 1)")
                for r in reasons)
     assert any(r.startswith("unreadable parquet file") for r in reasons)
     assert "missing query_id" in reasons and "empty or whitespace-only query" in reasons
@@ -84,7 +87,7 @@ def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, smal
             assert row["budget"] < row["max_tokens"] <= row["budget"] * 1.1 + 8
         assert row["lambda_star"] == manifest["solve"]["lambda"]
     for artifact in ("report.md", "spend.png"):
-        assert (tmp_path / "out" / "nightly" / artifact).stat().st_size > 0
+        assert os.path.getsize(paths.path(artifact)) > 0
     assert manifest["mlflow_run_id"]
 
 
@@ -99,21 +102,51 @@ def test_crash_before_commit_then_rerun_gives_the_same_output(
     with pytest.raises(RuntimeError, match="failpoint"):
         route_batch(crashed)
     paths = runs.RunPaths(crashed.output, "crashy")
-    assert not runs.is_committed(paths) and (tmp_path / "out" / "crashy" / "routed").exists()
+    (left,) = [n for n in os.listdir(paths.root) if n.startswith("attempt-")]
+    assert not runs.is_committed(paths) and os.path.isdir(os.path.join(paths.root, left, "routed"))
     monkeypatch.delenv(FAILPOINT_ENV)
     manifest = route_batch(crashed)
     assert manifest["state_before"] == "redo"
-    again, first = _routed(paths), _routed(runs.RunPaths(clean.output, "clean"))
+    assert not os.path.exists(os.path.join(paths.root, left))   # the crashed attempt is cleared
+    paths = runs.committed_paths(paths)
+    again = _routed(paths)
+    first = _routed(runs.committed_paths(runs.RunPaths(clean.output, "clean")))
     key = lambda t: sorted(zip(t.column("query_id").to_pylist(), t.column("model").to_pylist(),  # noqa: E731
                                t.column("budget").to_pylist()))
     assert key(again) == key(first)
     assert len(set(again.column("query_id").to_pylist())) == again.num_rows  # no duplicates
-    # a committed run id is a no-op; --force redoes it
-    files_before = sorted(p.name for p in (tmp_path / "out" / "crashy" / "routed").rglob("*"))
+    # a committed run id is a no-op
     assert route_batch(crashed)["committed_at"] == manifest["committed_at"]
+    # a forced run that dies before its commit leaves the committed run whole
+    monkeypatch.setenv(FAILPOINT_ENV, "before_commit")
+    with pytest.raises(RuntimeError, match="failpoint"):
+        route_batch(_config(tmp_path, small_routing_model, run_id="crashy", force=True))
+    assert runs.read_manifest(paths) == manifest and key(_routed(paths)) == key(first)
+    # --force redoes it in a new attempt and swaps it in at the commit
+    monkeypatch.delenv(FAILPOINT_ENV)
     forced = route_batch(_config(tmp_path, small_routing_model, run_id="crashy", force=True))
-    assert forced["state_before"] == "forced"
-    assert sorted(p.name for p in (tmp_path / "out" / "crashy" / "routed").rglob("*")) == files_before
+    assert forced["state_before"] == "forced" and forced["attempt"] != manifest["attempt"]
+    assert [n for n in os.listdir(paths.root) if n.startswith("attempt-")] == [forced["attempt"]]
+    assert key(_routed(runs.committed_paths(paths))) == key(first)
+
+
+def test_a_backlog_of_only_bad_rows_commits_its_quarantine(tmp_path, ray_local,
+                                                           small_routing_model, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "night.parquet").write_bytes(b"corrupt: the only file tonight")
+    (tmp_path / "in" / "rows.jsonl").write_text('{"query": "no id"}\n{"query_id": "x"}\n')
+    config = _config(tmp_path, small_routing_model, run_id="bad-night")
+    args = ["route", "--input", config.input, "--output", config.output, "--model",
+            config.model, "--budget-per-query", "5e-5", "--run-id", "bad-night",
+            "--tracking-uri", config.tracking_uri]
+    assert main(args) == EXIT_NOTHING_ROUTED
+    assert "no query could be routed" in capsys.readouterr().out
+    manifest = runs.read_manifest(runs.RunPaths(config.output, "bad-night"))
+    assert manifest["counts"] == {"rows_in": 2, "routed": 0, "quarantined": 2, "duplicates": 0,
+                                  "deferred": 0, "unreadable_files": 1}
+    assert manifest["solve"] is None
+    quarantine = read_table_all(manifest["output"]["quarantine"])
+    assert quarantine.num_rows == 3
 
 
 def test_infeasible_budget_commits_nothing(tmp_path, ray_local, small_routing_model):
