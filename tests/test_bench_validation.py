@@ -94,6 +94,7 @@ def test_quality_outside_unit_interval(fails, tmp_path):
     assert "outside [0.0, 1.0]" in err
     err = fails("long", [write_long(tmp_path, [long_row(), long_row(query_id="q2", quality=-0.1)])])
     assert "mine.jsonl, row 2, field 'quality'" in err
+    assert "quality -0.1 is outside [0, 1]" in err and "np.float64" not in err
 
 
 # ---- negative tokens -------------------------------------------------------------------------

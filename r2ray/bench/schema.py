@@ -108,7 +108,7 @@ def validate_bench(table: pa.Table, source: str, catalog: Catalog | None = None,
              lambda r: "is empty (null)")
     quality = table.column("quality").to_numpy()
     fail(~((quality >= 0.0) & (quality <= 1.0)), "quality",
-         lambda r: f"quality {quality[r]!r} is outside [0, 1]")
+         lambda r: f"quality {float(quality[r])!r} is outside [0, 1]")
     for name in ("input_tokens", "output_tokens", "budget"):
         values = table.column(name).to_numpy()
         fail(values < 0, name, lambda r, v=values, n=name: f"{n} {v[r]} is negative")

@@ -130,7 +130,7 @@ def _chunk_hull(q: np.ndarray, c: np.ndarray, first_row: int) -> HullSteps:
     *chains, bad_row, bad_arm = hull_rows(_kernel_input(q), _kernel_input(c))
     if bad_row >= 0:
         raise ValueError(f"costs must be >= 0 USD; c[{first_row + bad_row}, {bad_arm}] = "
-                         f"{c[bad_row, bad_arm]!r}. Use NaN to mark an unavailable arm.")
+                         f"{float(c[bad_row, bad_arm])!r}. Use NaN to mark an unavailable arm.")
     return HullSteps(*chains)
 
 
