@@ -232,3 +232,15 @@ def test_the_manifest_never_stores_credentials(tmp_path):
                                      "input": "s3://b/in?X-Amz-Signature=SECRET2"}})
     text = (tmp_path / "r" / "manifest.json").read_text()
     assert "SECRET" not in text and "http://u:***@mlflow.internal:5000" in text
+
+
+@pytest.mark.slow
+def test_bad_s3_credentials_are_one_line(tmp_path, small_routing_model, capsys, monkeypatch,
+                                         s3_bucket):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    args = _route_args(tmp_path, small_routing_model["path"], "--run-id", "r")
+    args[args.index("--output") + 1] = f"{s3_bucket}/out"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot" in err and "Traceback" not in err
+    assert "not-the-secret" not in err
