@@ -75,8 +75,8 @@ def encoder_only_qps(backlog: str, workers: int, cpus: float, gpus: float, batch
 
 
 def route(backlog: str, model: str, out: str, run_id: str, args) -> dict:
-    from r2ray.config import route_config
-    from r2ray.pipeline import route_batch
+    from r2ray.batch.config import route_config
+    from r2ray.batch import route_batch
 
     config = route_config(input=backlog, output=out, model=model, budget_per_query_usd=2e-4,
                           run_id=run_id, workers=args.workers, cpus_per_worker=args.cpus_per_worker,

@@ -1,6 +1,6 @@
 """Entry point for `ray job submit -- python jobs/route_batch.py --input ... --budget-usd ...`.
 
-The same arguments as `r2ray route`; all the work is in :func:`r2ray.pipeline.route_batch`.
+The same arguments as `r2ray route`; all the work is in :func:`r2ray.batch.route_batch`.
 """
 
 import sys

@@ -113,8 +113,8 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _route(args: argparse.Namespace) -> None:
-    from r2ray.config import route_config
-    from r2ray.pipeline import route_batch, summarise_manifest
+    from r2ray.batch.config import route_config
+    from r2ray.batch import route_batch, summarise_manifest
 
     fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "reserve",
               "catalog", "run_id", "force", "defer", "seed", "tracking_uri", "workers",

@@ -20,8 +20,8 @@ def run_demo(workdir: str = "runs/demo", n_queries: int = 20_000, seed: int = 0)
     from r2ray.bench.stats import bench_stats_report
     from r2ray.bench.synthetic import write_world
     from r2ray.catalog import load_catalog
-    from r2ray.config import route_config
-    from r2ray.pipeline import route_batch, summarise_manifest
+    from r2ray.batch.config import route_config
+    from r2ray.batch import route_batch, summarise_manifest
     from r2ray.training import TrainConfig, train_predictor_job
 
     workdir = os.path.abspath(workdir)

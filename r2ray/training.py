@@ -6,7 +6,7 @@
 (never from the test set), fits, logs params / metrics / per-arm table / calibration plot to an
 MLflow run, registers a pyfunc version, and with ``promote`` moves the alias only when the new
 version beats the current holder on this run's test split (both scored by
-:func:`r2ray.evaluation.scoring.score_predictor`).
+:func:`r2ray.evaluation.method_scores.score_predictor`).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def evaluation_arrays(registered: RegisteredPredictor, data: TrainingData,
 
 
 def score_on_test(data: TrainingData, test_ids: np.ndarray):
-    from r2ray.evaluation.scoring import score_predictor
+    from r2ray.evaluation.method_scores import score_predictor
 
     def score(registered: RegisteredPredictor) -> dict:
         test = evaluation_arrays(registered, data, test_ids)

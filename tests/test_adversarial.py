@@ -15,14 +15,16 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from r2ray import runs
-from r2ray.backlog import ROW_BITS, plan_units, read_and_validate
+from r2ray import manifest as runs
+from r2ray.batch.backlog import ROW_BITS, plan_units, read_and_validate
 from r2ray.bench.io import write_table
 from r2ray.catalog import CatalogError, catalog_from_dict
 from r2ray.cli import main
-from r2ray.config import route_config
+from r2ray.batch.config import route_config
 from r2ray.errors import R2RayError
-from r2ray.pipeline import assign_stage, drop_rows_stage, route_batch
+from r2ray.batch import route_batch, summarise_manifest
+from r2ray.batch.assign import assign_stage
+from r2ray.batch.dedupe import drop_rows_stage
 
 HOSTILE_NAMES = ["meta-llama/Llama-3.1-8B-Instruct", "a=b", "50%off", "with space", "naïve-模型"]
 
@@ -155,14 +157,15 @@ def test_model_names_round_trip_through_hive_partitions(tmp_path):
                       "tenant_name": pa.nulls(n, pa.string()),
                       "order": pa.array(np.arange(n), pa.int64()),
                       "arm": pa.array(np.arange(n), pa.int64()),
+                      "lambda_star": np.full(n, 1.0),
                       "base_q": np.full(n, 0.5), "base_c": np.full(n, 1e-5),
-                      "step_arm": pa.array([[]] * n, pa.list_(pa.int32())),
-                      "dq": pa.array([[]] * n, pa.list_(pa.float64())),
-                      "dc": pa.array([[]] * n, pa.list_(pa.float64())),
-                      "hull_tokens": pa.array([[20.0]] * n, pa.list_(pa.float32()))})
+                      "step_arm": pa.array([[]] * n, pa.large_list(pa.int32())),
+                      "dq": pa.array([[]] * n, pa.large_list(pa.float64())),
+                      "dc": pa.array([[]] * n, pa.large_list(pa.float64())),
+                      "hull_tokens": pa.array([[20.0]] * n, pa.large_list(pa.float32()))})
     routed = tmp_path / "out" / "routed"
     assign_stage(batch, catalog.to_yaml(), str(routed), str(tmp_path / "out" / "deferred"),
-                 lam=1.0, model_version="v", run_id="r")
+                 model_version="v", run_id="r")
     assert sorted(os.listdir(routed)) == sorted(runs.routed_partition(m) for m in HOSTILE_NAMES)
     read = ds.dataset(str(routed), partitioning="hive").to_table()
     assert sorted(read.column("model").to_pylist()) == sorted(
@@ -213,8 +216,6 @@ def test_run_ids_and_budgets_get_readable_messages(tmp_path):
 
 
 def test_summary_prints_money_readably():
-    from r2ray.pipeline import summarise_manifest
-
     manifest = {"run_id": "r", "committed_at": "t", "output": {"routed": "o/r/a/routed"},
                 "counts": {"rows_in": 1, "routed": 1, "quarantined": 0, "duplicates": 0,
                            "deferred": 0, "unreadable_files": 0},

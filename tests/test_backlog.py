@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from r2ray.backlog import ROW_BITS, plan_units, read_and_validate
+from r2ray.batch.backlog import ROW_BITS, plan_units, read_and_validate
 
 CONTEXT = 1000
 DIM = 3

@@ -9,7 +9,7 @@ from r2ray.bench.synthetic import synth_backlog, synth_bench
 from r2ray.catalog import load_catalog
 from r2ray.errors import R2RayError
 from r2ray.evaluation.harness import aggregate_metrics, category_splits, random_splits
-from r2ray.evaluation.report import format_table
+from r2ray.evaluation.summary import format_table
 from r2ray.evaluation.run import ModelUnderTest, run_evaluation
 from r2ray.predictor import PREDICTORS
 from r2ray.predictor.data import bench_arrays

@@ -11,7 +11,7 @@ import pytest
 from r2ray.catalog import catalog_from_dict
 from r2ray.evaluation.methods import non_learned_scores, random_point, single_model_names
 from r2ray.evaluation.metrics import peak
-from r2ray.evaluation.scoring import (evaluable_queries, evaluate_methods, score_predictor,
+from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods, score_predictor,
                                       summarise)
 from r2ray.predictor.base import ArmPredictions
 from r2ray.predictor.data import BenchArrays

@@ -8,14 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from r2ray import runs
+from r2ray import manifest as runs
 from r2ray.bench.io import read_table, write_table
 from r2ray.bench.synthetic import synth_backlog
 from r2ray.cli import EXIT_NOTHING_ROUTED, main
-from r2ray.config import route_config
+from r2ray.batch.config import route_config
 from r2ray.errors import R2RayError
 from r2ray.failpoints import FAILPOINT_ENV
-from r2ray.pipeline import route_batch
+from r2ray.batch import route_batch
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from r2ray.errors import R2RayError
 from r2ray.redaction import (SENSITIVE_PARAMS, redact_text, redact_uri, redact_values,
                              redacted_output)
 from r2ray.registry import RegistryError, load_registered
-from r2ray.report import STATS_SCHEMA, log_to_mlflow, report_markdown
+from r2ray.batch.report import STATS_SCHEMA, log_to_mlflow, report_markdown
 from r2ray.serving.upstream import UpstreamError, chat_url, forward_chat
 
 SECRET = "s3cr3t-Pa55"

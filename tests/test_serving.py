@@ -19,7 +19,7 @@ from r2ray.bench.synthetic import synth_backlog
 from r2ray.errors import R2RayError
 from r2ray.predictor import load_predictor
 from r2ray.routing import arm_scores
-from r2ray.runs import RunPaths, commit
+from r2ray.manifest import RunPaths, commit
 from r2ray.serving.api import build_api
 from r2ray.serving.auth import AuthError, check_bearer, key_digest, load_key_digests
 from r2ray.serving.config import PacingConfig, serve_config

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from r2ray.solver import hull_steps, solve_budget, solve_groups
 from r2ray.solver.hull import empty_steps
-from r2ray.solver.distributed import (
-    solve_dataset, steps_dataset, steps_to_table, table_to_steps)
+from r2ray.solver.distributed import solve_dataset, steps_dataset
+from r2ray.solver.table import steps_to_table, table_to_steps
 from solver_highs import budget_between, instances
 
 FIELDS = ("base_arm", "base_q", "base_c", "offsets", "step_arm", "dq", "dc", "key",
@@ -94,6 +94,15 @@ def test_tenants_over_blocks_match_one_node(ray_local):
     np.testing.assert_array_equal(arms_of(result)[0], single.arm)
     with pytest.raises(ValueError, match="tenant"):
         solve_dataset(steps_dataset(steps, n_blocks=2), budgets)
+    # `then` runs on each block with its arms and its tenant's λ*, in the assigning task (a
+    # package function: Ray workers cannot import test modules)
+    kept = solve_dataset(steps_dataset(steps, tenant=tenant, n_blocks=4), budgets, seed=1,
+                         then=(pa.Table.select, {"columns": ["query_pos", "arm", "lambda_star"]}))
+    table = pa.concat_tables(ray_local.get(kept.arms.to_arrow_refs())).sort_by("query_pos")
+    np.testing.assert_array_equal(table.column("arm").to_numpy(), single.arm)
+    lam = np.array([c.lam for c in single.certificates])
+    np.testing.assert_array_equal(table.column("lambda_star").to_numpy(), lam[tenant])
+    assert table.column_names == ["query_pos", "arm", "lambda_star"]
 
 
 @pytest.mark.slow

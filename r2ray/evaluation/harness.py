@@ -28,7 +28,7 @@ import numpy as np
 
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
-from r2ray.evaluation.scoring import MethodResult, evaluable_queries, evaluate_methods, summarise
+from r2ray.evaluation.method_scores import MethodResult, evaluable_queries, evaluate_methods, summarise
 from r2ray.predictor.base import Predictor
 from r2ray.predictor.data import BenchArrays, holdout_indices
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from r2ray.evaluation.methods import ORACLE_ALL, ORACLE_DEFAULT, RANDOM, SINGLE_PREFIX
 from r2ray.evaluation.metrics import DeferralCurve, normalise_cost
-from r2ray.evaluation.scoring import MethodResult
+from r2ray.evaluation.method_scores import MethodResult
 
 
 def curves_png(results: dict[str, MethodResult], summary: dict, title: str, subject: str) -> bytes:

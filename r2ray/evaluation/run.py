@@ -17,7 +17,7 @@ from r2ray import storage
 from r2ray.bench.io import read_bench, read_table
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
-from r2ray.evaluation import harness, report
+from r2ray.evaluation import harness, summary
 from r2ray.evaluation.harness import log_line
 from r2ray.evaluation.metrics import lambda_grid
 from r2ray.predictor.base import Predictor
@@ -130,10 +130,10 @@ def run_evaluation(arrays: BenchArrays, catalog: Catalog, model: ModelUnderTest,
         outcomes.append(harness.evaluate_split(arrays, catalog, s, factories, lambdas, log))
     context = {**(context or {}), "baseline_settings": {
         n: method_settings.get(n, "defaults") for n in factories if n != model.name}}
-    metrics = report.metrics_document(outcomes, model=model, split=split, seeds=seeds,
+    metrics = summary.metrics_document(outcomes, model=model, split=split, seeds=seeds,
                                       lambdas=lambdas, registered=registered, context=context)
-    report.write_outputs(metrics, outcomes, out_dir, subject=model.name)
-    log(report.format_table(metrics))
+    summary.write_outputs(metrics, outcomes, out_dir, subject=model.name)
+    log(summary.format_table(metrics))
     return metrics
 
 

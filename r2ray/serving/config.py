@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from r2ray.config import ConfigError
+from r2ray.errors import ConfigError
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -91,6 +91,4 @@ def serve_config(args: dict | None) -> ServeConfig:
         if isinstance(err, json.JSONDecodeError):
             raise ConfigError(f"invalid serve config: a JSON-valued argument is not JSON: {err}") \
                 from None
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: "
-                 f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
-        raise ConfigError("invalid serve config:\n" + "\n".join(lines)) from None
+        raise ConfigError.from_validation("serve config", err) from None

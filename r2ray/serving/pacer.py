@@ -95,7 +95,7 @@ def starting_price(manifest: str | None, lam: float | None, tie_cut: float = 1.0
     is used), else ``lam`` from the config, else 0 (every query gets its best predicted arm)."""
     from r2ray.errors import R2RayError
     from r2ray.redaction import redact_uri
-    from r2ray.runs import MANIFEST, latest_committed, read_manifest
+    from r2ray.manifest import MANIFEST, latest_committed, read_manifest
 
     if manifest is not None:
         uri = manifest if manifest.rstrip("/").endswith(MANIFEST) else latest_committed(manifest)

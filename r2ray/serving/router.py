@@ -59,7 +59,7 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
     prices and endpoints, never the arms the model was trained on."""
     from r2ray.encoders import default_device, load_encoder
     from r2ray.registry import load_registered
-    from r2ray.scoring import has_encoder
+    from r2ray.batch.score import has_encoder
 
     device = device or default_device()
     bundle = load_registered(uri, tracking_uri, device=device)

@@ -1,22 +1,12 @@
-"""The budget solve when hull chains live in Ray Data blocks.
-
-Column layout of a step table (one row per query; ``STEP_SCHEMA``):
-    query_pos     int64              position of the query in the backlog (unique)
-    query_key     uint64             key hashed by the tie rule (the online side uses the same)
-    tenant        int32              optional; index into the per-tenant budgets
-    base_arm      int32              cheapest hull arm (NO_ARM if none)
-    base_q        float64            its quality
-    base_c        float64            its cost, USD
-    invalid_arms  int32              NaN/inf arms removed
-    step_arm      large_list<int32>  the hull chain: arm reached by each step
-    dq, dc        large_list<float64>  quality and USD added by each step
-    key           large_list<float32>  efficiency_key(dq / dc)
+"""The budget solve when hull chains live in Ray Data blocks (step tables: :mod:`.table`).
 
 Each pass is one Ray task per block; the driver merges exact integer histograms (at most
 65,536 bins per tenant), per-tenant scalars and at most ``fill_limit`` fill candidates, so its
 memory does not depend on the number of queries, and the result is bit-identical to the
 in-memory ``solve_budget`` on the same chains and keys. The chosen arms stay in the cluster:
-``DatasetSolveResult.arms`` is a Dataset of ``query_pos, arm, filled``.
+``DatasetSolveResult.arms`` is a Dataset of ``query_pos, arm, filled`` — or, with ``then``, of
+what ``then`` made of each block with its ``arm`` and ``lambda_star`` columns, in the same task
+(no second pass and no re-aligning of blocks).
 """
 from __future__ import annotations
 
@@ -31,54 +21,7 @@ from r2ray.solver.budget import (
 from r2ray.solver.hull import HullSteps, empty_steps
 from r2ray.solver.passes import block_assign
 from r2ray.solver.search import FILL_LIMIT, run_solve
-
-STEP_SCHEMA = pa.schema([
-    ("query_pos", pa.int64()), ("query_key", pa.uint64()), ("tenant", pa.int32()),
-    ("base_arm", pa.int32()), ("base_q", pa.float64()), ("base_c", pa.float64()),
-    ("invalid_arms", pa.int32()), ("step_arm", pa.large_list(pa.int32())),
-    ("dq", pa.large_list(pa.float64())), ("dc", pa.large_list(pa.float64())),
-    ("key", pa.large_list(pa.float32())),
-])
-
-
-def steps_to_table(steps: HullSteps, *, query_key=None, tenant=None, start: int = 0) -> pa.Table:
-    """Step table of in-memory chains; query positions start at ``start``."""
-    n = steps.n_queries
-    pos = np.arange(start, start + n, dtype=np.int64)
-    keys = pos.astype(np.uint64) if query_key is None else np.asarray(query_key, np.uint64)
-    offsets = pa.array(steps.offsets, pa.int64())
-    def chain(values, kind):
-        return pa.LargeListArray.from_arrays(offsets, pa.array(values, kind))
-
-    columns = {
-        "query_pos": pos, "query_key": keys,
-        "tenant": None if tenant is None else np.asarray(tenant, np.int32),
-        "base_arm": steps.base_arm, "base_q": steps.base_q, "base_c": steps.base_c,
-        "invalid_arms": steps.invalid_arms,
-        "step_arm": chain(steps.step_arm, pa.int32()), "dq": chain(steps.dq, pa.float64()),
-        "dc": chain(steps.dc, pa.float64()), "key": chain(steps.key, pa.float32()),
-    }
-    schema = STEP_SCHEMA if tenant is not None else STEP_SCHEMA.remove(2)
-    return pa.table({k: v for k, v in columns.items() if v is not None}, schema=schema)
-
-
-def table_to_steps(table: pa.Table):
-    """(HullSteps, query_pos, query_key, tenant or None) of a step table or record batch."""
-    col = lambda name: table.column(name).to_numpy()   # noqa: E731
-    lists = {name: _flat_list(table.column(name)) for name in ("step_arm", "dq", "dc", "key")}
-    offsets = lists["dq"][0]
-    steps = HullSteps(col("base_arm").astype(np.int32), col("base_q"), col("base_c"), offsets,
-                      lists["step_arm"][1].astype(np.int32), lists["dq"][1], lists["dc"][1],
-                      lists["key"][1].astype(np.float32), col("invalid_arms").astype(np.int32))
-    tenant = col("tenant").astype(np.int32) if "tenant" in table.column_names else None
-    return steps, col("query_pos").astype(np.int64), col("query_key").astype(np.uint64), tenant
-
-
-def _flat_list(column) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 offsets from 0, flat values) of a (large_)list column, slices respected."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = np.asarray(arr.offsets, dtype=np.int64)
-    return offsets - offsets[0], arr.flatten().to_numpy(zero_copy_only=False)
+from r2ray.solver.table import steps_to_table, table_to_steps
 
 
 def _block(table: pa.Table, defer: bool, grouped: bool) -> StepBlock:
@@ -91,19 +34,26 @@ def _run_pass(table, defer, grouped, fn, args):
     return fn(_block(table, defer, grouped), *args)
 
 
-def _run_assign(table, defer, grouped, selection, fill_pos):
+def _run_assign(table, defer, grouped, selection, fill_pos, then):
     block = _block(table, defer, grouped)
     (arm, filled), totals = block_assign(block, selection, fill_pos)
-    arms = pa.table({"query_pos": block.query_pos, "arm": arm, "filled": filled})
-    return arms, totals
+    if then is not None:   # the block itself, with its arms and the price of its budget group
+        fn, kwargs = then
+        lam = np.asarray(selection.lam64, np.uint64).view(np.float64)
+        group = block.group if block.group is not None else np.zeros(len(arm), np.int64)
+        table = table.append_column("arm", pa.array(arm)).append_column(
+            "lambda_star", pa.array(lam[group], pa.float64()))
+        return fn(table, **kwargs), totals
+    return pa.table({"query_pos": block.query_pos, "arm": arm, "filled": filled}), totals
 
 
 class RayPasses:
     """Runs each pass as one Ray task per block and merges the parts as they arrive."""
 
-    def __init__(self, dataset, *, defer: bool, grouped: bool, num_cpus: float):
+    def __init__(self, dataset, *, defer: bool, grouped: bool, num_cpus: float, then=None):
         import ray
         self.ray, self.defer, self.grouped = ray, defer, grouped
+        self.then = None if then is None else ray.put(then)
         self.refs = dataset.to_arrow_refs()
         if not self.refs:                       # an empty backlog still needs one (empty) block
             tenant = np.zeros(0, np.int32) if grouped else None
@@ -119,8 +69,8 @@ class RayPasses:
 
     def assign(self, selection, fill_pos):
         from ray.data import from_arrow_refs
-        parts = [self.assign_task.remote(ref, self.defer, self.grouped, selection, fill_pos)
-                 for ref in self.refs]
+        parts = [self.assign_task.remote(ref, self.defer, self.grouped, selection, fill_pos,
+                                         self.then) for ref in self.refs]
         totals = self._merged([t for _, t in parts], lambda a, b: a.merge(b))
         return totals, from_arrow_refs([a for a, _ in parts])
 
@@ -142,17 +92,19 @@ class DatasetSolveResult(CertifiedResult):
 
 
 def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
-                  fill_limit: int = FILL_LIMIT, num_cpus: float = 0.5) -> DatasetSolveResult:
+                  fill_limit: int = FILL_LIMIT, num_cpus: float = 0.5,
+                  then: tuple | None = None) -> DatasetSolveResult:
     """``solve_budget`` over a Dataset of step tables (see the module docstring).
 
     budget_usd: one budget for the whole backlog, or a sequence of per-tenant budgets indexed
-    by the ``tenant`` column.
+    by the ``tenant`` column. then: ``(fn, kwargs)``; ``fn(block + arm, lambda_star columns,
+    **kwargs)`` runs where each block's arms are chosen; the Arrow tables it returns make ``arms``.
     """
     budgets = validated_budgets(budget_usd)
     grouped = np.ndim(budget_usd) > 0
     if grouped and "tenant" not in dataset.schema().names:
         raise ValueError("per-tenant budgets need a 'tenant' column in the step tables")
-    passes = RayPasses(dataset, defer=defer, grouped=grouped, num_cpus=num_cpus)
+    passes = RayPasses(dataset, defer=defer, grouped=grouped, num_cpus=num_cpus, then=then)
     outcome, arms = run_solve(passes, budgets, seed=seed, fill_limit=fill_limit)
     return DatasetSolveResult(arms, certificates(outcome))
 

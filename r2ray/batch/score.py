@@ -20,10 +20,10 @@ from r2ray.catalog import Catalog, catalog_from_dict
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
 from r2ray.routing import arm_scores, query_key
-from r2ray.solver import HullSteps, hull_steps
+from r2ray.solver import HullSteps, hull_steps, hull_values, step_columns
+from r2ray.solver.table import CHAIN_COLUMNS
 
-SCORED_COLUMNS = ["base_arm", "base_q", "base_c", "step_arm", "dq", "dc", "key", "hull_tokens",
-                  "invalid_arms"]
+SCORED_COLUMNS = [*CHAIN_COLUMNS, "hull_tokens"]
 
 
 def query_embeddings(table: pa.Table, encoder, dimension: int) -> np.ndarray:
@@ -45,31 +45,9 @@ def query_embeddings(table: pa.Table, encoder, dimension: int) -> np.ndarray:
 
 
 def hull_columns(steps: HullSteps, output_tokens: np.ndarray) -> dict[str, pa.Array]:
-    """Per-query hull chains as Arrow columns (list columns share the CSR offsets)."""
-    offsets = pa.array(steps.offsets.astype(np.int32))
-    n = steps.n_queries
-    per_query = steps.steps_per_query
-    # hull arms per query: the base arm, then each step's arm
-    hull_offsets = steps.offsets + np.arange(n + 1)
-    hull_arm = np.empty(hull_offsets[-1], dtype=np.int64)
-    is_base = np.zeros(hull_offsets[-1], dtype=bool)
-    is_base[hull_offsets[:-1]] = True
-    hull_arm[is_base] = np.maximum(steps.base_arm, 0)
-    hull_arm[~is_base] = steps.step_arm
-    row = np.repeat(np.arange(n), per_query + 1)
-    tokens = output_tokens[row, hull_arm].astype(np.float32)
-    return {
-        "base_arm": pa.array(steps.base_arm, pa.int32()),
-        "base_q": pa.array(steps.base_q, pa.float64()),
-        "base_c": pa.array(steps.base_c, pa.float64()),
-        "step_arm": pa.ListArray.from_arrays(offsets, pa.array(steps.step_arm, pa.int32())),
-        "dq": pa.ListArray.from_arrays(offsets, pa.array(steps.dq, pa.float64())),
-        "dc": pa.ListArray.from_arrays(offsets, pa.array(steps.dc, pa.float64())),
-        "key": pa.ListArray.from_arrays(offsets, pa.array(steps.key, pa.float32())),
-        "hull_tokens": pa.ListArray.from_arrays(pa.array(hull_offsets.astype(np.int32)),
-                                                pa.array(tokens, pa.float32())),
-        "invalid_arms": pa.array(steps.invalid_arms, pa.int32()),
-    }
+    """The step-table columns of :mod:`r2ray.solver.table` plus ``hull_tokens``: predicted output
+    tokens of each hull arm, base arm first."""
+    return {**step_columns(steps), "hull_tokens": hull_values(steps, output_tokens)}
 
 
 def score_batch(table: pa.Table, predictor, catalog: Catalog, encoder=None) -> pa.Table:

@@ -13,13 +13,9 @@ from typing import Annotated
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
-from r2ray.errors import R2RayError
+from r2ray.errors import ConfigError
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-
-class ConfigError(R2RayError, ValueError):
-    pass
 
 
 class RouteConfig(BaseModel):
@@ -44,6 +40,8 @@ class RouteConfig(BaseModel):
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     batch_size: Annotated[int, Field(ge=1)] = 1024       # queries per predictor call
     blocks_per_worker: Annotated[int, Field(ge=1)] = 8   # input repartitioned for load balance
+    task_cpus: Annotated[float, Field(gt=0)] = 0.25      # each small task (read, dedupe, solve,
+                                                         # assign): fractional, beside the actors
 
     @field_validator("run_id")
     @classmethod
@@ -69,6 +67,4 @@ def route_config(**values) -> RouteConfig:
     try:
         return RouteConfig(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: "
-                 f"{re.sub(r'^Value error, ', '', e['msg'])}" for e in err.errors()]
-        raise ConfigError("invalid routing config:\n" + "\n".join(lines)) from None
+        raise ConfigError.from_validation("routing config", err) from None

@@ -15,7 +15,7 @@ import numpy as np
 import r2ray
 from r2ray import storage
 from r2ray.evaluation.harness import MODEL_EVALUATION, SplitOutcome, aggregate_methods
-from r2ray.evaluation.scoring import REFERENCE_FRACTION
+from r2ray.evaluation.method_scores import REFERENCE_FRACTION
 
 if TYPE_CHECKING:
     from r2ray.evaluation.run import ModelUnderTest

@@ -9,6 +9,7 @@ good rows plus a quarantine table with a reason per bad row — nothing is silen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -331,19 +332,27 @@ def empty_good() -> pa.Table:
     return pa.Table.from_pylist([], schema=GOOD_SCHEMA.append(pa.field("embedding", EMBEDDING_TYPE)))
 
 
-def duplicate_reason(first_order: int, sources: dict[int, str]) -> str:
-    """Why a repeated id is quarantined; ``sources``: input file index → URI."""
-    file_index, row = first_order >> ROW_BITS, (first_order & ((1 << ROW_BITS) - 1)) + 1
-    return f"duplicate query_id (first seen in {sources[file_index]}, row {row})"
+# ---- the read stage (Ray tasks, one read unit per call) ---------------------------------------
+def read_stage(batch: dict, quarantine_uri: str, max_context_tokens: int, embedding_dim: int,
+               embedding_required: bool) -> pa.Table:
+    """Read units → good rows; each unit's bad rows go to ``quarantine/part-<file>-<group>``."""
+    from r2ray.bench.io import write_table
+
+    goods = [empty_good()]
+    for i in range(len(batch["source"])):
+        row_group = batch["row_group"][i]
+        unit = ReadUnit(str(batch["source"][i]), int(batch["file_index"][i]),
+                        None if row_group is None or row_group < 0 else int(row_group),
+                        int(batch["first_row"][i]))
+        good, bad = read_and_validate(unit, max_context_tokens, embedding_dim, embedding_required)
+        if bad.num_rows:
+            name = f"part-f{unit.file_index:06d}-g{max(unit.row_group or 0, 0):06d}.parquet"
+            write_table(bad, storage.join(quarantine_uri, name))
+        goods.append(good)
+    return pa.concat_tables(goods)
 
 
-def is_duplicate(orders: np.ndarray, query_ids: pa.Array, first_seen: dict[str, int]) -> np.ndarray:
-    """[n] bool: this row repeats a query_id whose first (lowest-order) row is another row."""
-    if not first_seen:
-        return np.zeros(len(orders), dtype=bool)
-    keys = pa.array(list(first_seen))
-    hit = pc.is_in(query_ids, value_set=keys).to_numpy(zero_copy_only=False)
-    out = np.zeros(len(orders), dtype=bool)
-    for i in np.flatnonzero(hit):
-        out[i] = orders[i] != first_seen[query_ids[i].as_py()]
-    return out
+def unit_items(units: list[ReadUnit]) -> list[dict]:
+    """Read units as Ray Data items (a missing row group is -1: Arrow columns need one type)."""
+    return [dict(dataclasses.asdict(u), row_group=-1 if u.row_group is None else u.row_group)
+            for u in units]

@@ -1,0 +1,106 @@
+"""The assign stage: each block's chosen arms → routed prompts, written per model; sums for the
+report. It runs inside the solver's last pass (``solve_dataset(..., then=...)``), on the block
+whose arms were just chosen, so nothing is re-read or re-aligned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from r2ray import storage
+from r2ray.batch.report import STATS_SCHEMA
+from r2ray.bench.io import write_table
+from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.manifest import routed_partition
+from r2ray.routing import routed_request
+from r2ray.solver import DEFER_ARM, chosen_on_chain
+from r2ray.solver.table import list_values
+
+ROUTED_SCHEMA = pa.schema([
+    pa.field("query_id", pa.string()),
+    pa.field("tenant", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("budget", pa.int32()),            # output tokens, 0 = default
+    pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    pa.field("max_tokens", pa.int64()),        # hard cap sent to the model
+    pa.field("q_hat", pa.float32()),           # predicted quality
+    pa.field("t_hat", pa.float32()),           # predicted output tokens
+    pa.field("c_hat_usd", pa.float64()),       # predicted cost, USD
+    pa.field("lambda_star", pa.float64()),     # price of budget, quality per USD
+    pa.field("model_version", pa.string()),
+    pa.field("run_id", pa.string()),
+])
+
+
+def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_uri: str,
+                 model_version: str, run_id: str) -> pa.Table:
+    """A scored block with the solve's ``arm`` and ``lambda_star`` columns → routed prompts
+    written per model.
+
+    Returns per-(model, budget) sums for the report; queries on the defer arm or on no arm are
+    written to ``deferred/`` with the reason.
+    """
+    catalog = catalog_from_dict(yaml.safe_load(catalog_yaml), "catalogue")
+    arm = batch.column("arm").to_numpy()
+    routed = arm >= 0
+    part = f"part-{int(batch.column('order').to_numpy().min()):016x}.parquet" \
+        if batch.num_rows else "part-empty.parquet"
+    if (~routed).any():
+        reasons = np.where(arm[~routed] == DEFER_ARM, "deferred: the budget could not pay for it",
+                           "no arm available: every prediction was NaN/inf or too long")
+        rest = batch.filter(pa.array(~routed))
+        write_table(pa.table({"query_id": rest.column("query_id"), "query": rest.column("query"),
+                              "reason": pa.array(reasons, pa.string())}),
+                    storage.join(deferred_uri, part))
+    batch = batch.filter(pa.array(routed))
+    chosen = _chosen(batch, arm[routed], catalog)
+    stats = []
+    for model in sorted(set(chosen["model"])):
+        rows = chosen["model"] == model
+        table = _routed_table(batch.filter(pa.array(rows)), {k: v[rows] for k, v in chosen.items()},
+                              catalog, model_version, run_id)
+        write_table(table, storage.join(routed_uri, routed_partition(model), part))
+        for budget in np.unique(chosen["budget"][rows]):
+            sel = rows & (chosen["budget"] == budget)
+            stats.append({"model": model, "budget": int(budget), "queries": int(sel.sum()),
+                          "spend_usd": float(chosen["c_hat"][sel].sum(dtype=np.float64)),
+                          "quality_sum": float(chosen["q_hat"][sel].sum(dtype=np.float64)),
+                          "tokens_sum": float(chosen["t_hat"][sel].sum(dtype=np.float64))})
+    return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
+
+
+def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog) -> dict[str, np.ndarray]:
+    """Model, budget and predicted q̂, ĉ (USD), t̂ of each query's chosen arm."""
+    on_chain = chosen_on_chain(batch, arm)
+    token_offsets, tokens = list_values(batch.column("hull_tokens"))
+    arrays = catalog.arm_arrays
+    return {"arm": arm,
+            "model": np.array(catalog.model_names, dtype=object)[arrays["model_index"][arm]],
+            "budget": arrays["budget_tokens"][arm],
+            "q_hat": on_chain.quality, "c_hat": on_chain.cost_usd,
+            "t_hat": tokens[token_offsets[:-1] + on_chain.position]}
+
+
+def _routed_table(batch: pa.Table, chosen: dict, catalog: Catalog, model_version: str,
+                  run_id: str) -> pa.Table:
+    queries = batch.column("query").to_pylist()
+    input_tokens = batch.column("input_tokens").to_numpy()
+    requests = [routed_request(q, int(a), catalog, int(t))
+                for q, a, t in zip(queries, chosen["arm"], input_tokens)]
+    n = batch.num_rows
+    return pa.table({
+        "query_id": batch.column("query_id"),
+        "tenant": batch.column("tenant_name"),
+        "model": pa.array([r["model"] for r in requests], pa.string()),
+        "budget": pa.array([r["budget"] for r in requests], pa.int32()),
+        "messages": pa.array([r["messages"] for r in requests], ROUTED_SCHEMA.field("messages").type),
+        "max_tokens": pa.array([r["max_tokens"] for r in requests], pa.int64()),
+        "q_hat": pa.array(chosen["q_hat"], pa.float32()),
+        "t_hat": pa.array(chosen["t_hat"], pa.float32()),
+        "c_hat_usd": pa.array(chosen["c_hat"], pa.float64()),
+        "lambda_star": batch.column("lambda_star"),
+        "model_version": pa.array([model_version] * n, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+    }, schema=ROUTED_SCHEMA)
