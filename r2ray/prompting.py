@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from r2ray.catalog import DEFAULT_BUDGET
 
 LENGTH_INSTRUCTION = "Answer concisely, in at most {budget_tokens} tokens."
@@ -37,9 +41,23 @@ def render_messages(query: str, budget_tokens: int,
 
 
 def estimate_tokens(text: str) -> int:
-    """Rough token count (about 4 characters a token, at least one per word); for inputs only.
+    """Rough token count of one text; :func:`estimate_tokens_array` is the rule."""
+    return int(estimate_tokens_array(pa.array([text], pa.string()))[0])
 
-    Used where a source gives no count. Routing only needs input tokens for the input-cost term,
-    which is small next to output cost for all but the longest prompts.
+
+def estimate_tokens_array(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Rough token counts (int64 [n]): about 4 characters a token, at least one per word, at
+    least 1; for inputs only, where a source gives no count. A null text counts as empty.
+
+    The one estimate the batch job, Serve and the bench adapters share, so a query is priced the
+    same everywhere. Words split on Unicode white space (no-break and ideographic spaces, line
+    separators), as Python's ``str.split()`` does. Routing only needs input tokens for the
+    input-cost term, small next to output cost for all but the longest prompts.
     """
-    return max(1, len(text.split()), math.ceil(len(text) / 4))
+    trimmed = pc.utf8_trim_whitespace(texts)
+    words = pc.list_value_length(pc.utf8_split_whitespace(trimmed))
+    words = pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), 0, words)
+    chars = pc.utf8_length(texts)
+    words = pc.fill_null(words, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    chars = pc.fill_null(chars, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.maximum(1, np.maximum(words, -(-chars // 4)))

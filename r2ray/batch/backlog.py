@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from r2ray import storage
+from r2ray.prompting import estimate_tokens_array
 
 BACKLOG_SUFFIXES = (".parquet", ".jsonl", ".json")
 ROW_BITS = 40  # order key = file index << 40 | row: unique, sortable, stable across re-runs
@@ -249,11 +250,9 @@ def _string_column(table: pa.Table, name: str, flag) -> pa.Array:
 
 
 def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
-    """Given counts where present and valid, else estimated from the text (float64 [n]) by the
-    rule of :func:`r2ray.prompting.estimate_tokens`, vectorised."""
-    chars = _filled(pc.utf8_length(query), 0).astype(np.float64)
-    words = _filled(pc.count_substring_regex(query, r"\S+"), 0).astype(np.float64)
-    estimate = np.maximum(1.0, np.maximum(words, np.ceil(chars / 4)))
+    """Given counts where present and valid, else estimated from the text (float64 [n]) by
+    :func:`r2ray.prompting.estimate_tokens_array`, the estimate Serve uses too."""
+    estimate = estimate_tokens_array(query).astype(np.float64)
     if "input_tokens" not in table.column_names:
         return estimate
     column = table.column("input_tokens").combine_chunks()

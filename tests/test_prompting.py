@@ -1,0 +1,42 @@
+"""The one length-instruction template and the one input-token estimate."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from r2ray.batch.backlog import ReadUnit, validate_table
+from r2ray.prompting import estimate_tokens, estimate_tokens_array, max_tokens_for, render_messages
+
+SPACES = ["\u00a0", "\u3000", "\u2028", "\u2009", "\t", "\n", "\x1c", "\u200b", " "]
+
+
+def python_rule(text: str) -> int:
+    return max(1, len(text.split()), math.ceil(len(text) / 4))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(SPACES), st.text(max_size=6)), max_size=30))
+def test_estimate_is_the_unicode_word_rule(parts):
+    text = "".join(parts)
+    assert estimate_tokens(text) == python_rule(text)
+
+
+def test_batch_validation_and_serve_price_a_query_alike():
+    queries = ["a\u00a0b\u00a0c\u00a0d e", "\u3000alpha\u3000beta\u3000", "x" * 41,
+               "a\u2028b\u2028c", "naïve 模型 test"]
+    table = pa.table({"query_id": [f"q{i}" for i in range(len(queries))], "query": queries,
+                      "__line": np.arange(1, len(queries) + 1)})
+    good, bad = validate_table(table, ReadUnit("mem", 0), 1000, 3)
+    assert bad.num_rows == 0
+    assert good.column("input_tokens").to_pylist() == [estimate_tokens(q) for q in queries]
+    assert good.column("input_tokens").to_pylist()[0] == 5  # no-break spaces split words
+    assert list(estimate_tokens_array(pa.array(["", None, "  "]))) == [1, 1, 1]
+
+
+def test_budgeted_prompt_and_cap():
+    messages = render_messages("Why?", 100)
+    assert messages[-1]["content"].endswith("in at most 100 tokens.")
+    assert max_tokens_for(100, 4096, 10) == 110 and max_tokens_for(0, 4096, 96) == 4000
