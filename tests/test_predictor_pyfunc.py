@@ -46,7 +46,7 @@ def test_mixed_rows_use_their_embedding_or_the_encoder(predictor):
 
 
 def test_text_without_an_encoder_or_a_wrong_vector_is_a_clear_error(predictor):
-    with pytest.raises(EncoderError, match="pass an 'embedding' column of 16 floats"):
+    with pytest.raises(EncoderError, match="pass an 'embedding' of 16 floats"):
         predict_frame(predictor, pd.DataFrame({"query": ["hi"]}), None)
     with pytest.raises(EncoderError, match="input column 'embedding'.*dimension 3"):
         predict_frame(predictor, pd.DataFrame({"embedding": [[0.0, 1.0, 2.0]],

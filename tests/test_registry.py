@@ -1,16 +1,21 @@
-"""MLflow registry against a throwaway SQLite store: register, load, promote by alias, and the
-pyfunc model loaded by alias in a fresh process."""
+"""MLflow registry against a throwaway SQLite store: register, load, promote by alias, the logged
+model's wheel and pinned requirements, and the pyfunc model loaded by alias in a fresh process
+that imports r2ray from that wheel."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version as installed_version
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from predictor_world import planted_arrays, small_catalog
 
@@ -79,6 +84,54 @@ def test_register_load_and_promote_only_when_better(store, data):
     assert alias_holder("r2ray-promote", "champion", uri).version == "3"
 
 
+def logged_wheel(model_folder) -> str:
+    """The one requirement that is a file in the model: its path, relative to the model folder."""
+    lines = (model_folder / "requirements.txt").read_text().split()
+    wheels = [line for line in lines if line.endswith(".whl")]
+    assert len(wheels) == 1 and (model_folder / wheels[0]).is_file(), lines
+    return wheels[0]
+
+
+def test_logged_model_carries_its_wheel_and_pins_only_installed_versions(store, data, tmp_path):
+    uri, _ = store
+    catalog, train, _ = data
+    version = register_predictor(make_predictor("per_arm_ridge").fit(train, catalog),
+                                 "r2ray-wheel", tracking_uri=uri)
+    model = Path(mlflow.artifacts.download_artifacts(version.uri, dst_path=str(tmp_path)))
+    lines = (model / "requirements.txt").read_text().split()
+    wheel = logged_wheel(model)
+    assert wheel.startswith("code/r2ray-") and not any(re.match(r"r2ray\b", x) for x in lines)
+    pins = dict(line.split("==") for line in lines if line != wheel)
+    assert {"numpy", "torch", "safetensors", "pyarrow", "pyyaml", "pydantic", "pandas",
+            "mlflow"} <= set(pins)
+    assert all(installed_version(name).split("+")[0] == pin for name, pin in pins.items())
+    # what MLflow runs to rebuild the environment (from the model folder) resolves with no index
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--quiet"]
+    resolved = subprocess.run([*pip, "--dry-run", "-r", "requirements.txt"], cwd=model,
+                              capture_output=True, text=True, timeout=120)
+    assert resolved.returncode == 0, resolved.stderr[-3000:]
+    subprocess.run([*pip, "--no-deps", "--target", str(tmp_path / "site"), str(model / wheel)],
+                   check=True, timeout=120)
+    assert (tmp_path / "site" / "r2ray" / "predictor" / "pyfunc.py").is_file()
+    assert (tmp_path / "site" / "r2ray" / "default_catalog.yaml").is_file()
+
+
+def test_load_registered_is_the_pyfunc_models_predictor(store, data):
+    uri, _ = store
+    catalog, train, test = data
+    version = register_predictor(make_predictor("per_arm_ridge").fit(train, catalog),
+                                 "r2ray-public", tracking_uri=uri)
+    pyfunc = mlflow.pyfunc.load_model(version.uri, model_config={"device": "cpu"})
+    model = pyfunc.unwrap_python_model()  # an R2RayPyfunc; model_config reaches load_context
+    assert model.device == "cpu"
+    loaded = load_registered(version.uri, tracking_uri=uri, device="cpu")
+    expected = model.predictor.predict(test.embedding[:3]).quality
+    np.testing.assert_array_equal(loaded.predictor.predict(test.embedding[:3]).quality, expected)
+    out = pyfunc.predict(pd.DataFrame({"embedding": list(test.embedding[:3].astype(float)),
+                                       "input_tokens": [5, 6, 7]}))
+    np.testing.assert_allclose(np.stack(out["quality"]), expected, rtol=1e-6)
+
+
 def test_uris_that_do_not_resolve_are_clear_errors(store):
     uri, _ = store
     with pytest.raises(RegistryError, match="does not resolve"):
@@ -88,7 +141,7 @@ def test_uris_that_do_not_resolve_are_clear_errors(store):
     assert alias_holder("no-such-model", "champion", uri) is None
 
 
-def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data):
+def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data, tmp_path):
     uri, folder = store
     catalog, train, _ = data
     encoder = load_encoder(MINILM, device="cpu")
@@ -99,9 +152,15 @@ def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data):
     mlflow.MlflowClient().set_registered_model_alias("r2ray-pyfunc", "champion", version.version)
 
     queries = ["What is 17 * 23?", "Write a limerick about routers."]
+    model = Path(mlflow.artifacts.download_artifacts(version.uri, dst_path=str(tmp_path)))
+    site = tmp_path / "site"  # r2ray as the model's own wheel installs it, not this checkout
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                    "--target", str(site), str(model / logged_wheel(model))], check=True, timeout=120)
     script = textwrap.dedent("""
         import json, sys
         import mlflow, pandas as pd
+        import r2ray
+        assert r2ray.__file__.startswith(sys.argv[2]), r2ray.__file__
         model = mlflow.pyfunc.load_model("models:/r2ray-pyfunc@champion")
         out = model.predict(pd.DataFrame({"query": json.loads(sys.argv[1]),
                                           "input_tokens": [10, 12]}))
@@ -110,10 +169,10 @@ def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data):
                              for c in ("quality", "output_tokens", "cost_usd")},
                           "arms": model.metadata.metadata["arms"]}))
     """)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(site))
     env.pop("R2RAY_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(queries)], env=env, cwd=folder,
-                          capture_output=True, text=True, timeout=180)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(queries), str(site)], env=env,
+                          cwd=folder, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["columns"] == ["input_tokens", "quality", "output_tokens", "cost_usd"]

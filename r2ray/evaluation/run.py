@@ -80,9 +80,12 @@ def load_bench_arrays(bench_uri: str, catalog: Catalog, queries_uri: str | None,
     if queries_uri:
         return bench_arrays(table, catalog, read_table(queries_uri), bench_uri), \
             f"precomputed, from {queries_uri}"
-    arrays = bench_arrays(table, catalog, source=bench_uri)
-    from r2ray.encoders import load_encoder
+    from r2ray.encoders import has_text_encoder, load_encoder
 
+    if encoder and not has_text_encoder(encoder):
+        raise R2RayError(f"the model was trained on {encoder!r} embeddings, which no encoder makes "
+                         "from text: pass --queries with those embeddings")
+    arrays = bench_arrays(table, catalog, source=bench_uri)
     spec = encoder or DEFAULT_ENCODER
     log(f"encoding {arrays.n_queries} queries with {spec} ...")
     return arrays.with_embedding(load_encoder(spec).encode(list(arrays.query))), f"encoder {spec}"

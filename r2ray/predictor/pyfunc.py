@@ -7,30 +7,29 @@ and three list columns in ``catalog.arms`` order — ``quality`` (q̂ ∈ [0, 1]
 (t̂, tokens) and ``cost_usd`` (ĉ, USD). The arm order is in the model's metadata (``arms``, as
 ``model|budget``) and in :func:`arm_labels`.
 
-The model is logged as *code* (MLflow "models from code"): :data:`MODEL_CODE` builds
-:class:`R2RayPyfunc`, whose ``load_context`` reads the tensors + JSON artifact, so nothing is
-pickled.
+The model is an :class:`R2RayPyfunc`, logged as code (MLflow "models from code") from the package
+file :data:`MODEL_CODE_PATH`, so nothing is pickled; the package's wheel travels with the model
+(:mod:`r2ray.wheel`). Its ``load_context`` reads the weights, tensors + JSON, from the
+``predictor`` artifact.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from r2ray.catalog import Catalog, budget_label
-from r2ray.encoders import Encoder, EncoderError, check_embedding_dimension, load_encoder
+from r2ray.encoders import (Encoder, EncoderError, check_embedding_dimension, embed_or_encode,
+                            has_text_encoder, load_encoder)
 from r2ray.predictor.base import BasePredictor
 from r2ray.prompting import estimate_tokens
 
 PREDICTOR_ARTIFACT = "predictor"
-MODEL_CODE = """\
-# r2ray pyfunc model (MLflow models-from-code): the weights are the 'predictor' artifact.
-import mlflow
-from r2ray.predictor.pyfunc import R2RayPyfunc
-
-mlflow.models.set_model(R2RayPyfunc())
-"""
+MODEL_CODE_PATH = str(Path(__file__).with_name("pyfunc_model.py"))
+"""The models-from-code file that MLflow runs to build an :class:`R2RayPyfunc`."""
 
 
 def arm_labels(catalog: Catalog) -> list[str]:
@@ -49,21 +48,14 @@ def frame_embeddings(frame: pd.DataFrame, predictor: BasePredictor,
     n, dim = len(frame), predictor.embedding_dim_
     given = (frame["embedding"].map(_is_vector).to_numpy(bool) if "embedding" in frame.columns
              else np.zeros(n, dtype=bool))
-    embedding = np.zeros((n, dim), dtype=np.float32)
+    embedding = np.full((n, dim), np.nan, dtype=np.float32)  # NaN rows: encode the query
     if given.any():
         rows = np.stack([np.asarray(v, dtype=np.float32) for v in frame["embedding"][given]])
         embedding[given] = check_embedding_dimension(rows, dim, "input column 'embedding'")
-    if not given.all():
-        if "query" not in frame.columns:
-            raise EncoderError("the input needs a 'query' column (text) or an 'embedding' column")
-        if encoder is None:
-            raise EncoderError(
-                "this predictor was trained on precomputed embeddings and has no text encoder; "
-                f"pass an 'embedding' column of {dim} floats per row")
-        texts = frame["query"][~given].astype(str).tolist()
-        embedding[~given] = check_embedding_dimension(
-            encoder.encode(texts), dim, f"encoder {encoder.name!r} output")
-    return embedding
+    if "query" not in frame.columns and not given.all():
+        raise EncoderError("the input needs a 'query' column (text) or an 'embedding' column")
+    texts = frame["query"].astype(str).tolist() if "query" in frame.columns else [""] * n
+    return embed_or_encode(texts, embedding, encoder, dim)
 
 
 def frame_input_tokens(frame: pd.DataFrame) -> np.ndarray:
@@ -97,14 +89,17 @@ class R2RayPyfunc(PythonModel):
     """MLflow pyfunc wrapper; state comes from the ``predictor`` artifact in ``load_context``."""
 
     def load_context(self, context) -> None:
+        """``model_config={"device": ...}`` (``mlflow.pyfunc.load_model``) overrides the device."""
         from r2ray.predictor.persist import load_predictor
 
-        self.predictor = load_predictor(context.artifacts[PREDICTOR_ARTIFACT])
+        self.device = (context.model_config or {}).get("device")
+        self.predictor = load_predictor(context.artifacts[PREDICTOR_ARTIFACT], device=self.device)
         self.encoder: Encoder | None = None
 
     def _encoder(self) -> Encoder | None:
-        if self.encoder is None and self.predictor.encoder_spec:
-            self.encoder = load_encoder(self.predictor.encoder_spec)
+        """The text encoder, loaded on first use (None for precomputed-embedding predictors)."""
+        if self.encoder is None and has_text_encoder(self.predictor.encoder_spec):
+            self.encoder = load_encoder(self.predictor.encoder_spec, device=self.device)
         return self.encoder
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
