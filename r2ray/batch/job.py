@@ -52,7 +52,7 @@ class LoadedModel:
     files: dict[str, bytes]   # the saved predictor, shipped to workers
     catalog: Catalog
     embedding_dim: int
-    has_encoder: bool
+    has_text_encoder: bool
     uri: str
     name: str
     version: str
@@ -69,7 +69,8 @@ def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | Non
 
     from r2ray.predictor.persist import save_predictor
     from r2ray.registry import load_registered
-    from r2ray.batch.score import has_encoder, predictor_files
+    from r2ray.batch.score import predictor_files
+    from r2ray.encoders import has_text_encoder
 
     bundle = load_registered(model_uri, tracking_uri, device="cpu")
     catalog = bundle.catalog
@@ -85,7 +86,7 @@ def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | Non
         files = predictor_files(folder)
     version = bundle.version
     return LoadedModel(files, catalog, int(bundle.predictor.embedding_dim_),
-                       has_encoder(bundle.encoder_spec), model_uri,
+                       has_text_encoder(bundle.encoder_spec), model_uri,
                        version.name if version else model_uri,
                        version.version if version else "local")
 
@@ -221,7 +222,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
             read_stage, batch_size=1, batch_format="numpy", num_cpus=config.task_cpus,
             fn_kwargs={"quarantine_uri": paths.quarantine, "max_context_tokens": max_context,
                        "embedding_dim": model.embedding_dim,
-                       "embedding_required": not model.has_encoder})
+                       "embedding_required": not model.has_text_encoder})
         if len(units) < config.workers * config.blocks_per_worker:  # few big files: spread them
             queries = queries.repartition(config.workers * config.blocks_per_worker)
         scored = queries.map_batches(

@@ -17,6 +17,7 @@ import pyarrow as pa
 import yaml
 
 from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.encoders import embed_or_encode, has_text_encoder
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
 from r2ray.routing import arm_scores, query_key
@@ -28,20 +29,13 @@ SCORED_COLUMNS = [*CHAIN_COLUMNS, "hull_tokens"]
 
 def query_embeddings(table: pa.Table, encoder, dimension: int) -> np.ndarray:
     """[N, D] float32: the ``embedding`` column where given (non-null), the encoder elsewhere."""
-    embedding = np.empty((table.num_rows, dimension), dtype=np.float32)
-    need = np.ones(table.num_rows, dtype=bool)
+    given = np.full((table.num_rows, dimension), np.nan, dtype=np.float32)
     if "embedding" in table.column_names:
         column = table.column("embedding").combine_chunks()
-        need = column.is_null().to_numpy(zero_copy_only=False)
-        given = column.filter(pa.array(~need))
-        if len(given):
-            embedding[~need] = embedding_matrix(given)
-    if need.any():
-        if encoder is None:
-            raise ValueError("queries without an embedding reached a worker that has no encoder")
-        queries = table.column("query").to_pylist()
-        embedding[need] = encoder.encode([queries[i] for i in np.flatnonzero(need)])
-    return embedding
+        present = ~column.is_null().to_numpy(zero_copy_only=False)
+        if present.any():
+            given[present] = embedding_matrix(column.filter(pa.array(present)))
+    return embed_or_encode(table.column("query").to_pylist(), given, encoder, dimension)
 
 
 def hull_columns(steps: HullSteps, output_tokens: np.ndarray) -> dict[str, pa.Array]:
@@ -83,11 +77,6 @@ def _empty_scored(table: pa.Table) -> pa.Table:
     return _with_columns(table, hull_columns(steps, np.zeros((0, 1), np.float32)))
 
 
-def has_encoder(encoder_spec: str | None) -> bool:
-    """Whether a predictor names an encoder that can embed text (not precomputed-only)."""
-    return bool(encoder_spec) and encoder_spec not in ("precomputed", "synthetic", "world")
-
-
 def predictor_files(directory: str) -> dict[str, bytes]:
     """The files of a saved predictor, to ship to workers through Ray's object store."""
     return {name: open(os.path.join(directory, name), "rb").read()
@@ -114,7 +103,7 @@ class ScoreWorker:
         self.catalog = (self.predictor.catalog_ if catalog_yaml is None
                         else catalog_from_dict(yaml.safe_load(catalog_yaml), "--catalog"))
         spec = self.predictor.encoder_spec
-        self.encoder = load_encoder(spec, device=device) if has_encoder(spec) else None
+        self.encoder = load_encoder(spec, device=device) if has_text_encoder(spec) else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kill_worker_once()

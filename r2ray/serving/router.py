@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from r2ray.catalog import Catalog, ModelSpec, UnknownModel, load_catalog
+from r2ray.encoders import embed_or_encode, has_text_encoder
 from r2ray.errors import R2RayError
 from r2ray.redaction import redact_uri
 from r2ray.routing import ArmScores, allowed_arms, arm_scores, routed_request
@@ -59,8 +60,6 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
     prices and endpoints, never the arms the model was trained on."""
     from r2ray.encoders import default_device, load_encoder
     from r2ray.registry import load_registered
-    from r2ray.batch.score import has_encoder
-
     device = device or default_device()
     bundle = load_registered(uri, tracking_uri, device=device)
     catalog = bundle.catalog
@@ -71,7 +70,7 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
                              f"was trained on ({catalog.n_arms} vs {bundle.catalog.n_arms}); "
                              "prices and endpoints may change, arms may not")
     encoder = load_encoder(bundle.encoder_spec, device=device) \
-        if has_encoder(bundle.encoder_spec) else None
+        if has_text_encoder(bundle.encoder_spec) else None
     version = uri if bundle.version is None else f"{bundle.version.name}/{bundle.version.version}"
     return RoutingModel(bundle.predictor, encoder, catalog, version)
 
@@ -151,14 +150,12 @@ def _allowed(model: RoutingModel, item: RouteItem) -> np.ndarray:
 
 def embeddings(model: RoutingModel, items: list[RouteItem]) -> np.ndarray:
     """[N, D] float32: the sent embeddings, the encoder's for the rest (one encoder call)."""
-    out = np.empty((len(items), model.embedding_dim), dtype=np.float32)
-    need = [i for i, item in enumerate(items) if item.embedding is None]
+    given = np.full((len(items), model.embedding_dim), np.nan, dtype=np.float32)
     for i, item in enumerate(items):
         if item.embedding is not None:
-            out[i] = item.embedding
-    if need:
-        out[need] = model.encoder.encode([items[i].query for i in need])
-    return out
+            given[i] = item.embedding
+    return embed_or_encode([item.query for item in items], given, model.encoder,
+                           model.embedding_dim)
 
 
 def predict_scores(model: RoutingModel, items: list[RouteItem], allowed: np.ndarray) -> ArmScores:

@@ -1,0 +1,45 @@
+"""The architecture as a test: which packages may import which (statically, at any depth)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "r2ray"
+
+
+def imported_modules(folder: str) -> dict[str, set[str]]:
+    """{file: every module it imports, at module level or inside functions}."""
+    found = {}
+    for path in sorted((PACKAGE / folder).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module)
+                names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        found[str(path.relative_to(PACKAGE.parent))] = names
+    return found
+
+
+@pytest.mark.parametrize("folder", ["serving", "solver", "predictor"])
+def test_only_the_batch_job_imports_batch(folder):
+    offenders = {f: sorted(n for n in names if n == "r2ray.batch" or n.startswith("r2ray.batch."))
+                 for f, names in imported_modules(folder).items()}
+    assert not {f: n for f, n in offenders.items() if n}
+
+
+@pytest.mark.parametrize("folder", ["solver", "predictor"])
+def test_solver_and_predictor_run_without_ray(folder):
+    """They are libraries over numpy/torch; Ray composes them (``solver.distributed`` takes Ray
+    objects it is handed, and imports Ray only inside the functions that need it)."""
+    offenders = {f: sorted(n for n in names if n == "ray" or n.startswith("ray."))
+                 for f, names in imported_modules(folder).items()
+                 if not f.endswith("solver/distributed.py")}
+    assert not {f: n for f, n in offenders.items() if n}
+    top = ast.parse((PACKAGE / "solver" / "distributed.py").read_text()).body
+    top_level = {alias.name for node in top if isinstance(node, ast.Import)
+                 for alias in node.names}
+    top_level |= {node.module for node in top if isinstance(node, ast.ImportFrom)}
+    assert not {n for n in top_level if n and (n == "ray" or n.startswith("ray."))}
