@@ -103,14 +103,19 @@ def committed_paths(paths: RunPaths) -> RunPaths:
 def _children(uri: str) -> list[str]:
     """Base names directly under a folder (none if it does not exist)."""
     fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
+    try:   # ls, not exists(): exists() reads an unreachable store as "no such folder"
+        listing = fs.ls(path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    if listing == [path] and fs.isfile(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in listing)
 
 
 def check_output(paths: RunPaths, input_files: list[str]) -> None:
     """Refuse a run folder r2ray may not write into, before anything is written or removed."""
     fs, root = storage.filesystem(paths.root)
+    names = _children(paths.root)   # first: it raises at once where the store is unreachable
     for uri in (paths.output, paths.root):
         fs_, path = storage.filesystem(uri)
         if fs_.isfile(path):
@@ -120,7 +125,6 @@ def check_output(paths: RunPaths, input_files: list[str]) -> None:
         if fs_in.protocol == fs.protocol and (path + "/").startswith(root.rstrip("/") + "/"):
             raise RunFolderError(f"input file {source} lies inside the run folder {paths.root}; "
                                  "choose another --output or --run-id")
-    names = _children(paths.root)
     if names and MARKER not in names:
         raise RunFolderError(
             f"{paths.root} exists and is not an r2ray run folder (no {MARKER}; it holds "

@@ -134,7 +134,8 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, small_routing_model, 
     assert ("is a file" in err) if output == "a-file" else ("cannot write to the output" in err)
 
 
-def test_an_unreachable_s3_output_is_one_line(tmp_path, small_routing_model, capsys, monkeypatch):
+def test_an_unreachable_s3_output_is_one_line(tmp_path, small_routing_model, capsys, monkeypatch,
+                                             fresh_s3_clients):
     monkeypatch.setenv("R2RAY_S3_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
@@ -235,9 +236,19 @@ def test_the_manifest_never_stores_credentials(tmp_path):
     assert "SECRET" not in text and "http://u:***@mlflow.internal:5000" in text
 
 
+@pytest.fixture
+def fresh_s3_clients():
+    """s3fs caches clients with the credentials they were made with: start and end clean."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.mark.slow
 def test_bad_s3_credentials_are_one_line(tmp_path, small_routing_model, capsys, monkeypatch,
-                                         s3_bucket):
+                                         s3_bucket, fresh_s3_clients):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     args = _route_args(tmp_path, small_routing_model["path"], "--run-id", "r")
     args[args.index("--output") + 1] = f"{s3_bucket}/out"

@@ -50,7 +50,7 @@ def read_table_all(uri) -> pa.Table:
 
 def _config(tmp_path, model, **extra):
     values = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=model["path"],
-                  budget_per_query_usd=5e-5, run_id="nightly", workers=2, batch_size=64,
+                  budget_per_query_usd=5e-5, run_id="nightly", workers=1, batch_size=64,
                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     return route_config(**(values | extra))
 
@@ -58,7 +58,7 @@ def _config(tmp_path, model, **extra):
 def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, small_routing_model):
     (tmp_path / "in").mkdir()
     table = _backlog(tmp_path / "in", small_routing_model["catalog"])
-    config = _config(tmp_path, small_routing_model)
+    config = _config(tmp_path, small_routing_model, workers=2)   # a pool of two actors
     manifest = route_batch(config)
     paths = runs.committed_paths(runs.RunPaths(config.output, "nightly"))
     assert runs.is_committed(paths) and paths.attempt.startswith("attempt-")
@@ -95,22 +95,20 @@ def test_crash_before_commit_then_rerun_gives_the_same_output(
         tmp_path, ray_local, small_routing_model, monkeypatch):
     (tmp_path / "in").mkdir()
     _backlog(tmp_path / "in", small_routing_model["catalog"], n=200, seed=8)
-    clean = _config(tmp_path, small_routing_model, run_id="clean")
-    route_batch(clean)
     crashed = _config(tmp_path, small_routing_model, run_id="crashy")
     monkeypatch.setenv(FAILPOINT_ENV, "before_commit")
     with pytest.raises(RuntimeError, match="failpoint"):
         route_batch(crashed)
     paths = runs.RunPaths(crashed.output, "crashy")
     (left,) = [n for n in os.listdir(paths.root) if n.startswith("attempt-")]
-    assert not runs.is_committed(paths) and os.path.isdir(os.path.join(paths.root, left, "routed"))
+    assert not runs.is_committed(paths)
+    first = read_table_all(os.path.join(paths.root, left, "routed"))   # all written, not committed
     monkeypatch.delenv(FAILPOINT_ENV)
     manifest = route_batch(crashed)
     assert manifest["state_before"] == "redo"
     assert not os.path.exists(os.path.join(paths.root, left))   # the crashed attempt is cleared
     paths = runs.committed_paths(paths)
     again = _routed(paths)
-    first = _routed(runs.committed_paths(runs.RunPaths(clean.output, "clean")))
     key = lambda t: sorted(zip(t.column("query_id").to_pylist(), t.column("model").to_pylist(),  # noqa: E731
                                t.column("budget").to_pylist()))
     assert key(again) == key(first)
@@ -120,11 +118,11 @@ def test_crash_before_commit_then_rerun_gives_the_same_output(
     # a forced run that dies before its commit leaves the committed run whole
     monkeypatch.setenv(FAILPOINT_ENV, "before_commit")
     with pytest.raises(RuntimeError, match="failpoint"):
-        route_batch(_config(tmp_path, small_routing_model, run_id="crashy", force=True))
+        route_batch(crashed.model_copy(update={"force": True}))
     assert runs.read_manifest(paths) == manifest and key(_routed(paths)) == key(first)
     # --force redoes it in a new attempt and swaps it in at the commit
     monkeypatch.delenv(FAILPOINT_ENV)
-    forced = route_batch(_config(tmp_path, small_routing_model, run_id="crashy", force=True))
+    forced = route_batch(crashed.model_copy(update={"force": True}))
     assert forced["state_before"] == "forced" and forced["attempt"] != manifest["attempt"]
     assert [n for n in os.listdir(paths.root) if n.startswith("attempt-")] == [forced["attempt"]]
     assert key(_routed(runs.committed_paths(paths))) == key(first)

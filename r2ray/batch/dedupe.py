@@ -16,13 +16,26 @@ from r2ray.batch.backlog import QUARANTINE_SCHEMA, ROW_BITS, raw_rows
 from r2ray.bench.io import write_table
 
 
-def first_seen_duplicates(scored) -> dict[str, int]:
-    """{query_id: lowest order key} for ids that occur more than once in a Dataset."""
-    from ray.data.aggregate import Count, Min
+def first_seen_duplicates(scored, partitions: int = 4) -> dict[str, int]:
+    """{query_id: lowest order key} for ids that occur more than once in a Dataset.
 
-    counts = scored.select_columns(["query_id", "order"]).groupby("query_id").aggregate(
-        Count(alias_name="rows"), Min("order", alias_name="first_order"))
-    repeated = counts.filter(lambda row: row["rows"] > 1).take_all()
+    The shuffle moves ids and order keys only, so a few ``partitions`` suffice; it is the sort-based
+    pull shuffle, which measured 0.4–1.6 s against 2.4–4.7 s for Ray's default hash shuffle (with
+    its aggregator actors) on 200,000 ids on 2 CPUs.
+    """
+    from ray.data.aggregate import Count, Min
+    from ray.data.context import DataContext, ShuffleStrategy
+    from ray.data.expressions import col
+
+    context = DataContext.get_current()
+    before, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        counts = scored.select_columns(["query_id", "order"]).groupby(
+            "query_id", num_partitions=partitions).aggregate(
+            Count(alias_name="rows"), Min("order", alias_name="first_order"))
+        repeated = counts.filter(expr=col("rows") > 1).take_all()
+    finally:
+        context.shuffle_strategy = before
     return {row["query_id"]: int(row["first_order"]) for row in repeated}
 
 
