@@ -4,10 +4,12 @@ The YAML shape is a public interface::
 
     budgets: [10, 20, ..., 4000, default]      # the default grid (output tokens)
     models:
-      - {name, input_per_m, output_per_m, context, budgets (optional), endpoint (optional)}
+      - {name, input_per_m, output_per_m, context, budgets (optional), endpoint (optional),
+         max_output_tokens (optional)}
 
 Prices are USD per million tokens. An *arm* is a (model, budget) pair; budget 0 stands for
-``default`` (no length instruction, the model's own length). Arms are enumerated model-major in
+``default`` (no length instruction, the model's own length, capped at the model's
+``max_output_tokens``, else :data:`DEFAULT_MAX_OUTPUT_TOKENS`). Arms are enumerated model-major in
 catalogue order, so arm ``j`` is stable for a given catalogue and the catalogue hash pins it.
 """
 
@@ -27,7 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from r2ray.errors import R2RayError
 
 DEFAULT_BUDGET = 0
-"""Arm budget value meaning 'default': no instruction, no cap beyond the context window."""
+"""Arm budget value meaning 'default': no length instruction; capped at the model's output cap."""
+
+DEFAULT_MAX_OUTPUT_TOKENS = 4000
+"""Output cap (tokens) of a default arm when the catalogue gives no ``max_output_tokens``: the
+paper's largest budget level, so no arm is sent uncapped (an uncapped default arm could spend the
+whole context window). Never more than the context leaves: see ``prompting.max_tokens_array``."""
 
 DEFAULT_CATALOG = "default_catalog.yaml"
 
@@ -72,7 +79,7 @@ def _normalise_budgets(values: Budgets) -> list[int]:
 
 
 class ModelSpec(BaseModel):
-    """One LLM: prices in USD per million tokens, context window in tokens."""
+    """One LLM: prices in USD per million tokens, context window and output cap in tokens."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -82,11 +89,25 @@ class ModelSpec(BaseModel):
     context: Annotated[int, Field(gt=0)]
     budgets: list[int] | None = None
     endpoint: str | None = None
+    max_output_tokens: Annotated[int, Field(gt=0)] | None = None  # default arm's cap; None: default
 
     @field_validator("budgets", mode="before")
     @classmethod
     def _budgets(cls, value: Budgets | None) -> list[int] | None:
         return None if value is None else _normalise_budgets(value)
+
+    @model_validator(mode="after")
+    def _cap_within_context(self) -> ModelSpec:
+        if self.max_output_tokens is not None and self.max_output_tokens > self.context:
+            raise ValueError(f"max_output_tokens {self.max_output_tokens} of {self.name!r} exceeds "
+                             f"its context window ({self.context} tokens): give at most that")
+        return self
+
+    @property
+    def output_cap_tokens(self) -> int:
+        """The default arm's cap before the context check: ``max_output_tokens`` or the default."""
+        cap = self.max_output_tokens
+        return DEFAULT_MAX_OUTPUT_TOKENS if cap is None else cap
 
     @field_validator("name")
     @classmethod
@@ -176,11 +197,15 @@ class Catalog(BaseModel):
 
     @cached_property
     def arm_arrays(self) -> dict[str, np.ndarray]:
-        """Per-arm columns [K]: model index, budget tokens, USD per token in and out."""
+        """Per-arm columns [K]: model index, budget tokens, the model's context and output cap
+        (tokens), USD per token in and out."""
         model_pos = {name: i for i, name in enumerate(self.model_names)}
         return {
             "model_index": np.array([model_pos[a.model] for a in self.arms], dtype=np.int32),
             "budget_tokens": np.array([a.budget_tokens for a in self.arms], dtype=np.int32),
+            "context_tokens": np.array([self.model(a.model).context for a in self.arms], np.int64),
+            "output_cap_tokens": np.array([self.model(a.model).output_cap_tokens
+                                           for a in self.arms], np.int64),
             "price_in_usd": np.array([self.model(a.model).input_per_m * 1e-6 for a in self.arms]),
             "price_out_usd": np.array([self.model(a.model).output_per_m * 1e-6 for a in self.arms]),
         }
@@ -211,6 +236,8 @@ class Catalog(BaseModel):
                 row["budgets"] = budgets(m.budgets)
             if m.endpoint is not None:
                 row["endpoint"] = m.endpoint
+            if m.max_output_tokens is not None:
+                row["max_output_tokens"] = m.max_output_tokens
             models.append(row)
         return {"budgets": budgets(self.budgets), "models": models}
 
@@ -219,7 +246,7 @@ class Catalog(BaseModel):
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON form; pins arm order and prices in manifests and models."""
+        """sha256 of the canonical JSON form; pins arm order, prices and caps in manifests and models."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

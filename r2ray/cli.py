@@ -97,6 +97,9 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-per-query", dest="budget_per_query_usd", type=float,
                         help="spend limit per routed query (USD); total = this × queries")
     route.add_argument("--reserve", type=float, help="share of the budget held back (0..1)")
+    route.add_argument("--strict-budget", action="store_true",
+                       help="price every arm at its max_tokens cap, so the bill can never exceed "
+                            "the budget (fewer or shorter answers than the predicted-cost plan)")
     route.add_argument("--catalog", help="catalogue YAML (default: the one the model carries)")
     route.add_argument("--run-id", help="default: run-<UTC timestamp>")
     route.add_argument("--force", action="store_true", help="redo a committed run id")
@@ -117,8 +120,8 @@ def _route(args: argparse.Namespace) -> None:
     from r2ray.batch import route_batch, summarise_manifest
 
     fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "reserve",
-              "catalog", "run_id", "force", "defer", "seed", "tracking_uri", "workers",
-              "cpus_per_worker", "gpus_per_worker", "batch_size")
+              "strict_budget", "catalog", "run_id", "force", "defer", "seed", "tracking_uri",
+              "workers", "cpus_per_worker", "gpus_per_worker", "batch_size")
     config = route_config(**{name: getattr(args, name) for name in fields})
     manifest = route_batch(config)
     print(summarise_manifest(manifest))

@@ -2,32 +2,43 @@
 
 A budgeted arm (budget b > 0 tokens) gets the instruction appended to the user's turn and a hard
 ``max_tokens`` cap of b plus a small margin, so a model that overshoots slightly is not cut mid-word
-while one that ignores the instruction is stopped. The default arm (b = 0) gets neither: the model
-writes at its own length, capped only by its context window.
+while one that ignores the instruction is stopped. The default arm (b = 0) gets no instruction: the
+model writes at its own length, capped at its output cap (catalogue ``max_output_tokens``, else
+``DEFAULT_MAX_OUTPUT_TOKENS``). No cap exceeds what the context window leaves after the input.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from r2ray.catalog import DEFAULT_BUDGET
+from r2ray.catalog import DEFAULT_BUDGET, DEFAULT_MAX_OUTPUT_TOKENS
 
 LENGTH_INSTRUCTION = "Answer concisely, in at most {budget_tokens} tokens."
 CAP_MARGIN_SHARE = 0.10   # max_tokens = budget × (1 + share), at least budget + CAP_MARGIN_MIN
 CAP_MARGIN_MIN = 8        # tokens
 
 
-def max_tokens_for(budget_tokens: int, context_tokens: int, input_tokens: int) -> int:
-    """Hard output cap in tokens: budget plus margin, never beyond what the context window leaves."""
-    room = max(1, int(context_tokens) - int(input_tokens))
-    if budget_tokens == DEFAULT_BUDGET:
-        return room
-    margin = max(CAP_MARGIN_MIN, math.ceil(budget_tokens * CAP_MARGIN_SHARE))
-    return min(room, int(budget_tokens) + margin)
+def max_tokens_array(budget_tokens: np.ndarray, context_tokens: np.ndarray,
+                     output_cap_tokens: np.ndarray, input_tokens: np.ndarray) -> np.ndarray:
+    """Hard output caps int64 [N, K], the one rule: arms' budget, context and output cap [K]
+    (tokens) against prompts of ``input_tokens`` [N]. A budgeted arm gets its budget plus margin,
+    the default arm its output cap; neither more than room = max(1, context − input)."""
+    budget = np.asarray(budget_tokens, dtype=np.int64)
+    margin = np.maximum(CAP_MARGIN_MIN, np.ceil(budget * CAP_MARGIN_SHARE).astype(np.int64))
+    cap = np.where(budget == DEFAULT_BUDGET, np.asarray(output_cap_tokens, np.int64),
+                   budget + margin)
+    room = np.maximum(1, np.asarray(context_tokens, np.int64)[None, :]
+                      - np.asarray(input_tokens, np.int64)[:, None])
+    return np.minimum(room, cap[None, :])
+
+
+def max_tokens_for(budget_tokens: int, context_tokens: int, input_tokens: int,
+                   output_cap_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS) -> int:
+    """Hard output cap in tokens of one arm for one prompt: :func:`max_tokens_array`."""
+    return int(max_tokens_array(np.array([budget_tokens]), np.array([context_tokens]),
+                                np.array([output_cap_tokens]), np.array([input_tokens]))[0, 0])
 
 
 def render_messages(query: str, budget_tokens: int,

@@ -2,7 +2,8 @@
 
 predictions (q̂, t̂ per arm) → costs ĉ = in_tokens × p_in + t̂ × p_out (USD) → arms a query cannot use
 are masked (NaN) → the batch solve or the online price λ picks an arm → :func:`routed_request`
-renders it with the one length-instruction template.
+renders it with the one length-instruction template and its hard ``max_tokens`` cap. At the caps,
+an arm costs at most :func:`worst_case_usd`; a strict-budget solve prices arms at that.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from r2ray.catalog import DEFAULT_BUDGET, Catalog
-from r2ray.prompting import max_tokens_for, render_messages
+from r2ray.prompting import max_tokens_array, max_tokens_for, render_messages
 
 
 def query_key(query: str, query_id: str | None = None) -> int:
@@ -34,9 +35,21 @@ class ArmScores:
 
 def context_fits(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
     """[N, K] bool: the prompt plus the arm's budget (at least one token) fits the model's context."""
-    context = np.array([catalog.model(arm.model).context for arm in catalog.arms], dtype=np.int64)
+    context = catalog.arm_arrays["context_tokens"]
     need = np.maximum(catalog.arm_arrays["budget_tokens"].astype(np.int64), 1)
     return np.asarray(input_tokens, dtype=np.int64)[:, None] + need[None, :] <= context[None, :]
+
+
+def arm_caps(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
+    """[N, K] int64 ``max_tokens`` each arm is sent with for prompts of ``input_tokens`` [N]."""
+    arrays = catalog.arm_arrays
+    return max_tokens_array(arrays["budget_tokens"], arrays["context_tokens"],
+                            arrays["output_cap_tokens"], input_tokens)
+
+
+def worst_case_usd(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
+    """[N, K] float64 USD each arm costs at most: input tokens × p_in + ``max_tokens`` × p_out."""
+    return catalog.arm_cost_usd(input_tokens, arm_caps(catalog, input_tokens))
 
 
 def arm_scores(quality: np.ndarray, output_tokens: np.ndarray, catalog: Catalog,
@@ -72,9 +85,11 @@ def allowed_arms(catalog: Catalog, models: list[str] | None = None,
 def routed_request(query: str, arm: int, catalog: Catalog, input_tokens: int) -> dict:
     """Model, budget, chat messages and the hard ``max_tokens`` cap for one routed query."""
     model, budget_tokens = catalog.arms[arm]
+    spec = catalog.model(model)
     return {
         "model": model,
         "budget": int(budget_tokens),
         "messages": render_messages(query, budget_tokens),
-        "max_tokens": max_tokens_for(budget_tokens, catalog.model(model).context, input_tokens),
+        "max_tokens": max_tokens_for(budget_tokens, spec.context, input_tokens,
+                                     spec.output_cap_tokens),
     }

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from r2ray.catalog import (DEFAULT_BUDGET, Arm, CatalogError, UnknownModel, catalog_from_dict,
-                           load_catalog, save_catalog)
+from r2ray.catalog import (DEFAULT_BUDGET, DEFAULT_MAX_OUTPUT_TOKENS, Arm, CatalogError,
+                           UnknownModel, catalog_from_dict, load_catalog, save_catalog)
 
 GRID = [10, 20, 30, 40, 50, 80, 100, 150, 200, 300, 500, 800, 1200, 2000, 4000, DEFAULT_BUDGET]
 
@@ -60,6 +60,9 @@ def test_per_model_budgets_and_round_trip(tmp_path):
     ({"budgets": [10, 10, "default"], "models": []}, "duplicate budgets"),
     ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
                                    "context": 10, "colour": "red"}]}, "colour"),
+    ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
+                                   "context": 10, "max_output_tokens": 0}]},
+     r"models\.0\.max_output_tokens"),
     ([1, 2], "expected a mapping"),
 ])
 def test_bad_catalogues_say_where(data, message):
@@ -72,3 +75,21 @@ def test_bad_yaml_file(tmp_path):
     path.write_text("budgets: [10\nmodels: {")
     with pytest.raises(CatalogError, match="not valid YAML"):
         load_catalog(str(path))
+
+
+def test_output_cap_defaults_round_trips_and_never_exceeds_the_context(tmp_path):
+    model = {"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096}
+    plain = catalog_from_dict({"budgets": ["default"], "models": [model]})
+    capped = catalog_from_dict({"budgets": ["default"],
+                                "models": [model | {"max_output_tokens": 1000}]})
+    assert plain.model("a").max_output_tokens is None
+    assert plain.model("a").output_cap_tokens == DEFAULT_MAX_OUTPUT_TOKENS == 4000
+    assert capped.model("a").output_cap_tokens == 1000
+    assert list(capped.arm_arrays["output_cap_tokens"]) == [1000]
+    assert capped.fingerprint != plain.fingerprint  # the cap is part of what a model was made for
+    path = tmp_path / "cat.yaml"
+    save_catalog(capped, str(path))
+    assert load_catalog(str(path)) == capped and "max_output_tokens: 1000" in path.read_text()
+    with pytest.raises(CatalogError, match="max_output_tokens 5000 of 'a' exceeds its context"):
+        catalog_from_dict({"budgets": ["default"],
+                           "models": [model | {"max_output_tokens": 5000}]})

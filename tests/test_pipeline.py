@@ -78,6 +78,8 @@ def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, smal
     spend = routed.column("c_hat_usd").to_numpy().sum(dtype=np.float64)
     assert spend <= manifest["spend"]["usable_usd"] + 1e-12
     assert manifest["spend"]["predicted_usd"] == pytest.approx(spend, rel=1e-12)
+    assert manifest["spend"]["strict_budget"] is False
+    assert manifest["spend"]["worst_case_usd"] > manifest["spend"]["usable_usd"]  # not a bound
     assert manifest["solve"]["lambda"] > 0 and manifest["solve"]["gap"] >= 0
     # every routed prompt carries the length instruction and a hard cap that matches its budget
     for row in routed.slice(0, 50).to_pylist():
@@ -89,6 +91,40 @@ def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, smal
     for artifact in ("report.md", "spend.png"):
         assert os.path.getsize(paths.path(artifact)) > 0
     assert manifest["mlflow_run_id"]
+
+
+def test_strict_budget_bounds_the_bill_at_the_caps(tmp_path, ray_local, small_routing_model,
+                                                  capsys):
+    """--strict-budget: Σ (input × p_in + max_tokens × p_out) over routed rows ≤ the budget,
+    while c_hat_usd stays the predicted cost and the manifest reports both."""
+    (tmp_path / "in").mkdir()
+    catalog = small_routing_model["catalog"]
+    backlog = _backlog(tmp_path / "in", catalog, n=200, seed=8)
+    config = _config(tmp_path, small_routing_model, run_id="strict")
+    assert main(["route", "--input", config.input, "--output", config.output, "--model",
+                 config.model, "--budget-per-query", "5e-5", "--run-id", "strict",
+                 "--workers", "1", "--tracking-uri", config.tracking_uri, "--strict-budget"]) == 0
+    assert "(strict budget)" in capsys.readouterr().out
+    paths = runs.committed_paths(runs.RunPaths(config.output, "strict"))
+    manifest, routed = runs.read_manifest(paths), _routed(paths).to_pylist()
+    spend = manifest["spend"]
+    assert spend["strict_budget"] is True and manifest["config"]["strict_budget"] is True
+    assert len(routed) == 200 and spend["usable_usd"] == pytest.approx(200 * 5e-5)
+    tokens_in = dict(zip(backlog.column("query_id").to_pylist(),
+                         backlog.column("input_tokens").to_pylist()))
+    price = {m.name: (m.input_per_m * 1e-6, m.output_per_m * 1e-6) for m in catalog.models}
+    worst = [tokens_in[r["query_id"]] * price[r["model"]][0]
+             + r["max_tokens"] * price[r["model"]][1] for r in routed]
+    predicted = [tokens_in[r["query_id"]] * price[r["model"]][0]
+                 + r["t_hat"] * price[r["model"]][1] for r in routed]
+    assert sum(worst) <= spend["usable_usd"] * (1 + 1e-12)
+    assert sum(worst) > 0.9 * spend["usable_usd"]        # the guarantee binds, and is used
+    assert spend["worst_case_usd"] == pytest.approx(sum(worst), rel=1e-9)
+    np.testing.assert_allclose([r["c_hat_usd"] for r in routed], predicted, rtol=1e-12)
+    assert spend["predicted_usd"] == pytest.approx(sum(predicted), rel=1e-6)
+    assert spend["worst_case_usd"] >= spend["predicted_usd"]
+    assert all(r["max_tokens"] <= 4000 for r in routed if r["budget"] == 0)
+    assert "strict budget" in open(paths.path("report.md")).read()
 
 
 def test_crash_before_commit_then_rerun_gives_the_same_output(

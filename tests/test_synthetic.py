@@ -13,10 +13,11 @@ from r2ray.bench.schema import validate_bench
 from r2ray.bench.stats import bench_stats
 from r2ray.bench.synthetic import (BLOCK_QUERIES, EMBEDDING_DIM, World, WorldError, query_id,
                                    synth_backlog, synth_bench, write_world)
-from r2ray.bench.world import TOPIC_NAMES, TOPICS, hard_caps, model_size_b
+from r2ray.bench.world import TOPIC_NAMES, TOPICS, answer_setting, model_size_b
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
 from r2ray.cli import main
 from r2ray.prompting import max_tokens_for
+from r2ray.routing import arm_caps
 
 N_FACTS = 4096  # queries behind every realism assertion
 
@@ -257,10 +258,27 @@ def test_truncated_means_the_hard_cap_cut_the_answer(catalog, sample):
         if row["truncated"]:
             assert row["output_tokens"] == cap
     assert 0.05 < np.mean([r["truncated"] for r in rows]) < 0.9
-    model, budget = arm_columns(catalog)
-    contexts = np.array([spec[a.model] for a in catalog.arms], dtype=float)
-    caps = hard_caps(budget.astype(float), contexts, chunk.input_tokens[:3].astype(float))
-    assert caps[1, 40] == max_tokens_for(int(budget[40]), int(contexts[40]), int(chunk.input_tokens[1]))
+
+
+@pytest.mark.parametrize("max_output_tokens", [None, 700])
+def test_the_worlds_caps_are_the_routers_caps_for_every_arm(max_output_tokens):
+    """One rule: the world cuts answers exactly where a routed request's max_tokens would."""
+    model = {"name": "Llama-3.1-70B-Instruct", "input_per_m": 0.12, "output_per_m": 0.3,
+             "context": 131072}
+    catalog = catalog_from_dict({"budgets": [10, 80, 4000, "default"], "models": [
+        model | ({} if max_output_tokens is None else {"max_output_tokens": max_output_tokens}),
+        {"name": "Qwen2.5-Math-1.5B-Instruct", "input_per_m": 0.01, "output_per_m": 0.02,
+         "context": 4096}]})
+    world = World(catalog, seed=3)
+    chunk = world.chunk(0, 300)
+    setting = answer_setting(chunk.features, chunk.input_tokens, world.traits, world.arm_model,
+                             world.arm_budget, world.knobs)
+    caps = arm_caps(catalog, chunk.input_tokens)
+    np.testing.assert_array_equal(np.broadcast_to(setting.cap, caps.shape), caps)
+    default = catalog.arm_of(model["name"], DEFAULT_BUDGET)
+    assert (caps[:, default] == (max_output_tokens or 4000)).all()
+    tokens, _, truncated = chunk.outcomes
+    assert (tokens <= caps).all() and (tokens[truncated] == caps[truncated]).all()
 
 
 # ---- text and model names ---------------------------------------------------------------------------

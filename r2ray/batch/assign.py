@@ -1,6 +1,10 @@
 """The assign stage: each block's chosen arms → routed prompts, written per model; sums for the
 report. It runs inside the solver's last pass (``solve_dataset(..., then=...)``), on the block
 whose arms were just chosen, so nothing is re-read or re-aligned.
+
+``c_hat_usd`` is always the predicted cost (input × p_in + t̂ × p_out); a strict-budget solve
+spent worst-case costs, so there it is recomputed from t̂. Each row's worst case at its cap goes
+into the sums.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from r2ray.batch.report import STATS_SCHEMA
 from r2ray.bench.io import write_table
 from r2ray.catalog import Catalog, catalog_from_dict
 from r2ray.manifest import routed_partition
-from r2ray.routing import routed_request
+from r2ray.routing import routed_request, worst_case_usd
 from r2ray.solver import DEFER_ARM, chosen_on_chain
 from r2ray.solver.table import list_values
 
@@ -35,9 +39,9 @@ ROUTED_SCHEMA = pa.schema([
 
 
 def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_uri: str,
-                 model_version: str, run_id: str) -> pa.Table:
+                 model_version: str, run_id: str, strict_budget: bool = False) -> pa.Table:
     """A scored block with the solve's ``arm`` and ``lambda_star`` columns → routed prompts
-    written per model.
+    written per model. ``strict_budget``: the chain's costs are worst case, not predicted.
 
     Returns per-(model, budget) sums for the report; queries on the defer arm or on no arm are
     written to ``deferred/`` with the reason.
@@ -55,7 +59,7 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
                               "reason": pa.array(reasons, pa.string())}),
                     storage.join(deferred_uri, part))
     batch = batch.filter(pa.array(routed))
-    chosen = _chosen(batch, arm[routed], catalog)
+    chosen = _chosen(batch, arm[routed], catalog, strict_budget)
     stats = []
     for model in sorted(set(chosen["model"])):
         rows = chosen["model"] == model
@@ -66,21 +70,28 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
             sel = rows & (chosen["budget"] == budget)
             stats.append({"model": model, "budget": int(budget), "queries": int(sel.sum()),
                           "spend_usd": float(chosen["c_hat"][sel].sum(dtype=np.float64)),
+                          "worst_case_usd": float(chosen["worst_usd"][sel].sum(dtype=np.float64)),
                           "quality_sum": float(chosen["q_hat"][sel].sum(dtype=np.float64)),
                           "tokens_sum": float(chosen["t_hat"][sel].sum(dtype=np.float64))})
     return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
 
 
-def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog) -> dict[str, np.ndarray]:
-    """Model, budget and predicted q̂, ĉ (USD), t̂ of each query's chosen arm."""
+def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog,
+            strict_budget: bool) -> dict[str, np.ndarray]:
+    """Model, budget, predicted q̂, ĉ (USD), t̂ and worst-case cost (USD) of each chosen arm."""
     on_chain = chosen_on_chain(batch, arm)
     token_offsets, tokens = list_values(batch.column("hull_tokens"))
+    t_hat = tokens[token_offsets[:-1] + on_chain.position]
+    input_tokens = batch.column("input_tokens").to_numpy()
     arrays = catalog.arm_arrays
+    c_hat = (input_tokens * arrays["price_in_usd"][arm]
+             + t_hat.astype(np.float64) * arrays["price_out_usd"][arm]) if strict_budget \
+        else on_chain.cost_usd
     return {"arm": arm,
             "model": np.array(catalog.model_names, dtype=object)[arrays["model_index"][arm]],
             "budget": arrays["budget_tokens"][arm],
-            "q_hat": on_chain.quality, "c_hat": on_chain.cost_usd,
-            "t_hat": tokens[token_offsets[:-1] + on_chain.position]}
+            "q_hat": on_chain.quality, "c_hat": c_hat, "t_hat": t_hat,
+            "worst_usd": worst_case_usd(catalog, input_tokens)[np.arange(len(arm)), arm]}
 
 
 def _routed_table(batch: pa.Table, chosen: dict, catalog: Catalog, model_version: str,

@@ -29,6 +29,7 @@ class RouteConfig(BaseModel):
     budget_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     budget_per_query_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     reserve: Annotated[float, Field(ge=0, lt=1)] = 0.0   # share held back for prediction error
+    strict_budget: bool = False                          # price arms at max_tokens: bill ≤ budget
     catalog: str | None = None                           # default: the catalogue the model carries
     run_id: str | None = None                            # RUN_ID_PATTERN; default: a timestamp
     force: bool = False                                  # redo a committed run id

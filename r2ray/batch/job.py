@@ -189,7 +189,7 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
 
 
 DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "reserve", "catalog",
-                     "defer", "seed")
+                     "defer", "seed", "strict_budget")
 """Settings that change what a run decides; re-running a committed run id with others warns."""
 
 
@@ -230,7 +230,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
             compute=ActorPoolStrategy(size=config.workers), num_cpus=config.cpus_per_worker,
             num_gpus=config.gpus_per_worker or None,
             fn_constructor_kwargs={"files": model.files,
-                                   "catalog_yaml": model.catalog.to_yaml()},
+                                   "catalog_yaml": model.catalog.to_yaml(),
+                                   "strict_budget": config.strict_budget},
             ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
         duplicates = first_seen_duplicates(scored) if scored.count() else {}
@@ -250,14 +251,17 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         with _timed(timings, "solve_assign_write"):
             assign = (assign_stage, {"catalog_yaml": model.catalog.to_yaml(),
                                      "routed_uri": paths.routed, "deferred_uri": paths.deferred,
-                                     "model_version": model.label, "run_id": paths.run_id})
+                                     "model_version": model.label, "run_id": paths.run_id,
+                                     "strict_budget": config.strict_budget})
             try:
                 solved = solve_dataset(solvable, usable_usd, seed=config.seed,
                                        defer=config.defer, num_cpus=config.task_cpus,
                                        then=assign)
             except InfeasibleBudget as err:
+                strict = ", every arm at its worst case (--strict-budget)" \
+                    if config.strict_budget else ""
                 raise R2RayError(f"infeasible budget: {err} (usable budget {_usd(usable_usd)} "
-                                 f"after a {config.reserve:.0%} reserve); nothing was "
+                                 f"after a {config.reserve:.0%} reserve{strict}); nothing was "
                                  "committed") from None
         certificate = solved.certificate
         stats = combine_stats(pa.concat_tables([stats, *ray.get(solved.arms.to_arrow_refs())]))
@@ -266,6 +270,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     quarantine = quarantine_counts(paths.quarantine)
     deferred = _count_rows(paths.deferred)
     predicted_spend = float(np.sum(stats.column("spend_usd").to_numpy(), dtype=np.float64))
+    worst_case = float(np.sum(stats.column("worst_case_usd").to_numpy(), dtype=np.float64))
     manifest = {
         "run_id": paths.run_id,
         "state_before": state,
@@ -275,7 +280,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                    "quarantined": quarantine["rows"], "duplicates": quarantine["duplicates"],
                    "deferred": deferred, "unreadable_files": quarantine["files"]},
         "spend": {"budget_usd": budget_usd, "reserve": config.reserve, "usable_usd": usable_usd,
-                  "predicted_usd": predicted_spend, "by_model": spend_by_model(stats)},
+                  "predicted_usd": predicted_spend, "worst_case_usd": worst_case,
+                  "strict_budget": config.strict_budget, "by_model": spend_by_model(stats)},
         "solve": None if certificate is None else _solve_record(certificate),
         "model": {"uri": model.uri, "name": model.name, "version": model.version},
         "catalog_fingerprint": model.catalog.fingerprint,
@@ -315,7 +321,10 @@ def summarise_manifest(manifest: dict) -> str:
         f"{counts['quarantined']:,} quarantined ({counts['duplicates']:,} duplicates), "
         f"{counts['deferred']:,} deferred, {counts['unreadable_files']} unreadable file(s)",
         f"  spend: predicted {_usd(spend['predicted_usd'])} of {_usd(spend['usable_usd'])} "
-        f"usable (budget {_usd(spend['budget_usd'])}, reserve {spend['reserve']:.0%})",
+        f"usable (budget {_usd(spend['budget_usd'])}, reserve {spend['reserve']:.0%})"
+        + ("" if "worst_case_usd" not in spend else  # older committed runs lack it
+           f", worst case at the caps {_usd(spend['worst_case_usd'])}"
+           + (" (strict budget)" if spend.get("strict_budget") else "")),
         "  no query could be routed: every row was quarantined (see quarantine/)" if solve is None
         else f"  λ* = {solve['lambda']:.6g} quality/USD, θ* = {solve['theta']:.4f}, "
              f"objective {solve['objective']:.3f} ≤ bound {solve['upper_bound']:.3f} "

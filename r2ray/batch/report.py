@@ -19,6 +19,7 @@ STATS_SCHEMA = pa.schema([
     pa.field("budget", pa.int32()),
     pa.field("queries", pa.int64()),
     pa.field("spend_usd", pa.float64()),     # predicted, USD
+    pa.field("worst_case_usd", pa.float64()),  # at the max_tokens caps, USD
     pa.field("quality_sum", pa.float64()),   # Σ q̂
     pa.field("tokens_sum", pa.float64()),    # Σ t̂
 ])
@@ -28,8 +29,8 @@ def combine_stats(parts: pa.Table) -> pa.Table:
     """Sum per-block stats into one row per (model, budget), sorted by spend (largest first)."""
     if parts.num_rows == 0:
         return parts.cast(STATS_SCHEMA)
-    grouped = parts.group_by(["model", "budget"]).aggregate(
-        [("queries", "sum"), ("spend_usd", "sum"), ("quality_sum", "sum"), ("tokens_sum", "sum")])
+    summed = STATS_SCHEMA.names[2:]  # every column but the (model, budget) key
+    grouped = parts.group_by(["model", "budget"]).aggregate([(name, "sum") for name in summed])
     grouped = pa.table({name: grouped.column(name if name in ("model", "budget") else f"{name}_sum")
                         for name in STATS_SCHEMA.names})
     return grouped.select(STATS_SCHEMA.names).cast(STATS_SCHEMA).sort_by(
@@ -37,12 +38,13 @@ def combine_stats(parts: pa.Table) -> pa.Table:
 
 
 def spend_by_model(stats: pa.Table) -> dict[str, dict]:
-    """{model: {queries, spend_usd}} for the manifest."""
+    """{model: {queries, spend_usd, worst_case_usd}} for the manifest."""
     out: dict[str, dict] = {}
     for row in stats.to_pylist():
-        entry = out.setdefault(row["model"], {"queries": 0, "spend_usd": 0.0})
-        entry["queries"] += row["queries"]
-        entry["spend_usd"] += row["spend_usd"]
+        entry = out.setdefault(row["model"],
+                               {"queries": 0, "spend_usd": 0.0, "worst_case_usd": 0.0})
+        for name in entry:
+            entry[name] += row[name]
     return out
 
 
@@ -56,18 +58,26 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
         f"- queries in: {counts['rows_in']:,} · routed: {counts['routed']:,} · "
         f"quarantined: {counts['quarantined']:,} · unreadable files: {counts['unreadable_files']}",
         f"- budget: ${spend['budget_usd']:.6g} (usable after reserve ${spend['usable_usd']:.6g}) · "
-        f"predicted spend: ${spend['predicted_usd']:.6g}",
+        f"predicted spend: ${spend['predicted_usd']:.6g} · worst case at the caps: "
+        f"${spend.get('worst_case_usd', float('nan')):.6g}",
+        "- **strict budget**: every arm was priced at its worst case (`max_tokens` × output "
+        "price), so the bill cannot exceed the usable budget; the objective Σ q̂ below is the "
+        "quality kept under that guarantee" if spend.get("strict_budget") else
+        "- budget binds the predicted spend (not `--strict-budget`): the bill can exceed it, "
+        "up to the worst case",
         "- **no query could be routed: every row was quarantined**" if manifest["solve"] is None
         else f"- λ* = {manifest['solve']['lambda']:.6g} quality/USD · "
-             f"θ* = {manifest['solve']['theta']:.4f} · proven gap ≤ "
+             f"θ* = {manifest['solve']['theta']:.4f} · objective Σ q̂ = "
+             f"{manifest['solve']['objective']:.6g} · proven gap ≤ "
              f"{manifest['solve']['gap']:.6g} (quality, summed)", "",
-        "| model | budget | queries | spend USD | mean q̂ | mean t̂ |", "|---|---:|---:|---:|---:|---:|",
+        "| model | budget | queries | spend USD | worst case USD | mean q̂ | mean t̂ |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in stats.to_pylist():
         n = max(row["queries"], 1)
         lines.append(f"| {row['model']} | {budget_label(row['budget'])} | {row['queries']:,} | "
-                     f"{row['spend_usd']:.6f} | {row['quality_sum'] / n:.3f} | "
-                     f"{row['tokens_sum'] / n:.0f} |")
+                     f"{row['spend_usd']:.6f} | {row['worst_case_usd']:.6f} | "
+                     f"{row['quality_sum'] / n:.3f} | {row['tokens_sum'] / n:.0f} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest["timings"].items())]
     return "\n".join(lines) + "\n"
 
@@ -131,12 +141,15 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str) -> str:
             "run_id": manifest["run_id"], "model_uri": manifest["model"]["uri"],
             "model_version": manifest["model"]["version"], "input": manifest["input"]["uri"],
             "budget_usd": manifest["spend"]["budget_usd"], "reserve": manifest["config"]["reserve"],
+            "strict_budget": manifest["config"].get("strict_budget", False),
             "catalog_fingerprint": manifest["catalog_fingerprint"][:16],
         })
         mlflow.log_metrics({
             "rows_in": manifest["counts"]["rows_in"], "routed": manifest["counts"]["routed"],
             "quarantined": manifest["counts"]["quarantined"],
             "predicted_spend_usd": manifest["spend"]["predicted_usd"],
+            **({"worst_case_spend_usd": manifest["spend"]["worst_case_usd"]}
+               if "worst_case_usd" in manifest["spend"] else {}),
             **({} if manifest["solve"] is None else {
                 "lambda_star": manifest["solve"]["lambda"], "theta_star": manifest["solve"]["theta"],
                 "gap": manifest["solve"]["gap"], "objective": manifest["solve"]["objective"]}),

@@ -4,6 +4,9 @@ Only the upper convex hull of a query's arms can be chosen by the budget solve, 
 keeps just that chain (typically 5–6 arms of 176): the base arm plus steps (``step_arm``, ``dq``,
 ``dc`` USD, ``key`` = dq/dc as float32) and the predicted output tokens of every hull arm. That
 keeps the materialised dataset small and lets the solve read it in constant passes.
+
+The chain's costs are what the solve spends: predicted costs ĉ, or with ``strict_budget`` each
+arm's worst case at its ``max_tokens`` cap, so the solve's Σ ≤ budget holds on any bill.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from r2ray.catalog import Catalog, catalog_from_dict
 from r2ray.encoders import embed_or_encode, has_text_encoder
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
-from r2ray.routing import arm_scores, query_key
+from r2ray.routing import arm_scores, query_key, worst_case_usd
 from r2ray.solver import HullSteps, hull_steps, hull_values, step_columns
 from r2ray.solver.table import CHAIN_COLUMNS
 
@@ -44,16 +47,21 @@ def hull_columns(steps: HullSteps, output_tokens: np.ndarray) -> dict[str, pa.Ar
     return {**step_columns(steps), "hull_tokens": hull_values(steps, output_tokens)}
 
 
-def score_batch(table: pa.Table, predictor, catalog: Catalog, encoder=None) -> pa.Table:
+def score_batch(table: pa.Table, predictor, catalog: Catalog, encoder=None,
+                strict_budget: bool = False) -> pa.Table:
     """Validated queries (``query_id, query, input_tokens, tenant, order`` [+ ``embedding``]) →
-    the same rows without the embedding, plus the hull columns of :data:`SCORED_COLUMNS`."""
+    the same rows without the embedding, plus the hull columns of :data:`SCORED_COLUMNS`; the
+    hull's costs (USD) are predicted, or worst case at the caps with ``strict_budget``."""
     if table.num_rows == 0:
         return _empty_scored(table)
     embedding = query_embeddings(table, encoder, predictor.embedding_dim_)
     predictions = predictor.predict(embedding)
     input_tokens = table.column("input_tokens").to_numpy()
     scores = arm_scores(predictions.quality, predictions.output_tokens, catalog, input_tokens)
-    columns = hull_columns(hull_steps(scores.quality, scores.cost_usd), scores.output_tokens)
+    cost_usd = scores.cost_usd
+    if strict_budget:  # same mask (NaN), priced at the caps
+        cost_usd = np.where(np.isnan(cost_usd), np.nan, worst_case_usd(catalog, input_tokens))
+    columns = hull_columns(hull_steps(scores.quality, cost_usd), scores.output_tokens)
     return _with_columns(table, columns)
 
 
@@ -90,7 +98,7 @@ class ScoreWorker:
     """
 
     def __init__(self, files: dict[str, bytes], catalog_yaml: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, strict_budget: bool = False):
         from r2ray.encoders import default_device, load_encoder
         from r2ray.predictor.persist import load_predictor
 
@@ -104,7 +112,8 @@ class ScoreWorker:
                         else catalog_from_dict(yaml.safe_load(catalog_yaml), "--catalog"))
         spec = self.predictor.encoder_spec
         self.encoder = load_encoder(spec, device=device) if has_text_encoder(spec) else None
+        self.strict_budget = strict_budget
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kill_worker_once()
-        return score_batch(batch, self.predictor, self.catalog, self.encoder)
+        return score_batch(batch, self.predictor, self.catalog, self.encoder, self.strict_budget)

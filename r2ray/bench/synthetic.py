@@ -32,7 +32,7 @@ from r2ray.catalog import Catalog, save_catalog
 from r2ray.errors import R2RayError
 from r2ray.prompting import estimate_tokens
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2             # 2: default arms capped at the output cap, not the context
 BLOCK_QUERIES = 1024          # unit of randomness; chunks are cut from whole blocks
 EMBEDDING_DIM = 384
 EMBEDDING_NOISE = 0.05       # per dimension, against a signal of norm ~1.5

@@ -9,10 +9,12 @@ complete answer takes) and a small latent vector z (which models suit it beyond 
 a skill per topic (keyed off its size and specialty, parsed from the catalogue name), a verbosity,
 a length-noise spread and a compliance logit. For arm (model m, budget b), the answer:
 
-* default (b = 0): the model's natural length N = median × exp(σ_m ξ), cut at the context window;
+* default (b = 0): the model's natural length N = median × exp(σ_m ξ);
 * budgeted: with probability π(m, b) the model obeys (writes about ``obey_target`` × b, or N if
-  shorter), else it ignores the instruction (writes ``disobey_shrink`` × N); either way the hard
-  cap ``max_tokens_for(b)`` (r2ray.prompting) cuts it, and a cut answer is ``truncated``.
+  shorter), else it ignores the instruction (writes ``disobey_shrink`` × N);
+
+either way the hard cap of ``r2ray.prompting.max_tokens_array`` (the one the router sends: the
+model's output cap for the default arm) cuts it, and a cut answer is ``truncated``.
 
 Quality given length T: capability p(m, query) × sufficiency(T / L) × overthinking(T / L)
 × (truncation_keep if cut). The answer-length noise ξ is stratified: each query holds a hidden
@@ -34,8 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from r2ray.catalog import DEFAULT_BUDGET, Catalog
-from r2ray.prompting import CAP_MARGIN_MIN, CAP_MARGIN_SHARE
+from r2ray.catalog import Catalog
+from r2ray.prompting import max_tokens_array
 
 
 class Topic(NamedTuple):
@@ -154,6 +156,7 @@ class ModelTraits:
     length_sigma: np.ndarray      # [M] log spread of answer length
     compliance_logit: np.ndarray  # [M] logit of obeying a 10-token budget
     context: np.ndarray           # [M] context window, tokens
+    output_cap: np.ndarray        # [M] default arm's output cap (catalogue), tokens
 
 
 def model_traits(catalog: Catalog, knobs: Knobs = KNOBS) -> ModelTraits:
@@ -167,6 +170,7 @@ def model_traits(catalog: Catalog, knobs: Knobs = KNOBS) -> ModelTraits:
         length_sigma=np.array([r["length_sigma"] for r in rows]),
         compliance_logit=np.array([r["compliance_logit"] for r in rows]),
         context=np.array([m.context for m in catalog.models], dtype=np.float64),
+        output_cap=np.array([m.output_cap_tokens for m in catalog.models], dtype=np.float64),
     )
 
 
@@ -234,14 +238,6 @@ def _normal_quantiles(grid: int, offsets: int) -> np.ndarray:
                     dtype=np.float32).reshape(grid, offsets)
 
 
-def hard_caps(budget_tokens: np.ndarray, context: np.ndarray, input_tokens: np.ndarray) -> np.ndarray:
-    """[n, K] ``max_tokens``: the vector form of :func:`r2ray.prompting.max_tokens_for`."""
-    room = np.maximum(1.0, context[None, :] - input_tokens[:, None])
-    margin = np.maximum(CAP_MARGIN_MIN, np.ceil(budget_tokens * CAP_MARGIN_SHARE))
-    capped = np.minimum(room, budget_tokens + margin)
-    return np.where(budget_tokens[None, :] == DEFAULT_BUDGET, room, capped)
-
-
 @dataclass(frozen=True)
 class AnswerSetting:
     """What an answer to (query i, arm k) depends on besides the length noise; float32 arrays
@@ -283,7 +279,8 @@ def answer_setting(features: QueryFeatures, input_tokens: np.ndarray, traits: Mo
         needed=f32(needed),
         natural_median=f32(natural[:, arm_model]),
         sigma=f32(traits.length_sigma[arm_model][None, :]),
-        cap=f32(hard_caps(budget, traits.context[arm_model], input_tokens.astype(np.float64))),
+        cap=f32(max_tokens_array(arm_budget, traits.context[arm_model],
+                                 traits.output_cap[arm_model], input_tokens)),
         budget=f32(budget[None, :]),
         obey_prob=f32(np.where(budgeted, 1.0 / (1.0 + np.exp(-obey_logit)), 0.0)[None, :]),
         shrink=f32(np.where(budgeted, knobs.disobey_shrink, 1.0)[None, :]),

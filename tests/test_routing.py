@@ -1,0 +1,48 @@
+"""The shared decision path's caps and prices: every arm is sent with a finite ``max_tokens``."""
+
+import numpy as np
+import pytest
+
+from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
+from r2ray.prompting import max_tokens_for
+from r2ray.routing import arm_caps, routed_request, worst_case_usd
+
+
+def test_a_default_arm_is_sent_with_the_output_cap_never_the_context():
+    catalog = load_catalog()
+    glm = catalog.arm_of("GLM-4.6", DEFAULT_BUDGET)             # 202,752-token context
+    assert routed_request("Why?", glm, catalog, 12)["max_tokens"] == 4000
+    math = catalog.arm_of("Qwen2.5-Math-1.5B-Instruct", DEFAULT_BUDGET)   # 4,096-token context
+    assert routed_request("Why?", math, catalog, 1000)["max_tokens"] == 3096
+    budgeted = catalog.arm_of("GLM-4.6", 200)
+    assert routed_request("Why?", budgeted, catalog, 12)["max_tokens"] == 220
+
+
+def test_caps_of_every_arm_are_the_scalar_rule_and_the_catalogues_cap():
+    catalog = catalog_from_dict({"budgets": [10, 80, 4000, "default"], "models": [
+        {"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096},
+        {"name": "b", "input_per_m": 1, "output_per_m": 2, "context": 131072,
+         "max_output_tokens": 1500}]})
+    input_tokens = np.array([1, 500, 4095, 100_000])
+    caps = arm_caps(catalog, input_tokens)
+    assert caps.shape == (4, catalog.n_arms) and caps.dtype == np.int64
+    for i, n_in in enumerate(input_tokens):
+        for k, (model, budget) in enumerate(catalog.arms):
+            spec = catalog.model(model)
+            assert caps[i, k] == max_tokens_for(budget, spec.context, int(n_in),
+                                                spec.output_cap_tokens)
+            assert caps[i, k] == routed_request("q", k, catalog, int(n_in))["max_tokens"]
+    assert list(caps[0]) == [18, 88, 4095, 4000, 18, 88, 4400, 1500]
+    assert caps[2, 3] == 1 and caps[3, 7] == 1500   # never beyond what the context leaves
+
+
+def test_worst_case_is_input_plus_the_cap_at_the_output_price():
+    catalog = catalog_from_dict({"budgets": [100, "default"], "models": [
+        {"name": "a", "input_per_m": 0.5, "output_per_m": 2.0, "context": 8192,
+         "max_output_tokens": 3000}]})
+    worst = worst_case_usd(catalog, np.array([10, 6000]))
+    assert worst.dtype == np.float64
+    np.testing.assert_allclose(worst, np.array([
+        [10 * 0.5 + 110 * 2.0, 10 * 0.5 + 3000 * 2.0],
+        [6000 * 0.5 + 110 * 2.0, 6000 * 0.5 + 2192 * 2.0]]) * 1e-6, rtol=1e-15)
+    assert worst_case_usd(catalog, np.zeros(0, np.int64)).shape == (0, 2)
