@@ -47,6 +47,15 @@ def test_evaluate_a_saved_predictor(bench_files, tmp_path, capsys):
     assert registered["n_queries"] == 200
     assert 0 < registered["methods"]["registered"]["audc"] <= registered["methods"]["oracle_all"]["audc"]
     assert (out / "curves.png").exists()
+    # cost calibration of every learned method; per arm for the subject; its plot beside curves.png
+    calibration = metrics["cost_calibration"]["methods"]
+    assert set(calibration) == {"per_arm_ridge", "carrot_knn_default"}
+    ridge = calibration["per_arm_ridge"]
+    assert len(ridge["per_decile"]) == 10 and len(ridge["overall_per_split"]) == 1
+    assert 0.7 < ridge["overall_per_split"][0]["ratio"] < 1.3
+    assert len(ridge["per_arm"]) == catalog.n_arms and "per_arm" not in calibration[
+        "carrot_knn_default"]
+    assert (out / "cost_calibration.png").read_bytes()[:4] == b"\x89PNG"
     assert "per_arm_ridge" in capsys.readouterr().out
     # its embeddings came from no text encoder: without --queries nothing can embed the bench
     code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model", saved,

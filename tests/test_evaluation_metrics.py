@@ -112,3 +112,20 @@ def test_audc_on_log_cost():
     # [.25, .5]: .25 × (.4 + .8)/2 = .15; [.5, 1]: .5 × .8 = .4
     assert audc(c, 1e-6, 1e-2, log_cost=True) == pytest.approx(0.55)
     assert np.isnan(audc(curve((0.0, 0.5)), 0.0, 1e-2, log_cost=True))
+
+
+def test_cost_calibration_by_hand():
+    from r2ray.evaluation.calibration import cost_calibration
+
+    predicted = np.array([[1.0, 4.0], [3.0, NAN], [2.0, 8.0]])
+    realised = np.array([[2.0, 4.0], [2.0, 5.0], [NAN, 12.0]])
+    got = cost_calibration(predicted, realised, ["a", "b"])
+    # cells with both: a (1, 2), (3, 2); b (4, 4), (8, 12)
+    assert got["overall"] == {"n": 4, "predicted_usd": 4.0, "realised_usd": 5.0, "ratio": 0.8}
+    assert got["per_arm"]["a"] == {"n": 2, "predicted_usd": 2.0, "realised_usd": 2.0, "ratio": 1.0}
+    assert got["per_arm"]["b"] == {"n": 2, "predicted_usd": 6.0, "realised_usd": 8.0, "ratio": 0.75}
+    # four cells, ten deciles asked: one cell a decile, in order of predicted cost
+    assert [d["predicted_usd"] for d in got["per_decile"]] == [1.0, 3.0, 4.0, 8.0]
+    assert [d["ratio"] for d in got["per_decile"]] == [0.5, 1.5, 1.0, 8.0 / 12.0]
+    empty = cost_calibration(np.full((2, 1), NAN), np.ones((2, 1)), ["a"])
+    assert empty["per_arm"] == {} and empty["per_decile"] == [] and empty["overall"]["n"] == 0

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
+from r2ray.evaluation.calibration import cost_calibration
 from r2ray.evaluation.method_scores import MethodResult, evaluable_queries, evaluate_methods, summarise
 from r2ray.predictor.base import Predictor
 from r2ray.predictor.data import BenchArrays, holdout_indices
@@ -66,6 +67,7 @@ class SplitOutcome:
     fit_seconds: dict[str, float]
     n_test: int                      # evaluable test queries
     n_dropped: int                   # test queries lacking a default arm
+    calibration: dict = field(default_factory=dict)  # learned method → cost_calibration()
 
 
 def random_splits(n_queries: int, seeds: list[int]) -> list[Split]:
@@ -111,8 +113,11 @@ def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
         predictions[name] = predictor.predict(test.embedding)
         log(f"  {split.label}: {name} fitted in {seconds[name]:.1f} s")
     results = evaluate_methods(test, catalog, predictions, lambdas)
+    arm_names = [f"{a.model}@{a.budget_tokens or 'default'}" for a in catalog.arms]
+    calibration = {name: cost_calibration(p.cost_usd(catalog, test.input_tokens), test.cost_usd,
+                                          arm_names) for name, p in predictions.items()}
     return SplitOutcome(split, results, summarise(results), seconds, test.n_queries,
-                        len(split.test) - len(keep))
+                        len(split.test) - len(keep), calibration)
 
 
 def evaluate_fitted(predictor: Predictor, arrays: BenchArrays, catalog: Catalog,

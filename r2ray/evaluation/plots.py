@@ -1,4 +1,5 @@
-"""curves.png: deferral curves of every method on one split (plotting only; metrics live elsewhere).
+"""curves.png: deferral curves of every method on one split, and cost_calibration.png (plotting
+only; metrics live elsewhere).
 
 Left: quality vs USD per query (log scale) — each method's λ points and frontier; single models
 as labelled dots. Right: quality vs normalised cost, drawn exactly as AUDC integrates it (0 left of
@@ -76,3 +77,31 @@ def _audc_outline(curve: DeferralCurve, bounds: tuple[float, float]) -> tuple[np
     xs = np.concatenate([[x[0]], x, [max(1.0, x[-1])]])
     qs = np.concatenate([[0.0], curve.quality, [curve.quality[-1]]])
     return xs, qs
+
+
+def cost_calibration_png(calibration: dict, title: str) -> bytes:
+    """cost_calibration.png: mean predicted vs realised USD per arm (left) and per decile of ĉ
+    (right), log-log, against the diagonal (above it: ĉ too high; below: too low)."""
+    figure = Figure(figsize=(12, 5.5), layout="constrained")
+    for axis, blocks, what in zip(figure.subplots(1, 2),
+                                  (list(calibration["per_arm"].values()), calibration["per_decile"]),
+                                  ("arm", "decile of predicted cost")):
+        blocks = [b for b in blocks if b["n"] and b["realised_usd"] > 0 and b["predicted_usd"] > 0]
+        realised = np.array([b["realised_usd"] for b in blocks])
+        predicted = np.array([b["predicted_usd"] for b in blocks])
+        axis.plot(realised, predicted, "o-" if what != "arm" else "o", markersize=4)
+        if len(blocks):
+            low, high = min(realised.min(), predicted.min()), max(realised.max(), predicted.max())
+            axis.plot([low, high], [low, high], color="crimson", linestyle=":", linewidth=1)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("mean realised cost (USD)")
+        axis.set_ylabel("mean predicted cost ĉ (USD)")
+        axis.set_title(f"per {what}")
+        axis.grid(alpha=0.3)
+    overall = calibration["overall"]["ratio"]
+    figure.suptitle(f"{title} — Σ ĉ / Σ realised = "
+                    f"{'n/a' if overall is None else f'{overall:.3f}'}", fontsize=10)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

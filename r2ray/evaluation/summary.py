@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from r2ray.evaluation.run import ModelUnderTest
 
 METRICS_FILE, CURVES_FILE = "metrics.json", "curves.png"
+CALIBRATION_FILE = "cost_calibration.png"
 
 DEFINITIONS = {
     "choice": "per query argmax_j q̂_ij − λ ĉ_ij over the arms a method can use and the bench has "
@@ -46,6 +47,10 @@ DEFINITIONS = {
     "random": "uniform pick among the default arms per query; one point, its exact expectation",
     "oracle_default / oracle_all": "the λ sweep on the bench's true outcomes, default arms / all arms",
     "single:<model>": "that model's default arm for every query; one point",
+    "cost_calibration": "per learned method, over test cells with a prediction and a bench "
+                        "outcome: mean predicted cost ĉ vs mean realised cost_usd (USD) and their "
+                        "ratio, overall (every split), per decile of ĉ (first split) and, for the "
+                        "subject, per arm 'model@budget' (first split); ratio < 1: ĉ runs low",
     "_std": "sample std over splits (null with one split or a non-finite value); a mean is null "
             "if the value is null in any split",
 }
@@ -84,10 +89,22 @@ def metrics_document(outcomes: list[SplitOutcome], model: ModelUnderTest, split:
         "lambdas_quality_per_usd": {"count": len(lambdas), "zero_included": bool(lambdas[0] == 0),
                                     "min_positive": float(lambdas[lambdas > 0].min()),
                                     "max": float(lambdas.max()), "spacing": "log"},
+        "cost_calibration": cost_calibration_block(outcomes, model.name),
         "curves_png": f"points and frontiers of the first split ({outcomes[0].split.label})",
         "definitions": DEFINITIONS,
         "r2ray_version": r2ray.__version__,
     }
+
+
+def cost_calibration_block(outcomes: list[SplitOutcome], subject: str) -> dict:
+    """Overall calibration per split for every learned method; per decile (and, for the subject,
+    per arm) from the first split."""
+    first = outcomes[0].calibration
+    return {"split": outcomes[0].split.label, "methods": {
+        name: {"overall_per_split": [o.calibration[name]["overall"] for o in outcomes],
+               "per_decile": c["per_decile"],
+               **({"per_arm": c["per_arm"]} if name == subject else {})}
+        for name, c in first.items()}}
 
 
 def _bounds(summary: dict) -> dict:
@@ -113,12 +130,16 @@ def _json_safe(value):
 
 
 def write_outputs(metrics: dict, outcomes: list[SplitOutcome], out_dir: str, subject: str) -> None:
-    from r2ray.evaluation.plots import curves_png
+    from r2ray.evaluation.plots import cost_calibration_png, curves_png
 
     storage.write_text(storage.join(out_dir, METRICS_FILE), to_json(metrics) + "\n")
     title = f"{metrics.get('bench', {}).get('uri', 'bench')} — {metrics['curves_png']}"
     storage.write_bytes(storage.join(out_dir, CURVES_FILE),
                         curves_png(outcomes[0].results, outcomes[0].summary, title, subject))
+    if subject in outcomes[0].calibration:
+        storage.write_bytes(storage.join(out_dir, CALIBRATION_FILE), cost_calibration_png(
+            outcomes[0].calibration[subject], f"{subject}: predicted vs realised cost, "
+            f"{outcomes[0].split.label}"))
 
 
 def format_table(metrics: dict) -> str:

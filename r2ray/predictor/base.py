@@ -2,9 +2,11 @@
 
 Every method (the jointly conditioned network and each baseline) predicts, for every query and
 every arm in ``catalog.arms`` order, the quality q̂ ∈ [0, 1] and the output tokens t̂; cost follows
-from the catalogue prices. NaN marks an arm a method does not cover (default-only baselines).
-Learned state lives in ``state()``: a JSON-able config plus named float arrays, so saving never
-pickles an object (see :mod:`r2ray.predictor.persist`).
+from the catalogue prices. t̂ is a mean, at most the arm's cap, not the geometric-type centre a
+log-space fit gives (:mod:`r2ray.predictor.token_calibration`, fitted on held-out rows in ``fit``).
+NaN marks an arm a method does not cover (default-only baselines). Learned state lives in
+``state()``: a JSON-able config plus named float arrays, so saving never pickles an object (see
+:mod:`r2ray.predictor.persist`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from r2ray.catalog import DEFAULT_BUDGET, Catalog
 from r2ray.encoders import check_embedding_dimension
 from r2ray.errors import R2RayError
 from r2ray.predictor.data import BenchArrays, holdout_indices
+from r2ray.predictor.token_calibration import TokenCalibration, fit_token_calibration
+
+CALIBRATION_FOLDS = 3  # cross-fitting folds for the token calibration when no validation set
 
 
 class PredictorError(R2RayError, ValueError):
@@ -102,13 +107,14 @@ class BasePredictor:
 
     Subclasses set ``name``, store their settings in ``__init__`` (nothing else happens there) and
     implement ``_fit``, ``_predict``, ``_fitted_tensors`` and ``_restore``. Fitted attributes end
-    in ``_``: ``catalog_``, ``embedding_dim_``, ``data_fingerprint_``.
+    in ``_``: ``catalog_``, ``embedding_dim_``, ``data_fingerprint_``, ``token_calibration_``.
     """
 
     name = ""
     catalog_: Catalog | None = None
     embedding_dim_: int | None = None
     data_fingerprint_: str | None = None
+    token_calibration_: TokenCalibration | None = None  # None: t̂ as the log-space fit gives it
     encoder_spec: str | None = None  # the encoder that produced the training embeddings, if known
 
     def settings(self) -> dict:
@@ -127,25 +133,52 @@ class BasePredictor:
         self.catalog_, self.embedding_dim_ = catalog, int(x.shape[1])
         self.data_fingerprint_ = data_fingerprint(train)
         self._fit(train, x, catalog, validation)
+        self.token_calibration_ = fit_token_calibration(
+            *self._held_out_tokens(train, validation), catalog)
         return self
 
     def predict(self, embedding: np.ndarray) -> ArmPredictions:
         require_fitted(self.embedding_dim_, self.name)
         x = check_embedding_dimension(embedding, self.embedding_dim_, f"{self.name}.predict")
-        return self._predict(x)
+        prediction = self._predict(x)
+        if self.token_calibration_ is None:
+            return prediction
+        return ArmPredictions(prediction.quality,
+                              self.token_calibration_.mean_tokens(prediction.output_tokens))
+
+    def _held_out_tokens(self, train: BenchArrays,
+                         validation: BenchArrays | None) -> tuple[np.ndarray, np.ndarray]:
+        """(uncorrected t̂, realised tokens), both [M, K], on rows the fitted state never saw: the
+        validation set when given, else ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
+        if validation is not None:
+            return self._predict(validation.embedding).output_tokens, validation.output_tokens
+        folds = np.arange(train.n_queries) % CALIBRATION_FOLDS
+        folds = folds[np.random.default_rng(0).permutation(train.n_queries)]
+        tokens_hat = np.full(train.output_tokens.shape, np.nan, dtype=np.float32)
+        for fold in range(min(CALIBRATION_FOLDS, train.n_queries)):
+            part = train.subset(np.flatnonzero(folds != fold))
+            copy = type(self)(**self.settings())
+            copy.catalog_, copy.embedding_dim_ = self.catalog_, self.embedding_dim_
+            copy._fit(part, training_embedding(part), self.catalog_, None)
+            rows = np.flatnonzero(folds == fold)
+            tokens_hat[rows] = copy._predict(train.embedding[rows]).output_tokens
+        return tokens_hat, train.output_tokens
 
     # ---- persistence: a JSON-able dict plus named arrays, never pickles -------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         require_fitted(self.embedding_dim_, self.name)
         fitted, tensors = self._fitted_tensors()
-        return {"settings": self.settings(), "fitted": fitted,
-                "embedding_dim": self.embedding_dim_}, tensors
+        calibration = self.token_calibration_
+        return {"settings": self.settings(), "fitted": fitted, "embedding_dim": self.embedding_dim_,
+                "token_calibration": calibration.to_json() if calibration else None}, tensors
 
     def load_state(self, config: dict, tensors: dict[str, np.ndarray],
                    catalog: Catalog) -> BasePredictor:
         """Restore what :meth:`state` returned (on an instance built with the same settings)."""
         self.catalog_, self.embedding_dim_ = catalog, int(config["embedding_dim"])
         self._restore(config["fitted"], tensors)
+        calibration = config.get("token_calibration")  # absent in predictors saved before it
+        self.token_calibration_ = TokenCalibration.from_json(calibration) if calibration else None
         return self
 
     # ---- subclass hooks --------------------------------------------------------------------------

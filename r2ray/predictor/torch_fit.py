@@ -272,6 +272,12 @@ class TorchPredictor(BasePredictor):
                                               self.predict_batch_size)
         return ArmPredictions(quality, tokens_from_log(log_tok))
 
+    def _held_out_tokens(self, train: BenchArrays,
+                         validation: BenchArrays | None) -> tuple[np.ndarray, np.ndarray]:
+        """The early-stopping set the fit carved (no refit): t̂ there and the realised tokens."""
+        _, held_out = carve_validation(train, validation, self.validation_fraction, self.seed)
+        return self._predict(held_out.embedding).output_tokens, held_out.output_tokens
+
     def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
         fitted = {"network": asdict(self.network_.config)}
         if self.history_ is not None:

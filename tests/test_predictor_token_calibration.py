@@ -1,0 +1,83 @@
+"""The shared token correction: mean (not geometric-type) tokens, at most the cap, saved with the
+predictor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from predictor_world import planted_arrays, small_catalog
+
+from r2ray.predictor import load_predictor, make_predictor, save_predictor
+from r2ray.predictor.persist import CONFIG_FILE
+from r2ray.predictor.token_calibration import arm_caps_tokens, fit_token_calibration
+
+SIGMA = 0.8
+
+
+def lognormal_tokens(catalog, n: int, seed: int, sigma: float = SIGMA):
+    """(geometric-type t̂ = exp(μ) − 1, realised T = exp(μ + ε) − 1 with ε ~ N(0, σ²)), [n, K]."""
+    rng = np.random.default_rng(seed)
+    mu = rng.uniform(np.log(5.0), np.log(60.0), size=(n, 1)) + np.zeros((1, catalog.n_arms))
+    return np.expm1(mu), np.expm1(mu + rng.normal(0.0, sigma, size=mu.shape))
+
+
+def test_the_correction_makes_log_normal_tokens_unbiased_for_the_mean():
+    catalog = small_catalog(budgets=("default",))  # caps of 4,000+ tokens: far above these lengths
+    tokens_hat, tokens = lognormal_tokens(catalog, 20_000, seed=0)
+    held_out_hat, held_out = lognormal_tokens(catalog, 20_000, seed=1)
+    bias = (1 + tokens).mean() / (1 + tokens_hat).mean()
+    assert abs(bias / np.exp(SIGMA ** 2 / 2) - 1) < 0.02   # the geometric mean is low by e^(σ²/2)
+    calibration = fit_token_calibration(held_out_hat, held_out, catalog)
+    np.testing.assert_allclose(calibration.smearing, np.exp(SIGMA ** 2 / 2), rtol=0.05)  # per bin
+    corrected = calibration.mean_tokens(tokens_hat.astype(np.float32))
+    np.testing.assert_allclose(corrected.mean(axis=0), tokens.mean(axis=0), rtol=0.02)
+
+
+def test_capped_mean_matches_monte_carlo_and_never_exceeds_the_cap():
+    catalog = small_catalog(budgets=(20, 100, "default"), n_models=1)
+    caps = arm_caps_tokens(catalog)
+    assert caps.tolist() == [28, 110, 4000]  # budget + max(8, 10 %); default: the output cap
+    tokens_hat, tokens = lognormal_tokens(catalog, 20_000, seed=2, sigma=1.0)
+    held_out_hat, held_out = lognormal_tokens(catalog, 20_000, seed=3, sigma=1.0)
+    capped = lambda t: np.minimum(t, caps)  # noqa: E731 — what an arm sent with max_tokens returns
+    calibration = fit_token_calibration(held_out_hat, capped(held_out), catalog)
+    corrected = calibration.mean_tokens(tokens_hat.astype(np.float32))
+    assert (corrected <= caps).all()
+    # Monte Carlo: E[min(T, cap)] over the queries, from a fresh draw
+    np.testing.assert_allclose(corrected.mean(axis=0), capped(tokens).mean(axis=0), rtol=0.05)
+
+
+def test_factors_per_quartile_of_t_hat_and_pooled_for_thin_arms():
+    catalog = small_catalog(budgets=("default",))
+    tokens_hat, tokens = lognormal_tokens(catalog, 400, seed=4)
+    tokens[5:, 0] = np.nan                            # arm 0: five rows only
+    calibration = fit_token_calibration(tokens_hat, tokens, catalog)
+    ratio = (1 + tokens) / (1 + tokens_hat)
+    assert (calibration.smearing[0] == np.nanmean(ratio)).all()
+    quartile = np.searchsorted(np.quantile(tokens_hat[:, 1], [0.25, 0.5, 0.75]), tokens_hat[:, 1])
+    np.testing.assert_allclose(calibration.smearing[1],
+                               [ratio[quartile == b, 1].mean() for b in range(4)])
+    got = calibration.mean_tokens(tokens_hat.astype(np.float32))[:, 1]
+    np.testing.assert_allclose(got, (1 + tokens_hat[:, 1]) * calibration.smearing[1][quartile] - 1,
+                               rtol=1e-5)
+
+
+def test_save_load_keeps_the_correction_and_older_files_still_load(tmp_path):
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=300, dim=8, seed=0)
+    test, _ = planted_arrays(catalog, n_queries=20, dim=8, seed=9)
+    predictor = make_predictor("per_arm_ridge").fit(train, catalog)
+    assert predictor.token_calibration_.smearing.mean() > 1  # right-skewed: mean > centre
+    loaded = load_predictor(save_predictor(predictor, str(tmp_path)))
+    np.testing.assert_array_equal(loaded.token_calibration_.smearing,
+                                  predictor.token_calibration_.smearing)
+    np.testing.assert_array_equal(loaded.predict(test.embedding).output_tokens,
+                                  predictor.predict(test.embedding).output_tokens)
+    document = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del document["state"]["token_calibration"]        # as saved before the correction existed
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(document))
+    older = load_predictor(str(tmp_path))
+    assert older.token_calibration_ is None
+    np.testing.assert_array_equal(older.predict(test.embedding).output_tokens,
+                                  predictor._predict(test.embedding).output_tokens)
