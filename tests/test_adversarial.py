@@ -137,6 +137,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, small_routing_model, 
 def test_an_unreachable_s3_output_is_one_line(tmp_path, small_routing_model, capsys, monkeypatch,
                                              fresh_s3_clients):
     monkeypatch.setenv("R2RAY_S3_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")   # botocore's retries: 6 s → 0.6 s, same error
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     args = _route_args(tmp_path, small_routing_model["path"], "--run-id", "r")
