@@ -56,6 +56,11 @@ def test_evaluate_a_saved_predictor(bench_files, tmp_path, capsys):
     assert len(ridge["per_arm"]) == catalog.n_arms and "per_arm" not in calibration[
         "carrot_knn_default"]
     assert (out / "cost_calibration.png").read_bytes()[:4] == b"\x89PNG"
+    # spend of the global-budget solve, billed at the bench's costs, for every learned method
+    adherence = metrics["budget_adherence"]
+    assert set(adherence) == {"per_arm_ridge", "carrot_knn_default", "oracle_all"}
+    assert all(0 < level["realised_spend_ratio"] < 3 for block in adherence.values()
+               for level in block["levels"])
     assert "per_arm_ridge" in capsys.readouterr().out
     # its embeddings came from no text encoder: without --queries nothing can embed the bench
     code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model", saved,

@@ -70,6 +70,25 @@ def test_the_oracles_and_learned_methods_rank_sensibly(evaluated):
     assert methods["oracle_all"]["qnc"] <= methods["oracle_default"]["qnc"]
 
 
+def test_budget_adherence_of_every_learned_method(evaluated):
+    written = json.loads((evaluated[1] / "metrics.json").read_text())
+    adherence = written["budget_adherence"]
+    assert set(adherence) == set(PREDICTORS) | {"oracle_all"}
+    for name, block in adherence.items():
+        assert [level["fraction"] for level in block["levels"]] == [0.25, 0.5, 0.75, 1.0]
+        budgets = [level["budget_usd_per_query"] for level in block["levels"]]
+        assert budgets == sorted(budgets) and budgets[0] > 0, name
+        # worst over the levels every split could meet (default-arm methods miss the low ones)
+        met = [lv["realised_spend_ratio"] for lv in block["levels"] if lv["feasible_splits"] == 2]
+        assert block["worst_realised_spend_ratio"] == (max(met) if met else None), name
+    # the truth is billed what it planned, and never more than the budget
+    for level in adherence["oracle_all"]["levels"]:
+        assert level["feasible_splits"] == 2
+        assert level["realised_spend_ratio"] == pytest.approx(level["predicted_spend_ratio"])
+    assert adherence["oracle_all"]["worst_realised_spend_ratio_any_split"] <= 1.0
+    assert "spend/B max" in format_table(evaluated[0])
+
+
 def test_table_lists_every_method(evaluated):
     metrics = evaluated[0]
     table = format_table(metrics)

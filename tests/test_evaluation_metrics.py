@@ -129,3 +129,51 @@ def test_cost_calibration_by_hand():
     assert [d["ratio"] for d in got["per_decile"]] == [0.5, 1.5, 1.0, 8.0 / 12.0]
     empty = cost_calibration(np.full((2, 1), NAN), np.ones((2, 1)), ["a"])
     assert empty["per_arm"] == {} and empty["per_decile"] == [] and empty["overall"]["n"] == 0
+
+
+def test_budget_adherence_by_hand():
+    from r2ray.evaluation.adherence import budget_adherence
+
+    # arm 2 looks best and cheapest but the bench lacks it (query 0) / the method cannot use it
+    # (query 1): never chosen. Query 0's arm 1 is predicted at $3 and bills $5.
+    q_hat = np.array([[0.5, 0.9, 1.0], [0.4, 0.5, NAN]])
+    c_hat = np.array([[1.0, 3.0, 0.5], [1.0, 2.0, NAN]])
+    quality = np.array([[0.0, 1.0, NAN], [1.0, 1.0, 1.0]])
+    cost = np.array([[1.0, 5.0, NAN], [1.0, 2.0, 0.1]])
+    # hull steps: query 0 +.4 for $2 (.2/USD), query 1 +.1 for $1 (.1/USD); both arms-0 cost $2
+    rows = budget_adherence(q_hat, c_hat, quality, cost, [1.5, 3.0, 4.0, 5.0])
+    by_budget = {r["budget_usd"]: r for r in rows}
+    # $1.5 < $2 on the cheapest arms: infeasible, both queries on arm 0
+    assert by_budget[1.5]["feasible"] is False
+    assert by_budget[1.5]["realised_spend_ratio"] == pytest.approx(2 / 1.5)
+    # $3: query 0's step does not fit, query 1's does: arms (0, 1), bill 1 + 2 = 3
+    assert by_budget[3.0] == {
+        "budget_usd": 3.0, "budget_usd_per_query": 1.5, "predicted_spend_ratio": 1.0,
+        "realised_spend_ratio": 1.0, "predicted_quality": pytest.approx(0.5),
+        "realised_quality": 0.5, "feasible": True}
+    # $4: arms (1, 0), planned 3 + 1 = 4, billed 5 + 1 = 6; $5: arms (1, 1), billed 5 + 2 = 7
+    assert by_budget[4.0]["predicted_spend_ratio"] == 1.0
+    assert by_budget[4.0]["realised_spend_ratio"] == 1.5
+    assert by_budget[4.0]["predicted_quality"] == pytest.approx(0.65)
+    assert by_budget[4.0]["realised_quality"] == 1.0
+    assert by_budget[5.0]["predicted_spend_ratio"] == 1.0
+    assert by_budget[5.0]["realised_spend_ratio"] == 1.4
+
+
+def test_budget_adherence_of_the_truth_never_overspends():
+    from r2ray.evaluation.adherence import budget_adherence, budget_levels
+
+    rng = np.random.default_rng(0)
+    quality = rng.random((200, 4))
+    cost = rng.lognormal(-9, 1.5, (200, 4))
+    quality[rng.random((200, 4)) < 0.2] = NAN
+    quality[:, 0] = rng.random(200)                      # every query has arm 0
+    cost[np.isnan(quality)] = NAN
+    levels = budget_levels(cost, best_arm=0) * 200
+    assert levels[0] > np.nanmin(cost, axis=1).sum()
+    assert levels[-1] == pytest.approx(cost[:, 0].sum())
+    rows = budget_adherence(quality, cost, quality, cost, levels)
+    for row in rows:
+        assert row["feasible"]
+        assert row["realised_spend_ratio"] == row["predicted_spend_ratio"] <= 1.0
+    assert rows[0]["realised_spend_ratio"] > 0.999   # the tightest budget is spent to the cent

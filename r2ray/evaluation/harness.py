@@ -26,11 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from r2ray.catalog import Catalog
+from r2ray.catalog import DEFAULT_BUDGET, Catalog
 from r2ray.errors import R2RayError
+from r2ray.evaluation.adherence import budget_adherence, budget_levels
 from r2ray.evaluation.calibration import cost_calibration
-from r2ray.evaluation.method_scores import MethodResult, evaluable_queries, evaluate_methods, summarise
-from r2ray.predictor.base import Predictor
+from r2ray.evaluation.method_scores import (MethodResult, evaluable_queries, evaluate_methods,
+                                            reference_quality, summarise)
+from r2ray.evaluation.methods import ORACLE_ALL, SINGLE_PREFIX, oracle, scores_from_predictions
+from r2ray.predictor.base import ArmPredictions, Predictor
 from r2ray.predictor.data import BenchArrays, holdout_indices
 
 MODEL_EVALUATION = (
@@ -68,6 +71,7 @@ class SplitOutcome:
     n_test: int                      # evaluable test queries
     n_dropped: int                   # test queries lacking a default arm
     calibration: dict = field(default_factory=dict)  # learned method → cost_calibration()
+    adherence: dict = field(default_factory=dict)    # method → budget_adherence() rows
 
 
 def random_splits(n_queries: int, seeds: list[int]) -> list[Split]:
@@ -117,7 +121,21 @@ def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
     calibration = {name: cost_calibration(p.cost_usd(catalog, test.input_tokens), test.cost_usd,
                                           arm_names) for name, p in predictions.items()}
     return SplitOutcome(split, results, summarise(results), seconds, test.n_queries,
-                        len(split.test) - len(keep), calibration)
+                        len(split.test) - len(keep), calibration,
+                        method_adherence(test, catalog, predictions, results))
+
+
+def method_adherence(test: BenchArrays, catalog: Catalog, predictions: dict[str, ArmPredictions],
+                     results: dict[str, MethodResult]) -> dict[str, list[dict]]:
+    """Budget adherence of every learned method and ``oracle_all`` (realised = predicted) at
+    :func:`budget_levels` of this split, topped by the best single model's spend."""
+    best = reference_quality(results)[0].removeprefix(SINGLE_PREFIX)
+    budgets = budget_levels(test.cost_usd, catalog.arm_of(best, DEFAULT_BUDGET)) * test.n_queries
+    scores = {name: scores_from_predictions(p, catalog, test.input_tokens)
+              for name, p in predictions.items()}
+    scores[ORACLE_ALL] = oracle(test, np.ones(catalog.n_arms, dtype=bool))
+    return {name: budget_adherence(s.quality, s.cost_usd, test.quality, test.cost_usd, budgets)
+            for name, s in scores.items()}
 
 
 def evaluate_fitted(predictor: Predictor, arrays: BenchArrays, catalog: Catalog,

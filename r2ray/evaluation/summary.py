@@ -14,6 +14,7 @@ import numpy as np
 
 import r2ray
 from r2ray import storage
+from r2ray.evaluation.adherence import LEVEL_FRACTIONS
 from r2ray.evaluation.harness import MODEL_EVALUATION, SplitOutcome, aggregate_methods
 from r2ray.evaluation.method_scores import REFERENCE_FRACTION
 
@@ -51,6 +52,16 @@ DEFINITIONS = {
                         "outcome: mean predicted cost ĉ vs mean realised cost_usd (USD) and their "
                         "ratio, overall (every split), per decile of ĉ (first split) and, for the "
                         "subject, per arm 'model@budget' (first split); ratio < 1: ĉ runs low",
+    "budget_adherence": "per learned method and oracle_all: the test split routed by the exact "
+                        "global-budget solve on the method's q̂ and ĉ (arms the bench lacks "
+                        "excluded) at per-query budgets low × (high/low)^f, f in "
+                        f"{list(LEVEL_FRACTIONS)}, low = mean cheapest realised arm, high = the "
+                        "best single model's mean realised cost; per level the mean over splits of "
+                        "predicted and realised spend ÷ budget and quality, feasible_splits = "
+                        "splits where the budget covers the method's cheapest plan (else every "
+                        "query on its cheapest predicted arm); worst = max over the levels "
+                        "feasible in every split (of the means; _any_split: over feasible (split, "
+                        "level)), null if none",
     "_std": "sample std over splits (null with one split or a non-finite value); a mean is null "
             "if the value is null in any split",
 }
@@ -90,6 +101,7 @@ def metrics_document(outcomes: list[SplitOutcome], model: ModelUnderTest, split:
                                     "min_positive": float(lambdas[lambdas > 0].min()),
                                     "max": float(lambdas.max()), "spacing": "log"},
         "cost_calibration": cost_calibration_block(outcomes, model.name),
+        "budget_adherence": budget_adherence_block(outcomes),
         "curves_png": f"points and frontiers of the first split ({outcomes[0].split.label})",
         "definitions": DEFINITIONS,
         "r2ray_version": r2ray.__version__,
@@ -105,6 +117,28 @@ def cost_calibration_block(outcomes: list[SplitOutcome], subject: str) -> dict:
                "per_decile": c["per_decile"],
                **({"per_arm": c["per_arm"]} if name == subject else {})}
         for name, c in first.items()}}
+
+
+def budget_adherence_block(outcomes: list[SplitOutcome]) -> dict:
+    """Per method: each budget level's figures as the mean over splits, and the worst realised
+    spend ÷ budget over the feasible levels (of those means, and in any one split; None if none)."""
+    block = {}
+    for name in outcomes[0].adherence:
+        per_split = [o.adherence[name] for o in outcomes]
+        levels = [{"fraction": f, **{k: float(np.mean([rows[i][k] for rows in per_split]))
+                                     for k in per_split[0][i] if k != "feasible"},
+                   "feasible_splits": sum(rows[i]["feasible"] for rows in per_split)}
+                  for i, f in enumerate(LEVEL_FRACTIONS)]
+        everywhere = [lv["realised_spend_ratio"] for lv in levels
+                      if lv["feasible_splits"] == len(outcomes)]
+        anywhere = [r["realised_spend_ratio"] for rows in per_split for r in rows if r["feasible"]]
+        block[name] = {"levels": levels, "worst_realised_spend_ratio": _max(everywhere),
+                       "worst_realised_spend_ratio_any_split": _max(anywhere)}
+    return block
+
+
+def _max(values: list[float]) -> float | None:
+    return max(values) if values else None
 
 
 def _bounds(summary: dict) -> dict:
@@ -143,26 +177,35 @@ def write_outputs(metrics: dict, outcomes: list[SplitOutcome], out_dir: str, sub
 
 
 def format_table(metrics: dict) -> str:
-    """Methods by AUDC: AUDC, QNC, Peak (mean ± std), USD per query at 95%, subject's cost ratio."""
+    """Methods by AUDC: AUDC, QNC, Peak (mean ± std), USD per query at 95%, worst realised spend
+    ÷ budget of the global-budget solve (``budget_adherence``), subject's cost ratio."""
     subject = metrics["subject"]
     methods = metrics["methods"]
+    adherence = metrics.get("budget_adherence", {})
     ratios = methods[subject]["cost_ratio_at_95"]
     width = max(len(n) for n in methods) + 1
     header = (f"{'method':{width}} {'AUDC':>15} {'QNC':>15} {'Peak':>15} {'AUDC log-cost':>15} "
-              f"{'USD/q @95%':>11} {subject + ' × cheaper':>16}")
+              f"{'USD/q @95%':>11} {'spend/B max':>11} {subject + ' × cheaper':>16}")
     lines = [header, "-" * len(header)]
     order = sorted(methods, key=lambda n: -(methods[n]["audc"] or 0.0))
     for name in order:
         m = methods[name]
         ratio = "—" if name == subject else _number(ratios.get(name), "{:.2f}×")
+        worst = ("—" if name not in adherence else
+                 _number(adherence[name]["worst_realised_spend_ratio"], "{:.3f}", "infeasible"))
         lines.append(f"{name:{width}} {_pm(m, 'audc')} {_pm(m, 'qnc')} {_pm(m, 'peak')} "
                      f"{_pm(m, 'audc_log_cost')} {_number(m['cost_usd_at_95'], '{:.3g}'):>11} "
-                     f"{ratio:>16}")
+                     f"{worst:>11} {ratio:>16}")
     splits = metrics["splits"]
     lines.append(f"split: {metrics['split']} ({len(splits)} × ~{splits[0]['n_test']} test queries); "
                  f"95% target = {REFERENCE_FRACTION} × best single model's quality; "
                  f"{subject} vs best default-arm baseline at it: "
                  f"{_number(methods[subject]['cost_ratio_at_95_vs_best_default'], '{:.2f}×')}")
+    if adherence:
+        lines.append("spend/B max: worst realised spend ÷ budget of the exact global-budget "
+                     f"solve over the {len(LEVEL_FRACTIONS)} budgets (cheapest arms up to the best "
+                     "single model's spend) the method can meet in every split (metrics.json "
+                     "budget_adherence)")
     return "\n".join(lines)
 
 
@@ -174,9 +217,9 @@ def _pm(m: dict, key: str) -> str:
     return f"{text:>15}"
 
 
-def _number(value: float | None, fmt: str) -> str:
+def _number(value: float | None, fmt: str, none: str = "never") -> str:
     if value is None:
-        return "never"
+        return none
     if math.isinf(value):
         return "inf"
     return fmt.format(value)
