@@ -1,7 +1,6 @@
 """The shared decision path's caps and prices: every arm is sent with a finite ``max_tokens``."""
 
 import numpy as np
-import pytest
 
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
 from r2ray.prompting import max_tokens_for
