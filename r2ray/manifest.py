@@ -29,8 +29,8 @@ import hashlib
 import json
 import posixpath
 import secrets
-from urllib.parse import quote
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from r2ray import __version__, storage
 from r2ray.errors import R2RayError
@@ -154,7 +154,7 @@ def start_attempt(paths: RunPaths, fingerprint: str, force: bool = False) -> tup
               "r2ray_version": __version__}
     try:  # the marker is also the write probe: an unwritable output fails here, before any work
         storage.write_text(paths.marker, json.dumps(marker, indent=2) + "\n")
-    except (OSError, PermissionError, ValueError) as err:
+    except (OSError, ValueError) as err:   # PermissionError is an OSError
         raise RunFolderError(f"cannot write to the output {paths.root}: "
                              f"{type(err).__name__}: {err}") from None
     return attempt, state
@@ -162,9 +162,10 @@ def start_attempt(paths: RunPaths, fingerprint: str, force: bool = False) -> tup
 
 def remove_attempts(paths: RunPaths, keep: str) -> None:
     """Remove the run's ``attempt-*`` folders except ``keep`` (only folders r2ray wrote)."""
-    if MARKER not in _children(paths.root):
+    names = _children(paths.root)
+    if MARKER not in names:
         return
-    for name in _children(paths.root):
+    for name in names:
         if name.startswith(ATTEMPT_PREFIX) and name != keep:
             storage.remove(storage.join(paths.root, name))
 
