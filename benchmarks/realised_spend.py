@@ -9,10 +9,11 @@ predictor says they cost. The synthetic world knows each arm's true outcome, so:
    every backlog query (checked: same query ids, in the same order, same input tokens);
 3. route the backlog with ``route_batch`` at each ``--budgets`` per query, once as planned on
    predicted costs and once with ``strict_budget=True`` (Σ worst case at the caps ≤ budget);
-4. read the routed rows back from each committed manifest's ``output.routed`` folder, join every
-   routed (query_id, model, budget) with its realised bench row, and print per budget:
-   predicted spend, realised spend and worst case at the caps, each ÷ the budget; mean q̂ and
-   realised mean quality; the wall time of the route.
+4. read the routed rows back from each committed manifest's ``output.routed`` folder, bill each
+   routed (query_id, model, budget) at its realised bench row (those rows are the run's actuals,
+   reconciled by :mod:`r2ray.reconcile`), and print per budget: predicted spend, realised spend
+   and worst case at the caps, each ÷ the budget; mean q̂ and realised mean quality; the wall
+   time of the route.
 
 Realised cost is the bench's ``cost_usd`` (the world writes input × p_in + output × p_out at the
 catalogue's prices for the arm as sent, ``max_tokens`` cap included); where a bench row has no
@@ -26,9 +27,6 @@ wall time includes Ray's start-up. On 2 cores the defaults take about 3 minutes.
 Usage: python benchmarks/realised_spend.py [--queries 20000] [--train-queries 4000]
        [--seed-train 11] [--seed-route 12] [--budgets 3e-5 1e-4 3e-4 1e-3]
        [--predictor r2ray] [--workers 2] [--out DIR]
-
-The join of routed rows with a bench lives here, not in the package: it is what
-``r2ray reconcile`` (issue 10, item 4) will own once it exists.
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROUTED_COLUMNS = ["query_id", "model", "budget", "max_tokens", "q_hat", "t_hat", "c_hat_usd"]
 BENCH_COLUMNS = ["query_id", "model", "budget", "input_tokens", "output_tokens", "quality",
                  "cost_usd"]
 
@@ -77,15 +74,15 @@ def write_route_world(folder: str, catalog, n_queries: int, seed: int) -> tuple[
 
 
 def read_bench_outcomes(bench_uri: str, backlog_uri: str, catalog):
-    """The bench's realised rows (BENCH_COLUMNS, cost_usd filled from the catalogue where null),
-    after checking that it describes exactly the backlog's queries, in order, with its input
-    tokens, every arm once. Returns (table, cost note)."""
+    """The bench's realised rows (BENCH_COLUMNS), after checking that it describes exactly the
+    backlog's queries, in order, with its input tokens, every arm once. Returns (table, cost
+    note)."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from r2ray.predictor.data import arm_positions
+    from r2ray.reconcile import priced_usd
 
     backlog = pq.read_table(backlog_uri, columns=["query_id", "input_tokens"])
     schema = pq.read_schema(bench_uri)
@@ -108,11 +105,8 @@ def read_bench_outcomes(bench_uri: str, backlog_uri: str, catalog):
 
     arm = arm_positions(catalog, bench.column("model"), bench.column("budget").to_numpy(),
                         bench_uri)
-    prices = catalog.arm_arrays
-    priced = (bench.column("input_tokens").to_numpy().astype(np.float64)
-              * prices["price_in_usd"][arm]
-              + bench.column("output_tokens").to_numpy().astype(np.float64)
-              * prices["price_out_usd"][arm])
+    priced = priced_usd(catalog, arm, bench.column("input_tokens").to_numpy(),
+                        bench.column("output_tokens").to_numpy())
     if "cost_usd" in bench.column_names:
         recorded = bench.column("cost_usd").to_numpy(zero_copy_only=False).astype(np.float64)
         present = ~np.isnan(recorded)
@@ -122,12 +116,9 @@ def read_bench_outcomes(bench_uri: str, backlog_uri: str, catalog):
                 f"relative gap to input × p_in + output × p_out at catalogue prices: {gap:.1e})")
         if not present.all():
             note += "; catalogue prices where it is null"
-        cost = np.where(present, recorded, priced)
-        bench = bench.drop_columns(["cost_usd"])
     else:
         note = "realised cost = input × p_in + output × p_out at catalogue prices (no cost_usd)"
-        cost = priced
-    return bench.append_column("cost_usd", pa.array(cost, pa.float64())), note
+    return bench, note
 
 
 def start_ray() -> float:
@@ -170,28 +161,13 @@ def route(backlog: str, model: str, out: str, run_id: str, budget: float, strict
     return read_manifest(RunPaths(out, run_id)), wall, None   # the committed one, from storage
 
 
-def read_routed(manifest: dict):
-    """Every routed row of a committed run (ROUTED_COLUMNS), from its ``output.routed`` folder."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from r2ray import storage
-
-    parts = storage.list_files(manifest["output"]["routed"], (".parquet",))
-    tables = []
-    for part in parts:   # one file at a time: the model=<name> folders are not columns here
-        fs, path = storage.filesystem(part)
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=ROUTED_COLUMNS))
-    return pa.concat_tables(tables)
-
-
 def realised_figures(manifest: dict, bench, catalog) -> dict:
-    """Join the run's routed rows with their realised bench rows; spend and quality figures."""
+    """The run's routed rows billed at their realised bench rows (reconciled as the run's
+    actuals); spend and quality figures."""
     import numpy as np
     import pyarrow.compute as pc
 
-    from r2ray.predictor.data import arm_positions
+    from r2ray.reconcile import actuals_from_table, read_routed, reconcile
 
     routed = read_routed(manifest)
     n, run_id = routed.num_rows, manifest["run_id"]
@@ -199,20 +175,16 @@ def realised_figures(manifest: dict, bench, catalog) -> dict:
     if n != manifest["counts"]["routed"] or distinct != n:
         sys.exit(f"run {run_id}: {n:,} routed rows read back, manifest says "
                  f"{manifest['counts']['routed']:,} (or a query routed twice)")
-    joined = routed.join(bench, ["query_id", "model", "budget"], join_type="inner")
-    if joined.num_rows != n:
-        sys.exit(f"run {run_id}: {n - joined.num_rows:,} routed rows have no realised row in "
-                 "the bench (or one matched several)")
-    column = lambda name: joined.column(name).to_numpy().astype(np.float64)  # noqa: E731
-    arm = arm_positions(catalog, joined.column("model"), joined.column("budget").to_numpy(),
-                        "routed rows")
-    prices = catalog.arm_arrays
-    worst = (column("input_tokens") * prices["price_in_usd"][arm]
-             + column("max_tokens") * prices["price_out_usd"][arm])
-    spend = manifest["spend"]
+    key = ["query_id", "model", "budget"]
+    billed = bench.join(routed.select(key), key, join_type="left semi")   # what the run would bill
+    rec = reconcile(manifest, routed, actuals_from_table(billed, "bench"), catalog)
+    if rec.counts["matched"] != n or rec.invalid:
+        sys.exit(f"run {run_id}: {n - rec.counts['matched']:,} routed rows have no realised row "
+                 f"in the bench (or one matched several: {rec.invalid})")
+    figures, spend = rec.overall, manifest["spend"]
     for name, ours, theirs in (
-            ("predicted", column("c_hat_usd").sum(dtype=np.float64), spend["predicted_usd"]),
-            ("worst case", worst.sum(dtype=np.float64), spend["worst_case_usd"])):
+            ("predicted", figures["planned_all_usd"], spend["predicted_usd"]),
+            ("worst case", figures["worst_case_usd"], spend["worst_case_usd"])):
         if not np.isclose(ours, theirs, rtol=1e-9, atol=0):
             print(f"warning: run {run_id}: Σ {name} of the routed rows ${ours:.9g} ≠ "
                   f"the manifest's ${theirs:.9g}", file=sys.stderr)
@@ -220,10 +192,10 @@ def realised_figures(manifest: dict, bench, catalog) -> dict:
     return {
         "routed": n, "budget_usd": budget,
         "predicted": spend["predicted_usd"] / budget,
-        "realised": column("cost_usd").sum(dtype=np.float64) / budget,
+        "realised": figures["realised_over_budget"],
         "worst": spend["worst_case_usd"] / budget,
-        "q_hat": float(column("q_hat").mean(dtype=np.float64)),
-        "quality": float(column("quality").mean(dtype=np.float64)),
+        "q_hat": figures["mean_q_hat"],
+        "quality": figures["mean_quality"],
     }
 
 

@@ -1,0 +1,121 @@
+"""``r2ray reconcile`` as one function: a committed run + its actuals → report, plot, correction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r2ray import storage
+from r2ray.catalog import Catalog, budget_label, load_catalog
+from r2ray.errors import R2RayError
+from r2ray.manifest import MANIFEST, read_manifest
+from r2ray.reconcile.actuals import read_actuals
+from r2ray.reconcile.correction import CostCorrection, fit_correction
+from r2ray.reconcile.figures import Reconciliation, check_catalog, read_routed, reconcile
+from r2ray.reconcile.report import write_reconciliation
+from r2ray.redaction import MASK, redact_uri
+
+TOP_ARMS = 5
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    reconciliation: Reconciliation
+    correction: CostCorrection
+    written: dict   # URIs of report, plot, correction and their folder; MLflow run id or None
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        rec, counts, overall = self.reconciliation, self.reconciliation.counts, \
+            self.reconciliation.overall
+        invalid = ", ".join(f"{reason}: {n:,}" for reason, n in rec.invalid.items())
+        lines = [
+            f"reconciled run {rec.run_id} against {counts['actuals_rows']:,} actuals rows "
+            f"({counts['actuals_usable']:,} usable"
+            + (f"; invalid: {invalid})" if invalid else ")"),
+            f"  routed {counts['routed']:,}: {counts['matched']:,} matched, "
+            f"{counts['routed_without_actuals']:,} without an actual; "
+            f"{counts['actuals_not_routed']:,} usable actuals of no routed row",
+            f"  spend: realised ${overall['realised_usd']:.6g} vs planned "
+            f"${overall['planned_usd']:.6g} on the matched rows "
+            f"(×{overall['realised_over_planned']:.3f}); budget ${rec.budget_usd:.6g}: realised "
+            f"{overall['realised_over_budget']:.3f} × budget, "
+            f"projected to every routed row {overall['projected_over_budget']:.3f} ×",
+            f"  quality: mean q̂ {overall['mean_q_hat_rated']:.3f} vs realised "
+            f"{overall['mean_quality']:.3f} on {int(overall['rated']):,} rated rows"
+            if overall["rated"] else "  quality: no actual carries one",
+            "  largest deviations (USD): " + "; ".join(self._top_arms()),
+            f"  correction {self.correction.version}: overall ×{self.correction.overall:.3f}, "
+            f"{len(self.correction.arms)} arms",
+            f"  written to {redact_uri(self.written['folder'])} (report.md, "
+            "realised_vs_planned.png, correction.json); MLflow run "
+            f"{self.written['mlflow_run_id'] or '(none: not logged)'}",
+        ]
+        return "\n".join(lines)
+
+    def _top_arms(self) -> list[str]:
+        rows = [r for r in self.reconciliation.by_arm.to_pylist() if r["matched"]]
+        rows.sort(key=lambda r: -abs(r["realised_usd"] - r["planned_usd"]))
+        return [f"{r['model']} @ {budget_label(r['budget'])}: ${r['realised_usd']:.4g} vs "
+                f"${r['planned_usd']:.4g} (×{r['realised_over_planned']:.3f}, {r['matched']:,} "
+                "rows)" for r in rows[:TOP_ARMS]]
+
+
+def reconcile_run(run_uri: str, actuals_uri: str, catalog_path: str | None = None,
+                  tracking_uri: str | None = None) -> ReconcileResult:
+    """Reconcile the committed run in the folder ``run_uri`` (``<output>/<run_id>``) with the
+    actuals at ``actuals_uri``; write the report, plot and correction beside it."""
+    manifest = committed_manifest(run_uri)
+    catalog = run_catalog(manifest, catalog_path, tracking_uri)
+    with storage.reporting(f"cannot read the routed rows of {redact_uri(run_uri)}"):
+        routed = read_routed(manifest)
+    rec = reconcile(manifest, routed, read_actuals(actuals_uri), catalog)
+    if rec.counts["matched"] == 0:
+        raise R2RayError(f"none of the {rec.counts['actuals_usable']:,} usable actuals rows in "
+                         f"{redact_uri(actuals_uri)} matches a routed (query_id, model, budget) of "
+                         f"run {rec.run_id}: is it the right run? Nothing was written")
+    correction = fit_correction(rec)
+    with storage.reporting(f"cannot write to {redact_uri(run_uri)}"):
+        written = write_reconciliation(run_uri, rec, correction, tracking_uri)
+    return ReconcileResult(rec, correction, written)
+
+
+def committed_manifest(run_uri: str) -> dict:
+    """The manifest of the committed run in ``run_uri``; an error when there is none."""
+    uri = storage.join(run_uri, MANIFEST)
+    with storage.reporting(f"cannot read the run {redact_uri(run_uri)}"):
+        if not storage.exists(uri):
+            raise R2RayError(f"{redact_uri(run_uri)} holds no committed run (no {MANIFEST}); give "
+                             "--run OUTPUT/RUN_ID of a run r2ray route committed")
+        manifest = read_manifest(uri)
+    if not manifest.get("counts", {}).get("routed"):
+        raise R2RayError(f"run {manifest.get('run_id')} routed no query: nothing to reconcile")
+    return manifest
+
+
+def run_catalog(manifest: dict, catalog_path: str | None = None,
+                tracking_uri: str | None = None) -> Catalog:
+    """The catalogue the run was priced with: ``catalog_path``, else the run's own ``--catalog``,
+    else the one its model carries; its fingerprint must be the manifest's."""
+    run_path = manifest.get("config", {}).get("catalog")
+    if catalog_path or run_path:
+        path = catalog_path or run_path
+        source = f"--catalog {path}" if catalog_path else f"the run's --catalog {path}"
+        catalog = load_catalog(path)
+    else:
+        source = f"the catalogue of model {manifest['model']['uri']}"
+        catalog = _model_catalog(manifest, tracking_uri)
+    check_catalog(manifest, catalog, redact_uri(source))
+    return catalog
+
+
+def _model_catalog(manifest: dict, tracking_uri: str | None) -> Catalog:
+    from r2ray.predictor.persist import read_predictor_config, saved_catalog
+
+    uri = manifest["model"]["uri"]
+    if not uri.startswith("models:/"):   # a saved-predictor folder: its JSON carries the catalogue
+        return saved_catalog(read_predictor_config(uri), uri)
+    from r2ray.registry import load_registered
+
+    stored = manifest.get("config", {}).get("tracking_uri")
+    stored = stored if stored and MASK not in stored else None
+    return load_registered(uri, tracking_uri or stored, device="cpu").catalog

@@ -1,0 +1,425 @@
+"""Reconciliation: actuals read and checked, joined with routed rows, the figures, the cost
+correction and where it is found, the report files and the `r2ray reconcile` command."""
+
+import dataclasses
+import datetime as dt
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from r2ray.bench.io import write_table
+from r2ray.catalog import catalog_from_dict, save_catalog
+from r2ray.cli import EXIT_USER_ERROR, main
+from r2ray.reconcile import (ActualsError, CatalogMismatch, CorrectionError, CostCorrection,
+                             actuals_from_table, fit_correction, latest_correction, read_actuals,
+                             reconcile, write_reconciliation)
+
+CATALOG = {"budgets": [100, "default"], "models": [
+    {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 8192},
+    {"name": "large", "input_per_m": 10.0, "output_per_m": 30.0, "context": 8192}]}
+P_IN = {"small": 1e-6, "large": 10e-6}     # USD per token
+P_OUT = {"small": 2e-6, "large": 30e-6}
+ROUTED = [  # query_id, model, budget, max_tokens, q̂, ĉ (USD)
+    ("q1", "small", 100, 110, 0.5, 1e-4), ("q2", "small", 0, 4000, 0.625, 2e-4),
+    ("q3", "large", 100, 110, 0.75, 1e-3), ("q4", "large", 100, 110, 0.875, 2e-3),
+    ("q5", "large", 0, 4000, 0.25, 5e-3)]   # q5 has no actual
+GOOD_ACTUALS = [
+    {"query_id": "q1", "model": "small", "budget": 100, "input_tokens": 10, "output_tokens": 40,
+     "quality": 1.0, "cost_usd": None},                                   # priced: 9e-5
+    {"query_id": "q2", "model": "small", "budget": 0, "input_tokens": 20, "output_tokens": 100,
+     "quality": None, "cost_usd": 3e-4},
+    {"query_id": "q3", "model": "large", "budget": 100, "input_tokens": 10, "output_tokens": 50,
+     "quality": 0.5, "cost_usd": None},                                   # priced: 1.6e-3
+    {"query_id": "q4", "model": "large", "budget": 100, "input_tokens": 0, "output_tokens": 100,
+     "quality": 1.0, "cost_usd": 1e-3},
+    {"query_id": "q9", "model": "small", "budget": 100, "input_tokens": 1, "output_tokens": 1,
+     "quality": None, "cost_usd": None},                                  # of no routed row
+]
+
+
+def _catalog():
+    return catalog_from_dict(CATALOG)
+
+
+def _routed(rows=ROUTED) -> pa.Table:
+    columns = list(zip(*rows))
+    return pa.table({"query_id": pa.array(columns[0], pa.string()),
+                     "model": pa.array(columns[1], pa.string()),
+                     "budget": pa.array(columns[2], pa.int32()),
+                     "max_tokens": pa.array(columns[3], pa.int64()),
+                     "q_hat": pa.array(columns[4], pa.float32()),
+                     "t_hat": pa.array([1.0] * len(rows), pa.float32()),
+                     "c_hat_usd": pa.array(columns[5], pa.float64())})
+
+
+def _manifest(catalog, routed_uri="(unused)", **extra) -> dict:
+    return {"run_id": "night", "catalog_fingerprint": catalog.fingerprint,
+            "spend": {"budget_usd": 0.01}, "counts": {"routed": len(ROUTED)},
+            "model": {"uri": "/models/m", "name": "/models/m", "version": "local"},
+            "output": {"routed": routed_uri}, "config": {}, "mlflow_run_id": None} | extra
+
+
+def _write_actuals(rows: list[dict], path) -> str:
+    if str(path).endswith(".parquet"):
+        write_table(pa.Table.from_pylist(rows), str(path))
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name, default", [("a.parquet", 0), ("a.jsonl", 0),
+                                           ("a.jsonl", "default")])
+def test_join_and_figures_on_hand_built_tables(tmp_path, name, default):
+    rows = [dict(r, budget=default) if r["query_id"] == "q2" else r for r in GOOD_ACTUALS]
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    read_actuals(_write_actuals(rows, tmp_path / name)), catalog)
+    realised = [10 * 1e-6 + 40 * 2e-6, 3e-4, 10 * 10e-6 + 50 * 30e-6, 1e-3]
+    planned = [1e-4, 2e-4, 1e-3, 2e-3]
+    assert rec.counts == {"routed": 5, "matched": 4, "routed_without_actuals": 1,
+                          "actuals_rows": 5, "actuals_usable": 5, "actuals_not_routed": 1,
+                          "priced_from_catalogue": 2}
+    assert rec.invalid == {}
+    figures = rec.overall
+    assert figures["planned_usd"] == pytest.approx(sum(planned), rel=1e-12)
+    assert figures["planned_all_usd"] == pytest.approx(sum(planned) + 5e-3, rel=1e-12)
+    assert figures["realised_usd"] == pytest.approx(sum(realised), rel=1e-12)
+    assert figures["realised_over_planned"] == pytest.approx(sum(realised) / sum(planned))
+    assert figures["realised_over_budget"] == pytest.approx(sum(realised) / 0.01)
+    assert figures["projected_usd"] == pytest.approx(sum(realised) / sum(planned) * 8.3e-3)
+    worst = [10e-6 + 110 * 2e-6, 20e-6 + 4000 * 2e-6, 100e-6 + 110 * 30e-6, 110 * 30e-6]
+    assert figures["worst_case_usd"] == pytest.approx(sum(worst), rel=1e-12)
+    assert figures["mean_q_hat"] == pytest.approx((0.5 + 0.625 + 0.75 + 0.875) / 4)
+    assert figures["rated"] == 3
+    assert figures["mean_q_hat_rated"] == pytest.approx((0.5 + 0.75 + 0.875) / 3)
+    assert figures["mean_quality"] == pytest.approx((1.0 + 0.5 + 1.0) / 3)
+    by_arm = {(r["model"], r["budget"]): r for r in rec.by_arm.to_pylist()}
+    assert set(by_arm) == {("small", 100), ("small", 0), ("large", 100), ("large", 0)}
+    assert by_arm[("large", 100)]["realised_usd"] == pytest.approx(realised[2] + realised[3])
+    assert by_arm[("large", 100)]["mean_quality"] == pytest.approx(0.75)
+    assert by_arm[("large", 0)]["matched"] == 0 and by_arm[("large", 0)]["routed"] == 1
+    by_model = {r["model"]: r for r in rec.by_model.to_pylist()}
+    assert by_model["small"]["realised_usd"] == pytest.approx(realised[0] + realised[1])
+    assert by_model["large"]["planned_all_usd"] == pytest.approx(8e-3)
+    assert rec.by_arm.column("realised_usd").to_pylist() == sorted(
+        rec.by_arm.column("realised_usd").to_pylist(), reverse=True)
+
+
+def test_cost_usd_absent_means_every_row_is_priced_from_the_catalogue():
+    rows = [{k: v for k, v in r.items() if k != "cost_usd"} for r in GOOD_ACTUALS]
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    actuals_from_table(pa.Table.from_pylist(rows), "mem"), catalog)
+    priced = sum(r["input_tokens"] * P_IN[r["model"]] + r["output_tokens"] * P_OUT[r["model"]]
+                 for r in rows[:4])
+    assert rec.counts["priced_from_catalogue"] == 4
+    assert rec.overall["realised_usd"] == pytest.approx(priced, rel=1e-12)
+
+
+def test_a_missing_column_names_it_and_the_file(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "output_tokens"} for r in GOOD_ACTUALS]
+    path = _write_actuals(rows, tmp_path / "usage.parquet")
+    with pytest.raises(ActualsError, match=r"usage\.parquet: missing column\(s\) "
+                                           r"\['output_tokens'\]"):
+        read_actuals(path)
+
+
+def test_bad_rows_are_counted_with_their_reason_and_never_used(tmp_path):
+    good = GOOD_ACTUALS[0]
+    lines = [json.dumps(r) for r in [
+        good,
+        dict(good, query_id=None),
+        dict(good, query_id="b", model=" "),
+        dict(good, query_id="c", budget="lots"),
+        dict(good, query_id="d", budget=-5),
+        dict(good, query_id="e", input_tokens=None),
+        dict(good, query_id="f", output_tokens=2.5),
+        dict(good, query_id="g", quality=1.5),
+        dict(good, query_id="h", cost_usd=-1.0),
+    ]] + ["this is not json", json.dumps(dict(good, query_id="i", model="medium")),
+          json.dumps(dict(good, query_id="j", budget=7)), json.dumps(dict(good, quality=0.0))]
+    path = tmp_path / "usage.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(), read_actuals(str(path)), catalog)
+    assert rec.invalid == {
+        "missing query_id": 1, "missing model": 1,
+        "budget is not 'default' or a non-negative integer": 2,
+        "input_tokens missing, negative or not an integer": 1,
+        "output_tokens missing, negative or not an integer": 1,
+        "quality outside [0, 1]": 1, "cost_usd negative or infinite": 1,
+        "not a JSON object": 1,
+        "(model, budget) is not an arm of the run's catalogue": 2,
+        "duplicate (query_id, model, budget)": 1}
+    assert rec.invalid_first["duplicate (query_id, model, budget)"] == f"{path} row 13"
+    assert rec.invalid_first["not a JSON object"] == f"{path} row 10"
+    assert rec.counts["actuals_rows"] == 13 and rec.counts["actuals_usable"] == 1
+    assert rec.counts["matched"] == 1
+    assert rec.overall["mean_quality"] == 1.0   # the first q1 row counts, not its repeat
+
+
+def test_the_catalogue_must_be_the_runs():
+    catalog = _catalog()
+    repriced = catalog_from_dict({**CATALOG, "models": [dict(CATALOG["models"][0], output_per_m=3),
+                                                        CATALOG["models"][1]]})
+    with pytest.raises(CatalogMismatch, match="is not the catalogue run night was priced with"):
+        reconcile(_manifest(catalog), _routed(), actuals_from_table(
+            pa.Table.from_pylist(GOOD_ACTUALS), "mem"), repriced)
+
+
+def _scaled_run(arms: dict) -> tuple[pa.Table, pa.Table]:
+    """{(model, budget): (rows, ĉ USD, realised USD per row)} → routed rows and their actuals."""
+    routed, actuals = [], []
+    for (model, budget), (n, c_hat, cost) in arms.items():
+        for i in range(n):
+            qid = f"{model}-{budget}-{i}"
+            routed.append((qid, model, budget, 110, 0.5, c_hat))
+            actuals.append({"query_id": qid, "model": model, "budget": budget,
+                            "input_tokens": 1, "output_tokens": 1, "cost_usd": cost})
+    return _routed(routed), actuals_from_table(pa.Table.from_pylist(actuals), "mem")
+
+
+def test_the_correction_shrinks_few_rows_toward_their_parent():
+    arms = {("small", 100): (1000, 1e-4, 1e-4),     # ratio 1
+            ("small", 0): (1000, 1e-4, 1e-3),       # ratio 10: clipped
+            ("large", 100): (1000, 1e-3, 2e-3),     # ratio 2, many rows
+            ("large", 0): (1, 1e-3, 0.5e-3)}        # ratio 0.5, one row
+    catalog = _catalog()
+    routed, actuals = _scaled_run(arms)
+    correction = fit_correction(reconcile(_manifest(catalog), routed, actuals, catalog))
+    m = 20.0
+
+    def shrink(realised, planned, n, parent):
+        return (n * realised / planned + m * parent) / (n + m)
+
+    overall = shrink(0.1 + 1.0 + 2.0 + 0.0005, 0.1 + 0.1 + 1.0 + 0.001, 3001, 1.0)
+    large = shrink(2.0005, 1.001, 1001, overall)
+    small = min(shrink(1.1, 0.2, 2000, overall), 4.0)
+    factors = {(f.model, f.budget): f.factor for f in correction.arms}
+    assert correction.overall == pytest.approx(overall)
+    assert {f.model: f.factor for f in correction.models} == pytest.approx(
+        {"large": large, "small": small})
+    assert small == 4.0 and factors[("small", 0)] == 4.0                  # clipped
+    assert factors[("small", 100)] == pytest.approx(shrink(0.1, 0.1, 1000, small))
+    assert factors[("large", 100)] == pytest.approx(shrink(2.0, 1.0, 1000, large))
+    assert factors[("large", 100)] == pytest.approx(2.0, abs=0.02)        # ≈ its own ratio
+    assert factors[("large", 0)] == pytest.approx(shrink(0.0005, 0.001, 1, large))
+    assert abs(factors[("large", 0)] - large) < 0.1 * large               # ≈ its parent
+    assert correction.rows == 3001 and correction.source_run_id == "night"
+    assert correction.model_label == "/models/m"
+    assert correction.catalog_fingerprint == catalog.fingerprint
+
+
+def test_factors_for_any_catalogue_and_the_json_round_trip():
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
+    correction = fit_correction(rec, now=dt.datetime(2026, 11, 30, 2, 15, tzinfo=dt.timezone.utc))
+    assert correction.version.startswith("20261130T021500Z-") and len(correction.version) == 25
+    assert CostCorrection.from_json(correction.to_json()) == correction
+    arm = {(f.model, f.budget): f.factor for f in correction.arms}
+    model = {f.model: f.factor for f in correction.models}
+    assert set(arm) == {("small", 100), ("small", 0), ("large", 100)}   # large/default: no actual
+    other = catalog_from_dict({"budgets": [50, 100, "default"], "models": [
+        CATALOG["models"][1], {"name": "extra", "input_per_m": 1, "output_per_m": 1,
+                               "context": 100}, CATALOG["models"][0]]})
+    expected = [model["large"], arm[("large", 100)], model["large"], 1.0, 1.0, 1.0,
+                model["small"], arm[("small", 100)], arm[("small", 0)]]
+    factors = correction.factors_for(other)
+    assert factors.dtype == np.float64 and factors.tolist() == expected
+    assert correction.factors_for(catalog).tolist() == [
+        arm[("small", 100)], arm[("small", 0)], arm[("large", 100)], model["large"]]
+    with pytest.raises(CorrectionError, match="not a cost correction"):
+        CostCorrection.from_json("{\"format\": 1}", "c.json")
+    with pytest.raises(CorrectionError, match="format 2"):
+        CostCorrection.from_json(json.dumps({**json.loads(correction.to_json()), "format": 2}))
+    with pytest.raises(CorrectionError, match="finite and positive"):
+        CostCorrection.from_json(json.dumps({**json.loads(correction.to_json()), "overall": -1}))
+
+
+def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path):
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
+
+    def made(day: int, run: str, committed: bool = True, **changes) -> CostCorrection:
+        when = dt.datetime(2026, 11, day, tzinfo=dt.timezone.utc)
+        correction = dataclasses.replace(fit_correction(rec, now=when), **changes)
+        folder = tmp_path / "out" / run / "reconcile" / correction.version
+        folder.mkdir(parents=True)
+        (folder / "correction.json").write_text(correction.to_json())
+        if committed:
+            (tmp_path / "out" / run / "manifest.json").write_text("{}")
+        return correction
+
+    assert latest_correction(str(tmp_path / "out"), "/models/m", catalog.fingerprint) is None
+    made(1, "run-a")
+    newest = made(2, "run-b")
+    made(3, "run-c", model_label="models/other/2")                       # another model
+    made(4, "run-d", catalog_fingerprint="0" * 64)                       # another catalogue
+    made(5, "run-e", committed=False)                                    # not a committed run
+    garbled = tmp_path / "out" / "run-a" / "reconcile" / "x" / "correction.json"
+    garbled.parent.mkdir(parents=True)
+    garbled.write_text("not json")
+    found = latest_correction(str(tmp_path / "out"), "/models/m", catalog.fingerprint)
+    assert found == newest
+    assert latest_correction(str(tmp_path / "out"), "models/other/2",
+                             catalog.fingerprint).created_at.startswith("2026-11-03")
+    assert latest_correction(str(tmp_path / "nowhere"), "/models/m", catalog.fingerprint) is None
+
+
+def test_an_unreachable_tracking_server_only_warns(tmp_path, monkeypatch, capsys):
+    import r2ray.reconcile.report as report
+
+    def down(*args, **kwargs):
+        raise ConnectionError("tracking down at http://user:hunter2@mlflow.example/")
+
+    monkeypatch.setattr(report, "log_to_mlflow", down)
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
+    written = write_reconciliation(str(tmp_path / "run"), dataclasses.replace(
+        rec, mlflow_run_id="abc"), fit_correction(rec))
+    assert written["mlflow_run_id"] is None
+    err = capsys.readouterr().err
+    assert "could not log the reconciliation to MLflow" in err and "hunter2" not in err
+    for name in ("report", "plot", "correction"):
+        assert os.path.getsize(written[name]) > 0
+
+
+def _hand_built_run(tmp_path) -> tuple[str, str]:
+    """A committed run folder without Ray: manifest.json and routed rows per model."""
+    catalog = _catalog()
+    run = tmp_path / "out" / "night"
+    routed = run / "attempt-1" / "routed"
+    table = _routed()
+    for model in ("small", "large"):
+        write_table(table.filter(pa.compute.equal(table["model"], model)),
+                    str(routed / f"model={model}" / "part-0.parquet"))
+    (run / "manifest.json").write_text(json.dumps(_manifest(catalog, str(routed))))
+    catalog_path = str(tmp_path / "catalog.yaml")
+    save_catalog(catalog, catalog_path)
+    return str(run), catalog_path
+
+
+def test_the_command_on_a_hand_built_run(tmp_path, capsys):
+    run, catalog_path = _hand_built_run(tmp_path)
+    actuals = _write_actuals(GOOD_ACTUALS + [dict(GOOD_ACTUALS[0], model="medium")],
+                             tmp_path / "usage.jsonl")
+    assert main(["reconcile", "--run", run, "--actuals", actuals, "--catalog",
+                 catalog_path]) == 0
+    out, err = capsys.readouterr()
+    assert "reconciled run night against 6 actuals rows (5 usable; invalid: (model, budget) is " \
+           "not an arm of the run's catalogue: 1)" in out
+    assert "routed 5: 4 matched, 1 without an actual; 1 usable actuals of no routed row" in out
+    assert "largest deviations (USD): large @ 100: $0.0026 vs $0.003 (×0.867, 2 rows)" in out
+    assert "has no MLflow run" in err
+    [version] = os.listdir(os.path.join(run, "reconcile"))
+    folder = os.path.join(run, "reconcile", version)
+    assert sorted(os.listdir(folder)) == ["correction.json", "realised_vs_planned.png",
+                                          "report.md"]
+    report = open(os.path.join(folder, "report.md")).read()
+    assert "| (model, budget) is not an arm of the run's catalogue | 1 |" in report
+    assert f"## Cost correction `{version}`" in report
+    found = latest_correction(os.path.dirname(run), "/models/m", _catalog().fingerprint)
+    assert found is not None and found.version == version
+
+
+def test_the_command_refuses_what_it_cannot_reconcile(tmp_path, capsys):
+    run, catalog_path = _hand_built_run(tmp_path)
+    good = _write_actuals(GOOD_ACTUALS, tmp_path / "usage.jsonl")
+    no_tokens = _write_actuals([{k: v for k, v in r.items() if k != "input_tokens"}
+                                for r in GOOD_ACTUALS], tmp_path / "bad.parquet")
+    repriced = str(tmp_path / "repriced.yaml")
+    save_catalog(catalog_from_dict({**CATALOG, "budgets": [100, 200, "default"]}), repriced)
+    strangers = _write_actuals([dict(r, query_id="z" + r["query_id"]) for r in GOOD_ACTUALS],
+                               tmp_path / "strangers.jsonl")
+    cases = [
+        ([str(tmp_path / "out" / "nope"), good, catalog_path], "holds no committed run"),
+        ([run, no_tokens, catalog_path], r"bad.parquet: missing column(s) ['input_tokens']"),
+        ([run, good, repriced], "is not the catalogue run night was priced with"),
+        ([run, str(tmp_path / "absent.jsonl"), catalog_path], "does not exist"),
+        ([run, strangers, catalog_path], "matches a routed (query_id, model, budget)"),
+    ]
+    for (run_uri, actuals, catalog), message in cases:
+        assert main(["reconcile", "--run", run_uri, "--actuals", actuals, "--catalog",
+                     catalog]) == EXIT_USER_ERROR
+        assert message in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(run, "reconcile"))
+
+
+@pytest.mark.slow
+def test_reconcile_a_routed_run_against_the_worlds_outcomes(tmp_path, ray_local,
+                                                           small_routing_model, capsys):
+    """route_batch on a synthetic-world backlog; actuals = the world's realised outcome of each
+    routed arm (a few missing, some without cost_usd, some bad rows); `r2ray reconcile` in
+    process; files, MLflow metrics and the correction against an independent computation."""
+    from mlflow import MlflowClient
+
+    from r2ray.batch import route_batch, route_config
+    from r2ray.bench.synthetic import synth_backlog, synth_bench
+    from r2ray.reconcile import model_label, read_routed
+
+    catalog, n = small_routing_model["catalog"], 300
+    write_table(synth_backlog(catalog, n, seed=12, embeddings=True),
+                str(tmp_path / "in" / "part-0.parquet"))
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    manifest = route_batch(route_config(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=small_routing_model["path"],
+        budget_per_query_usd=5e-5, run_id="night", workers=1, batch_size=64,
+        tracking_uri=tracking))
+    routed = read_routed(manifest).to_pylist()
+    assert len(routed) == n == manifest["counts"]["routed"]
+
+    world = {(r["query_id"], r["model"], r["budget"]): r
+             for r in synth_bench(catalog, n, seed=12).to_pylist()}
+    actuals = []
+    for i, row in enumerate(routed[10:]):                 # 10 routed rows were never billed
+        truth = world[(row["query_id"], row["model"], row["budget"])]
+        actuals.append({k: truth[k] for k in ("query_id", "model", "budget", "input_tokens",
+                                              "output_tokens", "quality")}
+                       | {"cost_usd": truth["cost_usd"] if i % 2 else None})
+    other = next(k for k in world if k[0] == routed[0]["query_id"] and k[1:] != (
+        routed[0]["model"], routed[0]["budget"]))
+    bad = [dict(actuals[0], input_tokens=-1), dict(actuals[1], model="no-such-model"), actuals[2],
+           dict(actuals[3], query_id=other[0], model=other[1], budget=other[2])]
+    _write_actuals(actuals + bad, tmp_path / "usage.jsonl")
+
+    run = str(tmp_path / "out" / "night")
+    assert main(["reconcile", "--run", run, "--actuals", str(tmp_path / "usage.jsonl"),
+                 "--tracking-uri", tracking]) == 0      # the catalogue: the model's own
+    assert "reconciled run night against 294 actuals rows" in capsys.readouterr().out
+
+    billed = [(row, world[(row["query_id"], row["model"], row["budget"])]) for row in routed[10:]]
+    price = {m.name: (m.input_per_m * 1e-6, m.output_per_m * 1e-6) for m in catalog.models}
+    cost = [truth["cost_usd"] if i % 2 else truth["input_tokens"] * price[row["model"]][0]
+            + truth["output_tokens"] * price[row["model"]][1]
+            for i, (row, truth) in enumerate(billed)]
+    planned = sum(row["c_hat_usd"] for row, _ in billed)
+    expected = {"realised_usd": sum(cost), "planned_usd": planned,
+                "planned_all_usd": sum(row["c_hat_usd"] for row in routed),
+                "realised_over_planned": sum(cost) / planned,
+                "realised_over_budget": sum(cost) / manifest["spend"]["budget_usd"],
+                "mean_quality": float(np.mean([truth["quality"] for _, truth in billed])),
+                "matched": n - 10, "routed_without_actuals": 10, "actuals_not_routed": 1,
+                "invalid_actuals": 3}
+    metrics = MlflowClient(tracking).get_run(manifest["mlflow_run_id"]).data.metrics
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected, rel=1e-9)
+
+    [version] = os.listdir(os.path.join(run, "reconcile"))
+    folder = os.path.join(run, "reconcile", version)
+    assert sorted(os.listdir(folder)) == ["correction.json", "realised_vs_planned.png",
+                                          "report.md"]
+    artifacts = MlflowClient(tracking).list_artifacts(manifest["mlflow_run_id"],
+                                                      f"reconcile/{version}")
+    assert len(artifacts) == 3
+    correction = latest_correction(str(tmp_path / "out"), model_label(manifest),
+                                   catalog.fingerprint)
+    assert correction is not None and correction.version == version
+    assert correction.rows == n - 10 and correction.source_run_id == "night"
+    assert correction.factors_for(catalog).shape == (catalog.n_arms,)
+    assert correction.overall == pytest.approx(
+        ((n - 10) * sum(cost) / planned + 20) / (n - 10 + 20))
