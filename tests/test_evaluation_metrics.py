@@ -149,7 +149,8 @@ def test_budget_adherence_by_hand():
     # $3: query 0's step does not fit, query 1's does: arms (0, 1), bill 1 + 2 = 3
     assert by_budget[3.0] == {
         "budget_usd": 3.0, "budget_usd_per_query": 1.5, "predicted_spend_ratio": 1.0,
-        "realised_spend_ratio": 1.0, "predicted_quality": pytest.approx(0.5),
+        "realised_spend_ratio": 1.0, "planned_usd": 3.0, "realised_usd": 3.0, "cv": 0.0,
+        "predicted_quality": pytest.approx(0.5),
         "realised_quality": 0.5, "feasible": True}
     # $4: arms (1, 0), planned 3 + 1 = 4, billed 5 + 1 = 6; $5: arms (1, 1), billed 5 + 2 = 7
     assert by_budget[4.0]["predicted_spend_ratio"] == 1.0

@@ -28,7 +28,9 @@ class RouteConfig(BaseModel):
     model: Annotated[str, Field(min_length=1)]           # models:/NAME@ALIAS, models:/NAME/V or a dir
     budget_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     budget_per_query_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    reserve: Annotated[float, Field(ge=0, lt=1)] = 0.0   # share held back for prediction error
+    spend_guarantee: Annotated[float, Field(ge=0, lt=1)] = 0.95  # P(realised ≤ budget) to plan
+                                                         # for; 0 = on predicted costs alone
+                                                         # (= spend_guarantee.DEFAULT_GUARANTEE)
     strict_budget: bool = False                          # price arms at max_tokens: bill ≤ budget
     catalog: str | None = None                           # default: the catalogue the model carries
     run_id: str | None = None                            # RUN_ID_PATTERN; default: a timestamp

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,9 @@ from r2ray.failpoints import failpoint
 from r2ray.manifest import (RunPaths, abandon, check_output, commit, input_fingerprint,
                             is_committed, read_manifest, start_attempt)
 from r2ray.redaction import redact_text, redact_values
+
+if TYPE_CHECKING:  # the predictor package imports torch: only the route itself needs it
+    from r2ray.predictor.spend_guarantee import SpendPlan, SpendSimulation
 
 
 class EmptyInput(R2RayError):
@@ -56,6 +60,8 @@ class LoadedModel:
     uri: str
     name: str
     version: str
+    spend_simulation: SpendSimulation | None = None   # sizes the spend guarantee
+
 
     @property
     def label(self) -> str:
@@ -88,7 +94,17 @@ def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | Non
     return LoadedModel(files, catalog, int(bundle.predictor.embedding_dim_),
                        has_text_encoder(bundle.encoder_spec), model_uri,
                        version.name if version else model_uri,
-                       version.version if version else "local")
+                       version.version if version else "local",
+                       bundle.predictor.spend_simulation_)
+
+
+def check_guarantee(config: RouteConfig, model: LoadedModel) -> None:
+    """A spend guarantee needs the model's spend simulation: refuse before anything is written."""
+    if config.spend_guarantee > 0 and not config.strict_budget and model.spend_simulation is None:
+        raise R2RayError(f"model {model.label} carries no spend simulation (it was saved before "
+                         "r2ray fitted one, or its held-out rows were too few), so the spend "
+                         "guarantee cannot be sized: retrain it, or pass --spend-guarantee 0 to "
+                         "plan the whole budget on predicted costs")
 
 
 def _init_ray() -> None:
@@ -159,6 +175,7 @@ def route_batch(config: RouteConfig) -> dict:
             return _already_committed(paths, config, fingerprint)
     with _timed(timings, "load_model"):
         model = load_model(config.model, config.catalog, config.tracking_uri)
+    check_guarantee(config, model)
     with storage.reporting(f"cannot write to the output {paths.root}"):
         attempt, state = start_attempt(paths, fingerprint, config.force)
     try:
@@ -188,8 +205,8 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
     return manifest
 
 
-DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "reserve", "catalog",
-                     "defer", "seed", "strict_budget")
+DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
+                     "catalog", "defer", "seed", "strict_budget")
 """Settings that change what a run decides; re-running a committed run id with others warns."""
 
 
@@ -209,6 +226,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                                     write_report)
     from r2ray.batch.score import ScoreWorker
     from r2ray.bench.io import write_table
+    from r2ray.predictor.spend_guarantee import plan_budget
     from r2ray.solver import InfeasibleBudget, solve_dataset
 
     if unreadable.num_rows:
@@ -245,7 +263,9 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         raise EmptyInput(f"input {config.input} holds no queries ({len(files)} file(s), 0 rows)")
     budget_usd = (config.budget_usd if config.budget_usd is not None
                   else config.budget_per_query_usd * n_solvable)
-    usable_usd = budget_usd * (1.0 - config.reserve)
+    plan = plan_budget(budget_usd, n_solvable, config.spend_guarantee, model.spend_simulation,
+                       strict=config.strict_budget)
+    usable_usd = plan.planned_limit_usd
     certificate, stats = None, combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
     if n_solvable:  # else every row was quarantined: commit that, so the night is on record
         with _timed(timings, "solve_assign_write"):
@@ -260,9 +280,11 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
             except InfeasibleBudget as err:
                 strict = ", every arm at its worst case (--strict-budget)" \
                     if config.strict_budget else ""
-                raise R2RayError(f"infeasible budget: {err} (usable budget {_usd(usable_usd)} "
-                                 f"after a {config.reserve:.0%} reserve{strict}); nothing was "
-                                 "committed") from None
+                held = "" if plan.inflation == 1 else (
+                    f" after the {plan.probability:.0%} spend guarantee (--spend-guarantee) held "
+                    f"back {1 - 1 / plan.inflation:.1%}")
+                raise R2RayError(f"infeasible budget: {err} (usable budget {_usd(usable_usd)}"
+                                 f"{held}{strict}); nothing was committed") from None
         certificate = solved.certificate
         stats = combine_stats(pa.concat_tables([stats, *ray.get(solved.arms.to_arrow_refs())]))
     failpoint("before_commit")
@@ -279,9 +301,11 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "counts": {"rows_in": routed + deferred + quarantine["rows"], "routed": routed,
                    "quarantined": quarantine["rows"], "duplicates": quarantine["duplicates"],
                    "deferred": deferred, "unreadable_files": quarantine["files"]},
-        "spend": {"budget_usd": budget_usd, "reserve": config.reserve, "usable_usd": usable_usd,
+        "spend": {"budget_usd": budget_usd, "usable_usd": usable_usd,
                   "predicted_usd": predicted_spend, "worst_case_usd": worst_case,
-                  "strict_budget": config.strict_budget, "by_model": spend_by_model(stats)},
+                  "strict_budget": config.strict_budget,
+                  "guarantee": guarantee_record(plan, certificate, predicted_spend),
+                  "by_model": spend_by_model(stats)},
         "solve": None if certificate is None else _solve_record(certificate),
         "model": {"uri": model.uri, "name": model.name, "version": model.version},
         "catalog_fingerprint": model.catalog.fingerprint,
@@ -297,6 +321,23 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     return manifest
 
 
+def guarantee_record(plan: SpendPlan, certificate, predicted_usd: float) -> dict:
+    """The manifest's ``spend.guarantee``: the bound promised, how it was sized, what it cost.
+
+    ``quality_given_up_at_most`` (Σ q̂) bounds what planning under ``usable_usd`` instead of the
+    whole budget lost: the dual value at λ* plus λ* × the money held back is an upper bound on
+    the best plan for the whole budget (the LP value is concave in the budget, λ* a supergradient)."""
+    record = plan.to_json()
+    sized = 0 < plan.probability < 1   # 0: no guarantee; 1: the strict budget's certainty
+    record["expected_realised_usd"] = predicted_usd * plan.expected_ratio if sized else None
+    if certificate is not None:
+        held_back = plan.budget_usd - plan.planned_limit_usd
+        given_up = certificate.gap + certificate.lam * held_back
+        record["quality_given_up_at_most"] = given_up
+        record["quality_given_up_share_at_most"] = given_up / max(certificate.objective, 1e-300)
+    return record
+
+
 def _solve_record(certificate) -> dict:
     return {"lambda": certificate.lam, "theta": certificate.theta,
             "tie_cut": certificate.tie_cut, "seed": certificate.seed,
@@ -304,6 +345,16 @@ def _solve_record(certificate) -> dict:
             "upper_bound": certificate.upper_bound, "gap": certificate.gap,
             "steps": certificate.n_steps, "steps_taken": certificate.n_steps_taken,
             "filled": certificate.n_filled, "invalid_arms": certificate.n_invalid_arms}
+
+
+def _guarantee_words(guarantee: dict | None) -> str:
+    if not guarantee or guarantee["probability"] in (0, 1):
+        return "" if not guarantee else (", no spend guarantee" if guarantee["probability"] == 0
+                                         else "")
+    given_up = guarantee.get("quality_given_up_share_at_most")
+    return (f"; realised ≤ budget with p ≥ {guarantee['probability']:.0%}: planned 1/"
+            f"{guarantee['inflation']:.4f} of it"
+            + ("" if given_up is None else f", quality given up ≤ {given_up:.2%}"))
 
 
 def _usd(value: float) -> str:
@@ -321,7 +372,7 @@ def summarise_manifest(manifest: dict) -> str:
         f"{counts['quarantined']:,} quarantined ({counts['duplicates']:,} duplicates), "
         f"{counts['deferred']:,} deferred, {counts['unreadable_files']} unreadable file(s)",
         f"  spend: predicted {_usd(spend['predicted_usd'])} of {_usd(spend['usable_usd'])} "
-        f"usable (budget {_usd(spend['budget_usd'])}, reserve {spend['reserve']:.0%})"
+        f"usable (budget {_usd(spend['budget_usd'])}{_guarantee_words(spend.get('guarantee'))})"
         + ("" if "worst_case_usd" not in spend else  # older committed runs lack it
            f", worst case at the caps {_usd(spend['worst_case_usd'])}"
            + (" (strict budget)" if spend.get("strict_budget") else "")),

@@ -48,6 +48,34 @@ def spend_by_model(stats: pa.Table) -> dict[str, dict]:
     return out
 
 
+def guarantee_lines(guarantee: dict | None) -> list[str]:
+    """The spend guarantee in words: what is promised, how it was sized, what it cost."""
+    if not guarantee or guarantee["probability"] == 0:
+        return ["- spend guarantee: none (`--spend-guarantee 0`): planned on predicted costs"] \
+            if guarantee else []
+    if guarantee["probability"] == 1:
+        return [f"- spend guarantee: {guarantee['method']}"]
+    lines = [f"- **spend guarantee**: realised spend ≤ ${guarantee['budget_usd']:.6g} with "
+             f"probability ≥ {guarantee['probability']:.0%}, planning under "
+             f"${guarantee['planned_limit_usd']:.6g} (budget ÷ {guarantee['inflation']:.4f}); "
+             f"expected realised ≈ ${guarantee['expected_realised_usd']:.6g}",
+             f"  - method: {guarantee['method']}"]
+    if "quality_given_up_at_most" in guarantee:
+        lines.append(f"  - quality given up for it: at most "
+                     f"{guarantee['quality_given_up_at_most']:.6g} Σ q̂ "
+                     f"({guarantee['quality_given_up_share_at_most']:.2%} of the objective; dual "
+                     "bound)")
+    return lines
+
+
+def guarantee_metrics(guarantee: dict | None) -> dict[str, float]:
+    if not guarantee:
+        return {}
+    keys = ("inflation", "planned_limit_usd", "expected_realised_usd", "quality_given_up_at_most")
+    return {f"guarantee_{k}": float(guarantee[k]) for k in keys
+            if guarantee.get(k) is not None}
+
+
 def report_markdown(manifest: dict, stats: pa.Table) -> str:
     manifest = redact_values(manifest)  # URIs may carry credentials; the report never does
     counts, spend = manifest["counts"], manifest["spend"]
@@ -57,9 +85,10 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
         f"- model: `{manifest['model']['uri']}` (version {manifest['model']['version']})",
         f"- queries in: {counts['rows_in']:,} · routed: {counts['routed']:,} · "
         f"quarantined: {counts['quarantined']:,} · unreadable files: {counts['unreadable_files']}",
-        f"- budget: ${spend['budget_usd']:.6g} (usable after reserve ${spend['usable_usd']:.6g}) · "
+        f"- budget: ${spend['budget_usd']:.6g} (planned under ${spend['usable_usd']:.6g}) · "
         f"predicted spend: ${spend['predicted_usd']:.6g} · worst case at the caps: "
         f"${spend.get('worst_case_usd', float('nan')):.6g}",
+        *guarantee_lines(spend.get("guarantee")),
         "- **strict budget**: every arm was priced at its worst case (`max_tokens` × output "
         "price), so the bill cannot exceed the usable budget; the objective Σ q̂ below is the "
         "quality kept under that guarantee" if spend.get("strict_budget") else
@@ -140,7 +169,8 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str) -> str:
         mlflow.log_params({
             "run_id": manifest["run_id"], "model_uri": manifest["model"]["uri"],
             "model_version": manifest["model"]["version"], "input": manifest["input"]["uri"],
-            "budget_usd": manifest["spend"]["budget_usd"], "reserve": manifest["config"]["reserve"],
+            "budget_usd": manifest["spend"]["budget_usd"],
+            "spend_guarantee": manifest["config"].get("spend_guarantee", 0.0),
             "strict_budget": manifest["config"].get("strict_budget", False),
             "catalog_fingerprint": manifest["catalog_fingerprint"][:16],
         })
@@ -150,6 +180,7 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str) -> str:
             "predicted_spend_usd": manifest["spend"]["predicted_usd"],
             **({"worst_case_spend_usd": manifest["spend"]["worst_case_usd"]}
                if "worst_case_usd" in manifest["spend"] else {}),
+            **guarantee_metrics(manifest["spend"].get("guarantee")),
             **({} if manifest["solve"] is None else {
                 "lambda_star": manifest["solve"]["lambda"], "theta_star": manifest["solve"]["theta"],
                 "gap": manifest["solve"]["gap"], "objective": manifest["solve"]["objective"]}),

@@ -28,13 +28,15 @@ import numpy as np
 
 from r2ray.catalog import DEFAULT_BUDGET, Catalog
 from r2ray.errors import R2RayError
-from r2ray.evaluation.adherence import budget_adherence, budget_levels
+from r2ray.evaluation.adherence import budget_levels
 from r2ray.evaluation.calibration import cost_calibration
 from r2ray.evaluation.method_scores import (MethodResult, evaluable_queries, evaluate_methods,
                                             reference_quality, summarise)
 from r2ray.evaluation.methods import ORACLE_ALL, SINGLE_PREFIX, oracle, scores_from_predictions
 from r2ray.predictor.base import ArmPredictions, Predictor
 from r2ray.predictor.data import BenchArrays, holdout_indices
+from r2ray.predictor.spend_guarantee import (DEFAULT_GUARANTEE as GUARANTEE, SpendSimulation,
+                                             plan_budget, solve_and_bill)
 
 MODEL_EVALUATION = (
     "The model's predictor kind and settings are re-fitted from scratch on each split's training "
@@ -109,12 +111,13 @@ def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
     test = test.subset(keep)
     if test.n_queries == 0:
         raise R2RayError(f"{split.label}: no test query has every default arm in the bench")
-    predictions, seconds = {}, {}
+    predictions, seconds, simulations = {}, {}, {}
     for name, factory in factories.items():
         start = time.perf_counter()
         predictor = factory(split.seed).fit(train, catalog)
         seconds[name] = time.perf_counter() - start
         predictions[name] = predictor.predict(test.embedding)
+        simulations[name] = getattr(predictor, "spend_simulation_", None)
         log(f"  {split.label}: {name} fitted in {seconds[name]:.1f} s")
     results = evaluate_methods(test, catalog, predictions, lambdas)
     arm_names = [f"{a.model}@{a.budget_tokens or 'default'}" for a in catalog.arms]
@@ -122,20 +125,35 @@ def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
                                           arm_names) for name, p in predictions.items()}
     return SplitOutcome(split, results, summarise(results), seconds, test.n_queries,
                         len(split.test) - len(keep), calibration,
-                        method_adherence(test, catalog, predictions, results))
+                        method_adherence(test, catalog, predictions, results, simulations))
 
 
 def method_adherence(test: BenchArrays, catalog: Catalog, predictions: dict[str, ArmPredictions],
-                     results: dict[str, MethodResult]) -> dict[str, list[dict]]:
+                     results: dict[str, MethodResult],
+                     simulations: dict[str, SpendSimulation | None] | None = None
+                     ) -> dict[str, list[dict]]:
     """Budget adherence of every learned method and ``oracle_all`` (realised = predicted) at
-    :func:`budget_levels` of this split, topped by the best single model's spend."""
+    :func:`budget_levels` of this split, topped by the best single model's spend. A method with a
+    spend simulation is also solved under its spend guarantee at ``GUARANTEE`` (the batch job's
+    default): ``guaranteed_*`` keys, realised spend and quality of that plan."""
     best = reference_quality(results)[0].removeprefix(SINGLE_PREFIX)
     budgets = budget_levels(test.cost_usd, catalog.arm_of(best, DEFAULT_BUDGET)) * test.n_queries
     scores = {name: scores_from_predictions(p, catalog, test.input_tokens)
               for name, p in predictions.items()}
     scores[ORACLE_ALL] = oracle(test, np.ones(catalog.n_arms, dtype=bool))
-    return {name: budget_adherence(s.quality, s.cost_usd, test.quality, test.cost_usd, budgets)
+    rows = {name: solve_and_bill(s.quality, s.cost_usd, test.quality, test.cost_usd, budgets)
             for name, s in scores.items()}
+    for name, simulation in (simulations or {}).items():
+        if simulation is None:
+            continue
+        limits = [plan_budget(b, test.n_queries, GUARANTEE, simulation).planned_limit_usd
+                  for b in budgets]
+        planned = solve_and_bill(scores[name].quality, scores[name].cost_usd, test.quality,
+                                 test.cost_usd, limits)
+        for row, budget, plan in zip(rows[name], budgets, planned):
+            row["guaranteed_realised_spend_ratio"] = plan["realised_usd"] / budget
+            row["guaranteed_realised_quality"] = plan["realised_quality"]
+    return rows
 
 
 def evaluate_fitted(predictor: Predictor, arrays: BenchArrays, catalog: Catalog,

@@ -22,7 +22,9 @@ from r2ray.catalog import DEFAULT_BUDGET, Catalog
 from r2ray.encoders import check_embedding_dimension
 from r2ray.errors import R2RayError
 from r2ray.predictor.data import BenchArrays, holdout_indices
-from r2ray.predictor.token_calibration import TokenCalibration, fit_token_calibration
+from r2ray.predictor.spend_guarantee import SpendSimulation, simulate_spend
+from r2ray.predictor.token_calibration import (TokenCalibration, cross_fitted_mean_tokens,
+                                               fit_token_calibration)
 
 CALIBRATION_FOLDS = 3  # cross-fitting folds for the token calibration when no validation set
 
@@ -107,7 +109,8 @@ class BasePredictor:
 
     Subclasses set ``name``, store their settings in ``__init__`` (nothing else happens there) and
     implement ``_fit``, ``_predict``, ``_fitted_tensors`` and ``_restore``. Fitted attributes end
-    in ``_``: ``catalog_``, ``embedding_dim_``, ``data_fingerprint_``, ``token_calibration_``.
+    in ``_``: ``catalog_``, ``embedding_dim_``, ``data_fingerprint_``, ``token_calibration_``,
+    ``spend_simulation_``.
     """
 
     name = ""
@@ -115,6 +118,7 @@ class BasePredictor:
     embedding_dim_: int | None = None
     data_fingerprint_: str | None = None
     token_calibration_: TokenCalibration | None = None  # None: t̂ as the log-space fit gives it
+    spend_simulation_: SpendSimulation | None = None    # None: no spend guarantee possible
     encoder_spec: str | None = None  # the encoder that produced the training embeddings, if known
 
     def settings(self) -> dict:
@@ -133,8 +137,13 @@ class BasePredictor:
         self.catalog_, self.embedding_dim_ = catalog, int(x.shape[1])
         self.data_fingerprint_ = data_fingerprint(train)
         self._fit(train, x, catalog, validation)
+        held_out, predicted = self._held_out_predictions(train, validation)
         self.token_calibration_ = fit_token_calibration(
-            *self._held_out_tokens(train, validation), catalog)
+            predicted.output_tokens, held_out.output_tokens, catalog)
+        tokens = cross_fitted_mean_tokens(predicted.output_tokens, held_out.output_tokens, catalog)
+        self.spend_simulation_ = simulate_spend(
+            predicted.quality, catalog.arm_cost_usd(held_out.input_tokens, tokens),
+            held_out.quality, held_out.cost_usd)
         return self
 
     def predict(self, embedding: np.ndarray) -> ArmPredictions:
@@ -146,14 +155,15 @@ class BasePredictor:
         return ArmPredictions(prediction.quality,
                               self.token_calibration_.mean_tokens(prediction.output_tokens))
 
-    def _held_out_tokens(self, train: BenchArrays,
-                         validation: BenchArrays | None) -> tuple[np.ndarray, np.ndarray]:
-        """(uncorrected t̂, realised tokens), both [M, K], on rows the fitted state never saw: the
-        validation set when given, else ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
+    def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
+                              ) -> tuple[BenchArrays, ArmPredictions]:
+        """(held-out rows, their uncorrected predictions [M, K]) for rows the fitted state never
+        saw: the validation set when given, else ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
         if validation is not None:
-            return self._predict(validation.embedding).output_tokens, validation.output_tokens
+            return validation, self._predict(validation.embedding)
         folds = np.arange(train.n_queries) % CALIBRATION_FOLDS
         folds = folds[np.random.default_rng(0).permutation(train.n_queries)]
+        quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
         tokens_hat = np.full(train.output_tokens.shape, np.nan, dtype=np.float32)
         for fold in range(min(CALIBRATION_FOLDS, train.n_queries)):
             part = train.subset(np.flatnonzero(folds != fold))
@@ -161,16 +171,18 @@ class BasePredictor:
             copy.catalog_, copy.embedding_dim_ = self.catalog_, self.embedding_dim_
             copy._fit(part, training_embedding(part), self.catalog_, None)
             rows = np.flatnonzero(folds == fold)
-            tokens_hat[rows] = copy._predict(train.embedding[rows]).output_tokens
-        return tokens_hat, train.output_tokens
+            predicted = copy._predict(train.embedding[rows])
+            quality[rows], tokens_hat[rows] = predicted.quality, predicted.output_tokens
+        return train, ArmPredictions(quality, tokens_hat)
 
     # ---- persistence: a JSON-able dict plus named arrays, never pickles -------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         require_fitted(self.embedding_dim_, self.name)
         fitted, tensors = self._fitted_tensors()
-        calibration = self.token_calibration_
+        calibration, simulation = self.token_calibration_, self.spend_simulation_
         return {"settings": self.settings(), "fitted": fitted, "embedding_dim": self.embedding_dim_,
-                "token_calibration": calibration.to_json() if calibration else None}, tensors
+                "token_calibration": calibration.to_json() if calibration else None,
+                "spend_simulation": simulation.to_json() if simulation else None}, tensors
 
     def load_state(self, config: dict, tensors: dict[str, np.ndarray],
                    catalog: Catalog) -> BasePredictor:
@@ -179,6 +191,8 @@ class BasePredictor:
         self._restore(config["fitted"], tensors)
         calibration = config.get("token_calibration")  # absent in predictors saved before it
         self.token_calibration_ = TokenCalibration.from_json(calibration) if calibration else None
+        simulation = config.get("spend_simulation")  # absent in predictors saved before it
+        self.spend_simulation_ = SpendSimulation.from_json(simulation) if simulation else None
         return self
 
     # ---- subclass hooks --------------------------------------------------------------------------
