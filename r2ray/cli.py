@@ -96,7 +96,10 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-usd", type=float, help="total spend limit for the run (USD)")
     budget.add_argument("--budget-per-query", dest="budget_per_query_usd", type=float,
                         help="spend limit per routed query (USD); total = this × queries")
-    route.add_argument("--reserve", type=float, help="share of the budget held back (0..1)")
+    route.add_argument("--spend-guarantee", type=float, metavar="P",
+                       help="plan so the realised bill stays within the budget with probability "
+                            "P (default 0.95; sized by the model's spend simulation); 0 plans "
+                            "the whole budget on predicted costs")
     route.add_argument("--strict-budget", action="store_true",
                        help="price every arm at its max_tokens cap, so the bill can never exceed "
                             "the budget (fewer or shorter answers than the predicted-cost plan)")
@@ -119,7 +122,7 @@ def _route(args: argparse.Namespace) -> None:
     from r2ray.batch.config import route_config
     from r2ray.batch import route_batch, summarise_manifest
 
-    fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "reserve",
+    fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
               "strict_budget", "catalog", "run_id", "force", "defer", "seed", "tracking_uri",
               "workers", "cpus_per_worker", "gpus_per_worker", "batch_size")
     config = route_config(**{name: getattr(args, name) for name in fields})
@@ -208,6 +211,31 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(workdir=args.workdir, n_queries=args.queries, seed=args.seed)
 
 
+def _reconcile_parser(commands: argparse._SubParsersAction) -> None:
+    reconcile = commands.add_parser(
+        "reconcile", help="a committed run's planned spend and quality against realised usage; "
+                          "writes a report and a per-arm cost correction")
+    reconcile.add_argument("--run", required=True, metavar="RUN_URI",
+                           help="the run folder, OUTPUT/RUN_ID, of a committed run")
+    reconcile.add_argument("--actuals", required=True, metavar="URI",
+                           help="realised usage: parquet/jsonl file, folder or glob (query_id, "
+                                "model, budget, input_tokens, output_tokens, optional quality, "
+                                "cost_usd)")
+    reconcile.add_argument("--catalog", help="catalogue YAML the run was priced with (default: "
+                           "the run's --catalog, else the one its model carries)")
+    reconcile.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run's, "
+                           "else the environment)")
+    reconcile.set_defaults(handler=_reconcile)
+
+
+def _reconcile(args: argparse.Namespace) -> None:
+    from r2ray.reconcile import reconcile_run
+
+    result = reconcile_run(args.run, args.actuals, catalog_path=args.catalog,
+                           tracking_uri=args.tracking_uri)
+    print(result.summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2ray", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(commands)
     _train_parser(commands)
     _demo_parser(commands)
+    _reconcile_parser(commands)
     return parser
 
 
