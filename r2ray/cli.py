@@ -103,6 +103,9 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
     route.add_argument("--strict-budget", action="store_true",
                        help="price every arm at its max_tokens cap, so the bill can never exceed "
                             "the budget (fewer or shorter answers than the predicted-cost plan)")
+    route.add_argument("--no-cost-correction", dest="cost_correction", action="store_false",
+                       default=None, help="ignore the per-arm cost correction of the latest "
+                       "`r2ray reconcile` for this model under --output (applied by default)")
     route.add_argument("--catalog", help="catalogue YAML (default: the one the model carries)")
     route.add_argument("--run-id", help="default: run-<UTC timestamp>")
     route.add_argument("--force", action="store_true", help="redo a committed run id")
@@ -123,7 +126,7 @@ def _route(args: argparse.Namespace) -> None:
     from r2ray.batch import route_batch, summarise_manifest
 
     fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
-              "strict_budget", "catalog", "run_id", "force", "defer", "seed", "tracking_uri",
+              "strict_budget", "cost_correction", "catalog", "run_id", "force", "defer", "seed", "tracking_uri",
               "workers", "cpus_per_worker", "gpus_per_worker", "batch_size")
     config = route_config(**{name: getattr(args, name) for name in fields})
     manifest = route_batch(config)

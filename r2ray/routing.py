@@ -53,9 +53,15 @@ def worst_case_usd(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
 
 
 def arm_scores(quality: np.ndarray, output_tokens: np.ndarray, catalog: Catalog,
-               input_tokens: np.ndarray, allowed: np.ndarray | None = None) -> ArmScores:
-    """Costs from predictions, with unusable arms (context, NaN, ``allowed`` [N, K] or [K]) masked."""
+               input_tokens: np.ndarray, allowed: np.ndarray | None = None,
+               cost_factors: np.ndarray | None = None) -> ArmScores:
+    """Costs from predictions, with unusable arms (context, NaN, ``allowed`` [N, K] or [K]) masked.
+
+    ``cost_factors`` [K]: per-arm multipliers on ĉ from the latest reconciliation of real bills
+    (:mod:`r2ray.reconcile`), the same in the batch job and online; None = 1."""
     cost = catalog.arm_cost_usd(input_tokens, output_tokens)
+    if cost_factors is not None:
+        cost = cost * np.asarray(cost_factors, dtype=np.float64)[None, :]
     usable = context_fits(catalog, input_tokens) & np.isfinite(quality) & np.isfinite(cost)
     if allowed is not None:
         usable &= np.broadcast_to(allowed, usable.shape)

@@ -423,3 +423,52 @@ def test_reconcile_a_routed_run_against_the_worlds_outcomes(tmp_path, ray_local,
     assert correction.factors_for(catalog).shape == (catalog.n_arms,)
     assert correction.overall == pytest.approx(
         ((n - 10) * sum(cost) / planned + 20) / (n - 10 + 20))
+
+    # the next run under the same output picks the correction up: ĉ = (input × p_in + t̂ ×
+    # p_out) × the arm's factor, and the manifest names the reconciliation it used
+    assert manifest["spend"]["cost_correction"] == {
+        "applied": False, "reason": "no reconciliation for this model yet"}
+    following = route_batch(route_config(
+        input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=small_routing_model["path"],
+        budget_per_query_usd=5e-5, run_id="next-night", workers=1, batch_size=64,
+        tracking_uri=tracking))
+    record = following["spend"]["cost_correction"]
+    assert record["applied"] and record["version"] == version and record["rows"] == n - 10
+    factors = correction.factors_for(catalog)
+    assert not np.allclose(factors, 1.0)
+    tokens_in = dict(zip(*synth_backlog(catalog, n, seed=12).select(
+        ["query_id", "input_tokens"]).to_pydict().values()))
+    for row in read_routed(following).to_pylist():
+        arm = catalog.arm_of(row["model"], row["budget"])
+        uncorrected = (tokens_in[row["query_id"]] * price[row["model"]][0]
+                       + row["t_hat"] * price[row["model"]][1])
+        assert row["c_hat_usd"] == pytest.approx(uncorrected * factors[arm], rel=1e-6)
+
+    # and so does Serve, reading corrections beside the manifest it takes λ* from
+    from r2ray.routing import query_key
+    from r2ray.serving.config import ServeConfig
+    from r2ray.serving.router import RouteItem, load_routing_model, predict_scores
+
+    root = ServeConfig(model=small_routing_model["path"],
+                       manifest=os.path.join(run, "manifest.json")).corrections_root()
+    online = load_routing_model(small_routing_model["path"], corrections=root)
+    plain = load_routing_model(small_routing_model["path"])
+    assert online.correction == version and plain.correction is None
+    query = synth_backlog(catalog, 1, seed=12, embeddings=True).to_pylist()[0]
+    item = RouteItem(query["query"], query["input_tokens"], query_key(query["query"]), 0.0,
+                     embedding=query["embedding"])
+    allowed = np.ones((1, catalog.n_arms), dtype=bool)
+    np.testing.assert_allclose(predict_scores(online, [item], allowed).cost_usd,
+                               predict_scores(plain, [item], allowed).cost_usd * factors[None],
+                               rtol=1e-12)
+
+
+def test_no_cost_correction_turns_the_pickup_off(tmp_path):
+    from r2ray.batch import route_config
+    from r2ray.batch.job import correction_record, find_correction
+
+    config = route_config(input="in", output=str(tmp_path), model="m", budget_usd=1.0,
+                          cost_correction=False)
+    assert find_correction(config, model=None) is None
+    assert correction_record(None, config) == {"applied": False,
+                                               "reason": "turned off (--no-cost-correction)"}

@@ -2,7 +2,8 @@
 report. It runs inside the solver's last pass (``solve_dataset(..., then=...)``), on the block
 whose arms were just chosen, so nothing is re-read or re-aligned.
 
-``c_hat_usd`` is always the predicted cost (input × p_in + t̂ × p_out); a strict-budget solve
+``c_hat_usd`` is always the predicted cost ((input × p_in + t̂ × p_out) × the reconciliation's
+per-arm factor, when one applies); a strict-budget solve
 spent worst-case costs, so there it is recomputed from t̂. Each row's worst case at its cap goes
 into the sums.
 """
@@ -39,7 +40,8 @@ ROUTED_SCHEMA = pa.schema([
 
 
 def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_uri: str,
-                 model_version: str, run_id: str, strict_budget: bool = False) -> pa.Table:
+                 model_version: str, run_id: str, strict_budget: bool = False,
+                 cost_factors: list[float] | None = None) -> pa.Table:
     """A scored block with the solve's ``arm`` and ``lambda_star`` columns → routed prompts
     written per model. ``strict_budget``: the chain's costs are worst case, not predicted.
 
@@ -59,7 +61,7 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
                               "reason": pa.array(reasons, pa.string())}),
                     storage.join(deferred_uri, part))
     batch = batch.filter(pa.array(routed))
-    chosen = _chosen(batch, arm[routed], catalog, strict_budget)
+    chosen = _chosen(batch, arm[routed], catalog, strict_budget, cost_factors)
     stats = []
     for model in sorted(set(chosen["model"])):
         rows = chosen["model"] == model
@@ -76,17 +78,21 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
     return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
 
 
-def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog,
-            strict_budget: bool) -> dict[str, np.ndarray]:
-    """Model, budget, predicted q̂, ĉ (USD), t̂ and worst-case cost (USD) of each chosen arm."""
+def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog, strict_budget: bool,
+            cost_factors: list[float] | None = None) -> dict[str, np.ndarray]:
+    """Model, budget, predicted q̂, ĉ (USD, × ``cost_factors`` as scored), t̂ and worst-case
+    cost (USD) of each chosen arm."""
     on_chain = chosen_on_chain(batch, arm)
     token_offsets, tokens = list_values(batch.column("hull_tokens"))
     t_hat = tokens[token_offsets[:-1] + on_chain.position]
     input_tokens = batch.column("input_tokens").to_numpy()
     arrays = catalog.arm_arrays
-    c_hat = (input_tokens * arrays["price_in_usd"][arm]
-             + t_hat.astype(np.float64) * arrays["price_out_usd"][arm]) if strict_budget \
-        else on_chain.cost_usd
+    if strict_budget:
+        factor = 1.0 if cost_factors is None else np.asarray(cost_factors, np.float64)[arm]
+        c_hat = (input_tokens * arrays["price_in_usd"][arm]
+                 + t_hat.astype(np.float64) * arrays["price_out_usd"][arm]) * factor
+    else:
+        c_hat = on_chain.cost_usd
     return {"arm": arm,
             "model": np.array(catalog.model_names, dtype=object)[arrays["model_index"][arm]],
             "budget": arrays["budget_tokens"][arm],

@@ -32,6 +32,8 @@ class RouteConfig(BaseModel):
                                                          # for; 0 = on predicted costs alone
                                                          # (= spend_guarantee.DEFAULT_GUARANTEE)
     strict_budget: bool = False                          # price arms at max_tokens: bill ≤ budget
+    cost_correction: bool = True                         # apply the latest reconciliation's
+                                                         # per-arm cost factors for this model
     catalog: str | None = None                           # default: the catalogue the model carries
     run_id: str | None = None                            # RUN_ID_PATTERN; default: a timestamp
     force: bool = False                                  # redo a committed run id

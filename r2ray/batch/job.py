@@ -38,6 +38,7 @@ from r2ray.redaction import redact_text, redact_values
 
 if TYPE_CHECKING:  # the predictor package imports torch: only the route itself needs it
     from r2ray.predictor.spend_guarantee import SpendPlan, SpendSimulation
+    from r2ray.reconcile import CostCorrection
 
 
 class EmptyInput(R2RayError):
@@ -176,11 +177,13 @@ def route_batch(config: RouteConfig) -> dict:
     with _timed(timings, "load_model"):
         model = load_model(config.model, config.catalog, config.tracking_uri)
     check_guarantee(config, model)
+    with storage.reporting(f"cannot read cost corrections under {paths.root}"):
+        correction = find_correction(config, model)
     with storage.reporting(f"cannot write to the output {paths.root}"):
         attempt, state = start_attempt(paths, fingerprint, config.force)
     try:
-        return _route_attempt(config, attempt, state, model, units, unreadable, files,
-                              fingerprint, timings)
+        return _route_attempt(config, attempt, state, model, correction, units, unreadable,
+                              files, fingerprint, timings)
     except R2RayError:
         abandon(attempt, state)   # a clean refusal leaves nothing behind (a crash does: redo it)
         raise
@@ -206,7 +209,7 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
 
 
 DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
-                     "catalog", "defer", "seed", "strict_budget")
+                     "catalog", "defer", "seed", "strict_budget", "cost_correction")
 """Settings that change what a run decides; re-running a committed run id with others warns."""
 
 
@@ -215,7 +218,7 @@ def _show(value) -> str:
 
 
 def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: LoadedModel,
-                   units: list[ReadUnit], unreadable: pa.Table, files: list[str],
+                   correction: CostCorrection | None, units: list[ReadUnit], unreadable: pa.Table, files: list[str],
                    fingerprint: str, timings: dict) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
@@ -234,6 +237,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     sources = {u.file_index: u.source for u in units}
     _init_ray()
     max_context = max(m.context for m in model.catalog.models)
+    cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
     with _timed(timings, "read_validate_score"):
         queries = ray.data.from_items(unit_items(units) or [], override_num_blocks=max(
             1, len(units))).map_batches(
@@ -249,7 +253,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
             num_gpus=config.gpus_per_worker or None,
             fn_constructor_kwargs={"files": model.files,
                                    "catalog_yaml": model.catalog.to_yaml(),
-                                   "strict_budget": config.strict_budget},
+                                   "strict_budget": config.strict_budget,
+                                   "cost_factors": cost_factors},
             ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
         duplicates = first_seen_duplicates(scored) if scored.count() else {}
@@ -270,6 +275,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     if n_solvable:  # else every row was quarantined: commit that, so the night is on record
         with _timed(timings, "solve_assign_write"):
             assign = (assign_stage, {"catalog_yaml": model.catalog.to_yaml(),
+                                     "cost_factors": cost_factors,
                                      "routed_uri": paths.routed, "deferred_uri": paths.deferred,
                                      "model_version": model.label, "run_id": paths.run_id,
                                      "strict_budget": config.strict_budget})
@@ -305,6 +311,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                   "predicted_usd": predicted_spend, "worst_case_usd": worst_case,
                   "strict_budget": config.strict_budget,
                   "guarantee": guarantee_record(plan, certificate, predicted_spend),
+                  "cost_correction": correction_record(correction, config),
                   "by_model": spend_by_model(stats)},
         "solve": None if certificate is None else _solve_record(certificate),
         "model": {"uri": model.uri, "name": model.name, "version": model.version},
@@ -319,6 +326,26 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri, log_to_mlflow)
     commit(paths, manifest)
     return manifest
+
+
+def find_correction(config: RouteConfig, model: LoadedModel) -> CostCorrection | None:
+    """The newest per-arm cost correction ``r2ray reconcile`` wrote under this output root for
+    this model version and catalogue (None: none, or ``--no-cost-correction``)."""
+    if not config.cost_correction:
+        return None
+    from r2ray.reconcile.correction import latest_correction
+
+    return latest_correction(config.output, model.label, model.catalog.fingerprint)
+
+
+def correction_record(correction: CostCorrection | None, config: RouteConfig) -> dict:
+    """The manifest's ``spend.cost_correction``: which reconciliation's factors priced ĉ."""
+    if correction is None:
+        return {"applied": False, "reason": "turned off (--no-cost-correction)"
+                if not config.cost_correction else "no reconciliation for this model yet"}
+    return {"applied": True, "version": correction.version,
+            "source_run_id": correction.source_run_id, "rows": correction.rows,
+            "overall": correction.overall, "created_at": correction.created_at}
 
 
 def guarantee_record(plan: SpendPlan, certificate, predicted_usd: float) -> dict:
@@ -364,6 +391,8 @@ def _usd(value: float) -> str:
 
 def summarise_manifest(manifest: dict) -> str:
     """A few lines for the terminal: where the run is, what it routed, what it spent."""
+    from r2ray.batch.report import correction_lines
+
     counts, spend, solve = manifest["counts"], manifest["spend"], manifest["solve"]
     lines = [
         f"run {manifest['run_id']} committed at {manifest['committed_at']} "
@@ -376,6 +405,7 @@ def summarise_manifest(manifest: dict) -> str:
         + ("" if "worst_case_usd" not in spend else  # older committed runs lack it
            f", worst case at the caps {_usd(spend['worst_case_usd'])}"
            + (" (strict budget)" if spend.get("strict_budget") else "")),
+        *("  " + line for line in correction_lines(spend.get("cost_correction"))),
         "  no query could be routed: every row was quarantined (see quarantine/)" if solve is None
         else f"  λ* = {solve['lambda']:.6g} quality/USD, θ* = {solve['theta']:.4f}, "
              f"objective {solve['objective']:.3f} ≤ bound {solve['upper_bound']:.3f} "

@@ -68,6 +68,15 @@ def guarantee_lines(guarantee: dict | None) -> list[str]:
     return lines
 
 
+def correction_lines(record: dict | None) -> list[str]:
+    """One line when a reconciliation's per-arm cost factors priced ĉ (report and terminal)."""
+    if not record or not record.get("applied"):
+        return []
+    return [f"ĉ × per-arm cost correction {record['version']} (from reconciling run "
+            f"{record['source_run_id']}: {record['rows']:,} rows, overall × "
+            f"{record['overall']:.4f})"]
+
+
 def guarantee_metrics(guarantee: dict | None) -> dict[str, float]:
     if not guarantee:
         return {}
@@ -89,6 +98,7 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
         f"predicted spend: ${spend['predicted_usd']:.6g} · worst case at the caps: "
         f"${spend.get('worst_case_usd', float('nan')):.6g}",
         *guarantee_lines(spend.get("guarantee")),
+        *("- " + line for line in correction_lines(spend.get("cost_correction"))),
         "- **strict budget**: every arm was priced at its worst case (`max_tokens` × output "
         "price), so the bill cannot exceed the usable budget; the objective Σ q̂ below is the "
         "quality kept under that guarantee" if spend.get("strict_budget") else

@@ -48,16 +48,18 @@ def hull_columns(steps: HullSteps, output_tokens: np.ndarray) -> dict[str, pa.Ar
 
 
 def score_batch(table: pa.Table, predictor, catalog: Catalog, encoder=None,
-                strict_budget: bool = False) -> pa.Table:
+                strict_budget: bool = False, cost_factors: np.ndarray | None = None) -> pa.Table:
     """Validated queries (``query_id, query, input_tokens, tenant, order`` [+ ``embedding``]) →
     the same rows without the embedding, plus the hull columns of :data:`SCORED_COLUMNS`; the
-    hull's costs (USD) are predicted, or worst case at the caps with ``strict_budget``."""
+    hull's costs (USD) are predicted (× ``cost_factors`` [K] from a reconciliation), or worst
+    case at the caps with ``strict_budget``."""
     if table.num_rows == 0:
         return _empty_scored(table)
     embedding = query_embeddings(table, encoder, predictor.embedding_dim_)
     predictions = predictor.predict(embedding)
     input_tokens = table.column("input_tokens").to_numpy()
-    scores = arm_scores(predictions.quality, predictions.output_tokens, catalog, input_tokens)
+    scores = arm_scores(predictions.quality, predictions.output_tokens, catalog, input_tokens,
+                        cost_factors=cost_factors)
     cost_usd = scores.cost_usd
     if strict_budget:  # same mask (NaN), priced at the caps
         cost_usd = np.where(np.isnan(cost_usd), np.nan, worst_case_usd(catalog, input_tokens))
@@ -98,7 +100,8 @@ class ScoreWorker:
     """
 
     def __init__(self, files: dict[str, bytes], catalog_yaml: str | None = None,
-                 device: str | None = None, strict_budget: bool = False):
+                 device: str | None = None, strict_budget: bool = False,
+                 cost_factors: list[float] | None = None):
         from r2ray.encoders import default_device, load_encoder
         from r2ray.predictor.persist import load_predictor
 
@@ -113,7 +116,9 @@ class ScoreWorker:
         spec = self.predictor.encoder_spec
         self.encoder = load_encoder(spec, device=device) if has_text_encoder(spec) else None
         self.strict_budget = strict_budget
+        self.cost_factors = None if cost_factors is None else np.asarray(cost_factors, np.float64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         kill_worker_once()
-        return score_batch(batch, self.predictor, self.catalog, self.encoder, self.strict_budget)
+        return score_batch(batch, self.predictor, self.catalog, self.encoder, self.strict_budget,
+                           self.cost_factors)

@@ -14,6 +14,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationErro
                       model_validator)
 
 from r2ray.errors import ConfigError
+from r2ray.manifest import MANIFEST
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -49,6 +50,8 @@ class ServeConfig(BaseModel):
     tracking_uri: str | None = None            # MLflow; default R2RAY_TRACKING_URI / MLflow's own
     catalog: str | None = None                 # prices/endpoints override; same arms as the model
     manifest: str | None = None                # a manifest.json, or a batch output folder (latest)
+    cost_correction: bool = True               # ĉ × the latest reconcile's factors found beside
+                                               # the manifest (its batch output folder)
     lam: float | None = Field(default=None, ge=0, allow_inf_nan=False,  # quality per USD
                               validation_alias=AliasChoices("lambda", "lam"))
     tie_cut: Annotated[float, Field(ge=0, le=1)] = 1.0  # overridden by the manifest's
@@ -81,6 +84,16 @@ class ServeConfig(BaseModel):
     def _json(cls, value):
         """``serve run ... pacing='{"target_usd_per_s": 0.01}'`` passes JSON text."""
         return json.loads(value) if isinstance(value, str) else value
+
+    def corrections_root(self) -> str | None:
+        """The batch output folder whose reconciliations price ĉ: ``manifest`` itself, or the
+        folder above the run of a ``manifest.json`` (None: no manifest, or turned off)."""
+        if self.manifest is None or not self.cost_correction:
+            return None
+        uri = self.manifest.rstrip("/")
+        if not uri.endswith(f"/{MANIFEST}"):
+            return uri
+        return uri.rsplit("/", 2)[0]   # <root>/<run_id>/manifest.json → <root>
 
 
 def serve_config(args: dict | None) -> ServeConfig:

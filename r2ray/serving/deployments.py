@@ -67,7 +67,8 @@ class RouterDeployment:
 
     def _load(self):
         c = self.config
-        return load_routing_model(c.model, c.tracking_uri, c.catalog, c.device)
+        return load_routing_model(c.model, c.tracking_uri, c.catalog, c.device,
+                                  corrections=c.corrections_root())
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def route(self, items: list[RouteItem]) -> list:
@@ -78,7 +79,8 @@ class RouterDeployment:
     async def describe(self) -> dict:
         return {"version": self.model.version, "models": self.model.catalog.model_names,
                 "embedding_dim": self.model.embedding_dim,
-                "encoder": None if self.model.encoder is None else self.model.encoder.name}
+                "encoder": None if self.model.encoder is None else self.model.encoder.name,
+                "cost_correction": self.model.correction}
 
     async def _watch(self) -> None:
         """Re-resolve ``models:/NAME@ALIAS`` every ``watch_interval_s``; load a new version

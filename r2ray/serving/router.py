@@ -48,6 +48,8 @@ class RoutingModel:
     encoder: object | None     # r2ray.encoders.Encoder
     catalog: Catalog
     version: str               # "NAME/VERSION" from the registry, or the folder it came from
+    cost_factors: np.ndarray | None = None  # [K] ĉ multipliers of the latest reconciliation
+    correction: str | None = None           # its version, for /v1/models and logs
 
     @property
     def embedding_dim(self) -> int:
@@ -55,9 +57,11 @@ class RoutingModel:
 
 
 def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: str | None = None,
-                       device: str | None = None) -> RoutingModel:
+                       device: str | None = None, corrections: str | None = None) -> RoutingModel:
     """Load ``models:/NAME@ALIAS`` (or a folder) with its encoder; ``catalog_path`` may change
-    prices and endpoints, never the arms the model was trained on."""
+    prices and endpoints, never the arms the model was trained on. ``corrections``: a batch
+    output folder whose newest ``r2ray reconcile`` for this version and catalogue prices ĉ, as
+    the next batch run there would."""
     from r2ray.encoders import default_device, load_encoder
     from r2ray.registry import load_registered
     device = device or default_device()
@@ -72,7 +76,13 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
     encoder = load_encoder(bundle.encoder_spec, device=device) \
         if has_text_encoder(bundle.encoder_spec) else None
     version = uri if bundle.version is None else f"{bundle.version.name}/{bundle.version.version}"
-    return RoutingModel(bundle.predictor, encoder, catalog, version)
+    correction = None
+    if corrections is not None:
+        from r2ray.reconcile.correction import latest_correction
+        correction = latest_correction(corrections, version, catalog.fingerprint)
+    return RoutingModel(bundle.predictor, encoder, catalog, version,
+                        None if correction is None else correction.factors_for(catalog),
+                        None if correction is None else correction.version)
 
 
 @dataclass(frozen=True)
@@ -164,7 +174,7 @@ def predict_scores(model: RoutingModel, items: list[RouteItem], allowed: np.ndar
     predictions = model.predictor.predict(embeddings(model, items))
     input_tokens = np.array([item.input_tokens for item in items], dtype=np.int64)
     scores = arm_scores(predictions.quality, predictions.output_tokens, model.catalog,
-                        input_tokens, allowed)
+                        input_tokens, allowed, cost_factors=model.cost_factors)
     max_cost = np.array([math.inf if i.max_cost_usd is None else i.max_cost_usd for i in items])
     over = ~(scores.cost_usd <= max_cost[:, None])
     return ArmScores(np.where(over, np.nan, scores.quality).astype(np.float32),
