@@ -7,13 +7,15 @@ predictor says they cost. The synthetic world knows each arm's true outcome, so:
 2. write a fresh backlog of world seed ``--seed-route`` (``--queries`` queries, world embeddings)
    and that same world's bench: the realised output tokens, quality and cost of *every* arm of
    every backlog query (checked: same query ids, in the same order, same input tokens);
-3. route the backlog with ``route_batch`` at each ``--budgets`` per query, once as planned on
-   predicted costs and once with ``strict_budget=True`` (Σ worst case at the caps ≤ budget);
+3. route the backlog with ``route_batch`` at each ``--budgets`` per query in three modes: with
+   the spend guarantee (``--guarantee``, the batch job's default 0.95), planned on predicted
+   costs alone (``spend_guarantee=0``, the behaviour before the guarantee), and with
+   ``strict_budget=True`` (Σ worst case at the caps ≤ budget);
 4. read the routed rows back from each committed manifest's ``output.routed`` folder, bill each
    routed (query_id, model, budget) at its realised bench row (those rows are the run's actuals,
    reconciled by :mod:`r2ray.reconcile`), and print per budget: predicted spend, realised spend
    and worst case at the caps, each ÷ the budget; mean q̂ and realised mean quality; the wall
-   time of the route.
+   time of the route; for the guarantee, κ and the quality given up against the plan without it.
 
 Realised cost is the bench's ``cost_usd`` (the world writes input × p_in + output × p_out at the
 catalogue's prices for the arm as sent, ``max_tokens`` cap included); where a bench row has no
@@ -22,11 +24,11 @@ are from the catalogue's (they should agree to rounding). Money is summed in flo
 
 The routes share one local Ray that the script starts first (``address="local"``, so it never
 attaches to a cluster some ``ray start`` left running; set RAY_ADDRESS to use one), so no route's
-wall time includes Ray's start-up. On 2 cores the defaults take about 3 minutes.
+wall time includes Ray's start-up. On 2 cores the defaults take about 5 minutes.
 
 Usage: python benchmarks/realised_spend.py [--queries 20000] [--train-queries 4000]
        [--seed-train 11] [--seed-route 12] [--budgets 3e-5 1e-4 3e-4 1e-3]
-       [--predictor r2ray] [--workers 2] [--out DIR]
+       [--predictor r2ray] [--guarantee 0.95] [--workers 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def start_ray() -> float:
 
 # ---- one route ---------------------------------------------------------------------------------
 def route(backlog: str, model: str, out: str, run_id: str, budget: float, strict: bool,
-          workers: int) -> tuple[dict | None, float, str | None]:
+          guarantee: float, workers: int) -> tuple[dict | None, float, str | None]:
     """``route_batch`` at ``budget`` USD per query; (committed manifest or None, wall s, error)."""
     from r2ray.batch import route_batch
     from r2ray.batch.config import route_config
@@ -150,7 +152,8 @@ def route(backlog: str, model: str, out: str, run_id: str, budget: float, strict
     from r2ray.manifest import RunPaths, read_manifest
 
     config = route_config(input=backlog, output=out, model=model, budget_per_query_usd=budget,
-                          strict_budget=strict, run_id=run_id, workers=workers,
+                          strict_budget=strict, spend_guarantee=guarantee, run_id=run_id,
+                          workers=workers,
                           tracking_uri=f"sqlite:///{out}/mlflow.db")
     start = time.perf_counter()
     try:
@@ -196,22 +199,33 @@ def realised_figures(manifest: dict, bench, catalog) -> dict:
         "worst": spend["worst_case_usd"] / budget,
         "q_hat": figures["mean_q_hat"],
         "quality": figures["mean_quality"],
+        "kappa": (spend.get("guarantee") or {}).get("inflation", 1.0),
     }
 
 
 # ---- report ------------------------------------------------------------------------------------
-def table_lines(rows: list[tuple[float, dict | None, float, str | None]]) -> list[str]:
+def table_lines(rows: list[tuple[float, dict | None, float, str | None]],
+                baseline: list | None = None) -> list[str]:
+    """Markdown rows per budget; with ``baseline`` (the same budgets without the guarantee) also
+    κ and the realised quality given up against it, as a share of that plan's."""
+    extra = " κ | quality given up |" if baseline else ""
     lines = ["| budget per query | predicted / budget | **realised / budget** | worst case at "
-             "caps / budget | mean q̂ | realised quality | route wall s |",
-             "|---|---|---|---|---|---|---|"]
-    for budget, figures, wall, error in rows:
+             "caps / budget | mean q̂ | realised quality | route wall s |" + extra,
+             "|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
+    for i, (budget, figures, wall, error) in enumerate(rows):
         if figures is None:
             lines.append(f"| {budget_label(budget)} | — | — | — | — | — | {wall:.1f} "
-                         f"(refused: {error[:300]}) |")
+                         f"(refused: {error[:300]}) |" + (" — | — |" if baseline else ""))
             continue
-        lines.append(f"| {budget_label(budget)} | {figures['predicted']:.3f} | "
-                     f"**{figures['realised']:.3f}** | {figures['worst']:.3f} | "
-                     f"{figures['q_hat']:.3f} | {figures['quality']:.3f} | {wall:.1f} |")
+        line = (f"| {budget_label(budget)} | {figures['predicted']:.3f} | "
+                f"**{figures['realised']:.3f}** | {figures['worst']:.3f} | "
+                f"{figures['q_hat']:.3f} | {figures['quality']:.3f} | {wall:.1f} |")
+        if baseline:
+            free = baseline[i][1]
+            given_up = "—" if free is None else \
+                f"{(free['quality'] - figures['quality']) / free['quality']:.2%}"
+            line += f" {figures['kappa']:.4f} | {given_up} |"
+        lines.append(line)
     return lines
 
 
@@ -241,12 +255,16 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4, 1e-3],
                         help="budgets in USD per query")
     parser.add_argument("--predictor", default="r2ray", help="a key of r2ray.predictor.PREDICTORS")
+    parser.add_argument("--guarantee", type=float, default=0.95,
+                        help="--spend-guarantee of the guaranteed routes (0 < P < 1)")
     parser.add_argument("--catalog", help="catalogue YAML (default: the package's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", help="work folder (default: a temporary one, removed after)")
     args = parser.parse_args()
     if args.queries < 1 or args.train_queries < 1 or any(b <= 0 for b in args.budgets):
         parser.error("--queries, --train-queries and every budget must be positive")
+    if not 0 < args.guarantee < 1:
+        parser.error("--guarantee must be a probability strictly between 0 and 1")
     if args.seed_train == args.seed_route:
         print("warning: training and routing on the same world seed: the backlog is the "
               "training data", file=sys.stderr)
@@ -290,19 +308,21 @@ def run(args, catalog, work: str, stamp: str) -> None:
 
     ray_s = start_ray()
     blocks = {}
-    for strict in (False, True):
+    modes = {"guaranteed": (False, args.guarantee), "planned": (False, 0.0),
+             "strict": (True, 0.0)}
+    for mode, (strict, guarantee) in modes.items():
         rows = []
         for budget in args.budgets:
-            run_id = f"{'strict' if strict else 'planned'}-{budget_label(budget)[1:]}"
+            run_id = f"{mode}-{budget_label(budget)[1:]}"
             manifest, wall, error = route(backlog, model, os.path.join(work, "runs"), run_id,
-                                          budget, strict, args.workers)
+                                          budget, strict, guarantee, args.workers)
             figures = None if manifest is None else realised_figures(manifest, bench, catalog)
             if figures is not None and figures["routed"] != args.queries:
                 print(f"warning: run {run_id} routed {figures['routed']:,} of {args.queries:,} "
                       "queries (see its deferred/ and quarantine/)", file=sys.stderr)
             rows.append((budget, figures, wall, error))
             print(f"routed {run_id} in {wall:.1f} s", file=sys.stderr, flush=True)
-        blocks[strict] = rows
+        blocks[mode] = rows
 
     print(f"# Realised spend on the synthetic world ({stamp}, r2ray {_version()}, "
           f"commit {_git_head()})")
@@ -313,13 +333,17 @@ def run(args, catalog, work: str, stamp: str) -> None:
                             else f"a local Ray started before the routes ({ray_s:.0f} s)"))
     print(cost_note)
     print()
-    print("Planned on predicted costs (strict_budget=False):")
+    print(f"With the spend guarantee (spend_guarantee={args.guarantee}, the default):")
     print()
-    print("\n".join(table_lines(blocks[False])))
+    print("\n".join(table_lines(blocks["guaranteed"], baseline=blocks["planned"])))
+    print()
+    print("Planned on predicted costs alone (spend_guarantee=0):")
+    print()
+    print("\n".join(table_lines(blocks["planned"])))
     print()
     print("strict_budget=True (the solve spends worst cases at the caps):")
     print()
-    print("\n".join(table_lines(blocks[True])))
+    print("\n".join(table_lines(blocks["strict"])))
     print()
     print(f"total wall time {time.perf_counter() - started:.0f} s; work folder {work}"
           + ("" if args.out else " (temporary, removed)"))

@@ -126,8 +126,8 @@ def _route(args: argparse.Namespace) -> None:
     from r2ray.batch import route_batch, summarise_manifest
 
     fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
-              "strict_budget", "cost_correction", "catalog", "run_id", "force", "defer", "seed", "tracking_uri",
-              "workers", "cpus_per_worker", "gpus_per_worker", "batch_size")
+              "strict_budget", "cost_correction", "catalog", "run_id", "force", "defer", "seed",
+              "tracking_uri", "workers", "cpus_per_worker", "gpus_per_worker", "batch_size")
     config = route_config(**{name: getattr(args, name) for name in fields})
     manifest = route_batch(config)
     print(summarise_manifest(manifest))
