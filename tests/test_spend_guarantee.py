@@ -89,35 +89,21 @@ N_ROUTE = 1000
 
 @pytest.fixture(scope="module")
 def routed_seeds():
-    """Per seed × budget level: (realised ÷ budget, realised mean quality) with the guarantee
+    """Per seed × budget level: (realised ÷ budget, realised mean quality, κ) with the guarantee
     at 0.95 and without it, routed exactly as the batch job does on a per-arm ridge trained on
-    world seed 11 (the guarantee is predictor-agnostic; the benchmark measures the network)."""
+    world seed 11 (the guarantee is predictor-agnostic; benchmarks/spend_guarantee.py runs the
+    same sweep on the default network at 20,000 queries)."""
     from r2ray.bench.synthetic import synth_backlog, synth_bench
     from r2ray.catalog import load_catalog
+    from r2ray.evaluation.adherence import guarantee_sweep
     from r2ray.predictor import make_predictor
     from r2ray.predictor.data import bench_arrays
-    from r2ray.routing import arm_scores
 
     catalog = load_catalog(None)
-
-    def world(n, seed):
-        return bench_arrays(synth_bench(catalog, n, seed=seed), catalog,
-                            synth_backlog(catalog, n, seed=seed, embeddings=True))
-
-    predictor = make_predictor("per_arm_ridge").fit(world(2000, 11), catalog)
-    out = {0.95: np.zeros((len(SEEDS), 4, 2)), 0.0: np.zeros((len(SEEDS), 4, 2))}
-    for i, seed in enumerate(SEEDS):
-        backlog = world(N_ROUTE, seed)
-        p = predictor.predict(backlog.embedding)
-        scores = arm_scores(p.quality, p.output_tokens, catalog, backlog.input_tokens)
-        for probability, table in out.items():
-            for j, per_query in enumerate(BUDGETS_PER_QUERY):
-                budget = per_query * N_ROUTE
-                plan = plan_budget(budget, N_ROUTE, probability, predictor.spend_simulation_)
-                (row,) = solve_and_bill(scores.quality, scores.cost_usd, backlog.quality,
-                                        backlog.cost_usd, [plan.planned_limit_usd])
-                table[i, j] = row["realised_usd"] / budget, row["realised_quality"]
-    return out
+    train = bench_arrays(synth_bench(catalog, 2000, seed=11), catalog,
+                         synth_backlog(catalog, 2000, seed=11, embeddings=True))
+    predictor = make_predictor("per_arm_ridge").fit(train, catalog)
+    return guarantee_sweep(predictor, catalog, SEEDS, N_ROUTE, BUDGETS_PER_QUERY, (0.95, 0.0))
 
 
 def test_guarantee_holds_the_realised_bill_on_19_of_20_seeds(routed_seeds):
