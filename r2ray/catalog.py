@@ -5,7 +5,8 @@ The YAML shape is a public interface::
     budgets: [10, 20, ..., 4000, default]      # the default grid (output tokens)
     models:
       - {name, input_per_m, output_per_m, context, budgets (optional), endpoint (optional),
-         max_output_tokens (optional)}
+         max_output_tokens (optional), api_key_env, max_concurrency, requests_per_minute,
+         tokens_per_minute (optional: the execution engine's key variable and limits)}
 
 Prices are USD per million tokens. An *arm* is a (model, budget) pair; budget 0 stands for
 ``default`` (no length instruction, the model's own length, capped at the model's
@@ -37,6 +38,10 @@ paper's largest budget level, so no arm is sent uncapped (an uncapped default ar
 whole context window). Never more than the context leaves: see ``prompting.max_tokens_array``."""
 
 DEFAULT_CATALOG = "default_catalog.yaml"
+
+
+EXECUTION_FIELDS = ("api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute")
+"""Optional per-model settings of the execution engine (``r2ray bench collect``, ``r2ray execute``)."""
 
 
 class CatalogError(R2RayError, ValueError):
@@ -90,6 +95,11 @@ class ModelSpec(BaseModel):
     budgets: list[int] | None = None
     endpoint: str | None = None
     max_output_tokens: Annotated[int, Field(gt=0)] | None = None  # default arm's cap; None: default
+    # executing against ``endpoint`` (r2ray.execution): the key is named, never given
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    max_concurrency: Annotated[int, Field(gt=0)] | None = None      # requests in flight
+    requests_per_minute: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    tokens_per_minute: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
     @field_validator("budgets", mode="before")
     @classmethod
@@ -238,6 +248,9 @@ class Catalog(BaseModel):
                 row["endpoint"] = m.endpoint
             if m.max_output_tokens is not None:
                 row["max_output_tokens"] = m.max_output_tokens
+            for name in EXECUTION_FIELDS:   # only when set: older catalogues keep their fingerprint
+                if getattr(m, name) is not None:
+                    row[name] = getattr(m, name)
             models.append(row)
         return {"budgets": budgets(self.budgets), "models": models}
 

@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(commands)
     _demo_parser(commands)
     _reconcile_parser(commands)
+    from r2ray.execution.cli import add_parsers as execution_parsers
+
+    execution_parsers(commands)   # bench collect, execute
     return parser
 
 

@@ -1,0 +1,195 @@
+"""One worker's async HTTP side: per-endpoint limits, retries, and reading an OpenAI-compatible
+chat completion into a result row (RESULT_SCHEMA). Keys come from the environment variable the
+catalogue names; they go into the Authorization header and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+import pyarrow as pa
+
+from r2ray.execution.policy import RetryPolicy, cost_usd, retry_decision
+from r2ray.prompting import estimate_tokens
+from r2ray.redaction import redact_text
+
+ERROR_TEXT_LIMIT = 200   # characters of an error body kept in a failure's reason
+
+RESULT_SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("purpose", pa.string()),
+    pa.field("query_id", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("budget", pa.int32()),
+    pa.field("ok", pa.bool_()),
+    pa.field("response", pa.string()),
+    pa.field("input_tokens", pa.int64()),
+    pa.field("output_tokens", pa.int64()),
+    pa.field("usage_estimated", pa.bool_()),   # the server gave no usage: tokens estimated
+    pa.field("finish_reason", pa.string()),
+    pa.field("truncated", pa.bool_()),         # finish_reason == "length": stopped at max_tokens
+    pa.field("max_tokens", pa.int64()),
+    pa.field("latency_s", pa.float64()),       # the successful attempt, request to answer
+    pa.field("cost_usd", pa.float64()),        # catalogue prices × tokens; 0 when not answered
+    pa.field("attempts", pa.int32()),
+    pa.field("error", pa.string()),            # why it failed (null when ok)
+    pa.field("endpoint", pa.string()),         # host:port, for throughput per endpoint
+    pa.field("started_s", pa.float64()),       # unix time of the first attempt
+    pa.field("ended_s", pa.float64()),
+])
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """What a worker needs of one model: where, with which key variable, at what limits (the
+    limits already divided by the number of workers)."""
+
+    url: str                         # .../v1/chat/completions
+    api_key_env: str | None = None
+    max_concurrency: int = 4
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+
+def chat_url(endpoint: str) -> str:
+    return endpoint.rstrip("/") + "/chat/completions"
+
+
+class Pacer:
+    """Spaces admissions so ``rate_per_min`` units a minute are not exceeded (one call's worth of
+    burst). Single event loop; no lock needed between awaits."""
+
+    def __init__(self, rate_per_min: float | None):
+        self.interval_s = None if rate_per_min is None else 60.0 / rate_per_min
+        self._next_s = 0.0
+
+    async def take(self, units: float = 1.0) -> None:
+        if self.interval_s is None:
+            return
+        now = time.monotonic()
+        start = max(now, self._next_s)
+        self._next_s = start + units * self.interval_s
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class EndpointLimiter:
+    """Concurrency, requests per minute and tokens per minute (prompt estimate + ``max_tokens``)
+    of one endpoint within one worker."""
+
+    def __init__(self, settings: EndpointSettings):
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._requests = Pacer(settings.requests_per_minute)
+        self._tokens = Pacer(settings.tokens_per_minute)
+
+    async def __aenter__(self):
+        await self._slots.acquire()
+        return self
+
+    async def admit(self, tokens: int) -> None:
+        await self._requests.take(1)
+        await self._tokens.take(tokens)
+
+    async def __aexit__(self, *exc):
+        self._slots.release()
+
+
+class CallFailed(Exception):
+    def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None):
+        super().__init__(reason)
+        self.reason, self.status, self.retry_after = reason, status, retry_after
+
+
+async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: str | None,
+                    timeout_s: float) -> dict:
+    """One attempt: the parsed answer, or :class:`CallFailed` with the status and Retry-After."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = await client.post(url, json=body, headers=headers, timeout=timeout_s)
+    except httpx.TimeoutException:
+        raise CallFailed(f"timed out after {timeout_s:g} s") from None
+    except httpx.HTTPError as err:
+        raise CallFailed(f"unreachable: {type(err).__name__}") from None
+    if response.status_code >= 400:
+        text = redact_text(response.text[:ERROR_TEXT_LIMIT]).replace("\n", " ")
+        raise CallFailed(f"HTTP {response.status_code}: {text}", response.status_code,
+                         response.headers.get("retry-after"))
+    try:
+        answer = response.json()
+        choice = answer["choices"][0]
+        text = choice["message"]["content"]
+        if not isinstance(text, str):
+            raise TypeError("content is not text")
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise CallFailed(f"answer is not a chat completion ({type(err).__name__})") from None
+    return {"text": text, "finish_reason": choice.get("finish_reason"),
+            "usage": answer.get("usage")}
+
+
+def read_usage(usage: object, request: dict, text: str) -> tuple[int, int, bool]:
+    """(input tokens, output tokens, estimated?): the server's counts, else estimates clamped to
+    the request's bound and cap (so an estimate never prices above the reserved worst case)."""
+    try:
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"]), False
+    except (TypeError, KeyError, ValueError):
+        return (min(int(request["input_tokens_est"]), int(request["input_tokens_bound"])),
+                min(estimate_tokens(text), int(request["max_tokens"])), True)
+
+
+async def execute_one(client: httpx.AsyncClient, request: dict, settings: EndpointSettings,
+                      limiter: EndpointLimiter, policy: RetryPolicy, book,
+                      rng: random.Random) -> dict:
+    """Send one request row with retries under the spend cap; a RESULT_SCHEMA row."""
+    row = {name: request[name] for name in ("key", "purpose", "query_id", "model", "budget",
+                                             "max_tokens")}
+    row.update(ok=False, response=None, input_tokens=None, output_tokens=None,
+               usage_estimated=None, finish_reason=None, truncated=None, latency_s=None,
+               cost_usd=0.0, attempts=0, error=None, endpoint=httpx.URL(settings.url).netloc
+               .decode(), started_s=time.time(), ended_s=None)
+    worst = float(request["worst_usd"])
+    if not await book.reserve(worst):
+        row.update(error="spend cap: issuing it could pass --max-spend-usd", ended_s=time.time())
+        return row
+    body = {"model": request["model"], "messages": list(request["messages"]),
+            "max_tokens": int(request["max_tokens"]), "temperature": 0}
+    api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+    cost = 0.0
+    try:
+        if settings.api_key_env and not api_key:
+            row["error"] = f"environment variable {settings.api_key_env} (the API key) is not set"
+            return row
+        while True:
+            row["attempts"] += 1
+            async with limiter:
+                await limiter.admit(int(request["input_tokens_est"]) + int(request["max_tokens"]))
+                sent = time.perf_counter()
+                try:
+                    answer = await post_chat(client, settings.url, body, api_key, policy.timeout_s)
+                except CallFailed as fail:
+                    failure = fail
+                else:
+                    failure = None
+                    latency = time.perf_counter() - sent
+            if failure is None:
+                break
+            decision = retry_decision(policy, row["attempts"], failure.reason, failure.status,
+                                      failure.retry_after, rng)
+            if not decision.retry:
+                row["error"] = decision.reason
+                return row
+            await asyncio.sleep(decision.delay_s)
+        tokens_in, tokens_out, estimated = read_usage(answer["usage"], request, answer["text"])
+        cost = cost_usd(tokens_in, tokens_out, request["price_in_usd"], request["price_out_usd"])
+        row.update(ok=True, response=answer["text"], input_tokens=tokens_in,
+                   output_tokens=tokens_out, usage_estimated=estimated,
+                   finish_reason=answer["finish_reason"],
+                   truncated=answer["finish_reason"] == "length", latency_s=latency,
+                   cost_usd=cost)
+        return row
+    finally:
+        row["ended_s"] = time.time()
+        await book.settle(worst, cost)

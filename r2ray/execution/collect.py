@@ -1,0 +1,252 @@
+"""``r2ray bench collect``: queries × arms → answers from the pool → graded → the long bench.
+
+Queries (parquet or jsonl): ``query_id``, ``query``, optional ``category``, ``reference``,
+``grader`` (``exact``, ``choice``, ``numeric``, ``math``, ``judge``). Every query gets every arm
+(``arms="all"``) or k arms, dealt so every arm is answered equally often (±1). A failed call is
+no bench row: it is in ``<work>/answers/failures/`` with its reason and is retried by a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from r2ray import __version__, storage
+from r2ray.bench.io import check_output_name, read_table, write_table
+from r2ray.bench.schema import bench_error, validate_bench
+from r2ray.bench.stats import bench_stats, format_stats
+from r2ray.catalog import Catalog, budget_label, load_catalog, save_catalog
+from r2ray.execution import graders
+from r2ray.execution.engine import EngineConfig, EngineRun, run_requests
+from r2ray.execution.requests import arm_request, request_row, requests_table, worst_case_usd
+from r2ray.execution.workdir import commit_work, open_work
+from r2ray.redaction import redact_values
+
+JUDGE_MAX_TOKENS = 16   # "Score: 0.75" and a little room
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    queries: str
+    catalog: str
+    out: str                              # the bench, .parquet or .jsonl
+    work: str | None = None               # default: <out without suffix>.work
+    arms: str = "all"                     # "all" or k arms per query
+    seed: int = 0
+    grader: str | None = None             # for queries without a `grader`
+    judge_model: str | None = None        # a model of judge_catalog (default: --catalog)
+    judge_catalog: str | None = None
+    dry_run: bool = False
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def work_dir(self) -> str:
+        return self.work or self.out.rsplit(".", 1)[0] + ".work"
+
+
+def assign_arms(n_queries: int, n_arms: int, k: int, seed: int) -> list[list[int]]:
+    """k distinct arms per query; over all queries each arm is dealt ⌊nk/K⌋ or ⌈nk/K⌉ times."""
+    if not 1 <= k <= n_arms:
+        raise graders.GraderError(f"--arms {k}: give 'all' or a number of arms from 1 to {n_arms}")
+    order = np.random.default_rng(seed).permutation(n_arms)
+    return [sorted(int(order[(i * k + j) % n_arms]) for j in range(k)) for i in range(n_queries)]
+
+
+def read_queries(uri: str, default_grader: str | None, judge: bool) -> list[dict]:
+    """Query rows, checked: a bad one is an error naming the file, row and field."""
+    table = read_table(uri)
+    for name in ("query_id", "query"):
+        if name not in table.column_names:
+            raise bench_error(uri, None, name, f"missing column {name!r}; queries need "
+                              "query_id, query (optional category, reference, grader)")
+    rows = table.to_pylist()
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        for name in ("query_id", "query"):
+            if row.get(name) is None or not str(row[name]).strip():
+                raise bench_error(uri, i, name, "is empty")
+        row["query_id"] = str(row["query_id"])
+        if row["query_id"] in seen:
+            raise bench_error(uri, i, "query_id", f"duplicate query_id {row['query_id']!r}")
+        seen.add(row["query_id"])
+        grader = row.get("grader") or default_grader or ("exact" if row.get("reference") is not None
+                                                        else ("judge" if judge else None))
+        if grader not in graders.GRADER_NAMES:
+            raise bench_error(uri, i, "grader", f"grader {grader!r}: give one of "
+                              f"{graders.GRADER_NAMES} in the row or with --grader")
+        if grader != "judge" and row.get("reference") is None:
+            raise bench_error(uri, i, "reference", f"grader {grader!r} needs a reference")
+        if grader == "judge" and not judge:
+            raise bench_error(uri, i, "grader", "grader 'judge' needs --judge-model")
+        row.update(grader=grader, category=row.get("category"),
+                   reference=None if row.get("reference") is None else str(row["reference"]))
+    return rows
+
+
+def answer_requests(queries: list[dict], catalog: Catalog, arms: str, seed: int) -> pa.Table:
+    every = list(range(catalog.n_arms))
+    dealt = (None if arms == "all"
+             else assign_arms(len(queries), catalog.n_arms, int(arms), seed))
+    rows = []
+    for i, query in enumerate(queries):
+        for j in (every if dealt is None else dealt[i]):
+            model, budget = catalog.arms[j]
+            rows.append(arm_request(catalog, query["query_id"], query["query"], model, budget))
+    return requests_table(rows)
+
+
+def judge_requests(answers: pa.Table, queries: dict[str, dict], judge: Catalog,
+                   judge_model: str) -> pa.Table:
+    """One judge call per answer whose grader is the judge or that has a reference (to measure
+    the judge against the reference graders)."""
+    rows = []
+    for answer in answers.to_pylist():
+        query = queries[answer["query_id"]]
+        if query["grader"] != "judge" and query["reference"] is None:
+            continue
+        row = request_row(judge, "judge", answer["query_id"], judge_model, 0,
+                          graders.judge_messages(query["query"], answer["response"] or "",
+                                                 query["reference"]), JUDGE_MAX_TOKENS)
+        row.update(key=f"{answer['key']}-judge", model=judge_model, budget=0)
+        row["query_id"] = json.dumps([answer["query_id"], answer["model"], answer["budget"]])
+        rows.append(row)
+    return requests_table(rows)
+
+
+@dataclass
+class CollectResult:
+    bench_rows: int
+    answers: EngineRun
+    judge: EngineRun | None
+    stats: pa.Table
+    agreement: dict | None
+    ungraded: int
+    manifest: dict
+
+    def summary(self) -> str:
+        a = self.answers
+        lines = [f"bench: {self.bench_rows:,} rows "
+                 f"({a.results.num_rows:,} answered, {a.failures.num_rows:,} failed calls, "
+                 f"{self.ungraded:,} ungraded)",
+                 f"spend: ${self.manifest['spend']['total_usd']:.6f} "
+                 f"(answers ${a.spend['realised_usd']:.6f}"
+                 + (f", judge ${self.judge.spend['realised_usd']:.6f}" if self.judge else "")
+                 + ")"]
+        for endpoint, t in a.throughput.items():
+            lines.append(f"  {endpoint}: {t['calls']} calls, {t['calls_per_s']:.2f} calls/s, "
+                         f"{t['output_tokens_per_s']:.1f} output tokens/s")
+        if self.agreement:
+            lines.append(f"judge vs reference graders: agreement {self.agreement['agreement']} "
+                         f"on {self.agreement['rows']} rows")
+        if a.failures.num_rows:
+            lines.append(f"failures: {a.summary()['failure_reasons']} — rerun to retry them")
+        return "\n".join(lines + [format_stats(self.stats)])
+
+
+def dry_run(config: CollectConfig) -> str:
+    catalog = load_catalog(config.catalog)
+    queries = read_queries(config.queries, config.grader, config.judge_model is not None)
+    requests = answer_requests(queries, catalog, config.arms, config.seed)
+    from r2ray.execution.engine import plan
+
+    todo, done = plan(requests, storage.join(config.work_dir, "answers"))
+    worst = worst_case_usd(todo)
+    judged = 0
+    judge_worst = 0.0
+    if config.judge_model:
+        judge = load_catalog(config.judge_catalog or config.catalog)
+        spec = judge.model(config.judge_model)
+        by_id = {q["query_id"]: q for q in queries}
+        for r in requests.to_pylist():   # judge prompt bound: query + reference + a full answer
+            q = by_id[r["query_id"]]
+            if q["grader"] == "judge" or q["reference"] is not None:
+                judged += 1
+                bound = (r["input_tokens_bound"] + len((q["reference"] or "").encode())
+                         + r["max_tokens"] + len(graders.JUDGE_RUBRIC.encode()) + 64)
+                judge_worst += (bound * spec.input_per_m + JUDGE_MAX_TOKENS * spec.output_per_m) * 1e-6
+    return (f"dry run: {todo.num_rows:,} answer calls to make ({done.num_rows:,} already done), "
+            f"worst case ${worst:.6f} at the caps"
+            + (f"; up to {judged:,} judge calls, worst case ${judge_worst:.6f}" if judged else "")
+            + f"; total worst case ${worst + judge_worst:.6f}")
+
+
+def collect(config: CollectConfig, progress=None) -> CollectResult:
+    """Answer, judge where asked, grade, write the bench (and its catalogue), then the manifest."""
+    check_output_name(config.out, "--out")
+    catalog = load_catalog(config.catalog)
+    judge_cat = load_catalog(config.judge_catalog or config.catalog) if config.judge_model else None
+    if judge_cat is not None:
+        judge_cat.model(config.judge_model)
+    queries = read_queries(config.queries, config.grader, judge_cat is not None)
+    by_id = {q["query_id"]: q for q in queries}
+    requests = answer_requests(queries, catalog, config.arms, config.seed)
+    open_work(config.work_dir)
+    answers = run_requests(requests, storage.join(config.work_dir, "answers"), catalog,
+                           config.engine, progress)
+    judge_run = None
+    scores: dict[str, float] = {}
+    if judge_cat is not None:
+        jreq = judge_requests(answers.results, by_id, judge_cat, config.judge_model)
+        cap = config.engine.max_spend_usd
+        engine = config.engine if cap is None else _with_cap(
+            config.engine, cap - answers.spend["realised_usd"])
+        judge_run = run_requests(jreq, storage.join(config.work_dir, "judge"), judge_cat, engine,
+                                 progress)
+        for r in judge_run.results.to_pylist():
+            score = graders.parse_judge_score(r["response"])
+            if score is not None:
+                scores[r["key"].removesuffix("-judge")] = score
+    rows, pairs_judge, pairs_ref, ungraded = [], [], [], 0
+    for answer in answers.results.to_pylist():
+        query = by_id[answer["query_id"]]
+        reference_grade = (None if query["grader"] == "judge" else
+                           graders.grade(query["grader"], answer["response"], query["reference"]))
+        judged = scores.get(answer["key"])
+        if reference_grade is not None and judged is not None:
+            pairs_judge.append(judged)
+            pairs_ref.append(reference_grade)
+        quality = judged if query["grader"] == "judge" else reference_grade
+        if quality is None:
+            ungraded += 1    # the judge failed or gave no score: no row, never a 0
+            continue
+        rows.append({"query_id": answer["query_id"], "query": query["query"],
+                     "category": query["category"], "model": answer["model"],
+                     "budget": answer["budget"], "input_tokens": answer["input_tokens"],
+                     "output_tokens": answer["output_tokens"], "quality": float(quality),
+                     "truncated": answer["truncated"], "response": answer["response"],
+                     "cost_usd": answer["cost_usd"]})
+    bench = validate_bench(pa.Table.from_pylist(rows), config.out, catalog)
+    write_table(bench, config.out)
+    save_catalog(catalog, config.out.rsplit(".", 1)[0] + ".catalog.yaml")
+    stats = bench_stats(bench, catalog)
+    agreement = graders.agreement(pairs_judge, pairs_ref) if judge_cat is not None else None
+    judge_spend = judge_run.spend["realised_usd"] if judge_run else 0.0
+    manifest = {
+        "kind": "bench-collect", "r2ray_version": __version__, "bench": config.out,
+        "catalog_fingerprint": catalog.fingerprint,
+        "config": {"queries": config.queries, "catalog": config.catalog, "arms": config.arms,
+                   "seed": config.seed, "grader": config.grader, "judge_model": config.judge_model,
+                   "max_spend_usd": config.engine.max_spend_usd},
+        "counts": {"queries": len(queries), "requests": requests.num_rows,
+                   "bench_rows": bench.num_rows, "ungraded": ungraded},
+        "answers": answers.summary(), "judge": judge_run.summary() if judge_run else None,
+        "judge_agreement": agreement,
+        "spend": {"total_usd": answers.spend["realised_usd"] + judge_spend},
+        "stats": _stats_records(stats),
+    }
+    commit_work(config.work_dir, redact_values(manifest))
+    return CollectResult(bench.num_rows, answers, judge_run, stats, agreement, ungraded, manifest)
+
+
+def _with_cap(engine: EngineConfig, cap: float) -> EngineConfig:
+    from dataclasses import replace
+
+    return replace(engine, max_spend_usd=max(0.0, cap))
+
+
+def _stats_records(stats: pa.Table) -> list[dict]:
+    return [dict(r, budget=budget_label(r["budget"])) for r in stats.to_pylist()]

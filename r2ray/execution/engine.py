@@ -1,0 +1,319 @@
+"""The execution engine: request rows → (Ray Data, async HTTP per endpoint) → result parts.
+
+Work folder layout::
+
+    parts/part-<hash>.parquet      answered requests (RESULT_SCHEMA), one file per finished batch
+    failures/part-<hash>.parquet   requests that got no usable answer, the reason in ``error``
+    manifest.json                  written LAST by the caller (collect, execute)
+
+Crash safety: a part is written whole (temp name + rename) once its batch is done and is named by
+its keys, so a kill loses at most the batches in flight. A rerun reads the parts, runs only the
+keys not answered (last run's failures included: they are cleared at the start and retried), and
+the final table keeps one row per key. A failure is never a quality-0 row: it has no answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from r2ray import storage
+from r2ray.catalog import Catalog
+from r2ray.execution.client import (RESULT_SCHEMA, EndpointLimiter, EndpointSettings, chat_url,
+                                    execute_one)
+from r2ray.execution.policy import RetryPolicy, SpendBook, plan_todo
+from r2ray.execution.requests import worst_case_usd
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 4   # requests in flight per endpoint when the catalogue sets none
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run: Ray or in-process, workers, batch size, retries, the spend cap (USD)."""
+
+    executor: str = "ray"            # "ray" (Ray Data actor pool) or "local" (this process)
+    workers: int = 1                 # Ray actors; the catalogue's limits are shared among them
+    cpus_per_worker: float = 0.25    # workers mostly wait on the network
+    batch_rows: int = 8              # requests per part: what a kill can lose
+    max_spend_usd: float | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    seed: int = 0                    # backoff jitter
+    progress_every_s: float = 10.0
+
+
+def endpoint_settings(catalog: Catalog, models: list[str], workers: int) -> dict:
+    """{model: EndpointSettings} with the catalogue's limits divided among ``workers``."""
+    out = {}
+    for name in models:
+        spec = catalog.model(name)
+        share = max(1, workers)
+        out[name] = EndpointSettings(
+            url=chat_url(spec.endpoint), api_key_env=spec.api_key_env,
+            max_concurrency=max(1, (spec.max_concurrency or DEFAULT_CONCURRENCY) // share),
+            requests_per_minute=None if spec.requests_per_minute is None
+            else spec.requests_per_minute / share,
+            tokens_per_minute=None if spec.tokens_per_minute is None
+            else spec.tokens_per_minute / share)
+    return out
+
+
+class _LocalBook:
+    def __init__(self, book: SpendBook):
+        self.book = book
+
+    async def reserve(self, worst_usd: float) -> bool:
+        return self.book.reserve(worst_usd)
+
+    async def settle(self, worst_usd: float, cost_usd: float) -> None:
+        self.book.settle(worst_usd, cost_usd)
+
+
+class _ActorBook:
+    def __init__(self, actor):
+        self.actor = actor
+
+    async def reserve(self, worst_usd: float) -> bool:
+        return await self.actor.reserve.remote(worst_usd)
+
+    async def settle(self, worst_usd: float, cost_usd: float) -> None:
+        await self.actor.settle.remote(worst_usd, cost_usd)
+
+
+class SpendLedger(SpendBook):
+    """The one :class:`SpendBook` of a run, as a Ray actor the workers share."""
+
+    def __init__(self, cap_usd: float | None, realised_usd: float):
+        super().__init__(cap_usd=cap_usd, realised_usd=realised_usd)
+
+
+class RequestWorker:
+    """Ray Data callable class: a batch of request rows (Arrow) → its result rows. Keeps one event
+    loop, one HTTP client and one limiter per endpoint across batches."""
+
+    def __init__(self, settings: dict, retry: dict, ledger=None, book: SpendBook | None = None,
+                 seed: int = 0):
+        self.settings = {m: EndpointSettings(**s) for m, s in settings.items()}
+        self.retry = RetryPolicy(**retry)
+        self.book = _ActorBook(ledger) if ledger is not None else _LocalBook(book or SpendBook())
+        self.rng = random.Random(seed ^ os.getpid())
+        self._loop = asyncio.new_event_loop()
+        self._client: httpx.AsyncClient | None = None
+        self._limiters: dict[str, EndpointLimiter] = {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self._loop.run_until_complete(self._run(batch.to_pylist()))
+
+    async def _run(self, requests: list[dict]) -> pa.Table:
+        if self._client is None:
+            self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256))
+        for request in requests:
+            url = self.settings[request["model"]].url
+            if url not in self._limiters:
+                self._limiters[url] = EndpointLimiter(self.settings[request["model"]])
+        rows = await asyncio.gather(*(
+            execute_one(self._client, r, self.settings[r["model"]],
+                        self._limiters[self.settings[r["model"]].url], self.retry, self.book,
+                        self.rng) for r in requests))
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+
+# ---- the work folder ---------------------------------------------------------------------------
+def _part_name(keys: list[str]) -> str:
+    return "part-" + hashlib.blake2b("\n".join(sorted(keys)).encode(),
+                                     digest_size=10).hexdigest() + ".parquet"
+
+
+def _write(table: pa.Table, folder: str) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes(storage.join(folder, _part_name(table.column("key").to_pylist())),
+                        sink.getvalue().to_pybytes())
+
+
+def read_parts(folder: str) -> pa.Table:
+    """Every result row under ``folder`` (RESULT_SCHEMA), or an empty table."""
+    if not storage.exists(folder):
+        return RESULT_SCHEMA.empty_table()
+    fs, _ = storage.filesystem(folder)
+    try:
+        files = storage.list_files(folder, (".parquet",))
+    except FileNotFoundError:   # an empty folder
+        return RESULT_SCHEMA.empty_table()
+    tables = []
+    for uri in files:
+        with fs.open(storage.filesystem(uri)[1], "rb") as handle:
+            tables.append(pq.read_table(handle).cast(RESULT_SCHEMA))
+    return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+
+
+def first_per_key(results: pa.Table) -> tuple[pa.Table, int]:
+    """One row per key (the first), and how many repeats were dropped."""
+    if results.num_rows == 0:
+        return results, 0
+    _, first = np.unique(np.asarray(results.column("key").to_pylist(), dtype=object),
+                         return_index=True)
+    first = np.sort(first)
+    return results.take(pa.array(first)), results.num_rows - len(first)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+@dataclass
+class EngineRun:
+    """What one run did: counts, spend (USD), timings and the results read back from the parts."""
+
+    results: pa.Table                 # answered, one row per key (every run so far)
+    failures: pa.Table                # not answered in this run, a reason each
+    calls_planned: int
+    calls_done_before: int
+    duplicates_dropped: int
+    spend: dict
+    wall_s: float
+    throughput: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out.pop("results"), out.pop("failures")
+        out.update(answered=self.results.num_rows, failed=self.failures.num_rows,
+                   failure_reasons=failure_reasons(self.failures))
+        return out
+
+
+def failure_reasons(failures: pa.Table) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for reason in failures.column("error").to_pylist():
+        head = (reason or "").split(":")[0] if reason and reason.startswith("HTTP") else reason
+        counts[head] = counts.get(head, 0) + 1
+    return counts
+
+
+def throughput_by_endpoint(results: pa.Table) -> dict[str, dict]:
+    """Per endpoint: calls answered, calls/s and output tokens/s over its busy span."""
+    out = {}
+    for endpoint in sorted(set(results.column("endpoint").to_pylist())):
+        rows = results.filter(pc.equal(results["endpoint"], endpoint))
+        span = max(1e-9, pc.max(rows["ended_s"]).as_py() - pc.min(rows["started_s"]).as_py())
+        tokens = pc.sum(rows["output_tokens"]).as_py() or 0
+        out[endpoint] = {"calls": rows.num_rows, "span_s": round(span, 2),
+                         "calls_per_s": round(rows.num_rows / span, 3),
+                         "output_tokens_per_s": round(tokens / span, 2)}
+    return out
+
+
+def plan(requests: pa.Table, work_dir: str) -> tuple[pa.Table, pa.Table]:
+    """(requests still to do, results already in the parts)."""
+    done = read_parts(storage.join(work_dir, "parts"))
+    todo_keys = set(plan_todo(requests.column("key").to_pylist(),
+                              set(done.column("key").to_pylist())))
+    mask = pa.array([k in todo_keys for k in requests.column("key").to_pylist()], pa.bool_())
+    return requests.filter(mask), done
+
+
+def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: EngineConfig,
+                 progress: Callable[[str], None] | None = None) -> EngineRun:
+    """Run every request not yet answered in ``work_dir``; parts written as batches finish."""
+    started = time.perf_counter()
+    todo, done = plan(requests, work_dir)
+    storage.remove(storage.join(work_dir, "failures"))   # last run's failures: retried now
+    realised = float(pc.sum(done["cost_usd"]).as_py() or 0.0) if done.num_rows else 0.0
+    models = sorted(set(requests.column("model").to_pylist()))
+    settings = {m: asdict(s) for m, s in endpoint_settings(catalog, models,
+                                                            config.workers).items()}
+    meter = _Progress(todo.num_rows, realised, config.progress_every_s,
+                      progress or (lambda line: print(line, file=sys.stderr, flush=True)))
+    if todo.num_rows:
+        batches = (_ray_batches if config.executor == "ray" else _local_batches)(
+            todo, settings, config, realised)
+        for batch, spend in batches:
+            ok = batch.filter(batch["ok"])
+            failed = batch.filter(pc.invert(batch["ok"]))
+            if ok.num_rows:
+                _write(ok, storage.join(work_dir, "parts"))
+            if failed.num_rows:
+                _write(failed, storage.join(work_dir, "failures"))
+            meter.update(batch, spend)
+    meter.finish()
+    results, dropped = first_per_key(read_parts(storage.join(work_dir, "parts")))
+    failures = read_parts(storage.join(work_dir, "failures"))
+    return EngineRun(results=results, failures=failures, calls_planned=todo.num_rows,
+                     calls_done_before=done.num_rows, duplicates_dropped=dropped,
+                     spend={"cap_usd": config.max_spend_usd, "realised_before_usd": realised,
+                            "realised_usd": float(pc.sum(results["cost_usd"]).as_py() or 0.0),
+                            "worst_case_planned_usd": worst_case_usd(todo),
+                            "refused_calls": meter.refused},
+                     wall_s=round(time.perf_counter() - started, 3),
+                     throughput=throughput_by_endpoint(results) if results.num_rows else {})
+
+
+def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float):
+    book = SpendBook(cap_usd=config.max_spend_usd, realised_usd=realised)
+    worker = RequestWorker(settings, asdict(config.retry), book=book, seed=config.seed)
+    try:
+        for start in range(0, todo.num_rows, config.batch_rows):
+            yield worker(todo.slice(start, config.batch_rows)), book.state()
+    finally:
+        worker.close()
+
+
+def _ray_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float):
+    import ray
+
+    from r2ray.batch.job import _init_ray
+
+    _init_ray()
+    ledger = ray.remote(num_cpus=0)(SpendLedger).remote(config.max_spend_usd, realised)
+    ds = ray.data.from_arrow(todo).repartition(
+        max(1, -(-todo.num_rows // config.batch_rows))).map_batches(
+        RequestWorker, batch_size=config.batch_rows, batch_format="pyarrow",
+        fn_constructor_kwargs={"settings": settings, "retry": asdict(config.retry),
+                               "ledger": ledger, "seed": config.seed},
+        compute=ray.data.ActorPoolStrategy(size=config.workers), num_cpus=config.cpus_per_worker)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch, ray.get(ledger.state.remote())
+
+
+class _Progress:
+    """calls done, rate, spend so far, ETA — one line every ``every_s`` seconds."""
+
+    def __init__(self, total: int, realised: float, every_s: float, emit: Callable[[str], None]):
+        self.total, self.done, self.failed, self.refused = total, 0, 0, 0
+        self.spend_usd, self.every_s, self.emit = realised, every_s, emit
+        self.start = self.last = time.perf_counter()
+
+    def update(self, batch: pa.Table, spend: dict) -> None:
+        self.done += batch.num_rows
+        self.failed += batch.num_rows - pc.sum(batch["ok"].cast(pa.int64())).as_py()
+        self.spend_usd, self.refused = spend["realised_usd"], spend["refused"]
+        if time.perf_counter() - self.last >= self.every_s:
+            self.emit(self.line())
+            self.last = time.perf_counter()
+
+    def line(self) -> str:
+        elapsed = max(1e-9, time.perf_counter() - self.start)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        return (f"calls {self.done:,}/{self.total:,} ({self.failed:,} failed), {rate:.2f}/s, "
+                f"spend ${self.spend_usd:.6f}, ETA {eta:.0f} s")
+
+    def finish(self) -> None:
+        if self.total:
+            self.emit(self.line())

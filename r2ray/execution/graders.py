@@ -1,0 +1,127 @@
+"""Graders: a response and a reference → quality in [0, 1]. Pure functions, one registry.
+
+``exact`` (normalised string match, also against the text after a final "answer:"),
+``choice`` (the multiple-choice letter the response commits to), ``numeric`` / ``math``
+(math-verify's parser and checker: numbers, fractions, LaTeX, units) — and ``judge``, an LLM
+through any OpenAI-compatible endpoint: :func:`judge_messages` asks it for a score with a rubric,
+:func:`parse_judge_score` reads one back (None: the judge gave none — a failure, never a 0).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable
+
+from r2ray.errors import R2RayError
+
+_ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*(.+)$", re.IGNORECASE | re.DOTALL)
+_LETTER_PATTERNS = [   # most explicit first
+    re.compile(r"answer\s*(?:is|:)?\s*\(?\**([A-J])\**\)?(?![A-Za-z])", re.IGNORECASE),
+    re.compile(r"^\s*\(?\**([A-J])\**[\)\.:](?![A-Za-z])"),
+    re.compile(r"^\s*([A-J])\s*$"),
+    re.compile(r"\(([A-J])\)"),
+    re.compile(r"(?<![A-Za-z])([A-J])\)"),
+]
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([01](?:\.\d+)?|\.\d+)", re.IGNORECASE)
+
+
+class GraderError(R2RayError, ValueError):
+    pass
+
+
+def normalise(text: str) -> str:
+    """Lower case, single spaces, no surrounding punctuation or quotes."""
+    text = " ".join(str(text).lower().split())
+    return text.strip(string.punctuation + " “”‘’")
+
+
+def grade_exact(response: str, reference: str) -> float:
+    want = normalise(reference)
+    candidates = [response]
+    found = _ANSWER.search(response)
+    if found:
+        candidates.append(found.group(1).splitlines()[0])
+    lines = [line for line in response.strip().splitlines() if line.strip()]
+    if lines:
+        candidates.append(lines[-1])
+    return float(any(normalise(c) == want for c in candidates))
+
+
+def choice_letter(response: str) -> str | None:
+    """The letter a response commits to (A–J), or None."""
+    for pattern in _LETTER_PATTERNS:
+        found = pattern.search(response.strip())
+        if found:
+            return found.group(1).upper()
+    return None
+
+
+def grade_choice(response: str, reference: str) -> float:
+    want = choice_letter(reference) or normalise(reference).upper()
+    return float(choice_letter(response) == want)
+
+
+def grade_numeric(response: str, reference: str) -> float:
+    """math-verify: the response's final answer equals the reference (numbers, fractions,
+    expressions, LaTeX). No signal timeouts: graders run in worker threads."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise GraderError("the numeric and math graders need math-verify: pip install "
+                          "'math-verify>=0.9' (in r2ray's dev extra)") from None
+
+    gold = parse(str(reference), parsing_timeout=None)
+    answer = parse(str(response), parsing_timeout=None)
+    if not gold or not answer:
+        return 0.0
+    return float(verify(gold, answer, timeout_seconds=None))
+
+
+GRADERS: dict[str, Callable[[str, str], float]] = {
+    "exact": grade_exact, "choice": grade_choice, "numeric": grade_numeric, "math": grade_numeric,
+}
+GRADER_NAMES = [*GRADERS, "judge"]
+
+
+def grade(grader: str, response: str, reference: str) -> float:
+    try:
+        return GRADERS[grader](response, reference)
+    except KeyError:
+        raise GraderError(f"unknown grader {grader!r}; use one of {GRADER_NAMES}") from None
+
+
+JUDGE_RUBRIC = """You are grading an answer to a question. Rate how correct and useful the answer is.
+1.0: fully correct and answers the question. 0.5: partly correct or incomplete.
+0.0: wrong, off-topic or empty. A reference answer, when given, is correct.
+Reply with one line: "Score: X" where X is a number between 0 and 1."""
+
+
+def judge_messages(query: str, response: str, reference: str | None) -> list[dict[str, str]]:
+    parts = [f"Question:\n{query}"]
+    if reference:
+        parts.append(f"Reference answer:\n{reference}")
+    parts.append(f"Answer to grade:\n{response}")
+    return [{"role": "system", "content": JUDGE_RUBRIC},
+            {"role": "user", "content": "\n\n".join(parts) + "\n\nScore:"}]
+
+
+def parse_judge_score(text: str) -> float | None:
+    """The score in [0, 1] from a judge's reply: "Score: X", else a lone number; None if none."""
+    found = _SCORE.search(text or "")
+    if found is None:
+        found = re.match(r"^\s*([01](?:\.\d+)?|\.\d+)\s*$", text or "")
+    if found is None:
+        return None
+    value = float(found.group(1))
+    return value if 0.0 <= value <= 1.0 else None
+
+
+def agreement(judge: list[float], exact: list[float], threshold: float = 0.5) -> dict:
+    """How often the judge (score ≥ threshold) agrees with a reference grader (1 = correct)."""
+    pairs = list(zip(judge, exact))
+    if not pairs:
+        return {"rows": 0, "agreement": None, "mean_abs_diff": None}
+    agree = sum((j >= threshold) == (e >= 0.5) for j, e in pairs) / len(pairs)
+    return {"rows": len(pairs), "agreement": round(agree, 4),
+            "mean_abs_diff": round(sum(abs(j - e) for j, e in pairs) / len(pairs), 4)}

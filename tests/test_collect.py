@@ -1,0 +1,212 @@
+"""``r2ray bench collect`` against the fault-injecting stub: graders, arms, judge, spend, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from r2ray.bench.io import read_bench
+from r2ray.bench.schema import BenchError
+from r2ray.cli import main
+from r2ray.execution import graders
+from r2ray.execution.collect import assign_arms, read_queries
+from r2ray.execution.stub import StubServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_catalog(path: Path, url: str, judge: bool = False) -> str:
+    models = [{"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+               "endpoint": url, "max_output_tokens": 24},
+              {"name": "large", "input_per_m": 10.0, "output_per_m": 30.0, "context": 4096,
+               "endpoint": url, "max_output_tokens": 24}]
+    path.write_text(yaml.safe_dump({"budgets": [4, 12, "default"], "models": models}))
+    if judge:
+        Path(str(path) + ".judge.yaml").write_text(yaml.safe_dump({"budgets": ["default"], "models": [
+            {"name": "judge", "input_per_m": 0.5, "output_per_m": 1.0, "context": 8192,
+             "endpoint": url}]}))
+    return str(path)
+
+
+def write_queries(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+QUERIES = [
+    {"query_id": "add", "query": "What is 2+3? [say:5]", "reference": "5", "grader": "numeric",
+     "category": "math"},
+    {"query_id": "half", "query": "Half of 1? [say:0.5]", "reference": "1/2", "grader": "math",
+     "category": "math"},
+    {"query_id": "wrong", "query": "What is 6*7? [say:The answer is 41]", "reference": "42",
+     "grader": "numeric", "category": "math"},
+    {"query_id": "mc", "query": "Pick the fruit: A) car B) apple [say:Answer: B]",
+     "reference": "B", "grader": "choice", "category": "mc"},
+    {"query_id": "city", "query": "Capital of France? [say:Paris.]", "reference": "paris",
+     "category": "facts"},
+    {"query_id": "long", "query": "Count. [say:" + " ".join(map(str, range(40))) + "]",
+     "reference": "0", "grader": "exact", "category": "facts"},
+]
+
+
+# ---- pure ----------------------------------------------------------------------------------------
+def test_graders():
+    assert graders.grade("exact", "Paris.", "paris") == 1.0
+    assert graders.grade("exact", "I think so.\nAnswer: Paris", "Paris") == 1.0
+    assert graders.grade("exact", "Lyon", "Paris") == 0.0
+    assert graders.grade("choice", "Answer: B", "B") == 1.0
+    assert graders.grade("choice", "(C) is right", "(C)") == 1.0
+    assert graders.grade("choice", "A) car\n\nThe correct answer is D) chair.", "B") == 0.0
+    assert graders.grade("numeric", "17 + 25 = 42", "42") == 1.0
+    assert graders.grade("numeric", "It is 0.5", "1/2") == 1.0
+    assert graders.grade("math", "$\\frac{3}{4}$", "0.75") == 1.0
+    assert graders.grade("numeric", "41", "42") == 0.0
+    assert graders.grade("numeric", "no idea", "42") == 0.0
+    assert graders.parse_judge_score("Score: 0.75") == 0.75
+    assert graders.parse_judge_score(" 1 ") == 1.0
+    assert graders.parse_judge_score("Score: 7") is None and graders.parse_judge_score("good") is None
+    assert graders.agreement([1.0, 0.2, 0.9], [1.0, 1.0, 1.0]) == {
+        "rows": 3, "agreement": 0.6667, "mean_abs_diff": 0.3}
+    with pytest.raises(graders.GraderError, match="unknown grader"):
+        graders.grade("fuzzy", "a", "b")
+
+
+def test_arms_are_dealt_evenly():
+    dealt = assign_arms(n_queries=10, n_arms=6, k=2, seed=3)
+    assert all(len(set(arms)) == 2 for arms in dealt)
+    counts = Counter(a for arms in dealt for a in arms)
+    assert set(counts) == set(range(6)) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_bad_queries_name_row_and_field(tmp_path):
+    bad = write_queries(tmp_path / "q.jsonl", [{"query_id": "a", "query": "x", "grader": "exact"}])
+    with pytest.raises(BenchError, match=r"row 1, field 'reference'"):
+        read_queries(bad, None, judge=False)
+    dup = write_queries(tmp_path / "d.jsonl", [{"query_id": "a", "query": "x", "reference": "1"}] * 2)
+    with pytest.raises(BenchError, match=r"row 2, field 'query_id': duplicate"):
+        read_queries(dup, None, judge=False)
+    judge = write_queries(tmp_path / "j.jsonl", [{"query_id": "a", "query": "x", "grader": "judge"}])
+    with pytest.raises(BenchError, match="needs --judge-model"):
+        read_queries(judge, None, judge=False)
+
+
+# ---- against the stub --------------------------------------------------------------------------------
+def test_collect_grades_every_arm(tmp_path, capsys):
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        queries = write_queries(tmp_path / "q.jsonl",
+                                QUERIES + [{"query_id": "broken", "query": "[fault:400]",
+                                            "reference": "1"}])
+        out = tmp_path / "bench.parquet"
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(out), "--executor", "local", "--dry-run"]) == 0
+        assert "42 answer calls to make" in capsys.readouterr().out
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(out), "--executor", "local", "--max-attempts", "2"]) == 0
+    printed = capsys.readouterr().out
+    bench = read_bench(str(out)).to_pylist()
+    assert len(bench) == 36                          # 6 queries × 2 models × 3 budgets
+    quality = {(r["query_id"], r["model"], r["budget"]): r["quality"] for r in bench}
+    for arm in [("small", 4), ("large", 12), ("large", 0)]:
+        assert quality[("add", *arm)] == quality[("half", *arm)] == quality[("mc", *arm)] == 1.0
+        assert quality[("city", *arm)] == 1.0 and quality[("wrong", *arm)] == 0.0
+    long = {(r["model"], r["budget"]): r for r in bench if r["query_id"] == "long"}
+    assert long[("small", 4)]["truncated"] and long[("small", 4)]["output_tokens"] == 12  # 4 + 8
+    assert long[("small", 12)]["output_tokens"] == 20 and long[("small", 0)]["output_tokens"] == 24
+    for r in bench:
+        price_in, price_out = (1e-6, 2e-6) if r["model"] == "small" else (10e-6, 30e-6)
+        assert r["cost_usd"] == pytest.approx(r["input_tokens"] * price_in
+                                              + r["output_tokens"] * price_out)
+    assert not any(r["query_id"] == "broken" for r in bench)   # a failure is no quality-0 row
+    work = tmp_path / "bench.work"
+    failures = pq.read_table(work / "answers" / "failures").to_pylist()
+    assert len(failures) == 6 and all("HTTP 400" in f["error"] for f in failures)
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["counts"]["bench_rows"] == 36 and manifest["spend"]["total_usd"] > 0
+    assert (tmp_path / "bench.catalog.yaml").exists()
+    assert "calls/s" in printed and "failures" in printed
+
+
+def test_collect_with_a_judge_and_k_arms(tmp_path):
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url, judge=True)
+        rows = QUERIES[:4] + [{"query_id": "essay", "query": "Why? [say:because]",
+                               "grader": "judge"}]
+        queries = write_queries(tmp_path / "q.jsonl", rows)
+        out = tmp_path / "bench.jsonl"
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(out), "--executor", "local", "--arms", "2", "--judge-model", "judge",
+                     "--judge-catalog", catalog + ".judge.yaml"]) == 0
+    bench = read_bench(str(out)).to_pylist()
+    assert len(bench) == 10 and Counter(r["query_id"] for r in bench) == Counter(
+        {q["query_id"]: 2 for q in rows})
+    assert all(r["quality"] == 0.5 for r in bench if r["query_id"] == "essay")
+    manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
+    judge_calls = [c for c in stub.calls if c["model"] == "judge"]
+    assert len(judge_calls) == 10
+    assert manifest["judge_agreement"]["rows"] == 8
+    # the stub judge looks for the reference's text: it fails "0.5" against "1/2", math-verify
+    # does not — 2 of the 8 referenced rows disagree
+    assert manifest["judge_agreement"]["agreement"] == 0.75
+    assert manifest["spend"]["total_usd"] == pytest.approx(
+        manifest["answers"]["spend"]["realised_usd"] + manifest["judge"]["spend"]["realised_usd"])
+
+
+def test_kill_mid_collection_then_resume(tmp_path):
+    """SIGKILL while parts are being written; the rerun sends only what is missing."""
+    n = 30
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        queries = write_queries(tmp_path / "q.jsonl", [
+            {"query_id": f"q{i}", "query": f"{i}+0? [say:{i}] [slow:0.05]", "reference": str(i),
+             "grader": "numeric"} for i in range(n)])
+        out = tmp_path / "bench.parquet"
+        args = ["bench", "collect", "--queries", queries, "--catalog", catalog, "--out", str(out),
+                "--executor", "local", "--batch-rows", "4"]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        child = subprocess.Popen([sys.executable, "-m", "r2ray.cli", *args], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        parts = tmp_path / "bench.work" / "answers" / "parts"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 5:
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        done_before = len(list(parts.glob("*.parquet")))
+        assert 5 <= done_before < n * 6 / 4, "the kill came too late to test a resume"
+        assert not out.exists() and not (tmp_path / "bench.work" / "manifest.json").exists()
+        sent_before = len(stub.answered())
+        assert main(args) == 0
+        sent_after = len(stub.answered()) - sent_before
+    bench = read_bench(str(out))   # validates (query_id, model, budget) unique
+    assert bench.num_rows == n * 6
+    assert sent_after <= n * 6 - 4 * done_before       # done parts were not sent again
+    assert sent_before + sent_after <= n * 6 + 4       # at most one killed batch was sent twice
+    manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
+    assert manifest["answers"]["duplicates_dropped"] == 0
+    assert manifest["answers"]["calls_done_before"] == 4 * done_before
+
+
+def test_spend_cap_through_the_cli(tmp_path, capsys):
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        queries = write_queries(tmp_path / "q.jsonl", QUERIES)
+        out = tmp_path / "bench.parquet"
+        cap = 0.0005
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(out), "--executor", "local", "--max-spend-usd", str(cap)]) == 0
+    manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
+    assert 0 < manifest["spend"]["total_usd"] <= cap
+    assert manifest["answers"]["failure_reasons"] == {
+        "spend cap: issuing it could pass --max-spend-usd": 36 - manifest["counts"]["bench_rows"]}
+    assert manifest["counts"]["bench_rows"] < 36

@@ -1,0 +1,159 @@
+"""The execution engine: pure decisions, then the failure paths against the fault-injecting stub."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pyarrow.compute as pc
+import pytest
+
+from r2ray.catalog import CatalogError, catalog_from_dict
+from r2ray.execution.client import read_usage
+from r2ray.execution.engine import EngineConfig, run_requests
+from r2ray.execution.policy import (RetryPolicy, SpendBook, parse_retry_after, plan_todo,
+                                    retry_decision)
+from r2ray.execution.requests import arm_request, request_key, requests_table
+from r2ray.execution.stub import StubServer
+from r2ray.prompting import LENGTH_INSTRUCTION
+
+
+def stub_catalog(url: str, **extra) -> object:
+    return catalog_from_dict({"budgets": [8, 32, "default"], "models": [
+        {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+         "endpoint": url, "max_output_tokens": 64, **extra},
+        {"name": "large", "input_per_m": 10.0, "output_per_m": 30.0, "context": 4096,
+         "endpoint": url, "max_output_tokens": 64, **extra}]})
+
+
+FAST = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.05, timeout_s=0.5)
+
+
+# ---- pure ----------------------------------------------------------------------------------------
+def test_retry_decisions():
+    rng = random.Random(0)
+    assert retry_decision(FAST, 1, "HTTP 429", 429, "0.7", rng) .delay_s == 0.7
+    assert retry_decision(FAST, 1, "HTTP 503", 503, None, rng).retry
+    assert retry_decision(FAST, 1, "timed out", None, None, rng).retry
+    assert not retry_decision(FAST, 1, "HTTP 400", 400, None, rng).retry
+    assert not retry_decision(FAST, 1, "HTTP 401", 401, None, rng).retry
+    last = retry_decision(FAST, 3, "HTTP 500", 500, None, rng)
+    assert not last.retry and "gave up after 3 attempts" in last.reason
+    delays = [retry_decision(FAST, 2, "x", 500, None, rng).delay_s for _ in range(200)]
+    assert 0 <= min(delays) and max(delays) <= 0.02   # full jitter within base·2^(n-1)
+    assert retry_decision(RetryPolicy(max_retry_after_s=5), 1, "x", 429, "600", rng).delay_s == 5
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+
+
+def test_spend_book_never_passes_the_cap():
+    book = SpendBook(cap_usd=1.0)
+    assert book.reserve(0.6) and not book.reserve(0.6)   # 0.6 in flight + 0.6 > 1
+    book.settle(0.6, 0.1)
+    assert book.reserve(0.6) and book.reserve(0.3) and not book.reserve(0.01 + 1e-9)
+    assert book.state()["refused"] == 2
+
+
+def test_requests_use_the_routing_template_and_cap():
+    catalog = stub_catalog("http://127.0.0.1:1/v1")
+    row = arm_request(catalog, "q1", "What is 2+2?", "small", 32)
+    assert row["messages"][-1]["content"].endswith(LENGTH_INSTRUCTION.format(budget_tokens=32))
+    assert row["max_tokens"] == 40                  # 32 + max(8, 10 %)
+    assert arm_request(catalog, "q1", "x", "small", 0)["max_tokens"] == 64
+    assert row["worst_usd"] == pytest.approx(row["input_tokens_bound"] * 1e-6 + 40 * 2e-6)
+    assert row["key"] == request_key("answer", "q1", "small", 32)
+    assert plan_todo(["a", "b", "c"], {"b"}) == ["a", "c"]
+
+
+def test_usage_estimate_is_flagged_and_clamped():
+    request = {"input_tokens_est": 9, "input_tokens_bound": 40, "max_tokens": 3}
+    assert read_usage({"prompt_tokens": 5, "completion_tokens": 2}, request, "a b") == (5, 2, False)
+    assert read_usage(None, request, "one two three four five") == (9, 3, True)
+
+
+def test_catalogue_execution_fields_are_validated():
+    with pytest.raises(CatalogError, match="api_key_env"):
+        stub_catalog("http://x/v1", api_key_env="not a name")
+    with pytest.raises(CatalogError, match="requests_per_minute"):
+        stub_catalog("http://x/v1", requests_per_minute=0)
+    catalog = stub_catalog("http://x/v1", api_key_env="MY_KEY", max_concurrency=2)
+    assert "MY_KEY" in catalog.to_yaml()
+
+
+# ---- against the stub ------------------------------------------------------------------------------
+def _requests(catalog, prompts: dict[str, str], model="small", budget=32):
+    return requests_table([arm_request(catalog, qid, text, model, budget)
+                           for qid, text in prompts.items()])
+
+
+def test_failure_paths_retry_or_record_a_reason(tmp_path):
+    prompts = {"ok": "[say:4]", "r429": "[fault:429] [say:4]", "r500": "[fault:500]",
+               "timeout": "[fault:timeout]", "badjson": "[fault:badjson]",
+               "nousage": "[fault:nousage] [say:a b c]", "bad400": "[fault:400]",
+               "dead": "[fault:always500]", "long": "[say:" + " ".join(["w"] * 50) + "]"}
+    with StubServer(retry_after="0.3", timeout_sleep_s=1.5) as stub:
+        catalog = stub_catalog(stub.url)
+        run = run_requests(_requests(catalog, prompts), str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=16),
+                           progress=lambda line: None)
+    got = {r["query_id"]: r for r in run.results.to_pylist()}
+    failed = {r["query_id"]: r for r in run.failures.to_pylist()}
+    assert set(got) == {"ok", "r429", "r500", "timeout", "badjson", "nousage", "long"}
+    assert set(failed) == {"bad400", "dead"}
+    assert failed["bad400"]["attempts"] == 1 and "HTTP 400" in failed["bad400"]["error"]
+    assert failed["dead"]["attempts"] == 3 and "gave up" in failed["dead"]["error"]
+    assert all(r["cost_usd"] == 0 and r["response"] is None for r in failed.values())
+    r429 = got["r429"]
+    assert r429["attempts"] == 2 and r429["ended_s"] - r429["started_s"] >= 0.3  # Retry-After
+    assert got["timeout"]["attempts"] == 2 and got["badjson"]["attempts"] == 2
+    assert got["nousage"]["usage_estimated"] and got["nousage"]["output_tokens"] == 3
+    assert not got["ok"]["usage_estimated"] and got["ok"]["response"] == "4"
+    assert got["long"]["truncated"] and got["long"]["output_tokens"] == 40   # the cap
+    for r in got.values():
+        assert r["cost_usd"] == pytest.approx(r["input_tokens"] * 1e-6 + r["output_tokens"] * 2e-6)
+    assert run.throughput and run.summary()["failed"] == 2
+
+
+def test_spend_cap_is_never_passed_and_a_rerun_finishes(tmp_path):
+    prompts = {f"q{i}": f"[say:{'x ' * 30}]" for i in range(12)}
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, prompts, model="large")
+        worst = requests.column("worst_usd").to_pylist()[0]
+        cap = 4.5 * worst
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=3,
+                                        max_spend_usd=cap), progress=lambda line: None)
+        assert run.spend["realised_usd"] <= cap
+        assert 4 <= run.results.num_rows < 12
+        assert set(pc.unique(run.failures["error"]).to_pylist()) == {
+            "spend cap: issuing it could pass --max-spend-usd"}
+        calls = len(stub.calls)
+        rerun = run_requests(requests, str(tmp_path), catalog,
+                             EngineConfig(executor="local", retry=FAST, batch_rows=3),
+                             progress=lambda line: None)
+        assert rerun.results.num_rows == 12 and rerun.failures.num_rows == 0
+        assert len(stub.calls) - calls == 12 - run.results.num_rows   # the done ones not resent
+        assert rerun.duplicates_dropped == 0
+
+
+@pytest.mark.slow
+def test_ray_executor_runs_the_same_requests(tmp_path):
+    prompts = {f"q{i}": f"[say:{i}]" + (" [fault:500]" if i % 3 == 0 else "") for i in range(10)}
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url, max_concurrency=2)
+        requests = _requests(catalog, prompts)
+        cap = 7.5 * requests.column("worst_usd").to_pylist()[0]
+        start = time.perf_counter()
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="ray", workers=2, retry=FAST, batch_rows=2,
+                                        max_spend_usd=cap), progress=lambda line: None)
+        assert time.perf_counter() - start < 120
+    assert run.spend["realised_usd"] <= cap
+    assert run.results.num_rows + run.failures.num_rows == 10
+    assert run.results.num_rows >= 5       # the cap, shared by both workers through the ledger
+    assert all(r["response"] == r["query_id"][1:] for r in run.results.to_pylist())

@@ -1,0 +1,89 @@
+"""``r2ray execute``: a committed run's routed prompts → stub answers → actuals → reconcile."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from r2ray.batch.assign import ROUTED_SCHEMA
+from r2ray.catalog import load_catalog
+from r2ray.cli import main
+from r2ray.execution.stub import StubServer
+from r2ray.manifest import routed_partition
+from r2ray.reconcile import read_actuals
+from r2ray.routing import routed_request
+from tests.test_collect import write_catalog
+
+
+def committed_run(root, catalog_path: str, n: int = 12) -> str:
+    """A run folder as ``r2ray route`` commits it: routed parts per model, manifest last."""
+    catalog = load_catalog(catalog_path)
+    run = root / "out" / "night"
+    attempt = run / "attempt-1"
+    rows = []
+    for i in range(n):
+        arm = i % catalog.n_arms
+        request = routed_request(f"say {i} [say:{' '.join(['w'] * i)}]", arm, catalog, 12)
+        rows.append({"query_id": f"q{i}", "tenant": None, **request, "q_hat": 0.5, "t_hat": 3.0,
+                     "c_hat_usd": 1e-5, "lambda_star": 1.0, "model_version": "m/1",
+                     "run_id": "night"})
+    table = pa.Table.from_pylist(rows, schema=ROUTED_SCHEMA)
+    for model in catalog.model_names:
+        folder = attempt / "routed" / routed_partition(model)
+        folder.mkdir(parents=True)
+        pq.write_table(table.filter(pa.compute.equal(table["model"], model)),
+                       folder / "part-0.parquet")
+    manifest = {"run_id": "night", "catalog_fingerprint": catalog.fingerprint,
+                "spend": {"budget_usd": 0.01}, "counts": {"routed": n},
+                "model": {"uri": "/models/m", "name": "/models/m", "version": "local"},
+                "output": {"routed": str(attempt / "routed")},
+                "config": {"catalog": catalog_path}, "mlflow_run_id": None,
+                "attempt": "attempt-1", "committed_at": "2026-12-01T00:00:00+00:00"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return str(run)
+
+
+def test_execute_writes_actuals_that_reconcile_reads(tmp_path, capsys):
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        run = committed_run(tmp_path, catalog)
+        out = str(tmp_path / "actuals.parquet")
+        assert main(["execute", "--run", run, "--out", out, "--executor", "local",
+                     "--dry-run"]) == 0
+        assert "12 calls to make" in capsys.readouterr().out
+        assert main(["execute", "--run", run, "--out", out, "--executor", "local"]) == 0
+        assert "r2ray reconcile --run" in capsys.readouterr().out
+        sent = {c["content"]: c["max_tokens"] for c in stub.calls}
+    actuals = read_actuals(out).to_pylist()
+    assert len(actuals) == 12 and all(a["invalid"] is None for a in actuals)
+    routed = [r for part in (tmp_path / "out" / "night").glob("attempt-1/routed/*/*.parquet")
+              for r in pq.read_table(part).to_pylist()]
+    assert len(routed) == 12
+    for row in routed:   # the run's own messages and caps were sent, as they are
+        assert sent[row["messages"][-1]["content"]] == row["max_tokens"]
+    by_id = {a["query_id"]: a for a in actuals}
+    assert by_id["q11"]["output_tokens"] == min(11, {r["query_id"]: r["max_tokens"]
+                                                     for r in routed}["q11"])
+    assert all(a["cost_usd"] > 0 for a in actuals)
+    assert main(["reconcile", "--run", run, "--actuals", out]) == 0
+    assert "against 12 actuals rows" in capsys.readouterr().out
+
+
+def test_execute_refuses_a_run_that_is_not_committed(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()
+    assert main(["execute", "--run", str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "a.parquet"), "--executor", "local"]) == 2
+    assert "holds no committed run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["actuals.csv"])
+def test_execute_refuses_an_output_no_reader_picks_up(tmp_path, capsys, name):
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        run = committed_run(tmp_path, catalog, n=2)
+        assert main(["execute", "--run", run, "--out", str(tmp_path / name),
+                     "--executor", "local"]) == 2
+    assert ".parquet or .jsonl" in capsys.readouterr().err
