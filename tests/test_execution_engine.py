@@ -157,3 +157,42 @@ def test_ray_executor_runs_the_same_requests(tmp_path):
     assert run.results.num_rows + run.failures.num_rows == 10
     assert run.results.num_rows >= 5       # the cap, shared by both workers through the ledger
     assert all(r["response"] == r["query_id"][1:] for r in run.results.to_pylist())
+
+
+def test_api_key_is_sent_from_its_variable_and_never_written(tmp_path, monkeypatch):
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("STUB_API_KEY", secret)
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url, api_key_env="STUB_API_KEY")
+        run = run_requests(_requests(catalog, {"a": "[say:1]", "b": "[fault:400]"}),
+                           str(tmp_path), catalog, EngineConfig(executor="local", retry=FAST),
+                           progress=lambda line: None)
+        assert {c["authorization"] for c in stub.calls} == {f"Bearer {secret}"}
+        monkeypatch.delenv("STUB_API_KEY")
+        missing = run_requests(_requests(catalog, {"c": "[say:1]"}), str(tmp_path / "2"),
+                               catalog, EngineConfig(executor="local", retry=FAST),
+                               progress=lambda line: None)
+    assert run.results.num_rows == 1 and run.failures.num_rows == 1
+    assert missing.failures.column("error").to_pylist() == [
+        "environment variable STUB_API_KEY (the API key) is not set"]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes()
+    assert secret not in repr(run.summary())
+
+
+def test_rate_limits_space_the_calls(tmp_path):
+    prompts = {f"q{i}": "[say:1]" for i in range(6)}
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url, requests_per_minute=600)   # one call every 0.1 s
+        start = time.perf_counter()
+        run_requests(_requests(catalog, prompts), str(tmp_path), catalog,
+                     EngineConfig(executor="local", retry=FAST, batch_rows=6),
+                     progress=lambda line: None)
+        assert time.perf_counter() - start >= 0.5
+        tokens = stub_catalog(stub.url, tokens_per_minute=60 * 400)   # 400 tokens a second
+        start = time.perf_counter()
+        run_requests(_requests(tokens, prompts), str(tmp_path / "t"), tokens,
+                     EngineConfig(executor="local", retry=FAST, batch_rows=6),
+                     progress=lambda line: None)   # each call reserves its prompt + 40 tokens
+        assert time.perf_counter() - start >= 5 * 40 / 400

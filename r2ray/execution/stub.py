@@ -110,6 +110,7 @@ class StubServer:
                     time.sleep(sleep)
                 with stub._lock:
                     stub.calls.append({"model": body.get("model"), "status": status,
+                                       "authorization": self.headers.get("Authorization"),
                                        "max_tokens": body.get("max_tokens"),
                                        "content": str((body.get("messages") or [{}])[-1]
                                                       .get("content", ""))})
