@@ -298,6 +298,7 @@ class _Progress:
         self.total, self.done, self.failed, self.refused = total, 0, 0, 0
         self.spend_usd, self.every_s, self.emit = realised, every_s, emit
         self.start = self.last = time.perf_counter()
+        self.shown = -1   # calls done at the last line shown
 
     def update(self, batch: pa.Table, spend: dict) -> None:
         self.done += batch.num_rows
@@ -305,7 +306,7 @@ class _Progress:
         self.spend_usd, self.refused = spend["realised_usd"], spend["refused"]
         if time.perf_counter() - self.last >= self.every_s:
             self.emit(self.line())
-            self.last = time.perf_counter()
+            self.last, self.shown = time.perf_counter(), self.done
 
     def line(self) -> str:
         elapsed = max(1e-9, time.perf_counter() - self.start)
@@ -315,5 +316,5 @@ class _Progress:
                 f"spend ${self.spend_usd:.6f}, ETA {eta:.0f} s")
 
     def finish(self) -> None:
-        if self.total:
+        if self.total and self.shown != self.done:
             self.emit(self.line())

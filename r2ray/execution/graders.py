@@ -9,6 +9,7 @@ through any OpenAI-compatible endpoint: :func:`judge_messages` asks it for a sco
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections.abc import Callable
@@ -71,6 +72,7 @@ def grade_numeric(response: str, reference: str) -> float:
         raise GraderError("the numeric and math graders need math-verify: pip install "
                           "'math-verify>=0.9' (in r2ray's dev extra)") from None
 
+    logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout is disabled", per call
     gold = parse(str(reference), parsing_timeout=None)
     answer = parse(str(response), parsing_timeout=None)
     if not gold or not answer:

