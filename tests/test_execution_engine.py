@@ -26,7 +26,7 @@ def stub_catalog(url: str, **extra) -> object:
          "endpoint": url, "max_output_tokens": 64, **extra}]})
 
 
-FAST = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.05, timeout_s=0.5)
+FAST = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.05, timeout_s=1.0)
 
 
 # ---- pure ----------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_failure_paths_retry_or_record_a_reason(tmp_path):
                "timeout": "[fault:timeout]", "badjson": "[fault:badjson]",
                "nousage": "[fault:nousage] [say:a b c]", "bad400": "[fault:400]",
                "dead": "[fault:always500]", "long": "[say:" + " ".join(["w"] * 50) + "]"}
-    with StubServer(retry_after="0.3", timeout_sleep_s=1.5) as stub:
+    with StubServer(retry_after="0.3", timeout_sleep_s=2.5) as stub:
         catalog = stub_catalog(stub.url)
         run = run_requests(_requests(catalog, prompts), str(tmp_path), catalog,
                            EngineConfig(executor="local", retry=FAST, batch_rows=16),

