@@ -181,7 +181,17 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                        "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     train.add_argument("--encoder", help="minilm (default for text) or a local "
                        "sentence-transformers folder; with --queries, the encoder that made them")
-    train.add_argument("--predictor", default="r2ray", help="registry key (default r2ray)")
+    train.add_argument("--select", choices=["cv", "none"],
+                       help="cv (default without --predictor): choose among --candidates by "
+                            "K-fold cross-validation on the training part and register the "
+                            "winner; none (default with --predictor): fit --predictor alone")
+    train.add_argument("--candidates", default="small",
+                       help="cv candidates: a set (small: per_arm_ridge, carrot_knn_all, r2ray, "
+                            "stacked; fast: no network; full: every candidate) or names, "
+                            "comma-separated (r2ray.predictor.selection.CANDIDATES)")
+    train.add_argument("--folds", type=int, default=3, help="cv folds, by query (default 3)")
+    train.add_argument("--predictor", help="registry key to fit alone (default r2ray); with "
+                       "--select cv, the kind --set and --epochs apply to")
     train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="predictor setting, e.g. --set monotone=budgets (repeatable)")
     train.add_argument("--experiment", default="r2ray-train", help="MLflow experiment name")
@@ -193,9 +203,11 @@ def _train(args: argparse.Namespace) -> None:
     from r2ray.training import TrainConfig, parse_settings, train_predictor_job
 
     fields = ("bench", "queries", "catalog", "split", "seed", "epochs", "promote",
-              "tracking_uri", "encoder", "predictor", "experiment")
+              "tracking_uri", "encoder", "experiment", "candidates", "folds")
     config = TrainConfig(**{name: getattr(args, name) for name in fields},
-                         registered_name=args.register, settings=parse_settings(args.settings))
+                         registered_name=args.register, settings=parse_settings(args.settings),
+                         predictor=args.predictor or "r2ray",
+                         select=args.select or ("none" if args.predictor else "cv"))
     result = train_predictor_job(config)
     print(result.report(wall_seconds=time.perf_counter() - started))
 

@@ -2,9 +2,12 @@
 
 :func:`train_predictor_job` reads a long bench (and optionally a queries table with precomputed
 ``embedding``s, e.g. a synthetic backlog), embeds the queries if needed, splits off a test set
-(random or leave-one-category-out), carves an early-stopping validation set from the training part
-(never from the test set), fits, logs params / metrics / per-arm table / calibration plot to an
-MLflow run, registers a pyfunc version, and with ``promote`` moves the alias only when the new
+(random or leave-one-category-out), and fits on the rest. By default (``select="cv"``) it fits the
+``selected`` predictor: K-fold cross-validation over candidates on the training part only, the
+winner refitted on all of it (:mod:`r2ray.predictor.selection`; the CV table is printed and logged).
+With ``select="none"`` it fits ``predictor`` alone, with an early-stopping validation set carved
+from the training part (never from the test set). It logs params / metrics / per-arm table /
+calibration plot to an MLflow run, registers a pyfunc version, and with ``promote`` moves the alias only when the new
 version beats the current holder on this run's test split (both scored by
 :func:`r2ray.evaluation.method_scores.score_predictor`).
 """
@@ -51,6 +54,10 @@ class TrainConfig(BaseModel):
     encoder: str | None = None                   # minilm | a local sentence-transformers folder
     predictor: str = "r2ray"                     # a key of r2ray.predictor.PREDICTORS
     settings: dict = Field(default_factory=dict)  # predictor constructor settings
+    select: Literal["cv", "none"] = "cv"         # cv: choose among candidates by K-fold CV;
+                                                 # none: fit `predictor` alone
+    candidates: str = "small"                    # cv: a set (small, fast, full) or names, comma-separated
+    folds: Annotated[int, Field(ge=2)] = 3       # cv: folds, by query, over the training part
     split: Literal["random", "category"] = "random"
     seed: int = 0
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
@@ -78,6 +85,7 @@ class TrainResult:
     promotion: Promotion | None
     counts: dict[str, int]
     seconds: dict[str, float]    # wall time of each part of the job, in order
+    selection: str | None = None  # the CV table, when the predictor was chosen by CV
 
     def report(self, wall_seconds: float | None = None) -> str:
         """``wall_seconds``: of the whole command; what the parts leave is start-up (imports)."""
@@ -90,6 +98,10 @@ class TrainResult:
                  f"{self.metrics['test_log_tokens_mae']:.4f}, calibration error "
                  f"{self.metrics['test_calibration_error']:.4f}",
                  f"  registered {self.version.uri} (run {self.run_id})"]
+        if self.selection is not None:
+            lines[1:1] = [f"  chosen by {self.version.tags.get('cv', 'cross-validation')} on the "
+                          "training part:", *("    " + line for line in
+                                               self.selection.splitlines())]
         if self.promotion is not None:
             lines.append(self.promotion.report())
         shares = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items())
@@ -140,10 +152,47 @@ def load_training_data(config: TrainConfig) -> TrainingData:
 
 
 def split_training_data(arrays: BenchArrays, config: TrainConfig) -> dict[str, np.ndarray]:
-    """Row indices of train / validation / test; validation is carved from train only."""
+    """Row indices of train / validation / test; validation is carved from train only (none with
+    ``select="cv"``: the cross-validation folds the whole training part)."""
     train, test = split_indices(arrays, config.split, config.seed, config.test_fraction)
+    if config.select == "cv":
+        return {"train": train, "validation": train[:0], "test": test}
     kept, validation = holdout_indices(len(train), config.validation_fraction, config.seed + 1)
     return {"train": train[kept], "validation": train[validation], "test": test}
+
+
+def build_predictor(config: TrainConfig) -> BasePredictor:
+    """``predictor`` with ``settings`` (``select="none"``), else the ``selected`` predictor over
+    ``candidates``, ``settings`` applied to its candidates of kind ``predictor``."""
+    settings = config.settings | ({"epochs": config.epochs} if config.epochs else {})
+    if config.select == "cv":
+        return make_predictor("selected", candidates=config.candidates, folds=config.folds,
+                              seed=config.seed,
+                              overrides={config.predictor: settings} if settings else {})
+    predictor = make_predictor(config.predictor, **settings)
+    if "seed" in predictor.settings() and "seed" not in settings:
+        predictor.seed = config.seed
+    return predictor
+
+
+def log_selection(predictor: BasePredictor) -> str | None:
+    """The CV table into the active MLflow run (``cv_selection.json``, ``cv_*`` metrics); its text."""
+    import mlflow
+
+    result = getattr(predictor, "cross_validation_", None)
+    if result is None:
+        return None
+    columns = ["name", "kind", "audc", "audc_std", "audc_uncalibrated", "brier",
+               "log_tokens_mae", "ece", "fit_seconds", "chosen"]
+    mlflow.log_table({c: [row[c] for row in result.table] for c in columns}, "cv_selection.json")
+    for row in result.table:
+        mlflow.log_metrics({f"cv_{key}_{row['name']}": row[key]
+                            for key in ("audc", "brier", "log_tokens_mae", "ece")})
+    mlflow.log_params({"cv_winner": result.winner, "cv_candidates": ",".join(
+        row["name"] for row in result.table)})
+    text = result.report()
+    mlflow.log_text(text + "\n", "cv_selection.txt")
+    return text
 
 
 # ---- evaluation for promotion --------------------------------------------------------------------
@@ -233,33 +282,35 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
     rows = split_training_data(data.arrays, config)
     parts = {name: data.arrays.subset(index) for name, index in rows.items()}
     counts = {name: part.n_queries for name, part in parts.items()}
-    settings = config.settings | ({"epochs": config.epochs} if config.epochs else {})
-    predictor = make_predictor(config.predictor, **settings)
-    if "seed" in predictor.settings() and "seed" not in settings:
-        predictor.seed = config.seed
+    predictor = build_predictor(config)
     mlflow.set_experiment(config.experiment)
-    with mlflow.start_run(run_name=f"{config.predictor}-{config.split}-seed{config.seed}") as run:
+    with mlflow.start_run(run_name=f"{predictor.name}-{config.split}-seed{config.seed}") as run:
         fit_started = time.perf_counter()
-        predictor.fit(parts["train"], data.catalog, parts["validation"])
+        predictor.fit(parts["train"], data.catalog,
+                      parts["validation"] if counts["validation"] else None)
         seconds["fit"] = time.perf_counter() - fit_started
         log.info("fitted %s in %.1f s", predictor.name, seconds["fit"])
         predictor.encoder_spec = data.encoder_spec
         metrics = log_fit(predictor, data, parts["test"], config, counts, seconds["fit"])
+        selection = log_selection(predictor)
         score = score_on_test(data, parts["test"].query_id)
         candidate_score = score(RegisteredPredictor(predictor, data.catalog, data.encoder_spec,
                                                     None))
         metrics |= {f"test_{k}": candidate_score[k] for k in ("audc", "qnc", "peak")}
         mlflow.log_metrics({f"test_{k}": candidate_score[k] for k in ("audc", "qnc", "peak")})
+        tags = {"split": config.split, "seed": str(config.seed),
+                "test_audc": f"{candidate_score['audc']:.6f}"}
+        if selection is not None:
+            tags |= {"winner": predictor.winner_name_, "cv": f"{config.folds}-fold CV"}
         version = register_predictor(predictor, config.registered_name, encoder_spec=data.encoder_spec,
-                                     tags={"split": config.split, "seed": str(config.seed),
-                                           "test_audc": f"{candidate_score['audc']:.6f}"})
+                                     tags=tags)
         promotion = None
         if config.promote:
             promotion = promote_if_better(version, config.promote, score,
                                           candidate_score=candidate_score)
             mlflow.set_tag("promotion", promotion.report().splitlines()[0])
     seconds["score, log and register"] = time.perf_counter() - started - sum(seconds.values())
-    return TrainResult(run.info.run_id, version, metrics, promotion, counts, seconds)
+    return TrainResult(run.info.run_id, version, metrics, promotion, counts, seconds, selection)
 
 
 def parse_settings(pairs: list[str]) -> dict:

@@ -15,7 +15,8 @@ from r2ray.predictor import (
 from r2ray.predictor.base import default_arm_mask
 from r2ray.predictor.persist import CONFIG_FILE
 
-FAST = {"r2ray": {"epochs": 4}, "per_arm_mlp": {"epochs": 3, "hidden": [32, 16, 8]}}
+FAST = {"r2ray": {"epochs": 4}, "per_arm_mlp": {"epochs": 3, "hidden": [32, 16, 8]},
+        "selected": {"candidates": "per_arm_ridge,carrot_knn_all,stacked"}}
 DEFAULT_ONLY = {"carrot_knn_default", "carrot_linear_default"}
 
 

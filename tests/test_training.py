@@ -52,7 +52,7 @@ def test_job_trains_logs_registers_then_promotion_compares_on_the_same_test(benc
     common = ["--bench", str(folder / "bench.parquet"), "--queries", str(folder / "queries.parquet"),
               "--register", "r2ray-test", "--promote", "champion", "--tracking-uri", tracking]
     first = subprocess.run([sys.executable, str(REPO / "jobs" / "train_predictor.py"), *common,
-                            "--epochs", "3", "--set", "monotone=budgets"],
+                            "--select", "none", "--epochs", "3", "--set", "monotone=budgets"],
                            cwd=folder, capture_output=True, text=True, timeout=300,
                            env={k: v for k, v in os.environ.items()
                                 if k not in ("R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI")})
@@ -116,10 +116,13 @@ def test_embeddings_that_do_not_fit_the_named_encoder_fail_clearly(bench):
 def test_splits_keep_test_out_of_training_and_validation(bench):
     folder, _ = bench
     arrays = load_training_data(config(folder)).arrays
-    rows = split_training_data(arrays, config(folder, seed=4))
+    rows = split_training_data(arrays, config(folder, seed=4, select="none"))
     train, validation, test = (set(rows[k].tolist()) for k in ("train", "validation", "test"))
     assert not (train & validation) and not (train & test) and not (validation & test)
     assert len(train | validation | test) == 300 and len(test) == 60 and len(validation) == 24
+    cv = split_training_data(arrays, config(folder, seed=4))  # the CV folds all of train
+    assert cv["train"].tolist() == sorted(train | validation) and len(cv["validation"]) == 0
+    assert cv["test"].tolist() == rows["test"].tolist()
     by_category = split_training_data(arrays, config(folder, split="category", seed=1))
     held_out = set(arrays.category[by_category["test"]])
     assert len(held_out) == 1

@@ -137,13 +137,19 @@ def score_predictor(predictor: Predictor, test: BenchArrays, catalog: Catalog,
     test = test.subset(evaluable_queries(test, catalog))
     if test.n_queries == 0:
         raise ValueError("no test query has every default arm in the bench")
-    results = evaluate_methods(test, catalog, {"predictor": predictor.predict(test.embedding)},
-                               lambdas)
-    summary = summarise(results, normalise_over=[n for n in results if n != "predictor"])
-    mine = summary["methods"]["predictor"]
-    return {key: mine[key] for key in ("audc", "qnc", "peak", "cost_usd_at_95",
-                                       "cost_ratio_at_95_vs_best_default")} | {
+    return score_predictions({"predictor": predictor.predict(test.embedding)}, test, catalog,
+                             lambdas)["predictor"]
+
+
+def score_predictions(predictions: dict[str, ArmPredictions], test: BenchArrays, catalog: Catalog,
+                      lambdas: np.ndarray | None = None) -> dict[str, dict]:
+    """Per named prediction [N, K] on ``test`` (evaluable queries only): AUDC, QNC, Peak, cost
+    at 95%, with costs normalised over the non-learned methods only (one scale for all)."""
+    results = evaluate_methods(test, catalog, predictions, lambdas)
+    summary = summarise(results, normalise_over=[n for n in results if n not in predictions])
+    return {name: {key: summary["methods"][name][key] for key in (
+        "audc", "qnc", "peak", "cost_usd_at_95", "cost_ratio_at_95_vs_best_default")} | {
         "n_queries": test.n_queries,
         "normalisation": summary["normalisation"],
         "reference": summary["reference"],
-    }
+    } for name in predictions}

@@ -2,7 +2,9 @@
 
 ``PREDICTORS`` is the plain registry; its keys are also the method names in ``metrics.json``
 and configs. Every entry builds an object with ``fit(train, catalog, validation=None)`` and
-``predict(embedding) -> ArmPredictions``.
+``predict(embedding) -> ArmPredictions``. ``COMPOSITE`` entries are built from the others
+(``stacked`` blends members, ``selected`` picks one by cross-validation); ``r2ray evaluate`` runs
+them only when they are the model under test or named in ``--methods``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from r2ray.predictor.base import ArmPredictions, BasePredictor, Predictor, Predi
 from r2ray.predictor.carrot import CarrotKNN, CarrotLinear
 from r2ray.predictor.joint import R2RayPredictor
 from r2ray.predictor.per_arm import PerArmMLP, PerArmRidge
+from r2ray.predictor.selected import SelectedPredictor
+from r2ray.predictor.stacked import StackedPredictor
 from r2ray.predictor.persist import (
     PredictorVersionWarning, load_predictor, read_predictor_config, save_predictor)
 
@@ -25,7 +29,10 @@ PREDICTORS: dict[str, Callable[..., BasePredictor]] = {
     "carrot_linear_default": partial(CarrotLinear, arms="default"),
     "carrot_knn_all": partial(CarrotKNN, arms="all"),
     "carrot_linear_all": partial(CarrotLinear, arms="all"),
+    "stacked": StackedPredictor,
+    "selected": SelectedPredictor,
 }
+COMPOSITE = ("stacked", "selected")
 
 
 def make_predictor(name: str, **settings) -> BasePredictor:
@@ -42,7 +49,8 @@ def make_predictor(name: str, **settings) -> BasePredictor:
 
 
 __all__ = [
-    "PREDICTORS", "ArmPredictions", "BasePredictor", "CarrotKNN", "CarrotLinear", "PerArmMLP",
+    "COMPOSITE", "PREDICTORS", "ArmPredictions", "BasePredictor", "CarrotKNN", "CarrotLinear", "PerArmMLP",
     "PerArmRidge", "Predictor", "PredictorError", "PredictorVersionWarning", "R2RayPredictor",
+    "SelectedPredictor", "StackedPredictor",
     "load_predictor", "make_predictor", "read_predictor_config", "save_predictor",
 ]

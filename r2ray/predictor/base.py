@@ -3,7 +3,9 @@
 Every method (the jointly conditioned network and each baseline) predicts, for every query and
 every arm in ``catalog.arms`` order, the quality q̂ ∈ [0, 1] and the output tokens t̂; cost follows
 from the catalogue prices. t̂ is a mean, at most the arm's cap, not the geometric-type centre a
-log-space fit gives (:mod:`r2ray.predictor.token_calibration`, fitted on held-out rows in ``fit``).
+log-space fit gives (:mod:`r2ray.predictor.token_calibration`, fitted on held-out rows in ``fit``);
+q̂ is mapped per model by an isotonic calibration fitted on the same rows
+(:mod:`r2ray.predictor.quality_calibration`).
 NaN marks an arm a method does not cover (default-only baselines). Learned state lives in
 ``state()``: a JSON-able config plus named float arrays, so saving never pickles an object (see
 :mod:`r2ray.predictor.persist`).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +25,8 @@ from r2ray.catalog import DEFAULT_BUDGET, Catalog
 from r2ray.encoders import check_embedding_dimension
 from r2ray.errors import R2RayError
 from r2ray.predictor.data import BenchArrays, holdout_indices
+from r2ray.predictor.quality_calibration import (QualityCalibration, cross_fitted_quality,
+                                                 fit_quality_calibration)
 from r2ray.predictor.spend_guarantee import SpendSimulation, simulate_spend
 from r2ray.predictor.token_calibration import (TokenCalibration, cross_fitted_mean_tokens,
                                                fit_token_calibration)
@@ -110,7 +115,7 @@ class BasePredictor:
     Subclasses set ``name``, store their settings in ``__init__`` (nothing else happens there) and
     implement ``_fit``, ``_predict``, ``_fitted_tensors`` and ``_restore``. Fitted attributes end
     in ``_``: ``catalog_``, ``embedding_dim_``, ``data_fingerprint_``, ``token_calibration_``,
-    ``spend_simulation_``.
+    ``quality_calibration_``, ``spend_simulation_``.
     """
 
     name = ""
@@ -118,6 +123,7 @@ class BasePredictor:
     embedding_dim_: int | None = None
     data_fingerprint_: str | None = None
     token_calibration_: TokenCalibration | None = None  # None: t̂ as the log-space fit gives it
+    quality_calibration_: QualityCalibration | None = None  # None: q̂ as the fit gives it
     spend_simulation_: SpendSimulation | None = None    # None: no spend guarantee possible
     encoder_spec: str | None = None  # the encoder that produced the training embeddings, if known
 
@@ -126,8 +132,12 @@ class BasePredictor:
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {n: getattr(self, n) for n in names}
 
-    def fit(self, train: BenchArrays, catalog: Catalog,
-            validation: BenchArrays | None = None) -> BasePredictor:
+    def fit(self, train: BenchArrays, catalog: Catalog, validation: BenchArrays | None = None,
+            held_out: tuple[BenchArrays, ArmPredictions] | None = None) -> BasePredictor:
+        """Fit on ``train``; then the token and quality calibrations and the spend simulation on
+        held-out rows: ``held_out`` = (rows, their uncorrected predictions by fits that never saw
+        them) when the caller has them (cross-validation's out-of-fold predictions), else the
+        validation set, else cross-fitted copies (:meth:`_held_out_predictions`)."""
         x = training_embedding(train)
         check_catalog(train, catalog)
         if validation is not None:
@@ -137,23 +147,37 @@ class BasePredictor:
         self.catalog_, self.embedding_dim_ = catalog, int(x.shape[1])
         self.data_fingerprint_ = data_fingerprint(train)
         self._fit(train, x, catalog, validation)
-        held_out, predicted = self._held_out_predictions(train, validation)
-        self.token_calibration_ = fit_token_calibration(
-            predicted.output_tokens, held_out.output_tokens, catalog)
-        tokens = cross_fitted_mean_tokens(predicted.output_tokens, held_out.output_tokens, catalog)
-        self.spend_simulation_ = simulate_spend(
-            predicted.quality, catalog.arm_cost_usd(held_out.input_tokens, tokens),
-            held_out.quality, held_out.cost_usd)
+        rows, predicted = held_out or self._held_out_predictions(train, validation)
+        self.fit_calibrations(rows, predicted, catalog)
         return self
 
-    def predict(self, embedding: np.ndarray) -> ArmPredictions:
+    def fit_calibrations(self, held_out: BenchArrays, predicted: ArmPredictions,
+                         catalog: Catalog) -> None:
+        """Token and quality calibration from held-out rows and their uncorrected predictions;
+        the spend simulation on the same rows, each corrected by calibrations cross-fitted on the
+        other half (what the router would have seen)."""
+        self.token_calibration_ = fit_token_calibration(
+            predicted.output_tokens, held_out.output_tokens, catalog)
+        self.quality_calibration_ = fit_quality_calibration(
+            predicted.quality, held_out.quality, catalog)
+        tokens = cross_fitted_mean_tokens(predicted.output_tokens, held_out.output_tokens, catalog)
+        quality = cross_fitted_quality(predicted.quality, held_out.quality, catalog)
+        self.spend_simulation_ = simulate_spend(
+            quality, catalog.arm_cost_usd(held_out.input_tokens, tokens),
+            held_out.quality, held_out.cost_usd)
+
+    def predict(self, embedding: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
+        """q̂ and t̂ [N, K] as the router uses them; ``raw_quality``: q̂ before its calibration
+        (for reporting how much the calibration changed)."""
         require_fitted(self.embedding_dim_, self.name)
         x = check_embedding_dimension(embedding, self.embedding_dim_, f"{self.name}.predict")
         prediction = self._predict(x)
-        if self.token_calibration_ is None:
-            return prediction
-        return ArmPredictions(prediction.quality,
-                              self.token_calibration_.mean_tokens(prediction.output_tokens))
+        quality, tokens = prediction.quality, prediction.output_tokens
+        if self.quality_calibration_ is not None and not raw_quality:
+            quality = self.quality_calibration_.apply(quality)
+        if self.token_calibration_ is not None:
+            tokens = self.token_calibration_.mean_tokens(tokens)
+        return ArmPredictions(quality, tokens)
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
                               ) -> tuple[BenchArrays, ArmPredictions]:
@@ -161,27 +185,19 @@ class BasePredictor:
         saw: the validation set when given, else ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
         if validation is not None:
             return validation, self._predict(validation.embedding)
-        folds = np.arange(train.n_queries) % CALIBRATION_FOLDS
-        folds = folds[np.random.default_rng(0).permutation(train.n_queries)]
-        quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
-        tokens_hat = np.full(train.output_tokens.shape, np.nan, dtype=np.float32)
-        for fold in range(min(CALIBRATION_FOLDS, train.n_queries)):
-            part = train.subset(np.flatnonzero(folds != fold))
-            copy = type(self)(**self.settings())
-            copy.catalog_, copy.embedding_dim_ = self.catalog_, self.embedding_dim_
-            copy._fit(part, training_embedding(part), self.catalog_, None)
-            rows = np.flatnonzero(folds == fold)
-            predicted = copy._predict(train.embedding[rows])
-            quality[rows], tokens_hat[rows] = predicted.quality, predicted.output_tokens
-        return train, ArmPredictions(quality, tokens_hat)
+        folds = fold_ids(train.n_queries, CALIBRATION_FOLDS, seed=0)
+        return train, out_of_fold(lambda: type(self)(**self.settings()), train, self.catalog_,
+                                  folds)
 
     # ---- persistence: a JSON-able dict plus named arrays, never pickles -------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         require_fitted(self.embedding_dim_, self.name)
         fitted, tensors = self._fitted_tensors()
         calibration, simulation = self.token_calibration_, self.spend_simulation_
+        quality = self.quality_calibration_
         return {"settings": self.settings(), "fitted": fitted, "embedding_dim": self.embedding_dim_,
                 "token_calibration": calibration.to_json() if calibration else None,
+                "quality_calibration": quality.to_json() if quality else None,
                 "spend_simulation": simulation.to_json() if simulation else None}, tensors
 
     def load_state(self, config: dict, tensors: dict[str, np.ndarray],
@@ -191,6 +207,8 @@ class BasePredictor:
         self._restore(config["fitted"], tensors)
         calibration = config.get("token_calibration")  # absent in predictors saved before it
         self.token_calibration_ = TokenCalibration.from_json(calibration) if calibration else None
+        quality = config.get("quality_calibration")  # absent in predictors saved before it
+        self.quality_calibration_ = QualityCalibration.from_json(quality) if quality else None
         simulation = config.get("spend_simulation")  # absent in predictors saved before it
         self.spend_simulation_ = SpendSimulation.from_json(simulation) if simulation else None
         return self
@@ -208,6 +226,29 @@ class BasePredictor:
 
     def _restore(self, fitted: dict, tensors: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+
+def fold_ids(n_queries: int, folds: int, seed: int) -> np.ndarray:
+    """[N] fold of each query: balanced (sizes differ by at most one), seeded order."""
+    return (np.arange(n_queries) % folds)[np.random.default_rng(seed).permutation(n_queries)]
+
+
+def out_of_fold(make: Callable[[], BasePredictor], train: BenchArrays, catalog: Catalog,
+                folds: np.ndarray) -> ArmPredictions:
+    """Uncorrected predictions [N, K] for every row of ``train`` by a fresh ``make()`` fitted
+    (``_fit`` only: no calibrations) on the rows of the other folds."""
+    quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
+    tokens_hat = np.full(train.output_tokens.shape, np.nan, dtype=np.float32)
+    for fold in np.unique(folds):
+        part = train.subset(np.flatnonzero(folds != fold))
+        copy = make()
+        x = training_embedding(part)
+        copy.catalog_, copy.embedding_dim_ = catalog, int(x.shape[1])
+        copy._fit(part, x, catalog, None)
+        rows = np.flatnonzero(folds == fold)
+        predicted = copy._predict(train.embedding[rows])
+        quality[rows], tokens_hat[rows] = predicted.quality, predicted.output_tokens
+    return ArmPredictions(quality, tokens_hat)
 
 
 def data_fingerprint(arrays: BenchArrays) -> str:

@@ -1,0 +1,69 @@
+"""``selected``: the predictor ``r2ray train`` registers by default — whichever candidate won a
+K-fold cross-validation on the training data (:mod:`r2ray.predictor.selection`), refitted on all
+of it. It predicts with the winner; its settings are the selection's (candidates, folds, seed), so
+``r2ray evaluate`` re-runs the whole selection on each split's training part.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from r2ray.catalog import Catalog
+from r2ray.predictor.base import ArmPredictions, BasePredictor
+from r2ray.predictor.data import BenchArrays
+from r2ray.predictor.selection import STACKED, CrossValidation, cross_validate, resolve_candidates
+
+log = logging.getLogger(__name__)
+
+
+class SelectedPredictor(BasePredictor):
+    name = "selected"
+
+    def __init__(self, candidates: str | list[str] = "small", folds: int = 3, seed: int = 0,
+                 overrides: dict[str, dict] | None = None):
+        self.candidates, self.folds, self.seed = candidates, folds, seed
+        self.overrides = overrides or {}           # {registry key: settings} for its candidates
+        self.winner_: BasePredictor | None = None
+        self.winner_name_: str | None = None
+        self.selection_: list[dict] | None = None  # the CV table
+        self.cross_validation_: CrossValidation | None = None  # this fit's (not saved)
+
+    def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
+             validation: BenchArrays | None) -> None:
+        candidates = resolve_candidates(self.candidates, self.overrides, self.seed)
+        result = cross_validate(train, catalog, candidates, self.folds, self.seed, log.info)
+        chosen = next(c for c in candidates if c.name == result.winner)
+        winner = chosen.build()
+        if chosen.kind == STACKED:  # its weights from the members' out-of-fold predictions
+            winner.member_out_of_fold = [result.out_of_fold[c.name] for c in candidates
+                                         if c.kind != STACKED]
+        winner.catalog_, winner.embedding_dim_ = catalog, int(x.shape[1])
+        winner._fit(train, x, catalog, validation)
+        self.winner_, self.winner_name_ = winner, chosen.name
+        self.selection_, self.cross_validation_ = result.table, result
+        self.out_of_fold_ = (train, result.out_of_fold[chosen.name])
+
+    def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
+                              ) -> tuple[BenchArrays, ArmPredictions]:
+        """The winner's out-of-fold predictions from the cross-validation (no refits)."""
+        return self.out_of_fold_
+
+    def _predict(self, x: np.ndarray) -> ArmPredictions:
+        return self.winner_._predict(x)
+
+    def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
+        fitted, tensors = self.winner_._fitted_tensors()
+        return {"winner": self.winner_name_, "kind": self.winner_.name,
+                "settings": self.winner_.settings(), "fitted": fitted,
+                "selection": self.selection_}, tensors
+
+    def _restore(self, fitted: dict, tensors: dict[str, np.ndarray]) -> None:
+        from r2ray.predictor import make_predictor
+
+        winner = make_predictor(fitted["kind"], **fitted["settings"])
+        winner.catalog_, winner.embedding_dim_ = self.catalog_, self.embedding_dim_
+        winner._restore(fitted["fitted"], tensors)
+        self.winner_, self.winner_name_ = winner, fitted["winner"]
+        self.selection_ = fitted["selection"]

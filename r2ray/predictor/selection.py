@@ -1,0 +1,206 @@
+"""``selected``: choose the predictor by K-fold cross-validation on the training data, then refit it.
+
+Candidates (``CANDIDATES``) are registry entries at given settings: the joint network at a few
+capacities and regularisation strengths, per-arm Ridge at two strengths, CARROT KNN / linear on
+every arm, and ``stacked``, a per-arm convex blend of the other candidates in the set
+(:mod:`r2ray.predictor.stacked`). Folds are by query, over the training data only (the caller
+never passes its test split). Every candidate is fitted ``folds`` times and predicts the fold it
+did not see; those out-of-fold predictions are then corrected as the router would see them (token
+and quality calibrations cross-fitted over the out-of-fold rows) and scored per fold with the
+evaluation package's AUDC (:func:`r2ray.evaluation.method_scores.score_predictions`: the metric
+``r2ray evaluate`` reports, costs normalised over the non-learned methods). The stack's weights are
+cross-fitted too: for each fold, fitted on the other folds' out-of-fold predictions. (Those came
+from members that saw this fold's labels, a small optimism the single candidates do not get.)
+
+The winner has the highest mean AUDC; candidates within ``AUDC_TIE`` of it are tied, and the tie
+goes to the lower Brier score, then the lower log-token MAE. It is refitted on all the training
+data and wrapped: the ``selected`` predictor predicts with it, and its calibrations and spend
+simulation are fitted on the winner's out-of-fold predictions (no further refits). The CV table
+is kept in the fitted state (``selection_``) and saved with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from r2ray.catalog import Catalog
+from r2ray.errors import R2RayError
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_ids, out_of_fold)
+from r2ray.predictor.data import BenchArrays
+from r2ray.predictor.quality_calibration import cross_fitted_quality
+from r2ray.predictor.stacked import apply_stack, fit_stack
+from r2ray.predictor.token_calibration import cross_fitted_mean_tokens
+
+AUDC_TIE = 0.001  # mean-AUDC gap under which two candidates count as tied
+STACKED = "stacked"
+
+CANDIDATES: dict[str, tuple[str, dict]] = {   # name → (registry key, settings)
+    "r2ray": ("r2ray", {}),
+    "r2ray_small": ("r2ray", {"query_hidden": 64, "joint_hidden": 64, "head_hidden": 32}),
+    "r2ray_decay": ("r2ray", {"weight_decay": 0.5, "dropout": 0.3}),
+    "r2ray_rank": ("r2ray", {"rank": 16}),
+    "per_arm_ridge": ("per_arm_ridge", {}),
+    "per_arm_ridge_strong": ("per_arm_ridge", {"alpha": 100.0}),
+    "carrot_knn_all": ("carrot_knn_all", {}),
+    "carrot_linear_all": ("carrot_linear_all", {}),
+}
+CANDIDATE_SETS = {
+    "small": ["per_arm_ridge", "carrot_knn_all", "r2ray", STACKED],
+    "fast": ["per_arm_ridge", "per_arm_ridge_strong", "carrot_knn_all", STACKED],
+    "full": [*CANDIDATES, STACKED],
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    kind: str       # a key of r2ray.predictor.PREDICTORS
+    settings: dict
+
+    def build(self) -> BasePredictor:
+        from r2ray.predictor import make_predictor
+
+        return make_predictor(self.kind, **self.settings)
+
+
+def resolve_candidates(spec: str | list[str], overrides: dict[str, dict] | None = None,
+                       seed: int = 0) -> list[Candidate]:
+    """A set name (``small``, ``fast``, ``full``) or candidate names → candidates; ``overrides``
+    ({registry key: settings}) apply to every candidate of that key; ``stacked`` blends the
+    others. A candidate with a ``seed`` setting gets ``seed``."""
+    names = CANDIDATE_SETS.get(spec, None) if isinstance(spec, str) else list(spec)
+    if names is None:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CANDIDATES and n != STACKED]
+    if unknown or not names:
+        raise R2RayError(f"unknown candidate(s) {unknown or names}; choose a set "
+                         f"({', '.join(CANDIDATE_SETS)}) or names from "
+                         f"{', '.join([*CANDIDATES, STACKED])}")
+    singles = []
+    for name in dict.fromkeys(n for n in names if n != STACKED):
+        kind, settings = CANDIDATES[name]
+        settings = {**settings, **(overrides or {}).get(kind, {})}
+        if "seed" in Candidate(name, kind, settings).build().settings():
+            settings.setdefault("seed", seed)
+        singles.append(Candidate(name, kind, settings))
+    if STACKED in names:
+        if len(singles) < 2:
+            raise R2RayError("the stacked candidate needs at least two other candidates")
+        members = [{"kind": c.kind, "settings": c.settings} for c in singles]
+        singles.append(Candidate(STACKED, STACKED, {"members": members, "seed": seed}))
+    return singles
+
+
+@dataclass
+class CrossValidation:
+    table: list[dict]                          # one row per candidate, in candidate order
+    winner: str
+    out_of_fold: dict[str, ArmPredictions]     # uncorrected, every training row
+
+    def report(self) -> str:
+        lines = [f"{'candidate':22} {'CV AUDC':>15} {'uncalibrated':>12} {'Brier':>7} "
+                 f"{'log-tok MAE':>11} {'ECE':>6} {'fit s':>7}"]
+        for row in sorted(self.table, key=lambda r: -r["audc"]):
+            mark = " ← chosen" if row["name"] == self.winner else ""
+            uncalibrated = ("—" if row["audc_uncalibrated"] is None
+                            else f"{row['audc_uncalibrated']:.4f}")
+            lines.append(f"{row['name']:22} {row['audc']:>7.4f} ± {row['audc_std']:.4f} "
+                         f"{uncalibrated:>12} {row['brier']:>7.4f} "
+                         f"{row['log_tokens_mae']:>11.4f} {row['ece']:>6.4f} "
+                         f"{row['fit_seconds']:>7.1f}{mark}")
+        return "\n".join(lines)
+
+
+def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candidate],
+                   folds: int = 3, seed: int = 0,
+                   log: Callable[[str], None] = lambda line: None,
+                   uncalibrated: bool = False) -> CrossValidation:
+    """Out-of-fold predictions of every candidate on ``train``, scored per fold (module doc);
+    ``uncalibrated``: also score q̂ without its calibration (a measurement, not a criterion)."""
+    fold = fold_ids(train.n_queries, folds, seed)
+    oof, seconds = {}, {}
+    for candidate in candidates:
+        started = time.perf_counter()
+        if candidate.kind == STACKED:
+            members = [oof[c.name] for c in candidates if c.kind != STACKED]
+            oof[candidate.name] = cross_fitted_stack(members, train, fold)
+        else:
+            oof[candidate.name] = out_of_fold(candidate.build, train, catalog, fold)
+        seconds[candidate.name] = time.perf_counter() - started
+        log(f"  cv: {candidate.name} {folds} folds in {seconds[candidate.name]:.1f} s")
+    table = [row | {"name": c.name, "kind": c.kind, "fit_seconds": seconds[c.name]}
+             for c, row in zip(candidates, score_out_of_fold(oof, train, catalog, fold,
+                                                             uncalibrated).values())]
+    winner = choose(table)
+    for row in table:
+        row["chosen"] = row["name"] == winner
+    return CrossValidation(table, winner, oof)
+
+
+def cross_fitted_stack(members: list[ArmPredictions], train: BenchArrays,
+                       fold: np.ndarray) -> ArmPredictions:
+    """The stack's out-of-fold predictions: per fold, weights fitted on the other folds' rows."""
+    quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
+    tokens = np.full(train.quality.shape, np.nan, dtype=np.float32)
+    for f in np.unique(fold):
+        rows, other = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+        weights = fit_stack([m.subset(other) for m in members], train.subset(other))
+        blended = apply_stack([m.subset(rows) for m in members], weights)
+        quality[rows], tokens[rows] = blended.quality, blended.output_tokens
+    return ArmPredictions(quality, tokens)
+
+
+def router_view(predicted: ArmPredictions, train: BenchArrays, catalog: Catalog,
+                calibrate_quality: bool = True) -> ArmPredictions:
+    """Out-of-fold predictions corrected by calibrations cross-fitted over the same rows."""
+    quality = (cross_fitted_quality(predicted.quality, train.quality, catalog)
+               if calibrate_quality else predicted.quality)
+    return ArmPredictions(quality, cross_fitted_mean_tokens(predicted.output_tokens,
+                                                            train.output_tokens, catalog))
+
+
+def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalog: Catalog,
+                      fold: np.ndarray, uncalibrated: bool = False) -> dict[str, dict]:
+    """Per candidate: mean and std over folds of AUDC, Brier, log-token MAE and expected
+    calibration error over every out-of-fold cell; with ``uncalibrated``, also the AUDC with q̂
+    not calibrated (``audc_uncalibrated``, else None; it doubles the scoring time)."""
+    from r2ray.evaluation.method_scores import evaluable_queries, score_predictions
+    from r2ray.predictor.diagnostics import summary_metrics
+
+    views = {name: router_view(p, train, catalog) for name, p in oof.items()}
+    raw = {f"{name}\x00raw": router_view(p, train, catalog, calibrate_quality=False)
+           for name, p in oof.items()} if uncalibrated else {}
+    evaluable = np.zeros(train.n_queries, dtype=bool)
+    evaluable[evaluable_queries(train, catalog)] = True
+    per_fold = []
+    for f in np.unique(fold):
+        rows = np.flatnonzero((fold == f) & evaluable)
+        if len(rows):
+            both = {n: p.subset(rows) for n, p in (views | raw).items()}
+            per_fold.append(score_predictions(both, train.subset(rows), catalog))
+    if not per_fold:
+        raise R2RayError("cross-validation: no training query has every default arm")
+    out = {}
+    for name, view in views.items():
+        audc = np.array([scores[name]["audc"] for scores in per_fold])
+        metrics = summary_metrics(view, train)
+        out[name] = {"audc": float(audc.mean()),
+                     "audc_std": float(audc.std(ddof=1)) if len(audc) > 1 else 0.0,
+                     "audc_uncalibrated": float(np.mean(
+                         [scores[f"{name}\x00raw"]["audc"] for scores in per_fold]))
+                     if uncalibrated else None,
+                     "brier": metrics["test_brier"],
+                     "log_tokens_mae": metrics["test_log_tokens_mae"],
+                     "ece": metrics["test_calibration_error"]}
+    return out
+
+
+def choose(table: list[dict]) -> str:
+    """Highest mean AUDC; within ``AUDC_TIE`` of it, lowest Brier, then lowest log-token MAE."""
+    best = max(row["audc"] for row in table)
+    tied = [row for row in table if row["audc"] >= best - AUDC_TIE]
+    return min(tied, key=lambda row: (row["brier"], row["log_tokens_mae"]))["name"]

@@ -1,0 +1,157 @@
+"""``stacked``: a per-arm convex blend of other predictors' q̂ and t̂ (stacking).
+
+Members are registry entries with their settings. Per arm j the blend is q̂_j = Σ_m w_jm q̂_jm
+and log(1 + t̂_j) = Σ_m v_jm log(1 + t̂_jm), with w_j and v_j on the simplex (non-negative, summing
+to 1), chosen to minimise the squared error (Brier for q̂) on *out-of-fold* predictions: each
+member is fitted ``folds`` times on the other folds and predicts the held-out one, so the weights
+reward members that generalise, not those that memorise. An arm's weights are shrunk toward the
+weights pooled over all arms (a prior worth ``PRIOR_CELLS`` cells), so arms with few outcomes take
+the pooled blend. The members are then refitted on all of ``train``. Where a member has no
+prediction (NaN) the others' weights are renormalised.
+
+The blended out-of-fold predictions are the held-out predictions of the stack itself: its token
+and quality calibrations and spend simulation are fitted on them, with no further refits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from r2ray.catalog import Catalog
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_ids, log_tokens,
+                                  out_of_fold, tokens_from_log, training_embedding)
+from r2ray.predictor.data import BenchArrays
+
+PRIOR_CELLS = 50.0   # strength of the pull of an arm's weights toward the pooled weights
+ITERATIONS = 300     # projected-gradient steps of the simplex least squares
+
+
+def project_simplex(w: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row of ``w`` [K, M] onto the probability simplex."""
+    u = -np.sort(-w, axis=1)
+    cumulative = np.cumsum(u, axis=1) - 1.0
+    index = np.arange(1, w.shape[1] + 1)
+    rho = (u - cumulative / index > 0).sum(axis=1)
+    theta = cumulative[np.arange(len(w)), rho - 1] / rho
+    return np.maximum(w - theta[:, None], 0.0)
+
+
+def simplex_least_squares(gram: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """argmin_w wᵀGw − 2bᵀw on the simplex, per row: ``gram`` [K, M, M], ``target`` [K, M]."""
+    k, m = target.shape
+    w = np.full((k, m), 1.0 / m)
+    step = 1.0 / np.maximum(np.linalg.eigvalsh(gram)[:, -1], 1e-12)  # 1 / Lipschitz / 2
+    for _ in range(ITERATIONS):
+        gradient = np.einsum("kab,kb->ka", gram, w) - target
+        w = project_simplex(w - step[:, None] * gradient)
+    return w
+
+
+def blend_weights(members: list[np.ndarray], observed: np.ndarray) -> np.ndarray:
+    """Per-arm convex weights [K, M] from member predictions [N, K] each and outcomes [N, K]
+    (NaN: no outcome), minimising the squared error, shrunk toward the pooled weights."""
+    p = np.stack(members, axis=2).astype(np.float64)                   # (N, K, M)
+    cells = np.isfinite(observed) & np.isfinite(p).all(axis=2)
+    p = np.where(cells[..., None], p, 0.0)
+    y = np.where(cells, observed, 0.0).astype(np.float64)
+    gram = np.einsum("nka,nkb->kab", p, p)                             # (K, M, M)
+    target = np.einsum("nka,nk->ka", p, y)                             # (K, M)
+    pooled = simplex_least_squares(gram.sum(axis=0)[None], target.sum(axis=0)[None])[0]
+    eye = np.eye(len(members))[None]
+    return simplex_least_squares(gram + PRIOR_CELLS * eye, target + PRIOR_CELLS * pooled[None])
+
+
+def blend(members: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """Σ_m w_jm · member_m [N, K], renormalised over the members with a finite value; NaN where
+    none has one."""
+    p = np.stack(members, axis=2).astype(np.float64)
+    finite = np.isfinite(p)
+    w = np.where(finite, weights[None], 0.0)
+    total = w.sum(axis=2)
+    plain = np.where(finite, 1.0, 0.0)  # all weights 0 on the finite members: their plain mean
+    w = np.where((total > 0)[..., None], w, plain)
+    total = w.sum(axis=2)
+    value = (w * np.where(finite, p, 0.0)).sum(axis=2) / np.where(total > 0, total, 1.0)
+    return np.where(total > 0, value, np.nan).astype(np.float32)
+
+
+def fit_stack(member_predictions: list[ArmPredictions], train: BenchArrays
+              ) -> dict[str, np.ndarray]:
+    """Blend weights for q̂ and for log t̂ from out-of-fold member predictions on ``train``."""
+    return {"quality_weights": blend_weights([p.quality for p in member_predictions],
+                                             train.quality),
+            "tokens_weights": blend_weights([log_tokens(p.output_tokens)
+                                             for p in member_predictions],
+                                            log_tokens(train.output_tokens))}
+
+
+def apply_stack(member_predictions: list[ArmPredictions],
+                weights: dict[str, np.ndarray]) -> ArmPredictions:
+    quality = blend([p.quality for p in member_predictions], weights["quality_weights"])
+    log_tok = blend([log_tokens(p.output_tokens) for p in member_predictions],
+                    weights["tokens_weights"])
+    return ArmPredictions(np.clip(quality, 0.0, 1.0), tokens_from_log(log_tok))
+
+
+def member_factory(member: dict):
+    from r2ray.predictor import make_predictor
+
+    return lambda: make_predictor(member["kind"], **member.get("settings", {}))
+
+
+class StackedPredictor(BasePredictor):
+    """A per-arm convex blend of ``members`` (``[{"kind": ..., "settings": {...}}, ...]``)."""
+
+    name = "stacked"
+
+    def __init__(self, members: list[dict] | None = None, folds: int = 3, seed: int = 0):
+        self.members = members if members is not None else [
+            {"kind": "per_arm_ridge", "settings": {}}, {"kind": "carrot_knn_all", "settings": {}}]
+        self.folds, self.seed = folds, seed
+        self.members_: list[BasePredictor] | None = None
+        self.weights_: dict[str, np.ndarray] | None = None
+        self.member_out_of_fold: list[ArmPredictions] | None = None  # given by the caller, else
+        # computed in _fit (cross-validation already has them)
+
+    def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
+             validation: BenchArrays | None) -> None:
+        oof = self.member_out_of_fold
+        if oof is None:
+            folds = fold_ids(train.n_queries, self.folds, self.seed)
+            oof = [out_of_fold(member_factory(m), train, catalog, folds) for m in self.members]
+        self.member_out_of_fold = None
+        self.weights_ = fit_stack(oof, train)
+        self.out_of_fold_ = (train, apply_stack(oof, self.weights_))
+        self.members_ = []
+        for member in self.members:
+            fitted = member_factory(member)()
+            fitted.catalog_, fitted.embedding_dim_ = catalog, int(x.shape[1])
+            fitted._fit(train, training_embedding(train), catalog, validation)
+            self.members_.append(fitted)
+
+    def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
+                              ) -> tuple[BenchArrays, ArmPredictions]:
+        """The blended out-of-fold predictions of the fit (no refits)."""
+        return self.out_of_fold_
+
+    def _predict(self, x: np.ndarray) -> ArmPredictions:
+        return apply_stack([m._predict(x) for m in self.members_], self.weights_)
+
+    def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
+        fitted, tensors = {"members": []}, dict(self.weights_)
+        for i, member in enumerate(self.members_):
+            member_fitted, member_tensors = member._fitted_tensors()
+            fitted["members"].append(member_fitted)
+            tensors |= {f"member{i}.{name}": value for name, value in member_tensors.items()}
+        return fitted, tensors
+
+    def _restore(self, fitted: dict, tensors: dict[str, np.ndarray]) -> None:
+        self.weights_ = {n: tensors[n] for n in ("quality_weights", "tokens_weights")}
+        self.members_ = []
+        for i, (member, member_fitted) in enumerate(zip(self.members, fitted["members"])):
+            restored = member_factory(member)()
+            restored.catalog_, restored.embedding_dim_ = self.catalog_, self.embedding_dim_
+            prefix = f"member{i}."
+            restored._restore(member_fitted, {n.removeprefix(prefix): v for n, v in tensors.items()
+                                              if n.startswith(prefix)})
+            self.members_.append(restored)

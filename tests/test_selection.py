@@ -1,0 +1,148 @@
+"""Choosing the predictor by cross-validation (r2ray.predictor.selection, `r2ray train --select
+cv`): the better candidate wins, the test split is never seen, the CV table is logged, and the
+stacked blend puts its weight where the signal is."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from predictor_world import planted_arrays, planted_bench_table, small_catalog
+
+from r2ray.bench.io import write_table
+from r2ray.catalog import save_catalog
+from r2ray.cli import main
+from r2ray.errors import R2RayError
+from r2ray.predictor import PerArmRidge, load_predictor, make_predictor, save_predictor
+from r2ray.predictor.data import split_indices
+from r2ray.predictor.selection import (Candidate, choose, cross_validate, resolve_candidates)
+from r2ray.predictor.stacked import blend, blend_weights, project_simplex
+from r2ray.registry import load_registered
+from r2ray.training import TrainConfig, load_training_data
+
+
+@pytest.fixture(scope="module")
+def world():
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=300, dim=16, seed=0)
+    return train, catalog
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_cross_validation_picks_the_clearly_better_candidate(world, order):
+    train, catalog = world
+    candidates = [Candidate("ridge", "per_arm_ridge", {}),
+                  Candidate("blind", "per_arm_ridge", {"alpha": 1e9})][::order]  # arm means only
+    result = cross_validate(train, catalog, candidates, folds=3)
+    rows = {row["name"]: row for row in result.table}
+    assert result.winner == "ridge" and rows["ridge"]["chosen"] and not rows["blind"]["chosen"]
+    assert rows["ridge"]["audc"] > rows["blind"]["audc"] + 0.02
+    assert rows["ridge"]["brier"] < rows["blind"]["brier"]
+    assert result.out_of_fold["ridge"].quality.shape == train.quality.shape
+    assert "← chosen" in next(line for line in result.report().splitlines() if "ridge " in line)
+
+
+def test_ties_on_audc_go_to_the_lower_brier_then_token_error():
+    table = [{"name": "a", "audc": 0.8000, "brier": 0.20, "log_tokens_mae": 0.1},
+             {"name": "b", "audc": 0.7995, "brier": 0.18, "log_tokens_mae": 0.3},
+             {"name": "c", "audc": 0.7000, "brier": 0.01, "log_tokens_mae": 0.0}]
+    assert choose(table) == "b"                       # within 0.001 of the best: Brier decides
+    table[1]["brier"] = 0.20
+    table[0]["log_tokens_mae"] = 0.4
+    assert choose(table) == "b"                       # same Brier: token error decides
+    assert choose(table[:1] + table[2:]) == "a"       # c is not tied: AUDC decides
+
+
+def test_candidate_sets_and_overrides():
+    small = resolve_candidates("small", {"r2ray": {"epochs": 2}}, seed=5)
+    assert [c.name for c in small] == ["per_arm_ridge", "carrot_knn_all", "r2ray", "stacked"]
+    assert small[2].settings == {"epochs": 2, "seed": 5}
+    assert [m["kind"] for m in small[3].settings["members"]] == [
+        "per_arm_ridge", "carrot_knn_all", "r2ray"]
+    assert [c.name for c in resolve_candidates("per_arm_ridge, carrot_knn_all")] == [
+        "per_arm_ridge", "carrot_knn_all"]
+    with pytest.raises(R2RayError, match="unknown candidate"):
+        resolve_candidates("per_arm_ridge,nope")
+    with pytest.raises(R2RayError, match="at least two"):
+        resolve_candidates("per_arm_ridge,stacked")
+
+
+def test_stack_weights_follow_the_signal_and_sum_to_one():
+    rng = np.random.default_rng(0)
+    truth = rng.random((400, 3))
+    good, noise = truth + 0.02 * rng.normal(size=truth.shape), rng.random((400, 3))
+    weights = blend_weights([noise, good], truth)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-9)
+    assert (weights >= 0).all() and (weights[:, 1] > 0.9).all()
+    holey = good.copy()
+    holey[:, 0] = np.nan                               # a member without arm 0: the other alone
+    np.testing.assert_allclose(blend([noise, holey], weights)[:, 0], noise[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(project_simplex(np.array([[2.0, 0.0], [0.3, 0.3]])),
+                               [[1.0, 0.0], [0.5, 0.5]])
+
+
+def test_selected_predictor_saves_and_loads_with_its_winner(world, tmp_path):
+    train, catalog = world
+    predictor = make_predictor("selected", candidates="per_arm_ridge,carrot_knn_all,stacked")
+    predictor.fit(train, catalog)
+    assert predictor.winner_name_ in {"per_arm_ridge", "carrot_knn_all", "stacked"}
+    assert predictor.token_calibration_ is not None and predictor.spend_simulation_ is not None
+    assert predictor.quality_calibration_ is not None
+    save_predictor(predictor, str(tmp_path))
+    loaded = load_predictor(str(tmp_path))
+    assert loaded.winner_name_ == predictor.winner_name_
+    assert [row["name"] for row in loaded.selection_] == [
+        "per_arm_ridge", "carrot_knn_all", "stacked"]
+    x = train.embedding[:20]
+    np.testing.assert_array_equal(loaded.predict(x).quality, predictor.predict(x).quality)
+    np.testing.assert_array_equal(loaded.predict(x).output_tokens,
+                                  predictor.predict(x).output_tokens)
+
+
+@pytest.mark.slow  # an MLflow store and a registered pyfunc version
+def test_train_selects_on_the_training_part_only_and_logs_the_table(tmp_path, monkeypatch, capsys):
+    catalog = small_catalog()
+    table, queries = planted_bench_table(catalog, n_queries=200, dim=16, seed=0)
+    write_table(table, str(tmp_path / "bench.parquet"))
+    write_table(queries, str(tmp_path / "queries.parquet"))
+    save_catalog(catalog, str(tmp_path / "bench.catalog.yaml"))
+    seen = []
+    original = PerArmRidge._fit
+
+    def recording_fit(self, train, x, catalog, validation):
+        seen.extend(train.query_id.tolist())
+        return original(self, train, x, catalog, validation)
+
+    monkeypatch.setattr(PerArmRidge, "_fit", recording_fit)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--bench", str(tmp_path / "bench.parquet"), "--queries",
+                 str(tmp_path / "queries.parquet"), "--register", "sel", "--tracking-uri",
+                 tracking, "--candidates", "per_arm_ridge,per_arm_ridge_strong,carrot_knn_all",
+                 "--seed", "3"]) == 0
+    report = capsys.readouterr().out
+    assert "chosen by 3-fold CV on the training part" in report and "← chosen" in report
+
+    client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    version = client.get_model_version("sel", "1")
+    run = client.get_run(version.run_id)
+    registered = load_registered("models:/sel/1", tracking)
+    assert registered.predictor.name == "selected"
+    assert version.tags["kind"] == "selected"
+    assert version.tags["winner"] == registered.predictor.winner_name_
+    assert int(run.data.params["n_train"]) == 160 and int(run.data.params["n_test"]) == 40
+    arrays = load_training_data(TrainConfig(bench=str(tmp_path / "bench.parquet"),
+                                            queries=str(tmp_path / "queries.parquet"),
+                                            registered_name="sel")).arrays
+    test_ids = set(arrays.query_id[split_indices(arrays, "random", 3, 0.2)[1]])
+    assert len(test_ids) == 40 and seen and not test_ids & set(seen)  # never fitted on test
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"cv_selection.json", "cv_selection.txt"} <= artifacts
+    logged = json.loads(open(client.download_artifacts(run.info.run_id, "cv_selection.json",
+                                                       str(tmp_path))).read())
+    assert len(logged["data"]) == 3 and run.data.params["cv_winner"] == version.tags["winner"]
+    for name in ("per_arm_ridge", "per_arm_ridge_strong", "carrot_knn_all"):
+        assert 0 < run.data.metrics[f"cv_audc_{name}"] <= 1
+
