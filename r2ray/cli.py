@@ -148,18 +148,24 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--split", choices=["random", "category"], default="random",
                           help="random 80/20 per seed, or leave one category out")
     evaluate.add_argument("--queries", help="table with query_id + embedding (skips the encoder)")
-    evaluate.add_argument("--methods", help="comma-separated learned methods (default: all)")
+    evaluate.add_argument("--methods", help="comma-separated learned methods (default: all but "
+                          "the composite stacked and selected)")
+    evaluate.add_argument("--train-sizes", metavar="N,N,...",
+                          help="learning curves: also fit every learned method on this many "
+                               "training queries per split (e.g. 250,500,1000,2000,5000)")
     evaluate.add_argument("--tracking-uri", help="MLflow tracking URI (default: environment)")
     evaluate.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from r2ray.evaluation.learning_curves import parse_sizes
     from r2ray.evaluation.run import evaluate_uris
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     evaluate_uris(args.bench, args.model, args.out, catalog_path=args.catalog, seeds=args.seeds,
                   split=args.split, queries_uri=args.queries, methods=methods,
-                  tracking_uri=args.tracking_uri)
+                  tracking_uri=args.tracking_uri,
+                  train_sizes=parse_sizes(args.train_sizes) if args.train_sizes else None)
 
 
 def _train_parser(commands: argparse._SubParsersAction) -> None:

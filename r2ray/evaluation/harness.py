@@ -29,10 +29,12 @@ import numpy as np
 from r2ray.catalog import DEFAULT_BUDGET, Catalog
 from r2ray.errors import R2RayError
 from r2ray.evaluation.adherence import budget_levels
-from r2ray.evaluation.calibration import cost_calibration
+from r2ray.evaluation.calibration import cost_calibration, quality_calibration
 from r2ray.evaluation.method_scores import (MethodResult, evaluable_queries, evaluate_methods,
-                                            reference_quality, summarise)
-from r2ray.evaluation.methods import ORACLE_ALL, SINGLE_PREFIX, oracle, scores_from_predictions
+                                            evaluate_scores, reference_quality, summarise)
+from r2ray.evaluation.methods import (ORACLE_ALL, SINGLE_PREFIX, MethodScores, oracle,
+                                      scores_from_predictions)
+from r2ray.evaluation.metrics import audc
 from r2ray.predictor.base import ArmPredictions, Predictor
 from r2ray.predictor.data import BenchArrays, holdout_indices
 from r2ray.predictor.spend_guarantee import (DEFAULT_GUARANTEE as GUARANTEE, SpendSimulation,
@@ -74,6 +76,8 @@ class SplitOutcome:
     n_dropped: int                   # test queries lacking a default arm
     calibration: dict = field(default_factory=dict)  # learned method → cost_calibration()
     adherence: dict = field(default_factory=dict)    # method → budget_adherence() rows
+    quality: dict = field(default_factory=dict)      # learned method → quality_calibration()
+                                                     # + audc, audc_uncalibrated
 
 
 def random_splits(n_queries: int, seeds: list[int]) -> list[Split]:
@@ -111,21 +115,55 @@ def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
     test = test.subset(keep)
     if test.n_queries == 0:
         raise R2RayError(f"{split.label}: no test query has every default arm in the bench")
-    predictions, seconds, simulations = {}, {}, {}
-    for name, factory in factories.items():
-        start = time.perf_counter()
-        predictor = factory(split.seed).fit(train, catalog)
-        seconds[name] = time.perf_counter() - start
-        predictions[name] = predictor.predict(test.embedding)
-        simulations[name] = getattr(predictor, "spend_simulation_", None)
-        log(f"  {split.label}: {name} fitted in {seconds[name]:.1f} s")
+    fitted, seconds = fit_methods(train, catalog, split.seed, factories, split.label, log)
+    predictions = {name: p.predict(test.embedding) for name, p in fitted.items()}
+    simulations = {name: getattr(p, "spend_simulation_", None) for name, p in fitted.items()}
     results = evaluate_methods(test, catalog, predictions, lambdas)
     arm_names = [f"{a.model}@{a.budget_tokens or 'default'}" for a in catalog.arms]
     calibration = {name: cost_calibration(p.cost_usd(catalog, test.input_tokens), test.cost_usd,
                                           arm_names) for name, p in predictions.items()}
-    return SplitOutcome(split, results, summarise(results), seconds, test.n_queries,
+    summary = summarise(results)
+    return SplitOutcome(split, results, summary, seconds, test.n_queries,
                         len(split.test) - len(keep), calibration,
-                        method_adherence(test, catalog, predictions, results, simulations))
+                        method_adherence(test, catalog, predictions, results, simulations),
+                        quality_outcomes(fitted, predictions, results, summary, test, catalog,
+                                         lambdas))
+
+
+def fit_methods(train: BenchArrays, catalog: Catalog, seed: int,
+                factories: dict[str, PredictorFactory], label: str,
+                log: Callable[[str], None] = log_line) -> tuple[dict[str, Predictor],
+                                                                dict[str, float]]:
+    """Every learned method fitted on ``train``: (fitted predictors, fit seconds)."""
+    fitted, seconds = {}, {}
+    for name, factory in factories.items():
+        start = time.perf_counter()
+        fitted[name] = factory(seed).fit(train, catalog)
+        seconds[name] = time.perf_counter() - start
+        log(f"  {label}: {name} fitted in {seconds[name]:.1f} s")
+    return fitted, seconds
+
+
+def quality_outcomes(fitted: dict[str, Predictor], predictions: dict[str, ArmPredictions],
+                     results: dict[str, MethodResult], summary: dict, test: BenchArrays,
+                     catalog: Catalog, lambdas: np.ndarray | None) -> dict[str, dict]:
+    """Per learned method: ECE and reliability bins of q̂ with and without the predictor's own
+    quality calibration, and AUDC both ways (on this split's cost normalisation)."""
+    from r2ray.evaluation.metrics import lambda_grid
+
+    bounds = (summary["normalisation"]["cost_min_usd"], summary["normalisation"]["cost_max_usd"])
+    out = {}
+    for name, predictor in fitted.items():
+        if getattr(predictor, "quality_calibration_", None) is not None:
+            raw = predictor.predict(test.embedding, raw_quality=True).quality
+        else:
+            raw = predictions[name].quality
+        scores = MethodScores(raw.astype(np.float64),
+                              predictions[name].cost_usd(catalog, test.input_tokens))
+        curve = evaluate_scores(scores, test, lambda_grid() if lambdas is None else lambdas).curve
+        out[name] = quality_calibration(predictions[name].quality, raw, test.quality) | {
+            "audc": audc(results[name].curve, *bounds), "audc_uncalibrated": audc(curve, *bounds)}
+    return out
 
 
 def method_adherence(test: BenchArrays, catalog: Catalog, predictions: dict[str, ArmPredictions],

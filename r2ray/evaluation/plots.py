@@ -105,3 +105,55 @@ def cost_calibration_png(calibration: dict, title: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+def reliability_png(block: dict, title: str) -> bytes:
+    """reliability.png: mean observed quality against mean q̂ per bin, with and without the
+    predictor's own calibration (``block``: :func:`r2ray.evaluation.calibration.quality_calibration`)."""
+    figure = Figure(figsize=(5.5, 5.5), layout="constrained")
+    axis = figure.subplots()
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    for suffix, label, color in (("_uncalibrated", "q̂ as fitted", "C0"),
+                                 ("", "q̂ calibrated (used)", "crimson")):
+        bins = block[f"bins{suffix}"]
+        keep = [i for i, n in enumerate(bins["count"]) if n > 0]
+        axis.plot([bins["mean_predicted"][i] for i in keep],
+                  [bins["mean_observed"][i] for i in keep], marker="o", color=color,
+                  label=f"{label}: ECE {block[f'ece{suffix}']:.3f}")
+    axis.set(xlabel="predicted quality q̂ (bin mean)", ylabel="observed quality (bin mean)",
+             xlim=(0, 1), ylim=(0, 1))
+    axis.legend(fontsize=8, loc="upper left")
+    axis.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def learning_curves_png(block: dict, references: dict[str, float], subject: str,
+                        title: str) -> bytes:
+    """learning_curves.png: AUDC (mean ± std over splits) against training queries per learned
+    method; ``references`` ({name: AUDC} of non-learned methods on the full splits) as lines."""
+    figure = Figure(figsize=(8, 5.5), layout="constrained")
+    axis = figure.subplots()
+    sizes = np.asarray(block["sizes"], dtype=float)
+    for i, (name, curve) in enumerate(sorted(block["methods"].items())):
+        mean = np.asarray(curve["audc"], dtype=float)
+        std = np.asarray([s if s is not None else 0.0 for s in curve["audc_std"]], dtype=float)
+        style = _style(name, subject, i)
+        axis.plot(sizes, mean, marker="o", label=name, **style)
+        axis.fill_between(sizes, mean - std, mean + std, color=style["color"], alpha=0.12)
+    for name, value in references.items():
+        axis.axhline(value, color="black" if name.startswith("oracle") else "slategrey",
+                     linestyle=":", linewidth=1)
+        axis.annotate(name, (sizes[0] if len(sizes) else 1, value), fontsize=7,
+                      xytext=(2, 2), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel("training queries")
+    axis.set_ylabel("AUDC on the split's test queries")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.suptitle(title, fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

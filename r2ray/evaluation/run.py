@@ -106,18 +106,24 @@ def run_evaluation(arrays: BenchArrays, catalog: Catalog, model: ModelUnderTest,
                    split: str, out_dir: str, context: dict | None = None,
                    methods: list[str] | None = None, lambdas: np.ndarray | None = None,
                    method_settings: dict[str, dict] | None = None,
+                   train_sizes: list[int] | None = None,
                    log: Callable[[str], None] = log_line) -> dict:
     """Run every method on every split, write ``metrics.json`` and ``curves.png``; return the metrics.
 
-    ``methods`` restricts the learned methods (default: every key of ``PREDICTORS``); the model
+    ``train_sizes``: also fit every learned method on subsets of each split's training part of
+    these sizes (:mod:`r2ray.evaluation.learning_curves`): ``learning_curves`` in metrics.json and
+    ``learning_curves.png``.
+
+    ``methods`` restricts the learned methods (default: every key of ``PREDICTORS`` but the
+    ``COMPOSITE`` ones); the model
     under test replaces the entry of its own name. ``method_settings`` gives the other learned
     methods non-default settings (recorded in metrics.json).
     """
-    from r2ray.predictor import PREDICTORS
+    from r2ray.predictor import COMPOSITE, PREDICTORS
 
     lambdas = lambda_grid() if lambdas is None else lambdas
     method_settings = method_settings or {}
-    names = list(PREDICTORS) if methods is None else list(methods)
+    names = [n for n in PREDICTORS if n not in COMPOSITE] if methods is None else list(methods)
     unknown = sorted(set(names) - set(PREDICTORS))
     if unknown:
         raise R2RayError(f"unknown method(s) {', '.join(unknown)}; choose from "
@@ -133,6 +139,11 @@ def run_evaluation(arrays: BenchArrays, catalog: Catalog, model: ModelUnderTest,
         outcomes.append(harness.evaluate_split(arrays, catalog, s, factories, lambdas, log))
     context = {**(context or {}), "baseline_settings": {
         n: method_settings.get(n, "defaults") for n in factories if n != model.name}}
+    if train_sizes:
+        from r2ray.evaluation.learning_curves import learning_curves
+
+        context["learning_curves"] = learning_curves(arrays, catalog, splits, train_sizes,
+                                                     factories, lambdas, log)
     metrics = summary.metrics_document(outcomes, model=model, split=split, seeds=seeds,
                                       lambdas=lambdas, registered=registered, context=context)
     summary.write_outputs(metrics, outcomes, out_dir, subject=model.name)
@@ -156,6 +167,7 @@ def _registered_block(model: ModelUnderTest, arrays: BenchArrays, catalog: Catal
 def evaluate_uris(bench_uri: str, model_uri: str, out_dir: str, catalog_path: str | None = None,
                   seeds: int = 5, split: str = "random", queries_uri: str | None = None,
                   methods: list[str] | None = None, tracking_uri: str | None = None,
+                  train_sizes: list[int] | None = None,
                   log: Callable[[str], None] = log_line) -> dict:
     """The whole command: resolve inputs, evaluate, write ``out_dir``/metrics.json and curves.png."""
     if seeds < 1:
@@ -169,4 +181,4 @@ def evaluate_uris(bench_uri: str, model_uri: str, out_dir: str, catalog_path: st
                              "embeddings": embeddings})  # metrics.json: no credentials
     storage.filesystem(out_dir)  # fail on a bad URI before hours of fitting
     return run_evaluation(arrays, catalog, model, list(range(seeds)), split, out_dir, context,
-                          methods, log=log)
+                          methods, train_sizes=train_sizes, log=log)

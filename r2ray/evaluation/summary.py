@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 METRICS_FILE, CURVES_FILE = "metrics.json", "curves.png"
 CALIBRATION_FILE = "cost_calibration.png"
+RELIABILITY_FILE, LEARNING_CURVES_FILE = "reliability.png", "learning_curves.png"
 
 DEFINITIONS = {
     "choice": "per query argmax_j q̂_ij − λ ĉ_ij over the arms a method can use and the bench has "
@@ -64,6 +65,16 @@ DEFINITIONS = {
                         "level)), null if none; guaranteed_*: the same solved under budget ÷ κ, "
                         "the batch job's default spend guarantee (0.95) sized by the method's own "
                         "cross-fitted spend simulation",
+    "quality_calibration": "per learned method, over test cells with q̂ and an outcome: ece = "
+                           "cell-weighted mean |mean q̂ − mean quality| over 10 equal-width bins "
+                           "of q̂, with the predictor's own isotonic calibration (as routed) and "
+                           "without it (_uncalibrated); audc / audc_uncalibrated: the method's "
+                           "AUDC with each q̂ (same ĉ, same normalisation); means over splits; "
+                           "reliability: the subject's bins in the first split",
+    "learning_curves": "per learned method, AUDC (mean and sample std over splits) when fitted "
+                       "on a seeded random subset of each split's training part of each size "
+                       "(nested subsets), scored on the split's whole test part; sizes above a "
+                       "split's training part are skipped with a note",
     "_std": "sample std over splits (null with one split or a non-finite value); a mean is null "
             "if the value is null in any split",
 }
@@ -104,6 +115,7 @@ def metrics_document(outcomes: list[SplitOutcome], model: ModelUnderTest, split:
                                     "max": float(lambdas.max()), "spacing": "log"},
         "cost_calibration": cost_calibration_block(outcomes, model.name),
         "budget_adherence": budget_adherence_block(outcomes),
+        "quality_calibration": quality_calibration_block(outcomes, model.name),
         "curves_png": f"points and frontiers of the first split ({outcomes[0].split.label})",
         "definitions": DEFINITIONS,
         "r2ray_version": r2ray.__version__,
@@ -119,6 +131,19 @@ def cost_calibration_block(outcomes: list[SplitOutcome], subject: str) -> dict:
                "per_decile": c["per_decile"],
                **({"per_arm": c["per_arm"]} if name == subject else {})}
         for name, c in first.items()}}
+
+
+def quality_calibration_block(outcomes: list[SplitOutcome], subject: str) -> dict:
+    """Per learned method: ECE and AUDC with and without its quality calibration, means over
+    splits; the subject's reliability bins from the first split."""
+    keys = ("ece", "ece_uncalibrated", "audc", "audc_uncalibrated")
+    block = {"split": outcomes[0].split.label, "methods": {
+        name: {k: float(np.mean([o.quality[name][k] for o in outcomes])) for k in keys}
+        for name in outcomes[0].quality}}
+    if subject in outcomes[0].quality:
+        block["reliability"] = {k: outcomes[0].quality[subject][k]
+                                for k in ("bins", "bins_uncalibrated", "ece", "ece_uncalibrated")}
+    return block
 
 
 def budget_adherence_block(outcomes: list[SplitOutcome]) -> dict:
@@ -169,7 +194,8 @@ def _json_safe(value):
 
 
 def write_outputs(metrics: dict, outcomes: list[SplitOutcome], out_dir: str, subject: str) -> None:
-    from r2ray.evaluation.plots import cost_calibration_png, curves_png
+    from r2ray.evaluation.plots import (cost_calibration_png, curves_png, learning_curves_png,
+                                        reliability_png)
 
     storage.write_text(storage.join(out_dir, METRICS_FILE), to_json(metrics) + "\n")
     title = f"{metrics.get('bench', {}).get('uri', 'bench')} — {metrics['curves_png']}"
@@ -179,6 +205,19 @@ def write_outputs(metrics: dict, outcomes: list[SplitOutcome], out_dir: str, sub
         storage.write_bytes(storage.join(out_dir, CALIBRATION_FILE), cost_calibration_png(
             outcomes[0].calibration[subject], f"{subject}: predicted vs realised cost, "
             f"{outcomes[0].split.label}"))
+    reliability = metrics["quality_calibration"].get("reliability")
+    if reliability is not None:
+        storage.write_bytes(storage.join(out_dir, RELIABILITY_FILE), reliability_png(
+            reliability, f"{subject}: reliability of q̂ on {outcomes[0].split.label}'s test cells"))
+    curves = metrics.get("learning_curves")
+    if curves and curves["sizes"]:
+        singles = {n: m["audc"] for n, m in metrics["methods"].items()
+                   if n.startswith("single:") or n == "oracle_all"}
+        best = max((n for n in singles if n.startswith("single:")), key=singles.get, default=None)
+        references = {n: singles[n] for n in ("oracle_all", best) if n in singles}
+        storage.write_bytes(storage.join(out_dir, LEARNING_CURVES_FILE), learning_curves_png(
+            curves, references, subject, "AUDC against training queries (lines: full training "
+            "part)"))
 
 
 def format_table(metrics: dict) -> str:
@@ -215,6 +254,21 @@ def format_table(metrics: dict) -> str:
                      "single model's spend) the method can meet in every split; guaranteed: the "
                      "same solved under the batch job's default spend guarantee (0.95), worst "
                      "over every level and split (metrics.json budget_adherence)")
+    quality = metrics.get("quality_calibration", {}).get("methods", {})
+    if quality:
+        lines.append("q̂ calibration (ECE uncalibrated → calibrated; AUDC uncalibrated → "
+                     "calibrated): " + "; ".join(
+                         f"{name} {q['ece_uncalibrated']:.3f} → {q['ece']:.3f}, "
+                         f"{q['audc_uncalibrated']:.3f} → {q['audc']:.3f}"
+                         for name, q in quality.items()))
+    curves = metrics.get("learning_curves")
+    if curves and curves["sizes"]:
+        lines.append(f"learning curves, AUDC at {', '.join(map(str, curves['sizes']))} training "
+                     "queries: " + "; ".join(
+                         f"{name} {' '.join(f'{a:.3f}' for a in c['audc'])}"
+                         for name, c in curves["methods"].items()))
+    for note in (curves or {}).get("skipped", []):
+        lines.append(f"learning curves: size {note['size']} skipped: {note['reason']}")
     return "\n".join(lines)
 
 

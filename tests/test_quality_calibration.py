@@ -1,0 +1,87 @@
+"""The isotonic calibration of q̂ (r2ray.predictor.quality_calibration) and its report in
+`r2ray evaluate` (ECE with and without it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from predictor_world import planted_arrays, small_catalog
+
+from r2ray.evaluation.calibration import quality_calibration
+from r2ray.predictor import make_predictor
+from r2ray.predictor.diagnostics import calibration_bins, expected_calibration_error
+from r2ray.predictor.quality_calibration import (QualityCalibration, fit_quality_calibration,
+                                                 isotonic_knots)
+
+
+def ece(quality_hat, quality):
+    return expected_calibration_error(calibration_bins(quality_hat, quality))
+
+
+def miscalibrated(catalog, n, seed):
+    """True probabilities p, a predictor that says p² on model 0 and √p elsewhere, labels ~ p."""
+    rng = np.random.default_rng(seed)
+    p = rng.random((n, catalog.n_arms))
+    model0 = catalog.arm_arrays["model_index"] == 0
+    said = np.where(model0, p ** 2, np.sqrt(p)).astype(np.float32)
+    labels = (rng.random(p.shape) < p).astype(np.float32)
+    return said, labels
+
+
+def test_pool_adjacent_violators_on_a_hand_case():
+    x, y = isotonic_knots(np.array([0.3, 0.1, 0.2, 0.4]), np.array([1.0, 1.0, 0.0, 0.5]))
+    # sorted: (0.1, 1), (0.2, 0) violate → one block at x 0.15, y 0.5; then 0.3 → 1; 0.4 → 0.5
+    # violates 1 → merged block x 0.35, y 0.75
+    np.testing.assert_allclose(x, [0.15, 0.35])
+    np.testing.assert_allclose(y, [0.5, 0.75])
+
+
+def test_ece_drops_on_held_out_rows_and_the_map_is_monotone():
+    catalog = small_catalog()
+    said, labels = miscalibrated(catalog, 1500, seed=0)  # under ARM_ROWS per arm
+    calibration = fit_quality_calibration(said, labels, catalog)
+    test_said, test_labels = miscalibrated(catalog, 2000, seed=1)
+    before, after = ece(test_said, test_labels), ece(calibration.apply(test_said), test_labels)
+    assert before > 0.1 and after < 0.03, (before, after)
+    grid = np.repeat(np.linspace(0, 1, 101, dtype=np.float32)[:, None], catalog.n_arms, axis=1)
+    mapped = calibration.apply(grid)
+    assert (np.diff(mapped, axis=0) >= 0).all()
+    assert set(calibration.group.tolist()) == {0, 1, 2}  # one map per model (few rows per arm)
+
+
+def test_an_arm_with_enough_rows_gets_its_own_map_and_nan_stays_nan():
+    catalog = small_catalog()
+    said, labels = miscalibrated(catalog, 300, seed=0)
+    calibration = fit_quality_calibration(said, labels, catalog, arm_rows=250)
+    assert len(set(calibration.group.tolist())) == catalog.n_arms
+    holey = said.copy()
+    holey[0, 3] = np.nan
+    assert np.isnan(calibration.apply(holey)[0, 3])
+    empty = fit_quality_calibration(said[:5], labels[:5], catalog)  # too few rows: identity
+    assert (empty.group == -1).all()
+    np.testing.assert_array_equal(empty.apply(said), said)
+
+
+def test_json_round_trip_maps_the_same():
+    catalog = small_catalog()
+    said, labels = miscalibrated(catalog, 500, seed=2)
+    calibration = fit_quality_calibration(said, labels, catalog)
+    again = QualityCalibration.from_json(json.loads(json.dumps(calibration.to_json())))
+    np.testing.assert_array_equal(again.apply(said), calibration.apply(said))
+
+
+def test_predictors_apply_it_and_report_both_ways():
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=400, dim=16, seed=0)
+    test, _ = planted_arrays(catalog, n_queries=200, dim=16, seed=9)
+    predictor = make_predictor("per_arm_ridge").fit(train, catalog)
+    used = predictor.predict(test.embedding)
+    raw = predictor.predict(test.embedding, raw_quality=True)
+    np.testing.assert_array_equal(used.output_tokens, raw.output_tokens)
+    np.testing.assert_array_equal(used.quality,
+                                  predictor.quality_calibration_.apply(raw.quality))
+    report = quality_calibration(used.quality, raw.quality, test.quality)
+    assert report["ece"] == ece(used.quality, test.quality)
+    assert report["ece_uncalibrated"] == ece(raw.quality, test.quality)
+    assert sum(report["bins"]["count"]) == np.isfinite(test.quality).sum()
