@@ -154,7 +154,7 @@ def test_collect_with_a_judge_and_k_arms(tmp_path):
     manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
     judge_calls = [c for c in stub.calls if c["model"] == "judge"]
     assert len(judge_calls) == 10
-    assert manifest["judge_agreement"]["rows"] == 8
+    assert manifest["judge_agreement"]["rows"] == 8 and manifest["counts"]["judge_unscored"] == 0
     # the stub judge looks for the reference's text: it fails "0.5" against "1/2", math-verify
     # does not — 2 of the 8 referenced rows disagree
     assert manifest["judge_agreement"]["agreement"] == 0.75

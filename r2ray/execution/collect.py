@@ -141,7 +141,9 @@ class CollectResult:
                          f"{t['output_tokens_per_s']:.1f} output tokens/s")
         if self.agreement:
             lines.append(f"judge vs reference graders: agreement {self.agreement['agreement']} "
-                         f"on {self.agreement['rows']} rows")
+                         f"on {self.agreement['rows']} rows; "
+                         f"{self.manifest['counts']['judge_unscored']:,} judge replies gave no "
+                         "score")
         if a.failures.num_rows:
             lines.append(f"failures: {a.summary()['failure_reasons']} — rerun to retry them")
         return "\n".join(lines + [format_stats(self.stats)])
@@ -189,6 +191,7 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
                            config.engine, progress)
     judge_run = None
     scores: dict[str, float] = {}
+    unscored = 0   # judge replies without a score in [0, 1]
     if judge_cat is not None:
         jreq = judge_requests(answers.results, by_id, judge_cat, config.judge_model)
         cap = config.engine.max_spend_usd
@@ -198,7 +201,9 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
                                  progress)
         for r in judge_run.results.to_pylist():
             score = graders.parse_judge_score(r["response"])
-            if score is not None:
+            if score is None:
+                unscored += 1
+            else:
                 scores[r["key"].removesuffix("-judge")] = score
     rows, pairs_judge, pairs_ref, ungraded = [], [], [], 0
     for answer in answers.results.to_pylist():
@@ -232,7 +237,8 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
                    "seed": config.seed, "grader": config.grader, "judge_model": config.judge_model,
                    "max_spend_usd": config.engine.max_spend_usd},
         "counts": {"queries": len(queries), "requests": requests.num_rows,
-                   "bench_rows": bench.num_rows, "ungraded": ungraded},
+                   "bench_rows": bench.num_rows, "ungraded": ungraded,
+                   "judge_unscored": unscored},
         "answers": answers.summary(), "judge": judge_run.summary() if judge_run else None,
         "judge_agreement": agreement,
         "spend": {"total_usd": answers.spend["realised_usd"] + judge_spend},
