@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from r2ray.batch.assign import ROUTED_SCHEMA
 from r2ray.catalog import load_catalog
@@ -15,7 +16,15 @@ from r2ray.execution.stub import StubServer
 from r2ray.manifest import routed_partition
 from r2ray.reconcile import read_actuals
 from r2ray.routing import routed_request
-from tests.test_collect import write_catalog
+
+
+def write_catalog(path, url: str) -> str:
+    """Two priced models on the stub, budgets 4, 12 and default (cap 24)."""
+    path.write_text(yaml.safe_dump({"budgets": [4, 12, "default"], "models": [
+        {"name": name, "input_per_m": p_in, "output_per_m": p_out, "context": 4096,
+         "endpoint": url, "max_output_tokens": 24}
+        for name, p_in, p_out in [("small", 1.0, 2.0), ("large", 10.0, 30.0)]]}))
+    return str(path)
 
 
 def committed_run(root, catalog_path: str, n: int = 12) -> str:
