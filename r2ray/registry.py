@@ -122,6 +122,9 @@ def _input_example(predictor: BasePredictor, encoder_spec: str | None):
     return pd.DataFrame({"query": queries, "input_tokens": [12, 9], "embedding": zeros})
 
 
+REGISTER_EXPERIMENT = "r2ray-register"   # where a registration outside any run logs its model
+
+
 @mlflow_guard()
 def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str | None = None,
                        tags: dict[str, str] | None = None,
@@ -136,7 +139,8 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
         folder = save_predictor(predictor, str(Path(tmp) / PREDICTOR_ARTIFACT), encoder_spec)
         wheel = package_wheel(tmp)
         active = mlflow.active_run()
-        if active is None:
+        if active is None:  # an experiment of *this* store: MLflow remembers the last one set,
+            mlflow.set_experiment(REGISTER_EXPERIMENT)  # maybe on another store (id unknown here)
             mlflow.start_run(run_name=f"register-{name}")
         try:
             info = mlflow.pyfunc.log_model(
