@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from r2ray.bench.synthetic import synth_backlog
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
+NO_AGENT = "No available agent to submit job"   # Ray's 500 while the head's job agent starts
+AGENT_WAIT_TRIES = 30                           # × 2 s
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +64,13 @@ def _submit(cluster, args: list[str], runtime_env: dict | None = None) -> str:
     if runtime_env:
         command += ["--runtime-env-json", json.dumps(runtime_env)]
     entry = " ".join([f"cd {REPO} &&", sys.executable, "jobs/route_batch.py", *args])
-    done = subprocess.run([*command, "--", "bash", "-c", entry], env=cluster["env"],
-                          capture_output=True, text=True, timeout=900, cwd=cluster["cwd"])
-    output = done.stdout + done.stderr
+    for _ in range(AGENT_WAIT_TRIES):  # a fresh head's job agent may not be up yet, on a busy
+        done = subprocess.run([*command, "--", "bash", "-c", entry], env=cluster["env"],  # host
+                              capture_output=True, text=True, timeout=900, cwd=cluster["cwd"])
+        output = done.stdout + done.stderr
+        if done.returncode == 0 or NO_AGENT not in output:  # refused: nothing was submitted
+            break
+        time.sleep(2)
     assert done.returncode == 0, output[-4000:]
     return output
 
