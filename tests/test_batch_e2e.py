@@ -30,11 +30,13 @@ AGENT_WAIT_TRIES = 30                           # × 2 s
 def ray_cluster(s3_server, tmp_path_factory):
     """A real local Ray cluster started with `ray start`; yields the dashboard (jobs) address."""
     temp = tmp_path_factory.mktemp("rt")
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()  # the agent's default 52365
+                                                                    # clashes with any other head
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+                    f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+                    f"--temp-dir={temp}",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True,
                    timeout=180, cwd=temp)
     try:
@@ -93,7 +95,9 @@ def test_job_submit_routes_s3_backlog_and_survives_a_lost_worker(
     budget = 3e-5 * 600
     args = ["--input", f"{s3_bucket}/backlog", "--output", f"{s3_bucket}/runs",
             "--model", registered_model["uri"], "--tracking-uri", registered_model["tracking"],
-            "--budget-usd", str(budget), "--batch-size", "100"]
+            "--budget-usd", str(budget), "--batch-size", "100",
+            "--spend-guarantee", "0"]  # the reference solves the whole budget (the guarantee's
+                                       # plan is tested in test_spend_guarantee.py)
     marker = tmp_path / "worker-killed"
     output = _submit(ray_cluster, [*args, "--run-id", "nightly"],
                      {"env_vars": {"R2RAY_FAILPOINT": f"kill_worker_once:{marker}"}})
