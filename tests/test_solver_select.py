@@ -108,7 +108,7 @@ def test_the_driver_sees_only_histograms_and_scalars(n_queries):
     q, c = rng.random((n_queries, 16)).round(2), rng.random((n_queries, 16)).round(3)
     steps = hull_steps(q, c)
     budget = steps.base_c.sum() + 0.4 * steps.dc.sum()
-    passes = RecordingPasses(blocks_of(steps, block_queries=1000), n_queries)
+    passes = RecordingPasses(blocks_of(steps, block_queries=1000))
     outcome, _ = run_solve(passes, [budget], seed=0, fill_limit=256)
     assert max(passes.sizes) <= max(N_BINS, 2048)          # never grows with the backlog
     single = solve_budget(steps, budget, fill_limit=256).certificate

@@ -78,14 +78,6 @@ class StepBlock:
             np.rint(np.ldexp(self.steps.base_q, -exponent)).astype(np.int64),
             np.rint(np.ldexp(self.steps.dq, -exponent)).astype(np.int64)))
 
-    def prefix_sums(self, cost_exp: int, quality_exp: int) -> tuple[np.ndarray, np.ndarray]:
-        """int64 [S+1] running sums of dc and dq quanta over all steps (exact: totals < 2**62)."""
-        def build():
-            dc_q, dq_q = self.cost_quanta(cost_exp)[1], self.quality_quanta(quality_exp)[1]
-            return (np.concatenate([[0], np.cumsum(dc_q)]),
-                    np.concatenate([[0], np.cumsum(dq_q)]))
-        return self._cached(("prefix", cost_exp, quality_exp), build)
-
     def _cached(self, key, build):
         if key not in self._cache:
             self._cache[key] = build()
@@ -97,18 +89,21 @@ def _ceil_quanta(values: np.ndarray, exponent: int) -> np.ndarray:
 
 
 def blocks_of(steps: HullSteps, *, query_key=None, group=None, defer: bool = False,
-              block_queries: int = 1 << 20) -> list[StepBlock]:
-    """Split in-memory hull chains into blocks of consecutive queries."""
+              block_queries: int = 1 << 20, query_pos=None) -> list[StepBlock]:
+    """Split in-memory hull chains into blocks of consecutive queries.
+
+    query_pos: int64 [N] backlog positions (default 0..N-1); query_key defaults to them.
+    """
     n = steps.n_queries
-    keys = np.arange(n, dtype=np.uint64) if query_key is None else np.asarray(query_key, np.uint64)
+    pos = np.arange(n, dtype=np.int64) if query_pos is None else np.asarray(query_pos, np.int64)
+    keys = pos.astype(np.uint64) if query_key is None else np.asarray(query_key, np.uint64)
     groups = None if group is None else np.asarray(group, np.int32)
     out = []
     for start in range(0, max(n, 1), block_queries):
         stop = min(n, start + block_queries)
         part = steps.slice(start, stop)
-        out.append(StepBlock(with_defer_arm(part) if defer else part,
-                             np.arange(start, stop, dtype=np.int64), keys[start:stop],
-                             None if groups is None else groups[start:stop]))
+        out.append(StepBlock(with_defer_arm(part) if defer else part, pos[start:stop],
+                             keys[start:stop], None if groups is None else groups[start:stop]))
     return out
 
 

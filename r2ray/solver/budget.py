@@ -68,8 +68,8 @@ class SolveResult(CertifiedResult):
 class LocalPasses:
     """Runs each pass over in-memory blocks; the driver logic is shared with Ray."""
 
-    def __init__(self, blocks: list[StepBlock], n_queries: int):
-        self.blocks, self.n_queries = blocks, n_queries
+    def __init__(self, blocks: list[StepBlock]):
+        self.blocks = blocks
 
     def reduce(self, fn, args: tuple, merge):
         out = None
@@ -79,14 +79,12 @@ class LocalPasses:
         return out
 
     def assign(self, selection, fill_pos):
-        arm = np.empty(self.n_queries, np.int32)
-        filled = np.zeros(self.n_queries, bool)
-        totals = None
-        for block in self.blocks:
-            (block_arm, block_filled), part = block_assign(block, selection, fill_pos)
-            arm[block.query_pos], filled[block.query_pos] = block_arm, block_filled
-            totals = part if totals is None else totals.merge(part)
-        return totals, (arm, filled)
+        """Totals, and (arm int32, filled bool) of every query in block order."""
+        parts = [block_assign(block, selection, fill_pos) for block in self.blocks]
+        totals = parts[0][1]
+        for _, part in parts[1:]:
+            totals = totals.merge(part)
+        return totals, tuple(np.concatenate([p[0][i] for p in parts]) for i in (0, 1))
 
 
 def solve_budget(steps: HullSteps, budget_usd: float, *, seed: int = 0, defer: bool = False,
@@ -107,9 +105,8 @@ def solve_groups(steps: HullSteps, budgets_usd, *, group=None, seed: int = 0,
     """Independent budgets for groups of queries (``group``: int [N] in [0, len(budgets))),
     solved together in the same passes."""
     blocks = blocks_of(steps, query_key=query_key, group=group, defer=defer)
-    passes = LocalPasses(blocks, steps.n_queries)
-    outcome, (arm, filled) = run_solve(passes, validated_budgets(budgets_usd), seed=seed,
-                                       fill_limit=fill_limit, names=names)
+    outcome, (arm, filled) = run_solve(LocalPasses(blocks), validated_budgets(budgets_usd),
+                                       seed=seed, fill_limit=fill_limit, names=names)
     return SolveResult(arm, filled, certificates(outcome))
 
 

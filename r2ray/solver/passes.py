@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from r2ray.solver.blocks import DEFER_ARM, StepBlock
 from r2ray.solver.hull import NO_ARM, HullSteps
@@ -201,8 +202,29 @@ def _n_taken(block: StepBlock, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
 
 def _per_chain(block: StepBlock, mask: np.ndarray) -> np.ndarray:
     """How many steps of each chain the mask marks (a prefix of the chain)."""
-    running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
-    return running[block.steps.offsets[1:]] - running[block.steps.offsets[:-1]]
+    return _count_per_chain(mask, block.steps.offsets)
+
+
+@njit(cache=True, nogil=True)
+def _count_per_chain(mask, offsets):
+    out = np.zeros(offsets.size - 1, np.int64)
+    for i in range(out.size):
+        for t in range(offsets[i], offsets[i + 1]):
+            out[i] += mask[t]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _first_steps_sum(values, offsets, n_first, groups, n_groups):
+    """int64 [n_groups]: Σ over queries of their first ``n_first`` steps' values (exact: the
+    quanta's totals stay below 2**62, so int64 sums cannot overflow)."""
+    out = np.zeros(n_groups, np.int64)
+    for i in range(n_first.size):
+        total = np.int64(0)
+        for t in range(offsets[i], offsets[i] + n_first[i]):
+            total += values[t]
+        out[groups[i]] += total
+    return out
 
 
 @dataclass(frozen=True)
@@ -272,17 +294,14 @@ def block_assign(block: StepBlock, sel: Selection, fill_pos: np.ndarray):
     n_taken, n_above = _n_taken(block, sel)
     n_taken = n_taken + filled
     arm = arm_after(s, n_taken)
-    base_cq, _ = block.cost_quanta(sel.cost_exp)
-    base_qq, _ = block.quality_quanta(sel.quality_exp)
-    cum_dc, cum_dq = block.prefix_sums(sel.cost_exp, sel.quality_exp)
-    start = s.offsets[:-1]
-    chain = lambda cum, n: cum[start + n] - cum[start]     # noqa: E731  exact int64
+    base_cq, dc_q = block.cost_quanta(sel.cost_exp)
+    base_qq, dq_q = block.quality_quanta(sel.quality_exp)
     groups = _groups_of(block, s.n_queries)
-    per_group = lambda v: exact_bincount(groups, v, n_groups) if n_groups > 1 \
-        else np.array([v.sum()], np.int64)                 # noqa: E731
+    per_group = lambda v: exact_bincount(groups, v, n_groups)      # noqa: E731
+    chain = lambda v, n: _first_steps_sum(v, s.offsets, n, groups, n_groups)  # noqa: E731
     totals = Totals(
-        per_group(base_cq + chain(cum_dc, n_taken)), per_group(base_qq + chain(cum_dq, n_taken)),
-        per_group(chain(cum_dq, n_above)), per_group(chain(cum_dc, n_above)), per_group(base_qq),
+        per_group(base_cq) + chain(dc_q, n_taken), per_group(base_qq) + chain(dq_q, n_taken),
+        chain(dq_q, n_above), chain(dc_q, n_above), per_group(base_qq),
         per_group(n_taken), per_group(filled.astype(np.int64)),
         per_group((arm == DEFER_ARM).astype(np.int64)))
     return (arm, filled), totals

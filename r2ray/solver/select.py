@@ -11,27 +11,38 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 DIGIT_BITS = 16
 N_BINS = 1 << DIGIT_BITS
 TOTAL_BITS = 61                  # totals stay below 2**61 quanta, so int64 sums are exact
-_LIMB_BITS = 31
-_LIMB_MASK = np.int64((1 << _LIMB_BITS) - 1)
-_EXACT_CHUNK = 1 << 21           # 2**21 limbs of < 2**31 sum exactly in float64
 _DENSE_BINS = 1 << 22            # above this many bins, histograms are built sparse
 
 
 def exact_bincount(bins: np.ndarray, values: np.ndarray, minlength: int) -> np.ndarray:
-    """Per-bin exact sums of int64 values (|v| < 2**62, |sum| < 2**63), as int64."""
-    out = np.zeros(minlength, np.int64)
-    for start in range(0, bins.size, _EXACT_CHUNK):
-        b, v = bins[start:start + _EXACT_CHUNK], values[start:start + _EXACT_CHUNK]
-        high = v >> _LIMB_BITS
-        low = v - (high << _LIMB_BITS)
-        lo = np.bincount(b, weights=low.astype(np.float64), minlength=minlength)
-        hi = np.bincount(b, weights=high.astype(np.float64), minlength=minlength)
-        out += lo.astype(np.int64) + (hi.astype(np.int64) << _LIMB_BITS)
+    """Per-bin exact sums of int64 values (|v| < 2**62, |sum| < 2**63), as int64: an int64
+    accumulator per bin cannot overflow under those bounds, so the sum is exact in any order."""
+    return _bincount_int64(np.ascontiguousarray(bins), np.ascontiguousarray(values, np.int64),
+                           np.int64(minlength))
+
+
+@njit(cache=True, nogil=True)
+def _bincount_int64(bins, values, minlength):
+    out = np.zeros(max(minlength, bins.max() + 1 if bins.size else 0), np.int64)
+    for i in range(bins.size):
+        out[bins[i]] += values[i]
     return out
+
+
+@njit(cache=True, nogil=True)
+def _dense_histogram(bins, weights, n_bins):
+    """(step count, exact int64 weight) per bin in one pass."""
+    count = np.zeros(n_bins, np.int64)
+    weight = np.zeros(n_bins, np.int64)
+    for i in range(bins.size):
+        count[bins[i]] += 1
+        weight[bins[i]] += weights[i]
+    return count, weight
 
 
 def exact_float_sums(values: np.ndarray, groups: np.ndarray | None, n_groups: int) -> list[int]:
@@ -59,9 +70,15 @@ def exact_float_sums(values: np.ndarray, groups: np.ndarray | None, n_groups: in
 
 def exponent_counts(values: np.ndarray) -> np.ndarray:
     """int64 [2048]: how many |values| (float64) have each biased exponent."""
-    magnitude = values if values.dtype == np.float64 else values.astype(np.float64)
-    exps = (magnitude.view(np.uint64) >> np.uint64(52)) & np.uint64(0x7FF)   # drops the sign
-    return np.bincount(exps.view(np.int64), minlength=2048).astype(np.int64)
+    return _exponent_counts(np.ascontiguousarray(values, np.float64).view(np.uint64))
+
+
+@njit(cache=True, nogil=True)
+def _exponent_counts(bits):
+    out = np.zeros(2048, np.int64)
+    for i in range(bits.size):
+        out[(bits[i] >> 52) & 0x7FF] += 1                    # the mask drops the sign
+    return out
 
 
 def quantum_exponent(counts: np.ndarray) -> int:
@@ -98,10 +115,11 @@ class Hist:
     @staticmethod
     def of(bins: np.ndarray, weights: np.ndarray, n_groups: int) -> "Hist":
         if n_groups * N_BINS <= _DENSE_BINS:
-            count = np.bincount(bins, minlength=n_groups * N_BINS).astype(np.int64)
+            count, weight = _dense_histogram(np.ascontiguousarray(bins),
+                                             np.ascontiguousarray(weights, np.int64),
+                                             n_groups * N_BINS)
             index = np.flatnonzero(count)
-            weight = exact_bincount(bins, weights, n_groups * N_BINS)[index]
-            return Hist(index.astype(np.int64), count[index], weight)
+            return Hist(index.astype(np.int64), count[index], weight[index])
         index, inverse = np.unique(bins, return_inverse=True)
         return Hist(index.astype(np.int64), np.bincount(inverse).astype(np.int64),
                     exact_bincount(inverse, weights, index.size))
