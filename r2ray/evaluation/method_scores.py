@@ -41,14 +41,29 @@ def result_from_points(cost_usd: np.ndarray, quality: np.ndarray) -> MethodResul
     return MethodResult(cost_usd, quality, deferral_curve(cost_usd, quality))
 
 
+SAMPLED_SHARE = 0.5
+"""A bench is *sampled* (its arms dealt per query) when fewer than this share of its queries have
+every default arm; it is then scored by replay (:func:`r2ray.evaluation.metrics.deferral_points`)."""
+
+
+def is_sampled(test: BenchArrays, catalog: Catalog) -> bool:
+    """Whether ``test`` was collected with k arms per query (``bench collect --arms K``)."""
+    full = test.mask[:, default_arm_mask(catalog)].all(axis=1)
+    return test.n_queries > 0 and full.mean() < SAMPLED_SHARE
+
+
 def evaluable_queries(test: BenchArrays, catalog: Catalog) -> np.ndarray:
-    """Indices of the queries whose bench has every default arm (so every method can be scored)."""
+    """Indices of the queries every method can be scored on: those whose bench has every default
+    arm, or on a sampled bench (replay) those with any arm."""
+    if is_sampled(test, catalog):
+        return np.flatnonzero(test.mask.any(axis=1))
     return np.flatnonzero(test.mask[:, default_arm_mask(catalog)].all(axis=1))
 
 
-def evaluate_scores(scores: MethodScores, test: BenchArrays, lambdas: np.ndarray) -> MethodResult:
+def evaluate_scores(scores: MethodScores, test: BenchArrays, lambdas: np.ndarray,
+                    replay: bool = False) -> MethodResult:
     return result_from_points(*deferral_points(scores.quality, scores.cost_usd, test.quality,
-                                               test.cost_usd, lambdas))
+                                               test.cost_usd, lambdas, replay))
 
 
 def evaluate_methods(test: BenchArrays, catalog: Catalog,
@@ -56,14 +71,21 @@ def evaluate_methods(test: BenchArrays, catalog: Catalog,
                      lambdas: np.ndarray | None = None) -> dict[str, MethodResult]:
     """Curves of the given learned predictions plus every non-learned method on ``test``.
 
-    ``test`` must hold only queries with every default arm (see :func:`evaluable_queries`).
+    ``test`` must hold only :func:`evaluable_queries`. On a sampled bench every method is scored
+    by replay, and the oracles know only the dealt arms.
     """
     lambdas = lambda_grid() if lambdas is None else lambdas
+    replay = is_sampled(test, catalog)
     scores = {name: scores_from_predictions(p, catalog, test.input_tokens)
               for name, p in predictions.items()}
     scores.update(non_learned_scores(test, catalog))
-    results = {name: evaluate_scores(s, test, lambdas) for name, s in scores.items()}
-    results[RANDOM] = result_from_points(*random_point(test, default_arm_mask(catalog)))
+    points = {name: deferral_points(s.quality, s.cost_usd, test.quality, test.cost_usd, lambdas,
+                                    replay) for name, s in scores.items()}
+    # replay: a method none of whose picks the sample holds (a model whose default arm was never
+    # dealt to these queries) cannot be scored here, and is left out rather than guessed
+    results = {name: result_from_points(*p) for name, p in points.items()
+               if np.isfinite(p[0]).any()}
+    results[RANDOM] = result_from_points(*random_point(test, default_arm_mask(catalog), replay))
     return results
 
 

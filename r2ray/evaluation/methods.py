@@ -60,9 +60,17 @@ def oracle(test: BenchArrays, arms: np.ndarray) -> MethodScores:
     return MethodScores(quality, test.cost_usd)
 
 
-def random_point(test: BenchArrays, arms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cost USD [1], quality [1]): the expected outcome of a uniform pick among ``arms`` per query."""
+def random_point(test: BenchArrays, arms: np.ndarray,
+                 replay: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(cost USD [1], quality [1]): the expected outcome of a uniform pick among ``arms`` per query.
+
+    ``replay`` (a sampled bench): the mean over every (query, arm in ``arms``) the bench has,
+    which estimates the same expectation when the dealt arms do not depend on the query."""
     present = arms[None, :] & test.mask
+    if replay:
+        if not present.any():
+            raise ValueError("the bench has none of the arms random picks from")
+        return np.array([test.cost_usd[present].mean()]), np.array([test.quality[present].mean()])
     count = present.sum(axis=1)
     if (count == 0).any():
         raise ValueError(f"query {str(test.query_id[int(np.argmax(count == 0))])!r} has none of the "

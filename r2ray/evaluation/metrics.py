@@ -54,17 +54,30 @@ def choose_arms(quality: np.ndarray, cost_usd: np.ndarray, lam: float) -> np.nda
 
 
 def deferral_points(quality: np.ndarray, cost_usd: np.ndarray, true_quality: np.ndarray,
-                    true_cost_usd: np.ndarray, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    true_cost_usd: np.ndarray, lambdas: np.ndarray,
+                    replay: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(mean realised cost USD [L], mean realised quality [L]), one point per λ.
 
-    Predictions are masked to the arms the bench has (finite ``true_quality``); a query left with
-    no usable arm is a ValueError (the caller must drop it or give the method an arm there).
+    Full information (``replay=False``): predictions are masked to the arms the bench has (finite
+    ``true_quality``); a query left with no usable arm is a ValueError (the caller must drop it
+    or give the method an arm there).
+
+    Replay (``replay=True``, for a bench whose arms were dealt per query, ``bench collect --arms
+    K``): the method picks among all the arms it can use, and the point is the mean over the
+    queries whose pick the bench has (the replay estimator of Li et al., 2011: unbiased when the
+    dealt arms do not depend on the query). A λ whose picks the bench never has gives NaN.
     """
-    usable = np.where(np.isfinite(true_quality), quality, np.nan)
+    usable = quality if replay else np.where(np.isfinite(true_quality), quality, np.nan)
     rows = np.arange(quality.shape[0])
     costs, qualities = np.empty(len(lambdas)), np.empty(len(lambdas))
     for i, lam in enumerate(lambdas):
         choice = choose_arms(usable, cost_usd, float(lam))
+        if replay:
+            picked = np.flatnonzero(choice >= 0)
+            seen = picked[np.isfinite(true_quality[picked, choice[picked]])]
+            costs[i], qualities[i] = (np.nan, np.nan) if len(seen) == 0 else (
+                true_cost_usd[seen, choice[seen]].mean(), true_quality[seen, choice[seen]].mean())
+            continue
         if (choice < 0).any():
             raise ValueError(f"query {int(np.argmax(choice < 0))} has no arm that is both "
                              "available to the method and present in the bench")
@@ -88,6 +101,8 @@ class DeferralCurve:
 def deferral_curve(cost_usd: np.ndarray, quality: np.ndarray) -> DeferralCurve:
     """The frontier of a set of points: drop every point another beats on cost and quality."""
     cost_usd, quality = np.asarray(cost_usd, float), np.asarray(quality, float)
+    seen = np.isfinite(cost_usd) & np.isfinite(quality)   # replay: a λ no query could score
+    cost_usd, quality = cost_usd[seen], quality[seen]
     order = np.lexsort((-quality, cost_usd))  # cost ascending, best quality first on a tie
     keep, best = [], -np.inf
     for i in order:

@@ -183,7 +183,8 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
             both = {n: p.subset(rows) for n, p in (views | raw).items()}
             per_fold.append(score_predictions(both, train.subset(rows), catalog))
     if not per_fold:
-        raise R2RayError("cross-validation: no training query has every default arm")
+        raise R2RayError("cross-validation: no training query can be scored (none has every default "
+                         "arm, and the bench is not sampled: see evaluation.method_scores.is_sampled)")
     out = {}
     for name, view in views.items():
         audc = np.array([scores[name]["audc"] for scores in per_fold])
