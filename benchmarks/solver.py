@@ -10,7 +10,11 @@ the numba hull kernel (its compile or cache load, printed first, is not in the f
 2. HiGHS (scipy linprog) at N = 20,000: speed-up and LP value, on all arms (with a time
    limit) and on the hull arms only.
 3. Time per query at N = 1e5, 1e6, 4e6 (data generated and hulled per chunk; only steps kept).
-4. The same solve over Ray Data blocks: time ratio to the single-node solve, bit-identical check.
+4. solve_dataset at N = 50,000 and 200,000 in 16 blocks, as the batch job calls it (a ``then``
+   per block, outputs fetched), on the driver path and forced onto the distributed passes, in
+   one row with one read pass, the hull and the single-node solve of the same scores, and the
+   ratios; bit-identical check; the in-memory solve's peak memory per byte of step columns.
+    python benchmarks/solver.py --figures 1,4    # only those figures
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ BUDGETS = np.array([10, 20, 30, 40, 50, 80, 100, 150, 200, 300, 500, 800, 1200, 
                    np.float32)
 CHUNK = 65_536           # rows generated (and hulled) at a time
 BUDGET_SHARE = 0.3       # budget = cheapest total + this share of the money all steps need
+RAY_REPEAT = 5           # Ray rounds vary most on a shared machine: fastest of this many
 
 
 def synthetic_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,10 +162,9 @@ def _hull_and_solve(q, c):
     return steps, solve_budget(steps, budget_for(steps))
 
 
-def figure_scaling(sizes: list[int]):
-    """Prints the figure; returns the hull chains of the second size (reused by figure 4)."""
+def figure_scaling(sizes: list[int]) -> None:
     print("\n[3] time per query (generated and hulled per chunk; only steps kept)")
-    rows, kept = [], None
+    rows = []
     for n in sizes:
         parts, t_hull = [], 0.0
         for start in range(0, n, CHUNK):
@@ -171,14 +175,12 @@ def figure_scaling(sizes: list[int]):
         steps = concat_steps(parts)
         _, t_solve = seconds(solve_budget, steps, budget_for(steps), repeat=2)
         rows.append((n, t_hull / n * 1e6, t_solve / n * 1e6))
-        kept = steps if n == sizes[1] else kept
         print(f"    N={n:>9,}: hull {t_hull / n * 1e6:6.2f} µs/query, solve "
               f"{t_solve / n * 1e6:6.3f} µs/query, total {(t_hull + t_solve) / n * 1e6:6.2f}")
     totals = np.array([h + s for _, h, s in rows])
     solves = np.array([s for _, _, s in rows])
     print(f"    spread around the mean: total {_spread(totals)}, solve alone {_spread(solves)} "
           "(goal: within ±25%)")
-    return kept
 
 
 def _spread(values: np.ndarray) -> str:
@@ -186,11 +188,11 @@ def _spread(values: np.ndarray) -> str:
     return f"{(values.min() / mean - 1) * 100:+.0f}% .. {(values.max() / mean - 1) * 100:+.0f}%"
 
 
-def figure_ray(steps) -> None:
+def figure_ray(sizes: list[int], n_blocks: int = 16) -> None:
+    """solve_dataset over Ray Data blocks (as the batch job calls it: ``then`` per block, its
+    outputs fetched) on the driver and forced onto the distributed passes, beside one read
+    pass, the hull and the single-node solve of the same scores."""
     import ray
-    from r2ray.solver.distributed import solve_dataset, steps_dataset
-    n, budget = steps.n_queries, budget_for(steps)
-    single, t_single = seconds(solve_budget, steps, budget)
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -198,15 +200,65 @@ def figure_ray(steps) -> None:
         print(f"\n[4] Ray did not start: {err}")
         return
     try:
-        dataset = steps_dataset(steps, n_blocks=16).materialize()
-        solve_dataset(steps_dataset(steps.slice(0, 100), n_blocks=2), 1e9)   # start workers
-        result, t_ray = seconds(solve_dataset, dataset, budget)
-        arms = result.arms.to_pandas().sort_values("query_pos")["arm"].to_numpy()
+        print(f"\n[4] solve_dataset, {n_blocks} blocks on a local Ray (2 CPUs); seconds, fastest "
+              f"of {RAY_REPEAT} on Ray, of 2 in memory (read of 3)")
+        print("    N        read    hull (x read)   solve 1-node (x read)   "
+              "driver path (x 1-node)   distributed (x 1-node)   bit-identical")
+        for n in sizes:
+            _ray_row(n, n_blocks)
+        _print_memory(sizes[-1])
     finally:
         ray.shutdown()
-    same = result.certificate == single.certificate and np.array_equal(arms, single.arm)
-    print(f"\n[4] Ray Data, {n:,} queries in 16 blocks on 2 CPUs: {t_ray:.3f} s vs single node "
-          f"{t_single:.3f} s = {t_ray / t_single:.2f}x; bit-identical: {same}")
+
+
+def _ray_row(n: int, n_blocks: int) -> None:
+    from r2ray.solver.distributed import steps_dataset
+    q, c = fill(n, seed=7)
+    steps, t_hull = seconds(hull_steps, q, c, repeat=2)
+    budget = budget_for(steps)
+    single, t_single = seconds(solve_budget, steps, budget, repeat=2)
+    _, t_read = seconds(read_pass, q, c, single.certificate.lam, repeat=3)
+    dataset = steps_dataset(steps, n_blocks=n_blocks).materialize()
+    for limit in (None, 0):                     # start the workers both paths use
+        _job_solve(dataset, budget, limit)
+    (driver, arm_d), t_driver = seconds(_job_solve, dataset, budget, None, repeat=RAY_REPEAT)
+    (blocks, arm_b), t_blocks = seconds(_job_solve, dataset, budget, 0, repeat=RAY_REPEAT)
+    same = all(r.certificate == single.certificate for r in (driver, blocks)) and \
+        np.array_equal(arm_d, single.arm) and np.array_equal(arm_b, single.arm)
+    print(f"    {n:<8,} {t_read:6.3f}  {t_hull:6.3f} ({t_hull / t_read:4.1f}x)   "
+          f"{t_single:6.3f} ({t_single / t_read:4.1f}x)         "
+          f"{t_driver:6.3f} ({t_driver / t_single:5.1f}x)         "
+          f"{t_blocks:6.3f} ({t_blocks / t_single:6.1f}x)        {same}  "
+          f"[on driver: {driver.on_driver}, {blocks.on_driver}]")
+
+
+def _job_solve(dataset, budget: float, limit):
+    """solve_dataset with a per-block ``then`` (as the batch job's assign) and its outputs
+    fetched; returns (result, arms in query order)."""
+    import pyarrow as pa
+    import ray
+    from r2ray.solver.distributed import solve_dataset
+    result = solve_dataset(dataset, budget, local_limit_bytes=limit,
+                           then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
+    table = pa.concat_tables(ray.get(result.arms.to_arrow_refs())).sort_by("query_pos")
+    return result, table.column("arm").to_numpy()
+
+
+def _print_memory(n: int) -> None:
+    """Peak memory numpy allocates during the in-memory solve, per byte of step columns: what
+    a driver needs for the step columns ``solve_dataset`` gathers (its default limit)."""
+    import tracemalloc
+    from r2ray.solver.table import steps_to_table
+    q, c = fill(n, seed=7)
+    steps = hull_steps(q, c)
+    del q, c
+    columns = steps_to_table(steps).nbytes
+    tracemalloc.start()
+    solve_budget(steps, budget_for(steps))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"    driver memory at N={n:,}: step columns {columns / 1e6:.0f} MB, the solve's peak "
+          f"allocation {peak / 1e6:.0f} MB = {peak / columns:.1f}x the columns")
 
 
 def main(argv=None) -> None:
@@ -214,14 +266,22 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     parser.add_argument("--highs-time-limit", type=float, default=None,
                         help="seconds HiGHS may take on all arms (default 150; 60 with --quick)")
+    parser.add_argument("--figures", default="1,2,3,4", help="which figures (default all)")
+    parser.add_argument("--ray-sizes", default="50000,200000",
+                        help="queries per solve_dataset row of figure 4")
     args = parser.parse_args(argv)
     scale = 20 if args.quick else 1
     limit = args.highs_time_limit or (60.0 if args.quick else 150.0)
+    figures = {int(f) for f in args.figures.split(",")}
     warm_up()
-    figure_read_ratio(2_000_000 // scale)
-    figure_highs(20_000 // scale, limit)
-    steps = figure_scaling([100_000 // scale, 1_000_000 // scale, 4_000_000 // scale])
-    figure_ray(steps)
+    if 1 in figures:
+        figure_read_ratio(2_000_000 // scale)
+    if 2 in figures:
+        figure_highs(20_000 // scale, limit)
+    if 3 in figures:
+        figure_scaling([100_000 // scale, 1_000_000 // scale, 4_000_000 // scale])
+    if 4 in figures:
+        figure_ray([int(n) for n in args.ray_sizes.split(",")])
 
 
 if __name__ == "__main__":

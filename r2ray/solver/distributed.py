@@ -1,27 +1,59 @@
 """The budget solve when hull chains live in Ray Data blocks (step tables: :mod:`.table`).
 
-Each pass is one Ray task per block; the driver merges exact integer histograms (at most
-65,536 bins per tenant), per-tenant scalars and at most ``fill_limit`` fill candidates, so its
-memory does not depend on the number of queries, and the result is bit-identical to the
-in-memory ``solve_budget`` on the same chains and keys. The chosen arms stay in the cluster:
-``DatasetSolveResult.arms`` is a Dataset of ``query_pos, arm, filled`` — or, with ``then``, of
-what ``then`` made of each block with its ``arm`` and ``lambda_star`` columns, in the same task
-(no second pass and no re-aligning of blocks).
+One Ray task per block first keeps only the step columns (the batch job's blocks carry the
+query's text and predictions beside them). When those fit the driver (``local_limit_bytes``),
+the driver gathers them and runs the in-memory passes: a round of Ray tasks costs far more
+than the whole solve of a few hull steps per query (measured in ``benchmarks/solver.py``).
+Past the limit, each pass is one Ray task per block; the driver merges exact integer
+histograms (at most 65,536 bins per tenant), per-tenant scalars and at most ``fill_limit``
+fill candidates, so its memory does not depend on the number of queries. Either way the
+passes are the same pure functions with exact merges, so the result is bit-identical to the
+in-memory ``solve_budget`` on the same chains and keys.
+
+The chosen arms stay in the cluster: ``DatasetSolveResult.arms`` is a Dataset of
+``query_pos, arm, filled`` — or, with ``then``, of what ``then`` made of each block with its
+``arm`` and ``lambda_star`` columns, in a task that holds the block (the driver's arms are sent
+to it as a slice: no second pass and no re-aligning of blocks).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from r2ray.solver.blocks import StepBlock, with_defer_arm
+from r2ray.solver.blocks import StepBlock, blocks_of, with_defer_arm
 from r2ray.solver.budget import (
-    CertifiedResult, DualCertificate, certificates, validated_budgets)
-from r2ray.solver.hull import HullSteps, empty_steps
+    CertifiedResult, DualCertificate, LocalPasses, certificates, validated_budgets)
+from r2ray.solver.hull import HullSteps, concat_steps, empty_steps
 from r2ray.solver.passes import block_assign
 from r2ray.solver.search import FILL_LIMIT, run_solve
-from r2ray.solver.table import steps_to_table, table_to_steps
+from r2ray.solver.table import CHAIN_COLUMNS, steps_to_table, table_to_steps
+
+LOCAL_SOLVE_BYTES = 1 << 30     # step columns solved on the driver at most (about 4M queries
+                                # at 10 steps each; the solve then holds ~4x this, ~10 s/4M)
+LOCAL_SOLVE_ENV = "R2RAY_LOCAL_SOLVE_BYTES"   # overrides the default limit
+MEMORY_SHARE = 8                # the gathered columns may use 1/8 of the driver's free memory
+
+
+def local_solve_limit() -> int:
+    """Bytes of step columns the driver solves in memory: ``R2RAY_LOCAL_SOLVE_BYTES`` if set,
+    else ``LOCAL_SOLVE_BYTES`` capped at 1/``MEMORY_SHARE`` of the memory available now."""
+    if os.environ.get(LOCAL_SOLVE_ENV):
+        return int(os.environ[LOCAL_SOLVE_ENV])
+    import psutil
+    return min(LOCAL_SOLVE_BYTES, psutil.virtual_memory().available // MEMORY_SHARE)
+
+
+def _step_names(grouped: bool) -> list[str]:
+    return ["query_pos", "query_key", *(["tenant"] if grouped else []), *CHAIN_COLUMNS]
+
+
+def _project(table: pa.Table, grouped: bool):
+    """The block's step columns only, and their size in bytes."""
+    steps = table.select(_step_names(grouped))
+    return steps, steps.nbytes
 
 
 def _block(table: pa.Table, defer: bool, grouped: bool) -> StepBlock:
@@ -34,45 +66,95 @@ def _run_pass(table, defer, grouped, fn, args):
     return fn(_block(table, defer, grouped), *args)
 
 
+def _with_arms(table: pa.Table, query_pos, arm, filled, lam_row, then) -> pa.Table:
+    """``then`` of the block with its ``arm`` and ``lambda_star`` columns, or without ``then``
+    the ``query_pos, arm, filled`` table."""
+    if then is None:
+        return pa.table({"query_pos": query_pos, "arm": arm, "filled": filled})
+    fn, kwargs = then
+    return fn(table.append_column("arm", pa.array(arm)).append_column(
+        "lambda_star", pa.array(lam_row, pa.float64())), **kwargs)
+
+
+def _lambda_per_query(lam64: np.ndarray, group: np.ndarray | None, n: int) -> np.ndarray:
+    """float64 [n]: the λ* of each query's budget group."""
+    lam = np.asarray(lam64, np.uint64).view(np.float64)
+    return lam[group] if group is not None else np.full(n, lam[0])
+
+
 def _run_assign(table, defer, grouped, selection, fill_pos, then):
     block = _block(table, defer, grouped)
     (arm, filled), totals = block_assign(block, selection, fill_pos)
-    if then is not None:   # the block itself, with its arms and the price of its budget group
-        fn, kwargs = then
-        lam = np.asarray(selection.lam64, np.uint64).view(np.float64)
-        group = block.group if block.group is not None else np.zeros(len(arm), np.int64)
-        table = table.append_column("arm", pa.array(arm)).append_column(
-            "lambda_star", pa.array(lam[group], pa.float64()))
-        return fn(table, **kwargs), totals
-    return pa.table({"query_pos": block.query_pos, "arm": arm, "filled": filled}), totals
+    lam_row = _lambda_per_query(selection.lam64, block.group, len(arm))
+    out = _with_arms(table, block.query_pos, arm, filled, lam_row, then)
+    return out, (totals, _block_metadata(out))
+
+
+def _attach(table, arm, lam64, grouped, then):
+    """The last step of the driver's solve, in the task holding the block; its Ray Data block
+    metadata tells the driver it is done (or raises ``then``'s error there, as the passes
+    would) and spares ``from_arrow_refs`` a round of tasks computing it."""
+    group = table.column("tenant").to_numpy().astype(np.int64) if grouped else None
+    out = _with_arms(table, None, arm, None, _lambda_per_query(lam64, group, len(arm)), then)
+    return out, _block_metadata(out)
+
+
+def _block_metadata(table: pa.Table):
+    try:
+        from ray.data._internal.util import get_table_block_metadata_schema
+    except ImportError:                         # another Ray: from_arrow_refs computes it
+        return None
+    return get_table_block_metadata_schema(table)
+
+
+def _arms_dataset(refs: list, metadata: list):
+    """A Dataset of the output tables, from the metadata their tasks computed (what
+    ``ray.data.from_arrow_refs`` does after one more round of tasks), or that round."""
+    from ray.data import from_arrow_refs
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.from_operators import FromArrow
+        from ray.data._internal.stats import DatasetStats
+        from ray.data.context import DataContext
+        from ray.data.dataset import MaterializedDataset
+    except ImportError:
+        return from_arrow_refs(refs)
+    if any(m is None for m in metadata):
+        return from_arrow_refs(refs)
+    context = DataContext.get_current().copy()
+    stats = DatasetStats(metadata={"FromArrow": metadata}, parent=None)
+    return MaterializedDataset(LogicalPlan(FromArrow(refs, metadata), context), context, stats)
 
 
 class RayPasses:
-    """Runs each pass as one Ray task per block and merges the parts as they arrive."""
+    """Runs each pass as one Ray task per block and merges the parts as they arrive.
 
-    def __init__(self, dataset, *, defer: bool, grouped: bool, num_cpus: float, then=None):
+    refs: the blocks ``then`` sees; step_refs: their step columns, which the passes read."""
+
+    def __init__(self, refs, step_refs, *, defer: bool, grouped: bool, num_cpus: float,
+                 then=None):
         import ray
         self.ray, self.defer, self.grouped = ray, defer, grouped
         self.then = None if then is None else ray.put(then)
-        self.refs = dataset.to_arrow_refs()
-        if not self.refs:                       # an empty backlog still needs one (empty) block
-            tenant = np.zeros(0, np.int32) if grouped else None
-            self.refs = [ray.put(steps_to_table(empty_steps(), tenant=tenant))]
+        self.refs, self.step_refs = refs, step_refs
         self.task = ray.remote(num_cpus=num_cpus)(_run_pass)
         self.assign_task = ray.remote(num_cpus=num_cpus, num_returns=2)(_run_assign)
 
     def reduce(self, fn, args: tuple, merge):
         args_ref = self.ray.put(args)
         pending = [self.task.remote(ref, self.defer, self.grouped, fn, args_ref)
-                   for ref in self.refs]
+                   for ref in self.step_refs]
         return self._merged(pending, merge)
 
     def assign(self, selection, fill_pos):
-        from ray.data import from_arrow_refs
+        refs = self.refs if self.then is not None else self.step_refs
         parts = [self.assign_task.remote(ref, self.defer, self.grouped, selection, fill_pos,
-                                         self.then) for ref in self.refs]
-        totals = self._merged([t for _, t in parts], lambda a, b: a.merge(b))
-        return totals, from_arrow_refs([a for a, _ in parts])
+                                         self.then) for ref in refs]
+        done = self.ray.get([t for _, t in parts])
+        totals = done[0][0]
+        for part, _ in done[1:]:
+            totals = totals.merge(part)
+        return totals, _arms_dataset([a for a, _ in parts], [meta for _, meta in done])
 
     def _merged(self, pending, merge):
         out = None
@@ -83,30 +165,98 @@ class RayPasses:
         return out
 
 
+def _solve_on_driver(refs, step_tables: list[pa.Table], budgets, *, defer, grouped, seed,
+                     fill_limit, num_cpus, then):
+    """The in-memory passes over the gathered step columns; the arms go back per block."""
+    import ray
+    from ray.data import from_arrow
+    parts = [table_to_steps(t) for t in step_tables]
+    steps = concat_steps([p[0] for p in parts])
+    pos, keys = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
+    tenant = np.concatenate([p[3] for p in parts]) if grouped else None
+    blocks = blocks_of(steps, query_key=keys, group=tenant, defer=defer, query_pos=pos)
+    outcome, (arm, filled) = run_solve(LocalPasses(blocks), budgets, seed=seed,
+                                       fill_limit=fill_limit)
+    bounds = np.cumsum([0, *(t.num_rows for t in step_tables)])
+    rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    if then is None:
+        return outcome, from_arrow([_with_arms(None, pos[r], arm[r], filled[r], None, None)
+                                    for r in rows])
+    attach = ray.remote(num_cpus=num_cpus, num_returns=2)(_attach)
+    then_ref = ray.put(then)
+    parts = [attach.remote(ref, arm[r], outcome.selection.lam64, grouped, then_ref)
+             for ref, r in zip(refs, rows)]
+    metadata = ray.get([meta for _, meta in parts])
+    return outcome, _arms_dataset([out for out, _ in parts], metadata)
+
+
 @dataclass(frozen=True)
 class DatasetSolveResult(CertifiedResult):
     """Arms as a Dataset (``query_pos, arm, filled``) and the certificate(s)."""
 
     arms: object                                # ray.data.Dataset
     certificates: tuple[DualCertificate, ...]
+    on_driver: bool = False                     # solved in memory on the driver
 
 
 def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
                   fill_limit: int = FILL_LIMIT, num_cpus: float = 0.5,
-                  then: tuple | None = None) -> DatasetSolveResult:
+                  then: tuple | None = None,
+                  local_limit_bytes: int | None = None) -> DatasetSolveResult:
     """``solve_budget`` over a Dataset of step tables (see the module docstring).
 
     budget_usd: one budget for the whole backlog, or a sequence of per-tenant budgets indexed
     by the ``tenant`` column. then: ``(fn, kwargs)``; ``fn(block + arm, lambda_star columns,
     **kwargs)`` runs where each block's arms are chosen; the Arrow tables it returns make ``arms``.
+    local_limit_bytes: solve on the driver when the step columns take at most this many bytes
+    (default ``local_solve_limit()``; 0 forces the distributed passes).
     """
+    import ray
     budgets = validated_budgets(budget_usd)
     grouped = np.ndim(budget_usd) > 0
     if grouped and "tenant" not in dataset.schema().names:
         raise ValueError("per-tenant budgets need a 'tenant' column in the step tables")
-    passes = RayPasses(dataset, defer=defer, grouped=grouped, num_cpus=num_cpus, then=then)
-    outcome, arms = run_solve(passes, budgets, seed=seed, fill_limit=fill_limit)
-    return DatasetSolveResult(arms, certificates(outcome))
+    refs = dataset.to_arrow_refs()
+    if not refs:                                # an empty backlog still needs one (empty) block
+        tenant = np.zeros(0, np.int32) if grouped else None
+        refs = [ray.put(steps_to_table(empty_steps(), tenant=tenant))]
+    steps, sizes = _step_columns(ray, refs, grouped, num_cpus)
+    limit = local_solve_limit() if local_limit_bytes is None else local_limit_bytes
+    on_driver = sum(sizes) <= limit
+    if on_driver:
+        tables = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in steps]
+        outcome, arms = _solve_on_driver(
+            refs, tables, budgets, defer=defer, grouped=grouped, seed=seed,
+            fill_limit=fill_limit, num_cpus=num_cpus, then=then)
+    else:       # tasks read the blocks on this node in place, the others' projections
+        step_refs = [t if isinstance(t, ray.ObjectRef) else ref for t, ref in zip(steps, refs)]
+        passes = RayPasses(refs, step_refs, defer=defer, grouped=grouped, num_cpus=num_cpus,
+                           then=then)
+        outcome, arms = run_solve(passes, budgets, seed=seed, fill_limit=fill_limit)
+    return DatasetSolveResult(arms, certificates(outcome), on_driver)
+
+
+def _step_columns(ray, refs, grouped: bool, num_cpus: float):
+    """Per block: its step columns — a table read in place when the block is in this node's
+    object store, else a ref to them projected by a task where the block is — and their bytes."""
+    here = _on_this_node(ray, refs)
+    local = iter(ray.get([ref for ref, h in zip(refs, here) if h]))     # mapped, not copied
+    project = ray.remote(num_cpus=num_cpus, num_returns=2)(_project)
+    parts = [_project(next(local), grouped) if h else project.remote(ref, grouped)
+             for ref, h in zip(refs, here)]
+    sizes = [ray.get(n) if isinstance(n, ray.ObjectRef) else n for _, n in parts]
+    return [t for t, _ in parts], sizes
+
+
+def _on_this_node(ray, refs) -> list[bool]:
+    """Whether each object is in this node's object store (then ``ray.get`` maps it, no copy)."""
+    try:
+        from ray.experimental import get_object_locations
+        where = get_object_locations(refs)
+    except (ImportError, AttributeError, RuntimeError):   # no locations: project them all
+        return [False] * len(refs)
+    node = ray.get_runtime_context().get_node_id()
+    return [node in where.get(ref, {}).get("node_ids", ()) for ref in refs]
 
 
 def steps_dataset(steps: HullSteps, *, query_key=None, tenant=None, n_blocks: int = 8):

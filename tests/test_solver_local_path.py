@@ -1,0 +1,102 @@
+"""solve_dataset on the driver (step columns gathered) and over the blocks (distributed passes):
+each path forced, both bit-identical to the in-memory solve, ``then`` run per block on either
+(``then`` is a package function: Ray workers cannot import test modules)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from r2ray.solver import hull_steps, solve_budget, solve_groups
+from r2ray.solver.distributed import LOCAL_SOLVE_ENV, local_solve_limit, solve_dataset
+from r2ray.solver.table import steps_to_table
+
+PATHS = {"driver": 1 << 40, "blocks": 0}     # local_limit_bytes forcing each path
+
+
+def random_steps(seed: int, n: int = 600, k: int = 12):
+    rng = np.random.default_rng(seed)
+    q, c = rng.random((n, k)).round(1), rng.random((n, k)).round(2)   # many exact ties
+    q[rng.random(q.shape) < 0.05] = np.nan
+    return hull_steps(q, c)
+
+
+def scattered_dataset(ray, steps, *, tenant=None, n_blocks=5, extra=True):
+    """Step tables whose query positions are not 0..N-1 (as after dedupe), with keys, and a
+    column the solve must carry through untouched (as the batch job's blocks have)."""
+    import ray.data  # noqa: F401  (ray.data below)
+    n = steps.n_queries
+    table = steps_to_table(steps, query_key=np.arange(n, dtype=np.uint64) * 7919, tenant=tenant)
+    pos = np.arange(n, dtype=np.int64) * 3 + 11
+    table = table.set_column(0, "query_pos", pa.array(pos))
+    if extra:
+        table = table.append_column("payload", pa.array([f"q{i}" for i in range(n)]))
+    size = -(-n // n_blocks)
+    return ray.data.from_arrow([table.slice(i, size) for i in range(0, n, size)]), pos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fraction, defer, seed",
+                         [(0.35, False, 5), (-0.2, True, 2), (2.0, False, 0)])
+def test_each_path_matches_the_in_memory_solve(ray_local, path, fraction, defer, seed):
+    steps = random_steps(seed + 10)
+    dataset, pos = scattered_dataset(ray_local, steps)
+    budget = steps.base_c.sum() + fraction * steps.dc.sum()
+    keys = np.arange(steps.n_queries, dtype=np.uint64) * 7919
+    single = solve_budget(steps, budget, seed=seed, defer=defer, query_key=keys)
+    result = solve_dataset(dataset, budget, seed=seed, defer=defer,
+                           local_limit_bytes=PATHS[path])
+    assert result.on_driver == (path == "driver")
+    assert result.certificate == single.certificate            # every float bit-identical
+    frame = result.arms.to_pandas().sort_values("query_pos")
+    np.testing.assert_array_equal(frame["query_pos"].to_numpy(), pos)
+    np.testing.assert_array_equal(frame["arm"].to_numpy(), single.arm)
+    np.testing.assert_array_equal(frame["filled"].to_numpy(), single.filled)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+def test_then_runs_per_block_with_the_arms_and_each_tenants_price(ray_local, path):
+    steps = random_steps(3)
+    tenant = np.random.default_rng(3).integers(0, 3, steps.n_queries)
+    step_tenant = np.repeat(tenant, steps.steps_per_query)
+    budgets = [steps.base_c[tenant == t].sum() + 0.3 * steps.dc[step_tenant == t].sum()
+               for t in range(3)]
+    keys = np.arange(steps.n_queries, dtype=np.uint64) * 7919
+    single = solve_groups(steps, budgets, group=tenant, seed=1, query_key=keys)
+    dataset, pos = scattered_dataset(ray_local, steps, tenant=tenant, n_blocks=4)
+    columns = ["query_pos", "payload", "arm", "lambda_star"]
+    result = solve_dataset(dataset, budgets, seed=1, local_limit_bytes=PATHS[path],
+                           then=(pa.Table.select, {"columns": columns}))
+    assert result.on_driver == (path == "driver")
+    assert result.certificates == single.certificates
+    refs = result.arms.to_arrow_refs()
+    assert len(refs) == 4                                       # one output per block
+    table = pa.concat_tables(ray_local.get(refs)).sort_by("query_pos")
+    assert table.column_names == columns
+    np.testing.assert_array_equal(table.column("query_pos").to_numpy(), pos)
+    assert table.column("payload").to_pylist() == [f"q{i}" for i in range(steps.n_queries)]
+    np.testing.assert_array_equal(table.column("arm").to_numpy(), single.arm)
+    lam = np.array([c.lam for c in single.certificates])
+    np.testing.assert_array_equal(table.column("lambda_star").to_numpy(), lam[tenant])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+def test_an_empty_backlog_runs_then_once_on_either_path(ray_local, path):
+    import ray.data  # noqa: F401
+    from r2ray.solver.hull import empty_steps
+    empty = ray_local.data.from_arrow(steps_to_table(empty_steps()))
+    result = solve_dataset(empty, 1.0, local_limit_bytes=PATHS[path],
+                           then=(pa.Table.select, {"columns": ["arm", "lambda_star"]}))
+    assert result.certificate == solve_budget(empty_steps(), 1.0).certificate
+    tables = ray_local.get(result.arms.to_arrow_refs())
+    assert [t.num_rows for t in tables] == [0] and tables[0].column_names == ["arm", "lambda_star"]
+
+
+def test_the_limit_defaults_to_a_share_of_free_memory_and_can_be_set(monkeypatch):
+    monkeypatch.delenv(LOCAL_SOLVE_ENV, raising=False)
+    assert 0 < local_solve_limit() <= 1 << 30
+    monkeypatch.setenv(LOCAL_SOLVE_ENV, "12345")
+    assert local_solve_limit() == 12345
