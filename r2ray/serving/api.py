@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from r2ray import __version__
@@ -100,13 +100,16 @@ def build_api(service: RoutingService, key_digests: frozenset[str],
                           (HTTPException, _http)):
         app.add_exception_handler(kind, handler)
 
-    def authorised(authorization: str | None = Header(default=None)) -> None:
+    async def authorised(authorization: str | None = Header(default=None)) -> None:
+        # async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread
+        # hop per request for a check that takes microseconds
         check_bearer(authorization, key_digests)
 
     @app.post("/v1/route", dependencies=[Depends(authorised)])
     async def route(request: RouteRequest) -> JSONResponse:
         response, headers = await service.route(request)
-        return JSONResponse(response.model_dump(by_alias=True), headers=headers)
+        return Response(response.model_dump_json(by_alias=True), headers=headers,
+                        media_type="application/json")   # pydantic's encoder, not json.dumps
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat_completions(request: ChatCompletionRequest) -> JSONResponse:

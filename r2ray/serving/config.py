@@ -62,14 +62,14 @@ class ServeConfig(BaseModel):
     upstream_timeout_s: PositiveFloat = 60.0
     max_request_bytes: Annotated[int, Field(gt=0)] = 1_000_000
     batch_max_size: Annotated[int, Field(ge=1, le=1024)] = 32    # queries per encoder+predictor call
-    batch_wait_s: Annotated[float, Field(ge=0, le=1)] = 0.002     # wait for a batch to fill
+    batch_wait_s: Annotated[float, Field(ge=0, le=1)] = 0.0       # wait for a batch to fill
     watch_interval_s: PositiveFloat = 10.0     # how often the router re-resolves the alias
     price_sync_s: PositiveFloat = 0.25         # how often the ingress reports spend and reads λ
     alternatives: Annotated[int, Field(ge=0, le=20)] = 3
-    router_replicas: Annotated[int, Field(ge=1)] = 1
-    router_cpus: PositiveFloat = 0.25          # fractional: small machines hang on whole CPUs
+    router_replicas: Annotated[int, Field(ge=1)] = 1   # replicas of the ingress, which routes
+    router_cpus: PositiveFloat = 0.25          # per replica; fractional: small machines hang on
+                                               # whole CPUs
     router_gpus: Annotated[float, Field(ge=0)] = 0.0  # > 0: encoder and predictor on the GPU
-    ingress_cpus: PositiveFloat = 0.1
     pacer_cpus: PositiveFloat = 0.05
     device: str | None = None                  # encoder/predictor device; default cuda if visible
 

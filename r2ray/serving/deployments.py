@@ -1,10 +1,18 @@
-"""The Ray Serve deployments: a FastAPI ingress, a batching Router, a Pacer; and the app graph.
+"""The Ray Serve deployments: a FastAPI ingress that also routes, a Pacer; and the app graph.
 
-    HTTP → Ingress (auth, size limit, schema, forwarding; N replicas)
-             ├─ Router.route  (@serve.batch: one encoder + predictor call per batch; watches the
-             │                 registry alias and swaps versions between batches)
-             └─ Pacer.sync    (one replica: every ``price_sync_s`` each ingress reports the spend it
-                               saw and gets λ back, so no request waits on the Pacer)
+    HTTP → Ingress (auth, size limit, schema, forwarding, and the router itself: @serve.batch,
+           │        one encoder + predictor call per batch; watches the registry alias and swaps
+           │        versions between batches; N replicas)
+           └─ Pacer.sync  (one replica: every ``price_sync_s`` each ingress reports the spend it
+                           saw and gets λ back, so no request waits on the Pacer)
+
+The router lives in the ingress replica on purpose: a second deployment costs every request one
+more handle hop (proxy → ingress → router and back), which measured 8-13 ms on a 2-core machine,
+more than the routing itself (about 1 ms with a precomputed embedding). Scale by replicas of the
+one deployment (``router_replicas``, each with ``router_cpus`` / ``router_gpus``).
+
+:class:`FloorIngress` is the smallest FastAPI ingress Serve runs (parse the body, answer): the
+latency floor ``benchmarks/serve.py`` measures r2ray against, in the same run.
 
 Metrics (Ray's Prometheus endpoint, next to Serve's own): ``r2ray_decisions`` per model, budget
 and tenant; ``r2ray_spend_usd`` per model and tenant; the gauge ``r2ray_lambda``.
@@ -17,6 +25,8 @@ import logging
 import time
 
 import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
@@ -54,29 +64,58 @@ class PacerDeployment:
         return self.pacer.state()
 
 
-@serve.deployment
-class RouterDeployment:
-    """Scores batches of queries with the registered model and applies the decision rule."""
+class ServeMetrics(NullMetrics):
+    """Prometheus counters through Ray Serve's metrics (tagged with deployment and replica)."""
 
-    async def __init__(self, config: dict):
+    def __init__(self):
+        self.decisions = metrics.Counter("r2ray_decisions", description="routed queries",
+                                         tag_keys=("model", "budget", "tenant"))
+        self.spent = metrics.Counter("r2ray_spend_usd", description="spend counted for pacing, USD",
+                                     tag_keys=("model", "tenant"))
+
+    def decision(self, decision: RouteDecision, tenant: str | None) -> None:
+        self.decisions.inc(tags={"model": decision.model, "budget": str(decision.budget),
+                                 "tenant": tenant or ""})
+
+    def spend(self, cost_usd: float, model: str, tenant: str | None) -> None:
+        if cost_usd > 0:
+            self.spent.inc(cost_usd, tags={"model": model, "tenant": tenant or ""})
+
+
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING)
+@serve.ingress()
+class Ingress:
+    """HTTP front and router: the FastAPI app of :mod:`r2ray.serving.api` over a
+    :class:`RoutingService` whose route function is this replica's batching ``route``."""
+
+    async def __init__(self, pacer: DeploymentHandle, config: dict, key_digests: list[str]):
         self.config = ServeConfig.model_validate(config)
+        self.pacer = pacer
+        self.key_digests = frozenset(key_digests)
         self.model = await asyncio.to_thread(self._load)
         self.route.set_max_batch_size(self.config.batch_max_size)
         self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)
+        self.book = SpendBook(await pacer.sync.remote(0.0))
+        self.service = RoutingService(self.config, self.route, self.book, self._describe,
+                                      httpx.AsyncClient(), ServeMetrics())
+        self._syncer = asyncio.create_task(self._sync_prices())
         self._watcher = asyncio.create_task(self._watch())
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.service, self.key_digests, self.config.max_request_bytes)
 
     def _load(self):
         c = self.config
         return load_routing_model(c.model, c.tracking_uri, c.catalog, c.device,
                                   corrections=c.corrections_root())
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def route(self, items: list[RouteItem]) -> list:
         # Runs on the replica's loop on purpose: requests that arrive meanwhile queue up and
         # form the next batch. A version swap replaces self.model, never the one used here.
         return route_items(self.model, items)
 
-    async def describe(self) -> dict:
+    async def _describe(self) -> dict:
         return {"version": self.model.version, "models": self.model.catalog.model_names,
                 "embedding_dim": self.model.embedding_dim,
                 "encoder": None if self.model.encoder is None else self.model.encoder.name,
@@ -103,49 +142,6 @@ class RouterDeployment:
                 logger.warning("model %s: alias check failed, keeping %s: %s",
                                self.config.model, self.model.version, redact_text(str(err)))
 
-
-class ServeMetrics(NullMetrics):
-    """Prometheus counters through Ray Serve's metrics (tagged with deployment and replica)."""
-
-    def __init__(self):
-        self.decisions = metrics.Counter("r2ray_decisions", description="routed queries",
-                                         tag_keys=("model", "budget", "tenant"))
-        self.spent = metrics.Counter("r2ray_spend_usd", description="spend counted for pacing, USD",
-                                     tag_keys=("model", "tenant"))
-
-    def decision(self, decision: RouteDecision, tenant: str | None) -> None:
-        self.decisions.inc(tags={"model": decision.model, "budget": str(decision.budget),
-                                 "tenant": tenant or ""})
-
-    def spend(self, cost_usd: float, model: str, tenant: str | None) -> None:
-        if cost_usd > 0:
-            self.spent.inc(cost_usd, tags={"model": model, "tenant": tenant or ""})
-
-
-@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING)
-@serve.ingress()
-class Ingress:
-    """HTTP front: the FastAPI app of :mod:`r2ray.serving.api` over a :class:`RoutingService`."""
-
-    async def __init__(self, router: DeploymentHandle, pacer: DeploymentHandle, config: dict,
-                       key_digests: list[str]):
-        self.config = ServeConfig.model_validate(config)
-        self.router, self.pacer = router, pacer
-        self.key_digests = frozenset(key_digests)
-        self.book = SpendBook(await pacer.sync.remote(0.0))
-        self.service = RoutingService(self.config, self._route, self.book, self._describe,
-                                      httpx.AsyncClient(), ServeMetrics())
-        self._syncer = asyncio.create_task(self._sync_prices())
-
-    def __serve_build_asgi_app__(self):
-        return build_api(self.service, self.key_digests, self.config.max_request_bytes)
-
-    async def _route(self, item: RouteItem):
-        return await self.router.route.remote(item)
-
-    async def _describe(self) -> dict:
-        return await self.router.describe.remote()
-
     async def _sync_prices(self) -> None:
         """Report spend and fetch λ every ``price_sync_s``; on failure keep the last price."""
         while True:
@@ -159,6 +155,22 @@ class Ingress:
                                err)
 
 
+FLOOR_API = FastAPI(title="Serve floor")
+
+
+@FLOOR_API.post("/v1/route")
+async def _floor_route(request: Request) -> JSONResponse:
+    body = await request.json()
+    return JSONResponse({"object": "floor", "fields": len(body)})
+
+
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING)
+@serve.ingress(FLOOR_API)
+class FloorIngress:
+    """Ray Serve's own floor: one FastAPI deployment whose one route parses the JSON body and
+    answers with a small JSON object, nothing else (no auth, schema, model or metrics)."""
+
+
 def build_application(config: ServeConfig):
     """The bound Serve application for ``config`` (nothing starts until it is run)."""
     settings = config.model_dump()
@@ -166,9 +178,12 @@ def build_application(config: ServeConfig):
     pacer = PacerDeployment.options(  # no access log: every ingress syncs a few times a second
         ray_actor_options={"num_cpus": config.pacer_cpus},
         logging_config={"enable_access_log": False}).bind(settings)
-    router = RouterDeployment.options(
+    return Ingress.options(
         num_replicas=config.router_replicas,
         ray_actor_options={"num_cpus": config.router_cpus, "num_gpus": config.router_gpus},
-        max_ongoing_requests=max(64, 2 * config.batch_max_size)).bind(settings)
-    return Ingress.options(ray_actor_options={"num_cpus": config.ingress_cpus}).bind(
-        router, pacer, settings, digests)
+    ).bind(pacer, settings, digests)
+
+
+def build_floor_application():
+    """The bound :class:`FloorIngress` application (for benchmarks)."""
+    return FloorIngress.options(ray_actor_options={"num_cpus": 0.1}).bind()

@@ -36,7 +36,7 @@ class RouteRejected(R2RayError, ValueError):
         super().__init__(message)
         self.param = param
 
-    def __reduce__(self):  # it travels back from Router replicas inside results
+    def __reduce__(self):  # keeps `param` when pickled (Ray results, process pools)
         return type(self), (self.param, str(self))
 
 

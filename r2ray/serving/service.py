@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import fields
 
 import httpx
 
@@ -145,11 +145,14 @@ def route_item(options: RoutingOptions, query: str, input_tokens: int, price: Pr
         n_alternatives=n_alternatives, **fields)
 
 
+_RESPONSE_FIELDS = tuple(f.name for f in fields(RouteDecision) if f.name not in ("arm", "spec"))
+
+
 def route_response(decision: RouteDecision, tenant: str | None) -> RouteResponse:
-    fields = asdict(decision)
-    for internal in ("arm", "spec"):
-        fields.pop(internal)
-    return RouteResponse(tenant=tenant, **fields)
+    # getattr, not dataclasses.asdict: asdict deep-copies every message and alternative, which
+    # cost a quarter of a millisecond a request; RouteResponse validates (copies) them anyway
+    return RouteResponse(tenant=tenant, **{name: getattr(decision, name)
+                                           for name in _RESPONSE_FIELDS})
 
 
 def upstream_body(request: ChatCompletionRequest, decision: RouteDecision) -> dict:
