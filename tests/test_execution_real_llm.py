@@ -149,3 +149,41 @@ def test_real_model_loop(tmp_path, local_llm, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "against 20 actuals rows" in out
+
+
+@pytest.mark.slow
+def test_real_model_as_judge(tmp_path, local_llm):
+    """The judge path on a real model: every answer judged through the endpoint, its calls counted
+    in the spend, each reply read as a score in [0, 1] or recorded as unscored — never a 0 it did
+    not give. (A 135M judge is no good judge; this checks the path, not its verdicts.)"""
+    pool = {"budgets": ["default"], "models": [
+        {"name": "smol", "input_per_m": 0.05, "output_per_m": 0.10, "context": 2048,
+         "endpoint": local_llm, "max_output_tokens": 16, "max_concurrency": 2}]}
+    catalog = tmp_path / "pool.yaml"
+    catalog.write_text(yaml.safe_dump(pool))
+    judge = tmp_path / "judge.yaml"
+    judge.write_text(yaml.safe_dump({"budgets": ["default"], "models": [
+        {**pool["models"][0], "name": "smol-judge", "input_per_m": 0.10, "output_per_m": 0.20,
+         "max_output_tokens": 24}]}))
+    rows = [r for r in real_queries() if r["query_id"] in ("arith-0", "arith-6", "mc-1")]
+    rows.append({"query_id": "open", "query": "Name one colour.", "grader": "judge"})
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "bench.parquet"
+    assert main(["bench", "collect", "--queries", str(queries), "--catalog", str(catalog),
+                 "--out", str(out), "--executor", "local", "--judge-model", "smol-judge",
+                 "--judge-catalog", str(judge), "--timeout-s", "120"]) == 0
+    manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
+    judge = manifest["judge"]
+    assert judge["answered"] + judge["failed"] == 4            # every answer went to the judge
+    assert judge["spend"]["realised_usd"] > 0 and manifest["spend"]["total_usd"] == pytest.approx(
+        manifest["answers"]["spend"]["realised_usd"] + judge["spend"]["realised_usd"])
+    bench = {r["query_id"]: r for r in read_bench(str(out)).to_pylist()}
+    assert {"arith-0", "arith-6", "mc-1"} <= set(bench)        # graded by their references
+    # the judge-graded query: a row with the judge's score, or no row (ungraded), never a 0 made up
+    assert ("open" in bench) == (manifest["counts"]["ungraded"] == 0)
+    assert all(0.0 <= r["quality"] <= 1.0 for r in bench.values())
+    assert manifest["judge_agreement"]["rows"] <= 3
+    print(f"judge: {judge['answered']} answered, {judge['failed']} failed, "
+          f"{manifest['counts']['judge_unscored']} unscored; agreement "
+          f"{manifest['judge_agreement']}")

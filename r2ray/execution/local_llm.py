@@ -69,7 +69,9 @@ class TransformersChat:
 
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()   # no per-tensor bars in a server's log
         torch.set_num_threads(self.threads)
         folder, name = os.path.split(self.model_path)
         self._tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
