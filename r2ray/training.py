@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from r2ray import storage
 from r2ray.bench.io import SUFFIXES, read_bench, read_table
 from r2ray.catalog import Catalog
+from r2ray.embedding_cache import embed_texts
 from r2ray.encoders import MINILM, check_embedding_dimension, has_text_encoder, load_encoder
 from r2ray.errors import R2RayError
 from r2ray.predictor import make_predictor
@@ -39,7 +39,6 @@ from r2ray.registry import (Promotion, RegisteredPredictor, VersionInfo, configu
                             mlflow_guard, promote_if_better, register_predictor)
 
 log = logging.getLogger(__name__)
-EMBED_CHUNK_QUERIES = 4096  # queries per progress line while embedding
 
 
 class TrainConfig(BaseModel):
@@ -123,19 +122,6 @@ def read_queries(uri: str) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def embed(encoder, texts: list[str]) -> np.ndarray:
-    """``encoder.encode(texts)`` in chunks, with a line on stderr per chunk (count, rate), so a
-    long encode is never silent."""
-    started, parts = time.perf_counter(), []
-    for start in range(0, len(texts), EMBED_CHUNK_QUERIES):
-        parts.append(encoder.encode(texts[start:start + EMBED_CHUNK_QUERIES]))
-        done, seconds = min(start + EMBED_CHUNK_QUERIES, len(texts)), time.perf_counter() - started
-        print(f"embedding with {encoder.name} on {encoder.device}: {done:,}/{len(texts):,} "
-              f"queries in {seconds:.1f} s ({done / max(seconds, 1e-9):,.0f} queries/s)",
-              file=sys.stderr, flush=True)
-    return np.concatenate(parts) if parts else encoder.encode([])
-
-
 def load_training_data(config: TrainConfig) -> TrainingData:
     catalog = bench_catalog(config.bench, config.catalog)
     table = read_bench(config.bench, catalog)
@@ -144,7 +130,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     if arrays.embedding is None:
         encoder = load_encoder(config.encoder or MINILM)
         return TrainingData(table, catalog, arrays.with_embedding(
-            embed(encoder, arrays.query.tolist())), encoder.name, None)
+            embed_texts(encoder, arrays.query.tolist())), encoder.name, None)
     if has_text_encoder(config.encoder):  # the user says these embeddings came from it: check
         check_embedding_dimension(arrays.embedding, load_encoder(config.encoder).dimension,
                                   f"{config.queries} (encoder {config.encoder!r})")
@@ -208,7 +194,7 @@ def evaluation_arrays(registered: RegisteredPredictor, data: TrainingData,
         return test
     if has_text_encoder(registered.encoder_spec):
         encoder = load_encoder(registered.encoder_spec)
-        return test.with_embedding(embed(encoder, test.query.tolist()))
+        return test.with_embedding(embed_texts(encoder, test.query.tolist()))
     raise ValueError(f"the holder was trained on embeddings from {registered.encoder_spec!r} and "
                      f"this run on {data.encoder_spec!r}; they cannot be scored on the same inputs")
 

@@ -47,6 +47,40 @@ def _weed_binary() -> str:
     return found
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _mlflow_experiment_per_module():
+    """MLflow keeps the active experiment process-wide (and in MLFLOW_EXPERIMENT_ID, for
+    subprocesses): one a module set must not follow the next module into its own, fresh store,
+    where that experiment id does not exist."""
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    active = fluent._active_experiment_id if fluent else None
+    variable = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    yield
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        fluent._active_experiment_id = active
+    if variable is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = variable
+
+
+def run_script(path: Path, *args: str) -> int:
+    """Run a script as ``python path args...`` would (``sys.argv``, ``__main__``), in this
+    process; its exit code. The jobs/ scripts only call ``r2ray.cli.main``: a fresh interpreter
+    would add seconds of imports to the same code."""
+    import runpy
+
+    argv, sys.argv = sys.argv, [str(path), *args]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exited:
+        return exited.code if isinstance(exited.code, int) else int(exited.code is not None)
+    finally:
+        sys.argv = argv
+    return 0
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS `weed mini`) on 127.0.0.1; yields its endpoint URL.
@@ -121,17 +155,131 @@ def s3_bucket(s3_server, request):
     yield f"s3://{name}"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """An in-process local Ray per test module (2 CPUs, no dashboard); modules that start their
-    own cluster (`ray start`, Serve) then find none running."""
+RAY = str(Path(sys.executable).parent / "ray")
+UPSTREAM_KEY = "upstream-secret-456"   # test_serve_http's paid-API key, read by Serve replicas
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _embedding_cache(tmp_path_factory):
+    """One embedding cache for the session, never the user's ~/.cache: tests that encode the same
+    texts share it (the cache's own tests point it elsewhere)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("R2RAY_EMBEDDING_CACHE", str(tmp_path_factory.mktemp("embedding-cache")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_without_token_auth():
+    """Every Ray this session starts runs without token auth, as its cluster does. A process that
+    has once started Ray with token auth (Ray 2.60's default for a local instance, which code
+    that uses Ray before anything initialised it gets) cannot drive a cluster without it later:
+    its actors die before they start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """One real Ray cluster for the whole session, started as operators start one: `ray start
+    --head` with 2 CPUs, token auth off, the dashboard (for `ray job submit`) on 127.0.0.1 and a
+    Prometheus endpoint. Yields its GCS, dashboard and metrics addresses and the environment the
+    `ray` CLI needs.
+
+    Jobs, workers and Serve replicas take their environment from the cluster, so it starts after
+    the S3 server (endpoint and credentials) and carries what the Serve tests read. It is stopped
+    by killing its own processes: `ray stop` would stop every Ray instance on the machine."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
+    temp = tmp_path_factory.mktemp("ray")
+    # every port free: Ray's defaults (agent 52365, client server 10001) clash with any other
+    # head on this host, and the job agent then never comes up ('No available agent')
+    ports = {name: free_port() for name in ("gcs", "dashboard", "agent", "client", "metrics")}
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               # keep idle workers (Ray's default: as many as CPUs, killed after 1 s idle), so
+               # the next batch run of a driver reuses them instead of starting ~8 new processes
+               RAY_num_workers_soft_limit="10",
+               RAY_metrics_report_interval_ms="1000",   # Prometheus sees counters within 1 s
+               R2RAY_TEST_UPSTREAM_KEY=UPSTREAM_KEY)
+    process = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={ports['gcs']}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={ports['dashboard']}",
+         f"--dashboard-agent-listen-port={ports['agent']}",
+         f"--ray-client-server-port={ports['client']}", f"--metrics-export-port={ports['metrics']}",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, cwd=temp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    cluster = {"gcs": f"127.0.0.1:{ports['gcs']}", "env": env, "cwd": temp,
+               "dashboard": f"http://127.0.0.1:{ports['dashboard']}",
+               "metrics": f"http://127.0.0.1:{ports['metrics']}"}
+    try:
+        output, _ = process.communicate(timeout=180)
+        if process.returncode != 0:
+            raise RuntimeError(f"ray start failed ({process.returncode}):\n{output[-3000:]}")
+        yield cluster
+    finally:
+        if _driver_on(cluster):
+            ray.shutdown()
+        _kill_processes_naming(temp)   # GCS, raylet, dashboard; workers exit with their raylet
+
+
+def _kill_processes_naming(folder: Path) -> None:
+    """SIGKILL every process whose arguments name ``folder``: the cluster's daemons all name its
+    temp folder."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(folder) in part for part in process.info["cmdline"] or ()):
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _driver_on(cluster: dict) -> bool:
+    """Whether this process is a Ray driver on ``cluster`` (Ray may also have been started
+    in-process, e.g. by code that uses Ray before anything initialised it)."""
+    import ray
+
+    return (ray.is_initialized() and ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+            == cluster["gcs"].rsplit(":", 1)[1])
+
+
+def connect_driver(cluster: dict):
+    """Make this process a driver on ``cluster``, unless it is one already; returns ``ray``."""
+    import ray
+
+    if not _driver_on(cluster):
+        ray.shutdown()
+        ray.init(address=cluster["gcs"], log_to_driver=False)
+    return ray
+
+
+@pytest.fixture
+def ray_local(ray_cluster):
+    """This process as a driver on the session's cluster: connected on first use and kept, so
+    its warm workers serve every later batch run; `route_batch` and the Ray Data solve find Ray
+    initialised and use it."""
+    return connect_driver(ray_cluster)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """``mlflow_store(folder)`` puts a fresh, empty SQLite MLflow store at ``folder/mlflow.db`` and
+    returns its URI. Each is a copy of one store created once per session: creating the schema
+    (MLflow's migrations) takes a second or two, a copy milliseconds, and the copy is the same."""
+    import mlflow
+
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+
+    def fresh(folder) -> str:
+        target = Path(folder) / "mlflow.db"
+        shutil.copyfile(template, target)
+        return f"sqlite:///{target}"
+
+    return fresh
 
 
 @pytest.fixture(scope="session")

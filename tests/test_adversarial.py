@@ -56,7 +56,9 @@ def _fake_committed_run(output, run_id, config: dict | None = None):
 
 
 # ---- run folders: never remove what r2ray did not write ------------------------------------------
-def test_an_unmarked_run_folder_is_refused_and_kept(tmp_path, small_routing_model, capsys):
+def test_an_unmarked_run_folder_is_refused_and_kept(tmp_path, small_routing_model, capsys,
+                                                     mlflow_store):
+    mlflow_store(tmp_path)   # the store _route_args names (models:/ looks there)
     precious = tmp_path / "out" / "important" / "precious.txt"
     precious.parent.mkdir(parents=True)
     precious.write_text("the only copy")
@@ -67,7 +69,8 @@ def test_an_unmarked_run_folder_is_refused_and_kept(tmp_path, small_routing_mode
         assert precious.read_text() == "the only copy"
 
 
-def test_a_bad_model_writes_nothing(tmp_path, capsys):
+def test_a_bad_model_writes_nothing(tmp_path, capsys, mlflow_store):
+    mlflow_store(tmp_path)
     assert main(_route_args(tmp_path, "models:/nope@x", "--run-id", "fresh")) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "out" / "fresh").exists()
@@ -83,7 +86,8 @@ def test_input_inside_the_run_folder_is_refused(tmp_path, small_routing_model, c
     assert os.listdir(inside) == ["b.jsonl"]
 
 
-def test_a_failed_forced_run_leaves_the_committed_run_intact(tmp_path, capsys):
+def test_a_failed_forced_run_leaves_the_committed_run_intact(tmp_path, capsys, mlflow_store):
+    mlflow_store(tmp_path)
     attempt = _fake_committed_run(tmp_path / "out", "night")
     before = (tmp_path / "out" / "night" / "manifest.json").read_text()
     assert main(_route_args(tmp_path, "models:/typo@champion", "--run-id", "night",

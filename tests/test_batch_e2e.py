@@ -1,7 +1,8 @@
-"""End to end as operators run it: `ray start --head`, `ray job submit` of jobs/route_batch.py,
-backlog and output on a real S3 server (SeaweedFS on 127.0.0.1), the model from the MLflow
-registry by alias. The job loses a scoring worker mid-run and must still commit exactly the
-routing of the same stages run in memory without Ray.
+"""End to end as operators run it: `ray job submit` of jobs/route_batch.py to a cluster started with
+`ray start --head` (the session's, from conftest), backlog and output on a real S3 server
+(SeaweedFS on 127.0.0.1), the model from the MLflow registry by alias. The job loses a scoring
+worker mid-run and must still commit exactly the routing of the same stages run in memory without
+Ray.
 """
 
 import json
@@ -9,51 +10,30 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, free_port
+from conftest import RAY, REPO
 from r2ray import storage
 from r2ray.bench.io import read_table, write_table
 from r2ray.bench.synthetic import synth_backlog
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).parent / "ray")
 NO_AGENT = "No available agent to submit job"   # Ray's 500 while the head's job agent starts
 AGENT_WAIT_TRIES = 30                           # × 2 s
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server, tmp_path_factory):
-    """A real local Ray cluster started with `ray start`; yields the dashboard (jobs) address."""
-    temp = tmp_path_factory.mktemp("rt")
-    port, dashboard, agent = free_port(), free_port(), free_port()  # the agent's default 52365
-                                                                    # clashes with any other head
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-                    f"--temp-dir={temp}",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=180, cwd=temp)
-    try:
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "cwd": temp}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def registered_model(small_routing_model, tmp_path_factory):
+def registered_model(small_routing_model, mlflow_store, tmp_path_factory):
     """The small predictor registered in a SQLite MLflow store, alias `champion`."""
     import mlflow
 
     from r2ray.predictor import load_predictor
     from r2ray.registry import register_predictor
 
-    tracking = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    tracking = mlflow_store(tmp_path_factory.mktemp("mlflow"))
     predictor = load_predictor(small_routing_model["path"])
     version = register_predictor(predictor, "r2ray-e2e", encoder_spec="precomputed",
                                  tracking_uri=tracking)
@@ -62,7 +42,7 @@ def registered_model(small_routing_model, tmp_path_factory):
 
 
 def _submit(cluster, args: list[str], runtime_env: dict | None = None) -> str:
-    command = [RAY, "job", "submit", "--address", cluster["address"]]
+    command = [RAY, "job", "submit", "--address", cluster["dashboard"]]
     if runtime_env:
         command += ["--runtime-env-json", json.dumps(runtime_env)]
     entry = " ".join([f"cd {REPO} &&", sys.executable, "jobs/route_batch.py", *args])

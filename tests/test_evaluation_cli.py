@@ -1,20 +1,16 @@
 """`r2ray evaluate` and jobs/evaluate.py end to end on small synthetic benches."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import REPO, run_script
 from r2ray.bench.io import read_table, write_table
 from r2ray.bench.synthetic import synth_backlog, synth_bench
 from r2ray.catalog import load_catalog
 from r2ray.cli import main
 from r2ray.predictor import make_predictor, save_predictor
 from r2ray.predictor.data import bench_arrays
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -91,26 +87,24 @@ def test_bad_model_or_method_is_a_clear_error(bench_files, tmp_path, capsys):
     assert "unknown method(s) knn" in capsys.readouterr().err
 
 
-def test_job_entry_point(bench_files, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "--bench",
-         str(bench_files / "bench.parquet"), "--model", "carrot_knn_default", "--out",
-         str(tmp_path), "--queries", str(bench_files / "backlog.parquet"), "--seeds", "2",
-         "--methods", "per_arm_ridge"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 0, result.stderr
+def test_job_entry_point(bench_files, tmp_path, capsys):
+    code = run_script(REPO / "jobs" / "evaluate.py", "--bench", str(bench_files / "bench.parquet"),
+                      "--model", "carrot_knn_default", "--out", str(tmp_path), "--queries",
+                      str(bench_files / "backlog.parquet"), "--seeds", "2", "--methods",
+                      "per_arm_ridge")
+    assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["seeds"] == [0, 1] and metrics["methods"]["carrot_knn_default"]["audc_std"] >= 0
 
 
 @pytest.mark.slow  # an MLflow store and a pyfunc model version
-def test_evaluate_a_registered_version(bench_files, tmp_path):
+def test_evaluate_a_registered_version(bench_files, tmp_path, mlflow_store):
     from r2ray.registry import register_predictor
 
     catalog = load_catalog()
     arrays = bench_arrays(read_table(str(bench_files / "bench.parquet")), catalog,
                           read_table(str(bench_files / "backlog.parquet")))
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store(tmp_path)
     version = register_predictor(make_predictor("carrot_knn_all").fit(arrays, catalog), "knn",
                                  encoder_spec="synthetic", tracking_uri=tracking)
     code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model",

@@ -1,4 +1,4 @@
-"""The batch job on a local in-process Ray: accounting, budget, crash safety, bad input."""
+"""The batch job on the session's local Ray cluster: accounting, budget, crash safety, bad input."""
 
 import json
 import os
@@ -48,6 +48,12 @@ def read_table_all(uri) -> pa.Table:
     return pa.concat_tables([read_table(f) for f in storage.list_files(uri, (".parquet",))])
 
 
+@pytest.fixture(autouse=True)
+def _tracking_store(tmp_path, mlflow_store):
+    """Each run logs to a fresh MLflow store at tmp_path/mlflow.db, as ``_config`` names it."""
+    mlflow_store(tmp_path)
+
+
 def _config(tmp_path, model, **extra):
     values = dict(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=model["path"],
                   budget_per_query_usd=5e-5, run_id="nightly", workers=1, batch_size=64,
@@ -55,12 +61,9 @@ def _config(tmp_path, model, **extra):
     return route_config(**(values | extra))
 
 
-def test_every_row_routed_or_quarantined_within_budget(tmp_path, ray_local, small_routing_model):
-    (tmp_path / "in").mkdir()
-    table = _backlog(tmp_path / "in", small_routing_model["catalog"])
-    config = _config(tmp_path, small_routing_model, workers=2)   # a pool of two actors
-    manifest = route_batch(config)
-    paths = runs.committed_paths(runs.RunPaths(config.output, "nightly"))
+def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manifest, paths):
+    """The committed run of ``_backlog``'s 400 good rows and its bad ones: every row routed once
+    or quarantined with a reason, within budget, every prompt capped, the report written."""
     assert runs.is_committed(paths) and paths.attempt.startswith("attempt-")
     routed = _routed(paths)
     quarantine = read_table_all(paths.quarantine)
@@ -127,10 +130,13 @@ def test_strict_budget_bounds_the_bill_at_the_caps(tmp_path, ray_local, small_ro
     assert "strict budget" in open(paths.path("report.md")).read()
 
 
-def test_crash_before_commit_then_rerun_gives_the_same_output(
+def test_crash_redo_and_force_commit_every_row_routed_or_quarantined_within_budget(
         tmp_path, ray_local, small_routing_model, monkeypatch):
+    """A run dies just before its commit; the re-run redoes it, on a pool of two actors, and its
+    committed output accounts for every row; a committed run id is then a no-op, and --force
+    swaps a new attempt in only at its commit."""
     (tmp_path / "in").mkdir()
-    _backlog(tmp_path / "in", small_routing_model["catalog"], n=200, seed=8)
+    table = _backlog(tmp_path / "in", small_routing_model["catalog"])
     crashed = _config(tmp_path, small_routing_model, run_id="crashy")
     monkeypatch.setenv(FAILPOINT_ENV, "before_commit")
     with pytest.raises(RuntimeError, match="failpoint"):
@@ -140,7 +146,7 @@ def test_crash_before_commit_then_rerun_gives_the_same_output(
     assert not runs.is_committed(paths)
     first = read_table_all(os.path.join(paths.root, left, "routed"))   # all written, not committed
     monkeypatch.delenv(FAILPOINT_ENV)
-    manifest = route_batch(crashed)
+    manifest = route_batch(crashed.model_copy(update={"workers": 2}))   # a pool of two actors
     assert manifest["state_before"] == "redo"
     assert not os.path.exists(os.path.join(paths.root, left))   # the crashed attempt is cleared
     paths = runs.committed_paths(paths)
@@ -149,6 +155,7 @@ def test_crash_before_commit_then_rerun_gives_the_same_output(
                                t.column("budget").to_pylist()))
     assert key(again) == key(first)
     assert len(set(again.column("query_id").to_pylist())) == again.num_rows  # no duplicates
+    _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manifest, paths)
     # a committed run id is a no-op
     assert route_batch(crashed)["committed_at"] == manifest["committed_at"]
     # a forced run that dies before its commit leaves the committed run whole

@@ -148,14 +148,17 @@ def test_the_batch_report_and_its_mlflow_failure_never_show_the_password(unreach
 
 
 @pytest.mark.slow
-def test_a_batch_run_logged_to_a_live_server_stores_and_prints_no_password(tmp_path, capsys):
+def test_a_batch_run_logged_to_a_live_server_stores_and_prints_no_password(tmp_path, capsys,
+                                                                          mlflow_store):
     """Against a real ``mlflow server``: MLflow's printed run link, the params and the stored
     manifest.json all lack the password the tracking URI carried."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+         "--workers", "1", "--backend-store-uri", mlflow_store(tmp_path),
          "--artifacts-destination", str(tmp_path / "artifacts")],
+        # the tracking server alone: no job runner (its Huey consumers are for MLflow's own jobs)
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     try:

@@ -26,10 +26,10 @@ from r2ray.registry import (RegistryError, alias_holder, load_registered, promot
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, mlflow_store):
     """A fresh tracking store + artifact folder; MLflow's global URIs restored afterwards."""
     folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = mlflow_store(folder)
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -1,6 +1,6 @@
-"""Online routing end to end over real HTTP on 127.0.0.1: Ray Serve running the app that
-`serve run serve.app:app` builds, models from a throwaway MLflow registry, a local stand-in for a
-paid LLM API, and the MiniLM text path."""
+"""Online routing end to end over real HTTP on 127.0.0.1: Ray Serve, on the session's Ray cluster,
+running the app that `serve run serve.app:app` builds, models from a throwaway MLflow registry, a
+local stand-in for a paid LLM API, and the MiniLM text path."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO, free_port
+from conftest import REPO, UPSTREAM_KEY, connect_driver, free_port
 
 pytestmark = pytest.mark.slow
 API_KEY = "test-key-123"
-UPSTREAM_KEY = "upstream-secret-456"
 
 
 class FakeLLM(BaseHTTPRequestHandler):
@@ -64,7 +63,7 @@ def upstream():
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, small_routing_model):
+def registry(tmp_path_factory, small_routing_model, mlflow_store):
     """A throwaway SQLite registry holding `r2ray-test` v1 under @champion, and `r2ray-text`
     (per-arm Ridge on MiniLM embeddings of 200 synthetic queries) v1 under @champion."""
     from r2ray.bench.synthetic import synth_bench
@@ -74,7 +73,7 @@ def registry(tmp_path_factory, small_routing_model):
     from r2ray.registry import register_predictor
 
     folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = mlflow_store(folder)
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -98,10 +97,10 @@ def registry(tmp_path_factory, small_routing_model):
 
 
 @pytest.fixture(scope="module")
-def serving(registry, upstream, tmp_path_factory):
-    """Ray (2 CPUs) + Serve on a free port with two apps: `/` (precomputed embeddings, endpoints
-    to the fake LLM) and `/text` (MiniLM). Yields the base URL."""
-    import ray
+def serving(registry, upstream, ray_cluster, tmp_path_factory):
+    """Serve on the session's Ray cluster (its environment has UPSTREAM_KEY), on a free port, with
+    two apps: `/` (precomputed embeddings, endpoints to the fake LLM) and `/text` (MiniLM). Yields
+    the base URL and the cluster's Prometheus endpoint."""
     from ray import serve
 
     catalog = registry["catalog"].to_dict()
@@ -109,37 +108,29 @@ def serving(registry, upstream, tmp_path_factory):
         model["endpoint"] = f"{upstream}/{'broken' if model['name'] == 'GLM-4.6' else 'ok'}/v1"
     catalog_path = tmp_path_factory.mktemp("serve") / "catalog.yaml"
     catalog_path.write_text(yaml.safe_dump(catalog))
-    os.environ["R2RAY_TEST_API_KEYS"] = f"other-key,{API_KEY}"
-    os.environ["R2RAY_TEST_UPSTREAM_KEY"] = UPSTREAM_KEY   # before ray.init: replicas inherit it
+    os.environ["R2RAY_TEST_API_KEYS"] = f"other-key,{API_KEY}"   # read when the app is built
     sys.path.insert(0, str(REPO))
     from serve.app import app
 
-    port, metrics_port = free_port(), free_port()
-    saved_interval = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"   # Prometheus sees counters within 1 s
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)
+    connect_driver(ray_cluster)
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         common = {"tracking_uri": registry["uri"], "lambda": 2000.0, "router_cpus": 0.2,
                   "watch_interval_s": 0.5, "price_sync_s": 0.1}
-        serve.run(app(common | {
-            "model": "models:/r2ray-test@champion", "catalog": str(catalog_path),
-            "api_key_envs": "R2RAY_TEST_API_KEYS", "max_request_bytes": 50_000,
-            "upstream_key_envs": {"*": "R2RAY_TEST_UPSTREAM_KEY"},
-            "pacing": {"target_usd_per_s": 1e-3, "window_s": 1.0}}),
-            name="r2ray", route_prefix="/")
-        serve.run(app(common | {"model": "models:/r2ray-text@champion"}), name="text",
-                  route_prefix="/text")
-        yield {"url": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics_port}"}
+        serve.run_many([  # both apps start together: the text router's MiniLM load overlaps
+            serve.RunTarget(app(common | {
+                "model": "models:/r2ray-test@champion", "catalog": str(catalog_path),
+                "api_key_envs": "R2RAY_TEST_API_KEYS", "max_request_bytes": 50_000,
+                "upstream_key_envs": {"*": "R2RAY_TEST_UPSTREAM_KEY"},
+                "pacing": {"target_usd_per_s": 1e-3, "window_s": 1.0}}),
+                name="r2ray", route_prefix="/"),
+            serve.RunTarget(app(common | {"model": "models:/r2ray-text@champion"}), name="text",
+                            route_prefix="/text")])
+        yield {"url": f"http://127.0.0.1:{port}", "metrics": ray_cluster["metrics"]}
     finally:
         serve.shutdown()
-        ray.shutdown()
         sys.path.remove(str(REPO))
-        if saved_interval is None:
-            os.environ.pop("RAY_metrics_report_interval_ms", None)
-        else:
-            os.environ["RAY_metrics_report_interval_ms"] = saved_interval
 
 
 @pytest.fixture(scope="module")

@@ -52,16 +52,6 @@ def test_tables_with_32_bit_list_offsets_are_read_too():
     assert_same_steps(table_to_steps(narrow)[0], steps)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    import ray.data  # noqa: F401  (ray_local.data in the tests)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 def arms_of(result) -> tuple[np.ndarray, np.ndarray]:
     frame = result.arms.to_pandas().sort_values("query_pos")
     return frame["arm"].to_numpy(), frame["filled"].to_numpy()
@@ -109,7 +99,9 @@ def test_tenants_over_blocks_match_one_node(ray_local):
 def test_an_empty_backlog_solves_to_nothing(ray_local):
     empty = steps_to_table(empty_steps())
     single = solve_budget(empty_steps(), 10.0)
-    result = solve_dataset(ray_local.data.from_arrow(empty), 10.0)
+    import ray.data
+
+    result = solve_dataset(ray.data.from_arrow(empty), 10.0)
     assert result.certificate == single.certificate and result.certificate.n_queries == 0
     assert result.arms.count() == 0 and single.arm.size == 0
 

@@ -3,15 +3,13 @@ with --promote; plus its data preparation (catalogue beside the bench, splits, e
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+from conftest import REPO, run_script
 from predictor_world import planted_bench_table, small_catalog
 
 from r2ray.bench.io import write_table
@@ -24,7 +22,6 @@ from r2ray.registry import RegisteredPredictor, VersionInfo
 from r2ray.training import (TrainConfig, TrainResult, evaluation_arrays, load_training_data,
                             parse_settings, split_training_data)
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +43,23 @@ def config(folder: Path, **overrides) -> TrainConfig:
                           "registered_name": "r2ray-test"} | overrides)
 
 
-def test_job_trains_logs_registers_then_promotion_compares_on_the_same_test(bench, capsys):
+def test_job_trains_logs_registers_then_promotion_compares_on_the_same_test(
+        bench, capsys, monkeypatch, mlflow_store):
     folder, catalog = bench
-    tracking = f"sqlite:///{folder}/mlflow.db"
+    tracking = mlflow_store(folder)
     common = ["--bench", str(folder / "bench.parquet"), "--queries", str(folder / "queries.parquet"),
               "--register", "r2ray-test", "--promote", "champion", "--tracking-uri", tracking]
-    first = subprocess.run([sys.executable, str(REPO / "jobs" / "train_predictor.py"), *common,
-                            "--select", "none", "--epochs", "3", "--set", "monotone=budgets"],
-                           cwd=folder, capture_output=True, text=True, timeout=300,
-                           env={k: v for k, v in os.environ.items()
-                                if k not in ("R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI")})
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "registered models:/r2ray-test/1" in first.stdout
-    assert "alias @champion: promoted (no current holder)" in first.stdout
+    for name in ("R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(folder)  # artifacts of both runs land in this test's folder
+    code = run_script(REPO / "jobs" / "train_predictor.py", *common, "--select", "none",
+                      "--epochs", "3", "--set", "monotone=budgets")
+    first = capsys.readouterr()
+    assert code == 0, first.err[-3000:]
+    assert "registered models:/r2ray-test/1" in first.out
+    assert "alias @champion: promoted (no current holder)" in first.out
 
-    os.chdir(folder)  # artifacts of the in-process run land in this test's folder
-    try:
-        assert main(["train", *common, "--predictor", "per_arm_ridge"]) == 0
-    finally:
-        os.chdir(REPO)
+    assert main(["train", *common, "--predictor", "per_arm_ridge"]) == 0
     report = capsys.readouterr().out
     assert "registered models:/r2ray-test/2" in report
     assert " s in all (start-up " in report and ", fit " in report  # the command's wall time
@@ -176,7 +171,8 @@ def test_embedding_prints_progress_per_chunk(tmp_path, capsys, monkeypatch):
     save_catalog(small_catalog(), str(tmp_path / "bench.catalog.yaml"))
     encoder = CountingEncoder()
     monkeypatch.setattr("r2ray.training.load_encoder", lambda spec: encoder)
-    monkeypatch.setattr("r2ray.training.EMBED_CHUNK_QUERIES", 5)
+    monkeypatch.setattr("r2ray.embedding_cache.EMBED_CHUNK_QUERIES", 5)
+    monkeypatch.setenv("R2RAY_EMBEDDING_CACHE", "off")   # a fake encoder has no model folder
     data = load_training_data(config(tmp_path, queries=None))
     assert data.arrays.embedding.shape == (12, 384) and encoder.calls == [5, 5, 2]
     lines = capsys.readouterr().err.splitlines()

@@ -24,10 +24,10 @@ def first_seen_duplicates(scored, partitions: int = 4) -> dict[str, int]:
     its aggregator actors) on 200,000 ids on 2 CPUs.
     """
     from ray.data.aggregate import Count, Min
-    from ray.data.context import DataContext, ShuffleStrategy
+    from ray.data.context import ShuffleStrategy
     from ray.data.expressions import col
 
-    context = DataContext.get_current()
+    context = scored.context  # a Dataset keeps the context it was made with, not the current one
     before, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     try:
         counts = scored.select_columns(["query_id", "order"]).groupby(

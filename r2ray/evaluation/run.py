@@ -80,6 +80,7 @@ def load_bench_arrays(bench_uri: str, catalog: Catalog, queries_uri: str | None,
     if queries_uri:
         return bench_arrays(table, catalog, read_table(queries_uri), bench_uri), \
             f"precomputed, from {queries_uri}"
+    from r2ray.embedding_cache import embed_texts
     from r2ray.encoders import has_text_encoder, load_encoder
 
     if encoder and not has_text_encoder(encoder):
@@ -88,7 +89,8 @@ def load_bench_arrays(bench_uri: str, catalog: Catalog, queries_uri: str | None,
     arrays = bench_arrays(table, catalog, source=bench_uri)
     spec = encoder or DEFAULT_ENCODER
     log(f"encoding {arrays.n_queries} queries with {spec} ...")
-    return arrays.with_embedding(load_encoder(spec).encode(list(arrays.query))), f"encoder {spec}"
+    return arrays.with_embedding(embed_texts(load_encoder(spec), list(arrays.query))), \
+        f"encoder {spec}"
 
 
 def choose_catalog(model: ModelUnderTest, catalog_path: str | None,
