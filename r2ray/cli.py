@@ -196,6 +196,12 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                             "stacked; fast: no network; full: every candidate) or names, "
                             "comma-separated (r2ray.predictor.selection.CANDIDATES)")
     train.add_argument("--folds", type=int, default=3, help="cv folds, by query (default 3)")
+    train.add_argument("--tune", action="store_true",
+                       help="cv on Ray Tune: candidates as trials on the cluster (RAY_ADDRESS, "
+                            "else a local Ray), ASHA stopping those that trail after a fold")
+    train.add_argument("--tune-storage", metavar="URI",
+                       help="where trials checkpoint (default: a temporary folder; give shared "
+                            "storage, e.g. s3://bucket/tune, on a multi-node cluster)")
     train.add_argument("--predictor", help="registry key to fit alone (default r2ray); with "
                        "--select cv, the kind --set and --epochs apply to")
     train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -209,7 +215,8 @@ def _train(args: argparse.Namespace) -> None:
     from r2ray.training import TrainConfig, parse_settings, train_predictor_job
 
     fields = ("bench", "queries", "catalog", "split", "seed", "epochs", "promote",
-              "tracking_uri", "encoder", "experiment", "candidates", "folds")
+              "tracking_uri", "encoder", "experiment", "candidates", "folds", "tune",
+              "tune_storage")
     config = TrainConfig(**{name: getattr(args, name) for name in fields},
                          registered_name=args.register, settings=parse_settings(args.settings),
                          predictor=args.predictor or "r2ray",

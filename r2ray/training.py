@@ -57,6 +57,8 @@ class TrainConfig(BaseModel):
                                                  # none: fit `predictor` alone
     candidates: str = "small"                    # cv: a set (small, fast, full) or names, comma-separated
     folds: Annotated[int, Field(ge=2)] = 3       # cv: folds, by query, over the training part
+    tune: bool = False                           # cv: candidates as Ray Tune trials, ASHA
+    tune_storage: str | None = None              # where Tune trials checkpoint
     split: Literal["random", "category"] = "random"
     seed: int = 0
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
@@ -152,9 +154,19 @@ def build_predictor(config: TrainConfig) -> BasePredictor:
     ``candidates``, ``settings`` applied to its candidates of kind ``predictor``."""
     settings = config.settings | ({"epochs": config.epochs} if config.epochs else {})
     if config.select == "cv":
-        return make_predictor("selected", candidates=config.candidates, folds=config.folds,
-                              seed=config.seed,
-                              overrides={config.predictor: settings} if settings else {})
+        selected = make_predictor("selected", candidates=config.candidates, folds=config.folds,
+                                  seed=config.seed,
+                                  overrides={config.predictor: settings} if settings else {})
+        if config.tune:
+            from functools import partial
+
+            from r2ray.tuning import asha_search
+
+            selected.search = partial(asha_search, storage_path=config.tune_storage)
+        return selected
+    if config.tune:
+        raise R2RayError("--tune searches the cross-validation's candidates: drop --select none "
+                         "(or --predictor) to use it")
     predictor = make_predictor(config.predictor, **settings)
     if "seed" in predictor.settings() and "seed" not in settings:
         predictor.seed = config.seed
@@ -175,7 +187,8 @@ def log_selection(predictor: BasePredictor) -> str | None:
         mlflow.log_metrics({f"cv_{key}_{row['name']}": row[key]
                             for key in ("audc", "brier", "log_tokens_mae", "ece")})
     mlflow.log_params({"cv_winner": result.winner, "cv_candidates": ",".join(
-        row["name"] for row in result.table)})
+        row["name"] for row in result.table), "cv_stopped_by_asha": ",".join(
+        row["name"] for row in result.stopped) or "none"})
     text = result.report()
     mlflow.log_text(text + "\n", "cv_selection.txt")
     return text

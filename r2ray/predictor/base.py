@@ -240,15 +240,22 @@ def out_of_fold(make: Callable[[], BasePredictor], train: BenchArrays, catalog: 
     quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
     tokens_hat = np.full(train.output_tokens.shape, np.nan, dtype=np.float32)
     for fold in np.unique(folds):
-        part = train.subset(np.flatnonzero(folds != fold))
-        copy = make()
-        x = training_embedding(part)
-        copy.catalog_, copy.embedding_dim_ = catalog, int(x.shape[1])
-        copy._fit(part, x, catalog, None)
-        rows = np.flatnonzero(folds == fold)
-        predicted = copy._predict(train.embedding[rows])
+        rows, predicted = fold_predictions(make, train, catalog, folds, fold)
         quality[rows], tokens_hat[rows] = predicted.quality, predicted.output_tokens
     return ArmPredictions(quality, tokens_hat)
+
+
+def fold_predictions(make: Callable[[], BasePredictor], train: BenchArrays, catalog: Catalog,
+                     folds: np.ndarray, fold) -> tuple[np.ndarray, ArmPredictions]:
+    """(rows of ``fold``, uncorrected predictions there by a fresh ``make()`` fitted on the
+    other folds' rows)."""
+    part = train.subset(np.flatnonzero(folds != fold))
+    copy = make()
+    x = training_embedding(part)
+    copy.catalog_, copy.embedding_dim_ = catalog, int(x.shape[1])
+    copy._fit(part, x, catalog, None)
+    rows = np.flatnonzero(folds == fold)
+    return rows, copy._predict(train.embedding[rows])
 
 
 def data_fingerprint(arrays: BenchArrays) -> str:

@@ -25,6 +25,7 @@ class SelectedPredictor(BasePredictor):
                  overrides: dict[str, dict] | None = None):
         self.candidates, self.folds, self.seed = candidates, folds, seed
         self.overrides = overrides or {}           # {registry key: settings} for its candidates
+        self.search = None   # how candidates are fitted (selection.OutOfFoldSearch; not saved)
         self.winner_: BasePredictor | None = None
         self.winner_name_: str | None = None
         self.selection_: list[dict] | None = None  # the CV table
@@ -33,11 +34,12 @@ class SelectedPredictor(BasePredictor):
     def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
              validation: BenchArrays | None) -> None:
         candidates = resolve_candidates(self.candidates, self.overrides, self.seed)
-        result = cross_validate(train, catalog, candidates, self.folds, self.seed, log.info)
-        chosen = next(c for c in candidates if c.name == result.winner)
+        result = cross_validate(train, catalog, candidates, self.folds, self.seed, log.info,
+                                search=self.search)
+        chosen = next(c for c in result.candidates if c.name == result.winner)
         winner = chosen.build()
         if chosen.kind == STACKED:  # its weights from the members' out-of-fold predictions
-            winner.member_out_of_fold = [result.out_of_fold[c.name] for c in candidates
+            winner.member_out_of_fold = [result.out_of_fold[c.name] for c in result.candidates
                                          if c.kind != STACKED]
         winner.catalog_, winner.embedding_dim_ = catalog, int(x.shape[1])
         winner._fit(train, x, catalog, validation)

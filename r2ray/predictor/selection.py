@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -97,9 +97,11 @@ def resolve_candidates(spec: str | list[str], overrides: dict[str, dict] | None 
 
 @dataclass
 class CrossValidation:
-    table: list[dict]                          # one row per candidate, in candidate order
+    table: list[dict]                          # one row per scored candidate, in candidate order
     winner: str
     out_of_fold: dict[str, ArmPredictions]     # uncorrected, every training row
+    candidates: list[Candidate] = field(default_factory=list)   # those scored (a search may stop some)
+    stopped: list[dict] = field(default_factory=list)   # name, folds done, running AUDC: ASHA's
 
     def report(self) -> str:
         lines = [f"{'candidate':22} {'CV AUDC':>15} {'uncalibrated':>12} {'Brier':>7} "
@@ -112,33 +114,58 @@ class CrossValidation:
                          f"{uncalibrated:>12} {row['brier']:>7.4f} "
                          f"{row['log_tokens_mae']:>11.4f} {row['ece']:>6.4f} "
                          f"{row['fit_seconds']:>7.1f}{mark}")
+        lines += [f"{row['name']:22} stopped by ASHA after {row['folds']} fold(s), running AUDC "
+                  f"{row['audc']:.4f} (uncalibrated)" for row in self.stopped]
         return "\n".join(lines)
+
+
+OutOfFoldSearch = Callable[[list[Candidate], BenchArrays, Catalog, np.ndarray,
+                            Callable[[str], None]],
+                           tuple[dict[str, ArmPredictions], dict[str, float], list[dict]]]
+"""(singles, train, catalog, fold ids, log) → (out-of-fold predictions of the candidates it kept,
+fit seconds, the stopped ones): how the candidates are fitted. Default: each in turn, here;
+``r2ray.tuning.asha_search``: as Ray Tune trials, ASHA stopping the trailing ones."""
+
+
+def sequential_search(singles: list[Candidate], train: BenchArrays, catalog: Catalog,
+                      fold: np.ndarray, log: Callable[[str], None]):
+    oof, seconds = {}, {}
+    for candidate in singles:
+        started = time.perf_counter()
+        oof[candidate.name] = out_of_fold(candidate.build, train, catalog, fold)
+        seconds[candidate.name] = time.perf_counter() - started
+        log(f"  cv: {candidate.name} {len(np.unique(fold))} folds in "
+            f"{seconds[candidate.name]:.1f} s")
+    return oof, seconds, []
 
 
 def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candidate],
                    folds: int = 3, seed: int = 0,
                    log: Callable[[str], None] = lambda line: None,
-                   uncalibrated: bool = False) -> CrossValidation:
+                   uncalibrated: bool = False,
+                   search: OutOfFoldSearch | None = None) -> CrossValidation:
     """Out-of-fold predictions of every candidate on ``train``, scored per fold (module doc);
-    ``uncalibrated``: also score q̂ without its calibration (a measurement, not a criterion)."""
+    ``uncalibrated``: also score q̂ without its calibration (a measurement, not a criterion).
+    ``search`` fits the single candidates (default :func:`sequential_search`); the stack then
+    blends those it kept."""
     fold = fold_ids(train.n_queries, folds, seed)
-    oof, seconds = {}, {}
-    for candidate in candidates:
+    singles = [c for c in candidates if c.kind != STACKED]
+    oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
+    kept = [c for c in singles if c.name in oof]
+    if any(c.kind == STACKED for c in candidates) and len(kept) >= 2:
         started = time.perf_counter()
-        if candidate.kind == STACKED:
-            members = [oof[c.name] for c in candidates if c.kind != STACKED]
-            oof[candidate.name] = cross_fitted_stack(members, train, fold)
-        else:
-            oof[candidate.name] = out_of_fold(candidate.build, train, catalog, fold)
-        seconds[candidate.name] = time.perf_counter() - started
-        log(f"  cv: {candidate.name} {folds} folds in {seconds[candidate.name]:.1f} s")
+        oof[STACKED] = cross_fitted_stack([oof[c.name] for c in kept], train, fold)
+        seconds[STACKED] = time.perf_counter() - started
+        kept.append(Candidate(STACKED, STACKED, {
+            "members": [{"kind": c.kind, "settings": c.settings} for c in kept], "seed": seed}))
     table = [row | {"name": c.name, "kind": c.kind, "fit_seconds": seconds[c.name]}
-             for c, row in zip(candidates, score_out_of_fold(oof, train, catalog, fold,
-                                                             uncalibrated).values())]
+             for c, row in zip(kept, score_out_of_fold({c.name: oof[c.name] for c in kept},
+                                                       train, catalog, fold,
+                                                       uncalibrated).values())]
     winner = choose(table)
     for row in table:
         row["chosen"] = row["name"] == winner
-    return CrossValidation(table, winner, oof)
+    return CrossValidation(table, winner, oof, kept, stopped)
 
 
 def cross_fitted_stack(members: list[ArmPredictions], train: BenchArrays,

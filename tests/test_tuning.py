@@ -1,0 +1,58 @@
+"""`r2ray train --tune`: the cross-validation's candidates as Ray Tune trials with ASHA, on the
+session's Ray cluster. Trials must compute exactly what plain cross-validation computes, and
+every candidate must be either scored or reported as stopped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from predictor_world import planted_arrays, small_catalog
+
+from r2ray.errors import R2RayError
+from r2ray.predictor.base import fold_ids, out_of_fold
+from r2ray.predictor.selection import STACKED, Candidate, cross_validate
+from r2ray.training import TrainConfig, build_predictor
+from r2ray.tuning import asha_search
+
+pytestmark = pytest.mark.slow
+
+
+def test_asha_trials_give_the_plain_out_of_fold_predictions(ray_local, tmp_path):
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=300, dim=16, seed=0)
+    singles = [Candidate("ridge", "per_arm_ridge", {}),
+               Candidate("ridge_weak", "per_arm_ridge", {"alpha": 0.01}),
+               Candidate("blind", "per_arm_ridge", {"alpha": 1e9}),     # arm means only
+               Candidate("knn", "carrot_knn_all", {})]
+    lines = []
+    result = cross_validate(train, catalog, [*singles, Candidate(STACKED, STACKED, {})],
+                            folds=3, log=lines.append,
+                            search=lambda *a: asha_search(*a, storage_path=str(tmp_path)))
+    scored = {row["name"] for row in result.table} - {STACKED}
+    stopped = {row["name"] for row in result.stopped}
+    assert scored | stopped == {c.name for c in singles} and not scored & stopped
+    assert all(1 <= row["folds"] < 3 for row in result.stopped)
+    assert scored   # ASHA keeps the first trial at each rung, so at least one finishes
+    fold = fold_ids(train.n_queries, 3, 0)
+    for candidate in singles:
+        if candidate.name in scored:                          # the same fits, the same numbers
+            plain = out_of_fold(candidate.build, train, catalog, fold)
+            np.testing.assert_allclose(result.out_of_fold[candidate.name].quality,
+                                       plain.quality, rtol=1e-6)
+            np.testing.assert_allclose(result.out_of_fold[candidate.name].output_tokens,
+                                       plain.output_tokens, rtol=1e-6)
+    best = max(result.table, key=lambda row: row["audc"])
+    assert result.winner == best["name"] or best["audc"] - next(
+        r["audc"] for r in result.table if r["name"] == result.winner) <= 0.001
+    if len(scored) >= 2:   # the stack blends the survivors only
+        stack = next(c for c in result.candidates if c.name == STACKED)
+        assert len(stack.settings["members"]) == len(scored)
+    report = result.report()
+    assert all(f"{name} " in report for name in scored | stopped)
+    print(report, *lines, sep="\n")
+
+
+def test_tune_needs_the_cross_validation(tmp_path):
+    config = TrainConfig(bench=str(tmp_path), registered_name="x", select="none", tune=True)
+    with pytest.raises(R2RayError, match="--tune searches"):
+        build_predictor(config)
