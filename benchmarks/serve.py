@@ -1,6 +1,6 @@
 """Benchmark of the online router on Ray Serve; prints its figures (it is not a timed test).
 
-    python benchmarks/serve.py            # ~3-5 minutes on a 2-core machine
+    python benchmarks/serve.py            # ~3-6 minutes on a 2-core machine
     python benchmarks/serve.py --quick    # fewer requests
 
 Set-up: a temporary MLflow store with a per-arm Ridge predictor on MiniLM embeddings of synthetic
