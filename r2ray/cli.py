@@ -114,10 +114,16 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
                             "(quality 0, cost 0) instead of failing")
     route.add_argument("--seed", type=int, help="seed of the tie-break hash")
     route.add_argument("--tracking-uri", help="MLflow tracking URI (default: environment)")
-    route.add_argument("--workers", type=int, help="predictor actors (default 2)")
-    route.add_argument("--cpus-per-worker", type=float, help="default 0.5")
+    route.add_argument("--workers", type=int,
+                       help="predictor actors (default: one per CPU of the cluster, or one per "
+                            "GPU share with --gpus-per-worker)")
+    route.add_argument("--cpus-per-worker", type=float,
+                       help="default: (cluster CPUs - 1) / workers, room for the read tasks")
     route.add_argument("--gpus-per-worker", type=float, help="default 0")
-    route.add_argument("--batch-size", type=int, help="queries per predictor call (default 1024)")
+    route.add_argument("--threads-per-worker", type=int,
+                       help="torch threads in each worker (default: its CPUs rounded, at least 1)")
+    route.add_argument("--batch-size", type=int,
+                       help="rows per actor call (default 256 texts, 8192 precomputed embeddings)")
     route.set_defaults(handler=_route)
 
 
@@ -127,7 +133,8 @@ def _route(args: argparse.Namespace) -> None:
 
     fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
               "strict_budget", "cost_correction", "catalog", "run_id", "force", "defer", "seed",
-              "tracking_uri", "workers", "cpus_per_worker", "gpus_per_worker", "batch_size")
+              "tracking_uri", "workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker",
+              "batch_size")
     config = route_config(**{name: getattr(args, name) for name in fields})
     manifest = route_batch(config)
     print(summarise_manifest(manifest))

@@ -214,14 +214,17 @@ def validate_table(table: pa.Table, unit: ReadUnit, max_context_tokens: int,
     bad = np.flatnonzero(reasons != None)  # noqa: E711
     bad = bad[np.argsort(table.column("__line").to_numpy()[bad], kind="stable")]
     lines = table.column("__line").to_numpy()
-    good_index = pa.array(np.flatnonzero(reasons == None))  # noqa: E711
+    good_index = pa.array(np.flatnonzero(reasons == None)) if len(bad) else None  # noqa: E711
+
+    def rows(array: pa.Array) -> pa.Array:  # all good, the usual case: no copy
+        return array if good_index is None else array.take(good_index)
+
     good = pa.table({
-        "query_id": query_id.take(good_index), "query": query.take(good_index),
-        "input_tokens": pa.array(input_tokens.astype(np.int64)).take(good_index),
-        "tenant": tenant.take(good_index),
-        "order": pa.array((unit.file_index << ROW_BITS) | (lines - 1)).take(good_index),
+        "query_id": rows(query_id), "query": rows(query),
+        "input_tokens": rows(pa.array(input_tokens.astype(np.int64))), "tenant": rows(tenant),
+        "order": rows(pa.array((unit.file_index << ROW_BITS) | (lines - 1))),
     }, schema=GOOD_SCHEMA)
-    good = good.append_column("embedding", embedding.take(good_index))
+    good = good.append_column("embedding", rows(embedding))
     raw_rows = table.drop_columns(["__line"]).take(pa.array(bad)).to_pylist() if len(bad) else []
     quarantine = [_bad(unit.source, int(lines[i]), raw, reasons[i]) for i, raw in zip(bad, raw_rows)]
     return good, pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
@@ -293,13 +296,19 @@ def _check_embeddings(column, embedding_dim: int, flag) -> pa.Array:
     present = lengths >= 0
     flag(present & (lengths != embedding_dim),
          lambda i: f"embedding has {lengths[i]} values; the model expects {embedding_dim}")
-    values = pc.list_flatten(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(column).to_numpy()
+    # float32 as the model reads it (a float64 beyond float32's range is flagged, not passed on
+    # as inf); rows of non-finite values looked up only when there are any
+    values = pc.list_flatten(column).cast(pa.float32()).to_numpy(zero_copy_only=False)
     finite = np.ones(n, dtype=bool)
-    np.logical_and.at(finite, parents, np.isfinite(values))
+    not_finite = np.flatnonzero(~np.isfinite(values))
+    if not_finite.size:
+        finite[pc.list_parent_indices(column).to_numpy()[not_finite]] = False
     flag(present & ~finite, "embedding holds NaN or infinite values")
     usable = present & (lengths == embedding_dim) & finite
-    keep = usable[parents]
+    if usable.all():   # the usual case: the flattened values as they are, no copy
+        offsets = np.arange(0, (n + 1) * embedding_dim, embedding_dim, dtype=np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
+    keep = usable[pc.list_parent_indices(column).to_numpy()]
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(np.where(usable, embedding_dim, 0), out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], pa.float32()),

@@ -40,10 +40,16 @@ class RouteConfig(BaseModel):
     defer: bool = False                                  # budget too small: defer, don't fail
     seed: int = 0                                        # tie-break hash seed
     tracking_uri: str | None = None                      # MLflow; default from the environment
-    workers: Annotated[int, Field(ge=1)] = 2             # predictor actors
-    cpus_per_worker: Annotated[float, Field(gt=0)] = 0.5  # fractional: 2-core machines hang at 1
+    # the scoring pool (r2ray.batch.pool): None = derived from ray.cluster_resources()
+    workers: Annotated[int, Field(ge=1)] | None = None   # predictor actors; default one per CPU
+                                                         # (one per GPU share with gpus_per_worker)
+    cpus_per_worker: Annotated[float, Field(gt=0)] | None = None  # default (CPUs − 1) ÷
+                                                         # workers: room for the feeding tasks
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
-    batch_size: Annotated[int, Field(ge=1)] = 1024       # queries per predictor call
+    threads_per_worker: Annotated[int, Field(ge=1)] | None = None  # torch threads; default
+                                                         # round(cpus_per_worker), at least 1
+    batch_size: Annotated[int, Field(ge=1)] | None = None  # rows per actor call; default 256
+                                                         # texts or 8,192 embeddings
     blocks_per_worker: Annotated[int, Field(ge=1)] = 8   # input repartitioned for load balance
     task_cpus: Annotated[float, Field(gt=0)] = 0.25      # each small task (read, dedupe, solve,
                                                          # assign): fractional, beside the actors

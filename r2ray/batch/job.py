@@ -108,6 +108,14 @@ def check_guarantee(config: RouteConfig, model: LoadedModel) -> None:
                          "plan the whole budget on predicted costs")
 
 
+def score_pool_options(pool) -> dict:
+    """``map_batches`` options of the scoring actor pool of shape ``pool`` (a PoolShape)."""
+    from ray.data import ActorPoolStrategy
+
+    return {"compute": ActorPoolStrategy(size=pool.workers), "num_cpus": pool.cpus_per_worker,
+            "num_gpus": pool.gpus_per_worker or None}
+
+
 def _init_ray() -> None:
     import ray
 
@@ -221,10 +229,10 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                    correction: CostCorrection | None, units: list[ReadUnit], unreadable: pa.Table, files: list[str],
                    fingerprint: str, timings: dict) -> dict:
     import ray
-    from ray.data import ActorPoolStrategy
 
     from r2ray.batch.assign import assign_stage
     from r2ray.batch.dedupe import drop_rows_stage, first_seen_duplicates
+    from r2ray.batch.pool import pool_shape
     from r2ray.batch.report import (STATS_SCHEMA, combine_stats, log_to_mlflow, spend_by_model,
                                     write_report)
     from r2ray.batch.score import ScoreWorker
@@ -237,6 +245,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     sources = {u.file_index: u.source for u in units}
     _init_ray()
     max_context = max(m.context for m in model.catalog.models)
+    pool = pool_shape(config, ray.cluster_resources(), model.has_text_encoder)
     cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
     with _timed(timings, "read_validate_score"):
         queries = ray.data.from_items(unit_items(units) or [], override_num_blocks=max(
@@ -245,16 +254,16 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
             fn_kwargs={"quarantine_uri": paths.quarantine, "max_context_tokens": max_context,
                        "embedding_dim": model.embedding_dim,
                        "embedding_required": not model.has_text_encoder})
-        if len(units) < config.workers * config.blocks_per_worker:  # few big files: spread them
-            queries = queries.repartition(config.workers * config.blocks_per_worker)
+        if len(units) < pool.workers * config.blocks_per_worker:  # few big files: spread them
+            queries = queries.repartition(pool.workers * config.blocks_per_worker)
         scored = queries.map_batches(
-            ScoreWorker, batch_size=config.batch_size, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=config.workers), num_cpus=config.cpus_per_worker,
-            num_gpus=config.gpus_per_worker or None,
+            ScoreWorker, batch_size=pool.batch_size, batch_format="pyarrow",
+            **score_pool_options(pool),
             fn_constructor_kwargs={"files": model.files,
                                    "catalog_yaml": model.catalog.to_yaml(),
                                    "strict_budget": config.strict_budget,
-                                   "cost_factors": cost_factors},
+                                   "cost_factors": cost_factors,
+                                   "threads": pool.threads_per_worker},
             ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
         duplicates = first_seen_duplicates(scored) if scored.count() else {}
@@ -320,6 +329,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "output": {"routed": paths.routed, "quarantine": paths.quarantine,
                    "deferred": paths.deferred},
         "timings": timings,
+        "scoring_pool": pool.to_json(),   # the config's open settings resolved on this cluster
         "config": config.model_dump(),
     }
     manifest["artifacts"] = write_report(paths.path(), manifest, stats)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import yaml
 
 from r2ray.catalog import Catalog, catalog_from_dict
-from r2ray.encoders import embed_or_encode, has_text_encoder
+from r2ray.encoders import check_embedding_dimension, embed_or_encode, has_text_encoder
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
 from r2ray.routing import arm_scores, query_key, worst_case_usd
@@ -32,9 +32,12 @@ SCORED_COLUMNS = [*CHAIN_COLUMNS, "hull_tokens"]
 
 def query_embeddings(table: pa.Table, encoder, dimension: int) -> np.ndarray:
     """[N, D] float32: the ``embedding`` column where given (non-null), the encoder elsewhere."""
+    column = (table.column("embedding").combine_chunks()
+              if "embedding" in table.column_names else None)
+    if column is not None and table.num_rows and column.null_count == 0:  # all given: one copy
+        return check_embedding_dimension(embedding_matrix(column), dimension, "the embeddings")
     given = np.full((table.num_rows, dimension), np.nan, dtype=np.float32)
-    if "embedding" in table.column_names:
-        column = table.column("embedding").combine_chunks()
+    if column is not None:
         present = ~column.is_null().to_numpy(zero_copy_only=False)
         if present.any():
             given[present] = embedding_matrix(column.filter(pa.array(present)))
@@ -93,24 +96,43 @@ def predictor_files(directory: str) -> dict[str, bytes]:
             for name in sorted(os.listdir(directory))}
 
 
+def use_threads(predictor, threads: int) -> None:
+    """Set the torch threads a loaded predictor predicts with, in it and in the fitted members a
+    composite holds (its saved ``threads`` is the training setting)."""
+    if hasattr(predictor, "threads"):
+        predictor.threads = threads
+    for member in [*(getattr(predictor, "members_", None) or []),
+                   getattr(predictor, "winner_", None)]:
+        if member is not None:
+            use_threads(member, threads)
+
+
 class ScoreWorker:
     """Ray Data actor: loads the predictor (and encoder) once, then scores batches on its device.
 
     Takes the saved predictor's files as bytes so workers on other nodes need no shared disk.
+    ``threads``: torch intra-op threads for the encoder and the predictor (Ray's own guess from a
+    fractional CPU request is one; the pool's shape says, :mod:`r2ray.batch.pool`).
     """
 
     def __init__(self, files: dict[str, bytes], catalog_yaml: str | None = None,
                  device: str | None = None, strict_budget: bool = False,
-                 cost_factors: list[float] | None = None):
+                 cost_factors: list[float] | None = None, threads: int | None = None):
+        import torch
+
         from r2ray.encoders import default_device, load_encoder
         from r2ray.predictor.persist import load_predictor
 
+        if threads:
+            torch.set_num_threads(threads)
         device = device or default_device()
         with tempfile.TemporaryDirectory(prefix="r2ray-worker-") as folder:
             for name, data in files.items():
                 with open(os.path.join(folder, name), "wb") as handle:
                     handle.write(data)
             self.predictor = load_predictor(folder, device=device)
+        if threads:
+            use_threads(self.predictor, threads)
         self.catalog = (self.predictor.catalog_ if catalog_yaml is None
                         else catalog_from_dict(yaml.safe_load(catalog_yaml), "--catalog"))
         spec = self.predictor.encoder_spec
@@ -122,3 +144,12 @@ class ScoreWorker:
         kill_worker_once()
         return score_batch(batch, self.predictor, self.catalog, self.encoder, self.strict_budget,
                            self.cost_factors)
+
+
+class EncodeOnlyWorker(ScoreWorker):
+    """The scoring pool's encoder pass alone (no predictor call, no hull): ``benchmarks/batch.py``
+    runs it in the job's own pool shape to tell the encoder's cost from the rest of scoring."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = query_embeddings(batch, self.encoder, self.predictor.embedding_dim_)
+        return pa.table({"rows": [len(vectors)]})

@@ -35,6 +35,9 @@ class R2RayPredictor(TorchPredictor):
         self.device, self.threads, self.time_limit_s = device, threads, time_limit_s
         self.precision = precision
 
+    def _activation_width(self) -> int:
+        return self.network_.config.joint_hidden  # z is (B, K, H)
+
     def _network_config(self, embedding_dim: int, catalog: Catalog) -> NetworkConfig:
         arms = arm_table(catalog)
         return NetworkConfig(

@@ -67,7 +67,6 @@ class PerArmNet(nn.Module):
 class PerArmMLP(TorchPredictor):
     name = "per_arm_mlp"
     network_class, config_class = PerArmNet, PerArmConfig
-    predict_batch_size = 512  # activations are (B, K, 256)
 
     def __init__(self, hidden: tuple[int, ...] | list[int] = (256, 128, 64), dropout: float = 0.0,
                  epochs: int = 6, batch_size: int = 512, learning_rate: float = 2e-3,
@@ -88,6 +87,9 @@ class PerArmMLP(TorchPredictor):
         unobserved = ~self.network_.arm_observed.numpy()
         prediction.quality[:, unobserved] = prediction.output_tokens[:, unobserved] = np.nan
         return prediction
+
+    def _activation_width(self) -> int:
+        return max(self.network_.config.hidden)  # activations are (B, K, 256)
 
     def _network_config(self, embedding_dim: int, catalog: Catalog) -> PerArmConfig:
         return PerArmConfig(embedding_dim, catalog.n_arms, list(self.hidden), self.dropout)

@@ -199,12 +199,28 @@ def fit_module(module: nn.Module, train: Targets, validation: Targets,
     return history
 
 
+PREDICT_WORKING_SET_BYTES = 8 << 20
+"""Bytes the widest inference activation may take on a CPU: kept within cache, the joint network's
+forward pass ran 2.4× faster at 64 rows than at 2,048 (one thread; 176 arms × 128 wide)."""
+GPU_PREDICT_ROWS = 2048  # a GPU wants large batches: no cache to fit, launch overhead to amortise
+
+
+def inference_rows(floats_per_row: int, device: str = "cpu",
+                   working_set_bytes: int = PREDICT_WORKING_SET_BYTES) -> int:
+    """Rows per inference batch: on a CPU the largest power of two (≥ 8) whose widest activation,
+    rows × ``floats_per_row`` float32, fits in ``working_set_bytes``; on a GPU, 2,048."""
+    if not str(device).startswith("cpu"):
+        return GPU_PREDICT_ROWS
+    rows = max(1, working_set_bytes // (4 * max(1, floats_per_row)))
+    return max(8, 1 << (rows.bit_length() - 1))
+
+
 def predict_module(module: nn.Module, x: np.ndarray, device: str,
                    batch_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(quality [N, K] float32 in [0, 1], log tokens [N, K] float32) in batches, no gradients."""
+    """(quality [N, K] float32 in [0, 1], log tokens [N, K] float32) in batches, no autograd."""
     module.eval()
     quality, tokens = [], []
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             part = torch.as_tensor(x[start:start + batch_size], device=device)
             q, t = module(part)
@@ -240,7 +256,6 @@ class TorchPredictor(BasePredictor):
 
     network_class: type[nn.Module]
     config_class: type
-    predict_batch_size = 2048
     network_: nn.Module | None = None
     history_: FitHistory | None = None
 
@@ -268,8 +283,8 @@ class TorchPredictor(BasePredictor):
     def _predict(self, x: np.ndarray) -> ArmPredictions:
         device = self.device or default_device()
         with torch_threads(self.threads):
-            quality, log_tok = predict_module(self.network_.to(device), x, device,
-                                              self.predict_batch_size)
+            rows = inference_rows(self.network_.config.n_arms * self._activation_width(), device)
+            quality, log_tok = predict_module(self.network_.to(device), x, device, rows)
         return ArmPredictions(quality, tokens_from_log(log_tok))
 
     def _held_out_tokens(self, train: BenchArrays,
@@ -298,4 +313,8 @@ class TorchPredictor(BasePredictor):
         raise NotImplementedError
 
     def _initialise(self, network: nn.Module, train: BenchArrays, catalog: Catalog) -> None:
+        raise NotImplementedError
+
+    def _activation_width(self) -> int:
+        """Floats per (query, arm) in the widest activation of the forward pass."""
         raise NotImplementedError

@@ -1,0 +1,58 @@
+"""The scoring actor pool's shape: how many workers, their CPUs, GPUs and torch threads, and the
+rows per call, from the cluster's resources where the config leaves them open.
+
+Why these defaults (measured on 2 busy cores, ``benchmarks/batch.py``):
+
+- one torch thread per worker and one worker per CPU: the encoder and the predictor run small
+  batches, where a second intra-op thread adds little and, on a loaded host, spin-waits; separate
+  processes scale with the cores instead;
+- each worker asks for (CPUs − 1) ÷ workers CPUs (half the CPUs below two), so the tasks that
+  feed the pool still find room: Ray Data's repartition tasks ask for a whole CPU, and with
+  1.75 of 2 CPUs held by actors the job hung; the CPUs are logical, the threads are what runs, so
+  the actors' torch threads are set explicitly, not left to Ray's ``OMP_NUM_THREADS`` guess;
+- with ``gpus_per_worker``, one worker per GPU share it asks for;
+- rows per call: a few hundred texts (an encoder call takes seconds, so small calls spread over
+  the workers as they start), thousands of precomputed embeddings (the call overhead dominates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+TEXT_BATCH_ROWS = 256          # texts per actor call when the workers run the encoder
+EMBEDDING_BATCH_ROWS = 8192    # rows per actor call when every row carries its embedding
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    threads_per_worker: int    # torch intra-op threads in each worker
+    batch_size: int            # rows per actor call
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def pool_shape(config, cluster: dict[str, float], encodes_text: bool) -> PoolShape:
+    """The pool for ``config`` (a :class:`~r2ray.batch.config.RouteConfig`; its ``workers``,
+    ``cpus_per_worker``, ``threads_per_worker`` and ``batch_size`` win where given) on a cluster
+    with ``cluster`` resources (``ray.cluster_resources()``: ``CPU``, ``GPU`` totals).
+    ``encodes_text``: the workers embed text (else rows carry embeddings)."""
+    cpus = float(cluster.get("CPU", 1.0))
+    gpus = config.gpus_per_worker
+    free_cpus = cpus - 1 if cpus >= 2 else cpus / 2   # room for the tasks feeding the pool
+    if config.workers is not None:
+        workers = config.workers
+    elif gpus > 0:
+        workers = max(1, int(float(cluster.get("GPU", 0.0)) // gpus))
+    else:
+        workers = max(1, math.floor(cpus))
+    per_worker = config.cpus_per_worker or math.floor(1000 * free_cpus / workers) / 1000
+    if gpus > 0 and config.cpus_per_worker is None:
+        per_worker = min(per_worker, 1.0)   # a GPU worker needs one core to feed it
+    threads = config.threads_per_worker or max(1, round(per_worker))
+    rows = config.batch_size or (TEXT_BATCH_ROWS if encodes_text else EMBEDDING_BATCH_ROWS)
+    return PoolShape(workers, max(per_worker, 0.001), gpus, threads, rows)

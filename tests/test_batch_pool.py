@@ -1,0 +1,95 @@
+"""The scoring pool's shape from the cluster's resources, and the predictor's inference batching:
+the knobs that set the batch job's throughput (measured in benchmarks/batch.py, not here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from r2ray.batch.config import route_config
+from r2ray.batch.pool import EMBEDDING_BATCH_ROWS, TEXT_BATCH_ROWS, pool_shape
+from r2ray.batch.score import use_threads
+from r2ray.predictor.torch_fit import inference_rows, predict_module
+
+
+def config(**given):
+    return route_config(input="in", output="out", model="m", budget_usd=1.0, **given)
+
+
+@pytest.mark.parametrize("cpus, workers, per_worker, threads", [
+    (2, 2, 0.5, 1),       # this machine: both cores, one CPU left for a repartition task
+    (16, 16, 0.937, 1),
+    (1, 1, 0.5, 1),       # less than two: half for the pool, half for the tasks
+    (0.5, 1, 0.25, 1),
+])
+def test_cpu_defaults_put_one_single_threaded_worker_on_each_core(cpus, workers, per_worker,
+                                                                   threads):
+    pool = pool_shape(config(), {"CPU": cpus}, encodes_text=True)
+    assert (pool.workers, pool.threads_per_worker) == (workers, threads)
+    assert pool.cpus_per_worker == pytest.approx(per_worker, abs=1e-3)
+    assert pool.workers * pool.cpus_per_worker <= max(cpus - 1, cpus / 2) + 1e-9  # room left
+
+
+def test_given_settings_win_and_threads_follow_the_cpus_asked_for():
+    pool = pool_shape(config(workers=1, batch_size=77), {"CPU": 8}, encodes_text=False)
+    assert (pool.workers, pool.batch_size) == (1, 77)
+    assert pool.cpus_per_worker == pytest.approx(7)
+    assert pool.threads_per_worker == 7
+    pool = pool_shape(config(workers=3, cpus_per_worker=2, threads_per_worker=1), {"CPU": 8},
+                      encodes_text=True)
+    assert (pool.workers, pool.cpus_per_worker, pool.threads_per_worker) == (3, 2, 1)
+
+
+def test_gpu_workers_one_per_gpu_share_with_at_most_one_core_each():
+    pool = pool_shape(config(gpus_per_worker=0.5), {"CPU": 16, "GPU": 2}, encodes_text=True)
+    assert (pool.workers, pool.gpus_per_worker, pool.cpus_per_worker) == (4, 0.5, 1.0)
+    assert pool_shape(config(gpus_per_worker=1), {"CPU": 4}, True).workers == 1  # none visible
+
+
+def test_rows_per_call_depend_on_what_the_workers_compute():
+    assert pool_shape(config(), {"CPU": 2}, encodes_text=True).batch_size == TEXT_BATCH_ROWS
+    assert pool_shape(config(), {"CPU": 2}, encodes_text=False).batch_size == EMBEDDING_BATCH_ROWS
+
+
+def test_inference_rows_keep_the_widest_activation_within_the_working_set():
+    assert inference_rows(176 * 128) == 64          # the joint network on the default pool
+    assert inference_rows(176 * 256) == 32          # the per-arm MLP
+    assert inference_rows(10**9) == 8               # never fewer than 8 rows
+    assert inference_rows(176 * 128, device="cuda") == 2048
+    for width in (1, 100, 5000, 176 * 128):
+        rows = inference_rows(width)
+        assert rows & (rows - 1) == 0                # a power of two
+        assert rows * width * 4 <= 8 << 20 or rows == 8
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("C", (), {"n_arms": 3})()
+        self.layer = torch.nn.Linear(5, 6)
+
+    def forward(self, x):
+        out = self.layer(x)
+        return out[:, :3], out[:, 3:]
+
+
+def test_predictions_do_not_depend_on_the_inference_batch():
+    torch.manual_seed(0)
+    module = _Tiny()
+    x = np.random.default_rng(1).standard_normal((101, 5)).astype(np.float32)
+    whole = predict_module(module, x, "cpu", batch_size=4096)
+    for rows in (1, 8, 64):
+        for got, want in zip(predict_module(module, x, "cpu", batch_size=rows), whole):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+class _Member:
+    threads = 1
+
+
+def test_use_threads_reaches_the_members_of_a_composite_predictor():
+    inner, winner = _Member(), _Member()
+    composite = type("Stacked", (), {"members_": [inner], "winner_": winner})()
+    use_threads(composite, 4)
+    assert inner.threads == winner.threads == 4
