@@ -57,6 +57,27 @@ def test_each_path_matches_the_in_memory_solve(ray_local, path, fraction, defer,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
+def test_blocks_on_other_nodes_are_projected_where_they_are(ray_local, path, monkeypatch):
+    """Every other block taken as held by another node: its step columns come from a task, its
+    ``then`` runs in a task of its own; the result does not change."""
+    from r2ray.solver import distributed
+    monkeypatch.setattr(distributed, "_on_this_node",
+                        lambda ray, refs: [i % 2 == 0 for i in range(len(refs))])
+    steps = random_steps(4)
+    dataset, pos = scattered_dataset(ray_local, steps, n_blocks=5)
+    budget = steps.base_c.sum() + 0.3 * steps.dc.sum()
+    single = solve_budget(steps, budget, seed=3,
+                          query_key=np.arange(steps.n_queries, dtype=np.uint64) * 7919)
+    result = solve_dataset(dataset, budget, seed=3, local_limit_bytes=PATHS[path],
+                           then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
+    assert result.on_driver == (path == "driver") and result.certificate == single.certificate
+    table = pa.concat_tables(ray_local.get(result.arms.to_arrow_refs())).sort_by("query_pos")
+    np.testing.assert_array_equal(table.column("query_pos").to_numpy(), pos)
+    np.testing.assert_array_equal(table.column("arm").to_numpy(), single.arm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
 def test_then_runs_per_block_with_the_arms_and_each_tenants_price(ray_local, path):
     steps = random_steps(3)
     tenant = np.random.default_rng(3).integers(0, 3, steps.n_queries)

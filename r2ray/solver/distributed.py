@@ -90,13 +90,29 @@ def _run_assign(table, defer, grouped, selection, fill_pos, then):
     return out, (totals, _block_metadata(out))
 
 
-def _attach(table, arm, lam64, grouped, then):
-    """The last step of the driver's solve, in the task holding the block; its Ray Data block
-    metadata tells the driver it is done (or raises ``then``'s error there, as the passes
-    would) and spares ``from_arrow_refs`` a round of tasks computing it."""
-    group = table.column("tenant").to_numpy().astype(np.int64) if grouped else None
-    out = _with_arms(table, None, arm, None, _lambda_per_query(lam64, group, len(arm)), then)
-    return out, _block_metadata(out)
+def _attach(then, lam64, grouped: bool, n: int, *tables_then_arms):
+    """The last step of the driver's solve, in a task holding ``n`` blocks: each block with
+    its slice of the arms, through ``then``. Returns the n outputs, then their Ray Data block
+    metadata, which tells the driver they are done (or raises ``then``'s error there, as the
+    passes would) and spares ``from_arrow_refs`` a round of tasks computing it."""
+    outs = []
+    for table, arm in zip(tables_then_arms[:n], tables_then_arms[n:]):
+        group = table.column("tenant").to_numpy().astype(np.int64) if grouped else None
+        lam_row = _lambda_per_query(lam64, group, len(arm))
+        outs.append(_with_arms(table, None, arm, None, lam_row, then))
+    return (*outs, [_block_metadata(out) for out in outs])
+
+
+def _task_groups(ray, here: list[bool], num_cpus: float) -> list[list[int]]:
+    """Blocks per attach task: those in this node's store in as many runs of consecutive
+    blocks as the node has task slots (fewer tasks, one wave), each other block alone (its
+    task runs where it is)."""
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0)
+    local = [i for i, h in enumerate(here) if h]
+    slots = max(1, min(len(local), int(cpus / num_cpus) if num_cpus > 0 else len(local)))
+    runs = [list(part) for part in np.array_split(np.array(local, int), slots) if part.size]
+    return runs + [[i] for i, h in enumerate(here) if not h]
 
 
 def _block_metadata(table: pa.Table):
@@ -165,11 +181,10 @@ class RayPasses:
         return out
 
 
-def _solve_on_driver(refs, step_tables: list[pa.Table], budgets, *, defer, grouped, seed,
+def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer, grouped, seed,
                      fill_limit, num_cpus, then):
     """The in-memory passes over the gathered step columns; the arms go back per block."""
     import ray
-    from ray.data import from_arrow
     parts = [table_to_steps(t) for t in step_tables]
     steps = concat_steps([p[0] for p in parts])
     pos, keys = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
@@ -180,14 +195,23 @@ def _solve_on_driver(refs, step_tables: list[pa.Table], budgets, *, defer, group
     bounds = np.cumsum([0, *(t.num_rows for t in step_tables)])
     rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     if then is None:
-        return outcome, from_arrow([_with_arms(None, pos[r], arm[r], filled[r], None, None)
-                                    for r in rows])
-    attach = ray.remote(num_cpus=num_cpus, num_returns=2)(_attach)
-    then_ref = ray.put(then)
-    parts = [attach.remote(ref, arm[r], outcome.selection.lam64, grouped, then_ref)
-             for ref, r in zip(refs, rows)]
-    metadata = ray.get([meta for _, meta in parts])
-    return outcome, _arms_dataset([out for out, _ in parts], metadata)
+        tables = [_with_arms(None, pos[r], arm[r], filled[r], None, None) for r in rows]
+        return outcome, _arms_dataset([ray.put(t) for t in tables],
+                                      [_block_metadata(t) for t in tables])
+    attach = ray.remote(num_cpus=num_cpus)(_attach)
+    then_ref, outs, metadata = ray.put(then), [None] * len(refs), [None] * len(refs)
+    tasks = []
+    for group in _task_groups(ray, here, num_cpus):
+        *parts, meta = attach.options(num_returns=len(group) + 1).remote(
+            then_ref, outcome.selection.lam64, grouped, len(group),
+            *(refs[i] for i in group), *(arm[rows[i]] for i in group))
+        tasks.append((group, meta))
+        for i, part in zip(group, parts):
+            outs[i] = part
+    for (group, _), metas in zip(tasks, ray.get([meta for _, meta in tasks])):
+        for i, m in zip(group, metas):
+            metadata[i] = m
+    return outcome, _arms_dataset(outs, metadata)
 
 
 @dataclass(frozen=True)
@@ -220,13 +244,14 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     if not refs:                                # an empty backlog still needs one (empty) block
         tenant = np.zeros(0, np.int32) if grouped else None
         refs = [ray.put(steps_to_table(empty_steps(), tenant=tenant))]
-    steps, sizes = _step_columns(ray, refs, grouped, num_cpus)
+    here = _on_this_node(ray, refs)
+    steps, sizes = _step_columns(ray, refs, here, grouped, num_cpus)
     limit = local_solve_limit() if local_limit_bytes is None else local_limit_bytes
     on_driver = sum(sizes) <= limit
     if on_driver:
         tables = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in steps]
         outcome, arms = _solve_on_driver(
-            refs, tables, budgets, defer=defer, grouped=grouped, seed=seed,
+            refs, here, tables, budgets, defer=defer, grouped=grouped, seed=seed,
             fill_limit=fill_limit, num_cpus=num_cpus, then=then)
     else:       # tasks read the blocks on this node in place, the others' projections
         step_refs = [t if isinstance(t, ray.ObjectRef) else ref for t, ref in zip(steps, refs)]
@@ -236,10 +261,10 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     return DatasetSolveResult(arms, certificates(outcome), on_driver)
 
 
-def _step_columns(ray, refs, grouped: bool, num_cpus: float):
+def _step_columns(ray, refs, here: list[bool], grouped: bool, num_cpus: float):
     """Per block: its step columns — a table read in place when the block is in this node's
-    object store, else a ref to them projected by a task where the block is — and their bytes."""
-    here = _on_this_node(ray, refs)
+    object store (``here``), else a ref to them projected by a task where the block is — and
+    their bytes."""
     local = iter(ray.get([ref for ref, h in zip(refs, here) if h]))     # mapped, not copied
     project = ray.remote(num_cpus=num_cpus, num_returns=2)(_project)
     parts = [_project(next(local), grouped) if h else project.remote(ref, grouped)
