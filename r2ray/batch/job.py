@@ -243,7 +243,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     if unreadable.num_rows:
         write_table(unreadable, storage.join(paths.quarantine, "part-unreadable.parquet"))
     sources = {u.file_index: u.source for u in units}
-    _init_ray()
+    with _timed(timings, "start_ray"):   # joins a running cluster, or starts a local one
+        _init_ray()
     max_context = max(m.context for m in model.catalog.models)
     pool = pool_shape(config, ray.cluster_resources(), model.has_text_encoder)
     cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
@@ -332,8 +333,10 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "scoring_pool": pool.to_json(),   # the config's open settings resolved on this cluster
         "config": config.model_dump(),
     }
-    manifest["artifacts"] = write_report(paths.path(), manifest, stats)
-    manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri, log_to_mlflow)
+    with _timed(timings, "report"):   # recorded in manifest.json, after report.md is written
+        manifest["artifacts"] = write_report(paths.path(), manifest, stats)
+        manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri,
+                                                log_to_mlflow)
     commit(paths, manifest)
     return manifest
 
