@@ -80,12 +80,14 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
     env = {**os.environ, "R2RAY_LOCAL_DIR": str(state), "R2RAY_PYTHON": sys.executable,
            "AWS_ACCESS_KEY_ID": "r2ray-local", "AWS_SECRET_ACCESS_KEY": "r2ray-local-secret",
            "R2RAY_LOCAL_CPUS": "2", "R2RAY_LOCAL_OBJECT_STORE_BYTES": "300000000",
+           # per service: MLflow's server took over 120 s to answer on a host at load 30-40
+           "R2RAY_LOCAL_WAIT_S": "300",
            **{f"R2RAY_LOCAL_{name}": str(port) for name, port in ports.items()}}
     for key in ("RAY_ADDRESS", "R2RAY_S3_ENDPOINT", "R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     processes = []
     try:
-        run([str(REPO / "infra" / "local" / "up.sh")], env, timeout_s=300)
+        run([str(REPO / "infra" / "local" / "up.sh")], env, timeout_s=900)
         clients = stack_env(state)
         for key, value in clients.items():
             monkeypatch.setenv(key, value)
