@@ -103,14 +103,16 @@ def _attach(then, lam64, grouped: bool, n: int, *tables_then_arms):
     return (*outs, [_block_metadata(out) for out in outs])
 
 
-def _task_groups(ray, here: list[bool], num_cpus: float) -> list[list[int]]:
+def _task_groups(ray, here: list[bool]) -> list[list[int]]:
     """Blocks per attach task: those in this node's store in as many runs of consecutive
-    blocks as the node has task slots (fewer tasks, one wave), each other block alone (its
-    task runs where it is)."""
+    blocks as the node has CPUs, each other block alone (its task runs where it is). Ray keeps
+    about one idle worker per CPU warm; more tasks at once start new worker processes (seconds
+    on a loaded host: 200k queries in 16 blocks, median 0.76 s this way, 2.2 s with a task per
+    0.5-CPU slot, 7.7 s with a task per block)."""
     node = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0)
     local = [i for i, h in enumerate(here) if h]
-    slots = max(1, min(len(local), int(cpus / num_cpus) if num_cpus > 0 else len(local)))
+    slots = max(1, min(len(local), int(cpus)))
     runs = [list(part) for part in np.array_split(np.array(local, int), slots) if part.size]
     return runs + [[i] for i, h in enumerate(here) if not h]
 
@@ -201,7 +203,7 @@ def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer,
     attach = ray.remote(num_cpus=num_cpus)(_attach)
     then_ref, outs, metadata = ray.put(then), [None] * len(refs), [None] * len(refs)
     tasks = []
-    for group in _task_groups(ray, here, num_cpus):
+    for group in _task_groups(ray, here):
         *parts, meta = attach.options(num_returns=len(group) + 1).remote(
             then_ref, outcome.selection.lam64, grouped, len(group),
             *(refs[i] for i in group), *(arm[rows[i]] for i in group))
