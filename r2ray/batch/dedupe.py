@@ -36,8 +36,9 @@ def first_seen_duplicates(scored, partitions: int = 4, local_rows: int = LOCAL_R
     if scored.count() <= local_rows:
         import ray
 
-        return repeated_ids([ray.get(ref).select(["query_id", "order"])
-                             for ref in scored.to_arrow_refs()])
+        # projected where each block lives: the driver maps ids and order keys, not whole blocks
+        project = ray.remote(num_cpus=0.25)(_ids_and_orders)
+        return repeated_ids(ray.get([project.remote(ref) for ref in scored.to_arrow_refs()]))
     from ray.data.aggregate import Count, Min
     from ray.data.context import ShuffleStrategy
     from ray.data.expressions import col
@@ -52,6 +53,11 @@ def first_seen_duplicates(scored, partitions: int = 4, local_rows: int = LOCAL_R
     finally:
         context.shuffle_strategy = before
     return {row["query_id"]: int(row["first_order"]) for row in repeated}
+
+
+def _ids_and_orders(block: pa.Table) -> pa.Table:
+    """The block's ``query_id`` and ``order`` columns: only they leave the task."""
+    return block.select(["query_id", "order"])
 
 
 def repeated_ids(tables: list[pa.Table]) -> dict[str, int]:
