@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 CACHE_VARIABLE = "R2RAY_EMBEDDING_CACHE"
@@ -59,19 +60,18 @@ def text_keys(texts: list[str]) -> list[bytes]:
 def read_cached(folder: Path, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
     """The vectors of ``wanted`` keys found in the folder's shards."""
     found: dict[bytes, np.ndarray] = {}
+    value_set = pa.array(list(wanted), pa.binary(32))
     for shard in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
         try:
             table = pq.read_table(shard)
+            table = table.filter(pc.is_in(table.column("text_sha256"), value_set=value_set))
             keys = table.column("text_sha256").to_pylist()
-            vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)) \
-                if table.num_rows else np.zeros((0, 0), np.float32)
+            vectors = table.column("embedding").to_numpy(zero_copy_only=False)
         except Exception as err:  # noqa: BLE001 — a bad shard costs a re-encode, never a run
             print(f"warning: embedding cache shard {shard} is unreadable ({type(err).__name__}: "
                   f"{err}); those texts are encoded again", file=sys.stderr)
             continue
-        for key, vector in zip(keys, vectors):
-            if key in wanted:
-                found[key] = vector
+        found.update(zip(keys, vectors))   # only the wanted rows are turned into vectors
     return found
 
 
@@ -100,8 +100,8 @@ def cached_encode(texts: list[str], fingerprint: str,
     found = read_cached(folder, set(keys))
     missing = list(dict.fromkeys(k for k in keys if k not in found))   # distinct, in order
     if missing:
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        vectors = encode([texts[first[k]] for k in missing])
+        text_of = dict(zip(keys, texts))   # one text per key: equal keys, equal texts
+        vectors = encode([text_of[k] for k in missing])
         found.update(zip(missing, vectors))
         try:
             write_shard(folder, missing, vectors)

@@ -81,7 +81,7 @@ def asha_search(singles: list[Candidate], train: BenchArrays, catalog: Catalog, 
         {"cpu": CPUS_PER_TRIAL})
     scheduler = ASHAScheduler(time_attr="fold", max_t=n_folds, grace_period=1,
                               reduction_factor=ASHA_REDUCTION)
-    by_name = {c.name: c for c in singles}
+    order = {c.name: i for i, c in enumerate(singles)}
     with tempfile.TemporaryDirectory(prefix="r2ray-tune-") as scratch:
         tuner = tune.Tuner(
             trainable,
@@ -107,4 +107,4 @@ def asha_search(singles: list[Candidate], train: BenchArrays, catalog: Catalog, 
                 seconds[name] = float(saved["seconds"])
             log(f"  cv (tune): {name} {n_folds} folds in {seconds[name]:.1f} s")
     ordered = {c.name: oof[c.name] for c in singles if c.name in oof}   # candidate order
-    return ordered, seconds, sorted(stopped, key=lambda r: list(by_name).index(r["name"]))
+    return ordered, seconds, sorted(stopped, key=lambda row: order[row["name"]])
