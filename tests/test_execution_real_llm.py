@@ -81,7 +81,10 @@ def local_llm():
             urllib.request.urlopen(url + "/models", timeout=2).read()
             break
         except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
+            if server.poll() is not None:
+                pytest.fail(f"the local LLM server exited with code {server.returncode} before "
+                            "it served (its traceback is in the captured stderr above)")
+            if time.monotonic() > deadline:
                 server.kill()
                 pytest.fail("the local LLM server did not start within 300 s")
             time.sleep(0.5)
