@@ -214,11 +214,51 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="predictor setting, e.g. --set monotone=budgets (repeatable)")
     train.add_argument("--experiment", default="r2ray-train", help="MLflow experiment name")
+    train.add_argument("--warm-start", metavar="MODEL_URI",
+                       help="add new models to this registered predictor (models:/NAME@ALIAS, "
+                            "models:/NAME/VERSION or a folder) instead of training one: --bench "
+                            "holds rows of the new models, --catalog the extended catalogue; only "
+                            "the new models' parameters are fitted (--set prior=P, folds=F)")
     train.set_defaults(handler=_train)
+
+
+WARM_START_SETTINGS = ("prior", "folds")
+NOT_WITH_WARM_START = ("select", "predictor", "epochs", "tune", "tune_storage", "encoder")
+
+
+def _warm_start(args: argparse.Namespace) -> None:
+    from r2ray.training import WarmStartConfig, parse_settings, warm_start_job
+
+    given = [name for name in NOT_WITH_WARM_START if getattr(args, name)]
+    if given:
+        raise R2RayError(f"--warm-start fits only the new models' parameters of the registered "
+                         f"predictor: drop --{given[0].replace('_', '-')}")
+    if not args.catalog:
+        raise R2RayError("--warm-start needs --catalog: the registered catalogue with the new "
+                         "model(s) added")
+    settings = parse_settings(args.settings)
+    unknown = sorted(set(settings) - set(WARM_START_SETTINGS))
+    if unknown:
+        raise R2RayError(f"--warm-start takes --set {', '.join(WARM_START_SETTINGS)}; not "
+                         f"{', '.join(unknown)}")
+    from pydantic import ValidationError
+
+    try:
+        config = WarmStartConfig(warm_start=args.warm_start, bench=args.bench,
+                                 catalog=args.catalog, registered_name=args.register,
+                                 queries=args.queries, seed=args.seed, promote=args.promote,
+                                 tracking_uri=args.tracking_uri, experiment=args.experiment,
+                                 **settings)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise R2RayError(f"--set {first['loc'][0]}: {first['msg']}") from None
+    print(warm_start_job(config).report())
 
 
 def _train(args: argparse.Namespace) -> None:
     started = time.perf_counter()  # before the imports: torch and MLflow take seconds
+    if args.warm_start:
+        return _warm_start(args)
     from r2ray.training import TrainConfig, parse_settings, train_predictor_job
 
     fields = ("bench", "queries", "catalog", "split", "seed", "epochs", "promote",

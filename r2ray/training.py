@@ -34,9 +34,11 @@ from r2ray.predictor import make_predictor
 from r2ray.predictor.base import BasePredictor
 from r2ray.predictor.data import BenchArrays, bench_arrays, holdout_indices, split_indices
 from r2ray.predictor.diagnostics import calibration_bins, per_arm_report, summary_metrics
+from r2ray.predictor.extend import DEFAULT_FOLDS, DEFAULT_PRIOR, ExtensionReport
 from r2ray.redaction import redact_text, redact_values
-from r2ray.registry import (Promotion, RegisteredPredictor, VersionInfo, configure_tracking,
-                            mlflow_guard, promote_if_better, register_predictor)
+from r2ray.registry import (Promotion, RegisteredPredictor, VersionInfo, alias_holder,
+                            configure_tracking, load_registered, mlflow_guard, promote_if_better,
+                            register_predictor)
 
 log = logging.getLogger(__name__)
 
@@ -325,3 +327,142 @@ def parse_settings(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             settings[key.strip()] = value
     return settings
+
+
+# ---- warm start: a new model added to a registered predictor --------------------------------------
+class WarmStartConfig(BaseModel):
+    """``r2ray train --warm-start``: extend a registered predictor to a catalogue with new models
+    (:mod:`r2ray.predictor.extend`); saved with the run as ``warm_start_config.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warm_start: str                              # models:/NAME@ALIAS, models:/NAME/VERSION, folder
+    bench: str                                   # rows of the new model(s), long format
+    catalog: str                                 # the extended catalogue
+    registered_name: str
+    queries: str | None = None                   # table with query_id + embedding
+    prior: Annotated[float, Field(ge=0)] = DEFAULT_PRIOR  # pseudo-queries (joint network)
+    folds: Annotated[int, Field(ge=2)] = DEFAULT_FOLDS    # cross-fitting of the calibrations
+    seed: int = 0
+    promote: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "r2ray-train"
+
+
+@dataclass
+class WarmStartResult:
+    run_id: str
+    version: VersionInfo
+    source: str                  # the warm-start URI as resolved (models:/NAME/VERSION or folder)
+    kind: str                    # the extended predictor's kind (and winner, for ``selected``)
+    extension: ExtensionReport
+    promotion: Promotion | None
+
+    def report(self) -> str:
+        e = self.extension
+        metrics = ", ".join(f"{k.removeprefix('new_arms_oof_')} {v:.4f}"
+                            for k, v in e.out_of_fold.items()) or "none (one query)"
+        lines = [f"extended {self.source} ({self.kind}) with {', '.join(e.new_models)} from "
+                 f"{e.n_queries:,} queries ({e.n_cells:,} cells) in {e.seconds:.1f} s",
+                 f"  new arms, {e.folds}-fold out of fold: {metrics}",
+                 f"  registered {self.version.uri} (run {self.run_id})"]
+        if e.ignored_cells:
+            lines.insert(1, f"  {e.ignored_cells:,} cells of old models ignored: their arms are "
+                            "frozen")
+        if self.promotion is not None:
+            lines.append(self.promotion.report())
+        return "\n".join(lines)
+
+
+def warm_start_rows(config: WarmStartConfig, registered: RegisteredPredictor
+                    ) -> tuple[Catalog, BenchArrays]:
+    """(the extended catalogue, checked against the registered one first, the new rows with
+    embeddings from ``queries``, else from the registered predictor's own encoder)."""
+    from r2ray.catalog import load_catalog
+    from r2ray.predictor.extend import plan_extension
+
+    catalog = load_catalog(config.catalog)
+    plan_extension(registered.catalog, catalog)
+    table = read_bench(config.bench, catalog)
+    queries = read_queries(config.queries) if config.queries else None
+    arrays = bench_arrays(table, catalog, queries, source=config.bench)
+    if arrays.embedding is not None:
+        return catalog, arrays
+    if not has_text_encoder(registered.encoder_spec):
+        raise R2RayError(f"{config.warm_start} was trained on precomputed embeddings (encoder "
+                         f"{registered.encoder_spec!r}): give --queries with an 'embedding' for "
+                         "every query of the new rows")
+    encoder = load_encoder(registered.encoder_spec)
+    return catalog, arrays.with_embedding(embed_texts(encoder, arrays.query.tolist()))
+
+
+def promote_extension(version: VersionInfo, alias: str, source: VersionInfo | None) -> Promotion:
+    """Move ``alias`` to the extension when it has no holder or the holder is the version that was
+    extended (its arms predict as before; the new model's are added). Any other holder is kept:
+    the two were fitted on different data and need ``r2ray evaluate`` on a bench with every arm."""
+    import mlflow
+
+    holder = alias_holder(version.name, alias)
+    if holder is None:
+        promoted, reason = True, "no current holder"
+    elif source is not None and (holder.name, holder.version) == (source.name, source.version):
+        promoted, reason = True, "extends the holder: its arms predict as before"
+    else:
+        promoted = False
+        reason = (f"the holder {holder.uri} is not the warm-start source; compare them with "
+                  "`r2ray evaluate` on a bench with every arm")
+    if promoted:
+        mlflow.MlflowClient().set_registered_model_alias(version.name, alias, version.version)
+    return Promotion(alias, version, holder, None, None, promoted, reason)
+
+
+def log_extension(config: WarmStartConfig, extended: BasePredictor, report: ExtensionReport,
+                  source: RegisteredPredictor) -> None:
+    """Params, metrics and the catalogue of a warm start into the active MLflow run."""
+    import mlflow
+
+    winner = getattr(extended, "winner_name_", None)
+    mlflow.log_params(redact_values({
+        **config.model_dump(exclude={"tracking_uri"}), "kind": extended.name,
+        "winner": winner or extended.name,
+        "warm_start_version": source.version.uri if source.version else "folder",
+        "new_models": ",".join(report.new_models), "n_new_queries": report.n_queries,
+        "n_new_cells": report.n_cells, "n_ignored_old_cells": report.ignored_cells,
+        "calibration_folds": report.folds, "n_arms": extended.catalog_.n_arms,
+        "encoder_used": extended.encoder_spec,
+        "catalog_fingerprint": extended.catalog_.fingerprint,
+        "data_fingerprint": extended.data_fingerprint_,
+        "spend_simulation": "the source's (old pool)"}))
+    mlflow.log_metrics(report.out_of_fold | {"extend_seconds": report.seconds})
+    mlflow.log_dict(redact_values(config.model_dump()), "warm_start_config.json")
+    mlflow.log_text(redact_text(extended.catalog_.to_yaml()), "catalog.yaml")
+
+
+@mlflow_guard()
+def warm_start_job(config: WarmStartConfig) -> WarmStartResult:
+    """Load the registered predictor, extend it with the new rows, log, register, promote."""
+    import mlflow
+
+    from r2ray.predictor.extend import extend_predictor
+
+    configure_tracking(config.tracking_uri)
+    source = load_registered(config.warm_start)
+    catalog, rows = warm_start_rows(config, source)
+    extended, report = extend_predictor(source.predictor, catalog, rows, prior=config.prior,
+                                        folds=config.folds, seed=config.seed)
+    mlflow.set_experiment(config.experiment)
+    with mlflow.start_run(run_name=f"warm-start-{'-'.join(report.new_models)}") as run:
+        log_extension(config, extended, report, source)
+        source_uri = source.version.uri if source.version else config.warm_start
+        version = register_predictor(extended, config.registered_name,
+                                     encoder_spec=extended.encoder_spec, tags={
+                                         "warm_start": source_uri,
+                                         "new_models": ",".join(report.new_models),
+                                         "n_new_queries": str(report.n_queries)})
+        promotion = (promote_extension(version, config.promote, source.version)
+                     if config.promote else None)
+        if promotion is not None:
+            mlflow.set_tag("promotion", promotion.report().splitlines()[0])
+    kind = extended.name + (f" → {extended.winner_name_}"
+                            if getattr(extended, "winner_name_", None) else "")
+    return WarmStartResult(run.info.run_id, version, source_uri, kind, report, promotion)

@@ -61,24 +61,45 @@ class ArmTable:
     n_budget_values: int
 
 
-def arm_table(catalog: Catalog) -> ArmTable:
+def _raw_arm_features(catalog: Catalog) -> np.ndarray:
+    """[K, 5] float64 unstandardised arm features: log budget tokens, default flag, log USD per M
+    tokens in and out, log context tokens."""
     arrays = catalog.arm_arrays
     budgets = arrays["budget_tokens"].astype(np.int64)
-    values = sorted(set(budgets.tolist()), key=lambda b: (b == DEFAULT_BUDGET, b))
     is_default = budgets == DEFAULT_BUDGET
     context = np.array([catalog.model(arm.model).context for arm in catalog.arms], dtype=np.float64)
-    raw = np.stack([
-        np.where(is_default, 0.0, np.log(np.maximum(budgets, 1))),  # log budget tokens
+    return np.stack([
+        np.where(is_default, 0.0, np.log(np.maximum(budgets, 1))),
         is_default.astype(np.float64),
-        np.log(arrays["price_in_usd"] * 1e6 + 1e-3),                # log USD per M tokens
+        np.log(arrays["price_in_usd"] * 1e6 + 1e-3),
         np.log(arrays["price_out_usd"] * 1e6 + 1e-3),
         np.log(context),
     ], axis=1)
-    spread = raw.std(axis=0)
-    features = (raw - raw.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+
+
+def budget_values(catalog: Catalog) -> list[int]:
+    """Distinct budgets of the catalogue's arms, ascending, default last: the budget embedding's
+    rows."""
+    budgets = set(catalog.arm_arrays["budget_tokens"].astype(np.int64).tolist())
+    return sorted(budgets, key=lambda b: (b == DEFAULT_BUDGET, b))
+
+
+def arm_table(catalog: Catalog, reference: Catalog | None = None) -> ArmTable:
+    """The arm inputs of ``catalog``. ``reference``: the catalogue a network was trained on, when
+    ``catalog`` extends it (:mod:`r2ray.predictor.extend`): features are standardised with the
+    reference's statistics and budgets keep the reference's embedding rows (new budget values are
+    appended), so the frozen arm tower sees exactly the inputs it was trained on for old arms."""
+    base = reference if reference is not None else catalog
+    basis = _raw_arm_features(base)
+    spread = basis.std(axis=0)
+    features = (_raw_arm_features(catalog) - basis.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    values = budget_values(base)
+    values += [b for b in budget_values(catalog) if b not in values]
+    row = {b: i for i, b in enumerate(values)}
+    budgets = catalog.arm_arrays["budget_tokens"].astype(np.int64)
     return ArmTable(
-        model_index=arrays["model_index"].astype(np.int64),
-        budget_index=np.array([values.index(b) for b in budgets], dtype=np.int64),
+        model_index=catalog.arm_arrays["model_index"].astype(np.int64),
+        budget_index=np.array([row[b] for b in budgets.tolist()], dtype=np.int64),
         features=features.astype(np.float32),
         n_models=len(catalog.models),
         n_budget_values=len(values),
@@ -190,6 +211,12 @@ class R2Net(nn.Module):
         """Running sums of softplus increments along each model's budget chain (B, K)."""
         if self.config.monotone == "none":
             return raw
-        increments = torch.where(self.chain_first, raw, F.softplus(raw))
-        in_chain = self.chain.sum(dim=1) > 0
-        return torch.where(in_chain, increments @ self.chain.T, raw)
+        return chain_sums(raw, self.chain, self.chain_first)
+
+
+def chain_sums(raw: torch.Tensor, chain: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """The monotone head on raw logits (B, K): running sums of softplus increments along the
+    chains of ``chain`` (K, K); arms in no chain keep their raw value."""
+    increments = torch.where(first, raw, F.softplus(raw))
+    in_chain = chain.sum(dim=1) > 0
+    return torch.where(in_chain, increments @ chain.T, raw)

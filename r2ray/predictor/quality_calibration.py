@@ -115,3 +115,21 @@ def cross_fitted_quality(quality_hat: np.ndarray, quality: np.ndarray, catalog: 
     rows (as :func:`r2ray.predictor.token_calibration.cross_fitted_mean_tokens` does for t̂)."""
     return cross_fit(quality_hat, quality, lambda hat, observed, rows: fit_quality_calibration(
         hat, observed, catalog).apply(rows), True, folds, seed)
+
+
+def extend_quality_calibration(old: QualityCalibration | None, new: QualityCalibration | None,
+                               arm_map: np.ndarray, n_arms: int) -> QualityCalibration | None:
+    """The calibration of a predictor extended to ``n_arms`` arms (:mod:`r2ray.predictor.extend`):
+    old arms (at ``arm_map`` [K_old]) keep ``old``'s maps, the others take ``new``'s (fitted on
+    the new arms' held-out rows); an arm with neither stays uncalibrated."""
+    if old is None and new is None:
+        return None
+    group = new.group.copy() if new is not None else np.full(n_arms, -1, dtype=np.int64)
+    knots_x = list(new.knots_x) if new is not None else []
+    knots_y = list(new.knots_y) if new is not None else []
+    group[arm_map] = -1
+    if old is not None:
+        group[arm_map] = np.where(old.group >= 0, old.group + len(knots_x), -1)
+        knots_x += old.knots_x
+        knots_y += old.knots_y
+    return QualityCalibration(group, knots_x, knots_y)

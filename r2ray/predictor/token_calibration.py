@@ -99,3 +99,18 @@ def cross_fit(predicted: np.ndarray, observed: np.ndarray, fit_apply, keep: bool
         if rows.any() and not rows.all():
             out[rows] = fit_apply(predicted[~rows], observed[~rows], predicted[rows])
     return out
+
+
+def extend_token_calibration(old: TokenCalibration | None, new: TokenCalibration | None,
+                             arm_map: np.ndarray, catalog: Catalog) -> TokenCalibration | None:
+    """The calibration of a predictor extended to ``catalog`` (:mod:`r2ray.predictor.extend`):
+    the old arms (at ``arm_map`` [K_old]) keep ``old``'s bins and factors, the others take
+    ``new``'s (fitted over ``catalog`` on the new arms' held-out rows); None: no correction."""
+    if old is None and new is None:
+        return None
+    k = catalog.n_arms
+    edges = new.edges.copy() if new is not None else np.full((k, N_BINS - 1), BEYOND_TOKENS)
+    smearing = new.smearing.copy() if new is not None else np.ones((k, N_BINS))
+    edges[arm_map] = old.edges if old is not None else BEYOND_TOKENS
+    smearing[arm_map] = old.smearing if old is not None else 1.0
+    return TokenCalibration(edges, smearing, arm_caps_tokens(catalog))

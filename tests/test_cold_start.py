@@ -1,0 +1,237 @@
+"""Cold start of a new model (r2ray.predictor.extend, `r2ray train --warm-start`): old arms keep
+their predictions exactly, the new model's move toward its truth with rows, the CLI registers the
+extension, bad input is refused with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import mlflow
+import numpy as np
+import pytest
+from predictor_world import planted_arrays, planted_bench_table, small_catalog
+
+from r2ray.bench.io import write_table
+from r2ray.bench.synthetic import synth_backlog, synth_bench, synth_truth
+from r2ray.catalog import catalog_from_dict, save_catalog
+from r2ray.cli import main
+from r2ray.predictor import make_predictor, save_predictor
+from r2ray.predictor.data import bench_arrays
+from r2ray.predictor.extend import (ExtensionError, arrays_over, extend_predictor,
+                                    plan_extension, without_models)
+from r2ray.registry import load_registered
+
+FULL = small_catalog(n_models=3)
+NEW = "model-1"            # in the middle of the catalogue: old arms change indices
+OLD = without_models(FULL, [NEW])
+KINDS = {
+    "r2ray": {"epochs": 3, "monotone": "budgets", "rank": 4, "query_hidden": 32,
+              "joint_hidden": 32, "head_hidden": 16},
+    "per_arm_ridge": {},
+    "carrot_linear_all": {"max_iter": 20},
+    "stacked": {"members": [{"kind": "per_arm_ridge", "settings": {}},
+                            {"kind": "carrot_knn_all", "settings": {}}]},
+}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """(training rows over the full catalogue, test embeddings)."""
+    train, _ = planted_arrays(FULL, n_queries=400, dim=16, seed=0)
+    test, _ = planted_arrays(FULL, n_queries=100, dim=16, seed=9)
+    return train, test.embedding
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_extension_keeps_old_arms_exactly_and_predicts_the_new_ones(planted, kind):
+    train, test = planted
+    old = make_predictor(kind, **KINDS[kind]).fit(arrays_over(train, FULL, OLD), OLD)
+    extended, report = extend_predictor(old, FULL, train.subset(np.arange(40)))
+    columns = plan_extension(OLD, FULL).arm_map
+    before, after = old.predict(test), extended.predict(test)
+    # exactly, up to float32 rounding: the network's products over more arms sum in another order
+    np.testing.assert_allclose(after.quality[:, columns], before.quality, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(after.output_tokens[:, columns], before.output_tokens, rtol=1e-6)
+    new = np.array([j for j, arm in enumerate(FULL.arms) if arm.model == NEW])
+    assert np.isfinite(after.quality[:, new]).all() and np.isfinite(after.output_tokens[:, new]).all()
+    assert report.new_models == [NEW] and report.n_queries == 40 and report.folds == 3
+    assert report.ignored_cells == int(train.subset(np.arange(40)).mask[:, columns].sum()) > 0
+    assert extended.spend_simulation_ is old.spend_simulation_
+
+
+def test_saved_extension_loads_and_a_selected_winner_is_extended(planted, tmp_path):
+    train, test = planted
+    old = make_predictor("selected", candidates="per_arm_ridge,per_arm_ridge_strong").fit(
+        arrays_over(train, FULL, OLD), OLD)
+    extended, _ = extend_predictor(old, FULL, train.subset(np.arange(30)))
+    assert extended.name == "selected" and extended.winner_name_ == old.winner_name_
+    loaded = load_registered(save_predictor(extended, str(tmp_path / "p"))).predictor
+    np.testing.assert_array_equal(loaded.predict(test).quality, extended.predict(test).quality)
+    assert loaded.catalog_.fingerprint == FULL.fingerprint
+
+
+# ---- the new model's predictions against its truth (synthetic world: models share structure) ----
+WORLD = catalog_from_dict({"budgets": [50, 200, 800, "default"], "models": [
+    {"name": "Gemma-3-1B", "input_per_m": 0.01, "output_per_m": 0.04, "context": 32768},
+    {"name": "Llama-3.2-3B-Instruct", "input_per_m": 0.02, "output_per_m": 0.02, "context": 32768},
+    {"name": "Mistral-7B-v0.2", "input_per_m": 0.2, "output_per_m": 0.2, "context": 32768},
+    {"name": "Qwen3-235B-A22B-Instruct", "input_per_m": 0.18, "output_per_m": 0.54,
+     "context": 32768}]})
+
+
+def world_arrays(n_queries: int, seed: int):
+    return bench_arrays(synth_bench(WORLD, n_queries, seed), WORLD,
+                        synth_backlog(WORLD, n_queries, seed, embeddings=True))
+
+
+def test_the_new_models_predictions_move_toward_its_truth_with_rows():
+    """The strongest model added to three small ones: its quality lies outside what the old pool's
+    mean model says. Errors of q̂ (before its calibration, so the fit itself is judged) and t̂
+    against the world's expected outcomes on fresh queries fall as rows are added."""
+    old_pool = without_models(WORLD, ["Qwen3-235B-A22B-Instruct"])
+    extension = plan_extension(old_pool, WORLD)
+    new = extension.new_arms
+    network = make_predictor("r2ray", epochs=4).fit(arrays_over(world_arrays(500, 1), WORLD,
+                                                                old_pool), old_pool)
+    rows = world_arrays(400, 2)
+    test = world_arrays(300, 3)
+    truth = synth_truth(WORLD, 300, 3)
+    quality = np.array(truth.column("expected_quality").to_pylist())[:, new]
+    tokens = np.array(truth.column("expected_output_tokens").to_pylist())[:, new]
+
+    def errors(prior: float, n: int) -> tuple[float, float]:
+        extended, _ = extend_predictor(network, WORLD, rows.subset(np.arange(n)), prior=prior)
+        predicted = extended.predict(test.embedding, raw_quality=True)
+        rmse = np.sqrt(np.mean((predicted.quality[:, new] - quality) ** 2))
+        mae = np.mean(np.abs(np.log1p(predicted.output_tokens[:, new]) - np.log1p(tokens)))
+        return float(rmse), float(mae)
+
+    start = errors(1e9, 25)       # a prior that strong keeps the start values
+    few, many = errors(1.0, 25), errors(1.0, 400)
+    assert many[0] < few[0] < start[0] and many[0] < start[0] - 0.05, (start, few, many)
+    assert many[1] < start[1] - 0.05, (start, many)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def catalog_with(**changes) -> object:
+    document = FULL.to_dict()
+    document["models"][0] = document["models"][0] | changes
+    return catalog_from_dict(document)
+
+
+@pytest.mark.parametrize("catalog, message", [
+    (OLD, "adds no model"),
+    (without_models(FULL, ["model-0"]), "model 'model-0' of the registered catalogue is missing"),
+    (catalog_with(output_per_m=9.0), "model 'model-0': output_per_m is 0.5 in the registered"),
+    (catalog_with(budgets=[20, "default"]), "model 'model-0': budgets"),
+])
+def test_a_catalogue_that_changes_old_models_is_refused(catalog, message):
+    with pytest.raises(ExtensionError, match=message):
+        plan_extension(OLD, catalog)
+
+
+def test_rows_without_the_new_model_and_unextendable_kinds_are_refused(planted):
+    train, _ = planted
+    old_rows = arrays_over(train, FULL, OLD)
+    ridge = make_predictor("per_arm_ridge").fit(old_rows, OLD)
+    columns = plan_extension(OLD, FULL).arm_map
+    blank = np.ones(FULL.n_arms, dtype=bool)
+    blank[columns] = False
+    only_old = replace(train, quality=np.where(blank, np.nan, train.quality).astype(np.float32))
+    with pytest.raises(ExtensionError, match="no outcome of the new model"):
+        extend_predictor(ridge, FULL, only_old)
+    knn = make_predictor("carrot_knn_all").fit(old_rows, OLD)
+    with pytest.raises(ExtensionError, match="'carrot_knn_all' predictor cannot be extended"):
+        extend_predictor(knn, FULL, train)
+    with pytest.raises(ValueError, match="embedding"):
+        extend_predictor(ridge, FULL, train.with_embedding(train.embedding[:, :8]))
+
+
+# ---- the CLI against a local MLflow store --------------------------------------------------------
+@pytest.fixture(scope="module")
+def benches(tmp_path_factory):
+    """The old pool's bench (its catalogue beside it) and rows of the new model alone, with the
+    extended catalogue, all with 16-dimensional embeddings in one queries table."""
+    folder = tmp_path_factory.mktemp("cold-start")
+    table, queries = planted_bench_table(FULL, n_queries=200, dim=16, seed=0)
+    is_new = np.array(table.column("model").to_pylist()) == NEW
+    first = np.array([int(q[1:]) < 150 for q in table.column("query_id").to_pylist()])
+    write_table(table.filter(~is_new & first), str(folder / "old.parquet"))
+    save_catalog(OLD, str(folder / "old.catalog.yaml"))
+    write_table(table.filter(is_new & ~first), str(folder / "new.parquet"))
+    write_table(table.filter(~first), str(folder / "mixed.parquet"))
+    save_catalog(FULL, str(folder / "full.catalog.yaml"))
+    write_table(queries, str(folder / "queries.parquet"))
+    old_rows = planted_arrays(FULL, n_queries=100, dim=16, seed=0)[0]
+    save_predictor(make_predictor("per_arm_ridge").fit(arrays_over(old_rows, FULL, OLD), OLD),
+                   str(folder / "saved"))
+    return folder
+
+
+def test_cli_warm_start_registers_logs_and_promotes_the_extension(benches, capsys, monkeypatch,
+                                                                  mlflow_store):
+    folder = benches
+    tracking = mlflow_store(folder)
+    for name in ("R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(folder)
+    common = ["--queries", str(folder / "queries.parquet"), "--tracking-uri", tracking,
+              "--register", "pool", "--promote", "champion"]
+    assert main(["train", "--bench", str(folder / "old.parquet"), "--predictor", "per_arm_ridge",
+                 *common]) == 0
+    capsys.readouterr()
+    assert main(["train", "--warm-start", "models:/pool@champion", "--bench",
+                 str(folder / "mixed.parquet"), "--catalog", str(folder / "full.catalog.yaml"),
+                 "--set", "prior=2", *common]) == 0
+    report = capsys.readouterr().out
+    assert f"extended models:/pool/1 (per_arm_ridge) with {NEW} from 50 queries" in report
+    assert "cells of old models ignored: their arms are frozen" in report
+    assert "registered models:/pool/2" in report
+    assert "alias @champion: promoted (extends the holder" in report
+
+    client = mlflow.MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+    version = client.get_model_version("pool", "2")
+    assert version.tags["warm_start"] == "models:/pool/1" and version.tags["new_models"] == NEW
+    run = client.get_run(version.run_id)
+    assert run.data.params["n_new_queries"] == "50" and run.data.params["prior"] == "2.0"
+    assert np.isfinite(run.data.metrics["new_arms_oof_brier"])
+    registered = load_registered("models:/pool@champion", tracking_uri=tracking)
+    assert registered.version.version == "2"
+    assert registered.catalog.fingerprint == FULL.fingerprint
+
+    # another holder than the source: the alias stays
+    assert main(["train", "--warm-start", "models:/pool/1", "--bench",
+                 str(folder / "new.parquet"), "--catalog", str(folder / "full.catalog.yaml"),
+                 *common]) == 0
+    assert "not promoted (the holder models:/pool/2 is not the warm-start source" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--warm-start needs --catalog"),
+    (["--catalog", "{folder}/full.catalog.yaml", "--epochs", "3"], "drop --epochs"),
+    (["--catalog", "{folder}/full.catalog.yaml", "--set", "alpha=3"],
+     "takes --set prior, folds; not alpha"),
+    (["--catalog", "{folder}/old.catalog.yaml"], "adds no model"),
+])
+def test_cli_warm_start_errors_name_the_problem(benches, capsys, extra, message):
+    folder = benches
+    code = main(["train", "--warm-start", str(folder / "saved"), "--bench",
+                 str(folder / "new.parquet"),
+                 "--register", "x", "--queries", str(folder / "queries.parquet"),
+                 *[e.format(folder=folder) for e in extra]])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_warm_start_names_an_unknown_model_in_the_rows(benches, tmp_path, capsys):
+    folder = benches
+    table, _ = planted_bench_table(FULL, n_queries=5, dim=16, seed=0)
+    names = ["model-9" if m == NEW else m for m in table.column("model").to_pylist()]
+    write_table(table.set_column(table.schema.get_field_index("model"), "model",
+                                 [names]), str(tmp_path / "bad.parquet"))
+    code = main(["train", "--warm-start", str(folder / "saved"), "--bench",
+                 str(tmp_path / "bad.parquet"), "--catalog", str(folder / "full.catalog.yaml"),
+                 "--queries", str(folder / "queries.parquet"), "--register", "x",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "field 'model': unknown model 'model-9'" in err and "row " in err
