@@ -187,7 +187,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                        help="test split: random 20%% of queries, or leave one category out")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, help="most epochs (early stopping may end sooner)")
-    train.add_argument("--register", required=True, metavar="NAME", help="registered model name")
+    train.add_argument("--register", metavar="NAME", help="registered model name (required; "
+                       "with --warm-start, default: the name of the version extended)")
     train.add_argument("--promote", metavar="ALIAS", help="move ALIAS to the new version if it "
                        "beats the current holder on this run's test split")
     train.add_argument("--tracking-uri", help="MLflow tracking URI (default: R2RAY_TRACKING_URI, "
@@ -259,6 +260,8 @@ def _train(args: argparse.Namespace) -> None:
     started = time.perf_counter()  # before the imports: torch and MLflow take seconds
     if args.warm_start:
         return _warm_start(args)
+    if not args.register:
+        raise R2RayError("give --register NAME: the registered model the new version goes to")
     from r2ray.training import TrainConfig, parse_settings, train_predictor_job
 
     fields = ("bench", "queries", "catalog", "split", "seed", "epochs", "promote",

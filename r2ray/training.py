@@ -10,6 +10,12 @@ from the training part (never from the test set). It logs params / metrics / per
 calibration plot to an MLflow run, registers a pyfunc version, and with ``promote`` moves the alias only when the new
 version beats the current holder on this run's test split (both scored by
 :func:`r2ray.evaluation.method_scores.score_predictor`).
+
+:func:`warm_start_job` (``r2ray train --warm-start``) adds models to a registered predictor
+instead: it loads the version, checks the extended catalogue against the one it carries, reads
+rows of the new models, fits only their parameters (:mod:`r2ray.predictor.extend`) and registers
+the result as a new version. Its ``promote`` moves the alias only from the version it extended
+(or when none holds it): the new rows cannot score the old arms, so there is no test to compare on.
 """
 
 from __future__ import annotations
@@ -339,7 +345,7 @@ class WarmStartConfig(BaseModel):
     warm_start: str                              # models:/NAME@ALIAS, models:/NAME/VERSION, folder
     bench: str                                   # rows of the new model(s), long format
     catalog: str                                 # the extended catalogue
-    registered_name: str
+    registered_name: str | None = None           # default: the name of the version extended
     queries: str | None = None                   # table with query_id + embedding
     prior: Annotated[float, Field(ge=0)] = DEFAULT_PRIOR  # pseudo-queries (joint network)
     folds: Annotated[int, Field(ge=2)] = DEFAULT_FOLDS    # cross-fitting of the calibrations
@@ -447,6 +453,10 @@ def warm_start_job(config: WarmStartConfig) -> WarmStartResult:
 
     configure_tracking(config.tracking_uri)
     source = load_registered(config.warm_start)
+    name = config.registered_name or (source.version.name if source.version else None)
+    if name is None:
+        raise R2RayError(f"give --register NAME: {config.warm_start} is a folder, not a "
+                         "registered version whose name the extension could take")
     catalog, rows = warm_start_rows(config, source)
     extended, report = extend_predictor(source.predictor, catalog, rows, prior=config.prior,
                                         folds=config.folds, seed=config.seed)
@@ -454,7 +464,7 @@ def warm_start_job(config: WarmStartConfig) -> WarmStartResult:
     with mlflow.start_run(run_name=f"warm-start-{'-'.join(report.new_models)}") as run:
         log_extension(config, extended, report, source)
         source_uri = source.version.uri if source.version else config.warm_start
-        version = register_predictor(extended, config.registered_name,
+        version = register_predictor(extended, name,
                                      encoder_spec=extended.encoder_spec, tags={
                                          "warm_start": source_uri,
                                          "new_models": ",".join(report.new_models),

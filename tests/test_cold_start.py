@@ -175,8 +175,9 @@ def test_cli_warm_start_registers_logs_and_promotes_the_extension(benches, capsy
     for name in ("R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(folder)
-    common = ["--queries", str(folder / "queries.parquet"), "--tracking-uri", tracking,
-              "--register", "pool", "--promote", "champion"]
+    base = ["--queries", str(folder / "queries.parquet"), "--tracking-uri", tracking,
+            "--promote", "champion"]
+    common = [*base, "--register", "pool"]
     assert main(["train", "--bench", str(folder / "old.parquet"), "--predictor", "per_arm_ridge",
                  *common]) == 0
     capsys.readouterr()
@@ -199,26 +200,30 @@ def test_cli_warm_start_registers_logs_and_promotes_the_extension(benches, capsy
     assert registered.version.version == "2"
     assert registered.catalog.fingerprint == FULL.fingerprint
 
-    # another holder than the source: the alias stays
+    # another holder than the source: the alias stays; the name defaults to the source's
     assert main(["train", "--warm-start", "models:/pool/1", "--bench",
                  str(folder / "new.parquet"), "--catalog", str(folder / "full.catalog.yaml"),
-                 *common]) == 0
-    assert "not promoted (the holder models:/pool/2 is not the warm-start source" in \
-        capsys.readouterr().out
+                 *base]) == 0
+    report = capsys.readouterr().out
+    assert "registered models:/pool/3" in report
+    assert "not promoted (the holder models:/pool/2 is not the warm-start source" in report
 
 
 @pytest.mark.parametrize("extra, message", [
-    ([], "--warm-start needs --catalog"),
+    (["--register", "x"], "--warm-start needs --catalog"),
+    (["--catalog", "{folder}/full.catalog.yaml"], "give --register NAME"),
     (["--catalog", "{folder}/full.catalog.yaml", "--epochs", "3"], "drop --epochs"),
     (["--catalog", "{folder}/full.catalog.yaml", "--set", "alpha=3"],
      "takes --set prior, folds; not alpha"),
-    (["--catalog", "{folder}/old.catalog.yaml"], "adds no model"),
+    (["--catalog", "{folder}/old.catalog.yaml", "--register", "x"], "adds no model"),
 ])
-def test_cli_warm_start_errors_name_the_problem(benches, capsys, extra, message):
+def test_cli_warm_start_errors_name_the_problem(benches, capsys, monkeypatch, tmp_path, extra,
+                                                message):
     folder = benches
+    monkeypatch.chdir(tmp_path)  # nothing may land in the checkout, whatever MLflow does
     code = main(["train", "--warm-start", str(folder / "saved"), "--bench",
                  str(folder / "new.parquet"),
-                 "--register", "x", "--queries", str(folder / "queries.parquet"),
+                 "--queries", str(folder / "queries.parquet"),
                  *[e.format(folder=folder) for e in extra]])
     assert code == 2 and message in capsys.readouterr().err
 
