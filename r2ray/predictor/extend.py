@@ -192,6 +192,8 @@ class NewArms(nn.Module):
     def __init__(self, grown: GrownNetwork, new_arms: np.ndarray):
         super().__init__()
         net = grown.network
+        for parameter in net.parameters():  # frozen: gradients only for the new rows below
+            parameter.requires_grad_(False)
         self.net = net
         self.arms = torch.as_tensor(new_arms)
         self.model_rows = torch.as_tensor(grown.new_model_rows, dtype=torch.long)
@@ -267,8 +269,7 @@ def fit_new_arms(module: NewArms, rows: BenchArrays, token_weight: float, prior:
 def extend_joint(predictor, extension: Extension, rows: BenchArrays, prior: float):
     grown = grow_network(predictor.network_, extension)
     fresh = _fresh(predictor, extension)
-    with torch_threads(predictor.threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(predictor.seed)
+    with torch_threads(predictor.threads):  # deterministic: full batch, no dropout (eval mode)
         fit_new_arms(NewArms(grown, extension.new_arms), rows, predictor.token_weight, prior)
     fresh.network_, fresh.history_ = grown.network.eval(), None
     return fresh
