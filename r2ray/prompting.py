@@ -51,9 +51,13 @@ def render_messages(query: str, budget_tokens: int,
     return messages
 
 
-def estimate_tokens(text: str) -> int:
-    """Rough token count of one text; :func:`estimate_tokens_array` is the rule."""
-    return int(estimate_tokens_array(pa.array([text], pa.string()))[0])
+def estimate_tokens(text: str | None) -> int:
+    """Rough token count of one text: :func:`estimate_tokens_array`'s rule on one string, in
+    plain Python. Serve prices every request with it, and six Arrow kernels over a one-row array
+    cost ~0.3 ms where this costs ~1 µs; ``str.split()`` splits on the same Unicode white space
+    as Arrow's ``utf8_split_whitespace`` (tested to agree on every code point)."""
+    text = text or ""   # a null text counts as empty, as in the array rule
+    return max(1, len(text.split()), -(-len(text) // 4))
 
 
 def estimate_tokens_array(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -10,14 +10,18 @@ import sys
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import REPO
 from r2ray.bench.synthetic import synth_backlog
 from r2ray.errors import R2RayError
 from r2ray.predictor import load_predictor
+from r2ray.prompting import estimate_tokens, estimate_tokens_array
 from r2ray.routing import arm_scores
 from r2ray.manifest import RunPaths, commit
 from r2ray.serving.api import build_api
@@ -177,6 +181,27 @@ def test_serve_config_file_and_app_builder_are_valid(monkeypatch):
     assert type(built).__name__ == "Application"
 
 
+# ---- the per-request token estimate agrees with the batch job's -----------------------------------
+def test_scalar_token_estimate_agrees_with_the_array_rule_on_every_code_point():
+    """Serve's one-string estimate prices a query as the batch job's Arrow rule does: each code
+    point (surrogates aside) as the separator of six words, so a white space splits them."""
+    texts = [chr(c).join("abcdef") for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    scalar = np.fromiter((estimate_tokens(t) for t in texts), np.int64, len(texts))
+    np.testing.assert_array_equal(scalar, estimate_tokens_array(pa.array(texts, pa.string())))
+    assert set(scalar) == {3, 6}   # both outcomes occur: the check can fail either way
+    assert [estimate_tokens(t) for t in ("", None, "  ")] == [1, 1, 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+                | st.sampled_from(["\u00a0", "\u3000", "\u2028", "\x85", "\x1c", " ", "\u200b",
+                                   "模型", "naïve", "x" * 9]), max_size=30))
+def test_scalar_token_estimate_agrees_with_the_array_rule(parts):
+    texts = ["".join(parts), " ".join(parts), "\n".join(parts)]
+    assert [estimate_tokens(t) for t in texts] == \
+        list(estimate_tokens_array(pa.array(texts, pa.string())))
+
+
 # ---- the decision path: online agrees with the batch solve ----------------------------------------
 @pytest.fixture(scope="module")
 def routing_model(small_routing_model):
@@ -301,7 +326,9 @@ def test_api_in_process_routes_counts_spend_and_maps_errors(routing_model):
             ({"json": {"query": "x"}, "headers": {"Authorization": "Bearer nope"}}, 403, None),
             ({"json": {"query": "x", "max_cost": 1}, "headers": auth}, 422, "max_cost"),
             ({"content": b"{not json", "headers": auth | {"content-type": "application/json"}},
-             422, None),
+             422, "body"),
+            ({"content": b'{"query": "x"}', "headers": auth | {"content-type": "text/plain"}},
+             422, "body"),
             ({"json": {"query": "x"}, "headers": auth}, 422, "embedding"),
             ({"json": {"query": "x" * 30_000}, "headers": auth}, 413, None)):
         response = _call(app, "POST", "/v1/route", **kwargs)

@@ -175,6 +175,8 @@ def predict_scores(model: RoutingModel, items: list[RouteItem], allowed: np.ndar
     input_tokens = np.array([item.input_tokens for item in items], dtype=np.int64)
     scores = arm_scores(predictions.quality, predictions.output_tokens, model.catalog,
                         input_tokens, allowed, cost_factors=model.cost_factors)
+    if all(i.max_cost_usd is None for i in items):
+        return scores   # arm_scores already masks what a NaN cost would (most requests)
     max_cost = np.array([math.inf if i.max_cost_usd is None else i.max_cost_usd for i in items])
     over = ~(scores.cost_usd <= max_cost[:, None])
     return ArmScores(np.where(over, np.nan, scores.quality).astype(np.float32),
