@@ -16,6 +16,7 @@ from r2ray.predictor.base import ArmPredictions, BasePredictor, Predictor, Predi
 from r2ray.predictor.carrot import CarrotKNN, CarrotLinear
 from r2ray.predictor.joint import R2RayPredictor
 from r2ray.predictor.per_arm import PerArmMLP, PerArmRidge
+from r2ray.predictor.residual import ResidualPredictor
 from r2ray.predictor.selected import SelectedPredictor
 from r2ray.predictor.stacked import StackedPredictor
 from r2ray.predictor.persist import (
@@ -25,6 +26,7 @@ PREDICTORS: dict[str, Callable[..., BasePredictor]] = {
     "r2ray": R2RayPredictor,
     "per_arm_mlp": PerArmMLP,
     "per_arm_ridge": PerArmRidge,
+    "r2ray_residual": ResidualPredictor,
     "carrot_knn_default": partial(CarrotKNN, arms="default"),
     "carrot_linear_default": partial(CarrotLinear, arms="default"),
     "carrot_knn_all": partial(CarrotKNN, arms="all"),
@@ -51,6 +53,7 @@ def make_predictor(name: str, **settings) -> BasePredictor:
 __all__ = [
     "COMPOSITE", "PREDICTORS", "ArmPredictions", "BasePredictor", "CarrotKNN", "CarrotLinear", "PerArmMLP",
     "PerArmRidge", "Predictor", "PredictorError", "PredictorVersionWarning", "R2RayPredictor",
+    "ResidualPredictor",
     "SelectedPredictor", "StackedPredictor",
     "load_predictor", "make_predictor", "read_predictor_config", "save_predictor",
 ]

@@ -43,6 +43,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {   # name → (registry key, settings
     "r2ray_small": ("r2ray", {"query_hidden": 64, "joint_hidden": 64, "head_hidden": 32}),
     "r2ray_decay": ("r2ray", {"weight_decay": 0.5, "dropout": 0.3}),
     "r2ray_rank": ("r2ray", {"rank": 16}),
+    "r2ray_residual": ("r2ray_residual", {}),
     "per_arm_ridge": ("per_arm_ridge", {}),
     "per_arm_ridge_strong": ("per_arm_ridge", {"alpha": 100.0}),
     "carrot_knn_all": ("carrot_knn_all", {}),

@@ -1,0 +1,215 @@
+"""Small data: the joint network, its Ridge-residual variant and the baselines on every real bench.
+
+Benches: ParetoBandit (3,559 queries, 4 models) and RouterArena (809 queries, 2 models × 16 hard-cap
+budgets) from ``../shared/data`` (skipped when absent), their copies in ``tests/data`` (301 and
+204 queries), the synthetic world (``--world-queries``, seed 11, default knobs and catalogue) and
+an *other world* whose knobs were fixed before any result was seen: budgets {50, 200, 1000,
+default} only (44 arms: fewer budgets that matter) and more noise (answer-length spread 0.55 → 0.8,
+capability sharpness 9 → 6, obey spread 0.2 → 0.35). Real benches use MiniLM embeddings (through
+the embedding cache), worlds their own.
+
+Per bench and seed: a random 80/20 split; every method is fitted on the 80 % (``fit``: its
+calibrations included) and scored on the 20 % with the evaluation package's AUDC and QNC, costs
+normalised over the non-learned methods only, so a method's score does not depend on which other
+methods ran. It prints AUDC mean ± sd over seeds for each method, ``oracle_all`` and ``random``,
+the mean paired gap of each learned method to the best baseline, QNC, and on the worlds ``truth``
+(the world's expected quality and tokens used as the router's beliefs: what a perfect predictor
+would score; ``oracle_all`` also knows each answer's realised label noise) and the headroom
+captured, (AUDC − AUDC_random) / (AUDC_top − AUDC_random), toward ``oracle_all`` and ``truth``.
+
+Usage: python benchmarks/small_data.py [--seeds 3] [--benches pb,ra,pb_small,ra_small,world,world_other]
+       [--methods r2ray,r2ray_residual,per_arm_ridge,carrot_knn_default,carrot_knn_all,selected]
+       [--world-queries 3000] [--cache results.jsonl]
+``selected`` is ``r2ray train``'s default (3-fold CV over the ``small`` candidates, refit): the
+costliest. ``--cache`` keeps each (bench, method, seed) result, so a rerun fits only what is new.
+On the loaded 2-core host one seed of every bench and method took about N minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED, TESTS = ROOT.parent / "shared" / "data", ROOT / "tests" / "data"
+BASELINES = ("per_arm_ridge", "carrot_knn_default", "carrot_knn_all")
+OTHER_WORLD_BUDGETS = [50, 200, 1000, "default"]
+OTHER_WORLD_KNOBS = {"length_sigma": 0.8, "capability_sharpness": 6.0, "obey_sigma": 0.35}
+
+
+def real_benches(folder: Path) -> dict[str, tuple[str, list[str]]]:
+    """name → (format, input files) of the real benches that exist."""
+    found = {}
+    for prefix, root in (("", SHARED), ("tests:", TESTS)):
+        pb, ra = root / "paretobandit", root / "routerarena"
+        if pb.exists():
+            files = [f for f in ("test_k4.jsonl", "val_k4.jsonl") if (pb / f).exists()]
+            found[prefix + "paretobandit"] = ("paretobandit", [str(pb / f) for f in files])
+        if ra.exists():
+            found[prefix + "routerarena"] = ("routerarena", [
+                str(ra / "gemini-2.0-flash-001.jsonl"), str(ra / "claude-3-haiku-20240307.jsonl")])
+    return found
+
+
+def load_real(format: str, inputs: list[str], folder: str):
+    """(BenchArrays with MiniLM embeddings, catalogue) of a converted real bench."""
+    from r2ray.bench.formats import convert_files
+    from r2ray.bench.stats import catalog_for_bench
+    from r2ray.evaluation.run import load_bench_arrays
+
+    out = os.path.join(folder, f"{format}-{abs(hash(tuple(inputs)))}.parquet")
+    convert_files(format, inputs, out=out)
+    catalog = catalog_for_bench(out, None)[0]
+    return load_bench_arrays(out, catalog, None, None, log=lambda line: None)[0], catalog
+
+
+def load_world(n_queries: int, other: bool):
+    """(BenchArrays with the world's embeddings, catalogue): seed 11, default or other knobs."""
+    from dataclasses import replace
+
+    from r2ray.bench.synthetic import World
+    from r2ray.bench.world import KNOBS
+    from r2ray.catalog import catalog_from_dict, load_catalog
+    from r2ray.predictor.base import ArmPredictions
+    from r2ray.predictor.data import bench_arrays
+
+    catalog, knobs = load_catalog(), KNOBS
+    if other:
+        catalog = catalog_from_dict(catalog.to_dict() | {"budgets": OTHER_WORLD_BUDGETS})
+        knobs = replace(KNOBS, **OTHER_WORLD_KNOBS)
+    chunk = World(catalog, 11, knobs).chunk(0, n_queries, embeddings=True)
+    truth = ArmPredictions(chunk.expected_quality.astype(np.float32),
+                           chunk.expected_output_tokens.astype(np.float32))
+    return bench_arrays(chunk.bench_table(), catalog, chunk.backlog_table()), catalog, truth
+
+
+def build(method: str, seed: int):
+    """A fresh predictor: ``kind`` (a registry key), or ``label=kind{json settings}`` for a
+    variant; seeded with the split's seed where it has one."""
+    from r2ray.predictor import make_predictor
+
+    spec = method.split("=", 1)[-1]
+    kind, _, settings = spec.partition("{")
+    settings = json.loads("{" + settings) if settings else {}
+    if "seed" in make_predictor(kind, **settings).settings():
+        settings = {"seed": seed} | settings
+    return make_predictor(kind, **settings)
+
+
+def split_scores(arrays, catalog, methods: list[str], seed: int, truth=None) -> dict[str, dict]:
+    """Per method (and oracle_all, random; ``truth``: the world's expected quality and tokens
+    [N, K] as a router's beliefs, the ceiling of any predictor): AUDC, QNC, fit seconds on one
+    80/20 split."""
+    from r2ray.evaluation.method_scores import evaluable_queries, evaluate_methods, summarise
+    from r2ray.predictor.data import holdout_indices
+
+    train_rows, test_rows = holdout_indices(arrays.n_queries, 0.2, seed)
+    train, test = arrays.subset(train_rows), arrays.subset(test_rows)
+    evaluable = evaluable_queries(test, catalog)
+    test = test.subset(evaluable)
+    predictions, seconds = {}, {}
+    for method in methods:
+        started = time.perf_counter()
+        predictions[method] = build(method, seed).fit(train, catalog).predict(test.embedding)
+        seconds[method] = time.perf_counter() - started
+    if truth is not None:
+        predictions["truth"] = truth.subset(test_rows[evaluable])
+    results = evaluate_methods(test, catalog, predictions)
+    summary = summarise(results, normalise_over=[n for n in results if n not in predictions])
+    names = [*methods, "oracle_all", "random", *(["truth"] if truth is not None else [])]
+    return {n: {"audc": summary["methods"][n]["audc"], "qnc": summary["methods"][n]["qnc"],
+                "seconds": seconds.get(n, 0.0)} for n in names}
+
+
+def read_cache(path: str | None) -> dict[tuple, dict]:
+    if not path or not os.path.exists(path):
+        return {}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {(r["bench"], r["method"], r["seed"]): r for r in rows}
+
+
+def bench_results(name: str, loader, methods: list[str], seeds: list[int],
+                  cache: dict, cache_path: str | None) -> dict[str, list[dict]]:
+    """{method: [per-seed scores]}, fitting only what the cache lacks."""
+    data = None
+    out: dict[str, list[dict]] = {}
+    for seed in seeds:
+        wanted = [m for m in methods if (name, m, seed) not in cache]
+        if wanted or (name, "random", seed) not in cache or (
+                name.startswith("world") and (name, "truth", seed) not in cache):
+            data = data or loader()
+            fresh = split_scores(data[0], data[1], wanted, seed, *data[2:])
+            for method, scores in fresh.items():
+                row = {"bench": name, "method": method, "seed": seed} | scores
+                cache[(name, method, seed)] = row
+                if cache_path:
+                    with open(cache_path, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+        extra = ["truth"] if name.startswith("world") else []
+        for method in [*methods, "oracle_all", "random", *extra]:
+            out.setdefault(method, []).append(cache[(name, method, seed)])
+    return out
+
+
+def table(name: str, results: dict[str, list[dict]], methods: list[str]) -> str:
+    """AUDC mean ± sd over seeds, the mean paired gap to the best baseline, QNC, and on a world
+    the headroom captured toward ``oracle_all`` and toward ``truth``."""
+    audc = {m: np.array([r["audc"] for r in rows]) for m, rows in results.items()}
+    baselines = [m for m in BASELINES if m in audc]
+    best = max(baselines, key=lambda m: audc[m].mean()) if baselines else None
+    world = "truth" in audc
+    lines = [f"== {name} ({len(audc['random'])} seeds); best baseline: {best}",
+             f"  {'method':32} {'AUDC':>17} {'vs best':>8} {'QNC':>6}"
+             + (f" {'hr oracle':>9} {'hr truth':>9}" if world else "") + f" {'fit s':>7}"]
+    low = audc["random"]
+    for method in [*methods, "oracle_all", "random", *(["truth"] if world else [])]:
+        values = audc[method]
+        sd = values.std(ddof=1) if len(values) > 1 else 0.0
+        gap = f"{(values - audc[best]).mean():+.4f}" if best and method in methods else ""
+        qnc = np.mean([r["qnc"] for r in results[method]])
+        line = f"  {method.split('=')[0]:32} {values.mean():.4f} ± {sd:.4f} {gap:>8} {qnc:6.3f}"
+        if world:
+            line += "".join(f" {np.mean((values - low) / (audc[top] - low)):9.1%}"
+                            for top in ("oracle_all", "truth"))
+        seconds = np.mean([r["seconds"] for r in results[method]])
+        lines.append(line + f" {seconds:7.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--benches", default="paretobandit,routerarena,tests:paretobandit,"
+                                               "tests:routerarena,world,world_other")
+    parser.add_argument("--methods", default="r2ray,r2ray_residual,per_arm_ridge,"
+                                              "carrot_knn_default,carrot_knn_all")
+    parser.add_argument("--world-queries", type=int, default=3000)
+    parser.add_argument("--cache", default=None, help="JSON lines of finished results")
+    args = parser.parse_args()
+    methods = [m.strip() for m in re.split(r",(?![^{]*})", args.methods) if m.strip()]
+    seeds = list(range(args.seeds))
+    cache = read_cache(args.cache)
+    real = real_benches(ROOT)
+    with tempfile.TemporaryDirectory() as folder:
+        for name in [b.strip() for b in args.benches.split(",") if b.strip()]:
+            if name in ("world", "world_other"):
+                loader = lambda other=name == "world_other": load_world(args.world_queries, other)  # noqa: E731
+            elif name in real:
+                loader = lambda spec=real[name]: load_real(*spec, folder)  # noqa: E731
+            else:
+                print(f"== {name}: not found, skipped")
+                continue
+            key = f"{name}@{args.world_queries}" if name.startswith("world") else name
+            results = bench_results(key, loader, methods, seeds, cache, args.cache)
+            print(table(key, results, methods), flush=True)
+
+
+if __name__ == "__main__":
+    main()

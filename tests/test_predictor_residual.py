@@ -1,0 +1,89 @@
+"""``r2ray_residual``: per-arm Ridge plus a jointly conditioned residual network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from predictor_world import planted_arrays, small_catalog
+
+from r2ray.predictor import PerArmRidge, ResidualPredictor, load_predictor, save_predictor
+from r2ray.predictor.data import BenchArrays
+from r2ray.predictor.residual import neighbour_means, out_of_fold_ridge
+from r2ray.predictor.carrot import unit_rows
+
+FAST = {"members": 2, "epochs": 40, "knn": 16}
+
+
+@pytest.fixture(scope="module")
+def world():
+    """(catalogue, 400 training queries, 60 test queries) of the planted world."""
+    catalog = small_catalog()
+    return (catalog, *(planted_arrays(catalog, n_queries=n, dim=16, seed=seed)[0]
+                       for n, seed in ((400, 0), (60, 9))))
+
+
+def test_fit_predict_contract_and_round_trip(world, tmp_path):
+    catalog, train, test = world
+    predictor = ResidualPredictor(**FAST).fit(train, catalog)
+    prediction = predictor.predict(test.embedding)
+    assert prediction.quality.shape == prediction.output_tokens.shape == (60, catalog.n_arms)
+    assert prediction.quality.dtype == np.float32
+    assert ((prediction.quality >= 0) & (prediction.quality <= 1)).all()
+    assert (prediction.output_tokens >= 0).all() and np.isfinite(prediction.output_tokens).all()
+    save_predictor(predictor, str(tmp_path / "residual"))
+    loaded = load_predictor(str(tmp_path / "residual"))
+    assert len(loaded.networks_) == len(predictor.networks_)
+    again = loaded.predict(test.embedding)
+    np.testing.assert_array_equal(prediction.quality, again.quality)
+    np.testing.assert_array_equal(prediction.output_tokens, again.output_tokens)
+
+
+def test_without_its_residual_it_is_per_arm_ridge(world):
+    catalog, train, test = world
+    residual = ResidualPredictor(alpha=3.0, members=0, knn=0).fit(train, catalog)
+    ridge = PerArmRidge(alpha=3.0).fit(train, catalog)
+    assert residual.networks_ == []
+    ours, theirs = residual.predict(test.embedding), ridge.predict(test.embedding)
+    np.testing.assert_array_equal(ours.quality, theirs.quality)
+    np.testing.assert_array_equal(ours.output_tokens, theirs.output_tokens)
+
+
+def interaction_arrays(catalog, n: int, seed: int) -> tuple[BenchArrays, np.ndarray]:
+    """Quality of every arm = 0.5 ± 0.4 tanh(2 x₀x₁) (sign by model): a signal with no linear
+    part, the same across arms, so a linear map per arm cannot see it."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    sign = np.where(catalog.arm_arrays["model_index"] == 0, 1.0, -1.0)
+    truth = (0.5 + 0.4 * np.tanh(2 * x[:, :1] * x[:, 1:2]) * sign).astype(np.float32)
+    tokens = np.full(truth.shape, 50.0, np.float32)
+    input_tokens = np.full(n, 20.0)
+    arrays = BenchArrays(np.array([f"q{i}" for i in range(n)]), np.array(["q"] * n),
+                         np.array([""] * n), input_tokens, truth, tokens,
+                         catalog.arm_cost_usd(input_tokens, tokens), x)
+    return arrays, truth
+
+
+def test_learns_a_planted_cross_arm_signal_ridge_cannot():
+    catalog = small_catalog(budgets=(100, "default"), n_models=2)
+    train, _ = interaction_arrays(catalog, 800, seed=0)
+    test, truth = interaction_arrays(catalog, 300, seed=1)
+    residual = ResidualPredictor(members=2, knn=0, epochs=60).fit(train, catalog)
+    ridge = PerArmRidge().fit(train, catalog)
+    error = lambda p: float(np.mean((p.predict(test.embedding).quality - truth) ** 2))  # noqa: E731
+    assert residual.networks_, "no member beat Ridge on its early-stopping slice"
+    assert error(residual) < 0.5 * error(ridge)
+
+
+def test_base_inputs_never_see_their_own_row(world):
+    """The network's inputs on a training row come from fits that left that row out."""
+    _, train, _ = world
+    x = train.embedding
+    quality, _ = out_of_fold_ridge(x, train, alpha=10.0, folds=5, seed=0)
+    moved = train.quality.copy()
+    moved[0] = np.where(np.isnan(moved[0]), np.nan, 1.0 - moved[0])  # flip row 0's labels
+    flipped = BenchArrays(**{**train.__dict__, "quality": moved})
+    again, _ = out_of_fold_ridge(x, flipped, alpha=10.0, folds=5, seed=0)
+    np.testing.assert_array_equal(quality[0], again[0])
+    unit = unit_rows(x)
+    own = neighbour_means(unit, unit, train.quality, k=8, exclude_self=True)
+    np.testing.assert_array_equal(own[0], neighbour_means(unit, unit, moved, 8, True)[0])
