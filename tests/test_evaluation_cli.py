@@ -87,18 +87,11 @@ def test_bad_model_or_method_is_a_clear_error(bench_files, tmp_path, capsys):
     assert "unknown method(s) knn" in capsys.readouterr().err
 
 
-def test_job_entry_point(bench_files, tmp_path, capsys):
-    code = run_script(REPO / "jobs" / "evaluate.py", "--bench", str(bench_files / "bench.parquet"),
-                      "--model", "carrot_knn_default", "--out", str(tmp_path), "--queries",
-                      str(bench_files / "backlog.parquet"), "--seeds", "2", "--methods",
-                      "per_arm_ridge")
-    assert code == 0, capsys.readouterr().err
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["seeds"] == [0, 1] and metrics["methods"]["carrot_knn_default"]["audc_std"] >= 0
-
-
 @pytest.mark.slow  # an MLflow store and a pyfunc model version
-def test_evaluate_a_registered_version(bench_files, tmp_path, mlflow_store):
+def test_job_entry_point_evaluates_a_registered_version(bench_files, tmp_path, mlflow_store,
+                                                        capsys):
+    """jobs/evaluate.py (as `ray job submit` runs it) on a registered version: one evaluation
+    checks both the entry point and the registry path."""
     from r2ray.registry import register_predictor
 
     catalog = load_catalog()
@@ -107,12 +100,14 @@ def test_evaluate_a_registered_version(bench_files, tmp_path, mlflow_store):
     tracking = mlflow_store(tmp_path)
     version = register_predictor(make_predictor("carrot_knn_all").fit(arrays, catalog), "knn",
                                  encoder_spec="synthetic", tracking_uri=tracking)
-    code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model",
-                 f"models:/knn/{version.version}", "--tracking-uri", tracking, "--out",
-                 str(tmp_path / "out"), "--queries", str(bench_files / "backlog.parquet"),
-                 "--seeds", "1", "--methods", "per_arm_ridge"])
-    assert code == 0
+    code = run_script(REPO / "jobs" / "evaluate.py", "--bench", str(bench_files / "bench.parquet"),
+                      "--model", f"models:/knn/{version.version}", "--tracking-uri", tracking,
+                      "--out", str(tmp_path / "out"), "--queries",
+                      str(bench_files / "backlog.parquet"), "--seeds", "2", "--methods",
+                      "per_arm_ridge")
+    assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and metrics["methods"]["carrot_knn_all"]["audc_std"] >= 0
     assert metrics["model"]["name"] == "carrot_knn_all"
     assert metrics["model"]["version"]["version"] == version.version
     assert metrics["bench"]["catalog"] == "the model's training catalogue"
