@@ -81,6 +81,7 @@ def test_job_submit_routes_s3_backlog_and_survives_a_lost_worker(
     marker = tmp_path / "worker-killed"
     output = _submit(ray_cluster, [*args, "--run-id", "nightly"],
                      {"env_vars": {"R2RAY_FAILPOINT": f"kill_worker_once:{marker}"}})
+    print(output[-2000:])   # the job's summary, its seconds per stage among it (with -s)
     assert marker.exists()  # a scoring worker really died mid-run
     assert "run nightly committed" in output
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in output  # credentials are never logged

@@ -85,9 +85,10 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
            **{f"R2RAY_LOCAL_{name}": str(port) for name, port in ports.items()}}
     for key in ("RAY_ADDRESS", "R2RAY_S3_ENDPOINT", "R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    processes = []
+    processes, stamps = [], [("start", time.monotonic())]
     try:
         run([str(REPO / "infra" / "local" / "up.sh")], env, timeout_s=900)
+        stamps.append(("up.sh", time.monotonic()))
         clients = stack_env(state)
         for key, value in clients.items():
             monkeypatch.setenv(key, value)
@@ -106,6 +107,7 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
         from r2ray.bench.io import write_table
 
         write_table(backlog, "s3://backlog/2026-11-29/part-0.parquet")
+        stamps.append(("register, backlog", time.monotonic()))
 
         # the README's command, against the stack
         budget = 3e-5 * 50
@@ -115,6 +117,7 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
                       "--model", "models:/r2ray@champion", "--budget-usd", str(budget),
                       "--run-id", "nightly-2026-11-29", "--workers", "1"],
                      storage_env, timeout_s=300)
+        stamps.append(("job submit", time.monotonic()))
         assert "run nightly-2026-11-29 committed" in output
         manifest = json.loads(storage.read_text("s3://routed/nightly-2026-11-29/manifest.json"))
         assert manifest["counts"]["routed"] == 50
@@ -124,6 +127,7 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
         run([str(BIN / "serve"), "deploy", str(state / "serve.yaml")], storage_env, timeout_s=120)
         url = clients["R2RAY_LOCAL_SERVE_URL"]
         health = wait_healthy(f"{url}/healthz", timeout_s=180)
+        stamps.append(("serve deploy, healthy", time.monotonic()))
         assert health["version"] == "r2ray/1"
         assert health["price_source"] == "manifest s3://routed/nightly-2026-11-29/manifest.json"
         row = backlog.slice(0, 1).to_pylist()[0]
@@ -135,11 +139,15 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
         routed = response.json()
         assert routed["model"] in {m.name for m in small_routing_model["catalog"].models}
         assert routed["version"] == "r2ray/1" and routed["max_tokens"] > 0
+        stamps.append(("route call", time.monotonic()))
     finally:
         if (state / "ray.pid").exists():
             processes = stack_processes(state)  # now: with the job's and Serve's workers
             stopped = subprocess.run([str(REPO / "infra" / "local" / "down.sh")], env=env,
                                      capture_output=True, text=True, timeout=120)
             assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+            stamps.append(("down.sh", time.monotonic()))
+            print("seconds per stage:", {name: round(at - before, 1) for (_, before), (name, at)
+                                         in zip(stamps, stamps[1:])})   # with -s
     left = [p for p in processes if p.is_running() and p.status() != "zombie"]
     assert processes and not left, f"left running: {left}"
