@@ -24,7 +24,7 @@ from r2ray.predictor import load_predictor
 from r2ray.prompting import estimate_tokens, estimate_tokens_array
 from r2ray.routing import arm_scores
 from r2ray.manifest import RunPaths, commit
-from r2ray.serving.api import build_api
+from r2ray.serving.api import InFlight, build_api
 from r2ray.serving.auth import AuthError, check_bearer, key_digest, load_key_digests
 from r2ray.serving.config import PacingConfig, serve_config
 from r2ray.serving.pacer import Pacer, PriceState, paced_lambda, starting_price
@@ -343,6 +343,31 @@ def test_api_in_process_routes_counts_spend_and_maps_errors(routing_model):
         "model": "gpt-9", "messages": [{"role": "user", "content": "hi"}],
         "r2ray": {"embedding": embedding}})
     assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "model"
+
+
+def test_in_flight_counts_the_http_requests_being_served():
+    """The ingress routes a request inline only when it is the one request in flight."""
+    seen, both_in = [], asyncio.Event()
+
+    async def app(scope, receive, send):
+        seen.append((scope["type"], counter.count))
+        if scope["type"] == "http":
+            if len(seen) == 3:
+                both_in.set()
+            await both_in.wait()
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    counter = InFlight(app)
+
+    async def go():
+        await counter({"type": "lifespan"}, None, None)
+        transport = httpx.ASGITransport(app=counter)
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ray") as client:
+            return await asyncio.gather(client.get("/a"), client.get("/b"))
+
+    assert [r.status_code for r in asyncio.run(go())] == [204, 204]
+    assert seen == [("lifespan", 0), ("http", 1), ("http", 2)] and counter.count == 0
 
 
 def test_upstream_body_keeps_the_conversation_and_caps_tokens(routing_model):

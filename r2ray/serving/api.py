@@ -93,6 +93,23 @@ class BodyLimit:
         return f"request body is larger than the limit of {self.max_bytes} bytes"
 
 
+class InFlight:
+    """ASGI middleware: ``count`` is how many HTTP requests the app is serving right now (a
+    request counts from its first byte to its last, whatever the path)."""
+
+    def __init__(self, app):
+        self.app, self.count = app, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":   # the lifespan scope lasts as long as the app
+            return await self.app(scope, receive, send)
+        self.count += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.count -= 1
+
+
 def is_json(content_type: str | None) -> bool:
     """``application/json`` or ``application/*+json`` (parameters aside): FastAPI's strict rule
     for parsing a body as JSON; anything else, or no content type, is not a JSON body."""

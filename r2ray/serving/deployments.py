@@ -1,8 +1,9 @@
 """The Ray Serve deployments: a FastAPI ingress that also routes, a Pacer; and the app graph.
 
     HTTP → Ingress (auth, size limit, schema, forwarding, and the router itself: @serve.batch,
-           │        one encoder + predictor call per batch; watches the registry alias and swaps
-           │        versions between batches; N replicas)
+           │        one encoder + predictor call per batch, a request alone in the replica
+           │        routed inline; watches the registry alias and swaps versions between
+           │        batches; N replicas)
            └─ Pacer.sync  (one replica: every ``price_sync_s`` each ingress reports the spend it
                            saw and gets λ back, so no request waits on the Pacer)
 
@@ -32,11 +33,12 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from r2ray.redaction import redact_text
-from r2ray.serving.api import build_api
+from r2ray.serving.api import InFlight, build_api
 from r2ray.serving.auth import load_key_digests
 from r2ray.serving.config import ServeConfig
 from r2ray.serving.pacer import Pacer, PriceState, starting_price
-from r2ray.serving.router import RouteDecision, RouteItem, load_routing_model, route_items
+from r2ray.serving.router import (RouteDecision, RouteItem, RouteRejected, load_routing_model,
+                                  route_items)
 from r2ray.serving.service import NullMetrics, RoutingService, SpendBook
 
 logger = logging.getLogger("ray.serve")
@@ -96,18 +98,29 @@ class Ingress:
         self.route.set_max_batch_size(self.config.batch_max_size)
         self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)
         self.book = SpendBook(await pacer.sync.remote(0.0))
-        self.service = RoutingService(self.config, self.route, self.book, self._describe,
+        self.service = RoutingService(self.config, self._route_one, self.book, self._describe,
                                       httpx.AsyncClient(), ServeMetrics())
+        self.in_flight = InFlight(build_api(self.service, self.key_digests,
+                                            self.config.max_request_bytes))
         self._syncer = asyncio.create_task(self._sync_prices())
         self._watcher = asyncio.create_task(self._watch())
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.service, self.key_digests, self.config.max_request_bytes)
+        return self.in_flight
 
     def _load(self):
         c = self.config
         return load_routing_model(c.model, c.tracking_uri, c.catalog, c.device,
                                   corrections=c.corrections_root())
+
+    async def _route_one(self, item: RouteItem) -> RouteDecision | RouteRejected:
+        """A request alone in the replica is routed inline: with no batch wait, the batch it
+        would form is itself, and the batch queue's hop (a task, an event, a future: ~0.7 ms
+        CPU and ~2 ms p50 on the loaded 2-core host) buys nothing. With others in flight, or
+        with ``batch_wait_s`` set, it joins the batch as before."""
+        if self.in_flight.count <= 1 and self.config.batch_wait_s == 0:
+            return route_items(self.model, [item])[0]
+        return await self.route(item)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def route(self, items: list[RouteItem]) -> list:
