@@ -8,7 +8,8 @@ from predictor_world import planted_arrays, small_catalog
 
 from r2ray.predictor import PerArmRidge, ResidualPredictor, load_predictor, save_predictor
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.residual import neighbour_means, out_of_fold_ridge
+from r2ray.predictor.residual import (budget_chains, monotone_in_budget, neighbour_means,
+                                     out_of_fold_ridge)
 from r2ray.predictor.carrot import unit_rows
 
 FAST = {"members": 2, "epochs": 40, "knn": 16}
@@ -87,3 +88,14 @@ def test_base_inputs_never_see_their_own_row(world):
     unit = unit_rows(x)
     own = neighbour_means(unit, unit, train.quality, k=8, exclude_self=True)
     np.testing.assert_array_equal(own[0], neighbour_means(unit, unit, moved, 8, True)[0])
+
+
+def test_monotone_option_makes_quality_non_decreasing_in_the_budget(world):
+    catalog, _, _ = world                      # budgets 20, 100, 400, default per model
+    chains = budget_chains(catalog, "budgets")
+    assert [list(c) for c in chains] == [[0, 1, 2], [4, 5, 6], [8, 9, 10]]
+    quality = np.array([[0.5, 0.3, 0.6, 0.2] * 3], np.float32)
+    fixed = monotone_in_budget(quality, chains)
+    np.testing.assert_allclose(fixed[0, :4], [0.4, 0.4, 0.6, 0.2])  # pooled, default left free
+    assert len(budget_chains(catalog, "budgets+default")[0]) == 4
+    assert budget_chains(catalog, "none") == []
