@@ -22,7 +22,8 @@ Usage: python benchmarks/small_data.py [--seeds 3] [--benches pb,ra,pb_small,ra_
        [--world-queries 3000] [--cache results.jsonl]
 ``selected`` is ``r2ray train``'s default (3-fold CV over the ``small`` candidates, refit): the
 costliest. ``--cache`` keeps each (bench, method, seed) result, so a rerun fits only what is new.
-On the loaded 2-core host one seed of every bench and method took about N minutes.
+On the shared 2-core host at load 10–20, one world split with every method took 10–20 minutes
+(the residual network and the joint network's fits dominate), a real bench's split 1–5 minutes.
 """
 
 from __future__ import annotations

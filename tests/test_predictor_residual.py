@@ -12,7 +12,7 @@ from r2ray.predictor.residual import (budget_chains, monotone_in_budget, neighbo
                                      out_of_fold_ridge)
 from r2ray.predictor.carrot import unit_rows
 
-FAST = {"members": 2, "epochs": 40, "knn": 16}
+FAST = {"members": 2, "epochs": 8, "patience": 3, "knn": 16}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def interaction_arrays(catalog, n: int, seed: int) -> tuple[BenchArrays, np.ndar
 
 def test_learns_a_planted_cross_arm_signal_ridge_cannot():
     catalog = small_catalog(budgets=(100, "default"), n_models=2)
-    train, _ = interaction_arrays(catalog, 800, seed=0)
+    train, _ = interaction_arrays(catalog, 600, seed=0)
     test, truth = interaction_arrays(catalog, 300, seed=1)
-    residual = ResidualPredictor(members=2, knn=0, epochs=60).fit(train, catalog)
+    residual = ResidualPredictor(members=1, knn=0, epochs=40).fit(train, catalog)
     ridge = PerArmRidge().fit(train, catalog)
     error = lambda p: float(np.mean((p.predict(test.embedding).quality - truth) ** 2))  # noqa: E731
     assert residual.networks_, "no member beat Ridge on its early-stopping slice"
