@@ -24,9 +24,11 @@ in the budget within each model by isotonic regression per query: it moved AUDC 
 on RouterArena, so it is off by default. Query-length features are not here: ``predict`` receives
 embeddings only.
 
-Measured (``benchmarks/small_data.py``, AUDC on random 80/20 splits): it ties per-arm Ridge on the
-real benches (−0.002 … −0.0015, inside one split sd) and beats Ridge and CARROT on the synthetic
-world; it does not reach the issue's +0.01 over the best baseline anywhere.
+Measured (``benchmarks/small_data.py``, AUDC mean over random 80/20 splits, paired gap to per-arm
+Ridge): ParetoBandit −0.0005, RouterArena −0.0015, their ``tests/data`` copies −0.002 / −0.0016
+(all inside one split sd); synthetic world 0.914 vs CARROT KNN (all arms) 0.907 and Ridge 0.901;
+the noisier 44-arm world −0.003. It does not reach the issue's +0.01 over the best baseline on any
+real bench.
 """
 
 from __future__ import annotations
