@@ -17,7 +17,8 @@ from r2ray.predictor.data import bench_arrays
 N_QUERIES = 300
 LEARNED = [n for n in PREDICTORS if n not in COMPOSITE]  # what evaluate runs by default
 QUICK = {"r2ray": {"epochs": 3}, "per_arm_mlp": {"epochs": 1, "hidden": [32]},
-         "carrot_linear_default": {"max_iter": 20}, "carrot_linear_all": {"max_iter": 20}}
+         "carrot_linear_default": {"max_iter": 20}, "carrot_linear_all": {"max_iter": 20},
+         "r2ray_residual": {"epochs": 3, "base_folds": 2}}
 
 
 @pytest.fixture(scope="module")

@@ -62,11 +62,12 @@ class QualityCalibration:
     def apply(self, quality: np.ndarray) -> np.ndarray:
         """q̂ [N, K] → calibrated q̂ [N, K] float32; NaN stays NaN, arms without a map unchanged."""
         out = np.array(quality, dtype=np.float32, copy=True)
-        for j in np.flatnonzero(self.group >= 0):
-            g = self.group[j]
-            column = quality[:, j]
-            finite = np.isfinite(column)
-            out[finite, j] = np.interp(column[finite], self.knots_x[g], self.knots_y[g])
+        for g in np.unique(self.group[self.group >= 0]):   # one interp per map, not per arm:
+            arms = np.flatnonzero(self.group == g)         # a one-row Serve request has K arms
+            block = out[:, arms]
+            finite = np.isfinite(block)
+            block[finite] = np.interp(block[finite], self.knots_x[g], self.knots_y[g])
+            out[:, arms] = block
         return out
 
     def to_json(self) -> dict:
