@@ -221,20 +221,23 @@ def ray_cluster(s3_server, tmp_path_factory):
     finally:
         if _driver_on(cluster):
             ray.shutdown()
-        _kill_processes_naming(temp)   # GCS, raylet, dashboard; workers exit with their raylet
+        _kill_cluster(temp, process.pid)   # workers exit with their raylet
 
 
-def _kill_processes_naming(folder: Path) -> None:
-    """SIGKILL every process whose arguments name ``folder``: the cluster's daemons all name its
-    temp folder."""
+def _kill_cluster(folder: Path, session: int) -> None:
+    """SIGKILL the cluster's daemons: every process whose arguments name its temp ``folder`` (GCS,
+    raylet, dashboard) or that runs in the session `ray start` led (the client server, the
+    dashboard and runtime-env agents: their titles are rewritten and name no folder, and they
+    outlived the session before)."""
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
-        if any(str(folder) in part for part in process.info["cmdline"] or ()):
-            try:
+        try:
+            if (os.getsid(process.pid) == session
+                    or any(str(folder) in part for part in process.info["cmdline"] or ())):
                 process.kill()
-            except psutil.NoSuchProcess:
-                pass
+        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            pass
 
 
 def _driver_on(cluster: dict) -> bool:
