@@ -99,3 +99,16 @@ def test_monotone_option_makes_quality_non_decreasing_in_the_budget(world):
     np.testing.assert_allclose(fixed[0, :4], [0.4, 0.4, 0.6, 0.2])  # pooled, default left free
     assert len(budget_chains(catalog, "budgets+default")[0]) == 4
     assert budget_chains(catalog, "none") == []
+
+
+@pytest.mark.parametrize("settings", [{"members": 0, "knn": 16}, FAST])
+def test_an_arm_without_training_outcomes_is_nan_like_ridges(world, settings):
+    catalog, train, test = world
+    blank = train.quality.copy()
+    blank[:, 1] = np.nan                       # arm 1 never observed
+    unobserved = BenchArrays(**{**train.__dict__, "quality": blank})
+    prediction = ResidualPredictor(**settings).fit(unobserved, catalog).predict(test.embedding)
+    ridge = PerArmRidge().fit(unobserved, catalog).predict(test.embedding)
+    assert np.isnan(ridge.quality[:, 1]).all()
+    assert np.isnan(prediction.quality[:, 1]).all() and np.isnan(prediction.output_tokens[:, 1]).all()
+    assert np.isfinite(np.delete(prediction.quality, 1, axis=1)).all()

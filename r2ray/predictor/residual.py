@@ -286,17 +286,18 @@ class ResidualPredictor(BasePredictor):
     def _predict_unconstrained(self, x: np.ndarray) -> ArmPredictions:
         ridge = ridge_predict(self.coef_, x)
         quality, log_tok, neighbour_q = self._base(ridge, self._neighbours(x) if self.knn else None)
-        if not self.networks_:
-            return ArmPredictions(quality, tokens_from_log(log_tok))
-        z = torch.as_tensor(network_inputs(x, quality, log_tok, neighbour_q))
-        with torch_threads(self.threads), torch.inference_mode():
-            outputs = [network(z) for network in self.networks_]
-        q_logit = torch.stack([q for q, _ in outputs]).mean(dim=0)
-        tokens = torch.stack([t for _, t in outputs]).mean(dim=0)
-        unobserved = np.isnan(ridge[0])  # the base's NaN: an arm with no training outcome
-        return ArmPredictions(
-            np.where(unobserved, np.nan, torch.sigmoid(q_logit).numpy()).astype(np.float32),
-            np.where(unobserved, np.nan, tokens_from_log(tokens.numpy())).astype(np.float32))
+        if self.networks_:
+            z = torch.as_tensor(network_inputs(x, quality, log_tok, neighbour_q))
+            with torch_threads(self.threads), torch.inference_mode():
+                outputs = [network(z) for network in self.networks_]
+            quality = torch.sigmoid(torch.stack([q for q, _ in outputs]).mean(dim=0)).numpy()
+            log_tok = torch.stack([t for _, t in outputs]).mean(dim=0).numpy()
+        # an arm with no training outcome (the base's NaN) is NaN, not the neighbours' fallback or
+        # a network's output, with or without members
+        unobserved = np.isnan(ridge[0])
+        return ArmPredictions(np.where(unobserved, np.nan, quality).astype(np.float32),
+                              np.where(unobserved, np.nan, tokens_from_log(log_tok))
+                              .astype(np.float32))
 
     # ---- persistence --------------------------------------------------------------------------
     def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
