@@ -219,11 +219,12 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                        help="add new models to this registered predictor (models:/NAME@ALIAS, "
                             "models:/NAME/VERSION or a folder) instead of training one: --bench "
                             "holds rows of the new models, --catalog the extended catalogue; only "
-                            "the new models' parameters are fitted (--set prior=P, folds=F)")
+                            "the new models' parameters are fitted (--set prior=P; --folds F: "
+                            "their calibrations' cross-fitting)")
     train.set_defaults(handler=_train)
 
 
-WARM_START_SETTINGS = ("prior", "folds")
+WARM_START_SETTINGS = ("prior",)   # and --folds: the calibrations' cross-fitting folds
 NOT_WITH_WARM_START = ("select", "predictor", "epochs", "tune", "tune_storage", "encoder")
 
 
@@ -249,10 +250,11 @@ def _warm_start(args: argparse.Namespace) -> None:
                                  catalog=args.catalog, registered_name=args.register,
                                  queries=args.queries, seed=args.seed, promote=args.promote,
                                  tracking_uri=args.tracking_uri, experiment=args.experiment,
-                                 **settings)
+                                 folds=args.folds, **settings)
     except ValidationError as err:
         first = err.errors()[0]
-        raise R2RayError(f"--set {first['loc'][0]}: {first['msg']}") from None
+        flag = "--folds" if first["loc"][0] == "folds" else f"--set {first['loc'][0]}"
+        raise R2RayError(f"{flag}: {first['msg']}") from None
     print(warm_start_job(config).report())
 
 

@@ -214,7 +214,9 @@ def test_cli_warm_start_registers_logs_and_promotes_the_extension(benches, capsy
     (["--catalog", "{folder}/full.catalog.yaml"], "give --register NAME"),
     (["--catalog", "{folder}/full.catalog.yaml", "--epochs", "3"], "drop --epochs"),
     (["--catalog", "{folder}/full.catalog.yaml", "--set", "alpha=3"],
-     "takes --set prior, folds; not alpha"),
+     "takes --set prior; not alpha"),
+    (["--catalog", "{folder}/full.catalog.yaml", "--folds", "1"],   # --folds reaches the config
+     "--folds: Input should be greater than or equal to 2"),
     (["--catalog", "{folder}/old.catalog.yaml", "--register", "x"], "adds no model"),
 ])
 def test_cli_warm_start_errors_name_the_problem(benches, capsys, monkeypatch, tmp_path, extra,
