@@ -267,7 +267,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                                    "threads": pool.threads_per_worker},
             ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
-        duplicates = first_seen_duplicates(scored) if scored.count() else {}
+        duplicates = first_seen_duplicates(scored, num_cpus=config.task_cpus)
         solvable = scored if not duplicates else scored.map_batches(
             drop_rows_stage, batch_format="pyarrow", batch_size=None, num_cpus=config.task_cpus,
             fn_kwargs={"duplicates": duplicates, "sources": sources,
