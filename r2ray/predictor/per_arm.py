@@ -132,6 +132,22 @@ def fit_ridge(x: np.ndarray, targets: np.ndarray, alpha: float) -> tuple[np.ndar
     return weights.astype(np.float32), intercept.astype(np.float32)
 
 
+def ridge_predict(coef: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(q̂ [N, K] clipped to [0, 1], log(1 + t̂) [N, K]) of per-arm Ridge coefficients."""
+    quality = np.clip(x @ coef["quality_weights"] + coef["quality_intercept"], 0.0, 1.0)
+    return (quality.astype(np.float32),
+            (x @ coef["log_tokens_weights"] + coef["log_tokens_intercept"]).astype(np.float32))
+
+
+def ridge_coef(x: np.ndarray, train: BenchArrays, alpha: float) -> dict[str, np.ndarray]:
+    """Per-arm Ridge coefficients of quality and log(1 + tokens) on ``x`` [N, D] (what
+    :class:`PerArmRidge` saves; ``r2ray_residual``'s base)."""
+    wq, bq = fit_ridge(x, train.quality, alpha)
+    wt, bt = fit_ridge(x, log_tokens(train.output_tokens), alpha)
+    return {"quality_weights": wq, "quality_intercept": bq,
+            "log_tokens_weights": wt, "log_tokens_intercept": bt}
+
+
 class PerArmRidge(BasePredictor):
     name = "per_arm_ridge"
 
@@ -141,16 +157,11 @@ class PerArmRidge(BasePredictor):
 
     def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
              validation: BenchArrays | None) -> None:
-        wq, bq = fit_ridge(x, train.quality, self.alpha)
-        wt, bt = fit_ridge(x, log_tokens(train.output_tokens), self.alpha)
-        self.coef_ = {"quality_weights": wq, "quality_intercept": bq,
-                      "log_tokens_weights": wt, "log_tokens_intercept": bt}
+        self.coef_ = ridge_coef(x, train, self.alpha)
 
     def _predict(self, x: np.ndarray) -> ArmPredictions:
-        c = self.coef_
-        quality = np.clip(x @ c["quality_weights"] + c["quality_intercept"], 0.0, 1.0)
-        log_tok = x @ c["log_tokens_weights"] + c["log_tokens_intercept"]
-        return ArmPredictions(quality.astype(np.float32), tokens_from_log(log_tok))
+        quality, log_tok = ridge_predict(self.coef_, x)
+        return ArmPredictions(quality, tokens_from_log(log_tok))
 
     def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
         return {}, dict(self.coef_)

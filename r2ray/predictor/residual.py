@@ -49,7 +49,7 @@ from r2ray.predictor.carrot import masked_neighbour_mean, unit_rows
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.network import (MONOTONE_OPTIONS, NetworkConfig, R2Net, arm_table,
                                      budget_chain)
-from r2ray.predictor.per_arm import fit_ridge
+from r2ray.predictor.per_arm import ridge_coef, ridge_predict
 from r2ray.predictor.stacked import apply_stack, fit_stack
 from r2ray.predictor.torch_fit import (FitSettings, Targets, evaluate_loss, fit_module,
                                        input_normalisation, torch_threads)
@@ -58,20 +58,6 @@ LOGIT_EPS = 1e-3  # base q̂ clipped to [eps, 1 - eps] before its logit (Ridge i
 
 
 # ---- the base and the neighbour features: numpy, no torch --------------------------------------
-def ridge_predict(coef: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(q̂ [N, K] clipped to [0, 1], log(1 + t̂) [N, K]) of per-arm Ridge coefficients."""
-    quality = np.clip(x @ coef["quality_weights"] + coef["quality_intercept"], 0.0, 1.0)
-    return (quality.astype(np.float32),
-            (x @ coef["log_tokens_weights"] + coef["log_tokens_intercept"]).astype(np.float32))
-
-
-def ridge_coef(x: np.ndarray, train: BenchArrays, alpha: float) -> dict[str, np.ndarray]:
-    wq, bq = fit_ridge(x, train.quality, alpha)
-    wt, bt = fit_ridge(x, log_tokens(train.output_tokens), alpha)
-    return {"quality_weights": wq, "quality_intercept": bq,
-            "log_tokens_weights": wt, "log_tokens_intercept": bt}
-
-
 def out_of_fold_ridge(x: np.ndarray, train: BenchArrays, alpha: float, folds: int,
                       seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Ridge's q̂ and log t̂ [N, K] on each training row by a fit on the other folds."""
