@@ -106,6 +106,19 @@ def arm_table(catalog: Catalog, reference: Catalog | None = None) -> ArmTable:
     )
 
 
+def budget_chains(catalog: Catalog, monotone: str) -> list[np.ndarray]:
+    """Per model, its arm indices in ascending budget order (default last with
+    ``budgets+default``, left out with ``budgets``); none with ``none``."""
+    if monotone not in MONOTONE_OPTIONS:
+        raise ValueError(f"monotone must be one of {MONOTONE_OPTIONS}, got {monotone!r}")
+    if monotone == "none":
+        return []
+    # arms are model-major, budgets ascending, default last: the chain order is arm order
+    return [np.array([catalog.arm_of(model, b) for b in catalog.budgets_of(model)
+                      if b != DEFAULT_BUDGET or monotone == "budgets+default"])
+            for model in catalog.model_names]
+
+
 def budget_chain(catalog: Catalog, monotone: str) -> tuple[np.ndarray, np.ndarray]:
     """(C [K, K] float32, first [K] bool) for the monotone head.
 
@@ -113,20 +126,13 @@ def budget_chain(catalog: Catalog, monotone: str) -> tuple[np.ndarray, np.ndarra
     before j; the running-sum logit of arm j is Σ_l C[j, l] · increment_l. Rows of arms outside
     the chain are zero. ``first`` marks the smallest budget of each chain (its value is free).
     """
-    if monotone not in MONOTONE_OPTIONS:
-        raise ValueError(f"monotone must be one of {MONOTONE_OPTIONS}, got {monotone!r}")
     k = catalog.n_arms
     chain = np.zeros((k, k), dtype=np.float32)
     first = np.zeros(k, dtype=bool)
-    if monotone == "none":
-        return chain, first
-    for model in catalog.model_names:
-        # arms are model-major, budgets ascending, default last: the chain order is arm order
-        members = [catalog.arm_of(model, b) for b in catalog.budgets_of(model)
-                   if b != DEFAULT_BUDGET or monotone == "budgets+default"]
+    for members in budget_chains(catalog, monotone):
         for position, j in enumerate(members):
             chain[j, members[:position + 1]] = 1.0
-        if members:
+        if len(members):
             first[members[0]] = True
     return chain, first
 

@@ -41,14 +41,13 @@ from torch import nn
 
 from sklearn.isotonic import isotonic_regression
 
-from r2ray.catalog import DEFAULT_BUDGET, Catalog
+from r2ray.catalog import Catalog
 from r2ray.encoders import default_device
 from r2ray.predictor.base import (ArmPredictions, BasePredictor, carve_validation, column_means,
                                   fold_ids, log_tokens, tokens_from_log)
 from r2ray.predictor.carrot import masked_neighbour_mean, unit_rows
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.network import (MONOTONE_OPTIONS, NetworkConfig, R2Net, arm_table,
-                                     budget_chain)
+from r2ray.predictor.network import NetworkConfig, R2Net, arm_table, budget_chain, budget_chains
 from r2ray.predictor.per_arm import ridge_coef, ridge_predict
 from r2ray.predictor.stacked import apply_stack, fit_stack
 from r2ray.predictor.torch_fit import (FitSettings, Targets, evaluate_loss, fit_module,
@@ -88,18 +87,6 @@ def neighbour_means(unit_query: np.ndarray, unit_train: np.ndarray, values: np.n
         mean = masked_neighbour_mean(values, neighbours)
         out.append(np.where(np.isnan(mean), fallback, mean))
     return np.concatenate(out) if out else np.zeros((0, values.shape[1]), np.float32)
-
-
-def budget_chains(catalog: Catalog, monotone: str) -> list[np.ndarray]:
-    """Per model, its arm indices in ascending budget order (default last with
-    ``budgets+default``, left out with ``budgets``); none with ``none``."""
-    if monotone not in MONOTONE_OPTIONS:
-        raise ValueError(f"monotone must be one of {MONOTONE_OPTIONS}, got {monotone!r}")
-    if monotone == "none":
-        return []
-    return [np.array([catalog.arm_of(model, b) for b in catalog.budgets_of(model)
-                      if b != DEFAULT_BUDGET or monotone == "budgets+default"])
-            for model in catalog.model_names]
 
 
 def monotone_in_budget(quality: np.ndarray, chains: list[np.ndarray]) -> np.ndarray:
