@@ -50,6 +50,20 @@ def masked_neighbour_mean(values: np.ndarray, neighbours: np.ndarray) -> np.ndar
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
 
 
+def nearest_rows(unit_query: np.ndarray, unit_train: np.ndarray, k: int,
+                 exclude_self: bool = False, chunk: int = 2048):
+    """Yields, chunk by chunk of queries (bounding the (Q, N) similarity matrix), the [q, k]
+    indices of each query's ``k`` nearest training rows by cosine (unit rows in, ``k`` clipped to
+    what there is); ``exclude_self``: the queries are the training rows, each leaves itself out."""
+    k = min(k, len(unit_train) - int(exclude_self))
+    for start in range(0, len(unit_query), chunk):
+        similarity = unit_query[start:start + chunk] @ unit_train.T
+        if exclude_self:
+            rows = np.arange(len(similarity))
+            similarity[rows, rows + start] = -np.inf
+        yield np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+
+
 class CarrotKNN(BasePredictor):
     def __init__(self, arms: str = "default", k: int = 32, chunk_queries: int = 2048):
         self.arms, self.k, self.chunk_queries = arms, k, chunk_queries
@@ -68,11 +82,9 @@ class CarrotKNN(BasePredictor):
 
     def _predict(self, x: np.ndarray) -> ArmPredictions:
         t = self.train_
-        k = min(self.k, len(t["unit_embedding"]))
         quality, log_tok = [], []
-        for start in range(0, len(x), self.chunk_queries):  # bounds the (Q, N) similarity matrix
-            similarity = unit_rows(x[start:start + self.chunk_queries]) @ t["unit_embedding"].T
-            neighbours = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        for neighbours in nearest_rows(unit_rows(x), t["unit_embedding"], self.k,
+                                       chunk=self.chunk_queries):
             quality.append(masked_neighbour_mean(t["quality"], neighbours))
             log_tok.append(masked_neighbour_mean(t["log_tokens"], neighbours))
         n_arms = self.catalog_.n_arms

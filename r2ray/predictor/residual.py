@@ -45,7 +45,7 @@ from r2ray.catalog import Catalog
 from r2ray.encoders import default_device
 from r2ray.predictor.base import (ArmPredictions, BasePredictor, carve_validation, column_means,
                                   fold_ids, log_tokens, tokens_from_log)
-from r2ray.predictor.carrot import masked_neighbour_mean, unit_rows
+from r2ray.predictor.carrot import masked_neighbour_mean, nearest_rows, unit_rows
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.network import NetworkConfig, R2Net, arm_table, budget_chain, budget_chains
 from r2ray.predictor.per_arm import ridge_coef, ridge_predict
@@ -75,15 +75,9 @@ def neighbour_means(unit_query: np.ndarray, unit_train: np.ndarray, values: np.n
     """[Q, A] mean of the observed ``values`` [N, A] over each query's ``k`` nearest training
     queries (cosine); ``exclude_self``: the queries are the training rows, each leaves itself
     out. A column none of the neighbours observed gets its training mean."""
-    k = min(k, len(unit_train) - int(exclude_self))
     fallback = column_means(values, fallback=0.5)
     out = []
-    for start in range(0, len(unit_query), chunk):
-        similarity = unit_query[start:start + chunk] @ unit_train.T
-        if exclude_self:
-            rows = np.arange(len(similarity))
-            similarity[rows, rows + start] = -np.inf
-        neighbours = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    for neighbours in nearest_rows(unit_query, unit_train, k, exclude_self, chunk):
         mean = masked_neighbour_mean(values, neighbours)
         out.append(np.where(np.isnan(mean), fallback, mean))
     return np.concatenate(out) if out else np.zeros((0, values.shape[1]), np.float32)
