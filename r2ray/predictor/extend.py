@@ -49,7 +49,7 @@ from r2ray.predictor.base import (ArmPredictions, BasePredictor, data_fingerprin
                                   log_tokens, training_embedding)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.diagnostics import summary_metrics
-from r2ray.predictor.network import R2Net, arm_table, budget_chain, chain_sums
+from r2ray.predictor.network import R2Net, arm_table, budget_chain
 from r2ray.predictor.per_arm import fit_ridge
 from r2ray.predictor.quality_calibration import extend_quality_calibration, fit_quality_calibration
 from r2ray.predictor.token_calibration import extend_token_calibration, fit_token_calibration
@@ -207,28 +207,18 @@ class NewArms(nn.Module):
         self.first = net.chain_first[self.arms]
 
     def query_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        net = self.net
         with torch.no_grad():
-            x = (x - net.x_mean) / net.x_scale
-            factors = net.query_factors(x) if net.query_factors is not None else None
-            return net.query_tower(x), factors
+            return self.net.query_side(x)
 
     def forward(self, h: torch.Tensor, factors: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         net = self.net
         models = net.model_embedding.weight.detach().index_put((self.model_rows,), self.models)
         budgets = net.budget_embedding.weight.detach().index_put((self.budget_rows,), self.budgets)
-        arm_in = torch.cat([models[net.arm_model[self.arms]], budgets[net.arm_budget[self.arms]],
-                            net.arm_features[self.arms]], dim=1)
-        out = net.head(torch.nn.functional.gelu(h[:, None, :] + net.arm_tower(arm_in)[None]))
-        if factors is not None:
-            per_arm = net.arm_factors.view(net.config.rank, -1, 2)[:, self.arms].reshape(
-                net.config.rank, -1)
-            out = out + (factors @ per_arm).view(len(h), -1, 2)
-        raw = out[..., 0] + self.bias[0]
-        if net.config.monotone != "none":
-            raw = chain_sums(raw, self.chain, self.first)
-        return raw, out[..., 1] + self.bias[1]
+        per_arm = (net.arm_factors.view(net.config.rank, -1, 2)[:, self.arms].reshape(
+            net.config.rank, -1) if factors is not None else None)
+        return net.joint(h, factors, net.arm_vectors(models, budgets, self.arms), per_arm,
+                         self.bias, self.chain, self.first)
 
     def penalty(self) -> torch.Tensor:
         return sum(((p - s) ** 2).sum() for p, s in zip(

@@ -196,28 +196,47 @@ class R2Net(nn.Module):
         self.x_mean.copy_(torch.as_tensor(x_mean))
         self.x_scale.copy_(torch.as_tensor(x_scale))
 
-    def arm_vectors(self) -> torch.Tensor:
-        arm_in = torch.cat([self.model_embedding(self.arm_model),
-                            self.budget_embedding(self.arm_budget), self.arm_features], dim=1)
-        return self.arm_tower(arm_in)  # (K, H)
+    def arm_vectors(self, model_weights: torch.Tensor | None = None,
+                    budget_weights: torch.Tensor | None = None,
+                    arms: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, H), or (A, H) for ``arms``; ``model_weights`` / ``budget_weights`` stand in for the
+        embedding tables (the warm start fits new rows of them: :mod:`r2ray.predictor.extend`)."""
+        models = self.model_embedding.weight if model_weights is None else model_weights
+        budgets = self.budget_embedding.weight if budget_weights is None else budget_weights
+        index = slice(None) if arms is None else arms
+        arm_in = torch.cat([models[self.arm_model[index]], budgets[self.arm_budget[index]],
+                            self.arm_features[index]], dim=1)
+        return self.arm_tower(arm_in)
+
+    def query_side(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, D) → h (B, H) and the bilinear part's query factors (B, r), or None."""
+        x = (x - self.x_mean) / self.x_scale
+        return self.query_tower(x), (self.query_factors(x) if self.query_factors is not None
+                                     else None)
+
+    def joint(self, h: torch.Tensor, factors: torch.Tensor | None, arm_vectors: torch.Tensor,
+              arm_factors: torch.Tensor | None, bias: torch.Tensor, chain: torch.Tensor,
+              first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query side × arm side → quality logits, log(1 + output tokens) (B, A) over the arms
+        whose vectors (A, H), factors (r, 2A), biases (2, A) and chain (A, A) are given."""
+        out = self.head(F.gelu(h[:, None, :] + arm_vectors[None, :, :]))   # (B, A, 2)
+        if factors is not None:
+            out = out + (factors @ arm_factors).view(len(h), -1, 2)
+        return self.monotone_logits(out[..., 0] + bias[0], chain, first), out[..., 1] + bias[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, D) → quality logits (B, K), log(1 + output tokens) (B, K)."""
-        x = (x - self.x_mean) / self.x_scale
-        h = self.query_tower(x)                                     # (B, H)
-        z = F.gelu(h[:, None, :] + self.arm_vectors()[None, :, :])  # (B, K, H)
-        out = self.head(z)                                          # (B, K, 2)
-        if self.query_factors is not None:
-            out = out + (self.query_factors(x) @ self.arm_factors).view(len(x), -1, 2)
-        raw_quality = out[..., 0] + self.arm_bias[0]
-        log_tokens = out[..., 1] + self.arm_bias[1]
-        return self.monotone_logits(raw_quality), log_tokens
+        return self.joint(*self.query_side(x), self.arm_vectors(), self.arm_factors,
+                          self.arm_bias, self.chain, self.chain_first)
 
-    def monotone_logits(self, raw: torch.Tensor) -> torch.Tensor:
-        """Running sums of softplus increments along each model's budget chain (B, K)."""
+    def monotone_logits(self, raw: torch.Tensor, chain: torch.Tensor | None = None,
+                        first: torch.Tensor | None = None) -> torch.Tensor:
+        """Running sums of softplus increments along each model's budget chain (B, K), or along
+        the ``chain`` / ``first`` given for a subset of the arms."""
         if self.config.monotone == "none":
             return raw
-        return chain_sums(raw, self.chain, self.chain_first)
+        return chain_sums(raw, self.chain if chain is None else chain,
+                          self.chain_first if first is None else first)
 
 
 def chain_sums(raw: torch.Tensor, chain: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
