@@ -63,10 +63,10 @@ def arm_scores(quality: np.ndarray, output_tokens: np.ndarray, catalog: Catalog,
     if cost_factors is not None:
         cost = cost * np.asarray(cost_factors, dtype=np.float64)[None, :]
     usable = context_fits(catalog, input_tokens) & np.isfinite(quality) & np.isfinite(cost)
-    if allowed is not None:
-        usable &= np.broadcast_to(allowed, usable.shape)
-    return ArmScores(np.where(usable, quality, np.nan).astype(np.float32),
-                     np.where(usable, output_tokens, np.nan).astype(np.float32),
+    if allowed is not None:   # in place: a shape that does not broadcast to [N, K] is an error
+        usable &= allowed     # (np.broadcast_to checked the same: a quarter of a one-row call)
+    return ArmScores(np.where(usable, quality, np.nan).astype(np.float32, copy=False),
+                     np.where(usable, output_tokens, np.nan).astype(np.float32, copy=False),
                      np.where(usable, cost, np.nan))
 
 

@@ -10,7 +10,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from r2ray.solver import (
-    DEFER_ARM, NO_ARM, InfeasibleBudget, choose_arm, choose_arms, hull_steps, solve_budget)
+    DEFER_ARM, NO_ARM, InfeasibleBudget, choose_arm, choose_arms, hull_steps, solve_budget,
+    tie_hash)
 from solver_highs import (
     budget_between, chosen, cheapest_total, dual_value, highs_lp, highs_milp, instances)
 
@@ -85,6 +86,42 @@ def test_online_choice_agrees_with_the_batch(instance, fraction, seed):
     for i in np.flatnonzero(~result.filled)[:3]:
         assert choose_arm(q[i], c[i], cert.lam, tie_cut=cert.tie_cut, seed=seed,
                           query_key=i) == result.arm[i]
+
+
+@settings(max_examples=300, deadline=None)
+@given(instances(max_queries=8, max_arms=8), st.integers(0, 7), st.integers(0, 2**64 - 1),
+       st.sampled_from([0.0, 0.25, 0.5, 1.0]) | st.floats(0, 1), st.data())
+def test_one_row_choice_is_the_rows_choice(instance, seed, key0, tie_cut, data):
+    """``choose_arm`` (the one-row path Serve calls) is ``choose_arms``'s row, bit for bit: at
+    prices that tie a step exactly (the hash decides), between and around them, 0, -0.0, inf
+    and NaN; rows with NaN/inf arms or no valid arm at all; any tie cut, seed and key."""
+    q, c = instance
+    keys = (np.arange(q.shape[0], dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            + np.uint64(key0))                             # wraps: keys across the uint64 range
+    steps = hull_steps(q, c)
+    tied = (steps.dq / steps.dc).tolist()
+    lam = data.draw(st.sampled_from(tied + [0.0, -0.0, math.inf, math.nan]) if tied
+                    else st.sampled_from([0.0, -0.0, math.inf, math.nan]))
+    lam = data.draw(st.sampled_from([lam, np.nextafter(lam, 0), np.nextafter(lam, np.inf),
+                                     lam * 0.5]))
+    rows = choose_arms(q, c, lam, tie_cut=tie_cut, seed=seed, query_key=keys)
+    one = [choose_arm(q[i], c[i], lam, tie_cut=tie_cut, seed=seed, query_key=int(keys[i]))
+           for i in range(q.shape[0])]
+    assert one == rows.tolist()
+
+
+def test_one_row_choice_splits_ties_like_the_rows():
+    q, c = identical_queries(64)
+    keys = np.arange(64, dtype=np.uint64) * np.uint64(7919)
+    steps = hull_steps(q, c)
+    lam = float(steps.dq[0] / steps.dc[0])                 # every copy's one step ties
+    on_the_cut = int(tie_hash(3, keys[:1])[0]) / 2**32     # copy 0's hash is the cut: not taken
+    for seed, cut in ((0, 0.5), (3, 0.2), (5, 0.0), (5, 1.0), (3, on_the_cut)):
+        rows = choose_arms(q, c, lam, tie_cut=cut, seed=seed, query_key=keys)
+        assert [choose_arm(q[i], c[i], lam, tie_cut=cut, seed=seed, query_key=int(keys[i]))
+                for i in range(64)] == rows.tolist()
+        if 0 < cut < 1:
+            assert 0 < (rows == 1).sum() < 64              # the hash splits the tied copies
 
 
 def identical_queries(n: int):

@@ -26,7 +26,7 @@ from r2ray.encoders import embed_or_encode, has_text_encoder
 from r2ray.errors import R2RayError
 from r2ray.redaction import redact_uri
 from r2ray.routing import ArmScores, allowed_arms, arm_scores, routed_request
-from r2ray.solver import NO_ARM, choose_arms
+from r2ray.solver import NO_ARM, choose_arm, choose_arms
 
 
 class RouteRejected(R2RayError, ValueError):
@@ -194,6 +194,10 @@ def decide(model: RoutingModel, scores: ArmScores,
     for i, item in enumerate(items):
         groups.setdefault((prices[i], item.tie_cut, item.seed), []).append(i)
     for (lam, tie_cut, seed), rows in groups.items():
+        if len(rows) == 1:   # a lone request: the one-row path (same arm, a fifth of the cost)
+            arms[rows[0]] = choose_arm(scores.quality[rows[0]], scores.cost_usd[rows[0]], lam,
+                                       tie_cut=tie_cut, seed=seed, query_key=items[rows[0]].key)
+            continue
         keys = np.array([items[i].key for i in rows], dtype=np.uint64)
         arms[rows] = choose_arms(scores.quality[rows], scores.cost_usd[rows], lam,
                                  tie_cut=tie_cut, seed=seed, query_key=keys)
