@@ -183,8 +183,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                        "backlog (skips the encoder)")
     train.add_argument("--catalog", help="catalogue YAML (default: <bench>.catalog.yaml beside "
                        "the bench, else the default pool)")
-    train.add_argument("--split", choices=["random", "category"], default="random",
-                       help="test split: random 20%% of queries, or leave one category out")
+    train.add_argument("--split", choices=["random", "category"],
+                       help="test split: random 20%% of queries (default), or leave one category "
+                            "out")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, help="most epochs (early stopping may end sooner)")
     train.add_argument("--register", metavar="NAME", help="registered model name (required; "
@@ -199,8 +200,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                        help="cv (default without --predictor): choose among --candidates by "
                             "K-fold cross-validation on the training part and register the "
                             "winner; none (default with --predictor): fit --predictor alone")
-    train.add_argument("--candidates", default="small",
-                       help="cv candidates: a set (small: per_arm_ridge, carrot_knn_all, r2ray, "
+    train.add_argument("--candidates",
+                       help="cv candidates: a set (small, the default: per_arm_ridge, "
+                            "carrot_knn_all, r2ray, "
                             "stacked; fast: no network; full: every candidate) or names, "
                             "comma-separated (r2ray.predictor.selection.CANDIDATES)")
     train.add_argument("--folds", type=int, default=3, help="cv folds, by query (default 3)")
@@ -225,7 +227,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 WARM_START_SETTINGS = ("prior",)   # and --folds: the calibrations' cross-fitting folds
-NOT_WITH_WARM_START = ("select", "predictor", "epochs", "tune", "tune_storage", "encoder")
+NOT_WITH_WARM_START = ("select", "predictor", "epochs", "tune", "tune_storage", "encoder", "split",
+                       "candidates")   # flags that default to None: given means typed
 
 
 def _warm_start(args: argparse.Namespace) -> None:
@@ -269,7 +272,9 @@ def _train(args: argparse.Namespace) -> None:
     fields = ("bench", "queries", "catalog", "split", "seed", "epochs", "promote",
               "tracking_uri", "encoder", "experiment", "candidates", "folds", "tune",
               "tune_storage")
-    config = TrainConfig(**{name: getattr(args, name) for name in fields},
+    given = {name: getattr(args, name) for name in fields}
+    config = TrainConfig(**{**given, "split": args.split or "random",
+                            "candidates": args.candidates or "small"},
                          registered_name=args.register, settings=parse_settings(args.settings),
                          predictor=args.predictor or "r2ray",
                          select=args.select or ("none" if args.predictor else "cv"))

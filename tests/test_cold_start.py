@@ -213,6 +213,8 @@ def test_cli_warm_start_registers_logs_and_promotes_the_extension(benches, capsy
     (["--register", "x"], "--warm-start needs --catalog"),
     (["--catalog", "{folder}/full.catalog.yaml"], "give --register NAME"),
     (["--catalog", "{folder}/full.catalog.yaml", "--epochs", "3"], "drop --epochs"),
+    (["--catalog", "{folder}/full.catalog.yaml", "--split", "random"], "drop --split"),
+    (["--catalog", "{folder}/full.catalog.yaml", "--candidates", "fast"], "drop --candidates"),
     (["--catalog", "{folder}/full.catalog.yaml", "--set", "alpha=3"],
      "takes --set prior; not alpha"),
     (["--catalog", "{folder}/full.catalog.yaml", "--folds", "1"],   # --folds reaches the config
