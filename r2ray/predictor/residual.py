@@ -51,7 +51,7 @@ from r2ray.predictor.network import NetworkConfig, R2Net, arm_table, budget_chai
 from r2ray.predictor.per_arm import ridge_coef, ridge_predict
 from r2ray.predictor.stacked import apply_stack, fit_stack
 from r2ray.predictor.torch_fit import (FitSettings, Targets, evaluate_loss, fit_module,
-                                       input_normalisation, torch_threads)
+                                       inference_rows, input_normalisation, torch_threads)
 
 LOGIT_EPS = 1e-3  # base q̂ clipped to [eps, 1 - eps] before its logit (Ridge is unbounded)
 
@@ -253,18 +253,33 @@ class ResidualPredictor(BasePredictor):
     def _predict_unconstrained(self, x: np.ndarray) -> ArmPredictions:
         ridge = ridge_predict(self.coef_, x)
         quality, log_tok, neighbour_q = self._base(ridge, self._neighbours(x) if self.knn else None)
-        if self.networks_:
-            z = torch.as_tensor(network_inputs(x, quality, log_tok, neighbour_q))
-            with torch_threads(self.threads), torch.inference_mode():
-                outputs = [network(z) for network in self.networks_]
-            quality = torch.sigmoid(torch.stack([q for q, _ in outputs]).mean(dim=0)).numpy()
-            log_tok = torch.stack([t for _, t in outputs]).mean(dim=0).numpy()
+        if self.networks_ and len(x):
+            quality, log_tok = self._members_mean(x, quality, log_tok, neighbour_q)
         # an arm with no training outcome (the base's NaN) is NaN, not the neighbours' fallback or
         # a network's output, with or without members
         unobserved = np.isnan(ridge[0])
         return ArmPredictions(np.where(unobserved, np.nan, quality).astype(np.float32),
                               np.where(unobserved, np.nan, tokens_from_log(log_tok))
                               .astype(np.float32))
+
+    def _members_mean(self, x: np.ndarray, quality: np.ndarray, log_tok: np.ndarray,
+                      neighbour_q: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(q̂, log t̂) [N, K]: the members' mean logit and log tokens, in row batches whose (B, K,
+        H) joint activation stays within cache (all N at once: 18 GB at 200k rows × 176 arms)."""
+        network = self.networks_[0].config.network
+        rows = inference_rows(network["n_arms"] * network["joint_hidden"])
+        parts = []
+        with torch_threads(self.threads), torch.inference_mode():
+            for start in range(0, len(x), rows):
+                part = slice(start, start + rows)
+                z = torch.as_tensor(network_inputs(
+                    x[part], quality[part], log_tok[part],
+                    None if neighbour_q is None else neighbour_q[part]))
+                outputs = [member(z) for member in self.networks_]
+                parts.append((torch.sigmoid(torch.stack([q for q, _ in outputs]).mean(dim=0)),
+                              torch.stack([t for _, t in outputs]).mean(dim=0)))
+        return (torch.cat([q for q, _ in parts]).numpy(),
+                torch.cat([t for _, t in parts]).numpy())
 
     # ---- persistence --------------------------------------------------------------------------
     def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
