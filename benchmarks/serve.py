@@ -14,12 +14,16 @@ alternating rounds so that a busy machine shifts both sides of each ratio alike:
 2. HTTP p50 ÷ in-process ``route_items()`` p50 on the same queries (goal <= 1.5);
 3. throughput with batching ÷ without, at 8 and 32 concurrent clients (goal >= 2 at 32);
 4. requests that carry a precomputed ``embedding`` (no encoder): r2ray's HTTP p50 against the
-   floor's on the same bodies (goal: at most 3 ms above it), and against in-process routing.
+   floor's on the same bodies (goal: at most 3 ms above it), and against in-process routing;
+   and the CPU each replica's process spent per request (Linux ``/proc``), which a busy host
+   shifts less than latency: what r2ray's code costs inside Serve, against the floor's.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
 import socket
 import statistics
 import tempfile
@@ -84,19 +88,58 @@ async def timed_requests(url: str, bodies: list[dict], clients: int) -> tuple[li
         return latencies, time.perf_counter() - start
 
 
-def in_process_latencies(model, bodies: list[dict]) -> list[float]:
+def in_process_latencies(model, bodies: list[dict], evict: np.ndarray | None = None) -> list[float]:
+    """Seconds to route each body in this process. ``evict``: an array summed before each
+    request (not timed), so that the routing code and data start cold, as in a replica where
+    Serve's own per-request work runs in between."""
     from r2ray.prompting import estimate_tokens
     from r2ray.routing import query_key
     from r2ray.serving.router import RouteItem, route_items
 
     out = []
     for body in bodies:
+        if evict is not None:
+            evict.sum()
         start = time.perf_counter()
         item = RouteItem(body["query"], estimate_tokens(body["query"]), query_key(body["query"]),
                          body["lambda"], embedding=body.get("embedding"))
         route_items(model, [item])
         out.append(time.perf_counter() - start)
     return out
+
+
+def serve_process(tag: str) -> int | None:
+    """PID of this run's Ray worker whose command line holds ``tag`` (Ray names a replica
+    ``ray::ServeReplica:APP:DEPLOYMENT``); only this process's descendants, since other Ray
+    clusters may run on the host. None where /proc cannot tell (not Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if tag.encode() in f.read():
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds the process has used so far (NaN when unknown)."""
+    if pid is None:
+        return math.nan
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def alternate(rounds: int, a, b) -> tuple[list, list]:
@@ -175,11 +218,18 @@ def main(argv: list[str] | None = None) -> None:
               f"q/s, unbatched {n_queries / statistics.median(unbatched):6.1f} q/s, "
               f"batched / unbatched = {ratio:.2f}  (goal >= 2)")
 
-    floor_given, http_given, local_given = [], [], []
+    floor_given, http_given, local_given, cold_given = [], [], [], []
+    evict = np.ones(64 << 17)   # 64 MiB: 16x the L2 caches here (a shared L3 may keep some)
+    replicas = {"/f": serve_process("ServeReplica:f:FloorIngress"),
+                "/b": serve_process("ServeReplica:b:Ingress")}
+    replica_cpu = {"/f": 0.0, "/b": 0.0}
     for _ in range(rounds):
-        floor_given += run("/f", given, 1)[0]
-        http_given += run("/b", given, 1)[0]
+        for path, latencies in (("/f", floor_given), ("/b", http_given)):
+            before = cpu_s(replicas[path])
+            latencies += run(path, given, 1)[0]
+            replica_cpu[path] += cpu_s(replicas[path]) - before
         local_given += in_process_latencies(local, given)
+        cold_given += in_process_latencies(local, given, evict)
     floor, http, in_process = (percentile(x, 50) * 1e3 for x in (floor_given, http_given,
                                                                   local_given))
     tails = lambda x: f"p95 {percentile(x, 95) * 1e3:.1f}, p99 {percentile(x, 99) * 1e3:.1f}"  # noqa: E731
@@ -189,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"r2ray - floor = {http - floor:+.1f} ms p50, "
           f"{(percentile(http_given, 95) - percentile(floor_given, 95)) * 1e3:+.1f} ms p95  "
           f"(goal: p50 <= +3 ms)")
+    per_request = {p: replica_cpu[p] / (n_queries * rounds) * 1e3 for p in replica_cpu}
+    print(f"replica CPU per request (its process, /proc): r2ray ingress {per_request['/b']:.2f} ms, "
+          f"floor {per_request['/f']:.2f} ms, r2ray - floor {per_request['/b'] - per_request['/f']:+.2f} "
+          f"ms; in-process routing p50 {in_process:.2f} ms, with caches evicted before each "
+          f"request {percentile(cold_given, 50) * 1e3:.2f} ms")
     serve.shutdown()
     ray.shutdown()
 
