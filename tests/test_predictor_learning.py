@@ -10,7 +10,7 @@ from predictor_world import planted_arrays, small_catalog
 from r2ray.predictor import make_predictor
 from r2ray.predictor.base import default_arm_mask
 from r2ray.predictor.diagnostics import per_arm_brier, overall
-from r2ray.predictor.torch_fit import FitSettings, Targets, evaluate_loss
+from r2ray.predictor.torch_fit import FitSettings, Targets, evaluate_loss, training_schedule
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_early_stopping_keeps_the_best_validation_weights(data, catalog):
     assert history.best_epoch == history.epochs_run - 2  # patience 2 after the best epoch
     best = min(history.validation_loss)
     restored = evaluate_loss(predictor.network_, Targets.from_arrays(
-        validation, validation.embedding, "cpu"), FitSettings())
+        validation, validation.embedding, "cpu"), FitSettings(batch_size=history.batch_size))
     assert restored == pytest.approx(best, rel=1e-5)
 
 
@@ -89,3 +89,27 @@ def test_training_is_seeded(data, catalog):
             for s in (3, 3, 4)]
     np.testing.assert_array_equal(runs[0].quality, runs[1].quality)
     assert not np.array_equal(runs[0].quality, runs[2].quality)
+
+
+def test_the_schedule_plans_steps_and_keeps_what_is_given():
+    # neither given: ~16 steps a pass (batch a power of two, 128-512), epochs up to the step
+    # budget, at most 40
+    assert training_schedule(2160, None, None, steps=1000) == (128, 40)    # 17 steps × 40
+    assert training_schedule(150, None, None, steps=1000) == (128, 40)     # tiny: 2 steps × 40
+    assert training_schedule(16_000, None, None, steps=1000) == (512, 32)  # 32 steps × 32
+    assert training_schedule(100_000, None, None, steps=1000) == (512, 6)  # 196 steps × 6
+    # given values are kept; epochs alone keep the epoch plan's batch (short fits stay short)
+    assert training_schedule(2160, None, 3, steps=1000) == (512, 3)
+    assert training_schedule(2160, 64, None, steps=300) == (64, 9)
+    assert training_schedule(2160, 64, 5, steps=300) == (64, 5)
+
+
+def test_the_default_fit_takes_the_planned_steps_and_records_them(data, catalog):
+    train, test, _ = data
+    predictor = make_predictor("r2ray", steps=12, seed=0).fit(
+        train.subset(np.arange(600)), catalog, validation=test.subset(np.arange(100)))
+    history = predictor.history_
+    assert history.batch_size == 128                       # 600 rows / 16, within 128-512
+    assert history.steps_run == history.epochs_run * 5     # 5 batches of ≤ 128 per pass
+    assert history.epochs_run <= 3                         # 12 steps → 3 passes at most
+    assert predictor.state()[0]["fitted"]["history"]["steps_run"] == history.steps_run

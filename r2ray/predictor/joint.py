@@ -11,16 +11,24 @@ from r2ray.predictor.torch_fit import TorchPredictor, arm_means, input_normalisa
 
 
 class R2RayPredictor(TorchPredictor):
-    """Query embedding × model × budget → q̂ and t̂ for every arm, in one forward pass."""
+    """Query embedding × model × budget → q̂ and t̂ for every arm, in one forward pass.
+
+    Trained for up to ``steps`` optimiser steps: ``batch_size`` and ``epochs`` left None are
+    derived from the number of training queries (:func:`~r2ray.predictor.torch_fit.
+    training_schedule`: batch 128 and 40 epochs at a few thousand queries); given, they are kept
+    (``epochs`` alone: batch 512, the old plan; predictors saved with epochs 12, batch 512 refit
+    as they were). ``patience`` is in epochs: 8, as the measured plan had it.
+    """
 
     name = "r2ray"
     network_class, config_class = R2Net, NetworkConfig
 
     def __init__(self, query_hidden: int = 256, joint_hidden: int = 128, head_hidden: int = 64,
                  rank: int = 0, model_embedding_dim: int = 16, budget_embedding_dim: int = 8,
-                 dropout: float = 0.1, monotone: str = "none", epochs: int = 12,
-                 batch_size: int = 512, learning_rate: float = 3e-3, weight_decay: float = 1e-4,
-                 patience: int = 3, token_weight: float = 0.5, validation_fraction: float = 0.1,
+                 dropout: float = 0.1, monotone: str = "none", epochs: int | None = None,
+                 batch_size: int | None = None, steps: int = 1000, learning_rate: float = 3e-3,
+                 weight_decay: float = 1e-4, patience: int = 8, token_weight: float = 0.5,
+                 validation_fraction: float = 0.1,
                  seed: int = 0, device: str | None = None, threads: int | None = 1,
                  time_limit_s: float | None = None,
                  precision: str = "auto"):
@@ -29,7 +37,8 @@ class R2RayPredictor(TorchPredictor):
         self.model_embedding_dim = model_embedding_dim
         self.budget_embedding_dim = budget_embedding_dim
         self.dropout, self.monotone = dropout, monotone
-        self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
+        self.epochs, self.batch_size, self.steps = epochs, batch_size, steps
+        self.learning_rate = learning_rate
         self.weight_decay, self.patience, self.token_weight = weight_decay, patience, token_weight
         self.validation_fraction, self.seed = validation_fraction, seed
         self.device, self.threads, self.time_limit_s = device, threads, time_limit_s

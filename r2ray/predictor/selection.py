@@ -1,7 +1,8 @@
 """``selected``: choose the predictor by K-fold cross-validation on the training data, then refit it.
 
 Candidates (``CANDIDATES``) are registry entries at given settings: the joint network at a few
-capacities and regularisation strengths, per-arm Ridge at two strengths, CARROT KNN / linear on
+capacities and regularisation strengths (each on the default step budget; the former
+``r2ray_steps``, batch 128 for 40 epochs, is now the default's plan below ~2,900 queries), per-arm Ridge at two strengths, CARROT KNN / linear on
 every arm, and ``stacked``, a per-arm convex blend of the other candidates in the set
 (:mod:`r2ray.predictor.stacked`). Folds are by query, over the training data only (the caller
 never passes its test split). Every candidate is fitted ``folds`` times and predicts the fold it
@@ -43,9 +44,6 @@ CANDIDATES: dict[str, tuple[str, dict]] = {   # name → (registry key, settings
     "r2ray_small": ("r2ray", {"query_hidden": 64, "joint_hidden": 64, "head_hidden": 32}),
     "r2ray_decay": ("r2ray", {"weight_decay": 0.5, "dropout": 0.3}),
     "r2ray_rank": ("r2ray", {"rank": 16}),
-    "r2ray_steps": ("r2ray", {"batch_size": 128, "epochs": 40, "patience": 8}),  # ~10x the
-    # optimiser steps at a few thousand queries: world seed 11, 3,000 queries, AUDC 0.920 vs 0.880
-    # (benchmarks/small_data.py, 2 splits); on the real benches it trails Ridge by 0.0005-0.012
     "r2ray_residual": ("r2ray_residual", {}),
     "per_arm_ridge": ("per_arm_ridge", {}),
     "per_arm_ridge_strong": ("per_arm_ridge", {"alpha": 100.0}),
