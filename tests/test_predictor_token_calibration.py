@@ -10,7 +10,8 @@ from predictor_world import planted_arrays, small_catalog
 
 from r2ray.predictor import load_predictor, make_predictor, save_predictor
 from r2ray.predictor.persist import CONFIG_FILE
-from r2ray.predictor.token_calibration import arm_caps_tokens, fit_token_calibration
+from r2ray.predictor.token_calibration import (BEYOND_TOKENS, TokenCalibration, arm_caps_tokens,
+                                               fit_token_calibration)
 
 SIGMA = 0.8
 
@@ -81,3 +82,52 @@ def test_save_load_keeps_the_correction_and_older_files_still_load(tmp_path):
     assert older.token_calibration_ is None
     np.testing.assert_array_equal(older.predict(test.embedding).output_tokens,
                                   predictor._predict(test.embedding).output_tokens)
+
+
+def take_along_rule(calibration, tokens_hat: np.ndarray) -> np.ndarray:
+    """mean_tokens as first written: the bin's factor by take_along_axis, then np.clip."""
+    tokens_hat = np.maximum(tokens_hat, 0.0).astype(np.float64)
+    bins = (tokens_hat[:, :, None] > calibration.edges[None]).sum(axis=2)
+    factor = np.take_along_axis(calibration.smearing[None], bins[:, :, None], axis=2)[..., 0]
+    return np.clip((1.0 + tokens_hat) * factor - 1.0, 0.0,
+                   calibration.cap_tokens).astype(np.float32)
+
+
+def odd_tokens(rng, n: int, k: int) -> np.ndarray:
+    """t̂ [n, K] float32 around, on and beyond bin edges and caps, with NaN, ±inf, -0.0, < 0."""
+    tokens = rng.choice([rng.uniform(-5, 3000), 0.0, -0.0, 20.0, 100.0, np.nan, np.inf, -np.inf],
+                        size=(n, k), p=[0.65, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
+    return np.where(rng.random((n, k)) < 0.5, rng.uniform(-5, 3000, size=(n, k)),
+                    tokens).astype(np.float32)
+
+
+def test_mean_tokens_is_bit_identical_to_the_take_along_rule():
+    """The flat factor table built at construction gives exactly the first rule's values: on
+    random calibrations (edges beyond use, factors < 1 and > 1, caps), and on one fitted, saved
+    and loaded with a predictor."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        k = int(rng.integers(1, 20))
+        edges = np.round(rng.uniform(0, 800, size=(k, 3)))   # whole tokens: t̂ can sit on one
+        edges[rng.random((k, 3)) < 0.2] = BEYOND_TOKENS
+        edges = np.sort(edges, axis=1)
+        calibration = TokenCalibration(edges, rng.uniform(0.0, 3.0, size=(k, 4)),
+                                       rng.choice([20.0, 110.0, 440.0, 4096.0], size=k))
+        tokens = odd_tokens(rng, int(rng.integers(1, 4)), k)
+        on_edge = rng.random(tokens.shape) < 0.3
+        tokens[on_edge] = np.broadcast_to(edges[:, 0], tokens.shape)[on_edge]
+        got = calibration.mean_tokens(tokens)
+        assert got.tobytes() == take_along_rule(calibration, tokens).tobytes(), trial
+
+
+def test_mean_tokens_is_bit_identical_after_save_and_load(tmp_path):
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=300, dim=8, seed=0)
+    predictor = make_predictor("per_arm_ridge").fit(train, catalog)
+    fitted = predictor.token_calibration_
+    loaded = load_predictor(save_predictor(predictor, str(tmp_path))).token_calibration_
+    rng = np.random.default_rng(1)
+    for n in (1, 1, 9):
+        tokens = odd_tokens(rng, n, catalog.n_arms)
+        tokens[:, 0] = fitted.edges[0, 0]              # on an edge (float32 rounds it)
+        assert loaded.mean_tokens(tokens).tobytes() == take_along_rule(fitted, tokens).tobytes()

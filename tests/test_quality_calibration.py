@@ -85,3 +85,58 @@ def test_predictors_apply_it_and_report_both_ways():
     assert report["ece"] == ece(used.quality, test.quality)
     assert report["ece_uncalibrated"] == ece(raw.quality, test.quality)
     assert sum(report["bins"]["count"]) == np.isfinite(test.quality).sum()
+
+
+def per_arm_rule(calibration: QualityCalibration, quality: np.ndarray) -> np.ndarray:
+    """The map as first written, arm by arm: interp the finite cells, leave the rest."""
+    out = np.array(quality, dtype=np.float32, copy=True)
+    for j, g in enumerate(calibration.group):
+        finite = np.isfinite(out[:, j])
+        if g >= 0:
+            out[finite, j] = np.interp(out[finite, j], calibration.knots_x[g],
+                                       calibration.knots_y[g])
+    return out
+
+
+def odd_quality(rng, n: int, k: int) -> np.ndarray:
+    """q̂ [n, K] float32 inside and outside the knots, with NaN, ±inf and -0.0 cells."""
+    quality = rng.uniform(-0.2, 1.2, size=(n, k)).astype(np.float32)
+    cells = rng.random(quality.shape)
+    quality[cells < 0.1] = np.nan
+    quality[(cells >= 0.1) & (cells < 0.13)] = np.inf
+    quality[(cells >= 0.13) & (cells < 0.16)] = -np.inf
+    quality[(cells >= 0.16) & (cells < 0.18)] = -0.0
+    return quality
+
+
+def test_apply_is_bit_identical_to_the_per_arm_rule_on_random_maps():
+    """Arm indices found once at construction (slices for adjacent arms, indices for scattered
+    ones) map exactly as the per-arm rule does, one row or many."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        k = int(rng.integers(1, 30))
+        n_maps = int(rng.integers(0, 5))
+        group = rng.integers(-1, n_maps, size=k) if n_maps else np.full(k, -1)
+        if trial % 3 == 0:
+            group = np.sort(group)                 # maps over adjacent arms: slices
+        knots = [np.sort(rng.random(int(rng.integers(1, 9)))) for _ in range(max(n_maps, 1))]
+        calibration = QualityCalibration(group.astype(np.int64), knots,
+                                         [np.sort(rng.random(len(x))) for x in knots])
+        quality = odd_quality(rng, int(rng.integers(1, 4)), k)
+        got, want = calibration.apply(quality), per_arm_rule(calibration, quality)
+        assert got.dtype == np.float32
+        assert got.tobytes() == want.tobytes(), trial
+
+
+def test_apply_is_bit_identical_on_calibrations_loaded_from_disk(tmp_path):
+    catalog = small_catalog()
+    said, labels = miscalibrated(catalog, 300, seed=0)
+    rng = np.random.default_rng(1)
+    for arm_rows in (250, 10_000):                 # a map per arm; a map per model
+        fitted = fit_quality_calibration(said, labels, catalog, arm_rows=arm_rows)
+        path = tmp_path / f"calibration-{arm_rows}.json"
+        path.write_text(json.dumps(fitted.to_json()))
+        loaded = QualityCalibration.from_json(json.loads(path.read_text()))
+        for n in (1, 1, 7):
+            quality = odd_quality(rng, n, catalog.n_arms)
+            assert loaded.apply(quality).tobytes() == per_arm_rule(fitted, quality).tobytes()

@@ -34,12 +34,22 @@ class TokenCalibration:
     smearing: np.ndarray    # [K, N_BINS] float64, mean (1 + T) / (1 + t̂) on held-out rows
     cap_tokens: np.ndarray  # [K] float64, max_tokens each arm is sent with (empty prompt)
 
+    def __post_init__(self):
+        """The factors as one flat table and each arm's row start in it, built once when the
+        calibration is fitted, extended or loaded: ``mean_tokens`` then picks an arm's factor
+        with one index (take_along_axis on the [K, bins] table cost a one-row Serve request,
+        with cold caches, ~25 µs more)."""
+        object.__setattr__(self, "_factors", self.smearing.ravel())
+        object.__setattr__(self, "_row_start",
+                           np.arange(len(self.smearing)) * self.smearing.shape[1])
+
     def mean_tokens(self, tokens_hat: np.ndarray) -> np.ndarray:
         """Geometric-type t̂ [N, K] → mean tokens [N, K] float32, at most the cap; NaN stays NaN."""
         tokens_hat = np.maximum(tokens_hat, 0.0).astype(np.float64)
-        bins = (tokens_hat[:, :, None] > self.edges[None]).sum(axis=2)        # (N, K)
-        factor = np.take_along_axis(self.smearing[None], bins[:, :, None], axis=2)[..., 0]
-        return np.clip((1.0 + tokens_hat) * factor - 1.0, 0.0, self.cap_tokens).astype(np.float32)
+        bins = np.add.reduce(tokens_hat[:, :, None] > self.edges, axis=2)        # (N, K)
+        mean = (1.0 + tokens_hat) * self._factors[self._row_start + bins] - 1.0
+        # clip as two ufuncs: np.clip's dispatch cost a one-row call ~10 µs cold; same values
+        return np.minimum(np.maximum(mean, 0.0), self.cap_tokens).astype(np.float32)
 
     def to_json(self) -> dict:
         return {n: getattr(self, n).tolist() for n in ("edges", "smearing", "cap_tokens")}
