@@ -9,6 +9,8 @@ model writes at its own length, capped at its output cap (catalogue ``max_output
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,9 +38,13 @@ def max_tokens_array(budget_tokens: np.ndarray, context_tokens: np.ndarray,
 
 def max_tokens_for(budget_tokens: int, context_tokens: int, input_tokens: int,
                    output_cap_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS) -> int:
-    """Hard output cap in tokens of one arm for one prompt: :func:`max_tokens_array`."""
-    return int(max_tokens_array(np.array([budget_tokens]), np.array([context_tokens]),
-                                np.array([output_cap_tokens]), np.array([input_tokens]))[0, 0])
+    """Hard output cap in tokens of one arm for one prompt: :func:`max_tokens_array`'s rule in
+    plain Python (tested to agree on many inputs). Serve renders every routed request with it,
+    and four one-element arrays through the array rule cost ~70-200 µs with cold caches."""
+    budget = int(budget_tokens)
+    cap = int(output_cap_tokens) if budget == DEFAULT_BUDGET else \
+        budget + max(CAP_MARGIN_MIN, math.ceil(budget * CAP_MARGIN_SHARE))
+    return min(max(1, int(context_tokens) - int(input_tokens)), cap)
 
 
 def render_messages(query: str, budget_tokens: int,

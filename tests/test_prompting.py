@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r2ray.batch.backlog import ReadUnit, validate_table
-from r2ray.prompting import estimate_tokens, estimate_tokens_array, max_tokens_for, render_messages
+from r2ray.prompting import (estimate_tokens, estimate_tokens_array, max_tokens_array,
+                             max_tokens_for, render_messages)
 
 SPACES = ["\u00a0", "\u3000", "\u2028", "\u2009", "\t", "\n", "\x1c", "\u200b", " "]
 
@@ -40,3 +41,21 @@ def test_budgeted_prompt_and_cap():
     messages = render_messages("Why?", 100)
     assert messages[-1]["content"].endswith("in at most 100 tokens.")
     assert max_tokens_for(100, 4096, 10) == 110 and max_tokens_for(0, 4096, 96) == 4000
+
+
+TOKENS = st.integers(-2**40, 2**40)   # far inside int64: the array rule cannot overflow
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.just(0), st.integers(-50, 5000), TOKENS),
+       st.one_of(st.integers(0, 300_000), TOKENS), st.one_of(st.integers(0, 300_000), TOKENS),
+       st.one_of(st.integers(1, 8192), TOKENS))
+def test_scalar_cap_agrees_with_the_array_rule(budget, context, input_tokens, output_cap):
+    """Serve's plain-Python cap and the batch job's array rule give the same int, budgets that
+    round the margin up or hit its minimum, rooms at and below 1, and the default arm."""
+    array = max_tokens_array(np.array([budget]), np.array([context]), np.array([output_cap]),
+                             np.array([input_tokens]))[0, 0]
+    scalar = max_tokens_for(budget, context, input_tokens, output_cap)
+    assert type(scalar) is int and scalar == int(array)
+    assert max_tokens_for(np.int64(budget), np.int64(context), np.int64(input_tokens),
+                          np.int64(output_cap)) == scalar   # catalogue fields may be numpy ints
