@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py            # ~3-6 minutes on a 2-core machine
     python benchmarks/serve.py --quick    # fewer requests
+    python benchmarks/serve.py --batch-sizes 16,64   # also these batch_max_size at 32 clients
 
 Set-up: a temporary MLflow store with a per-arm Ridge predictor on MiniLM embeddings of synthetic
 queries (the text path: every request is encoded online), Ray with 2 CPUs, Serve on 127.0.0.1
@@ -16,7 +17,9 @@ alternating rounds so that a busy machine shifts both sides of each ratio alike:
 4. requests that carry a precomputed ``embedding`` (no encoder): r2ray's HTTP p50 against the
    floor's on the same bodies (goal: at most 3 ms above it), and against in-process routing;
    and the CPU each replica's process spent per request (Linux ``/proc``), which a busy host
-   shifts less than latency: what r2ray's code costs inside Serve, against the floor's.
+   shifts less than latency: what r2ray's code costs inside Serve, against the floor's;
+5. the same requests to ``/n``, r2ray with ``gc_freeze`` off: the tail (p99, max) the replica's
+   frozen heap is meant to spare, side by side with ``/b``.
 """
 from __future__ import annotations
 
@@ -151,9 +154,30 @@ def alternate(rounds: int, a, b) -> tuple[list, list]:
     return results_a, results_b
 
 
+def compare_batch_sizes(run, text: list[dict], sizes: list[int], rounds: int) -> None:
+    """Throughput at 32 clients of each ``batch_max_size`` app (``/b``: 32) and of ``/u``, every
+    app once per round in turn, so each ratio is over the same stretch of machine load."""
+    paths = {size: "/b" if size == 32 else f"/b{size}" for size in sizes}
+    for path in paths.values():
+        run(path, text[:20], 4)   # warm-up
+    walls: dict = {path: [] for path in [*paths.values(), "/u"]}
+    for _ in range(rounds):
+        for path in walls:
+            walls[path].append(run(path, text, 32)[1])
+    for size, path in paths.items():
+        ratios = [u / b for b, u in zip(walls[path], walls["/u"])]
+        print(f"32 clients  batch_max_size {size:3d}: "
+              f"{len(text) / statistics.median(walls[path]):6.1f} q/s, "
+              f"batched / unbatched = {statistics.median(ratios):.2f} "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch-sizes", default="",
+                        help="comma-separated batch_max_size values to compare at 32 clients, "
+                             "each against the unbatched app in the same rounds")
     args = parser.parse_args(argv)
     n_queries, rounds = (60, 2) if args.quick else (160, 3)
 
@@ -187,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
               "router_cpus": 0.2}
     serve.run(app(common), name="b", route_prefix="/b")
     serve.run(app(common | {"batch_max_size": 1}), name="u", route_prefix="/u")
+    serve.run(app(common | {"gc_freeze": False}), name="n", route_prefix="/n")
     serve.run(build_floor_application(), name="f", route_prefix="/f")
+    sizes = [int(size) for size in args.batch_sizes.split(",") if size]
+    for size in sizes:
+        serve.run(app(common | {"batch_max_size": size}), name=f"b{size}", route_prefix=f"/b{size}")
     base = f"http://127.0.0.1:{port}"
     run = lambda path, bodies, clients: asyncio.run(  # noqa: E731
         timed_requests(f"{base}{path}/v1/route", bodies, clients))
@@ -217,14 +245,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{clients:2d} clients  throughput batched {n_queries / statistics.median(batched):6.1f} "
               f"q/s, unbatched {n_queries / statistics.median(unbatched):6.1f} q/s, "
               f"batched / unbatched = {ratio:.2f}  (goal >= 2)")
+    if sizes:
+        compare_batch_sizes(run, text, [32] + sizes, rounds)
 
-    floor_given, http_given, local_given, cold_given = [], [], [], []
+    floor_given, http_given, unfrozen_given, local_given, cold_given = [], [], [], [], []
     evict = np.ones(64 << 17)   # 64 MiB: 16x the L2 caches here (a shared L3 may keep some)
     replicas = {"/f": serve_process("ServeReplica:f:FloorIngress"),
-                "/b": serve_process("ServeReplica:b:Ingress")}
-    replica_cpu = {"/f": 0.0, "/b": 0.0}
+                "/b": serve_process("ServeReplica:b:Ingress"),
+                "/n": serve_process("ServeReplica:n:Ingress")}
+    replica_cpu = {"/f": 0.0, "/b": 0.0, "/n": 0.0}
+    run("/n", given[:20], 4)
     for _ in range(rounds):
-        for path, latencies in (("/f", floor_given), ("/b", http_given)):
+        for path, latencies in (("/f", floor_given), ("/b", http_given), ("/n", unfrozen_given)):
             before = cpu_s(replicas[path])
             latencies += run(path, given, 1)[0]
             replica_cpu[path] += cpu_s(replicas[path]) - before
@@ -244,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
           f"floor {per_request['/f']:.2f} ms, r2ray - floor {per_request['/b'] - per_request['/f']:+.2f} "
           f"ms; in-process routing p50 {in_process:.2f} ms, with caches evicted before each "
           f"request {percentile(cold_given, 50) * 1e3:.2f} ms")
+    print(f"gc_freeze on (/b) vs off (/n): p50 {http:.1f} vs "
+          f"{percentile(unfrozen_given, 50) * 1e3:.1f} ms, {tails(http_given)} vs "
+          f"{tails(unfrozen_given)}, max {max(http_given) * 1e3:.1f} vs "
+          f"{max(unfrozen_given) * 1e3:.1f} ms; replica CPU per request "
+          f"{per_request['/b']:.2f} vs {per_request['/n']:.2f} ms")
     serve.shutdown()
     ray.shutdown()
 

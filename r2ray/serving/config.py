@@ -71,6 +71,8 @@ class ServeConfig(BaseModel):
                                                # whole CPUs
     router_gpus: Annotated[float, Field(ge=0)] = 0.0  # > 0: encoder and predictor on the GPU
     pacer_cpus: PositiveFloat = 0.05
+    gc_freeze: bool = True                     # move the loaded heap out of the collector's reach
+                                               # (off only to measure what it changes)
     device: str | None = None                  # encoder/predictor device; default cuda if visible
 
     @field_validator("api_key_envs", mode="before")

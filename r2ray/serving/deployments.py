@@ -22,6 +22,7 @@ and tenant; ``r2ray_spend_usd`` per model and tenant; the gauge ``r2ray_lambda``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -104,6 +105,16 @@ class Ingress:
                                             self.config.max_request_bytes))
         self._syncer = asyncio.create_task(self._sync_prices())
         self._watcher = asyncio.create_task(self._watch())
+        self._freeze_heap()
+
+    def _freeze_heap(self) -> None:
+        """Collect once, then ``gc.freeze()``: the replica's heap after loading (Ray, Serve,
+        FastAPI, torch, the model: ~860k objects) is permanent, and every full collection
+        walked all of it (748 ms measured), a pause any request that arrived then waited out.
+        Frozen objects are never collected, so a version swap unfreezes and collects again."""
+        if self.config.gc_freeze:
+            gc.collect()
+            gc.freeze()
 
     def __serve_build_asgi_app__(self):
         return self.in_flight
@@ -158,6 +169,9 @@ class Ingress:
                     logger.info("model %s: swapping %s for %s", self.config.model,
                                 self.model.version, fresh.version)
                     self.model = fresh
+                    if self.config.gc_freeze:   # let the old version's cycles be collected
+                        gc.unfreeze()
+                        self._freeze_heap()
             except Exception as err:  # keep serving the loaded version; say why
                 logger.warning("model %s: alias check failed, keeping %s: %s",
                                self.config.model, self.model.version, redact_text(str(err)))
