@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from r2ray import __version__, storage
 from r2ray.bench.io import check_output_name, read_table, write_table
