@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r2ray.batch.config import route_config
-from r2ray.batch.pool import EMBEDDING_BATCH_ROWS, TEXT_BATCH_ROWS, pool_shape
+from r2ray.batch.pool import EMBEDDING_BATCH_ROWS, TEXT_BATCH_ROWS, pool_shape, text_batch_rows
 from r2ray.batch.score import use_threads
 from r2ray.predictor.torch_fit import inference_rows, predict_module
 
@@ -93,3 +93,36 @@ def test_use_threads_reaches_the_members_of_a_composite_predictor():
     composite = type("Stacked", (), {"members_": [inner], "winner_": winner})()
     use_threads(composite, 4)
     assert inner.threads == winner.threads == 4
+
+
+@pytest.mark.parametrize("backlog_rows, workers, rows", [
+    (None, 2, TEXT_BATCH_ROWS),   # size unknown (jsonl only)
+    (1_000, 2, 256),              # small: calls spread over the workers as they start
+    (20_000, 2, 1024),            # 20,000 / 16 = 1,250 -> 1,024
+    (10_000_000, 16, 2048),       # capped
+])
+def test_text_calls_are_sized_from_the_backlog(backlog_rows, workers, rows):
+    assert text_batch_rows(backlog_rows, workers) == rows
+    pool = pool_shape(config(workers=workers), {"CPU": 16}, True, backlog_rows)
+    assert pool.batch_size == rows
+    assert pool_shape(config(workers=workers, batch_size=77), {"CPU": 16}, True,
+                      backlog_rows).batch_size == 77                       # given wins
+    assert pool_shape(config(workers=workers), {"CPU": 16}, False,
+                      backlog_rows).batch_size == EMBEDDING_BATCH_ROWS     # embeddings: unchanged
+
+
+def test_planning_counts_parquet_rows_and_not_jsonl(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from r2ray.batch.backlog import plan_units, planned_rows, unit_items
+
+    pq.write_table(pa.table({"query_id": [str(i) for i in range(250)]}),
+                   tmp_path / "a.parquet", row_group_size=100)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"query_id": "x", "query": "y"}) + "\n")
+    units, _ = plan_units(str(tmp_path))
+    assert [u.rows for u in units] == [100, 100, 50, None]
+    assert planned_rows(units) == 250 and planned_rows(units[3:]) is None
+    assert all("rows" not in item for item in unit_items(units))   # readers never see it

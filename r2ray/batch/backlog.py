@@ -49,6 +49,7 @@ class ReadUnit:
     file_index: int
     row_group: int | None = None   # parquet only
     first_row: int = 0             # 0-based row of the unit's first row within its file
+    rows: int | None = None        # rows in the unit, from parquet metadata (jsonl: unknown)
 
 
 def plan_units(input_uri: str | list[str]) -> tuple[list[ReadUnit], pa.Table]:
@@ -69,8 +70,9 @@ def plan_units(input_uri: str | list[str]) -> tuple[list[ReadUnit], pa.Table]:
             continue
         first = 0
         for group in range(meta.num_row_groups):
-            units.append(ReadUnit(source, index, group, first))
-            first += meta.row_group(group).num_rows
+            rows = meta.row_group(group).num_rows
+            units.append(ReadUnit(source, index, group, first, rows))
+            first += rows
     return units, pa.Table.from_pylist(broken, schema=QUARANTINE_SCHEMA)
 
 
@@ -361,6 +363,14 @@ def read_stage(batch: dict, quarantine_uri: str, max_context_tokens: int, embedd
 
 
 def unit_items(units: list[ReadUnit]) -> list[dict]:
-    """Read units as Ray Data items (a missing row group is -1: Arrow columns need one type)."""
-    return [dict(dataclasses.asdict(u), row_group=-1 if u.row_group is None else u.row_group)
-            for u in units]
+    """Read units as Ray Data items (a missing row group is -1: Arrow columns need one type; the
+    row count is planning's, not the readers')."""
+    return [{**{k: v for k, v in dataclasses.asdict(u).items() if k != "rows"},
+             "row_group": -1 if u.row_group is None else u.row_group} for u in units]
+
+
+def planned_rows(units: list[ReadUnit]) -> int | None:
+    """Rows the parquet metadata counts in ``units`` (a lower bound when jsonl files are among
+    them, whose rows are known only once read); None when no unit has a count."""
+    counts = [u.rows for u in units if u.rows is not None]
+    return sum(counts) if counts else None

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r2ray import __version__, storage
-from r2ray.batch.backlog import ReadUnit, plan_units, read_stage, unit_items
+from r2ray.batch.backlog import ReadUnit, plan_units, planned_rows, read_stage, unit_items
 from r2ray.batch.config import RouteConfig
 from r2ray.catalog import Catalog, load_catalog
 from r2ray.errors import R2RayError
@@ -246,7 +246,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     with _timed(timings, "start_ray"):   # joins a running cluster, or starts a local one
         _init_ray()
     max_context = max(m.context for m in model.catalog.models)
-    pool = pool_shape(config, ray.cluster_resources(), model.has_text_encoder)
+    pool = pool_shape(config, ray.cluster_resources(), model.has_text_encoder,
+                      planned_rows(units))
     cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
     with _timed(timings, "read_validate_score"):
         queries = ray.data.from_items(unit_items(units) or [], override_num_blocks=max(
