@@ -89,11 +89,13 @@ def actor_encoder_qps(backlog: str, model: str, config) -> float:
     """The job's encoder pass alone, in the job's pool shape, actor start included."""
     import ray
 
+    from r2ray.batch.backlog import plan_units, planned_rows
     from r2ray.batch.job import load_model, score_pool_options
     from r2ray.batch.pool import pool_shape
     from r2ray.batch.score import EncodeOnlyWorker
 
-    pool = pool_shape(config, ray.cluster_resources(), encodes_text=True)
+    pool = pool_shape(config, ray.cluster_resources(), encodes_text=True,  # as the job plans it
+                      backlog_rows=planned_rows(plan_units(backlog)[0]))
     files = load_model(model, None, None).files
     ds = ray.data.read_parquet(backlog).repartition(pool.workers * config.blocks_per_worker)
     ds = ds.materialize()
