@@ -272,11 +272,11 @@ def _train(args: argparse.Namespace) -> None:
     fields = ("bench", "queries", "catalog", "split", "seed", "epochs", "promote",
               "tracking_uri", "encoder", "experiment", "candidates", "folds", "tune",
               "tune_storage")
-    given = {name: getattr(args, name) for name in fields}
-    config = TrainConfig(**{**given, "split": args.split or "random",
-                            "candidates": args.candidates or "small"},
-                         registered_name=args.register, settings=parse_settings(args.settings),
-                         predictor=args.predictor or "r2ray",
+    # unset flags are None (so --warm-start can tell --split and --candidates were typed):
+    # TrainConfig's own defaults apply to them
+    given = {name: value for name in fields if (value := getattr(args, name)) is not None}
+    config = TrainConfig(**given, registered_name=args.register,
+                         settings=parse_settings(args.settings), predictor=args.predictor or "r2ray",
                          select=args.select or ("none" if args.predictor else "cv"))
     result = train_predictor_job(config)
     print(result.report(wall_seconds=time.perf_counter() - started))
