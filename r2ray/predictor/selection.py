@@ -2,8 +2,8 @@
 
 Candidates (``CANDIDATES``) are registry entries at given settings: the joint network at a few
 capacities and regularisation strengths (each on the default step budget; the former
-``r2ray_steps``, batch 128 for 40 epochs, is now the default's plan below ~2,900 queries), per-arm Ridge at two strengths, CARROT KNN / linear on
-every arm, and ``stacked``, a per-arm convex blend of the other candidates in the set
+``r2ray_steps``, batch 128 for 40 epochs, is now the default's plan below ~2,900 queries),
+per-arm Ridge at two strengths, CARROT KNN / linear on every arm, and ``stacked``, a per-arm convex blend of the other candidates in the set
 (:mod:`r2ray.predictor.stacked`). Folds are by query, over the training data only (the caller
 never passes its test split). Every candidate is fitted ``folds`` times and predicts the fold it
 did not see; those out-of-fold predictions are then corrected as the router would see them (token
