@@ -21,7 +21,8 @@ Usage: python benchmarks/small_data.py [--seeds 3] [--benches pb,ra,pb_small,ra_
        [--methods r2ray,r2ray_residual,per_arm_ridge,carrot_knn_default,carrot_knn_all,selected]
        [--world-queries 3000] [--cache results.jsonl]
 ``selected`` is ``r2ray train``'s default (3-fold CV over the ``small`` candidates, refit): the
-costliest. ``r2ray`` trains on its step budget (batch 128 for up to 40 epochs at these sizes); the
+costliest; its rows keep the CV winner and each candidate's CV AUDC (``winner``, ``cv``), and the
+table prints the winner per seed. ``r2ray`` trains on its step budget (batch 128 for up to 40 epochs at these sizes); the
 epoch plan it had before, for comparison: ``r2ray_old=r2ray{"epochs":12,"batch_size":512,
 "patience":3}``. ``--cache`` keeps each (bench, method, seed) result, so a rerun fits only what is new.
 On the shared 2-core host at load 10–20, one world split with every method took 10–20 minutes
@@ -117,18 +118,22 @@ def split_scores(arrays, catalog, methods: list[str], seed: int, truth=None) -> 
     train, test = arrays.subset(train_rows), arrays.subset(test_rows)
     evaluable = evaluable_queries(test, catalog)
     test = test.subset(evaluable)
-    predictions, seconds = {}, {}
+    predictions, seconds, picked = {}, {}, {}
     for method in methods:
         started = time.perf_counter()
-        predictions[method] = build(method, seed).fit(train, catalog).predict(test.embedding)
+        fitted = build(method, seed).fit(train, catalog)
+        predictions[method] = fitted.predict(test.embedding)
         seconds[method] = time.perf_counter() - started
+        if getattr(fitted, "selection_", None):   # ``selected``: the CV winner and its table
+            picked[method] = {"winner": fitted.winner_name_,
+                              "cv": {r["name"]: r["audc"] for r in fitted.selection_}}
     if truth is not None:
         predictions["truth"] = truth.subset(test_rows[evaluable])
     results = evaluate_methods(test, catalog, predictions)
     summary = summarise(results, normalise_over=[n for n in results if n not in predictions])
     names = [*methods, "oracle_all", "random", *(["truth"] if truth is not None else [])]
     return {n: {"audc": summary["methods"][n]["audc"], "qnc": summary["methods"][n]["qnc"],
-                "seconds": seconds.get(n, 0.0)} for n in names}
+                "seconds": seconds.get(n, 0.0)} | picked.get(n, {}) for n in names}
 
 
 def read_cache(path: str | None) -> dict[tuple, dict]:
@@ -182,7 +187,9 @@ def table(name: str, results: dict[str, list[dict]], methods: list[str]) -> str:
             line += "".join(f" {np.mean((values - low) / (audc[top] - low)):9.1%}"
                             for top in ("oracle_all", "truth"))
         seconds = np.mean([r["seconds"] for r in results[method]])
-        lines.append(line + f" {seconds:7.1f}")
+        winners = [r["winner"] for r in results[method] if "winner" in r]
+        lines.append(line + f" {seconds:7.1f}" + (f"  CV picked {', '.join(winners)}"
+                                                   if winners else ""))
     return "\n".join(lines)
 
 
