@@ -267,12 +267,24 @@ def _step_columns(ray, refs, here: list[bool], grouped: bool, num_cpus: float):
     """Per block: its step columns — a table read in place when the block is in this node's
     object store (``here``), else a ref to them projected by a task where the block is — and
     their bytes."""
-    local = iter(ray.get([ref for ref, h in zip(refs, here) if h]))     # mapped, not copied
-    project = ray.remote(num_cpus=num_cpus, num_returns=2)(_project)
-    parts = [_project(next(local), grouped) if h else project.remote(ref, grouped)
-             for ref, h in zip(refs, here)]
+    parts = blocks_in_place(refs, _project, grouped, num_cpus=num_cpus, num_returns=2,
+                            here=here)
     sizes = [ray.get(n) if isinstance(n, ray.ObjectRef) else n for _, n in parts]
     return [t for t, _ in parts], sizes
+
+
+def blocks_in_place(refs, fn, *args, num_cpus: float, num_returns: int = 1,
+                    here: list[bool] | None = None) -> list:
+    """``fn(block, *args)`` of every block: here, on the blocks in this node's object store
+    (read in place: mapped, not copied, so no task is started), and in a task where the block
+    lives for the others (only what ``fn`` returns travels). ``here``: which blocks are local
+    (default: asked of Ray). Returns values for the local blocks, refs for the others."""
+    import ray
+    here = _on_this_node(ray, refs) if here is None else here
+    local = iter(ray.get([ref for ref, h in zip(refs, here) if h]))
+    task = ray.remote(num_cpus=num_cpus, num_returns=num_returns)(fn)
+    return [fn(next(local), *args) if h else task.remote(ref, *args)
+            for ref, h in zip(refs, here)]
 
 
 def _on_this_node(ray, refs) -> list[bool]:
