@@ -66,13 +66,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def local_llm():
+    """The server, started as a user starts it. On the transformers backend its first start
+    converts the GGUF into the user's cache (~/.cache/r2ray/local-llm, R2RAY_LOCAL_LLM_CACHE), as
+    every start outside the tests does, so later runs of the suite start it in seconds."""
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "r2ray.execution.local_llm", "--port",
                                str(port), "--threads", "2", "--backend", BACKEND],
                               cwd=REPO,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 300   # imports and weights: ~50 s on 2 loaded cores
+    deadline = time.monotonic() + 300   # a first conversion: 30 s idle, 110 s on 2 loaded cores
     while True:
         try:
             urllib.request.urlopen(url + "/models", timeout=2).read()
@@ -197,3 +200,24 @@ def test_real_model_as_judge(tmp_path, local_llm):
     print(f"judge: {judge['answered']} answered, {judge['failed']} failed, "
           f"{manifest['counts']['judge_unscored']} unscored; agreement "
           f"{manifest['judge_agreement']}")
+
+
+@pytest.mark.skipif(BACKEND != "transformers", reason="llama.cpp reads the GGUF itself: no copy")
+def test_the_cached_copy_answers_as_the_server_does(local_llm):
+    """The server's start left a converted copy of the GGUF in the cache; a model loaded from it
+    gives the server's answers token for token (on a first run the server read the GGUF itself,
+    so this compares the copy with the original)."""
+    from r2ray.execution.local_llm import TransformersChat, converted_folder, default_model_path
+
+    folder = converted_folder(default_model_path())
+    assert folder is not None and (folder / "config.json").exists()
+    copy = TransformersChat(default_model_path(), threads=2).load()
+    for row in real_queries()[-2:]:   # two multiple-choice questions: short answers
+        messages = [{"role": "user", "content": row["query"]}]
+        served = json.loads(urllib.request.urlopen(urllib.request.Request(
+            local_llm + "/chat/completions", method="POST",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": "m", "messages": messages, "max_tokens": 12}).encode()),
+            timeout=120).read())
+        local = copy.complete("m", messages, 12)
+        assert local["choices"] == served["choices"] and local["usage"] == served["usage"]

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
 import threading
 import time
-import importlib.util
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -58,25 +62,33 @@ class LlamaCppChat:
 
 
 class TransformersChat:
-    """transformers over the same GGUF file (dequantised to float32); the fallback backend."""
+    """transformers over the same GGUF file (dequantised to float32); the fallback backend.
+
+    Reading a GGUF through transformers parses its metadata three times in pure Python (config,
+    tokenizer, weights): 30 s on an idle 2-core host, over 100 s on a busy one. So the first load
+    also saves the dequantised model in transformers' own format under ``converted_folder`` and
+    every later start loads that (about 2 s). ``R2RAY_LOCAL_LLM_CACHE`` names the cache folder
+    (default ``~/.cache/r2ray/local-llm``; ``off``: always read the GGUF).
+    """
 
     def __init__(self, model_path: str, threads: int = 2, context: int = 2048, seed: int = 0):
         self.model_path, self.threads, self.context = model_path, threads, context
         self._lock = threading.Lock()
 
     def load(self) -> TransformersChat:
-        import os
-
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()   # no per-tensor bars in a server's log
         torch.set_num_threads(self.threads)
-        folder, name = os.path.split(self.model_path)
-        self._tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        self._model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                           dtype=torch.float32).eval()
+        folder = converted_folder(self.model_path)
+        if folder is not None and (folder / "config.json").exists():
+            self._tokenizer, self._model = _load_pretrained(str(folder))
+            return self
+        parent, name = os.path.split(self.model_path)
+        self._tokenizer, self._model = _load_pretrained(parent, gguf_file=name)
+        if folder is not None:
+            _save_converted(self._tokenizer, self._model, folder)
         return self
 
     def complete(self, model: str, messages: list[dict], max_tokens: int) -> dict:
@@ -100,6 +112,46 @@ class TransformersChat:
                              else "length"}],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": len(new),
                           "total_tokens": prompt + len(new)}}
+
+
+CACHE_VARIABLE = "R2RAY_LOCAL_LLM_CACHE"
+DEFAULT_CACHE = Path("~/.cache/r2ray/local-llm")
+
+
+def converted_folder(model_path: str) -> Path | None:
+    """Where the transformers copy of the GGUF at ``model_path`` lives: one folder per file name,
+    size and modification time (a changed file gets a new copy); None when the cache is off."""
+    value = os.environ.get(CACHE_VARIABLE, "")
+    if value == "off":
+        return None
+    stat = os.stat(model_path)
+    key = hashlib.sha256(f"{Path(model_path).name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return Path(value or DEFAULT_CACHE).expanduser() / key.hexdigest()[:16]
+
+
+def _load_pretrained(folder: str, **source):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, **source)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **source).eval()
+    return tokenizer, model
+
+
+def _save_converted(tokenizer, model, folder: Path) -> None:
+    """Save the dequantised model next to its final place, then rename it there, so a reader
+    never sees half a copy. A cache that cannot be written is a warning, not a failed start."""
+    staging = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+    try:
+        model.hf_quantizer = None   # the weights are plain float32 tensors by now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"warning: cannot cache the converted model under {folder} ({err})", file=sys.stderr)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
