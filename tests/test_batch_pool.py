@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from r2ray.batch.config import route_config
-from r2ray.batch.pool import EMBEDDING_BATCH_ROWS, TEXT_BATCH_ROWS, pool_shape, text_batch_rows
+from r2ray.batch.pool import (EMBEDDING_BATCH_ROWS, TEXT_BATCH_ROWS, TEXT_CALLS_IN_FLIGHT,
+                              pool_shape, text_batch_rows)
 from r2ray.batch.score import use_threads
 from r2ray.predictor.torch_fit import inference_rows, predict_module
 
@@ -50,6 +51,17 @@ def test_gpu_workers_one_per_gpu_share_with_at_most_one_core_each():
 def test_rows_per_call_depend_on_what_the_workers_compute():
     assert pool_shape(config(), {"CPU": 2}, encodes_text=True).batch_size == TEXT_BATCH_ROWS
     assert pool_shape(config(), {"CPU": 2}, encodes_text=False).batch_size == EMBEDDING_BATCH_ROWS
+
+
+def test_text_calls_are_not_queued_behind_a_running_one():
+    from r2ray.batch.job import score_pool_options
+
+    for encodes_text, in_flight in ((True, TEXT_CALLS_IN_FLIGHT), (False, 2)):
+        pool = pool_shape(config(), {"CPU": 2}, encodes_text, 20_000)
+        assert pool.calls_in_flight == in_flight
+        compute = score_pool_options(pool)["compute"]
+        assert compute.max_tasks_in_flight_per_actor == in_flight
+    assert TEXT_CALLS_IN_FLIGHT == 1
 
 
 def test_inference_rows_keep_the_widest_activation_within_the_working_set():

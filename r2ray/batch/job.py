@@ -112,8 +112,9 @@ def score_pool_options(pool) -> dict:
     """``map_batches`` options of the scoring actor pool of shape ``pool`` (a PoolShape)."""
     from ray.data import ActorPoolStrategy
 
-    return {"compute": ActorPoolStrategy(size=pool.workers), "num_cpus": pool.cpus_per_worker,
-            "num_gpus": pool.gpus_per_worker or None}
+    return {"compute": ActorPoolStrategy(size=pool.workers,
+                                         max_tasks_in_flight_per_actor=pool.calls_in_flight),
+            "num_cpus": pool.cpus_per_worker, "num_gpus": pool.gpus_per_worker or None}
 
 
 def _init_ray() -> None:
