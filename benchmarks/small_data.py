@@ -22,8 +22,8 @@ Usage: python benchmarks/small_data.py [--seeds 3] [--benches pb,ra,pb_small,ra_
        [--world-queries 3000] [--cache results.jsonl]
 ``selected`` is ``r2ray train``'s default (3-fold CV over the ``small`` candidates, refit): the
 costliest; its rows keep the CV winner and each candidate's CV AUDC (``winner``, ``cv``), and the
-table prints the winner per seed. ``r2ray`` trains on its step budget (batch 128 for up to 40 epochs at these sizes); the
-epoch plan it had before, for comparison: ``r2ray_old=r2ray{"epochs":12,"batch_size":512,
+table prints the winner per seed. ``r2ray`` trains on its step budget (batch 128 for up to 40
+epochs at these sizes); the epoch plan it had before, for comparison: ``r2ray_old=r2ray{"epochs":12,"batch_size":512,
 "patience":3}``. ``--cache`` keeps each (bench, method, seed) result, so a rerun fits only what is new.
 On the shared 2-core host at load 10–20, one world split with every method took 10–20 minutes
 (the residual network and the joint network's fits dominate), a real bench's split 1–5 minutes.

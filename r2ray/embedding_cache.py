@@ -31,12 +31,14 @@ CACHE_VARIABLE = "R2RAY_EMBEDDING_CACHE"
 DEFAULT_CACHE = Path("~/.cache/r2ray/embeddings")
 
 
-def cache_root() -> Path | None:
-    """The cache folder, or None when ``R2RAY_EMBEDDING_CACHE=off``."""
-    value = os.environ.get(CACHE_VARIABLE, "")
+def cache_root(variable: str = CACHE_VARIABLE, default: Path = DEFAULT_CACHE) -> Path | None:
+    """The cache folder the environment ``variable`` names (``default`` when unset), or None
+    when it says ``off`` (or 0, false, no). The local LLM's converted-model cache reads its own
+    variable through this too."""
+    value = os.environ.get(variable, "")
     if value.lower() in ("off", "0", "false", "no"):
         return None
-    return Path(value or DEFAULT_CACHE).expanduser()
+    return Path(value or default).expanduser()
 
 
 @functools.lru_cache(maxsize=8)

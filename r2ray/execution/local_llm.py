@@ -121,12 +121,14 @@ DEFAULT_CACHE = Path("~/.cache/r2ray/local-llm")
 def converted_folder(model_path: str) -> Path | None:
     """Where the transformers copy of the GGUF at ``model_path`` lives: one folder per file name,
     size and modification time (a changed file gets a new copy); None when the cache is off."""
-    value = os.environ.get(CACHE_VARIABLE, "")
-    if value == "off":
+    from r2ray.embedding_cache import cache_root
+
+    root = cache_root(CACHE_VARIABLE, DEFAULT_CACHE)
+    if root is None:
         return None
     stat = os.stat(model_path)
     key = hashlib.sha256(f"{Path(model_path).name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return Path(value or DEFAULT_CACHE).expanduser() / key.hexdigest()[:16]
+    return root / key.hexdigest()[:16]
 
 
 def _load_pretrained(folder: str, **source):
