@@ -113,3 +113,40 @@ def test_the_driver_sees_only_histograms_and_scalars(n_queries):
     assert max(passes.sizes) <= max(N_BINS, 2048)          # never grows with the backlog
     single = solve_budget(steps, budget, fill_limit=256).certificate
     assert outcome.selection.lam64[0] == np.float64(single.lam).view(np.uint64)
+
+
+@pytest.mark.parametrize("exponent", [-1074, -1060, -1022, -60, -40, 0, 17, 1022, 1030])
+def test_quanta_round_as_ldexp_does_at_every_exponent(exponent):
+    """The one-pass kernel multiplies by 2**-exponent where that is a float64 and calls ldexp
+    elsewhere; both must give numpy's ceil / rint of ldexp, subnormals and halves included."""
+    from r2ray.solver.blocks import to_quanta
+    rng = np.random.default_rng(exponent + 2000)
+    values = np.concatenate([
+        rng.random(2000) * 2.0 ** rng.integers(-1074, 40, 2000),
+        np.ldexp(np.arange(-8, 9) / 2, exponent),         # exact halves of a quantum
+        [0.0, 5e-324, 2.2250738585072014e-308, 1.0]])
+    scaled = np.ldexp(values, -exponent)
+    values = values[np.isfinite(scaled) & (np.abs(scaled) < 2.0 ** 62)]
+    scaled = scaled[np.isfinite(scaled) & (np.abs(scaled) < 2.0 ** 62)]
+    assert np.array_equal(to_quanta(values, exponent, True), np.ceil(scaled).astype(np.int64))
+    assert np.array_equal(to_quanta(values, exponent, False), np.rint(scaled).astype(np.int64))
+
+
+@pytest.mark.parametrize("n_groups,distinct", [(1, 10**9), (1, 7), (3, 10**9), (3, 5)])
+def test_fill_candidates_rank_as_the_full_lexsort_does(n_groups, distinct):
+    """The fill's shortcuts (partition to the top keys, one argsort unless efficiencies tie)
+    keep exactly the candidates, in exactly the order, of the plain four-key lexsort."""
+    from r2ray.solver.passes import _top
+    rng = np.random.default_rng(n_groups * distinct % 97)
+    n, limit = 3000, 700
+    group = rng.integers(0, n_groups, n).astype(np.int64)
+    key64 = rng.integers(1, distinct + 1, n).astype(np.uint64) << np.uint64(20)
+    hash_ = rng.integers(0, 50, n).astype(np.int64)
+    pos = rng.permutation(n).astype(np.int64)
+    dc_q = rng.integers(1, 100, n).astype(np.int64)
+    top = _top(group, key64, hash_, pos, dc_q, limit=limit)
+    order = np.lexsort((pos, hash_, ~key64, group))
+    g = group[order]
+    keep = order[np.arange(n) - np.searchsorted(g, g) < limit]
+    assert np.array_equal(top.pos, pos[keep]) and np.array_equal(top.group, group[keep])
+    assert np.array_equal(top.dc_q, dc_q[keep])

@@ -5,10 +5,12 @@ same code runs over in-memory chunks and over Ray Data blocks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+from numba import njit
 
 from r2ray.solver.hull import NO_ARM, HullSteps, efficiency_key
 
@@ -70,13 +72,7 @@ class StepBlock:
     def cost_quanta(self, exponent: int) -> tuple[np.ndarray, np.ndarray]:
         """(base_c, dc) rounded up to integer multiples of 2**exponent USD, int64."""
         return self._cached(("cost", exponent), lambda: (
-            _ceil_quanta(self.steps.base_c, exponent), _ceil_quanta(self.steps.dc, exponent)))
-
-    def quality_quanta(self, exponent: int) -> tuple[np.ndarray, np.ndarray]:
-        """(base_q, dq) rounded to nearest multiples of 2**exponent quality units, int64."""
-        return self._cached(("quality", exponent), lambda: (
-            np.rint(np.ldexp(self.steps.base_q, -exponent)).astype(np.int64),
-            np.rint(np.ldexp(self.steps.dq, -exponent)).astype(np.int64)))
+            to_quanta(self.steps.base_c, exponent, True), to_quanta(self.steps.dc, exponent, True)))
 
     def _cached(self, key, build):
         if key not in self._cache:
@@ -84,8 +80,34 @@ class StepBlock:
         return self._cache[key]
 
 
-def _ceil_quanta(values: np.ndarray, exponent: int) -> np.ndarray:
-    return np.ceil(np.ldexp(values, -exponent)).astype(np.int64)
+def to_quanta(values: np.ndarray, exponent: int, round_up: bool) -> np.ndarray:
+    """int64 multiples of 2**exponent: ceil (costs, so spend is never under-counted) or
+    round-half-even (qualities) of values / 2**exponent; what np.ceil / np.rint of
+    np.ldexp(values, -exponent) give, in one pass."""
+    return _to_quanta(np.ascontiguousarray(values, np.float64), np.int64(exponent), round_up)
+
+
+@njit(cache=True, nogil=True)
+def quantum_scale(exponent):
+    """2**-exponent where it is a normal float64, else 0 (then ``quantum`` calls ldexp)."""
+    return math.ldexp(1.0, -exponent) if -1022 <= exponent <= 1022 else 0.0
+
+
+@njit(cache=True, nogil=True)
+def quantum(value, scale, exponent, round_up):
+    """One value in quanta of 2**exponent, as a float64 the caller casts. Multiplying by an
+    exact power of two rounds as ldexp does; ldexp itself only where ``scale`` is 0."""
+    x = value * scale if scale else math.ldexp(value, -exponent)
+    return np.ceil(x) if round_up else np.rint(x)
+
+
+@njit(cache=True, nogil=True)
+def _to_quanta(values, exponent, round_up):
+    out = np.empty(values.size, np.int64)
+    scale = quantum_scale(exponent)
+    for i in range(values.size):
+        out[i] = np.int64(quantum(values[i], scale, exponent, round_up))
+    return out
 
 
 def blocks_of(steps: HullSteps, *, query_key=None, group=None, defer: bool = False,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from r2ray.solver.blocks import DEFER_ARM, StepBlock
+from r2ray.solver.blocks import DEFER_ARM, StepBlock, quantum, quantum_scale, to_quanta
 from r2ray.solver.hull import NO_ARM, HullSteps
 from r2ray.solver.select import (
     N_BINS, Hist, digit_of, exact_bincount, exact_float_sums, exponent_counts)
@@ -215,15 +215,21 @@ def _count_per_chain(mask, offsets):
 
 
 @njit(cache=True, nogil=True)
-def _first_steps_sum(values, offsets, n_first, groups, n_groups):
-    """int64 [n_groups]: Σ over queries of their first ``n_first`` steps' values (exact: the
-    quanta's totals stay below 2**62, so int64 sums cannot overflow)."""
-    out = np.zeros(n_groups, np.int64)
-    for i in range(n_first.size):
-        total = np.int64(0)
-        for t in range(offsets[i], offsets[i] + n_first[i]):
-            total += values[t]
-        out[groups[i]] += total
+def _chain_totals(dq, dc_q, quality_exp, offsets, n_taken, n_above, groups, n_groups):
+    """int64 [4, n_groups]: Σ dc_q and Σ dq (in quality quanta) over each chain's first
+    ``n_taken`` steps, then the same two over its first ``n_above`` (<= n_taken) steps. Exact:
+    the quanta's totals stay below 2**62, so int64 sums cannot overflow."""
+    out = np.zeros((4, n_groups), np.int64)
+    scale = quantum_scale(quality_exp)
+    for i in range(n_taken.size):
+        g = groups[i]
+        for t in range(offsets[i], offsets[i] + n_taken[i]):
+            dq_q = np.int64(quantum(dq[t], scale, quality_exp, False))
+            out[0, g] += dc_q[t]
+            out[1, g] += dq_q
+            if t < offsets[i] + n_above[i]:
+                out[2, g] += dq_q
+                out[3, g] += dc_q[t]
     return out
 
 
@@ -248,12 +254,41 @@ class FillCandidates:
 
 def _top(group, key64, hash_, pos, dc_q, *, limit: int) -> FillCandidates:
     """Best ``limit`` per group by (efficiency desc, hash asc, position asc)."""
-    order = np.lexsort((pos, hash_, ~key64, group))
+    if group.size > limit:      # sort only the candidates that can make a group's top
+        near = _within_top_keys(group, key64, limit)
+        group, key64, hash_, pos, dc_q = (a[near] for a in (group, key64, hash_, pos, dc_q))
+    order = _fill_order(group, key64, hash_, pos)
     group = group[order]
     rank = np.arange(group.size) - np.searchsorted(group, group)
     keep = order[rank < limit]
     return FillCandidates(group[rank < limit], key64[keep], hash_[keep], pos[keep], dc_q[keep],
                           limit)
+
+
+def _fill_order(group, key64, hash_, pos) -> np.ndarray:
+    """Order by (group asc, efficiency desc, hash asc, position asc): one argsort by efficiency
+    (and a stable one by group when there are several), the full lexsort only when some group
+    holds tied efficiencies, which hash and position then order."""
+    order = np.argsort(~key64, kind="stable")
+    if group.size and (group != group[0]).any():
+        order = order[np.argsort(group[order], kind="stable")]
+    k, g = key64[order], group[order]
+    if ((k[1:] == k[:-1]) & (g[1:] == g[:-1])).any():
+        return np.lexsort((pos, hash_, ~key64, group))
+    return order
+
+
+def _within_top_keys(group, key64, limit: int) -> np.ndarray:
+    """Indices of candidates whose efficiency is at least their group's ``limit``-th best (ties
+    kept): the others have ``limit`` better candidates, so no tie-break lets them in."""
+    near = np.ones(group.size, bool)
+    groups = np.unique(group)
+    for g in groups:
+        rows = slice(None) if groups.size == 1 else np.flatnonzero(group == g)
+        keys = key64[rows]
+        if keys.size > limit:
+            near[rows] = keys >= np.partition(keys, keys.size - limit)[keys.size - limit]
+    return np.flatnonzero(near)
 
 
 def block_fill_candidates(block: StepBlock, sel: Selection, limit: int) -> FillCandidates:
@@ -295,13 +330,13 @@ def block_assign(block: StepBlock, sel: Selection, fill_pos: np.ndarray):
     n_taken = n_taken + filled
     arm = arm_after(s, n_taken)
     base_cq, dc_q = block.cost_quanta(sel.cost_exp)
-    base_qq, dq_q = block.quality_quanta(sel.quality_exp)
+    base_qq = to_quanta(s.base_q, sel.quality_exp, False)
     groups = _groups_of(block, s.n_queries)
     per_group = lambda v: exact_bincount(groups, v, n_groups)      # noqa: E731
-    chain = lambda v, n: _first_steps_sum(v, s.offsets, n, groups, n_groups)  # noqa: E731
+    taken_c, taken_q, above_q, above_c = _chain_totals(
+        s.dq, dc_q, sel.quality_exp, s.offsets, n_taken, n_above, groups, n_groups)
     totals = Totals(
-        per_group(base_cq) + chain(dc_q, n_taken), per_group(base_qq) + chain(dq_q, n_taken),
-        chain(dq_q, n_above), chain(dc_q, n_above), per_group(base_qq),
-        per_group(n_taken), per_group(filled.astype(np.int64)),
+        per_group(base_cq) + taken_c, per_group(base_qq) + taken_q, above_q, above_c,
+        per_group(base_qq), per_group(n_taken), per_group(filled.astype(np.int64)),
         per_group((arm == DEFER_ARM).astype(np.int64)))
     return (arm, filled), totals
