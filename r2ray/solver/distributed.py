@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from r2ray.solver.blocks import StepBlock, blocks_of, with_defer_arm
+from r2ray.solver.blocks import StepBlock, with_defer_arm
 from r2ray.solver.budget import (
     CertifiedResult, DualCertificate, LocalPasses, certificates, validated_budgets)
-from r2ray.solver.hull import HullSteps, concat_steps, empty_steps
+from r2ray.solver.hull import HullSteps, empty_steps
 from r2ray.solver.passes import block_assign
 from r2ray.solver.search import FILL_LIMIT, run_solve
 from r2ray.solver.table import CHAIN_COLUMNS, steps_to_table, table_to_steps
@@ -187,11 +187,8 @@ def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer,
                      fill_limit, num_cpus, then):
     """The in-memory passes over the gathered step columns; the arms go back per block."""
     import ray
-    parts = [table_to_steps(t) for t in step_tables]
-    steps = concat_steps([p[0] for p in parts])
-    pos, keys = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
-    tenant = np.concatenate([p[3] for p in parts]) if grouped else None
-    blocks = blocks_of(steps, query_key=keys, group=tenant, defer=defer, query_pos=pos)
+    blocks = [_block(t, defer, grouped) for t in step_tables]   # read in place, not copied
+    pos = np.concatenate([b.query_pos for b in blocks])
     outcome, (arm, filled) = run_solve(LocalPasses(blocks), budgets, seed=seed,
                                        fill_limit=fill_limit)
     bounds = np.cumsum([0, *(t.num_rows for t in step_tables)])

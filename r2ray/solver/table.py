@@ -79,15 +79,18 @@ def steps_to_table(steps: HullSteps, *, query_key=None, tenant=None, start: int 
 
 
 def table_to_steps(table: pa.Table):
-    """(HullSteps, query_pos, query_key, tenant or None) of a step table or record batch."""
-    col = lambda name: table.column(name).to_numpy()   # noqa: E731
+    """(HullSteps, query_pos, query_key, tenant or None) of a step table or record batch; the
+    arrays are views of the table's buffers wherever Arrow allows (no copy)."""
+    col = lambda name, dtype: table.column(name).to_numpy().astype(dtype, copy=False)  # noqa: E731
     lists = {name: list_values(table.column(name)) for name in ("step_arm", "dq", "dc", "key")}
     offsets = lists["dq"][0]
-    steps = HullSteps(col("base_arm").astype(np.int32), col("base_q"), col("base_c"), offsets,
-                      lists["step_arm"][1].astype(np.int32), lists["dq"][1], lists["dc"][1],
-                      lists["key"][1].astype(np.float32), col("invalid_arms").astype(np.int32))
-    tenant = col("tenant").astype(np.int32) if "tenant" in table.column_names else None
-    return steps, col("query_pos").astype(np.int64), col("query_key").astype(np.uint64), tenant
+    steps = HullSteps(col("base_arm", np.int32), col("base_q", np.float64),
+                      col("base_c", np.float64), offsets,
+                      lists["step_arm"][1].astype(np.int32, copy=False), lists["dq"][1],
+                      lists["dc"][1], lists["key"][1].astype(np.float32, copy=False),
+                      col("invalid_arms", np.int32))
+    tenant = col("tenant", np.int32) if "tenant" in table.column_names else None
+    return steps, col("query_pos", np.int64), col("query_key", np.uint64), tenant
 
 
 def list_values(column) -> tuple[np.ndarray, np.ndarray]:
