@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +33,6 @@ from r2ray.encoders import has_text_encoder
 from r2ray.errors import R2RayError
 from r2ray.predictor.base import BasePredictor
 from r2ray.predictor.persist import load_predictor, save_predictor
-from r2ray.predictor.pyfunc import MODEL_CODE_PATH, PREDICTOR_ARTIFACT, arm_labels
 from r2ray.redaction import redact_text, redacted_output
 from r2ray.wheel import model_requirements, package_wheel
 
@@ -47,14 +47,16 @@ class RegistryError(R2RayError, ValueError):
 def mlflow_guard() -> Iterator[None]:
     """Around calls into MLflow, which quotes the tracking URI as given (password included) in
     its errors and printed run links: redact its output, and re-raise its errors as RegistryError
-    with credentials stripped."""
-    from mlflow.exceptions import MlflowException
-
+    with credentials stripped. It does not import MLflow itself (seconds): an MLflow error can
+    only come from code that did."""
     with redacted_output():
         try:
             yield
-        except MlflowException as err:
-            raise RegistryError(redact_text(str(err))) from None
+        except Exception as err:
+            errors = sys.modules.get("mlflow.exceptions")
+            if errors is not None and isinstance(err, errors.MlflowException):
+                raise RegistryError(redact_text(str(err))) from None
+            raise
 
 
 def configure_tracking(explicit: str | None = None) -> str:
@@ -133,6 +135,8 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
     and register it as a new version of ``name``."""
     import mlflow
 
+    from r2ray.predictor.pyfunc import MODEL_CODE_PATH, PREDICTOR_ARTIFACT, arm_labels
+
     configure_tracking(tracking_uri)
     encoder_spec = encoder_spec if encoder_spec is not None else predictor.encoder_spec
     with tempfile.TemporaryDirectory(prefix="r2ray-register-") as tmp:
@@ -200,12 +204,13 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
 @mlflow_guard()
 def load_registered(uri: str, tracking_uri: str | None = None,
                     device: str | None = None) -> RegisteredPredictor:
-    """Load a predictor from ``models:/…`` (registry) or a folder written by save_predictor."""
-    import mlflow
-
+    """Load a predictor from ``models:/…`` (registry) or a folder written by save_predictor
+    (that one without importing MLflow: seconds off every job's start)."""
     if not uri.startswith("models:/"):
         predictor = load_predictor(uri, device=device)
         return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, None)
+    import mlflow
+
     version = resolve_version(uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="r2ray-load-") as tmp:  # weights are read into memory
         model = mlflow.pyfunc.load_model(version.uri, dst_path=tmp,

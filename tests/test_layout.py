@@ -43,3 +43,18 @@ def test_solver_and_predictor_run_without_ray(folder):
                  for alias in node.names}
     top_level |= {node.module for node in top if isinstance(node, ast.ImportFrom)}
     assert not {n for n in top_level if n and (n == "ray" or n.startswith("ray."))}
+
+
+def test_routing_with_a_local_model_imports_neither_mlflow_nor_scikit_learn(small_routing_model):
+    """The job's driver and each scoring worker import the predictor package; MLflow and
+    scikit-learn cost seconds to import each, and only training, registration, the report
+    and the residual network use them."""
+    import subprocess
+    import sys
+
+    folder = small_routing_model["path"]
+    code = ("import sys\nfrom r2ray.batch.job import load_model\nfrom r2ray.batch.score import "
+            f"ScoreWorker\nload_model({folder!r}, None, None)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'sklearn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from sklearn.isotonic import isotonic_regression
 
 from r2ray.catalog import Catalog
 from r2ray.encoders import default_device
@@ -87,6 +86,8 @@ def monotone_in_budget(quality: np.ndarray, chains: list[np.ndarray]) -> np.ndar
     """q̂ [N, K] made non-decreasing along each chain by isotonic regression per query (the
     closest monotone values in squared error, not a running max: a noisy high q̂ at a small
     budget is pulled down as much as the larger budgets are pulled up)."""
+    from sklearn.isotonic import isotonic_regression   # seconds to import: only this pays
+
     out = quality.copy()
     for chain in chains:
         if len(chain) < 2:
