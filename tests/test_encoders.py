@@ -93,3 +93,61 @@ def test_embed_or_encode_errors_say_what_is_missing():
         embed_or_encode(["a"], None, CountingEncoder(), 4)
     with pytest.raises(EncoderError, match="the given embeddings.*row 1 has NaN"):
         embed_or_encode(["a"], np.array([[1.0, np.nan, 3.0]]), CountingEncoder(), 3)
+
+
+def test_minilm_runs_without_sentence_transformers_and_gives_its_embeddings_bit_for_bit(minilm):
+    """MiniLM's layout (transformer, mean pooling, normalise) runs on transformers alone; the
+    vectors must be sentence-transformers' own, exactly, whatever the batch and text lengths."""
+    from sentence_transformers import SentenceTransformer
+
+    from r2ray.encoders import MeanPooledTransformer
+
+    rng = np.random.default_rng(3)
+    words = "route the query to a model with a budget of tokens; why does it cost so much".split()
+    texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 300, 60)]
+    texts += ["", " ", "héllo wörld ✓ 漢字", "x" * 4000, "What is 2 + 2?"]
+    assert isinstance(minilm._model, MeanPooledTransformer)
+    reference = SentenceTransformer(str(encoder_path(MINILM)), device="cpu")
+    for batch in (1, 7, 32):
+        ours = load_encoder(MINILM, device="cpu", batch_size=batch).encode(texts)
+        theirs = reference.encode(texts, batch_size=batch, convert_to_numpy=True)
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("change", ["cls pooling", "lower case", "prompt", "dense layer"])
+def test_other_layouts_still_run_on_sentence_transformers(tmp_path, change):
+    import json
+
+    from r2ray.encoders import mean_pooled_layout
+
+    source = encoder_path(MINILM)
+    for item in source.rglob("*"):
+        target = tmp_path / item.relative_to(source)
+        if item.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(item)
+    assert mean_pooled_layout(tmp_path) == {"max_length": 256, "normalize": True}
+
+    def rewrite(name, edit):
+        document = json.loads((tmp_path / name).read_text())
+        (tmp_path / name).unlink()
+        (tmp_path / name).write_text(json.dumps(edit(document)))
+
+    if change == "cls pooling":
+        rewrite("1_Pooling/config.json", lambda d: {**d, "pooling_mode_mean_tokens": False,
+                                                    "pooling_mode_cls_token": True})
+    elif change == "lower case":
+        rewrite("sentence_bert_config.json", lambda d: {**d, "do_lower_case": True})
+    elif change == "prompt":
+        rewrite("config_sentence_transformers.json", lambda d: {**d, "prompts": {"q": "query: "}})
+    else:
+        rewrite("modules.json", lambda d: [*d[:2], {"idx": 2, "name": "2", "path": "2_Dense",
+                                                    "type": "sentence_transformers.models.Dense"}])
+    assert mean_pooled_layout(tmp_path) is None
+    if change == "cls pooling":          # and such a folder loads as sentence-transformers
+        from sentence_transformers import SentenceTransformer
+
+        encoder = load_encoder(str(tmp_path), device="cpu")
+        assert isinstance(encoder._model, SentenceTransformer) and encoder.dimension == 384
