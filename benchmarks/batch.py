@@ -7,7 +7,9 @@
 2. Precomputed embeddings, per size N: the predictor's ``predict`` in this process over the same
    N embeddings (one thread and all cores' threads; the faster is the reference), and
    ``route_batch`` end to end in a fresh driver process (stage timings, driver peak RSS, which
-   must not grow with N). Target: end to end ≥ 0.5 × in-process.
+   must not grow with N), twice: starting its own local Ray, and joining a Ray cluster that is
+   already up (as ``ray job submit`` runs the nightly job). Target: end to end ≥ 0.5 × in-process.
+The job logs into an MLflow store created before the clock starts (``tracking_store``).
 
 Usage: python benchmarks/batch.py [--text-queries 2000] [--sizes 200000 1000000]
        [--workers W] [--cpus-per-worker C] [--threads-per-worker T] [--gpus-per-worker G]
@@ -185,29 +187,60 @@ def one_size(args) -> None:
                       "pool": manifest["scoring_pool"], "driver_peak_rss_mb": peak}))
 
 
+def running_cluster() -> str:
+    """Start a local Ray cluster in this process (token auth off, so another process may join
+    it) and return its GCS address; ``ray.shutdown()`` here stops it."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return ray.get_runtime_context().gcs_address
+
+
+def route_child(args, size: int, backlog: str, model: str, out: str, address: str | None):
+    """``one_size`` in a fresh driver process, on its own local Ray or joining ``address``."""
+    pool = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in POOL_FLAGS
+            if getattr(args, name) is not None]
+    env = dict(os.environ, **({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+                              if address else {}))
+    if not address:
+        env.pop("RAY_ADDRESS", None)
+    child = subprocess.run(
+        [sys.executable, __file__, "--size", str(size), "--backlog", backlog, "--model", model,
+         "--out", out, "--text-queries", "0", *pool], capture_output=True, text=True, env=env)
+    if child.returncode != 0:
+        sys.exit(f"N = {size} failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def embedding_figures(args, catalog) -> None:
+    """Per size: the job in a fresh driver that starts its own local Ray (``r2ray route`` on one
+    machine), then one joining a running cluster (what ``ray job submit`` does: the cluster is
+    up before the job), each against the in-process forward pass measured right after it."""
+    import ray
+
     with tempfile.TemporaryDirectory(prefix="r2ray-bench-") as tmp:
         model = train_model(f"{tmp}/model", catalog, encoder=None)
         for size in args.sizes:
             backlog = write_backlog(f"{tmp}/backlog-{size}", catalog, size, embeddings=True)
-            pool = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in POOL_FLAGS
-                    if getattr(args, name) is not None]
-            child = subprocess.run(
-                [sys.executable, __file__, "--size", str(size), "--backlog", backlog,
-                 "--model", model, "--out", f"{tmp}/out", "--text-queries", "0", *pool],
-                capture_output=True, text=True)
-            if child.returncode != 0:
-                sys.exit(f"N = {size} failed:\n{child.stderr[-3000:]}")
-            job = json.loads(child.stdout.strip().splitlines()[-1])
-            forward = in_process_predict_qps(model, backlog)
-            best = max(forward.values())
-            print(f"precomputed embeddings, N = {size:,}; pool {job['pool']}")
-            print("  in-process predict  " + ", ".join(
-                f"{q:,.0f} q/s on {t} thread(s)" for t, q in forward.items()))
-            print(f"  job end to end      {job['qps']:,.0f} q/s ({job['wall_s']:.1f} s)   ratio "
-                  f"{job['qps'] / best:.3f} (target ≥ 0.5); driver peak RSS "
-                  f"{job['driver_peak_rss_mb']:.0f} MB")
-            print(f"  stages (s)          {job['timings']}")
+            print(f"precomputed embeddings, N = {size:,}")
+            for where in ("its own local Ray", "a running cluster"):
+                address = running_cluster() if where == "a running cluster" else None
+                try:
+                    job = route_child(args, size, backlog, model,
+                                      f"{tmp}/out-{where[0]}", address)
+                finally:
+                    if address:
+                        ray.shutdown()
+                forward = in_process_predict_qps(model, backlog)
+                best = max(forward.values())
+                print(f"  job on {where}; pool {job['pool']}")
+                print("    in-process predict  " + ", ".join(
+                    f"{q:,.0f} q/s on {t} thread(s)" for t, q in forward.items()))
+                print(f"    job end to end      {job['qps']:,.0f} q/s ({job['wall_s']:.1f} s)   "
+                      f"ratio {job['qps'] / best:.3f} (target ≥ 0.5); driver peak RSS "
+                      f"{job['driver_peak_rss_mb']:.0f} MB")
+                print(f"    stages (s)          {job['timings']}")
 
 
 def main() -> None:

@@ -234,8 +234,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     from r2ray.batch.assign import assign_stage
     from r2ray.batch.dedupe import drop_rows_stage, first_seen_duplicates
     from r2ray.batch.pool import pool_shape
-    from r2ray.batch.report import (STATS_SCHEMA, combine_stats, log_to_mlflow, spend_by_model,
-                                    write_report)
+    from r2ray.batch.report import (STATS_SCHEMA, combine_stats, import_in_background,
+                                    log_to_mlflow, spend_by_model, write_report)
     from r2ray.batch.score import ScoreWorker
     from r2ray.bench.io import write_table
     from r2ray.predictor.spend_guarantee import plan_budget
@@ -284,6 +284,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                        strict=config.strict_budget)
     usable_usd = plan.planned_limit_usd
     certificate, stats = None, combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
+    report_imports = import_in_background()   # while the solve's tasks run
     if n_solvable:  # else every row was quarantined: commit that, so the night is on record
         with _timed(timings, "solve_assign_write"):
             assign = (assign_stage, {"catalog_yaml": model.catalog.to_yaml(),
@@ -336,6 +337,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "config": config.model_dump(),
     }
     with _timed(timings, "report"):   # recorded in manifest.json, after report.md is written
+        report_imports.join()
         manifest["artifacts"] = write_report(paths.path(), manifest, stats)
         manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri,
                                                 log_to_mlflow)
