@@ -104,11 +104,11 @@ def test_minilm_runs_without_sentence_transformers_and_gives_its_embeddings_bit_
 
     rng = np.random.default_rng(3)
     words = "route the query to a model with a budget of tokens; why does it cost so much".split()
-    texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 300, 60)]
+    texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 300, 30)]
     texts += ["", " ", "héllo wörld ✓ 漢字", "x" * 4000, "What is 2 + 2?"]
     assert isinstance(minilm._model, MeanPooledTransformer)
     reference = SentenceTransformer(str(encoder_path(MINILM)), device="cpu")
-    for batch in (1, 7, 32):
+    for batch in (3, 32):              # several length-sorted batches; one padded batch
         ours = load_encoder(MINILM, device="cpu", batch_size=batch).encode(texts)
         theirs = reference.encode(texts, batch_size=batch, convert_to_numpy=True)
         assert np.array_equal(ours, theirs)
