@@ -192,8 +192,15 @@ def running_cluster() -> str:
     it) and return its GCS address; ``ray.shutdown()`` here stops it."""
     import ray
 
+    before = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:          # read at start-up only: later children that start their own Ray do not see it
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE")
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
     return ray.get_runtime_context().gcs_address
 
 

@@ -159,7 +159,7 @@ class MeanPooledTransformer:
         import torch
 
         order = np.argsort([-len(text) for text in texts])
-        out = [None] * len(texts)
+        parts = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 rows = order[start:start + batch_size]
@@ -172,9 +172,8 @@ class MeanPooledTransformer:
                     mask.sum(dim=1, dtype=tokens.dtype), min=1e-9)
                 if self.normalize:
                     mean = torch.nn.functional.normalize(mean, p=2, dim=-1)
-                for j, i in enumerate(rows):
-                    out[i] = mean[j]
-        return torch.stack(out).float().cpu().numpy()
+                parts.append(mean.float().cpu().numpy())
+        return np.concatenate(parts)[np.argsort(order)]
 
 
 def check_embedding_dimension(embedding: np.ndarray, expected: int, where: str) -> np.ndarray:
