@@ -13,7 +13,7 @@ The job logs into an MLflow store created before the clock starts (``tracking_st
 
 Usage: python benchmarks/batch.py [--text-queries 2000] [--sizes 200000 1000000]
        [--workers W] [--cpus-per-worker C] [--threads-per-worker T] [--gpus-per-worker G]
-       [--batch-size B]     (pool settings left out are derived from the cluster, as in the job)
+       [--batch-size B] [--read-tasks R]   (pool settings left out are derived from the cluster, as in the job)
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import sys
 import tempfile
 import time
 
-POOL_FLAGS = ("workers", "cpus_per_worker", "threads_per_worker", "gpus_per_worker", "batch_size")
+POOL_FLAGS = ("workers", "cpus_per_worker", "threads_per_worker", "gpus_per_worker", "batch_size",
+              "read_tasks")
 
 
 def train_model(folder: str, catalog, encoder: str | None, n_queries: int = 2000) -> str:
@@ -112,7 +113,7 @@ def actor_encoder_qps(backlog: str, model: str, config) -> float:
     pool = pool_shape(config, ray.cluster_resources(), encodes_text=True,  # as the job plans it
                       backlog_rows=planned_rows(plan_units(backlog)[0]))
     files = load_model(model, None, None).files
-    ds = ray.data.read_parquet(backlog).repartition(pool.workers * config.blocks_per_worker)
+    ds = ray.data.read_parquet(backlog).repartition(target_num_rows_per_block=pool.batch_size)
     ds = ds.materialize()
     start = time.perf_counter()
     ds.map_batches(EncodeOnlyWorker, batch_size=pool.batch_size, batch_format="pyarrow",
@@ -259,6 +260,7 @@ def main() -> None:
     parser.add_argument("--threads-per-worker", type=int)
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--read-tasks", type=int)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--backlog", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

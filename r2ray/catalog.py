@@ -298,6 +298,19 @@ def load_catalog(path: str | None = None) -> Catalog:
     return catalog_from_dict(data, source)
 
 
+def repriced_catalog(path: str, trained: Catalog, model_label: str) -> Catalog:
+    """The catalogue at ``path`` in place of the one ``model_label`` was trained on (``trained``):
+    prices and endpoints may change, the arms (models × budgets, in order) may not."""
+    from r2ray.redaction import redact_uri
+
+    catalog = load_catalog(path)
+    if catalog.arms != trained.arms:
+        raise R2RayError(f"catalog {redact_uri(path)} offers other arms than {model_label} was "
+                         f"trained on ({catalog.n_arms} vs {trained.n_arms}); prices and "
+                         "endpoints may change, arms may not: retrain for a new arm set")
+    return catalog
+
+
 def save_catalog(catalog: Catalog, path: str) -> None:
     from r2ray.storage import write_text
 

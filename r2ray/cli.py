@@ -124,6 +124,8 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
                        help="torch threads in each worker (default: its CPUs rounded, at least 1)")
     route.add_argument("--batch-size", type=int,
                        help="rows per actor call (default 256 texts, 8192 precomputed embeddings)")
+    route.add_argument("--read-tasks", type=int,
+                       help="read tasks running at once (default: one per 8 workers)")
     route.set_defaults(handler=_route)
 
 
@@ -134,7 +136,7 @@ def _route(args: argparse.Namespace) -> None:
     fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
               "strict_budget", "cost_correction", "catalog", "run_id", "force", "defer", "seed",
               "tracking_uri", "workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker",
-              "batch_size")
+              "batch_size", "read_tasks")
     config = route_config(**{name: getattr(args, name) for name in fields})
     manifest = route_batch(config)
     print(summarise_manifest(manifest))

@@ -57,6 +57,29 @@ def render_messages(query: str, budget_tokens: int,
     return messages
 
 
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+def render_messages_array(queries: pa.Array | pa.ChunkedArray,
+                          budget_tokens: np.ndarray) -> pa.ListArray:
+    """:func:`render_messages` of N queries at their budgets [N] (no system prompt), as an Arrow
+    list<struct<role, content>> column: one user turn each (tested to agree row by row). The
+    batch job renders every routed row with it; Python's per-row dicts cost ~8 µs a row."""
+    budgets = np.asarray(budget_tokens, dtype=np.int64)
+    n = len(budgets)
+    levels, index = np.unique(budgets, return_inverse=True)
+    suffixes = pa.array(["" if b == DEFAULT_BUDGET else
+                         f"\n\n{LENGTH_INSTRUCTION.format(budget_tokens=int(b))}" for b in levels],
+                        pa.string())
+    content = pc.binary_join_element_wise(
+        queries, suffixes.take(pa.array(index.reshape(n), pa.int32())), "")
+    if isinstance(content, pa.ChunkedArray):
+        content = content.combine_chunks()
+    turns = pa.StructArray.from_arrays([pa.repeat(pa.scalar("user"), n), content],
+                                       fields=list(MESSAGE_TYPE))
+    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), turns)
+
+
 def estimate_tokens(text: str | None) -> int:
     """Rough token count of one text: :func:`estimate_tokens_array`'s rule on one string, in
     plain Python. Serve prices every request with it, and six Arrow kernels over a one-row array

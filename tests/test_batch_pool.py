@@ -9,7 +9,7 @@ import torch
 
 from r2ray.batch.config import route_config
 from r2ray.batch.pool import (EMBEDDING_BATCH_ROWS, TEXT_BATCH_ROWS, TEXT_CALLS_IN_FLIGHT,
-                              pool_shape, text_batch_rows)
+                              WORKERS_PER_READ_TASK, pool_shape, text_batch_rows)
 from r2ray.batch.score import use_threads
 from r2ray.predictor.torch_fit import inference_rows, predict_module
 
@@ -62,6 +62,15 @@ def test_text_calls_are_not_queued_behind_a_running_one():
         compute = score_pool_options(pool)["compute"]
         assert compute.max_tasks_in_flight_per_actor == in_flight
     assert TEXT_CALLS_IN_FLIGHT == 1
+
+
+@pytest.mark.parametrize("cpus, reads", [(2, 1), (8, 1), (9, 2), (64, 8)])
+def test_one_read_task_at_a_time_feeds_up_to_eight_workers(cpus, reads):
+    """Each read task running at once is a worker process starting beside the actors: one per
+    WORKERS_PER_READ_TASK workers by default, the config's number where given."""
+    assert WORKERS_PER_READ_TASK == 8
+    assert pool_shape(config(), {"CPU": cpus}, encodes_text=False).read_tasks == reads
+    assert pool_shape(config(read_tasks=3), {"CPU": cpus}, encodes_text=False).read_tasks == 3
 
 
 def test_inference_rows_keep_the_widest_activation_within_the_working_set():

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from r2ray.catalog import (DEFAULT_BUDGET, DEFAULT_MAX_OUTPUT_TOKENS, Arm, CatalogError,
-                           UnknownModel, catalog_from_dict, load_catalog, save_catalog)
+                           UnknownModel, catalog_from_dict, load_catalog, repriced_catalog,
+                           save_catalog)
+from r2ray.errors import R2RayError
 
 GRID = [10, 20, 30, 40, 50, 80, 100, 150, 200, 300, 500, 800, 1200, 2000, 4000, DEFAULT_BUDGET]
 
@@ -93,3 +95,19 @@ def test_output_cap_defaults_round_trips_and_never_exceeds_the_context(tmp_path)
     with pytest.raises(CatalogError, match="max_output_tokens 5000 of 'a' exceeds its context"):
         catalog_from_dict({"budgets": ["default"],
                            "models": [model | {"max_output_tokens": 5000}]})
+
+
+def test_a_model_may_be_repriced_but_not_given_other_arms(tmp_path):
+    """``--catalog`` for a trained model (batch job and Serve): new prices are taken, other arms
+    are an error naming the file and the model."""
+    trained = catalog_from_dict({"budgets": [100, "default"], "models": [
+        {"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096}]})
+    repriced = catalog_from_dict({"budgets": [100, "default"], "models": [
+        {"name": "a", "input_per_m": 3, "output_per_m": 5, "context": 4096}]})
+    save_catalog(repriced, str(tmp_path / "new.yaml"))
+    assert repriced_catalog(str(tmp_path / "new.yaml"), trained, "m/1") == repriced
+    other = catalog_from_dict({"budgets": [50, "default"], "models": [
+        {"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096}]})
+    save_catalog(other, str(tmp_path / "other.yaml"))
+    with pytest.raises(R2RayError, match=r"other\.yaml offers other arms than m/1 .*\(2 vs 2\)"):
+        repriced_catalog(str(tmp_path / "other.yaml"), trained, "m/1")

@@ -46,15 +46,23 @@ def test_solver_and_predictor_run_without_ray(folder):
 
 
 def test_routing_with_a_local_model_imports_neither_mlflow_nor_scikit_learn(small_routing_model):
-    """The job's driver and each scoring worker import the predictor package; MLflow and
-    scikit-learn cost seconds to import each, and only training, registration, the report
-    and the residual network use them."""
+    """MLflow and scikit-learn cost seconds to import each, and only training, registration, the
+    report and the residual network use them: the job's driver and each scoring worker import
+    neither. The driver does not import torch either (~2 s): it ships a saved folder's files and
+    plans the budget; the workers build the predictor from those files."""
     import subprocess
     import sys
 
     folder = small_routing_model["path"]
-    code = ("import sys\nfrom r2ray.batch.job import load_model\nfrom r2ray.batch.score import "
-            f"ScoreWorker\nload_model({folder!r}, None, None)\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'sklearn'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    driver = ("from r2ray.batch.job import load_model\nfrom r2ray.batch.score import ScoreWorker\n"
+              "from r2ray.batch.dedupe import first_seen_duplicates\n"
+              "from r2ray.batch.assign import assign_stage\n"
+              "from r2ray.predictor.spend_guarantee import plan_budget\n"
+              f"model = load_model({folder!r}, None, None)\n"
+              "assert model.spend_simulation is not None and model.embedding_dim > 0\n")
+    worker = driver + "ScoreWorker(model.files, threads=1)\n"
+    for code, heavy in ((driver, {"mlflow", "sklearn", "torch"}), (worker, {"mlflow", "sklearn"})):
+        out = subprocess.run([sys.executable, "-c", "import sys\n" + code + (
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy!r}))")],
+            capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]"

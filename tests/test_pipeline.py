@@ -13,7 +13,10 @@ from r2ray.bench.io import read_table, write_table
 from r2ray.bench.synthetic import synth_backlog
 from r2ray.cli import EXIT_NOTHING_ROUTED, main
 from r2ray.batch.config import route_config
+from r2ray.catalog import Arm
 from r2ray.errors import R2RayError
+from r2ray.prompting import estimate_tokens
+from r2ray.routing import routed_request
 from r2ray.failpoints import FAILPOINT_ENV
 from r2ray.batch import route_batch
 
@@ -61,7 +64,8 @@ def _config(tmp_path, model, **extra):
     return route_config(**(values | extra))
 
 
-def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manifest, paths):
+def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manifest, paths,
+                                                          catalog):
     """The committed run of ``_backlog``'s 400 good rows and its bad ones: every row routed once
     or quarantined with a reason, within budget, every prompt capped, the report written."""
     assert runs.is_committed(paths) and paths.attempt.startswith("attempt-")
@@ -84,13 +88,20 @@ def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manif
     assert manifest["spend"]["strict_budget"] is False
     assert manifest["spend"]["worst_case_usd"] > manifest["spend"]["usable_usd"]  # not a bound
     assert manifest["solve"]["lambda"] > 0 and manifest["solve"]["gap"] >= 0
-    # every routed prompt carries the length instruction and a hard cap that matches its budget
-    for row in routed.slice(0, 50).to_pylist():
+    # every routed prompt carries the length instruction and a hard cap that matches its budget:
+    # each row as Serve renders it (routing.routed_request), from the query and its input tokens
+    source = {r["query_id"]: r for r in table.to_pylist()}
+    for row in routed.to_pylist():
         content = row["messages"][-1]["content"]
         if row["budget"] > 0:
             assert f"at most {row['budget']} tokens" in content
             assert row["budget"] < row["max_tokens"] <= row["budget"] * 1.1 + 8
         assert row["lambda_star"] == manifest["solve"]["lambda"]
+        query = source[row["query_id"]]
+        tokens = query.get("input_tokens") or estimate_tokens(query["query"])
+        arm = catalog.arm_index[Arm(row["model"], row["budget"])]
+        assert {k: row[k] for k in ("model", "budget", "messages", "max_tokens")} == \
+            routed_request(query["query"], arm, catalog, tokens)
     for artifact in ("report.md", "spend.png"):
         assert os.path.getsize(paths.path(artifact)) > 0
     assert manifest["mlflow_run_id"]
@@ -155,7 +166,8 @@ def test_crash_redo_and_force_commit_every_row_routed_or_quarantined_within_budg
                                t.column("budget").to_pylist()))
     assert key(again) == key(first)
     assert len(set(again.column("query_id").to_pylist())) == again.num_rows  # no duplicates
-    _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manifest, paths)
+    _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manifest, paths,
+                                                          small_routing_model["catalog"])
     # a committed run id is a no-op
     assert route_batch(crashed)["committed_at"] == manifest["committed_at"]
     # a forced run that dies before its commit leaves the committed run whole

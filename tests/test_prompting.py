@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from r2ray.batch.backlog import ReadUnit, validate_table
-from r2ray.prompting import (estimate_tokens, estimate_tokens_array, max_tokens_array,
-                             max_tokens_for, render_messages)
+from r2ray.prompting import (MESSAGE_TYPE, estimate_tokens, estimate_tokens_array,
+                             max_tokens_array, max_tokens_for, render_messages,
+                             render_messages_array)
 
 SPACES = ["\u00a0", "\u3000", "\u2028", "\u2009", "\t", "\n", "\x1c", "\u200b", " "]
 
@@ -41,6 +42,21 @@ def test_budgeted_prompt_and_cap():
     messages = render_messages("Why?", 100)
     assert messages[-1]["content"].endswith("in at most 100 tokens.")
     assert max_tokens_for(100, 4096, 10) == 110 and max_tokens_for(0, 4096, 96) == 4000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(), st.sampled_from([0, 1, 20, 100, 4096])), max_size=12))
+def test_batch_renders_the_messages_serve_renders(rows):
+    """The batch job's column of messages is Serve's ``render_messages`` row by row: any
+    unicode text, the default arm (no instruction) and budgeted ones, and no rows at all."""
+    queries = pa.array([q for q, _ in rows], pa.string())
+    budgets = np.array([b for _, b in rows], np.int64)
+    column = render_messages_array(queries, budgets)
+    assert column.type == pa.list_(MESSAGE_TYPE)
+    assert column.to_pylist() == [render_messages(q, b) for q, b in rows]
+    chunked = render_messages_array(pa.chunked_array([queries[:1], queries[1:]], pa.string()),
+                                    budgets)
+    assert chunked.to_pylist() == column.to_pylist()
 
 
 TOKENS = st.integers(-2**40, 2**40)   # far inside int64: the array rule cannot overflow

@@ -121,3 +121,38 @@ def test_the_limit_defaults_to_a_share_of_free_memory_and_can_be_set(monkeypatch
     assert 0 < local_solve_limit() <= 1 << 30
     monkeypatch.setenv(LOCAL_SOLVE_ENV, "12345")
     assert local_solve_limit() == 12345
+
+
+_COMPILED = """
+import importlib, sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from r2ray.solver.distributed import LocalPasses, _block, run_solve, warm_up
+from r2ray.solver.table import steps_to_table
+from tests.test_solver_local_path import random_steps
+if sys.argv[1] == "warm_up":
+    warm_up()
+else:   # the driver's solve of a real-sized problem, tied keys and NaN arms included
+    block = _block(steps_to_table(random_steps(3, n=5000)), False, False)
+    base_c = block.steps.base_c
+    run_solve(LocalPasses([block]), [float(base_c[base_c == base_c].sum()) * 1.5], seed=0)
+print(sorted(f"{m}.{name}" for m in ("r2ray.solver.passes", "r2ray.solver.select",
+                                      "r2ray.solver.blocks")
+             for name, obj in vars(importlib.import_module(m)).items()
+             if isinstance(obj, CPUDispatcher) and obj.signatures))
+"""
+
+
+def test_warm_up_loads_every_kernel_the_drivers_solve_uses():
+    """The batch job warms the driver's solve while its workers score: in a fresh process,
+    ``warm_up`` compiles (loads from numba's cache) the same kernels a real solve runs."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    compiled = [ast.literal_eval(subprocess.run(
+        [sys.executable, "-c", _COMPILED, how], capture_output=True, text=True, check=True,
+        cwd=root).stdout) for how in ("warm_up", "solve")]
+    assert compiled[0] == compiled[1] and len(compiled[1]) >= 4

@@ -19,7 +19,8 @@ from r2ray.batch.report import STATS_SCHEMA
 from r2ray.bench.io import write_table
 from r2ray.catalog import Catalog, catalog_from_dict
 from r2ray.manifest import routed_partition
-from r2ray.routing import routed_request, worst_case_usd
+from r2ray.prompting import MESSAGE_TYPE, render_messages_array
+from r2ray.routing import arm_caps
 from r2ray.solver import DEFER_ARM, chosen_on_chain
 from r2ray.solver.table import list_values
 
@@ -28,7 +29,7 @@ ROUTED_SCHEMA = pa.schema([
     pa.field("tenant", pa.string()),
     pa.field("model", pa.string()),
     pa.field("budget", pa.int32()),            # output tokens, 0 = default
-    pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    pa.field("messages", pa.list_(MESSAGE_TYPE)),
     pa.field("max_tokens", pa.int64()),        # hard cap sent to the model
     pa.field("q_hat", pa.float32()),           # predicted quality
     pa.field("t_hat", pa.float32()),           # predicted output tokens
@@ -66,7 +67,7 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
     for model in sorted(set(chosen["model"])):
         rows = chosen["model"] == model
         table = _routed_table(batch.filter(pa.array(rows)), {k: v[rows] for k, v in chosen.items()},
-                              catalog, model_version, run_id)
+                              model_version, run_id)
         write_table(table, storage.join(routed_uri, routed_partition(model), part))
         for budget in np.unique(chosen["budget"][rows]):
             sel = rows & (chosen["budget"] == budget)
@@ -93,31 +94,29 @@ def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog, strict_budget: b
                  + t_hat.astype(np.float64) * arrays["price_out_usd"][arm]) * factor
     else:
         c_hat = on_chain.cost_usd
+    rows = np.arange(len(arm))
+    caps = arm_caps(catalog, input_tokens)   # [N, K]: routing.worst_case_usd's caps
     return {"arm": arm,
             "model": np.array(catalog.model_names, dtype=object)[arrays["model_index"][arm]],
-            "budget": arrays["budget_tokens"][arm],
+            "budget": arrays["budget_tokens"][arm], "max_tokens": caps[rows, arm],
             "q_hat": on_chain.quality, "c_hat": c_hat, "t_hat": t_hat,
-            "worst_usd": worst_case_usd(catalog, input_tokens)[np.arange(len(arm)), arm]}
+            "worst_usd": catalog.arm_cost_usd(input_tokens, caps)[rows, arm]}
 
 
-def _routed_table(batch: pa.Table, chosen: dict, catalog: Catalog, model_version: str,
-                  run_id: str) -> pa.Table:
-    queries = batch.column("query").to_pylist()
-    input_tokens = batch.column("input_tokens").to_numpy()
-    requests = [routed_request(q, int(a), catalog, int(t))
-                for q, a, t in zip(queries, chosen["arm"], input_tokens)]
+def _routed_table(batch: pa.Table, chosen: dict, model_version: str, run_id: str) -> pa.Table:
+    """One model's routed rows: :func:`r2ray.routing.routed_request` of each, as columns."""
     n = batch.num_rows
     return pa.table({
         "query_id": batch.column("query_id"),
         "tenant": batch.column("tenant_name"),
-        "model": pa.array([r["model"] for r in requests], pa.string()),
-        "budget": pa.array([r["budget"] for r in requests], pa.int32()),
-        "messages": pa.array([r["messages"] for r in requests], ROUTED_SCHEMA.field("messages").type),
-        "max_tokens": pa.array([r["max_tokens"] for r in requests], pa.int64()),
+        "model": pa.repeat(pa.scalar(chosen["model"][0] if n else "", pa.string()), n),
+        "budget": pa.array(chosen["budget"], pa.int32()),
+        "messages": render_messages_array(batch.column("query"), chosen["budget"]),
+        "max_tokens": pa.array(chosen["max_tokens"], pa.int64()),
         "q_hat": pa.array(chosen["q_hat"], pa.float32()),
         "t_hat": pa.array(chosen["t_hat"], pa.float32()),
         "c_hat_usd": pa.array(chosen["c_hat"], pa.float64()),
         "lambda_star": batch.column("lambda_star"),
-        "model_version": pa.array([model_version] * n, pa.string()),
-        "run_id": pa.array([run_id] * n, pa.string()),
+        "model_version": pa.repeat(pa.scalar(model_version, pa.string()), n),
+        "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
     }, schema=ROUTED_SCHEMA)

@@ -50,7 +50,8 @@ class RouteConfig(BaseModel):
                                                          # round(cpus_per_worker), at least 1
     batch_size: Annotated[int, Field(ge=1)] | None = None  # rows per actor call; default 256
                                                          # texts or 8,192 embeddings
-    blocks_per_worker: Annotated[int, Field(ge=1)] = 8   # input repartitioned for load balance
+    read_tasks: Annotated[int, Field(ge=1)] | None = None  # read tasks at once; default one
+                                                         # per 8 workers (r2ray.batch.pool)
     task_cpus: Annotated[float, Field(gt=0)] = 0.25      # each small task (read, dedupe, solve,
                                                          # assign): fractional, beside the actors
 

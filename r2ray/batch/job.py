@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 from r2ray import __version__, storage
 from r2ray.batch.backlog import ReadUnit, plan_units, planned_rows, read_stage, unit_items
 from r2ray.batch.config import RouteConfig
-from r2ray.catalog import Catalog, load_catalog
+from r2ray.catalog import Catalog, repriced_catalog
 from r2ray.errors import R2RayError
 from r2ray.failpoints import failpoint
 from r2ray.manifest import (RunPaths, abandon, check_output, commit, input_fingerprint,
@@ -71,32 +73,45 @@ class LoadedModel:
 
 
 def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | None) -> LoadedModel:
-    """Resolve the model on the driver once; workers get its files through the object store."""
+    """Resolve the model on the driver once; workers get its files through the object store.
+
+    A saved folder is read as its files and checked, not built, so the driver never imports
+    torch for it (~2 s); a registered model is loaded through MLflow and saved to files."""
+    model = (_registered_model(model_uri, tracking_uri) if model_uri.startswith("models:/")
+             else _saved_model(model_uri))
+    if catalog_path is not None:
+        model = dataclasses.replace(
+            model, catalog=repriced_catalog(catalog_path, model.catalog, model.label))
+    return model
+
+
+def _saved_model(folder: str) -> LoadedModel:
+    from r2ray.encoders import has_text_encoder
+    from r2ray.predictor.persist import read_saved, saved_catalog
+    from r2ray.predictor.spend_guarantee import SpendSimulation
+
+    document, files = read_saved(folder)
+    simulation = document["state"].get("spend_simulation")   # absent in older predictors
+    return LoadedModel(files, saved_catalog(document, folder), int(document["embedding_dim"]),
+                       has_text_encoder(document["encoder"]), folder, folder, "local",
+                       SpendSimulation.from_json(simulation) if simulation else None)
+
+
+def _registered_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
     import tempfile
 
-    from r2ray.predictor.persist import save_predictor
-    from r2ray.registry import load_registered
     from r2ray.batch.score import predictor_files
     from r2ray.encoders import has_text_encoder
+    from r2ray.predictor.persist import save_predictor
+    from r2ray.registry import load_registered
 
     bundle = load_registered(model_uri, tracking_uri, device="cpu")
-    catalog = bundle.catalog
-    if catalog_path is not None:
-        override = load_catalog(catalog_path)
-        if override.arms != catalog.arms:
-            raise R2RayError(f"--catalog {catalog_path} offers other arms than the model was "
-                             f"trained on ({override.n_arms} vs {catalog.n_arms}); prices may "
-                             "change, arms may not — retrain for a new arm set")
-        catalog = override
     with tempfile.TemporaryDirectory(prefix="r2ray-model-") as folder:
         save_predictor(bundle.predictor, folder, encoder_spec=bundle.encoder_spec)
         files = predictor_files(folder)
-    version = bundle.version
-    return LoadedModel(files, catalog, int(bundle.predictor.embedding_dim_),
-                       has_text_encoder(bundle.encoder_spec), model_uri,
-                       version.name if version else model_uri,
-                       version.version if version else "local",
-                       bundle.predictor.spend_simulation_)
+    return LoadedModel(files, bundle.catalog, int(bundle.predictor.embedding_dim_),
+                       has_text_encoder(bundle.encoder_spec), model_uri, bundle.version.name,
+                       bundle.version.version, bundle.predictor.spend_simulation_)
 
 
 def check_guarantee(config: RouteConfig, model: LoadedModel) -> None:
@@ -234,8 +249,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     from r2ray.batch.assign import assign_stage
     from r2ray.batch.dedupe import drop_rows_stage, first_seen_duplicates
     from r2ray.batch.pool import pool_shape
-    from r2ray.batch.report import (STATS_SCHEMA, combine_stats, import_in_background,
-                                    log_to_mlflow, spend_by_model, write_report)
+    from r2ray.batch.report import (STATS_SCHEMA, combine_stats, log_to_mlflow, spend_by_model,
+                                    spend_plot_png, write_report)
     from r2ray.batch.score import ScoreWorker
     from r2ray.bench.io import write_table
     from r2ray.predictor.spend_guarantee import plan_budget
@@ -250,15 +265,17 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     pool = pool_shape(config, ray.cluster_resources(), model.has_text_encoder,
                       planned_rows(units))
     cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
+    warm = warm_up_in_background(config)   # the driver only waits while the workers score
     with _timed(timings, "read_validate_score"):
         queries = ray.data.from_items(unit_items(units) or [], override_num_blocks=max(
             1, len(units))).map_batches(
             read_stage, batch_size=1, batch_format="numpy", num_cpus=config.task_cpus,
+            compute=ray.data.TaskPoolStrategy(size=pool.read_tasks),
             fn_kwargs={"quarantine_uri": paths.quarantine, "max_context_tokens": max_context,
                        "embedding_dim": model.embedding_dim,
                        "embedding_required": not model.has_text_encoder})
-        if len(units) < pool.workers * config.blocks_per_worker:  # few big files: spread them
-            queries = queries.repartition(pool.workers * config.blocks_per_worker)
+        # one call's rows per block, cut as the units stream in (big units spread over workers)
+        queries = queries.repartition(target_num_rows_per_block=pool.batch_size)
         scored = queries.map_batches(
             ScoreWorker, batch_size=pool.batch_size, batch_format="pyarrow",
             **score_pool_options(pool),
@@ -284,7 +301,6 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                        strict=config.strict_budget)
     usable_usd = plan.planned_limit_usd
     certificate, stats = None, combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
-    report_imports = import_in_background()   # while the solve's tasks run
     if n_solvable:  # else every row was quarantined: commit that, so the night is on record
         with _timed(timings, "solve_assign_write"):
             assign = (assign_stage, {"catalog_yaml": model.catalog.to_yaml(),
@@ -337,12 +353,34 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "config": config.model_dump(),
     }
     with _timed(timings, "report"):   # recorded in manifest.json, after report.md is written
-        report_imports.join()
-        manifest["artifacts"] = write_report(paths.path(), manifest, stats)
+        warm.join()
+        plot = spend_plot_png(stats)
+        manifest["artifacts"] = write_report(paths.path(), manifest, stats, plot)
         manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri,
-                                                log_to_mlflow)
+                                                functools.partial(log_to_mlflow, plot_png=plot))
     commit(paths, manifest)
     return manifest
+
+
+def warm_up_in_background(config: RouteConfig) -> threading.Thread:
+    """Load, in a thread, what the stages after scoring need on first use in this process: the
+    solve's compiled kernels (:func:`r2ray.solver.distributed.warm_up`) and the report's imports
+    and MLflow store (:func:`r2ray.batch.report.prepare_report`): ~4-6 s on a 2-core host that the
+    driver would otherwise spend after the workers finish. A failure here only means the stage
+    does it itself (and reports any error there)."""
+    def warm() -> None:
+        from r2ray.batch.report import prepare_report
+        from r2ray.solver.distributed import warm_up
+
+        for step in (lambda: warm_up(config.defer), lambda: prepare_report(config.tracking_uri)):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 — see the docstring
+                pass
+
+    thread = threading.Thread(target=warm, name="r2ray-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def find_correction(config: RouteConfig, model: LoadedModel) -> CostCorrection | None:

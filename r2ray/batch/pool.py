@@ -16,6 +16,14 @@ Why these defaults (measured on 2 busy cores, ``benchmarks/batch.py``):
   encoder sorts each call's texts by length, so larger calls pad less (20,000 texts, 2 workers:
   256 per call ran the job's encoder pass at 0.71 of the in-process encoder, 1,024 at 0.85),
   while a small backlog still spreads over the workers as they start (1,000 texts: 256);
+- read tasks at once: one per ``WORKERS_PER_READ_TASK`` workers. One read task reads and
+  validates ~100,000 precomputed-embedding rows a second, a worker scores ~7,000 (texts: ~50), so
+  one task keeps many workers fed; and every read task running at once is a worker process that
+  starts and imports while the actors load the model: 200,000 embedding rows from one file of
+  four row groups on a running 2-CPU cluster, four reads at once put the actors' first call at
+  ~12.7 s and the score stage at 29.9 s, one read at a time at ~5.5-7.7 s and 20.8-23.2 s;
+- the read output is cut into blocks of one call's rows as it streams (Ray Data's streaming
+  repartition), so the workers start on the first unit while later ones are read;
 - calls queued per actor (Ray Data's ``max_tasks_in_flight_per_actor``): one for texts, since a
   text call runs for seconds, so a second one queued behind it saves no wait while it can leave
   one worker idle at the end with the other's queued block still to do (4,000 texts, load 3.5,
@@ -36,6 +44,7 @@ CALLS_PER_WORKER = 8           # text calls per worker a sized backlog is cut in
 EMBEDDING_BATCH_ROWS = 8192    # rows per actor call when every row carries its embedding
 TEXT_CALLS_IN_FLIGHT = 1       # text calls queued on each actor (the one it runs included)
 EMBEDDING_CALLS_IN_FLIGHT = 2  # embedding calls queued on each actor: Ray Data's default
+WORKERS_PER_READ_TASK = 8      # scoring workers one concurrent read task feeds
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class PoolShape:
     threads_per_worker: int    # torch intra-op threads in each worker
     batch_size: int            # rows per actor call
     calls_in_flight: int = EMBEDDING_CALLS_IN_FLIGHT   # calls queued on each actor
+    read_tasks: int = 1        # read tasks running at once
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -54,7 +64,8 @@ class PoolShape:
 def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
                backlog_rows: int | None = None) -> PoolShape:
     """The pool for ``config`` (a :class:`~r2ray.batch.config.RouteConfig`; its ``workers``,
-    ``cpus_per_worker``, ``threads_per_worker`` and ``batch_size`` win where given) on a cluster
+    ``cpus_per_worker``, ``threads_per_worker``, ``batch_size`` and ``read_tasks`` win where
+    given) on a cluster
     with ``cluster`` resources (``ray.cluster_resources()``: ``CPU``, ``GPU`` totals).
     ``encodes_text``: the workers embed text (else rows carry embeddings); ``backlog_rows``: the
     rows planning counted (None: unknown), which size the text calls."""
@@ -74,7 +85,8 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
     rows = config.batch_size or (text_batch_rows(backlog_rows, workers) if encodes_text
                                  else EMBEDDING_BATCH_ROWS)
     in_flight = TEXT_CALLS_IN_FLIGHT if encodes_text else EMBEDDING_CALLS_IN_FLIGHT
-    return PoolShape(workers, max(per_worker, 0.001), gpus, threads, rows, in_flight)
+    reads = config.read_tasks or math.ceil(workers / WORKERS_PER_READ_TASK)
+    return PoolShape(workers, max(per_worker, 0.001), gpus, threads, rows, in_flight, reads)
 
 
 def text_batch_rows(backlog_rows: int | None, workers: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import io
-import threading
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +16,7 @@ from r2ray import storage
 from r2ray.catalog import budget_label
 from r2ray.redaction import redact_values
 
+BATCH_EXPERIMENT = "r2ray-batch"   # the MLflow experiment of the nightly job's runs
 STATS_SCHEMA = pa.schema([
     pa.field("model", pa.string()),
     pa.field("budget", pa.int32()),
@@ -154,46 +155,50 @@ def spend_plot_png(stats: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def import_in_background() -> threading.Thread:
-    """Import what the report needs (matplotlib with Agg, PIL, MLflow: ~4 s of imports on a
-    2-core host) in a thread started while the solve's tasks run, so the report stage does not
-    wait for them. A failure here only means the report stage imports them itself (and reports
-    any error there)."""
-    def load() -> None:
-        try:
-            import matplotlib
+def prepare_report(tracking_uri: str | None = None, experiment: str = BATCH_EXPERIMENT) -> None:
+    """Do what the report stage would do first, ahead of it: import matplotlib (with Agg), PIL
+    and MLflow (~4 s on a 2-core host), and open the MLflow store when it is a SQLite file that
+    exists already (its schema check: ~1.2 s). The job runs this in a thread while its workers
+    score. Nothing is created: a store that does not exist yet, or a tracking server (which may
+    be down: the report stage warns about that), is left to the report stage."""
+    import matplotlib
 
-            matplotlib.use("Agg")
-            for module in ("matplotlib.pyplot", "PIL.Image", "mlflow"):
-                importlib.import_module(module)
-        except Exception:  # noqa: BLE001 — see the docstring
-            pass
+    matplotlib.use("Agg")
+    for module in ("matplotlib.pyplot", "PIL.Image", "mlflow"):
+        importlib.import_module(module)
+    from r2ray.registry import configure_tracking
 
-    thread = threading.Thread(target=load, name="r2ray-report-imports", daemon=True)
-    thread.start()
-    return thread
+    uri = configure_tracking(tracking_uri)
+    if uri.startswith("sqlite:///") and os.path.exists(uri[len("sqlite:///"):]):
+        import mlflow
+
+        mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
 
 
-def write_report(root_uri: str, manifest: dict, stats: pa.Table) -> dict[str, str]:
-    """report.md and spend.png under the run folder; returns their URIs."""
+def write_report(root_uri: str, manifest: dict, stats: pa.Table,
+                 plot_png: bytes | None = None) -> dict[str, str]:
+    """report.md and spend.png (``plot_png``, else drawn here) under the run folder; returns
+    their URIs."""
     report_uri, plot_uri = storage.join(root_uri, "report.md"), storage.join(root_uri, "spend.png")
     storage.write_text(report_uri, report_markdown(manifest, stats))
-    storage.write_bytes(plot_uri, spend_plot_png(stats))
+    storage.write_bytes(plot_uri, plot_png or spend_plot_png(stats))
     return {"report": report_uri, "spend_plot": plot_uri}
 
 
 def log_to_mlflow(manifest: dict, stats: pa.Table, tracking_uri: str | None = None,
-                  experiment: str = "r2ray-batch") -> str:
+                  experiment: str = BATCH_EXPERIMENT, plot_png: bytes | None = None) -> str:
     """One MLflow run per batch: params, metrics, the report and the plot, with every URI in them
-    redacted, as is MLflow's own output. Returns its run id; MLflow's errors are RegistryError."""
+    redacted, as is MLflow's own output; ``plot_png``: the drawn spend plot (else drawn here).
+    Returns its run id; MLflow's errors are RegistryError."""
     from r2ray.registry import configure_tracking, mlflow_guard
 
     with mlflow_guard():
         configure_tracking(tracking_uri)
-        return _log_run(redact_values(manifest), stats, experiment)
+        return _log_run(redact_values(manifest), stats, experiment,
+                        plot_png or spend_plot_png(stats))
 
 
-def _log_run(manifest: dict, stats: pa.Table, experiment: str) -> str:
+def _log_run(manifest: dict, stats: pa.Table, experiment: str, plot_png: bytes) -> str:
     import mlflow
 
     mlflow.set_experiment(experiment)
@@ -219,7 +224,7 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str) -> str:
             **{f"seconds_{k}": v for k, v in manifest["timings"].items()},
         })
         mlflow.log_text(report_markdown(manifest, stats), "report.md")
-        mlflow.log_image(_png_image(spend_plot_png(stats)), "spend.png")
+        mlflow.log_image(_png_image(plot_png), "spend.png")
         mlflow.log_dict(manifest, "manifest.json")
         return run.info.run_id
 

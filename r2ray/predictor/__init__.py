@@ -1,59 +1,36 @@
 """Predictors: query embedding → per-arm quality q̂ and output tokens t̂ (hence cost ĉ).
 
-``PREDICTORS`` is the plain registry; its keys are also the method names in ``metrics.json``
-and configs. Every entry builds an object with ``fit(train, catalog, validation=None)`` and
-``predict(embedding) -> ArmPredictions``. ``COMPOSITE`` entries are built from the others
-(``stacked`` blends members, ``selected`` picks one by cross-validation); ``r2ray evaluate`` runs
-them only when they are the model under test or named in ``--methods``.
+The registry of kinds and ``make_predictor`` live in :mod:`.kinds`; saving and loading in
+:mod:`.persist`. The names below are imported from their modules on first use, so importing a
+torch-free part of this package (``data``, ``persist``, ``spend_guarantee``, the calibrations)
+does not import torch: the batch job's driver routes a saved predictor without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+import importlib
 
-from r2ray.predictor.base import ArmPredictions, BasePredictor, Predictor, PredictorError
-from r2ray.predictor.carrot import CarrotKNN, CarrotLinear
-from r2ray.predictor.joint import R2RayPredictor
-from r2ray.predictor.per_arm import PerArmMLP, PerArmRidge
-from r2ray.predictor.residual import ResidualPredictor
-from r2ray.predictor.selected import SelectedPredictor
-from r2ray.predictor.stacked import StackedPredictor
-from r2ray.predictor.persist import (
-    PredictorVersionWarning, load_predictor, read_predictor_config, save_predictor)
-
-PREDICTORS: dict[str, Callable[..., BasePredictor]] = {
-    "r2ray": R2RayPredictor,
-    "per_arm_mlp": PerArmMLP,
-    "per_arm_ridge": PerArmRidge,
-    "r2ray_residual": ResidualPredictor,
-    "carrot_knn_default": partial(CarrotKNN, arms="default"),
-    "carrot_linear_default": partial(CarrotLinear, arms="default"),
-    "carrot_knn_all": partial(CarrotKNN, arms="all"),
-    "carrot_linear_all": partial(CarrotLinear, arms="all"),
-    "stacked": StackedPredictor,
-    "selected": SelectedPredictor,
+_HOMES = {
+    "ArmPredictions": "base", "BasePredictor": "base", "Predictor": "base",
+    "PredictorError": "base",
+    "CarrotKNN": "carrot", "CarrotLinear": "carrot", "R2RayPredictor": "joint",
+    "PerArmMLP": "per_arm", "PerArmRidge": "per_arm", "ResidualPredictor": "residual",
+    "SelectedPredictor": "selected", "StackedPredictor": "stacked",
+    "COMPOSITE": "kinds", "PREDICTORS": "kinds", "make_predictor": "kinds",
+    "PredictorVersionWarning": "persist", "load_predictor": "persist",
+    "read_predictor_config": "persist", "save_predictor": "persist",
 }
-COMPOSITE = ("stacked", "selected")
+__all__ = sorted(_HOMES)
 
 
-def make_predictor(name: str, **settings) -> BasePredictor:
-    """A new, unfitted predictor from the registry; unknown settings are an error naming them."""
-    try:
-        factory = PREDICTORS[name]
-    except KeyError:
-        raise PredictorError(f"unknown predictor {name!r}; choose one of "
-                             f"{', '.join(PREDICTORS)}") from None
-    try:
-        return factory(**settings)
-    except TypeError as err:
-        raise PredictorError(f"predictor {name!r}: bad settings {sorted(settings)}: {err}") from None
+def __getattr__(name: str):
+    """``from r2ray.predictor import X``: X from its module, imported now (PEP 562)."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "COMPOSITE", "PREDICTORS", "ArmPredictions", "BasePredictor", "CarrotKNN", "CarrotLinear", "PerArmMLP",
-    "PerArmRidge", "Predictor", "PredictorError", "PredictorVersionWarning", "R2RayPredictor",
-    "ResidualPredictor",
-    "SelectedPredictor", "StackedPredictor",
-    "load_predictor", "make_predictor", "read_predictor_config", "save_predictor",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

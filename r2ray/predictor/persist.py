@@ -76,20 +76,37 @@ def saved_catalog(document: dict, source: str = CONFIG_FILE) -> Catalog:
     return catalog_from_dict(yaml.safe_load(document["catalog_yaml"]), f"{source} catalog_yaml")
 
 
-def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
-                   device: str | None = None) -> BasePredictor:
-    """Rebuild a predictor saved by :func:`save_predictor`. ``device`` overrides the saved one."""
-    from r2ray.predictor import make_predictor
+def read_saved(directory: str, expected_data_fingerprint: str | None = None
+               ) -> tuple[dict, dict[str, bytes]]:
+    """A saved predictor's document and its two files as bytes, checked as
+    :func:`load_predictor` checks them (format, version warnings, readable tensors) but not
+    built: no torch. The batch job's driver ships the files to its workers, which build it."""
+    document = _checked_document(directory, expected_data_fingerprint)
+    files = {name: storage.read_bytes(storage.join(directory, name))
+             for name in (CONFIG_FILE, TENSORS_FILE)}
+    load_tensors(files[TENSORS_FILE])
+    return document, files
 
+
+def _checked_document(directory: str, expected_data_fingerprint: str | None) -> dict:
     document = read_predictor_config(directory)
     if document["r2ray_version"] != __version__:
         warnings.warn(f"{directory}: predictor saved by r2ray {document['r2ray_version']}, "
                       f"loading with {__version__}; retrain if predictions look off",
-                      PredictorVersionWarning, stacklevel=2)
+                      PredictorVersionWarning, stacklevel=3)
     if expected_data_fingerprint and expected_data_fingerprint != document["data_fingerprint"]:
         warnings.warn(f"{directory}: predictor was trained on other data (fingerprint "
                       f"{document['data_fingerprint'][:12]}…, expected "
-                      f"{expected_data_fingerprint[:12]}…)", PredictorVersionWarning, stacklevel=2)
+                      f"{expected_data_fingerprint[:12]}…)", PredictorVersionWarning, stacklevel=3)
+    return document
+
+
+def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
+                   device: str | None = None) -> BasePredictor:
+    """Rebuild a predictor saved by :func:`save_predictor`. ``device`` overrides the saved one."""
+    from r2ray.predictor.kinds import make_predictor
+
+    document = _checked_document(directory, expected_data_fingerprint)
     state = document["state"]
     settings = state["settings"] | ({"device": device} if device and "device" in state["settings"]
                                     else {})

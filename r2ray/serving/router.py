@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from r2ray.catalog import Catalog, ModelSpec, UnknownModel, load_catalog
+from r2ray.catalog import Catalog, ModelSpec, UnknownModel, repriced_catalog
 from r2ray.encoders import embed_or_encode, has_text_encoder
 from r2ray.errors import R2RayError
-from r2ray.redaction import redact_uri
 from r2ray.routing import ArmScores, allowed_arms, arm_scores, routed_request
 from r2ray.solver import NO_ARM, choose_arm, choose_arms
 
@@ -66,13 +65,8 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
     from r2ray.registry import load_registered
     device = device or default_device()
     bundle = load_registered(uri, tracking_uri, device=device)
-    catalog = bundle.catalog
-    if catalog_path is not None:
-        catalog = load_catalog(catalog_path)
-        if catalog.arms != bundle.catalog.arms:
-            raise R2RayError(f"catalog {redact_uri(catalog_path)} offers other arms than {uri} "
-                             f"was trained on ({catalog.n_arms} vs {bundle.catalog.n_arms}); "
-                             "prices and endpoints may change, arms may not")
+    catalog = bundle.catalog if catalog_path is None else \
+        repriced_catalog(catalog_path, bundle.catalog, uri)
     encoder = load_encoder(bundle.encoder_spec, device=device) \
         if has_text_encoder(bundle.encoder_spec) else None
     version = uri if bundle.version is None else f"{bundle.version.name}/{bundle.version.version}"

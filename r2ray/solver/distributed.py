@@ -26,7 +26,7 @@ import pyarrow as pa
 from r2ray.solver.blocks import StepBlock, with_defer_arm
 from r2ray.solver.budget import (
     CertifiedResult, DualCertificate, LocalPasses, certificates, validated_budgets)
-from r2ray.solver.hull import HullSteps, empty_steps
+from r2ray.solver.hull import HullSteps, empty_steps, hull_steps
 from r2ray.solver.passes import block_assign
 from r2ray.solver.search import FILL_LIMIT, run_solve
 from r2ray.solver.table import CHAIN_COLUMNS, steps_to_table, table_to_steps
@@ -220,6 +220,18 @@ class DatasetSolveResult(CertifiedResult):
     arms: object                                # ray.data.Dataset
     certificates: tuple[DualCertificate, ...]
     on_driver: bool = False                     # solved in memory on the driver
+
+
+def warm_up(defer: bool = False) -> None:
+    """Load the compiled kernels of the driver's solve before it is needed: numba reads its
+    on-disk cache on a kernel's first use in a process (~1.5 s for the solve's kernels on a
+    2-core host). Solves a small problem with ties through the same path; the batch job calls it
+    in a thread while its workers score."""
+    rng = np.random.default_rng(0)
+    quality = np.round(rng.random((64, 4)), 1).astype(np.float32)   # rounded: tied keys
+    cost = np.round(rng.random((64, 4)), 1) + 0.1
+    block = _block(steps_to_table(hull_steps(quality, cost)), defer, grouped=False)
+    run_solve(LocalPasses([block]), [float(np.median(cost, axis=1).sum())], seed=0)
 
 
 def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
