@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -189,6 +190,8 @@ def route_batch(config: RouteConfig) -> dict:
     removed; the run then works in a fresh attempt folder that only its manifest commits.
     """
     timings: dict[str, float] = {}
+    # Ray Data (~1 s of imports here) loads while the job plans, loads the model and starts Ray
+    in_background("r2ray-imports", lambda: importlib.import_module("ray.data"))
     paths = RunPaths(config.output, config.resolved_run_id())
     with _timed(timings, "plan"), storage.reporting(f"cannot read the input {config.input}"):
         units, unreadable = plan_units(config.input)
@@ -362,25 +365,36 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     return manifest
 
 
-def warm_up_in_background(config: RouteConfig) -> threading.Thread:
-    """Load, in a thread, what the stages after scoring need on first use in this process: the
-    solve's compiled kernels (:func:`r2ray.solver.distributed.warm_up`) and the report's imports
-    and MLflow store (:func:`r2ray.batch.report.prepare_report`): ~4-6 s on a 2-core host that the
-    driver would otherwise spend after the workers finish. A failure here only means the stage
-    does it itself (and reports any error there)."""
-    def warm() -> None:
-        from r2ray.batch.report import prepare_report
-        from r2ray.solver.distributed import warm_up
-
-        for step in (lambda: warm_up(config.defer), lambda: prepare_report(config.tracking_uri)):
+def in_background(name: str, *steps) -> threading.Thread:
+    """Run ``steps`` (callables) one after the other in a daemon thread: what a later stage needs
+    on first use in this process, loaded while the driver would otherwise wait. A failure only
+    means the stage does it itself (and reports any error there)."""
+    def run() -> None:
+        for step in steps:
             try:
                 step()
             except Exception:  # noqa: BLE001 — see the docstring
                 pass
 
-    thread = threading.Thread(target=warm, name="r2ray-warm-up", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def warm_up_in_background(config: RouteConfig) -> threading.Thread:
+    """While the workers score: the solve's compiled kernels
+    (:func:`r2ray.solver.distributed.warm_up`) and the report's imports and MLflow store
+    (:func:`r2ray.batch.report.prepare_report`), ~4-6 s on a 2-core host that the driver would
+    otherwise spend after the workers finish."""
+    def solver() -> None:
+        from r2ray.solver.distributed import warm_up
+        warm_up(config.defer)
+
+    def report() -> None:
+        from r2ray.batch.report import prepare_report
+        prepare_report(config.tracking_uri)
+
+    return in_background("r2ray-warm-up", solver, report)
 
 
 def find_correction(config: RouteConfig, model: LoadedModel) -> CostCorrection | None:

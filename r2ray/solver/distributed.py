@@ -18,6 +18,7 @@ to it as a slice: no second pass and no re-aligning of blocks).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,8 @@ def _run_assign(table, defer, grouped, selection, fill_pos, then):
 
 
 def _attach(then, lam64, grouped: bool, n: int, *tables_then_arms):
-    """The last step of the driver's solve, in a task holding ``n`` blocks: each block with
+    """The last step of the driver's solve, for ``n`` blocks (in a driver thread for this node's
+    blocks, in a task where the block lives for the others): each block with
     its slice of the arms, through ``then``. Returns the n outputs, then their Ray Data block
     metadata, which tells the driver they are done (or raises ``then``'s error there, as the
     passes would) and spares ``from_arrow_refs`` a round of tasks computing it."""
@@ -103,18 +105,11 @@ def _attach(then, lam64, grouped: bool, n: int, *tables_then_arms):
     return (*outs, [_block_metadata(out) for out in outs])
 
 
-def _task_groups(ray, here: list[bool]) -> list[list[int]]:
-    """Blocks per attach task: those in this node's store in as many runs of consecutive
-    blocks as the node has CPUs, each other block alone (its task runs where it is). Ray keeps
-    about one idle worker per CPU warm; more tasks at once start new worker processes (seconds
-    on a loaded host: 200k queries in 16 blocks, median 0.76 s this way, 2.2 s with a task per
-    0.5-CPU slot, 7.7 s with a task per block)."""
+def _node_cpus(ray) -> int:
+    """CPUs of the node this driver runs on (at least 1)."""
     node = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0)
-    local = [i for i, h in enumerate(here) if h]
-    slots = max(1, min(len(local), int(cpus)))
-    runs = [list(part) for part in np.array_split(np.array(local, int), slots) if part.size]
-    return runs + [[i] for i, h in enumerate(here) if not h]
+    return max(1, int(cpus))
 
 
 def _block_metadata(table: pa.Table):
@@ -197,19 +192,31 @@ def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer,
         tables = [_with_arms(None, pos[r], arm[r], filled[r], None, None) for r in rows]
         return outcome, _arms_dataset([ray.put(t) for t in tables],
                                       [_block_metadata(t) for t in tables])
-    attach = ray.remote(num_cpus=num_cpus)(_attach)
-    then_ref, outs, metadata = ray.put(then), [None] * len(refs), [None] * len(refs)
-    tasks = []
-    for group in _task_groups(ray, here):
-        *parts, meta = attach.options(num_returns=len(group) + 1).remote(
-            then_ref, outcome.selection.lam64, grouped, len(group),
-            *(refs[i] for i in group), *(arm[rows[i]] for i in group))
-        tasks.append((group, meta))
-        for i, part in zip(group, parts):
-            outs[i] = part
-    for (group, _), metas in zip(tasks, ray.get([meta for _, meta in tasks])):
-        for i, m in zip(group, metas):
-            metadata[i] = m
+    outs, metadata = [None] * len(refs), [None] * len(refs)
+    others = [i for i, h in enumerate(here) if not h]   # a task where each of these lives
+    if others:
+        attach, then_ref = ray.remote(num_cpus=num_cpus)(_attach), ray.put(then)
+        pending = []
+        for i in others:
+            outs[i], meta = attach.options(num_returns=2).remote(
+                then_ref, outcome.selection.lam64, grouped, 1, refs[i], arm[rows[i]])
+            pending.append((i, meta))
+    # this node's blocks, read in place, go through ``then`` in driver threads, one per CPU: a
+    # task would wake or start a worker process and import ``then``'s module first (1-2 s per
+    # task on a busy 2-core host, more than the assign of 200,000 rows)
+    local = [i for i, h in enumerate(here) if h]
+
+    def attach_here(i: int, table: pa.Table):
+        out, (meta,) = _attach(then, outcome.selection.lam64, grouped, 1, table, arm[rows[i]])
+        return ray.put(out), meta
+
+    with ThreadPoolExecutor(max_workers=_node_cpus(ray), thread_name_prefix="r2ray-then") as pool:
+        for i, (out, meta) in zip(local, pool.map(attach_here, local,
+                                                  ray.get([refs[i] for i in local]))):
+            outs[i], metadata[i] = out, meta
+    if others:
+        for (i, _), (meta,) in zip(pending, ray.get([meta for _, meta in pending])):
+            metadata[i] = meta
     return outcome, _arms_dataset(outs, metadata)
 
 
