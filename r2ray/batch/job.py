@@ -190,8 +190,9 @@ def route_batch(config: RouteConfig) -> dict:
     removed; the run then works in a fresh attempt folder that only its manifest commits.
     """
     timings: dict[str, float] = {}
-    # Ray Data (~1 s of imports here) loads while the job plans, loads the model and starts Ray
-    in_background("r2ray-imports", lambda: importlib.import_module("ray.data"))
+    # Ray Data (~1 s of imports here) loads while the job plans and reads the model; joined
+    # before Ray starts, so the two threads never import Ray's own modules at once
+    ray_data = in_background("r2ray-imports", lambda: importlib.import_module("ray.data"))
     paths = RunPaths(config.output, config.resolved_run_id())
     with _timed(timings, "plan"), storage.reporting(f"cannot read the input {config.input}"):
         units, unreadable = plan_units(config.input)
@@ -208,6 +209,7 @@ def route_batch(config: RouteConfig) -> dict:
         correction = find_correction(config, model)
     with storage.reporting(f"cannot write to the output {paths.root}"):
         attempt, state = start_attempt(paths, fingerprint, config.force)
+    ray_data.join()
     try:
         return _route_attempt(config, attempt, state, model, correction, units, unreadable,
                               files, fingerprint, timings)
@@ -356,13 +358,16 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "config": config.model_dump(),
     }
     with _timed(timings, "report"):   # recorded in manifest.json, after report.md is written
-        warm.join()
+        warm.join(timeout=WARM_UP_WAIT_S)   # else the report does what is left itself
         plot = spend_plot_png(stats)
         manifest["artifacts"] = write_report(paths.path(), manifest, stats, plot)
         manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri,
                                                 functools.partial(log_to_mlflow, plot_png=plot))
     commit(paths, manifest)
     return manifest
+
+
+WARM_UP_WAIT_S = 60.0   # the longest the report stage waits for the warm-up thread
 
 
 def in_background(name: str, *steps) -> threading.Thread:
