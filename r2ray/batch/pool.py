@@ -65,8 +65,8 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
                backlog_rows: int | None = None) -> PoolShape:
     """The pool for ``config`` (a :class:`~r2ray.batch.config.RouteConfig`; its ``workers``,
     ``cpus_per_worker``, ``threads_per_worker``, ``batch_size`` and ``read_tasks`` win where
-    given) on a cluster
-    with ``cluster`` resources (``ray.cluster_resources()``: ``CPU``, ``GPU`` totals).
+    given) on a cluster with ``cluster`` resources (``ray.cluster_resources()``: ``CPU``,
+    ``GPU`` totals).
     ``encodes_text``: the workers embed text (else rows carry embeddings); ``backlog_rows``: the
     rows planning counted (None: unknown), which size the text calls."""
     cpus = float(cluster.get("CPU", 1.0))
