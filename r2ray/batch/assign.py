@@ -67,7 +67,7 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
     for model in sorted(set(chosen["model"])):
         rows = chosen["model"] == model
         table = _routed_table(batch.filter(pa.array(rows)), {k: v[rows] for k, v in chosen.items()},
-                              model_version, run_id)
+                              model, model_version, run_id)
         write_table(table, storage.join(routed_uri, routed_partition(model), part))
         for budget in np.unique(chosen["budget"][rows]):
             sel = rows & (chosen["budget"] == budget)
@@ -103,13 +103,14 @@ def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog, strict_budget: b
             "worst_usd": catalog.arm_cost_usd(input_tokens, caps)[rows, arm]}
 
 
-def _routed_table(batch: pa.Table, chosen: dict, model_version: str, run_id: str) -> pa.Table:
+def _routed_table(batch: pa.Table, chosen: dict, model: str, model_version: str,
+                  run_id: str) -> pa.Table:
     """One model's routed rows: :func:`r2ray.routing.routed_request` of each, as columns."""
     n = batch.num_rows
     return pa.table({
         "query_id": batch.column("query_id"),
         "tenant": batch.column("tenant_name"),
-        "model": pa.repeat(pa.scalar(chosen["model"][0] if n else "", pa.string()), n),
+        "model": pa.repeat(pa.scalar(model, pa.string()), n),
         "budget": pa.array(chosen["budget"], pa.int32()),
         "messages": render_messages_array(batch.column("query"), chosen["budget"]),
         "max_tokens": pa.array(chosen["max_tokens"], pa.int64()),

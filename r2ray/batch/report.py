@@ -176,12 +176,12 @@ def prepare_report(tracking_uri: str | None = None, experiment: str = BATCH_EXPE
 
 
 def write_report(root_uri: str, manifest: dict, stats: pa.Table,
-                 plot_png: bytes | None = None) -> dict[str, str]:
-    """report.md and spend.png (``plot_png``, else drawn here) under the run folder; returns
-    their URIs."""
+                 plot_png: bytes) -> dict[str, str]:
+    """report.md and spend.png (``plot_png``: :func:`spend_plot_png` of ``stats``, drawn once
+    for this and the MLflow run) under the run folder; returns their URIs."""
     report_uri, plot_uri = storage.join(root_uri, "report.md"), storage.join(root_uri, "spend.png")
     storage.write_text(report_uri, report_markdown(manifest, stats))
-    storage.write_bytes(plot_uri, plot_png or spend_plot_png(stats))
+    storage.write_bytes(plot_uri, plot_png)
     return {"report": report_uri, "spend_plot": plot_uri}
 
 

@@ -91,18 +91,15 @@ def _run_assign(table, defer, grouped, selection, fill_pos, then):
     return out, (totals, _block_metadata(out))
 
 
-def _attach(then, lam64, grouped: bool, n: int, *tables_then_arms):
-    """The last step of the driver's solve, for ``n`` blocks (in a driver thread for this node's
-    blocks, in a task where the block lives for the others): each block with
-    its slice of the arms, through ``then``. Returns the n outputs, then their Ray Data block
-    metadata, which tells the driver they are done (or raises ``then``'s error there, as the
-    passes would) and spares ``from_arrow_refs`` a round of tasks computing it."""
-    outs = []
-    for table, arm in zip(tables_then_arms[:n], tables_then_arms[n:]):
-        group = table.column("tenant").to_numpy().astype(np.int64) if grouped else None
-        lam_row = _lambda_per_query(lam64, group, len(arm))
-        outs.append(_with_arms(table, None, arm, None, lam_row, then))
-    return (*outs, [_block_metadata(out) for out in outs])
+def _attach(then, lam64, grouped: bool, table: pa.Table, arm: np.ndarray):
+    """The last step of the driver's solve for one block (in a driver thread for this node's
+    blocks, in a task where the block lives for the others): the block with its slice of the
+    arms, through ``then``. Returns the output and its Ray Data block metadata, which tells the
+    driver it is done (or raises ``then``'s error there, as the passes would) and spares
+    ``from_arrow_refs`` a round of tasks computing it."""
+    group = table.column("tenant").to_numpy().astype(np.int64) if grouped else None
+    out = _with_arms(table, None, arm, None, _lambda_per_query(lam64, group, len(arm)), then)
+    return out, _block_metadata(out)
 
 
 def _node_cpus(ray) -> int:
@@ -199,7 +196,7 @@ def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer,
         pending = []
         for i in others:
             outs[i], meta = attach.options(num_returns=2).remote(
-                then_ref, outcome.selection.lam64, grouped, 1, refs[i], arm[rows[i]])
+                then_ref, outcome.selection.lam64, grouped, refs[i], arm[rows[i]])
             pending.append((i, meta))
     # this node's blocks, read in place, go through ``then`` in driver threads, one per CPU: a
     # task would wake or start a worker process and import ``then``'s module first (1-2 s per
@@ -207,7 +204,7 @@ def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer,
     local = [i for i, h in enumerate(here) if h]
 
     def attach_here(i: int, table: pa.Table):
-        out, (meta,) = _attach(then, outcome.selection.lam64, grouped, 1, table, arm[rows[i]])
+        out, meta = _attach(then, outcome.selection.lam64, grouped, table, arm[rows[i]])
         return ray.put(out), meta
 
     with ThreadPoolExecutor(max_workers=_node_cpus(ray), thread_name_prefix="r2ray-then") as pool:
@@ -215,7 +212,7 @@ def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer,
                                                   ray.get([refs[i] for i in local]))):
             outs[i], metadata[i] = out, meta
     if others:
-        for (i, _), (meta,) in zip(pending, ray.get([meta for _, meta in pending])):
+        for (i, _), meta in zip(pending, ray.get([meta for _, meta in pending])):
             metadata[i] = meta
     return outcome, _arms_dataset(outs, metadata)
 
