@@ -101,6 +101,23 @@ def test_selected_predictor_saves_and_loads_with_its_winner(world, tmp_path):
                                   predictor.predict(x).output_tokens)
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_selected_predicts_exactly_as_its_winner_fitted_alone(world, seed):
+    """The CV folds are the calibrations' folds whatever the seed: a single winner's calibrations
+    and spend simulation come from the same out-of-fold predictions its plain fit makes, so the
+    registered model equals that baseline bit for bit (a tie is a tie, not calibration noise)."""
+    train, catalog = world
+    selected = make_predictor("selected", candidates="per_arm_ridge,per_arm_ridge_strong,"
+                              "carrot_knn_all", seed=seed).fit(train, catalog)
+    winner = selected.winner_
+    alone = make_predictor(winner.name, **winner.settings()).fit(train, catalog)
+    mine, theirs = selected.predict(train.embedding), alone.predict(train.embedding)
+    np.testing.assert_array_equal(mine.quality, theirs.quality)
+    np.testing.assert_array_equal(mine.output_tokens, theirs.output_tokens)
+    for field in ("spend_per_query_usd", "ratio", "cv", "quality"):
+        np.testing.assert_array_equal(getattr(selected.spend_simulation_, field),
+                                      getattr(alone.spend_simulation_, field))
+
 @pytest.mark.slow  # an MLflow store and a registered pyfunc version
 def test_train_selects_on_the_training_part_only_and_logs_the_table(tmp_path, monkeypatch, capsys):
     catalog = small_catalog()

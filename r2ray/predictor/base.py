@@ -31,7 +31,8 @@ from r2ray.predictor.spend_guarantee import SpendSimulation, simulate_spend
 from r2ray.predictor.token_calibration import (TokenCalibration, cross_fitted_mean_tokens,
                                                fit_token_calibration)
 
-CALIBRATION_FOLDS = 3  # cross-fitting folds for the token calibration when no validation set
+CALIBRATION_FOLDS = 3  # cross-fitting folds for the calibrations when no validation set
+FOLD_SEED = 0  # the order of every query fold: calibration's and cross-validation's (see fold_ids)
 
 
 class PredictorError(R2RayError, ValueError):
@@ -185,7 +186,7 @@ class BasePredictor:
         saw: the validation set when given, else ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
         if validation is not None:
             return validation, self._predict(validation.embedding)
-        folds = fold_ids(train.n_queries, CALIBRATION_FOLDS, seed=0)
+        folds = fold_ids(train.n_queries, CALIBRATION_FOLDS)
         return train, out_of_fold(lambda: type(self)(**self.settings()), train, self.catalog_,
                                   folds)
 
@@ -228,8 +229,11 @@ class BasePredictor:
         raise NotImplementedError
 
 
-def fold_ids(n_queries: int, folds: int, seed: int) -> np.ndarray:
-    """[N] fold of each query: balanced (sizes differ by at most one), seeded order."""
+def fold_ids(n_queries: int, folds: int, seed: int = FOLD_SEED) -> np.ndarray:
+    """[N] fold of each query: balanced (sizes differ by at most one), seeded order. The
+    calibrations and the cross-validation both use ``FOLD_SEED``: a candidate the selection picks
+    is then calibrated on exactly the out-of-fold predictions its plain fit would make, so
+    ``selected`` predicts as the winner fitted alone (not one fold draw's worth of noise apart)."""
     return (np.arange(n_queries) % folds)[np.random.default_rng(seed).permutation(n_queries)]
 
 
