@@ -19,7 +19,7 @@ captured, (AUDC − AUDC_random) / (AUDC_top − AUDC_random), toward ``oracle_a
 
 Usage: python benchmarks/small_data.py [--seeds 3] [--benches pb,ra,pb_small,ra_small,world,world_other]
        [--methods r2ray,r2ray_residual,per_arm_ridge,carrot_knn_default,carrot_knn_all,selected]
-       [--world-queries 3000] [--cache results.jsonl]
+       [--world-queries 3000] [--cache results.jsonl] [--encoder minilm|FOLDER]
 ``selected`` is ``r2ray train``'s default (3-fold CV over the ``small`` candidates, refit): the
 costliest; its rows keep the CV winner and each candidate's CV AUDC (``winner``, ``cv``), and the
 table prints the winner per seed. ``r2ray`` trains on its step budget (batch 128 for up to 40
@@ -62,8 +62,8 @@ def real_benches(folder: Path) -> dict[str, tuple[str, list[str]]]:
     return found
 
 
-def load_real(format: str, inputs: list[str], folder: str):
-    """(BenchArrays with MiniLM embeddings, catalogue) of a converted real bench."""
+def load_real(format: str, inputs: list[str], folder: str, encoder: str = "minilm"):
+    """(BenchArrays with ``encoder``'s embeddings, catalogue) of a converted real bench."""
     from r2ray.bench.formats import convert_files
     from r2ray.bench.stats import catalog_for_bench
     from r2ray.evaluation.run import load_bench_arrays
@@ -71,7 +71,7 @@ def load_real(format: str, inputs: list[str], folder: str):
     out = os.path.join(folder, f"{format}-{abs(hash(tuple(inputs)))}.parquet")
     convert_files(format, inputs, out=out)
     catalog = catalog_for_bench(out, None)[0]
-    return load_bench_arrays(out, catalog, None, None, log=lambda line: None)[0], catalog
+    return load_bench_arrays(out, catalog, None, encoder, log=lambda line: None)[0], catalog
 
 
 def load_world(n_queries: int, other: bool):
@@ -202,6 +202,10 @@ def main() -> None:
                                               "carrot_knn_default,carrot_knn_all")
     parser.add_argument("--world-queries", type=int, default=3000)
     parser.add_argument("--cache", default=None, help="JSON lines of finished results")
+    parser.add_argument("--encoder", default="minilm",
+                        help="encoder of the real benches (an r2ray.encoders spec or a local "
+                             "sentence-transformers folder); other than minilm, the bench's "
+                             "name in the table and cache gets @<folder name>")
     args = parser.parse_args()
     methods = [m.strip() for m in re.split(r",(?![^{]*})", args.methods) if m.strip()]
     seeds = list(range(args.seeds))
@@ -212,11 +216,13 @@ def main() -> None:
             if name in ("world", "world_other"):
                 loader = lambda other=name == "world_other": load_world(args.world_queries, other)  # noqa: E731
             elif name in real:
-                loader = lambda spec=real[name]: load_real(*spec, folder)  # noqa: E731
+                loader = lambda spec=real[name]: load_real(*spec, folder, args.encoder)  # noqa: E731
             else:
                 print(f"== {name}: not found, skipped")
                 continue
             key = f"{name}@{args.world_queries}" if name.startswith("world") else name
+            if args.encoder != "minilm" and not name.startswith("world"):
+                key += f"@{Path(args.encoder).name}"
             results = bench_results(key, loader, methods, seeds, cache, args.cache)
             print(table(key, results, methods), flush=True)
 
