@@ -118,6 +118,7 @@ def test_selected_predicts_exactly_as_its_winner_fitted_alone(world, seed):
         np.testing.assert_array_equal(getattr(selected.spend_simulation_, field),
                                       getattr(alone.spend_simulation_, field))
 
+
 @pytest.mark.slow  # an MLflow store and a registered pyfunc version
 def test_train_selects_on_the_training_part_only_and_logs_the_table(tmp_path, monkeypatch, capsys):
     catalog = small_catalog()

@@ -2,14 +2,15 @@
 
 Candidates (``CANDIDATES``) are registry entries at given settings: the joint network at a few
 capacities and regularisation strengths (each on the default step budget; the former
-``r2ray_steps``, batch 128 for 40 epochs, is now the default's plan below ~2,900 queries),
-per-arm Ridge at two strengths, CARROT KNN / linear on every arm, and ``stacked``, a per-arm convex blend of the other candidates in the set
-(:mod:`r2ray.predictor.stacked`). Folds are by query, over the training data only (the caller
-never passes its test split), in the calibrations' order (:func:`~r2ray.predictor.base.fold_ids`):
-at the default 3 folds a single winner is calibrated exactly as it is when fitted alone. Every candidate is fitted ``folds`` times and predicts the fold it
-did not see; those out-of-fold predictions are then corrected as the router would see them (token
-and quality calibrations cross-fitted over the out-of-fold rows) and scored per fold with the
-evaluation package's AUDC (:func:`r2ray.evaluation.method_scores.score_predictions`: the metric
+``r2ray_steps``, batch 128 for 40 epochs, is now the default's plan below ~2,900 queries), per-arm
+Ridge at two strengths, CARROT KNN / linear on every arm, and ``stacked``, a per-arm convex blend
+of the other candidates in the set (:mod:`r2ray.predictor.stacked`). Folds are by query, over the
+training data only (the caller never passes its test split), in the calibrations' order
+(:func:`~r2ray.predictor.base.fold_ids`): at the default 3 folds a single winner is calibrated
+exactly as it is when fitted alone. Every candidate is fitted ``folds`` times and predicts the fold
+it did not see; those out-of-fold predictions are then corrected as the router would see them
+(token and quality calibrations cross-fitted over the out-of-fold rows) and scored per fold with
+the evaluation package's AUDC (:func:`r2ray.evaluation.method_scores.score_predictions`: the metric
 ``r2ray evaluate`` reports, costs normalised over the non-learned methods). The stack's weights are
 cross-fitted too: for each fold, fitted on the other folds' out-of-fold predictions. (Those came
 from members that saw this fold's labels, a small optimism the single candidates do not get.)
@@ -149,8 +150,8 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
                    search: OutOfFoldSearch | None = None) -> CrossValidation:
     """Out-of-fold predictions of every candidate on ``train``, scored per fold (module doc);
     ``uncalibrated``: also score q̂ without its calibration (a measurement, not a criterion).
-    ``seed`` seeds the stack, not the folds. ``search`` fits the single candidates (default :func:`sequential_search`); the stack then
-    blends those it kept."""
+    ``seed`` seeds the stack, not the folds. ``search`` fits the single candidates (default
+    :func:`sequential_search`); the stack then blends those it kept."""
     fold = fold_ids(train.n_queries, folds)  # the calibrations' folds (fold_ids), not ``seed``
     singles = [c for c in candidates if c.kind != STACKED]
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
