@@ -211,6 +211,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     cache = read_cache(args.cache)
     real = real_benches(ROOT)
+    encoded = "" if args.encoder == "minilm" else f"@{Path(args.encoder).name}"  # real benches' key
     with tempfile.TemporaryDirectory() as folder:
         for name in [b.strip() for b in args.benches.split(",") if b.strip()]:
             if name in ("world", "world_other"):
@@ -220,9 +221,7 @@ def main() -> None:
             else:
                 print(f"== {name}: not found, skipped")
                 continue
-            key = f"{name}@{args.world_queries}" if name.startswith("world") else name
-            if args.encoder != "minilm" and not name.startswith("world"):
-                key += f"@{Path(args.encoder).name}"
+            key = f"{name}@{args.world_queries}" if name.startswith("world") else name + encoded
             results = bench_results(key, loader, methods, seeds, cache, args.cache)
             print(table(key, results, methods), flush=True)
 
