@@ -33,15 +33,12 @@ def read_texts(path: str | None, n: int) -> list[str]:
 
 
 def padding(model, calls: list[list[str]], batch_size: int) -> float:
-    """Padded tokens per real token over ``calls``, with the model's chunking."""
-    from r2ray.encoders import length_chunks
-
+    """Padded tokens per real token over ``calls``, in the forward passes the model plans."""
     padded = real = 0
     for texts in calls:
-        ids = model.tokenizer(texts, truncation="longest_first", max_length=model.max_length)
-        lengths = np.sort([len(x) for x in ids["input_ids"]])[::-1]
-        for start, stop in length_chunks(lengths, batch_size, model.overhead):
-            padded += (stop - start) * lengths[start]
+        tokens, _, passes = model.plan(texts, batch_size)
+        lengths = np.array([len(ids) for ids in tokens["input_ids"]])
+        padded += sum(len(rows) * lengths[rows].max() for rows in passes)
         real += lengths.sum()
     return padded / real
 
@@ -76,8 +73,9 @@ def main() -> None:
                 started = time.perf_counter()
                 vectors[way] = [encoder.encode(texts) for texts in calls]
                 seconds[way].append((time.perf_counter() - started) / sum(map(len, calls)))
-                pads[way] = padding(model, calls, encoder.batch_size)
-        model.overhead = chunked
+        for way, overhead in (("slices", np.inf), ("chunks", chunked)):
+            model.overhead = overhead
+            pads[way] = padding(model, calls, encoder.batch_size)
         diff = max(float(np.abs(a - b).max()) for a, b in zip(vectors["slices"], vectors["chunks"]))
         ratios = [a / b for a, b in zip(seconds["slices"], seconds["chunks"])]
         print(f"calls of {size:5d}: ms per text slices {statistics.median(seconds['slices']) * 1e3:6.2f}"

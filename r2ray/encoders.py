@@ -186,20 +186,26 @@ class MeanPooledTransformer:
     def get_embedding_dimension(self) -> int:
         return int(self.model.config.hidden_size)
 
+    def plan(self, texts: list[str], batch_size: int):
+        """``(tokens, order, passes)``: the call tokenised once (truncated, unpadded), its rows
+        longest first, and each forward pass's rows (:func:`length_chunks` of ``order``)."""
+        tokens = self.tokenizer(list(texts), truncation="longest_first",
+                                max_length=self.max_length)
+        lengths = np.array([len(ids) for ids in tokens["input_ids"]])
+        order = np.argsort(-lengths, kind="stable")
+        return tokens, order, [order[start:stop] for start, stop in
+                               length_chunks(lengths[order], batch_size, self.overhead)]
+
     def encode(self, texts: list[str], batch_size: int, **_) -> np.ndarray:
         """[N, D] float32, in input order. Tokenised once; longest first, the forward passes are
         :func:`length_chunks` of at most ``batch_size`` texts, so a short query is not padded
         to a long one's length (sentence-transformers cuts fixed ``batch_size`` slices)."""
         import torch
 
-        tokens = self.tokenizer(list(texts), truncation="longest_first",
-                                max_length=self.max_length)
-        lengths = np.array([len(ids) for ids in tokens["input_ids"]])
-        order = np.argsort(-lengths, kind="stable")
+        tokens, order, passes = self.plan(texts, batch_size)
         parts = []
         with torch.inference_mode():
-            for start, stop in length_chunks(lengths[order], batch_size, self.overhead):
-                rows = order[start:stop]
+            for rows in passes:
                 features = self.tokenizer.pad({key: [column[i] for i in rows]
                                                for key, column in tokens.items()},
                                               return_tensors="pt").to(self.model.device)
