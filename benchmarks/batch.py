@@ -14,6 +14,7 @@ The job logs into an MLflow store created before the clock starts (``tracking_st
 Usage: python benchmarks/batch.py [--text-queries 2000] [--sizes 200000 1000000]
        [--workers W] [--cpus-per-worker C] [--threads-per-worker T] [--gpus-per-worker G]
        [--batch-size B] [--read-tasks R]   (pool settings left out are derived from the cluster, as in the job)
+       [--encoder-precision auto|float32|bfloat16]   (the job's and the in-process encoder's)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import tempfile
 import time
 
 POOL_FLAGS = ("workers", "cpus_per_worker", "threads_per_worker", "gpus_per_worker", "batch_size",
-              "read_tasks")
+              "read_tasks", "encoder_precision")
 
 
 def train_model(folder: str, catalog, encoder: str | None, n_queries: int = 2000) -> str:
@@ -87,14 +88,15 @@ def route(config) -> dict:
     return manifest
 
 
-def in_process_encoder_qps(texts: list[str]) -> float:
-    """The plain encoder: batch 32, one torch thread per core, model loaded and warm."""
+def in_process_encoder_qps(texts: list[str], precision: str) -> float:
+    """The plain encoder: batch 32, one torch thread per core, model loaded and warm, at the
+    job's precision."""
     import torch
 
     from r2ray.encoders import load_encoder
 
     torch.set_num_threads(os.cpu_count())
-    encoder = load_encoder("minilm", device=None, batch_size=32)
+    encoder = load_encoder("minilm", device=None, batch_size=32, precision=precision)
     encoder.encode(texts[:64])
     start = time.perf_counter()
     encoder.encode(texts)
@@ -118,7 +120,8 @@ def actor_encoder_qps(backlog: str, model: str, config) -> float:
     start = time.perf_counter()
     ds.map_batches(EncodeOnlyWorker, batch_size=pool.batch_size, batch_format="pyarrow",
                    **score_pool_options(pool), fn_constructor_kwargs={
-                       "files": files, "threads": pool.threads_per_worker}).materialize()
+                       "files": files, "threads": pool.threads_per_worker,
+                       "precision": config.encoder_precision}).materialize()
     return ds.count() / (time.perf_counter() - start)
 
 
@@ -132,14 +135,15 @@ def text_figures(args, catalog) -> None:
         backlog = write_backlog(f"{tmp}/backlog", catalog, args.text_queries, embeddings=False)
         texts = pq.read_table(backlog, columns=["query"]).column("query").to_pylist()
         config = route_settings(args, backlog, model, f"{tmp}/out", "text")
-        before = in_process_encoder_qps(texts)
+        before = in_process_encoder_qps(texts, config.encoder_precision)
         actors = actor_encoder_qps(backlog, model, config)
         manifest = route(config)
-        after = in_process_encoder_qps(texts)
+        after = in_process_encoder_qps(texts, config.encoder_precision)
     ray.shutdown()
     plain = (before + after) / 2
     e2e = len(texts) / manifest["wall_s"]
-    print(f"text input, {len(texts):,} queries, MiniLM; pool {manifest['scoring_pool']}")
+    print(f"text input, {len(texts):,} queries, MiniLM at precision {config.encoder_precision}; "
+          f"pool {manifest['scoring_pool']}")
     print(f"  in-process encoder (batch 32, {os.cpu_count()} threads) {plain:8.1f} texts/s   "
           f"(before {before:.1f}, after {after:.1f})")
     print(f"  job's encoder-only actor pass      {actors:8.1f} texts/s   ratio {actors / plain:.3f}")
@@ -261,6 +265,8 @@ def main() -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--read-tasks", type=int)
+    parser.add_argument("--encoder-precision", default="auto",
+                        choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--backlog", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

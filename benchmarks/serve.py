@@ -3,6 +3,7 @@
     python benchmarks/serve.py            # ~3-6 minutes on a 2-core machine
     python benchmarks/serve.py --quick    # fewer requests
     python benchmarks/serve.py --batch-sizes 16,64   # also these batch_max_size at 32 clients
+    python benchmarks/serve.py --encoder-precision float32   # the main apps' encoder precision
 
 Set-up: a temporary MLflow store with a per-arm Ridge predictor on MiniLM embeddings of synthetic
 queries (the text path: every request is encoded online), Ray with 2 CPUs, Serve on 127.0.0.1
@@ -15,7 +16,9 @@ alternating rounds so that a busy machine shifts both sides of each ratio alike:
 2. HTTP p50 ÷ in-process ``route_items()`` p50 on the same queries (goal <= 1.5);
 3. throughput with batching ÷ without, at 8 and 32 concurrent clients (goal >= 2 at 32), beside
    the floor's throughput on the same bodies ÷ unbatched: the ceiling of that ratio, what batching
-   would give if r2ray's own work (encoder, predictor, decision) cost nothing;
+   would give if r2ray's own work (encoder, predictor, decision) cost nothing; at 32 clients also
+   the same pair of apps with the other encoder precision (``/bx``, ``/ux``: float32 when the
+   main apps run ``auto``, which is bfloat16 on a CPU with AMX), in the same rounds;
 4. requests that carry a precomputed ``embedding`` (no encoder): r2ray's HTTP p50 against the
    floor's on the same bodies (goal: at most 3 ms above it), and against in-process routing;
    and the CPU each replica's process spent per request (Linux ``/proc``), which a busy host
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="",
                         help="comma-separated batch_max_size values to compare at 32 clients, "
                              "each against the unbatched app in the same rounds")
+    parser.add_argument("--encoder-precision", default="auto",
+                        choices=("auto", "float32", "bfloat16"),
+                        help="the main apps' encoder precision (Serve's default: auto)")
     args = parser.parse_args(argv)
     n_queries, rounds = (60, 2) if args.quick else (160, 3)
 
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from r2ray.bench.synthetic import synth_backlog
+    from r2ray.encoders import MINILM, load_encoder, resolve_precision
     from r2ray.serving.router import RoutingModel
 
     from r2ray.serving.config import serve_config
@@ -197,11 +204,13 @@ def main(argv: list[str] | None = None) -> None:
         return build_application(serve_config(args))
 
     store = tempfile.mkdtemp(prefix="r2ray-serve-bench-")
-    catalog, predictor, encoder, uri = build_model(store, 200)
+    catalog, predictor, _, uri = build_model(store, 200)
     rows = synth_backlog(catalog, n_queries, seed=9, embeddings=True).to_pylist()
     text = [{"query": r["query"], "lambda": 2000.0} for r in rows]
     given = [{"query": r["query"], "lambda": 2000.0, "embedding": r["embedding"]} for r in rows]
-    local = RoutingModel(predictor, encoder, catalog, "local")
+    precision = resolve_precision(args.encoder_precision, "cpu")
+    other = "float32" if precision == "bfloat16" else "bfloat16"
+    local = RoutingModel(predictor, load_encoder(MINILM, precision=precision), catalog, "local")
     torch.set_num_threads(1)   # what an ingress replica with a fractional CPU gets (OMP_NUM_THREADS=1)
 
     with socket.socket() as sock:          # a free port on 127.0.0.1
@@ -210,21 +219,27 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": "models:/r2ray-bench@champion", "tracking_uri": uri, "lambda": 2000.0,
-              "router_cpus": 0.2}
+              "router_cpus": 0.2, "encoder_precision": precision}
     serve.run(app(common), name="b", route_prefix="/b")
     serve.run(app(common | {"batch_max_size": 1}), name="u", route_prefix="/u")
     serve.run(app(common | {"gc_freeze": False}), name="n", route_prefix="/n")
     serve.run(build_floor_application(), name="f", route_prefix="/f")
+    serve.run(app(common | {"encoder_precision": other}), name="bx", route_prefix="/bx")
+    serve.run(app(common | {"encoder_precision": other, "batch_max_size": 1}), name="ux",
+              route_prefix="/ux")
     sizes = [int(size) for size in args.batch_sizes.split(",") if size]
     for size in sizes:
         serve.run(app(common | {"batch_max_size": size}), name=f"b{size}", route_prefix=f"/b{size}")
     base = f"http://127.0.0.1:{port}"
     run = lambda path, bodies, clients: asyncio.run(  # noqa: E731
         timed_requests(f"{base}{path}/v1/route", bodies, clients))
-    run("/b", text[:20], 4), run("/u", text[:20], 4), run("/f", given[:20], 4)  # warm-up
+    for path in ("/b", "/u", "/bx", "/ux"):  # warm-up
+        run(path, text[:20], 4)
+    run("/f", given[:20], 4)
     in_process_latencies(local, text[:10])
 
-    print(f"queries per round: {n_queries}, rounds: {rounds} (alternating), MiniLM text path\n")
+    print(f"queries per round: {n_queries}, rounds: {rounds} (alternating), MiniLM text path, "
+          f"encoder precision {args.encoder_precision} = {precision} (/bx, /ux: {other})\n")
     http_seq, local_seq = alternate(rounds, lambda: run("/b", text, 1)[0],
                                     lambda: in_process_latencies(local, text))
     http_seq, local_seq = sum(http_seq, []), sum(local_seq, [])
@@ -241,9 +256,12 @@ def main(argv: list[str] | None = None) -> None:
           f"Serve's share: {(percentile(http_seq, 50) - percentile(local_seq, 50)) * 1e3:.1f} ms\n")
 
     for clients in (8, 32):
-        batched, unbatched, floor = [], [], []
-        for _ in range(rounds):   # the three in turn, so each ratio spans the same load
-            for path, walls in (("/b", batched), ("/u", unbatched), ("/f", floor)):
+        batched, unbatched, floor, batched_x, unbatched_x = [], [], [], [], []
+        paths = [("/b", batched), ("/u", unbatched), ("/f", floor)]
+        if clients == 32:
+            paths += [("/bx", batched_x), ("/ux", unbatched_x)]
+        for _ in range(rounds):   # all in turn, so each ratio spans the same load
+            for path, walls in paths:
                 walls.append(run(path, text, clients)[1])
         ratio = statistics.median(u / b for b, u in zip(batched, unbatched))
         ceiling = statistics.median(u / f for f, u in zip(floor, unbatched))
@@ -252,6 +270,13 @@ def main(argv: list[str] | None = None) -> None:
               f"batched / unbatched = {ratio:.2f}  (goal >= 2); Serve's floor on the same "
               f"bodies {n_queries / statistics.median(floor):6.1f} q/s = {ceiling:.2f}x "
               "unbatched: the most any batching could give here (r2ray's own work at zero)")
+        if batched_x:
+            print(f"32 clients  encoder {other}: batched "
+                  f"{n_queries / statistics.median(batched_x):6.1f} q/s, unbatched "
+                  f"{n_queries / statistics.median(unbatched_x):6.1f} q/s, batched / unbatched = "
+                  f"{statistics.median(u / b for b, u in zip(batched_x, unbatched_x)):.2f}; "
+                  f"{precision} batched / {other} batched = "
+                  f"{statistics.median(x / b for b, x in zip(batched, batched_x)):.2f}")
     if sizes:
         compare_batch_sizes(run, text, [32] + sizes, rounds)
 

@@ -126,6 +126,9 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
                        help="rows per actor call (default 256 texts, 8192 precomputed embeddings)")
     route.add_argument("--read-tasks", type=int,
                        help="read tasks running at once (default: one per 8 workers)")
+    route.add_argument("--encoder-precision", choices=("auto", "float32", "bfloat16"),
+                       help="the text encoder's forward pass (default auto: bfloat16 on a CPU "
+                            "with AMX or AVX512-BF16 or a bf16 GPU, as Serve; float32 elsewhere)")
     route.set_defaults(handler=_route)
 
 
@@ -136,7 +139,7 @@ def _route(args: argparse.Namespace) -> None:
     fields = ("input", "output", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
               "strict_budget", "cost_correction", "catalog", "run_id", "force", "defer", "seed",
               "tracking_uri", "workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker",
-              "batch_size", "read_tasks")
+              "batch_size", "read_tasks", "encoder_precision")
     config = route_config(**{name: getattr(args, name) for name in fields})
     manifest = route_batch(config)
     print(summarise_manifest(manifest))

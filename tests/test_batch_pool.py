@@ -147,3 +147,38 @@ def test_planning_counts_parquet_rows_and_not_jsonl(tmp_path):
     assert [u.rows for u in units] == [100, 100, 50, None]
     assert planned_rows(units) == 250 and planned_rows(units[3:]) is None
     assert all("rows" not in item for item in unit_items(units))   # readers never see it
+
+
+def test_encoder_precision_is_a_checked_setting_the_score_workers_load_with(small_routing_model,
+                                                                            tmp_path):
+    """``--encoder-precision`` (default auto, as Serve's): the workers' text encoder runs at it,
+    and a value that is not one of the three names the field."""
+    import pyarrow as pa
+
+    from r2ray.batch.job import load_model
+    from r2ray.batch.score import ScoreWorker
+    from r2ray.bench.synthetic import synth_bench
+    from r2ray.errors import ConfigError
+    from r2ray.predictor import make_predictor, save_predictor
+    from r2ray.predictor.data import bench_arrays
+
+    assert config().encoder_precision == "auto"
+    with pytest.raises(ConfigError, match="encoder_precision"):
+        config(encoder_precision="float16")
+    catalog = small_routing_model["catalog"]
+    arrays = bench_arrays(synth_bench(catalog, 120, seed=5), catalog)
+    arrays = arrays.with_embedding(np.random.default_rng(5).normal(
+        size=(len(arrays.query), 384)).astype(np.float32))
+    save_predictor(make_predictor("per_arm_ridge").fit(arrays, catalog), str(tmp_path / "p"),
+                   encoder_spec="minilm")
+    files = load_model(str(tmp_path / "p"), None, None).files
+    texts = ["What is 2 + 2?", "Write a haiku about autumn.", "Prove that 17 is prime."]
+    table = pa.table({"query_id": ["a", "b", "c"], "query": texts, "input_tokens": [8, 9, 9],
+                      "tenant": [None] * 3, "order": [0, 1, 2]})
+    scored = {}
+    for precision in ("float32", "bfloat16"):
+        worker = ScoreWorker(files, threads=1, precision=precision)
+        assert worker.encoder.precision == precision
+        scored[precision] = worker(table)
+    assert scored["float32"].column("query_id").to_pylist() == ["a", "b", "c"]
+    assert scored["float32"].schema == scored["bfloat16"].schema

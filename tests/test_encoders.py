@@ -132,6 +132,35 @@ def _brute_force_chunks(lengths, cap, overhead):
     return best
 
 
+def test_bfloat16_minilm_is_within_a_cosine_of_1e_4_of_float32(minilm):
+    """The routing paths' precision: vectors still float32 and unit length, each within cosine
+    0.9999 of float32's, the same text giving the same vector alone and inside a call."""
+    texts = ["What is 2 + 2?", "Write a sonnet about the sea, in the style of Shakespeare.",
+             "Fix this segfault in C: int *p = 0; *p = 1;", "Translate 'cat' to French.",
+             "Explain, step by step, why the square root of 2 is irrational. " * 6]
+    fast = load_encoder(MINILM, device="cpu", batch_size=2, precision="bfloat16")
+    assert fast.precision == "bfloat16" and minilm.precision == "float32"
+    exact, vectors = minilm.encode(texts), fast.encode(texts)
+    assert vectors.dtype == np.float32 and vectors.shape == exact.shape
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert (vectors * exact).sum(axis=1).min() > 0.9999
+    np.testing.assert_allclose(fast.encode([texts[3]])[0], vectors[3], atol=1e-2)
+
+
+def test_precision_auto_is_bfloat16_only_where_the_hardware_has_it(monkeypatch):
+    import r2ray.encoders as encoders
+
+    assert encoders.resolve_precision("float32", "cpu") == "float32"
+    assert encoders.resolve_precision("bfloat16", "cpu") == "bfloat16"
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(encoders, "_cpu_has_native_bf16", lambda native=native: native)
+        assert encoders.resolve_precision("auto", "cpu") == expected
+    with pytest.raises(ValueError, match="precision must be one of.*'float16'"):
+        encoders.resolve_precision("float16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_encoder(MINILM, device="cpu", precision="fp8")
+
+
 def test_length_chunks_are_the_cheapest_split_within_the_cap():
     from r2ray.encoders import length_chunks
 
@@ -188,3 +217,7 @@ def test_other_layouts_still_run_on_sentence_transformers(tmp_path, change):
 
         encoder = load_encoder(str(tmp_path), device="cpu")
         assert isinstance(encoder._model, SentenceTransformer) and encoder.dimension == 384
+        # bfloat16 runs the mean-pooled layout only: auto keeps this one in float32
+        assert load_encoder(str(tmp_path), device="cpu", precision="auto").precision == "float32"
+        with pytest.raises(EncoderError, match="'bfloat16' needs a transformer with mean pooling"):
+            load_encoder(str(tmp_path), device="cpu", precision="bfloat16")

@@ -235,16 +235,22 @@ def test_prometheus_counts_decisions_spend_and_lambda(serving, embedding):
 
 def test_text_queries_are_encoded_with_minilm_online(serving, registry):
     from r2ray.prompting import estimate_tokens
+    from r2ray.encoders import MINILM, load_encoder, resolve_precision
     from r2ray.routing import query_key
     from r2ray.serving.router import RouteItem, RoutingModel, route_items
 
+    health = httpx.get(f"{serving['url']}/text/healthz", timeout=30).json()
+    assert (health["encoder"], health["encoder_precision"]) == (
+        MINILM, resolve_precision("auto", "cpu"))
     query = "Prove that the square root of 2 is irrational, step by step."
     response = httpx.post(f"{serving['url']}/text/v1/route", timeout=60,
                           json={"query": query, "lambda": 500.0})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["version"] == "r2ray-text/1"
-    local = RoutingModel(registry["text_predictor"], registry["encoder"], registry["catalog"], "x")
+    # Serve encodes at precision "auto" (bfloat16 where native), the batch job's default too
+    local = RoutingModel(registry["text_predictor"], load_encoder(MINILM, precision="auto"),
+                         registry["catalog"], "x")
     [expected] = route_items(local, [RouteItem(query, estimate_tokens(query), query_key(query),
                                                500.0)])
     assert (body["model"], body["budget"]) == (expected.model, expected.budget)

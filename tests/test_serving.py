@@ -292,7 +292,8 @@ def _service(routing_model, **config) -> RoutingService:
         return route_items(routing_model, [item])[0]
 
     async def describe():
-        return {"version": routing_model.version, "models": routing_model.catalog.model_names}
+        return {"version": routing_model.version, "models": routing_model.catalog.model_names,
+                "encoder": None, "encoder_precision": None}
 
     book = SpendBook(PriceState(lam=0.0, tie_cut=1.0, seed=0, stopped=False, source="test"))
     return RoutingService(serve_config(config), route, book, describe)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -52,6 +52,9 @@ class RouteConfig(BaseModel):
                                                          # texts or 8,192 embeddings
     read_tasks: Annotated[int, Field(ge=1)] | None = None  # read tasks at once; default one
                                                          # per 8 workers (r2ray.batch.pool)
+    encoder_precision: Literal["auto", "float32", "bfloat16"] = "auto"  # the text encoder's
+                                                         # forward pass (encoders.load_encoder):
+                                                         # bfloat16 where native, as Serve's
     task_cpus: Annotated[float, Field(gt=0)] = 0.25      # each small task (read, dedupe, solve,
                                                          # assign): fractional, beside the actors
 

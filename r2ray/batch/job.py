@@ -238,7 +238,8 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
 
 
 DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
-                     "catalog", "defer", "seed", "strict_budget", "cost_correction")
+                     "catalog", "defer", "seed", "strict_budget", "cost_correction",
+                     "encoder_precision")
 """Settings that change what a run decides; re-running a committed run id with others warns."""
 
 
@@ -288,7 +289,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                                    "catalog_yaml": model.catalog.to_yaml(),
                                    "strict_budget": config.strict_budget,
                                    "cost_factors": cost_factors,
-                                   "threads": pool.threads_per_worker},
+                                   "threads": pool.threads_per_worker,
+                                   "precision": config.encoder_precision},
             ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
         duplicates = first_seen_duplicates(scored, num_cpus=config.task_cpus)

@@ -113,11 +113,13 @@ class ScoreWorker:
     Takes the saved predictor's files as bytes so workers on other nodes need no shared disk.
     ``threads``: torch intra-op threads for the encoder and the predictor (Ray's own guess from a
     fractional CPU request is one; the pool's shape says, :mod:`r2ray.batch.pool`).
+    ``precision``: the encoder's forward pass (:func:`r2ray.encoders.load_encoder`).
     """
 
     def __init__(self, files: dict[str, bytes], catalog_yaml: str | None = None,
                  device: str | None = None, strict_budget: bool = False,
-                 cost_factors: list[float] | None = None, threads: int | None = None):
+                 cost_factors: list[float] | None = None, threads: int | None = None,
+                 precision: str = "auto"):
         import torch
 
         from r2ray.encoders import default_device, load_encoder
@@ -136,7 +138,8 @@ class ScoreWorker:
         self.catalog = (self.predictor.catalog_ if catalog_yaml is None
                         else catalog_from_dict(yaml.safe_load(catalog_yaml), "--catalog"))
         spec = self.predictor.encoder_spec
-        self.encoder = load_encoder(spec, device=device) if has_text_encoder(spec) else None
+        self.encoder = load_encoder(spec, device=device, precision=precision) \
+            if has_text_encoder(spec) else None
         self.strict_budget = strict_budget
         self.cost_factors = None if cost_factors is None else np.asarray(cost_factors, np.float64)
 

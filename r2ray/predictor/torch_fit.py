@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2ray.catalog import Catalog
-from r2ray.encoders import default_device
+from r2ray.encoders import default_device, resolve_precision
 from r2ray.predictor.base import (
     ArmPredictions, BasePredictor, carve_validation, column_means, log_tokens, tokens_from_log)
 from r2ray.predictor.data import BenchArrays
@@ -48,31 +47,6 @@ class FitSettings:
     time_limit_s: float | None = None
     precision: str = "auto"          # "bfloat16": autocast the training forward pass; weights stay
                                      # float32; "auto": bfloat16 where the hardware has it
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` → ``bfloat16`` on a CUDA GPU with bf16 or a CPU with native bf16 (AMX or
-    AVX512-BF16: about 2× faster training, same test loss on the synthetic world), else float32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if _cpu_has_native_bf16() else "float32"
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: stay with float32
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 STEPS_PER_EPOCH = 16

@@ -122,7 +122,7 @@ class Ingress:
     def _load(self):
         c = self.config
         return load_routing_model(c.model, c.tracking_uri, c.catalog, c.device,
-                                  corrections=c.corrections_root())
+                                  corrections=c.corrections_root(), precision=c.encoder_precision)
 
     async def _route_one(self, item: RouteItem) -> RouteDecision | RouteRejected:
         """A request that brings its embedding and is the only HTTP request open in the replica
@@ -149,6 +149,8 @@ class Ingress:
         return {"version": self.model.version, "models": self.model.catalog.model_names,
                 "embedding_dim": self.model.embedding_dim,
                 "encoder": None if self.model.encoder is None else self.model.encoder.name,
+                "encoder_precision": None if self.model.encoder is None
+                else self.model.encoder.precision,
                 "cost_correction": self.model.correction}
 
     async def _watch(self) -> None:

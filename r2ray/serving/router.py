@@ -56,18 +56,20 @@ class RoutingModel:
 
 
 def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: str | None = None,
-                       device: str | None = None, corrections: str | None = None) -> RoutingModel:
+                       device: str | None = None, corrections: str | None = None,
+                       precision: str = "auto") -> RoutingModel:
     """Load ``models:/NAME@ALIAS`` (or a folder) with its encoder; ``catalog_path`` may change
     prices and endpoints, never the arms the model was trained on. ``corrections``: a batch
     output folder whose newest ``r2ray reconcile`` for this version and catalogue prices ĉ, as
-    the next batch run there would."""
+    the next batch run there would. ``precision``: the text encoder's forward pass
+    (:func:`r2ray.encoders.load_encoder`; ``auto``, as the batch job's default)."""
     from r2ray.encoders import default_device, load_encoder
     from r2ray.registry import load_registered
     device = device or default_device()
     bundle = load_registered(uri, tracking_uri, device=device)
     catalog = bundle.catalog if catalog_path is None else \
         repriced_catalog(catalog_path, bundle.catalog, uri)
-    encoder = load_encoder(bundle.encoder_spec, device=device) \
+    encoder = load_encoder(bundle.encoder_spec, device=device, precision=precision) \
         if has_text_encoder(bundle.encoder_spec) else None
     version = uri if bundle.version is None else f"{bundle.version.name}/{bundle.version.version}"
     correction = None

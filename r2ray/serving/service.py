@@ -125,7 +125,8 @@ class RoutingService:
     async def health(self) -> dict:
         described = await self._describe()
         state = self.book.state
-        return {"status": "ok", "version": described["version"], "lambda": state.lam,
+        return {"status": "ok", "version": described["version"], "encoder": described["encoder"],
+                "encoder_precision": described["encoder_precision"], "lambda": state.lam,
                 "stopped": state.stopped, "price_source": state.source,
                 "window_spend_usd": state.window_spend_usd,
                 "total_spend_usd": state.total_spend_usd, "pacer_updates": state.updates}
