@@ -18,7 +18,9 @@ alternating rounds so that a busy machine shifts both sides of each ratio alike:
    the floor's throughput on the same bodies ÷ unbatched: the ceiling of that ratio, what batching
    would give if r2ray's own work (encoder, predictor, decision) cost nothing; at 32 clients also
    the same pair of apps with the other encoder precision (``/bx``, ``/ux``: float32 when the
-   main apps run ``auto``, which is bfloat16 on a CPU with AMX), in the same rounds;
+   main apps run ``auto``, which is bfloat16 on a CPU with AMX), in the same rounds; and the CPU
+   per request at 32 clients of each app's replica, Serve's proxy, this process (the clients) and
+   the whole machine (Linux ``/proc``), which says what bounds the throughput;
 4. requests that carry a precomputed ``embedding`` (no encoder): r2ray's HTTP p50 against the
    floor's on the same bodies (goal: at most 3 ms above it), and against in-process routing;
    and the CPU each replica's process spent per request (Linux ``/proc``), which a busy host
@@ -255,14 +257,33 @@ def main(argv: list[str] | None = None) -> None:
           f"{percentile(http_seq, 50) / percentile(local_seq, 50):.2f}  (goal <= 1.5); "
           f"Serve's share: {(percentile(http_seq, 50) - percentile(local_seq, 50)) * 1e3:.1f} ms\n")
 
+    app_of = {"/b": "b:Ingress", "/u": "u:Ingress", "/f": "f:FloorIngress", "/bx": "bx:Ingress",
+              "/ux": "ux:Ingress"}
+    proxy = serve_process("ProxyActor")
+
+    def cpu_now(path: str) -> dict[str, float]:
+        """CPU seconds so far: the path's replica, Serve's proxy, this process (the clients),
+        the whole machine (busy time of /proc/stat) and the time stolen from it by the host."""
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        return {"replica": cpu_s(serve_process(f"ServeReplica:{app_of[path]}")),
+                "proxy": cpu_s(proxy), "client": cpu_s(os.getpid()),
+                "machine": (sum(ticks[:8]) - ticks[3] - ticks[4] - ticks[7]) / hz,
+                "steal": ticks[7] / hz}
+
     for clients in (8, 32):
         batched, unbatched, floor, batched_x, unbatched_x = [], [], [], [], []
         paths = [("/b", batched), ("/u", unbatched), ("/f", floor)]
         if clients == 32:
             paths += [("/bx", batched_x), ("/ux", unbatched_x)]
+        spent: dict[str, dict[str, float]] = {path: {} for path, _ in paths}   # CPU seconds
         for _ in range(rounds):   # all in turn, so each ratio spans the same load
             for path, walls in paths:
+                before = cpu_now(path)
                 walls.append(run(path, text, clients)[1])
+                for who, value in cpu_now(path).items():
+                    spent[path][who] = spent[path].get(who, 0.0) + value - before[who]
         ratio = statistics.median(u / b for b, u in zip(batched, unbatched))
         ceiling = statistics.median(u / f for f, u in zip(floor, unbatched))
         print(f"{clients:2d} clients  throughput batched {n_queries / statistics.median(batched):6.1f} "
@@ -277,6 +298,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{statistics.median(u / b for b, u in zip(batched_x, unbatched_x)):.2f}; "
                   f"{precision} batched / {other} batched = "
                   f"{statistics.median(x / b for b, x in zip(batched, batched_x)):.2f}")
+    print("CPU per request at 32 clients, ms (/proc, all rounds; machine: all processes, "
+          "steal: taken by the host):")
+    for path, _ in paths:
+        print(f"  {path:3s} " + ", ".join(f"{who} {value / (n_queries * rounds) * 1e3:5.1f}"
+                                         for who, value in spent[path].items()))
     if sizes:
         compare_batch_sizes(run, text, [32] + sizes, rounds)
 
