@@ -121,7 +121,7 @@ def actor_encoder_qps(backlog: str, model: str, config) -> float:
     ds.map_batches(EncodeOnlyWorker, batch_size=pool.batch_size, batch_format="pyarrow",
                    **score_pool_options(pool), fn_constructor_kwargs={
                        "files": files, "threads": pool.threads_per_worker,
-                       "precision": config.encoder_precision}).materialize()
+                       "precision": pool.encoder_precision}).materialize()
     return ds.count() / (time.perf_counter() - start)
 
 

@@ -97,7 +97,7 @@ class Encoder:
 
     @property
     def precision(self) -> str:
-        """``float32`` or ``bfloat16``: the dtype of the forward pass (vectors are float32)."""
+        """The dtype of the forward pass, e.g. ``float32`` or ``bfloat16`` (vectors are float32)."""
         dtype = getattr(self._model, "dtype", None) or next(self._model.parameters()).dtype
         return str(dtype).removeprefix("torch.")
 

@@ -124,6 +124,13 @@ def test_rerunning_a_committed_run_with_other_settings_warns(tmp_path, small_rou
     err = capsys.readouterr().err
     assert "already committed with other settings" in err and "--force" in err
     assert "input files" in err and "budget_usd (2 → 1)" in err and "workers" not in err
+    # a manifest from before --encoder-precision existed ran float32: auto may differ, float32 not
+    older = {k: v for k, v in config.model_dump().items() if k != "encoder_precision"}
+    for run_id, asked, warned in (("old-a", "auto", True), ("old-f", "float32", False)):
+        _fake_committed_run(tmp_path / "out", run_id, older | {"run_id": run_id})
+        route_batch(config.model_copy(update={"run_id": run_id, "encoder_precision": asked}))
+        err = capsys.readouterr().err
+        assert ("encoder_precision (float32 → auto)" in err) is warned, err
 
 
 # ---- output locations: found before any work, one line each ----------------------------------

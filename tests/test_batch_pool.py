@@ -162,9 +162,18 @@ def test_encoder_precision_is_a_checked_setting_the_score_workers_load_with(smal
     from r2ray.predictor import make_predictor, save_predictor
     from r2ray.predictor.data import bench_arrays
 
+    from r2ray.encoders import resolve_precision
+
     assert config().encoder_precision == "auto"
     with pytest.raises(ConfigError, match="encoder_precision"):
         config(encoder_precision="float16")
+    # one precision for the run, resolved on the driver (recorded in the manifest's scoring_pool)
+    assert pool_shape(config(), {"CPU": 2}, True).encoder_precision == \
+        resolve_precision("auto", "cpu")
+    assert pool_shape(config(encoder_precision="float32"), {"CPU": 2}, True).encoder_precision \
+        == "float32"
+    assert pool_shape(config(gpus_per_worker=1), {"CPU": 2, "GPU": 1}, True) \
+        .encoder_precision == "auto"   # each GPU worker resolves it on its GPU
     catalog = small_routing_model["catalog"]
     arrays = bench_arrays(synth_bench(catalog, 120, seed=5), catalog)
     arrays = arrays.with_embedding(np.random.default_rng(5).normal(
@@ -175,10 +184,14 @@ def test_encoder_precision_is_a_checked_setting_the_score_workers_load_with(smal
     texts = ["What is 2 + 2?", "Write a haiku about autumn.", "Prove that 17 is prime."]
     table = pa.table({"query_id": ["a", "b", "c"], "query": texts, "input_tokens": [8, 9, 9],
                       "tenant": [None] * 3, "order": [0, 1, 2]})
-    scored = {}
+    scored, vectors = {}, {}
     for precision in ("float32", "bfloat16"):
         worker = ScoreWorker(files, threads=1, precision=precision)
         assert worker.encoder.precision == precision
         scored[precision] = worker(table)
+        vectors[precision] = worker.encoder.encode(texts)
     assert scored["float32"].column("query_id").to_pylist() == ["a", "b", "c"]
     assert scored["float32"].schema == scored["bfloat16"].schema
+    assert ((vectors["float32"] * vectors["bfloat16"]).sum(axis=1) > 0.9999).all()
+    np.testing.assert_allclose(scored["bfloat16"].column("base_q").to_numpy(),
+                               scored["float32"].column("base_q").to_numpy(), atol=0.02)

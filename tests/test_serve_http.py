@@ -125,8 +125,9 @@ def serving(registry, upstream, ray_cluster, tmp_path_factory):
                 "upstream_key_envs": {"*": "R2RAY_TEST_UPSTREAM_KEY"},
                 "pacing": {"target_usd_per_s": 1e-3, "window_s": 1.0}}),
                 name="r2ray", route_prefix="/"),
-            serve.RunTarget(app(common | {"model": "models:/r2ray-text@champion"}), name="text",
-                            route_prefix="/text")])
+            serve.RunTarget(app(common | {"model": "models:/r2ray-text@champion",
+                                          "encoder_precision": "bfloat16"}),
+                            name="text", route_prefix="/text")])
         yield {"url": f"http://127.0.0.1:{port}", "metrics": ray_cluster["metrics"]}
     finally:
         serve.shutdown()
@@ -235,21 +236,20 @@ def test_prometheus_counts_decisions_spend_and_lambda(serving, embedding):
 
 def test_text_queries_are_encoded_with_minilm_online(serving, registry):
     from r2ray.prompting import estimate_tokens
-    from r2ray.encoders import MINILM, load_encoder, resolve_precision
+    from r2ray.encoders import MINILM, load_encoder
     from r2ray.routing import query_key
     from r2ray.serving.router import RouteItem, RoutingModel, route_items
 
     health = httpx.get(f"{serving['url']}/text/healthz", timeout=30).json()
-    assert (health["encoder"], health["encoder_precision"]) == (
-        MINILM, resolve_precision("auto", "cpu"))
+    assert (health["encoder"], health["encoder_precision"]) == (MINILM, "bfloat16")
     query = "Prove that the square root of 2 is irrational, step by step."
     response = httpx.post(f"{serving['url']}/text/v1/route", timeout=60,
                           json={"query": query, "lambda": 500.0})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["version"] == "r2ray-text/1"
-    # Serve encodes at precision "auto" (bfloat16 where native), the batch job's default too
-    local = RoutingModel(registry["text_predictor"], load_encoder(MINILM, precision="auto"),
+    # the app runs bfloat16 (asked for: any CPU runs it); the same encoder here
+    local = RoutingModel(registry["text_predictor"], load_encoder(MINILM, precision="bfloat16"),
                          registry["catalog"], "x")
     [expected] = route_items(local, [RouteItem(query, estimate_tokens(query), query_key(query),
                                                500.0)])

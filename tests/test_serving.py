@@ -172,6 +172,9 @@ def test_serve_config_file_and_app_builder_are_valid(monkeypatch):
     assert serve_config(app_args).pacing.target_usd_per_s > 0
     with pytest.raises(R2RayError, match="max_request_byte"):
         serve_config({"max_request_byte": 10})
+    assert serve_config({}).encoder_precision == "auto"   # as the batch job's default
+    with pytest.raises(R2RayError, match="encoder_precision"):
+        serve_config({"encoder_precision": "float16"})
     monkeypatch.syspath_prepend(str(REPO))
     sys.modules.pop("serve.app", None)
     from serve.app import app

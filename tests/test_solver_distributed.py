@@ -52,6 +52,11 @@ def test_tables_with_32_bit_list_offsets_are_read_too():
                               if pa.types.is_large_list(table.schema.field(name).type)
                               else table.column(name)) for name in table.column_names})
     assert_same_steps(table_to_steps(narrow)[0], steps)
+    # the driver's solve copies the gathered blocks into one, whatever their offsets' width
+    from r2ray.solver.distributed import _one_block
+    block = _one_block([table.slice(0, 7), narrow.slice(7)], defer=False, grouped=False)
+    assert_same_steps(block.steps, steps)
+    assert block.query_pos.tolist() == table.column("query_pos").to_pylist()
 
 
 def arms_of(result) -> tuple[np.ndarray, np.ndarray]:

@@ -221,7 +221,7 @@ def route_batch(config: RouteConfig) -> dict:
 def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -> dict:
     """The committed manifest, with a warning naming each setting this call changes."""
     manifest = read_manifest(paths)
-    before = manifest.get("config", {})
+    before = UNRECORDED_SETTINGS | manifest.get("config", {})
     changed = [f"{name} ({_show(before.get(name))} → {_show(value)})"
                for name, value in redact_values(config.model_dump()).items()
                if name in DECISION_SETTINGS and before.get(name) != value]
@@ -241,6 +241,8 @@ DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "sp
                      "catalog", "defer", "seed", "strict_budget", "cost_correction",
                      "encoder_precision")
 """Settings that change what a run decides; re-running a committed run id with others warns."""
+UNRECORDED_SETTINGS = {"encoder_precision": "float32"}
+"""What runs committed before a setting existed ran with (their manifests do not name it)."""
 
 
 def _show(value) -> str:
@@ -290,7 +292,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                                    "strict_budget": config.strict_budget,
                                    "cost_factors": cost_factors,
                                    "threads": pool.threads_per_worker,
-                                   "precision": config.encoder_precision},
+                                   "precision": pool.encoder_precision},
             ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
         duplicates = first_seen_duplicates(scored, num_cpus=config.task_cpus)

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from r2ray.encoders import resolve_precision
+
 TEXT_BATCH_ROWS = 256          # texts per actor call when the backlog's size is unknown
 TEXT_BATCH_LIMITS = (256, 2048)  # texts per actor call sized from the backlog
 CALLS_PER_WORKER = 8           # text calls per worker a sized backlog is cut into
@@ -56,6 +58,7 @@ class PoolShape:
     batch_size: int            # rows per actor call
     calls_in_flight: int = EMBEDDING_CALLS_IN_FLIGHT   # calls queued on each actor
     read_tasks: int = 1        # read tasks running at once
+    encoder_precision: str = "float32"   # the text encoder's forward pass, one for the run
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,7 +89,17 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
                                  else EMBEDDING_BATCH_ROWS)
     in_flight = TEXT_CALLS_IN_FLIGHT if encodes_text else EMBEDDING_CALLS_IN_FLIGHT
     reads = config.read_tasks or math.ceil(workers / WORKERS_PER_READ_TASK)
-    return PoolShape(workers, max(per_worker, 0.001), gpus, threads, rows, in_flight, reads)
+    return PoolShape(workers, max(per_worker, 0.001), gpus, threads, rows, in_flight, reads,
+                     encoder_precision(config.encoder_precision, gpus > 0))
+
+
+def encoder_precision(asked: str, on_gpus: bool) -> str:
+    """The precision every worker's encoder runs: ``auto`` resolved here, from this node's CPU
+    (:func:`r2ray.encoders.resolve_precision`), so one run never mixes precisions across nodes
+    and the manifest (``scoring_pool``) says which ran; a worker without native bf16 still runs
+    bfloat16, only slower. A GPU pool's ``auto`` stays for each worker to resolve on its GPU
+    (the driver need not see one, nor import torch)."""
+    return asked if on_gpus or asked != "auto" else resolve_precision(asked, "cpu")
 
 
 def text_batch_rows(backlog_rows: int | None, workers: int) -> int:
