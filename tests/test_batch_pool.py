@@ -174,6 +174,7 @@ def test_encoder_precision_is_a_checked_setting_the_score_workers_load_with(smal
         == "float32"
     assert pool_shape(config(gpus_per_worker=1), {"CPU": 2, "GPU": 1}, True) \
         .encoder_precision == "auto"   # each GPU worker resolves it on its GPU
+    assert pool_shape(config(), {"CPU": 2}, encodes_text=False).encoder_precision is None
     catalog = small_routing_model["catalog"]
     arrays = bench_arrays(synth_bench(catalog, 120, seed=5), catalog)
     arrays = arrays.with_embedding(np.random.default_rng(5).normal(

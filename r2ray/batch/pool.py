@@ -58,7 +58,8 @@ class PoolShape:
     batch_size: int            # rows per actor call
     calls_in_flight: int = EMBEDDING_CALLS_IN_FLIGHT   # calls queued on each actor
     read_tasks: int = 1        # read tasks running at once
-    encoder_precision: str = "float32"   # the text encoder's forward pass, one for the run
+    encoder_precision: str | None = None  # the text encoder's forward pass, one for the run
+                                          # (None: the model has no text encoder)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,7 +91,8 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
     in_flight = TEXT_CALLS_IN_FLIGHT if encodes_text else EMBEDDING_CALLS_IN_FLIGHT
     reads = config.read_tasks or math.ceil(workers / WORKERS_PER_READ_TASK)
     return PoolShape(workers, max(per_worker, 0.001), gpus, threads, rows, in_flight, reads,
-                     encoder_precision(config.encoder_precision, gpus > 0))
+                     encoder_precision(config.encoder_precision, gpus > 0) if encodes_text
+                     else None)
 
 
 def encoder_precision(asked: str, on_gpus: bool) -> str:

@@ -119,7 +119,7 @@ class ScoreWorker:
     def __init__(self, files: dict[str, bytes], catalog_yaml: str | None = None,
                  device: str | None = None, strict_budget: bool = False,
                  cost_factors: list[float] | None = None, threads: int | None = None,
-                 precision: str = "auto"):
+                 precision: str | None = "auto"):
         import torch
 
         from r2ray.encoders import default_device, load_encoder
