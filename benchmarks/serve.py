@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{percentile(http_seq, 50) / percentile(local_seq, 50):.2f}  (goal <= 1.5); "
           f"Serve's share: {(percentile(http_seq, 50) - percentile(local_seq, 50)) * 1e3:.1f} ms\n")
 
-    app_of = {"/b": "b:Ingress", "/u": "u:Ingress", "/f": "f:FloorIngress", "/bx": "bx:Ingress",
-              "/ux": "ux:Ingress"}
+    replicas = {path: serve_process(f"ServeReplica:{app}") for path, app in (
+        ("/b", "b:Ingress"), ("/u", "u:Ingress"), ("/f", "f:FloorIngress"), ("/bx", "bx:Ingress"),
+        ("/ux", "ux:Ingress"), ("/n", "n:Ingress"))}
     proxy = serve_process("ProxyActor")
 
     def cpu_now(path: str) -> dict[str, float]:
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:]]
         hz = os.sysconf("SC_CLK_TCK")
-        return {"replica": cpu_s(serve_process(f"ServeReplica:{app_of[path]}")),
+        return {"replica": cpu_s(replicas[path]),
                 "proxy": cpu_s(proxy), "client": cpu_s(os.getpid()),
                 "machine": (sum(ticks[:8]) - ticks[3] - ticks[4] - ticks[7]) / hz,
                 "steal": ticks[7] / hz}
@@ -308,9 +309,6 @@ def main(argv: list[str] | None = None) -> None:
 
     floor_given, http_given, unfrozen_given, local_given, cold_given = [], [], [], [], []
     evict = np.ones(64 << 17)   # 64 MiB: 16x the L2 caches here (a shared L3 may keep some)
-    replicas = {"/f": serve_process("ServeReplica:f:FloorIngress"),
-                "/b": serve_process("ServeReplica:b:Ingress"),
-                "/n": serve_process("ServeReplica:n:Ingress")}
     replica_cpu = {"/f": 0.0, "/b": 0.0, "/n": 0.0}
     run("/n", given[:20], 4)
     for _ in range(rounds):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from r2ray.encoders import Precision
 from r2ray.errors import ConfigError
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -52,9 +53,9 @@ class RouteConfig(BaseModel):
                                                          # texts or 8,192 embeddings
     read_tasks: Annotated[int, Field(ge=1)] | None = None  # read tasks at once; default one
                                                          # per 8 workers (r2ray.batch.pool)
-    encoder_precision: Literal["auto", "float32", "bfloat16"] = "auto"  # the text encoder's
-                                                         # forward pass (encoders.load_encoder):
-                                                         # bfloat16 where native, as Serve's
+    encoder_precision: Precision = "auto"                # the text encoder's forward pass
+                                                         # (encoders.load_encoder): bfloat16
+                                                         # where native, as Serve's
     task_cpus: Annotated[float, Field(gt=0)] = 0.25      # each small task (read, dedupe, solve,
                                                          # assign): fractional, beside the actors
 

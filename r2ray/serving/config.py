@@ -8,11 +8,12 @@ API keys come from the environment variables *named* by ``api_key_envs`` / ``ups
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from r2ray.encoders import Precision
 from r2ray.errors import ConfigError
 from r2ray.manifest import MANIFEST
 
@@ -74,9 +75,9 @@ class ServeConfig(BaseModel):
     gc_freeze: bool = True                     # move the loaded heap out of the collector's reach
                                                # (off only to measure what it changes)
     device: str | None = None                  # encoder/predictor device; default cuda if visible
-    encoder_precision: Literal["auto", "float32", "bfloat16"] = "auto"  # the text encoder's
-                                               # forward pass (encoders.load_encoder); as the
-                                               # batch job's default, so both route alike
+    encoder_precision: Precision = "auto"      # the text encoder's forward pass
+                                               # (encoders.load_encoder); as the batch job's
+                                               # default, so both route alike
 
     @field_validator("api_key_envs", mode="before")
     @classmethod
