@@ -18,10 +18,11 @@ would score; ``oracle_all`` also knows each answer's realised label noise) and t
 captured, (AUDC − AUDC_random) / (AUDC_top − AUDC_random), toward ``oracle_all`` and ``truth``.
 
 Usage: python benchmarks/small_data.py [--seeds 3] [--benches pb,ra,pb_small,ra_small,world,world_other]
-       [--methods r2ray,r2ray_residual,per_arm_ridge,carrot_knn_default,carrot_knn_all,selected]
+       [--methods averaged,r2ray,r2ray_residual,per_arm_ridge,carrot_knn_default,carrot_knn_all,selected]
        [--world-queries 3000] [--cache results.jsonl] [--encoder minilm|FOLDER]
 ``selected`` is ``r2ray train``'s default (3-fold CV over the ``small`` candidates, refit): the
-costliest; its rows keep the CV winner and each candidate's CV AUDC (``winner``, ``cv``), and the
+costliest; ``averaged`` the plain mean of Ridge, KNN and the joint network, which ``selected``
+keeps unless a candidate beats it by more than one standard error; ``selected``'s rows keep the CV winner and each candidate's CV AUDC (``winner``, ``cv``), and the
 table prints the winner per seed. ``r2ray`` trains on its step budget (batch 128 for up to 40
 epochs at these sizes); the epoch plan it had before, for comparison: ``r2ray_old=r2ray{"epochs":12,"batch_size":512,
 "patience":3}``. ``--cache`` keeps each (bench, method, seed) result, so a rerun fits only what is new.
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -136,6 +136,18 @@ def split_scores(arrays, catalog, methods: list[str], seed: int, truth=None) -> 
                 "seconds": seconds.get(n, 0.0)} | picked.get(n, {}) for n in names}
 
 
+def top_level_split(spec: str) -> list[str]:
+    """``spec`` split at the commas outside braces: a method's JSON settings may nest
+    (``stacked{"members":[{...},{...}]}``)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(spec):
+        depth += {"{": 1, "[": 1, "}": -1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    return parts + [spec[start:]]
+
+
 def read_cache(path: str | None) -> dict[tuple, dict]:
     if not path or not os.path.exists(path):
         return {}
@@ -198,7 +210,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--benches", default="paretobandit,routerarena,tests:paretobandit,"
                                                "tests:routerarena,world,world_other")
-    parser.add_argument("--methods", default="r2ray,r2ray_residual,per_arm_ridge,"
+    parser.add_argument("--methods", default="averaged,r2ray,r2ray_residual,per_arm_ridge,"
                                               "carrot_knn_default,carrot_knn_all")
     parser.add_argument("--world-queries", type=int, default=3000)
     parser.add_argument("--cache", default=None, help="JSON lines of finished results")
@@ -207,7 +219,7 @@ def main() -> None:
                              "sentence-transformers folder); other than minilm, the bench's "
                              "name in the table and cache gets @<folder name>")
     args = parser.parse_args()
-    methods = [m.strip() for m in re.split(r",(?![^{]*})", args.methods) if m.strip()]
+    methods = [m.strip() for m in top_level_split(args.methods) if m.strip()]
     seeds = list(range(args.seeds))
     cache = read_cache(args.cache)
     real = real_benches(ROOT)

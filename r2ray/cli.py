@@ -161,7 +161,7 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
                           help="random 80/20 per seed, or leave one category out")
     evaluate.add_argument("--queries", help="table with query_id + embedding (skips the encoder)")
     evaluate.add_argument("--methods", help="comma-separated learned methods (default: all but "
-                          "the composite stacked and selected)")
+                          "the composite stacked, averaged and selected)")
     evaluate.add_argument("--train-sizes", metavar="N,N,...",
                           help="learning curves: also fit every learned method on this many "
                                "training queries per split (e.g. 250,500,1000,2000,5000)")
@@ -208,7 +208,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--candidates",
                        help="cv candidates: a set (small, the default: per_arm_ridge, "
                             "carrot_knn_all, r2ray, "
-                            "stacked; fast: no network; full: every candidate) or names, "
+                            "stacked, averaged; fast: no network; full: every candidate) or names, "
                             "comma-separated (r2ray.predictor.selection.CANDIDATES)")
     train.add_argument("--folds", type=int, default=3, help="cv folds, by query (default 3)")
     train.add_argument("--tune", action="store_true",

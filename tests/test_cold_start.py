@@ -31,6 +31,7 @@ KINDS = {
     "carrot_linear_all": {"max_iter": 20},
     "stacked": {"members": [{"kind": "per_arm_ridge", "settings": {}},
                             {"kind": "carrot_knn_all", "settings": {}}]},
+    "averaged": {"members": [{"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}]},
 }
 
 

@@ -16,7 +16,9 @@ from r2ray.predictor.base import default_arm_mask
 from r2ray.predictor.persist import CONFIG_FILE
 
 FAST = {"r2ray": {"epochs": 4}, "per_arm_mlp": {"epochs": 3, "hidden": [32, 16, 8]},
-        "selected": {"candidates": "per_arm_ridge,carrot_knn_all,stacked"}}
+        "selected": {"candidates": "per_arm_ridge,carrot_knn_all,stacked"},
+        "averaged": {"members": [{"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"},
+                                 {"kind": "r2ray", "settings": {"epochs": 4}}]}}
 DEFAULT_ONLY = {"carrot_knn_default", "carrot_linear_default"}
 
 
@@ -129,7 +131,7 @@ def test_arms_missing_from_the_data_are_masked_not_learned_as_zero(name, world, 
     masked = type(train)(**{**train.__dict__, "quality": quality, "output_tokens": tokens})
     prediction = make_predictor(name, **FAST.get(name, {})).fit(masked, catalog).predict(
         test.embedding)
-    if name == "r2ray":
+    if name in ("r2ray", "averaged"):   # the joint network, alone or as the average's member
         assert np.isfinite(prediction.quality[:, hidden_arm]).all()
     else:
         assert np.isnan(prediction.quality[:, hidden_arm]).all()

@@ -57,16 +57,55 @@ def test_ties_on_audc_go_to_the_lower_brier_then_token_error():
 
 def test_candidate_sets_and_overrides():
     small = resolve_candidates("small", {"r2ray": {"epochs": 2}}, seed=5)
-    assert [c.name for c in small] == ["per_arm_ridge", "carrot_knn_all", "r2ray", "stacked"]
+    assert [c.name for c in small] == ["per_arm_ridge", "carrot_knn_all", "r2ray", "stacked",
+                                       "averaged"]
     assert small[2].settings == {"epochs": 2, "seed": 5}
-    assert [m["kind"] for m in small[3].settings["members"]] == [
-        "per_arm_ridge", "carrot_knn_all", "r2ray"]
+    for composite in small[3:]:
+        assert [m["kind"] for m in composite.settings["members"]] == [
+            "per_arm_ridge", "carrot_knn_all", "r2ray"]
+        assert composite.settings["members"][2]["settings"] == {"epochs": 2, "seed": 5}
     assert [c.name for c in resolve_candidates("per_arm_ridge, carrot_knn_all")] == [
         "per_arm_ridge", "carrot_knn_all"]
     with pytest.raises(R2RayError, match="unknown candidate"):
         resolve_candidates("per_arm_ridge,nope")
     with pytest.raises(R2RayError, match="at least two"):
         resolve_candidates("per_arm_ridge,stacked")
+    with pytest.raises(R2RayError, match="averaged candidate needs at least two"):
+        resolve_candidates("averaged,per_arm_ridge")
+
+
+def test_the_average_is_kept_unless_beaten_by_more_than_one_standard_error():
+    def row(name, folds, brier=0.2):
+        return {"name": name, "audc": float(np.mean(folds)), "audc_folds": folds,
+                "brier": brier, "log_tokens_mae": 0.1}
+    noisy = [row("ridge", [0.80, 0.70, 0.75]), row("averaged", [0.78, 0.71, 0.74])]
+    assert choose(noisy) == "averaged"          # ridge ahead by 0.0067 ± 0.0088: not clearly
+    clear = [row("ridge", [0.80, 0.72, 0.76]), row("averaged", [0.78, 0.71, 0.74])]
+    assert choose(clear) == "ridge"             # ahead by 0.0167 ± 0.0033
+    assert choose(noisy, prefer="nobody") == "ridge"
+    assert choose([row("ridge", [0.7, 0.7]), row("averaged", [0.8, 0.8])]) == "averaged"
+
+
+def test_averaged_is_the_mean_of_its_calibrated_members_and_saves(world, tmp_path):
+    train, catalog = world
+    members = [{"kind": "per_arm_ridge"}, {"kind": "carrot_knn_default"}]   # KNN: default arms
+    averaged = make_predictor("averaged", members=members).fit(train, catalog)
+    ridge = make_predictor("per_arm_ridge").fit(train, catalog)
+    knn = make_predictor("carrot_knn_default").fit(train, catalog)
+    x = train.embedding[:40]
+    mine, r, k = averaged.predict(x), ridge.predict(x), knn.predict(x)
+    both = ~np.isnan(k.quality[0])
+    assert both.any() and (~both).any()
+    np.testing.assert_allclose(mine.quality[:, both], (r.quality[:, both] + k.quality[:, both]) / 2,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(mine.quality[:, ~both], r.quality[:, ~both])  # ridge alone
+    assert averaged.quality_calibration_ is None        # the members' maps, not a second one
+    assert averaged.token_calibration_ is not None and averaged.spend_simulation_ is not None
+    save_predictor(averaged, str(tmp_path))
+    loaded = load_predictor(str(tmp_path))
+    again = loaded.predict(x)
+    np.testing.assert_array_equal(again.quality, mine.quality)
+    np.testing.assert_array_equal(again.output_tokens, mine.output_tokens)
 
 
 def test_stack_weights_follow_the_signal_and_sum_to_one():
@@ -99,6 +138,18 @@ def test_selected_predictor_saves_and_loads_with_its_winner(world, tmp_path):
     np.testing.assert_array_equal(loaded.predict(x).quality, predictor.predict(x).quality)
     np.testing.assert_array_equal(loaded.predict(x).output_tokens,
                                   predictor.predict(x).output_tokens)
+
+
+def test_a_selected_average_predicts_exactly_as_the_average_fitted_alone(world):
+    train, catalog = world
+    selected = make_predictor("selected", candidates="per_arm_ridge,carrot_knn_all,averaged",
+                              seed=3).fit(train, catalog)
+    assert selected.winner_name_ == "averaged" and selected.quality_calibration_ is None
+    alone = make_predictor("averaged", **selected.winner_.settings()).fit(train, catalog)
+    mine, theirs = selected.predict(train.embedding), alone.predict(train.embedding)
+    np.testing.assert_array_equal(mine.quality, theirs.quality)
+    np.testing.assert_array_equal(mine.output_tokens, theirs.output_tokens)
+    np.testing.assert_array_equal(selected.spend_simulation_.ratio, alone.spend_simulation_.ratio)
 
 
 @pytest.mark.parametrize("seed", [0, 7])

@@ -12,7 +12,7 @@ import importlib
 
 _HOMES = {
     "ArmPredictions": "base", "BasePredictor": "base", "Predictor": "base",
-    "PredictorError": "base",
+    "PredictorError": "base", "AveragedPredictor": "averaged",
     "CarrotKNN": "carrot", "CarrotLinear": "carrot", "R2RayPredictor": "joint",
     "PerArmMLP": "per_arm", "PerArmRidge": "per_arm", "ResidualPredictor": "residual",
     "SelectedPredictor": "selected", "StackedPredictor": "stacked",

@@ -127,6 +127,8 @@ class BasePredictor:
     quality_calibration_: QualityCalibration | None = None  # None: q̂ as the fit gives it
     spend_simulation_: SpendSimulation | None = None    # None: no spend guarantee possible
     encoder_spec: str | None = None  # the encoder that produced the training embeddings, if known
+    calibrates_quality = True  # False: q̂ is used as the fit gives it (``averaged``: the members'
+                               # own maps already apply)
 
     def settings(self) -> dict:
         """Constructor arguments as given (JSON-able), the way scikit-learn's get_params works."""
@@ -159,12 +161,11 @@ class BasePredictor:
         other half (what the router would have seen)."""
         self.token_calibration_ = fit_token_calibration(
             predicted.output_tokens, held_out.output_tokens, catalog)
-        self.quality_calibration_ = fit_quality_calibration(
-            predicted.quality, held_out.quality, catalog)
-        tokens = cross_fitted_mean_tokens(predicted.output_tokens, held_out.output_tokens, catalog)
-        quality = cross_fitted_quality(predicted.quality, held_out.quality, catalog)
+        self.quality_calibration_ = (fit_quality_calibration(
+            predicted.quality, held_out.quality, catalog) if self.calibrates_quality else None)
+        seen = router_view(predicted, held_out, catalog, self.calibrates_quality)
         self.spend_simulation_ = simulate_spend(
-            quality, catalog.arm_cost_usd(held_out.input_tokens, tokens),
+            seen.quality, catalog.arm_cost_usd(held_out.input_tokens, seen.output_tokens),
             held_out.quality, held_out.cost_usd)
 
     def predict(self, embedding: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
@@ -227,6 +228,17 @@ class BasePredictor:
 
     def _restore(self, fitted: dict, tensors: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+
+def router_view(predicted: ArmPredictions, rows: BenchArrays, catalog: Catalog,
+                calibrate_quality: bool = True) -> ArmPredictions:
+    """Held-out predictions of ``rows`` corrected as the router would see them: by token (and
+    quality) calibrations cross-fitted over the same rows, so no row is corrected by a map
+    fitted on its own outcome."""
+    quality = (cross_fitted_quality(predicted.quality, rows.quality, catalog)
+               if calibrate_quality else predicted.quality)
+    return ArmPredictions(quality, cross_fitted_mean_tokens(predicted.output_tokens,
+                                                            rows.output_tokens, catalog))
 
 
 def fold_ids(n_queries: int, folds: int, seed: int = FOLD_SEED) -> np.ndarray:

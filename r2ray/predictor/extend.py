@@ -23,6 +23,9 @@ predict exactly as before. Per kind:
   neighbours are the old training queries, which have no outcome for the new model) predicts NaN
   there and the blend renormalises over the others; new arms take the mean of the old arms' blend
   weights.
+* ``averaged``: each member extended with its own calibrations (it predicts with them), by
+  :func:`extend_predictor` itself; a KNN member covers the old arms only, and the mean on the new
+  ones is over the others.
 * ``selected``: its winner extended.
 * Anything else (``per_arm_mlp``, a lone ``carrot_knn_*``) is an :class:`ExtensionError` saying why.
 
@@ -318,6 +321,27 @@ def extend_stacked(predictor, extension: Extension, rows: BenchArrays, prior: fl
     return fresh
 
 
+def extend_averaged(predictor, extension: Extension, rows: BenchArrays, prior: float):
+    """Each member extended with its own calibrations (the average predicts with them); a KNN
+    member keeps the old arms only and the mean is over the others on the new ones."""
+    fresh = _fresh(predictor, extension)
+    fresh.members_ = [_extend_calibrated(m, extension, rows, prior) for m in predictor.members_]
+    return fresh
+
+
+def _extend_calibrated(member: BasePredictor, extension: Extension, rows: BenchArrays,
+                       prior: float) -> BasePredictor:
+    if member.name not in STACK_ONLY:
+        return extend_predictor(member, extension.new, rows, prior)[0]
+    fresh = STACK_ONLY[member.name](member, extension, rows, prior)
+    fresh.token_calibration_ = extend_token_calibration(
+        member.token_calibration_, None, extension.arm_map, extension.new)
+    fresh.quality_calibration_ = extend_quality_calibration(
+        member.quality_calibration_, None, extension.arm_map, extension.new.n_arms)
+    fresh.spend_simulation_ = member.spend_simulation_
+    return fresh
+
+
 def extend_selected(predictor, extension: Extension, rows: BenchArrays, prior: float):
     fresh = _fresh(predictor, extension)
     fresh.winner_ = _extend(predictor.winner_, extension, rows, prior)
@@ -328,7 +352,8 @@ def extend_selected(predictor, extension: Extension, rows: BenchArrays, prior: f
 EXTENDERS = {"r2ray": extend_joint, "per_arm_ridge": extend_ridge,
              "carrot_linear_all": extend_carrot_linear,
              "carrot_linear_default": extend_carrot_linear,
-             "stacked": extend_stacked, "selected": extend_selected}
+             "stacked": extend_stacked, "averaged": extend_averaged,
+             "selected": extend_selected}
 STACK_ONLY = {"carrot_knn_all": knn_old_arms_only, "carrot_knn_default": knn_old_arms_only}
 WHY_NOT = {
     "carrot_knn_all": "its q̂ is the mean over the nearest old training queries, which have no "

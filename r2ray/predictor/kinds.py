@@ -3,7 +3,8 @@ and configs) to what builds it; ``make_predictor`` builds one.
 
 Every entry builds an object with ``fit(train, catalog, validation=None)`` and
 ``predict(embedding) -> ArmPredictions``. ``COMPOSITE`` entries are built from the others
-(``stacked`` blends members, ``selected`` picks one by cross-validation); ``r2ray evaluate`` runs
+(``stacked`` blends members with learned weights, ``averaged`` takes their plain mean,
+``selected`` picks one by cross-validation); ``r2ray evaluate`` runs
 them only when they are the model under test or named in ``--methods``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from r2ray.predictor.averaged import AveragedPredictor
 from r2ray.predictor.base import BasePredictor, PredictorError
 from r2ray.predictor.carrot import CarrotKNN, CarrotLinear
 from r2ray.predictor.joint import R2RayPredictor
@@ -30,9 +32,10 @@ PREDICTORS: dict[str, Callable[..., BasePredictor]] = {
     "carrot_knn_all": partial(CarrotKNN, arms="all"),
     "carrot_linear_all": partial(CarrotLinear, arms="all"),
     "stacked": StackedPredictor,
+    "averaged": AveragedPredictor,
     "selected": SelectedPredictor,
 }
-COMPOSITE = ("stacked", "selected")
+COMPOSITE = ("stacked", "averaged", "selected")
 
 
 def make_predictor(name: str, **settings) -> BasePredictor:

@@ -13,7 +13,8 @@ import numpy as np
 from r2ray.catalog import Catalog
 from r2ray.predictor.base import ArmPredictions, BasePredictor
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.selection import STACKED, CrossValidation, cross_validate, resolve_candidates
+from r2ray.predictor.selection import (COMPOSITES, CrossValidation, cross_validate,
+                                      resolve_candidates)
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,19 @@ class SelectedPredictor(BasePredictor):
                                 search=self.search)
         chosen = next(c for c in result.candidates if c.name == result.winner)
         winner = chosen.build()
-        if chosen.kind == STACKED:  # its weights from the members' out-of-fold predictions
+        if chosen.kind in COMPOSITES:  # from the members' out-of-fold predictions: no refits
             winner.member_out_of_fold = [result.out_of_fold[c.name] for c in result.candidates
-                                         if c.kind != STACKED]
+                                         if c.kind not in COMPOSITES]
         winner.catalog_, winner.embedding_dim_ = catalog, int(x.shape[1])
         winner._fit(train, x, catalog, validation)
         self.winner_, self.winner_name_ = winner, chosen.name
         self.selection_, self.cross_validation_ = result.table, result
         self.out_of_fold_ = (train, result.out_of_fold[chosen.name])
+
+    @property
+    def calibrates_quality(self) -> bool:
+        """As the winner: a selected ``averaged`` keeps q̂ as its members' maps give it."""
+        return self.winner_ is None or self.winner_.calibrates_quality
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
                               ) -> tuple[BenchArrays, ArmPredictions]:

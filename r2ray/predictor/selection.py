@@ -3,8 +3,9 @@
 Candidates (``CANDIDATES``) are registry entries at given settings: the joint network at a few
 capacities and regularisation strengths (each on the default step budget; the former
 ``r2ray_steps``, batch 128 for 40 epochs, is now the default's plan below ~2,900 queries), per-arm
-Ridge at two strengths, CARROT KNN / linear on every arm, and ``stacked``, a per-arm convex blend
-of the other candidates in the set (:mod:`r2ray.predictor.stacked`). Folds are by query, over the
+Ridge at two strengths, CARROT KNN / linear on every arm, ``stacked``, a per-arm convex blend
+of the other candidates in the set (:mod:`r2ray.predictor.stacked`), and ``averaged``, their plain
+mean, each calibrated (:mod:`r2ray.predictor.averaged`). Folds are by query, over the
 training data only (the caller never passes its test split), in the calibrations' order
 (:func:`~r2ray.predictor.base.fold_ids`): at the default 3 folds a single winner is calibrated
 exactly as it is when fitted alone. Every candidate is fitted ``folds`` times and predicts the fold
@@ -13,10 +14,15 @@ it did not see; those out-of-fold predictions are then corrected as the router w
 the evaluation package's AUDC (:func:`r2ray.evaluation.method_scores.score_predictions`: the metric
 ``r2ray evaluate`` reports, costs normalised over the non-learned methods). The stack's weights are
 cross-fitted too: for each fold, fitted on the other folds' out-of-fold predictions. (Those came
-from members that saw this fold's labels, a small optimism the single candidates do not get.)
+from members that saw this fold's labels, a small optimism the single candidates do not get.) The
+average needs no fit: its out-of-fold predictions are the mean of the single candidates' ones, each
+corrected as the router would see it, then scored like the others (its own calibrations on top).
 
 The winner has the highest mean AUDC; candidates within ``AUDC_TIE`` of it are tied, and the tie
-goes to the lower Brier score, then the lower log-token MAE. It is refitted on all the training
+goes to the lower Brier score, then the lower log-token MAE. When ``averaged`` was scored, it is
+kept unless that winner beats it by more than one standard error of their paired per-fold AUDC
+gap (the one-standard-error rule): on a few hundred queries three folds cannot tell candidates
+apart, and the average was the steadiest choice on every bench measured (``docs/design.md``). It is refitted on all the training
 data and wrapped: the ``selected`` predictor predicts with it, and its calibrations and spend
 simulation are fitted on the winner's out-of-fold predictions (no further refits). The CV table
 is kept in the fitted state (``selection_``) and saved with it.
@@ -32,14 +38,16 @@ import numpy as np
 
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
-from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_ids, out_of_fold)
+from r2ray.predictor.averaged import averaged_out_of_fold
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_ids, out_of_fold,
+                                  router_view)
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.quality_calibration import cross_fitted_quality
 from r2ray.predictor.stacked import apply_stack, fit_stack
-from r2ray.predictor.token_calibration import cross_fitted_mean_tokens
 
 AUDC_TIE = 0.001  # mean-AUDC gap under which two candidates count as tied
 STACKED = "stacked"
+AVERAGED = "averaged"
+COMPOSITES = (STACKED, AVERAGED)   # candidates made of the single ones
 
 CANDIDATES: dict[str, tuple[str, dict]] = {   # name → (registry key, settings)
     "r2ray": ("r2ray", {}),
@@ -53,9 +61,9 @@ CANDIDATES: dict[str, tuple[str, dict]] = {   # name → (registry key, settings
     "carrot_linear_all": ("carrot_linear_all", {}),
 }
 CANDIDATE_SETS = {
-    "small": ["per_arm_ridge", "carrot_knn_all", "r2ray", STACKED],
-    "fast": ["per_arm_ridge", "per_arm_ridge_strong", "carrot_knn_all", STACKED],
-    "full": [*CANDIDATES, STACKED],
+    "small": ["per_arm_ridge", "carrot_knn_all", "r2ray", STACKED, AVERAGED],
+    "fast": ["per_arm_ridge", "per_arm_ridge_strong", "carrot_knn_all", STACKED, AVERAGED],
+    "full": [*CANDIDATES, STACKED, AVERAGED],
 }
 
 
@@ -74,29 +82,29 @@ class Candidate:
 def resolve_candidates(spec: str | list[str], overrides: dict[str, dict] | None = None,
                        seed: int = 0) -> list[Candidate]:
     """A set name (``small``, ``fast``, ``full``) or candidate names → candidates; ``overrides``
-    ({registry key: settings}) apply to every candidate of that key; ``stacked`` blends the
-    others. A candidate with a ``seed`` setting gets ``seed``."""
+    ({registry key: settings}) apply to every candidate of that key; ``stacked`` and
+    ``averaged`` combine the others. A candidate with a ``seed`` setting gets ``seed``."""
     names = CANDIDATE_SETS.get(spec, None) if isinstance(spec, str) else list(spec)
     if names is None:
         names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CANDIDATES and n != STACKED]
+    unknown = [n for n in names if n not in CANDIDATES and n not in COMPOSITES]
     if unknown or not names:
         raise R2RayError(f"unknown candidate(s) {unknown or names}; choose a set "
                          f"({', '.join(CANDIDATE_SETS)}) or names from "
-                         f"{', '.join([*CANDIDATES, STACKED])}")
+                         f"{', '.join([*CANDIDATES, *COMPOSITES])}")
     singles = []
-    for name in dict.fromkeys(n for n in names if n != STACKED):
+    for name in dict.fromkeys(n for n in names if n not in COMPOSITES):
         kind, settings = CANDIDATES[name]
         settings = {**settings, **(overrides or {}).get(kind, {})}
         if "seed" in Candidate(name, kind, settings).build().settings():
             settings.setdefault("seed", seed)
         singles.append(Candidate(name, kind, settings))
-    if STACKED in names:
-        if len(singles) < 2:
-            raise R2RayError("the stacked candidate needs at least two other candidates")
-        members = [{"kind": c.kind, "settings": c.settings} for c in singles]
-        singles.append(Candidate(STACKED, STACKED, {"members": members, "seed": seed}))
-    return singles
+    members = [{"kind": c.kind, "settings": c.settings} for c in singles]
+    composites = [Candidate(n, n, {"members": members, "seed": seed})
+                  for n in COMPOSITES if n in names]
+    if composites and len(singles) < 2:
+        raise R2RayError(f"the {composites[0].name} candidate needs at least two other candidates")
+    return singles + composites
 
 
 @dataclass
@@ -151,21 +159,25 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     """Out-of-fold predictions of every candidate on ``train``, scored per fold (module doc);
     ``uncalibrated``: also score q̂ without its calibration (a measurement, not a criterion).
     ``seed`` seeds the stack, not the folds. ``search`` fits the single candidates (default
-    :func:`sequential_search`); the stack then blends those it kept."""
+    :func:`sequential_search`); the stack and the average then combine those it kept."""
     fold = fold_ids(train.n_queries, folds)  # the calibrations' folds (fold_ids), not ``seed``
-    singles = [c for c in candidates if c.kind != STACKED]
+    singles = [c for c in candidates if c.kind not in COMPOSITES]
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
     kept = [c for c in singles if c.name in oof]
-    if any(c.kind == STACKED for c in candidates) and len(kept) >= 2:
+    members = [oof[c.name] for c in kept]
+    combine = {STACKED: lambda: cross_fitted_stack(members, train, fold),
+               AVERAGED: lambda: averaged_out_of_fold(members, train, catalog)}
+    for name in [c.kind for c in candidates if c.kind in COMPOSITES] if len(kept) >= 2 else []:
         started = time.perf_counter()
-        oof[STACKED] = cross_fitted_stack([oof[c.name] for c in kept], train, fold)
-        seconds[STACKED] = time.perf_counter() - started
-        kept.append(Candidate(STACKED, STACKED, {
-            "members": [{"kind": c.kind, "settings": c.settings} for c in kept], "seed": seed}))
+        oof[name] = combine[name]()
+        seconds[name] = time.perf_counter() - started
+        kept.append(Candidate(name, name, {
+            "members": [{"kind": c.kind, "settings": c.settings} for c in kept[:len(members)]],
+            "seed": seed}))
     table = [row | {"name": c.name, "kind": c.kind, "fit_seconds": seconds[c.name]}
-             for c, row in zip(kept, score_out_of_fold({c.name: oof[c.name] for c in kept},
-                                                       train, catalog, fold,
-                                                       uncalibrated).values())]
+             for c, row in zip(kept, score_out_of_fold(
+                 {c.name: oof[c.name] for c in kept}, train, catalog, fold, uncalibrated,
+                 raw_quality={c.name for c in kept if not c.build().calibrates_quality}).values())]
     winner = choose(table)
     for row in table:
         row["chosen"] = row["name"] == winner
@@ -185,24 +197,18 @@ def cross_fitted_stack(members: list[ArmPredictions], train: BenchArrays,
     return ArmPredictions(quality, tokens)
 
 
-def router_view(predicted: ArmPredictions, train: BenchArrays, catalog: Catalog,
-                calibrate_quality: bool = True) -> ArmPredictions:
-    """Out-of-fold predictions corrected by calibrations cross-fitted over the same rows."""
-    quality = (cross_fitted_quality(predicted.quality, train.quality, catalog)
-               if calibrate_quality else predicted.quality)
-    return ArmPredictions(quality, cross_fitted_mean_tokens(predicted.output_tokens,
-                                                            train.output_tokens, catalog))
-
-
 def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalog: Catalog,
-                      fold: np.ndarray, uncalibrated: bool = False) -> dict[str, dict]:
+                      fold: np.ndarray, uncalibrated: bool = False,
+                      raw_quality: set[str] = frozenset()) -> dict[str, dict]:
     """Per candidate: mean and std over folds of AUDC, Brier, log-token MAE and expected
     calibration error over every out-of-fold cell; with ``uncalibrated``, also the AUDC with q̂
-    not calibrated (``audc_uncalibrated``, else None; it doubles the scoring time)."""
+    not calibrated (``audc_uncalibrated``, else None; it doubles the scoring time). Candidates in
+    ``raw_quality`` have no q̂ calibration of their own (``calibrates_quality``)."""
     from r2ray.evaluation.method_scores import evaluable_queries, score_predictions
     from r2ray.predictor.diagnostics import summary_metrics
 
-    views = {name: router_view(p, train, catalog) for name, p in oof.items()}
+    views = {name: router_view(p, train, catalog, calibrate_quality=name not in raw_quality)
+             for name, p in oof.items()}
     raw = {f"{name}\x00raw": router_view(p, train, catalog, calibrate_quality=False)
            for name, p in oof.items()} if uncalibrated else {}
     evaluable = np.zeros(train.n_queries, dtype=bool)
@@ -220,7 +226,7 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
     for name, view in views.items():
         audc = np.array([scores[name]["audc"] for scores in per_fold])
         metrics = summary_metrics(view, train)
-        out[name] = {"audc": float(audc.mean()),
+        out[name] = {"audc": float(audc.mean()), "audc_folds": audc.tolist(),
                      "audc_std": float(audc.std(ddof=1)) if len(audc) > 1 else 0.0,
                      "audc_uncalibrated": float(np.mean(
                          [scores[f"{name}\x00raw"]["audc"] for scores in per_fold]))
@@ -231,8 +237,16 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
     return out
 
 
-def choose(table: list[dict]) -> str:
-    """Highest mean AUDC; within ``AUDC_TIE`` of it, lowest Brier, then lowest log-token MAE."""
+def choose(table: list[dict], prefer: str = AVERAGED) -> str:
+    """Highest mean AUDC; within ``AUDC_TIE`` of it, lowest Brier, then lowest log-token MAE;
+    but ``prefer``, when in the table, unless the winner's per-fold AUDC (``audc_folds``) beats
+    its by more than one standard error of the paired gap."""
     best = max(row["audc"] for row in table)
     tied = [row for row in table if row["audc"] >= best - AUDC_TIE]
-    return min(tied, key=lambda row: (row["brier"], row["log_tokens_mae"]))["name"]
+    winner = min(tied, key=lambda row: (row["brier"], row["log_tokens_mae"]))
+    preferred = next((row for row in table if row["name"] == prefer), None)
+    if preferred is None or preferred is winner:
+        return winner["name"]
+    gap = np.asarray(winner["audc_folds"]) - np.asarray(preferred["audc_folds"])
+    error = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else 0.0
+    return prefer if gap.mean() <= error else winner["name"]

@@ -1,0 +1,110 @@
+"""``averaged``: the plain mean of member predictors, each as the router sees it (calibrated).
+
+Why not learned weights: on the benches of ``benchmarks/small_data.py`` (ParetoBandit and
+RouterArena in ``../shared/data``, their small copies in ``tests/data``, the synthetic world and
+the other world) the equal-weight mean of per-arm Ridge, CARROT KNN on every arm and the joint
+network scored at or near the best single method on each, while the stack's weights, fitted on
+a few hundred out-of-fold queries, followed noise (see ``docs/design.md``). The members err in
+different ways (linear, local, jointly conditioned), so their mean cancels part of each one's error
+without estimating anything.
+
+Per cell: q̂ is the mean of the members' calibrated q̂ and t̂ the mean of their calibrated t̂
+(each a mean number of tokens, so the mean of them is one too, and cost stays unbiased); a member
+without a prediction (NaN) is left out of that cell's mean. The average's own token calibration
+and spend simulation are fitted like every predictor's, on held-out predictions: here the mean of
+the members' out-of-fold predictions, each corrected by calibrations cross-fitted over those rows
+(:func:`~r2ray.predictor.base.router_view`). Its q̂ gets no map of its own
+(``calibrates_quality``): a second isotonic map on top of the members' ones, fitted on a few
+hundred held-out queries, cost 0.002-0.003 AUDC on the small real benches (measured). The members
+are fitted on all of ``train``, their calibrations on the same out-of-fold predictions
+(the calibrations' folds, :func:`~r2ray.predictor.base.fold_ids`), so there are no further refits,
+and cross-validation, which already has those predictions, hands them over
+(``member_out_of_fold``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from r2ray.catalog import Catalog
+from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor, fold_ids,
+                                  out_of_fold, router_view)
+from r2ray.predictor.data import BenchArrays
+
+DEFAULT_MEMBERS = ({"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}, {"kind": "r2ray"})
+
+
+def mean_of(members: list[ArmPredictions]) -> ArmPredictions:
+    """Per cell, the mean of q̂ and of t̂ over the members with a finite value; NaN where none
+    has one."""
+    with warnings.catch_warnings():       # an arm no member covers: NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return ArmPredictions(
+            np.nanmean(np.stack([m.quality for m in members]), axis=0).astype(np.float32),
+            np.nanmean(np.stack([m.output_tokens for m in members]), axis=0).astype(np.float32))
+
+
+def averaged_out_of_fold(members: list[ArmPredictions], rows: BenchArrays,
+                         catalog: Catalog) -> ArmPredictions:
+    """The average's held-out predictions from its members' uncorrected out-of-fold ones."""
+    return mean_of([router_view(p, rows, catalog) for p in members])
+
+
+class AveragedPredictor(BasePredictor):
+    """The mean of ``members`` (``[{"kind": ..., "settings": {...}}, ...]``, default: per-arm
+    Ridge, CARROT KNN on every arm, the joint network), each with its own calibrations."""
+
+    name = "averaged"
+    calibrates_quality = False
+
+    def __init__(self, members: list[dict] | None = None, seed: int = 0):
+        self.members = ([dict(m) for m in DEFAULT_MEMBERS] if members is None
+                        else members)
+        self.seed = seed
+        self.members_: list[BasePredictor] | None = None
+        self.member_out_of_fold: list[ArmPredictions] | None = None  # given by cross-validation
+
+    def _member(self, member: dict) -> BasePredictor:
+        """A fresh member; one with a ``seed`` setting it was not given gets the average's."""
+        from r2ray.predictor import make_predictor
+
+        settings = dict(member.get("settings", {}))
+        if "seed" in make_predictor(member["kind"], **settings).settings():
+            settings.setdefault("seed", self.seed)
+        return make_predictor(member["kind"], **settings)
+
+    def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
+             validation: BenchArrays | None) -> None:
+        oof, self.member_out_of_fold = self.member_out_of_fold, None
+        if oof is None:
+            folds = fold_ids(train.n_queries, CALIBRATION_FOLDS)
+            oof = [out_of_fold(lambda m=m: self._member(m), train, catalog, folds)
+                   for m in self.members]
+        self.members_ = [self._member(m).fit(train, catalog, validation, held_out=(train, p))
+                         for m, p in zip(self.members, oof)]
+        self.out_of_fold_ = (train, averaged_out_of_fold(oof, train, catalog))
+
+    def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
+                              ) -> tuple[BenchArrays, ArmPredictions]:
+        """The averaged out-of-fold predictions of the fit (no refits)."""
+        return self.out_of_fold_
+
+    def _predict(self, x: np.ndarray) -> ArmPredictions:
+        return mean_of([m.predict(x) for m in self.members_])
+
+    def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
+        fitted, tensors = {"members": []}, {}
+        for i, member in enumerate(self.members_):
+            config, member_tensors = member.state()     # with the member's calibrations
+            fitted["members"].append(config)
+            tensors |= {f"member{i}.{name}": value for name, value in member_tensors.items()}
+        return fitted, tensors
+
+    def _restore(self, fitted: dict, tensors: dict[str, np.ndarray]) -> None:
+        self.members_ = []
+        for i, (member, config) in enumerate(zip(self.members, fitted["members"])):
+            prefix = f"member{i}."
+            own = {n.removeprefix(prefix): v for n, v in tensors.items() if n.startswith(prefix)}
+            self.members_.append(self._member(member).load_state(config, own, self.catalog_))
