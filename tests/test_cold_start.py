@@ -58,6 +58,7 @@ def test_extension_keeps_old_arms_exactly_and_predicts_the_new_ones(planted, kin
     assert report.new_models == [NEW] and report.n_queries == 40 and report.folds == 3
     assert report.ignored_cells == int(train.subset(np.arange(40)).mask[:, columns].sum()) > 0
     assert extended.spend_simulation_ is old.spend_simulation_
+    assert (extended.quality_calibration_ is None) == (kind == "averaged")  # its members' maps
 
 
 def test_saved_extension_loads_and_a_selected_winner_is_extended(planted, tmp_path):

@@ -215,3 +215,16 @@ def test_train_selects_on_the_training_part_only_and_logs_the_table(tmp_path, mo
     for name in ("per_arm_ridge", "per_arm_ridge_strong", "carrot_knn_all"):
         assert 0 < run.data.metrics[f"cv_audc_{name}"] <= 1
 
+
+
+def test_the_average_combines_ridge_knn_and_the_network_of_any_set():
+    full = {c.name: c for c in resolve_candidates("full")}
+    assert [m["kind"] for m in full["averaged"].settings["members"]] == [
+        "per_arm_ridge", "carrot_knn_all", "r2ray"]
+    assert len(full["stacked"].settings["members"]) == len(full) - 2      # every single one
+    fast = {c.name: c for c in resolve_candidates("fast")}
+    assert [m["kind"] for m in fast["averaged"].settings["members"]] == [
+        "per_arm_ridge", "carrot_knn_all"]
+    with pytest.raises(R2RayError, match="averaged candidate needs at least two other candidates "
+                                         "of per_arm_ridge"):
+        resolve_candidates("per_arm_ridge,per_arm_ridge_strong,averaged")

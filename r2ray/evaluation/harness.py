@@ -155,7 +155,8 @@ def quality_outcomes(fitted: dict[str, Predictor], predictions: dict[str, ArmPre
     bounds = (summary["normalisation"]["cost_min_usd"], summary["normalisation"]["cost_max_usd"])
     out = {}
     for name, predictor in fitted.items():
-        if getattr(predictor, "quality_calibration_", None) is not None:
+        if (getattr(predictor, "quality_calibration_", None) is not None
+                or not getattr(predictor, "calibrates_quality", True)):   # averaged: members'
             raw = predictor.predict(test.embedding, raw_quality=True).quality
         else:
             raw = predictions[name].quality

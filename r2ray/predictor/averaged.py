@@ -29,8 +29,8 @@ import warnings
 import numpy as np
 
 from r2ray.catalog import Catalog
-from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor, fold_ids,
-                                  out_of_fold, router_view)
+from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor,
+                                  PredictorError, fold_ids, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
 
 DEFAULT_MEMBERS = ({"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}, {"kind": "r2ray"})
@@ -77,6 +77,9 @@ class AveragedPredictor(BasePredictor):
 
     def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
              validation: BenchArrays | None) -> None:
+        if not self.members:
+            raise PredictorError("averaged: no members to average; give at least one "
+                                 "{'kind': ..., 'settings': {...}}")
         oof, self.member_out_of_fold = self.member_out_of_fold, None
         if oof is None:
             folds = fold_ids(train.n_queries, CALIBRATION_FOLDS)
@@ -91,8 +94,18 @@ class AveragedPredictor(BasePredictor):
         """The averaged out-of-fold predictions of the fit (no refits)."""
         return self.out_of_fold_
 
-    def _predict(self, x: np.ndarray) -> ArmPredictions:
-        return mean_of([m.predict(x) for m in self.members_])
+    def _predict(self, x: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
+        return mean_of([m.predict(x, raw_quality=raw_quality) for m in self.members_])
+
+    def predict(self, embedding: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
+        """As every predictor's; ``raw_quality``: the mean of the members' q̂ before their own
+        maps (the average has none of its own)."""
+        if not raw_quality:
+            return super().predict(embedding)
+        calibrated = super().predict(embedding)
+        x = np.asarray(embedding, dtype=np.float32)
+        return ArmPredictions(self._predict(x, raw_quality=True).quality,
+                              calibrated.output_tokens)
 
     def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
         fitted, tensors = {"members": []}, {}

@@ -430,7 +430,8 @@ def extend_predictor(predictor: BasePredictor, catalog: Catalog, rows: BenchArra
     if folds >= 2:
         held_out = cross_fitted_new_arms(predictor, extension, rows, prior, folds, seed)
         new_token = fit_token_calibration(held_out.output_tokens, rows.output_tokens, catalog)
-        new_quality = fit_quality_calibration(held_out.quality, rows.quality, catalog)
+        new_quality = (fit_quality_calibration(held_out.quality, rows.quality, catalog)
+                       if predictor.calibrates_quality else None)   # averaged: members' maps
         metrics = {k.replace("test_", "new_arms_oof_"): v
                    for k, v in summary_metrics(held_out, rows).items()}
     else:  # one query: no held-out rows; the new arms stay uncorrected

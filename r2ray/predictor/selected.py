@@ -13,8 +13,8 @@ import numpy as np
 from r2ray.catalog import Catalog
 from r2ray.predictor.base import ArmPredictions, BasePredictor
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.selection import (COMPOSITES, CrossValidation, cross_validate,
-                                      resolve_candidates)
+from r2ray.predictor.selection import (COMPOSITES, CrossValidation, composite_members,
+                                      cross_validate, resolve_candidates)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class SelectedPredictor(BasePredictor):
         chosen = next(c for c in result.candidates if c.name == result.winner)
         winner = chosen.build()
         if chosen.kind in COMPOSITES:  # from the members' out-of-fold predictions: no refits
-            winner.member_out_of_fold = [result.out_of_fold[c.name] for c in result.candidates
-                                         if c.kind not in COMPOSITES]
+            singles = [c for c in result.candidates if c.kind not in COMPOSITES]
+            winner.member_out_of_fold = [result.out_of_fold[c.name]
+                                         for c in composite_members(chosen.kind, singles)]
         winner.catalog_, winner.embedding_dim_ = catalog, int(x.shape[1])
         winner._fit(train, x, catalog, validation)
         self.winner_, self.winner_name_ = winner, chosen.name

@@ -16,7 +16,9 @@ the evaluation package's AUDC (:func:`r2ray.evaluation.method_scores.score_predi
 cross-fitted too: for each fold, fitted on the other folds' out-of-fold predictions. (Those came
 from members that saw this fold's labels, a small optimism the single candidates do not get.) The
 average needs no fit: its out-of-fold predictions are the mean of the single candidates' ones, each
-corrected as the router would see it, then scored like the others (its own calibrations on top).
+corrected as the router would see it, then scored like the others (its own token calibration on
+top; no q̂ map of its own). Its members are the set's ``per_arm_ridge``, ``carrot_knn_all`` and
+``r2ray`` (``AVERAGED_MEMBERS``, the mean measured), those of them the set has.
 
 The winner has the highest mean AUDC; candidates within ``AUDC_TIE`` of it are tied, and the tie
 goes to the lower Brier score, then the lower log-token MAE. When ``averaged`` was scored, it is
@@ -48,6 +50,7 @@ AUDC_TIE = 0.001  # mean-AUDC gap under which two candidates count as tied
 STACKED = "stacked"
 AVERAGED = "averaged"
 COMPOSITES = (STACKED, AVERAGED)   # candidates made of the single ones
+AVERAGED_MEMBERS = ("per_arm_ridge", "carrot_knn_all", "r2ray")  # the average measured (module doc)
 
 CANDIDATES: dict[str, tuple[str, dict]] = {   # name → (registry key, settings)
     "r2ray": ("r2ray", {}),
@@ -99,12 +102,24 @@ def resolve_candidates(spec: str | list[str], overrides: dict[str, dict] | None 
         if "seed" in Candidate(name, kind, settings).build().settings():
             settings.setdefault("seed", seed)
         singles.append(Candidate(name, kind, settings))
-    members = [{"kind": c.kind, "settings": c.settings} for c in singles]
-    composites = [Candidate(n, n, {"members": members, "seed": seed})
-                  for n in COMPOSITES if n in names]
-    if composites and len(singles) < 2:
-        raise R2RayError(f"the {composites[0].name} candidate needs at least two other candidates")
+    composites = []
+    for name in [n for n in COMPOSITES if n in names]:
+        members = composite_members(name, singles)
+        if len(members) < 2:
+            raise R2RayError(f"the {name} candidate needs at least two other candidates"
+                             + (f" of {', '.join(AVERAGED_MEMBERS)}" if name == AVERAGED else ""))
+        composites.append(Candidate(name, name, {
+            "members": [{"kind": c.kind, "settings": c.settings} for c in members], "seed": seed}))
     return singles + composites
+
+
+def composite_members(name: str, singles: list[Candidate]) -> list[Candidate]:
+    """What a composite candidate combines: the stack, every single candidate; the average,
+    those named in ``AVERAGED_MEMBERS``, in that order."""
+    if name == STACKED:
+        return singles
+    by_name = {c.name: c for c in singles}
+    return [by_name[n] for n in AVERAGED_MEMBERS if n in by_name]
 
 
 @dataclass
@@ -164,16 +179,18 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     singles = [c for c in candidates if c.kind not in COMPOSITES]
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
     kept = [c for c in singles if c.name in oof]
-    members = [oof[c.name] for c in kept]
-    combine = {STACKED: lambda: cross_fitted_stack(members, train, fold),
-               AVERAGED: lambda: averaged_out_of_fold(members, train, catalog)}
-    for name in [c.kind for c in candidates if c.kind in COMPOSITES] if len(kept) >= 2 else []:
+    fitted = list(kept)                         # the single candidates the search kept
+    combine = {STACKED: lambda parts: cross_fitted_stack(parts, train, fold),
+               AVERAGED: lambda parts: averaged_out_of_fold(parts, train, catalog)}
+    for name in [c.kind for c in candidates if c.kind in COMPOSITES]:
+        members = composite_members(name, fitted)
+        if len(members) < 2:                    # the search stopped the others
+            continue
         started = time.perf_counter()
-        oof[name] = combine[name]()
+        oof[name] = combine[name]([oof[c.name] for c in members])
         seconds[name] = time.perf_counter() - started
         kept.append(Candidate(name, name, {
-            "members": [{"kind": c.kind, "settings": c.settings} for c in kept[:len(members)]],
-            "seed": seed}))
+            "members": [{"kind": c.kind, "settings": c.settings} for c in members], "seed": seed}))
     table = [row | {"name": c.name, "kind": c.kind, "fit_seconds": seconds[c.name]}
              for c, row in zip(kept, score_out_of_fold(
                  {c.name: oof[c.name] for c in kept}, train, catalog, fold, uncalibrated,
@@ -245,7 +262,7 @@ def choose(table: list[dict], prefer: str = AVERAGED) -> str:
     tied = [row for row in table if row["audc"] >= best - AUDC_TIE]
     winner = min(tied, key=lambda row: (row["brier"], row["log_tokens_mae"]))
     preferred = next((row for row in table if row["name"] == prefer), None)
-    if preferred is None or preferred is winner:
+    if preferred is None or preferred is winner or "audc_folds" not in preferred:
         return winner["name"]
     gap = np.asarray(winner["audc_folds"]) - np.asarray(preferred["audc_folds"])
     error = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else 0.0
