@@ -149,3 +149,19 @@ def test_settings_rebuild_an_equal_predictor(fitted):
 def test_arm_predictions_subset():
     prediction = ArmPredictions(np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32))
     assert prediction.subset(np.array([0, 2])).quality.shape == (2, 2)
+
+
+def test_knn_neighbour_mean_is_the_mean_over_observed_neighbours():
+    from r2ray.predictor.carrot import masked_neighbour_mean
+    rng = np.random.default_rng(3)
+    values = rng.random((50, 6)).astype(np.float32)
+    neighbours = rng.integers(0, 50, size=(20, 5))
+    np.testing.assert_allclose(masked_neighbour_mean(values, neighbours),
+                               values[neighbours].mean(axis=1), rtol=1e-6)   # no hole: fast path
+    values[neighbours[0], 2] = np.nan                  # query 0: no neighbour observed in arm 2
+    values[::3, 4] = np.nan
+    mean = masked_neighbour_mean(values, neighbours)
+    assert np.isnan(mean[0, 2])
+    gathered = values[neighbours]
+    reference = np.nansum(gathered, axis=1) / (~np.isnan(gathered)).sum(axis=1)   # 0/0: NaN
+    np.testing.assert_allclose(mean, reference, rtol=1e-6)
