@@ -24,8 +24,6 @@ and cross-validation, which already has those predictions, hands them over
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from r2ray.catalog import Catalog
@@ -38,12 +36,16 @@ DEFAULT_MEMBERS = ({"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}, {"kind
 
 def mean_of(members: list[ArmPredictions]) -> ArmPredictions:
     """Per cell, the mean of q̂ and of t̂ over the members with a finite value; NaN where none
-    has one."""
-    with warnings.catch_warnings():       # an arm no member covers: NaN, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return ArmPredictions(
-            np.nanmean(np.stack([m.quality for m in members]), axis=0).astype(np.float32),
-            np.nanmean(np.stack([m.output_tokens for m in members]), axis=0).astype(np.float32))
+    has one (no warning: Serve calls this per request)."""
+    def mean(values: list[np.ndarray]) -> np.ndarray:
+        stacked = np.stack(values)
+        finite = np.isfinite(stacked)
+        counts = finite.sum(axis=0)
+        sums = np.where(finite, stacked, 0.0).sum(axis=0)
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+
+    return ArmPredictions(mean([m.quality for m in members]),
+                          mean([m.output_tokens for m in members]))
 
 
 def averaged_out_of_fold(members: list[ArmPredictions], rows: BenchArrays,
