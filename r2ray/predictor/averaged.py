@@ -30,22 +30,18 @@ from r2ray.catalog import Catalog
 from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor,
                                   PredictorError, fold_ids, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
+from r2ray.predictor.stacked import blend
 
 DEFAULT_MEMBERS = ({"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}, {"kind": "r2ray"})
 
 
 def mean_of(members: list[ArmPredictions]) -> ArmPredictions:
     """Per cell, the mean of q̂ and of t̂ over the members with a finite value; NaN where none
-    has one (no warning: Serve calls this per request)."""
-    def mean(values: list[np.ndarray]) -> np.ndarray:
-        stacked = np.stack(values)
-        finite = np.isfinite(stacked)
-        counts = finite.sum(axis=0)
-        sums = np.where(finite, stacked, 0.0).sum(axis=0)
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
-
-    return ArmPredictions(mean([m.quality for m in members]),
-                          mean([m.output_tokens for m in members]))
+    has one: the stack's blend (:func:`r2ray.predictor.stacked.blend`) at equal weights."""
+    k = members[0].quality.shape[1]
+    equal = np.full((k, len(members)), 1.0 / len(members))
+    return ArmPredictions(blend([m.quality for m in members], equal),
+                          blend([m.output_tokens for m in members], equal))
 
 
 def averaged_out_of_fold(members: list[ArmPredictions], rows: BenchArrays,

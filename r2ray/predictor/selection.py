@@ -108,9 +108,13 @@ def resolve_candidates(spec: str | list[str], overrides: dict[str, dict] | None 
         if len(members) < 2:
             raise R2RayError(f"the {name} candidate needs at least two other candidates"
                              + (f" of {', '.join(AVERAGED_MEMBERS)}" if name == AVERAGED else ""))
-        composites.append(Candidate(name, name, {
-            "members": [{"kind": c.kind, "settings": c.settings} for c in members], "seed": seed}))
+        composites.append(composite_candidate(name, members, seed))
     return singles + composites
+
+
+def composite_candidate(name: str, members: list[Candidate], seed: int) -> Candidate:
+    return Candidate(name, name, {
+        "members": [{"kind": c.kind, "settings": c.settings} for c in members], "seed": seed})
 
 
 def composite_members(name: str, singles: list[Candidate]) -> list[Candidate]:
@@ -179,18 +183,18 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     singles = [c for c in candidates if c.kind not in COMPOSITES]
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
     kept = [c for c in singles if c.name in oof]
-    fitted = list(kept)                         # the single candidates the search kept
     combine = {STACKED: lambda parts: cross_fitted_stack(parts, train, fold),
                AVERAGED: lambda parts: averaged_out_of_fold(parts, train, catalog)}
+    composites = []
     for name in [c.kind for c in candidates if c.kind in COMPOSITES]:
-        members = composite_members(name, fitted)
+        members = composite_members(name, kept)
         if len(members) < 2:                    # the search stopped the others
             continue
         started = time.perf_counter()
         oof[name] = combine[name]([oof[c.name] for c in members])
         seconds[name] = time.perf_counter() - started
-        kept.append(Candidate(name, name, {
-            "members": [{"kind": c.kind, "settings": c.settings} for c in members], "seed": seed}))
+        composites.append(composite_candidate(name, members, seed))
+    kept += composites
     table = [row | {"name": c.name, "kind": c.kind, "fit_seconds": seconds[c.name]}
              for c, row in zip(kept, score_out_of_fold(
                  {c.name: oof[c.name] for c in kept}, train, catalog, fold, uncalibrated,
