@@ -194,3 +194,43 @@ def test_a_model_without_a_spend_simulation_is_refused_before_anything_is_writte
     err = capsys.readouterr().err
     assert "carries no spend simulation" in err and "--spend-guarantee 0" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_guarantee_on_splits_routes_each_held_out_split_as_the_batch_job_plans_it():
+    """The real-bench sweep (benchmarks/spend_guarantee.py --bench): one cell recomputed by hand
+    from the same split, fit, levels and plan."""
+    import functools
+
+    from r2ray.bench.synthetic import synth_backlog, synth_bench
+    from r2ray.catalog import DEFAULT_BUDGET, load_catalog
+    from r2ray.evaluation.adherence import budget_levels, guarantee_on_splits
+    from r2ray.evaluation.method_scores import evaluable_queries
+    from r2ray.predictor import make_predictor
+    from r2ray.predictor.data import bench_arrays, holdout_indices
+    from r2ray.routing import arm_scores
+
+    catalog = load_catalog(None)
+    arrays = bench_arrays(synth_bench(catalog, 400, seed=5), catalog,
+                          synth_backlog(catalog, 400, seed=5, embeddings=True))
+    make = functools.partial(make_predictor, "per_arm_ridge")
+    sweep = guarantee_on_splits(arrays, catalog, make, [3, 4], (0.1, 0.5), (0.95, 0.0))
+    kept, free = sweep[0.95], sweep[0.0]
+    assert kept.shape == free.shape == (2, 2, 4)
+    assert np.all(free[:, :, 2] == 1.0) and np.all(kept[:, :, 2] >= 1.0)
+    assert np.all(free[:, :, 3] <= 1.0 + 1e-9)          # the solver never plans over the budget
+
+    train_rows, test_rows = holdout_indices(arrays.n_queries, 0.2, 4)
+    test = arrays.subset(test_rows)
+    test = test.subset(evaluable_queries(test, catalog))
+    predictor = make().fit(arrays.subset(train_rows), catalog)
+    mean_quality = [np.nanmean(test.quality[:, catalog.arm_of(m.name, DEFAULT_BUDGET)])
+                    for m in catalog.models]
+    best = catalog.arm_of(catalog.models[int(np.argmax(mean_quality))].name, DEFAULT_BUDGET)
+    budget = budget_levels(test.cost_usd, best, (0.5,))[0] * test.n_queries
+    plan = plan_budget(budget, test.n_queries, 0.95, predictor.spend_simulation_)
+    p = predictor.predict(test.embedding)
+    scores = arm_scores(p.quality, p.output_tokens, catalog, test.input_tokens)
+    (row,) = solve_and_bill(scores.quality, scores.cost_usd, test.quality, test.cost_usd,
+                            [plan.planned_limit_usd])
+    assert kept[1, 1, 0] == pytest.approx(row["realised_usd"] / budget, rel=1e-12)
+    assert kept[1, 1, 2] == pytest.approx(plan.inflation, rel=1e-12)

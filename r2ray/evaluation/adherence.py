@@ -59,3 +59,44 @@ def guarantee_sweep(predictor, catalog, seeds, n_queries: int, budgets_per_query
             table[i] = [(r["realised_usd"] / b, r["realised_quality"], plan.inflation)
                         for r, b, plan in zip(rows, budgets, plans)]
     return out
+
+
+def guarantee_on_splits(arrays, catalog, make_predictor, seeds, fractions, probabilities,
+                        test_fraction: float = 0.2) -> dict[float, np.ndarray]:
+    """The spend guarantee on a real bench: per seed, ``make_predictor()`` fitted on a seeded
+    ``1 − test_fraction`` of the queries, the rest routed as one backlog as the batch job routes
+    it (``plan_budget`` → the exact solve) at :func:`budget_levels` ``fractions`` of that split
+    (the top: the default arm of the model with the best mean quality there) and billed at the
+    bench's recorded costs. Per probability an array [seeds, levels, 4]:
+    realised spend ÷ budget, realised mean quality, κ, and the planned spend ÷ budget without
+    the guarantee (below 1: the budget does not bind, every query already has its best arm)."""
+    from r2ray.catalog import DEFAULT_BUDGET
+    from r2ray.evaluation.method_scores import evaluable_queries
+    from r2ray.predictor.data import holdout_indices
+    from r2ray.predictor.spend_guarantee import plan_budget, solve_and_bill
+    from r2ray.routing import arm_scores
+
+    seeds = list(seeds)
+    out = {float(p): np.zeros((len(seeds), len(fractions), 4)) for p in probabilities}
+    for i, seed in enumerate(seeds):
+        train_rows, test_rows = holdout_indices(arrays.n_queries, test_fraction, seed)
+        train, test = arrays.subset(train_rows), arrays.subset(test_rows)
+        test = test.subset(evaluable_queries(test, catalog))
+        predictor = make_predictor().fit(train, catalog)
+        best = catalog.arm_of(catalog.models[int(np.argmax(
+            [np.nanmean(test.quality[:, catalog.arm_of(m.name, DEFAULT_BUDGET)])
+             for m in catalog.models]))].name, DEFAULT_BUDGET)
+        budgets = budget_levels(test.cost_usd, best, tuple(fractions)) * test.n_queries
+        p = predictor.predict(test.embedding)
+        scores = arm_scores(p.quality, p.output_tokens, catalog, test.input_tokens)
+        free = solve_and_bill(scores.quality, scores.cost_usd, test.quality, test.cost_usd,
+                              budgets)
+        for probability, table in out.items():
+            plans = [plan_budget(b, test.n_queries, probability, predictor.spend_simulation_)
+                     for b in budgets]
+            rows = solve_and_bill(scores.quality, scores.cost_usd, test.quality, test.cost_usd,
+                                  [plan.planned_limit_usd for plan in plans])
+            table[i] = [(r["realised_usd"] / b, r["realised_quality"], plan.inflation,
+                         f["predicted_spend_ratio"])
+                        for r, b, plan, f in zip(rows, budgets, plans, free)]
+    return out
