@@ -4,10 +4,14 @@ import math
 from statistics import NormalDist
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from r2ray.predictor.spend_guarantee import (SpendSimulation, plan_budget, simulate_spend,
-                                             solve_and_bill)
+from r2ray.predictor.spend_guarantee import (BacklogSpan, SpendSimulation, backlog_span,
+                                             plan_budget, simulate_spend, solve_and_bill,
+                                             span_of_steps)
+from r2ray.routing import arm_scores
+from r2ray.solver import hull_steps
 
 
 def simulation(ratio=(1.02, 1.05), cv=(0.5, 0.8), n=400) -> SpendSimulation:
@@ -53,6 +57,8 @@ def test_simulation_of_perfect_predictions_has_no_bias_and_no_noise():
     np.testing.assert_allclose(sim.ratio, 1.0, rtol=1e-12)
     np.testing.assert_allclose(sim.cv, 0.0, atol=1e-12)
     assert np.all(np.diff(sim.spend_per_query_usd) > 0) and np.all(np.diff(sim.quality) >= -1e-9)
+    assert sim.position[0] == pytest.approx(0.0, abs=1e-3) and sim.position[-1] > 0.98
+    assert np.all(np.diff(sim.position) >= 0)
     assert SpendSimulation.from_json(sim.to_json()).to_json() == sim.to_json()
     assert simulate_spend(quality[:20], cost[:20], quality[:20], cost[:20]) is None  # too few
 
@@ -68,6 +74,49 @@ def test_simulation_sees_the_selection_of_underestimated_costs():
     sim = simulate_spend(quality, noisy, quality, cost)
     middle = slice(2, len(sim.ratio) - 2)
     assert np.all(sim.ratio[middle] > 1.05)
+
+
+def test_span_is_the_cheapest_and_the_best_plan_and_positions_are_log_spend_between():
+    rng = np.random.default_rng(2)
+    quality, cost = rng.uniform(size=(50, 5)), rng.uniform(1e-5, 1e-3, size=(50, 5))
+    quality[3, 1] = np.nan                                   # an arm the plan cannot use
+    span = backlog_span(quality, cost)
+    best = np.nanargmax(np.where(np.isfinite(quality), quality, -np.inf), axis=1)
+    assert span.cheapest_usd == pytest.approx(np.where(np.isfinite(quality), cost, np.inf)
+                                              .min(axis=1).sum(), rel=1e-12)
+    assert span.top_usd == pytest.approx(cost[np.arange(50), best].sum(), rel=1e-12)
+    assert span_of_steps(hull_steps(quality, cost)) == span
+    present = np.ones(cost.shape, bool)
+    present[:, 0] = False                                    # the bench lacks arm 0
+    assert backlog_span(quality, cost, present) == backlog_span(
+        np.where(present, quality, np.nan), cost)
+    middle = (span.cheapest_usd * span.top_usd) ** 0.5
+    assert span.position(middle) == pytest.approx(0.5)
+    assert (span.position(span.cheapest_usd), span.position(span.top_usd)) == (0.0, 1.0)
+    assert span.position(0.0) == 0.0 and span.position(10 * span.top_usd) == 1.0
+    assert BacklogSpan(2.0, 2.0).position(2.0) == 1.0        # nothing to buy: the top
+    assert span + span == BacklogSpan(2 * span.cheapest_usd, 2 * span.top_usd)
+
+
+def test_kappa_is_looked_up_by_position_when_both_sides_have_one():
+    by_spend = simulation()
+    by_position = SpendSimulation(by_spend.spend_per_query_usd, by_spend.ratio, by_spend.cv,
+                                  by_spend.quality, 400, np.array([0.2, 0.6]))
+    assert by_position.at(1e-5, position=0.4) == pytest.approx((1.035, 0.65))
+    assert by_position.at(1e-5, position=0.0) == pytest.approx((1.02, 0.5))   # clamped
+    assert by_position.at(1e-4) == by_spend.at(1e-4)        # no position: by spend per query
+    assert by_spend.at(1e-5, position=0.9) == by_spend.at(1e-5)   # an older simulation
+    span = BacklogSpan(1.0, 100.0)
+    plan = plan_budget(10.0, 1000, 0.95, by_position, span=span)
+    assert plan.position == pytest.approx(span.position(plan.planned_limit_usd))
+    assert plan.inflation == pytest.approx(by_position.inflation(
+        plan.planned_limit_usd / 1000, 1000, 0.95, plan.position), rel=1e-6)
+    assert plan_budget(10.0, 1000, 0.95, by_position).position is None
+    assert plan_budget(10.0, 1000, 0.95, by_spend, span=span).position is None
+    document = by_position.to_json()
+    assert SpendSimulation.from_json(document).to_json() == document
+    document.pop("position")                                  # as saved before positions
+    assert SpendSimulation.from_json(document).position is None
 
 
 def test_solve_and_bill_prices_the_chosen_arms_with_realised_costs():
@@ -160,10 +209,18 @@ def test_route_plans_under_the_guarantee_and_says_what_it_cost(tmp_path, ray_loc
     paths = runs.committed_paths(runs.RunPaths(str(tmp_path / "out"), "g"))
     manifest = runs.read_manifest(paths)
     spend, guarantee = manifest["spend"], manifest["spend"]["guarantee"]
-    simulation = load_predictor(small_routing_model["path"]).spend_simulation_
-    expected = plan_budget(300 * 5e-5, 300, 0.95, simulation)
+    predictor = load_predictor(small_routing_model["path"])
+    backlog = pq.read_table(tmp_path / "in" / "part-0.parquet")
+    predicted = predictor.predict(np.stack(backlog.column("embedding").to_numpy(
+        zero_copy_only=False)))
+    scores = arm_scores(predicted.quality, predicted.output_tokens, predictor.catalog_,
+                        np.asarray(backlog.column("input_tokens")))
+    span = backlog_span(scores.quality, scores.cost_usd)   # what the job sums over its blocks
+    expected = plan_budget(300 * 5e-5, 300, 0.95, predictor.spend_simulation_, span=span)
+    assert guarantee["position_in_span"] == pytest.approx(expected.position, rel=1e-9)
+    assert 0 < expected.position < 1
     assert guarantee["probability"] == 0.95 and manifest["config"]["spend_guarantee"] == 0.95
-    assert guarantee["inflation"] == pytest.approx(expected.inflation, rel=1e-12)
+    assert guarantee["inflation"] == pytest.approx(expected.inflation, rel=1e-9)
     assert guarantee["inflation"] > 1.0
     assert spend["usable_usd"] == pytest.approx(spend["budget_usd"] / guarantee["inflation"])
     assert spend["predicted_usd"] <= spend["usable_usd"] * (1 + 1e-12)
@@ -227,9 +284,11 @@ def test_guarantee_on_splits_routes_each_held_out_split_as_the_batch_job_plans_i
                     for m in catalog.models]
     best = catalog.arm_of(catalog.models[int(np.argmax(mean_quality))].name, DEFAULT_BUDGET)
     budget = budget_levels(test.cost_usd, best, (0.5,))[0] * test.n_queries
-    plan = plan_budget(budget, test.n_queries, 0.95, predictor.spend_simulation_)
     p = predictor.predict(test.embedding)
     scores = arm_scores(p.quality, p.output_tokens, catalog, test.input_tokens)
+    present = np.isfinite(test.quality) & np.isfinite(test.cost_usd)
+    plan = plan_budget(budget, test.n_queries, 0.95, predictor.spend_simulation_,
+                       span=backlog_span(scores.quality, scores.cost_usd, present))
     (row,) = solve_and_bill(scores.quality, scores.cost_usd, test.quality, test.cost_usd,
                             [plan.planned_limit_usd])
     assert kept[1, 1, 0] == pytest.approx(row["realised_usd"] / budget, rel=1e-12)

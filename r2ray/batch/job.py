@@ -306,8 +306,10 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         raise EmptyInput(f"input {config.input} holds no queries ({len(files)} file(s), 0 rows)")
     budget_usd = (config.budget_usd if config.budget_usd is not None
                   else config.budget_per_query_usd * n_solvable)
+    guaranteed = 0 < config.spend_guarantee < 1 and not config.strict_budget and n_solvable > 0
     plan = plan_budget(budget_usd, n_solvable, config.spend_guarantee, model.spend_simulation,
-                       strict=config.strict_budget)
+                       strict=config.strict_budget,
+                       span=dataset_span(solvable, config.task_cpus) if guaranteed else None)
     usable_usd = plan.planned_limit_usd
     certificate, stats = None, combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
     if n_solvable:  # else every row was quarantined: commit that, so the night is on record
@@ -369,6 +371,26 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                                                 functools.partial(log_to_mlflow, plot_png=plot))
     commit(paths, manifest)
     return manifest
+
+
+def dataset_span(dataset, num_cpus: float):
+    """The :class:`~r2ray.predictor.spend_guarantee.BacklogSpan` of a Dataset of step tables:
+    each block's sums where it lives (this node's blocks read in place, no task), added here."""
+    import ray
+
+    from r2ray.predictor.spend_guarantee import BacklogSpan
+    from r2ray.solver.distributed import blocks_in_place
+
+    parts = blocks_in_place(dataset.to_arrow_refs(), block_span, num_cpus=num_cpus)
+    return sum((ray.get(p) if isinstance(p, ray.ObjectRef) else p for p in parts),
+               BacklogSpan(0.0, 0.0))
+
+
+def block_span(table: pa.Table):
+    from r2ray.predictor.spend_guarantee import span_of_steps
+    from r2ray.solver.table import table_to_steps
+
+    return span_of_steps(table_to_steps(table)[0])
 
 
 WARM_UP_WAIT_S = 60.0   # the longest the report stage waits for the warm-up thread

@@ -37,11 +37,12 @@ def guarantee_sweep(predictor, catalog, seeds, n_queries: int, budgets_per_query
                     probabilities) -> dict[float, np.ndarray]:
     """Fresh synthetic-world backlogs routed as the batch job routes them, billed at the world's
     realised outcomes: per spend-guarantee probability, an array [seeds, budgets, 3] of realised
-    spend ÷ budget, realised mean quality and κ. In memory (``arm_scores`` → ``plan_budget`` →
-    the exact solve); the seeds are world seeds the predictor was not trained on."""
+    spend ÷ budget, realised mean quality and κ. In memory (``arm_scores`` →
+    :func:`~r2ray.predictor.spend_guarantee.guaranteed_bills`); the seeds are world seeds the
+    predictor was not trained on."""
     from r2ray.bench.synthetic import synth_backlog, synth_bench
     from r2ray.predictor.data import bench_arrays
-    from r2ray.predictor.spend_guarantee import plan_budget, solve_and_bill
+    from r2ray.predictor.spend_guarantee import guaranteed_bills
     from r2ray.routing import arm_scores
 
     seeds, budgets = list(seeds), np.asarray(budgets_per_query, dtype=np.float64) * n_queries
@@ -52,12 +53,11 @@ def guarantee_sweep(predictor, catalog, seeds, n_queries: int, budgets_per_query
         p = predictor.predict(backlog.embedding)
         scores = arm_scores(p.quality, p.output_tokens, catalog, backlog.input_tokens)
         for probability, table in out.items():
-            plans = [plan_budget(b, n_queries, probability, predictor.spend_simulation_)
-                     for b in budgets]
-            rows = solve_and_bill(scores.quality, scores.cost_usd, backlog.quality,
-                                  backlog.cost_usd, [plan.planned_limit_usd for plan in plans])
+            bills = guaranteed_bills(scores.quality, scores.cost_usd, backlog.quality,
+                                     backlog.cost_usd, budgets, probability,
+                                     predictor.spend_simulation_)
             table[i] = [(r["realised_usd"] / b, r["realised_quality"], plan.inflation)
-                        for r, b, plan in zip(rows, budgets, plans)]
+                        for (plan, r), b in zip(bills, budgets)]
     return out
 
 
@@ -65,7 +65,7 @@ def guarantee_on_splits(arrays, catalog, make_predictor, seeds, fractions, proba
                         test_fraction: float = 0.2) -> dict[float, np.ndarray]:
     """The spend guarantee on a real bench: per seed, ``make_predictor()`` fitted on a seeded
     ``1 − test_fraction`` of the queries, the rest routed as one backlog as the batch job routes
-    it (``plan_budget`` → the exact solve) at :func:`budget_levels` ``fractions`` of that split
+    it (``guaranteed_bills``) at :func:`budget_levels` ``fractions`` of that split
     (the top: the default arm of the model with the best mean quality there) and billed at the
     bench's recorded costs. Per probability an array [seeds, levels, 4]:
     realised spend ÷ budget, realised mean quality, κ, and the planned spend ÷ budget without
@@ -73,7 +73,7 @@ def guarantee_on_splits(arrays, catalog, make_predictor, seeds, fractions, proba
     from r2ray.catalog import DEFAULT_BUDGET
     from r2ray.evaluation.method_scores import evaluable_queries
     from r2ray.predictor.data import holdout_indices
-    from r2ray.predictor.spend_guarantee import plan_budget, solve_and_bill
+    from r2ray.predictor.spend_guarantee import guaranteed_bills, solve_and_bill
     from r2ray.routing import arm_scores
 
     seeds = list(seeds)
@@ -92,11 +92,10 @@ def guarantee_on_splits(arrays, catalog, make_predictor, seeds, fractions, proba
         free = solve_and_bill(scores.quality, scores.cost_usd, test.quality, test.cost_usd,
                               budgets)
         for probability, table in out.items():
-            plans = [plan_budget(b, test.n_queries, probability, predictor.spend_simulation_)
-                     for b in budgets]
-            rows = solve_and_bill(scores.quality, scores.cost_usd, test.quality, test.cost_usd,
-                                  [plan.planned_limit_usd for plan in plans])
+            bills = guaranteed_bills(scores.quality, scores.cost_usd, test.quality,
+                                     test.cost_usd, budgets, probability,
+                                     predictor.spend_simulation_)
             table[i] = [(r["realised_usd"] / b, r["realised_quality"], plan.inflation,
                          f["predicted_spend_ratio"])
-                        for r, b, plan, f in zip(rows, budgets, plans, free)]
+                        for (plan, r), b, f in zip(bills, budgets, free)]
     return out

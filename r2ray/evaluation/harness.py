@@ -39,7 +39,7 @@ from r2ray.evaluation.metrics import audc
 from r2ray.predictor.base import ArmPredictions, Predictor
 from r2ray.predictor.data import BenchArrays, holdout_indices
 from r2ray.predictor.spend_guarantee import (DEFAULT_GUARANTEE as GUARANTEE, SpendSimulation,
-                                             plan_budget, solve_and_bill)
+                                             guaranteed_bills, solve_and_bill)
 
 MODEL_EVALUATION = (
     "The model's predictor kind and settings are re-fitted from scratch on each split's training "
@@ -190,13 +190,11 @@ def method_adherence(test: BenchArrays, catalog: Catalog, predictions: dict[str,
     for name, simulation in (simulations or {}).items():
         if simulation is None:
             continue
-        limits = [plan_budget(b, test.n_queries, GUARANTEE, simulation).planned_limit_usd
-                  for b in budgets]
-        planned = solve_and_bill(scores[name].quality, scores[name].cost_usd, test.quality,
-                                 test.cost_usd, limits)
-        for row, budget, plan in zip(rows[name], budgets, planned):
-            row["guaranteed_realised_spend_ratio"] = plan["realised_usd"] / budget
-            row["guaranteed_realised_quality"] = plan["realised_quality"]
+        bills = guaranteed_bills(scores[name].quality, scores[name].cost_usd, test.quality,
+                                 test.cost_usd, budgets, GUARANTEE, simulation)
+        for row, budget, (_, bill) in zip(rows[name], budgets, bills):
+            row["guaranteed_realised_spend_ratio"] = bill["realised_usd"] / budget
+            row["guaranteed_realised_quality"] = bill["realised_quality"]
     return rows
 
 
