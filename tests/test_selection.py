@@ -44,6 +44,18 @@ def test_cross_validation_picks_the_clearly_better_candidate(world, order):
     assert "← chosen" in next(line for line in result.report().splitlines() if "ridge " in line)
 
 
+def test_the_uncalibrated_column_is_empty_for_the_average_which_has_no_map_of_its_own(world):
+    """The average's q̂ is its members' calibrated q̂: scoring it "without its calibration" would
+    report a calibrated number under the uncalibrated heading."""
+    train, catalog = world
+    candidates = resolve_candidates("per_arm_ridge,carrot_knn_all,averaged", {}, 0)
+    rows = {row["name"]: row for row in cross_validate(train, catalog, candidates, folds=3,
+                                                       uncalibrated=True).table}
+    assert rows["averaged"]["audc_uncalibrated"] is None
+    assert 0 < rows["per_arm_ridge"]["audc_uncalibrated"] <= 1
+    assert rows["per_arm_ridge"]["audc_uncalibrated"] != rows["per_arm_ridge"]["audc"]
+
+
 def test_ties_on_audc_go_to_the_lower_brier_then_token_error():
     table = [{"name": "a", "audc": 0.8000, "brier": 0.20, "log_tokens_mae": 0.1},
              {"name": "b", "audc": 0.7995, "brier": 0.18, "log_tokens_mae": 0.3},

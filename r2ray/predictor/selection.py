@@ -224,14 +224,15 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
     """Per candidate: mean and std over folds of AUDC, Brier, log-token MAE and expected
     calibration error over every out-of-fold cell; with ``uncalibrated``, also the AUDC with q̂
     not calibrated (``audc_uncalibrated``, else None; it doubles the scoring time). Candidates in
-    ``raw_quality`` have no q̂ calibration of their own (``calibrates_quality``)."""
+    ``raw_quality`` have no q̂ calibration of their own (``calibrates_quality``): their q̂ is
+    already their members' calibrated one, so they have no uncalibrated AUDC (None)."""
     from r2ray.evaluation.method_scores import evaluable_queries, score_predictions
     from r2ray.predictor.diagnostics import summary_metrics
 
     views = {name: router_view(p, train, catalog, calibrate_quality=name not in raw_quality)
              for name, p in oof.items()}
     raw = {f"{name}\x00raw": router_view(p, train, catalog, calibrate_quality=False)
-           for name, p in oof.items()} if uncalibrated else {}
+           for name, p in oof.items() if name not in raw_quality} if uncalibrated else {}
     evaluable = np.zeros(train.n_queries, dtype=bool)
     evaluable[evaluable_queries(train, catalog)] = True
     per_fold = []
@@ -251,7 +252,7 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
                      "audc_std": float(audc.std(ddof=1)) if len(audc) > 1 else 0.0,
                      "audc_uncalibrated": float(np.mean(
                          [scores[f"{name}\x00raw"]["audc"] for scores in per_fold]))
-                     if uncalibrated else None,
+                     if uncalibrated and name not in raw_quality else None,
                      "brier": metrics["test_brier"],
                      "log_tokens_mae": metrics["test_log_tokens_mae"],
                      "ece": metrics["test_calibration_error"]}
