@@ -61,6 +61,20 @@ def test_extension_keeps_old_arms_exactly_and_predicts_the_new_ones(planted, kin
     assert (extended.quality_calibration_ is None) == (kind == "averaged")  # its members' maps
 
 
+def test_an_averages_members_are_calibrated_with_the_extensions_folds_and_seed(planted):
+    train, test = planted
+    old = make_predictor("averaged", **KINDS["averaged"]).fit(arrays_over(train, FULL, OLD), OLD)
+    rows = train.subset(np.arange(40))
+    extended, report = extend_predictor(old, FULL, rows, folds=2, seed=5)
+    alone, _ = extend_predictor(old.members_[0], FULL, rows, folds=2, seed=5)
+    default, _ = extend_predictor(old.members_[0], FULL, rows)          # 3 folds, seed 0
+    mine = extended.members_[0].predict(test)
+    np.testing.assert_array_equal(mine.quality, alone.predict(test).quality)
+    np.testing.assert_array_equal(mine.output_tokens, alone.predict(test).output_tokens)
+    assert not np.array_equal(mine.quality, default.predict(test).quality)
+    assert report.folds == 2
+
+
 def test_saved_extension_loads_and_a_selected_winner_is_extended(planted, tmp_path):
     train, test = planted
     old = make_predictor("selected", candidates="per_arm_ridge,per_arm_ridge_strong").fit(

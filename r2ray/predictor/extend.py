@@ -75,6 +75,8 @@ class Extension:
     arm_map: np.ndarray    # [K_old] int64: the index in ``new`` of each old arm
     new_arms: np.ndarray   # [A] int64: the new models' arms, indices in ``new``
     new_models: list[str]
+    folds: int = DEFAULT_FOLDS   # cross-fitting of the new arms' calibrations (a composite's
+    seed: int = 0                # members are each calibrated with the same)
 
     def place(self, old: np.ndarray, new: np.ndarray, fill=np.nan) -> np.ndarray:
         """Per-arm values along the last axis: ``old`` [..., K_old] and ``new`` [..., A] →
@@ -332,7 +334,8 @@ def extend_averaged(predictor, extension: Extension, rows: BenchArrays, prior: f
 def _extend_calibrated(member: BasePredictor, extension: Extension, rows: BenchArrays,
                        prior: float) -> BasePredictor:
     if member.name not in STACK_ONLY:
-        return extend_predictor(member, extension.new, rows, prior)[0]
+        return extend_predictor(member, extension.new, rows, prior, extension.folds,
+                                extension.seed)[0]
     fresh = STACK_ONLY[member.name](member, extension, rows, prior)
     fresh.token_calibration_ = extend_token_calibration(
         member.token_calibration_, None, extension.arm_map, extension.new)
@@ -420,7 +423,7 @@ def extend_predictor(predictor: BasePredictor, catalog: Catalog, rows: BenchArra
     """``predictor`` extended to ``catalog`` from ``rows`` (BenchArrays over ``catalog`` with
     embeddings); see the module doc. Old arms predict exactly as before."""
     started = time.perf_counter()
-    extension = plan_extension(predictor.catalog_, catalog)
+    extension = replace(plan_extension(predictor.catalog_, catalog), folds=folds, seed=seed)
     rows, ignored = extension_rows(rows, extension)
     check_embedding_dimension(training_embedding(rows, "new rows"), predictor.embedding_dim_,
                               "the new rows' embeddings")
