@@ -120,6 +120,28 @@ def test_averaged_is_the_mean_of_its_calibrated_members_and_saves(world, tmp_pat
     np.testing.assert_array_equal(again.output_tokens, mine.output_tokens)
 
 
+def test_a_device_override_reaches_an_averages_members_and_a_selections_winner(world, tmp_path):
+    from r2ray.predictor.persist import with_device
+
+    train, catalog = world
+    network = {"kind": "r2ray", "settings": {"epochs": 1, "rank": 2, "query_hidden": 8,
+                                              "joint_hidden": 8, "head_hidden": 8}}
+    averaged = make_predictor("averaged", members=[{"kind": "per_arm_ridge"}, network])
+    save_predictor(averaged.fit(train, catalog), str(tmp_path / "avg"))
+    assert load_predictor(str(tmp_path / "avg")).members_[1].device is None   # as saved
+    on_cpu = load_predictor(str(tmp_path / "avg"), device="cpu")
+    assert on_cpu.members_[1].device == "cpu"
+    np.testing.assert_array_equal(on_cpu.predict(train.embedding[:5]).quality,
+                                  averaged.predict(train.embedding[:5]).quality)
+    state = {"settings": {"candidates": "small"},
+             "fitted": {"winner": "averaged", "kind": "averaged",
+                        "settings": {"members": [network, {"kind": "per_arm_ridge"}]}}}
+    moved = with_device("selected", state, "cuda:1")
+    assert moved["fitted"]["settings"]["members"][0]["settings"]["device"] == "cuda:1"
+    assert "device" not in moved["fitted"]["settings"]["members"][1]["settings"]  # Ridge: none
+    assert "device" not in network["settings"]                  # the saved state is not changed
+
+
 def test_stack_weights_follow_the_signal_and_sum_to_one():
     rng = np.random.default_rng(0)
     truth = rng.random((400, 3))

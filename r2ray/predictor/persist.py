@@ -101,6 +101,27 @@ def _checked_document(directory: str, expected_data_fingerprint: str | None) -> 
     return document
 
 
+def with_device(kind: str, state: dict, device: str) -> dict:
+    """A saved ``state`` whose settings run on ``device`` wherever the predictor, a composite's
+    members or a selection's winner take one (the saved document is not changed)."""
+    from r2ray.predictor.kinds import make_predictor
+
+    def settings_on(kind: str, settings: dict) -> dict:
+        out = dict(settings)
+        if "device" in make_predictor(kind).settings():
+            out["device"] = device
+        if out.get("members"):
+            out["members"] = [m | {"settings": settings_on(m["kind"], m.get("settings") or {})}
+                              for m in out["members"]]
+        return out
+
+    out = state | {"settings": settings_on(kind, state["settings"])}
+    fitted = state.get("fitted") or {}
+    if "winner" in fitted:   # a selection: its winner is built from the fitted state
+        out["fitted"] = fitted | {"settings": settings_on(fitted["kind"], fitted["settings"])}
+    return out
+
+
 def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
                    device: str | None = None) -> BasePredictor:
     """Rebuild a predictor saved by :func:`save_predictor`. ``device`` overrides the saved one."""
@@ -108,10 +129,10 @@ def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
 
     document = _checked_document(directory, expected_data_fingerprint)
     state = document["state"]
-    settings = state["settings"] | ({"device": device} if device and "device" in state["settings"]
-                                    else {})
+    if device:
+        state = with_device(document["kind"], state, device)
     tensors = load_tensors(storage.read_bytes(storage.join(directory, TENSORS_FILE)))
-    predictor = make_predictor(document["kind"], **settings)
+    predictor = make_predictor(document["kind"], **state["settings"])
     predictor.load_state(state, tensors, saved_catalog(document, directory))
     predictor.encoder_spec = document["encoder"]
     predictor.data_fingerprint_ = document["data_fingerprint"]
