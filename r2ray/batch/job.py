@@ -306,10 +306,13 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         raise EmptyInput(f"input {config.input} holds no queries ({len(files)} file(s), 0 rows)")
     budget_usd = (config.budget_usd if config.budget_usd is not None
                   else config.budget_per_query_usd * n_solvable)
-    guaranteed = 0 < config.spend_guarantee < 1 and not config.strict_budget and n_solvable > 0
+    span = None
+    if (0 < config.spend_guarantee < 1 and not config.strict_budget and n_solvable > 0
+            and model.spend_simulation.position is not None):   # else κ is looked up by spend
+        with _timed(timings, "spend_span"):
+            span = dataset_span(solvable, config.task_cpus)
     plan = plan_budget(budget_usd, n_solvable, config.spend_guarantee, model.spend_simulation,
-                       strict=config.strict_budget,
-                       span=dataset_span(solvable, config.task_cpus) if guaranteed else None)
+                       strict=config.strict_budget, span=span)
     usable_usd = plan.planned_limit_usd
     certificate, stats = None, combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
     if n_solvable:  # else every row was quarantined: commit that, so the night is on record
