@@ -73,7 +73,7 @@ def guarantee_on_splits(arrays, catalog, make_predictor, seeds, fractions, proba
     from r2ray.catalog import DEFAULT_BUDGET
     from r2ray.evaluation.method_scores import evaluable_queries
     from r2ray.predictor.data import holdout_indices
-    from r2ray.predictor.spend_guarantee import guaranteed_bills, solve_and_bill
+    from r2ray.predictor.spend_guarantee import guaranteed_bills
     from r2ray.routing import arm_scores
 
     seeds = list(seeds)
@@ -89,13 +89,13 @@ def guarantee_on_splits(arrays, catalog, make_predictor, seeds, fractions, proba
         budgets = budget_levels(test.cost_usd, best, tuple(fractions)) * test.n_queries
         p = predictor.predict(test.embedding)
         scores = arm_scores(p.quality, p.output_tokens, catalog, test.input_tokens)
-        free = solve_and_bill(scores.quality, scores.cost_usd, test.quality, test.cost_usd,
-                              budgets)
+        bills = {probability: guaranteed_bills(scores.quality, scores.cost_usd, test.quality,
+                                               test.cost_usd, budgets, probability,
+                                               predictor.spend_simulation_)
+                 for probability in {*out, 0.0}}      # 0: the plan without the guarantee
         for probability, table in out.items():
-            bills = guaranteed_bills(scores.quality, scores.cost_usd, test.quality,
-                                     test.cost_usd, budgets, probability,
-                                     predictor.spend_simulation_)
             table[i] = [(r["realised_usd"] / b, r["realised_quality"], plan.inflation,
-                         f["predicted_spend_ratio"])
-                        for (plan, r), b, f in zip(bills, budgets, free)]
+                         free["predicted_spend_ratio"])
+                        for (plan, r), b, (_, free) in zip(bills[probability], budgets,
+                                                           bills[0.0])]
     return out

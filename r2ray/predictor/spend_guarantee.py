@@ -47,12 +47,11 @@ from r2ray.solver import InfeasibleBudget, hull_steps, solve_budget
 DEFAULT_GUARANTEE = 0.95  # P(realised ≤ budget) the batch job plans for unless told otherwise
 N_LEVELS = 16           # simulated spend levels, geometric from the cheapest plan to λ = 0
 MIN_QUERIES = 50        # fewer held-out queries than this: no simulation (no guarantee)
-METHOD = ("cross-fitted simulation of the exact solve on the model's held-out bench rows (n "
-          "queries): planned = budget ÷ (max(1, ρ) + z_p · cv · (1/√N + 1/√n)), ρ = realised ÷ "
-          "planned and cv its per-query spread at the plan's position between the backlog's "
-          "cheapest and best plans, N the backlog's queries")
-SPEND_METHOD = METHOD.replace("at the plan's position between the backlog's cheapest and best "
-                              "plans", "at the plan's spend per query")
+_METHOD = ("cross-fitted simulation of the exact solve on the model's held-out bench rows (n "
+           "queries): planned = budget ÷ (max(1, ρ) + z_p · cv · (1/√N + 1/√n)), ρ = realised ÷ "
+           "planned and cv its per-query spread at the plan's {where}, N the backlog's queries")
+METHOD = _METHOD.format(where="position between the backlog's cheapest and best plans")
+SPEND_METHOD = _METHOD.format(where="spend per query")
 
 
 def solve_and_bill(pred_quality: np.ndarray, pred_cost: np.ndarray,
@@ -157,11 +156,15 @@ class SpendSimulation:
             x, grid = math.log(max(spend_per_query_usd, 1e-300)), np.log(self.spend_per_query_usd)
         return float(np.interp(x, grid, self.ratio)), float(np.interp(x, grid, self.cv))
 
+    def _margin(self, n_backlog: int, probability: float) -> float:
+        """z_p · (1/√N + 1/√n): κ is max(1, ρ) + cv × this."""
+        spread = 1.0 / math.sqrt(max(n_backlog, 1)) + 1.0 / math.sqrt(self.n_queries)
+        return NormalDist().inv_cdf(probability) * spread
+
     def largest_inflation(self, n_backlog: int, probability: float) -> float:
         """The largest κ any level asks for: an upper end for :func:`plan_budget`'s search."""
-        z = NormalDist().inv_cdf(probability)
-        spread = 1.0 / math.sqrt(max(n_backlog, 1)) + 1.0 / math.sqrt(self.n_queries)
-        return float(np.max(np.maximum(self.ratio, 1.0) + z * self.cv * spread))
+        margin = self._margin(n_backlog, probability)
+        return float(np.max(np.maximum(self.ratio, 1.0) + self.cv * margin))
 
     def inflation(self, spend_per_query_usd: float, n_backlog: int, probability: float,
                   position: float | None = None) -> float:
@@ -172,9 +175,7 @@ class SpendSimulation:
         budget with the credit, 2 without it on the splits where this was found; 1 either way
         on 10 fresh ones; ``docs/design.md``)."""
         ratio, cv = self.at(spend_per_query_usd, position)
-        z = NormalDist().inv_cdf(probability)
-        spread = 1.0 / math.sqrt(max(n_backlog, 1)) + 1.0 / math.sqrt(self.n_queries)
-        return max(1.0, ratio) + z * cv * spread
+        return max(1.0, ratio) + cv * self._margin(n_backlog, probability)
 
     def to_json(self) -> dict:
         document = {"spend_per_query_usd": self.spend_per_query_usd.tolist(),
@@ -275,8 +276,9 @@ def plan_budget(budget_usd: float, n_queries: int, probability: float,
     # κ ≥ wanted(κ): wanted is continuous and between 1 and the largest level's value, so a
     # κ with κ = wanted(κ) lies in [1, top]; bisection finds it where a few fixed-point steps
     # can oscillate (a narrow span moves the position a lot for a small change in κ)
-    low, high = 1.0, max(1.0, wanted(1.0), simulation.largest_inflation(n, probability))
-    if wanted(low) <= low:
+    at_whole_budget = wanted(1.0)
+    low, high = 1.0, max(at_whole_budget, simulation.largest_inflation(n, probability))
+    if at_whole_budget <= 1.0:
         high = low
     while high - low > 1e-12 * high:
         middle = 0.5 * (low + high)
