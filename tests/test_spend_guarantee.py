@@ -29,6 +29,9 @@ def test_inflation_is_rho_plus_z_spread_of_backlog_and_estimate():
     assert sim.at(1e-4) == pytest.approx((1.035, 0.65))
     # never plans above the budget, even where costs were overestimated
     assert simulation(ratio=(0.5, 0.5), cv=(0.0, 0.0)).inflation(1e-4, 10, 0.95) == 1.0
+    # a guarantee below 1/2 (z < 0) still never plans above the budget
+    assert simulation(ratio=(1.0, 1.0)).inflation(1e-4, 100, 0.3) == 1.0
+    assert plan_budget(1.0, 100, 0.3, simulation(ratio=(1.0, 1.0))).planned_limit_usd == 1.0
     # and a simulated ρ below 1 is no credit: the spread is still added to 1
     assert simulation(ratio=(0.9, 0.9), cv=(0.5, 0.5)).inflation(1e-4, 2500, 0.95) == (
         pytest.approx(1 + z * 0.5 * (1 / 50 + 1 / 20)))

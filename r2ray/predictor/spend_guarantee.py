@@ -164,7 +164,7 @@ class SpendSimulation:
     def largest_inflation(self, n_backlog: int, probability: float) -> float:
         """The largest κ any level asks for: an upper end for :func:`plan_budget`'s search."""
         margin = self._margin(n_backlog, probability)
-        return float(np.max(np.maximum(self.ratio, 1.0) + self.cv * margin))
+        return max(1.0, float(np.max(np.maximum(self.ratio, 1.0) + self.cv * margin)))
 
     def inflation(self, spend_per_query_usd: float, n_backlog: int, probability: float,
                   position: float | None = None) -> float:
@@ -174,8 +174,8 @@ class SpendSimulation:
         (ParetoBandit, `averaged`, budget levels binding on every split: 5 of 40 backlogs over
         budget with the credit, 2 without it on the splits where this was found; 1 either way
         on 10 fresh ones; ``docs/design.md``)."""
-        ratio, cv = self.at(spend_per_query_usd, position)
-        return max(1.0, ratio) + cv * self._margin(n_backlog, probability)
+        ratio, cv = self.at(spend_per_query_usd, position)   # below p = 0.5 the margin is < 0,
+        return max(1.0, max(1.0, ratio) + cv * self._margin(n_backlog, probability))  # κ ≥ 1
 
     def to_json(self) -> dict:
         document = {"spend_per_query_usd": self.spend_per_query_usd.tolist(),
