@@ -26,6 +26,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 POOL_FLAGS = ("workers", "cpus_per_worker", "threads_per_worker", "gpus_per_worker", "batch_size",
@@ -183,13 +184,44 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class PrivateMemoryPeak:
+    """Peak private (``RssAnon``) and shared (``RssShmem``) resident memory of this process (MB),
+    sampled every ``every_s`` in a thread. ``VmHWM`` counts the object store's pages a driver
+    reads in place (mapped, not copied) as its own; these two tell its heap from those pages."""
+
+    def __init__(self, every_s: float = 0.005):
+        self.peak = {"RssAnon": 0.0, "RssShmem": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                with open("/proc/self/status") as status:
+                    for line in status:
+                        key = line.split(":")[0]
+                        if key in self.peak:
+                            self.peak[key] = max(self.peak[key], int(line.split()[1]) / 1024)
+            except OSError:                  # not Linux: no figures
+                return
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def one_size(args) -> None:
     """Child process: only the routing of a prepared backlog, so its peak RSS is the driver's."""
+    sampler = PrivateMemoryPeak()
     manifest = route(route_settings(args, args.backlog, args.model, args.out, f"n{args.size}"))
-    peak = peak_rss_mb()
+    peak, private = peak_rss_mb(), sampler.stop()
     print(json.dumps({"size": args.size, "wall_s": manifest["wall_s"],
                       "qps": args.size / manifest["wall_s"], "timings": manifest["timings"],
-                      "pool": manifest["scoring_pool"], "driver_peak_rss_mb": peak}))
+                      "pool": manifest["scoring_pool"], "driver_peak_rss_mb": peak,
+                      "driver_peak_private_mb": private["RssAnon"],
+                      "driver_peak_shared_mb": private["RssShmem"]}))
 
 
 def running_cluster() -> str:
@@ -251,7 +283,8 @@ def embedding_figures(args, catalog) -> None:
                     f"{q:,.0f} q/s on {t} thread(s)" for t, q in forward.items()))
                 print(f"    job end to end      {job['qps']:,.0f} q/s ({job['wall_s']:.1f} s)   "
                       f"ratio {job['qps'] / best:.3f} (target ≥ 0.5); driver peak RSS "
-                      f"{job['driver_peak_rss_mb']:.0f} MB")
+                      f"{job['driver_peak_rss_mb']:.0f} MB (private {job['driver_peak_private_mb']:.0f}"
+                      f", object store pages {job['driver_peak_shared_mb']:.0f})")
                 print(f"    stages (s)          {job['timings']}")
 
 

@@ -11,7 +11,7 @@ the numba hull kernel (its compile or cache load, printed first, is not in the f
    limit) and on the hull arms only.
 3. Time per query at N = 1e5, 1e6, 4e6 (data generated and hulled per chunk; only steps kept).
 4. solve_dataset at N = 50,000 and 200,000 in 16 blocks, as the batch job calls it (a ``then``
-   per block, outputs fetched), on the driver path and forced onto the distributed passes, in
+   per block, outputs fetched, a warmed SolveWorker), in memory and forced onto the distributed passes, in
    one row with one read pass, the hull and the single-node solve of the same scores, and the
    ratios; bit-identical check; the in-memory solve's peak memory per byte of step columns.
     python benchmarks/solver.py --figures 1,4    # only those figures
@@ -190,8 +190,9 @@ def _spread(values: np.ndarray) -> str:
 
 def figure_ray(sizes: list[int], n_blocks: int = 16) -> None:
     """solve_dataset over Ray Data blocks (as the batch job calls it: ``then`` per block, its
-    outputs fetched) on the driver and forced onto the distributed passes, beside one read
-    pass, the hull and the single-node solve of the same scores."""
+    outputs fetched; the in-memory path in a SolveWorker started and warmed beforehand, as the
+    job does) and forced onto the distributed passes, beside one read pass, the hull and the
+    single-node solve of the same scores."""
     import ray
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -203,7 +204,7 @@ def figure_ray(sizes: list[int], n_blocks: int = 16) -> None:
         print(f"\n[4] solve_dataset, {n_blocks} blocks on a local Ray (2 CPUs); seconds, fastest "
               f"of {RAY_REPEAT} on Ray, of 2 in memory (read of 3)")
         print("    N        read    hull (x read)   solve 1-node (x read)   "
-              "driver path (x 1-node)   distributed (x 1-node)   bit-identical")
+              "in memory (x 1-node)     distributed (x 1-node)   bit-identical")
         for n in sizes:
             _ray_row(n, n_blocks)
         _print_memory(sizes[-1])
@@ -212,33 +213,36 @@ def figure_ray(sizes: list[int], n_blocks: int = 16) -> None:
 
 
 def _ray_row(n: int, n_blocks: int) -> None:
-    from r2ray.solver.distributed import steps_dataset
+    from r2ray.solver.distributed import start_solver, steps_dataset
     q, c = fill(n, seed=7)
     steps, t_hull = seconds(hull_steps, q, c, repeat=2)
     budget = budget_for(steps)
     single, t_single = seconds(solve_budget, steps, budget, repeat=2)
     _, t_read = seconds(read_pass, q, c, single.certificate.lam, repeat=3)
     dataset = steps_dataset(steps, n_blocks=n_blocks).materialize()
+    solver = start_solver()
     for limit in (None, 0):                     # start the workers both paths use
-        _job_solve(dataset, budget, limit)
-    (driver, arm_d), t_driver = seconds(_job_solve, dataset, budget, None, repeat=RAY_REPEAT)
-    (blocks, arm_b), t_blocks = seconds(_job_solve, dataset, budget, 0, repeat=RAY_REPEAT)
-    same = all(r.certificate == single.certificate for r in (driver, blocks)) and \
-        np.array_equal(arm_d, single.arm) and np.array_equal(arm_b, single.arm)
+        _job_solve(dataset, budget, limit, solver)
+    (memory, arm_m), t_memory = seconds(_job_solve, dataset, budget, None, solver,
+                                        repeat=RAY_REPEAT)
+    (blocks, arm_b), t_blocks = seconds(_job_solve, dataset, budget, 0, solver,
+                                        repeat=RAY_REPEAT)
+    same = all(r.certificate == single.certificate for r in (memory, blocks)) and \
+        np.array_equal(arm_m, single.arm) and np.array_equal(arm_b, single.arm)
     print(f"    {n:<8,} {t_read:6.3f}  {t_hull:6.3f} ({t_hull / t_read:4.1f}x)   "
           f"{t_single:6.3f} ({t_single / t_read:4.1f}x)         "
-          f"{t_driver:6.3f} ({t_driver / t_single:5.1f}x)         "
+          f"{t_memory:6.3f} ({t_memory / t_single:5.1f}x)         "
           f"{t_blocks:6.3f} ({t_blocks / t_single:6.1f}x)        {same}  "
-          f"[on driver: {driver.on_driver}, {blocks.on_driver}]")
+          f"[in memory: {memory.in_memory}, {blocks.in_memory}]")
 
 
-def _job_solve(dataset, budget: float, limit):
+def _job_solve(dataset, budget: float, limit, solver):
     """solve_dataset with a per-block ``then`` (as the batch job's assign) and its outputs
     fetched; returns (result, arms in query order)."""
     import pyarrow as pa
     import ray
     from r2ray.solver.distributed import solve_dataset
-    result = solve_dataset(dataset, budget, local_limit_bytes=limit,
+    result = solve_dataset(dataset, budget, local_limit_bytes=limit, solver=solver,
                            then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
     table = pa.concat_tables(ray.get(result.arms.to_arrow_refs())).sort_by("query_pos")
     return result, table.column("arm").to_numpy()
@@ -246,7 +250,7 @@ def _job_solve(dataset, budget: float, limit):
 
 def _print_memory(n: int) -> None:
     """Peak memory numpy allocates during the in-memory solve, per byte of step columns: what
-    a driver needs for the step columns ``solve_dataset`` gathers (its default limit)."""
+    a SolveWorker needs for the step columns ``solve_dataset`` gathers (its default limit)."""
     import tracemalloc
     from r2ray.solver.table import steps_to_table
     q, c = fill(n, seed=7)
@@ -257,7 +261,7 @@ def _print_memory(n: int) -> None:
     solve_budget(steps, budget_for(steps))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    print(f"    driver memory at N={n:,}: step columns {columns / 1e6:.0f} MB, the solve's peak "
+    print(f"    solver memory at N={n:,}: step columns {columns / 1e6:.0f} MB, the solve's peak "
           f"allocation {peak / 1e6:.0f} MB = {peak / columns:.1f}x the columns")
 
 

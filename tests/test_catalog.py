@@ -111,3 +111,14 @@ def test_a_model_may_be_repriced_but_not_given_other_arms(tmp_path):
     save_catalog(other, str(tmp_path / "other.yaml"))
     with pytest.raises(R2RayError, match=r"other\.yaml offers other arms than m/1 .*\(2 vs 2\)"):
         repriced_catalog(str(tmp_path / "other.yaml"), trained, "m/1")
+
+
+def test_catalog_text_is_parsed_once_per_process_and_errors_still_name_the_source():
+    """The batch job hands the catalogue as YAML to every block's assign: parsed once."""
+    from r2ray.catalog import catalog_from_yaml, load_catalog
+    text = load_catalog().to_yaml()
+    first = catalog_from_yaml(text, "catalogue")
+    assert catalog_from_yaml(text, "catalogue") is first and first == load_catalog()
+    for _ in range(2):                                      # an error is not cached away
+        with pytest.raises(CatalogError, match="catalogue x: expected a mapping"):
+            catalog_from_yaml("- just a list", "x")

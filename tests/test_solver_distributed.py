@@ -13,7 +13,7 @@ from r2ray.solver.distributed import solve_dataset, steps_dataset
 from r2ray.solver.table import steps_to_table, table_to_steps
 from solver_highs import budget_between, instances
 
-DISTRIBUTED = 0   # local_limit_bytes: these cases are small enough for the driver path
+DISTRIBUTED = 0   # local_limit_bytes: these cases are small enough for the in-memory path
                   # (tests/test_solver_local_path.py); here the distributed passes are under test
 FIELDS = ("base_arm", "base_q", "base_c", "offsets", "step_arm", "dq", "dc", "key",
           "invalid_arms")
@@ -52,7 +52,7 @@ def test_tables_with_32_bit_list_offsets_are_read_too():
                               if pa.types.is_large_list(table.schema.field(name).type)
                               else table.column(name)) for name in table.column_names})
     assert_same_steps(table_to_steps(narrow)[0], steps)
-    # the driver's solve copies the gathered blocks into one, whatever their offsets' width
+    # the in-memory solve copies the gathered blocks into one, whatever their offsets' width
     from r2ray.solver.distributed import _one_block
     block = _one_block([table.slice(0, 7), narrow.slice(7)], defer=False, grouped=False)
     assert_same_steps(block.steps, steps)
@@ -73,7 +73,7 @@ def test_blocks_give_the_same_solve_as_one_node(ray_local, n_blocks, defer):
     single = solve_budget(steps, budget, seed=5, defer=defer)
     result = solve_dataset(steps_dataset(steps, n_blocks=n_blocks), budget, seed=5, defer=defer,
                            local_limit_bytes=DISTRIBUTED)
-    assert not result.on_driver and result.certificate == single.certificate   # bit-identical
+    assert not result.in_memory and result.certificate == single.certificate   # bit-identical
     arm, filled = arms_of(result)
     np.testing.assert_array_equal(arm, single.arm)
     np.testing.assert_array_equal(filled, single.filled)

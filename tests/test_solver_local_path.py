@@ -1,4 +1,4 @@
-"""solve_dataset on the driver (step columns gathered) and over the blocks (distributed passes):
+"""solve_dataset in memory (step columns gathered in a SolveWorker) and over the blocks (distributed passes):
 each path forced, both bit-identical to the in-memory solve, ``then`` run per block on either
 (``then`` is a package function: Ray workers cannot import test modules)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from r2ray.solver import hull_steps, solve_budget, solve_groups
 from r2ray.solver.distributed import LOCAL_SOLVE_ENV, local_solve_limit, solve_dataset
 from r2ray.solver.table import steps_to_table
 
-PATHS = {"driver": 1 << 40, "blocks": 0}     # local_limit_bytes forcing each path
+PATHS = {"memory": 1 << 40, "blocks": 0}     # local_limit_bytes forcing each path
 
 
 def random_steps(seed: int, n: int = 600, k: int = 12):
@@ -47,7 +47,7 @@ def test_each_path_matches_the_in_memory_solve(ray_local, path, fraction, defer,
     single = solve_budget(steps, budget, seed=seed, defer=defer, query_key=keys)
     result = solve_dataset(dataset, budget, seed=seed, defer=defer,
                            local_limit_bytes=PATHS[path])
-    assert result.on_driver == (path == "driver")
+    assert result.in_memory == (path == "memory")
     assert result.certificate == single.certificate            # every float bit-identical
     frame = result.arms.to_pandas().sort_values("query_pos")
     np.testing.assert_array_equal(frame["query_pos"].to_numpy(), pos)
@@ -62,7 +62,7 @@ def test_blocks_on_other_nodes_are_projected_where_they_are(ray_local, path, mon
     ``then`` runs in a task of its own; the result does not change."""
     from r2ray.solver import distributed
     monkeypatch.setattr(distributed, "_on_this_node",
-                        lambda ray, refs: [i % 2 == 0 for i in range(len(refs))])
+                        lambda ray, refs, node=None: [i % 2 == 0 for i in range(len(refs))])
     steps = random_steps(4)
     dataset, pos = scattered_dataset(ray_local, steps, n_blocks=5)
     budget = steps.base_c.sum() + 0.3 * steps.dc.sum()
@@ -70,7 +70,7 @@ def test_blocks_on_other_nodes_are_projected_where_they_are(ray_local, path, mon
                           query_key=np.arange(steps.n_queries, dtype=np.uint64) * 7919)
     result = solve_dataset(dataset, budget, seed=3, local_limit_bytes=PATHS[path],
                            then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
-    assert result.on_driver == (path == "driver") and result.certificate == single.certificate
+    assert result.in_memory == (path == "memory") and result.certificate == single.certificate
     table = pa.concat_tables(ray_local.get(result.arms.to_arrow_refs())).sort_by("query_pos")
     np.testing.assert_array_equal(table.column("query_pos").to_numpy(), pos)
     np.testing.assert_array_equal(table.column("arm").to_numpy(), single.arm)
@@ -90,7 +90,7 @@ def test_then_runs_per_block_with_the_arms_and_each_tenants_price(ray_local, pat
     columns = ["query_pos", "payload", "arm", "lambda_star"]
     result = solve_dataset(dataset, budgets, seed=1, local_limit_bytes=PATHS[path],
                            then=(pa.Table.select, {"columns": columns}))
-    assert result.on_driver == (path == "driver")
+    assert result.in_memory == (path == "memory")
     assert result.certificates == single.certificates
     refs = result.arms.to_arrow_refs()
     assert len(refs) == 4                                       # one output per block
@@ -116,6 +116,39 @@ def test_an_empty_backlog_runs_then_once_on_either_path(ray_local, path):
     assert [t.num_rows for t in tables] == [0] and tables[0].column_names == ["arm", "lambda_star"]
 
 
+@pytest.mark.slow
+def test_the_in_memory_solve_runs_in_its_worker_not_in_the_driver(ray_local, monkeypatch):
+    """The driver passes refs and gets the certificate back (so its memory does not grow with
+    N): with the solve's passes broken in the driver's process, the solve still runs."""
+    from r2ray.solver import distributed
+
+    def not_in_the_driver(*args, **kwargs):
+        raise AssertionError("the driver ran the in-memory solve")
+
+    monkeypatch.setattr(distributed, "run_solve", not_in_the_driver)
+    monkeypatch.setattr(distributed, "_one_block", not_in_the_driver)
+    steps = random_steps(6)
+    dataset, pos = scattered_dataset(ray_local, steps, n_blocks=3)
+    budget = steps.base_c.sum() + 0.4 * steps.dc.sum()
+    keys = np.arange(steps.n_queries, dtype=np.uint64) * 7919
+    single = solve_budget(steps, budget, seed=2, query_key=keys)
+    result = solve_dataset(dataset, budget, seed=2, local_limit_bytes=PATHS["memory"],
+                           then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
+    assert result.in_memory and result.certificate == single.certificate
+    table = pa.concat_tables(ray_local.get(result.arms.to_arrow_refs())).sort_by("query_pos")
+    np.testing.assert_array_equal(table.column("arm").to_numpy(), single.arm)
+
+
+@pytest.mark.slow
+def test_an_infeasible_budget_in_the_worker_reaches_the_caller_as_itself(ray_local):
+    from r2ray.solver import InfeasibleBudget
+    steps = random_steps(7)
+    dataset, _ = scattered_dataset(ray_local, steps, n_blocks=2)
+    with pytest.raises(InfeasibleBudget, match="below the minimum feasible spend") as raised:
+        solve_dataset(dataset, 0.5 * steps.base_c.sum(), local_limit_bytes=PATHS["memory"])
+    assert type(raised.value) is InfeasibleBudget     # not Ray's wrapper with its traceback
+
+
 def test_the_limit_defaults_to_a_share_of_free_memory_and_can_be_set(monkeypatch):
     monkeypatch.delenv(LOCAL_SOLVE_ENV, raising=False)
     assert 0 < local_solve_limit() <= 1 << 30
@@ -132,7 +165,7 @@ from r2ray.solver.table import steps_to_table
 from tests.test_solver_local_path import random_steps
 if sys.argv[1] == "warm_up":
     warm_up()
-else:   # the driver's solve of a real-sized problem, tied keys and NaN arms included
+else:   # the in-memory solve of a real-sized problem, tied keys and NaN arms included
     block = _block(steps_to_table(random_steps(3, n=5000)), False, False)
     base_c = block.steps.base_c
     run_solve(LocalPasses([block]), [float(base_c[base_c == base_c].sum()) * 1.5], seed=0)
@@ -143,8 +176,8 @@ print(sorted(f"{m}.{name}" for m in ("r2ray.solver.passes", "r2ray.solver.select
 """
 
 
-def test_warm_up_loads_every_kernel_the_drivers_solve_uses():
-    """The batch job warms the driver's solve while its workers score: in a fresh process,
+def test_warm_up_loads_every_kernel_the_in_memory_solve_uses():
+    """The batch job warms its SolveWorker while its workers score: in a fresh process,
     ``warm_up`` compiles (loads from numba's cache) the same kernels a real solve runs."""
     import ast
     import os

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import yaml
 
 from r2ray import storage
 from r2ray.batch.report import STATS_SCHEMA
 from r2ray.bench.io import write_table
-from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.catalog import Catalog, catalog_from_yaml
 from r2ray.manifest import routed_partition
 from r2ray.prompting import MESSAGE_TYPE, render_messages_array
 from r2ray.routing import arm_caps
@@ -49,7 +48,7 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
     Returns per-(model, budget) sums for the report; queries on the defer arm or on no arm are
     written to ``deferred/`` with the reason.
     """
-    catalog = catalog_from_dict(yaml.safe_load(catalog_yaml), "catalogue")
+    catalog = catalog_from_yaml(catalog_yaml, "catalogue")
     arm = batch.column("arm").to_numpy()
     routed = arm >= 0
     part = f"part-{int(batch.column('order').to_numpy().min()):016x}.parquet" \

@@ -263,6 +263,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     from r2ray.bench.io import write_table
     from r2ray.predictor.spend_guarantee import plan_budget
     from r2ray.solver import InfeasibleBudget, solve_dataset
+    from r2ray.solver.distributed import start_solver
 
     if unreadable.num_rows:
         write_table(unreadable, storage.join(paths.quarantine, "part-unreadable.parquet"))
@@ -274,6 +275,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                       planned_rows(units))
     cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
     warm = warm_up_in_background(config)   # the driver only waits while the workers score
+    solver = start_solver(config.defer, modules=("r2ray.batch.assign",))   # warms meanwhile
     with _timed(timings, "read_validate_score"):
         queries = ray.data.from_items(unit_items(units) or [], override_num_blocks=max(
             1, len(units))).map_batches(
@@ -325,7 +327,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
             try:
                 solved = solve_dataset(solvable, usable_usd, seed=config.seed,
                                        defer=config.defer, num_cpus=config.task_cpus,
-                                       then=assign)
+                                       then=assign, solver=solver)
             except InfeasibleBudget as err:
                 strict = ", every arm at its worst case (--strict-budget)" \
                     if config.strict_budget else ""
@@ -416,19 +418,15 @@ def in_background(name: str, *steps) -> threading.Thread:
 
 
 def warm_up_in_background(config: RouteConfig) -> threading.Thread:
-    """While the workers score: the solve's compiled kernels
-    (:func:`r2ray.solver.distributed.warm_up`) and the report's imports and MLflow store
-    (:func:`r2ray.batch.report.prepare_report`), ~4-6 s on a 2-core host that the driver would
-    otherwise spend after the workers finish."""
-    def solver() -> None:
-        from r2ray.solver.distributed import warm_up
-        warm_up(config.defer)
-
+    """While the workers score: the report's imports and MLflow store
+    (:func:`r2ray.batch.report.prepare_report`), seconds on a 2-core host that the driver
+    would otherwise spend after the workers finish (the solve warms in its own process:
+    :class:`~r2ray.solver.distributed.SolveWorker`)."""
     def report() -> None:
         from r2ray.batch.report import prepare_report
         prepare_report(config.tracking_uri)
 
-    return in_background("r2ray-warm-up", solver, report)
+    return in_background("r2ray-warm-up", report)
 
 
 def find_correction(config: RouteConfig, model: LoadedModel) -> CostCorrection | None:

@@ -17,9 +17,8 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 
-import yaml
 
-from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.catalog import Catalog, catalog_from_yaml
 from r2ray.encoders import check_embedding_dimension, embed_or_encode, has_text_encoder
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
@@ -136,7 +135,7 @@ class ScoreWorker:
         if threads:
             use_threads(self.predictor, threads)
         self.catalog = (self.predictor.catalog_ if catalog_yaml is None
-                        else catalog_from_dict(yaml.safe_load(catalog_yaml), "--catalog"))
+                        else catalog_from_yaml(catalog_yaml, "--catalog"))
         spec = self.predictor.encoder_spec
         self.encoder = load_encoder(spec, device=device, precision=precision) \
             if has_text_encoder(spec) else None

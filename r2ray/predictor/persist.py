@@ -19,12 +19,11 @@ import warnings
 from datetime import datetime, timezone
 
 import numpy as np
-import yaml
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from r2ray import __version__, storage
-from r2ray.catalog import Catalog, catalog_from_dict
+from r2ray.catalog import Catalog, catalog_from_yaml
 from r2ray.predictor.base import BasePredictor, PredictorError
 
 FORMAT_VERSION = 1
@@ -73,7 +72,7 @@ def read_predictor_config(directory: str) -> dict:
 
 
 def saved_catalog(document: dict, source: str = CONFIG_FILE) -> Catalog:
-    return catalog_from_dict(yaml.safe_load(document["catalog_yaml"]), f"{source} catalog_yaml")
+    return catalog_from_yaml(document["catalog_yaml"], f"{source} catalog_yaml")
 
 
 def read_saved(directory: str, expected_data_fingerprint: str | None = None

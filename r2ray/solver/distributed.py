@@ -1,10 +1,11 @@
 """The budget solve when hull chains live in Ray Data blocks (step tables: :mod:`.table`).
 
 One Ray task per block first keeps only the step columns (the batch job's blocks carry the
-query's text and predictions beside them). When those fit the driver (``local_limit_bytes``),
-the driver gathers them and runs the in-memory passes: a round of Ray tasks costs far more
-than the whole solve of a few hull steps per query (measured in ``benchmarks/solver.py``).
-Past the limit, each pass is one Ray task per block; the driver merges exact integer
+query's text and predictions beside them). When those fit one process (``local_limit_bytes``),
+a :class:`SolveWorker` actor gathers them and runs the in-memory passes: a round of Ray tasks
+costs far more than the whole solve of a few hull steps per query (measured in
+``benchmarks/solver.py``); the actor, not the driver, so that the driver's memory does not grow
+with the backlog. Past the limit, each pass is one Ray task per block; the driver merges exact integer
 histograms (at most 65,536 bins per tenant), per-tenant scalars and at most ``fill_limit``
 fill candidates, so its memory does not depend on the number of queries. Either way the
 passes are the same pure functions with exact merges, so the result is bit-identical to the
@@ -12,8 +13,8 @@ in-memory ``solve_budget`` on the same chains and keys.
 
 The chosen arms stay in the cluster: ``DatasetSolveResult.arms`` is a Dataset of
 ``query_pos, arm, filled`` — or, with ``then``, of what ``then`` made of each block with its
-``arm`` and ``lambda_star`` columns, in a task that holds the block (the driver's arms are sent
-to it as a slice: no second pass and no re-aligning of blocks).
+``arm`` and ``lambda_star`` columns, where the block is (the solver's arms are sent to a block
+elsewhere as a slice: no second pass and no re-aligning of blocks).
 """
 from __future__ import annotations
 
@@ -32,15 +33,16 @@ from r2ray.solver.passes import block_assign
 from r2ray.solver.search import FILL_LIMIT, run_solve
 from r2ray.solver.table import CHAIN_COLUMNS, steps_to_table, table_to_steps
 
-LOCAL_SOLVE_BYTES = 1 << 30     # step columns solved on the driver at most (about 4M queries
+LOCAL_SOLVE_BYTES = 1 << 30     # step columns solved in one process at most (about 4M queries
                                 # at 10 steps each; the solve then holds ~4x this, ~10 s/4M)
 LOCAL_SOLVE_ENV = "R2RAY_LOCAL_SOLVE_BYTES"   # overrides the default limit
-MEMORY_SHARE = 8                # the gathered columns may use 1/8 of the driver's free memory
+MEMORY_SHARE = 8                # the gathered columns may use 1/8 of the node's free memory
 
 
 def local_solve_limit() -> int:
-    """Bytes of step columns the driver solves in memory: ``R2RAY_LOCAL_SOLVE_BYTES`` if set,
-    else ``LOCAL_SOLVE_BYTES`` capped at 1/``MEMORY_SHARE`` of the memory available now."""
+    """Bytes of step columns solved in memory in one :class:`SolveWorker`:
+    ``R2RAY_LOCAL_SOLVE_BYTES`` if set, else ``LOCAL_SOLVE_BYTES`` capped at 1/``MEMORY_SHARE``
+    of the memory available now on the driver's node (the solver's, on one machine)."""
     if os.environ.get(LOCAL_SOLVE_ENV):
         return int(os.environ[LOCAL_SOLVE_ENV])
     import psutil
@@ -98,8 +100,8 @@ def _run_assign(table, defer, grouped, selection, fill_pos, then):
 
 
 def _attach(then, lam64, grouped: bool, table: pa.Table, arm: np.ndarray):
-    """The last step of the driver's solve for one block (in a driver thread for this node's
-    blocks, in a task where the block lives for the others): the block with its slice of the
+    """The last step of the in-memory solve for one block (in a thread of the solver for its
+    node's blocks, in a task where the block lives for the others): the block with its slice of the
     arms, through ``then``. Returns the output and its Ray Data block metadata, which tells the
     driver it is done (or raises ``then``'s error there, as the passes would) and spares
     ``from_arrow_refs`` a round of tasks computing it."""
@@ -181,11 +183,15 @@ class RayPasses:
         return out
 
 
-def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer, grouped, seed,
-                     fill_limit, num_cpus, then):
+def _solve_gathered(refs, here: list[bool], step_tables: list[pa.Table], budgets, *, defer,
+                    grouped, seed, fill_limit, then):
     """The in-memory passes over the gathered step columns, copied into one block (200,000
-    queries in 16 blocks: the whole solve took 157 ms, in one block 129 ms, the same arms); the
-    arms go back per block."""
+    queries in 16 blocks: the whole solve took 157 ms, in one block 129 ms, the same arms).
+
+    Returns the outcome and, per block, what goes back to the caller: without ``then``, its
+    ``query_pos, arm, filled`` table; with ``then``, for a block in this node's object store
+    (``here``: read in place) ``then``'s output, else the block's slice of the arms for a task
+    where the block lives. Beside each, the output's Ray Data block metadata (None for a slice)."""
     import ray
     block = _one_block(step_tables, defer, grouped)
     pos = block.query_pos
@@ -195,33 +201,113 @@ def _solve_on_driver(refs, here, step_tables: list[pa.Table], budgets, *, defer,
     rows = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     if then is None:
         tables = [_with_arms(None, pos[r], arm[r], filled[r], None, None) for r in rows]
-        return outcome, _arms_dataset([ray.put(t) for t in tables],
-                                      [_block_metadata(t) for t in tables])
-    outs, metadata = [None] * len(refs), [None] * len(refs)
-    others = [i for i, h in enumerate(here) if not h]   # a task where each of these lives
-    if others:
-        attach, then_ref = ray.remote(num_cpus=num_cpus)(_attach), ray.put(then)
-        pending = []
-        for i in others:
-            outs[i], meta = attach.options(num_returns=2).remote(
-                then_ref, outcome.selection.lam64, grouped, refs[i], arm[rows[i]])
-            pending.append((i, meta))
-    # this node's blocks, read in place, go through ``then`` in driver threads, one per CPU: a
-    # task would wake or start a worker process and import ``then``'s module first (1-2 s per
-    # task on a busy 2-core host, more than the assign of 200,000 rows)
+        return outcome, tables, [_block_metadata(t) for t in tables]
+    outs, metadata = [arm[r] for r in rows], [None] * len(refs)
+    # this node's blocks, read in place, go through ``then`` in threads, one per CPU: a task
+    # would wake or start a worker process and import ``then``'s module first (1-2 s per task
+    # on a busy 2-core host, more than the batch job's assign of 200,000 rows)
     local = [i for i, h in enumerate(here) if h]
 
     def attach_here(i: int, table: pa.Table):
-        out, meta = _attach(then, outcome.selection.lam64, grouped, table, arm[rows[i]])
-        return ray.put(out), meta
+        return _attach(then, outcome.selection.lam64, grouped, table, arm[rows[i]])
 
     with ThreadPoolExecutor(max_workers=_node_cpus(ray), thread_name_prefix="r2ray-then") as pool:
         for i, (out, meta) in zip(local, pool.map(attach_here, local,
                                                   ray.get([refs[i] for i in local]))):
             outs[i], metadata[i] = out, meta
+    return outcome, outs, metadata
+
+
+class SolveWorker:
+    """The process the in-memory solve runs in: a Ray actor, so the driver holds none of the
+    step columns nor the solve's arrays (about 0.7 KB per query at its peak, measured on the
+    batch job; the driver's memory stays flat in N) and the solve runs on a node that runs
+    work, not on a head started with no CPUs for work (as ``infra/k8s`` starts it).
+
+    Started with no CPUs (:func:`start_solver`): it waits while the workers score (on 2 CPUs,
+    actors holding 1.75 of them left Ray Data's repartition tasks no room and the job hung) and
+    computes once they are done. ``warm_up`` loads the solve's compiled kernels and ``then``'s
+    module meanwhile, so its first solve starts warm."""
+
+    def warm_up(self, defer: bool = False, modules: tuple[str, ...] = ()) -> str:
+        import importlib
+        warm_up(defer)
+        _block_metadata(pa.table({"x": [0]}))   # imports Ray Data: 0.8 s on a block's first use
+        for module in modules:
+            importlib.import_module(module)
+        return self.node()
+
+    def node(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+    def solve(self, refs: list, projected: list, here: list[bool], budgets, defer: bool,
+              grouped: bool, seed: int, fill_limit: int, then):
+        """((outcome, metadata per block), outputs per block...): see :func:`_solve_gathered`;
+        the outputs are returned one object each, so the caller owns them. ``here``: the
+        blocks in this node's object store, whose step columns are read in place;
+        ``projected``: refs to the others' step columns."""
+        import ray
+        local = iter(ray.get([ref for ref, h in zip(refs, here) if h]))
+        tables = [_project(next(local), grouped)[0] if h else ray.get(p)
+                  for h, p in zip(here, projected)]
+        outcome, outs, metadata = _solve_gathered(
+            refs, here, tables, budgets, defer=defer, grouped=grouped, seed=seed,
+            fill_limit=fill_limit, then=then)
+        return ((outcome, metadata), *outs)
+
+
+def start_solver(defer: bool = False, modules: tuple[str, ...] = ()):
+    """A :class:`SolveWorker` actor on :func:`_solver_node`, its ``warm_up`` sent (not awaited:
+    the batch job starts it before its workers score). ``modules``: what ``then`` imports."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    actor = ray.remote(SolveWorker).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(_solver_node(ray),
+                                                                       soft=True)).remote()
+    actor.warm_up.remote(defer, tuple(modules))
+    return actor
+
+
+def _solver_node(ray) -> str:
+    """The node with the most memory among those that run work (CPU > 0); this one on a tie or
+    when none does."""
+    this = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if not nodes:
+        return this
+    best = max(nodes, key=lambda n: (n["Resources"].get("memory", 0), n["NodeID"] == this))
+    return best["NodeID"]
+
+
+def _solve_in_worker(solver, refs, steps: list, here: list[bool], budgets, *, defer, grouped,
+                     seed, fill_limit, num_cpus, then):
+    """The in-memory solve in ``solver`` (a :class:`SolveWorker`); the driver only passes refs
+    and gets the certificate back. ``steps``: per block, the step columns the driver read in
+    place (a table) or a ref to the ones a task projected where the block lives. Blocks outside
+    the solver's node go through ``then`` in a task where they live."""
+    import ray
+    solver_node = ray.get(solver.node.remote())      # up, and warmed: calls run in order
+    at_solver = here if solver_node == ray.get_runtime_context().get_node_id() else \
+        _on_this_node(ray, refs, solver_node)
+    project = ray.remote(num_cpus=num_cpus, num_returns=2)(_project)
+    projected = [None if h else step if isinstance(step, ray.ObjectRef)
+                 else project.remote(ref, grouped)[0]
+                 for h, step, ref in zip(at_solver, steps, refs)]
+    returns = solver.solve.options(num_returns=1 + len(refs)).remote(
+        refs, projected, at_solver, budgets, defer, grouped, seed, fill_limit, then)
+    try:
+        outcome, metadata = ray.get(returns[0])
+    except ray.exceptions.RayTaskError as err:      # the solver's own error, not Ray's wrapper
+        raise err.cause if isinstance(err.cause, Exception) else err from None
+    outs = list(returns[1:])
+    others = [] if then is None else [i for i, h in enumerate(at_solver) if not h]
     if others:
-        for (i, _), meta in zip(pending, ray.get([meta for _, meta in pending])):
-            metadata[i] = meta
+        attach, then_ref = ray.remote(num_cpus=num_cpus, num_returns=2)(_attach), ray.put(then)
+        for i in others:
+            outs[i], metadata[i] = attach.remote(then_ref, outcome.selection.lam64, grouped,
+                                                 refs[i], outs[i])
+        metadata = [ray.get(m) if isinstance(m, ray.ObjectRef) else m for m in metadata]
     return outcome, _arms_dataset(outs, metadata)
 
 
@@ -231,14 +317,14 @@ class DatasetSolveResult(CertifiedResult):
 
     arms: object                                # ray.data.Dataset
     certificates: tuple[DualCertificate, ...]
-    on_driver: bool = False                     # solved in memory on the driver
+    in_memory: bool = False                     # solved in memory, in a SolveWorker
 
 
 def warm_up(defer: bool = False) -> None:
-    """Load the compiled kernels of the driver's solve before it is needed: numba reads its
+    """Load the compiled kernels of the in-memory solve before it is needed: numba reads its
     on-disk cache on a kernel's first use in a process (~1.5 s for the solve's kernels on a
-    2-core host). Solves a small problem with ties through the same path; the batch job calls it
-    in a thread while its workers score."""
+    2-core host). Solves a small problem with ties through the same path; a
+    :class:`SolveWorker` runs it while the batch job's workers score."""
     rng = np.random.default_rng(0)
     quality = np.round(rng.random((64, 4)), 1).astype(np.float32)   # rounded: tied keys
     cost = np.round(rng.random((64, 4)), 1) + 0.1
@@ -249,14 +335,15 @@ def warm_up(defer: bool = False) -> None:
 def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
                   fill_limit: int = FILL_LIMIT, num_cpus: float = 0.5,
                   then: tuple | None = None,
-                  local_limit_bytes: int | None = None) -> DatasetSolveResult:
+                  local_limit_bytes: int | None = None, solver=None) -> DatasetSolveResult:
     """``solve_budget`` over a Dataset of step tables (see the module docstring).
 
     budget_usd: one budget for the whole backlog, or a sequence of per-tenant budgets indexed
     by the ``tenant`` column. then: ``(fn, kwargs)``; ``fn(block + arm, lambda_star columns,
     **kwargs)`` runs where each block's arms are chosen; the Arrow tables it returns make ``arms``.
-    local_limit_bytes: solve on the driver when the step columns take at most this many bytes
-    (default ``local_solve_limit()``; 0 forces the distributed passes).
+    local_limit_bytes: solve in memory, in one :class:`SolveWorker`, when the step columns take
+    at most this many bytes (default ``local_solve_limit()``; 0 forces the distributed passes).
+    solver: that worker (:func:`start_solver`, warmed ahead); default: one started for this call.
     """
     import ray
     budgets = validated_budgets(budget_usd)
@@ -270,18 +357,17 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     here = _on_this_node(ray, refs)
     steps, sizes = _step_columns(ray, refs, here, grouped, num_cpus)
     limit = local_solve_limit() if local_limit_bytes is None else local_limit_bytes
-    on_driver = sum(sizes) <= limit
-    if on_driver:
-        tables = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in steps]
-        outcome, arms = _solve_on_driver(
-            refs, here, tables, budgets, defer=defer, grouped=grouped, seed=seed,
-            fill_limit=fill_limit, num_cpus=num_cpus, then=then)
+    in_memory = sum(sizes) <= limit
+    if in_memory:
+        outcome, arms = _solve_in_worker(
+            solver or start_solver(defer), refs, steps, here, budgets, defer=defer,
+            grouped=grouped, seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
     else:       # tasks read the blocks on this node in place, the others' projections
         step_refs = [t if isinstance(t, ray.ObjectRef) else ref for t, ref in zip(steps, refs)]
         passes = RayPasses(refs, step_refs, defer=defer, grouped=grouped, num_cpus=num_cpus,
                            then=then)
         outcome, arms = run_solve(passes, budgets, seed=seed, fill_limit=fill_limit)
-    return DatasetSolveResult(arms, certificates(outcome), on_driver)
+    return DatasetSolveResult(arms, certificates(outcome), in_memory)
 
 
 def _step_columns(ray, refs, here: list[bool], grouped: bool, num_cpus: float):
@@ -308,14 +394,15 @@ def blocks_in_place(refs, fn, *args, num_cpus: float, num_returns: int = 1,
             for ref, h in zip(refs, here)]
 
 
-def _on_this_node(ray, refs) -> list[bool]:
-    """Whether each object is in this node's object store (then ``ray.get`` maps it, no copy)."""
+def _on_this_node(ray, refs, node: str | None = None) -> list[bool]:
+    """Whether each object is in this node's object store (then ``ray.get`` maps it, no copy),
+    or in ``node``'s."""
     try:
         from ray.experimental import get_object_locations
         where = get_object_locations(refs)
     except (ImportError, AttributeError, RuntimeError):   # no locations: project them all
         return [False] * len(refs)
-    node = ray.get_runtime_context().get_node_id()
+    node = node or ray.get_runtime_context().get_node_id()
     return [node in where.get(ref, {}).get("node_ids", ()) for ref in refs]
 
 

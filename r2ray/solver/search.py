@@ -26,6 +26,9 @@ class InfeasibleBudget(ValueError):
         super().__init__(message)
         self.min_spend_usd = min_spend_usd
 
+    def __reduce__(self):      # pickled with both arguments: it is raised in a SolveWorker
+        return type(self), (self.args[0], self.min_spend_usd)
+
 
 @dataclass(frozen=True)
 class Outcome:
