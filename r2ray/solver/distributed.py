@@ -307,7 +307,8 @@ def _solve_in_worker(solver, refs, steps: list, here: list[bool], budgets, *, de
         for i in others:
             outs[i], metadata[i] = attach.remote(then_ref, outcome.selection.lam64, grouped,
                                                  refs[i], outs[i])
-        metadata = [ray.get(m) if isinstance(m, ray.ObjectRef) else m for m in metadata]
+        for i, meta in zip(others, ray.get([metadata[i] for i in others])):   # one wait
+            metadata[i] = meta
     return outcome, _arms_dataset(outs, metadata)
 
 
@@ -360,7 +361,8 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     in_memory = sum(sizes) <= limit
     if in_memory:
         outcome, arms = _solve_in_worker(
-            solver or start_solver(defer), refs, steps, here, budgets, defer=defer,
+            start_solver(defer) if solver is None else solver, refs, steps, here, budgets,
+            defer=defer,
             grouped=grouped, seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
     else:       # tasks read the blocks on this node in place, the others' projections
         step_refs = [t if isinstance(t, ray.ObjectRef) else ref for t, ref in zip(steps, refs)]
