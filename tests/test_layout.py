@@ -1,26 +1,54 @@
 """The architecture as a test: which packages may import which (statically, at any depth)."""
 
-import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "r2ray"
 
+# CPython 3.11's ast module keeps its recursion counter in interpreter-wide state, so ast.parse
+# in this process can fail with "AST constructor recursion depth mismatch" whenever another
+# thread (a Ray or Serve helper an earlier test left running) builds AST objects at the same time
+# (python/cpython#106905, fixed in 3.12). The files are parsed in a fresh one-thread interpreter.
+_IMPORTS = """
+import ast, json, sys
+from pathlib import Path
+found = {}
+for path in sorted(Path(sys.argv[1]).rglob("*.py")):
+    names, top = set(), set()
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top.add(node.module)
+    found[str(path.relative_to(Path(sys.argv[1]).parent))] = [sorted(names), sorted(top)]
+print(json.dumps(found))
+"""
+
+
+@functools.cache
+def _package_imports() -> dict[str, tuple[set[str], set[str]]]:
+    """{file: (every module it imports at any depth, the modules it imports at module level)}."""
+    out = subprocess.run([sys.executable, "-c", _IMPORTS, str(PACKAGE)], capture_output=True,
+                         text=True, check=True).stdout
+    return {f: (set(every), set(top)) for f, (every, top) in json.loads(out).items()}
+
 
 def imported_modules(folder: str) -> dict[str, set[str]]:
     """{file: every module it imports, at module level or inside functions}."""
-    found = {}
-    for path in sorted((PACKAGE / folder).rglob("*.py")):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names.add(node.module)
-                names |= {f"{node.module}.{alias.name}" for alias in node.names}
-        found[str(path.relative_to(PACKAGE.parent))] = names
-    return found
+    return {f: every for f, (every, _) in _package_imports().items()
+            if f.startswith(f"r2ray/{folder}/")}
 
 
 @pytest.mark.parametrize("folder", ["serving", "solver", "predictor"])
@@ -38,10 +66,7 @@ def test_solver_and_predictor_run_without_ray(folder):
                  for f, names in imported_modules(folder).items()
                  if not f.endswith("solver/distributed.py")}
     assert not {f: n for f, n in offenders.items() if n}
-    top = ast.parse((PACKAGE / "solver" / "distributed.py").read_text()).body
-    top_level = {alias.name for node in top if isinstance(node, ast.Import)
-                 for alias in node.names}
-    top_level |= {node.module for node in top if isinstance(node, ast.ImportFrom)}
+    top_level = _package_imports()["r2ray/solver/distributed.py"][1]
     assert not {n for n in top_level if n and (n == "ray" or n.startswith("ray."))}
 
 

@@ -157,7 +157,7 @@ def test_the_limit_defaults_to_a_share_of_free_memory_and_can_be_set(monkeypatch
 
 
 _COMPILED = """
-import importlib, sys
+import importlib, json, sys
 import numpy as np
 from numba.core.registry import CPUDispatcher
 from r2ray.solver.distributed import LocalPasses, _block, run_solve, warm_up
@@ -169,23 +169,26 @@ else:   # the in-memory solve of a real-sized problem, tied keys and NaN arms in
     block = _block(steps_to_table(random_steps(3, n=5000)), False, False)
     base_c = block.steps.base_c
     run_solve(LocalPasses([block]), [float(base_c[base_c == base_c].sum()) * 1.5], seed=0)
-print(sorted(f"{m}.{name}" for m in ("r2ray.solver.passes", "r2ray.solver.select",
-                                      "r2ray.solver.blocks")
-             for name, obj in vars(importlib.import_module(m)).items()
-             if isinstance(obj, CPUDispatcher) and obj.signatures))
+print(json.dumps(sorted(f"{m}.{name}" for m in ("r2ray.solver.passes", "r2ray.solver.select",
+                                                 "r2ray.solver.blocks")
+                        for name, obj in vars(importlib.import_module(m)).items()
+                        if isinstance(obj, CPUDispatcher) and obj.signatures)))
 """
 
 
-def test_warm_up_loads_every_kernel_the_in_memory_solve_uses():
+def test_warm_up_loads_every_kernel_the_in_memory_solve_uses(tmp_path):
     """The batch job warms its SolveWorker while its workers score: in a fresh process,
-    ``warm_up`` compiles (loads from numba's cache) the same kernels a real solve runs."""
-    import ast
+    ``warm_up`` compiles (loads from numba's cache) the same kernels a real solve runs. Both are
+    compared on a filled cache of their own: compiling from scratch also gives signatures to the
+    kernels a kernel calls, loading from the cache does not."""
+    import json
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    compiled = [ast.literal_eval(subprocess.run(
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    compiled = [json.loads(subprocess.run(
         [sys.executable, "-c", _COMPILED, how], capture_output=True, text=True, check=True,
-        cwd=root).stdout) for how in ("warm_up", "solve")]
+        cwd=root, env=env).stdout) for how in ("solve", "warm_up", "solve")][1:]
     assert compiled[0] == compiled[1] and len(compiled[1]) >= 4
