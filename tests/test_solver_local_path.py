@@ -152,8 +152,32 @@ def test_an_infeasible_budget_in_the_worker_reaches_the_caller_as_itself(ray_loc
 def test_the_limit_defaults_to_a_share_of_free_memory_and_can_be_set(monkeypatch):
     monkeypatch.delenv(LOCAL_SOLVE_ENV, raising=False)
     assert 0 < local_solve_limit() <= 1 << 30
+    assert local_solve_limit(8_000) == 1_000 and local_solve_limit(1 << 50) == 1 << 30
     monkeypatch.setenv(LOCAL_SOLVE_ENV, "12345")
-    assert local_solve_limit() == 12345
+    assert local_solve_limit() == 12345 == local_solve_limit(8_000)
+
+
+@pytest.mark.slow
+def test_the_solvers_node_memory_sets_the_limit(ray_local, monkeypatch):
+    """The in-memory solve runs in the solver's process, so its node's free memory decides:
+    a solver whose node has nothing free sends even a small backlog to the distributed passes,
+    and a real one (this machine) takes it in memory."""
+    from r2ray.solver.distributed import start_solver
+
+    class NothingFree:   # stands in for a SolveWorker on a node with no memory available
+        class available_memory:
+            @staticmethod
+            def remote():
+                return ray_local.put(0)
+
+    monkeypatch.delenv(LOCAL_SOLVE_ENV, raising=False)
+    steps = random_steps(8)
+    dataset, _ = scattered_dataset(ray_local, steps, n_blocks=2)
+    budget = steps.base_c.sum() + 0.3 * steps.dc.sum()
+    single = solve_budget(steps, budget)
+    for solver, in_memory in ((NothingFree(), False), (start_solver(), True)):
+        result = solve_dataset(dataset, budget, solver=solver)
+        assert result.in_memory is in_memory and result.certificate == single.certificate
 
 
 _COMPILED = """

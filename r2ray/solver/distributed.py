@@ -39,14 +39,21 @@ LOCAL_SOLVE_ENV = "R2RAY_LOCAL_SOLVE_BYTES"   # overrides the default limit
 MEMORY_SHARE = 8                # the gathered columns may use 1/8 of the node's free memory
 
 
-def local_solve_limit() -> int:
+def local_solve_limit(available_bytes: int | None = None) -> int:
     """Bytes of step columns solved in memory in one :class:`SolveWorker`:
     ``R2RAY_LOCAL_SOLVE_BYTES`` if set, else ``LOCAL_SOLVE_BYTES`` capped at 1/``MEMORY_SHARE``
-    of the memory available now on the driver's node (the solver's, on one machine)."""
+    of ``available_bytes``, the memory available now on the solver's node
+    (:meth:`SolveWorker.available_memory`; default: this node's)."""
     if os.environ.get(LOCAL_SOLVE_ENV):
         return int(os.environ[LOCAL_SOLVE_ENV])
+    return min(LOCAL_SOLVE_BYTES, (available_bytes if available_bytes is not None
+                                   else available_memory()) // MEMORY_SHARE)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now on this node (psutil's ``available``)."""
     import psutil
-    return min(LOCAL_SOLVE_BYTES, psutil.virtual_memory().available // MEMORY_SHARE)
+    return int(psutil.virtual_memory().available)
 
 
 def _step_names(grouped: bool) -> list[str]:
@@ -241,6 +248,10 @@ class SolveWorker:
         import ray
         return ray.get_runtime_context().get_node_id()
 
+    def available_memory(self) -> int:
+        """Bytes available on this actor's node: what caps the in-memory solve's size."""
+        return available_memory()
+
     def solve(self, refs: list, projected: list, here: list[bool], budgets, defer: bool,
               grouped: bool, seed: int, fill_limit: int, then):
         """((outcome, metadata per block), outputs per block...): see :func:`_solve_gathered`;
@@ -343,8 +354,10 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     by the ``tenant`` column. then: ``(fn, kwargs)``; ``fn(block + arm, lambda_star columns,
     **kwargs)`` runs where each block's arms are chosen; the Arrow tables it returns make ``arms``.
     local_limit_bytes: solve in memory, in one :class:`SolveWorker`, when the step columns take
-    at most this many bytes (default ``local_solve_limit()``; 0 forces the distributed passes).
-    solver: that worker (:func:`start_solver`, warmed ahead); default: one started for this call.
+    at most this many bytes (default :func:`local_solve_limit` of the free memory on ``solver``'s
+    node, or on this one when no solver is given; 0 forces the distributed passes).
+    solver: that worker (:func:`start_solver`, warmed ahead); default: one started for this call
+    once the size is known (so this node's free memory decides).
     """
     import ray
     budgets = validated_budgets(budget_usd)
@@ -357,7 +370,8 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
         refs = [ray.put(steps_to_table(empty_steps(), tenant=tenant))]
     here = _on_this_node(ray, refs)
     steps, sizes = _step_columns(ray, refs, here, grouped, num_cpus)
-    limit = local_solve_limit() if local_limit_bytes is None else local_limit_bytes
+    limit = local_limit_bytes if local_limit_bytes is not None else local_solve_limit(
+        None if solver is None else ray.get(solver.available_memory.remote()))
     in_memory = sum(sizes) <= limit
     if in_memory:
         outcome, arms = _solve_in_worker(
