@@ -165,10 +165,10 @@ def test_the_solvers_node_memory_sets_the_limit(ray_local, monkeypatch):
     from r2ray.solver.distributed import start_solver
 
     class NothingFree:   # stands in for a SolveWorker on a node with no memory available
-        class available_memory:
+        class placement:
             @staticmethod
             def remote():
-                return ray_local.put(0)
+                return ray_local.put(("a node", 0))
 
     monkeypatch.delenv(LOCAL_SOLVE_ENV, raising=False)
     steps = random_steps(8)

@@ -43,7 +43,7 @@ def local_solve_limit(available_bytes: int | None = None) -> int:
     """Bytes of step columns solved in memory in one :class:`SolveWorker`:
     ``R2RAY_LOCAL_SOLVE_BYTES`` if set, else ``LOCAL_SOLVE_BYTES`` capped at 1/``MEMORY_SHARE``
     of ``available_bytes``, the memory available now on the solver's node
-    (:meth:`SolveWorker.available_memory`; default: this node's)."""
+    (:meth:`SolveWorker.placement`; default: this node's)."""
     if os.environ.get(LOCAL_SOLVE_ENV):
         return int(os.environ[LOCAL_SOLVE_ENV])
     return min(LOCAL_SOLVE_BYTES, (available_bytes if available_bytes is not None
@@ -248,9 +248,10 @@ class SolveWorker:
         import ray
         return ray.get_runtime_context().get_node_id()
 
-    def available_memory(self) -> int:
-        """Bytes available on this actor's node: what caps the in-memory solve's size."""
-        return available_memory()
+    def placement(self) -> tuple[str, int]:
+        """(this actor's node, the bytes of memory available on it): where the solve reads
+        blocks in place, and what caps its size."""
+        return self.node(), available_memory()
 
     def solve(self, refs: list, projected: list, here: list[bool], budgets, defer: bool,
               grouped: bool, seed: int, fill_limit: int, then):
@@ -291,14 +292,13 @@ def _solver_node(ray) -> str:
     return best["NodeID"]
 
 
-def _solve_in_worker(solver, refs, steps: list, here: list[bool], budgets, *, defer, grouped,
-                     seed, fill_limit, num_cpus, then):
+def _solve_in_worker(solver, solver_node: str, refs, steps: list, here: list[bool], budgets, *,
+                     defer, grouped, seed, fill_limit, num_cpus, then):
     """The in-memory solve in ``solver`` (a :class:`SolveWorker`); the driver only passes refs
     and gets the certificate back. ``steps``: per block, the step columns the driver read in
     place (a table) or a ref to the ones a task projected where the block lives. Blocks outside
     the solver's node go through ``then`` in a task where they live."""
     import ray
-    solver_node = ray.get(solver.node.remote())      # up, and warmed: calls run in order
     at_solver = here if solver_node == ray.get_runtime_context().get_node_id() else \
         _on_this_node(ray, refs, solver_node)
     project = ray.remote(num_cpus=num_cpus, num_returns=2)(_project)
@@ -368,16 +368,22 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     if not refs:                                # an empty backlog still needs one (empty) block
         tenant = np.zeros(0, np.int32) if grouped else None
         refs = [ray.put(steps_to_table(empty_steps(), tenant=tenant))]
+    # the solver's (node, free bytes), asked while this node's blocks are read; it answers once
+    # it is up and warmed (an actor's calls run in order)
+    placement = None if solver is None else solver.placement.remote()
     here = _on_this_node(ray, refs)
     steps, sizes = _step_columns(ray, refs, here, grouped, num_cpus)
+    placement = None if placement is None else ray.get(placement)
     limit = local_limit_bytes if local_limit_bytes is not None else local_solve_limit(
-        None if solver is None else ray.get(solver.available_memory.remote()))
+        None if placement is None else placement[1])
     in_memory = sum(sizes) <= limit
     if in_memory:
+        if solver is None:
+            solver = start_solver(defer)
+            placement = ray.get(solver.placement.remote())
         outcome, arms = _solve_in_worker(
-            start_solver(defer) if solver is None else solver, refs, steps, here, budgets,
-            defer=defer,
-            grouped=grouped, seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
+            solver, placement[0], refs, steps, here, budgets, defer=defer, grouped=grouped,
+            seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
     else:       # tasks read the blocks on this node in place, the others' projections
         step_refs = [t if isinstance(t, ray.ObjectRef) else ref for t, ref in zip(steps, refs)]
         passes = RayPasses(refs, step_refs, defer=defer, grouped=grouped, num_cpus=num_cpus,
