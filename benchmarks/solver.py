@@ -14,6 +14,9 @@ the numba hull kernel (its compile or cache load, printed first, is not in the f
    per block, outputs fetched, a warmed SolveWorker), in memory and forced onto the distributed passes, in
    one row with one read pass, the hull and the single-node solve of the same scores, and the
    ratios; bit-identical check; the in-memory solve's peak memory per byte of step columns.
+   ``then`` returns each block's arms (what the check needs); the job's assign returns a few
+   rows of stats per block instead, so the in-memory path is also timed with a ``then`` that
+   returns one summary row per block ("summary out": its arms' count and sum, checked too).
     python benchmarks/solver.py --figures 1,4    # only those figures
 """
 from __future__ import annotations
@@ -204,7 +207,8 @@ def figure_ray(sizes: list[int], n_blocks: int = 16) -> None:
         print(f"\n[4] solve_dataset, {n_blocks} blocks on a local Ray (2 CPUs); seconds, fastest "
               f"of {RAY_REPEAT} on Ray, of 2 in memory (read of 3)")
         print("    N        read    hull (x read)   solve 1-node (x read)   "
-              "in memory (x 1-node)     distributed (x 1-node)   bit-identical")
+              "in memory (x 1-node)   summary out (x 1-node)   distributed (x 1-node)   "
+              "bit-identical")
         for n in sizes:
             _ray_row(n, n_blocks)
         _print_memory(sizes[-1])
@@ -225,27 +229,42 @@ def _ray_row(n: int, n_blocks: int) -> None:
         _job_solve(dataset, budget, limit, solver)
     (memory, arm_m), t_memory = seconds(_job_solve, dataset, budget, None, solver,
                                         repeat=RAY_REPEAT)
+    (_, summary), t_summary = seconds(_job_solve, dataset, budget, None, solver, True,
+                                      repeat=RAY_REPEAT)
     (blocks, arm_b), t_blocks = seconds(_job_solve, dataset, budget, 0, solver,
                                         repeat=RAY_REPEAT)
     same = all(r.certificate == single.certificate for r in (memory, blocks)) and \
-        np.array_equal(arm_m, single.arm) and np.array_equal(arm_b, single.arm)
+        np.array_equal(arm_m, single.arm) and np.array_equal(arm_b, single.arm) and \
+        summary == (len(single.arm), int(single.arm.sum()))
     print(f"    {n:<8,} {t_read:6.3f}  {t_hull:6.3f} ({t_hull / t_read:4.1f}x)   "
           f"{t_single:6.3f} ({t_single / t_read:4.1f}x)         "
-          f"{t_memory:6.3f} ({t_memory / t_single:5.1f}x)         "
+          f"{t_memory:6.3f} ({t_memory / t_single:5.1f}x)       "
+          f"{t_summary:6.3f} ({t_summary / t_single:5.1f}x)         "
           f"{t_blocks:6.3f} ({t_blocks / t_single:6.1f}x)        {same}  "
           f"[in memory: {memory.in_memory}, {blocks.in_memory}]")
 
 
-def _job_solve(dataset, budget: float, limit, solver):
+def _job_solve(dataset, budget: float, limit, solver, summary: bool = False):
     """solve_dataset with a per-block ``then`` (as the batch job's assign) and its outputs
-    fetched; returns (result, arms in query order)."""
+    fetched; returns (result, arms in query order), or with ``summary`` (each block's output one
+    row, as small as the assign's stats) (result, (arms counted, their sum))."""
     import pyarrow as pa
     import ray
     from r2ray.solver.distributed import solve_dataset
-    result = solve_dataset(dataset, budget, local_limit_bytes=limit, solver=solver,
-                           then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
-    table = pa.concat_tables(ray.get(result.arms.to_arrow_refs())).sort_by("query_pos")
-    return result, table.column("arm").to_numpy()
+    then = (_arm_summary, {}) if summary else (pa.Table.select, {"columns": ["query_pos", "arm"]})
+    result = solve_dataset(dataset, budget, local_limit_bytes=limit, solver=solver, then=then)
+    table = pa.concat_tables(ray.get(result.arms.to_arrow_refs()))
+    if summary:
+        return result, (int(table.column("rows").to_numpy().sum()),
+                        int(table.column("arm_sum").to_numpy().sum()))
+    return result, table.sort_by("query_pos").column("arm").to_numpy()
+
+
+def _arm_summary(table):
+    """One row per block: its rows and the sum of their arms."""
+    import pyarrow as pa
+    arm = table.column("arm").to_numpy()
+    return pa.table({"rows": [len(arm)], "arm_sum": [int(arm.sum())]})
 
 
 def _print_memory(n: int) -> None:
