@@ -180,6 +180,45 @@ def test_the_solvers_node_memory_sets_the_limit(ray_local, monkeypatch):
         assert result.in_memory is in_memory and result.certificate == single.certificate
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_lost_solver_falls_back_to_the_distributed_passes(ray_local, tmp_path, when):
+    """The in-memory solve runs in an actor, whose process or node can be lost (an OOM kill, a
+    node going away): the solve then takes the distributed passes, whose tasks Ray retries, and
+    gives the same certificate and arms. ``during``: ``then`` kills the actor's process on its
+    first call (once: the marker file), as a machine loss would, after the passes ran."""
+    import os
+
+    from r2ray.solver.distributed import start_solver
+
+    marker = str(tmp_path / "killed")
+
+    def then_dies_once(table):
+        if when == "during":
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return table.select(["query_pos", "arm"])
+
+    steps = random_steps(9)
+    dataset, _ = scattered_dataset(ray_local, steps, n_blocks=3)
+    budget = steps.base_c.sum() + 0.35 * steps.dc.sum()
+    single = solve_budget(steps, budget)
+    solver = start_solver()
+    ray_local.get(solver.node.remote())                       # up and warmed
+    if when == "before":
+        ray_local.kill(solver)
+    result = solve_dataset(dataset, budget, solver=solver, local_limit_bytes=PATHS["memory"],
+                           then=(then_dies_once, {}))
+    assert not result.in_memory and result.certificate == single.certificate
+    table = pa.concat_tables(ray_local.get(result.arms.to_arrow_refs())).sort_by("query_pos")
+    np.testing.assert_array_equal(table.column("arm").to_numpy(), single.arm)
+    assert os.path.exists(marker) == (when == "during")
+
 _COMPILED = """
 import importlib, json, sys
 import numpy as np

@@ -18,6 +18,7 @@ elsewhere as a slice: no second pass and no re-aligning of blocks).
 """
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from r2ray.solver.table import CHAIN_COLUMNS, steps_to_table, table_to_steps
 LOCAL_SOLVE_BYTES = 1 << 30     # step columns solved in one process at most (about 4M queries
                                 # at 10 steps each; the solve then holds ~4x this, ~10 s/4M)
 LOCAL_SOLVE_ENV = "R2RAY_LOCAL_SOLVE_BYTES"   # overrides the default limit
+log = logging.getLogger(__name__)
 MEMORY_SHARE = 8                # the gathered columns may use 1/8 of the node's free memory
 
 
@@ -357,7 +359,9 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     at most this many bytes (default :func:`local_solve_limit` of the free memory on ``solver``'s
     node, or on this one when no solver is given; 0 forces the distributed passes).
     solver: that worker (:func:`start_solver`, warmed ahead); default: one started for this call
-    once the size is known (so this node's free memory decides).
+    once the size is known (so this node's free memory decides). If its process or node is lost,
+    before or during the solve, the distributed passes solve instead (``in_memory`` False, the
+    same arms); ``then`` may then run twice on a block, as on any retried task.
     """
     import ray
     budgets = validated_budgets(budget_usd)
@@ -373,18 +377,28 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     placement = None if solver is None else solver.placement.remote()
     here = _on_this_node(ray, refs)
     steps, sizes = _step_columns(ray, refs, here, grouped, num_cpus)
-    placement = None if placement is None else ray.get(placement)
+    lost = None
+    try:
+        placement = None if placement is None else ray.get(placement)
+    except ray.exceptions.RayActorError as err:
+        lost, placement = err, None
     limit = local_limit_bytes if local_limit_bytes is not None else local_solve_limit(
         None if placement is None else placement[1])
-    in_memory = sum(sizes) <= limit
+    in_memory = lost is None and sum(sizes) <= limit
     if in_memory:
-        if solver is None:
-            solver = start_solver(defer)
-            placement = ray.get(solver.placement.remote())
-        outcome, arms = _solve_in_worker(
-            solver, placement[0], refs, steps, here, budgets, defer=defer, grouped=grouped,
-            seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
-    else:       # tasks read the blocks on this node in place, the others' projections
+        try:
+            if solver is None:
+                solver = start_solver(defer)
+                placement = ray.get(solver.placement.remote())
+            outcome, arms = _solve_in_worker(
+                solver, placement[0], refs, steps, here, budgets, defer=defer, grouped=grouped,
+                seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
+        except ray.exceptions.RayActorError as err:   # its process or node was lost
+            lost, in_memory = err, False
+    if lost is not None:
+        log.warning("the in-memory solver was lost (%s); solving with the distributed passes, "
+                    "whose tasks Ray retries (same arms)", type(lost).__name__)
+    if not in_memory:   # tasks read the blocks on this node in place, the others' projections
         step_refs = [t if isinstance(t, ray.ObjectRef) else ref for t, ref in zip(steps, refs)]
         passes = RayPasses(refs, step_refs, defer=defer, grouped=grouped, num_cpus=num_cpus,
                            then=then)
