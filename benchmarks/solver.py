@@ -229,19 +229,19 @@ def _ray_row(n: int, n_blocks: int) -> None:
         _job_solve(dataset, budget, limit, solver)
     (memory, arm_m), t_memory = seconds(_job_solve, dataset, budget, None, solver,
                                         repeat=RAY_REPEAT)
-    (_, summary), t_summary = seconds(_job_solve, dataset, budget, None, solver, True,
-                                      repeat=RAY_REPEAT)
+    (summed, summary), t_summary = seconds(_job_solve, dataset, budget, None, solver, True,
+                                           repeat=RAY_REPEAT)
     (blocks, arm_b), t_blocks = seconds(_job_solve, dataset, budget, 0, solver,
                                         repeat=RAY_REPEAT)
-    same = all(r.certificate == single.certificate for r in (memory, blocks)) and \
+    same = all(r.certificate == single.certificate for r in (memory, summed, blocks)) and \
         np.array_equal(arm_m, single.arm) and np.array_equal(arm_b, single.arm) and \
         summary == (len(single.arm), int(single.arm.sum()))
     print(f"    {n:<8,} {t_read:6.3f}  {t_hull:6.3f} ({t_hull / t_read:4.1f}x)   "
           f"{t_single:6.3f} ({t_single / t_read:4.1f}x)         "
           f"{t_memory:6.3f} ({t_memory / t_single:5.1f}x)       "
-          f"{t_summary:6.3f} ({t_summary / t_single:5.1f}x)         "
+          f"{t_summary:6.3f} ({t_summary / t_single:5.1f}x)          "
           f"{t_blocks:6.3f} ({t_blocks / t_single:6.1f}x)        {same}  "
-          f"[in memory: {memory.in_memory}, {blocks.in_memory}]")
+          f"[in memory: {memory.in_memory}, {summed.in_memory}, {blocks.in_memory}]")
 
 
 def _job_solve(dataset, budget: float, limit, solver, summary: bool = False):

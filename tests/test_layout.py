@@ -48,8 +48,10 @@ def _package_imports() -> dict[str, tuple[set[str], set[str]]]:
 
 def imported_modules(folder: str) -> dict[str, set[str]]:
     """{file: every module it imports, at module level or inside functions}."""
-    return {f: every for f, (every, _) in _package_imports().items()
-            if f.startswith(f"r2ray/{folder}/")}
+    found = {f: every for f, (every, _) in _package_imports().items()
+             if f.startswith(f"r2ray/{folder}/")}
+    assert found, f"no Python files under r2ray/{folder}"
+    return found
 
 
 @pytest.mark.parametrize("folder", ["serving", "solver", "predictor"])

@@ -21,12 +21,17 @@ def random_steps(seed: int, n: int = 600, k: int = 12):
     return hull_steps(q, c)
 
 
+def dataset_keys(steps) -> np.ndarray:
+    """The query keys :func:`scattered_dataset` gives its step tables."""
+    return np.arange(steps.n_queries, dtype=np.uint64) * 7919
+
+
 def scattered_dataset(ray, steps, *, tenant=None, n_blocks=5, extra=True):
     """Step tables whose query positions are not 0..N-1 (as after dedupe), with keys, and a
     column the solve must carry through untouched (as the batch job's blocks have)."""
     import ray.data  # noqa: F401  (ray.data below)
     n = steps.n_queries
-    table = steps_to_table(steps, query_key=np.arange(n, dtype=np.uint64) * 7919, tenant=tenant)
+    table = steps_to_table(steps, query_key=dataset_keys(steps), tenant=tenant)
     pos = np.arange(n, dtype=np.int64) * 3 + 11
     table = table.set_column(0, "query_pos", pa.array(pos))
     if extra:
@@ -43,7 +48,7 @@ def test_each_path_matches_the_in_memory_solve(ray_local, path, fraction, defer,
     steps = random_steps(seed + 10)
     dataset, pos = scattered_dataset(ray_local, steps)
     budget = steps.base_c.sum() + fraction * steps.dc.sum()
-    keys = np.arange(steps.n_queries, dtype=np.uint64) * 7919
+    keys = dataset_keys(steps)
     single = solve_budget(steps, budget, seed=seed, defer=defer, query_key=keys)
     result = solve_dataset(dataset, budget, seed=seed, defer=defer,
                            local_limit_bytes=PATHS[path])
@@ -67,7 +72,7 @@ def test_blocks_on_other_nodes_are_projected_where_they_are(ray_local, path, mon
     dataset, pos = scattered_dataset(ray_local, steps, n_blocks=5)
     budget = steps.base_c.sum() + 0.3 * steps.dc.sum()
     single = solve_budget(steps, budget, seed=3,
-                          query_key=np.arange(steps.n_queries, dtype=np.uint64) * 7919)
+                          query_key=dataset_keys(steps))
     result = solve_dataset(dataset, budget, seed=3, local_limit_bytes=PATHS[path],
                            then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
     assert result.in_memory == (path == "memory") and result.certificate == single.certificate
@@ -84,7 +89,7 @@ def test_then_runs_per_block_with_the_arms_and_each_tenants_price(ray_local, pat
     step_tenant = np.repeat(tenant, steps.steps_per_query)
     budgets = [steps.base_c[tenant == t].sum() + 0.3 * steps.dc[step_tenant == t].sum()
                for t in range(3)]
-    keys = np.arange(steps.n_queries, dtype=np.uint64) * 7919
+    keys = dataset_keys(steps)
     single = solve_groups(steps, budgets, group=tenant, seed=1, query_key=keys)
     dataset, pos = scattered_dataset(ray_local, steps, tenant=tenant, n_blocks=4)
     columns = ["query_pos", "payload", "arm", "lambda_star"]
@@ -130,7 +135,7 @@ def test_the_in_memory_solve_runs_in_its_worker_not_in_the_driver(ray_local, mon
     steps = random_steps(6)
     dataset, pos = scattered_dataset(ray_local, steps, n_blocks=3)
     budget = steps.base_c.sum() + 0.4 * steps.dc.sum()
-    keys = np.arange(steps.n_queries, dtype=np.uint64) * 7919
+    keys = dataset_keys(steps)
     single = solve_budget(steps, budget, seed=2, query_key=keys)
     result = solve_dataset(dataset, budget, seed=2, local_limit_bytes=PATHS["memory"],
                            then=(pa.Table.select, {"columns": ["query_pos", "arm"]}))
@@ -174,7 +179,7 @@ def test_the_solvers_node_memory_sets_the_limit(ray_local, monkeypatch):
     steps = random_steps(8)
     dataset, _ = scattered_dataset(ray_local, steps, n_blocks=2)
     budget = steps.base_c.sum() + 0.3 * steps.dc.sum()
-    single = solve_budget(steps, budget)
+    single = solve_budget(steps, budget, query_key=dataset_keys(steps))
     for solver, in_memory in ((NothingFree(), False), (start_solver(), True)):
         result = solve_dataset(dataset, budget, solver=solver)
         assert result.in_memory is in_memory and result.certificate == single.certificate
@@ -207,7 +212,7 @@ def test_a_lost_solver_falls_back_to_the_distributed_passes(ray_local, tmp_path,
     steps = random_steps(9)
     dataset, _ = scattered_dataset(ray_local, steps, n_blocks=3)
     budget = steps.base_c.sum() + 0.35 * steps.dc.sum()
-    single = solve_budget(steps, budget)
+    single = solve_budget(steps, budget, query_key=dataset_keys(steps))
     solver = start_solver()
     ray_local.get(solver.node.remote())                       # up and warmed
     if when == "before":
@@ -218,6 +223,34 @@ def test_a_lost_solver_falls_back_to_the_distributed_passes(ray_local, tmp_path,
     table = pa.concat_tables(ray_local.get(result.arms.to_arrow_refs())).sort_by("query_pos")
     np.testing.assert_array_equal(table.column("arm").to_numpy(), single.arm)
     assert os.path.exists(marker) == (when == "during")
+
+
+@pytest.mark.slow
+def test_a_solver_killed_for_memory_falls_back_too(ray_local):
+    """Ray's memory monitor kills an actor with ``OutOfMemoryError``, not a ``RayActorError``:
+    the likeliest loss of an in-memory solve is caught as well (a stand-in solver here)."""
+    class KilledForMemory:
+        class placement:
+            @staticmethod
+            def remote():
+                return ray_local.put((ray_local.get_runtime_context().get_node_id(), 1 << 40))
+
+        class solve:
+            @staticmethod
+            def options(**_):
+                return KilledForMemory.solve
+
+            @staticmethod
+            def remote(*_):
+                raise ray_local.exceptions.OutOfMemoryError("the memory monitor killed it")
+
+    steps = random_steps(10)
+    dataset, _ = scattered_dataset(ray_local, steps, n_blocks=2)
+    budget = steps.base_c.sum() + 0.25 * steps.dc.sum()
+    result = solve_dataset(dataset, budget, solver=KilledForMemory())
+    assert not result.in_memory
+    assert result.certificate == solve_budget(steps, budget,
+                                              query_key=dataset_keys(steps)).certificate
 
 _COMPILED = """
 import importlib, json, sys

@@ -359,9 +359,11 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     at most this many bytes (default :func:`local_solve_limit` of the free memory on ``solver``'s
     node, or on this one when no solver is given; 0 forces the distributed passes).
     solver: that worker (:func:`start_solver`, warmed ahead); default: one started for this call
-    once the size is known (so this node's free memory decides). If its process or node is lost,
-    before or during the solve, the distributed passes solve instead (``in_memory`` False, the
-    same arms); ``then`` may then run twice on a block, as on any retried task.
+    once the size is known (so this node's free memory decides). If its process or node is lost
+    (killed, out of memory, unreachable: it is then killed) before or during the call, the
+    distributed passes solve instead (``in_memory`` False, the same arms); ``then`` may then run
+    twice on a block, one run after the other, as on any retried task. The arms the solver
+    returned are its objects: a node lost after the call loses them as it loses any task's.
     """
     import ray
     budgets = validated_budgets(budget_usd)
@@ -378,12 +380,13 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     here = _on_this_node(ray, refs)
     steps, sizes = _step_columns(ray, refs, here, grouped, num_cpus)
     lost = None
-    try:
-        placement = None if placement is None else ray.get(placement)
-    except ray.exceptions.RayActorError as err:
-        lost, placement = err, None
+    if placement is not None and (local_limit_bytes is None or sum(sizes) <= local_limit_bytes):
+        try:                                    # (else the distributed passes need no solver)
+            placement = ray.get(placement)
+        except _solver_lost(ray) as err:
+            lost = err
     limit = local_limit_bytes if local_limit_bytes is not None else local_solve_limit(
-        None if placement is None else placement[1])
+        None if placement is None or lost else placement[1])
     in_memory = lost is None and sum(sizes) <= limit
     if in_memory:
         try:
@@ -393,9 +396,11 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
             outcome, arms = _solve_in_worker(
                 solver, placement[0], refs, steps, here, budgets, defer=defer, grouped=grouped,
                 seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
-        except ray.exceptions.RayActorError as err:   # its process or node was lost
+        except _solver_lost(ray) as err:
             lost, in_memory = err, False
-    if lost is not None:
+    if lost is not None:   # an unreachable actor may still be running ``then``: stop it first
+        if isinstance(solver, ray.actor.ActorHandle):
+            ray.kill(solver, no_restart=True)
         log.warning("the in-memory solver was lost (%s); solving with the distributed passes, "
                     "whose tasks Ray retries (same arms)", type(lost).__name__)
     if not in_memory:   # tasks read the blocks on this node in place, the others' projections
@@ -404,6 +409,14 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
                            then=then)
         outcome, arms = run_solve(passes, budgets, seed=seed, fill_limit=fill_limit)
     return DatasetSolveResult(arms, certificates(outcome), in_memory)
+
+
+def _solver_lost(ray) -> tuple[type, ...]:
+    """What Ray raises when the solver's process or node is gone or cannot come up (its own
+    errors come back as ``RayTaskError`` and are re-raised as themselves)."""
+    e = ray.exceptions
+    return (e.RayActorError, e.OutOfMemoryError, e.ActorUnschedulableError,
+            e.RuntimeEnvSetupError)
 
 
 def _step_columns(ray, refs, here: list[bool], grouped: bool, num_cpus: float):
