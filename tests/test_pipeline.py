@@ -88,6 +88,7 @@ def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manif
     assert manifest["spend"]["strict_budget"] is False
     assert manifest["spend"]["worst_case_usd"] > manifest["spend"]["usable_usd"]  # not a bound
     assert manifest["solve"]["lambda"] > 0 and manifest["solve"]["gap"] >= 0
+    assert manifest["solve"]["path"] == "in memory"           # a small backlog, solver alive
     # every routed prompt carries the length instruction and a hard cap that matches its budget:
     # each row as Serve renders it (routing.routed_request), from the query and its input tokens
     source = {r["query_id"]: r for r in table.to_pylist()}

@@ -358,7 +358,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                   "guarantee": guarantee_record(plan, certificate, predicted_spend),
                   "cost_correction": correction_record(correction, config),
                   "by_model": spend_by_model(stats)},
-        "solve": None if certificate is None else _solve_record(certificate),
+        "solve": None if certificate is None else _solve_record(certificate, solved.in_memory),
         "model": {"uri": model.uri, "name": model.name, "version": model.version},
         "catalog_fingerprint": model.catalog.fingerprint,
         "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint},
@@ -466,8 +466,11 @@ def guarantee_record(plan: SpendPlan, certificate, predicted_usd: float) -> dict
     return record
 
 
-def _solve_record(certificate) -> dict:
-    return {"lambda": certificate.lam, "theta": certificate.theta,
+def _solve_record(certificate, in_memory: bool) -> dict:
+    """The certificate, and where it was solved: in memory in one SolveWorker, or by the
+    distributed passes (past the size limit, or after the solver was lost: its warning says)."""
+    return {"path": "in memory" if in_memory else "distributed passes",
+            "lambda": certificate.lam, "theta": certificate.theta,
             "tie_cut": certificate.tie_cut, "seed": certificate.seed,
             "objective": certificate.objective, "lp_value": certificate.lp_value,
             "upper_bound": certificate.upper_bound, "gap": certificate.gap,
