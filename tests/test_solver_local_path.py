@@ -185,7 +185,6 @@ def test_the_solvers_node_memory_sets_the_limit(ray_local, monkeypatch):
         assert result.in_memory is in_memory and result.certificate == single.certificate
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_a_lost_solver_falls_back_to_the_distributed_passes(ray_local, tmp_path, when):
@@ -247,10 +246,12 @@ def test_a_solver_killed_for_memory_falls_back_too(ray_local):
     steps = random_steps(10)
     dataset, _ = scattered_dataset(ray_local, steps, n_blocks=2)
     budget = steps.base_c.sum() + 0.25 * steps.dc.sum()
-    result = solve_dataset(dataset, budget, solver=KilledForMemory())
+    result = solve_dataset(dataset, budget, solver=KilledForMemory(),
+                           local_limit_bytes=PATHS["memory"])
     assert not result.in_memory
     assert result.certificate == solve_budget(steps, budget,
                                               query_key=dataset_keys(steps)).certificate
+
 
 _COMPILED = """
 import importlib, json, sys

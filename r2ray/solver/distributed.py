@@ -37,8 +37,8 @@ from r2ray.solver.table import CHAIN_COLUMNS, steps_to_table, table_to_steps
 LOCAL_SOLVE_BYTES = 1 << 30     # step columns solved in one process at most (about 4M queries
                                 # at 10 steps each; the solve then holds ~4x this, ~10 s/4M)
 LOCAL_SOLVE_ENV = "R2RAY_LOCAL_SOLVE_BYTES"   # overrides the default limit
-log = logging.getLogger(__name__)
 MEMORY_SHARE = 8                # the gathered columns may use 1/8 of the node's free memory
+log = logging.getLogger(__name__)
 
 
 def local_solve_limit(available_bytes: int | None = None) -> int:
@@ -379,22 +379,22 @@ def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
     placement = None if solver is None else solver.placement.remote()
     here = _on_this_node(ray, refs)
     steps, sizes = _step_columns(ray, refs, here, grouped, num_cpus)
-    lost = None
-    if placement is not None and (local_limit_bytes is None or sum(sizes) <= local_limit_bytes):
+    total = sum(sizes)
+    node = free = lost = None
+    if placement is not None and (local_limit_bytes is None or total <= local_limit_bytes):
         try:                                    # (else the distributed passes need no solver)
-            placement = ray.get(placement)
+            node, free = ray.get(placement)
         except _solver_lost(ray) as err:
             lost = err
-    limit = local_limit_bytes if local_limit_bytes is not None else local_solve_limit(
-        None if placement is None or lost else placement[1])
-    in_memory = lost is None and sum(sizes) <= limit
+    limit = local_limit_bytes if local_limit_bytes is not None else local_solve_limit(free)
+    in_memory = lost is None and total <= limit
     if in_memory:
         try:
             if solver is None:
                 solver = start_solver(defer)
-                placement = ray.get(solver.placement.remote())
+                node, _ = ray.get(solver.placement.remote())
             outcome, arms = _solve_in_worker(
-                solver, placement[0], refs, steps, here, budgets, defer=defer, grouped=grouped,
+                solver, node, refs, steps, here, budgets, defer=defer, grouped=grouped,
                 seed=seed, fill_limit=fill_limit, num_cpus=num_cpus, then=then)
         except _solver_lost(ray) as err:
             lost, in_memory = err, False
