@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from predictor_world import planted_arrays, small_catalog
 
 from r2ray.predictor import load_predictor, make_predictor, save_predictor
+from r2ray.predictor import token_calibration
 from r2ray.predictor.persist import CONFIG_FILE
 from r2ray.predictor.token_calibration import (BEYOND_TOKENS, TokenCalibration, arm_caps_tokens,
                                                fit_token_calibration)
@@ -118,6 +120,24 @@ def test_mean_tokens_is_bit_identical_to_the_take_along_rule():
         tokens[on_edge] = np.broadcast_to(edges[:, 0], tokens.shape)[on_edge]
         got = calibration.mean_tokens(tokens)
         assert got.tobytes() == take_along_rule(calibration, tokens).tobytes(), trial
+
+
+@pytest.mark.parametrize("chunk_cells", [1, 37, 1 << 16])
+def test_mean_tokens_in_row_chunks_is_the_same_rule(monkeypatch, chunk_cells):
+    """Row chunks (one row each, a few rows with a ragged last chunk, one chunk) give the rule's
+    values for every row: none dropped, none shifted, NaN and ±inf where they were."""
+    monkeypatch.setattr(token_calibration, "CHUNK_CELLS", chunk_cells)
+    rng = np.random.default_rng(2)
+    k = 6
+    edges = np.sort(np.round(rng.uniform(0, 800, size=(k, 3))), axis=1)
+    calibration = TokenCalibration(edges, rng.uniform(0.0, 3.0, size=(k, 4)),
+                                   rng.choice([110.0, 4096.0], size=k))
+    tokens = odd_tokens(rng, 53, k)
+    tokens[4, 2], tokens[9, 0], tokens[52, 5] = np.nan, np.inf, -np.inf
+    got = calibration.mean_tokens(tokens)
+    assert got.dtype == np.float32 and got.shape == tokens.shape
+    assert got.tobytes() == take_along_rule(calibration, tokens).tobytes()
+    assert np.isnan(got[4, 2]) and calibration.mean_tokens(tokens[:0]).shape == (0, k)
 
 
 def test_mean_tokens_is_bit_identical_after_save_and_load(tmp_path):
