@@ -337,13 +337,25 @@ class DatasetSolveResult(CertifiedResult):
 def warm_up(defer: bool = False) -> None:
     """Load the compiled kernels of the in-memory solve before it is needed: numba reads its
     on-disk cache on a kernel's first use in a process (~1.5 s for the solve's kernels on a
-    2-core host). Solves a small problem with ties through the same path; a
-    :class:`SolveWorker` runs it while the batch job's workers score."""
+    2-core host), and compiles a signature it has not met (seconds). A :class:`SolveWorker` runs
+    this while the batch job's workers score. Numba keeps a signature per dtype and array flag,
+    so this solves small problems the way :func:`_solve_gathered` does, from one step table read
+    in place (read-only arrays) and from several copied into one block (writable), with λ* among
+    steps that tie exactly (the hash cut) or in float32 only (the float64 passes), at a tight and
+    a loose budget: the real solve then meets no signature it lacks."""
     rng = np.random.default_rng(0)
-    quality = np.round(rng.random((64, 4)), 1).astype(np.float32)   # rounded: tied keys
-    cost = np.round(rng.random((64, 4)), 1) + 0.1
-    block = _block(steps_to_table(hull_steps(quality, cost)), defer, grouped=False)
-    run_solve(LocalPasses([block]), [float(np.median(cost, axis=1).sum())], seed=0)
+    rounded = (np.round(rng.random((64, 4)), 1).astype(np.float32),
+               np.round(rng.random((64, 4)), 1) + 0.1)
+    quality = np.tile(np.float32([0.2, 0.5, 0.7, 0.9]), (64, 1))    # every query alike: all tied
+    cost = np.tile([0.1, 0.2, 0.4, 0.8], (64, 1))
+    near = cost * (1 + 1e-9 * rng.random(cost.shape))                 # tied in float32 only
+    for problem in (rounded, (quality, cost), (quality, near)):
+        table = steps_to_table(hull_steps(*problem))
+        for tables in ([table], [table.slice(0, 32), table.slice(32)]):
+            block = _one_block(tables, defer, grouped=False)
+            for share in (0.05, 0.5):
+                budget = block.steps.base_c.sum() + share * block.steps.dc.sum()
+                run_solve(LocalPasses([block]), [float(budget)], seed=0)
 
 
 def solve_dataset(dataset, budget_usd, *, seed: int = 0, defer: bool = False,
