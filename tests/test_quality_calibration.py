@@ -128,6 +128,33 @@ def test_apply_is_bit_identical_to_the_per_arm_rule_on_random_maps():
         assert got.tobytes() == want.tobytes(), trial
 
 
+def test_apply_is_bit_identical_to_np_interp_on_knots_repeats_and_many_rows():
+    """The compiled loop against ``np.interp`` where their arithmetic could part: cells exactly
+    on a knot (knots float32-representable), repeated knots, flat and steep pieces, one knot,
+    tens of rows, maps shared by scattered arms."""
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        k, n_maps = int(rng.integers(1, 12)), int(rng.integers(1, 4))
+        group = rng.integers(-1, n_maps, size=k)
+        knots_x, knots_y = [], []
+        for _ in range(n_maps):
+            x = np.sort(rng.random(int(rng.integers(1, 12))).astype(np.float32)).astype(np.float64)
+            if len(x) > 2 and trial % 4 == 0:
+                x[1] = x[2]                                  # a repeated knot
+            y = np.sort(rng.random(len(x)))
+            if len(y) > 2 and trial % 5 == 0:
+                y[1] = y[2]                                  # a flat piece
+            knots_x.append(x)
+            knots_y.append(y)
+        calibration = QualityCalibration(group.astype(np.int64), knots_x, knots_y)
+        quality = odd_quality(rng, int(rng.integers(1, 40)), k)
+        on_knot = rng.random(quality.shape) < 0.2
+        pick = np.concatenate(knots_x)[rng.integers(0, sum(map(len, knots_x)), quality.shape)]
+        quality[on_knot] = pick[on_knot].astype(np.float32)
+        got, want = calibration.apply(quality), per_arm_rule(calibration, quality)
+        assert got.tobytes() == want.tobytes(), trial
+
+
 def test_apply_is_bit_identical_on_calibrations_loaded_from_disk(tmp_path):
     catalog = small_catalog()
     said, labels = miscalibrated(catalog, 300, seed=0)

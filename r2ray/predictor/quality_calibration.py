@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from r2ray.catalog import Catalog
 from r2ray.predictor.token_calibration import cross_fit
@@ -53,6 +54,45 @@ def isotonic_knots(predicted: np.ndarray, observed: np.ndarray,
     return np.asarray(xs) / np.asarray(weights), np.asarray(values)
 
 
+@njit(cache=True, nogil=True)
+def _interp(x, xs, ys, lo, hi):
+    """``np.interp(x, xs[lo:hi], ys[lo:hi])`` for one finite float64 ``x``: the same operations
+    in the same order as NumPy's C loop, so the same bits. Clamped outside the knots, a knot's
+    own value on a knot, else the slope from the left knot (from the right one where the left
+    gives NaN)."""
+    last = hi - 1
+    if x < xs[lo]:
+        return ys[lo]
+    if x >= xs[last]:
+        return ys[last]
+    j, n = lo, last - lo                  # the last j < last with xs[j] <= x is in j .. j+n-1
+    while n > 1:                          # (branch-free halving: a conditional move per step)
+        half = n >> 1
+        j = j + half if xs[j + half] <= x else j
+        n -= half
+    if xs[j] == x:
+        return ys[j]
+    slope = (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j])
+    value = slope * (x - xs[j]) + ys[j]
+    if np.isnan(value):
+        value = slope * (x - xs[j + 1]) + ys[j + 1]
+        if np.isnan(value) and ys[j] == ys[j + 1]:
+            value = ys[j]
+    return value
+
+
+@njit(cache=True, nogil=True)
+def _apply_maps(out, group, starts, flat_x, flat_y):
+    """In place on ``out`` [N, K] float32: each finite cell of an arm with a map (``group`` ≥ 0)
+    → its map's value at it, rounded to float32 as ``np.copyto`` rounds."""
+    for i in range(out.shape[0]):
+        for arm in range(out.shape[1]):
+            g = group[arm]
+            x = np.float64(out[i, arm])
+            if g >= 0 and np.isfinite(x):
+                out[i, arm] = np.float32(_interp(x, flat_x, flat_y, starts[g], starts[g + 1]))
+
+
 @dataclass(frozen=True)
 class QualityCalibration:
     group: np.ndarray          # [K] int: which map each arm uses (-1: none)
@@ -60,29 +100,24 @@ class QualityCalibration:
     knots_y: list[np.ndarray]  # per map: knot quality, increasing
 
     def __post_init__(self):
-        """Each map's arms, found once when the calibration is fitted, extended or loaded:
-        ``apply`` runs per Serve request, where finding them again (np.unique, flatnonzero per
-        map) cost a one-row call ~270 µs with cold caches. A run of adjacent arms (one model's
-        arms, in catalogue order) is kept as a slice, so ``apply`` maps it in place."""
-        maps = []
-        for g in np.unique(self.group[self.group >= 0]):
-            arms = np.flatnonzero(self.group == g)
-            if arms[-1] - arms[0] == len(arms) - 1:
-                arms = slice(int(arms[0]), int(arms[-1]) + 1)
-            maps.append((arms, self.knots_x[g], self.knots_y[g]))
-        object.__setattr__(self, "_maps", tuple(maps))
+        """Every map's knots as one flat table with each map's start in it, built once when the
+        calibration is fitted, extended or loaded: ``apply`` then maps every cell in one
+        compiled loop, not one ``np.interp`` call per map (176 maps: a one-row Serve request
+        took ~330 µs that way, 100,000 rows 0.6 s)."""
+        sizes = [len(x) for x in self.knots_x]
+        object.__setattr__(self, "_starts", np.cumsum([0, *sizes]).astype(np.int64))
+        object.__setattr__(self, "_flat_x", np.concatenate(
+            [np.asarray(x, np.float64) for x in self.knots_x]) if sizes else np.zeros(0))
+        object.__setattr__(self, "_flat_y", np.concatenate(
+            [np.asarray(y, np.float64) for y in self.knots_y]) if sizes else np.zeros(0))
+        object.__setattr__(self, "_group", np.ascontiguousarray(self.group, np.int64))
 
     def apply(self, quality: np.ndarray) -> np.ndarray:
         """q̂ [N, K] → calibrated q̂ [N, K] float32; NaN and ±inf stay, arms without a map
-        unchanged. One interp per map, not per arm (a one-row Serve request has K arms)."""
-        out = np.array(quality, dtype=np.float32, copy=True)
-        for arms, knots_x, knots_y in self._maps:
-            block = out[:, arms]       # a view for a slice, a copy for scattered arms
-            mapped = np.interp(block, knots_x, knots_y)
-            if isinstance(arms, slice):
-                np.copyto(block, mapped, casting="same_kind", where=np.isfinite(block))
-            else:
-                out[:, arms] = np.where(np.isfinite(block), mapped, block)
+        unchanged. Each finite cell is mapped with ``np.interp``'s arithmetic, bit for bit."""
+        out = np.array(quality, dtype=np.float32, copy=True, order="C")
+        if out.size and self._flat_x.size:
+            _apply_maps(out, self._group, self._starts, self._flat_x, self._flat_y)
         return out
 
     def to_json(self) -> dict:
