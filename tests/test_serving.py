@@ -389,3 +389,44 @@ def test_upstream_body_keeps_the_conversation_and_caps_tokens(routing_model):
     assert body["max_tokens"] <= 50
     headers = routing_headers(decision)
     assert headers["x-r2ray-version"] == "test/1" and all(v.isascii() for v in headers.values())
+
+
+_FIRST_REQUEST = """
+import json, sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+from r2ray.serving.router import RouteItem, load_routing_model, route_items, warm_up
+
+def signatures():
+    return {f"{name}.{attr}": set(map(str, obj.signatures))
+            for name, module in list(sys.modules.items()) if name.startswith("r2ray") and module
+            for attr, obj in vars(module).items() if isinstance(obj, CPUDispatcher)}
+
+model = load_routing_model(sys.argv[1], device="cpu")
+if sys.argv[2] == "warm":
+    warm_up(model)
+before = signatures()
+rng = np.random.default_rng(0)
+for n in (1, 4):      # a lone request, then a batch
+    route_items(model, [RouteItem(query="q", input_tokens=50, key=int(rng.integers(1 << 62)),
+                                  lam=300.0, embedding=rng.standard_normal(
+                                      model.embedding_dim).tolist()) for _ in range(n)])
+print(json.dumps(sorted(k for k, v in signatures().items() if v - before.get(k, set()))))
+"""
+
+
+def test_warm_up_leaves_no_compiled_kernel_for_the_first_request(small_routing_model, tmp_path):
+    """A Serve replica routes made-up queries while it starts (``router.warm_up``), so its
+    first real requests, alone and batched, load or compile no kernel signature (~0.3 s on this
+    host otherwise). Without the warm-up the same requests do: the check is not empty. On a
+    numba cache of its own, filled by a first run."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    fill, cold, warm = (json.loads(subprocess.run(
+        [sys.executable, "-c", _FIRST_REQUEST, small_routing_model["path"], how],
+        capture_output=True, text=True, check=True, cwd=REPO, env=env).stdout)
+        for how in ("warm", "cold", "warm"))
+    assert cold and warm == []

@@ -39,7 +39,7 @@ from r2ray.serving.auth import load_key_digests
 from r2ray.serving.config import ServeConfig
 from r2ray.serving.pacer import Pacer, PriceState, starting_price
 from r2ray.serving.router import (RouteDecision, RouteItem, RouteRejected, load_routing_model,
-                                  route_items)
+                                  route_items, warm_up)
 from r2ray.serving.service import NullMetrics, RoutingService, SpendBook
 
 logger = logging.getLogger("ray.serve")
@@ -120,9 +120,12 @@ class Ingress:
         return self.in_flight
 
     def _load(self):
+        """The configured model version, loaded and warmed (``router.warm_up``)."""
         c = self.config
-        return load_routing_model(c.model, c.tracking_uri, c.catalog, c.device,
-                                  corrections=c.corrections_root(), precision=c.encoder_precision)
+        model = load_routing_model(c.model, c.tracking_uri, c.catalog, c.device,
+                                   corrections=c.corrections_root(), precision=c.encoder_precision)
+        warm_up(model)
+        return model
 
     async def _route_one(self, item: RouteItem) -> RouteDecision | RouteRejected:
         """A request that brings its embedding and is the only HTTP request open in the replica
