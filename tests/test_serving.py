@@ -394,13 +394,12 @@ def test_upstream_body_keeps_the_conversation_and_caps_tokens(routing_model):
 _FIRST_REQUEST = """
 import json, sys
 import numpy as np
-from numba.core.registry import CPUDispatcher
 from r2ray.serving.router import RouteItem, load_routing_model, route_items, warm_up
+from tests.compiled_kernels import kernel_signatures
 
 def signatures():
-    return {f"{name}.{attr}": set(map(str, obj.signatures))
-            for name, module in list(sys.modules.items()) if name.startswith("r2ray") and module
-            for attr, obj in vars(module).items() if isinstance(obj, CPUDispatcher)}
+    return kernel_signatures(module for name, module in list(sys.modules.items())
+                             if name.startswith("r2ray") and module)
 
 model = load_routing_model(sys.argv[1], device="cpu")
 if sys.argv[2] == "warm":

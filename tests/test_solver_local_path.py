@@ -256,16 +256,14 @@ def test_a_solver_killed_for_memory_falls_back_too(ray_local):
 _SIGNATURES = """
 import importlib, json, sys
 import numpy as np
-from numba.core.registry import CPUDispatcher
 from r2ray.solver.distributed import LocalPasses, _one_block, run_solve, warm_up
 from r2ray.solver.table import steps_to_table
+from tests.compiled_kernels import kernel_signatures
 from tests.test_solver_local_path import random_steps
 
 def signatures():
-    return {f"{m}.{name}": set(map(str, obj.signatures))
-            for m in ("r2ray.solver.passes", "r2ray.solver.select", "r2ray.solver.blocks")
-            for name, obj in vars(importlib.import_module(m)).items()
-            if isinstance(obj, CPUDispatcher)}
+    return kernel_signatures(importlib.import_module(m) for m in (
+        "r2ray.solver.passes", "r2ray.solver.select", "r2ray.solver.blocks"))
 
 defer = sys.argv[1] == "defer"
 warm_up(defer)
