@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from r2ray.batch.backlog import ROW_BITS, plan_units, read_and_validate
+from r2ray.batch.backlog import (ROW_BITS, plan_units, read_and_validate, read_stage, unit_items,
+                                 validated_slices)
 
 CONTEXT = 1000
 DIM = 3
@@ -111,3 +112,86 @@ def test_empty_and_missing_inputs(tmp_path):
     assert good.num_rows == 0 and bad.num_rows == 0
     with pytest.raises(FileNotFoundError, match="does not exist"):
         plan_units(str(tmp_path / "missing"))
+
+
+def _one_row_group(path, n: int, bad_every: int = 0):
+    """A parquet file of ``n`` rows in one row group; every ``bad_every``-th row has an empty
+    query (quarantined)."""
+    rows = [{"query_id": f"q{i}", "query": " " if bad_every and i % bad_every == 0 else f"q {i}",
+             "embedding": [0.1, 0.2, 0.3]} for i in range(n)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=n)
+    units, _ = plan_units(str(path))
+    assert len(units) == 1
+    return units[0]
+
+
+def test_a_row_group_read_in_slices_gives_the_rows_of_reading_it_whole(tmp_path):
+    unit = _one_row_group(tmp_path / "a.parquet", 250, bad_every=7)
+    whole_good, whole_bad = read_and_validate(unit, CONTEXT, DIM)
+    pieces = list(validated_slices(unit, CONTEXT, DIM, slice_rows=64))
+    assert [g.num_rows + b.num_rows for g, b in pieces] == [64, 64, 64, 58]
+    assert pa.concat_tables([g for g, _ in pieces]).equals(whole_good)
+    assert pa.concat_tables([b for _, b in pieces]).equals(whole_bad)
+    assert whole_bad.column("row").to_pylist() == list(range(1, 251, 7))   # 1-based rows
+    assert whole_good.num_rows + whole_bad.num_rows == 250
+
+
+def test_a_row_group_that_fails_part_way_keeps_what_was_read_and_names_the_rest(
+        tmp_path, monkeypatch):
+    from r2ray.batch import backlog
+
+    unit = _one_row_group(tmp_path / "a.parquet", 100)
+    read = backlog.read_unit
+
+    def fails_after_two(unit, slice_rows=None):
+        pieces = read(unit, slice_rows)
+        yield next(pieces)
+        yield next(pieces)
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(backlog, "read_unit", fails_after_two)
+    pieces = list(validated_slices(unit, CONTEXT, DIM, slice_rows=30))
+    good = pa.concat_tables([g for g, _ in pieces])
+    bad = pa.concat_tables([b for _, b in pieces]).to_pylist()
+    assert good.column("query_id").to_pylist() == [f"q{i}" for i in range(60)]
+    assert len(bad) == 1 and bad[0]["row"] is None   # a unit-level record, as for a whole unit
+    assert bad[0]["reason"] == ("unreadable input from row 61 on (the rows before it were "
+                                "read): connection reset")
+
+
+def test_the_read_stage_yields_each_slice_and_quarantines_a_unit_once(tmp_path):
+    unit = _one_row_group(tmp_path / "a.parquet", 100, bad_every=10)
+    quarantine = tmp_path / "quarantine"
+    item = {k: np.array([v]) for k, v in unit_items([unit])[0].items()}
+    out = list(read_stage(item, str(quarantine), CONTEXT, DIM, False, slice_rows=25))
+    assert [t.num_rows for t in out] == [22, 23, 22, 23]   # rows 0, 10, ... 90 quarantined
+    written = sorted(quarantine.iterdir())
+    assert [p.name for p in written] == ["part-f000000-g000000.parquet"]
+    assert pq.read_table(written[0]).column("row").to_pylist() == list(range(1, 101, 10))
+    empty = {k: np.array([v]) for k, v in unit_items([_one_row_group(tmp_path / "b.parquet", 3,
+                                                                     bad_every=1)])[0].items()}
+    only = list(read_stage(empty, str(quarantine), CONTEXT, DIM, False, slice_rows=25))
+    assert [t.num_rows for t in only] == [0] and only[0].schema.names[:2] == ["query_id", "query"]
+
+
+def test_the_job_hands_a_unit_on_in_blocks_as_it_is_read(tmp_path, ray_local):
+    """One row group of 4,000 rows, read in 500-row slices under the job's small read blocks,
+    leaves the read task as several blocks, not one: scoring starts on the first."""
+    from r2ray.batch.job import block_bytes
+
+    unit = _one_row_group(tmp_path / "a.parquet", 4000)
+    kwargs = {"quarantine_uri": str(tmp_path / "q"), "max_context_tokens": CONTEXT,
+              "embedding_dim": DIM, "embedding_required": True, "slice_rows": 500}
+
+    def blocks(limit):
+        with block_bytes(limit):
+            dataset = ray_local.data.from_items(unit_items([unit])).map_batches(
+                read_stage, batch_size=1, batch_format="numpy", num_cpus=0.5,
+                fn_kwargs=kwargs).materialize()
+        return [ray_local.get(ref).num_rows for ref in dataset.to_arrow_refs()]
+
+    first_slice, _ = next(validated_slices(unit, CONTEXT, DIM, True, slice_rows=500))
+    # a slice is just over the limit (under 1.5x it, where Ray Data would cut it): each leaves
+    # as it is; a unit read whole would leave as one table cut in limit-sized pieces instead
+    assert blocks(int(first_slice.nbytes * 0.9)) == [500] * 8
+    assert blocks(128 * 2**20) == [4000]    # Ray Data's default limit merges them

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,12 +77,21 @@ def plan_units(input_uri: str | list[str]) -> tuple[list[ReadUnit], pa.Table]:
     return units, pa.Table.from_pylist(broken, schema=QUARANTINE_SCHEMA)
 
 
-def read_unit(unit: ReadUnit) -> tuple[list[dict] | pa.Table, list[dict]]:
-    """Raw rows of one unit: an Arrow table (parquet) or dicts (jsonl), plus parse failures."""
+def read_unit(unit: ReadUnit, slice_rows: int | None = None
+              ) -> Iterator[tuple[list[dict] | pa.Table, list[dict]]]:
+    """Raw rows of one unit, in pieces: Arrow tables of at most ``slice_rows`` rows (parquet, read
+    as it streams, so a row group of a million rows is never held whole; None: one piece), or
+    one list of dicts (jsonl); each with its parse failures."""
     fs, path = storage.filesystem(unit.source)
     if unit.row_group is not None:
         with fs.open(path, "rb") as handle:
-            return pq.ParquetFile(handle).read_row_group(unit.row_group), []
+            file = pq.ParquetFile(handle)
+            if slice_rows is None:
+                yield file.read_row_group(unit.row_group), []
+                return
+            for batch in file.iter_batches(batch_size=slice_rows, row_groups=[unit.row_group]):
+                yield pa.Table.from_batches([batch]), []
+        return
     with fs.open(path, "rb") as handle:
         data = handle.read()
     rows, failures = [], []
@@ -104,7 +114,7 @@ def read_unit(unit: ReadUnit) -> tuple[list[dict] | pa.Table, list[dict]]:
         except ValueError as err:
             failures.append({"source": unit.source, "row": line_no, "query_id": None,
                              "reason": f"invalid JSON line: {err}", "raw": line})
-    return rows, failures
+    yield rows, failures
 
 
 def _jsonl_lines(data: bytes) -> list[bytes]:
@@ -319,47 +329,80 @@ def _check_embeddings(column, embedding_dim: int, flag) -> pa.Array:
 
 def read_and_validate(unit: ReadUnit, max_context_tokens: int, embedding_dim: int,
                       embedding_required: bool = False) -> tuple[pa.Table, pa.Table]:
-    """Read one unit and validate it; a unit that cannot be read is quarantined whole."""
-    try:
-        raw, failures = read_unit(unit)
-    except (pa.ArrowInvalid, OSError) as err:
-        broken = [_bad(unit.source, None, None, f"unreadable input: {err}")]
-        return (empty_good(), pa.Table.from_pylist(broken, schema=QUARANTINE_SCHEMA))
-    if isinstance(raw, pa.Table):
-        lines = np.arange(unit.first_row + 1, unit.first_row + raw.num_rows + 1)
-        table = raw.append_column("__line", pa.array(lines, pa.int64()))
-    else:
-        table, type_failures = _jsonl_table(raw, unit)
-        failures += type_failures
-    good, bad = validate_table(table, unit, max_context_tokens, embedding_dim, embedding_required)
-    if failures:
-        bad = pa.concat_tables([pa.Table.from_pylist(failures, schema=QUARANTINE_SCHEMA), bad])
-        bad = bad.sort_by("row")
-    return good, bad
+    """Read one unit and validate it, whole: (good rows, quarantine rows)."""
+    pieces = list(validated_slices(unit, max_context_tokens, embedding_dim, embedding_required))
+    return (pa.concat_tables([empty_good(), *(good for good, _ in pieces)]),
+            pa.concat_tables([_no_bad(), *(bad for _, bad in pieces)]))
+
+
+def validated_slices(unit: ReadUnit, max_context_tokens: int, embedding_dim: int,
+                     embedding_required: bool = False, slice_rows: int | None = None
+                     ) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """(good rows, quarantine rows) of each piece of one unit as it is read (``read_unit``). A
+    unit that cannot be read is quarantined whole; one that fails part-way keeps the pieces
+    already read and quarantines the rest as one record naming the first row not read."""
+    first, pieces = unit.first_row, read_unit(unit, slice_rows)
+    while True:
+        try:
+            raw, failures = next(pieces)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as err:
+            where = "" if first == unit.first_row else \
+                f" from row {first + 1} on (the rows before it were read)"
+            yield empty_good(), pa.Table.from_pylist(
+                [_bad(unit.source, None, None, f"unreadable input{where}: {err}")],
+                schema=QUARANTINE_SCHEMA)
+            return
+        if isinstance(raw, pa.Table):
+            lines = np.arange(first + 1, first + raw.num_rows + 1)
+            first += raw.num_rows
+            table = raw.append_column("__line", pa.array(lines, pa.int64()))
+        else:
+            table, type_failures = _jsonl_table(raw, unit)
+            failures += type_failures
+        good, bad = validate_table(table, unit, max_context_tokens, embedding_dim,
+                                   embedding_required)
+        if failures:
+            bad = pa.concat_tables([pa.Table.from_pylist(failures, schema=QUARANTINE_SCHEMA),
+                                    bad]).sort_by("row")
+        yield good, bad
 
 
 def empty_good() -> pa.Table:
     return pa.Table.from_pylist([], schema=GOOD_SCHEMA.append(pa.field("embedding", EMBEDDING_TYPE)))
 
 
+def _no_bad() -> pa.Table:
+    return pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA)
+
+
 # ---- the read stage (Ray tasks, one read unit per call) ---------------------------------------
 def read_stage(batch: dict, quarantine_uri: str, max_context_tokens: int, embedding_dim: int,
-               embedding_required: bool) -> pa.Table:
-    """Read units → good rows; each unit's bad rows go to ``quarantine/part-<file>-<group>``."""
+               embedding_required: bool, slice_rows: int | None = None) -> Iterator[pa.Table]:
+    """Read units → good rows, yielded every ``slice_rows`` rows as they are read (so scoring
+    starts on a unit's first rows, and a huge row group never sits whole in a worker); each
+    unit's bad rows go to ``quarantine/part-<file>-<group>`` once it is read."""
     from r2ray.bench.io import write_table
 
-    goods = [empty_good()]
+    yielded = False
     for i in range(len(batch["source"])):
         row_group = batch["row_group"][i]
         unit = ReadUnit(str(batch["source"][i]), int(batch["file_index"][i]),
                         None if row_group is None or row_group < 0 else int(row_group),
                         int(batch["first_row"][i]))
-        good, bad = read_and_validate(unit, max_context_tokens, embedding_dim, embedding_required)
-        if bad.num_rows:
+        bads = []
+        for good, bad in validated_slices(unit, max_context_tokens, embedding_dim,
+                                          embedding_required, slice_rows):
+            bads += [bad] if bad.num_rows else []
+            if good.num_rows:
+                yielded = True
+                yield good
+        if bads:
             name = f"part-f{unit.file_index:06d}-g{max(unit.row_group or 0, 0):06d}.parquet"
-            write_table(bad, storage.join(quarantine_uri, name))
-        goods.append(good)
-    return pa.concat_tables(goods)
+            write_table(pa.concat_tables(bads), storage.join(quarantine_uri, name))
+    if not yielded:   # an empty output still carries the schema
+        yield empty_good()
 
 
 def unit_items(units: list[ReadUnit]) -> list[dict]:
