@@ -195,3 +195,33 @@ def test_the_job_hands_a_unit_on_in_blocks_as_it_is_read(tmp_path, ray_local):
     # as it is; a unit read whole would leave as one table cut in limit-sized pieces instead
     assert blocks(int(first_slice.nbytes * 0.9)) == [500] * 8
     assert blocks(128 * 2**20) == [4000]    # Ray Data's default limit merges them
+
+
+def test_a_jsonl_file_read_in_slices_gives_the_rows_of_reading_it_whole(tmp_path):
+    lines = []
+    for i in range(200):
+        if i % 9 == 0:
+            lines.append("{broken")
+        elif i % 13 == 0:
+            lines.append("   ")                                         # blank: skipped
+        else:
+            lines.append(json.dumps({"query_id": f"q{i}", "query": f"q {i}\u2028x"}))
+    (tmp_path / "a.jsonl").write_bytes(("\r\n".join(lines) + "\n").encode())
+    units, _ = plan_units(str(tmp_path))
+    whole_good, whole_bad = read_and_validate(units[0], CONTEXT, DIM)
+    pieces = list(validated_slices(units[0], CONTEXT, DIM, slice_rows=40))
+    assert len(pieces) > 4 and all(g.num_rows + b.num_rows <= 40 for g, b in pieces)
+    assert pa.concat_tables([g for g, _ in pieces]).equals(whole_good)
+    assert pa.concat_tables([b for _, b in pieces]).equals(whole_bad)
+    assert whole_bad.column("row").to_pylist() == list(range(1, 201, 9))   # 1-based lines
+    assert whole_good.column("query").to_pylist()[0] == "q 1\u2028x"       # \r\n stripped
+    assert whole_good.num_rows + whole_bad.num_rows == 200 - len([i for i in range(200)
+                                                                  if i % 13 == 0 and i % 9])
+
+
+def test_raw_rows_of_a_jsonl_file_are_its_lines_as_stored(tmp_path):
+    from r2ray.batch.backlog import raw_rows
+
+    lines = ['{"query_id": "a", "query": "x"}', "", '{"query_id": "b", "query": "y\u2028z"}']
+    (tmp_path / "a.jsonl").write_bytes("\r\n".join(lines).encode())
+    assert raw_rows(str(tmp_path / "a.jsonl"), [3, 1, 3]) == {1: lines[0], 3: lines[2]}

@@ -79,9 +79,9 @@ def plan_units(input_uri: str | list[str]) -> tuple[list[ReadUnit], pa.Table]:
 
 def read_unit(unit: ReadUnit, slice_rows: int | None = None
               ) -> Iterator[tuple[list[dict] | pa.Table, list[dict]]]:
-    """Raw rows of one unit, in pieces: Arrow tables of at most ``slice_rows`` rows (parquet, read
-    as it streams, so a row group of a million rows is never held whole; None: one piece), or
-    one list of dicts (jsonl); each with its parse failures."""
+    """Raw rows of one unit as it is read, in pieces of at most ``slice_rows`` rows (None: one
+    piece), so a row group of a million rows or a large jsonl file is never held whole: Arrow
+    tables (parquet) or lists of dicts (jsonl), each with its parse failures."""
     fs, path = storage.filesystem(unit.source)
     if unit.row_group is not None:
         with fs.open(path, "rb") as handle:
@@ -93,36 +93,39 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
                 yield pa.Table.from_batches([batch]), []
         return
     with fs.open(path, "rb") as handle:
-        data = handle.read()
-    rows, failures = [], []
-    for line_no, raw in enumerate(_jsonl_lines(data), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            failures.append({"source": unit.source, "row": line_no, "query_id": None,
-                             "reason": f"invalid UTF-8 (byte {err.start})",
-                             "raw": raw.decode("utf-8", errors="backslashreplace")})
-            continue
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"a JSON {type(row).__name__}, not an object")
-            row["__line"] = line_no
-            rows.append(row)
-        except ValueError as err:
-            failures.append({"source": unit.source, "row": line_no, "query_id": None,
-                             "reason": f"invalid JSON line: {err}", "raw": line})
-    yield rows, failures
+        rows, failures, pieces = [], [], 0
+        for line_no, raw in enumerate(_jsonl_lines(handle), 1):
+            if slice_rows and len(rows) + len(failures) >= slice_rows:
+                yield rows, failures
+                rows, failures, pieces = [], [], pieces + 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                failures.append({"source": unit.source, "row": line_no, "query_id": None,
+                                 "reason": f"invalid UTF-8 (byte {err.start})",
+                                 "raw": raw.decode("utf-8", errors="backslashreplace")})
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                row["__line"] = line_no
+                rows.append(row)
+            except ValueError as err:
+                failures.append({"source": unit.source, "row": line_no, "query_id": None,
+                                 "reason": f"invalid JSON line: {err}", "raw": line})
+        if rows or failures or not pieces:
+            yield rows, failures
 
 
-def _jsonl_lines(data: bytes) -> list[bytes]:
-    """Lines of a jsonl file split on ``\\n`` only (JSON strings may hold U+2028 and friends)."""
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+def _jsonl_lines(handle) -> Iterator[bytes]:
+    """Lines of a jsonl file as it is read, split on ``\\n`` only (JSON strings may hold U+2028
+    and friends), without the line end (``\\n`` or ``\\r\\n``)."""
+    for line in handle:
+        line = line[:-1] if line.endswith(b"\n") else line
+        yield line[:-1] if line.endswith(b"\r") else line
 
 
 def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
@@ -131,9 +134,14 @@ def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
     fs, path = storage.filesystem(source)
     wanted = sorted(set(rows))
     if not source.endswith(".parquet"):
+        found, want = {}, set(wanted)
         with fs.open(path, "rb") as handle:
-            lines = _jsonl_lines(handle.read())
-        return {r: lines[r - 1].decode("utf-8", errors="backslashreplace") for r in wanted}
+            for row, line in enumerate(_jsonl_lines(handle), 1):
+                if row > wanted[-1]:
+                    break
+                if row in want:
+                    found[row] = line.decode("utf-8", errors="backslashreplace")
+        return found
     found = {}
     with fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
