@@ -157,6 +157,13 @@ def test_a_row_group_that_fails_part_way_keeps_what_was_read_and_names_the_rest(
     assert len(bad) == 1 and bad[0]["row"] is None   # a unit-level record, as for a whole unit
     assert bad[0]["reason"] == ("unreadable input from row 61 on (the rows before it were "
                                 "read): connection reset")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"query_id": f"j{i}", "query": "x"})
+                                              + "\n" for i in range(100)))
+    units, _ = plan_units(str(tmp_path / "b.jsonl"))
+    pieces = list(validated_slices(units[0], CONTEXT, DIM, slice_rows=30))
+    assert sum(g.num_rows for g, _ in pieces) == 60
+    assert [b for _, b in pieces if b.num_rows][0].column("reason").to_pylist() == [
+        "unreadable input from row 61 on (the rows before it were read): connection reset"]
 
 
 def test_the_read_stage_yields_each_slice_and_quarantines_a_unit_once(tmp_path):

@@ -366,7 +366,8 @@ def validated_slices(unit: ReadUnit, max_context_tokens: int, embedding_dim: int
             lines = np.arange(first + 1, first + raw.num_rows + 1)
             first += raw.num_rows
             table = raw.append_column("__line", pa.array(lines, pa.int64()))
-        else:
+        else:   # the next unread line: past the last one this piece holds
+            first = max([row["__line"] for row in raw] + [f["row"] for f in failures] + [first])
             table, type_failures = _jsonl_table(raw, unit)
             failures += type_failures
         good, bad = validate_table(table, unit, max_context_tokens, embedding_dim,
