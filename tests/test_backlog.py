@@ -181,29 +181,6 @@ def test_the_read_stage_yields_each_slice_and_quarantines_a_unit_once(tmp_path):
     assert [t.num_rows for t in only] == [0] and only[0].schema.names[:2] == ["query_id", "query"]
 
 
-def test_the_job_hands_a_unit_on_in_blocks_as_it_is_read(tmp_path, ray_local):
-    """One row group of 4,000 rows, read in 500-row slices under the job's small read blocks,
-    leaves the read task as several blocks, not one: scoring starts on the first."""
-    from r2ray.batch.job import block_bytes
-
-    unit = _one_row_group(tmp_path / "a.parquet", 4000)
-    kwargs = {"quarantine_uri": str(tmp_path / "q"), "max_context_tokens": CONTEXT,
-              "embedding_dim": DIM, "embedding_required": True, "slice_rows": 500}
-
-    def blocks(limit):
-        with block_bytes(limit):
-            dataset = ray_local.data.from_items(unit_items([unit])).map_batches(
-                read_stage, batch_size=1, batch_format="numpy", num_cpus=0.5,
-                fn_kwargs=kwargs).materialize()
-        return [ray_local.get(ref).num_rows for ref in dataset.to_arrow_refs()]
-
-    first_slice, _ = next(validated_slices(unit, CONTEXT, DIM, True, slice_rows=500))
-    # a slice is just over the limit (under 1.5x it, where Ray Data would cut it): each leaves
-    # as it is; a unit read whole would leave as one table cut in limit-sized pieces instead
-    assert blocks(int(first_slice.nbytes * 0.9)) == [500] * 8
-    assert blocks(128 * 2**20) == [4000]    # Ray Data's default limit merges them
-
-
 def test_a_jsonl_file_read_in_slices_gives_the_rows_of_reading_it_whole(tmp_path):
     lines = []
     for i in range(200):

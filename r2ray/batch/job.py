@@ -55,24 +55,6 @@ def _timed(timings: dict, stage: str) -> Iterator[None]:
     timings[stage] = round(time.perf_counter() - start, 3)
 
 
-READ_BLOCK_BYTES = 8 * 2**20   # the read stage's output blocks, at most (Ray Data's default: 128 MiB)
-
-
-@contextmanager
-def block_bytes(limit: int) -> Iterator[None]:
-    """Datasets created inside get output blocks of at most ``limit`` bytes. Ray Data merges what
-    a task yields up to ``target_max_block_size`` before it hands a block on, and each new
-    dataset copies the current context: at the default 128 MiB, ~80,000 rows with 384-float
-    embeddings left a read task before the first could be scored."""
-    import ray
-    context = ray.data.DataContext.get_current()
-    before, context.target_max_block_size = context.target_max_block_size, limit
-    try:
-        yield
-    finally:
-        context.target_max_block_size = before
-
-
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     files: dict[str, bytes]   # the saved predictor, shipped to workers
@@ -294,8 +276,9 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
     warm = warm_up_in_background(config)   # the driver only waits while the workers score
     solver = start_solver(config.defer, modules=("r2ray.batch.assign",))   # warms meanwhile
-    with _timed(timings, "read_validate_score"), block_bytes(READ_BLOCK_BYTES):
-        # each read task yields one call's rows at a time as it reads them
+    with _timed(timings, "read_validate_score"):
+        # each read task yields one call's rows at a time as it reads them (Ray Data hands them
+        # on in blocks of up to its target_max_block_size, 128 MiB)
         queries = ray.data.from_items(unit_items(units) or [], override_num_blocks=max(
             1, len(units))).map_batches(
             read_stage, batch_size=1, batch_format="numpy", num_cpus=config.task_cpus,

@@ -24,9 +24,10 @@ Why these defaults (measured on 2 busy cores, ``benchmarks/batch.py``):
   ~12.7 s and the score stage at 29.9 s, one read at a time at ~5.5-7.7 s and 20.8-23.2 s;
 - a read task yields one call's rows at a time as it reads a unit (``backlog.read_stage``), and
   the output is cut into blocks of one call's rows as it streams (Ray Data's streaming
-  repartition), so the workers start on a unit's first rows while the rest is read (200,000
-  embedding rows in one row group, running 2-CPU cluster: 24.3 s end to end against 27.9-29.6 s
-  when a unit left its read task whole);
+  repartition), so the workers start before a large unit is read through (200,000 embedding
+  rows in one row group, running 2-CPU cluster: 20.1 s end to end against 26.8 s when a unit left
+  its read task whole; Ray Data still merges what a task yields into blocks of up to 128 MiB:
+  8 MiB blocks made 1,000,000 rows take minutes instead of 63 s);
 - calls queued per actor (Ray Data's ``max_tasks_in_flight_per_actor``): one for texts, since a
   text call runs for seconds, so a second one queued behind it saves no wait while it can leave
   one worker idle at the end with the other's queued block still to do (4,000 texts, load 3.5,
