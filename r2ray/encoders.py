@@ -9,8 +9,14 @@ that says clearly when a vector has the wrong length.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import os
+import sys
+import uuid
+import warnings
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -142,14 +148,14 @@ def load_encoder(spec: str = MINILM, device: str | None = None,
 def _sentence_model(path: str, device: str, precision: str = "float32"):
     os.environ["HF_HUB_OFFLINE"] = "1"  # a missing file must fail here, never reach for a hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # no per-load "Loading weights" bar in job logs
     try:
         layout = mean_pooled_layout(Path(path))
         if layout is not None:
             return MeanPooledTransformer(path, device, precision=precision, **layout)
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # no per-load "Loading weights" bar in logs
 
         return SentenceTransformer(path, device=device)
     except (OSError, ValueError) as err:
@@ -158,14 +164,14 @@ def _sentence_model(path: str, device: str, precision: str = "float32"):
 
 def mean_pooled_layout(path: Path) -> dict | None:
     """``max_length`` and ``normalize`` of a sentence-transformers folder that is a transformer,
-    mean pooling and optionally a unit-length normalisation (MiniLM's layout), with no prompt
-    and no lower-casing; None for any other layout (then sentence-transformers runs it)."""
-    import json
-
+    mean pooling and optionally a unit-length normalisation (MiniLM's layout), with no prompt,
+    no lower-casing and a fast tokenizer (``tokenizer.json``); None for any other layout (then
+    sentence-transformers runs it)."""
     def read(name: str) -> dict | list | None:
-        file = path / name
-        return json.loads(file.read_text()) if file.exists() else None
+        return _read_json(path / name)
 
+    if not (path / "tokenizer.json").exists():
+        return None
     modules = read("modules.json")
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules or []]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]) or \
@@ -213,46 +219,192 @@ def length_chunks(lengths: np.ndarray, cap: int, overhead: float) -> list[tuple[
     return chunks[::-1]
 
 
+ENCODER_CACHE_VARIABLE = "R2RAY_ENCODER_CACHE"
+DEFAULT_ENCODER_CACHE = Path("~/.cache/r2ray/encoders")
+
+
+def traced_transformer(path: str, device: str, precision: str):
+    """The folder's transformer as a callable ``(input_ids, attention_mask) → last hidden state``
+    ([B, L] int64 and bool → [B, L, H] in ``precision``), traced with TorchScript the first time
+    and loaded from ``R2RAY_ENCODER_CACHE`` (a folder, default ``~/.cache/r2ray/encoders``; ``off``
+    turns the cache off) every time after.
+
+    Why: a scoring worker's start was mostly transformers importing BERT's module (which pulls in
+    torch.distributed and torch._dynamo): 2.7 s of CPU per process on this 2-core machine, where
+    loading the traced file takes 0.06 s; the traced forward pass runs at the eager model's
+    speed and gives the same numbers. ``torch.export``'s loader imports the compiler stack itself
+    (1.6 s). TorchScript is deprecated: should a later torch drop it, or the trace fail, this
+    warns and returns the eager transformers model. A cache file that cannot be loaded is traced
+    again (a warning, never a failed start)."""
+    file = traced_file(path, device, precision)
+    if file is not None and file.exists():
+        try:
+            with _torchscript():
+                import torch
+
+                return torch.jit.load(str(file), map_location=device)
+        except Exception as err:  # noqa: BLE001 — a bad cache file costs a trace, never a load
+            _warn(f"traced encoder {file} cannot be loaded ({type(err).__name__}: {err}); "
+                  "tracing it again")
+    model = _eager_transformer(path, device, precision)
+    try:
+        traced = _trace(model)
+    except Exception as err:  # noqa: BLE001 — an untraceable model still encodes, only slower to load
+        _warn(f"encoder at {path} cannot be traced ({type(err).__name__}: {err}); "
+              "it runs on transformers")
+        return lambda input_ids, attention_mask: model(
+            input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if file is not None:
+        _save_traced(traced, file)
+    return traced
+
+
+def traced_file(path: str, device: str, precision: str) -> Path | None:
+    """Where the traced copy of the model folder at ``path`` lives: one file per folder (its
+    files' names, sizes and modification times: changed weights get a new copy), torch and
+    transformers versions, device type and precision; None when the cache is off."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from r2ray.embedding_cache import cache_root
+
+    root = cache_root(ENCODER_CACHE_VARIABLE, DEFAULT_ENCODER_CACHE)
+    if root is None:
+        return None
+    import torch
+
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:
+        transformers_version = "-"
+    folder = Path(path).resolve()
+    key = hashlib.sha256(f"{folder}|{torch.__version__}|{transformers_version}|"
+                         f"{torch.device(device).type}|{precision}".encode())
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = file.stat()
+        key.update(f"|{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return root / f"{folder.name}-{key.hexdigest()[:16]}.pt"
+
+
+def _eager_transformer(path: str, device: str, precision: str):
+    import torch
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no per-load "Loading weights" bar in job logs
+    return AutoModel.from_pretrained(path).to(device, getattr(torch, precision)).eval()
+
+
+def _trace(model):
+    """TorchScript trace on a padded example: the attention mask is then always applied, so the
+    graph holds for any batch and length (tests compare it with sentence-transformers)."""
+    import torch
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.transformer(input_ids=input_ids,
+                                    attention_mask=attention_mask).last_hidden_state
+
+    input_ids = torch.full((2, 8), 1000, dtype=torch.int64, device=model.device)
+    attention_mask = torch.ones((2, 8), dtype=torch.bool, device=model.device)
+    attention_mask[1, 5:] = False
+    with _torchscript(), torch.inference_mode():
+        return torch.jit.trace(LastHiddenState().eval(), (input_ids, attention_mask),
+                               check_trace=False)
+
+
+def _save_traced(traced, file: Path) -> None:
+    """Written beside its final name and renamed there, so concurrent workers never clash and a
+    reader never sees half a file. A cache that cannot be written is a warning."""
+    staging = file.with_name(f"{file.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with _torchscript():
+            import torch
+
+            torch.jit.save(traced, str(staging))
+        os.replace(staging, file)
+    except (OSError, RuntimeError) as err:
+        staging.unlink(missing_ok=True)
+        _warn(f"cannot cache the traced encoder under {file} ({err})")
+
+
+@contextlib.contextmanager
+def _torchscript():
+    """TorchScript's deprecation and tracer warnings, silenced: using it is deliberate
+    (:func:`traced_transformer`), and the trace's baked branches are the padded-mask path."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        yield
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _length_mask(lengths: list[int], width: int):
+    """[B, width] bool: True on each row's first ``lengths[row]`` tokens."""
+    import torch
+
+    return torch.arange(width)[None, :] < torch.as_tensor(lengths)[:, None]
+
+
+def _read_json(file: Path) -> dict | list | None:
+    return json.loads(file.read_text()) if file.exists() else None
+
+
 class MeanPooledTransformer:
-    """A sentence-transformers model of :func:`mean_pooled_layout` run with transformers alone:
-    the same embeddings (padding, truncation, masked mean and normalisation; equal to
+    """A sentence-transformers model of :func:`mean_pooled_layout` run without sentence-transformers
+    (which pulls in scikit-learn, SciPy and pandas) and, from its second load on, without
+    transformers: the same embeddings (padding, truncation, masked mean and normalisation; equal to
     sentence-transformers' within 1e-6, not bit for bit, since the forward passes are chunked by
-    token length, see :meth:`encode`), without importing sentence-transformers, which pulls in
-    scikit-learn, SciPy and pandas: seconds more at every scoring worker's start."""
+    token length, see :meth:`encode`). The tokenizer is the folder's ``tokenizer.json`` run by
+    ``tokenizers`` itself; the transformer is :func:`traced_transformer`'s."""
 
     def __init__(self, path: str, device: str, *, max_length: int | None, normalize: bool,
                  precision: str = "float32"):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device, getattr(torch, precision)).eval()
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_length = min(x for x in (max_length or self.tokenizer.model_max_length, limit)
+        folder = Path(path)
+        config = json.loads((folder / "config.json").read_text())
+        settings = _read_json(folder / "tokenizer_config.json") or {}
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.max_length = min(x for x in (max_length or settings.get("model_max_length"),
+                                          config.get("max_position_embeddings"))
                               if x is not None and x > 0)
+        self.tokenizer.no_padding()          # padded per forward pass, to that pass's longest
+        self.tokenizer.enable_truncation(self.max_length)
+        pad = settings.get("pad_token") or "[PAD]"
+        self.pad_id = self.tokenizer.token_to_id(pad if isinstance(pad, str) else pad["content"])
+        if self.pad_id is None:
+            raise EncoderError(f"encoder at {path}: its tokenizer has no pad token {pad!r}")
+        self.hidden_size = int(config["hidden_size"])
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, precision)
+        self.model = traced_transformer(path, device, precision)
         self.normalize = normalize
-        self.overhead = FORWARD_OVERHEAD_TOKENS.get((self.model.device.type, precision), np.inf)
-
-    @property
-    def device(self):
-        return self.model.device
-
-    @property
-    def dtype(self):
-        return self.model.dtype
+        self.overhead = FORWARD_OVERHEAD_TOKENS.get((self.device.type, precision), np.inf)
 
     def get_embedding_dimension(self) -> int:
-        return int(self.model.config.hidden_size)
+        return self.hidden_size
 
     def plan(self, texts: list[str], batch_size: int):
-        """``(tokens, order, passes)``: the call tokenised once (truncated, unpadded), its rows
-        longest first, and each forward pass's rows (:func:`length_chunks` of ``order``)."""
-        tokens = self.tokenizer(list(texts), truncation="longest_first",
-                                max_length=self.max_length)
-        lengths = np.array([len(ids) for ids in tokens["input_ids"]])
+        """``(ids, order, passes)``: the call tokenised once (truncated, unpadded; a list of token
+        id lists), its rows longest first, and each forward pass's rows (:func:`length_chunks`
+        of ``order``)."""
+        ids = [encoding.ids for encoding in self.tokenizer.encode_batch(list(texts))]
+        lengths = np.array([len(row) for row in ids])
         order = np.argsort(-lengths, kind="stable")
-        return tokens, order, [order[start:stop] for start, stop in
-                               length_chunks(lengths[order], batch_size, self.overhead)]
+        return ids, order, [order[start:stop] for start, stop in
+                            length_chunks(lengths[order], batch_size, self.overhead)]
 
     def encode(self, texts: list[str], batch_size: int, **_) -> np.ndarray:
         """[N, D] float32, in input order. Tokenised once; longest first, the forward passes are
@@ -260,15 +412,18 @@ class MeanPooledTransformer:
         to a long one's length (sentence-transformers cuts fixed ``batch_size`` slices)."""
         import torch
 
-        tokens, order, passes = self.plan(texts, batch_size)
+        ids, order, passes = self.plan(texts, batch_size)
         parts = []
         with torch.inference_mode():
             for rows in passes:
-                features = self.tokenizer.pad({key: [column[i] for i in rows]
-                                               for key, column in tokens.items()},
-                                              return_tensors="pt").to(self.model.device)
-                hidden = self.model(**features).last_hidden_state.float()  # pool in float32
-                mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                width = len(ids[rows[0]])          # the pass's longest: rows come longest first
+                padded = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+                for row, i in enumerate(rows):
+                    padded[row, :len(ids[i])] = ids[i]
+                input_ids = torch.from_numpy(padded).to(self.device)
+                attention = _length_mask([len(ids[i]) for i in rows], width).to(self.device)
+                hidden = self.model(input_ids, attention).float()  # pool in float32
+                mask = attention.unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(dim=1, dtype=hidden.dtype) / torch.clamp(
                     mask.sum(dim=1, dtype=hidden.dtype), min=1e-9)
                 if self.normalize:

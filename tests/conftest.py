@@ -161,10 +161,12 @@ UPSTREAM_KEY = "upstream-secret-456"   # test_serve_http's paid-API key, read by
 
 @pytest.fixture(scope="session", autouse=True)
 def _embedding_cache(tmp_path_factory):
-    """One embedding cache for the session, never the user's ~/.cache: tests that encode the same
-    texts share it (the cache's own tests point it elsewhere)."""
+    """One embedding cache and one traced-encoder cache for the session, never the user's
+    ~/.cache: tests that encode the same texts share them (the caches' own tests point them
+    elsewhere)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("R2RAY_EMBEDDING_CACHE", str(tmp_path_factory.mktemp("embedding-cache")))
+        patch.setenv("R2RAY_ENCODER_CACHE", str(tmp_path_factory.mktemp("encoder-cache")))
         yield
 
 

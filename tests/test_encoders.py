@@ -224,3 +224,83 @@ def test_other_layouts_still_run_on_sentence_transformers(tmp_path, change, monk
         assert load_encoder(str(tmp_path), device="cpu", precision="auto").precision == "float32"
         with pytest.raises(EncoderError, match="'bfloat16' needs a transformer with mean pooling"):
             load_encoder(str(tmp_path), device="cpu", precision="bfloat16")
+
+
+ENCODE_IN_A_FRESH_PROCESS = """
+import sys
+import numpy as np
+from r2ray.encoders import MINILM, load_encoder
+vectors = load_encoder(MINILM, device="cpu", precision="float32").encode(sys.argv[2:])
+np.save(sys.argv[1], vectors)
+print("transformers imported:", "transformers" in sys.modules)
+"""
+
+
+def test_minilm_is_traced_once_and_later_processes_load_it_without_transformers(tmp_path):
+    """The first load traces the transformer into R2RAY_ENCODER_CACHE; a later process (a scoring
+    worker's start) loads that file without importing transformers, and gets the same vectors."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "R2RAY_ENCODER_CACHE": str(tmp_path / "cache")}
+    texts = ["What is 2 + 2?", "Write a sonnet about the sea. " * 20, "x" * 3000, ""]
+    runs = []
+    for name in ("cold", "warm"):
+        done = subprocess.run([sys.executable, "-c", ENCODE_IN_A_FRESH_PROCESS,
+                               str(tmp_path / f"{name}.npy"), *texts],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs.append(done.stdout.strip())
+        if name == "cold":
+            assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]
+    assert runs == ["transformers imported: True", "transformers imported: False"]
+    np.testing.assert_array_equal(np.load(tmp_path / "warm.npy"), np.load(tmp_path / "cold.npy"))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load:DeprecationWarning")
+def test_a_broken_traced_file_is_traced_again_and_an_untraceable_model_runs_eagerly(
+        tmp_path, monkeypatch, capsys):
+    import torch
+
+    import r2ray.encoders as encoders
+
+    path = str(encoder_path(MINILM))
+    monkeypatch.setenv("R2RAY_ENCODER_CACHE", str(tmp_path))
+    file = encoders.traced_file(path, "cpu", "float32")
+    file.write_bytes(b"not a TorchScript archive")
+    input_ids = torch.tensor([[101, 2054, 2003, 1016, 102, 0], [101, 7592, 102, 0, 0, 0]])
+    mask = input_ids != 0
+    with torch.inference_mode():
+        retraced = encoders.traced_transformer(path, "cpu", "float32")(input_ids, mask)
+        assert "cannot be loaded" in capsys.readouterr().err
+        assert torch.equal(torch.jit.load(str(file))(input_ids, mask), retraced)  # file replaced
+
+        def untraceable(model):
+            raise RuntimeError("no tracing here")
+
+        monkeypatch.setattr(encoders, "_trace", untraceable)
+        eager = encoders.traced_transformer(path, "cpu", "float32")  # the good file loads: no trace
+        assert torch.equal(eager(input_ids, mask), retraced)
+        file.unlink()
+        eager = encoders.traced_transformer(path, "cpu", "float32")
+        assert "cannot be traced (RuntimeError: no tracing here)" in capsys.readouterr().err
+        assert not file.exists()
+        torch.testing.assert_close(eager(input_ids, mask), retraced, rtol=0, atol=1e-5)
+
+
+def test_the_traced_file_is_keyed_by_the_folder_files_precision_and_cache_setting(
+        tmp_path, monkeypatch):
+    from r2ray.encoders import traced_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setenv("R2RAY_ENCODER_CACHE", str(tmp_path / "cache"))
+    first = traced_file(str(folder), "cpu", "float32")
+    assert first.parent == tmp_path / "cache" and first == traced_file(str(folder), "cpu", "float32")
+    assert traced_file(str(folder), "cpu", "bfloat16") != first
+    (folder / "model.safetensors").write_bytes(b"weights")        # another file: another copy
+    assert traced_file(str(folder), "cpu", "float32") != first
+    monkeypatch.setenv("R2RAY_ENCODER_CACHE", "off")
+    assert traced_file(str(folder), "cpu", "float32") is None
