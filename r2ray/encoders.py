@@ -165,13 +165,15 @@ def _sentence_model(path: str, device: str, precision: str = "float32"):
 def mean_pooled_layout(path: Path) -> dict | None:
     """``max_length`` and ``normalize`` of a sentence-transformers folder that is a transformer,
     mean pooling and optionally a unit-length normalisation (MiniLM's layout), with no prompt,
-    no lower-casing and a fast tokenizer (``tokenizer.json``); None for any other layout (then
-    sentence-transformers runs it)."""
+    no lower-casing and a fast tokenizer (``tokenizer.json``) that pads and truncates on the
+    right; None for any other layout (then sentence-transformers runs it)."""
     def read(name: str) -> dict | list | None:
         return _read_json(path / name)
 
-    if not (path / "tokenizer.json").exists():
-        return None
+    tokenizer = read("tokenizer_config.json") or {}
+    if not (path / "tokenizer.json").exists() or "left" in (
+            tokenizer.get("padding_side"), tokenizer.get("truncation_side")):
+        return None   # MeanPooledTransformer pads and truncates on the right
     modules = read("modules.json")
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules or []]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]) or \
@@ -223,46 +225,56 @@ ENCODER_CACHE_VARIABLE = "R2RAY_ENCODER_CACHE"
 DEFAULT_ENCODER_CACHE = Path("~/.cache/r2ray/encoders")
 
 
+TRACE_FORMAT = 1   # what a traced file holds (:func:`_trace`'s wrapper); part of its cache key
+
+
 def traced_transformer(path: str, device: str, precision: str):
     """The folder's transformer as a callable ``(input_ids, attention_mask) → last hidden state``
     ([B, L] int64 and bool → [B, L, H] in ``precision``), traced with TorchScript the first time
-    and loaded from ``R2RAY_ENCODER_CACHE`` (a folder, default ``~/.cache/r2ray/encoders``; ``off``
-    turns the cache off) every time after.
+    and loaded from ``R2RAY_ENCODER_CACHE`` (a folder, default ``~/.cache/r2ray/encoders``) every
+    time after; with the cache ``off``, the eager transformers model.
 
     Why: a scoring worker's start was mostly transformers importing BERT's module (which pulls in
     torch.distributed and torch._dynamo): 2.7 s of CPU per process on this 2-core machine, where
     loading the traced file takes 0.06 s; the traced forward pass runs at the eager model's
     speed and gives the same numbers. ``torch.export``'s loader imports the compiler stack itself
-    (1.6 s). TorchScript is deprecated: should a later torch drop it, or the trace fail, this
-    warns and returns the eager transformers model. A cache file that cannot be loaded is traced
-    again (a warning, never a failed start)."""
+    (1.6 s). A fresh trace is checked against the eager model on a second input of another
+    shape (one text, no padding) before it is used or saved; a loaded one runs that input once.
+    TorchScript is deprecated: should a later torch drop it, the trace fail or disagree, this
+    warns and returns the eager model. A cache file that cannot be loaded or run is traced again
+    (a warning, never a failed start)."""
     file = traced_file(path, device, precision)
-    if file is not None and file.exists():
+    if file is None:
+        return _eager_call(_eager_transformer(path, device, precision))
+    if file.exists():
         try:
             with _torchscript():
                 import torch
 
-                return torch.jit.load(str(file), map_location=device)
+                traced = torch.jit.load(str(file), map_location=device)
+            _check_runs(traced, device)
+            return traced
         except Exception as err:  # noqa: BLE001 — a bad cache file costs a trace, never a load
             _warn(f"traced encoder {file} cannot be loaded ({type(err).__name__}: {err}); "
                   "tracing it again")
     model = _eager_transformer(path, device, precision)
     try:
         traced = _trace(model)
+        _check_agrees(traced, model)
     except Exception as err:  # noqa: BLE001 — an untraceable model still encodes, only slower to load
         _warn(f"encoder at {path} cannot be traced ({type(err).__name__}: {err}); "
               "it runs on transformers")
-        return lambda input_ids, attention_mask: model(
-            input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    if file is not None:
-        _save_traced(traced, file)
+        return _eager_call(model)
+    _save_traced(traced, file)
     return traced
 
 
 def traced_file(path: str, device: str, precision: str) -> Path | None:
     """Where the traced copy of the model folder at ``path`` lives: one file per folder (its
-    files' names, sizes and modification times: changed weights get a new copy), torch and
-    transformers versions, device type and precision; None when the cache is off."""
+    files' names, sizes and modification times: changed weights get a new copy; weights
+    replaced by others of the same size with the same modification time are not noticed), torch
+    and transformers versions, device (with its index: a trace holds its device), precision and
+    :data:`TRACE_FORMAT`; None when the cache is off."""
     from importlib.metadata import PackageNotFoundError, version
 
     from r2ray.embedding_cache import cache_root
@@ -276,13 +288,53 @@ def traced_file(path: str, device: str, precision: str) -> Path | None:
         transformers_version = version("transformers")
     except PackageNotFoundError:
         transformers_version = "-"
+    where = torch.device(device)
+    if where.type == "cuda" and where.index is None:
+        where = torch.device("cuda", torch.cuda.current_device())
     folder = Path(path).resolve()
-    key = hashlib.sha256(f"{folder}|{torch.__version__}|{transformers_version}|"
-                         f"{torch.device(device).type}|{precision}".encode())
+    key = hashlib.sha256(f"{TRACE_FORMAT}|{folder}|{torch.__version__}|{transformers_version}|"
+                         f"{where}|{precision}".encode())
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         stat = file.stat()
         key.update(f"|{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return root / f"{folder.name}-{key.hexdigest()[:16]}.pt"
+
+
+def _eager_call(model):
+    return lambda input_ids, attention_mask: model(
+        input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _example(device, *, padded: bool):
+    """A small input: two rows of 8 tokens, the second padded after 5, or one row of 5."""
+    import torch
+
+    if not padded:
+        return (torch.full((1, 5), 1000, dtype=torch.int64, device=device),
+                torch.ones((1, 5), dtype=torch.bool, device=device))
+    attention_mask = torch.ones((2, 8), dtype=torch.bool, device=device)
+    attention_mask[1, 5:] = False
+    return torch.full((2, 8), 1000, dtype=torch.int64, device=device), attention_mask
+
+
+def _check_runs(traced, device: str) -> None:
+    import torch
+
+    with torch.inference_mode():
+        traced(*_example(device, padded=False))
+
+
+def _check_agrees(traced, model) -> None:
+    """Raise when the trace and the eager model differ on an input of another shape than the
+    trace's (beyond float rounding): a branch baked in at trace time that does not hold."""
+    import torch
+
+    with torch.inference_mode():
+        example = _example(model.device, padded=False)
+        got, want = traced(*example).float(), _eager_call(model)(*example).float()
+    if not torch.allclose(got, want, rtol=0.0, atol=1e-3 * float(want.abs().max()) + 1e-6):
+        raise ValueError(f"the trace disagrees with the model on one unpadded text "
+                         f"(max difference {float((got - want).abs().max()):.3g})")
 
 
 def _eager_transformer(path: str, device: str, precision: str):
@@ -308,11 +360,8 @@ def _trace(model):
             return self.transformer(input_ids=input_ids,
                                     attention_mask=attention_mask).last_hidden_state
 
-    input_ids = torch.full((2, 8), 1000, dtype=torch.int64, device=model.device)
-    attention_mask = torch.ones((2, 8), dtype=torch.bool, device=model.device)
-    attention_mask[1, 5:] = False
     with _torchscript(), torch.inference_mode():
-        return torch.jit.trace(LastHiddenState().eval(), (input_ids, attention_mask),
+        return torch.jit.trace(LastHiddenState().eval(), _example(model.device, padded=True),
                                check_trace=False)
 
 
@@ -382,7 +431,9 @@ class MeanPooledTransformer:
                               if x is not None and x > 0)
         self.tokenizer.no_padding()          # padded per forward pass, to that pass's longest
         self.tokenizer.enable_truncation(self.max_length)
-        pad = settings.get("pad_token") or "[PAD]"
+        pad = (settings.get("pad_token")
+               or (_read_json(folder / "special_tokens_map.json") or {}).get("pad_token")
+               or "[PAD]")
         self.pad_id = self.tokenizer.token_to_id(pad if isinstance(pad, str) else pad["content"])
         if self.pad_id is None:
             raise EncoderError(f"encoder at {path}: its tokenizer has no pad token {pad!r}")

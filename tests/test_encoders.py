@@ -181,7 +181,8 @@ def test_length_chunks_are_the_cheapest_split_within_the_cap():
     assert length_chunks(np.arange(10, 0, -1), 4, np.inf) == [(0, 4), (4, 8), (8, 10)]
 
 
-@pytest.mark.parametrize("change", ["cls pooling", "lower case", "prompt", "dense layer"])
+@pytest.mark.parametrize("change", ["cls pooling", "lower case", "prompt", "dense layer",
+                                    "left padding", "no tokenizer.json"])
 def test_other_layouts_still_run_on_sentence_transformers(tmp_path, change, monkeypatch):
     import json
 
@@ -210,6 +211,10 @@ def test_other_layouts_still_run_on_sentence_transformers(tmp_path, change, monk
         rewrite("sentence_bert_config.json", lambda d: {**d, "do_lower_case": True})
     elif change == "prompt":
         rewrite("config_sentence_transformers.json", lambda d: {**d, "prompts": {"q": "query: "}})
+    elif change == "left padding":
+        rewrite("tokenizer_config.json", lambda d: {**d, "padding_side": "left"})
+    elif change == "no tokenizer.json":
+        (tmp_path / "tokenizer.json").unlink()
     else:
         rewrite("modules.json", lambda d: [*d[:2], {"idx": 2, "name": "2", "path": "2_Dense",
                                                     "type": "sentence_transformers.models.Dense"}])
@@ -301,6 +306,33 @@ def test_the_traced_file_is_keyed_by_the_folder_files_precision_and_cache_settin
     assert first.parent == tmp_path / "cache" and first == traced_file(str(folder), "cpu", "float32")
     assert traced_file(str(folder), "cpu", "bfloat16") != first
     (folder / "model.safetensors").write_bytes(b"weights")        # another file: another copy
-    assert traced_file(str(folder), "cpu", "float32") != first
+    second = traced_file(str(folder), "cpu", "float32")
+    assert second != first
+    monkeypatch.setattr("r2ray.encoders.TRACE_FORMAT", 2)          # another wrapper: another copy
+    assert traced_file(str(folder), "cpu", "float32") not in (first, second)
     monkeypatch.setenv("R2RAY_ENCODER_CACHE", "off")
     assert traced_file(str(folder), "cpu", "float32") is None
+
+
+def test_with_the_cache_off_the_model_runs_eagerly_and_a_disagreeing_trace_is_not_used(
+        tmp_path, monkeypatch, capsys):
+    import torch
+
+    import r2ray.encoders as encoders
+
+    path = str(encoder_path(MINILM))
+    input_ids = torch.tensor([[101, 2054, 2003, 1016, 102]])
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    monkeypatch.setenv("R2RAY_ENCODER_CACHE", "off")
+    with torch.inference_mode():
+        eager = encoders.traced_transformer(path, "cpu", "float32")
+        assert not isinstance(eager, torch.jit.ScriptModule)      # no trace without a cache
+        want = eager(input_ids, mask)
+
+        monkeypatch.setenv("R2RAY_ENCODER_CACHE", str(tmp_path))
+        monkeypatch.setattr(encoders, "_trace", lambda model: (
+            lambda ids, attention: torch.zeros(*ids.shape, 384)))   # a trace that bakes in junk
+        got = encoders.traced_transformer(path, "cpu", "float32")
+        assert "the trace disagrees with the model on one unpadded text" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == []                    # not saved
+        torch.testing.assert_close(got(input_ids, mask), want, rtol=0, atol=1e-6)
