@@ -41,8 +41,8 @@ def padding(model, calls: list[list[str]], batch_size: int) -> float:
     """Padded tokens per real token over ``calls``, in the forward passes the model plans."""
     padded = real = 0
     for texts in calls:
-        tokens, _, passes = model.plan(texts, batch_size)
-        lengths = np.array([len(ids) for ids in tokens["input_ids"]])
+        ids, _, passes = model.plan(texts, batch_size)
+        lengths = np.array([len(row) for row in ids])
         padded += sum(len(rows) * lengths[rows].max() for rows in passes)
         real += lengths.sum()
     return padded / real

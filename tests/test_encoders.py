@@ -336,3 +336,19 @@ def test_with_the_cache_off_the_model_runs_eagerly_and_a_disagreeing_trace_is_no
         assert "the trace disagrees with the model on one unpadded text" in capsys.readouterr().err
         assert list(tmp_path.iterdir()) == []                    # not saved
         torch.testing.assert_close(got(input_ids, mask), want, rtol=0, atol=1e-6)
+
+
+def test_the_encoder_benchmark_counts_padded_tokens_from_the_models_plan(minilm, monkeypatch):
+    """``benchmarks/encoder.py``'s padding figure reads ``MeanPooledTransformer.plan``: one
+    text per pass pads nothing; three texts of 3, 4 and 8 tokens in one pass pad to 3 × 8."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "encoder_benchmark", Path(__file__).parents[1] / "benchmarks" / "encoder.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    texts = ["a", "a b", "a b c d e f"]          # [CLS] ... [SEP]: 3, 4 and 8 tokens
+    assert benchmark.padding(minilm._model, [texts], batch_size=1) == 1.0
+    monkeypatch.setattr(minilm._model, "overhead", np.inf)   # fixed slices: one pass of three
+    assert benchmark.padding(minilm._model, [texts], batch_size=3) == pytest.approx(24 / 15)
