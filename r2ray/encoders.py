@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 import warnings
 from pathlib import Path
 from typing import Literal, get_args
@@ -366,18 +365,21 @@ def _trace(model):
 
 
 def _save_traced(traced, file: Path) -> None:
-    """Written beside its final name and renamed there, so concurrent workers never clash and a
-    reader never sees half a file. A cache that cannot be written is a warning."""
-    staging = file.with_name(f"{file.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with _torchscript():
-            import torch
+    """Serialised, then written through :func:`r2ray.storage.write_bytes` (a temporary name
+    renamed into place: concurrent workers never clash and a reader never sees half a file). A
+    cache that cannot be written is a warning."""
+    import io
 
-            torch.jit.save(traced, str(staging))
-        os.replace(staging, file)
+    import torch
+
+    from r2ray import storage
+
+    buffer = io.BytesIO()
+    try:
+        with _torchscript():
+            torch.jit.save(traced, buffer)
+        storage.write_bytes(str(file), buffer.getvalue())
     except (OSError, RuntimeError) as err:
-        staging.unlink(missing_ok=True)
         _warn(f"cannot cache the traced encoder under {file} ({err})")
 
 
