@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import fsspec
 import pyarrow.fs as pafs
@@ -81,16 +81,22 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object. Local files go through a temp name + rename so readers never see half."""
+    """Write a whole object. Local files go through a temp name + rename so readers never see half;
+    a write that fails (a full disk, a rename refused) removes its temporary file and raises."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(OSError):
+                os.remove(tmp)
+            raise
     else:  # object stores: a single PUT is atomic
         with fs.open(path, "wb") as handle:
             handle.write(data)

@@ -38,3 +38,17 @@ def test_local_write_is_atomic_rename(tmp_path):
     storage.write_text(str(target), "{}")
     assert target.read_text() == "{}"
     assert [p.name for p in target.parent.iterdir()] == ["manifest.json"]
+
+
+def test_failed_local_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "manifest.json"
+    target.write_text("old")
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "replace", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_text(str(target), "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert target.read_text() == "old"
