@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -41,10 +42,22 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(uri, **options)
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """The filesystem is the local disk (``file://`` or a plain path)."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def temporary_path(path: str) -> str:
+    """A name beside local ``path`` to write under before renaming onto it: unique per process
+    and call, so two writers of one path (threads, a retried task) never share it. Readers skip
+    it: :func:`list_files` takes only data suffixes."""
+    return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem (for Ray Data and pyarrow.dataset) plus the path inside it."""
     fs, path = filesystem(uri)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if is_local(fs):
         return pafs.LocalFileSystem(), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
@@ -87,8 +100,8 @@ def write_bytes(uri: str, data: bytes) -> None:
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{path}.tmp-{os.getpid()}"
+    if is_local(fs):
+        tmp = temporary_path(path)
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)
@@ -129,9 +142,13 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
             paths = [path]
         else:
             raise FileNotFoundError(f"input {redact_uri(uri)} does not exist")
-        matched = [
+        base = path.rstrip("/")
+        matched = [   # skip hidden/underscore names at any level below the input (_temporary/)
             p for p in paths
-            if p.endswith(suffixes) and not posixpath.basename(p).startswith((".", "_"))
+            if p.endswith(suffixes) and not any(
+                part.startswith((".", "_"))
+                for part in (p[len(base):] if p.startswith(base + "/") else
+                             posixpath.basename(p)).split("/") if part)
         ]
         if not matched:
             raise FileNotFoundError(f"input {redact_uri(uri)} holds no files ending in "

@@ -209,3 +209,86 @@ def test_raw_rows_of_a_jsonl_file_are_its_lines_as_stored(tmp_path):
     lines = ['{"query_id": "a", "query": "x"}', "", '{"query_id": "b", "query": "y\u2028z"}']
     (tmp_path / "a.jsonl").write_bytes("\r\n".join(lines).encode())
     assert raw_rows(str(tmp_path / "a.jsonl"), [3, 1, 3]) == {1: lines[0], 3: lines[2]}
+
+
+# ---- rows the validation lost or crashed on (found in a review, 2026-12-05) --------------------
+OK_ROW = {"query_id": "a", "query": "hello"}
+
+
+def _jsonl(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+
+
+def test_jsonl_rows_without_any_known_field_are_quarantined_not_dropped(tmp_path):
+    # e.g. a backlog exported with the wrong column names: {"id", "text"}
+    _jsonl(tmp_path / "a.jsonl", [{"id": "x", "text": "hello"}, {}])
+    good, bad = _validate_all(tmp_path)
+    assert good.num_rows + bad.num_rows == 2        # before the fix: 0 + 0, both rows vanish
+    assert json.loads(bad.column("raw")[0].as_py()) == {"id": "x", "text": "hello"}
+
+
+def test_jsonl_quarantine_raw_keeps_every_field_as_read(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [{"query_id": "b", "query": " ", "meta": {"user": 7}}])
+    _, bad = _validate_all(tmp_path)
+    # before the fix: "meta" was dropped from the record
+    assert json.loads(bad.column("raw")[0].as_py())["meta"] == {"user": 7}
+
+
+def test_deeply_nested_jsonl_line_is_quarantined_not_a_crash(tmp_path):
+    # before the fix: RecursionError
+    _jsonl(tmp_path / "a.jsonl", [OK_ROW, "[" * 100_000 + "]" * 100_000])
+    good, bad = _validate_all(tmp_path)
+    assert good.num_rows == 1 and bad.column("row").to_pylist() == [2]
+
+
+def test_huge_integer_input_tokens_in_jsonl_is_quarantined(tmp_path):
+    _jsonl(tmp_path / "a.jsonl", [OK_ROW, {"query_id": "b", "query": "x", "input_tokens": 2 ** 60},
+                                  {"query_id": "c", "query": "x", "input_tokens": 10 ** 30}])
+    good, bad = _validate_all(tmp_path)   # before the fix: ArrowInvalid, the whole unit (job) fails
+    assert good.num_rows == 1 and bad.column("row").to_pylist() == [2, 3]
+
+
+def test_huge_integer_embedding_value_in_jsonl_is_quarantined(tmp_path):
+    _jsonl(tmp_path / "a.jsonl",
+           [OK_ROW, {"query_id": "b", "query": "x", "embedding": [1, 2, 2 ** 60]}])
+    good, bad = _validate_all(tmp_path)   # before the fix: ArrowInvalid
+    assert good.num_rows == 1 and bad.column("row").to_pylist() == [2]
+
+
+def test_huge_integer_input_tokens_in_parquet_is_quarantined(tmp_path):
+    pq.write_table(pa.table({"query_id": ["a", "b", "c"], "query": ["x", "y", "z"],
+                             "input_tokens": pa.array([3, 2 ** 60, 2 ** 63 + 1], pa.uint64())}),
+                   tmp_path / "a.parquet")
+    good, bad = _validate_all(tmp_path)   # before the fix: ArrowInvalid "not in range"
+    assert good.column("query_id").to_pylist() == ["a"] and bad.num_rows == 2
+
+
+def test_integer_embedding_values_past_2_24_in_parquet_do_not_crash(tmp_path):
+    pq.write_table(pa.table({"query_id": ["a", "b"], "query": ["x", "y"],
+                             "embedding": pa.array([[1, 2, 3], [1, 2, 20_000_000]])}),
+                   tmp_path / "a.parquet")
+    # before the fix: ArrowInvalid "not in range: -16777216 to 16777216"
+    good, bad = _validate_all(tmp_path)
+    assert good.num_rows + bad.num_rows == 2
+
+
+def test_parquet_embedding_of_strings_or_nested_lists_is_quarantined(tmp_path):
+    pq.write_table(pa.table({"query_id": ["a"], "query": ["x"],
+                             "embedding": pa.array([["1", "2", "c"]])}), tmp_path / "s.parquet")
+    pq.write_table(pa.table({"query_id": ["b"], "query": ["y"],
+                             "embedding": pa.array([[[1.0], [2.0], [3.0]]])}),
+                   tmp_path / "n.parquet")
+    good, bad = _validate_all(tmp_path)   # before the fix: ArrowInvalid / ArrowNotImplementedError
+    assert good.num_rows == 0 and bad.num_rows == 2
+    assert all("not a list of numbers" in r for r in bad.column("reason").to_pylist())
+
+
+def test_dictionary_encoded_string_columns_are_read_as_strings(tmp_path):
+    # pandas 'category' columns are stored dictionary-encoded
+    pq.write_table(pa.table({"query_id": pa.array(["a", "b"]).dictionary_encode(),
+                             "query": pa.array(["x", "y"]).dictionary_encode(),
+                             "tenant": pa.array(["t", "t"]).dictionary_encode()}),
+                   tmp_path / "a.parquet")
+    # before the fix: every row quarantined "query is dictionary<...>"
+    good, bad = _validate_all(tmp_path)
+    assert bad.num_rows == 0 and good.column("tenant").to_pylist() == ["t", "t"]

@@ -1,10 +1,13 @@
 """Storage helpers on the local disk and on a real S3 server (SeaweedFS on 127.0.0.1)."""
 
+import os
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from r2ray import storage
-from r2ray.bench.io import read_table, write_table
+from r2ray.bench.io import TableWriter, read_table, write_table
 
 
 @pytest.mark.parametrize("where", ["local", "file", "s3"])
@@ -52,3 +55,38 @@ def test_failed_local_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         storage.write_text(str(target), "new")
     assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
     assert target.read_text() == "old"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_failed_stream_leaves_no_file_at_the_final_name(where, suffix, tmp_path, request):
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    out = storage.join(root, "out", "bench" + suffix)
+    with pytest.raises(RuntimeError):
+        with TableWriter(out, pa.schema([("a", pa.int64())])) as writer:
+            writer.write(pa.table({"a": [1, 2]}))
+            raise RuntimeError("the producer failed half-way")
+    # before the fix: a valid 2-row file at the final name, indistinguishable from a complete one
+    assert not storage.exists(out)
+    if where == "local":
+        assert os.listdir(tmp_path / "out") == []
+    write_table(pa.table({"a": [3]}), out)   # the same name written whole afterwards
+    assert read_table(out).to_pylist() == [{"a": 3}]
+
+
+def test_a_successful_stream_is_complete_and_leaves_no_temporary(tmp_path):
+    out = tmp_path / "bench.parquet"
+    with TableWriter(str(out), pa.schema([("a", pa.int64())])) as writer:
+        writer.write(pa.table({"a": [1, 2]}))
+    assert pq.read_table(out).num_rows == 2 and os.listdir(tmp_path) == ["bench.parquet"]
+
+
+def test_files_under_underscore_or_hidden_folders_are_not_input(tmp_path):
+    table = pa.table({"query_id": ["a"], "query": ["q"]})
+    (tmp_path / "_temporary" / "0").mkdir(parents=True)   # Spark/Hadoop in-progress output
+    (tmp_path / ".staging").mkdir()
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    pq.write_table(table, tmp_path / "_temporary" / "0" / "part-0.parquet")
+    pq.write_table(table, tmp_path / ".staging" / "part-0.parquet")
+    found = storage.list_files(str(tmp_path), (".parquet",))
+    assert found == [str(tmp_path / "part-0.parquet")]   # before the fix: all three

@@ -113,7 +113,7 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
                     raise ValueError(f"a JSON {type(row).__name__}, not an object")
                 row["__line"] = line_no
                 rows.append(row)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:   # RecursionError: nested too deep
                 failures.append({"source": unit.source, "row": line_no, "query_id": None,
                                  "reason": f"invalid JSON line: {err}", "raw": line})
         if rows or failures or not pieces:
@@ -186,6 +186,12 @@ def _field_type_problem(row: dict) -> str | None:
     if vector is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                       for v in vector):
         return "embedding holds non-numeric values"
+    # Arrow refuses an int past 2**53 in a float64 column: quarantine it, never crash the unit
+    tokens = row.get("input_tokens")
+    if isinstance(tokens, int) and abs(tokens) > 2 ** 53:
+        return f"input_tokens {tokens} is too large"
+    if vector is not None and any(isinstance(v, int) and abs(v) > 2 ** 53 for v in vector):
+        return "embedding holds an integer too large for a float"
     if "query_id" in row and isinstance(row["query_id"], int):
         row["query_id"] = str(row["query_id"])
     return None
@@ -241,11 +247,16 @@ def validate_table(table: pa.Table, unit: ReadUnit, max_context_tokens: int,
 
     good = pa.table({
         "query_id": rows(query_id), "query": rows(query),
-        "input_tokens": rows(pa.array(input_tokens.astype(np.int64))), "tenant": rows(tenant),
+        "input_tokens": rows(pa.array(   # past the context: flagged above, and kept in int64
+            np.minimum(input_tokens, max_context_tokens).astype(np.int64))),
+        "tenant": rows(tenant),
         "order": rows(pa.array((unit.file_index << ROW_BITS) | (lines - 1))),
     }, schema=GOOD_SCHEMA)
     good = good.append_column("embedding", rows(embedding))
-    raw_rows = table.drop_columns(["__line"]).take(pa.array(bad)).to_pylist() if len(bad) else []
+    fields = table.drop_columns(["__line"])
+    # a table of no known column (jsonl rows of only unknown keys) has no rows to list
+    raw_rows = ((fields.take(pa.array(bad)).to_pylist() if fields.num_columns
+                 else [{} for _ in bad]) if len(bad) else [])
     quarantine = [_bad(unit.source, int(lines[i]), raw, reasons[i]) for i, raw in zip(bad, raw_rows)]
     return good, pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
 
@@ -254,11 +265,16 @@ def _filled(array, value) -> np.ndarray:
     return pc.fill_null(array, value).to_numpy(zero_copy_only=False)
 
 
+def _decoded(column: pa.Array) -> pa.Array:
+    """A dictionary-encoded column (pandas ``category``) as its plain values."""
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+
+
 def _string_column(table: pa.Table, name: str, flag) -> pa.Array:
     if name not in table.column_names:
         flag(np.ones(table.num_rows, bool), f"missing {name} (the input has no '{name}' column)")
         return pa.nulls(table.num_rows, pa.string())
-    column = table.column(name).combine_chunks()
+    column = _decoded(table.column(name).combine_chunks())
     if pa.types.is_integer(column.type) and name == "query_id":
         column = column.cast(pa.string())
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
@@ -283,7 +299,7 @@ def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
             or pa.types.is_null(column.type)):
         flag(np.ones(table.num_rows, bool), f"input_tokens is {column.type}, not a number")
         return estimate
-    given = _filled(column.cast(pa.float64()), np.nan)
+    given = _filled(column.cast(pa.float64(), safe=False), np.nan)   # 2**60: huge, not a crash
     flag(~np.isnan(given) & ((given < 0) | (given != np.floor(given)) | ~np.isfinite(given)),
          lambda i: f"input_tokens {given[i]:g} is not a non-negative integer")
     return np.where(np.isnan(given) | ~np.isfinite(given) | (given < 0), estimate, given)
@@ -292,7 +308,7 @@ def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
 def _optional_string(table: pa.Table, name: str, n: int, flag) -> pa.Array:
     if name not in table.column_names:
         return pa.nulls(n, pa.string())
-    column = table.column(name).combine_chunks()
+    column = _decoded(table.column(name).combine_chunks())
     if pa.types.is_null(column.type):
         return column.cast(pa.string())
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
@@ -312,13 +328,18 @@ def _check_embeddings(column, embedding_dim: int, flag) -> pa.Array:
             or pa.types.is_fixed_size_list(column.type)):
         flag(np.ones(n, bool), f"embedding is {column.type}, not a list of numbers")
         return pa.nulls(n, EMBEDDING_TYPE)
+    value_type = column.type.value_type
+    if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type)
+            or pa.types.is_decimal(value_type) or pa.types.is_null(value_type)):
+        flag(np.ones(n, bool), f"embedding is {column.type}, not a list of numbers")
+        return pa.nulls(n, EMBEDDING_TYPE)
     lengths = _filled(pc.list_value_length(column), -1)
     present = lengths >= 0
     flag(present & (lengths != embedding_dim),
          lambda i: f"embedding has {lengths[i]} values; the model expects {embedding_dim}")
     # float32 as the model reads it (a float64 beyond float32's range is flagged, not passed on
     # as inf); rows of non-finite values looked up only when there are any
-    values = pc.list_flatten(column).cast(pa.float32()).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(column).cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False)
     finite = np.ones(n, dtype=bool)
     not_finite = np.flatnonzero(~np.isfinite(values))
     if not_finite.size:
@@ -372,10 +393,22 @@ def validated_slices(unit: ReadUnit, max_context_tokens: int, embedding_dim: int
             failures += type_failures
         good, bad = validate_table(table, unit, max_context_tokens, embedding_dim,
                                    embedding_required)
+        if not isinstance(raw, pa.Table) and bad.num_rows:
+            bad = _with_rows_as_read(bad, raw)
         if failures:
             bad = pa.concat_tables([pa.Table.from_pylist(failures, schema=QUARANTINE_SCHEMA),
                                     bad]).sort_by("row")
         yield good, bad
+
+
+def _with_rows_as_read(bad: pa.Table, rows: list[dict]) -> pa.Table:
+    """jsonl quarantine records whose ``raw`` is the whole row as read, every field kept (the
+    validated table holds the known fields only, and none at all for a row of unknown keys)."""
+    by_line = {row["__line"]: row for row in rows if "__line" in row}
+    raw = [json.dumps({k: v for k, v in by_line[line].items() if k != "__line"}, default=str)
+           for line in bad.column("row").to_pylist()]
+    return bad.set_column(bad.schema.get_field_index("raw"), QUARANTINE_SCHEMA.field("raw"),
+                          pa.array(raw, pa.string()))
 
 
 def empty_good() -> pa.Table:

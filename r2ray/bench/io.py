@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
@@ -68,7 +70,10 @@ def read_bench(uris: str | Iterable[str], catalog: Catalog | None = None) -> pa.
 
 
 class TableWriter:
-    """Stream record batches to one parquet or jsonl file (by suffix). Use as a context manager."""
+    """Stream record batches to one parquet or jsonl file (by suffix). Use as a context manager.
+
+    The file appears at ``uri`` only once closed without an error: locally it is written under a
+    temporary name and renamed; on an object store a failed write's upload is discarded."""
 
     def __init__(self, uri: str, schema: pa.Schema):
         self.uri, self.schema = str(uri), schema
@@ -77,7 +82,9 @@ class TableWriter:
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         if parent:
             fs.makedirs(parent, exist_ok=True)
-        self._handle = fs.open(path, "wb")
+        self._fs, self._path = fs, path
+        self._tmp = storage.temporary_path(path) if storage.is_local(fs) else None
+        self._handle = fs.open(self._tmp or path, "wb")
         self._parquet = (pq.ParquetWriter(self._handle, schema, compression="zstd")
                          if path.endswith(".parquet") else None)
 
@@ -96,12 +103,36 @@ class TableWriter:
         if self._parquet is not None:
             self._parquet.close()
         self._handle.close()
+        if self._tmp is not None:
+            os.replace(self._tmp, self._path)
+
+    def abort(self) -> None:
+        """Drop what was written: nothing appears at ``uri``."""
+        if self._parquet is not None:   # its footer goes to the discarded output
+            with contextlib.suppress(Exception):
+                self._parquet.close()
+        with contextlib.suppress(Exception):
+            if self._tmp is None and hasattr(self._handle, "discard"):
+                self._handle.discard()   # fsspec buffered files: abort the multipart upload
+                self._handle.closed = True   # and never flush what is left on garbage collection
+            else:
+                self._handle.close()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self._tmp)
 
     def __enter__(self) -> TableWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def write_table(table: pa.Table, uri: str) -> None:
