@@ -37,7 +37,8 @@ def context_fits(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
     """[N, K] bool: the prompt plus the arm's budget (at least one token) fits the model's context."""
     context = catalog.arm_arrays["context_tokens"]
     need = np.maximum(catalog.arm_arrays["budget_tokens"].astype(np.int64), 1)
-    return np.asarray(input_tokens, dtype=np.int64)[:, None] + need[None, :] <= context[None, :]
+    # input <= context - need, not input + need <= context: the sum wraps past int64's max
+    return np.asarray(input_tokens, dtype=np.int64)[:, None] <= (context - need)[None, :]
 
 
 def arm_caps(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:

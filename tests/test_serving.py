@@ -4,6 +4,8 @@ decision path agreeing with the batch solve, and the HTTP API in process (ASGI, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 import pickle
 import sys
@@ -19,6 +21,7 @@ from pydantic import ValidationError
 
 from conftest import REPO
 from r2ray.bench.synthetic import synth_backlog
+from r2ray.catalog import catalog_from_dict
 from r2ray.errors import R2RayError
 from r2ray.predictor import load_predictor
 from r2ray.prompting import estimate_tokens, estimate_tokens_array
@@ -35,7 +38,7 @@ from r2ray.serving.service import RoutingService, SpendBook, routing_headers, up
 from r2ray.solver import choose_arms, hull_steps, solve_budget
 
 
-# ---- pacing ----------------------------------------------------------------------------------------
+# ---- pacing --------------------------------------------------------------------------------------
 def test_paced_lambda_is_the_multiplicative_update_clamped():
     config = PacingConfig(target_usd_per_s=1.0, eta=0.5, lambda_min=0.1, lambda_max=100.0,
                           max_ratio=4.0)
@@ -118,7 +121,7 @@ def test_starting_price_from_the_latest_committed_manifest(tmp_path):
         starting_price(str(tmp_path / "uncommitted"), None)
 
 
-# ---- schemas, config, auth ------------------------------------------------------------------------
+# ---- schemas, config, auth -----------------------------------------------------------------------
 def test_route_request_rejects_unknown_and_bad_fields_by_name():
     assert RouteRequest.model_validate({"query": "hi", "lambda": 2.5}).lam == 2.5
     for body, field in (({"query": "hi", "max_cost": 1}, "max_cost"),
@@ -184,7 +187,7 @@ def test_serve_config_file_and_app_builder_are_valid(monkeypatch):
     assert type(built).__name__ == "Application"
 
 
-# ---- the per-request token estimate agrees with the batch job's -----------------------------------
+# ---- the per-request token estimate agrees with the batch job's ----------------------------------
 def test_scalar_token_estimate_agrees_with_the_array_rule_on_every_code_point():
     """Serve's one-string estimate prices a query as the batch job's Arrow rule does: each code
     point (surrogates aside) as the separator of six words, so a white space splits them."""
@@ -205,7 +208,7 @@ def test_scalar_token_estimate_agrees_with_the_array_rule(parts):
         list(estimate_tokens_array(pa.array(texts, pa.string())))
 
 
-# ---- the decision path: online agrees with the batch solve ----------------------------------------
+# ---- the decision path: online agrees with the batch solve ---------------------------------------
 @pytest.fixture(scope="module")
 def routing_model(small_routing_model):
     return RoutingModel(load_predictor(small_routing_model["path"]), None,
@@ -289,8 +292,8 @@ def test_query_key_is_stable_and_prefers_the_id():
     assert 0 <= query_key("x") < 2**64
 
 
-# ---- the HTTP API in process (no Ray, no sockets) ---------------------------------------------------
-def _service(routing_model, **config) -> RoutingService:
+# ---- the HTTP API in process (no Ray, no sockets) ------------------------------------------------
+def _service(routing_model, client: httpx.AsyncClient | None = None, **config) -> RoutingService:
     async def route(item):
         return route_items(routing_model, [item])[0]
 
@@ -299,7 +302,7 @@ def _service(routing_model, **config) -> RoutingService:
                 "encoder": None, "encoder_precision": None}
 
     book = SpendBook(PriceState(lam=0.0, tie_cut=1.0, seed=0, stopped=False, source="test"))
-    return RoutingService(serve_config(config), route, book, describe)
+    return RoutingService(serve_config(config), route, book, describe, client)
 
 
 def _call(app, method: str, path: str, **kwargs) -> httpx.Response:
@@ -429,3 +432,144 @@ def test_warm_up_leaves_no_compiled_kernel_for_the_first_request(small_routing_m
         capture_output=True, text=True, check=True, cwd=REPO, env=env).stdout)
         for how in ("warm", "cold", "warm"))
     assert cold and warm == []
+
+
+# ---- inputs that crashed a batch, booked absurd spend or lost content (a review, 2026-12-05) -----
+@pytest.fixture(scope="module")
+def embedding(routing_model):
+    return list(synth_backlog(routing_model.catalog, 1, seed=3, embeddings=True)
+                .to_pylist()[0]["embedding"])
+
+
+def _app(service):
+    return build_api(service, frozenset(), 1_000_000)
+
+
+# ---- 1. input_tokens is unbounded: 500, a poisoned batch, or trillions of USD of "spend" ---------
+def test_input_tokens_past_int64_is_a_422_naming_the_field(routing_model, embedding):
+    app = _app(_service(routing_model))
+    r = _call(app, "POST", "/v1/route",
+             json={"query": "x", "embedding": embedding, "input_tokens": 10**19})
+    assert r.status_code == 422, r.text                      # before the fix: 500
+    assert r.json()["error"]["param"] == "input_tokens"
+
+
+def test_input_tokens_near_int64_max_does_not_wrap_past_the_context_check(routing_model, embedding):
+    service = _service(routing_model)
+    r = _call(_app(service), "POST", "/v1/route",
+             json={"query": "x", "embedding": embedding, "input_tokens": 2**63 - 1})
+    # before the fix: 200, GLM-4.6 default arm, c_hat_usd 4.06e12 added to the spend book
+    assert r.status_code == 422, r.text
+    assert service.book.pending_usd == 0.0
+
+
+def test_one_bad_item_does_not_fail_the_rest_of_its_batch(routing_model, embedding):
+    good = RouteItem("x", 10, 1, 0.0, embedding=embedding)
+    for bad in (RouteItem("y", 10**19, 2, 0.0, embedding=embedding),          # OverflowError
+                RouteItem("y", 10, 2, 0.0, embedding=[1e39] * len(embedding))):  # EncoderError
+        results = route_items(routing_model, [good, bad])   # before the fix: raises for both
+        assert not isinstance(results[0], RouteRejected) and results[0].model
+        assert isinstance(results[1], RouteRejected)
+        assert results[1].param in ("input_tokens", "embedding")
+
+
+def test_embedding_beyond_float32_is_a_422_naming_embedding(routing_model, embedding):
+    r = _call(_app(_service(routing_model)), "POST", "/v1/route",
+             json={"query": "x", "embedding": [1e39] * len(embedding)})
+    assert r.status_code == 422, r.text                      # before the fix: 500
+    assert r.json()["error"]["param"].startswith("embedding")
+
+
+# ---- 2. a rejection names a limit that is not the cause ------------------------------------------
+def test_rejection_names_the_limit_that_removed_the_arms(routing_model, embedding):
+    # Gemma's context is 32,768 tokens: only allowed_models makes this unroutable; max_cost_usd=100
+    # excludes nothing. Observed: param "max_cost_usd", "relax max_cost_usd".
+    [result] = route_items(routing_model, [RouteItem(
+        "x", 40_000, 1, 0.0, embedding=embedding, allowed_models=["Gemma-3-1B"],
+        max_cost_usd=100.0)])
+    assert isinstance(result, RouteRejected) and result.param == "allowed_models", result.param
+
+
+def test_chat_rejection_names_max_tokens_not_a_field_the_request_lacks(routing_model, embedding):
+    r = _call(_app(_service(routing_model)), "POST", "/v1/chat/completions", json={
+        "model": "r2ray", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+        "r2ray": {"embedding": embedding}})
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["param"] == "max_tokens", error             # before the fix: "max_budget_tokens"
+    assert "max_budget_tokens" not in error["message"]
+
+
+# ---- 3. forwarded chat: realised cost from `usage` is trusted blindly ----------------------------
+def _with_endpoints(routing_model):
+    d = routing_model.catalog.to_dict()
+    for m in d["models"]:
+        m["endpoint"] = "http://llm.test/v1"
+    return dataclasses.replace(routing_model, catalog=catalog_from_dict(d))
+
+
+def _forwarding_service(routing_model, answer: bytes, sent: list):
+    def handler(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, content=answer, headers={"content-type": "application/json"})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return _service(_with_endpoints(routing_model), client)
+
+
+CHAT = {"model": "r2ray", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_negative_usage_does_not_erase_other_requests_spend(routing_model, embedding):
+    answer = b'{"choices": [], "usage": {"prompt_tokens": -1000000000, "completion_tokens": 1}}'
+    service = _forwarding_service(routing_model, answer, [])
+    service.book.add(0.5)                    # earlier requests' spend, not yet synced to the Pacer
+    r = _call(_app(service), "POST", "/v1/chat/completions",
+              json=CHAT | {"r2ray": {"embedding": embedding}})
+    assert r.status_code == 200
+    assert service.book.pending_usd >= 0.5   # before the fix: -439.5 (Pacer clamps the sum to 0)
+
+
+def test_absurd_usage_is_not_a_500_after_the_upstream_answered(routing_model, embedding):
+    answer = (b'{"choices": [], "usage": {"prompt_tokens": 1' + b"0" * 400
+              + b', "completion_tokens": 1}}')
+    service = _forwarding_service(routing_model, answer, [])
+    r = _call(_app(service), "POST", "/v1/chat/completions",
+              json=CHAT | {"r2ray": {"embedding": embedding}})
+    assert r.status_code == 200, r.text      # before the fix: 500 (OverflowError), nothing counted
+    assert 0 < service.book.pending_usd < 1  # falls back to c_hat
+
+
+# ---- 3b. an upstream answer with a non-finite number (vLLM's -Infinity logprobs) is a 500 --------
+def test_non_finite_number_in_the_upstream_answer_is_passed_through(routing_model, embedding):
+    answer = (b'{"choices": [{"message": {"role": "assistant", "content": "4"}, "logprobs": '
+              b'{"content": [{"token": "4", "logprob": -Infinity}]}}], '
+              b'"usage": {"prompt_tokens": 3, "completion_tokens": 1}}')
+    service = _forwarding_service(routing_model, answer, [])
+    r = _call(_app(service), "POST", "/v1/chat/completions",
+              json=CHAT | {"r2ray": {"embedding": embedding}})
+    # before the fix: 500 (JSONResponse refuses -inf), the spend counted
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"]["content"][0]["logprob"] == -math.inf
+
+
+# ---- 4. forwarded chat: non-text parts of the last user turn are dropped -------------------------
+def test_image_part_of_the_user_turn_reaches_the_upstream(routing_model, embedding):
+    sent = []
+    service = _forwarding_service(routing_model, b'{"choices": []}', sent)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    r = _call(_app(service), "POST", "/v1/chat/completions", json={
+        "model": "r2ray", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this image?"}, image]}],
+        "r2ray": {"embedding": embedding, "max_budget_tokens": 100}})
+    assert r.status_code == 200
+    content = sent[0]["messages"][0]["content"]
+    # before the fix: a str, the image gone
+    assert isinstance(content, list) and image in content, content
+    assert "Answer concisely" in json.dumps(content)
+
+
+# ---- 5. a text part with "text": null is read as the word "None" ---------------------------------
+def test_null_text_part_is_not_the_word_none():
+    with pytest.raises(Exception, match="user message"):   # before the fix: accepted, query "None"
+        ChatCompletionRequest.model_validate({"model": "r2ray", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": None}]}]})

@@ -8,6 +8,7 @@ the field), 502 the chosen model's endpoint failed (with the reason). Errors use
 
 from __future__ import annotations
 
+import json
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -159,10 +160,15 @@ def build_api(service: RoutingService, key_digests: frozenset[str],
                         media_type="application/json")   # pydantic's encoder, not json.dumps
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> JSONResponse:
+    async def chat_completions(request: Request) -> Response:
         authorise(request)
         body, headers = await service.chat(await parsed_body(request, ChatCompletionRequest))
-        return JSONResponse(body, headers=headers)
+        # the upstream's answer as it came: json.loads read its NaN / Infinity (vLLM writes
+        # -Infinity logprobs), which JSONResponse (allow_nan=False) refuses to write: a 500 for
+        # an answer already paid for
+        return Response(json.dumps(body, ensure_ascii=False, allow_nan=True,
+                                   separators=(",", ":")).encode(), headers=headers,
+                        media_type="application/json")
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:

@@ -17,7 +17,7 @@ Nothing here knows about Ray: the Serve Router deployment calls :func:`route_ite
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from r2ray.catalog import Catalog, ModelSpec, UnknownModel, repriced_catalog
 from r2ray.encoders import embed_or_encode, has_text_encoder
 from r2ray.errors import R2RayError
 from r2ray.routing import ArmScores, allowed_arms, arm_scores, routed_request
+from r2ray.serving.schema import MAX_INPUT_TOKENS
 from r2ray.solver import NO_ARM, choose_arm, choose_arms
 
 
@@ -162,6 +163,15 @@ def _allowed(model: RoutingModel, item: RouteItem) -> np.ndarray:
     if item.embedding is not None and len(item.embedding) != model.embedding_dim:
         raise RouteRejected("embedding", f"embedding has {len(item.embedding)} values; model "
                             f"{model.version} expects {model.embedding_dim}")
+    # checked per item here: past this point an error fails every request in the batch
+    if not 0 < item.input_tokens <= MAX_INPUT_TOKENS:
+        raise RouteRejected("input_tokens",
+                            f"input_tokens must be between 1 and {MAX_INPUT_TOKENS}")
+    if item.embedding is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(np.asarray(item.embedding, dtype=np.float32)).all()
+        if not finite:
+            raise RouteRejected("embedding", "embedding values must be finite float32 numbers")
     try:
         return allowed_arms(model.catalog, item.allowed_models, item.max_budget_tokens)
     except UnknownModel as err:
@@ -217,7 +227,7 @@ def decide(model: RoutingModel, scores: ArmScores,
 def _decision(model: RoutingModel, scores: ArmScores, row: int, arm: int,
               item: RouteItem) -> RouteDecision | RouteRejected:
     if arm == NO_ARM:
-        return _no_arm(item)
+        return _no_arm(model, item)
     routed = routed_request(item.query, arm, model.catalog, item.input_tokens)
     reason = ("hard stop: spend limit reached, cheapest arm" if item.stopped else
               f"best value q - lambda*c on the quality/cost hull at lambda={item.lam:.6g} "
@@ -233,12 +243,30 @@ def _decision(model: RoutingModel, scores: ArmScores, row: int, arm: int,
                                   math.inf if item.stopped else item.lam, item.n_alternatives))
 
 
-def _no_arm(item: RouteItem) -> RouteRejected:
-    for param in ("max_cost_usd", "max_budget_tokens", "allowed_models"):
-        if getattr(item, param) is not None:
+def _no_arm(model: RoutingModel, item: RouteItem) -> RouteRejected:
+    """The rejection of a query left with no arm, naming the limit that removed them: the first
+    that alone excludes every arm the query could use without limits (the query itself when no
+    arm could answer it at all). Scores the one query again: this is the error path."""
+    catalog = model.catalog
+    free = predict_scores(model, [replace(item, allowed_models=None, max_budget_tokens=None,
+                                          max_cost_usd=None)],
+                          np.ones((1, catalog.n_arms), dtype=bool))
+    usable = np.isfinite(free.cost_usd[0])
+    if not usable.any():
+        return RouteRejected("query", "no arm can answer this query (too long for every context "
+                             "window, or no valid prediction)")
+    limits = {}
+    if item.max_cost_usd is not None:
+        limits["max_cost_usd"] = free.cost_usd[0] <= item.max_cost_usd
+    if item.max_budget_tokens is not None:
+        limits["max_budget_tokens"] = allowed_arms(catalog, None, item.max_budget_tokens)
+    if item.allowed_models is not None:
+        limits["allowed_models"] = allowed_arms(catalog, item.allowed_models)
+    for param, mask in limits.items():
+        if not (usable & mask).any():
             return RouteRejected(param, f"no arm satisfies the request's limits; relax {param}")
-    return RouteRejected("query", "no arm can answer this query (too long for every context "
-                         "window, or no valid prediction)")
+    names = list(limits) or ["query"]
+    return RouteRejected(names[0], f"no arm satisfies {', '.join(names)} together; relax one")
 
 
 def alternatives(catalog: Catalog, scores: ArmScores, row: int, chosen: int, lam: float,

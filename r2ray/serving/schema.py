@@ -13,8 +13,10 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 ROUTER_MODEL = "r2ray"   # `model` value in a chat request that asks r2ray to choose
+MAX_INPUT_TOKENS = 1_000_000_000   # far past any context window; keeps token arithmetic in int64
+FLOAT32_MAX = 3.4028234663852886e38   # an embedding is float32: a larger value would be inf
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class RoutingOptions(BaseModel):
@@ -38,7 +40,8 @@ class RouteRequest(RoutingOptions):
     """``POST /v1/route``: one query to route (not answered)."""
 
     query: Annotated[str, Field(min_length=1)]
-    input_tokens: Annotated[int, Field(gt=0)] | None = None  # default: estimated from the text
+    # default: estimated from the text
+    input_tokens: Annotated[int, Field(gt=0, le=MAX_INPUT_TOKENS)] | None = None
 
 
 class Message(BaseModel):
@@ -120,7 +123,8 @@ def message_text(message: ChatMessage) -> str:
     if isinstance(message.content, str):
         return message.content
     parts = message.content or []
-    return "\n".join(str(p.get("text", "")) for p in parts if p.get("type") == "text")
+    return "\n".join(p["text"] for p in parts
+                     if p.get("type") == "text" and isinstance(p.get("text"), str))
 
 
 class ModelCard(BaseModel):

@@ -9,6 +9,7 @@ spend that the Pacer will see at the next sync.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
 
@@ -44,7 +45,10 @@ class SpendBook:
         self.pending_usd = 0.0
 
     def add(self, cost_usd: float) -> None:
-        self.pending_usd += cost_usd
+        # a negative amount would cancel other requests' spend (the Pacer clamps only the
+        # sum it is sent); NaN or inf would poison every later sync
+        if math.isfinite(cost_usd) and cost_usd > 0:
+            self.pending_usd += float(cost_usd)
 
     def take(self) -> float:
         pending, self.pending_usd = self.pending_usd, 0.0
@@ -101,6 +105,12 @@ class RoutingService:
         except RouteRejected as rejected:
             if request.model != ROUTER_MODEL and rejected.param == "allowed_models":
                 rejected.param = "model"
+            elif rejected.param == "max_budget_tokens" and cap is not None and (
+                    options.max_budget_tokens is None or cap < options.max_budget_tokens):
+                # the limit came from the caller's cap, not from r2ray.max_budget_tokens
+                name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+                raise RouteRejected(name, f"no arm has a length budget of at most {name}={cap} "
+                                    f"tokens; raise {name}") from None
             raise
         headers = routing_headers(decision)
         url = chat_url(decision.spec)
@@ -163,8 +173,16 @@ def upstream_body(request: ChatCompletionRequest, decision: RouteDecision) -> di
     body["model"] = decision.model
     last_user = max(i for i, m in enumerate(request.messages)
                     if m.role == "user" and message_text(m))
-    instructed = render_messages(message_text(request.messages[last_user]), decision.budget)
-    body["messages"][last_user]["content"] = instructed[-1]["content"]
+    text = message_text(request.messages[last_user])
+    instructed = render_messages(text, decision.budget)[-1]["content"]
+    message = body["messages"][last_user]
+    parts = message.get("content")
+    if isinstance(parts, list) and any(p.get("type") != "text" for p in parts):
+        # images, audio, files: keep every part, add the instruction as one more text part
+        if instructed != text:
+            parts.append({"type": "text", "text": instructed[len(text):].lstrip("\n")})
+    else:
+        message["content"] = instructed
     cap_field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     cap = request.max_completion_tokens or request.max_tokens
     body[cap_field] = decision.max_tokens if cap is None else min(decision.max_tokens, cap)

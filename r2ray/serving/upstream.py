@@ -65,9 +65,24 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
 
 def realised_cost_usd(spec: ModelSpec, answer: dict) -> float | None:
     """USD from the answer's ``usage`` (prompt and completion tokens), when it reports one."""
-    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
-    try:
-        tokens_in, tokens_out = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    except (TypeError, KeyError, ValueError):
-        return None
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+    tokens_in = _count(usage.get("prompt_tokens"))
+    tokens_out = _count(usage.get("completion_tokens"))
+    if tokens_in is None or tokens_out is None:
+        return None   # absent or implausible: the caller counts the predicted cost instead
     return (tokens_in * spec.input_per_m + tokens_out * spec.output_per_m) * 1e-6
+
+
+MAX_USAGE_TOKENS = 1_000_000_000   # far past any context window
+
+
+def _count(value) -> int | None:
+    """A token count from ``usage``: a whole number in [0, MAX_USAGE_TOKENS], else None (a
+    negative count would cancel other requests' spend in the book; 1e999 or 10**400 overflows)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return count if 0 <= count <= MAX_USAGE_TOKENS else None
