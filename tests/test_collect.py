@@ -211,3 +211,30 @@ def test_spend_cap_through_the_cli(tmp_path, capsys):
     assert manifest["answers"]["failure_reasons"] == {
         "spend cap: issuing it could pass --max-spend-usd": 36 - manifest["counts"]["bench_rows"]}
     assert manifest["counts"]["bench_rows"] < 36
+
+
+# ---- graders: signs, the article "a", scores out of ten (a review, 2026-12-05) ----------------
+def test_exact_keeps_the_sign():
+    # before the fix: 1.0 — normalise() strips "-" as punctuation, so "5" matches reference "-5"
+    assert graders.grade("exact", "5", "-5") == 0.0
+    assert graders.grade("exact", "-5", "5") == 0.0
+    assert graders.grade("exact", "The answer is -5.", "-5") == 1.0
+    assert graders.grade("exact", "Paris.", "paris") == 1.0
+
+
+def test_choice_ignores_the_article_a():
+    # before the fix: "A" — the IGNORECASE pattern took the article "a" after "answer is" as the
+    # option A
+    assert graders.choice_letter("The answer is a bit unclear, but it is (B)") != "A"
+    assert graders.grade("choice", "My answer is a guess: B", "A") == 0.0
+    assert graders.grade("choice", "Answer: b)", "B") == 1.0       # a lowercase option still counts
+    assert graders.grade("choice", "the answer is c.", "C") == 1.0
+
+
+def test_judge_score_out_of_ten_is_not_full_marks():
+    # before the fix: 1.0 for "Score: 1/10" and "Score: 10" — the regex reads the leading "1"
+    assert graders.parse_judge_score("Score: 1/10") is None
+    assert graders.parse_judge_score("Score: 10") is None
+    assert graders.parse_judge_score("Score: 0.75") == 0.75
+    assert graders.parse_judge_score("Score: 1") == 1.0
+    assert graders.parse_judge_score("Score: **0.5**") == 0.5

@@ -219,9 +219,15 @@ def throughput_by_endpoint(results: pa.Table) -> dict[str, dict]:
     return out
 
 
+def _requested(results: pa.Table, requests: pa.Table) -> pa.Table:
+    """Only the rows of keys this run asks for: parts of other requests (a query since removed,
+    another run's rows in a reused work folder) are neither results nor spend of this one."""
+    return results.filter(pc.is_in(results["key"], value_set=requests["key"].combine_chunks()))
+
+
 def plan(requests: pa.Table, work_dir: str) -> tuple[pa.Table, pa.Table]:
     """(requests still to do, results already in the parts)."""
-    done = read_parts(storage.join(work_dir, "parts"))
+    done = _requested(read_parts(storage.join(work_dir, "parts")), requests)
     todo_keys = set(plan_todo(requests.column("key").to_pylist(),
                               set(done.column("key").to_pylist())))
     mask = pa.array([k in todo_keys for k in requests.column("key").to_pylist()], pa.bool_())
@@ -252,7 +258,8 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                 _write(failed, storage.join(work_dir, "failures"))
             meter.update(batch, spend)
     meter.finish()
-    results, dropped = first_per_key(read_parts(storage.join(work_dir, "parts")))
+    results, dropped = first_per_key(_requested(read_parts(storage.join(work_dir, "parts")),
+                                                requests))
     failures = read_parts(storage.join(work_dir, "failures"))
     return EngineRun(results=results, failures=failures, calls_planned=todo.num_rows,
                      calls_done_before=done.num_rows, duplicates_dropped=dropped,

@@ -18,13 +18,19 @@ from r2ray.errors import R2RayError
 
 _ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*(.+)$", re.IGNORECASE | re.DOTALL)
 _LETTER_PATTERNS = [   # most explicit first
-    re.compile(r"answer\s*(?:is|:)?\s*\(?\**([A-J])\**\)?(?![A-Za-z])", re.IGNORECASE),
+    # a lowercase letter only as an option ("answer: b)", "the answer is c."), never the article
+    re.compile(r"(?i:answer)\s*(?i:is|:)?\s*\(?\**([A-J]|[a-j](?=\**\)|\**[.:;,]?\s*$))"
+               r"\**\)?(?![A-Za-z])"),
     re.compile(r"^\s*\(?\**([A-J])\**[\)\.:](?![A-Za-z])"),
     re.compile(r"^\s*([A-J])\s*$"),
     re.compile(r"\(([A-J])\)"),
     re.compile(r"(?<![A-Za-z])([A-J])\)"),
 ]
-_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([01](?:\.\d+)?|\.\d+)", re.IGNORECASE)
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([01](?:\.\d+)?|\.\d+)(?!\d|\.\d|\s*/\s*(?!1\b))",
+                    re.IGNORECASE)   # not the "1" of "10" or of "1/10" ("x/1" is x)
+
+
+_STRIP = string.punctuation + " “”‘’"
 
 
 class GraderError(R2RayError, ValueError):
@@ -34,7 +40,9 @@ class GraderError(R2RayError, ValueError):
 def normalise(text: str) -> str:
     """Lower case, single spaces, no surrounding punctuation or quotes."""
     text = " ".join(str(text).lower().split())
-    return text.strip(string.punctuation + " “”‘’")
+    core = text.strip(_STRIP)
+    lead = text[: len(text) - len(text.lstrip(_STRIP))]
+    return "-" + core if lead.endswith("-") and core[:1].isdigit() else core   # keep a sign
 
 
 def grade_exact(response: str, reference: str) -> float:
