@@ -16,6 +16,7 @@ from r2ray.cli import EXIT_USER_ERROR, main
 from r2ray.reconcile import (ActualsError, CatalogMismatch, CorrectionError, CostCorrection,
                              actuals_from_table, fit_correction, latest_correction, read_actuals,
                              reconcile, write_reconciliation)
+from r2ray.reconcile.run import reconcile_run
 
 CATALOG = {"budgets": [100, "default"], "models": [
     {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 8192},
@@ -472,3 +473,113 @@ def test_no_cost_correction_turns_the_pickup_off(tmp_path):
     assert find_correction(config, model=None) is None
     assert correction_record(None, config) == {"applied": False,
                                                "reason": "turned off (--no-cost-correction)"}
+
+
+# ---- inputs that were silently dropped or crashed, and the correction chain (a review, 2026-12-05)
+GOOD_ROW = {"query_id": "q1", "model": "small", "budget": 100, "input_tokens": 10,
+            "output_tokens": 40, "quality": 1.0, "cost_usd": 0.5}
+
+
+def _review_routed(rows):  # (query_id, model, budget, max_tokens, q̂, ĉ)
+    c = list(zip(*rows))
+    return pa.table({"query_id": pa.array(c[0], pa.string()), "model": pa.array(c[1], pa.string()),
+                     "budget": pa.array(c[2], pa.int32()), "max_tokens": pa.array(c[3], pa.int64()),
+                     "q_hat": pa.array(c[4], pa.float32()),
+                     "t_hat": pa.array([1.0] * len(rows), pa.float32()),
+                     "c_hat_usd": pa.array(c[5], pa.float64())})
+
+
+def _review_manifest(catalog, run_id="night", routed_uri="(unused)", **extra):
+    return {"run_id": run_id, "catalog_fingerprint": catalog.fingerprint,
+            "spend": {"budget_usd": 10.0}, "counts": {"routed": 1},
+            "model": {"uri": "/models/m", "name": "/models/m", "version": "local"},
+            "output": {"routed": routed_uri}, "config": {}, "mlflow_run_id": None} | extra
+
+# ---- a cost_usd / quality that is not a number was silently treated as absent ----------------
+@pytest.mark.parametrize("field, value", [("cost_usd", "abc"), ("cost_usd", float("nan")),
+                                          ("quality", "high"), ("quality", float("nan"))])
+def test_unparseable_cost_or_quality_is_marked_not_silently_dropped(tmp_path, field, value):
+    # before the fix: invalid is None; cost_usd "abc"/NaN became null, so the row was silently
+    # re-priced from the catalogue (a billed amount thrown away); quality "high"/NaN -> "not judged"
+    path = tmp_path / "usage.jsonl"
+    bad = dict(GOOD_ROW, query_id="q2", **{field: value})
+    path.write_text(json.dumps(GOOD_ROW) + "\n" + json.dumps(bad) + "\n")
+    table = read_actuals(str(path))
+    assert table.column("invalid").to_pylist()[0] is None
+    reason = table.column("invalid").to_pylist()[1]
+    assert reason is not None and field in reason
+
+
+def test_nan_cost_in_parquet_is_marked(tmp_path):
+    # before the fix: a NaN cost_usd in a float column was read as null and priced instead
+    path = str(tmp_path / "usage.parquet")
+    bad = dict(GOOD_ROW, query_id="q2", cost_usd=float("nan"))
+    write_table(pa.Table.from_pylist([GOOD_ROW, bad]), path)
+    assert read_actuals(path).column("invalid").to_pylist()[1] is not None
+
+
+# ---- a date-like query_id in jsonl was rewritten by Arrow's timestamp inference --------------
+def test_date_like_query_id_survives_a_jsonl_read(tmp_path):
+    # before the fix: query_id "2024-01-01" came back as "2024-01-01 00:00:00": the actual never
+    # matches its routed row and is counted as "of no routed row" with no reason given
+    path = tmp_path / "usage.jsonl"
+    path.write_text(json.dumps(dict(GOOD_ROW, query_id="2024-01-01")) + "\n")
+    assert read_actuals(str(path)).column("query_id").to_pylist() == ["2024-01-01"]
+    catalog = _catalog()
+    routed = _review_routed([("2024-01-01", "small", 100, 110, .5, 1e-4)])
+    rec = reconcile(_review_manifest(catalog), routed,
+                    read_actuals(str(path)), catalog)
+    assert rec.counts["matched"] == 1
+
+
+# ---- a deeply nested jsonl line crashed the read --------------------------------------------
+def test_deeply_nested_line_is_a_bad_row_not_a_crash(tmp_path):
+    # before the fix: RecursionError escaping read_actuals (bench/io.py _read_jsonl json.loads)
+    path = tmp_path / "usage.jsonl"
+    path.write_text(json.dumps(GOOD_ROW) + "\n" + "[" * 100_000 + "\n")
+    table = read_actuals(str(path))
+    assert table.column("invalid").to_pylist() == [None, "not a JSON object"]
+
+
+# ---- a correction fitted on an already-corrected run was applied to uncorrected ĉ -------------
+def _write_run(out, run_id, catalog, rows, correction=None):
+    run = out / run_id
+    routed = run / "attempt-1" / "routed"
+    write_table(_review_routed(rows), str(routed / "model=small" / "part-0.parquet"))
+    record = ({"applied": False, "reason": "no reconciliation for this model yet"}
+              if correction is None else
+              {"applied": True, "version": correction.version,
+               "source_run_id": correction.source_run_id, "rows": correction.rows,
+               "overall": correction.overall, "created_at": correction.created_at})
+    manifest = _review_manifest(catalog, run_id, str(routed), counts={"routed": len(rows)})
+    manifest["spend"] = {"budget_usd": 10.0, "cost_correction": record}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return str(run)
+
+
+def test_a_second_reconciliation_keeps_the_correction_it_was_routed_with(tmp_path):
+    # before the fix: night1 (ĉ 1e-3, bill 2e-3) -> factor ≈ 1.98; night2 routed with ĉ × 1.98,
+    # billed 2e-3 again -> the new correction ≈ 1.01, which the next run multiplies into the
+    # *uncorrected* ĉ: planned 1.01e-3 per row against a 2e-3 bill (the correction oscillates)
+    catalog, n, raw, bill = _catalog(), 1000, 1e-3, 2e-3
+    catalog_path = str(tmp_path / "catalog.yaml")
+    save_catalog(catalog, catalog_path)
+    out = tmp_path / "out"
+
+    def actuals(run_id):
+        path = tmp_path / f"{run_id}.jsonl"
+        path.write_text("".join(json.dumps(dict(GOOD_ROW, query_id=f"q{i}", cost_usd=bill)) + "\n"
+                                for i in range(n)))
+        return str(path)
+
+    run1 = _write_run(out, "night1", catalog, [(f"q{i}", "small", 100, 110, .5, raw)
+                                               for i in range(n)])
+    first = reconcile_run(run1, actuals("night1"), catalog_path).correction
+    f1 = first.factors_for(catalog)[catalog.arm_of("small", 100)]
+    assert f1 == pytest.approx(2.0, rel=0.02)
+    run2 = _write_run(out, "night2", catalog, [(f"q{i}", "small", 100, 110, .5, raw * f1)
+                                               for i in range(n)], correction=first)
+    reconcile_run(run2, actuals("night2"), catalog_path)
+    newest = latest_correction(str(out), "/models/m", catalog.fingerprint)
+    f2 = newest.factors_for(catalog)[catalog.arm_of("small", 100)]
+    assert raw * f2 == pytest.approx(bill, rel=0.02)

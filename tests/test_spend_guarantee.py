@@ -340,3 +340,13 @@ def test_guarantee_on_splits_routes_each_held_out_split_as_the_batch_job_plans_i
                             [plan.planned_limit_usd])
     assert kept[1, 1, 0] == pytest.approx(row["realised_usd"] / budget, rel=1e-12)
     assert kept[1, 1, 2] == pytest.approx(plan.inflation, rel=1e-12)
+
+
+# ---- a NaN in the spend simulation silently planned the whole budget (a review, 2026-12-05) ----
+def test_a_nan_simulation_does_not_silently_drop_the_guarantee():
+    # before the fix: SpendPlan(planned_limit_usd=1.0, inflation=1.0, expected_ratio=nan):
+    # the 95 % guarantee is silently gone (NaN ρ/cv swallowed by max(1.0, nan) == 1.0)
+    sim = SpendSimulation(np.array([1e-4, 1e-3]), np.array([1.2, np.nan]),
+                          np.array([0.5, np.nan]), np.array([.5, .6]), 200)
+    with pytest.raises(ValueError, match="simulation"):
+        plan_budget(1.0, 1000, 0.95, sim)

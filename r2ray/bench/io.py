@@ -56,6 +56,9 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
                     json.loads(line)
                 except json.JSONDecodeError as bad:
                     raise BenchError(f"{uri}, row {line_no}: invalid JSON ({bad.msg})") from None
+                except RecursionError:
+                    raise BenchError(f"{uri}, row {line_no}: invalid JSON (nested too deeply)"
+                                     ) from None
         raise BenchError(f"{uri}: not a readable jsonl file ({err})") from None
 
 

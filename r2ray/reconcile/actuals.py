@@ -59,11 +59,16 @@ def _read_file(uri: str) -> pa.Table:
     """Arrow's fast reader; for a jsonl file it refuses (a line that is not JSON, a column that
     mixes numbers and text such as ``"budget": "default"``), one line at a time."""
     try:
-        return read_table(uri)
+        table = read_table(uri)
     except BenchError:
         if uri.endswith(".parquet"):
             raise
-    return _lenient_jsonl(storage.read_bytes(uri))
+        return _lenient_jsonl(storage.read_bytes(uri))
+    if not uri.endswith(".parquet") and any(   # Arrow inferred a date from text ("2024-01-01")
+            pa.types.is_temporal(table.schema.field(name).type)
+            for name in REQUIRED + OPTIONAL if name in table.column_names):
+        return _lenient_jsonl(storage.read_bytes(uri))
+    return table
 
 
 def _lenient_jsonl(data: bytes) -> pa.Table:
@@ -75,7 +80,7 @@ def _lenient_jsonl(data: bytes) -> pa.Table:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             record = None
         unparsed.append(not isinstance(record, dict))
         records.append(record if isinstance(record, dict) else {})
@@ -106,6 +111,8 @@ def actuals_from_table(table: pa.Table, source: str) -> pa.Table:
                if name in table.column_names}
     quality = numbers.get("quality", np.full(n, np.nan))
     cost = numbers.get("cost_usd", np.full(n, np.nan))
+    given = {name: _given(table.column(name)) for name in OPTIONAL if name in table.column_names}
+    no_value = np.zeros(n, dtype=bool)
     query_id = _text(table.column("query_id"), "query_id", source)
     model = _text(table.column("model"), "model", source)
     unparsed = (table.column("_unparsed").to_numpy(zero_copy_only=False)
@@ -118,7 +125,9 @@ def actuals_from_table(table: pa.Table, source: str) -> pa.Table:
          "budget is not 'default' or a non-negative integer"),
         (~_whole(numbers["input_tokens"]), "input_tokens missing, negative or not an integer"),
         (~_whole(numbers["output_tokens"]), "output_tokens missing, negative or not an integer"),
+        (given.get("quality", no_value) & np.isnan(quality), "quality given but not a number"),
         ((quality < 0) | (quality > 1), "quality outside [0, 1]"),
+        (given.get("cost_usd", no_value) & np.isnan(cost), "cost_usd given but not a number"),
         ((cost < 0) | np.isinf(cost), "cost_usd negative or infinite"),
     ]
     invalid = _first_reason(n, checks)
@@ -201,6 +210,15 @@ def _float_values(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray
         raise ActualsError(f"actuals {source}: column {name!r} is {kind}, not a number")
     values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
     return np.asarray(values, dtype=np.float64)   # nulls come back as NaN
+
+
+def _given(column: pa.ChunkedArray) -> np.ndarray:
+    """bool [R]: a value is there (not null, not blank text): null alone means 'absent'."""
+    given = pc.is_valid(column)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        given = pc.and_(given, pc.invert(pc.fill_null(
+            pc.equal(pc.utf8_trim_whitespace(column), ""), True)))
+    return np.asarray(given.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _parse_float(value: str | None) -> float:

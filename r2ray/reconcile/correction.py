@@ -140,13 +140,15 @@ def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
         raise CorrectionError(f"run {rec.run_id}: no routed row has an actual, so there is "
                               "nothing to fit a cost correction on")
     clip = lambda x: float(np.clip(x, *factor_range))  # noqa: E731
-    overall = clip(shrunk_ratio(rec.overall["realised_usd"], rec.overall["planned_usd"],
+    # against ĉ before any correction the run applied: the factor found multiplies that ĉ
+    planned = lambda row: row.get("planned_raw_usd", row["planned_usd"])  # noqa: E731
+    overall = clip(shrunk_ratio(rec.overall["realised_usd"], planned(rec.overall),
                                 total, 1.0, prior_rows))
     models = {row["model"]: Factor(row["model"], None, clip(shrunk_ratio(
-        row["realised_usd"], row["planned_usd"], row["matched"], overall, prior_rows)),
+        row["realised_usd"], planned(row), row["matched"], overall, prior_rows)),
         row["matched"]) for row in rec.by_model.to_pylist() if row["matched"]}
     arms = tuple(Factor(row["model"], row["budget"], clip(shrunk_ratio(
-        row["realised_usd"], row["planned_usd"], row["matched"], models[row["model"]].factor,
+        row["realised_usd"], planned(row), row["matched"], models[row["model"]].factor,
         prior_rows)), row["matched"]) for row in rec.by_arm.to_pylist() if row["matched"])
     when = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     draft = CostCorrection("", when.isoformat(timespec="microseconds"), rec.run_id,

@@ -22,7 +22,8 @@ from r2ray.reconcile.actuals import (KEY, arm_index, invalid_counts, mark_duplic
                                      mark_unknown_arms)
 
 ROUTED_COLUMNS = ["query_id", "model", "budget", "max_tokens", "q_hat", "t_hat", "c_hat_usd"]
-GROUP_COLUMNS = ["routed", "matched", "planned_usd", "planned_all_usd", "realised_usd",
+GROUP_COLUMNS = ["routed", "matched", "planned_usd", "planned_raw_usd", "planned_all_usd",
+                 "realised_usd",
                  "realised_over_planned", "mean_q_hat", "rated", "mean_q_hat_rated",
                  "mean_quality"]
 
@@ -104,15 +105,19 @@ def priced_usd(catalog: Catalog, arm: np.ndarray, input_tokens: np.ndarray,
             + np.asarray(output_tokens, np.float64) * prices["price_out_usd"][arm])
 
 
-def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table,
-              catalog: Catalog) -> Reconciliation:
+def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table, catalog: Catalog,
+              applied_factors: np.ndarray | None = None) -> Reconciliation:
     """Join ``routed`` (ROUTED_COLUMNS) with ``actuals`` (ACTUALS_SCHEMA) on (query_id, model,
-    budget); ``catalog`` must be the run's (its fingerprint is checked)."""
+    budget); ``catalog`` must be the run's (its fingerprint is checked). ``applied_factors`` [K]:
+    the cost correction the run's ĉ was multiplied by (``planned_raw_usd`` divides it out)."""
     check_catalog(manifest, catalog)
     actuals = mark_duplicates(mark_unknown_arms(actuals, catalog))
     invalid, first = invalid_counts(actuals)
     usable = actuals.filter(pc.is_null(actuals["invalid"]))
     rows = _joined(routed, usable, catalog)
+    factors = (np.ones(catalog.n_arms) if applied_factors is None
+               else np.asarray(applied_factors, np.float64))
+    rows["c_hat_raw"] = rows["c_hat"] / factors[rows["arm"]]
     matched = int(rows["matched"].sum())
     counts = {"routed": routed.num_rows, "matched": matched,
               "routed_without_actuals": routed.num_rows - matched,
@@ -177,6 +182,7 @@ def _group_figures(rows: dict, group: np.ndarray, n_groups: int) -> dict[str, np
         return {"routed": count(np.ones_like(matched)).astype(np.int64),
                 "matched": n_matched.astype(np.int64),
                 "planned_usd": planned,
+                "planned_raw_usd": total(rows.get("c_hat_raw", rows["c_hat"]), matched),
                 "planned_all_usd": total(rows["c_hat"], np.ones_like(matched)),
                 "realised_usd": realised,
                 "realised_over_planned": realised / planned,

@@ -9,7 +9,8 @@ from r2ray.catalog import Catalog, budget_label, load_catalog
 from r2ray.errors import R2RayError
 from r2ray.manifest import MANIFEST, read_manifest
 from r2ray.reconcile.actuals import read_actuals
-from r2ray.reconcile.correction import CostCorrection, fit_correction
+from r2ray.reconcile.correction import (CORRECTION_FILE, RECONCILE_FOLDER, CostCorrection,
+                                        fit_correction)
 from r2ray.reconcile.figures import Reconciliation, check_catalog, read_routed, reconcile
 from r2ray.reconcile.report import write_reconciliation
 from r2ray.redaction import MASK, redact_uri
@@ -68,7 +69,8 @@ def reconcile_run(run_uri: str, actuals_uri: str, catalog_path: str | None = Non
     catalog = run_catalog(manifest, catalog_path, tracking_uri)
     with storage.reporting(f"cannot read the routed rows of {redact_uri(run_uri)}"):
         routed = read_routed(manifest)
-    rec = reconcile(manifest, routed, read_actuals(actuals_uri), catalog)
+    rec = reconcile(manifest, routed, read_actuals(actuals_uri), catalog,
+                    applied_correction_factors(run_uri, manifest, catalog))
     if rec.counts["matched"] == 0:
         raise R2RayError(f"none of the {rec.counts['actuals_usable']:,} usable actuals rows in "
                          f"{redact_uri(actuals_uri)} matches a routed (query_id, model, budget) of "
@@ -77,6 +79,27 @@ def reconcile_run(run_uri: str, actuals_uri: str, catalog_path: str | None = Non
     with storage.reporting(f"cannot write to {redact_uri(run_uri)}"):
         written = write_reconciliation(run_uri, rec, correction, tracking_uri)
     return ReconcileResult(rec, correction, written)
+
+
+def applied_correction_factors(run_uri: str, manifest: dict, catalog: Catalog):
+    """[K] the per-arm factors the run's ĉ was priced with (None: no correction applied); the
+    correction is read from ``<output>/<source run>/reconcile/<version>/``."""
+    import posixpath
+
+    record = manifest.get("spend", {}).get("cost_correction") or {}
+    if not record.get("applied"):
+        return None
+    root = posixpath.dirname(run_uri.rstrip("/"))
+    uri = storage.join(root, record["source_run_id"], RECONCILE_FOLDER, record["version"],
+                       CORRECTION_FILE)
+    with storage.reporting(f"cannot read the cost correction run {manifest.get('run_id')} "
+                           f"was priced with ({redact_uri(uri)})"):
+        if not storage.exists(uri):
+            raise R2RayError(f"run {manifest.get('run_id')} was priced with cost correction "
+                             f"{record['version']}, which is not at {redact_uri(uri)}: without "
+                             "it a new correction cannot be fitted")
+        correction = CostCorrection.from_json(storage.read_bytes(uri).decode("utf-8"), uri)
+    return correction.factors_for(catalog)
 
 
 def committed_manifest(run_uri: str) -> dict:
