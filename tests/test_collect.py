@@ -98,6 +98,11 @@ def test_bad_queries_name_row_and_field(tmp_path):
     judge = write_queries(tmp_path / "j.jsonl", [{"query_id": "a", "query": "x", "grader": "judge"}])
     with pytest.raises(BenchError, match="needs --judge-model"):
         read_queries(judge, None, judge=False)
+    for reference in ("", "  ", "?"):   # an empty answer would grade 1.0 against these
+        empty = write_queries(tmp_path / "e.jsonl",
+                              [{"query_id": "a", "query": "x", "reference": reference}])
+        with pytest.raises(BenchError, match=r"row 1, field 'reference'.*not empty"):
+            read_queries(empty, None, judge=False)
 
 
 # ---- against the stub --------------------------------------------------------------------------------

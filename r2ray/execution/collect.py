@@ -77,8 +77,11 @@ def read_queries(uri: str, default_grader: str | None, judge: bool) -> list[dict
         if grader not in graders.GRADER_NAMES:
             raise bench_error(uri, i, "grader", f"grader {grader!r}: give one of "
                               f"{graders.GRADER_NAMES} in the row or with --grader")
-        if grader != "judge" and row.get("reference") is None:
-            raise bench_error(uri, i, "reference", f"grader {grader!r} needs a reference")
+        if grader != "judge" and (row.get("reference") is None
+                                  or not graders.normalise(str(row["reference"]))):
+            # an empty reference would grade an empty answer 1.0
+            raise bench_error(uri, i, "reference", f"grader {grader!r} needs a reference "
+                              "(not empty, not punctuation alone)")
         if grader == "judge" and not judge:
             raise bench_error(uri, i, "grader", "grader 'judge' needs --judge-model")
         row.update(grader=grader, category=row.get("category"),
