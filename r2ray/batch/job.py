@@ -146,11 +146,21 @@ def _init_ray() -> None:
                  ignore_reinit_error=True, log_to_driver=True)
 
 
-def _count_rows(uri: str) -> int:
+def _parts(uri: str) -> list[str]:
+    """The parquet parts under an output folder; none when it is absent or holds none (a folder
+    made for a write that a killed task never finished holds only its temporary file), so the
+    commit counts zero there instead of failing a finished run."""
     if not storage.exists(uri):
-        return 0
+        return []
+    try:
+        return storage.list_files(uri, (".parquet",))
+    except FileNotFoundError:
+        return []
+
+
+def _count_rows(uri: str) -> int:
     total = 0
-    for part in storage.list_files(uri, (".parquet",)):
+    for part in _parts(uri):
         fs, path = storage.filesystem(part)
         with fs.open(path, "rb") as handle:
             total += pq.ParquetFile(handle).metadata.num_rows
@@ -159,12 +169,12 @@ def _count_rows(uri: str) -> int:
 
 def quarantine_counts(uri: str) -> dict[str, int]:
     """Quarantine records: row-level ones, duplicates among them, and whole unreadable files."""
-    if not storage.exists(uri):
+    parts = _parts(uri)
+    if not parts:
         return {"records": 0, "rows": 0, "duplicates": 0, "files": 0}
     from r2ray.bench.io import read_table
 
-    tables = [read_table(part).select(["row", "reason"])
-              for part in storage.list_files(uri, (".parquet",))]
+    tables = [read_table(part).select(["row", "reason"]) for part in parts]
     table = pa.concat_tables(tables)
     file_level = int(table.column("row").null_count)
     duplicates = int(np.sum(pa.compute.starts_with(table.column("reason"), "duplicate")
