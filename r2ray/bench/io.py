@@ -85,7 +85,7 @@ class TableWriter:
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         if parent:
             fs.makedirs(parent, exist_ok=True)
-        self._fs, self._path = fs, path
+        self._path = path
         self._tmp = storage.temporary_path(path) if storage.is_local(fs) else None
         self._handle = fs.open(self._tmp or path, "wb")
         self._parquet = (pq.ParquetWriter(self._handle, schema, compression="zstd")

@@ -37,6 +37,12 @@ RECONCILE_FOLDER = "reconcile"
 log = logging.getLogger(__name__)
 
 
+def correction_folder(run_folder_uri: str, version: str) -> str:
+    """Where ``r2ray reconcile`` writes a run's correction ``version`` (with its report and plot):
+    ``<run>/reconcile/<version>/``."""
+    return storage.join(run_folder_uri, RECONCILE_FOLDER, version)
+
+
 class CorrectionError(R2RayError, ValueError):
     """A correction that cannot be fitted or read."""
 
@@ -141,14 +147,13 @@ def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
                               "nothing to fit a cost correction on")
     clip = lambda x: float(np.clip(x, *factor_range))  # noqa: E731
     # against ĉ before any correction the run applied: the factor found multiplies that ĉ
-    planned = lambda row: row.get("planned_raw_usd", row["planned_usd"])  # noqa: E731
-    overall = clip(shrunk_ratio(rec.overall["realised_usd"], planned(rec.overall),
+    overall = clip(shrunk_ratio(rec.overall["realised_usd"], rec.overall["planned_raw_usd"],
                                 total, 1.0, prior_rows))
     models = {row["model"]: Factor(row["model"], None, clip(shrunk_ratio(
-        row["realised_usd"], planned(row), row["matched"], overall, prior_rows)),
+        row["realised_usd"], row["planned_raw_usd"], row["matched"], overall, prior_rows)),
         row["matched"]) for row in rec.by_model.to_pylist() if row["matched"]}
     arms = tuple(Factor(row["model"], row["budget"], clip(shrunk_ratio(
-        row["realised_usd"], planned(row), row["matched"], models[row["model"]].factor,
+        row["realised_usd"], row["planned_raw_usd"], row["matched"], models[row["model"]].factor,
         prior_rows)), row["matched"]) for row in rec.by_arm.to_pylist() if row["matched"])
     when = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     draft = CostCorrection("", when.isoformat(timespec="microseconds"), rec.run_id,

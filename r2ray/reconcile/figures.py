@@ -182,7 +182,7 @@ def _group_figures(rows: dict, group: np.ndarray, n_groups: int) -> dict[str, np
         return {"routed": count(np.ones_like(matched)).astype(np.int64),
                 "matched": n_matched.astype(np.int64),
                 "planned_usd": planned,
-                "planned_raw_usd": total(rows.get("c_hat_raw", rows["c_hat"]), matched),
+                "planned_raw_usd": total(rows["c_hat_raw"], matched),
                 "planned_all_usd": total(rows["c_hat"], np.ones_like(matched)),
                 "realised_usd": realised,
                 "realised_over_planned": realised / planned,

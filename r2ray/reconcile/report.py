@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from r2ray import storage
 from r2ray.catalog import budget_label
-from r2ray.reconcile.correction import CORRECTION_FILE, RECONCILE_FOLDER, CostCorrection
+from r2ray.reconcile.correction import (CORRECTION_FILE, RECONCILE_FOLDER, CostCorrection,
+                                        correction_folder)
 from r2ray.reconcile.figures import Reconciliation
 from r2ray.redaction import MASK, redact_text
 
@@ -146,7 +147,7 @@ def write_reconciliation(run_folder_uri: str, rec: Reconciliation, correction: C
     """report.md, the plot and correction.json under ``<run>/reconcile/<version>/``, then the
     metrics and those files on the run's MLflow run (a tracking failure only warns). Returns
     their URIs and the MLflow run id (None when nothing was logged)."""
-    folder = storage.join(run_folder_uri, RECONCILE_FOLDER, correction.version)
+    folder = correction_folder(run_folder_uri, correction.version)
     files = {REPORT_FILE: report_markdown(rec, correction).encode(),
              PLOT_FILE: spend_plot_png(rec), CORRECTION_FILE: correction.to_json().encode()}
     for name, data in files.items():

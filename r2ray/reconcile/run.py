@@ -9,7 +9,7 @@ from r2ray.catalog import Catalog, budget_label, load_catalog
 from r2ray.errors import R2RayError
 from r2ray.manifest import MANIFEST, read_manifest
 from r2ray.reconcile.actuals import read_actuals
-from r2ray.reconcile.correction import (CORRECTION_FILE, RECONCILE_FOLDER, CostCorrection,
+from r2ray.reconcile.correction import (CORRECTION_FILE, CostCorrection, correction_folder,
                                         fit_correction)
 from r2ray.reconcile.figures import Reconciliation, check_catalog, read_routed, reconcile
 from r2ray.reconcile.report import write_reconciliation
@@ -90,8 +90,8 @@ def applied_correction_factors(run_uri: str, manifest: dict, catalog: Catalog):
     if not record.get("applied"):
         return None
     root = posixpath.dirname(run_uri.rstrip("/"))
-    uri = storage.join(root, record["source_run_id"], RECONCILE_FOLDER, record["version"],
-                       CORRECTION_FILE)
+    uri = storage.join(correction_folder(storage.join(root, record["source_run_id"]),
+                                         record["version"]), CORRECTION_FILE)
     with storage.reporting(f"cannot read the cost correction run {manifest.get('run_id')} "
                            f"was priced with ({redact_uri(uri)})"):
         if not storage.exists(uri):
