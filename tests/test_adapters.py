@@ -1,5 +1,7 @@
 """`r2ray bench convert`: every adapter on its tests/data copy, through the CLI."""
 
+import csv
+import io
 import json
 import shutil
 
@@ -224,3 +226,47 @@ def test_routerarena_caps_at_the_budgets_the_catalog_offers_the_model(convert, t
     bench, found, _ = convert("routerarena", FIXTURES["routerarena"][:1], "--catalog", catalog)
     assert set(bench.column("budget").to_pylist()) == {10, DEFAULT_BUDGET}
     assert found.budgets == [10, DEFAULT_BUDGET]
+
+
+# ---- review s19/A: valid files the adapters must read ----------------------------------------
+def test_jsonl_with_raw_line_separators_inside_strings(convert, tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 raw in strings; only \\n ends a JSON Lines line."""
+    shutil.copytree(RA, tmp_path / "ra")
+    path = tmp_path / "ra" / "gemini-2.0-flash-001.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["question"] += "\u2028line two\u2029para\x85next"
+    lines[0] = json.dumps(record, ensure_ascii=False)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    bench, _, _ = convert("routerarena", [path])
+    assert record["question"] in bench.column("query").to_pylist()
+
+
+def test_byte_order_marks_are_dropped(convert, tmp_path):
+    """Excel's "CSV UTF-8" and some Windows tools start a file with a BOM."""
+    (tmp_path / "r2").mkdir()
+    bom_csv = tmp_path / "r2" / "GLM-4.6.csv"
+    bom_csv.write_bytes(b"\xef\xbb\xbf" + FIXTURES["r2bench"][0].read_bytes())
+    bench, _, _ = convert("r2bench", [bom_csv], out="r2.parquet")
+    plain, _, _ = convert("r2bench", FIXTURES["r2bench"][:1], out="plain.parquet")
+    assert bench.equals(plain)
+    shutil.copytree(PB, tmp_path / "pb")
+    bom_jsonl = tmp_path / "pb" / "test_k4.jsonl"
+    bom_jsonl.write_bytes(b"\xef\xbb\xbf" + (PB / "test_k4.jsonl").read_bytes())
+    bench, _, _ = convert("paretobandit", [bom_jsonl], out="pb.parquet")
+    assert bench.num_rows == 4 * 301
+
+
+@pytest.mark.parametrize("answer", ["N/A", "NA", "null", "NaN", "nan", "NULL"])
+def test_csv_text_that_looks_like_a_null_is_kept(convert, tmp_path, answer):
+    """Only an empty field is missing: a model may well answer "N/A"."""
+    records = list(csv.reader(io.StringIO(FIXTURES["routerbench"][0].read_text())))
+    column = records[0].index("gpt-4-1106-preview|model_response")
+    records[1][column] = answer
+    path = tmp_path / "rb.csv"
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(records)
+    bench, _, _ = convert("routerbench", [path])
+    row = [r for r in bench.to_pylist() if r["query_id"] == records[1][0]
+           and r["model"] == "gpt-4-1106-preview"][0]
+    assert row["response"] == answer and row["output_tokens"] == estimate_tokens(answer)

@@ -228,3 +228,39 @@ def test_convert_output_names_must_be_readable(tmp_path, capsys, out):
                  "--out", str(tmp_path / out)])
     assert code == 2 and "name a .parquet or .jsonl file" in capsys.readouterr().err
     assert not (tmp_path / out).exists()
+
+
+# ---- review s19/A: empty inputs, nulls read as text, repeated headers, huge numbers ------------
+def test_an_input_with_no_rows_is_an_error_naming_it(fails, tmp_path):
+    header_only = copy_with(tmp_path, R2 / "GLM-4.6.csv", lambda lines: lines[:1])
+    err = fails("r2bench", [header_only])
+    assert "GLM-4.6.csv: no bench rows" in err and "catalogue" not in err
+    empty = copy_with(tmp_path, PB / "test_k4.jsonl", lambda lines: [])
+    err = fails("paretobandit", [empty])
+    assert "test_k4.jsonl: no bench rows" in err
+    (tmp_path / "second").mkdir()  # one empty file among good ones is not silently skipped
+    (tmp_path / "second" / "Qwen3-0.6B.csv").write_text(
+        (R2 / "Qwen3-0.6B.csv").read_text().splitlines()[0] + "\n")
+    err = fails("r2bench", [R2 / "GLM-4.6.csv", tmp_path / "second" / "Qwen3-0.6B.csv"])
+    assert "Qwen3-0.6B.csv: no bench rows" in err
+
+
+@pytest.mark.parametrize("field", ["global_index", "generated_answer"])
+def test_routerarena_null_is_not_the_text_none(fails, tmp_path, field):
+    bad = copy_with(tmp_path, RA / "gemini-2.0-flash-001.jsonl", edit_json_line(
+        1, lambda r: r.update({field: None})))
+    err = fails("routerarena", [bad])
+    assert f"gemini-2.0-flash-001.jsonl, row 2, field '{field}'" in err and "None" in err
+
+
+def test_repeated_csv_header_names_the_column(fails, tmp_path):
+    repeat_prompt = edit_csv(lambda rows: [r + [r[1]] for r in rows])
+    err = fails("routerbench", [copy_with(tmp_path, ROUTERBENCH, repeat_prompt)])
+    assert "routerbench_sample.csv, field 'prompt'" in err and "more than once" in err
+
+
+def test_integer_beyond_float64_is_not_a_crash(fails, tmp_path):
+    bad = copy_with(tmp_path, RA / "gemini-2.0-flash-001.jsonl", edit_json_line(
+        2, lambda r: r["token_usage"].update(output_tokens=10 ** 400)))
+    err = fails("routerarena", [bad])
+    assert "row 3, field 'token_usage.output_tokens'" in err and "not a number" in err

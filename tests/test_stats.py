@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 
 from r2ray.bench.io import write_table
+from r2ray.bench.schema import BenchError
 from r2ray.bench.stats import (bench_stats, bench_stats_report, catalog_uri_beside, combine_partials,
                                finalise_stats, partial_sums)
 from r2ray.catalog import catalog_from_dict, save_catalog
@@ -107,3 +108,18 @@ def test_cli_stats_prints_the_table_and_rejects_bad_rows(catalog, tmp_path, caps
     assert main(["bench", "stats", str(tmp_path / "bad.parquet")]) == 2
     err = capsys.readouterr().err
     assert "bad.parquet, row 3, field 'quality'" in err and "1.5" in err
+
+
+def test_report_refuses_an_arm_repeated_across_files_or_batches(tmp_path):
+    """read_bench refuses such a bench; the streamed report must not count the rows twice."""
+    (tmp_path / "two").mkdir()
+    write_table(tiny_bench(), str(tmp_path / "two" / "a.parquet"))
+    write_table(tiny_bench().slice(4, 1), str(tmp_path / "two" / "b.parquet"))
+    with pytest.raises(BenchError, match=r"b\.parquet, row 1, field 'query_id'.*duplicate"):
+        bench_stats_report(str(tmp_path / "two"))
+    doubled = pa.concat_tables([tiny_bench(), tiny_bench().slice(1, 1)])
+    write_table(doubled, str(tmp_path / "one.parquet"))
+    with pytest.raises(BenchError, match=r"one\.parquet, row 8, field 'query_id'.*duplicate"):
+        bench_stats_report(str(tmp_path / "one.parquet"), batch_rows=4)
+    assert "bench: 1 file(s), 7 rows" in bench_stats_report(str(tmp_path / "two" / "a.parquet"),
+                                                            batch_rows=2)

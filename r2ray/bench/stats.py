@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from r2ray import storage
 from r2ray.bench.io import SUFFIXES, iter_batches
-from r2ray.bench.schema import validate_bench
+from r2ray.bench.schema import bench_error, validate_bench
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, budget_label, load_catalog
 
 WITHIN_FACTOR_TENTHS = 11  # "within 1.1× budget": 10 × output_tokens ≤ 11 × budget, exact in integers
@@ -133,20 +133,52 @@ def bench_stats(table: pa.Table, catalog: Catalog | None = None) -> pa.Table:
 # ---- the printed report ------------------------------------------------------------------------
 def bench_stats_report(uris: str | Iterable[str], catalog_path: str | None = None,
                        batch_rows: int = 1 << 20) -> str:
-    """Read a bench (streamed, validated batch by batch) and format its statistics table."""
+    """Read a bench (streamed, validated batch by batch) and format its statistics table.
+
+    A (query_id, model, budget) repeated across batches or files is an error, as in
+    :func:`r2ray.bench.io.read_bench`: counted twice it would skew every mean. Only those three
+    columns of every row are kept to find such repeats."""
     files = storage.list_files(uris, SUFFIXES)
     catalog, catalog_source = catalog_for_bench(files[0], catalog_path)
-    partials, rows = [], 0
-    for uri in files:
+    partials, keys, rows = [], [], 0
+    for index, uri in enumerate(files):
         offset = 0
         for batch in iter_batches(uri, batch_rows):
             table = validate_bench(pa.Table.from_batches([batch]), uri, row_offset=offset)
             partials.append(partial_sums(table, catalog))
+            keys.append(_row_keys(table, index, offset))
             offset += table.num_rows
         rows += offset
+    _check_unique_across(keys, files)
     stats = finalise_stats(combine_partials(partials), catalog)
     header = f"bench: {len(files)} file(s), {rows:,} rows; prices: {catalog_source}"
     return "\n".join([header, format_stats(stats), *_notes(stats, catalog_source)])
+
+
+def _row_keys(table: pa.Table, file_index: int, offset: int) -> pa.Table:
+    """The arm key of each row, with its file (index into the file list) and 0-based row there."""
+    return table.select(["query_id", "model", "budget"]).append_column(
+        "_file", pa.array(np.full(table.num_rows, file_index, np.int32))).append_column(
+        "_row", pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64)))
+
+
+def _check_unique_across(keys: list[pa.Table], files: list[str]) -> None:
+    """The first row (in file order) repeating an earlier row's (query_id, model, budget)."""
+    if len(keys) < 2:
+        return  # one batch: validate_bench has checked it
+    table = pa.concat_tables(keys)
+    table = table.append_column("_at", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    counts = table.group_by(["query_id", "model", "budget"]).aggregate(
+        [("_at", "count"), ("_at", "max")])
+    repeated = counts.filter(pc.greater(counts.column("_at_count"), 1))
+    if repeated.num_rows:
+        at = pc.min(repeated.column("_at_max")).as_py()
+        query_id, model, budget = (table.column(c)[at].as_py()
+                                   for c in ("query_id", "model", "budget"))
+        file, row = table.column("_file")[at].as_py(), table.column("_row")[at].as_py()
+        raise bench_error(files[file], row, "query_id", f"duplicate (query_id, model, budget) = "
+                          f"({query_id!r}, {model!r}, {budget}) across batches or files; each "
+                          "query answers each arm once")
 
 
 def catalog_for_bench(first_file: str, catalog_path: str | None) -> tuple[Catalog, str]:

@@ -104,12 +104,16 @@ def stem(uri: str) -> str:
 
 # ---- readers ---------------------------------------------------------------------------------
 def iter_jsonl(uri: str) -> Iterator[tuple[int, dict]]:
-    """(row, object) for each non-blank line; a bad line is an error naming file and row."""
+    """(row, object) for each non-blank line; a bad line is an error naming file and row.
+
+    Lines end at ``\n`` only (JSON Lines): ``str.splitlines`` would also cut at U+2028, U+2029
+    and U+0085, which JSON allows raw inside strings. A leading byte-order mark is dropped, as
+    pyarrow does for the long format."""
     try:
-        text = storage.read_bytes(uri).decode("utf-8")
+        text = storage.read_bytes(uri).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise BenchError(f"{uri}: not UTF-8 text ({err})") from None
-    for row, line in enumerate(text.splitlines(), 1):
+    for row, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -133,9 +137,11 @@ def read_json(uri: str) -> Any:
 def read_csv_strings(uri: str) -> tuple[pa.Table, int]:
     """A CSV file with every column as (nullable) strings, plus the count of undecodable bytes
     replaced (published CSVs are not always clean UTF-8). A truncated or ragged file is an error
-    naming the first bad row."""
+    naming the first bad row. Only an empty field is missing: text such as ``N/A``, ``NA`` or
+    ``null`` (an answer a model may give) is kept as text. A leading byte-order mark (Excel's
+    "CSV UTF-8") is dropped, so the first column keeps its name."""
     raw = storage.read_bytes(uri)
-    text = raw.decode("utf-8", errors="replace")
+    text = raw.decode("utf-8-sig", errors="replace")
     replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
     try:
         header = next(csv.reader(io.StringIO(text)))
@@ -147,7 +153,8 @@ def read_csv_strings(uri: str) -> tuple[pa.Table, int]:
             read_options=pacsv.ReadOptions(block_size=1 << 26),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
-                column_types={name: pa.string() for name in header}, strings_can_be_null=True))
+                column_types={name: pa.string() for name in header}, null_values=[""],
+                strings_can_be_null=True))
     except pa.ArrowInvalid as err:
         raise _locate_csv_error(uri, text, len(header), err) from None
     return table, replaced
@@ -168,10 +175,15 @@ def _locate_csv_error(uri: str, text: str, n_fields: int, err: Exception) -> Ben
 
 
 def require_columns(table: pa.Table, needed: list[str], source: str) -> None:
+    """Each needed column present exactly once (a repeated header would be ambiguous)."""
     missing = [name for name in needed if name not in table.column_names]
     if missing:
         raise bench_error(source, None, missing[0], f"missing column(s) {missing}; "
                           f"the file has {table.column_names}")
+    repeated = [name for name in needed if table.column_names.count(name) > 1]
+    if repeated:
+        raise bench_error(source, None, repeated[0], f"column(s) {repeated} appear more than "
+                          "once in the header; which one holds the data is ambiguous")
 
 
 # ---- values ----------------------------------------------------------------------------------
@@ -196,7 +208,10 @@ def number(value: Any, source: str, row: int, field: str, low: float | None = No
     """A finite number from a JSON number or a numeric string, optionally within [low, high]."""
     parsed = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        parsed = float(value)
+        try:
+            parsed = float(value)
+        except OverflowError:  # a JSON integer beyond float64
+            parsed = None
     elif isinstance(value, str):
         try:
             parsed = float(value.strip())
@@ -220,6 +235,22 @@ def count(value: Any, source: str, row: int, field: str) -> int:
     return int(parsed)
 
 
+def identifier(value: Any, source: str, row: int, field: str) -> str:
+    """An id given as non-empty text or a whole JSON number (never ``None`` read as "None")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return text(value, source, row, field)
+
+
+def any_text(value: Any, source: str, row: int, field: str) -> str:
+    """Text that may be empty (an answer), or a JSON number written as text; null is an error."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise bench_error(source, row - 1, field, f"expected text, got {value!r}")
+    return value
+
+
 def text(value: Any, source: str, row: int, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise bench_error(source, row - 1, field, f"expected non-empty text, got {value!r}")
@@ -230,6 +261,7 @@ def text(value: Any, source: str, row: int, field: str) -> str:
 def validate_parts(parts: list[SourcePart]) -> pa.Table:
     """Validate each part under its source file's name, then all parts together (duplicates
     across files); every error names the source file and row the bad bench row came from."""
+    _check_every_source_has_rows(parts)
     tables = [_validate(part.table, [part.source], np.zeros(part.table.num_rows, np.int64),
                         part.source_rows, part.source) for part in parts]
     if len(tables) == 1:
@@ -238,6 +270,18 @@ def validate_parts(parts: list[SourcePart]) -> pa.Table:
     which = np.concatenate([np.full(t.num_rows, i) for i, t in enumerate(tables)]).astype(np.int64)
     rows = np.concatenate([part.source_rows for part in parts])
     return _validate(combined, [part.source for part in parts], which, rows, "all inputs")
+
+
+def _check_every_source_has_rows(parts: list[SourcePart]) -> None:
+    """An input file that yields no bench row (empty, header only, every arm blank) is an error
+    naming it, never a silent nothing (nor, for the only input, an empty catalogue)."""
+    rows: dict[str, int] = {}
+    for part in parts:
+        rows[part.source] = rows.get(part.source, 0) + part.table.num_rows
+    empty = [source for source, n in rows.items() if n == 0]
+    if empty or not parts:
+        raise BenchError(f"{empty[0] if empty else 'the inputs'}: no bench rows (the file is "
+                         "empty, has a header only, or every arm in it is blank)")
 
 
 def _validate(table: pa.Table, sources: list[str], which: np.ndarray, rows: np.ndarray,

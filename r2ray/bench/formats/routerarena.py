@@ -23,8 +23,8 @@ from typing import NamedTuple
 from r2ray import storage
 from r2ray.bench import answers
 from r2ray.bench.formats.common import (
-    AdapterOptions, Converted, ModelPrice, RowCollector, SourcePart, beside, count, iter_jsonl,
-    lookup, number, read_json, stem, text,
+    AdapterOptions, Converted, ModelPrice, RowCollector, SourcePart, any_text, beside, count,
+    identifier, iter_jsonl, lookup, number, read_json, stem, text,
 )
 from r2ray.bench.formats.pricing import resolve_prices
 from r2ray.bench.schema import BenchError, bench_error
@@ -117,15 +117,16 @@ def _parse_one(record: dict, uri: str, row: int) -> tuple[Answer, bool]:
     clipped = metric in CLIPPED_METRICS and not 0.0 <= score <= 1.0
     score = min(1.0, max(0.0, score)) if clipped else score
     number(score, uri, row, "evaluation_result.score", 0.0, 1.0)  # any other metric: in [0, 1]
-    query_id = text(str(get("global_index")), uri, row, "global_index")
+    query_id = identifier(get("global_index"), uri, row, "global_index")
     answer = Answer(
         row=row, query_id=query_id, query=text(get("question"), uri, row, "question"),
         category=query_id.split("_", 1)[0],
         input_tokens=count(get("token_usage.input_tokens"), uri, row, "token_usage.input_tokens"),
         output_tokens=count(get("token_usage.output_tokens"), uri, row,
                             "token_usage.output_tokens"),
-        text=str(get("generated_answer")), score=score, metric=metric,
-        ground_truth=str(get("evaluation_result.ground_truth")),
+        text=any_text(get("generated_answer"), uri, row, "generated_answer"), score=score,
+        metric=metric, ground_truth=any_text(get("evaluation_result.ground_truth"), uri, row,
+                                             "evaluation_result.ground_truth"),
         cost_usd=number(get("evaluation_result.inference_cost"), uri, row,
                         "evaluation_result.inference_cost", 0.0))
     return answer, clipped
