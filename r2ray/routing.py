@@ -62,13 +62,29 @@ def arm_scores(quality: np.ndarray, output_tokens: np.ndarray, catalog: Catalog,
     (:mod:`r2ray.reconcile`), the same in the batch job and online; None = 1."""
     cost = catalog.arm_cost_usd(input_tokens, output_tokens)
     if cost_factors is not None:
-        cost = cost * np.asarray(cost_factors, dtype=np.float64)[None, :]
+        cost = cost * checked_cost_factors(cost_factors, catalog)[None, :]
     usable = context_fits(catalog, input_tokens) & np.isfinite(quality) & np.isfinite(cost)
     if allowed is not None:   # in place: a shape that does not broadcast to [N, K] is an error
         usable &= allowed     # (np.broadcast_to checked the same: a quarter of a one-row call)
     return ArmScores(np.where(usable, quality, np.nan).astype(np.float32, copy=False),
                      np.where(usable, output_tokens, np.nan).astype(np.float32, copy=False),
                      np.where(usable, cost, np.nan))
+
+
+def checked_cost_factors(cost_factors, catalog: Catalog) -> np.ndarray:
+    """``cost_factors`` as float64 [K], refused unless one finite positive factor per arm: a NaN
+    would mask its arm as if unusable, a negative one make its cost negative, a single one be
+    broadcast to every arm. Checked here, where every caller's factors are applied (K values)."""
+    factors = np.asarray(cost_factors, dtype=np.float64)
+    if factors.shape != (catalog.n_arms,):
+        raise ValueError(f"cost_factors has shape {factors.shape}; the catalogue has "
+                         f"{catalog.n_arms} arms, one factor each")
+    bad = np.flatnonzero(~(np.isfinite(factors) & (factors > 0)))
+    if bad.size:
+        model, budget = catalog.arms[int(bad[0])]
+        raise ValueError(f"cost_factors[{bad[0]}] ({model}, budget {budget}) is "
+                         f"{factors[bad[0]]:g}; a cost factor must be finite and positive")
+    return factors
 
 
 def allowed_arms(catalog: Catalog, models: list[str] | None = None,

@@ -134,7 +134,8 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
     found: list[str] = []
     for uri in [uris] if isinstance(uris, str) else list(uris):
         fs, path = filesystem(uri)
-        if any(ch in path for ch in "*?["):
+        glob = any(ch in path for ch in "*?[")
+        if glob:
             paths = fs.glob(path)
         elif fs.isdir(path):
             paths = fs.find(path)
@@ -142,7 +143,7 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
             paths = [path]
         else:
             raise FileNotFoundError(f"input {redact_uri(uri)} does not exist")
-        base = path.rstrip("/")
+        base = (_glob_root(path) if glob else path).rstrip("/")
         matched = [   # skip hidden/underscore names at any level below the input (_temporary/)
             p for p in paths
             if p.endswith(suffixes) and not any(
@@ -155,6 +156,14 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
                                     f"{', '.join(suffixes)}")
         found.extend(with_scheme(fs, p) for p in sorted(matched))
     return found
+
+
+def _glob_root(path: str) -> str:
+    """The folders of a glob before its first wildcard: what a wildcard matches below them is
+    "below the input", so ``data/**/*.parquet`` skips ``data/_temporary/`` as ``data`` does."""
+    parts = path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    return "/".join(parts[:fixed])
 
 
 class StorageError(R2RayError):

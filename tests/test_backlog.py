@@ -292,3 +292,24 @@ def test_dictionary_encoded_string_columns_are_read_as_strings(tmp_path):
     # before the fix: every row quarantined "query is dictionary<...>"
     good, bad = _validate_all(tmp_path)
     assert bad.num_rows == 0 and good.column("tenant").to_pylist() == ["t", "t"]
+
+
+def test_nan_input_tokens_is_quarantined_in_parquet_and_jsonl_alike(tmp_path):
+    # null = "estimate it"; NaN is a bad count (as -1 or inf are), whichever format carries it
+    pq.write_table(pa.table({"query_id": ["a", "b"], "query": ["hello there", "x"],
+                             "input_tokens": pa.array([None, float("nan")], pa.float64())}),
+                   tmp_path / "a.parquet")
+    _jsonl(tmp_path / "b.jsonl", ['{"query_id": "c", "query": "hi", "input_tokens": null}',
+                                  '{"query_id": "d", "query": "hi", "input_tokens": NaN}'])
+    good, bad = _validate_all(tmp_path)   # before the fix: b and d estimated from the text
+    assert good.column("query_id").to_pylist() == ["a", "c"]
+    assert all(n >= 1 for n in good.column("input_tokens").to_pylist())
+    assert _reasons(bad) == {(2, "b"): "input_tokens nan is not a non-negative integer",
+                             (2, "d"): "input_tokens nan is not a non-negative integer"}
+
+
+def test_a_utf8_byte_order_mark_does_not_cost_the_first_jsonl_row(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(OK_ROW).encode() + b"\n"
+                                       + json.dumps({**OK_ROW, "query_id": "b"}).encode() + b"\n")
+    good, bad = _validate_all(tmp_path)   # before the fix: row 1 "Unexpected UTF-8 BOM"
+    assert bad.num_rows == 0 and good.column("query_id").to_pylist() == ["a", "b"]

@@ -1,10 +1,14 @@
 """The commit's counts of the quarantine and deferred folders (no Ray)."""
 
+import numpy as np
 import pyarrow as pa
+import pytest
 
+from r2ray.batch.assign import assign_stage
 from r2ray.batch.backlog import QUARANTINE_SCHEMA
-from r2ray.batch.job import _count_rows, quarantine_counts
+from r2ray.batch.job import _count_rows, check_routed_parts, quarantine_counts
 from r2ray.bench.io import write_table
+from r2ray.catalog import catalog_from_dict
 
 
 def test_counts_of_absent_empty_and_filled_folders(tmp_path):
@@ -23,3 +27,35 @@ def test_counts_of_absent_empty_and_filled_folders(tmp_path):
                 str(empty / "part-1.parquet"))
     assert _count_rows(str(empty)) == 2
     assert quarantine_counts(str(empty)) == {"records": 2, "rows": 1, "duplicates": 1, "files": 1}
+
+
+def _assigned_block(orders: list[int]) -> pa.Table:
+    """A solved block of one-arm queries (arm 0 of the catalogue below), rows named by order."""
+    n = len(orders)
+    return pa.table({"query_id": [f"q{j}" for j in orders],
+                     "query": [f"question {j}" for j in orders],
+                     "input_tokens": pa.array(np.full(n, 10), pa.int64()),
+                     "tenant_name": pa.nulls(n, pa.string()),
+                     "order": pa.array(orders, pa.int64()), "arm": pa.array(np.zeros(n, np.int64)),
+                     "lambda_star": np.full(n, 1.0), "base_q": np.full(n, 0.5),
+                     "base_c": np.full(n, 1e-5),
+                     "step_arm": pa.array([[]] * n, pa.large_list(pa.int32())),
+                     "dq": pa.array([[]] * n, pa.large_list(pa.float64())),
+                     "dc": pa.array([[]] * n, pa.large_list(pa.float64())),
+                     "hull_tokens": pa.array([[20.0]] * n, pa.large_list(pa.float32()))})
+
+
+def test_a_retry_over_other_blocks_is_caught_before_the_commit(tmp_path):
+    catalog = catalog_from_dict({"budgets": [50, "default"], "models": [
+        {"name": "a", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096}]}, "test")
+    routed, deferred = str(tmp_path / "routed"), str(tmp_path / "deferred")
+    for orders in ([0, 1], [2, 3]):   # a first run of the stage over two blocks ...
+        assign_stage(_assigned_block(orders), catalog.to_yaml(), routed, deferred, "v", "r")
+    check_routed_parts(routed, 4)
+    # ... then again over the same rows in one block: part-0 is overwritten, part-2 is left
+    stats = assign_stage(_assigned_block([0, 1, 2, 3]), catalog.to_yaml(), routed, deferred,
+                         "v", "r")
+    kept = int(np.sum(stats.column("queries").to_numpy()))
+    assert kept == 4 and _count_rows(routed) == 6   # q2, q3 twice on storage
+    with pytest.raises(RuntimeError, match="holds 6 routed rows but the assign stage routed 4"):
+        check_routed_parts(routed, kept)   # before the fix: committed, rows routed twice

@@ -583,3 +583,21 @@ def test_a_second_reconciliation_keeps_the_correction_it_was_routed_with(tmp_pat
     newest = latest_correction(str(out), "/models/m", catalog.fingerprint)
     f2 = newest.factors_for(catalog)[catalog.arm_of("small", 100)]
     assert raw * f2 == pytest.approx(bill, rel=0.02)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("factor_range", [4.0, 0.25], "factor_range"), ("factor_range", [0.25], "factor_range"),
+    ("factor_range", [-1, 4], "factor_range"), ("prior_rows", -5, "prior_rows"),
+    ("prior_rows", "nan", "prior_rows"), ("overall", 1000.0, "overall: factor 1000 is outside"),
+    ("rows", -3, "rows -3")])
+def test_a_hand_edited_correction_is_refused_naming_the_field(field, value, match):
+    # before the fix: each was read, and a factor of 1000 priced the next night's arms 1000×
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
+    document = json.loads(fit_correction(rec).to_json())
+    with pytest.raises(CorrectionError, match=match):
+        CostCorrection.from_json(json.dumps({**document, field: value}), "c.json")
+    arm = {**document["arms"][0], "factor": 9.0}
+    with pytest.raises(CorrectionError, match=r"arms\[0\] .* factor 9 is outside"):
+        CostCorrection.from_json(json.dumps({**document, "arms": [arm]}), "c.json")

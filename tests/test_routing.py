@@ -1,10 +1,11 @@
 """The shared decision path's caps and prices: every arm is sent with a finite ``max_tokens``."""
 
 import numpy as np
+import pytest
 
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
 from r2ray.prompting import max_tokens_for
-from r2ray.routing import arm_caps, routed_request, worst_case_usd
+from r2ray.routing import arm_caps, arm_scores, routed_request, worst_case_usd
 
 
 def test_a_default_arm_is_sent_with_the_output_cap_never_the_context():
@@ -45,3 +46,18 @@ def test_worst_case_is_input_plus_the_cap_at_the_output_price():
         [10 * 0.5 + 110 * 2.0, 10 * 0.5 + 3000 * 2.0],
         [6000 * 0.5 + 110 * 2.0, 6000 * 0.5 + 2192 * 2.0]]) * 1e-6, rtol=1e-15)
     assert worst_case_usd(catalog, np.zeros(0, np.int64)).shape == (0, 2)
+
+
+def test_cost_factors_must_be_one_finite_positive_factor_per_arm():
+    # before the fix: NaN masked the arm as unusable, -1 made its cost negative, [2.0] was
+    # broadcast to every arm
+    catalog = catalog_from_dict({"budgets": [100, "default"], "models": [
+        {"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096}]})
+    quality, tokens = np.full((1, 2), 0.5, np.float32), np.full((1, 2), 50, np.float32)
+    scores = arm_scores(quality, tokens, catalog, np.array([10]), cost_factors=[2.0, 1.0])
+    assert scores.cost_usd[0].tolist() == pytest.approx([2 * 110e-6, 110e-6])
+    for factors, match in (([np.nan, 1.0], r"cost_factors\[0\] \(a, budget 100\) is nan"),
+                           ([1.0, -1.0], r"cost_factors\[1\] \(a, budget 0\) is -1"),
+                           ([1.0, np.inf], "finite and positive"), ([2.0], "2 arms")):
+        with pytest.raises(ValueError, match=match):
+            arm_scores(quality, tokens, catalog, np.array([10]), cost_factors=factors)

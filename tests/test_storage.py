@@ -90,3 +90,11 @@ def test_files_under_underscore_or_hidden_folders_are_not_input(tmp_path):
     pq.write_table(table, tmp_path / ".staging" / "part-0.parquet")
     found = storage.list_files(str(tmp_path), (".parquet",))
     assert found == [str(tmp_path / "part-0.parquet")]   # before the fix: all three
+    # a glob too: a wildcard that matches a skipped folder below its fixed part does not read it
+    assert storage.list_files(str(tmp_path / "**" / "*.parquet"), (".parquet",)) == [
+        str(tmp_path / "part-0.parquet")]   # before the fix: _temporary/0/part-0.parquet too
+    with pytest.raises(FileNotFoundError, match="holds no files"):   # only skipped ones match
+        storage.list_files(str(tmp_path / "*" / "0" / "*.parquet"), (".parquet",))
+    # a folder named in the fixed part is the caller's choice, underscore or not
+    assert storage.list_files(str(tmp_path / "_temporary" / "*" / "*.parquet"), (".parquet",)) \
+        == [str(tmp_path / "_temporary" / "0" / "part-0.parquet")]

@@ -9,6 +9,7 @@ good rows plus a quarantine table with a reason per bad row — nothing is silen
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -122,8 +123,11 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
 
 def _jsonl_lines(handle) -> Iterator[bytes]:
     """Lines of a jsonl file as it is read, split on ``\\n`` only (JSON strings may hold U+2028
-    and friends), without the line end (``\\n`` or ``\\r\\n``)."""
-    for line in handle:
+    and friends), without the line end (``\\n`` or ``\\r\\n``) and without a UTF-8 byte order
+    mark at the start of the file (Windows tools write one; it is not part of the first row)."""
+    for number, line in enumerate(handle):
+        if number == 0 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
         line = line[:-1] if line.endswith(b"\n") else line
         yield line[:-1] if line.endswith(b"\r") else line
 
@@ -289,8 +293,10 @@ def _string_column(table: pa.Table, name: str, flag) -> pa.Array:
 
 
 def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
-    """Given counts where present and valid, else estimated from the text (float64 [n]) by
-    :func:`r2ray.prompting.estimate_tokens_array`, the estimate Serve uses too."""
+    """Given counts where present and valid, estimated from the text (float64 [n]) by
+    :func:`r2ray.prompting.estimate_tokens_array` (the estimate Serve uses too) where null or
+    absent. A value that is not a non-negative integer, NaN included (a float column's NaN is a
+    bad count, not a missing one: parquet and jsonl both tell it from null), is flagged."""
     estimate = estimate_tokens_array(query).astype(np.float64)
     if "input_tokens" not in table.column_names:
         return estimate
@@ -299,10 +305,11 @@ def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
             or pa.types.is_null(column.type)):
         flag(np.ones(table.num_rows, bool), f"input_tokens is {column.type}, not a number")
         return estimate
+    missing = _filled(pc.is_null(column), True)
     given = _filled(column.cast(pa.float64(), safe=False), np.nan)   # 2**60: huge, not a crash
-    flag(~np.isnan(given) & ((given < 0) | (given != np.floor(given)) | ~np.isfinite(given)),
+    flag(~missing & ~(np.isfinite(given) & (given >= 0) & (given == np.floor(given))),
          lambda i: f"input_tokens {given[i]:g} is not a non-negative integer")
-    return np.where(np.isnan(given) | ~np.isfinite(given) | (given < 0), estimate, given)
+    return np.where(missing | ~np.isfinite(given) | (given < 0), estimate, given)
 
 
 def _optional_string(table: pa.Table, name: str, n: int, flag) -> pa.Array:

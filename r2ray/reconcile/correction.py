@@ -106,10 +106,36 @@ class CostCorrection:
                 raise
             raise CorrectionError(f"{source}: not a cost correction ({type(err).__name__}: "
                                   f"{err})") from None
-        factors = [correction.overall, *(f.factor for f in correction.models + correction.arms)]
-        if not all(math.isfinite(x) and x > 0 for x in factors):
-            raise CorrectionError(f"{source}: factors must be finite and positive")
+        problem = _problem(correction)
+        if problem is not None:
+            raise CorrectionError(f"{source}: {problem}")
         return correction
+
+
+def _problem(correction: CostCorrection) -> str | None:
+    """What makes a read correction unusable, naming the field, or None. A hand-edited or
+    corrupted file must not price a night: factors are finite, positive and inside the file's
+    own ``factor_range`` (fitting clips every one to it), the range is two finite positive
+    bounds in order, ``prior_rows`` and every row count are finite and non-negative."""
+    bounds = correction.factor_range
+    if not (len(bounds) == 2 and all(math.isfinite(b) and b > 0 for b in bounds)
+            and bounds[0] <= bounds[1]):
+        return f"factor_range {list(bounds)} is not two finite positive bounds, low ≤ high"
+    if not (math.isfinite(correction.prior_rows) and correction.prior_rows >= 0):
+        return f"prior_rows {correction.prior_rows:g} is not a finite non-negative row count"
+    named = [("overall", correction.overall, correction.rows),
+             *((f"models[{i}] ({f.model})", f.factor, f.rows)
+               for i, f in enumerate(correction.models)),
+             *((f"arms[{i}] ({f.model}, budget {f.budget})", f.factor, f.rows)
+               for i, f in enumerate(correction.arms))]
+    for name, factor, rows in named:
+        if not (math.isfinite(factor) and factor > 0):
+            return f"{name}: factor {factor:g}; factors must be finite and positive"
+        if not bounds[0] <= factor <= bounds[1]:
+            return f"{name}: factor {factor:g} is outside factor_range {list(bounds)}"
+        if rows < 0:
+            return f"{name}: rows {rows} is negative"
+    return None
 
 
 def _content(correction: CostCorrection) -> dict:
