@@ -25,6 +25,7 @@ import asyncio
 import gc
 import logging
 import time
+import uuid
 
 import httpx
 from fastapi import FastAPI, Request
@@ -40,7 +41,7 @@ from r2ray.serving.config import ServeConfig
 from r2ray.serving.pacer import Pacer, PriceState, starting_price
 from r2ray.serving.router import (RouteDecision, RouteItem, RouteRejected, load_routing_model,
                                   route_items, warm_up)
-from r2ray.serving.service import NullMetrics, RoutingService, SpendBook
+from r2ray.serving.service import NullMetrics, RoutingService, SpendBook, sync_spend
 
 logger = logging.getLogger("ray.serve")
 INGRESS_MAX_ONGOING = 256   # requests per ingress replica; they are I/O-bound awaits
@@ -60,9 +61,10 @@ class PacerDeployment:
         self.gauge.set(self.pacer.lam)
         logger.info("pacer starts at lambda=%.6g from %s", lam, source)
 
-    async def sync(self, spend_usd: float) -> PriceState:
-        """Add an ingress's spend since its last sync (USD); the current price."""
-        self.pacer.record(spend_usd, time.monotonic())
+    async def sync(self, ingress: str, seq: int, spend_usd: float) -> PriceState:
+        """Add an ingress's spend since its last sync (USD) unless this ``seq`` from that
+        ingress was applied already (a resend after a lost reply); the current price."""
+        self.pacer.report(ingress, seq, spend_usd, time.monotonic())
         self.gauge.set(self.pacer.lam)
         return self.pacer.state()
 
@@ -98,7 +100,8 @@ class Ingress:
         self.model = await asyncio.to_thread(self._load)
         self.route.set_max_batch_size(self.config.batch_max_size)
         self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)
-        self.book = SpendBook(await pacer.sync.remote(0.0))
+        self.ingress_id = uuid.uuid4().hex   # names this replica's syncs to the Pacer
+        self.book = SpendBook(await pacer.sync.remote(self.ingress_id, 0, 0.0))
         self.service = RoutingService(self.config, self._route_one, self.book, self._describe,
                                       httpx.AsyncClient(), ServeMetrics())
         self.in_flight = InFlight(build_api(self.service, self.key_digests,
@@ -184,13 +187,28 @@ class Ingress:
         """Report spend and fetch λ every ``price_sync_s``; on failure keep the last price."""
         while True:
             await asyncio.sleep(self.config.price_sync_s)
-            spend = self.book.take()
             try:
-                self.book.state = await self.pacer.sync.remote(spend)
-            except Exception as err:
-                self.book.add(spend)   # report it next time
+                await self._sync_once()
+            except Exception as err:   # the sync stays in the book and is sent again
                 logger.warning("pacer sync failed, keeping lambda=%.6g: %s", self.book.state.lam,
                                err)
+
+
+    async def _sync_once(self) -> PriceState:
+        return await sync_spend(self.book, self.ingress_id,
+                                lambda *args: self.pacer.sync.remote(*args))
+
+    async def __del__(self):
+        """Serve calls this when the replica shuts down: stop the loop, then report the spend
+        the Pacer has not acknowledged, so a scale-down or redeploy does not lose it."""
+        if getattr(self, "_syncer", None) is None:   # __init__ did not finish
+            return
+        self._syncer.cancel()
+        try:
+            await asyncio.wait_for(self._sync_once(), timeout=self.config.price_sync_s * 8)
+        except Exception as err:
+            logger.warning("last pacer sync failed, %.6g USD unreported: %s",
+                           self.book.unreported_usd, err)
 
 
 FLOOR_API = FastAPI(title="Serve floor")

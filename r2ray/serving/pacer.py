@@ -56,6 +56,17 @@ class Pacer:
         self.window_spend_usd = 0.0
         self.total_spend_usd = 0.0
         self.updates = 0
+        self.last_seq: dict[str, int] = {}   # per ingress: the newest sync applied
+
+    def report(self, ingress: str, seq: int, spend_usd: float, now: float) -> bool:
+        """Record an ingress's sync ``seq`` of ``spend_usd`` (USD) once: an ingress resends a
+        sync whose reply it lost, and the Pacer may have applied it already. False: a repeat."""
+        if seq <= self.last_seq.get(ingress, 0):
+            self.tick(now)
+            return False
+        self.last_seq[ingress] = seq
+        self.record(spend_usd, now)
+        return True
 
     def record(self, spend_usd: float, now: float) -> None:
         """Add spend (USD) that happened at time ``now``; closes any window that ended first."""

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from r2ray.catalog import Catalog, ModelSpec, UnknownModel, repriced_catalog
+from r2ray.catalog import DEFAULT_BUDGET, Catalog, ModelSpec, UnknownModel, repriced_catalog
 from r2ray.encoders import embed_or_encode, has_text_encoder
 from r2ray.errors import R2RayError
-from r2ray.routing import ArmScores, allowed_arms, arm_scores, routed_request
+from r2ray.routing import (ArmScores, allowed_arms, arm_caps, arm_scores, routed_request,
+                           worst_case_usd)
 from r2ray.serving.schema import MAX_INPUT_TOKENS
 from r2ray.solver import NO_ARM, choose_arm, choose_arms
 
@@ -97,7 +98,8 @@ class RouteItem:
     embedding: list[float] | None = None
     allowed_models: list[str] | None = None
     max_budget_tokens: int | None = None
-    max_cost_usd: float | None = None
+    max_output_tokens: int | None = None       # the caller's own cap (chat's max_tokens)
+    max_cost_usd: float | None = None          # USD the arm may cost at its hard cap
     n_alternatives: int = 3
 
 
@@ -173,9 +175,21 @@ def _allowed(model: RoutingModel, item: RouteItem) -> np.ndarray:
         if not finite:
             raise RouteRejected("embedding", "embedding values must be finite float32 numbers")
     try:
-        return allowed_arms(model.catalog, item.allowed_models, item.max_budget_tokens)
+        mask = allowed_arms(model.catalog, item.allowed_models, item.max_budget_tokens)
     except UnknownModel as err:
         raise RouteRejected("allowed_models", str(err)) from None
+    if item.max_output_tokens is not None:
+        mask &= within_output_cap(model.catalog, item.input_tokens, item.max_output_tokens)
+    return mask
+
+
+def within_output_cap(catalog: Catalog, input_tokens: int, cap: int) -> np.ndarray:
+    """[K] arms a caller's own output cap (tokens) leaves whole: a budgeted arm whose budget is
+    at most ``cap``, a default arm whose hard ``max_tokens`` is (so a client's habitual
+    ``max_tokens: 4096`` does not remove the uncapped arms, whose cap is 4,000)."""
+    budgets = catalog.arm_arrays["budget_tokens"]
+    caps = arm_caps(catalog, np.array([input_tokens], dtype=np.int64))[0]
+    return np.where(budgets == DEFAULT_BUDGET, caps <= cap, budgets <= cap)
 
 
 def embeddings(model: RoutingModel, items: list[RouteItem]) -> np.ndarray:
@@ -190,7 +204,7 @@ def embeddings(model: RoutingModel, items: list[RouteItem]) -> np.ndarray:
 
 def predict_scores(model: RoutingModel, items: list[RouteItem], allowed: np.ndarray) -> ArmScores:
     """Predictions priced and masked by the shared ``arm_scores`` (context, NaN, ``allowed``
-    [N, K]), then arms above a request's ``max_cost_usd`` masked too."""
+    [N, K]), then arms that could cost more than a request's ``max_cost_usd`` masked too."""
     predictions = model.predictor.predict(embeddings(model, items))
     input_tokens = np.array([item.input_tokens for item in items], dtype=np.int64)
     scores = arm_scores(predictions.quality, predictions.output_tokens, model.catalog,
@@ -198,10 +212,19 @@ def predict_scores(model: RoutingModel, items: list[RouteItem], allowed: np.ndar
     if all(i.max_cost_usd is None for i in items):
         return scores   # arm_scores already masks what a NaN cost would (most requests)
     max_cost = np.array([math.inf if i.max_cost_usd is None else i.max_cost_usd for i in items])
-    over = ~(scores.cost_usd <= max_cost[:, None])
+    over = ~(scores.cost_usd <= max_cost[:, None]) | ~within_cost(model.catalog, input_tokens,
+                                                                     max_cost)
     return ArmScores(np.where(over, np.nan, scores.quality).astype(np.float32),
                      np.where(over, np.nan, scores.output_tokens).astype(np.float32),
                      np.where(over, np.nan, scores.cost_usd))
+
+
+def within_cost(catalog: Catalog, input_tokens: np.ndarray,
+                max_cost_usd: np.ndarray) -> np.ndarray:
+    """[N, K] arms whose bill at their hard cap (``routing.worst_case_usd``: input tokens × p_in
+    + ``max_tokens`` × p_out, USD) is within each request's ``max_cost_usd``: a ceiling on what
+    the request can cost, not on its prediction ĉ, which the answer may exceed."""
+    return worst_case_usd(catalog, input_tokens) <= max_cost_usd[:, None]
 
 
 def decide(model: RoutingModel, scores: ArmScores,
@@ -249,7 +272,7 @@ def _no_arm(model: RoutingModel, item: RouteItem) -> RouteRejected:
     arm could answer it at all). Scores the one query again: this is the error path."""
     catalog = model.catalog
     free = predict_scores(model, [replace(item, allowed_models=None, max_budget_tokens=None,
-                                          max_cost_usd=None)],
+                                          max_output_tokens=None, max_cost_usd=None)],
                           np.ones((1, catalog.n_arms), dtype=bool))
     usable = np.isfinite(free.cost_usd[0])
     if not usable.any():
@@ -257,9 +280,13 @@ def _no_arm(model: RoutingModel, item: RouteItem) -> RouteRejected:
                              "window, or no valid prediction)")
     limits = {}
     if item.max_cost_usd is not None:
-        limits["max_cost_usd"] = free.cost_usd[0] <= item.max_cost_usd
+        limits["max_cost_usd"] = within_cost(catalog, np.array([item.input_tokens]),
+                                             np.array([item.max_cost_usd]))[0]
     if item.max_budget_tokens is not None:
         limits["max_budget_tokens"] = allowed_arms(catalog, None, item.max_budget_tokens)
+    if item.max_output_tokens is not None:
+        limits["max_output_tokens"] = within_output_cap(catalog, item.input_tokens,
+                                                        item.max_output_tokens)
     if item.allowed_models is not None:
         limits["allowed_models"] = allowed_arms(catalog, item.allowed_models)
     for param, mask in limits.items():

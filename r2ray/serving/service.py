@@ -22,7 +22,8 @@ from r2ray.routing import query_key
 from r2ray.serving.router import RouteDecision, RouteItem, RouteRejected
 from r2ray.serving.schema import (ROUTER_MODEL, ChatCompletionRequest, ModelCard, ModelList,
                                   RouteRequest, RouteResponse, RoutingOptions, message_text)
-from r2ray.serving.upstream import chat_url, forward_chat, realised_cost_usd, upstream_key
+from r2ray.serving.upstream import (UpstreamError, chat_url, forward_chat, realised_cost_usd,
+                                    upstream_key)
 
 RouteFn = Callable[[RouteItem], Awaitable["RouteDecision | RouteRejected"]]
 
@@ -38,11 +39,17 @@ class NullMetrics:
 
 
 class SpendBook:
-    """Spend (USD) not yet reported to the Pacer, and the last price it answered with."""
+    """Spend (USD) not yet reported to the Pacer, and the last price it answered with.
+
+    A sync sent and not acknowledged (the reply lost, or the call cancelled) stays ``unsent``
+    under its sequence number and is sent again, unchanged, until the Pacer answers; the Pacer
+    applies each (ingress, seq) once, so a lost reply neither drops nor doubles that spend."""
 
     def __init__(self, state: PriceState):
         self.state = state
         self.pending_usd = 0.0
+        self.seq = 0
+        self.unsent: tuple[int, float] | None = None   # (seq, USD) sent, not acknowledged
 
     def add(self, cost_usd: float) -> None:
         # a negative amount would cancel other requests' spend (the Pacer clamps only the
@@ -53,6 +60,30 @@ class SpendBook:
     def take(self) -> float:
         pending, self.pending_usd = self.pending_usd, 0.0
         return pending
+
+    def next_sync(self) -> tuple[int, float]:
+        """(seq, USD) to send: the unacknowledged sync again, else the pending spend as a new one."""
+        if self.unsent is None:
+            self.seq += 1
+            self.unsent = (self.seq, self.take())
+        return self.unsent
+
+    def acknowledge(self, state: PriceState) -> None:
+        self.state, self.unsent = state, None
+
+    @property
+    def unreported_usd(self) -> float:
+        """USD the Pacer has not acknowledged: pending plus any sync in doubt."""
+        return self.pending_usd + (0.0 if self.unsent is None else self.unsent[1])
+
+
+async def sync_spend(book: SpendBook, ingress: str,
+                     sync: Callable[[str, int, float], Awaitable[PriceState]]) -> PriceState:
+    """Report the book's spend to the Pacer (``sync(ingress, seq, usd)``) and keep the price it
+    answers. On any failure or cancellation the sync stays in the book to be sent again."""
+    seq, spend = book.next_sync()
+    book.acknowledge(await sync(ingress, seq, spend))
+    return book.state
 
 
 class RoutingService:
@@ -96,8 +127,7 @@ class RoutingService:
                      and message_text(m))
         text = "\n".join(message_text(m) for m in request.messages)
         cap = request.max_completion_tokens or request.max_tokens
-        limits = {"max_budget_tokens": min(filter(None, [options.max_budget_tokens, cap]),
-                                           default=None)}
+        limits = {"max_output_tokens": cap}
         if request.model != ROUTER_MODEL:
             limits["allowed_models"] = [request.model]
         try:
@@ -105,9 +135,7 @@ class RoutingService:
         except RouteRejected as rejected:
             if request.model != ROUTER_MODEL and rejected.param == "allowed_models":
                 rejected.param = "model"
-            elif rejected.param == "max_budget_tokens" and cap is not None and (
-                    options.max_budget_tokens is None or cap < options.max_budget_tokens):
-                # the limit came from the caller's cap, not from r2ray.max_budget_tokens
+            elif rejected.param == "max_output_tokens":   # the caller's own cap
                 name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
                 raise RouteRejected(name, f"no arm has a length budget of at most {name}={cap} "
                                     f"tokens; raise {name}") from None
@@ -118,9 +146,15 @@ class RoutingService:
             self._spend(decision.c_hat_usd, decision.model, options.tenant)
             return route_response(decision, options.tenant).model_dump(by_alias=True), headers
         body = upstream_body(request, decision)
-        answer = await forward_chat(self.client, url, body,
-                                    upstream_key(decision.model, self.config.upstream_key_envs),
-                                    self.config.upstream_timeout_s)
+        try:
+            answer = await forward_chat(self.client, url, body,
+                                        upstream_key(decision.model,
+                                                     self.config.upstream_key_envs),
+                                        self.config.upstream_timeout_s)
+        except UpstreamError as err:
+            if err.may_have_billed:   # sent, answer lost: the upstream may bill it, so count ĉ
+                self._spend(decision.c_hat_usd, decision.model, options.tenant)
+            raise
         realised = realised_cost_usd(decision.spec, answer)
         self._spend(decision.c_hat_usd if realised is None else realised, decision.model,
                     options.tenant)
@@ -168,7 +202,7 @@ def route_response(decision: RouteDecision, tenant: str | None) -> RouteResponse
 
 def upstream_body(request: ChatCompletionRequest, decision: RouteDecision) -> dict:
     """The caller's body with the chosen model, the length instruction on the last user turn,
-    and the hard cap (in whichever of max_tokens / max_completion_tokens the caller used)."""
+    and the hard cap (in each of max_tokens / max_completion_tokens the caller sent)."""
     body = copy.deepcopy(request.model_dump(exclude={"r2ray"}, exclude_unset=True))
     body["model"] = decision.model
     last_user = max(i for i, m in enumerate(request.messages)
@@ -183,9 +217,13 @@ def upstream_body(request: ChatCompletionRequest, decision: RouteDecision) -> di
             parts.append({"type": "text", "text": instructed[len(text):].lstrip("\n")})
     else:
         message["content"] = instructed
-    cap_field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    # OpenAI reads max_completion_tokens over max_tokens, but an upstream may read either:
+    # every length field sent is capped, so none lets the answer run past the routed cap
     cap = request.max_completion_tokens or request.max_tokens
-    body[cap_field] = decision.max_tokens if cap is None else min(decision.max_tokens, cap)
+    capped = decision.max_tokens if cap is None else min(decision.max_tokens, cap)
+    sent = [f for f in ("max_completion_tokens", "max_tokens") if getattr(request, f)]
+    for name in sent or ["max_tokens"]:
+        body[name] = capped
     return body
 
 

@@ -21,7 +21,15 @@ ERROR_TEXT_LIMIT = 300   # characters of an upstream error body quoted back to t
 
 
 class UpstreamError(R2RayError):
-    """The chosen model's endpoint did not answer usefully; the message says why."""
+    """The chosen model's endpoint did not answer usefully; the message says why.
+
+    ``may_have_billed``: the request was sent and its answer lost (a timeout or a connection
+    dropped after connecting), so the upstream may have run and billed it. Not for a connection
+    never made, nor an error status (providers do not bill a refused request)."""
+
+    def __init__(self, message: str, may_have_billed: bool = False):
+        super().__init__(message)
+        self.may_have_billed = may_have_billed
 
 
 def chat_url(spec: ModelSpec) -> str | None:
@@ -42,12 +50,15 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
     host = httpx.URL(url).host
     try:
         response = await client.post(url, json=body, headers=headers, timeout=timeout_s)
-    except httpx.TimeoutException:
-        raise UpstreamError(f"upstream {body.get('model')} at {host} timed out after "
-                            f"{timeout_s:g} s") from None
-    except httpx.HTTPError as err:
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
         raise UpstreamError(f"upstream {body.get('model')} at {host} is unreachable: "
                             f"{type(err).__name__}") from None
+    except httpx.TimeoutException:
+        raise UpstreamError(f"upstream {body.get('model')} at {host} timed out after "
+                            f"{timeout_s:g} s", may_have_billed=True) from None
+    except httpx.HTTPError as err:
+        raise UpstreamError(f"upstream {body.get('model')} at {host} failed: "
+                            f"{type(err).__name__}", may_have_billed=True) from None
     if response.status_code >= 400:
         quoted = redact_text(response.text[:ERROR_TEXT_LIMIT])  # it may echo the URL's key
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "

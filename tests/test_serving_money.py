@@ -1,0 +1,193 @@
+"""Money and limits on the online path (a review, 2026-12-06): spend that reaches the Pacer once,
+caps the upstream cannot exceed, a cost ceiling that is a ceiling, and spend an upstream may have
+billed. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from r2ray.bench.synthetic import synth_backlog
+from r2ray.catalog import DEFAULT_BUDGET
+from r2ray.predictor import load_predictor
+from r2ray.routing import worst_case_usd
+from r2ray.serving.api import build_api
+from r2ray.serving.config import PacingConfig, serve_config
+from r2ray.serving.pacer import Pacer, PriceState
+from r2ray.serving.router import RouteItem, RouteRejected, RoutingModel, route_items
+from r2ray.serving.service import RoutingService, SpendBook, sync_spend
+
+from test_serving import _with_endpoints
+
+
+@pytest.fixture(scope="module")
+def routing_model(small_routing_model):
+    return RoutingModel(load_predictor(small_routing_model["path"]), None,
+                        small_routing_model["catalog"], "test/1")
+
+
+@pytest.fixture(scope="module")
+def embedding(routing_model):
+    return list(synth_backlog(routing_model.catalog, 1, seed=3, embeddings=True)
+                .to_pylist()[0]["embedding"])
+
+
+def _state(lam: float = 0.0) -> PriceState:
+    return PriceState(lam=lam, tie_cut=1.0, seed=0, stopped=False, source="test")
+
+
+def _service(routing_model, client=None, **config) -> RoutingService:
+    async def route(item):
+        return route_items(routing_model, [item])[0]
+
+    async def describe():
+        return {"version": routing_model.version, "models": routing_model.catalog.model_names,
+                "encoder": None, "encoder_precision": None}
+
+    return RoutingService(serve_config(config), route, SpendBook(_state()), describe, client)
+
+
+def _post(service, path: str, body: dict) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=build_api(service, frozenset(), 1_000_000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ray") as client:
+            return await client.post(path, json=body)
+    return asyncio.run(go())
+
+
+def _forwarding(routing_model, handler) -> RoutingService:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return _service(_with_endpoints(routing_model), client)
+
+
+def _chat(embedding, **fields) -> dict:
+    return {"model": "r2ray", "messages": [{"role": "user", "content": "hi"}],
+            "r2ray": {"embedding": embedding}} | fields
+
+
+# ---- 1. the ingress's spend reaches the Pacer exactly once -----------------------------------------
+class _LossyPacer:
+    """A Pacer reached over a network: applies a sync, then (when told) loses the reply."""
+
+    def __init__(self):
+        self.pacer = Pacer(PacingConfig(), 0.0)
+        self.lose_reply = False
+
+    async def sync(self, ingress: str, seq: int, spend_usd: float) -> PriceState:
+        self.pacer.report(ingress, seq, spend_usd, now=0.0)
+        if self.lose_reply:
+            raise TimeoutError("reply lost")
+        return self.pacer.state()
+
+
+def test_a_sync_whose_reply_is_lost_is_not_counted_twice():
+    remote, book = _LossyPacer(), SpendBook(_state())
+    book.add(1.0)
+    remote.lose_reply = True
+    with pytest.raises(TimeoutError):
+        asyncio.run(sync_spend(book, "ingress-1", remote.sync))
+    remote.lose_reply = False
+    book.add(0.5)
+    for _ in range(2):
+        asyncio.run(sync_spend(book, "ingress-1", remote.sync))
+    # before the fix: 2.5 (the $1 the Pacer had applied was sent again)
+    assert remote.pacer.total_spend_usd == pytest.approx(1.5)
+    assert book.state.total_spend_usd == pytest.approx(1.5)
+
+
+def test_a_sync_cancelled_in_flight_keeps_its_spend_for_the_last_flush():
+    class Hanging:
+        async def sync(self, ingress, seq, spend_usd):
+            await asyncio.sleep(3600)
+
+    async def cancelled(book):
+        task = asyncio.create_task(sync_spend(book, "ingress-1", Hanging().sync))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    remote, book = _LossyPacer(), SpendBook(_state())
+    book.add(2.0)
+    asyncio.run(cancelled(book))        # the replica shuts down mid-sync
+    asyncio.run(sync_spend(book, "ingress-1", remote.sync))   # its last flush
+    assert remote.pacer.total_spend_usd == pytest.approx(2.0)   # before the fix: 0
+
+
+def test_pacer_applies_each_ingress_sequence_number_once():
+    pacer = Pacer(PacingConfig(), 0.0)
+    assert pacer.report("a", 1, 1.0, now=0.0) and pacer.report("b", 1, 1.0, now=0.0)
+    assert not pacer.report("a", 1, 1.0, now=0.0)      # a resend of one already applied
+    assert pacer.report("a", 2, 0.25, now=0.0)
+    assert pacer.total_spend_usd == pytest.approx(2.25)
+
+
+# ---- 3. max_tokens and max_completion_tokens both sent: both capped --------------------------------
+def test_both_length_fields_are_capped_in_the_forwarded_body(routing_model, embedding):
+    sent = []
+
+    def handler(request):
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": []})
+
+    r = _post(_forwarding(routing_model, handler), "/v1/chat/completions", _chat(
+        embedding, max_tokens=100_000, max_completion_tokens=50))
+    assert r.status_code == 200, r.text
+    cap = int(r.headers["x-r2ray-max-tokens"])
+    assert sent[0]["max_completion_tokens"] <= min(cap, 50)
+    assert sent[0]["max_tokens"] <= min(cap, 50)          # before the fix: 100000 went through
+
+
+# ---- 4. max_cost_usd is a ceiling on what the request can cost -------------------------------------
+def test_max_cost_usd_bounds_the_worst_case_at_the_cap(routing_model, embedding):
+    catalog = routing_model.catalog
+    [free] = route_items(routing_model, [RouteItem("x", 200, 1, 0.0, embedding=embedding)])
+    worst = worst_case_usd(catalog, np.array([200]))[0]
+    assert worst[free.arm] > free.c_hat_usd                  # the cap allows more than ĉ
+    ceiling = (free.c_hat_usd + worst[free.arm]) / 2         # above ĉ, below the worst case
+    [capped] = route_items(routing_model, [RouteItem("x", 200, 1, 0.0, embedding=embedding,
+                                                     max_cost_usd=ceiling)])
+    assert not isinstance(capped, RouteRejected), capped
+    # before the fix: the same arm, whose bill at its cap is above the ceiling
+    assert worst[capped.arm] <= ceiling, (capped.model, capped.budget, worst[capped.arm], ceiling)
+
+
+# ---- 5. an upstream that timed out may have billed: its spend is counted ---------------------------
+def test_upstream_timeout_counts_the_predicted_spend(routing_model, embedding):
+    def handler(request):
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    service = _forwarding(routing_model, handler)
+    r = _post(service, "/v1/chat/completions", _chat(embedding))
+    assert r.status_code == 502
+    assert 0 < service.book.pending_usd < 1   # ĉ; before the fix: 0
+
+
+def test_upstream_never_reached_or_refusing_counts_nothing(routing_model, embedding):
+    def unreachable(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    def refusing(request):
+        return httpx.Response(400, json={"error": {"message": "bad"}})
+
+    for handler in (unreachable, refusing):
+        service = _forwarding(routing_model, handler)
+        assert _post(service, "/v1/chat/completions", _chat(embedding)).status_code == 502
+        assert service.book.pending_usd == 0.0
+
+
+# ---- 6. a client's default max_tokens does not remove the default arms -----------------------------
+def test_a_large_client_max_tokens_keeps_the_default_arms(routing_model, embedding):
+    catalog = routing_model.catalog
+    r = _post(_service(routing_model), "/v1/chat/completions", _chat(embedding, max_tokens=4096))
+    assert r.status_code == 200, r.text
+    free = _post(_service(routing_model), "/v1/chat/completions", _chat(embedding))
+    # λ = 0: the best predicted arm; the 4096 cap is above every default arm's cap (4,000)
+    assert int(free.headers["x-r2ray-budget"]) == DEFAULT_BUDGET
+    assert r.headers["x-r2ray-budget"] == free.headers["x-r2ray-budget"]   # before the fix: 400
+    assert r.headers["x-r2ray-model"] == free.headers["x-r2ray-model"]
+    assert catalog  # the caller's cap still binds the forwarded body (upstream_body's min)
