@@ -6,14 +6,17 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from r2ray.catalog import load_catalog
+from r2ray.bench.io import read_bench
+from r2ray.catalog import catalog_from_dict, load_catalog
 from r2ray.execution.client import RESULT_SCHEMA
 from r2ray.execution.collect import CollectConfig, collect
 from r2ray.execution.engine import EngineConfig, _write, run_requests
 from r2ray.execution.requests import arm_request, request_row, requests_table
+from r2ray.execution.stub import StubServer
 
 URL = "http://127.0.0.1:9/v1"   # never called: every request below is already answered
 
@@ -75,3 +78,146 @@ def test_collect_rerun_after_a_query_is_removed(tmp_path):
                                    engine=EngineConfig(executor="local")),
                      progress=lambda line: None)
     assert result.bench_rows == 1
+
+
+# ---- a prompt edited under the same key (a review, 2026-12-05) ---------------------------------
+# Parts as the code before the prompt hash wrote them (f5d08d1): RESULT_SCHEMA without prompt_sha.
+LEGACY_RESULT_SCHEMA = pa.schema([f for f in RESULT_SCHEMA if f.name != "prompt_sha"])
+
+
+def _write_legacy(rows: list[dict], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    legacy = [{k: v for k, v in r.items() if k != "prompt_sha"} for r in rows]
+    pq.write_table(pa.Table.from_pylist(legacy, schema=LEGACY_RESULT_SCHEMA),
+                   folder / "part-legacy.parquet")
+
+
+def _stub_req(catalog, qid: str, text: str) -> dict:
+    return request_row(catalog, "answer", qid, "small", 0, [{"role": "user", "content": text}], 24)
+
+
+def test_an_edited_prompt_is_sent_again(tmp_path):
+    # before the fix: 0 calls on the rerun and the answer "5" to the prompt that now says 6 (the
+    # key was (purpose, query id, model, budget) only); expected: 1 call, answer "6"
+    with StubServer() as stub:
+        cat = catalog_from_dict({"budgets": ["default"], "models": [
+            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+             "endpoint": stub.url, "max_output_tokens": 24}]})
+        work, config = str(tmp_path / "work"), EngineConfig(executor="local")
+        first = run_requests(requests_table([_stub_req(cat, "q", "[say:5]")]), work, cat, config,
+                             progress=lambda line: None)
+        assert first.results["response"].to_pylist() == ["5"]
+        calls = len(stub.calls)
+        edited = run_requests(requests_table([_stub_req(cat, "q", "[say:6]")]), work, cat,
+                              config, progress=lambda line: None)
+        assert len(stub.calls) - calls == 1
+        assert edited.results["response"].to_pylist() == ["6"]
+        assert edited.spend["realised_usd"] == pytest.approx(edited.results["cost_usd"][0].as_py())
+        back = run_requests(requests_table([_stub_req(cat, "q", "[say:5]")]), work, cat, config,
+                            progress=lambda line: None)   # the first prompt again
+        assert back.results["response"].to_pylist() == ["5"]
+
+
+def test_a_work_folder_without_prompt_hashes_is_reused_once(tmp_path):
+    # a work folder the previous code wrote: every part reused with no call (the URL is never
+    # called), counted; then stamped, so a later edit is sent again (before the fix: served "x")
+    cat = load_catalog(_catalog(tmp_path))
+    work = tmp_path / "work"
+    a, b = _req(cat, "a", "hi"), _req(cat, "b", "hello")
+    _write_legacy([_answered(a, "x"), _answered(b, "y")], work / "parts")
+    lines: list[str] = []
+    run = run_requests(requests_table([a, b]), str(work), cat, EngineConfig(executor="local"),
+                       progress=lines.append)
+    assert run.calls_planned == 0 and run.failures.num_rows == 0
+    assert sorted(run.results["response"].to_pylist()) == ["x", "y"]
+    assert run.unrecorded_reused == 2 and run.spend["realised_usd"] == pytest.approx(1e-5)
+    assert any("reused 2 answers" in line and "--resend-unrecorded" in line for line in lines)
+    again = run_requests(requests_table([a, b]), str(work), cat, EngineConfig(executor="local"),
+                         progress=lines.append)
+    assert again.calls_planned == 0 and again.unrecorded_reused == 0   # stamped: no warning
+    with StubServer() as stub:
+        cat2 = catalog_from_dict({"budgets": ["default"], "models": [
+            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+             "endpoint": stub.url, "max_output_tokens": 24}]})
+        edited = run_requests(requests_table([_stub_req(cat2, "a", "[say:z]"), b]), str(work),
+                              cat2, EngineConfig(executor="local"), progress=lambda line: None)
+        assert len(stub.calls) == 1
+    assert sorted(edited.results["response"].to_pylist()) == ["y", "z"]
+
+
+def test_unrecorded_parts_are_sent_again_when_asked_or_when_the_cap_differs(tmp_path):
+    with StubServer() as stub:
+        cat = catalog_from_dict({"budgets": ["default"], "models": [
+            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+             "endpoint": stub.url, "max_output_tokens": 24}]})
+        a, b = _stub_req(cat, "a", "[say:new]"), _stub_req(cat, "b", "[say:new]")
+        work = tmp_path / "work"
+        _write_legacy([_answered(a, "old"), dict(_answered(b, "old"), max_tokens=99)],
+                      work / "parts")
+        run = run_requests(requests_table([a, b]), str(work), cat,
+                           EngineConfig(executor="local", unrecorded="resend"),
+                           progress=lambda line: None)
+        assert len(stub.calls) == 2 and run.unrecorded_reused == 0
+        assert run.results["response"].to_pylist() == ["new", "new"]
+        run = run_requests(requests_table([a, b]), str(work), cat, EngineConfig(executor="local"),
+                           progress=lambda line: None)   # answered now: never the old rows again
+        assert len(stub.calls) == 2 and run.results["response"].to_pylist() == ["new", "new"]
+        work2 = tmp_path / "work2"   # the default: "b" was sent with another max_tokens
+        _write_legacy([_answered(a, "old"), dict(_answered(b, "old"), max_tokens=99)],
+                      work2 / "parts")
+        run = run_requests(requests_table([a, b]), str(work2), cat, EngineConfig(executor="local"),
+                           progress=lambda line: None)
+        assert len(stub.calls) == 3 and run.unrecorded_reused == 1
+        assert sorted(run.results["response"].to_pylist()) == ["new", "old"]
+
+
+def test_collect_judges_again_when_the_reference_is_edited(tmp_path):
+    # before the fix: the judge's score of the first reference ("Paris": 1.0) stayed in the bench
+    # after the reference was edited to "Lyon"; expected: judged again, 0.0
+    with StubServer() as stub:
+        catalog = _catalog_at(tmp_path, stub.url)
+        queries = tmp_path / "q.jsonl"
+        out = tmp_path / "bench.parquet"
+        config = CollectConfig(queries=str(queries), catalog=catalog, out=str(out),
+                               judge_model="small", engine=EngineConfig(executor="local"))
+        for reference in ("Paris", "Lyon"):
+            queries.write_text(json.dumps({"query_id": "city", "query": "Capital? [say:Paris.]",
+                                           "reference": reference, "grader": "judge"}) + "\n")
+            collect(config, progress=lambda line: None)
+            quality = read_bench(str(out))["quality"].to_pylist()
+            assert quality == [1.0 if reference == "Paris" else 0.0]
+        assert sum(c["content"].endswith("Score:") for c in stub.calls) == 2 and len(stub.calls) == 3
+
+
+# ---- the spend cap over reruns with a judge (a review, 2026-12-05) -----------------------------
+def test_collect_cap_counts_the_judges_earlier_spend(tmp_path):
+    # before the fix: the answers' book counted only earlier answers, so a rerun with more queries
+    # filled the judge's earlier share too: answers + judge passed --max-spend-usd
+    with StubServer() as stub:
+        catalog = _catalog_at(tmp_path, stub.url)
+        queries = tmp_path / "q.jsonl"
+        out = tmp_path / "bench.parquet"
+
+        def run(n: int, cap: float | None):
+            queries.write_text("".join(json.dumps(
+                {"query_id": f"q{i}", "query": f"{i}? [say:{i} {'w ' * 10}]",
+                 "reference": str(i), "grader": "judge"}) + "\n" for i in range(n)))
+            return collect(CollectConfig(queries=str(queries), catalog=catalog, out=str(out),
+                                         judge_model="small",
+                                         engine=EngineConfig(executor="local", batch_rows=1,
+                                                             max_spend_usd=cap)),
+                           progress=lambda line: None).manifest
+
+        first = run(2, None)["spend"]["total_usd"]
+        cap = 3 * first
+        second = run(40, cap)
+    assert second["answers"]["spend"]["refused_calls"] > 0   # the cap was reached
+    assert second["spend"]["total_usd"] <= cap
+
+
+def _catalog_at(tmp: Path, url: str) -> str:
+    path = tmp / "pool.yaml"
+    path.write_text(yaml.safe_dump({"budgets": ["default"], "models": [
+        {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+         "endpoint": url, "max_output_tokens": 24}]}))
+    return str(path)

@@ -21,6 +21,10 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests per part file (a kill loses at most the batches in flight)")
     parser.add_argument("--max-attempts", type=int, default=5, help="tries per request")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="per call")
+    parser.add_argument("--resend-unrecorded", action="store_true",
+                        help="send again the answers of a work folder written before r2ray "
+                        "recorded each call's prompt (default: reuse them unchecked, with a "
+                        "warning; a query edited under its id is always sent again otherwise)")
     parser.add_argument("--work", help="work folder: parts, failures, manifest (default: the "
                         "output's name without suffix + .work)")
 
@@ -35,6 +39,7 @@ def _engine_config(args: argparse.Namespace):
         raise R2RayError(f"--max-spend-usd {args.max_spend_usd}: give a non-negative amount")
     return EngineConfig(executor=args.executor, workers=max(1, args.workers),
                         batch_rows=max(1, args.batch_rows), max_spend_usd=args.max_spend_usd,
+                        unrecorded="resend" if args.resend_unrecorded else "reuse",
                         retry=RetryPolicy(max_attempts=max(1, args.max_attempts),
                                           timeout_s=args.timeout_s))
 

@@ -40,6 +40,8 @@ RESULT_SCHEMA = pa.schema([
     pa.field("endpoint", pa.string()),         # host:port, for throughput per endpoint
     pa.field("started_s", pa.float64()),       # unix time of the first attempt
     pa.field("ended_s", pa.float64()),
+    pa.field("prompt_sha", pa.string()),       # the request's (requests.prompt_sha); null in
+                                               # parts written before it was recorded
 ])
 
 
@@ -145,7 +147,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                       rng: random.Random) -> dict:
     """Send one request row with retries under the spend cap; a RESULT_SCHEMA row."""
     row = {name: request[name] for name in ("key", "purpose", "query_id", "model", "budget",
-                                             "max_tokens")}
+                                             "max_tokens", "prompt_sha")}
     row.update(ok=False, response=None, input_tokens=None, output_tokens=None,
                usage_estimated=None, finish_reason=None, truncated=None, latency_s=None,
                cost_usd=0.0, attempts=0, error=None, endpoint=httpx.URL(settings.url).netloc

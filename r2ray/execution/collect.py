@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from r2ray import __version__, storage
 from r2ray.bench.io import check_output_name, read_table, write_table
@@ -157,7 +158,8 @@ def dry_run(config: CollectConfig) -> str:
     requests = answer_requests(queries, catalog, config.arms, config.seed)
     from r2ray.execution.engine import plan
 
-    todo, done = plan(requests, storage.join(config.work_dir, "answers"))
+    todo, done = plan(requests, storage.join(config.work_dir, "answers"),
+                      config.engine.unrecorded == "reuse")
     worst = worst_case_usd(todo)
     judged = 0
     judge_worst = 0.0
@@ -189,14 +191,16 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
     by_id = {q["query_id"]: q for q in queries}
     requests = answer_requests(queries, catalog, config.arms, config.seed)
     open_work(config.work_dir)
+    cap = config.engine.max_spend_usd
+    answer_engine = config.engine if cap is None or judge_cat is None else _with_cap(
+        config.engine, cap - judge_spent_usd(config.work_dir, requests))
     answers = run_requests(requests, storage.join(config.work_dir, "answers"), catalog,
-                           config.engine, progress)
+                           answer_engine, progress)
     judge_run = None
     scores: dict[str, float] = {}
     unscored = 0   # judge replies without a score in [0, 1]
     if judge_cat is not None:
         jreq = judge_requests(answers.results, by_id, judge_cat, config.judge_model)
-        cap = config.engine.max_spend_usd
         engine = config.engine if cap is None else _with_cap(
             config.engine, cap - answers.spend["realised_usd"])
         judge_run = run_requests(jreq, storage.join(config.work_dir, "judge"), judge_cat, engine,
@@ -248,6 +252,20 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
     }
     commit_work(config.work_dir, redact_values(manifest))
     return CollectResult(bench.num_rows, answers, judge_run, stats, agreement, ungraded, manifest)
+
+
+def judge_spent_usd(work_dir: str, requests: pa.Table) -> float:
+    """USD the judge already spent in ``work_dir`` on answers of these requests (every judge row
+    of their keys: at least what the judge run will count as realised). The answers' cap leaves it
+    out, so answers + judge stay within --max-spend-usd over reruns of a work folder."""
+    from r2ray.execution.engine import read_parts
+
+    rows = read_parts(storage.join(work_dir, "judge", "parts"))
+    if rows.num_rows == 0:
+        return 0.0
+    keys = pa.array([k + "-judge" for k in requests.column("key").to_pylist()], pa.string())
+    mine = rows.filter(pc.is_in(rows["key"], value_set=keys))
+    return float(pc.sum(mine["cost_usd"]).as_py() or 0.0)
 
 
 def _with_cap(engine: EngineConfig, cap: float) -> EngineConfig:

@@ -10,6 +10,13 @@ Crash safety: a part is written whole (temp name + rename) once its batch is don
 its keys, so a kill loses at most the batches in flight. A rerun reads the parts, runs only the
 keys not answered (last run's failures included: they are cleared at the start and retried), and
 the final table keeps one row per key. A failure is never a quality-0 row: it has no answer.
+
+A part answers a request only if it records the same ``prompt_sha`` (the messages and
+``max_tokens`` sent), so a query edited under the same id is sent again. Parts written before the
+hash was recorded (null ``prompt_sha``) cannot be checked: by default each is reused once, for a
+key with no recorded row and the same ``max_tokens``, stamped with the prompt sent now (a warning
+gives the count), so the calls they paid for are not paid again; ``unrecorded="resend"`` sends
+them again instead.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from r2ray.execution.client import (RESULT_SCHEMA, EndpointLimiter, EndpointSett
                                     execute_one)
 from r2ray.execution.policy import RetryPolicy, SpendBook, plan_todo
 from r2ray.execution.requests import worst_case_usd
+from r2ray.redaction import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ class EngineConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     seed: int = 0                    # backoff jitter
     progress_every_s: float = 10.0
+    unrecorded: str = "reuse"        # parts with no prompt hash: "reuse" (unchecked) or "resend"
 
 
 def endpoint_settings(catalog: Catalog, models: list[str], workers: int) -> dict:
@@ -162,8 +171,15 @@ def read_parts(folder: str) -> pa.Table:
     tables = []
     for uri in files:
         with fs.open(storage.filesystem(uri)[1], "rb") as handle:
-            tables.append(pq.read_table(handle).cast(RESULT_SCHEMA))
+            tables.append(_conform(pq.read_table(handle)))
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
+
+
+def _conform(part: pa.Table) -> pa.Table:
+    """A part as RESULT_SCHEMA; one written before ``prompt_sha`` was recorded gets nulls there."""
+    if "prompt_sha" not in part.column_names:
+        part = part.append_column("prompt_sha", pa.nulls(part.num_rows, pa.string()))
+    return part.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
 
 
 def first_per_key(results: pa.Table) -> tuple[pa.Table, int]:
@@ -188,6 +204,7 @@ class EngineRun:
     duplicates_dropped: int
     spend: dict
     wall_s: float
+    unrecorded_reused: int = 0        # answers from parts with no prompt hash, reused unchecked
     throughput: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -219,15 +236,70 @@ def throughput_by_endpoint(results: pa.Table) -> dict[str, dict]:
     return out
 
 
+def _sent(table: pa.Table) -> pa.ChunkedArray:
+    """key + prompt hash of each row: what was (or is to be) sent; null where no hash is recorded."""
+    return pc.binary_join_element_wise(table["key"], table["prompt_sha"], "\x1f")
+
+
 def _requested(results: pa.Table, requests: pa.Table) -> pa.Table:
-    """Only the rows of keys this run asks for: parts of other requests (a query since removed,
-    another run's rows in a reused work folder) are neither results nor spend of this one."""
-    return results.filter(pc.is_in(results["key"], value_set=requests["key"].combine_chunks()))
+    """Only the rows that answer a request of this run as it is sent now (same key, same prompt
+    hash): parts of other requests (a query since removed, another run's rows in a reused work
+    folder) and parts sent with a prompt since edited are neither results nor spend of this one."""
+    return results.filter(pc.fill_null(
+        pc.is_in(_sent(results), value_set=_sent(requests).combine_chunks()), False))
 
 
-def plan(requests: pa.Table, work_dir: str) -> tuple[pa.Table, pa.Table]:
-    """(requests still to do, results already in the parts)."""
-    done = _requested(read_parts(storage.join(work_dir, "parts")), requests)
+def unrecorded_matches(results: pa.Table, requests: pa.Table) -> pa.Table:
+    """Rows of parts written before the prompt hash was recorded that may answer a request: the
+    same key and ``max_tokens``, and no recorded row of that key (one means the key was sent since,
+    so the unrecorded row is older). One per key, stamped with the request's hash. Their messages
+    were not stored, so whether the prompt changed cannot be checked."""
+    legacy = results.filter(pc.is_null(results["prompt_sha"]))
+    if legacy.num_rows == 0:
+        return legacy
+    recorded = set(results.filter(pc.is_valid(results["prompt_sha"]))["key"].to_pylist())
+    wanted = {k: (sha, cap) for k, sha, cap in zip(requests["key"].to_pylist(),
+                                                   requests["prompt_sha"].to_pylist(),
+                                                   requests["max_tokens"].to_pylist())}
+    keep, shas = [], []
+    for i, (key, cap) in enumerate(zip(legacy["key"].to_pylist(),
+                                       legacy["max_tokens"].to_pylist())):
+        if key in wanted and key not in recorded and wanted[key][1] == cap:
+            recorded.add(key)   # one row per key
+            keep.append(i)
+            shas.append(wanted[key][0])
+    rows = legacy.take(pa.array(keep, pa.int64()))
+    return rows.set_column(rows.schema.get_field_index("prompt_sha"), "prompt_sha",
+                           pa.array(shas, pa.string()))
+
+
+def adopt_unrecorded(requests: pa.Table, work_dir: str, config: EngineConfig,
+                     emit: Callable[[str], None]) -> int:
+    """Stamp the reusable unrecorded rows with the prompt sent now (written as a part, once), so
+    a later edit of that prompt is sent again; returns how many, and warns when any."""
+    if config.unrecorded == "resend":
+        return 0
+    if config.unrecorded != "reuse":
+        raise ValueError(f"EngineConfig.unrecorded {config.unrecorded!r}: give 'reuse' or "
+                         "'resend'")
+    folder = storage.join(work_dir, "parts")
+    adopted = unrecorded_matches(read_parts(folder), requests)
+    if adopted.num_rows:
+        _write(adopted, folder)
+        emit(f"warning: reused {adopted.num_rows:,} answers in {redact_uri(work_dir)} written "
+             "before parts recorded their prompt, unchecked against the prompt sent now; if a "
+             "query's text changed under its id since, rerun with --resend-unrecorded")
+    return adopted.num_rows
+
+
+def plan(requests: pa.Table, work_dir: str,
+         unrecorded: bool = False) -> tuple[pa.Table, pa.Table]:
+    """(requests still to do, results already in the parts). ``unrecorded``: also count as done
+    the rows :func:`adopt_unrecorded` would reuse (a dry run, which writes nothing)."""
+    parts = read_parts(storage.join(work_dir, "parts"))
+    done = _requested(parts, requests)
+    if unrecorded:
+        done = pa.concat_tables([done, unrecorded_matches(parts, requests)])
     todo_keys = set(plan_todo(requests.column("key").to_pylist(),
                               set(done.column("key").to_pylist())))
     mask = pa.array([k in todo_keys for k in requests.column("key").to_pylist()], pa.bool_())
@@ -238,14 +310,15 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                  progress: Callable[[str], None] | None = None) -> EngineRun:
     """Run every request not yet answered in ``work_dir``; parts written as batches finish."""
     started = time.perf_counter()
-    todo, done = plan(requests, work_dir)
+    emit = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    reused = adopt_unrecorded(requests, work_dir, config, emit)
+    todo, done = plan(requests, work_dir)   # the reusable ones are recorded now
     storage.remove(storage.join(work_dir, "failures"))   # last run's failures: retried now
     realised = float(pc.sum(done["cost_usd"]).as_py() or 0.0) if done.num_rows else 0.0
     models = sorted(set(requests.column("model").to_pylist()))
     settings = {m: asdict(s) for m, s in endpoint_settings(catalog, models,
                                                             config.workers).items()}
-    meter = _Progress(todo.num_rows, realised, config.progress_every_s,
-                      progress or (lambda line: print(line, file=sys.stderr, flush=True)))
+    meter = _Progress(todo.num_rows, realised, config.progress_every_s, emit)
     if todo.num_rows:
         batches = (_ray_batches if config.executor == "ray" else _local_batches)(
             todo, settings, config, realised)
@@ -263,6 +336,7 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     failures = read_parts(storage.join(work_dir, "failures"))
     return EngineRun(results=results, failures=failures, calls_planned=todo.num_rows,
                      calls_done_before=done.num_rows, duplicates_dropped=dropped,
+                     unrecorded_reused=reused,
                      spend={"cap_usd": config.max_spend_usd, "realised_before_usd": realised,
                             "realised_usd": float(pc.sum(results["cost_usd"]).as_py() or 0.0),
                             "worst_case_planned_usd": worst_case_usd(todo),

@@ -78,7 +78,8 @@ class ExecuteResult:
 
 def dry_run(config: ExecuteConfig) -> str:
     _, requests = routed_requests(config)
-    todo, done = plan(requests, storage.join(config.work_dir, "calls"))
+    todo, done = plan(requests, storage.join(config.work_dir, "calls"),
+                      config.engine.unrecorded == "reuse")
     return (f"dry run: {todo.num_rows:,} calls to make ({done.num_rows:,} already done), "
             f"worst case ${worst_case_usd(todo):.6f} at the caps")
 

@@ -22,6 +22,7 @@ from r2ray.routing import routed_request
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 REQUEST_SCHEMA = pa.schema([
     pa.field("key", pa.string()),               # stable id of the call: parts are keyed by it
+    pa.field("prompt_sha", pa.string()),        # what is sent: a part answers it only if equal
     pa.field("purpose", pa.string()),           # "answer" or "judge"
     pa.field("query_id", pa.string()),
     pa.field("model", pa.string()),
@@ -50,6 +51,14 @@ def request_key(purpose: str, query_id: str, model: str, budget: int) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
+def prompt_sha(messages: list[dict], max_tokens: int) -> str:
+    """Hex hash of what a call sends besides its key (the messages and the ``max_tokens`` cap): a
+    part answers a request only if it was sent the same, so an edited prompt is sent again."""
+    text = json.dumps([[[m["role"], m["content"]] for m in messages], int(max_tokens)],
+                      ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
 def input_tokens_bound(messages: list[dict]) -> int:
     """Upper bound on the prompt's tokens: UTF-8 bytes plus the template's per message."""
     return sum(len(m["content"].encode("utf-8")) + TEMPLATE_TOKENS_PER_MESSAGE for m in messages)
@@ -68,7 +77,8 @@ def request_row(catalog: Catalog, purpose: str, query_id: str, model: str, budge
                            "`endpoint: http://host:port/v1` to execute requests against it")
     bound = input_tokens_bound(messages)
     price_in, price_out = spec.input_per_m * 1e-6, spec.output_per_m * 1e-6
-    return {"key": request_key(purpose, query_id, model, budget), "purpose": purpose,
+    return {"key": request_key(purpose, query_id, model, budget),
+            "prompt_sha": prompt_sha(messages, max_tokens), "purpose": purpose,
             "query_id": query_id, "model": model, "budget": int(budget), "messages": messages,
             "max_tokens": int(max_tokens), "input_tokens_est": input_tokens_estimate(messages),
             "input_tokens_bound": bound, "price_in_usd": price_in, "price_out_usd": price_out,
