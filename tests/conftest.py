@@ -202,6 +202,10 @@ def ray_cluster(s3_server, tmp_path_factory):
                # the next batch run of a driver reuses them instead of starting ~8 new processes
                RAY_num_workers_soft_limit="10",
                RAY_metrics_report_interval_ms="1000",   # Prometheus sees counters within 1 s
+               # Serve behind Ray's HAProxy ingress, as infra/k8s runs it; HAProxy's metrics and
+               # stats listeners on free ports (the S3 server's `weed mini` holds its 9101)
+               RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+               RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
                R2RAY_TEST_UPSTREAM_KEY=UPSTREAM_KEY)
     process = subprocess.Popen(
         [RAY, "start", "--head", f"--port={ports['gcs']}", "--num-cpus=2",
