@@ -251,19 +251,27 @@ def _warm_start(args: argparse.Namespace) -> None:
     if unknown:
         raise R2RayError(f"--warm-start takes --set {', '.join(WARM_START_SETTINGS)}; not "
                          f"{', '.join(unknown)}")
+    config = _config(WarmStartConfig, dict(
+        warm_start=args.warm_start, bench=args.bench, catalog=args.catalog,
+        registered_name=args.register, queries=args.queries, seed=args.seed,
+        promote=args.promote, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        folds=args.folds, **settings), set(settings))
+    print(warm_start_job(config).report())
+
+
+def _config(model, values: dict, settings: set[str] = frozenset()):
+    """``model(**values)``; a bad value is a user error naming its flag (``settings``: given
+    with --set), not a pydantic traceback."""
     from pydantic import ValidationError
 
     try:
-        config = WarmStartConfig(warm_start=args.warm_start, bench=args.bench,
-                                 catalog=args.catalog, registered_name=args.register,
-                                 queries=args.queries, seed=args.seed, promote=args.promote,
-                                 tracking_uri=args.tracking_uri, experiment=args.experiment,
-                                 folds=args.folds, **settings)
+        return model(**values)
     except ValidationError as err:
         first = err.errors()[0]
-        flag = "--folds" if first["loc"][0] == "folds" else f"--set {first['loc'][0]}"
+        field = str(first["loc"][0]) if first["loc"] else ""
+        flag = (f"--set {field}" if field in settings or field == "settings" else
+                "--register" if field == "registered_name" else f"--{field.replace('_', '-')}")
         raise R2RayError(f"{flag}: {first['msg']}") from None
-    print(warm_start_job(config).report())
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -280,9 +288,10 @@ def _train(args: argparse.Namespace) -> None:
     # unset flags are None (so --warm-start can tell --split and --candidates were typed):
     # TrainConfig's own defaults apply to them
     given = {name: value for name in fields if (value := getattr(args, name)) is not None}
-    config = TrainConfig(**given, registered_name=args.register,
-                         settings=parse_settings(args.settings), predictor=args.predictor or "r2ray",
-                         select=args.select or ("none" if args.predictor else "cv"))
+    config = _config(TrainConfig, {**given, "registered_name": args.register,
+                                   "settings": parse_settings(args.settings),
+                                   "predictor": args.predictor or "r2ray",
+                                   "select": args.select or ("none" if args.predictor else "cv")})
     result = train_predictor_job(config)
     print(result.report(wall_seconds=time.perf_counter() - started))
 

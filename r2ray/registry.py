@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -191,7 +191,10 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
         if alias:
             found = client.get_model_version_by_alias(name, alias)
         elif version == "latest":
-            found = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ValueError(f"registered model {name!r} has no versions")
+            found = max(versions, key=lambda v: int(v.version))
         else:
             found = client.get_model_version(name, version)
     except (MlflowException, ValueError) as err:
@@ -213,8 +216,12 @@ def load_registered(uri: str, tracking_uri: str | None = None,
 
     version = resolve_version(uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="r2ray-load-") as tmp:  # weights are read into memory
-        model = mlflow.pyfunc.load_model(version.uri, dst_path=tmp,
-                                         model_config={"device": device} if device else None)
+        try:
+            model = mlflow.pyfunc.load_model(version.uri, dst_path=tmp,
+                                             model_config={"device": device} if device else None)
+        except (R2RayError, OSError) as err:  # its artifact is gone or damaged in the store
+            raise RegistryError(redact_text(f"{uri} ({version.uri}, source {version.source}) "
+                                            f"cannot be loaded: {err}")) from None
         predictor = model.unwrap_python_model().predictor
     return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, version)
 
@@ -250,6 +257,23 @@ class Promotion:
                           line("holder", self.holder, self.holder_score)])
 
 
+def _not_finite(label: str, score: dict) -> str | None:
+    """Why ``score`` cannot be compared (its ``audc`` missing, NaN or infinite), else None: NaN
+    compares false both ways, so it would promote with no holder and never lose the alias."""
+    value = score.get(PRIMARY_METRIC)
+    if value is None or not np.isfinite(value):
+        return (f"the {label}'s {PRIMARY_METRIC} is {value}, not a finite number: "
+                "compare them with `r2ray evaluate`")
+    return None
+
+
+def _compare(candidate_score: dict, holder_score: dict) -> tuple[bool, str]:
+    """(promoted, reason): the candidate wins on a strictly higher ``audc``."""
+    promoted = candidate_score[PRIMARY_METRIC] > holder_score[PRIMARY_METRIC]
+    return promoted, (f"{PRIMARY_METRIC} {candidate_score[PRIMARY_METRIC]:.4f} "
+                      f"{'>' if promoted else '<='} {holder_score[PRIMARY_METRIC]:.4f}")
+
+
 @mlflow_guard()
 def promote_if_better(candidate: VersionInfo, alias: str,
                       score: Callable[[RegisteredPredictor], dict],
@@ -258,26 +282,42 @@ def promote_if_better(candidate: VersionInfo, alias: str,
     """Move ``alias`` to ``candidate`` when it beats the current holder on ``score`` (a dict
     with ``audc``; higher wins, a tie keeps the holder). With no holder the candidate is promoted.
     Both are scored by the same function, so on the same evaluation data; ``candidate_score``
-    skips re-scoring a candidate the caller has just scored with ``score``."""
-    import mlflow
-
+    skips re-scoring a candidate the caller has just scored with ``score``. A score that is not
+    a finite number promotes nothing, and neither does an alias that moved while scoring (another
+    promotion won meanwhile: this one compared against a version that no longer holds it)."""
     holder = alias_holder(candidate.name, alias, tracking_uri)
     if candidate_score is None:
         candidate_score = score(load_registered(candidate.uri, tracking_uri))
-    holder_score, reason = None, "no current holder"
-    if holder is not None and holder.version == candidate.version:
-        promoted, reason = False, "the candidate already holds the alias"
-    elif holder is not None:
-        try:
-            holder_score = score(load_registered(holder.uri, tracking_uri))
-        except (R2RayError, ValueError) as err:
-            return Promotion(alias, candidate, holder, candidate_score, None, False,
-                             f"the holder cannot be scored on this evaluation: {err}")
-        promoted = candidate_score[PRIMARY_METRIC] > holder_score[PRIMARY_METRIC]
-        reason = (f"{PRIMARY_METRIC} {candidate_score[PRIMARY_METRIC]:.4f} "
-                  f"{'>' if promoted else '<='} {holder_score[PRIMARY_METRIC]:.4f}")
-    else:
-        promoted = True
-    if promoted:
-        mlflow.MlflowClient().set_registered_model_alias(candidate.name, alias, candidate.version)
-    return Promotion(alias, candidate, holder, candidate_score, holder_score, promoted, reason)
+    refused = _not_finite("candidate", candidate_score)
+    if refused or (holder is not None and holder.version == candidate.version):
+        return Promotion(alias, candidate, holder, candidate_score, None, False,
+                         refused or "the candidate already holds the alias")
+    if holder is None:
+        return _move_alias(Promotion(alias, candidate, None, candidate_score, None, True,
+                                     "no current holder"), tracking_uri)
+    try:
+        holder_score = score(load_registered(holder.uri, tracking_uri))
+    except (R2RayError, ValueError) as err:
+        return Promotion(alias, candidate, holder, candidate_score, None, False,
+                         f"the holder cannot be scored on this evaluation: {err}")
+    refused = _not_finite("holder", holder_score)
+    promoted, reason = (False, refused) if refused else _compare(candidate_score, holder_score)
+    return _move_alias(Promotion(alias, candidate, holder, candidate_score, holder_score,
+                                 promoted, reason), tracking_uri)
+
+
+def _move_alias(promotion: Promotion, tracking_uri: str | None) -> Promotion:
+    """Point the alias at the candidate when ``promotion`` says so and the alias still names the
+    holder it was scored against; else the promotion, refused, naming the version now there."""
+    import mlflow
+
+    if not promotion.promoted:
+        return promotion
+    name, alias, holder = promotion.candidate.name, promotion.alias, promotion.holder
+    now = alias_holder(name, alias, tracking_uri)
+    if (now and now.version) != (holder and holder.version):
+        return replace(promotion, promoted=False, reason=(
+            f"@{alias} moved to {now.uri if now else '(none)'} while this promotion scored "
+            f"against {holder.uri if holder else '(none)'}; run it again to compare with it"))
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, promotion.candidate.version)
+    return promotion

@@ -68,7 +68,7 @@ class TrainConfig(BaseModel):
     tune: bool = False                           # cv: candidates as Ray Tune trials, ASHA
     tune_storage: str | None = None              # where Tune trials checkpoint
     split: Literal["random", "category"] = "random"
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0        # numpy seeds are non-negative
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     epochs: Annotated[int, Field(gt=0)] | None = None  # None: the predictor's default
@@ -137,14 +137,37 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     table = read_bench(config.bench, catalog)
     queries = read_queries(config.queries) if config.queries else None
     arrays = bench_arrays(table, catalog, queries, source=config.bench)
+    check_models_observed(arrays, catalog, config.bench)
     if arrays.embedding is None:
         encoder = load_encoder(config.encoder or MINILM)
         return TrainingData(table, catalog, arrays.with_embedding(
             embed_texts(encoder, arrays.query.tolist())), encoder.name, None)
+    check_finite_embeddings(arrays, config.queries)
     if has_text_encoder(config.encoder):  # the user says these embeddings came from it: check
         check_embedding_dimension(arrays.embedding, load_encoder(config.encoder).dimension,
                                   f"{config.queries} (encoder {config.encoder!r})")
     return TrainingData(table, catalog, arrays, config.encoder, queries)
+
+
+def check_models_observed(arrays: BenchArrays, catalog: Catalog, source: str) -> None:
+    """Every catalogue model needs a row in the bench: the joint network would otherwise predict
+    it from an untrained model embedding (a q̂ of about 0.5 the router acts on)."""
+    observed = arrays.mask.any(axis=0)
+    model = catalog.arm_arrays["model_index"]
+    missing = [name for m, name in enumerate(catalog.model_names) if not observed[model == m].any()]
+    if missing:
+        raise R2RayError(f"{source}: no row of model(s) {', '.join(map(repr, missing))} of the "
+                         "catalogue; drop them from --catalog (add one later with `r2ray train "
+                         "--warm-start` and rows of it)")
+
+
+def check_finite_embeddings(arrays: BenchArrays, source: str | None) -> None:
+    """A NaN/inf embedding makes a fit NaN for every arm; name the first query that has one."""
+    bad = np.flatnonzero(~np.isfinite(arrays.embedding).all(axis=1))
+    if bad.size:
+        first = str(arrays.query_id[bad[0]])
+        raise R2RayError(f"{source}: the embedding of query_id {first!r} has NaN or infinite "
+                         f"values ({bad.size} queries with one)")
 
 
 def split_training_data(arrays: BenchArrays, config: TrainConfig) -> dict[str, np.ndarray]:
@@ -347,9 +370,9 @@ class WarmStartConfig(BaseModel):
     catalog: str                                 # the extended catalogue
     registered_name: str | None = None           # default: the name of the version extended
     queries: str | None = None                   # table with query_id + embedding
-    prior: Annotated[float, Field(ge=0)] = DEFAULT_PRIOR  # pseudo-queries (joint network)
+    prior: Annotated[float, Field(ge=0, allow_inf_nan=False)] = DEFAULT_PRIOR  # pseudo-queries
     folds: Annotated[int, Field(ge=2)] = DEFAULT_FOLDS    # cross-fitting of the calibrations
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0        # numpy seeds are non-negative
     promote: str | None = None
     tracking_uri: str | None = None
     experiment: str = "r2ray-train"

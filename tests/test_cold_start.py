@@ -260,3 +260,19 @@ def test_cli_warm_start_names_an_unknown_model_in_the_rows(benches, tmp_path, ca
                  "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     err = capsys.readouterr().err
     assert code == 2 and "field 'model': unknown model 'model-9'" in err and "row " in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "prior=Infinity"], "--set prior: Input should be a finite number"),
+    (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
+])
+def test_cli_warm_start_refuses_an_infinite_prior_and_a_negative_seed(benches, capsys, tmp_path,
+                                                                       extra, message):
+    """Both were accepted: an infinite prior crashed the joint network's fit (RuntimeError), a
+    negative seed numpy's fold draw (ValueError), each with a traceback."""
+    folder = benches
+    code = main(["train", "--warm-start", str(folder / "saved"), "--bench",
+                 str(folder / "new.parquet"), "--catalog", str(folder / "full.catalog.yaml"),
+                 "--queries", str(folder / "queries.parquet"), "--register", "x",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *extra])
+    assert code == 2 and message in capsys.readouterr().err

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -85,6 +87,34 @@ def test_saved_files_hold_no_pickles(fitted, tmp_path):
     save_predictor(fitted["r2ray"], str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictor.json", "tensors.safetensors"]
     assert b"\x80\x04" not in (tmp_path / "tensors.safetensors").read_bytes()[:64]  # no pickle header
+
+
+def test_damaged_saved_folders_are_refused_naming_the_file(fitted, world, catalog, tmp_path):
+    """A truncated tensors file, a flipped bit, another predictor's weights (which loaded and
+    predicted other numbers silently), a cut-short document and a missing tensors file: each a
+    PredictorError naming the file, from load_predictor and from the batch job's read_saved."""
+    from r2ray.predictor.persist import TENSORS_FILE, read_saved
+
+    good = save_predictor(fitted["per_arm_ridge"], str(tmp_path / "good"))
+    other = make_predictor("per_arm_ridge", alpha=50.0).fit(world[0], catalog)  # same shapes
+    save_predictor(other, str(tmp_path / "other"))
+    tensors = (tmp_path / "good" / TENSORS_FILE).read_bytes()
+    flipped = bytearray(tensors)
+    flipped[-3] ^= 0x40
+    damage = {"cut": (TENSORS_FILE, tensors[: len(tensors) // 2]),
+              "flipped": (TENSORS_FILE, bytes(flipped)),
+              "swapped": (TENSORS_FILE, (tmp_path / "other" / TENSORS_FILE).read_bytes()),
+              "document": (CONFIG_FILE, (tmp_path / "good" / CONFIG_FILE).read_bytes()[:500])}
+    for case, (name, data) in damage.items():
+        folder = tmp_path / case
+        shutil.copytree(good, folder)
+        (folder / name).write_bytes(data)
+        for load in (load_predictor, read_saved):
+            with pytest.raises(PredictorError, match=re.escape(str(folder / name))):
+                load(str(folder))
+    (tmp_path / "good" / TENSORS_FILE).unlink()
+    with pytest.raises(PredictorError, match=f"no {TENSORS_FILE}"):
+        load_predictor(good)
 
 
 def test_loading_warns_on_other_version_or_other_data(fitted, tmp_path):

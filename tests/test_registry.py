@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -182,3 +183,54 @@ def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data, t
     np.testing.assert_allclose(result["output_tokens"], expected.output_tokens, rtol=1e-5)
     np.testing.assert_allclose(result["cost_usd"],
                                expected.cost_usd(catalog, np.array([10.0, 12.0])), rtol=1e-5)
+
+
+def test_scores_that_are_not_numbers_never_move_the_alias(store, data):
+    """NaN compares false both ways: a NaN candidate took a free alias, and a NaN holder kept it
+    against every candidate ("audc 0.7000 <= nan")."""
+    uri, _ = store
+    catalog, train, _ = data
+    fitted = make_predictor("per_arm_ridge").fit(train, catalog)
+    first, second = (register_predictor(fitted, "r2ray-nan", tracking_uri=uri) for _ in range(2))
+    audc = {"1": float("nan"), "2": 0.7}
+    score = lambda r: {"audc": audc[r.version.version]}  # noqa: E731
+    refused = promote_if_better(first, "champion", score, tracking_uri=uri)
+    assert not refused.promoted and "audc is nan, not a finite number" in refused.reason
+    assert alias_holder("r2ray-nan", "champion", uri) is None
+    mlflow.MlflowClient().set_registered_model_alias("r2ray-nan", "champion", first.version)
+    kept = promote_if_better(second, "champion", score, tracking_uri=uri)
+    assert not kept.promoted and "the holder's audc is nan" in kept.reason
+    assert alias_holder("r2ray-nan", "champion", uri).version == "1"
+
+
+def test_an_alias_moved_while_scoring_is_not_overwritten(store, data):
+    """Another promotion moved @champion while this one scored against the old holder: this one
+    must not overwrite it with a candidate never compared to the new holder."""
+    uri, _ = store
+    catalog, train, _ = data
+    fitted = make_predictor("per_arm_ridge").fit(train, catalog)
+    v1, v2, v3 = (register_predictor(fitted, "r2ray-race", tracking_uri=uri) for _ in range(3))
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("r2ray-race", "champion", v2.version)
+
+    def score(registered):
+        if registered.version.version == "2":   # meanwhile, version 1 wins the alias
+            client.set_registered_model_alias("r2ray-race", "champion", v1.version)
+        return {"audc": {"1": 0.9, "2": 0.5, "3": 0.6}[registered.version.version]}
+
+    raced = promote_if_better(v3, "champion", score, tracking_uri=uri)
+    assert not raced.promoted and "moved to models:/r2ray-race/1" in raced.reason
+    assert alias_holder("r2ray-race", "champion", uri).version == "1"
+
+
+def test_a_version_whose_artifact_is_gone_is_an_error_naming_it(store, data):
+    uri, _ = store
+    catalog, train, _ = data
+    version = register_predictor(make_predictor("per_arm_ridge").fit(train, catalog),
+                                 "r2ray-gone", tracking_uri=uri)
+    folder = mlflow.MlflowClient().get_model_version_download_uri("r2ray-gone", version.version)
+    shutil.rmtree(Path(folder.removeprefix("file://")) / "artifacts" / "predictor")
+    with pytest.raises(RegistryError, match="models:/r2ray-gone/1 .*cannot be loaded"):
+        load_registered("models:/r2ray-gone/1", tracking_uri=uri)
+    with pytest.raises(RegistryError, match="'no-such-model' has no versions"):
+        load_registered("models:/no-such-model/latest", tracking_uri=uri)

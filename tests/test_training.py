@@ -192,3 +192,51 @@ def test_report_gives_the_wall_time_and_its_parts():
             "score, log and register 2.1 s)") in report
     assert "in 8.4 s" not in report
     assert "86.5 s in all (read and embed" in result.report()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--folds", "1"], "--folds: Input should be greater than or equal to 2"),
+    (["--epochs", "0", "--predictor", "per_arm_ridge"], "--epochs: Input should be greater than 0"),
+    (["--seed", "-1", "--predictor", "per_arm_ridge"],
+     "--seed: Input should be greater than or equal to 0"),
+])
+def test_cli_train_refuses_bad_values_naming_the_flag(bench, capsys, tmp_path, extra, message):
+    """Exit 2 and one line, not a pydantic or numpy traceback (exit 1)."""
+    folder, _ = bench
+    code = main(["train", "--bench", str(folder / "bench.parquet"), "--queries",
+                 str(folder / "queries.parquet"), "--register", "x", "--tracking-uri",
+                 f"sqlite:///{tmp_path}/m.db", *extra])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_nan_or_infinite_embeddings_are_refused_before_the_fit(bench, tmp_path):
+    """A NaN embedding made per_arm_ridge predict NaN on every arm for every query, silently."""
+    import pyarrow as pa
+
+    from r2ray.bench.io import read_table
+    from r2ray.encoders import EncoderError
+
+    folder, catalog = bench
+    queries = read_table(str(folder / "queries.parquet"))
+    vectors = queries.column("embedding").to_pylist()
+    vectors[7][2] = float("nan")
+    column = pa.array(vectors, queries.schema.field("embedding").type)
+    write_table(queries.set_column(queries.schema.get_field_index("embedding"), "embedding",
+                                   column), str(tmp_path / "queries.parquet"))
+    with pytest.raises(R2RayError, match="embedding of query_id 'q7' has NaN or infinite"):
+        load_training_data(config(folder, queries=str(tmp_path / "queries.parquet")))
+    arrays = load_training_data(config(folder)).arrays
+    embedding = arrays.embedding.copy()
+    embedding[7, 2] = np.inf
+    with pytest.raises(EncoderError, match="per_arm_ridge.fit.*row 8 has NaN or infinite"):
+        make_predictor("per_arm_ridge").fit(arrays.with_embedding(embedding), catalog)
+
+
+def test_a_catalogue_model_without_rows_is_refused(bench, tmp_path):
+    """The joint network predicted such a model from an untrained embedding (q̂ ≈ 0.5, routable)."""
+    folder, catalog = bench
+    document = catalog.to_dict()
+    document["models"].append(document["models"][0] | {"name": "model-new"})
+    save_catalog(catalog_from_dict(document), str(tmp_path / "more.catalog.yaml"))
+    with pytest.raises(R2RayError, match="no row of model.*'model-new'.*--warm-start"):
+        load_training_data(config(folder, catalog=str(tmp_path / "more.catalog.yaml")))

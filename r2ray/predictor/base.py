@@ -141,7 +141,8 @@ class BasePredictor:
         held-out rows: ``held_out`` = (rows, their uncorrected predictions by fits that never saw
         them) when the caller has them (cross-validation's out-of-fold predictions), else the
         validation set, else cross-fitted copies (:meth:`_held_out_predictions`)."""
-        x = training_embedding(train)
+        x = training_embedding(train)   # NaN/inf rows would make every arm's fit NaN, silently
+        check_embedding_dimension(x, x.shape[1], f"{self.name}.fit(train=...)")
         check_catalog(train, catalog)
         if validation is not None:
             check_catalog(validation, catalog, "validation")

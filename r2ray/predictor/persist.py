@@ -6,19 +6,24 @@ A saved predictor is a folder (local path or any fsspec URI) with two files:
   coefficients, KNN reference embeddings);
 * ``predictor.json`` — ``kind`` (the registry key), constructor settings, fitted config, the
   catalogue YAML it was trained with (arm order!), the encoder spec, the embedding dimension, the
-  r2ray version and a fingerprint of the training data.
+  r2ray version, a fingerprint of the training data and the sha256 of ``tensors.safetensors``.
 
-Loading warns (:class:`PredictorVersionWarning`) when the r2ray version differs from this one,
-and when ``expected_data_fingerprint`` is given and differs.
+Loading refuses, naming the file, a document that does not parse and tensors that are missing,
+unreadable or not the ones the document was saved with (a truncated copy, a flipped bit, another
+predictor's weights: each would otherwise load and predict wrongly). It warns
+(:class:`PredictorVersionWarning`) when the r2ray version differs from this one, and when
+``expected_data_fingerprint`` is given and differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from datetime import datetime, timezone
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
@@ -40,6 +45,8 @@ def save_predictor(predictor: BasePredictor, directory: str,
     """Write ``predictor`` under ``directory``; returns the directory. ``encoder_spec`` overrides
     the predictor's own record of the encoder that produced its training embeddings."""
     config, tensors = predictor.state()
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    data = save_tensors(arrays)
     document = {
         "format": FORMAT_VERSION,
         "kind": predictor.name,
@@ -50,10 +57,11 @@ def save_predictor(predictor: BasePredictor, directory: str,
         "data_fingerprint": predictor.data_fingerprint_,
         "catalog_fingerprint": predictor.catalog_.fingerprint,
         "catalog_yaml": predictor.catalog_.to_yaml(),
+        "tensors_sha256": hashlib.sha256(data).hexdigest(),
         "state": config,
     }
-    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-    storage.write_bytes(storage.join(directory, TENSORS_FILE), save_tensors(arrays))
+    # the tensors first, the document (which names their sha256) last
+    storage.write_bytes(storage.join(directory, TENSORS_FILE), data)
     storage.write_text(storage.join(directory, CONFIG_FILE), json.dumps(document, indent=2) + "\n")
     return directory
 
@@ -64,7 +72,11 @@ def read_predictor_config(directory: str) -> dict:
     if not storage.exists(uri):
         raise PredictorError(f"{directory} holds no saved predictor (no {CONFIG_FILE}); save one "
                              "with save_predictor() or `r2ray train`")
-    document = json.loads(storage.read_text(uri))
+    try:
+        document = json.loads(storage.read_text(uri))
+    except json.JSONDecodeError as err:
+        raise PredictorError(f"{uri} is not valid JSON ({err}): the saved predictor is damaged "
+                             "or was cut short; save or download it again") from None
     if document.get("format") != FORMAT_VERSION:
         raise PredictorError(f"{uri}: format {document.get('format')!r} is not {FORMAT_VERSION}; "
                              "retrain the predictor with this r2ray version")
@@ -81,10 +93,35 @@ def read_saved(directory: str, expected_data_fingerprint: str | None = None
     :func:`load_predictor` checks them (format, version warnings, readable tensors) but not
     built: no torch. The batch job's driver ships the files to its workers, which build it."""
     document = _checked_document(directory, expected_data_fingerprint)
-    files = {name: storage.read_bytes(storage.join(directory, name))
-             for name in (CONFIG_FILE, TENSORS_FILE)}
-    load_tensors(files[TENSORS_FILE])
+    files = {CONFIG_FILE: storage.read_bytes(storage.join(directory, CONFIG_FILE)),
+             TENSORS_FILE: _tensor_bytes(directory, document)}
+    checked_tensors(directory, document, files[TENSORS_FILE])
     return document, files
+
+
+def _tensor_bytes(directory: str, document: dict) -> bytes:
+    """The bytes of ``tensors.safetensors``, or an error naming the folder when it is missing."""
+    uri = storage.join(directory, TENSORS_FILE)
+    if not storage.exists(uri):
+        raise PredictorError(f"{directory} has {CONFIG_FILE} but no {TENSORS_FILE}: the saved "
+                             f"predictor ({document.get('kind')}) is incomplete; save it again")
+    return storage.read_bytes(uri)
+
+
+def checked_tensors(directory: str, document: dict, data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of ``data`` (the folder's ``tensors.safetensors``) once they are the ones the
+    document was saved with (its ``tensors_sha256``; absent in predictors saved before it, which
+    are only checked to parse)."""
+    expected = document.get("tensors_sha256")
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise PredictorError(f"{storage.join(directory, TENSORS_FILE)} is not the file "
+                             f"{CONFIG_FILE} was saved with (sha256 differs; {len(data):,} bytes): "
+                             "damaged, cut short or from another predictor; save it again")
+    try:
+        return load_tensors(data)
+    except SafetensorError as err:
+        raise PredictorError(f"{storage.join(directory, TENSORS_FILE)} cannot be read ({err}): "
+                             "damaged or cut short; save it again") from None
 
 
 def _checked_document(directory: str, expected_data_fingerprint: str | None) -> dict:
@@ -130,7 +167,7 @@ def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
     state = document["state"]
     if device:
         state = with_device(document["kind"], state, device)
-    tensors = load_tensors(storage.read_bytes(storage.join(directory, TENSORS_FILE)))
+    tensors = checked_tensors(directory, document, _tensor_bytes(directory, document))
     predictor = make_predictor(document["kind"], **state["settings"])
     predictor.load_state(state, tensors, saved_catalog(document, directory))
     predictor.encoder_spec = document["encoder"]
