@@ -179,7 +179,7 @@ def _peel(qa: np.ndarray, ca: np.ndarray, ja: np.ndarray):
     rows = np.arange(qa.shape[0])
     with np.errstate(invalid="ignore", divide="ignore"):
         while rows.size:
-            dq, dc = qa[:, 1:] - qa[:, :-1], ca[:, 1:] - ca[:, :-1]
+            dq, dc = qa[:, 1:] - qa[:, :-1], cost_steps(ca[:, 1:], ca[:, :-1])
             drop = np.zeros(qa.shape, bool)
             np.equal(dc, 0, out=drop[:, :-1])
             drop[:, 1:-1] |= dq[:, :-1] / dc[:, :-1] <= dq[:, 1:] / dc[:, 1:]
@@ -194,6 +194,15 @@ def _peel(qa: np.ndarray, ca: np.ndarray, ja: np.ndarray):
     return out
 
 
+def cost_steps(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """high - low rounded up where the float difference falls below the exact one, as the
+    kernel's ``cost_step`` (inf and NaN padding pass through)."""
+    diff = high - low
+    with np.errstate(invalid="ignore"):
+        short = (high - diff) - low > 0
+    return np.where(short, np.nextafter(diff, np.inf), diff)
+
+
 def _chains_to_csr(qa: np.ndarray, ca: np.ndarray, ja: np.ndarray) -> dict:
     """Base arrays and CSR steps from per-row concave chains ([n, W], +inf padded)."""
     n = qa.shape[0]
@@ -206,7 +215,7 @@ def _chains_to_csr(qa: np.ndarray, ca: np.ndarray, ja: np.ndarray) -> dict:
     np.cumsum(counts, out=offsets[1:])
     with np.errstate(invalid="ignore"):  # inf - inf in the padding
         dq = (qa[:, 1:] - qa[:, :-1])[is_step]
-        dc = (ca[:, 1:] - ca[:, :-1])[is_step]
+        dc = cost_steps(ca[:, 1:], ca[:, :-1])[is_step]
     return dict(base_arm=ja[:, 0].astype(np.int32), base_q=base_q, base_c=base_c,
                 offsets=offsets, step_arm=ja[:, 1:][is_step].astype(np.int32), dq=dq, dc=dc,
                 key=reference_efficiency_key(dq / dc))

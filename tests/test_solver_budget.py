@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 import re
 
 import numpy as np
@@ -242,3 +243,24 @@ def test_infinite_budget_takes_every_best_arm():
     q, c = identical_queries(3)
     result = solve_budget(hull_steps(q, c), float("inf"))
     assert result.arm.tolist() == [1, 1, 1] and result.certificate.lam == 0.0
+
+
+def test_spend_stays_within_the_budget_when_a_cost_difference_rounds_down():
+    # fl(1000 - 1.653...) is below the exact difference: summed as base + step, the dearer
+    # arm looked 1e-14 USD cheaper than it is and was bought with a budget it passes
+    q = np.array([[0.0, 0.0], [0.0, -1.0]])
+    c = np.array([[1.0000000000000001e-09, 1e-9], [1e3, 1.6530491868332717]])
+    budget = 1000.000000001
+    for defer in (False, True):
+        result = solve_budget(hull_steps(q, c), budget, defer=defer)
+        rows = np.flatnonzero(result.arm >= 0)
+        spend = sum((Fraction(float(c[i, result.arm[i]])) for i in rows), Fraction(0))
+        assert spend <= Fraction(budget)
+
+
+def test_infinite_budget_gives_a_finite_certificate():
+    q, c = identical_queries(3)
+    for defer in (False, True):
+        cert = solve_budget(hull_steps(q, c), float("inf"), defer=defer).certificate
+        assert math.isfinite(cert.upper_bound) and cert.gap == pytest.approx(0.0, abs=1e-12)
+        assert cert.upper_bound == pytest.approx(cert.objective)

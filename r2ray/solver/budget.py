@@ -133,8 +133,9 @@ def _certificate(o: Outcome, g: int) -> DualCertificate:
     above_q = quality(t.base_q[g] + t.above_dq[g])
     lp_value = above_q + lam * usd(o.remaining[g])
     spent_above = usd(o.base_spend[g] + t.above_dc[g])
-    upper = (above_q + lam * (o.budgets[g] - spent_above) + lam * usd(items)
-             + math.ldexp(items, o.quality_exp - 1))
+    # at λ* = 0 the budget's terms vanish; 0 × an infinite budget would make the bound NaN
+    priced = lam * (o.budgets[g] - spent_above) + lam * usd(items) if lam else 0.0
+    upper = above_q + priced + math.ldexp(items, o.quality_exp - 1)
     objective = quality(t.quality[g])
     tie_weight = o.tie_weight[g]
     return DualCertificate(

@@ -12,6 +12,8 @@ Per row of K arms (cost c USD, quality q; float32 values widened to float64 exac
    slope (q - q_cur) / (c - c_cur), the cheapest one on an exact tie;
 6. peel: in rounds, drop at once every inner vertex whose incoming efficiency dq/dc (float64) is
    <= its outgoing one, until the efficiencies strictly decrease (near-collinear vertices).
+A step's dc is the cost difference rounded up (``cost_step``), so that a chain's exact sum of
+steps never falls below its vertex's cost: the solve's spend bound rests on it.
 Only comparisons choose the front, and the slopes are the float64 operations of the vectorised
 numpy hull this kernel replaced, so the hull is the same bit for bit.
 """
@@ -262,9 +264,9 @@ def _peel(vert_q, vert_c, vert_j, n_vert, drop):
     outgoing one; returns the count left (float64 efficiencies then strictly decrease)."""
     while n_vert > 2:
         dropped = False
-        eff_in = (vert_q[1] - vert_q[0]) / (vert_c[1] - vert_c[0])
+        eff_in = (vert_q[1] - vert_q[0]) / cost_step(vert_c[1], vert_c[0])
         for t in range(1, n_vert - 1):
-            eff_out = (vert_q[t + 1] - vert_q[t]) / (vert_c[t + 1] - vert_c[t])
+            eff_out = (vert_q[t + 1] - vert_q[t]) / cost_step(vert_c[t + 1], vert_c[t])
             drop[t] = eff_in <= eff_out
             dropped |= drop[t]
             eff_in = eff_out
@@ -285,10 +287,22 @@ def _emit_steps(vert_q, vert_c, vert_j, n_vert, step_arm, dq, dc, key, total):
     for t in range(1, n_vert):
         step_arm[total] = vert_j[t]
         dq[total] = vert_q[t] - vert_q[t - 1]
-        dc[total] = vert_c[t] - vert_c[t - 1]
+        dc[total] = cost_step(vert_c[t], vert_c[t - 1])
         key[total] = efficiency_key_of(dq[total] / dc[total])
         total += 1
     return total
+
+
+@njit(cache=True, nogil=True)
+def cost_step(high, low):
+    """high - low (USD, high > low >= 0) rounded up, not to nearest: the float difference of
+    costs 2x apart can fall an ulp below the exact one, and summed steps would then count a
+    vertex as cheaper than it is (its spend could pass the budget). Fast2Sum gives the exact
+    rounding error of the difference."""
+    diff = high - low
+    if (high - diff) - low > 0:              # diff + that error == high - low exactly
+        diff = np.nextafter(diff, np.inf)
+    return diff
 
 
 @njit(cache=True, nogil=True)
