@@ -206,6 +206,19 @@ def test_budget_the_catalog_does_not_offer_names_the_row(fails, tmp_path):
     assert "mine.jsonl, row 2, field 'budget'" in err and "'small'" in err
 
 
+def test_a_bench_read_with_an_infinite_cost_names_the_row():
+    """read_bench's check, not only the converters': a bench written by another tool with an
+    infinite realised cost would pass into statistics and pricing fits."""
+    import pyarrow as pa
+
+    from r2ray.bench.schema import BenchError, validate_bench
+
+    rows = [long_row(query_id=f"q{i}", cost_usd=2e-5) for i in range(3)]
+    rows[2]["cost_usd"] = float("inf")   # -inf: refused as negative
+    with pytest.raises(BenchError, match=r"row 3.*cost_usd.*not a finite number"):
+        validate_bench(pa.Table.from_pylist(rows), "other.parquet")
+
+
 @pytest.mark.parametrize("cost", [float("inf"), float("nan")])
 def test_non_finite_cost_names_the_row(fails, tmp_path, cost):
     rows = [long_row(query_id=f"q{i}", cost_usd=2e-5) for i in range(3)]

@@ -115,6 +115,8 @@ def validate_bench(table: pa.Table, source: str, catalog: Catalog | None = None,
     if "cost_usd" in table.column_names:
         cost = table.column("cost_usd").to_numpy(zero_copy_only=False)
         fail(np.nan_to_num(cost, nan=0.0) < 0, "cost_usd", lambda r: f"cost_usd {cost[r]} < 0")
+        fail(np.isinf(cost), "cost_usd",   # NaN stays "not recorded", as a null
+             lambda r: f"cost_usd {cost[r]} is not a finite number of USD")
     if catalog is not None:
         known = pa.array(catalog.model_names)
         unknown = pc.invert(pc.is_in(table.column("model"), value_set=known))
