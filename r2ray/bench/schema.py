@@ -124,11 +124,12 @@ def validate_bench(table: pa.Table, source: str, catalog: Catalog | None = None,
         fail(unknown.to_numpy(zero_copy_only=False), "model",
              lambda r: f"unknown model {models[r].as_py()!r}; the catalogue has: "
                        f"{', '.join(catalog.model_names)}")
-    _check_unique(table, source, row_offset)
+    check_unique(table, source, row_offset)
     return table
 
 
-def _check_unique(table: pa.Table, source: str, row_offset: int) -> None:
+def check_unique(table: pa.Table, source: str, row_offset: int = 0) -> None:
+    """Each (query_id, model, budget) once; else an error at the first row that repeats one."""
     keys = table.select(["query_id", "model", "budget"]).append_column(
         "_row", pa.array(np.arange(table.num_rows)))
     counts = keys.group_by(["query_id", "model", "budget"]).aggregate(

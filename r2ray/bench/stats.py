@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from r2ray import storage
 from r2ray.bench.io import SUFFIXES, iter_batches
-from r2ray.bench.schema import bench_error, validate_bench
+from r2ray.bench.schema import BenchError, bench_error, check_unique, validate_bench
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, budget_label, load_catalog
 
 WITHIN_FACTOR_TENTHS = 11  # "within 1.1× budget": 10 × output_tokens ≤ 11 × budget, exact in integers
@@ -163,22 +163,16 @@ def _row_keys(table: pa.Table, file_index: int, offset: int) -> pa.Table:
 
 
 def _check_unique_across(keys: list[pa.Table], files: list[str]) -> None:
-    """The first row (in file order) repeating an earlier row's (query_id, model, budget)."""
+    """:func:`r2ray.bench.schema.check_unique` over every batch's keys, its error pointed at the
+    file and row of the first row that repeats an earlier one."""
     if len(keys) < 2:
         return  # one batch: validate_bench has checked it
     table = pa.concat_tables(keys)
-    table = table.append_column("_at", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    counts = table.group_by(["query_id", "model", "budget"]).aggregate(
-        [("_at", "count"), ("_at", "max")])
-    repeated = counts.filter(pc.greater(counts.column("_at_count"), 1))
-    if repeated.num_rows:
-        at = pc.min(repeated.column("_at_max")).as_py()
-        query_id, model, budget = (table.column(c)[at].as_py()
-                                   for c in ("query_id", "model", "budget"))
-        file, row = table.column("_file")[at].as_py(), table.column("_row")[at].as_py()
-        raise bench_error(files[file], row, "query_id", f"duplicate (query_id, model, budget) = "
-                          f"({query_id!r}, {model!r}, {budget}) across batches or files; each "
-                          "query answers each arm once")
+    try:
+        check_unique(table, "bench (all files)")
+    except BenchError as err:
+        file, row = table.column("_file")[err.row].as_py(), table.column("_row")[err.row].as_py()
+        raise bench_error(files[file], row, err.field, err.detail) from None
 
 
 def catalog_for_bench(first_file: str, catalog_path: str | None) -> tuple[Catalog, str]:

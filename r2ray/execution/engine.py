@@ -273,30 +273,32 @@ def unrecorded_matches(results: pa.Table, requests: pa.Table) -> pa.Table:
                            pa.array(shas, pa.string()))
 
 
-def adopt_unrecorded(requests: pa.Table, work_dir: str, config: EngineConfig,
-                     emit: Callable[[str], None]) -> int:
-    """Stamp the reusable unrecorded rows with the prompt sent now (written as a part, once), so
-    a later edit of that prompt is sent again; returns how many, and warns when any."""
+def adopt_unrecorded(requests: pa.Table, parts: pa.Table, work_dir: str, config: EngineConfig,
+                     emit: Callable[[str], None]) -> pa.Table:
+    """Stamp the reusable unrecorded rows of ``parts`` (the work folder's, as read) with the
+    prompt sent now, written as a part, once, so a later edit of that prompt is sent again;
+    returns those rows, and warns when there are any."""
     if config.unrecorded == "resend":
-        return 0
+        return RESULT_SCHEMA.empty_table()
     if config.unrecorded != "reuse":
         raise ValueError(f"EngineConfig.unrecorded {config.unrecorded!r}: give 'reuse' or "
                          "'resend'")
-    folder = storage.join(work_dir, "parts")
-    adopted = unrecorded_matches(read_parts(folder), requests)
+    adopted = unrecorded_matches(parts, requests)
     if adopted.num_rows:
-        _write(adopted, folder)
+        _write(adopted, storage.join(work_dir, "parts"))
         emit(f"warning: reused {adopted.num_rows:,} answers in {redact_uri(work_dir)} written "
              "before parts recorded their prompt, unchecked against the prompt sent now; if a "
              "query's text changed under its id since, rerun with --resend-unrecorded")
-    return adopted.num_rows
+    return adopted
 
 
-def plan(requests: pa.Table, work_dir: str,
-         unrecorded: bool = False) -> tuple[pa.Table, pa.Table]:
+def plan(requests: pa.Table, work_dir: str, unrecorded: bool = False,
+         parts: pa.Table | None = None) -> tuple[pa.Table, pa.Table]:
     """(requests still to do, results already in the parts). ``unrecorded``: also count as done
-    the rows :func:`adopt_unrecorded` would reuse (a dry run, which writes nothing)."""
-    parts = read_parts(storage.join(work_dir, "parts"))
+    the rows :func:`adopt_unrecorded` would reuse (a dry run, which writes nothing). ``parts``:
+    the work folder's rows when the caller has read them (else they are read here)."""
+    if parts is None:
+        parts = read_parts(storage.join(work_dir, "parts"))
     done = _requested(parts, requests)
     if unrecorded:
         done = pa.concat_tables([done, unrecorded_matches(parts, requests)])
@@ -311,8 +313,10 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     """Run every request not yet answered in ``work_dir``; parts written as batches finish."""
     started = time.perf_counter()
     emit = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    reused = adopt_unrecorded(requests, work_dir, config, emit)
-    todo, done = plan(requests, work_dir)   # the reusable ones are recorded now
+    parts = read_parts(storage.join(work_dir, "parts"))   # read once for both steps
+    adopted = adopt_unrecorded(requests, parts, work_dir, config, emit)
+    # the parts as a fresh read would now give them: the adopted rows are recorded
+    todo, done = plan(requests, work_dir, parts=pa.concat_tables([parts, adopted]))
     storage.remove(storage.join(work_dir, "failures"))   # last run's failures: retried now
     realised = float(pc.sum(done["cost_usd"]).as_py() or 0.0) if done.num_rows else 0.0
     models = sorted(set(requests.column("model").to_pylist()))
@@ -336,7 +340,7 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     failures = read_parts(storage.join(work_dir, "failures"))
     return EngineRun(results=results, failures=failures, calls_planned=todo.num_rows,
                      calls_done_before=done.num_rows, duplicates_dropped=dropped,
-                     unrecorded_reused=reused,
+                     unrecorded_reused=adopted.num_rows,
                      spend={"cap_usd": config.max_spend_usd, "realised_before_usd": realised,
                             "realised_usd": float(pc.sum(results["cost_usd"]).as_py() or 0.0),
                             "worst_case_planned_usd": worst_case_usd(todo),

@@ -101,11 +101,12 @@ def read_saved(directory: str, expected_data_fingerprint: str | None = None
 
 def _tensor_bytes(directory: str, document: dict) -> bytes:
     """The bytes of ``tensors.safetensors``, or an error naming the folder when it is missing."""
-    uri = storage.join(directory, TENSORS_FILE)
-    if not storage.exists(uri):
+    try:   # one request on an object store, not an existence check and then the read
+        return storage.read_bytes(storage.join(directory, TENSORS_FILE))
+    except FileNotFoundError:
         raise PredictorError(f"{directory} has {CONFIG_FILE} but no {TENSORS_FILE}: the saved "
-                             f"predictor ({document.get('kind')}) is incomplete; save it again")
-    return storage.read_bytes(uri)
+                             f"predictor ({document.get('kind')}) is incomplete; save it again"
+                             ) from None
 
 
 def checked_tensors(directory: str, document: dict, data: bytes) -> dict[str, np.ndarray]:

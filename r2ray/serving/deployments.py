@@ -193,7 +193,6 @@ class Ingress:
                 logger.warning("pacer sync failed, keeping lambda=%.6g: %s", self.book.state.lam,
                                err)
 
-
     async def _sync_once(self) -> PriceState:
         return await sync_spend(self.book, self.ingress_id,
                                 lambda *args: self.pacer.sync.remote(*args))
