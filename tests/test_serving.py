@@ -106,6 +106,48 @@ def test_pacing_holds_spend_within_5_percent_over_a_drifting_stream():
     assert paced / (target * seconds) == pytest.approx(1.0, abs=0.05)
 
 
+def _spend_with_overrides(config: PacingConfig, start: float, share: float, seconds: int,
+                          rate_qps: int, seed: int) -> float:
+    """Spend (USD) of the drifting stream when a ``share`` of its queries ask for ``lambda: 0``
+    (their best predicted arm at any price), priced as a router prices them."""
+    rng, asks = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    pacer, spend, step = Pacer(config, start), 0.0, 5
+    for t in range(0, seconds, step):
+        q, c = _stream_window(rng, rate_qps * step, 0.3 + 0.5 * t / seconds)
+        state = pacer.tick(float(t))
+        asking = asks.random(len(q)) < share
+        slice_spend = 0.0
+        for rows, lam in ((asking, state.request_price(0.0)[0]), (~asking, state.lam)):
+            arms = choose_arms(q[rows], c[rows], lam)
+            slice_spend += c[rows][np.arange(rows.sum()), arms].sum()
+        spend += slice_spend
+        pacer.record(slice_spend, float(t + step))
+    return spend
+
+
+def test_a_request_lambda_cannot_spend_past_the_paced_target():
+    """With ``request_lambda: floor`` (the default) a request's λ only raises its price: a fifth of
+    the traffic asking for λ = 0 keeps spend at the target; as an override it overspends."""
+    rate_qps, seconds, target = 20, 3600, 2e-4
+    q, c = _stream_window(np.random.default_rng(99), 2000, 0.3)
+    start = solve_budget(hull_steps(q, c), target / rate_qps * len(q)).certificate.lam
+    common = dict(target_usd_per_s=target, window_s=30.0, eta=0.5, hard_stop_ratio=None)
+    floor = _spend_with_overrides(PacingConfig(**common), start, 0.2, seconds, rate_qps, seed=1)
+    override = _spend_with_overrides(PacingConfig(**common, request_lambda="override"), start,
+                                     0.2, seconds, rate_qps, seed=1)
+    assert floor / (target * seconds) == pytest.approx(1.0, abs=0.05)
+    assert override / (target * seconds) > 1.5
+
+
+def test_request_price_floor_only_while_lambda_is_paced():
+    paced = Pacer(PacingConfig(target_usd_per_s=0.01), 5.0).state()
+    assert paced.request_price(2.0) == (5.0, "config, paced (above the request's lambda 2)")
+    assert paced.request_price(9.0) == (9.0, "request lambda")      # more frugal: taken
+    assert paced.request_price(None) == (5.0, "config")
+    for config in (PacingConfig(), PacingConfig(target_usd_per_s=0.01, request_lambda="override")):
+        assert Pacer(config, 5.0).state().request_price(2.0) == (2.0, "request lambda")
+
+
 def test_starting_price_from_the_latest_committed_manifest(tmp_path):
     for run_id, committed_at, lam in (("old", "2026-01-01T00:00:00+00:00", 3.0),
                                       ("new", "2026-02-01T00:00:00+00:00", 7.0)):
@@ -350,6 +392,19 @@ def test_api_in_process_routes_counts_spend_and_maps_errors(routing_model):
         "model": "gpt-9", "messages": [{"role": "user", "content": "hi"}],
         "r2ray": {"embedding": embedding}})
     assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "model"
+
+
+def test_a_request_lambda_below_the_paced_price_is_routed_at_the_paced_price(routing_model):
+    service = _service(routing_model)
+    service.book = SpendBook(PriceState(lam=50.0, tie_cut=1.0, seed=0, stopped=False,
+                                        source="config", floor=True))
+    app = build_api(service, frozenset(), max_request_bytes=20_000)
+    embedding = _queries(routing_model.catalog, 1, seed=3)[0]["embedding"]
+    body = {"query": "What is 2+2?", "embedding": embedding}
+    below = _call(app, "POST", "/v1/route", json=body | {"lambda": 0.0}).json()
+    assert below["lambda"] == 50.0 and "above the request's lambda 0" in below["reason"]
+    assert below["model"] == _call(app, "POST", "/v1/route", json=body).json()["model"]
+    assert _call(app, "POST", "/v1/route", json=body | {"lambda": 80.0}).json()["lambda"] == 80.0
 
 
 def test_in_flight_counts_the_http_requests_being_served():

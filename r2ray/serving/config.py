@@ -8,7 +8,7 @@ API keys come from the environment variables *named* by ``api_key_envs`` / ``ups
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -34,6 +34,11 @@ class PacingConfig(BaseModel):
     max_ratio: PositiveFloat = 4.0                   # spend_rate/target clipped to this per update
     hard_stop_ratio: PositiveFloat | None = 3.0      # window spend ≥ ratio × target → cheapest arm
     spend_limit_usd: PositiveFloat | None = None     # total since start; reached → cheapest arm
+    # a request's own lambda while λ is paced (a target is set): "floor" routes it at
+    # max(its λ, the paced λ), so a caller can be more frugal but cannot spend past the target
+    # (20 % of traffic at lambda 0 replacing the paced λ spent 2.1× the target in a simulation);
+    # "override" lets it replace the paced λ, the hard stops its only bound
+    request_lambda: Literal["floor", "override"] = "floor"
 
     @model_validator(mode="after")
     def _clamps(self) -> PacingConfig:

@@ -41,6 +41,15 @@ class PriceState:
     window_spend_usd: float = 0.0
     total_spend_usd: float = 0.0
     updates: int = 0      # windows closed so far
+    floor: bool = False   # λ is paced with request_lambda "floor": a request's λ may only raise it
+
+    def request_price(self, requested: float | None) -> tuple[float, str]:
+        """(λ, its source) for a request that asked for ``requested`` (None: the paced λ)."""
+        if requested is None:
+            return self.lam, self.source
+        if self.floor and requested < self.lam:
+            return self.lam, f"{self.source}, paced (above the request's lambda {requested:.6g})"
+        return float(requested), "request lambda"
 
 
 class Pacer:
@@ -95,8 +104,10 @@ class Pacer:
         return self.window_spend_usd >= c.hard_stop_ratio * c.target_usd_per_s * c.window_s
 
     def state(self) -> PriceState:
+        c = self.config
         return PriceState(self.lam, self.tie_cut, self.seed, self.stopped, self.source,
-                          self.window_spend_usd, self.total_spend_usd, self.updates)
+                          self.window_spend_usd, self.total_spend_usd, self.updates,
+                          c.target_usd_per_s is not None and c.request_lambda == "floor")
 
 
 def starting_price(manifest: str | None, lam: float | None, tie_cut: float = 1.0,

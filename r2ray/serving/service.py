@@ -181,11 +181,11 @@ def route_item(options: RoutingOptions, query: str, input_tokens: int, price: Pr
     """The router's view of one request; ``limits`` override the request's own."""
     fields = {"allowed_models": options.allowed_models,
               "max_budget_tokens": options.max_budget_tokens} | limits
+    lam, source = price.request_price(options.lam)
     return RouteItem(
         query=query, input_tokens=input_tokens, key=query_key(query, options.query_id),
-        lam=price.lam if options.lam is None else options.lam, tie_cut=price.tie_cut,
-        seed=price.seed, stopped=price.stopped,
-        price_source=price.source if options.lam is None else "request lambda",
+        lam=lam, tie_cut=price.tie_cut, seed=price.seed, stopped=price.stopped,
+        price_source=source,
         embedding=options.embedding, max_cost_usd=options.max_cost_usd,
         n_alternatives=n_alternatives, **fields)
 
