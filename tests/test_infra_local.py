@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from conftest import REPO, free_port
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 PORTS = ["RAY_PORT", "DASHBOARD_PORT", "RAY_CLIENT_PORT", "DASHBOARD_AGENT_PORT", "SERVE_PORT",
          "MLFLOW_PORT", "S3_PORT", "WEED_MASTER_PORT", "WEED_VOLUME_PORT", "WEED_FILER_PORT",
-         "WEED_ADMIN_PORT"]
+         "WEED_ADMIN_PORT", "HAPROXY_METRICS_PORT", "HAPROXY_STATS_PORT"]
 
 
 def run(command: list[str], env: dict, timeout_s: float) -> str:
@@ -40,11 +41,16 @@ def stack_env(state: Path) -> dict:
     return env
 
 
+def serve_listeners(url: str) -> set[str]:
+    """Names of the processes listening on the port of ``url``."""
+    port = httpx.URL(url).port
+    return {psutil.Process(c.pid).name() for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
 def stack_processes(state: Path) -> list:
     """Every process of the stack: up.sh's leaders, their descendants and their sessions'
     members."""
-    import psutil
-
     leaders = [int((state / f"{name}.pid").read_text()) for name in ("ray", "mlflow", "s3")]
     found = {}
     for proc in psutil.process_iter():
@@ -136,6 +142,7 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
                               json={"query": row["query"], "query_id": row["query_id"],
                                     "embedding": row["embedding"]})
         assert response.status_code == 200, response.text
+        assert serve_listeners(url) == {"haproxy"}   # Ray's HAProxy ingress, as on the cluster
         routed = response.json()
         assert routed["model"] in {m.name for m in small_routing_model["catalog"].models}
         assert routed["version"] == "r2ray/1" and routed["max_tokens"] > 0

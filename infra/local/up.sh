@@ -19,7 +19,10 @@
 # R2RAY_LOCAL_RAY_PORT [6380], _DASHBOARD_PORT [8265], _RAY_CLIENT_PORT [10001],
 # _DASHBOARD_AGENT_PORT [52365], _SERVE_PORT [8000], _MLFLOW_PORT [5000], _S3_PORT [8333],
 # _WEED_MASTER_PORT [9333], _WEED_VOLUME_PORT [9340], _WEED_FILER_PORT [8888],
-# _WEED_ADMIN_PORT [23646], _WAIT_S [120] (per service).
+# _WEED_ADMIN_PORT [23646], _HAPROXY_METRICS_PORT [9102], _HAPROXY_STATS_PORT [8404],
+# _WAIT_S [120] (per service).
+# Serve runs behind Ray's HAProxy ingress, as on the cluster (infra/k8s: RAY_SERVE_ENABLE_HA_PROXY);
+# its metrics listener moves off HAProxy's default 9101, which `weed mini` holds.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -40,6 +43,8 @@ WEED_MASTER_PORT="${R2RAY_LOCAL_WEED_MASTER_PORT:-9333}"
 WEED_VOLUME_PORT="${R2RAY_LOCAL_WEED_VOLUME_PORT:-9340}"
 WEED_FILER_PORT="${R2RAY_LOCAL_WEED_FILER_PORT:-8888}"
 WEED_ADMIN_PORT="${R2RAY_LOCAL_WEED_ADMIN_PORT:-23646}"
+HAPROXY_METRICS_PORT="${R2RAY_LOCAL_HAPROXY_METRICS_PORT:-9102}"
+HAPROXY_STATS_PORT="${R2RAY_LOCAL_HAPROXY_STATS_PORT:-8404}"
 WAIT_S="${R2RAY_LOCAL_WAIT_S:-120}"
 BUCKETS="${R2RAY_LOCAL_BUCKETS:-backlog routed r2ray-mlflow}"
 
@@ -116,7 +121,9 @@ MLFLOW_S3_ENDPOINT_URL="$R2RAY_S3_ENDPOINT" \
 MLFLOW_HOST=127.0.0.1 MLFLOW_PORT="$MLFLOW_PORT" MLFLOW_WORKERS=1 \
     start mlflow bash "$REPO/mlflow/server.sh"
 
-(cd "$REPO" && start ray ray start --head --block --node-ip-address=127.0.0.1 \
+(cd "$REPO" && RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_METRICS_PORT="$HAPROXY_METRICS_PORT" \
+    RAY_SERVE_HAPROXY_STATS_PORT="$HAPROXY_STATS_PORT" \
+    start ray ray start --head --block --node-ip-address=127.0.0.1 \
     --port="$RAY_PORT" --ray-client-server-port="$RAY_CLIENT_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --dashboard-agent-listen-port="$DASHBOARD_AGENT_PORT" \
