@@ -144,6 +144,33 @@ def test_routerbench_blanks_are_missing_and_prices_are_fitted(convert, tmp_path)
         bench.select(["query_id", "model", "quality", "output_tokens"]))
 
 
+@pytest.mark.parametrize("true, false", [("True", "False"), ("true", "false")])
+def test_routerbench_csv_correctness_as_booleans(convert, tmp_path, true, false):
+    """pandas writes a bool column to CSV as True/False; it reads as 1.0/0.0."""
+    records = list(csv.reader(io.StringIO(FIXTURES["routerbench"][0].read_text())))
+    models = ["gpt-4-1106-preview", "mistralai/mixtral-8x7b-chat", "meta/llama-2-70b-chat"]
+    for column in [records[0].index(m) for m in models]:
+        for record in records[1:]:
+            record[column] = {"1.0": true, "0.0": false}.get(record[column], record[column])
+    path = tmp_path / "rb.csv"
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(records)
+    bench, _, _ = convert("routerbench", [path])
+    plain, _, _ = convert("routerbench", FIXTURES["routerbench"], out="plain.parquet")
+    assert bench.column("quality").equals(plain.column("quality"))
+
+
+def test_paretobandit_null_rewards_are_counted(convert, tmp_path):
+    shutil.copytree(PB, tmp_path / "pb")
+    path = tmp_path / "pb" / "test_k4.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[4])
+    record["arms"]["google/gemini-2.5-pro"]["reward"] = None
+    path.write_text("\n".join(lines[:4] + [json.dumps(record)] + lines[5:]) + "\n")
+    bench, _, summary = convert("paretobandit", [path])
+    assert bench.num_rows == 4 * 301 - 1 and "1 arm(s) with a null reward left out" in summary
+
+
 def test_r2bench_models_from_file_names_or_option(convert, tmp_path):
     bench, catalog, _ = convert("r2bench", FIXTURES["r2bench"])
     assert catalog.model("GLM-4.6").output_per_m == 1.76  # from the default catalogue

@@ -277,3 +277,31 @@ def test_integer_beyond_float64_is_not_a_crash(fails, tmp_path):
         2, lambda r: r["token_usage"].update(output_tokens=10 ** 400)))
     err = fails("routerarena", [bad])
     assert "row 3, field 'token_usage.output_tokens'" in err and "not a number" in err
+
+
+@pytest.mark.parametrize("tokens", ["1_000", "1_0.5", "\u0663", "\uff11", "0x10", "1,5"])
+def test_numbers_python_reads_but_a_file_does_not_mean(fails, tmp_path, tokens):
+    """float() takes digit separators and non-ASCII digits: "1_000" is not a CSV number."""
+    def set_count(rows):
+        rows[2][rows[0].index("unlimited_count")] = tokens
+        return rows
+
+    err = fails("r2bench", [copy_with(tmp_path, R2 / "GLM-4.6.csv", edit_csv(set_count))])
+    assert "GLM-4.6.csv, row 2, field 'unlimited_count'" in err and "not a number" in err
+
+
+def test_long_jsonl_bad_line_after_a_raw_line_separator(fails, tmp_path):
+    """A raw U+2028 inside a string does not end a line: the broken line is the one named."""
+    good = json.dumps(long_row(query="a\u2028b"), ensure_ascii=False)
+    (tmp_path / "mine.jsonl").write_text(good + "\n" + json.dumps(long_row(query_id="q2")) + "\n"
+                                         + '{"query_id": "q3",\n', encoding="utf-8")
+    err = fails("long", [tmp_path / "mine.jsonl"])
+    assert "mine.jsonl, row 3: invalid JSON" in err
+
+
+def test_paretobandit_arm_without_a_reward_is_an_error(fails, tmp_path):
+    """A renamed key would otherwise drop the model's rows without a word."""
+    bad = copy_with(tmp_path, PB / "test_k4.jsonl", edit_json_line(
+        4, lambda r: r["arms"]["google/gemini-2.5-pro"].pop("reward")))
+    err = fails("paretobandit", [bad])
+    assert "test_k4.jsonl, row 5, field 'arms.google/gemini-2.5-pro.reward': is missing" in err

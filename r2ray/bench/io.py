@@ -50,7 +50,9 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
         return pajson.read_json(pa.BufferReader(data),
                                 read_options=pajson.ReadOptions(block_size=1 << 26))
     except pa.ArrowInvalid as err:
-        for line_no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        # Lines end at "\n" only, as pyarrow reads them: splitlines() would also cut inside a
+        # string holding a raw U+2028 and blame a good line.
+        for line_no, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
             if line.strip():
                 try:
                     json.loads(line)

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -203,20 +204,24 @@ def lookup(record: dict, path: str, source: str, row: int) -> Any:
     return value
 
 
+NUMERIC_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+"""A number as a CSV or JSON file writes one: ASCII digits, an optional sign, point and exponent.
+Python's ``float`` also takes ``1_000``, ``1_0.5`` (10.5) and non-ASCII digits (``٣``, ``１``),
+which no data file means as numbers."""
+
+
 def number(value: Any, source: str, row: int, field: str, low: float | None = None,
            high: float | None = None) -> float:
-    """A finite number from a JSON number or a numeric string, optionally within [low, high]."""
+    """A finite number from a JSON number or a numeric string (:data:`NUMERIC_TEXT`, surrounding
+    whitespace allowed), optionally within [low, high]."""
     parsed = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             parsed = float(value)
         except OverflowError:  # a JSON integer beyond float64
             parsed = None
-    elif isinstance(value, str):
-        try:
-            parsed = float(value.strip())
-        except ValueError:
-            parsed = None
+    elif isinstance(value, str) and NUMERIC_TEXT.fullmatch(value.strip()):
+        parsed = float(value.strip())  # overflows to inf, refused below
     if parsed is None or not np.isfinite(parsed):
         raise bench_error(source, row - 1, field, f"{value!r} is not a number")
     if (low is not None and parsed < low) or (high is not None and parsed > high):

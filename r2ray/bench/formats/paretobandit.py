@@ -1,9 +1,10 @@
 """``paretobandit``: ParetoBandit's ``*_k4.jsonl`` (one line per prompt, ``arms`` keyed by model).
 
 - one default-arm row (budget 0) per (prompt, model): ``reward`` -> quality, realised ``cost``
-  -> cost_usd, ``source`` -> category; query_id: ``pb-`` + the first 16 hex digits of the
-  prompt's sha256 (the layout has no ids; the same prompt gets the same id in every file);
-  truncated: unknown, left empty;
+  -> cost_usd, ``source`` -> category; an arm with a null ``reward`` was not judged: no row,
+  counted in the summary (an arm without the key is an error: a renamed key would drop the
+  model); query_id: ``pb-`` + the first 16 hex digits of the prompt's sha256 (the layout has
+  no ids; the same prompt gets the same id in every file); truncated: unknown, left empty;
 - prices: ``models_k4.json`` beside the input, else ``--catalog``;
 - tokens of ``google/gemini-2.5-flash``: measured, from ``flash_token_counts.jsonl`` beside the
   input, joined on the exact prompt text (its costs equal the arms' costs row for row);
@@ -47,7 +48,8 @@ def read(files: list[str], options: AdapterOptions) -> Converted:
         converted.notes.append(
             f"{uri}: {MEASURED_MODEL} tokens measured for {counts['measured']} row(s) "
             f"({MEASURED_FILE}{'' if measured else ' not found'}); output tokens of "
-            f"{counts['backed_out']} row(s) backed out of cost, {counts['clipped']} clipped at 0")
+            f"{counts['backed_out']} row(s) backed out of cost, {counts['clipped']} clipped at 0; "
+            f"{counts['unjudged']} arm(s) with a null reward left out")
     return converted
 
 
@@ -106,7 +108,7 @@ def _price_for(model: str, prices: dict[str, ModelPrice], options: AdapterOption
 def _convert(uri: str, prices: dict[str, ModelPrice], measured: dict[str, tuple[int, int]],
              options: AdapterOptions, used: dict[str, ModelPrice]) -> tuple[SourcePart, dict]:
     rows = RowCollector(uri)
-    counts = {"measured": 0, "backed_out": 0, "clipped": 0}
+    counts = {"measured": 0, "backed_out": 0, "clipped": 0, "unjudged": 0}
     for row, record in iter_jsonl(uri):
         prompt = text(lookup(record, "prompt", uri, row), uri, row, "prompt")
         category = text(lookup(record, "source", uri, row), uri, row, "source")
@@ -119,9 +121,13 @@ def _convert(uri: str, prices: dict[str, ModelPrice], measured: dict[str, tuple[
             field = f"arms.{model}"
             if not isinstance(arm, dict):
                 raise bench_error(uri, row - 1, field, f"expected an object, got {arm!r}")
-            if is_blank(arm.get("reward")):
+            if "reward" not in arm:  # not lookup(): model names hold dots
+                raise bench_error(uri, row - 1, field + ".reward", "is missing")
+            reward = arm["reward"]
+            if is_blank(reward):
+                counts["unjudged"] += 1
                 continue
-            quality = number(arm["reward"], uri, row, field + ".reward", 0.0, 1.0)
+            quality = number(reward, uri, row, field + ".reward", 0.0, 1.0)
             cost_usd = number(arm.get("cost"), uri, row, field + ".cost", 0.0)
             if model == MEASURED_MODEL and prompt in measured:
                 input_tokens, output_tokens = measured[prompt]

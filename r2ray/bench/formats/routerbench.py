@@ -1,8 +1,9 @@
 """``routerbench``: RouterBench-style wide tables (parquet, csv or jsonl), one row per prompt.
 
 Columns: ``sample_id``, ``prompt``, ``eval_name``, and per model ``<model>`` (correctness in
-[0, 1]), ``<model>|model_response`` and ``<model>|total_cost`` (USD). Models are found from the
-``|model_response`` / ``|total_cost`` columns; other columns are ignored.
+[0, 1], or a boolean: ``True``/``False`` in a CSV), ``<model>|model_response`` and
+``<model>|total_cost`` (USD). Models are found from the ``|model_response`` / ``|total_cost``
+columns; other columns are ignored.
 
 - default arm only (budget 0); category: ``eval_name``; truncated: unknown, left empty;
 - input tokens estimated from the prompt, output tokens from the response
@@ -86,6 +87,14 @@ def _convert(table, uri: str) -> SourcePart:
     return rows.part()
 
 
+BOOLEAN_TEXT = {"true": 1.0, "false": 0.0}
+
+
 def _as_number(value):
-    """Correctness may be stored as a boolean."""
-    return float(value) if isinstance(value, bool) else value
+    """Correctness may be stored as a boolean: a parquet or JSON bool, or in a CSV the text
+    ``True``/``False`` (pandas writes a bool column so), any case."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        return BOOLEAN_TEXT.get(value.strip().lower(), value)
+    return value
