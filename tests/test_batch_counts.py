@@ -9,6 +9,7 @@ from r2ray.batch.backlog import QUARANTINE_SCHEMA
 from r2ray.batch.job import _count_rows, check_routed_parts, quarantine_counts
 from r2ray.bench.io import write_table
 from r2ray.catalog import catalog_from_dict
+from r2ray.solver import DEFER_ARM
 
 
 def test_counts_of_absent_empty_and_filled_folders(tmp_path):
@@ -59,3 +60,35 @@ def test_a_retry_over_other_blocks_is_caught_before_the_commit(tmp_path):
     assert kept == 4 and _count_rows(routed) == 6   # q2, q3 twice on storage
     with pytest.raises(RuntimeError, match="holds 6 routed rows but the assign stage routed 4"):
         check_routed_parts(routed, kept)   # before the fix: committed, rows routed twice
+
+
+def test_a_retry_that_leaves_deferred_parts_is_caught_before_the_commit(tmp_path):
+    """The same retry over other blocks where a block's rows were deferred: its routed parts
+    add up, but the earlier run's deferred part stays beside the new one (each row deferred
+    twice, the manifest's deferred count and rows_in too high); and a retry whose arms differ
+    leaves a row both routed and deferred."""
+    catalog = catalog_from_dict({"budgets": [50, "default"], "models": [
+        {"name": "a", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096}]}, "test")
+
+    def block(orders, deferred_orders):
+        arms = [DEFER_ARM if j in deferred_orders else 0 for j in orders]
+        return _assigned_block(orders).set_column(5, "arm", pa.array(arms, pa.int64()))
+
+    routed, deferred = str(tmp_path / "routed"), str(tmp_path / "deferred")
+    for orders in ([0, 1], [2, 3]):   # q2, q3 deferred: block [2, 3] writes no routed part
+        assign_stage(block(orders, {2, 3}), catalog.to_yaml(), routed, deferred, "v", "r")
+    stats = assign_stage(block([0, 1, 2, 3], {2, 3}), catalog.to_yaml(), routed, deferred,
+                         "v", "r")
+    kept = int(np.sum(stats.column("queries").to_numpy()))
+    assert kept == 2 and _count_rows(routed) == 2 and _count_rows(deferred) == 4
+    with pytest.raises(RuntimeError, match="holds 4 deferred rows but the assign stage deferred 2"):
+        check_routed_parts(routed, kept, deferred, 4 - kept)   # before the fix: committed
+
+    other = tmp_path / "other"   # the same block, first q1 deferred, then (other arms) routed
+    assign_stage(block([0, 1], {1}), catalog.to_yaml(), str(other / "routed"),
+                 str(other / "deferred"), "v", "r")
+    stats = assign_stage(block([0, 1], set()), catalog.to_yaml(), str(other / "routed"),
+                         str(other / "deferred"), "v", "r")
+    kept = int(np.sum(stats.column("queries").to_numpy()))
+    with pytest.raises(RuntimeError, match="holds 1 deferred rows but the assign stage deferred 0"):
+        check_routed_parts(str(other / "routed"), kept, str(other / "deferred"), 2 - kept)

@@ -234,3 +234,39 @@ def test_a_version_whose_artifact_is_gone_is_an_error_naming_it(store, data):
         load_registered("models:/r2ray-gone/1", tracking_uri=uri)
     with pytest.raises(RegistryError, match="'no-such-model' has no versions"):
         load_registered("models:/no-such-model/latest", tracking_uri=uri)
+
+
+def test_a_committed_run_re_run_after_its_alias_moved_names_both_versions(store, data, tmp_path,
+                                                                            capsys):
+    """A committed run id is left alone when run again, but if the alias it routed with now
+    names another version the warning says so, with both versions (the URI is the same, so the
+    settings alone showed nothing: "nothing to do")."""
+    from r2ray import manifest as runs
+    from r2ray.batch import route_batch
+    from r2ray.batch.config import route_config
+
+    uri, _ = store
+    catalog, train, _ = data
+    for alpha in (1.0, 3.0):
+        register_predictor(make_predictor("per_arm_ridge", alpha=alpha).fit(train, catalog),
+                           "r2ray-moved", tracking_uri=uri)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("r2ray-moved", "champion", "1")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "q.jsonl").write_text('{"query_id": "a", "query": "hi"}\n')
+    config = route_config(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                          model="models:/r2ray-moved@champion", budget_per_query_usd=1e-4,
+                          run_id="nightly", tracking_uri=uri)
+    fingerprint = runs.input_fingerprint([str(tmp_path / "in" / "q.jsonl")])
+    attempt, _ = runs.start_attempt(runs.RunPaths(config.output, "nightly"), fingerprint)
+    committed = {"run_id": "nightly", "input": {"fingerprint": fingerprint},
+                 "model": {"uri": config.model, "name": "r2ray-moved", "version": "1"},
+                 "config": config.model_dump()}
+    runs.commit(attempt, committed)
+    route_batch(config)
+    assert "nothing to do" in capsys.readouterr().err
+    client.set_registered_model_alias("r2ray-moved", "champion", "2")
+    assert route_batch(config)["model"]["version"] == "1"   # still left alone ...
+    err = capsys.readouterr().err                           # ... but not silently
+    assert ("model (models:/r2ray-moved@champion was version 1 for this run, and now resolves "
+            "to version 2)") in err and "--force" in err

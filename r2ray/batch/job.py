@@ -173,17 +173,24 @@ def _count_rows(uri: str) -> int:
         return sum(pool.map(rows, parts))
 
 
-def check_routed_parts(routed_uri: str, routed: int) -> None:
+def check_routed_parts(routed_uri: str, routed: int, deferred_uri: str | None = None,
+                       deferred: int | None = None) -> None:
     """Refuse to commit unless ``routed/`` holds exactly the ``routed`` rows of the assign sums
-    Ray kept. A part is named by its block's first order key, so a task run again on the same
-    rows split into other blocks would leave the earlier run's parts beside the new ones, and
-    every consumer would read those rows twice. Reads the parts' footers only."""
-    listed = _count_rows(routed_uri)
-    if listed != routed:
-        raise RuntimeError(
-            f"{routed_uri} holds {listed} routed rows but the assign stage routed {routed}: a "
-            "retried task left part files of an earlier run; nothing was committed (run the "
-            "same run id again: it is redone in a new attempt)")
+    Ray kept, and ``deferred/`` the ``deferred`` rows left of the solve's (the solvable rows less
+    the routed ones: each is routed or deferred, once). A part is named by its block's first
+    order key, so a task run again on the same rows split into other blocks, or choosing other
+    arms, would leave the earlier run's parts beside the new ones, and every consumer would read
+    those rows twice (or a row as both routed and deferred). Reads the parts' footers only."""
+    expected = [("routed", routed_uri, routed)]
+    if deferred_uri is not None:
+        expected.append(("deferred", deferred_uri, deferred))
+    for what, uri, rows in expected:
+        listed = _count_rows(uri)
+        if listed != rows:
+            raise RuntimeError(
+                f"{uri} holds {listed} {what} rows but the assign stage {what} {rows}: a "
+                "retried task left part files of an earlier run; nothing was committed (run the "
+                "same run id again: it is redone in a new attempt)")
 
 
 def quarantine_counts(uri: str) -> dict[str, int]:
@@ -256,6 +263,9 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
                if name in DECISION_SETTINGS and before.get(name) != value]
     if manifest.get("input", {}).get("fingerprint") != fingerprint:
         changed.insert(0, "input files (their fingerprint differs)")
+    moved = _model_moved(config, manifest.get("model") or {})
+    if moved:
+        changed.append(moved)
     if changed:
         print(f"warning: run {paths.run_id} is already committed with other settings: "
               f"{'; '.join(changed)}. Nothing was redone: pass --force to redo it, or use a new "
@@ -264,6 +274,25 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
         print(f"run {paths.run_id} is already committed at {paths.manifest}; nothing to do "
               "(--force redoes it)", file=sys.stderr)
     return manifest
+
+
+def _model_moved(config: RouteConfig, committed: dict) -> str | None:
+    """Why the committed run's model is not the one ``config.model`` names now: an alias (or
+    ``/latest``) that resolves to another version than the run used, though the URI is the same.
+    Asks the registry for the version only (no weights); where it cannot answer, says so."""
+    from r2ray.registry import RegistryError, resolve_version
+
+    uri, version = config.model, committed.get("version")
+    if uri != committed.get("uri") or not uri.startswith("models:/") or version is None:
+        return None   # another URI is already named by the settings; a folder has no version
+    try:
+        now = resolve_version(uri, config.tracking_uri)
+    except RegistryError as err:
+        return f"model ({uri} could not be resolved to check its version: {err})"
+    if now.version == str(version):
+        return None
+    return (f"model ({uri} was version {version} for this run, and now resolves to version "
+            f"{now.version})")
 
 
 DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
@@ -372,9 +401,9 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         stats = combine_stats(pa.concat_tables([stats, *ray.get(solved.arms.to_arrow_refs())]))
     failpoint("before_commit")
     routed = int(np.sum(stats.column("queries").to_numpy()))
-    check_routed_parts(paths.routed, routed)
+    deferred = n_solvable - routed   # every row the solve saw is routed or deferred, once
+    check_routed_parts(paths.routed, routed, paths.deferred, deferred)
     quarantine = quarantine_counts(paths.quarantine)
-    deferred = _count_rows(paths.deferred)
     predicted_spend = float(np.sum(stats.column("spend_usd").to_numpy(), dtype=np.float64))
     worst_case = float(np.sum(stats.column("worst_case_usd").to_numpy(), dtype=np.float64))
     manifest = {
