@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -243,3 +245,28 @@ def test_judge_score_out_of_ten_is_not_full_marks():
     assert graders.parse_judge_score("Score: 0.75") == 0.75
     assert graders.parse_judge_score("Score: 1") == 1.0
     assert graders.parse_judge_score("Score: **0.5**") == 0.5
+
+
+def test_dry_run_bounds_the_judge(tmp_path):
+    """The dry run's judge worst case is at least what the judge's requests reserve: an answer of
+    max_tokens tokens can be 4 UTF-8 bytes a token (more for long tokens), and the judge's bound
+    counts bytes, so counting the answer at one byte a token put the bound under the spend."""
+    from r2ray.catalog import load_catalog
+    from r2ray.execution import collect as c
+    from r2ray.execution.requests import worst_case_usd
+
+    catalog = write_catalog(tmp_path / "cat.yaml", "http://127.0.0.1:1/v1")
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"query_id": "q1", "query": "Name a word.", "reference": "x"})
+                       + "\n")
+    config = c.CollectConfig(queries=str(queries), catalog=catalog, out=str(tmp_path / "b.jsonl"),
+                             judge_model="small", arms="1")
+    said = c.dry_run(config)
+    bound = float(re.search(r"judge calls, worst case \$([0-9.]+)", said).group(1))
+    rows = c.read_queries(str(queries), None, True)
+    requests = c.answer_requests(rows, load_catalog(catalog), "1", 0)
+    answers = requests.select(["key", "query_id", "model", "budget"]).append_column(
+        "response", pa.array(["\U0001F600" * requests["max_tokens"][0].as_py()]))
+    judged = c.judge_requests(answers, {r["query_id"]: r for r in rows}, load_catalog(catalog),
+                              "small")
+    assert worst_case_usd(judged) <= bound

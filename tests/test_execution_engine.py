@@ -196,3 +196,51 @@ def test_rate_limits_space_the_calls(tmp_path):
                      EngineConfig(executor="local", retry=FAST, batch_rows=6),
                      progress=lambda line: None)   # each call reserves its prompt + 40 tokens
         assert time.perf_counter() - start >= 5 * 40 / 400
+
+
+def test_usage_counts_are_checked_and_clamped():
+    """A server's usage that is no count (negative, NaN, infinite, fractional, boolean, text) is
+    estimated, and one above the prompt bound or the max_tokens cap is clamped, both flagged:
+    unchecked, -1000 prompt tokens priced a call at minus a dollar and 10^9 completion tokens at
+    thousands (under a 1 USD cap), and an infinite count or 2**70 crashed the whole batch."""
+    request = {"input_tokens_est": 9, "input_tokens_bound": 40, "max_tokens": 3}
+    for prompt, completion in [(-1000, 2), (5.5, 2), (True, 2), ("7", 2), (float("nan"), 2),
+                               (5, float("inf"))]:
+        assert read_usage({"prompt_tokens": prompt, "completion_tokens": completion}, request,
+                          "a b") == (9, 2, True)
+    assert read_usage({"prompt_tokens": 5, "completion_tokens": 10 ** 9}, request, "a") == \
+        (5, 3, True)
+    assert read_usage({"prompt_tokens": 2 ** 70, "completion_tokens": 2}, request, "a") == \
+        (40, 2, True)
+    assert read_usage({"prompt_tokens": 5.0, "completion_tokens": 2}, request, "a") == (5, 2, False)
+
+
+def test_a_billed_unreadable_answer_is_booked(tmp_path):
+    """A 200 with a usage block but no usable choice was billed: its cost counts in the spend
+    (and the cap) and in the row's billed_usd, not $0, and the retry is reserved again."""
+    prompts = {"once": "[fault:billedbad] pad12 [say:4]",   # as long as the other prompt
+               "always": "[fault:alwaysbilledbad] [say:4]"}
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        run = run_requests(_requests(catalog, prompts), str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=4),
+                           progress=lambda line: None)
+    once = run.results.to_pylist()[0]
+    always = run.failures.to_pylist()[0]
+    assert once["attempts"] == 2 and once["billed_usd"] == pytest.approx(2 * once["cost_usd"])
+    assert always["attempts"] == 3 and always["cost_usd"] == 0
+    assert always["billed_usd"] == pytest.approx(3 * once["cost_usd"])
+    assert run.spend["realised_usd"] == pytest.approx(5 * once["cost_usd"])
+
+
+def test_the_timeout_bounds_the_whole_call(tmp_path):
+    """httpx's timeout is per read: a body dripped a byte every 0.05 s never tripped 0.5 s."""
+    policy = RetryPolicy(max_attempts=1, timeout_s=0.5)
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        start = time.perf_counter()
+        run = run_requests(_requests(catalog, {"drip": "[drip:0.05] [say:4]"}), str(tmp_path),
+                           catalog, EngineConfig(executor="local", retry=policy),
+                           progress=lambda line: None)
+        assert time.perf_counter() - start < 3
+    assert run.failures.column("error").to_pylist()[0].startswith("timed out after 0.5 s")

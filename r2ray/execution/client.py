@@ -5,6 +5,7 @@ catalogue names; they go into the Authorization header and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import time
@@ -18,6 +19,7 @@ from r2ray.prompting import estimate_tokens
 from r2ray.redaction import redact_text
 
 ERROR_TEXT_LIMIT = 200   # characters of an error body kept in a failure's reason
+SPEND_CAP_REASON = "spend cap: issuing it could pass --max-spend-usd"
 
 RESULT_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
@@ -35,6 +37,8 @@ RESULT_SCHEMA = pa.schema([
     pa.field("max_tokens", pa.int64()),
     pa.field("latency_s", pa.float64()),       # the successful attempt, request to answer
     pa.field("cost_usd", pa.float64()),        # catalogue prices × tokens; 0 when not answered
+    pa.field("billed_usd", pa.float64()),      # every attempt the provider billed: cost_usd plus
+                                               # answers it billed but sent unreadable (USD)
     pa.field("attempts", pa.int32()),
     pa.field("error", pa.string()),            # why it failed (null when ok)
     pa.field("endpoint", pa.string()),         # host:port, for throughput per endpoint
@@ -101,18 +105,26 @@ class EndpointLimiter:
 
 
 class CallFailed(Exception):
-    def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None):
+    """One failed attempt. ``usage``: the server's usage block when it answered 200 with one but
+    the body was no chat completion, so the attempt was billed though it gave no answer."""
+
+    def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None,
+                 usage: dict | None = None):
         super().__init__(reason)
         self.reason, self.status, self.retry_after = reason, status, retry_after
+        self.usage = usage
 
 
 async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: str | None,
                     timeout_s: float) -> dict:
-    """One attempt: the parsed answer, or :class:`CallFailed` with the status and Retry-After."""
+    """One attempt: the parsed answer, or :class:`CallFailed` with the status and Retry-After.
+    ``timeout_s`` bounds the whole call, connect to last byte: httpx's own timeout applies to
+    each phase and each read, so a server dripping its body a byte at a time never trips it."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = await client.post(url, json=body, headers=headers, timeout=timeout_s)
-    except httpx.TimeoutException:
+        async with asyncio.timeout(timeout_s):
+            response = await client.post(url, json=body, headers=headers, timeout=timeout_s)
+    except (httpx.TimeoutException, TimeoutError):
         raise CallFailed(f"timed out after {timeout_s:g} s") from None
     except httpx.HTTPError as err:
         raise CallFailed(f"unreachable: {type(err).__name__}") from None
@@ -120,6 +132,7 @@ async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: st
         text = redact_text(response.text[:ERROR_TEXT_LIMIT]).replace("\n", " ")
         raise CallFailed(f"HTTP {response.status_code}: {text}", response.status_code,
                          response.headers.get("retry-after"))
+    answer = None
     try:
         answer = response.json()
         choice = answer["choices"][0]
@@ -127,35 +140,58 @@ async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: st
         if not isinstance(text, str):
             raise TypeError("content is not text")
     except (ValueError, KeyError, IndexError, TypeError) as err:
-        raise CallFailed(f"answer is not a chat completion ({type(err).__name__})") from None
-    return {"text": text, "finish_reason": choice.get("finish_reason"),
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        raise CallFailed(f"answer is not a chat completion ({type(err).__name__})",
+                         usage=usage if isinstance(usage, dict) else None) from None
+    finish = choice.get("finish_reason")
+    return {"text": text, "finish_reason": finish if isinstance(finish, str) else None,
             "usage": answer.get("usage")}
 
 
+def _count(value: object) -> int | None:
+    """A token count from a usage block: a non-negative whole number (an int, or a float with no
+    fraction), else None — a negative, NaN, infinite, fractional, boolean or text count is not
+    one, and pricing it would put a made-up figure in the money."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if value >= 0 else None
+
+
 def read_usage(usage: object, request: dict, text: str) -> tuple[int, int, bool]:
-    """(input tokens, output tokens, estimated?): the server's counts, else estimates clamped to
-    the request's bound and cap (so an estimate never prices above the reserved worst case)."""
-    try:
-        return int(usage["prompt_tokens"]), int(usage["completion_tokens"]), False
-    except (TypeError, KeyError, ValueError):
-        return (min(int(request["input_tokens_est"]), int(request["input_tokens_bound"])),
-                min(estimate_tokens(text), int(request["max_tokens"])), True)
+    """(input tokens, output tokens, estimated?): the server's counts, else estimates; both
+    clamped to the request's prompt bound (UTF-8 bytes + template: no tokenizer counts more) and
+    ``max_tokens`` cap (the server was told to stop there), so no count prices above the
+    reserved worst case. A count that is not a count, or one clamped, is flagged estimated."""
+    bound, cap = int(request["input_tokens_bound"]), int(request["max_tokens"])
+    given = usage if isinstance(usage, dict) else {}
+    tokens_in = _count(given.get("prompt_tokens"))
+    tokens_out = _count(given.get("completion_tokens"))
+    if tokens_in is None or tokens_out is None:
+        return (min(int(request["input_tokens_est"]), bound),
+                min(estimate_tokens(text), cap), True)
+    return min(tokens_in, bound), min(tokens_out, cap), tokens_in > bound or tokens_out > cap
 
 
 async def execute_one(client: httpx.AsyncClient, request: dict, settings: EndpointSettings,
                       limiter: EndpointLimiter, policy: RetryPolicy, book,
                       rng: random.Random) -> dict:
-    """Send one request row with retries under the spend cap; a RESULT_SCHEMA row."""
+    """Send one request row with retries under the spend cap; a RESULT_SCHEMA row. Every attempt
+    is reserved at its worst case first; one the provider billed without a usable answer is
+    booked at its cost before the next is reserved, so the cap counts what was paid."""
     row = {name: request[name] for name in ("key", "purpose", "query_id", "model", "budget",
                                              "max_tokens", "prompt_sha")}
     row.update(ok=False, response=None, input_tokens=None, output_tokens=None,
                usage_estimated=None, finish_reason=None, truncated=None, latency_s=None,
-               cost_usd=0.0, attempts=0, error=None, endpoint=httpx.URL(settings.url).netloc
-               .decode(), started_s=time.time(), ended_s=None)
+               cost_usd=0.0, billed_usd=0.0, attempts=0, error=None,
+               endpoint=httpx.URL(settings.url).netloc.decode(), started_s=time.time(),
+               ended_s=None)
     worst = float(request["worst_usd"])
     if not await book.reserve(worst):
-        row.update(error="spend cap: issuing it could pass --max-spend-usd", ended_s=time.time())
+        row.update(error=SPEND_CAP_REASON, ended_s=time.time())
         return row
+    reserved = True
     body = {"model": request["model"], "messages": list(request["messages"]),
             "max_tokens": int(request["max_tokens"]), "temperature": 0}
     api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
@@ -178,20 +214,37 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                     latency = time.perf_counter() - sent
             if failure is None:
                 break
+            if failure.usage is not None:   # billed, unusable: booked now, not at $0
+                spent = _priced(failure.usage, request, "")
+                row["billed_usd"] += spent
+                reserved = False
+                await book.settle(worst, spent)
             decision = retry_decision(policy, row["attempts"], failure.reason, failure.status,
                                       failure.retry_after, rng)
             if not decision.retry:
                 row["error"] = decision.reason
                 return row
             await asyncio.sleep(decision.delay_s)
+            if not reserved:
+                if not await book.reserve(worst):
+                    row["error"] = f"{SPEND_CAP_REASON} (after {failure.reason})"
+                    return row
+                reserved = True
         tokens_in, tokens_out, estimated = read_usage(answer["usage"], request, answer["text"])
         cost = cost_usd(tokens_in, tokens_out, request["price_in_usd"], request["price_out_usd"])
         row.update(ok=True, response=answer["text"], input_tokens=tokens_in,
                    output_tokens=tokens_out, usage_estimated=estimated,
                    finish_reason=answer["finish_reason"],
                    truncated=answer["finish_reason"] == "length", latency_s=latency,
-                   cost_usd=cost)
+                   cost_usd=cost, billed_usd=row["billed_usd"] + cost)
         return row
     finally:
         row["ended_s"] = time.time()
-        await book.settle(worst, cost)
+        if reserved:
+            await book.settle(worst, cost)
+
+
+def _priced(usage: dict, request: dict, text: str) -> float:
+    """USD of one attempt from its usage block (counts checked and clamped as an answer's)."""
+    tokens_in, tokens_out, _ = read_usage(usage, request, text)
+    return cost_usd(tokens_in, tokens_out, request["price_in_usd"], request["price_out_usd"])

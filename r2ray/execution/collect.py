@@ -162,22 +162,45 @@ def dry_run(config: CollectConfig) -> str:
                       config.engine.unrecorded == "reuse")
     worst = worst_case_usd(todo)
     judged = 0
-    judge_worst = 0.0
+    judge_worst = judge_typical = 0.0
     if config.judge_model:
         judge = load_catalog(config.judge_catalog or config.catalog)
         spec = judge.model(config.judge_model)
         by_id = {q["query_id"]: q for q in queries}
-        for r in requests.to_pylist():   # judge prompt bound: query + reference + a full answer
+        per_call = judge_worst_usd(spec)
+        for r in requests.to_pylist():
             q = by_id[r["query_id"]]
             if q["grader"] == "judge" or q["reference"] is not None:
                 judged += 1
-                bound = (r["input_tokens_bound"] + len((q["reference"] or "").encode())
-                         + r["max_tokens"] + len(graders.JUDGE_RUBRIC.encode()) + 64)
-                judge_worst += (bound * spec.input_per_m + JUDGE_MAX_TOKENS * spec.output_per_m) * 1e-6
+                judge_worst += per_call
+                judge_typical += judge_typical_usd(spec, r, q)
     return (f"dry run: {todo.num_rows:,} answer calls to make ({done.num_rows:,} already done), "
             f"worst case ${worst:.6f} at the caps"
-            + (f"; up to {judged:,} judge calls, worst case ${judge_worst:.6f}" if judged else "")
+            + (f"; up to {judged:,} judge calls, worst case ${judge_worst:.6f} (each prompt the "
+               f"judge's whole context; with answers of {TYPICAL_BYTES_PER_TOKEN} bytes a token "
+               f"at their caps, ${judge_typical:.6f})" if judged else "")
             + f"; total worst case ${worst + judge_worst:.6f}")
+
+
+TYPICAL_BYTES_PER_TOKEN = 4   # English text in a BPE vocabulary: about 4 UTF-8 bytes a token
+
+
+def judge_typical_usd(spec, request: dict, query: dict) -> float:
+    """USD of one judge call whose answer fills its cap at ``TYPICAL_BYTES_PER_TOKEN`` bytes a
+    token: an estimate, not a bound (:func:`judge_worst_usd` is the bound)."""
+    prompt = (request["input_tokens_bound"] + len((query["reference"] or "").encode())
+              + TYPICAL_BYTES_PER_TOKEN * request["max_tokens"]
+              + len(graders.JUDGE_RUBRIC.encode()) + 64)
+    return float(min(prompt, spec.context) * spec.input_per_m
+                 + JUDGE_MAX_TOKENS * spec.output_per_m) * 1e-6
+
+
+def judge_worst_usd(spec) -> float:
+    """USD bound of one judge call before its answer is known: a prompt of the judge's whole
+    context window (a longer one is refused, unbilled) and ``JUDGE_MAX_TOKENS`` out. The answer
+    it embeds is ``max_tokens`` tokens but of unknown UTF-8 bytes (one token can be many), and
+    the judge's own bound counts bytes, so no tighter figure is a bound on what it reserves."""
+    return float(spec.context * spec.input_per_m + JUDGE_MAX_TOKENS * spec.output_per_m) * 1e-6
 
 
 def collect(config: CollectConfig, progress=None) -> CollectResult:
@@ -265,7 +288,7 @@ def judge_spent_usd(work_dir: str, requests: pa.Table) -> float:
         return 0.0
     keys = pa.array([k + "-judge" for k in requests.column("key").to_pylist()], pa.string())
     mine = rows.filter(pc.is_in(rows["key"], value_set=keys))
-    return float(pc.sum(mine["cost_usd"]).as_py() or 0.0)
+    return float(pc.sum(mine["billed_usd"]).as_py() or 0.0)
 
 
 def _with_cap(engine: EngineConfig, cap: float) -> EngineConfig:

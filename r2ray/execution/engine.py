@@ -176,10 +176,16 @@ def read_parts(folder: str) -> pa.Table:
 
 
 def _conform(part: pa.Table) -> pa.Table:
-    """A part as RESULT_SCHEMA; one written before ``prompt_sha`` was recorded gets nulls there."""
+    """A part as RESULT_SCHEMA; one written before ``prompt_sha`` was recorded gets nulls there.
+    A row with no ``billed_usd`` (written before it was recorded) was billed its ``cost_usd``:
+    unreadable answers were not kept then."""
     if "prompt_sha" not in part.column_names:
         part = part.append_column("prompt_sha", pa.nulls(part.num_rows, pa.string()))
-    return part.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+    if "billed_usd" not in part.column_names:
+        part = part.append_column("billed_usd", pa.nulls(part.num_rows, pa.float64()))
+    part = part.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+    return part.set_column(RESULT_SCHEMA.get_field_index("billed_usd"), "billed_usd",
+                           pc.coalesce(part["billed_usd"], part["cost_usd"]))
 
 
 def first_per_key(results: pa.Table) -> tuple[pa.Table, int]:
@@ -318,7 +324,7 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     # the parts as a fresh read would now give them: the adopted rows are recorded
     todo, done = plan(requests, work_dir, parts=pa.concat_tables([parts, adopted]))
     storage.remove(storage.join(work_dir, "failures"))   # last run's failures: retried now
-    realised = float(pc.sum(done["cost_usd"]).as_py() or 0.0) if done.num_rows else 0.0
+    realised = _billed(done)
     models = sorted(set(requests.column("model").to_pylist()))
     settings = {m: asdict(s) for m, s in endpoint_settings(catalog, models,
                                                             config.workers).items()}
@@ -342,11 +348,16 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                      calls_done_before=done.num_rows, duplicates_dropped=dropped,
                      unrecorded_reused=adopted.num_rows,
                      spend={"cap_usd": config.max_spend_usd, "realised_before_usd": realised,
-                            "realised_usd": float(pc.sum(results["cost_usd"]).as_py() or 0.0),
+                            "realised_usd": _billed(results) + _billed(failures),
                             "worst_case_planned_usd": worst_case_usd(todo),
                             "refused_calls": meter.refused},
                      wall_s=round(time.perf_counter() - started, 3),
                      throughput=throughput_by_endpoint(results) if results.num_rows else {})
+
+
+def _billed(rows: pa.Table) -> float:
+    """USD the provider billed for ``rows`` (RESULT_SCHEMA), answers it sent unreadable included."""
+    return float(pc.sum(rows["billed_usd"]).as_py() or 0.0) if rows.num_rows else 0.0
 
 
 def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float):

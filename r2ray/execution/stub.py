@@ -2,11 +2,13 @@
 
 The last user message steers it: ``[say:TEXT]`` answers TEXT (else ``ok``), one word a token;
 ``[fault:KIND]`` injects a failure — on the first attempt of that request for ``429`` (with
-``Retry-After``), ``500``, ``timeout`` (sleeps past the client's timeout) and ``badjson``; on
-every attempt for ``always500`` and ``400``; ``nousage`` answers without ``usage``.
-``[slow:S]`` sleeps S seconds before answering. A judge prompt (:mod:`..graders`) is answered
-``Score: 1`` when the answer holds the reference, ``Score: 0`` when not, ``Score: 0.5`` without
-one. Every request is logged in ``calls``.
+``Retry-After``), ``500``, ``timeout`` (sleeps past the client's timeout), ``badjson`` and
+``billedbad`` (a 200 with the answer's ``usage`` but no choices: billed, unusable); on every
+attempt for ``always500``, ``alwaysbilledbad`` and ``400``; ``nousage`` answers without ``usage``.
+``[slow:S]`` sleeps S seconds before answering; ``[drip:S]`` sends the body a byte every S
+seconds (each gap under a per-read timeout, the whole past it). A judge prompt
+(:mod:`..graders`) is answered ``Score: 1`` when the answer holds the reference, ``Score: 0``
+when not, ``Score: 0.5`` without one. Every request is logged in ``calls``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-_MARK = re.compile(r"\[(say|fault|slow):([^\]]*)\]")
+_MARK = re.compile(r"\[(say|fault|slow|drip):([^\]]*)\]")
+
+
+def _drip_s(body: dict) -> float:
+    """Seconds between the body's bytes (``[drip:S]``), 0 to send it whole."""
+    content = str((body.get("messages") or [{}])[-1].get("content", ""))
+    return float(dict(_MARK.findall(content)).get("drip") or 0)
 
 
 def _judge_score(prompt: str) -> str:
@@ -90,6 +98,8 @@ class StubServer:
         if fault != "nousage":
             answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                                "total_tokens": prompt_tokens + len(words)}
+        if fault == "alwaysbilledbad" or (first and fault == "billedbad"):
+            answer["choices"] = []
         return 200, {}, json.dumps(answer).encode(), sleep
 
     def _handler(self):
@@ -121,7 +131,13 @@ class StubServer:
                     for name, value in headers.items():
                         self.send_header(name, value)
                     self.end_headers()
-                    self.wfile.write(data)
+                    drip = _drip_s(body)
+                    step = 1 if drip else max(1, len(data))
+                    for start in range(0, len(data), step):
+                        self.wfile.write(data[start:start + step])
+                        if drip:
+                            self.wfile.flush()
+                            time.sleep(drip)
                 except (BrokenPipeError, ConnectionResetError):   # the client timed out
                     pass
 
