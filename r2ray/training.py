@@ -20,6 +20,7 @@ the result as a new version. Its ``promote`` moves the alias only from the versi
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -152,9 +153,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
 def check_models_observed(arrays: BenchArrays, catalog: Catalog, source: str) -> None:
     """Every catalogue model needs a row in the bench: the joint network would otherwise predict
     it from an untrained model embedding (a q̂ of about 0.5 the router acts on)."""
-    observed = arrays.mask.any(axis=0)
-    model = catalog.arm_arrays["model_index"]
-    missing = [name for m, name in enumerate(catalog.model_names) if not observed[model == m].any()]
+    missing = arrays.unobserved_models(catalog)
     if missing:
         raise R2RayError(f"{source}: no row of model(s) {', '.join(map(repr, missing))} of the "
                          "catalogue; drop them from --catalog (add one later with `r2ray train "
@@ -173,11 +172,56 @@ def check_finite_embeddings(arrays: BenchArrays, source: str | None) -> None:
 def split_training_data(arrays: BenchArrays, config: TrainConfig) -> dict[str, np.ndarray]:
     """Row indices of train / validation / test; validation is carved from train only (none with
     ``select="cv"``: the cross-validation folds the whole training part)."""
+    if arrays.n_queries < 2:
+        raise too_few_queries(arrays.n_queries, "too few to split off a test set", config)
     train, test = split_indices(arrays, config.split, config.seed, config.test_fraction)
+    if len(train) < needed_training_queries(config)[0]:
+        raise too_few_queries(arrays.n_queries, f"the {config.split} split leaves {len(train)} "
+                              f"for training ({len(test)} for test)", config)
     if config.select == "cv":
         return {"train": train, "validation": train[:0], "test": test}
     kept, validation = holdout_indices(len(train), config.validation_fraction, config.seed + 1)
     return {"train": train[kept], "validation": train[validation], "test": test}
+
+
+def check_training_part_observes_models(parts: dict[str, BenchArrays], catalog: Catalog,
+                                        config: TrainConfig) -> None:
+    """The bench has a row of every model (:func:`check_models_observed`), but the split may put
+    all of one model's rows outside the training part (a model run on one category only, that
+    category held out): it would be predicted from nothing, as a model without rows is."""
+    missing = parts["train"].unobserved_models(catalog)
+    if missing:
+        where = "the test and validation parts" if config.select == "none" else "the test part"
+        raise R2RayError(f"{config.bench}: the training part ({config.split} split, seed "
+                         f"{config.seed}) has no row of model(s) {', '.join(map(repr, missing))}: "
+                         f"every row of it is in {where}; choose another --seed or --split, or "
+                         "drop it from --catalog (add it later with `r2ray train --warm-start`)")
+
+
+def needed_training_queries(config: TrainConfig) -> tuple[int, str]:
+    """(training queries the fit needs, what needs them): with ``select="cv"``, every fold's fit
+    set must hold 2 queries (the joint network carves its early-stopping set from it), so the
+    fold sizes, which differ by one at most, leave n - ceil(n / folds) >= 2; else 2, one of them
+    the early-stopping validation set."""
+    if config.select == "cv":
+        need = next(n for n in itertools.count(config.folds) if n - -(-n // config.folds) >= 2)
+        return need, f"{config.folds}-fold cross-validation"
+    return 2, "the early-stopping validation set"
+
+
+def too_few_queries(n_queries: int, split: str, config: TrainConfig) -> R2RayError:
+    """The error for a bench too small to train on: its size, the split's shares, what is needed
+    and, for the random split, the smallest bench that has it."""
+    need, why = needed_training_queries(config)
+    if config.split == "random":
+        smallest = next(n for n in itertools.count(2) if len(holdout_indices(
+            n, config.test_fraction, 0)[0]) >= need)
+        hint = f"a bench of at least {smallest} queries, with {config.test_fraction:.0%} for test"
+    else:
+        hint = "a bench with more queries outside the held-out category"
+    queries = "1 query" if n_queries == 1 else f"{n_queries} queries"
+    return R2RayError(f"{config.bench}: {queries}: {split}; {why} needs at least "
+                      f"{need} there ({hint})")
 
 
 def build_predictor(config: TrainConfig) -> BasePredictor:
@@ -311,6 +355,7 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
     seconds = {"read and embed": time.perf_counter() - started}
     rows = split_training_data(data.arrays, config)
     parts = {name: data.arrays.subset(index) for name, index in rows.items()}
+    check_training_part_observes_models(parts, data.catalog, config)
     counts = {name: part.n_queries for name, part in parts.items()}
     predictor = build_predictor(config)
     mlflow.set_experiment(config.experiment)

@@ -276,3 +276,17 @@ def test_cli_warm_start_refuses_an_infinite_prior_and_a_negative_seed(benches, c
                  "--queries", str(folder / "queries.parquet"), "--register", "x",
                  "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *extra])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_new_model_without_rows_is_refused_by_name():
+    """Two new models, rows of one: the other kept its start values, and the joint network
+    predicted it at q̂ ≈ 0.48 from nothing (per-arm Ridge: NaN), registered without a word."""
+    wider = small_catalog(n_models=4)
+    old = without_models(wider, ["model-1", "model-2"])
+    past, _ = planted_arrays(wider, n_queries=100, dim=16, seed=0)
+    ridge = make_predictor("per_arm_ridge").fit(arrays_over(past, wider, old), old)
+    rows, _ = planted_arrays(wider, n_queries=40, dim=16, seed=3)
+    other = np.array([arm.model == "model-2" for arm in wider.arms])
+    rows = replace(rows, quality=np.where(other, np.nan, rows.quality).astype(np.float32))
+    with pytest.raises(ExtensionError, match=r"no outcome of the new model\(s\) 'model-2';"):
+        extend_predictor(ridge, wider, rows)

@@ -240,3 +240,57 @@ def test_a_catalogue_model_without_rows_is_refused(bench, tmp_path):
     save_catalog(catalog_from_dict(document), str(tmp_path / "more.catalog.yaml"))
     with pytest.raises(R2RayError, match="no row of model.*'model-new'.*--warm-start"):
         load_training_data(config(folder, catalog=str(tmp_path / "more.catalog.yaml")))
+
+
+@pytest.mark.parametrize("n, extra, message", [
+    (2, {}, "2 queries: the random split leaves 1 for training (1 for test); 3-fold "
+            "cross-validation needs at least 3 there (a bench of at least 4"),
+    (3, {}, "3 queries: the random split leaves 2 for training (1 for test); 3-fold "
+            "cross-validation needs at least 3 there (a bench of at least 4"),
+    (2, {"select": "none"}, "2 queries: the random split leaves 1 for training (1 for test); "
+                            "the early-stopping validation set needs at least 2 there (a bench "
+                            "of at least 3"),
+])
+def test_a_bench_too_small_to_split_says_how_many_queries_it_has_and_needs(tmp_path, n, extra,
+                                                                         message):
+    """Was 'the train set has no queries' (a CV fold's empty fit set) or 'cannot split 1 queries
+    into two parts; the bench needs at least 2' for a bench that had 2 or 3."""
+    catalog = small_catalog(n_models=2)
+    table, queries = planted_bench_table(catalog, n_queries=n, dim=8, seed=0)
+    write_table(table, str(tmp_path / "bench.parquet"))
+    write_table(queries, str(tmp_path / "queries.parquet"))
+    save_catalog(catalog, str(tmp_path / "bench.catalog.yaml"))
+    arrays = load_training_data(config(tmp_path)).arrays
+    with pytest.raises(R2RayError, match="bench.parquet") as error:
+        split_training_data(arrays, config(tmp_path, **extra))
+    assert message in str(error.value)
+
+
+def test_enough_queries_for_the_folds_split_cleanly(bench):
+    folder, _ = bench
+    arrays = load_training_data(config(folder)).arrays.subset(np.arange(4))
+    rows = split_training_data(arrays, config(folder))          # 3 train, 1 test: folds of 1
+    assert len(rows["train"]) == 3 and len(rows["test"]) == 1
+    rows = split_training_data(arrays.subset(np.arange(3)), config(folder, select="none"))
+    assert [len(rows[k]) for k in ("train", "validation", "test")] == [1, 1, 1]
+
+
+def test_a_model_whose_every_row_the_split_holds_out_is_refused(tmp_path, capsys):
+    """A model run on one category only, that category the test split: the training part had no
+    row of it and the joint network predicted it from an untrained embedding (q̂ ≈ 0.47), silently
+    registered; per-arm Ridge made its arms NaN (unroutable), also silently."""
+    catalog = small_catalog(n_models=3)
+    table, queries = planted_bench_table(catalog, n_queries=60, dim=8, seed=0)
+    model = np.array(table.column("model").to_pylist())
+    category = np.array(table.column("category").to_pylist())
+    write_table(table.filter((model != "model-1") | (category == "math")),
+                str(tmp_path / "bench.parquet"))
+    write_table(queries, str(tmp_path / "queries.parquet"))
+    save_catalog(catalog, str(tmp_path / "bench.catalog.yaml"))
+    code = main(["train", "--bench", str(tmp_path / "bench.parquet"), "--queries",
+                 str(tmp_path / "queries.parquet"), "--register", "x", "--split", "category",
+                 "--seed", "2", "--candidates", "per_arm_ridge,carrot_knn_all",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "the training part (category split, seed 2) has no row of model(s) 'model-1'" in err

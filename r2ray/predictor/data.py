@@ -40,6 +40,13 @@ class BenchArrays:
         return replace(self, **{f.name: getattr(self, f.name)[index]
                                 for f in fields(self) if getattr(self, f.name) is not None})
 
+    def unobserved_models(self, catalog: Catalog) -> list[str]:
+        """Models of ``catalog`` (whose arms are the columns) with no outcome in these rows."""
+        observed = self.mask.any(axis=0)
+        model = catalog.arm_arrays["model_index"]
+        return [name for m, name in enumerate(catalog.model_names)
+                if not observed[model == m].any()]
+
     def with_embedding(self, embedding: np.ndarray) -> BenchArrays:
         embedding = np.asarray(embedding, dtype=np.float32)
         if embedding.shape[0] != self.n_queries:

@@ -124,11 +124,20 @@ def extension_rows(rows: BenchArrays, extension: Extension) -> tuple[BenchArrays
     rows = replace(rows, quality=blank(rows.quality).astype(np.float32),
                    output_tokens=blank(rows.output_tokens).astype(np.float32),
                    cost_usd=blank(rows.cost_usd))
+    check_new_models_observed(rows, extension)
     keep = np.flatnonzero(rows.mask.any(axis=1))
-    if keep.size == 0:
-        raise ExtensionError(f"the new rows have no outcome of the new model(s) "
-                             f"{', '.join(extension.new_models)}")
     return rows.subset(keep), ignored
+
+
+def check_new_models_observed(rows: BenchArrays, extension: Extension) -> None:
+    """Every new model needs a row: one without would keep its start values, and the joint
+    network predict it from the old pool's mean model (a q̂ the router acts on)."""
+    missing = [name for name in rows.unobserved_models(extension.new)
+               if name in extension.new_models]
+    if missing:
+        raise ExtensionError(f"the new rows have no outcome of the new model(s) "
+                             f"{', '.join(map(repr, missing))}; add rows of them or drop them "
+                             "from --catalog (warm-start them later)")
 
 
 # ---- the joint network --------------------------------------------------------------------------
