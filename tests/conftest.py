@@ -27,6 +27,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_listeners(port: int, attempts: int = 20) -> set[str]:
+    """Names of the processes listening on ``port``. HAProxy reloads by starting a new process
+    and letting the old one exit, so a listener may be gone before its name is read: read again
+    (at most ``attempts`` times, 0.1 s apart)."""
+    import psutil
+
+    for _ in range(attempts):
+        pids = {c.pid for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        try:
+            return {psutil.Process(pid).name() for pid in pids}
+        except psutil.NoSuchProcess:
+            time.sleep(0.1)
+    raise RuntimeError(f"the listeners of port {port} kept exiting while read")
+
+
 def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

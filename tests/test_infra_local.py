@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, port_listeners
 from r2ray.bench.synthetic import synth_backlog
 
 pytestmark = pytest.mark.slow
@@ -39,13 +39,6 @@ def stack_env(state: Path) -> dict:
         key, _, value = line.removeprefix("export ").partition("=")
         env[key] = value
     return env
-
-
-def serve_listeners(url: str) -> set[str]:
-    """Names of the processes listening on the port of ``url``."""
-    port = httpx.URL(url).port
-    return {psutil.Process(c.pid).name() for c in psutil.net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
 def stack_processes(state: Path) -> list:
@@ -142,7 +135,7 @@ def test_up_job_submit_serve_deploy_route_down(small_routing_model, tmp_path, mo
                               json={"query": row["query"], "query_id": row["query_id"],
                                     "embedding": row["embedding"]})
         assert response.status_code == 200, response.text
-        assert serve_listeners(url) == {"haproxy"}   # Ray's HAProxy ingress, as on the cluster
+        assert port_listeners(httpx.URL(url).port) == {"haproxy"}   # as on the cluster
         routed = response.json()
         assert routed["model"] in {m.name for m in small_routing_model["catalog"].models}
         assert routed["version"] == "r2ray/1" and routed["max_tokens"] > 0

@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO, UPSTREAM_KEY, connect_driver, free_port
+from conftest import REPO, UPSTREAM_KEY, connect_driver, free_port, port_listeners
 
 pytestmark = pytest.mark.slow
 API_KEY = "test-key-123"
@@ -165,13 +165,7 @@ def test_route_over_http(serving, embedding):
 def test_requests_arrive_through_haproxy(serving):
     """Serve's port is HAProxy's (Ray's high-throughput ingress, as infra/k8s runs it), and both
     apps answer behind it: the cluster started with RAY_SERVE_ENABLE_HA_PROXY=1."""
-    import psutil
-
-    port = httpx.URL(serving["url"]).port
-    listeners = {c.pid for c in psutil.net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    assert listeners and all(psutil.Process(pid).name() == "haproxy" for pid in listeners), \
-        [psutil.Process(pid).cmdline()[:2] for pid in listeners]
+    assert port_listeners(httpx.URL(serving["url"]).port) == {"haproxy"}
     for path in ("/-/healthz", "/healthz", "/text/healthz"):   # KubeRay's probe, then each app
         response = httpx.get(f"{serving['url']}{path}", timeout=10)
         assert response.status_code == 200, (path, response.text[:200])
