@@ -244,3 +244,26 @@ def test_the_timeout_bounds_the_whole_call(tmp_path):
                            progress=lambda line: None)
         assert time.perf_counter() - start < 3
     assert run.failures.column("error").to_pylist()[0].startswith("timed out after 0.5 s")
+
+
+def test_billed_failures_stay_in_the_spend_of_later_runs(tmp_path):
+    """A rerun clears failures/ to retry them; what the provider billed for them moves to billed/
+    first, so the next run's realised spend (and cap) still counts it (it dropped out)."""
+    from r2ray.execution.engine import keep_billed_failures, read_parts
+
+    prompts = {"always": "[fault:alwaysbilledbad] [say:4]"}
+    runs = []
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        for _ in range(2):
+            runs.append(run_requests(_requests(catalog, prompts), str(tmp_path), catalog,
+                                     EngineConfig(executor="local", retry=FAST, batch_rows=4),
+                                     progress=lambda line: None))
+    first = runs[0].failures.to_pylist()[0]["billed_usd"]
+    assert first > 0 and runs[0].spend["realised_before_usd"] == 0
+    assert runs[1].spend["realised_before_usd"] == pytest.approx(first)
+    assert runs[1].spend["realised_usd"] == pytest.approx(2 * first)
+    keep_billed_failures(str(tmp_path))       # run again (a crash before failures/ was cleared)
+    keep_billed_failures(str(tmp_path))
+    billed = read_parts(str(tmp_path / "billed"))
+    assert billed.num_rows == 2 and sum(billed["billed_usd"].to_pylist()) == pytest.approx(2 * first)

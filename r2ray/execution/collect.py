@@ -283,10 +283,9 @@ def judge_spent_usd(work_dir: str, requests: pa.Table) -> float:
     out, so answers + judge stay within --max-spend-usd over reruns of a work folder."""
     from r2ray.execution.engine import read_parts
 
-    rows = read_parts(storage.join(work_dir, "judge", "parts"))
-    if rows.num_rows == 0:
-        return 0.0
     keys = pa.array([k + "-judge" for k in requests.column("key").to_pylist()], pa.string())
+    rows = pa.concat_tables([read_parts(storage.join(work_dir, "judge", folder))
+                             for folder in ("parts", "failures", "billed")])  # billed failures too
     mine = rows.filter(pc.is_in(rows["key"], value_set=keys))
     return float(pc.sum(mine["billed_usd"]).as_py() or 0.0)
 

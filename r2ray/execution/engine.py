@@ -4,6 +4,9 @@ Work folder layout::
 
     parts/part-<hash>.parquet      answered requests (RESULT_SCHEMA), one file per finished batch
     failures/part-<hash>.parquet   requests that got no usable answer, the reason in ``error``
+    billed/part-<hash>.parquet     earlier runs' failures the provider billed (``billed_usd`` > 0):
+                                   kept when ``failures/`` is cleared, counted in every later
+                                   run's spend and cap
     manifest.json                  written LAST by the caller (collect, execute)
 
 Crash safety: a part is written whole (temp name + rename) once its batch is done and is named by
@@ -152,11 +155,27 @@ def _part_name(keys: list[str]) -> str:
                                      digest_size=10).hexdigest() + ".parquet"
 
 
-def _write(table: pa.Table, folder: str) -> None:
+def _write(table: pa.Table, folder: str, names: list[str] | None = None) -> None:
+    """``table`` as one part, named by its keys (or ``names``)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(storage.join(folder, _part_name(table.column("key").to_pylist())),
-                        sink.getvalue().to_pybytes())
+    names = table.column("key").to_pylist() if names is None else names
+    storage.write_bytes(storage.join(folder, _part_name(names)), sink.getvalue().to_pybytes())
+
+
+def keep_billed_failures(work_dir: str) -> None:
+    """Move last run's failures the provider billed (it sent usage with an unreadable answer) to
+    ``billed/`` before ``failures/`` is cleared for the retry, so what was paid stays in every
+    later run's spend and cap. A part is named by its rows' keys and start times: run again after
+    a crash here, the same rows rewrite the same part; a key billed again later adds its own."""
+    failed = read_parts(storage.join(work_dir, "failures"))
+    billed = failed.filter(pc.greater(failed["billed_usd"], 0.0))
+    if billed.num_rows:
+        _write(billed, storage.join(work_dir, "billed"), [
+            f"{key}@{started!r}" for key, started in zip(billed["key"].to_pylist(),
+                                                         billed["started_s"].to_pylist())])
+
+
 
 
 def read_parts(folder: str) -> pa.Table:
@@ -323,8 +342,10 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     adopted = adopt_unrecorded(requests, parts, work_dir, config, emit)
     # the parts as a fresh read would now give them: the adopted rows are recorded
     todo, done = plan(requests, work_dir, parts=pa.concat_tables([parts, adopted]))
+    keep_billed_failures(work_dir)
     storage.remove(storage.join(work_dir, "failures"))   # last run's failures: retried now
-    realised = _billed(done)
+    billed_before = _billed(read_parts(storage.join(work_dir, "billed")))
+    realised = _billed(done) + billed_before
     models = sorted(set(requests.column("model").to_pylist()))
     settings = {m: asdict(s) for m, s in endpoint_settings(catalog, models,
                                                             config.workers).items()}
@@ -348,7 +369,8 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                      calls_done_before=done.num_rows, duplicates_dropped=dropped,
                      unrecorded_reused=adopted.num_rows,
                      spend={"cap_usd": config.max_spend_usd, "realised_before_usd": realised,
-                            "realised_usd": _billed(results) + _billed(failures),
+                            "realised_usd": _billed(results) + _billed(failures)
+                            + billed_before,
                             "worst_case_planned_usd": worst_case_usd(todo),
                             "refused_calls": meter.refused},
                      wall_s=round(time.perf_counter() - started, 3),
