@@ -10,6 +10,8 @@
    ``route_batch`` end to end in a fresh driver process (stage timings, driver peak RSS, which
    must not grow with N), twice: starting its own local Ray, and joining a Ray cluster that is
    already up (as ``ray job submit`` runs the nightly job). Target: end to end ≥ 0.5 × in-process.
+   With two sizes or more, each way's marginal rate between consecutive sizes (the rate on the
+   extra rows) and the fixed seconds a run pays once, apart from its rows.
 The job logs into an MLflow store created before the clock starts (``tracking_store``).
 
 Usage: python benchmarks/batch.py [--text-queries 2000] [--sizes 200000 1000000]
@@ -266,6 +268,7 @@ def embedding_figures(args, catalog) -> None:
     within two minutes, and a ratio against the slow one flattered the job: 0.55 against 0.44)."""
     import ray
 
+    walls: dict[str, list[tuple[int, float, float]]] = {}   # where → (N, wall s, reference q/s)
     with tempfile.TemporaryDirectory(prefix="r2ray-bench-") as tmp:
         model = train_model(f"{tmp}/model", catalog, encoder=None)
         for size in args.sizes:
@@ -292,6 +295,24 @@ def embedding_figures(args, catalog) -> None:
                       f"{job['driver_peak_rss_mb']:.0f} MB (private {job['driver_peak_private_mb']:.0f}"
                       f", object store pages {job['driver_peak_shared_mb']:.0f})")
                 print(f"    stages (s)          {job['timings']}")
+                walls.setdefault(where, []).append((size, job["wall_s"], best))
+    print_marginal(walls)
+
+
+def print_marginal(walls: dict[str, list[tuple[int, float, float]]]) -> None:
+    """Between consecutive sizes: the job's rate on the extra rows, (N₂ − N₁) / (T₂ − T₁), against
+    the larger size's reference, and the fixed seconds that rate implies (T₁ − N₁ / rate): what
+    a nightly bill scales with, apart from what every run pays once."""
+    for where, runs in walls.items():
+        for (n1, t1, _), (n2, t2, reference) in zip(runs, runs[1:]):
+            if t2 <= t1:
+                print(f"  {where}, N {n1:,} → {n2:,}: no marginal rate (the larger run was not "
+                      f"slower: {t1:.1f} s, {t2:.1f} s)")
+                continue
+            rate = (n2 - n1) / (t2 - t1)
+            print(f"  {where}, N {n1:,} → {n2:,}: marginal {rate:,.0f} q/s, ratio "
+                  f"{rate / reference:.3f} to the in-process predict; fixed "
+                  f"{t1 - n1 / rate:.1f} s a run")
 
 
 def main() -> None:
