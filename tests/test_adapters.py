@@ -133,6 +133,8 @@ def test_routerbench_blanks_are_missing_and_prices_are_fitted(convert, tmp_path)
     models = ["gpt-4-1106-preview", "mistralai/mixtral-8x7b-chat", "meta/llama-2-70b-chat"]
     present = sum(wide.num_rows - wide.column(m).null_count for m in models)
     assert bench.num_rows == present < 3 * wide.num_rows
+    assert (f"{3 * wide.num_rows - present} (prompt, model) cell(s) with a blank correctness "
+            "left out") in summary      # counted, not dropped without a word
     gpt4 = catalog.model("gpt-4-1106-preview")
     assert gpt4.input_per_m == pytest.approx(10.0) and gpt4.output_per_m == pytest.approx(30.0)
     assert "fitted to realised costs" in summary
@@ -169,6 +171,18 @@ def test_paretobandit_null_rewards_are_counted(convert, tmp_path):
     path.write_text("\n".join(lines[:4] + [json.dumps(record)] + lines[5:]) + "\n")
     bench, _, summary = convert("paretobandit", [path])
     assert bench.num_rows == 4 * 301 - 1 and "1 arm(s) with a null reward left out" in summary
+
+
+def test_r2bench_blank_scores_are_counted(convert, tmp_path):
+    records = list(csv.reader(io.StringIO(FIXTURES["r2bench"][0].read_text())))
+    records[1][records[0].index("unlimited_score")] = ""
+    path = tmp_path / FIXTURES["r2bench"][0].name
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(records)
+    bench, _, summary = convert("r2bench", [path])
+    plain, _, _ = convert("r2bench", FIXTURES["r2bench"][:1], out="plain.parquet")
+    assert bench.num_rows == plain.num_rows - 1
+    assert "1 (prompt, budget) cell(s) with a blank score left out" in summary
 
 
 def test_r2bench_models_from_file_names_or_option(convert, tmp_path):

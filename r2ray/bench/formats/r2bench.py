@@ -16,7 +16,7 @@ Columns: ``prompts_id``, ``key``, ``original_prompt``, then ``{b}_score`` (judge
 from __future__ import annotations
 
 from r2ray.bench.formats.common import (
-    AdapterOptions, Converted, RowCollector, count, is_blank, number, read_csv_strings,
+    AdapterOptions, Converted, RowCollector, SourcePart, count, is_blank, number, read_csv_strings,
     require_columns, stem, text,
 )
 from r2ray.bench.schema import bench_error
@@ -47,15 +47,20 @@ def read(files: list[str], options: AdapterOptions) -> Converted:
         table, replaced = read_csv_strings(uri)
         if replaced:
             converted.notes.append(f"{uri}: {replaced} undecodable byte(s) replaced (not UTF-8)")
-        converted.parts.append(_convert(table, uri, model))
+        part, unscored = _convert(table, uri, model)
+        converted.parts.append(part)
+        if unscored:
+            converted.notes.append(f"{uri}: {unscored} (prompt, budget) cell(s) with a blank "
+                                   "score left out (not run or not graded)")
     return converted
 
 
-def _convert(table, uri: str, model: str):
+def _convert(table, uri: str, model: str) -> tuple[SourcePart, int]:
+    """(the rows, how many (prompt, budget) cells had a blank score and gave none)."""
     require_columns(table, ID_COLUMNS + [c for _, s, n in BUDGET_COLUMNS for c in (s, n)], uri)
     columns = {name: table.column(name).to_pylist()
                for name in ID_COLUMNS + [c for _, s, n in BUDGET_COLUMNS for c in (s, n)]}
-    rows = RowCollector(uri)
+    rows, unscored = RowCollector(uri), 0
     for i in range(table.num_rows):
         row = i + 1
         prompt = text(columns["original_prompt"][i], uri, row, "original_prompt")
@@ -65,6 +70,7 @@ def _convert(table, uri: str, model: str):
         for budget, score_column, count_column in BUDGET_COLUMNS:
             score = columns[score_column][i]
             if is_blank(score):
+                unscored += 1
                 continue
             quality = number(score, uri, row, score_column, 0.0, 1.0)
             tokens = columns[count_column][i]
@@ -74,4 +80,4 @@ def _convert(table, uri: str, model: str):
             rows.add(row, query_id=f"{key}:{prompt_id}", query=prompt, category=key, model=model,
                      budget=budget, input_tokens=input_tokens,
                      output_tokens=count(tokens, uri, row, count_column), quality=quality)
-    return rows.part()
+    return rows.part(), unscored

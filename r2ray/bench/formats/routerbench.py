@@ -39,7 +39,11 @@ def read(files: list[str], options: AdapterOptions) -> Converted:
                 converted.notes.append(f"{uri}: {replaced} undecodable byte(s) replaced")
         else:
             table = read_table(uri)
-        converted.parts.append(_convert(table, uri))
+        part, unscored = _convert(table, uri)
+        converted.parts.append(part)
+        if unscored:
+            converted.notes.append(f"{uri}: {unscored} (prompt, model) cell(s) with a blank "
+                                   "correctness left out (not run or not graded)")
     return converted
 
 
@@ -53,7 +57,8 @@ def models_in(column_names: list[str]) -> list[str]:
     return models
 
 
-def _convert(table, uri: str) -> SourcePart:
+def _convert(table, uri: str) -> tuple[SourcePart, int]:
+    """(the rows, how many (prompt, model) cells had a blank correctness and gave none)."""
     models = models_in(table.column_names)
     if not models:
         raise bench_error(uri, None, "<model>|model_response",
@@ -61,7 +66,7 @@ def _convert(table, uri: str) -> SourcePart:
     needed = ID_COLUMNS + [c for m in models for c in (m, m + RESPONSE, m + COST)]
     require_columns(table, needed, uri)
     columns = {name: table.column(name).to_pylist() for name in needed}
-    rows = RowCollector(uri)
+    rows, unscored = RowCollector(uri), 0
     for i in range(table.num_rows):
         row = i + 1
         prompt = text(columns["prompt"][i], uri, row, "prompt")
@@ -71,6 +76,7 @@ def _convert(table, uri: str) -> SourcePart:
         for model in models:
             correct = columns[model][i]
             if is_blank(correct):
+                unscored += 1
                 continue
             response = columns[model + RESPONSE][i]
             if is_blank(response):
@@ -84,7 +90,7 @@ def _convert(table, uri: str) -> SourcePart:
                      quality=number(_as_number(correct), uri, row, model, 0.0, 1.0),
                      response=str(response),
                      cost_usd=None if is_blank(cost) else number(cost, uri, row, model + COST, 0.0))
-    return rows.part()
+    return rows.part(), unscored
 
 
 BOOLEAN_TEXT = {"true": 1.0, "false": 0.0}
