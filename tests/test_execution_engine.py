@@ -233,6 +233,20 @@ def test_a_billed_unreadable_answer_is_booked(tmp_path):
     assert run.spend["realised_usd"] == pytest.approx(5 * once["cost_usd"])
 
 
+def test_a_billed_unreadable_answer_without_counts_is_booked_at_its_worst_case(tmp_path):
+    """Its usage block says it was billed but not what for: no text to estimate from, so the
+    attempt is booked at the worst case it reserved (an estimate from no text priced 0 output)."""
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {"nocounts": "[fault:billednocounts] [say:4]"})
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=4),
+                           progress=lambda line: None)
+    row = run.results.to_pylist()[0]
+    worst = requests.column("worst_usd").to_pylist()[0]
+    assert row["attempts"] == 2 and row["billed_usd"] == pytest.approx(worst + row["cost_usd"])
+
+
 def test_the_timeout_bounds_the_whole_call(tmp_path):
     """httpx's timeout is per read: a body dripped a byte every 0.05 s never tripped 0.5 s."""
     policy = RetryPolicy(max_attempts=1, timeout_s=0.5)

@@ -215,7 +215,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
             if failure is None:
                 break
             if failure.usage is not None:   # billed, unusable: booked now, not at $0
-                spent = _priced(failure.usage, request, "")
+                spent = _priced(failure.usage, request)
                 row["billed_usd"] += spent
                 reserved = False
                 await book.settle(worst, spent)
@@ -244,7 +244,11 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
             await book.settle(worst, cost)
 
 
-def _priced(usage: dict, request: dict, text: str) -> float:
-    """USD of one attempt from its usage block (counts checked and clamped as an answer's)."""
-    tokens_in, tokens_out, _ = read_usage(usage, request, text)
+def _priced(usage: dict, request: dict) -> float:
+    """USD of a billed attempt with no usable answer, from its usage block (counts checked and
+    clamped as an answer's); its worst case at the cap where the block holds no counts, since
+    what it wrote is unknown (no text to estimate from)."""
+    if _count(usage.get("prompt_tokens")) is None or _count(usage.get("completion_tokens")) is None:
+        return float(request["worst_usd"])
+    tokens_in, tokens_out, _ = read_usage(usage, request, "")
     return cost_usd(tokens_in, tokens_out, request["price_in_usd"], request["price_out_usd"])

@@ -3,7 +3,8 @@
 The last user message steers it: ``[say:TEXT]`` answers TEXT (else ``ok``), one word a token;
 ``[fault:KIND]`` injects a failure — on the first attempt of that request for ``429`` (with
 ``Retry-After``), ``500``, ``timeout`` (sleeps past the client's timeout), ``badjson`` and
-``billedbad`` (a 200 with the answer's ``usage`` but no choices: billed, unusable); on every
+``billedbad`` (a 200 with the answer's ``usage`` but no choices: billed, unusable) and
+``billednocounts`` (the same with a ``usage`` block holding no counts); on every
 attempt for ``always500``, ``alwaysbilledbad`` and ``400``; ``nousage`` answers without ``usage``.
 ``[slow:S]`` sleeps S seconds before answering; ``[drip:S]`` sends the body a byte every S
 seconds (each gap under a per-read timeout, the whole past it). A judge prompt
@@ -100,6 +101,8 @@ class StubServer:
                                "total_tokens": prompt_tokens + len(words)}
         if fault == "alwaysbilledbad" or (first and fault == "billedbad"):
             answer["choices"] = []
+        if first and fault == "billednocounts":   # billed, unusable, and no counts to price it
+            answer["choices"], answer["usage"] = [], {"total_tokens": -1}
         return 200, {}, json.dumps(answer).encode(), sleep
 
     def _handler(self):
