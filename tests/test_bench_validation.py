@@ -299,6 +299,15 @@ def test_long_jsonl_bad_line_after_a_raw_line_separator(fails, tmp_path):
     assert "mine.jsonl, row 3: invalid JSON" in err
 
 
+def test_long_jsonl_bad_line_after_a_byte_order_mark(fails, tmp_path):
+    """A leading BOM is not part of line 1 (pyarrow skips it): the broken line is the one named."""
+    lines = [json.dumps(long_row(query_id="q1")), json.dumps(long_row(query_id="q2")),
+             '{"query_id": "q3",']
+    (tmp_path / "mine.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    err = fails("long", [tmp_path / "mine.jsonl"])
+    assert "mine.jsonl, row 3: invalid JSON" in err
+
+
 def test_paretobandit_arm_without_a_reward_is_an_error(fails, tmp_path):
     """A renamed key would otherwise drop the model's rows without a word."""
     bad = copy_with(tmp_path, PB / "test_k4.jsonl", edit_json_line(

@@ -51,8 +51,9 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
                                 read_options=pajson.ReadOptions(block_size=1 << 26))
     except pa.ArrowInvalid as err:
         # Lines end at "\n" only, as pyarrow reads them: splitlines() would also cut inside a
-        # string holding a raw U+2028 and blame a good line.
-        for line_no, line in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        # string holding a raw U+2028 and blame a good line. A leading byte-order mark is not
+        # part of the first line (pyarrow skips it; as common.iter_jsonl decodes, "utf-8-sig").
+        for line_no, line in enumerate(data.decode("utf-8-sig", errors="replace").split("\n"), 1):
             if line.strip():
                 try:
                     json.loads(line)

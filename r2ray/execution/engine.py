@@ -176,8 +176,6 @@ def keep_billed_failures(work_dir: str) -> None:
                                                          billed["started_s"].to_pylist())])
 
 
-
-
 def read_parts(folder: str) -> pa.Table:
     """Every result row under ``folder`` (RESULT_SCHEMA), or an empty table."""
     if not storage.exists(folder):
