@@ -628,3 +628,22 @@ def test_null_text_part_is_not_the_word_none():
     with pytest.raises(Exception, match="user message"):   # before the fix: accepted, query "None"
         ChatCompletionRequest.model_validate({"model": "r2ray", "messages": [
             {"role": "user", "content": [{"type": "text", "text": None}]}]})
+
+
+# ---- 6. a value of the wrong JSON type is coerced, not refused (a review, 2026-12-06) -------------
+def test_wrong_json_types_in_routing_options_are_a_422_naming_the_field(routing_model, embedding):
+    app = _app(_service(routing_model))
+    for field, value in (("max_cost_usd", True), ("lambda", True), ("max_budget_tokens", "100"),
+                         ("input_tokens", True)):
+        r = _call(app, "POST", "/v1/route", json={"query": "x", "embedding": embedding,
+                                                  field: value})
+        # before the fix: 200, true read as a 1 USD ceiling or lambda 1, "100" as 100 tokens
+        assert r.status_code == 422, (field, r.text)
+        assert r.json()["error"]["param"] == field
+    chat = _call(app, "POST", "/v1/chat/completions", json={
+        "model": "r2ray", "messages": [{"role": "user", "content": "hi"}],
+        "r2ray": {"embedding": [True] + embedding[1:]}})
+    assert chat.status_code == 422 and chat.json()["error"]["param"] == "r2ray.embedding.0"
+    ok = _call(app, "POST", "/v1/route", json={"query": "x", "embedding": embedding,
+                                               "lambda": 2, "max_cost_usd": 1})
+    assert ok.status_code == 200, ok.text      # a JSON integer is still a number

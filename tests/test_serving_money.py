@@ -191,3 +191,56 @@ def test_a_large_client_max_tokens_keeps_the_default_arms(routing_model, embeddi
     assert r.headers["x-r2ray-budget"] == free.headers["x-r2ray-budget"]   # before the fix: 400
     assert r.headers["x-r2ray-model"] == free.headers["x-r2ray-model"]
     assert catalog  # the caller's cap still binds the forwarded body (upstream_body's min)
+
+
+# ---- 7. the spend of a forwarded call whose caller left, or whose 2xx body is unusable (2026-12-06) --
+def test_a_caller_leaving_while_the_upstream_runs_counts_the_predicted_spend(routing_model,
+                                                                              embedding):
+    """Serve cancels the request when its client disconnects or times out; the upstream already
+    has it and may bill it."""
+    from r2ray.serving.schema import ChatCompletionRequest
+
+    async def leave_mid_call():
+        sent = asyncio.Event()
+
+        async def slow(request):
+            sent.set()
+            await asyncio.sleep(3600)
+
+        service = _forwarding(routing_model, slow)
+        task = asyncio.create_task(service.chat(ChatCompletionRequest.model_validate(
+            _chat(embedding))))
+        await sent.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return service.book.pending_usd
+
+    assert 0 < asyncio.run(leave_mid_call()) < 1   # ĉ; before the fix: 0
+
+
+def test_a_2xx_answer_that_cannot_be_used_counts_the_predicted_spend(routing_model, embedding):
+    for content in (b'{"choices": [{"message": {"content": "4"}}]', b"[]"):   # cut short; a list
+        def answer(request, content=content):
+            return httpx.Response(200, content=content)
+
+        service = _forwarding(routing_model, answer)
+        assert _post(service, "/v1/chat/completions", _chat(embedding)).status_code == 502
+        assert 0 < service.book.pending_usd < 1, content   # ĉ; before the fix: 0
+
+
+# ---- 8. an upstream error that echoes the key sent does not pass it to the caller -------------------
+def test_the_upstream_key_echoed_in_an_error_is_masked(routing_model, embedding, monkeypatch):
+    key = "sk-live-7f3a9c2e1b"
+    monkeypatch.setenv("R2RAY_TEST_UPSTREAM_KEY", key)
+    # some gateways quote the key they refused; the second one straddles the 300-character cut
+    for padding in ("invalid API key: ", "x" * 290):
+        def echo(request, padding=padding):
+            return httpx.Response(401, text=padding + request.headers["authorization"][7:])
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(echo))
+        service = _service(_with_endpoints(routing_model), client,
+                           upstream_key_envs={"*": "R2RAY_TEST_UPSTREAM_KEY"})
+        r = _post(service, "/v1/chat/completions", _chat(embedding))
+        assert r.status_code == 502 and "answered 401" in r.text, r.text
+        assert "sk-live" not in r.text, r.text   # before the fix: the key, or its first 10 chars

@@ -1,9 +1,10 @@
 """Request and response bodies of the online API: ``/v1/route`` and OpenAI-compatible chat.
 
 Validation happens here, once, at the boundary: a bad body is a 422 whose message names the field.
-Our own bodies reject unknown fields (a typo like ``max_cost`` must not be silently ignored); the
-OpenAI chat body keeps unknown fields and passes them to the upstream model unchanged, since
-OpenAI adds parameters faster than any router can list them.
+Our own bodies reject unknown fields (a typo like ``max_cost`` must not be silently ignored) and
+values of the wrong JSON type (strict: ``"max_cost_usd": true`` is not a 1 USD ceiling, nor
+``"100"`` a number); the OpenAI chat body keeps unknown fields and passes them to the upstream
+model unchanged, since OpenAI adds parameters faster than any router can list them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FL
 class RoutingOptions(BaseModel):
     """Per-request knobs; every one optional."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     lam: float | None = Field(default=None, ge=0, allow_inf_nan=False,
                               serialization_alias="lambda",

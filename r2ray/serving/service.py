@@ -8,6 +8,7 @@ spend that the Pacer will see at the next sync.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
 from collections.abc import Awaitable, Callable
@@ -151,8 +152,10 @@ class RoutingService:
                                         upstream_key(decision.model,
                                                      self.config.upstream_key_envs),
                                         self.config.upstream_timeout_s)
-        except UpstreamError as err:
-            if err.may_have_billed:   # sent, answer lost: the upstream may bill it, so count ĉ
+        except (UpstreamError, asyncio.CancelledError) as err:
+            # sent, answer lost, or the caller gone while the upstream runs it (Serve cancels a
+            # request whose client disconnects or times out): it may be billed, so count ĉ
+            if isinstance(err, asyncio.CancelledError) or err.may_have_billed:
                 self._spend(decision.c_hat_usd, decision.model, options.tenant)
             raise
         realised = realised_cost_usd(decision.spec, answer)

@@ -15,7 +15,7 @@ import httpx
 
 from r2ray.catalog import ModelSpec
 from r2ray.errors import R2RayError
-from r2ray.redaction import redact_text
+from r2ray.redaction import MASK, redact_text
 
 ERROR_TEXT_LIMIT = 300   # characters of an upstream error body quoted back to the caller
 
@@ -24,8 +24,9 @@ class UpstreamError(R2RayError):
     """The chosen model's endpoint did not answer usefully; the message says why.
 
     ``may_have_billed``: the request was sent and its answer lost (a timeout or a connection
-    dropped after connecting), so the upstream may have run and billed it. Not for a connection
-    never made, nor an error status (providers do not bill a refused request)."""
+    dropped after connecting), or it answered 2xx with a body that cannot be used, so the
+    upstream may have run and billed it. Not for a connection never made, nor an error status
+    (providers do not bill a refused request)."""
 
     def __init__(self, message: str, may_have_billed: bool = False):
         super().__init__(message)
@@ -60,18 +61,29 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
         raise UpstreamError(f"upstream {body.get('model')} at {host} failed: "
                             f"{type(err).__name__}", may_have_billed=True) from None
     if response.status_code >= 400:
-        quoted = redact_text(response.text[:ERROR_TEXT_LIMIT])  # it may echo the URL's key
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code}: {quoted}")
+                            f"{response.status_code}: {quoted_error(response.text, api_key)}")
+    # a 2xx whose body is unusable was accepted, and so may be billed
+    accepted = response.is_success
     try:
         answer = response.json()
     except ValueError:
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code} with a body that is not JSON") from None
+                            f"{response.status_code} with a body that is not JSON",
+                            may_have_billed=accepted) from None
     if not isinstance(answer, dict):
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered a JSON "
-                            f"{type(answer).__name__}, not an object")
+                            f"{type(answer).__name__}, not an object", may_have_billed=accepted)
     return answer
+
+
+def quoted_error(text: str, api_key: str | None) -> str:
+    """The start of an upstream's error body, safe to show the caller: the key sent masked
+    wherever it is echoed ("invalid API key: sk-…"), before the cut so no prefix of it is left,
+    and the credentials of any URL in it."""
+    if api_key:
+        text = text.replace(api_key, MASK)
+    return redact_text(text[:ERROR_TEXT_LIMIT])
 
 
 def realised_cost_usd(spec: ModelSpec, answer: dict) -> float | None:
