@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -144,6 +145,18 @@ def test_routerbench_blanks_are_missing_and_prices_are_fitted(convert, tmp_path)
     again, _, _ = convert("routerbench", [tmp_path / "wide.parquet"], out="again.parquet")
     assert again.select(["query_id", "model", "quality", "output_tokens"]).equals(
         bench.select(["query_id", "model", "quality", "output_tokens"]))
+
+
+def test_routerbench_integer_ids_in_a_float_column_keep_their_text(convert, tmp_path):
+    """pandas stores an integer column as float64 (as soon as it ever held a NaN): sample_id 3.0
+    is query "3", as the same table written as CSV reads, not "3.0"."""
+    wide = pacsv.read_csv(FIXTURES["routerbench"][0])
+    ids = [float(100 + i) for i in range(wide.num_rows)]
+    pq.write_table(wide.set_column(0, "sample_id", pa.array(ids, pa.float64())),
+                   tmp_path / "wide.parquet")
+    bench, _, _ = convert("routerbench", [tmp_path / "wide.parquet"])
+    assert set(bench.column("query_id").to_pylist()) == {str(100 + i)
+                                                         for i in range(wide.num_rows)}
 
 
 @pytest.mark.parametrize("true, false", [("True", "False"), ("true", "false")])

@@ -313,3 +313,23 @@ def test_a_utf8_byte_order_mark_does_not_cost_the_first_jsonl_row(tmp_path):
                                        + json.dumps({**OK_ROW, "query_id": "b"}).encode() + b"\n")
     good, bad = _validate_all(tmp_path)   # before the fix: row 1 "Unexpected UTF-8 BOM"
     assert bad.num_rows == 0 and good.column("query_id").to_pylist() == ["a", "b"]
+
+
+def test_string_view_columns_as_polars_writes_them_are_strings(tmp_path):
+    """Polars 1.38 wrote string columns to parquet as string_view, which pyarrow has no take,
+    filter or string kernels for: every row was quarantined as "query is string_view, not a
+    string", and taking the bad rows (and a duplicate's raw row) crashed the task."""
+    from r2ray.batch.backlog import raw_rows
+
+    views = {"query_id": ["a", "b", "a"], "query": ["What is 2+2?", "  ", "again"],
+             "tenant": ["t", None, "t"], "note": ["kept", "in the", "raw rows"]}
+    table = pa.table({**{k: pa.array(v, pa.string_view()) for k, v in views.items()},
+                      "blob": pa.array([b"x", b"y", b"z"], pa.binary_view())})
+    pq.write_table(table, tmp_path / "polars.parquet")
+    assert pq.read_schema(tmp_path / "polars.parquet").field("query").type == pa.string_view()
+    good, bad = _validate_all(tmp_path)
+    assert good.column("query_id").to_pylist() == ["a", "a"]   # the repeat: the dedupe's
+    assert good.column("tenant").to_pylist() == ["t", "t"]
+    assert _reasons(bad) == {(2, "b"): "empty or whitespace-only query"}
+    assert json.loads(bad.column("raw")[0].as_py())["note"] == "in the"
+    assert json.loads(raw_rows(str(tmp_path / "polars.parquet"), [3])[3])["note"] == "raw rows"

@@ -6,7 +6,7 @@ import pytest
 
 from r2ray.batch.assign import assign_stage
 from r2ray.batch.backlog import QUARANTINE_SCHEMA
-from r2ray.batch.job import _count_rows, check_routed_parts, quarantine_counts
+from r2ray.batch.job import _count_rows, check_assigned_parts, quarantine_counts
 from r2ray.bench.io import write_table
 from r2ray.catalog import catalog_from_dict
 from r2ray.solver import DEFER_ARM
@@ -52,14 +52,14 @@ def test_a_retry_over_other_blocks_is_caught_before_the_commit(tmp_path):
     routed, deferred = str(tmp_path / "routed"), str(tmp_path / "deferred")
     for orders in ([0, 1], [2, 3]):   # a first run of the stage over two blocks ...
         assign_stage(_assigned_block(orders), catalog.to_yaml(), routed, deferred, "v", "r")
-    check_routed_parts(routed, 4)
+    check_assigned_parts(routed, 4)
     # ... then again over the same rows in one block: part-0 is overwritten, part-2 is left
     stats = assign_stage(_assigned_block([0, 1, 2, 3]), catalog.to_yaml(), routed, deferred,
                          "v", "r")
     kept = int(np.sum(stats.column("queries").to_numpy()))
     assert kept == 4 and _count_rows(routed) == 6   # q2, q3 twice on storage
     with pytest.raises(RuntimeError, match="holds 6 routed rows but the assign stage routed 4"):
-        check_routed_parts(routed, kept)   # before the fix: committed, rows routed twice
+        check_assigned_parts(routed, kept)   # before the fix: committed, rows routed twice
 
 
 def test_a_retry_that_leaves_deferred_parts_is_caught_before_the_commit(tmp_path):
@@ -82,7 +82,7 @@ def test_a_retry_that_leaves_deferred_parts_is_caught_before_the_commit(tmp_path
     kept = int(np.sum(stats.column("queries").to_numpy()))
     assert kept == 2 and _count_rows(routed) == 2 and _count_rows(deferred) == 4
     with pytest.raises(RuntimeError, match="holds 4 deferred rows but the assign stage deferred 2"):
-        check_routed_parts(routed, kept, deferred, 4 - kept)   # before the fix: committed
+        check_assigned_parts(routed, kept, deferred, 4 - kept)   # before the fix: committed
 
     other = tmp_path / "other"   # the same block, first q1 deferred, then (other arms) routed
     assign_stage(block([0, 1], {1}), catalog.to_yaml(), str(other / "routed"),
@@ -91,4 +91,4 @@ def test_a_retry_that_leaves_deferred_parts_is_caught_before_the_commit(tmp_path
                          str(other / "deferred"), "v", "r")
     kept = int(np.sum(stats.column("queries").to_numpy()))
     with pytest.raises(RuntimeError, match="holds 1 deferred rows but the assign stage deferred 0"):
-        check_routed_parts(str(other / "routed"), kept, str(other / "deferred"), 2 - kept)
+        check_assigned_parts(str(other / "routed"), kept, str(other / "deferred"), 2 - kept)

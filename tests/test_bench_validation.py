@@ -308,9 +308,60 @@ def test_long_jsonl_bad_line_after_a_byte_order_mark(fails, tmp_path):
     assert "mine.jsonl, row 3: invalid JSON" in err
 
 
+def test_long_jsonl_line_of_a_form_feed_is_the_line_named(fails, tmp_path):
+    """pyarrow refuses a line of a form feed (or a no-break space) that Python's strip() calls
+    blank: the locator looked past it and the message named pyarrow's own row count instead."""
+    lines = [json.dumps(long_row(query_id="q1")), json.dumps(long_row(query_id="q2")), "\x0c",
+             json.dumps(long_row(query_id="q3"))]
+    (tmp_path / "mine.jsonl").write_text("\n".join(lines) + "\n")
+    err = fails("long", [tmp_path / "mine.jsonl"])
+    assert "mine.jsonl, row 3: invalid JSON" in err
+
+
 def test_paretobandit_arm_without_a_reward_is_an_error(fails, tmp_path):
     """A renamed key would otherwise drop the model's rows without a word."""
     bad = copy_with(tmp_path, PB / "test_k4.jsonl", edit_json_line(
         4, lambda r: r["arms"]["google/gemini-2.5-pro"].pop("reward")))
     err = fails("paretobandit", [bad])
     assert "test_k4.jsonl, row 5, field 'arms.google/gemini-2.5-pro.reward': is missing" in err
+
+
+def test_long_jsonl_bad_row_after_a_blank_line_names_its_line(fails, tmp_path):
+    """pyarrow skips a blank line, so the bad row is table row 2 but line 4 of the file: the
+    error names the line, in `bench convert` and in read_bench (train, evaluate) alike."""
+    from r2ray.bench.io import read_bench
+    from r2ray.bench.schema import BenchError
+
+    lines = [json.dumps(long_row()), "", "  \t", json.dumps(long_row(query_id="q2", quality=7.0))]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert "mine.jsonl, row 4, field 'quality'" in fails("long", [path])
+    with pytest.raises(BenchError, match=r"mine\.jsonl, row 4, field 'quality'"):
+        read_bench(str(path))
+    # two rows on one line (pyarrow reads both): the bad one after them is on line 2
+    path.write_text(json.dumps(long_row()) + " " + json.dumps(long_row(query_id="q2")) + "\n"
+                    + json.dumps(long_row(query_id="q3", quality=7.0)) + "\n")
+    assert "mine.jsonl, row 2, field 'quality'" in fails("long", [path])
+
+
+def test_routerbench_jsonl_bad_row_after_a_blank_line_names_its_line(fails, tmp_path):
+    import pyarrow.csv as pacsv
+
+    rows = pacsv.read_csv(ROUTERBENCH).to_pylist()
+    rows[1]["gpt-4-1106-preview"] = 2.0   # correctness outside [0, 1], on line 3 below
+    lines = [json.dumps(rows[0]), "", *map(json.dumps, rows[1:])]
+    (tmp_path / "rb.jsonl").write_text("\n".join(lines) + "\n")
+    err = fails("routerbench", [tmp_path / "rb.jsonl"])
+    assert "rb.jsonl, row 3, field 'gpt-4-1106-preview'" in err and "outside" in err
+
+
+def test_routerbench_sample_id_that_is_not_a_whole_number_is_an_error(fails, tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    wide = pacsv.read_csv(ROUTERBENCH)
+    ids = pa.array([2.5 if i == 2 else float(i) for i in range(wide.num_rows)])
+    pq.write_table(wide.set_column(0, "sample_id", ids), tmp_path / "rb.parquet")
+    err = fails("routerbench", [tmp_path / "rb.parquet"])
+    assert "rb.parquet, row 3, field 'sample_id'" in err and "whole number" in err and "2.5" in err

@@ -475,6 +475,32 @@ def test_no_cost_correction_turns_the_pickup_off(tmp_path):
                                                "reason": "turned off (--no-cost-correction)"}
 
 
+def test_a_strict_budget_run_says_the_correction_did_not_price_its_solve():
+    """--strict-budget spends each arm's worst case at its cap, which the factors do not change:
+    the record keeps ``applied`` (its c_hat_usd carry them: reconcile divides them out) and says
+    they did not price the solve, and so do the report and the terminal summary."""
+    from r2ray.batch import route_config
+    from r2ray.batch.job import correction_record
+    from r2ray.batch.report import correction_lines
+
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
+    correction = fit_correction(rec)
+
+    def record(strict: bool) -> dict:
+        return correction_record(correction, route_config(
+            input="in", output="out", model="m", budget_usd=1.0, strict_budget=strict))
+
+    strict, planned = record(True), record(False)
+    assert strict["applied"] and strict["priced_solve"] is False
+    assert planned["applied"] and planned["priced_solve"] is True
+    [line] = correction_lines(strict)
+    assert "worst case" in line and "c_hat_usd only" in line
+    [plain] = correction_lines(planned)
+    assert line.startswith(plain) and "worst case" not in plain
+
+
 # ---- inputs that were silently dropped or crashed, and the correction chain (a review, 2026-12-05)
 GOOD_ROW = {"query_id": "q1", "model": "small", "budget": 100, "input_tokens": 10,
             "output_tokens": 40, "quality": 1.0, "cost_usd": 0.5}

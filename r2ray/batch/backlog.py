@@ -88,10 +88,10 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
         with fs.open(path, "rb") as handle:
             file = pq.ParquetFile(handle)
             if slice_rows is None:
-                yield file.read_row_group(unit.row_group), []
+                yield without_views(file.read_row_group(unit.row_group)), []
                 return
             for batch in file.iter_batches(batch_size=slice_rows, row_groups=[unit.row_group]):
-                yield pa.Table.from_batches([batch]), []
+                yield without_views(pa.Table.from_batches([batch])), []
         return
     with fs.open(path, "rb") as handle:
         rows, failures, pieces = [], [], 0
@@ -119,6 +119,20 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
                                  "reason": f"invalid JSON line: {err}", "raw": line})
         if rows or failures or not pieces:
             yield rows, failures
+
+
+VIEW_TYPES = {pa.string_view(): pa.large_string(), pa.binary_view(): pa.large_binary()}
+
+
+def without_views(table: pa.Table) -> pa.Table:
+    """``table`` with its string_view / binary_view columns as large_string / large_binary.
+    Polars 1.38 writes string columns to parquet as views, and pyarrow has no take, filter or
+    string kernels for them: every row was quarantined as "not a string", and taking the rows
+    crashed the read task on every retry."""
+    if not any(f.type in VIEW_TYPES for f in table.schema):
+        return table
+    return table.cast(pa.schema([f.with_type(VIEW_TYPES.get(f.type, f.type))
+                                 for f in table.schema]))
 
 
 def _jsonl_lines(handle) -> Iterator[bytes]:
@@ -154,7 +168,7 @@ def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
         group_of = np.searchsorted(starts, np.array(wanted) - 1, side="right") - 1
         for group in np.unique(group_of):
             mine = [r for r, g in zip(wanted, group_of) if g == group]
-            table = parquet.read_row_group(int(group))
+            table = without_views(parquet.read_row_group(int(group)))
             picked = table.take(pa.array([r - 1 - starts[group] for r in mine])).to_pylist()
             found.update((r, json.dumps(row, default=str)) for r, row in zip(mine, picked))
     return found

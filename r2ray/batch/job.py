@@ -173,8 +173,8 @@ def _count_rows(uri: str) -> int:
         return sum(pool.map(rows, parts))
 
 
-def check_routed_parts(routed_uri: str, routed: int, deferred_uri: str | None = None,
-                       deferred: int | None = None) -> None:
+def check_assigned_parts(routed_uri: str, routed: int, deferred_uri: str | None = None,
+                         deferred: int | None = None) -> None:
     """Refuse to commit unless ``routed/`` holds exactly the ``routed`` rows of the assign sums
     Ray kept, and ``deferred/`` the ``deferred`` rows left of the solve's (the solvable rows less
     the routed ones: each is routed or deferred, once). A part is named by its block's first
@@ -402,7 +402,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     failpoint("before_commit")
     routed = int(np.sum(stats.column("queries").to_numpy()))
     deferred = n_solvable - routed   # every row the solve saw is routed or deferred, once
-    check_routed_parts(paths.routed, routed, paths.deferred, deferred)
+    check_assigned_parts(paths.routed, routed, paths.deferred, deferred)
     quarantine = quarantine_counts(paths.quarantine)
     predicted_spend = float(np.sum(stats.column("spend_usd").to_numpy(), dtype=np.float64))
     worst_case = float(np.sum(stats.column("worst_case_usd").to_numpy(), dtype=np.float64))
@@ -502,11 +502,15 @@ def find_correction(config: RouteConfig, model: LoadedModel) -> CostCorrection |
 
 
 def correction_record(correction: CostCorrection | None, config: RouteConfig) -> dict:
-    """The manifest's ``spend.cost_correction``: which reconciliation's factors priced ĉ."""
+    """The manifest's ``spend.cost_correction``: which reconciliation's factors priced ĉ
+    (``c_hat_usd`` and ``predicted_usd``; ``applied`` tells ``r2ray reconcile`` to divide them
+    out), and ``priced_solve``: whether they priced the costs the solve spent too. Not with
+    ``--strict-budget``: it spends each arm's worst case at its cap, which they do not change."""
     if correction is None:
         return {"applied": False, "reason": "turned off (--no-cost-correction)"
                 if not config.cost_correction else "no reconciliation for this model yet"}
-    return {"applied": True, "version": correction.version,
+    return {"applied": True, "priced_solve": not config.strict_budget,
+            "version": correction.version,
             "source_run_id": correction.source_run_id, "rows": correction.rows,
             "overall": correction.overall, "created_at": correction.created_at}
 

@@ -72,12 +72,17 @@ def guarantee_lines(guarantee: dict | None) -> list[str]:
 
 
 def correction_lines(record: dict | None) -> list[str]:
-    """One line when a reconciliation's per-arm cost factors priced ĉ (report and terminal)."""
+    """One line when a reconciliation's per-arm cost factors priced ĉ (report and terminal),
+    saying so when they did not price the solve (``--strict-budget``: worst-case costs)."""
     if not record or not record.get("applied"):
         return []
-    return [f"ĉ × per-arm cost correction {record['version']} (from reconciling run "
+    line = (f"ĉ × per-arm cost correction {record['version']} (from reconciling run "
             f"{record['source_run_id']}: {record['rows']:,} rows, overall × "
-            f"{record['overall']:.4f})"]
+            f"{record['overall']:.4f})")
+    if record.get("priced_solve") is False:   # absent in runs committed before it was recorded
+        line += (": the predicted spend and c_hat_usd only; the strict budget's solve spent "
+                 "each arm's worst case at its cap, which the correction does not change")
+    return [line]
 
 
 def guarantee_metrics(guarantee: dict | None) -> dict[str, float]:

@@ -7,12 +7,13 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from r2ray import storage
-from r2ray.bench.schema import BenchError, validate_bench
+from r2ray.bench.schema import BenchError, at_source_row, validate_bench
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 
@@ -29,17 +30,60 @@ def check_output_name(uri: str, option: str) -> None:
 
 def read_table(uri: str) -> pa.Table:
     """Read one parquet or jsonl file into Arrow; a garbled file is a :class:`BenchError`."""
+    return _read_file(uri)[0]
+
+
+def read_table_rows(uri: str) -> tuple[pa.Table, np.ndarray]:
+    """:func:`read_table` and [rows] the source row of each table row, 1-based, as errors name
+    it: its data row in parquet, the line it starts on in jsonl (after a blank line, which holds
+    no row, a row's line is not its position in the table)."""
+    table, data = _read_file(uri)
+    if data is None or not table.num_rows:
+        return table, np.arange(1, table.num_rows + 1)
+    return table, jsonl_row_lines(data, table.num_rows)
+
+
+def _read_file(uri: str) -> tuple[pa.Table, bytes | None]:
+    """The table, and for jsonl the bytes it was read from (None: parquet)."""
     fs, path = storage.filesystem(uri)
     try:
         with fs.open(path, "rb") as handle:
             if path.endswith(".parquet"):
-                return pq.read_table(handle)
-            return _read_jsonl(handle.read(), uri)
+                return pq.read_table(handle), None
+            data = handle.read()
+            return _read_jsonl(data, uri), data
     except BenchError:
         raise
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
         kind = "parquet" if path.endswith(".parquet") else "jsonl"
         raise BenchError(f"{uri}: not a readable {kind} file ({err})") from None
+
+
+JSON_SPACE = " \t\r\n"   # what JSON (and pyarrow, between rows) skips; str.strip() skips more
+
+
+def jsonl_row_lines(data: bytes, rows: int) -> np.ndarray:
+    """[rows] the 1-based line each of the ``rows`` rows pyarrow read from jsonl ``data`` starts
+    on: each line that is not blank, in the usual layout of one row a line; else (several rows on
+    a line, or one over several lines, which pyarrow reads too) where each JSON value starts."""
+    text = data.decode("utf-8-sig", errors="replace")
+    filled = [n for n, line in enumerate(text.split("\n"), 1) if line.strip(JSON_SPACE)]
+    return np.asarray(filled if len(filled) == rows else _value_lines(text, rows), np.int64)
+
+
+def _value_lines(text: str, rows: int) -> list[int]:
+    """The 1-based line each of the first ``rows`` JSON values in ``text`` starts on."""
+    decoder, lines, pos, line, counted = json.JSONDecoder(), [], 0, 1, 0
+    while len(lines) < rows:
+        while pos < len(text) and text[pos] in JSON_SPACE:
+            pos += 1
+        line, counted = line + text.count("\n", counted, pos), pos
+        lines.append(line)
+        try:
+            pos = decoder.raw_decode(text, pos)[1]
+        except (json.JSONDecodeError, RecursionError):   # pyarrow read it: not expected
+            return list(range(1, rows + 1))   # the data rows, as before
+    return lines
 
 
 def _read_jsonl(data: bytes, uri: str) -> pa.Table:
@@ -54,7 +98,7 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
         # string holding a raw U+2028 and blame a good line. A leading byte-order mark is not
         # part of the first line (pyarrow skips it; as common.iter_jsonl decodes, "utf-8-sig").
         for line_no, line in enumerate(data.decode("utf-8-sig", errors="replace").split("\n"), 1):
-            if line.strip():
+            if line.strip(JSON_SPACE):   # as pyarrow: a form feed is no blank
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as bad:
@@ -67,12 +111,23 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
 
 def read_bench(uris: str | Iterable[str], catalog: Catalog | None = None) -> pa.Table:
     """Read and validate a bench from files, directories or globs (parquet and/or jsonl)."""
-    tables = [validate_bench(read_table(uri), uri, catalog)
-              for uri in storage.list_files(uris, SUFFIXES)]
+    tables = [_read_valid_bench(uri, catalog) for uri in storage.list_files(uris, SUFFIXES)]
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     if len(tables) > 1:  # duplicates across files
         validate_bench(table, "bench (all files)", catalog)
     return table
+
+
+def _read_valid_bench(uri: str, catalog: Catalog | None) -> pa.Table:
+    """One bench file, validated; an error at a row of a jsonl file names the line it is on
+    (found by reading the file again, on an error only)."""
+    table = read_table(uri)
+    try:
+        return validate_bench(table, uri, catalog)
+    except BenchError as err:
+        if err.row is None or uri.endswith(".parquet"):
+            raise
+        raise at_source_row(err, uri, read_table_rows(uri)[1]) from None
 
 
 class TableWriter:

@@ -54,6 +54,12 @@ def bench_error(source: str, row: int | None, field: str | None, message: str) -
     return error
 
 
+def at_source_row(err: BenchError, source: str, source_rows) -> BenchError:
+    """``err``, about a row of a bench table, re-pointed at ``source_rows`` [rows] (1-based) of
+    that table: the source row (a jsonl line, a CSV record) each bench row came from."""
+    return bench_error(source, int(source_rows[err.row]) - 1, err.field, err.detail or str(err))
+
+
 def conform(table: pa.Table, source: str) -> pa.Table:
     """Cast to BENCH_SCHEMA (optional columns kept only if present). Missing columns are errors."""
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]

@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 
 from r2ray import storage
 from r2ray.bench.schema import (
-    BENCH_SCHEMA, REQUIRED_COLUMNS, BenchError, bench_error, validate_bench,
+    BENCH_SCHEMA, REQUIRED_COLUMNS, BenchError, at_source_row, bench_error, validate_bench,
 )
 from r2ray.catalog import Catalog
 
@@ -241,9 +241,15 @@ def count(value: Any, source: str, row: int, field: str) -> int:
 
 
 def identifier(value: Any, source: str, row: int, field: str) -> str:
-    """An id given as non-empty text or a whole JSON number (never ``None`` read as "None")."""
+    """An id given as non-empty text or a whole number (never ``None`` read as "None"). A whole
+    float is the integer's text: pandas stores an integer column as float64 (3.0), and the same
+    ids read from a CSV are "3"."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if not isinstance(value, str):
+        raise bench_error(source, row - 1, field, f"expected text or a whole number, got {value!r}")
     return text(value, source, row, field)
 
 
@@ -298,8 +304,7 @@ def _validate(table: pa.Table, sources: list[str], which: np.ndarray, rows: np.n
     except BenchError as err:
         if err.row is None:
             raise
-        raise bench_error(sources[which[err.row]], int(rows[err.row]) - 1, err.field,
-                          err.detail or str(err)) from None
+        raise at_source_row(err, sources[which[err.row]], rows) from None
 
 
 def _check_finite_costs(table: pa.Table, source: str) -> None:

@@ -4,17 +4,11 @@ catalogue."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from r2ray.bench.formats.common import AdapterOptions, Converted, SourcePart
-from r2ray.bench.io import read_table
+from r2ray.bench.io import read_table_rows
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
 def read(files: list[str], options: AdapterOptions) -> Converted:
-    parts = []
-    for uri in files:
-        table = read_table(uri)
-        parts.append(SourcePart(uri, table, np.arange(1, table.num_rows + 1)))
-    return Converted(parts)
+    return Converted([SourcePart(uri, *read_table_rows(uri)) for uri in files])

@@ -17,10 +17,10 @@ columns; other columns are ignored.
 from __future__ import annotations
 
 from r2ray.bench.formats.common import (
-    AdapterOptions, Converted, RowCollector, SourcePart, is_blank, number, read_csv_strings,
-    require_columns, text,
+    AdapterOptions, Converted, RowCollector, SourcePart, identifier, is_blank, number,
+    read_csv_strings, require_columns, text,
 )
-from r2ray.bench.io import read_table
+from r2ray.bench.io import read_table_rows
 from r2ray.bench.schema import bench_error
 from r2ray.catalog import DEFAULT_BUDGET
 from r2ray.prompting import estimate_tokens
@@ -35,11 +35,12 @@ def read(files: list[str], options: AdapterOptions) -> Converted:
     for uri in files:
         if uri.endswith(".csv"):
             table, replaced = read_csv_strings(uri)
+            source_rows = range(1, table.num_rows + 1)   # records after the header
             if replaced:
                 converted.notes.append(f"{uri}: {replaced} undecodable byte(s) replaced")
         else:
-            table = read_table(uri)
-        part, unscored = _convert(table, uri)
+            table, source_rows = read_table_rows(uri)
+        part, unscored = _convert(table, uri, source_rows)
         converted.parts.append(part)
         if unscored:
             converted.notes.append(f"{uri}: {unscored} (prompt, model) cell(s) with a blank "
@@ -57,8 +58,9 @@ def models_in(column_names: list[str]) -> list[str]:
     return models
 
 
-def _convert(table, uri: str) -> tuple[SourcePart, int]:
-    """(the rows, how many (prompt, model) cells had a blank correctness and gave none)."""
+def _convert(table, uri: str, source_rows) -> tuple[SourcePart, int]:
+    """(the rows, how many (prompt, model) cells had a blank correctness and gave none);
+    ``source_rows`` [rows]: the 1-based source row (CSV record, jsonl line) of each table row."""
     models = models_in(table.column_names)
     if not models:
         raise bench_error(uri, None, "<model>|model_response",
@@ -67,12 +69,12 @@ def _convert(table, uri: str) -> tuple[SourcePart, int]:
     require_columns(table, needed, uri)
     columns = {name: table.column(name).to_pylist() for name in needed}
     rows, unscored = RowCollector(uri), 0
-    for i in range(table.num_rows):
-        row = i + 1
+    for i, row in enumerate(map(int, source_rows)):
         prompt = text(columns["prompt"][i], uri, row, "prompt")
         sample_id, category = columns["sample_id"][i], columns["eval_name"][i]
         if is_blank(sample_id):
-            raise bench_error(uri, i, "sample_id", "is blank; every prompt needs an id")
+            raise bench_error(uri, row - 1, "sample_id", "is blank; every prompt needs an id")
+        query_id = identifier(sample_id, uri, row, "sample_id")
         for model in models:
             correct = columns[model][i]
             if is_blank(correct):
@@ -80,10 +82,10 @@ def _convert(table, uri: str) -> tuple[SourcePart, int]:
                 continue
             response = columns[model + RESPONSE][i]
             if is_blank(response):
-                raise bench_error(uri, i, model + RESPONSE, f"blank, but {model!r} has a "
+                raise bench_error(uri, row - 1, model + RESPONSE, f"blank, but {model!r} has a "
                                   "correctness; its output tokens cannot be counted")
             cost = columns[model + COST][i]
-            rows.add(row, query_id=str(sample_id), query=prompt,
+            rows.add(row, query_id=query_id, query=prompt,
                      category=None if is_blank(category) else str(category), model=model,
                      budget=DEFAULT_BUDGET, input_tokens=estimate_tokens(prompt),
                      output_tokens=estimate_tokens(str(response)),
