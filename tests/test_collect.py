@@ -220,6 +220,16 @@ def test_spend_cap_through_the_cli(tmp_path, capsys):
     assert manifest["counts"]["bench_rows"] < 36
 
 
+@pytest.mark.parametrize("cap", ["nan", "inf", "-1"])
+def test_a_spend_cap_that_is_no_amount_is_refused(tmp_path, capsys, cap):
+    """--max-spend-usd nan was taken, and the cap let every call through (36 calls, $0.0071)."""
+    assert main(["bench", "collect", "--queries", "q.jsonl", "--catalog", "pool.yaml", "--out",
+                 str(tmp_path / "bench.parquet"), "--max-spend-usd", cap]) != 0
+    assert f"--max-spend-usd {float(cap)}: give a finite, non-negative amount (USD)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "bench.work").exists()
+
+
 # ---- graders: signs, the article "a", scores out of ten (a review, 2026-12-05) ----------------
 def test_exact_keeps_the_sign():
     # before the fix: 1.0 — normalise() strips "-" as punctuation, so "5" matches reference "-5"

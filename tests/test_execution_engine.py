@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import socket
 import time
 
 import pyarrow.compute as pc
 import pytest
 
 from r2ray.catalog import CatalogError, catalog_from_dict
-from r2ray.execution.client import read_usage
+from r2ray.execution.client import SPEND_CAP_REASON, read_usage
 from r2ray.execution.engine import EngineConfig, run_requests
 from r2ray.execution.policy import (RetryPolicy, SpendBook, parse_retry_after, plan_todo,
                                     retry_decision)
@@ -56,6 +57,13 @@ def test_spend_book_never_passes_the_cap():
     book.settle(0.6, 0.1)
     assert book.reserve(0.6) and book.reserve(0.3) and not book.reserve(0.01 + 1e-9)
     assert book.state()["refused"] == 2
+
+
+def test_a_nan_cap_refuses_every_call():
+    """Every comparison with NaN is false: the cap tested "over?" with ``>``, so a NaN cap (or
+    --max-spend-usd nan, which the CLI took) issued every call with no cap at all."""
+    book = SpendBook(cap_usd=float("nan"))
+    assert not book.reserve(1e-6) and book.state()["in_flight_usd"] == 0
 
 
 def test_requests_use_the_routing_template_and_cap():
@@ -233,12 +241,15 @@ def test_a_billed_unreadable_answer_is_booked(tmp_path):
     assert run.spend["realised_usd"] == pytest.approx(5 * once["cost_usd"])
 
 
-def test_a_billed_unreadable_answer_without_counts_is_booked_at_its_worst_case(tmp_path):
-    """Its usage block says it was billed but not what for: no text to estimate from, so the
-    attempt is booked at the worst case it reserved (an estimate from no text priced 0 output)."""
+@pytest.mark.parametrize("fault", ["billednocounts", "badjson"])
+def test_a_billed_unreadable_answer_without_counts_is_booked_at_its_worst_case(tmp_path, fault):
+    """A 200 with no usable answer was billed, but not what for — its usage block holds no counts
+    (``billednocounts``) or its body is no JSON (``badjson``, booked at $0 before): no text to
+    estimate from, so the attempt is booked at the worst case it reserved (an estimate from no
+    text priced 0 output)."""
     with StubServer() as stub:
         catalog = stub_catalog(stub.url)
-        requests = _requests(catalog, {"nocounts": "[fault:billednocounts] [say:4]"})
+        requests = _requests(catalog, {fault: f"[fault:{fault}] [say:4]"})
         run = run_requests(requests, str(tmp_path), catalog,
                            EngineConfig(executor="local", retry=FAST, batch_rows=4),
                            progress=lambda line: None)
@@ -281,3 +292,49 @@ def test_billed_failures_stay_in_the_spend_of_later_runs(tmp_path):
     keep_billed_failures(str(tmp_path))
     billed = read_parts(str(tmp_path / "billed"))
     assert billed.num_rows == 2 and sum(billed["billed_usd"].to_pylist()) == pytest.approx(2 * first)
+
+
+def test_a_timeout_after_the_request_went_out_is_booked_at_its_worst_case(tmp_path):
+    """The server had the whole request when the call timed out, so it may have answered and
+    billed it (the stub did, a second later): the attempt is booked at the worst case it reserved,
+    not $0, and stays in the next runs' spend and cap (it was $0, and the cap let the retry run)."""
+    policy = RetryPolicy(max_attempts=1, timeout_s=0.5)
+    with StubServer(timeout_sleep_s=1.0) as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {"late": "[fault:timeout] [say:4]"})
+        worst = requests.column("worst_usd").to_pylist()[0]
+        runs = [run_requests(requests, str(tmp_path), catalog,
+                             EngineConfig(executor="local", retry=policy, max_spend_usd=cap),
+                             progress=lambda line: None) for cap in (1.5 * worst, 1.5 * worst,
+                                                                     None)]
+    timed_out = runs[0].failures.to_pylist()[0]
+    assert timed_out["error"].startswith("timed out") and timed_out["billed_usd"] == worst
+    assert runs[0].spend["realised_usd"] == worst
+    assert runs[1].spend["realised_before_usd"] == worst   # kept in billed/ for the rerun
+    assert runs[1].failures.column("error").to_pylist() == [SPEND_CAP_REASON]
+    answered = runs[2].results.to_pylist()[0]
+    assert runs[2].spend["realised_usd"] == pytest.approx(worst + answered["cost_usd"])
+
+
+def test_a_timeout_before_the_request_went_out_is_not_booked(tmp_path):
+    """A call that timed out still connecting (a listener whose backlog is full: the kernel drops
+    its SYN) was never received, so nothing is booked for it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        waiting = [socket.socket() for _ in range(3)]   # fill the backlog, never accepted
+        for sock in waiting:
+            sock.setblocking(False)
+            sock.connect_ex(listener.getsockname())
+        try:
+            catalog = stub_catalog(f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+            run = run_requests(_requests(catalog, {"unsent": "[say:4]"}), str(tmp_path), catalog,
+                               EngineConfig(executor="local",
+                                            retry=RetryPolicy(max_attempts=1, timeout_s=0.5)),
+                               progress=lambda line: None)
+        finally:
+            for sock in waiting:
+                sock.close()
+    failed = run.failures.to_pylist()[0]
+    assert failed["error"].startswith("timed out") and failed["billed_usd"] == 0
+    assert run.spend["realised_usd"] == 0

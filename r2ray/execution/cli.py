@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from r2ray.execution.graders import GRADER_NAMES
 
@@ -33,10 +34,11 @@ def _engine_config(args: argparse.Namespace):
     from r2ray.execution.engine import EngineConfig
     from r2ray.execution.policy import RetryPolicy
 
-    if args.max_spend_usd is not None and args.max_spend_usd < 0:
+    if args.max_spend_usd is not None and not 0 <= args.max_spend_usd < math.inf:   # NaN too
         from r2ray.errors import R2RayError
 
-        raise R2RayError(f"--max-spend-usd {args.max_spend_usd}: give a non-negative amount")
+        raise R2RayError(f"--max-spend-usd {args.max_spend_usd}: give a finite, non-negative "
+                         "amount (USD)")
     return EngineConfig(executor=args.executor, workers=max(1, args.workers),
                         batch_rows=max(1, args.batch_rows), max_spend_usd=args.max_spend_usd,
                         unrecorded="resend" if args.resend_unrecorded else "reuse",

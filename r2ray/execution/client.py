@@ -38,7 +38,9 @@ RESULT_SCHEMA = pa.schema([
     pa.field("latency_s", pa.float64()),       # the successful attempt, request to answer
     pa.field("cost_usd", pa.float64()),        # catalogue prices × tokens; 0 when not answered
     pa.field("billed_usd", pa.float64()),      # every attempt the provider billed: cost_usd plus
-                                               # answers it billed but sent unreadable (USD)
+                                               # 200s that were no chat completion, and timeouts
+                                               # after the request went out (USD; at the worst
+                                               # case where no usage says what for)
     pa.field("attempts", pa.int32()),
     pa.field("error", pa.string()),            # why it failed (null when ok)
     pa.field("endpoint", pa.string()),         # host:port, for throughput per endpoint
@@ -105,14 +107,27 @@ class EndpointLimiter:
 
 
 class CallFailed(Exception):
-    """One failed attempt. ``usage``: the server's usage block when it answered 200 with one but
-    the body was no chat completion, so the attempt was billed though it gave no answer."""
+    """One failed attempt. ``billed``: the provider may have billed it though it gave no usable
+    answer — it answered 200 with a body that is no chat completion, or the call timed out after
+    the whole request had gone out; ``usage``: that body's usage block, if it had one (what the
+    attempt was billed for; without it, that is unknown)."""
 
     def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None,
-                 usage: dict | None = None):
+                 billed: bool = False, usage: dict | None = None):
         super().__init__(reason)
         self.reason, self.status, self.retry_after = reason, status, retry_after
-        self.usage = usage
+        self.billed, self.usage = billed, usage
+
+
+class _SendTrace:
+    """httpcore's ``trace`` extension for one request: whether its body went out whole."""
+
+    def __init__(self):
+        self.body_sent = False
+
+    async def __call__(self, event: str, info: dict) -> None:
+        if event.endswith("send_request_body.complete"):   # http11. or http2.
+            self.body_sent = True
 
 
 async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: str | None,
@@ -121,11 +136,13 @@ async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: st
     ``timeout_s`` bounds the whole call, connect to last byte: httpx's own timeout applies to
     each phase and each read, so a server dripping its body a byte at a time never trips it."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    trace = _SendTrace()
     try:
         async with asyncio.timeout(timeout_s):
-            response = await client.post(url, json=body, headers=headers, timeout=timeout_s)
+            response = await client.post(url, json=body, headers=headers, timeout=timeout_s,
+                                         extensions={"trace": trace})
     except (httpx.TimeoutException, TimeoutError):
-        raise CallFailed(f"timed out after {timeout_s:g} s") from None
+        raise CallFailed(f"timed out after {timeout_s:g} s", billed=trace.body_sent) from None
     except httpx.HTTPError as err:
         raise CallFailed(f"unreachable: {type(err).__name__}") from None
     if response.status_code >= 400:
@@ -141,7 +158,7 @@ async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: st
             raise TypeError("content is not text")
     except (ValueError, KeyError, IndexError, TypeError) as err:
         usage = answer.get("usage") if isinstance(answer, dict) else None
-        raise CallFailed(f"answer is not a chat completion ({type(err).__name__})",
+        raise CallFailed(f"answer is not a chat completion ({type(err).__name__})", billed=True,
                          usage=usage if isinstance(usage, dict) else None) from None
     finish = choice.get("finish_reason")
     return {"text": text, "finish_reason": finish if isinstance(finish, str) else None,
@@ -159,27 +176,38 @@ def _count(value: object) -> int | None:
     return int(value) if value >= 0 else None
 
 
-def read_usage(usage: object, request: dict, text: str) -> tuple[int, int, bool]:
-    """(input tokens, output tokens, estimated?): the server's counts, else estimates; both
-    clamped to the request's prompt bound (UTF-8 bytes + template: no tokenizer counts more) and
-    ``max_tokens`` cap (the server was told to stop there), so no count prices above the
-    reserved worst case. A count that is not a count, or one clamped, is flagged estimated."""
-    bound, cap = int(request["input_tokens_bound"]), int(request["max_tokens"])
+def _counted(usage: object, request: dict) -> tuple[int, int, bool] | None:
+    """(input tokens, output tokens, clamped?) from the server's usage block, each clamped to the
+    request's prompt bound (UTF-8 bytes + template: no tokenizer counts more) and ``max_tokens``
+    cap (the server was told to stop there), so no count prices above the reserved worst case;
+    None where the block holds no counts (see :func:`_count`)."""
     given = usage if isinstance(usage, dict) else {}
     tokens_in = _count(given.get("prompt_tokens"))
     tokens_out = _count(given.get("completion_tokens"))
     if tokens_in is None or tokens_out is None:
-        return (min(int(request["input_tokens_est"]), bound),
-                min(estimate_tokens(text), cap), True)
+        return None
+    bound, cap = int(request["input_tokens_bound"]), int(request["max_tokens"])
     return min(tokens_in, bound), min(tokens_out, cap), tokens_in > bound or tokens_out > cap
+
+
+def read_usage(usage: object, request: dict, text: str) -> tuple[int, int, bool]:
+    """(input tokens, output tokens, estimated?): the server's counts (:func:`_counted`), else
+    estimates from the prompt and ``text``, clamped alike. A count that is not a count, or one
+    clamped, is flagged estimated."""
+    counted = _counted(usage, request)
+    if counted is None:
+        return (min(int(request["input_tokens_est"]), int(request["input_tokens_bound"])),
+                min(estimate_tokens(text), int(request["max_tokens"])), True)
+    return counted
 
 
 async def execute_one(client: httpx.AsyncClient, request: dict, settings: EndpointSettings,
                       limiter: EndpointLimiter, policy: RetryPolicy, book,
                       rng: random.Random) -> dict:
     """Send one request row with retries under the spend cap; a RESULT_SCHEMA row. Every attempt
-    is reserved at its worst case first; one the provider billed without a usable answer is
-    booked at its cost before the next is reserved, so the cap counts what was paid."""
+    is reserved at its worst case first; one the provider billed without a usable answer (or may
+    have: :class:`CallFailed`) is booked at its cost, or its worst case where that is unknown,
+    before the next is reserved, so the cap counts what was paid."""
     row = {name: request[name] for name in ("key", "purpose", "query_id", "model", "budget",
                                              "max_tokens", "prompt_sha")}
     row.update(ok=False, response=None, input_tokens=None, output_tokens=None,
@@ -214,7 +242,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                     latency = time.perf_counter() - sent
             if failure is None:
                 break
-            if failure.usage is not None:   # billed, unusable: booked now, not at $0
+            if failure.billed:   # (maybe) billed, unusable: booked now, not at $0
                 spent = _priced(failure.usage, request)
                 row["billed_usd"] += spent
                 reserved = False
@@ -244,11 +272,12 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
             await book.settle(worst, cost)
 
 
-def _priced(usage: dict, request: dict) -> float:
-    """USD of a billed attempt with no usable answer, from its usage block (counts checked and
-    clamped as an answer's); its worst case at the cap where the block holds no counts, since
-    what it wrote is unknown (no text to estimate from)."""
-    if _count(usage.get("prompt_tokens")) is None or _count(usage.get("completion_tokens")) is None:
+def _priced(usage: dict | None, request: dict) -> float:
+    """USD of a (maybe) billed attempt with no usable answer, from its usage block (counts checked
+    and clamped as an answer's); its worst case at the cap where there is no block (a timeout, a
+    body that is no JSON) or it holds no counts, since what it wrote is unknown (no text to
+    estimate from)."""
+    counted = _counted(usage, request)
+    if counted is None:
         return float(request["worst_usd"])
-    tokens_in, tokens_out, _ = read_usage(usage, request, "")
-    return cost_usd(tokens_in, tokens_out, request["price_in_usd"], request["price_out_usd"])
+    return cost_usd(counted[0], counted[1], request["price_in_usd"], request["price_out_usd"])

@@ -85,9 +85,12 @@ class SpendBook:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def reserve(self, worst_usd: float) -> bool:
+        """Reserve ``worst_usd`` (USD) if it fits under the cap. Asked as "not within" so a NaN (a
+        cap of NaN) refuses the call rather than issuing every one: a comparison with NaN is
+        false."""
         with self._lock:
             if self.cap_usd is not None and \
-                    self.realised_usd + self.in_flight_usd + worst_usd > self.cap_usd:
+                    not self.realised_usd + self.in_flight_usd + worst_usd <= self.cap_usd:
                 self.refused += 1
                 return False
             self.in_flight_usd += worst_usd
