@@ -220,6 +220,23 @@ def test_spend_cap_through_the_cli(tmp_path, capsys):
     assert manifest["counts"]["bench_rows"] < 36
 
 
+def test_a_collect_that_graded_nothing_says_why(tmp_path, capsys):
+    """A cap of $0 issues no call: the error was 'missing column(s) [query_id, ...]' from
+    validating an empty table; it says what happened to the answers and keeps the work folder."""
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        queries = write_queries(tmp_path / "q.jsonl", QUERIES)
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(tmp_path / "bench.parquet"), "--executor", "local",
+                     "--max-spend-usd", "0"]) != 0
+    err = capsys.readouterr().err
+    assert ("no bench row to write: of 36 answer request(s), 0 were answered (0 of them without "
+            "a grade) and 36 failed (36 spend cap: issuing it could pass --max-spend-usd)") in err
+    assert "missing column" not in err
+    assert not (tmp_path / "bench.parquet").exists()
+    assert (tmp_path / "bench.work").is_dir()
+
+
 @pytest.mark.parametrize("cap", ["nan", "inf", "-1"])
 def test_a_spend_cap_that_is_no_amount_is_refused(tmp_path, capsys, cap):
     """--max-spend-usd nan was taken, and the cap let every call through (36 calls, $0.0071)."""

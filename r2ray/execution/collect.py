@@ -20,6 +20,7 @@ from r2ray.bench.io import check_output_name, read_table, write_table
 from r2ray.bench.schema import bench_error, validate_bench
 from r2ray.bench.stats import bench_stats, format_stats
 from r2ray.catalog import Catalog, budget_label, load_catalog, save_catalog
+from r2ray.errors import R2RayError
 from r2ray.execution import graders
 from r2ray.execution.engine import EngineConfig, EngineRun, run_requests
 from r2ray.execution.requests import arm_request, request_row, requests_table, worst_case_usd
@@ -253,6 +254,8 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
                      "output_tokens": answer["output_tokens"], "quality": float(quality),
                      "truncated": answer["truncated"], "response": answer["response"],
                      "cost_usd": answer["cost_usd"]})
+    if not rows:
+        raise R2RayError(_nothing_graded(requests.num_rows, answers, ungraded, config.work_dir))
     bench = validate_bench(pa.Table.from_pylist(rows), config.out, catalog)
     write_table(bench, config.out)
     save_catalog(catalog, config.out.rsplit(".", 1)[0] + ".catalog.yaml")
@@ -275,6 +278,16 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
     }
     commit_work(config.work_dir, redact_values(manifest))
     return CollectResult(bench.num_rows, answers, judge_run, stats, agreement, ungraded, manifest)
+
+
+def _nothing_graded(requests: int, answers: EngineRun, ungraded: int, work_dir: str) -> str:
+    """Why a collect has no bench row to write: its answers' outcome, failures by reason."""
+    reasons = "; ".join(f"{n} {reason}" for reason, n in
+                        sorted(answers.summary()["failure_reasons"].items()))
+    return (f"no bench row to write: of {requests} answer request(s), "
+            f"{answers.results.num_rows} were answered ({ungraded} of them without a grade) and "
+            f"{answers.failures.num_rows} failed" + (f" ({reasons})" if reasons else "")
+            + f"; the spend so far is kept in {work_dir}, and a rerun resumes there")
 
 
 def judge_spent_usd(work_dir: str, requests: pa.Table) -> float:
