@@ -5,6 +5,7 @@ stacked blend puts its weight where the signal is."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import mlflow
 import numpy as np
@@ -15,7 +16,9 @@ from r2ray.bench.io import write_table
 from r2ray.catalog import save_catalog
 from r2ray.cli import main
 from r2ray.errors import R2RayError
+from r2ray.evaluation.method_scores import is_sampled
 from r2ray.predictor import PerArmRidge, load_predictor, make_predictor, save_predictor
+from r2ray.predictor.base import fold_ids, model_fold_ids
 from r2ray.predictor.data import split_indices
 from r2ray.predictor.selection import (Candidate, choose, cross_validate, resolve_candidates)
 from r2ray.predictor.stacked import blend, blend_weights, project_simplex
@@ -262,3 +265,66 @@ def test_the_average_combines_ridge_knn_and_the_network_of_any_set():
     with pytest.raises(R2RayError, match="averaged candidate needs at least two other candidates "
                                          "of per_arm_ridge"):
         resolve_candidates("per_arm_ridge,per_arm_ridge_strong,averaged")
+
+
+def with_model_only_on(train, catalog, model: int, queries: np.ndarray):
+    """``train`` with the outcomes of ``model`` kept on ``queries`` only (a model run on few)."""
+    arms = np.flatnonzero(catalog.arm_arrays["model_index"] == model)
+    dropped = np.ix_(~np.isin(np.arange(train.n_queries), queries), arms)
+    values = {name: getattr(train, name).copy() for name in ("quality", "output_tokens",
+                                                              "cost_usd")}
+    for array in values.values():
+        array[dropped] = np.nan
+    return replace(train, **values)
+
+
+def test_a_model_run_on_a_few_queries_of_one_fold_is_spread_so_every_fold_fit_sees_it(world):
+    """Its queries all dealt to one fold, the fit holding that fold out would predict it from
+    none of its outcomes (NaN for ridge, the network's untrained guess) and the CV would score
+    candidates on that; the folds move one of its queries (sizes kept) so every fit sees it."""
+    train, catalog = world
+    few = np.flatnonzero(fold_ids(train.n_queries, 3) == 0)[:5]
+    sparse = with_model_only_on(train, catalog, 2, few)
+    fold = model_fold_ids(sparse, catalog, 3)
+    assert len(np.unique(fold[few])) == 2
+    assert (np.bincount(fold) == np.bincount(fold_ids(train.n_queries, 3))).all()
+    assert (model_fold_ids(train, catalog, 3) == fold_ids(train.n_queries, 3)).all()  # no move
+    result = cross_validate(sparse, catalog, [Candidate("ridge", "per_arm_ridge", {})], folds=3)
+    arms = catalog.arm_arrays["model_index"] == 2
+    assert np.isfinite(result.out_of_fold["ridge"].quality[np.ix_(few, arms)]).all()
+
+
+@pytest.mark.parametrize("candidates", ["per_arm_ridge,per_arm_ridge_strong",
+                                        "per_arm_ridge,carrot_knn_all,averaged"])
+def test_spread_folds_are_the_calibrations_too(world, candidates):
+    """A plain fit calibrates on the same spread folds, so the winner fitted alone still predicts
+    exactly as ``selected`` does on a bench whose folds had to move a query."""
+    train, catalog = world
+    sparse = with_model_only_on(train, catalog, 2,
+                                np.flatnonzero(fold_ids(train.n_queries, 3) == 0)[:5])
+    selected = make_predictor("selected", candidates=candidates).fit(sparse, catalog)
+    alone = make_predictor(selected.winner_.name, **selected.winner_.settings()).fit(sparse,
+                                                                                       catalog)
+    mine, theirs = selected.predict(sparse.embedding), alone.predict(sparse.embedding)
+    np.testing.assert_array_equal(mine.quality, theirs.quality)
+    np.testing.assert_array_equal(mine.output_tokens, theirs.output_tokens)
+
+
+def test_a_model_with_one_training_query_is_refused_by_name(world):
+    train, catalog = world
+    lone = with_model_only_on(train, catalog, 1, np.array([7]))
+    with pytest.raises(R2RayError, match=r"model 'model-1' has \d+ row\(s\) in 1 training query"):
+        cross_validate(lone, catalog, [Candidate("ridge", "per_arm_ridge", {})], folds=3)
+
+
+def test_a_fold_not_sampled_on_a_bench_that_is_scores_only_its_full_queries():
+    """Whether a set is sampled (scored by replay) depends on its share of queries with every
+    default arm: the whole training part (49%) can be sampled while a fold (58%) is not, and that
+    fold must then be scored on its full queries only, as score_predictions scores it."""
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=150, dim=16, seed=1, missing_share=0.21)
+    fold = fold_ids(train.n_queries, 3)
+    assert is_sampled(train, catalog)
+    assert not is_sampled(train.subset(np.flatnonzero(fold == 0)), catalog)
+    result = cross_validate(train, catalog, [Candidate("ridge", "per_arm_ridge", {})], folds=3)
+    assert len(result.table[0]["audc_folds"]) == 3

@@ -17,8 +17,8 @@ the members' out-of-fold predictions, each corrected by calibrations cross-fitte
 (``calibrates_quality``): a second isotonic map on top of the members' ones, fitted on a few
 hundred held-out queries, cost 0.002-0.003 AUDC on the small real benches (measured). The members
 are fitted on all of ``train``, their calibrations on the same out-of-fold predictions
-(the calibrations' folds, :func:`~r2ray.predictor.base.fold_ids`), so there are no further refits,
-and cross-validation, which already has those predictions, hands them over
+(the calibrations' folds, :func:`~r2ray.predictor.base.model_fold_ids`), so there are no further
+refits, and cross-validation, which already has those predictions, hands them over
 (``member_out_of_fold``).
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from r2ray.catalog import Catalog
 from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor,
-                                  PredictorError, fold_ids, out_of_fold, router_view)
+                                  PredictorError, model_fold_ids, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.stacked import blend
 
@@ -80,7 +80,7 @@ class AveragedPredictor(BasePredictor):
                                  "{'kind': ..., 'settings': {...}}")
         oof, self.member_out_of_fold = self.member_out_of_fold, None
         if oof is None:
-            folds = fold_ids(train.n_queries, CALIBRATION_FOLDS)
+            folds = model_fold_ids(train, catalog, CALIBRATION_FOLDS)
             oof = [out_of_fold(lambda m=m: self._member(m), train, catalog, folds)
                    for m in self.members]
         self.members_ = [self._member(m).fit(train, catalog, validation, held_out=(train, p))

@@ -188,7 +188,7 @@ class BasePredictor:
         saw: the validation set when given, else ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
         if validation is not None:
             return validation, self._predict(validation.embedding)
-        folds = fold_ids(train.n_queries, CALIBRATION_FOLDS)
+        folds = model_fold_ids(train, self.catalog_, CALIBRATION_FOLDS)
         return train, out_of_fold(lambda: type(self)(**self.settings()), train, self.catalog_,
                                   folds)
 
@@ -248,6 +248,55 @@ def fold_ids(n_queries: int, folds: int, seed: int = FOLD_SEED) -> np.ndarray:
     is then calibrated on exactly the out-of-fold predictions its plain fit would make, so
     ``selected`` predicts as the winner fitted alone (not one fold draw's worth of noise apart)."""
     return (np.arange(n_queries) % folds)[np.random.default_rng(seed).permutation(n_queries)]
+
+
+def model_presence(rows: BenchArrays, catalog: Catalog) -> np.ndarray:
+    """[N, M] bool: the query has an outcome of the model (on any of its arms)."""
+    model = catalog.arm_arrays["model_index"]
+    return np.stack([rows.mask[:, model == m].any(axis=1)
+                     for m in range(len(catalog.model_names))], axis=1)
+
+
+def fold_counts(presence: np.ndarray, fold: np.ndarray, folds: int) -> np.ndarray:
+    """[M, folds] queries of each model in each fold."""
+    return np.stack([presence[fold == f].sum(axis=0) for f in range(folds)], axis=1)
+
+
+def model_fold_ids(train: BenchArrays, catalog: Catalog, folds: int) -> np.ndarray:
+    """:func:`fold_ids`, with pairs of queries swapped between folds (sizes kept) until every
+    model with outcomes in two or more queries has them in two or more folds: each fold's fit then
+    sees every such model, instead of predicting its held-out rows from none of its outcomes (a
+    model run on a few queries, all dealt to one fold). Exactly :func:`fold_ids` where no model's
+    queries lie in one fold; a model with one query stays where it is
+    (:func:`r2ray.predictor.selection.check_folds_see_models` names it)."""
+    fold = fold_ids(train.n_queries, folds)
+    presence = model_presence(train, catalog)
+    for m in np.flatnonzero(presence.sum(axis=0) >= 2):
+        counts = fold_counts(presence, fold, folds)
+        if (counts[m] > 0).sum() == 1:
+            swap = spreading_swap(m, presence, fold, counts)
+            if swap is not None:
+                fold[list(swap)] = fold[list(swap[::-1])]
+    return fold
+
+
+def spreading_swap(m: int, presence: np.ndarray, fold: np.ndarray,
+                   counts: np.ndarray) -> tuple[int, int] | None:
+    """(query of model ``m``, query of another fold) whose exchange spreads ``m`` over two folds
+    and leaves every already spread model spread; None if no such pair."""
+    spread = (counts > 0).sum(axis=1) >= 2
+    home = fold[presence[:, m]][0]
+    for i in np.flatnonzero(presence[:, m]):
+        for j in np.flatnonzero(fold != home):
+            after = counts.copy()
+            after[presence[i], home] -= 1
+            after[presence[i], fold[j]] += 1
+            after[presence[j], fold[j]] -= 1
+            after[presence[j], home] += 1
+            now = (after > 0).sum(axis=1) >= 2
+            if now[m] and not (spread & ~now).any():
+                return int(i), int(j)
+    return None
 
 
 def out_of_fold(make: Callable[[], BasePredictor], train: BenchArrays, catalog: Catalog,

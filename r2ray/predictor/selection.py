@@ -7,7 +7,9 @@ Ridge at two strengths, CARROT KNN / linear on every arm, ``stacked``, a per-arm
 of the other candidates in the set (:mod:`r2ray.predictor.stacked`), and ``averaged``, their plain
 mean, each calibrated (:mod:`r2ray.predictor.averaged`). Folds are by query, over the
 training data only (the caller never passes its test split), in the calibrations' order
-(:func:`~r2ray.predictor.base.fold_ids`): at the default 3 folds a single winner is calibrated
+(:func:`~r2ray.predictor.base.model_fold_ids`: each model with rows in two or more queries is
+spread over two or more folds, so that every fold's fit sees it; :func:`check_folds_see_models`
+refuses a model that is not): at the default 3 folds a single winner is calibrated
 exactly as it is when fitted alone. Every candidate is fitted ``folds`` times and predicts the fold
 it did not see; those out-of-fold predictions are then corrected as the router would see them
 (token and quality calibrations cross-fitted over the out-of-fold rows) and scored per fold with
@@ -41,8 +43,8 @@ import numpy as np
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 from r2ray.predictor.averaged import averaged_out_of_fold
-from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_ids, out_of_fold,
-                                  router_view)
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_counts, model_fold_ids,
+                                  model_presence, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.stacked import apply_stack, fit_stack
 
@@ -179,7 +181,8 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     ``uncalibrated``: also score q̂ without its calibration (a measurement, not a criterion).
     ``seed`` seeds the stack, not the folds. ``search`` fits the single candidates (default
     :func:`sequential_search`); the stack and the average then combine those it kept."""
-    fold = fold_ids(train.n_queries, folds)  # the calibrations' folds (fold_ids), not ``seed``
+    fold = model_fold_ids(train, catalog, folds)  # the calibrations' folds, not ``seed``
+    check_folds_see_models(train, catalog, fold, folds)
     singles = [c for c in candidates if c.kind not in COMPOSITES]
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
     kept = [c for c in singles if c.name in oof]
@@ -203,6 +206,24 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     for row in table:
         row["chosen"] = row["name"] == winner
     return CrossValidation(table, winner, oof, kept, stopped)
+
+
+def check_folds_see_models(train: BenchArrays, catalog: Catalog, fold: np.ndarray,
+                           folds: int) -> None:
+    """Every model must have training rows in two or more folds (:func:`model_fold_ids` spreads
+    those it can): the fold holding all of a model's rows would be predicted by a fit that never
+    saw it (NaN, or the joint network's guess from an untrained model embedding), and its score
+    would compare candidates on that, not on what they learned."""
+    presence = model_presence(train, catalog)
+    counts = fold_counts(presence, fold, folds)
+    model = catalog.arm_arrays["model_index"]
+    for m in np.flatnonzero((counts > 0).sum(axis=1) == 1):
+        queries, rows = int(presence[:, m].sum()), int(train.mask[:, model == m].sum())
+        raise R2RayError(f"cross-validation: model {catalog.model_names[m]!r} has {rows} row(s) "
+                         f"in {queries} training quer{'y' if queries == 1 else 'ies'}, all in one "
+                         f"of the {folds} folds, so the fit that holds that fold out "
+                         "never sees it; add rows of it for more queries, drop it from --catalog, "
+                         "or train with --select none")
 
 
 def cross_fitted_stack(members: list[ArmPredictions], train: BenchArrays,
@@ -233,11 +254,10 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
              for name, p in oof.items()}
     raw = {f"{name}\x00raw": router_view(p, train, catalog, calibrate_quality=False)
            for name, p in oof.items() if name not in raw_quality} if uncalibrated else {}
-    evaluable = np.zeros(train.n_queries, dtype=bool)
-    evaluable[evaluable_queries(train, catalog)] = True
     per_fold = []
     for f in np.unique(fold):
-        rows = np.flatnonzero((fold == f) & evaluable)
+        rows = np.flatnonzero(fold == f)   # a fold is scored as sampled or not on its own rows
+        rows = rows[evaluable_queries(train.subset(rows), catalog)]   # (is_sampled): so judged
         if len(rows):
             both = {n: p.subset(rows) for n, p in (views | raw).items()}
             per_fold.append(score_predictions(both, train.subset(rows), catalog))
