@@ -3,6 +3,7 @@ correction and where it is found, the report files and the `r2ray reconcile` com
 
 import dataclasses
 import datetime as dt
+import decimal
 import json
 import os
 
@@ -16,6 +17,7 @@ from r2ray.cli import EXIT_USER_ERROR, main
 from r2ray.reconcile import (ActualsError, CatalogMismatch, CorrectionError, CostCorrection,
                              actuals_from_table, fit_correction, latest_correction, read_actuals,
                              reconcile, write_reconciliation)
+from r2ray.reconcile.report import report_markdown
 from r2ray.reconcile.run import reconcile_run
 
 CATALOG = {"budgets": [100, "default"], "models": [
@@ -627,3 +629,34 @@ def test_a_hand_edited_correction_is_refused_naming_the_field(field, value, matc
     arm = {**document["arms"][0], "factor": 9.0}
     with pytest.raises(CorrectionError, match=r"arms\[0\] .* factor 9 is outside"):
         CostCorrection.from_json(json.dumps({**document, "arms": [arm]}), "c.json")
+
+
+# ---- a review, 2026-12-06: money billed outside the routed rows, decimal billing exports ---------
+def test_money_billed_to_actuals_of_no_routed_row_is_reported():
+    # before the fix: a deferred query run anyway (q7, $5 billed, 500× the budget) was only a row
+    # count ("usable actuals of no routed row: 2"); its $5 was in no money figure of the report
+    deferred_run_anyway = {"query_id": "q7", "model": "large", "budget": 0, "input_tokens": 1000,
+                           "output_tokens": 2000, "quality": None, "cost_usd": 5.0}
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(), actuals_from_table(
+        pa.Table.from_pylist(GOOD_ACTUALS + [deferred_run_anyway]), "mem"), catalog)
+    priced_q9 = 1 * P_IN["small"] + 1 * P_OUT["small"]   # no cost_usd: priced at its arm
+    assert rec.counts["actuals_not_routed"] == 2
+    assert rec.overall["not_routed_usd"] == pytest.approx(5.0 + priced_q9, rel=1e-12)
+    assert rec.overall["realised_usd"] < 0.01   # the matched rows' figure is unchanged
+    report = report_markdown(rec, fit_correction(rec))
+    assert "| billed to usable actuals of no routed row (not in realised) | $5 | 500.000 |" \
+        in report
+
+
+def test_a_decimal_cost_column_is_read_as_usd(tmp_path):
+    # before the fix: ActualsError "column 'cost_usd' is decimal128(18, 10), not a number": a
+    # warehouse billing export (USD as DECIMAL) could not be reconciled at all
+    path = str(tmp_path / "usage.parquet")
+    rows = [dict(GOOD_ROW, cost_usd=None), dict(GOOD_ROW, query_id="q2")]
+    table = pa.Table.from_pylist(rows).set_column(
+        6, "cost_usd", pa.array([None, decimal.Decimal("0.0000900000")], pa.decimal128(18, 10)))
+    write_table(table, path)
+    actuals = read_actuals(path)
+    assert actuals.column("invalid").to_pylist() == [None, None]
+    assert actuals.column("cost_usd").to_pylist() == [None, pytest.approx(9e-5, rel=1e-12)]

@@ -350,3 +350,15 @@ def test_a_nan_simulation_does_not_silently_drop_the_guarantee():
                           np.array([0.5, np.nan]), np.array([.5, .6]), 200)
     with pytest.raises(ValueError, match="simulation"):
         plan_budget(1.0, 1000, 0.95, sim)
+
+
+# ---- a NaN position or no held-out queries in a saved simulation (a review, 2026-12-06) --------
+@pytest.mark.parametrize("position, n_queries, match", [
+    ([0.0, np.nan, 1.0], 200, "positions"), ([0.0, 0.5, 1.0], 0, "0 held-out queries")])
+def test_a_corrupt_simulation_is_refused_not_used(position, n_queries, match):
+    # before the fix: a NaN position gave κ 1.17 instead of 1.36 (the guarantee silently weaker);
+    # n_queries 0 raised ZeroDivisionError: float division by zero
+    sim = SpendSimulation(np.array([1e-4, 2e-4, 4e-4]), np.array([1.1, 1.2, 1.3]),
+                          np.ones(3), np.zeros(3), n_queries, np.array(position))
+    with pytest.raises(ValueError, match=match):
+        plan_budget(0.2, 1000, 0.95, sim, span=BacklogSpan(0.05, 0.5))

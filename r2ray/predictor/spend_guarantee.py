@@ -264,10 +264,14 @@ def plan_budget(budget_usd: float, n_queries: int, probability: float,
                          "none: planned on predicted costs (--spend-guarantee 0)")
     if simulation is None:
         raise ValueError("the model carries no spend simulation")
-    if not all(np.isfinite(a).all() for a in (simulation.spend_per_query_usd, simulation.ratio,
-                                              simulation.cv)):
-        raise ValueError("the model's spend simulation holds NaN/inf (ρ, cv or spend levels): "
-                         "refit it, or plan with --spend-guarantee 0")
+    levels = (simulation.spend_per_query_usd, simulation.ratio, simulation.cv,
+              *(() if simulation.position is None else (simulation.position,)))
+    if not all(np.isfinite(a).all() for a in levels):
+        raise ValueError("the model's spend simulation holds NaN/inf (ρ, cv, spend levels or "
+                         "positions): refit it, or plan with --spend-guarantee 0")
+    if simulation.n_queries < 1:
+        raise ValueError(f"the model's spend simulation rests on {simulation.n_queries} held-out "
+                         "queries: refit it, or plan with --spend-guarantee 0")
     n = max(n_queries, 1)
     by_position = span is not None and simulation.position is not None
     where = span.position if by_position else (lambda planned: None)

@@ -202,11 +202,13 @@ def _text(column: pa.ChunkedArray, name: str, source: str) -> pa.Array:
 
 
 def _float_values(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
-    """float64 [R]; NaN where null or (for text columns) not a number."""
+    """float64 [R]; NaN where null or (for text columns) not a number. Decimal columns (a
+    warehouse's billing export keeps USD as DECIMAL) are numbers too."""
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return np.array([_parse_float(v) for v in column.to_pylist()], dtype=np.float64)
-    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+            or pa.types.is_null(kind)):
         raise ActualsError(f"actuals {source}: column {name!r} is {kind}, not a number")
     values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
     return np.asarray(values, dtype=np.float64)   # nulls come back as NaN

@@ -41,6 +41,8 @@ class Reconciliation:
     ``planned_usd`` Σ ĉ of the matched routed rows, ``planned_all_usd`` Σ ĉ of all routed rows,
     ``realised_usd`` Σ realised cost of the matched rows, ``mean_q_hat`` over the matched rows,
     ``mean_q_hat_rated`` and ``mean_quality`` over the ``rated`` ones (actuals with a quality).
+    ``overall["not_routed_usd"]``: Σ billed to usable actuals of no routed row (not in
+    ``realised_usd``).
     """
 
     run_id: str
@@ -128,6 +130,7 @@ def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table, catalog: Cata
     whole = _group_figures(rows, np.zeros(routed.num_rows, np.int64), 1)   # one group: all rows
     overall = {name: float(whole[name][0]) for name in GROUP_COLUMNS if name not in counts}
     overall |= _spend_figures(rows, whole, budget_usd)
+    overall["not_routed_usd"] = _not_routed_usd(routed, usable, catalog)
     return Reconciliation(
         run_id=manifest["run_id"], model_label=model_label(manifest),
         catalog_fingerprint=catalog.fingerprint, budget_usd=budget_usd, counts=counts,
@@ -142,7 +145,7 @@ def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table, catalog: Cata
 def _joined(routed: pa.Table, usable: pa.Table, catalog: Catalog) -> dict[str, np.ndarray]:
     """Per routed row [N]: arm, ĉ and q̂, whether an actual matched, and its cost and quality."""
     position = pa.array(np.arange(routed.num_rows), pa.int64())
-    left = routed.select(KEY).cast(pa.schema([usable.schema.field(k) for k in KEY]))
+    left = _routed_keys(routed, usable)
     right = usable.select([*KEY, "input_tokens", "output_tokens", "quality", "cost_usd"])
     found = left.append_column("_position", position).join(right, KEY, join_type="inner",
                                                             use_threads=False)
@@ -154,7 +157,6 @@ def _joined(routed: pa.Table, usable: pa.Table, catalog: Catalog) -> dict[str, n
     column = lambda name: found.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     recorded = np.asarray(column("cost_usd"), np.float64)
     tokens_in = column("input_tokens")
-    billed = priced_usd(catalog, arm[at], tokens_in, column("output_tokens"))
     out = {"arm": arm, "model_index": catalog.arm_arrays["model_index"][arm].astype(np.int64),
            "c_hat": routed.column("c_hat_usd").to_numpy().astype(np.float64),
            "q_hat": routed.column("q_hat").to_numpy().astype(np.float64),
@@ -162,11 +164,35 @@ def _joined(routed: pa.Table, usable: pa.Table, catalog: Catalog) -> dict[str, n
            "cost": np.zeros(n), "quality": np.full(n, np.nan), "worst": np.zeros(n)}
     out["matched"][at] = True
     out["priced"][at] = np.isnan(recorded)
-    out["cost"][at] = np.where(np.isnan(recorded), billed, recorded)
+    out["cost"][at] = _billed_usd(catalog, arm[at], recorded, tokens_in, column("output_tokens"))
     out["quality"][at] = np.asarray(column("quality"), np.float64)
     out["worst"][at] = priced_usd(catalog, arm[at], tokens_in,
                                   routed.column("max_tokens").to_numpy()[at])
     return out
+
+
+def _routed_keys(routed: pa.Table, usable: pa.Table) -> pa.Table:
+    """The routed rows' (query_id, model, budget), typed as the actuals' to join on them."""
+    return routed.select(KEY).cast(pa.schema([usable.schema.field(k) for k in KEY]))
+
+
+def _billed_usd(catalog: Catalog, arm: np.ndarray, recorded_usd: np.ndarray,
+                input_tokens: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
+    """USD [R] each actual billed: its ``cost_usd``, else its tokens at its arm's prices."""
+    priced = priced_usd(catalog, arm, input_tokens, output_tokens)
+    return np.where(np.isnan(recorded_usd), priced, recorded_usd)
+
+
+def _not_routed_usd(routed: pa.Table, usable: pa.Table, catalog: Catalog) -> float:
+    """Σ USD (float64) billed to usable actuals whose key no routed row has (a deferred query run
+    anyway, another run's query): money really spent that no planned figure holds."""
+    rest = usable.join(_routed_keys(routed, usable), KEY, join_type="left anti",
+                       use_threads=False)
+    column = lambda name: rest.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    billed = _billed_usd(catalog, arm_index(catalog, rest.column("model"), rest.column("budget")),
+                         np.asarray(column("cost_usd"), np.float64), column("input_tokens"),
+                         column("output_tokens"))
+    return float(billed.sum(dtype=np.float64))
 
 
 def _group_figures(rows: dict, group: np.ndarray, n_groups: int) -> dict[str, np.ndarray]:

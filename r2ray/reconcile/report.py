@@ -66,7 +66,8 @@ _SPEND_ROWS = [("budget", "budget_usd"), ("planned Σ ĉ, all routed rows", "pla
                ("planned Σ ĉ, matched rows", "planned_usd"),
                ("**realised, matched rows**", "realised_usd"),
                ("projected realised, all routed rows", "projected_usd"),
-               ("worst case at the `max_tokens` caps, matched rows", "worst_case_usd")]
+               ("worst case at the `max_tokens` caps, matched rows", "worst_case_usd"),
+               ("billed to usable actuals of no routed row (not in realised)", "not_routed_usd")]
 
 
 def _invalid_lines(rec: Reconciliation) -> list[str]:
