@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import hashlib
 import json
 import posixpath
@@ -100,7 +101,7 @@ def committed_paths(paths: RunPaths) -> RunPaths:
     return RunPaths(paths.output, paths.run_id, read_manifest(paths).get("attempt", ""))
 
 
-def _children(uri: str) -> list[str]:
+def children(uri: str) -> list[str]:
     """Base names directly under a folder (none if it does not exist)."""
     fs, path = storage.filesystem(uri)
     try:   # ls, not exists(): exists() reads an unreachable store as "no such folder"
@@ -115,7 +116,7 @@ def _children(uri: str) -> list[str]:
 def check_output(paths: RunPaths, input_files: list[str]) -> None:
     """Refuse a run folder r2ray may not write into, before anything is written or removed."""
     fs, root = storage.filesystem(paths.root)
-    names = _children(paths.root)   # first: it raises at once where the store is unreachable
+    names = children(paths.root)   # first: it raises at once where the store is unreachable
     for uri in (paths.output, paths.root):
         fs_, path = storage.filesystem(uri)
         if fs_.isfile(path):
@@ -143,7 +144,7 @@ def start_attempt(paths: RunPaths, fingerprint: str, force: bool = False) -> tup
     if committed and not force:
         raise AlreadyCommitted(f"run {paths.run_id} is already committed at {paths.manifest}; "
                                "pass --force to redo it")
-    names = _children(paths.root)
+    names = children(paths.root)
     state = "forced" if committed else ("redo" if MARKER in names else "fresh")
     if not committed:
         remove_attempts(paths, keep="")
@@ -162,7 +163,7 @@ def start_attempt(paths: RunPaths, fingerprint: str, force: bool = False) -> tup
 
 def remove_attempts(paths: RunPaths, keep: str) -> None:
     """Remove the run's ``attempt-*`` folders except ``keep`` (only folders r2ray wrote)."""
-    names = _children(paths.root)
+    names = children(paths.root)
     if MARKER not in names:
         return
     for name in names:
@@ -207,7 +208,8 @@ def latest_committed(output: str) -> str | None:
     fs, path = storage.filesystem(output)
     if not fs.exists(path):
         return None
-    manifests = [p for p in fs.glob(f"{path.rstrip('/')}/*/{MANIFEST}")]
+    # the folder's own name is literal: in ``runs[1]`` a ``[1]`` is no wildcard matching ``runs1``
+    manifests = fs.glob(f"{glob.escape(path.rstrip('/'))}/*/{MANIFEST}")
     best, best_time = None, ""
     for manifest in manifests:
         uri = storage.with_scheme(fs, manifest)

@@ -54,6 +54,16 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def file_identity(uri: str) -> tuple[str, str]:
+    """(protocol, normalised path): two URIs naming one file get the same, whatever their spelling
+    (``file://``, ``./``, ``a/../b``; locally also ``~`` and symlinks)."""
+    fs, path = filesystem(uri)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if is_local(fs):
+        return "file", os.path.realpath(path)
+    return protocol, posixpath.normpath(path)
+
+
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem (for Ray Data and pyarrow.dataset) plus the path inside it."""
     fs, path = filesystem(uri)
@@ -120,21 +130,37 @@ def write_text(uri: str, text: str) -> None:
 
 
 def remove(uri: str, recursive: bool = True) -> None:
+    """Remove ``uri`` (and, ``recursive``, what lies under it) by its literal name.
+
+    An object store's ``rm`` (s3fs, fsspec's memory store) reads ``[``, ``*`` and ``?`` as a
+    glob, so ``runs[1]/r/_r2ray_run.json`` would remove ``runs1/r/_r2ray_run.json`` and keep
+    its own: such a name's objects are removed one by one, each under its own name."""
     fs, path = filesystem(uri)
-    if fs.exists(path):
+    if not fs.exists(path):
+        return
+    if is_local(fs) or not has_wildcard(path):   # the local rm takes names literally
         fs.rm(path, recursive=recursive)
+        return
+    for name in fs.find(path) if recursive else [path]:
+        fs.rm_file(name)
+
+
+def has_wildcard(path: str) -> bool:
+    """The path holds a character fsspec's glob reads as a wildcard (``*``, ``?``, ``[``)."""
+    return any(ch in path for ch in "*?[")
 
 
 def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str]:
     """Expand files, directories/prefixes and globs into a sorted list of data-file URIs.
 
     Hidden files and names starting with ``_`` (``_SUCCESS``, ``_tmp``) are skipped. An input that
-    matches nothing is an error naming it, so a typo never reads as an empty backlog.
+    matches nothing is an error naming it, so a typo never reads as an empty backlog. A name that
+    exists is taken as it is: ``night[1].jsonl`` is that file, not a glob matching ``night1.jsonl``.
     """
     found: list[str] = []
     for uri in [uris] if isinstance(uris, str) else list(uris):
         fs, path = filesystem(uri)
-        glob = any(ch in path for ch in "*?[")
+        glob = has_wildcard(path) and not fs.exists(path)
         if glob:
             paths = fs.glob(path)
         elif fs.isdir(path):
@@ -162,7 +188,7 @@ def _glob_root(path: str) -> str:
     """The folders of a glob before its first wildcard: what a wildcard matches below them is
     "below the input", so ``data/**/*.parquet`` skips ``data/_temporary/`` as ``data`` does."""
     parts = path.split("/")
-    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    fixed = next(i for i, part in enumerate(parts) if has_wildcard(part))
     return "/".join(parts[:fixed])
 
 

@@ -274,6 +274,22 @@ def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path
     assert latest_correction(str(tmp_path / "nowhere"), "/models/m", catalog.fingerprint) is None
 
 
+def test_latest_correction_looks_under_its_own_output_only(tmp_path):
+    # before the fix: an output named out[1] took out1's correction (its glob read [1] as a
+    # wildcard), so a route there priced its solve with another output's factors
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(),
+                    actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
+    for output, day in (("out1", 2), ("out[1]", 1)):
+        correction = fit_correction(rec, now=dt.datetime(2026, 11, day, tzinfo=dt.timezone.utc))
+        folder = tmp_path / output / "night" / "reconcile" / correction.version
+        folder.mkdir(parents=True)
+        (folder / "correction.json").write_text(correction.to_json())
+        (tmp_path / output / "night" / "manifest.json").write_text("{}")
+    found = latest_correction(str(tmp_path / "out[1]"), "/models/m", catalog.fingerprint)
+    assert found.created_at.startswith("2026-11-01")   # its own, though out1's is newer
+
+
 def test_an_unreachable_tracking_server_only_warns(tmp_path, monkeypatch, capsys):
     import r2ray.reconcile.report as report
 

@@ -98,3 +98,19 @@ def test_files_under_underscore_or_hidden_folders_are_not_input(tmp_path):
     # a folder named in the fixed part is the caller's choice, underscore or not
     assert storage.list_files(str(tmp_path / "_temporary" / "*" / "*.parquet"), (".parquet",)) \
         == [str(tmp_path / "_temporary" / "0" / "part-0.parquet")]
+
+
+@pytest.mark.parametrize("where", ["memory", "s3"])
+def test_a_name_with_glob_characters_is_removed_by_that_name(where, request):
+    # before the fix: rm read runs[1] as a glob: it removed runs1/'s file and kept its own
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else f"memory://{request.node.name}"
+    root = root.replace("[", "(").replace("]", ")")   # the test's own id holds brackets
+    for folder in ("runs1", "runs[1]"):
+        storage.write_text(storage.join(root, folder, "r", "_r2ray_run.json"), "{}")
+        storage.write_text(storage.join(root, folder, "r", "attempt-1", "part-0.parquet"), "x")
+    storage.remove(storage.join(root, "runs[1]", "r", "_r2ray_run.json"))
+    storage.remove(storage.join(root, "runs[1]", "r", "attempt-1"))
+    assert storage.exists(storage.join(root, "runs1", "r", "_r2ray_run.json"))
+    assert storage.exists(storage.join(root, "runs1", "r", "attempt-1", "part-0.parquet"))
+    assert not storage.exists(storage.join(root, "runs[1]", "r", "_r2ray_run.json"))
+    assert not storage.exists(storage.join(root, "runs[1]", "r", "attempt-1", "part-0.parquet"))

@@ -28,6 +28,22 @@ def check_output_name(uri: str, option: str) -> None:
                          "format, and readers skip other names)")
 
 
+def check_apart(outputs: list[tuple[str, str]],
+                inputs: list[tuple[str, str]] | None = None) -> None:
+    """Refuse, before anything is read or written, an output (option, URI) that names an input or
+    another output: the write would replace the user's source file, or one of two outputs would
+    silently replace the other."""
+    seen: dict[tuple[str, str], str] = {}
+    for option, uri in inputs or []:
+        seen.setdefault(storage.file_identity(uri), f"{option} {uri}")
+    for option, uri in outputs:
+        key = storage.file_identity(uri)
+        if key in seen:
+            raise R2RayError(f"{option} {uri} names the same file as {seen[key]}: r2ray would "
+                             f"write over it — give {option} another name")
+        seen[key] = f"{option} {uri}"
+
+
 def read_table(uri: str) -> pa.Table:
     """Read one parquet or jsonl file into Arrow; a garbled file is a :class:`BenchError`."""
     return _read_file(uri)[0]

@@ -23,7 +23,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from r2ray.bench.io import TableWriter, check_output_name
+from r2ray.bench.io import TableWriter, check_apart, check_output_name
 from r2ray.bench.schema import BENCH_SCHEMA
 from r2ray.bench.world import (KNOBS, TOPIC_NAMES, TOPICS, Knobs, QueryFeatures, answer_setting,
                                expected_outcomes, model_traits, realise, sample_features)
@@ -300,6 +300,8 @@ def _check_write_args(n_queries, chunk_queries, bench_uri, backlog_uri, truth_ur
         raise WorldError("nothing to write: give at least one of --out, --backlog, --truth")
     if embeddings and not backlog_uri:
         raise WorldError("--embeddings adds a column to the backlog: give --backlog PATH too")
-    for option, uri in (("--out", bench_uri), ("--backlog", backlog_uri), ("--truth", truth_uri)):
-        if uri:
-            check_output_name(uri, option)
+    outputs = [(option, uri) for option, uri in (("--out", bench_uri), ("--backlog", backlog_uri),
+                                                 ("--truth", truth_uri)) if uri]
+    for option, uri in outputs:
+        check_output_name(uri, option)
+    check_apart(outputs)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from r2ray import __version__, storage
-from r2ray.bench.io import check_output_name, read_table, write_table
+from r2ray.bench.io import check_apart, check_output_name, read_table, write_table
 from r2ray.bench.schema import bench_error, validate_bench
 from r2ray.bench.stats import bench_stats, format_stats
 from r2ray.catalog import Catalog, budget_label, load_catalog, save_catalog
@@ -207,6 +207,7 @@ def judge_worst_usd(spec) -> float:
 def collect(config: CollectConfig, progress=None) -> CollectResult:
     """Answer, judge where asked, grade, write the bench (and its catalogue), then the manifest."""
     check_output_name(config.out, "--out")
+    check_apart([("--out", config.out)], [("--queries", config.queries)])
     catalog = load_catalog(config.catalog)
     judge_cat = load_catalog(config.judge_catalog or config.catalog) if config.judge_model else None
     if judge_cat is not None:

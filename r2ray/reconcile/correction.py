@@ -10,6 +10,7 @@ caller's choice (opt-out lives with the caller).
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import hashlib
 import json
 import logging
@@ -199,7 +200,7 @@ def latest_correction(output_root: str, model_label: str,
     fs, root = storage.filesystem(output_root)
     if not fs.exists(root):
         return None
-    root = root.rstrip("/")
+    root = glob.escape(root.rstrip("/"))   # literal: ``out[1]`` is no wildcard matching ``out1``
     committed = {posixpath.dirname(p) for p in fs.glob(f"{root}/*/{MANIFEST}")}
     best: CostCorrection | None = None
     for path in fs.glob(f"{root}/*/{RECONCILE_FOLDER}/*/{CORRECTION_FILE}"):

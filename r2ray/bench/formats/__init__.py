@@ -19,7 +19,7 @@ from r2ray.bench.formats.common import AdapterOptions, Converted, ModelPrice, va
 from r2ray.bench.formats.pricing import (
     check_catalog_budgets, default_last, found_catalog, resolve_prices, write_found_catalog,
 )
-from r2ray.bench.io import check_output_name, write_table
+from r2ray.bench.io import check_apart, check_output_name, write_table
 from r2ray.catalog import budget_label, load_catalog
 from r2ray.errors import R2RayError
 
@@ -57,14 +57,18 @@ def convert_files(format: str, inputs: list[str], *, out: str, catalog_out: str 
         raise R2RayError("--model applies to --format r2bench only (other formats name models "
                          "in the data or the file name)")
     adapter = ADAPTERS[format]
+    files = storage.list_files(inputs, adapter.suffixes)
+    catalog_out = catalog_out or default_catalog_out(out)
+    check_apart([("--out", out), ("--catalog-out", catalog_out)],
+                [("input", f) for f in files] + ([("--catalog", catalog_path)] if catalog_path
+                                                 else []))
     options = AdapterOptions(catalog=load_catalog(catalog_path),
                              catalog_explicit=catalog_path is not None, model_names=model_names)
-    converted = adapter.read(storage.list_files(inputs, adapter.suffixes), options)
+    converted = adapter.read(files, options)
     bench = validate_parts(converted.parts)
     check_catalog_budgets(bench, converted.parts, options)
     prices, bench, fit_notes = resolve_prices(bench, converted.parts, converted.prices, options)
     catalog = found_catalog(bench, prices)
-    catalog_out = catalog_out or default_catalog_out(out)
     write_table(bench, out)
     write_found_catalog(catalog, prices, catalog_out)
     return _summary(format, bench, prices, [out, catalog_out], converted.notes + fit_notes)
