@@ -264,3 +264,37 @@ def test_infinite_budget_gives_a_finite_certificate():
         cert = solve_budget(hull_steps(q, c), float("inf"), defer=defer).certificate
         assert math.isfinite(cert.upper_bound) and cert.gap == pytest.approx(0.0, abs=1e-12)
         assert cert.upper_bound == pytest.approx(cert.objective)
+
+
+def test_the_stated_minimum_spend_is_a_budget_that_solves():
+    # cheapest arms 0.1 + 0.4 USD: their exact sum is 2.8e-17 above the float 0.5, so a budget
+    # of 0.5 is short; the error stated 0.5 (rounded to nearest) as the minimum to raise it to
+    q, c = np.array([[0.5, 0.9], [0.3, 0.4]]), np.array([[0.1, 3.0], [0.4, 5.0]])
+    steps = hull_steps(q, c)
+    with pytest.raises(InfeasibleBudget) as err:
+        solve_budget(steps, 0.5)
+    minimum = err.value.min_spend_usd
+    assert Fraction(minimum) >= Fraction(0.1) + Fraction(0.4) > Fraction(0.5)
+    assert f"minimum feasible spend {minimum!r} USD" in str(err.value)
+    assert solve_budget(steps, minimum).arm.tolist() == [0, 0]
+
+
+def test_the_upper_bound_holds_when_under_half_an_ulp_of_the_budget_is_left():
+    # after a 100,000 USD query and a step of 5e-7 USD, 3.8e-12 USD of the budget is left:
+    # under half an ulp of 100,000, so B - spend in floats was 0, and λ* (1e9 quality per USD)
+    # times that sliver put the bound below the objective the greedy fill reached
+    big, d1, budget = 100000.0, 5e-7, 100000.0000005
+    left = Fraction(budget) - Fraction(big) - Fraction(d1)
+    assert 0 < left < Fraction(math.ulp(budget)) / 2
+    d_fill = float(left) * 0.8                 # a step of efficiency 0.9e9 that fits the sliver
+    q = np.array([[0.0, np.nan], [0.0, 1e4], [0.0, 1.0], [0.0, 0.9e9 * d_fill]])
+    c = np.array([[big, np.nan], [0.0, d1], [0.0, 1e-9], [0.0, d_fill]])
+    result = solve_budget(hull_steps(q, c), budget)
+    cert = result.certificate
+    assert result.arm.tolist() == [0, 1, 0, 1] and cert.lam == pytest.approx(1e9)
+    assert chosen(c, result.arm) <= budget and cert.gap >= 0
+    assert cert.upper_bound >= cert.objective
+    exact_dual = Fraction(cert.lam) * Fraction(budget) + sum(
+        max(Fraction(float(qj)) - Fraction(cert.lam) * Fraction(float(cj))
+            for qj, cj in zip(qi, ci) if math.isfinite(qj)) for qi, ci in zip(q, c))
+    assert Fraction(cert.upper_bound) >= exact_dual

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from r2ray.solver.blocks import StepBlock, blocks_of, tie_hash, with_defer_arm
 from r2ray.solver.hull import HullSteps, hull_steps
 from r2ray.solver.passes import HASH_RANGE, arm_after, block_assign, taken_steps
 from r2ray.solver.search import FILL_LIMIT, InfeasibleBudget, Outcome, run_solve
+from r2ray.solver.select import float_at_least
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,7 @@ def _certificate(o: Outcome, g: int) -> DualCertificate:
     items = int(s.n_queries[g] + s.n_steps[g])
     above_q = quality(t.base_q[g] + t.above_dq[g])
     lp_value = above_q + lam * usd(o.remaining[g])
-    spent_above = usd(o.base_spend[g] + t.above_dc[g])
-    # at λ* = 0 the budget's terms vanish; 0 × an infinite budget would make the bound NaN
-    priced = lam * (o.budgets[g] - spent_above) + lam * usd(items) if lam else 0.0
-    upper = above_q + priced + math.ldexp(items, o.quality_exp - 1)
+    upper = _dual_bound(o, g, lam, items)
     objective = quality(t.quality[g])
     tie_weight = o.tie_weight[g]
     return DualCertificate(
@@ -146,11 +145,35 @@ def _certificate(o: Outcome, g: int) -> DualCertificate:
         # when the exact base spend fits a budget that the rounded one does not (no steps taken)
         spend_usd=min(usd(t.spend[g]), o.budgets[g]), budget_usd=o.budgets[g],
         objective=objective,
-        lp_value=lp_value, upper_bound=upper, gap=upper - objective,
+        lp_value=lp_value, upper_bound=float_at_least(upper),
+        gap=float_at_least(upper - _exactly(int(t.quality[g]), o.quality_exp)),
         n_queries=int(s.n_queries[g]), n_steps=int(s.n_steps[g]),
         n_steps_taken=int(t.steps_taken[g]), n_filled=int(t.filled[g]),
         n_invalid_arms=int(s.n_invalid_arms[g]), n_unroutable=int(s.n_unroutable[g]),
         n_deferred=int(t.deferred[g]), seed=o.selection.seed)
+
+
+def _dual_bound(o: Outcome, g: int, lam: float, items: int) -> Fraction | float:
+    """The dual bound g(λ*) (q̂ units) as an exact fraction: Σ q̂ on the arms above λ* plus
+    λ* × (B - their spend) (USD), plus what rounding costs (a quantum per query and step) and
+    qualities (half a quantum each) to quanta can hide.
+
+    Not in floats: B - spend cancels, and the spend (up to 61 bits of quanta) rounded to a float
+    can land on B with up to half an ulp of B still unspent; times a λ* of 1e9 quality per USD
+    (steps costing nano-dollars) that put the bound below the objective (a negative gap)."""
+    t = o.totals
+    bound = _exactly(int(t.base_q[g] + t.above_dq[g]) + Fraction(items, 2), o.quality_exp)
+    if not lam:     # at λ* = 0 the budget's terms vanish (the budget may be infinite)
+        return bound
+    if math.isinf(lam):     # a step of infinite efficiency (its cost underflowed): no bound
+        return math.inf
+    spend_less_rounding = _exactly(o.base_spend[g] + int(t.above_dc[g]) - items, o.cost_exp)
+    return bound + Fraction(lam) * (Fraction(o.budgets[g]) - spend_less_rounding)
+
+
+def _exactly(quanta, exponent: int) -> Fraction:
+    """quanta × 2**exponent as an exact fraction."""
+    return Fraction(quanta) * Fraction(2) ** exponent
 
 
 def choose_arms(q: np.ndarray, c: np.ndarray, lam: float, *, tie_cut: float = 1.0,

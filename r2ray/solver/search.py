@@ -7,13 +7,14 @@ queries. ``passes`` runs a pass over every block (in memory or on Ray) and merge
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
 from r2ray.solver.passes import (
     HASH_RANGE, Band, FillCandidates, RadixSpec, Scale, Selection, Totals, block_band,
     block_fill_candidates, block_histogram, block_scale, merge_histograms)
-from r2ray.solver.select import Hist, floor_quanta, quantum_exponent, walk
+from r2ray.solver.select import Hist, float_at_least, floor_quanta, quantum_exponent, walk
 
 FILL_LIMIT = 1 << 16     # most fill candidates the driver considers per group
 EXACT_EXP = -1074        # exact float sums count units of 2**-1074
@@ -80,11 +81,12 @@ def _check_feasible(exact_base_spend, budgets, names) -> None:
              if spend > floor_quanta(budgets[g], EXACT_EXP)]
     if not short:
         return
-    min_usd = [exact_base_spend[g] / (1 << -EXACT_EXP) for g in short]   # correctly rounded
+    # rounded up: a budget of the rounded-to-nearest sum can still fall short of the exact one
+    min_usd = [float_at_least(Fraction(exact_base_spend[g], 1 << -EXACT_EXP)) for g in short]
     def who(g):
         return "" if len(budgets) == 1 else f"tenant {names[g] if names else g}: "
     lines = [f"{who(g)}budget {budgets[g]:.12g} USD is below the minimum feasible spend "
-             f"{m:.12g} USD (every query on its cheapest valid arm)"
+             f"{m!r} USD (every query on its cheapest valid arm)"
              for g, m in zip(short, min_usd)]
     raise InfeasibleBudget("; ".join(lines) + ". Raise the budget or solve with defer=True.",
                            min_usd[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from numba import njit
@@ -102,6 +103,17 @@ def floor_quanta(usd: float, exponent: int) -> int:
     fraction, power = math.frexp(usd)               # usd = fraction * 2**power
     mantissa, shift = int(math.ldexp(fraction, 53)), power - 53 - exponent
     return mantissa << shift if shift >= 0 else mantissa >> -shift
+
+
+def float_at_least(x) -> float:
+    """The least float >= x (an exact Fraction or int, or a float); inf past the largest float.
+    What an exact bound (a minimum spend, an upper bound) is reported as: rounding to nearest
+    could state a value the bound does not reach."""
+    try:
+        f = float(x)
+    except OverflowError:
+        return math.inf
+    return f if math.isinf(f) or Fraction(f) >= x else math.nextafter(f, math.inf)
 
 
 @dataclass(frozen=True)
