@@ -41,9 +41,25 @@ def cache_root(variable: str = CACHE_VARIABLE, default: Path = DEFAULT_CACHE) ->
     return Path(value or default).expanduser()
 
 
-@functools.lru_cache(maxsize=8)
 def folder_fingerprint(folder: str) -> str:
-    """sha256 (hex, 16 chars) over every file of a model folder: relative path, size, contents."""
+    """sha256 (hex, 16 chars) over every file of a model folder: relative path, size, contents.
+    Remembered per process by :func:`files_key` (a few ms), so files changed since are hashed
+    again."""
+    return _content_fingerprint(folder, files_key(Path(folder), hashlib.sha256()))
+
+
+def files_key(folder: Path, key) -> str:
+    """``key`` (a hashlib object) updated with every file of ``folder``: its name, size and
+    modification time (no contents read: a few ms); its hex digest, 16 characters."""
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = file.stat()
+        key.update(f"|{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return key.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def _content_fingerprint(folder: str, files: str) -> str:
+    """:func:`folder_fingerprint` of ``folder`` whose files have :func:`files_key` ``files``."""
     digest = hashlib.sha256()
     root = Path(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -92,7 +108,7 @@ def cached_encode(texts: list[str], fingerprint: str,
                   encode: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, int]:
     """([N, D] float32 embeddings of ``texts``, how many came from the cache).
 
-    ``fingerprint`` names the encoder (:func:`folder_fingerprint` of its model folder);
+    ``fingerprint`` names the encoder (:func:`r2ray.encoders.encoder_fingerprint`);
     ``encode`` embeds the texts the cache lacks, each distinct text once."""
     root = cache_root()
     if root is None or not texts:
@@ -122,7 +138,7 @@ EMBED_CHUNK_QUERIES = 2048
 def embed_texts(encoder, texts: list[str]) -> np.ndarray:
     """[N, D] float32: ``encoder`` (:class:`r2ray.encoders.Encoder`) on ``texts`` through the cache,
     with a line on stderr per chunk encoded (count, rate), so a long encode is never silent."""
-    from r2ray.encoders import encoder_path
+    from r2ray.encoders import encoder_fingerprint
 
     def encode(missing: list[str]) -> np.ndarray:
         started, parts = time.perf_counter(), []
@@ -136,7 +152,7 @@ def embed_texts(encoder, texts: list[str]) -> np.ndarray:
 
     if cache_root() is None:
         return encode(texts)
-    fingerprint = folder_fingerprint(str(encoder_path(encoder.name).resolve()))
+    fingerprint = encoder_fingerprint(encoder.name)
     vectors, hits = cached_encode(texts, fingerprint, encode)
     if hits:
         print(f"embedding cache: {hits:,} of {len(texts):,} queries already embedded with "

@@ -32,7 +32,7 @@ from r2ray.catalog import Catalog
 from r2ray.encoders import has_text_encoder
 from r2ray.errors import R2RayError
 from r2ray.predictor.base import BasePredictor
-from r2ray.predictor.persist import load_predictor, save_predictor
+from r2ray.predictor.persist import encoder_record, load_predictor, save_predictor
 from r2ray.redaction import redact_text, redacted_output
 from r2ray.wheel import model_requirements, package_wheel
 
@@ -138,7 +138,7 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
     from r2ray.predictor.pyfunc import MODEL_CODE_PATH, PREDICTOR_ARTIFACT, arm_labels
 
     configure_tracking(tracking_uri)
-    encoder_spec = encoder_spec if encoder_spec is not None else predictor.encoder_spec
+    encoder_spec, encoder_fingerprint = encoder_record(predictor, encoder_spec)
     with tempfile.TemporaryDirectory(prefix="r2ray-register-") as tmp:
         folder = save_predictor(predictor, str(Path(tmp) / PREDICTOR_ARTIFACT), encoder_spec)
         wheel = package_wheel(tmp)
@@ -155,7 +155,8 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
                 input_example=_input_example(predictor, encoder_spec),
                 pip_requirements=model_requirements(wheel), registered_model_name=name,
                 metadata={"r2ray_version": __version__, "kind": predictor.name,
-                          "encoder": encoder_spec, "embedding_dim": predictor.embedding_dim_,
+                          "encoder": encoder_spec, "encoder_fingerprint": encoder_fingerprint,
+                          "embedding_dim": predictor.embedding_dim_,
                           "catalog_fingerprint": predictor.catalog_.fingerprint,
                           "data_fingerprint": predictor.data_fingerprint_,
                           "arms": arm_labels(predictor.catalog_)})
@@ -165,6 +166,7 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     for key, value in {"kind": predictor.name, "encoder": str(encoder_spec),
+                       "encoder_fingerprint": str(encoder_fingerprint),
                        "catalog_fingerprint": predictor.catalog_.fingerprint,
                        **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, str(value))

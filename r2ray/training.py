@@ -35,7 +35,8 @@ from r2ray import storage
 from r2ray.bench.io import SUFFIXES, read_bench, read_table
 from r2ray.catalog import Catalog
 from r2ray.embedding_cache import embed_texts
-from r2ray.encoders import MINILM, check_embedding_dimension, has_text_encoder, load_encoder
+from r2ray.encoders import (MINILM, check_embedding_dimension, has_text_encoder, load_encoder,
+                            model_encoder, recorded_fingerprint)
 from r2ray.errors import R2RayError
 from r2ray.predictor import make_predictor
 from r2ray.predictor.base import BasePredictor
@@ -278,13 +279,23 @@ def evaluation_arrays(registered: RegisteredPredictor, data: TrainingData,
     else:
         arrays = bench_arrays(data.table, registered.catalog, data.queries)
     test = arrays.subset(np.flatnonzero(np.isin(arrays.query_id, test_ids)))
-    if test.embedding is not None and registered.encoder_spec == data.encoder_spec:
+    if test.embedding is not None and same_encoder(registered, data.encoder_spec):
         return test
-    if has_text_encoder(registered.encoder_spec):
-        encoder = load_encoder(registered.encoder_spec)
+    encoder = model_encoder(registered.encoder_spec, registered.predictor.encoder_fingerprint,
+                            registered.version.uri if registered.version else "the holder")
+    if encoder is not None:
         return test.with_embedding(embed_texts(encoder, test.query.tolist()))
     raise ValueError(f"the holder was trained on embeddings from {registered.encoder_spec!r} and "
                      f"this run on {data.encoder_spec!r}; they cannot be scored on the same inputs")
+
+
+def same_encoder(registered: RegisteredPredictor, encoder_spec: str | None) -> bool:
+    """Whether ``registered`` was trained on embeddings of ``encoder_spec`` as it is here: the same
+    spec and, for a text encoder, the same files (a holder saved before fingerprints were
+    recorded is taken at its spec)."""
+    recorded = registered.predictor.encoder_fingerprint
+    return registered.encoder_spec == encoder_spec and (
+        recorded is None or recorded == recorded_fingerprint(encoder_spec))
 
 
 def score_on_test(data: TrainingData, test_ids: np.ndarray):
@@ -366,6 +377,7 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
         seconds["fit"] = time.perf_counter() - fit_started
         log.info("fitted %s in %.1f s", predictor.name, seconds["fit"])
         predictor.encoder_spec = data.encoder_spec
+        predictor.encoder_fingerprint = recorded_fingerprint(data.encoder_spec)
         metrics = log_fit(predictor, data, parts["test"], config, counts, seconds["fit"])
         selection = log_selection(predictor)
         score = score_on_test(data, parts["test"].query_id)
@@ -462,11 +474,12 @@ def warm_start_rows(config: WarmStartConfig, registered: RegisteredPredictor
     arrays = bench_arrays(table, catalog, queries, source=config.bench)
     if arrays.embedding is not None:
         return catalog, arrays
-    if not has_text_encoder(registered.encoder_spec):
+    encoder = model_encoder(registered.encoder_spec, registered.predictor.encoder_fingerprint,
+                            config.warm_start)
+    if encoder is None:
         raise R2RayError(f"{config.warm_start} was trained on precomputed embeddings (encoder "
                          f"{registered.encoder_spec!r}): give --queries with an 'embedding' for "
                          "every query of the new rows")
-    encoder = load_encoder(registered.encoder_spec)
     return catalog, arrays.with_embedding(embed_texts(encoder, arrays.query.tolist()))
 
 

@@ -82,3 +82,10 @@ def planted_bench_table(catalog: Catalog, n_queries: int = 300, dim: int = 16,
                         "embedding": pa.array(arrays.embedding.tolist(), pa.list_(pa.float32()))})
     return pa.table(rows), queries
 
+
+def model_folder(path, weights: bytes) -> str:
+    """A stand-in encoder folder (a config and weights): enough to fingerprint, not to load."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(weights)
+    return str(path)

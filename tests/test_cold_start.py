@@ -9,7 +9,7 @@ from dataclasses import replace
 import mlflow
 import numpy as np
 import pytest
-from predictor_world import planted_arrays, planted_bench_table, small_catalog
+from predictor_world import model_folder, planted_arrays, planted_bench_table, small_catalog
 
 from r2ray.bench.io import write_table
 from r2ray.bench.synthetic import synth_backlog, synth_bench, synth_truth
@@ -260,6 +260,22 @@ def test_cli_warm_start_names_an_unknown_model_in_the_rows(benches, tmp_path, ca
                  "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     err = capsys.readouterr().err
     assert code == 2 and "field 'model': unknown model 'model-9'" in err and "row " in err
+
+
+def test_cli_warm_start_refuses_to_embed_new_rows_with_other_weights_of_the_encoder(
+        benches, tmp_path, capsys):
+    """The new arms would be fitted on embeddings the old arms never saw."""
+    folder = benches
+    spec = model_folder(tmp_path / "encoder", b"weights v1")
+    old_rows = planted_arrays(FULL, n_queries=100, dim=16, seed=0)[0]
+    save_predictor(make_predictor("per_arm_ridge").fit(arrays_over(old_rows, FULL, OLD), OLD),
+                   str(tmp_path / "saved"), encoder_spec=spec)
+    model_folder(tmp_path / "encoder", b"weights v2, retrained")
+    code = main(["train", "--warm-start", str(tmp_path / "saved"), "--bench",
+                 str(folder / "new.parquet"), "--catalog", str(folder / "full.catalog.yaml"),
+                 "--register", "x", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'saved'} was trained on embeddings of encoder" in err
 
 
 @pytest.mark.parametrize("extra, message", [

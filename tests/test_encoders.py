@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from predictor_world import model_folder
 
 from r2ray.encoders import (MINILM, EncoderError, check_embedding_dimension, embed_or_encode,
                             encoder_path, has_text_encoder, load_encoder)
@@ -37,6 +38,49 @@ def test_any_local_sentence_transformers_folder_loads(minilm):
 def test_a_folder_that_is_no_model_is_a_clear_error(tmp_path):
     with pytest.raises(EncoderError, match="not a sentence-transformers model folder.*minilm"):
         load_encoder(str(tmp_path))
+
+
+def test_an_encoder_with_other_weights_is_refused_naming_the_model_and_both_fingerprints(
+        tmp_path, monkeypatch):
+    """A predictor recorded its encoder by name only: other weights under the same name (another
+    package version, a folder retrained in place) ran it on other embeddings, silently."""
+    import warnings
+
+    from r2ray.encoders import EncoderFingerprintWarning, check_encoder, encoder_fingerprint
+
+    spec = model_folder(tmp_path / "encoder", b"weights v1")
+    trained = encoder_fingerprint(spec)
+    assert trained == encoder_fingerprint(str(tmp_path / "encoder" / "."))   # the folder's files
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_encoder(spec, trained, "models:/r2ray/3")          # the same files: no word
+        check_encoder("precomputed", None, "models:/r2ray/3")    # no encoder: nothing to check
+    model_folder(tmp_path / "encoder", b"weights v2, retrained")
+    here = encoder_fingerprint(spec)
+    assert here != trained
+    with pytest.raises(EncoderError, match=f"models:/r2ray/3 was trained on embeddings of encoder "
+                                           f".*fingerprint {trained}.*has fingerprint {here}"):
+        check_encoder(spec, trained, "models:/r2ray/3")
+    with pytest.warns(EncoderFingerprintWarning, match="models:/r2ray/1 records no fingerprint"):
+        check_encoder(spec, None, "models:/r2ray/1")             # saved before: a warning only
+
+
+def test_the_encoder_fingerprint_is_remembered_by_the_files_names_sizes_and_times(
+        tmp_path, monkeypatch):
+    """Hashing MiniLM's 91 MB at every worker's start cost 0.1 s; a memo answers later loads."""
+    from r2ray.embedding_cache import folder_fingerprint
+    from r2ray.encoders import encoder_fingerprint
+
+    spec = model_folder(tmp_path / "encoder", b"weights")
+    monkeypatch.setenv("R2RAY_ENCODER_CACHE", str(tmp_path / "cache"))
+    first = encoder_fingerprint(spec)
+    assert first == folder_fingerprint(spec) and len(list((tmp_path / "cache").iterdir())) == 1
+    monkeypatch.setattr("r2ray.embedding_cache.folder_fingerprint",
+                        lambda folder: pytest.fail("hashed the files again"))
+    assert encoder_fingerprint(spec) == first
+    monkeypatch.setenv("R2RAY_ENCODER_CACHE", "off")                 # no memo: the files hashed
+    with pytest.raises(pytest.fail.Exception, match="hashed the files again"):
+        encoder_fingerprint(spec)
 
 
 def test_wrong_embedding_dimension_names_expected_got_and_where():

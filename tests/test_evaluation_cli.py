@@ -64,6 +64,21 @@ def test_evaluate_a_saved_predictor(bench_files, tmp_path, capsys):
     assert code == 2 and "'synthetic' embeddings" in capsys.readouterr().err
 
 
+def test_a_model_that_names_no_encoder_is_not_scored_on_minilms_embeddings(bench_files, tmp_path,
+                                                                           capsys):
+    """Trained on precomputed embeddings with no --encoder named (encoder None): Serve and the
+    batch job want an embedding with each query, but evaluate embedded the bench with MiniLM and
+    scored the weights on those vectors (any other 384-dimensional space passed silently)."""
+    catalog = load_catalog()
+    arrays = bench_arrays(read_table(str(bench_files / "bench.parquet")), catalog,
+                          read_table(str(bench_files / "backlog.parquet")))
+    saved = save_predictor(make_predictor("per_arm_ridge").fit(arrays, catalog),
+                           str(tmp_path / "ridge"))
+    code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model", saved,
+                 "--out", str(tmp_path / "out"), "--seeds", "1", "--methods", "per_arm_ridge"])
+    assert code == 2 and "'precomputed' embeddings" in capsys.readouterr().err
+
+
 def test_evaluate_encodes_query_text_without_a_queries_table(tmp_path):
     catalog = load_catalog()
     bench = tmp_path / "bench.jsonl"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
-from predictor_world import planted_arrays, small_catalog
+from predictor_world import model_folder, planted_arrays, small_catalog
 
 from r2ray.encoders import EncoderError
 from r2ray.predictor import make_predictor
@@ -58,3 +60,63 @@ def test_text_without_an_encoder_or_a_wrong_vector_is_a_clear_error(predictor):
 def test_arm_labels_follow_arm_order():
     assert arm_labels(small_catalog())[:4] == ["model-0|20", "model-0|100", "model-0|400",
                                                "model-0|default"]
+
+
+@pytest.fixture()
+def retrained_encoder(predictor, tmp_path):
+    """The folder of a predictor saved with an encoder folder whose weights then changed."""
+    from r2ray.predictor.persist import save_predictor
+
+    spec = model_folder(tmp_path / "encoder", b"weights v1")
+    saved = save_predictor(predictor, str(tmp_path / "saved"), encoder_spec=spec)
+    model_folder(tmp_path / "encoder", b"weights v2, retrained in place")
+    return saved
+
+
+def test_every_load_that_embeds_text_refuses_an_encoder_with_other_weights(retrained_encoder,
+                                                                           tmp_path):
+    """The encoder was recorded by name only: Serve, the batch job, the pyfunc model and
+    `r2ray evaluate` embedded queries with whatever weights were there, silently."""
+    from types import SimpleNamespace
+
+    from predictor_world import planted_bench_table
+
+    from r2ray.batch.job import load_model
+    from r2ray.bench.io import write_table
+    from r2ray.catalog import save_catalog
+    from r2ray.evaluation.run import evaluate_uris
+    from r2ray.predictor.pyfunc import R2RayPyfunc
+    from r2ray.serving.router import load_routing_model
+
+    saved = retrained_encoder
+    trained, here = "fingerprint [0-9a-f]{16}", "has fingerprint [0-9a-f]{16}"
+    refused = f"{saved} was trained on embeddings of encoder .*{trained}.*{here}"
+    with pytest.raises(EncoderError, match=refused):
+        load_routing_model(saved, device="cpu")
+    with pytest.raises(EncoderError, match=refused):
+        load_model(saved, None, None)
+    model = R2RayPyfunc()
+    model.load_context(SimpleNamespace(model_config=None, artifacts={"predictor": saved}))
+    with pytest.raises(EncoderError, match=f"{trained}.*{here}"):
+        model.predict(None, pd.DataFrame({"query": ["hi"], "input_tokens": [3]}))
+    bench, _ = planted_bench_table(small_catalog(), n_queries=20, dim=16, seed=0)
+    write_table(bench, str(tmp_path / "bench.parquet"))
+    save_catalog(small_catalog(), str(tmp_path / "bench.catalog.yaml"))
+    with pytest.raises(EncoderError, match=refused):
+        evaluate_uris(str(tmp_path / "bench.parquet"), saved, str(tmp_path / "eval"))
+
+
+def test_a_predictor_saved_before_fingerprints_loads_with_a_warning(retrained_encoder,
+                                                                    monkeypatch):
+    import json
+
+    from r2ray.serving.router import load_routing_model
+
+    saved = retrained_encoder
+    document = json.loads((Path(saved) / "predictor.json").read_text())
+    del document["encoder_fingerprint"]
+    (Path(saved) / "predictor.json").write_text(json.dumps(document))
+    monkeypatch.setattr("r2ray.encoders.load_encoder", lambda spec, **_: FakeEncoder())
+    with pytest.warns(UserWarning, match=f"{saved} records no fingerprint"):
+        model = load_routing_model(saved, device="cpu")
+    assert isinstance(model.encoder, FakeEncoder)

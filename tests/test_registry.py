@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from predictor_world import planted_arrays, small_catalog
+from predictor_world import model_folder, planted_arrays, small_catalog
 
 from r2ray.encoders import MINILM, load_encoder
 from r2ray.predictor import make_predictor
@@ -183,6 +183,25 @@ def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data, t
     np.testing.assert_allclose(result["output_tokens"], expected.output_tokens, rtol=1e-5)
     np.testing.assert_allclose(result["cost_usd"],
                                expected.cost_usd(catalog, np.array([10.0, 12.0])), rtol=1e-5)
+
+
+def test_a_version_records_its_encoders_fingerprint_and_serving_checks_it(store, data, tmp_path):
+    from r2ray.embedding_cache import folder_fingerprint
+    from r2ray.encoders import EncoderError
+    from r2ray.serving.router import load_routing_model
+
+    uri, _ = store
+    catalog, train, _ = data
+    spec = model_folder(tmp_path / "encoder", b"weights v1")
+    version = register_predictor(make_predictor("per_arm_ridge").fit(train, catalog),
+                                 "r2ray-encoder", encoder_spec=spec, tracking_uri=uri)
+    trained = folder_fingerprint(spec)        # the embedding cache's key for these files
+    assert version.tags.get("encoder_fingerprint") == trained
+    assert load_registered(version.uri, uri).predictor.encoder_fingerprint == trained
+    model_folder(tmp_path / "encoder", b"weights v2, another package version")
+    with pytest.raises(EncoderError, match=f"{version.uri} was trained on embeddings of encoder "
+                                           f".*{trained}.*{folder_fingerprint(spec)}"):
+        load_routing_model(version.uri, uri, device="cpu")
 
 
 def test_scores_that_are_not_numbers_never_move_the_alias(store, data):

@@ -10,7 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 from conftest import REPO, run_script
-from predictor_world import planted_bench_table, small_catalog
+from predictor_world import model_folder, planted_bench_table, small_catalog
 
 from r2ray.bench.io import write_table
 from r2ray.catalog import catalog_from_dict, save_catalog
@@ -150,6 +150,24 @@ def test_the_holder_is_scored_on_the_same_test_queries_in_its_own_terms(bench):
     minilm_run = replace(data, encoder_spec="minilm")
     with pytest.raises(ValueError, match="cannot be scored on the same inputs"):
         evaluation_arrays(RegisteredPredictor(holder, catalog, None, None), minilm_run, test_ids)
+
+
+def test_a_holder_trained_on_other_weights_of_the_runs_encoder_is_not_scored_on_its_embeddings(
+        bench, tmp_path):
+    """Same encoder name, other weights (a package upgrade between the two trainings): the holder
+    was scored on this run's embeddings, which are not the ones it learned from."""
+    from r2ray.predictor.persist import load_predictor, save_predictor
+
+    folder, catalog = bench
+    spec = model_folder(tmp_path / "encoder", b"weights v1")
+    fitted = make_predictor("per_arm_ridge").fit(load_training_data(config(folder)).arrays,
+                                                 catalog)
+    holder = load_predictor(save_predictor(fitted, str(tmp_path / "holder"), encoder_spec=spec))
+    model_folder(tmp_path / "encoder", b"weights v2, upgraded")
+    run = replace(load_training_data(config(folder)), encoder_spec=spec)  # its embeddings: v2's
+    registered = RegisteredPredictor(holder, catalog, spec, VersionInfo("r2ray", "4", None, ""))
+    with pytest.raises(EncoderError, match="models:/r2ray/4 was trained on embeddings of encoder"):
+        evaluation_arrays(registered, run, run.arrays.query_id[:6])
 
 
 class CountingEncoder:

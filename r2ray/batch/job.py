@@ -77,7 +77,9 @@ def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | Non
     """Resolve the model on the driver once; workers get its files through the object store.
 
     A saved folder is read as its files and checked, not built, so the driver never imports
-    torch for it (~2 s); a registered model is loaded through MLflow and saved to files."""
+    torch for it (~2 s); a registered model is loaded through MLflow and saved to files. Its
+    text encoder here must be the one it was trained with (:func:`r2ray.encoders.check_encoder`,
+    by the fingerprint of its files): refused before anything is written, not in every worker."""
     model = (_registered_model(model_uri, tracking_uri) if model_uri.startswith("models:/")
              else _saved_model(model_uri))
     if catalog_path is not None:
@@ -87,11 +89,12 @@ def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | Non
 
 
 def _saved_model(folder: str) -> LoadedModel:
-    from r2ray.encoders import has_text_encoder
+    from r2ray.encoders import check_encoder, has_text_encoder
     from r2ray.predictor.persist import read_saved, saved_catalog
     from r2ray.predictor.spend_guarantee import SpendSimulation
 
     document, files = read_saved(folder)
+    check_encoder(document["encoder"], document.get("encoder_fingerprint"), folder)
     simulation = document["state"].get("spend_simulation")   # absent in older predictors
     return LoadedModel(files, saved_catalog(document, folder), int(document["embedding_dim"]),
                        has_text_encoder(document["encoder"]), folder, folder, "local",
@@ -102,11 +105,12 @@ def _registered_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
     import tempfile
 
     from r2ray.batch.score import predictor_files
-    from r2ray.encoders import has_text_encoder
+    from r2ray.encoders import check_encoder, has_text_encoder
     from r2ray.predictor.persist import save_predictor
     from r2ray.registry import load_registered
 
     bundle = load_registered(model_uri, tracking_uri, device="cpu")
+    check_encoder(bundle.encoder_spec, bundle.predictor.encoder_fingerprint, model_uri)
     with tempfile.TemporaryDirectory(prefix="r2ray-model-") as folder:
         save_predictor(bundle.predictor, folder, encoder_spec=bundle.encoder_spec)
         files = predictor_files(folder)
@@ -360,7 +364,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                                    "strict_budget": config.strict_budget,
                                    "cost_factors": cost_factors,
                                    "threads": pool.threads_per_worker,
-                                   "precision": pool.encoder_precision},
+                                   "precision": pool.encoder_precision,
+                                   "label": model.label},
             ).materialize()  # Ray Data restarts lost actors and retries their tasks by default
     with _timed(timings, "deduplicate"):
         duplicates = first_seen_duplicates(scored, num_cpus=config.task_cpus)

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 
 from r2ray.catalog import Catalog, catalog_from_yaml
-from r2ray.encoders import check_embedding_dimension, embed_or_encode, has_text_encoder
+from r2ray.encoders import check_embedding_dimension, embed_or_encode
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
 from r2ray.routing import arm_scores, query_key, worst_case_usd
@@ -112,16 +112,17 @@ class ScoreWorker:
     Takes the saved predictor's files as bytes so workers on other nodes need no shared disk.
     ``threads``: torch intra-op threads for the encoder and the predictor (Ray's own guess from a
     fractional CPU request is one; the pool's shape says, :mod:`r2ray.batch.pool`).
-    ``precision``: the encoder's forward pass (:func:`r2ray.encoders.load_encoder`).
+    ``precision``: the encoder's forward pass (:func:`r2ray.encoders.load_encoder`). ``label``:
+    the model's URI or folder, named when its encoder here is not the one it was trained with.
     """
 
     def __init__(self, files: dict[str, bytes], catalog_yaml: str | None = None,
                  device: str | None = None, strict_budget: bool = False,
                  cost_factors: list[float] | None = None, threads: int | None = None,
-                 precision: str | None = "auto"):
+                 precision: str | None = "auto", label: str = "the model"):
         import torch
 
-        from r2ray.encoders import default_device, load_encoder
+        from r2ray.encoders import default_device, model_encoder
         from r2ray.predictor.persist import load_predictor
 
         if threads:
@@ -136,9 +137,9 @@ class ScoreWorker:
             use_threads(self.predictor, threads)
         self.catalog = (self.predictor.catalog_ if catalog_yaml is None
                         else catalog_from_yaml(catalog_yaml, "--catalog"))
-        spec = self.predictor.encoder_spec
-        self.encoder = load_encoder(spec, device=device, precision=precision) \
-            if has_text_encoder(spec) else None
+        self.encoder = model_encoder(self.predictor.encoder_spec,
+                                     self.predictor.encoder_fingerprint, label, device=device,
+                                     precision=precision)
         self.strict_budget = strict_budget
         self.cost_factors = None if cost_factors is None else np.asarray(cost_factors, np.float64)
 

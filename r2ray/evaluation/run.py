@@ -37,6 +37,7 @@ class ModelUnderTest:
     fitted: Predictor | None = None  # the registered / saved weights, if any
     catalog: Catalog | None = None   # the catalogue it was trained with
     encoder: str | None = None       # encoder spec of its training embeddings
+    encoder_fingerprint: str | None = None   # that encoder's files (encoders.encoder_fingerprint)
     version: dict = field(default_factory=dict)
 
     def fresh(self, seed: int) -> Predictor:
@@ -64,7 +65,8 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelUnderTest:
         loaded = load_registered(uri, tracking_uri)
         version = redact_values(asdict(loaded.version)) if loaded.version is not None else {}
         return ModelUnderTest(redact_uri(uri), loaded.predictor.name, loaded.predictor.settings(),
-                              loaded.predictor, loaded.catalog, loaded.encoder_spec, version)
+                              loaded.predictor, loaded.catalog, loaded.encoder_spec,
+                              loaded.predictor.encoder_fingerprint, version)
     if uri in PREDICTORS:
         return ModelUnderTest(uri, uri, {})
     raise R2RayError(f"--model {redact_uri(uri)!r} is neither a registry URI (models:/NAME@ALIAS), "
@@ -73,19 +75,26 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelUnderTest:
 
 
 def load_bench_arrays(bench_uri: str, catalog: Catalog, queries_uri: str | None,
-                      encoder: str | None, log: Callable[[str], None] = log_line
-                      ) -> tuple[BenchArrays, str]:
-    """The bench as arrays with query embeddings, and a line saying where the embeddings came from."""
+                      encoder: str | None, log: Callable[[str], None] = log_line,
+                      model: ModelUnderTest | None = None) -> tuple[BenchArrays, str]:
+    """The bench as arrays with query embeddings, and a line saying where the embeddings came from.
+    ``model``: the model whose ``encoder`` this is. Fitted, its encoder is checked to be the one
+    it was trained with (:func:`r2ray.encoders.check_encoder`) before any text is embedded for
+    it, and one that names none (precomputed embeddings) needs ``queries_uri``, as Serve and the
+    batch job need an ``embedding``: MiniLM's vectors were scored in their place."""
     table = read_bench(bench_uri, catalog)
     if queries_uri:
         return bench_arrays(table, catalog, read_table(queries_uri), bench_uri), \
             f"precomputed, from {queries_uri}"
     from r2ray.embedding_cache import embed_texts
-    from r2ray.encoders import has_text_encoder, load_encoder
+    from r2ray.encoders import check_encoder, has_text_encoder, load_encoder
 
-    if encoder and not has_text_encoder(encoder):
-        raise R2RayError(f"the model was trained on {encoder!r} embeddings, which no encoder makes "
-                         "from text: pass --queries with those embeddings")
+    fitted = model is not None and model.fitted is not None
+    if (encoder or fitted) and not has_text_encoder(encoder):
+        raise R2RayError(f"the model was trained on {encoder or 'precomputed'!r} embeddings, which "
+                         "no encoder makes from text: pass --queries with those embeddings")
+    if fitted:
+        check_encoder(encoder, model.encoder_fingerprint, model.uri)
     arrays = bench_arrays(table, catalog, source=bench_uri)
     spec = encoder or DEFAULT_ENCODER
     log(f"encoding {arrays.n_queries} queries with {spec} ...")
@@ -176,7 +185,8 @@ def evaluate_uris(bench_uri: str, model_uri: str, out_dir: str, catalog_path: st
         raise R2RayError(f"--seeds must be at least 1, got {seeds}")
     model = resolve_model(model_uri, tracking_uri)
     catalog, catalog_source = choose_catalog(model, catalog_path, bench_uri)
-    arrays, embeddings = load_bench_arrays(bench_uri, catalog, queries_uri, model.encoder, log)
+    arrays, embeddings = load_bench_arrays(bench_uri, catalog, queries_uri, model.encoder, log,
+                                           model)
     context = redact_values({"bench": {"uri": bench_uri, "n_queries": arrays.n_queries,
                                        "n_arms": catalog.n_arms, "catalog": catalog_source,
                                        "catalog_fingerprint": catalog.fingerprint},

@@ -127,6 +127,7 @@ class BasePredictor:
     quality_calibration_: QualityCalibration | None = None  # None: q̂ as the fit gives it
     spend_simulation_: SpendSimulation | None = None    # None: no spend guarantee possible
     encoder_spec: str | None = None  # the encoder that produced the training embeddings, if known
+    encoder_fingerprint: str | None = None  # that encoder's files (encoders.encoder_fingerprint)
     calibrates_quality = True  # False: q̂ is used as the fit gives it (``averaged``: the members'
                                # own maps already apply)
 

@@ -381,7 +381,8 @@ def _fresh(predictor: BasePredictor, extension: Extension) -> BasePredictor:
 
     fresh = make_predictor(predictor.name, **predictor.settings())
     fresh.catalog_, fresh.embedding_dim_ = extension.new, predictor.embedding_dim_
-    fresh.encoder_spec = predictor.encoder_spec
+    fresh.encoder_spec, fresh.encoder_fingerprint = predictor.encoder_spec, \
+        predictor.encoder_fingerprint
     return fresh
 
 

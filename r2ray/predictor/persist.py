@@ -5,8 +5,10 @@ A saved predictor is a folder (local path or any fsspec URI) with two files:
 * ``tensors.safetensors`` — every learned array by name (network weights and buffers, Ridge
   coefficients, KNN reference embeddings);
 * ``predictor.json`` — ``kind`` (the registry key), constructor settings, fitted config, the
-  catalogue YAML it was trained with (arm order!), the encoder spec, the embedding dimension, the
-  r2ray version, a fingerprint of the training data and the sha256 of ``tensors.safetensors``.
+  catalogue YAML it was trained with (arm order!), the encoder spec and the fingerprint of its
+  files (:func:`r2ray.encoders.encoder_fingerprint`; checked wherever text is embedded for the
+  predictor), the embedding dimension, the r2ray version, a fingerprint of the training data and
+  the sha256 of ``tensors.safetensors``.
 
 Loading refuses, naming the file, a document that does not parse and tensors that are missing,
 unreadable or not the ones the document was saved with (a truncated copy, a flipped bit, another
@@ -43,8 +45,10 @@ class PredictorVersionWarning(UserWarning):
 def save_predictor(predictor: BasePredictor, directory: str,
                    encoder_spec: str | None = None) -> str:
     """Write ``predictor`` under ``directory``; returns the directory. ``encoder_spec`` overrides
-    the predictor's own record of the encoder that produced its training embeddings."""
+    the predictor's own record of the encoder that produced its training embeddings
+    (:func:`encoder_record`)."""
     config, tensors = predictor.state()
+    encoder, fingerprint = encoder_record(predictor, encoder_spec)
     arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
     data = save_tensors(arrays)
     document = {
@@ -52,7 +56,8 @@ def save_predictor(predictor: BasePredictor, directory: str,
         "kind": predictor.name,
         "r2ray_version": __version__,
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "encoder": encoder_spec if encoder_spec is not None else predictor.encoder_spec,
+        "encoder": encoder,
+        "encoder_fingerprint": fingerprint,
         "embedding_dim": predictor.embedding_dim_,
         "data_fingerprint": predictor.data_fingerprint_,
         "catalog_fingerprint": predictor.catalog_.fingerprint,
@@ -64,6 +69,19 @@ def save_predictor(predictor: BasePredictor, directory: str,
     storage.write_bytes(storage.join(directory, TENSORS_FILE), data)
     storage.write_text(storage.join(directory, CONFIG_FILE), json.dumps(document, indent=2) + "\n")
     return directory
+
+
+def encoder_record(predictor: BasePredictor, encoder_spec: str | None = None
+                   ) -> tuple[str | None, str | None]:
+    """(encoder spec, its fingerprint) a save records: ``encoder_spec``, else the predictor's own;
+    the predictor's record of the fingerprint, else (a predictor fitted here, or one saved
+    before fingerprints were recorded) that of the encoder as it is here now; None for
+    precomputed embeddings."""
+    from r2ray.encoders import recorded_fingerprint
+
+    spec = encoder_spec if encoder_spec is not None else predictor.encoder_spec
+    known = predictor.encoder_fingerprint if spec == predictor.encoder_spec else None
+    return spec, known or recorded_fingerprint(spec)
 
 
 def read_predictor_config(directory: str) -> dict:
@@ -172,5 +190,6 @@ def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
     predictor = make_predictor(document["kind"], **state["settings"])
     predictor.load_state(state, tensors, saved_catalog(document, directory))
     predictor.encoder_spec = document["encoder"]
+    predictor.encoder_fingerprint = document.get("encoder_fingerprint")   # None: saved before it
     predictor.data_fingerprint_ = document["data_fingerprint"]
     return predictor

@@ -23,7 +23,7 @@ from mlflow.pyfunc import PythonModel
 
 from r2ray.catalog import Catalog, budget_label
 from r2ray.encoders import (Encoder, EncoderError, check_embedding_dimension, embed_or_encode,
-                            has_text_encoder, load_encoder)
+                            model_encoder)
 from r2ray.predictor.base import BasePredictor
 from r2ray.prompting import estimate_tokens
 
@@ -93,13 +93,17 @@ class R2RayPyfunc(PythonModel):
         from r2ray.predictor.persist import load_predictor
 
         self.device = (context.model_config or {}).get("device")
-        self.predictor = load_predictor(context.artifacts[PREDICTOR_ARTIFACT], device=self.device)
+        self.source = context.artifacts[PREDICTOR_ARTIFACT]
+        self.predictor = load_predictor(self.source, device=self.device)
         self.encoder: Encoder | None = None
 
     def _encoder(self) -> Encoder | None:
-        """The text encoder, loaded on first use (None for precomputed-embedding predictors)."""
-        if self.encoder is None and has_text_encoder(self.predictor.encoder_spec):
-            self.encoder = load_encoder(self.predictor.encoder_spec, device=self.device)
+        """The text encoder, checked (:func:`r2ray.encoders.check_encoder`) and loaded on first
+        use (None for precomputed-embedding predictors)."""
+        if self.encoder is None:
+            self.encoder = model_encoder(self.predictor.encoder_spec,
+                                         self.predictor.encoder_fingerprint,
+                                         f"the predictor at {self.source}", device=self.device)
         return self.encoder
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, ModelSpec, UnknownModel, repriced_catalog
-from r2ray.encoders import embed_or_encode, has_text_encoder
+from r2ray.encoders import embed_or_encode
 from r2ray.errors import R2RayError
 from r2ray.routing import (ArmScores, allowed_arms, arm_caps, arm_scores, routed_request,
                            worst_case_usd)
@@ -65,14 +65,14 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
     output folder whose newest ``r2ray reconcile`` for this version and catalogue prices ĉ, as
     the next batch run there would. ``precision``: the text encoder's forward pass
     (:func:`r2ray.encoders.load_encoder`; ``auto``, as the batch job's default)."""
-    from r2ray.encoders import default_device, load_encoder
+    from r2ray.encoders import default_device, model_encoder
     from r2ray.registry import load_registered
     device = device or default_device()
     bundle = load_registered(uri, tracking_uri, device=device)
     catalog = bundle.catalog if catalog_path is None else \
         repriced_catalog(catalog_path, bundle.catalog, uri)
-    encoder = load_encoder(bundle.encoder_spec, device=device, precision=precision) \
-        if has_text_encoder(bundle.encoder_spec) else None
+    encoder = model_encoder(bundle.encoder_spec, bundle.predictor.encoder_fingerprint, uri,
+                            device=device, precision=precision)
     version = uri if bundle.version is None else f"{bundle.version.name}/{bundle.version.version}"
     correction = None
     if corrections is not None:
