@@ -296,14 +296,29 @@ def load_catalog(path: str | None = None) -> Catalog:
         text = resources.files("r2ray").joinpath(DEFAULT_CATALOG).read_text()
         source = f"r2ray/{DEFAULT_CATALOG}"
     else:
-        from r2ray.storage import read_text
-
-        text, source = read_text(path), str(path)
+        text, source = _read_catalog_text(path), str(path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise CatalogError(f"catalogue {source} is not valid YAML: {err}") from None
     return catalog_from_dict(data, source)
+
+
+def _read_catalog_text(path: str) -> str:
+    """The catalogue file's text; a path that is missing, a folder, unreadable or not UTF-8 text
+    is a :class:`CatalogError` naming it (the CLI prints one line), not an OS traceback."""
+    from r2ray.redaction import redact_uri
+    from r2ray.storage import read_text, reporting
+
+    action = f"cannot read the catalogue {redact_uri(path)}"
+    try:
+        with reporting(action):   # a folder, no permission, storage down: one line
+            return read_text(path)
+    except FileNotFoundError:
+        raise CatalogError(f"{action}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise CatalogError(f"{action}: not UTF-8 text ({err.reason} at byte {err.start})"
+                           ) from None
 
 
 def repriced_catalog(path: str, trained: Catalog, model_label: str) -> Catalog:

@@ -123,7 +123,9 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
     route.add_argument("--threads-per-worker", type=int,
                        help="torch threads in each worker (default: its CPUs rounded, at least 1)")
     route.add_argument("--batch-size", type=int,
-                       help="rows per actor call (default 256 texts, 8192 precomputed embeddings)")
+                       help="rows per actor call (default: texts, parquet rows / (workers x 8) "
+                            "as a power of two within 256-2,048, 256 when unknown; 8,192 "
+                            "precomputed embeddings)")
     route.add_argument("--read-tasks", type=int,
                        help="read tasks running at once (default: one per 8 workers)")
     route.add_argument("--encoder-precision", choices=("auto", "float32", "bfloat16"),
@@ -336,7 +338,11 @@ def _reconcile(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="r2ray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="r2ray", description="An LLM router on Ray: for every query, which model answers it "
+        "and how many output tokens it may use, under one global spend limit (USD). Exit status: "
+        "0 done, 2 bad input or configuration (nothing committed), 3 a route committed but "
+        "routed nothing.")
     commands = parser.add_subparsers(dest="command", required=True)
     _bench_parsers(commands)
     _route_parser(commands)
@@ -347,7 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     from r2ray.execution.cli import add_parsers as execution_parsers
 
     execution_parsers(commands)   # bench collect, execute
+    _refuse_empty_text(parser)
     return parser
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("give a value, not an empty string")
+    return value
+
+
+def _refuse_empty_text(parser: argparse.ArgumentParser) -> None:
+    """Every text argument of every command must be non-empty: an unset shell variable
+    (``--bench "$BENCH"``) otherwise read as the current folder, or as the flag left out."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _refuse_empty_text(sub)
+        elif action.type is None and action.nargs != 0 and action.option_strings != ["-h"]:
+            action.type = _nonempty
 
 
 def main(argv: list[str] | None = None) -> int:

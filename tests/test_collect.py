@@ -247,6 +247,22 @@ def test_a_spend_cap_that_is_no_amount_is_refused(tmp_path, capsys, cap):
     assert not (tmp_path / "bench.work").exists()
 
 
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--timeout-s", "nan", "--timeout-s nan: give a finite number of seconds above 0"),
+    ("--timeout-s", "0", "--timeout-s 0.0: give a finite number of seconds above 0"),
+    ("--workers", "-3", "--workers -3: give a whole number of at least 1"),
+    ("--batch-rows", "0", "--batch-rows 0: give a whole number of at least 1"),
+    ("--max-attempts", "0", "--max-attempts 0: give a whole number of at least 1"),
+])
+def test_engine_flags_out_of_range_are_refused(tmp_path, capsys, flag, value, message):
+    """--timeout-s nan was an anyio traceback and 0 timed every call out; a count below 1 was
+    quietly taken as 1."""
+    assert main(["bench", "collect", "--queries", "q.jsonl", "--catalog", "pool.yaml", "--out",
+                 str(tmp_path / "bench.parquet"), flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench.work").exists()
+
 # ---- graders: signs, the article "a", scores out of ten (a review, 2026-12-05) ----------------
 def test_exact_keeps_the_sign():
     # before the fix: 1.0 — normalise() strips "-" as punctuation, so "5" matches reference "-5"

@@ -147,6 +147,20 @@ def test_usage_errors_say_how_to_fix(world, catalog):
         make_predictor("per_arm_ridge").fit(no_embedding, catalog)
 
 
+
+@pytest.mark.parametrize("name, settings, message", [
+    ("per_arm_ridge", {"alpha": "nan"}, "setting alpha='nan' must be a finite number"),
+    ("per_arm_ridge", {"alpha": float("nan")}, "setting alpha=nan must be a finite number"),
+    ("r2ray", {"steps": 2.5}, "setting steps=2.5 must be a whole number"),
+    ("carrot_knn_all", {"k": "many"}, "setting k='many' must be a whole number"),
+])
+def test_a_setting_of_the_wrong_kind_is_refused_before_the_fit(world, catalog, name, settings,
+                                                                message):
+    """`--set alpha=nan` (not JSON, so kept as text) was a numpy ufunc traceback in the fit."""
+    with pytest.raises(PredictorError, match=message):
+        make_predictor(name, **settings).fit(world[0], catalog)
+
+
 @pytest.mark.parametrize("name", list(PREDICTORS))
 def test_arms_missing_from_the_data_are_masked_not_learned_as_zero(name, world, catalog):
     """Missing cells are left out of the loss: the zero placeholders do not drag predictions of a

@@ -123,3 +123,45 @@ def test_report_refuses_an_arm_repeated_across_files_or_batches(tmp_path):
         bench_stats_report(str(tmp_path / "one.parquet"), batch_rows=4)
     assert "bench: 1 file(s), 7 rows" in bench_stats_report(str(tmp_path / "two" / "a.parquet"),
                                                             batch_rows=2)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("garbled.parquet", b"hello", "garbled.parquet: not a readable parquet file"),
+    ("blank.jsonl", b"", "blank.jsonl, field 'query_id': missing column(s)"),
+])
+def test_cli_stats_names_a_garbled_or_empty_file_in_one_line(tmp_path, capsys, name, content,
+                                                             message):
+    """These were pyarrow tracebacks (a footer too short; concatenating no tables)."""
+    (tmp_path / name).write_bytes(content)
+    assert main(["bench", "stats", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_stats_of_a_bench_without_rows_prints_an_empty_table(tmp_path, capsys):
+    write_table(tiny_bench().slice(0, 0), str(tmp_path / "none.parquet"))
+    assert main(["bench", "stats", str(tmp_path / "none.parquet")]) == 0
+    assert "1 file(s), 0 rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("catalog_arg", ["folder", "missing.yaml", "bench.parquet"])
+def test_cli_stats_names_a_catalogue_it_cannot_read_in_one_line(tmp_path, capsys, catalog_arg):
+    """A folder, a missing file or a binary file given as --catalog: one line naming it, exit 2
+    (a folder and a binary file were tracebacks)."""
+    bench = tmp_path / "bench.parquet"
+    write_table(tiny_bench(), str(bench))
+    (tmp_path / "folder").mkdir()
+    path = str(tmp_path / catalog_arg)
+    assert main(["bench", "stats", str(bench), "--catalog", path]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the catalogue {path}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["bench", "stats", ""], ["bench", "stats", "b.parquet",
+                                                           "--catalog", " "]])
+def test_cli_refuses_an_empty_text_argument(capsys, argv):
+    """An empty --bench read the whole current folder (every .json file below it) as the bench."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "give a value, not an empty string" in capsys.readouterr().err

@@ -62,16 +62,22 @@ def read_table_rows(uri: str) -> tuple[pa.Table, np.ndarray]:
 def _read_file(uri: str) -> tuple[pa.Table, bytes | None]:
     """The table, and for jsonl the bytes it was read from (None: parquet)."""
     fs, path = storage.filesystem(uri)
+    with _readable(uri), fs.open(path, "rb") as handle:
+        if path.endswith(".parquet"):
+            return pq.read_table(handle), None
+        data = handle.read()
+        return _read_jsonl(data, uri), data
+
+
+@contextlib.contextmanager
+def _readable(uri: str) -> Iterator[None]:
+    """A file that is missing, garbled or no table is a :class:`BenchError` naming it."""
     try:
-        with fs.open(path, "rb") as handle:
-            if path.endswith(".parquet"):
-                return pq.read_table(handle), None
-            data = handle.read()
-            return _read_jsonl(data, uri), data
+        yield
     except BenchError:
         raise
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
-        kind = "parquet" if path.endswith(".parquet") else "jsonl"
+        kind = "parquet" if str(uri).endswith(".parquet") else "jsonl"
         raise BenchError(f"{uri}: not a readable {kind} file ({err})") from None
 
 
@@ -218,10 +224,17 @@ def write_table(table: pa.Table, uri: str) -> None:
 
 
 def iter_batches(uri: str, batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
-    """Stream a parquet file in record batches (jsonl files are read whole)."""
+    """Stream a parquet file in record batches (jsonl files are read whole). A file without rows
+    yields one empty batch of its columns, so a caller validates them as for any other file;
+    a garbled file is a :class:`BenchError`."""
     fs, path = storage.filesystem(uri)
-    if path.endswith(".parquet"):
-        with fs.open(path, "rb") as handle:
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows)
-    else:
-        yield from read_table(uri).to_batches(max_chunksize=batch_rows)
+    if not path.endswith(".parquet"):
+        table = read_table(uri)
+        yield from table.to_batches(max_chunksize=batch_rows) if table.num_rows else [
+            pa.RecordBatch.from_pylist([], schema=table.schema)]
+        return
+    with _readable(uri), fs.open(path, "rb") as handle:
+        file = pq.ParquetFile(handle)
+        if not file.metadata.num_rows:
+            yield pa.RecordBatch.from_pylist([], schema=file.schema_arrow)
+        yield from file.iter_batches(batch_size=batch_rows)

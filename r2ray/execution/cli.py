@@ -20,8 +20,10 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "per-endpoint limits are shared among them")
     parser.add_argument("--batch-rows", type=int, default=8,
                         help="requests per part file (a kill loses at most the batches in flight)")
-    parser.add_argument("--max-attempts", type=int, default=5, help="tries per request")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="per call")
+    parser.add_argument("--max-attempts", type=int, default=5,
+                        help="tries per request (default 5)")
+    parser.add_argument("--timeout-s", type=float, default=60.0,
+                        help="seconds per call, connect to last byte (default 60)")
     parser.add_argument("--resend-unrecorded", action="store_true",
                         help="send again the answers of a work folder written before r2ray "
                         "recorded each call's prompt (default: reuse them unchecked, with a "
@@ -34,16 +36,29 @@ def _engine_config(args: argparse.Namespace):
     from r2ray.execution.engine import EngineConfig
     from r2ray.execution.policy import RetryPolicy
 
-    if args.max_spend_usd is not None and not 0 <= args.max_spend_usd < math.inf:   # NaN too
-        from r2ray.errors import R2RayError
+    _check_engine_arguments(args)
+    return EngineConfig(executor=args.executor, workers=args.workers,
+                        batch_rows=args.batch_rows, max_spend_usd=args.max_spend_usd,
+                        unrecorded="resend" if args.resend_unrecorded else "reuse",
+                        retry=RetryPolicy(max_attempts=args.max_attempts,
+                                          timeout_s=args.timeout_s))
 
+
+def _check_engine_arguments(args: argparse.Namespace) -> None:
+    """A count below 1, a timeout that is not a positive number of seconds or a spend cap that is
+    not a finite amount is an error naming its flag (a NaN timeout failed deep inside the HTTP
+    client; a zero one timed every call out)."""
+    from r2ray.errors import R2RayError
+
+    for flag, count in (("--workers", args.workers), ("--batch-rows", args.batch_rows),
+                        ("--max-attempts", args.max_attempts)):
+        if count < 1:
+            raise R2RayError(f"{flag} {count}: give a whole number of at least 1")
+    if not 0 < args.timeout_s < math.inf:   # NaN too
+        raise R2RayError(f"--timeout-s {args.timeout_s}: give a finite number of seconds above 0")
+    if args.max_spend_usd is not None and not 0 <= args.max_spend_usd < math.inf:
         raise R2RayError(f"--max-spend-usd {args.max_spend_usd}: give a finite, non-negative "
                          "amount (USD)")
-    return EngineConfig(executor=args.executor, workers=max(1, args.workers),
-                        batch_rows=max(1, args.batch_rows), max_spend_usd=args.max_spend_usd,
-                        unrecorded="resend" if args.resend_unrecorded else "reuse",
-                        retry=RetryPolicy(max_attempts=max(1, args.max_attempts),
-                                          timeout_s=args.timeout_s))
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:

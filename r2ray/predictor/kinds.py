@@ -10,6 +10,9 @@ them only when they are the model under test or named in ``--methods``.
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 
@@ -46,6 +49,31 @@ def make_predictor(name: str, **settings) -> BasePredictor:
         raise PredictorError(f"unknown predictor {name!r}; choose one of "
                              f"{', '.join(PREDICTORS)}") from None
     try:
-        return factory(**settings)
+        predictor = factory(**settings)
     except TypeError as err:
         raise PredictorError(f"predictor {name!r}: bad settings {sorted(settings)}: {err}") from None
+    _check_setting_types(name, factory, settings)
+    return predictor
+
+
+def _check_setting_types(name: str, factory: Callable[..., BasePredictor], settings: dict) -> None:
+    """A setting whose default is a number or a flag takes one of the same kind (a float one: any
+    finite number): ``--set alpha=nan`` (read as text) or ``--set steps=2.5`` is an error naming
+    the setting, not a numpy traceback in the middle of a fit."""
+    defaults = inspect.signature(factory).parameters
+    for key, value in settings.items():
+        default = defaults[key].default if key in defaults else None
+        if isinstance(default, bool):
+            wanted, ok = "true or false", isinstance(value, bool)
+        elif isinstance(default, numbers.Integral):
+            wanted, ok = "a whole number", (isinstance(value, numbers.Integral)
+                                            and not isinstance(value, bool))
+        elif isinstance(default, numbers.Real):
+            wanted, ok = "a finite number", (isinstance(value, numbers.Real)
+                                             and not isinstance(value, bool)
+                                             and math.isfinite(value))
+        else:
+            continue
+        if not ok:
+            raise PredictorError(f"predictor {name!r}: setting {key}={value!r} must be {wanted} "
+                                 f"(default {default!r})")
