@@ -54,14 +54,15 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def file_identity(uri: str) -> tuple[str, str]:
-    """(protocol, normalised path): two URIs naming one file get the same, whatever their spelling
-    (``file://``, ``./``, ``a/../b``; locally also ``~`` and symlinks)."""
+def canonical_uri(uri: str) -> str:
+    """One spelling per location: two URIs naming one file or folder get the same, whatever their
+    spelling (``file://``, ``./``, ``a/../b``, a trailing ``/``; locally also ``~``, a relative
+    path and symlinks, resolved as this process sees them): what tells an output from an input,
+    and what labels a model folder where labels must match across runs."""
     fs, path = filesystem(uri)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if is_local(fs):
-        return "file", os.path.realpath(path)
-    return protocol, posixpath.normpath(path)
+        return os.path.realpath(path)
+    return with_scheme(fs, posixpath.normpath(path))
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -15,8 +15,8 @@ from r2ray.bench.io import write_table
 from r2ray.catalog import catalog_from_dict, save_catalog
 from r2ray.cli import EXIT_USER_ERROR, main
 from r2ray.reconcile import (ActualsError, CatalogMismatch, CorrectionError, CostCorrection,
-                             actuals_from_table, fit_correction, latest_correction, read_actuals,
-                             reconcile, write_reconciliation)
+                             actuals_from_table, fit_correction, latest_correction, model_label,
+                             read_actuals, reconcile, write_reconciliation)
 from r2ray.reconcile.report import report_markdown
 from r2ray.reconcile.run import reconcile_run
 
@@ -676,3 +676,34 @@ def test_a_decimal_cost_column_is_read_as_usd(tmp_path):
     actuals = read_actuals(path)
     assert actuals.column("invalid").to_pylist() == [None, None]
     assert actuals.column("cost_usd").to_pylist() == [None, pytest.approx(9e-5, rel=1e-12)]
+
+
+def test_a_local_models_correction_is_found_however_its_folder_is_spelled(tmp_path, monkeypatch):
+    """A local model is labelled by its folder: before, as typed, so a run given ``models/m/``,
+    ``./models/m`` or ``~/...`` missed the correction reconciled for ``<abs>/models/m``
+    ("no reconciliation for this model yet") and planned on uncorrected ĉ."""
+    from r2ray.batch.job import LoadedModel
+    from r2ray.storage import canonical_uri
+
+    catalog = _catalog()
+    folder = tmp_path / "models" / "m"
+    folder.mkdir(parents=True)
+    manifest = _manifest(catalog)
+    manifest["model"] |= {"uri": "models/m/", "label": canonical_uri(str(folder))}
+    rec = reconcile(manifest, _routed(),
+                    actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
+    assert rec.model_label == str(folder.resolve())
+    correction = fit_correction(rec, now=dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc))
+    where = tmp_path / "out" / "night" / "reconcile" / correction.version
+    where.mkdir(parents=True)
+    (where / "correction.json").write_text(correction.to_json())
+    (tmp_path / "out" / "night" / "manifest.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for typed in ("models/m", "models/m/", "./models/m", "models/../models/m", "~/models/m",
+                  str(folder) + "/", f"file://{folder}"):
+        model = LoadedModel({}, catalog, 4, False, typed, typed, "local")
+        found = latest_correction(str(tmp_path / "out"), model.label, catalog.fingerprint)
+        assert found == correction, typed
+    assert _manifest(catalog)["model"].get("label") is None   # runs committed before the label:
+    assert model_label(_manifest(catalog)) == "/models/m"     # the URI as it was typed

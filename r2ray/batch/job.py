@@ -69,8 +69,11 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        """``NAME/VERSION`` for a registered model, the folder for a local one."""
-        return self.uri if self.version == "local" else f"{self.name}/{self.version}"
+        """``NAME/VERSION`` for a registered model; for a local one its folder, spelled one way
+        (:func:`r2ray.storage.canonical_uri`): its cost corrections are found by this label, and
+        ``/models/m/`` or ``./m`` missed those of ``/models/m``."""
+        return storage.canonical_uri(self.uri) if self.version == "local" else \
+            f"{self.name}/{self.version}"
 
 
 def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | None) -> LoadedModel:
@@ -431,7 +434,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                   "cost_correction": correction_record(correction, config),
                   "by_model": spend_by_model(stats)},
         "solve": None if certificate is None else _solve_record(certificate, solved.in_memory),
-        "model": {"uri": model.uri, "name": model.name, "version": model.version},
+        "model": {"uri": model.uri, "name": model.name, "version": model.version,
+                  "label": model.label},
         "catalog_fingerprint": model.catalog.fingerprint,
         "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint},
         "output": {"routed": paths.routed, "quarantine": paths.quarantine,

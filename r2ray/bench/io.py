@@ -33,11 +33,11 @@ def check_apart(outputs: list[tuple[str, str]],
     """Refuse, before anything is read or written, an output (option, URI) that names an input or
     another output: the write would replace the user's source file, or one of two outputs would
     silently replace the other."""
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[str, str] = {}
     for option, uri in inputs or []:
-        seen.setdefault(storage.file_identity(uri), f"{option} {uri}")
+        seen.setdefault(storage.canonical_uri(uri), f"{option} {uri}")
     for option, uri in outputs:
-        key = storage.file_identity(uri)
+        key = storage.canonical_uri(uri)
         if key in seen:
             raise R2RayError(f"{option} {uri} names the same file as {seen[key]}: r2ray would "
                              f"write over it — give {option} another name")

@@ -67,8 +67,11 @@ class Reconciliation:
 
 
 def model_label(manifest: dict) -> str:
-    """``NAME/VERSION`` of a registered model, the folder of a local one (as routed rows say)."""
+    """``NAME/VERSION`` of a registered model, the folder of a local one (as routed rows say):
+    the manifest's ``label`` (runs committed before it was recorded: from the URI as typed)."""
     model = manifest["model"]
+    if model.get("label"):
+        return model["label"]
     return model["uri"] if model["version"] == "local" else f"{model['name']}/{model['version']}"
 
 

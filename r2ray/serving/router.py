@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from r2ray import storage
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, ModelSpec, UnknownModel, repriced_catalog
 from r2ray.encoders import embed_or_encode
 from r2ray.errors import R2RayError
@@ -73,7 +74,8 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
         repriced_catalog(catalog_path, bundle.catalog, uri)
     encoder = model_encoder(bundle.encoder_spec, bundle.predictor.encoder_fingerprint, uri,
                             device=device, precision=precision)
-    version = uri if bundle.version is None else f"{bundle.version.name}/{bundle.version.version}"
+    version = storage.canonical_uri(uri) if bundle.version is None else \
+        f"{bundle.version.name}/{bundle.version.version}"   # a folder: as the batch job labels it
     correction = None
     if corrections is not None:
         from r2ray.reconcile.correction import latest_correction
