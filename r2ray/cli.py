@@ -8,6 +8,8 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -381,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except (R2RayError, FileNotFoundError) as err:
         print(f"r2ray {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:   # the reader left early (`r2ray bench stats B | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush
+        return 128 + signal.SIGPIPE   # what a shell reports for a tool its pipe's reader left
 
 
 if __name__ == "__main__":

@@ -165,3 +165,20 @@ def test_cli_refuses_an_empty_text_argument(capsys, argv):
         main(argv)
     assert exit_.value.code == 2
     assert "give a value, not an empty string" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """``r2ray bench stats B | head``: the reader gone, printing the table raised BrokenPipeError
+    and Python printed its traceback; it exits as a tool whose pipe closed (128 + SIGPIPE)."""
+    import signal
+    import subprocess
+    import sys
+
+    bench = tmp_path / "bench.parquet"
+    write_table(tiny_bench(), str(bench))
+    child = subprocess.Popen([sys.executable, "-m", "r2ray.cli", "bench", "stats", str(bench)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()   # the reader leaves before a line is printed
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
