@@ -56,8 +56,8 @@ def _bench_parsers(commands: argparse._SubParsersAction) -> None:
 
     stats = sub.add_parser("stats", help="per (model, budget): count, quality, tokens, compliance, cost")
     stats.add_argument("bench", nargs="+", help="bench files, directories or globs")
-    stats.add_argument("--catalog", help="catalogue for prices (default: <bench>.catalog.yaml "
-                       "beside the bench if present, else the default pool)")
+    stats.add_argument("--catalog", help="catalogue for prices (default: <bench without "
+                       "suffix>.catalog.yaml beside the bench if present, else the default pool)")
     stats.set_defaults(handler=_bench_stats)
 
 
@@ -159,7 +159,7 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
                                "folder, or a predictor name (its default settings)")
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and curves.png")
     evaluate.add_argument("--catalog", help="catalogue YAML (default: the model's training one, "
-                          "else <bench>.catalog.yaml, else the default pool)")
+                          "else <bench without suffix>.catalog.yaml, else the default pool)")
     evaluate.add_argument("--seeds", type=int, default=5, help="random splits (default 5)")
     evaluate.add_argument("--split", choices=["random", "category"], default="random",
                           help="random 80/20 per seed, or leave one category out")
@@ -190,8 +190,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--bench", required=True, help="long-format bench (file, folder or URI)")
     train.add_argument("--queries", help="table with query_id + embedding, e.g. a synthetic "
                        "backlog (skips the encoder)")
-    train.add_argument("--catalog", help="catalogue YAML (default: <bench>.catalog.yaml beside "
-                       "the bench, else the default pool)")
+    train.add_argument("--catalog", help="catalogue YAML (default: <bench without "
+                       "suffix>.catalog.yaml beside the bench, else the default pool)")
     train.add_argument("--split", choices=["random", "category"],
                        help="test split: random 20%% of queries (default), or leave one category "
                             "out")
