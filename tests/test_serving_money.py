@@ -174,10 +174,27 @@ def test_upstream_never_reached_or_refusing_counts_nothing(routing_model, embedd
     def refusing(request):
         return httpx.Response(400, json={"error": {"message": "bad"}})
 
-    for handler in (unreachable, refusing):
+    for handler, status in ((unreachable, 502), (refusing, 400)):
         service = _forwarding(routing_model, handler)
-        assert _post(service, "/v1/chat/completions", _chat(embedding)).status_code == 502
+        assert _post(service, "/v1/chat/completions", _chat(embedding)).status_code == status
         assert service.book.pending_usd == 0.0
+
+
+def test_the_callers_own_errors_pass_through_and_the_rest_are_502(routing_model, embedding):
+    """An upstream 400/413/422 (the caller's request) and 429 (its rate, with Retry-After) reach
+    the caller as they are: as 502s, OpenAI's clients sent each again at once, for nothing.
+    This router's key (401) or endpoint (404) and the upstream's own 5xx stay 502s."""
+    for upstream, headers, status in ((400, {}, 400), (413, {}, 413), (422, {}, 422),
+                                      (429, {"Retry-After": "7"}, 429), (401, {}, 502),
+                                      (404, {}, 502), (500, {}, 502),
+                                      (503, {"Retry-After": "7"}, 502)):
+        def answer(request, upstream=upstream, headers=headers):
+            return httpx.Response(upstream, headers=headers, json={"error": {"message": "no"}})
+
+        r = _post(_forwarding(routing_model, answer), "/v1/chat/completions", _chat(embedding))
+        assert r.status_code == status, (upstream, r.text)
+        assert f"answered {upstream}" in r.json()["error"]["message"]
+        assert r.headers.get("retry-after") == ("7" if status == 429 else None), upstream
 
 
 # ---- 6. a client's default max_tokens does not remove the default arms -----------------------------

@@ -58,7 +58,10 @@ async def _unauthorised(_: Request, err: AuthError) -> JSONResponse:
 
 
 async def _upstream(_: Request, err: UpstreamError) -> JSONResponse:
-    return error_response(502, str(err), "upstream_error")
+    """502, or the upstream's own status where it is the caller's to act on
+    (:data:`~r2ray.serving.upstream.PASSED_THROUGH`), with its ``Retry-After``."""
+    headers = {"Retry-After": err.retry_after} if err.retry_after else None
+    return error_response(err.status, str(err), "upstream_error", headers=headers)
 
 
 async def _http(_: Request, err: HTTPException) -> JSONResponse:

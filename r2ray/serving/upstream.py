@@ -28,9 +28,18 @@ class UpstreamError(R2RayError):
     upstream may have run and billed it. Not for a connection never made, nor an error status
     (providers do not bill a refused request)."""
 
-    def __init__(self, message: str, may_have_billed: bool = False):
+    def __init__(self, message: str, may_have_billed: bool = False, status: int = 502,
+                 retry_after: str | None = None):
         super().__init__(message)
         self.may_have_billed = may_have_billed
+        self.status, self.retry_after = status, retry_after   # what the caller is answered
+
+
+PASSED_THROUGH = (400, 413, 422, 429)
+"""Upstream statuses the caller gets as they are: its own request (400, 413, 422), which a retry
+cannot fix, or its rate (429, with the upstream's ``Retry-After``), which a retry should wait
+out. As a 502 (what OpenAI's clients retry at once) each was sent again for nothing. Every other
+failure is a 502: a 401/403 or 404 is this router's key or endpoint, a 5xx the upstream's own."""
 
 
 def chat_url(spec: ModelSpec) -> str | None:
@@ -61,8 +70,11 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
         raise UpstreamError(f"upstream {body.get('model')} at {host} failed: "
                             f"{type(err).__name__}", may_have_billed=True) from None
     if response.status_code >= 400:
+        status = response.status_code if response.status_code in PASSED_THROUGH else 502
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code}: {quoted_error(response.text, api_key)}")
+                            f"{response.status_code}: {quoted_error(response.text, api_key)}",
+                            status=status, retry_after=response.headers.get("retry-after")
+                            if status == 429 else None)
     # a 2xx whose body is unusable was accepted, and so may be billed
     accepted = response.is_success
     try:
