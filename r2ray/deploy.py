@@ -56,22 +56,47 @@ def set_path(config: dict, path: str, value: Any) -> None:
     node[last] = value
 
 
+def unknown_keys(data: Any, parsed: Any, path: str = "") -> list[str]:
+    """The dotted paths of the keys in ``data`` that its pydantic parse ``parsed`` has no field
+    for, at every depth (``http_options.prot``, ``applications.r2ray.deployments.Router.x``): Ray
+    Serve's schemas ignore unknown keys, so a misspelt setting would silently keep its default.
+    A list item is named by its ``name`` key, else its index."""
+    from pydantic import BaseModel
+
+    if isinstance(parsed, list) and isinstance(data, list):
+        return [key for index, (item, parsed_item) in enumerate(zip(data, parsed))
+                for key in unknown_keys(item, parsed_item, f"{path}{_item_name(item, index)}.")]
+    if not (isinstance(parsed, BaseModel) and isinstance(data, dict)):
+        return []
+    fields = {}  # a key as written (a field's name or alias) → the field's name
+    for name, field in type(parsed).model_fields.items():
+        fields[name] = fields[field.alias or name] = name
+    found = []
+    for key, value in data.items():
+        if key in fields:
+            found += unknown_keys(value, getattr(parsed, fields[key]), f"{path}{key}.")
+        else:
+            found.append(f"{path}{key}")
+    return found
+
+
+def _item_name(item: Any, index: int) -> str:
+    return str(item["name"]) if isinstance(item, dict) and "name" in item else str(index)
+
+
 def validate_serve_config(config: dict) -> None:
     """Raise :class:`ConfigError` unless ``config`` is a Serve config that ``serve deploy`` and
     KubeRay accept, with no key Ray would ignore, and every r2ray application's args validate."""
     from pydantic import ValidationError
-    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+    from ray.serve.schema import ServeDeploySchema
 
     from r2ray.serving.config import serve_config
 
     try:
-        ServeDeploySchema.model_validate(config)
+        parsed = ServeDeploySchema.model_validate(config)
     except ValidationError as err:
         raise ConfigError.from_validation("Serve config (ServeDeploySchema)", err) from None
-    unknown = [f"  {key}" for key in config if key not in ServeDeploySchema.model_fields]
-    for app in config.get("applications", []):
-        unknown += [f"  applications.{app.get('name')}.{key}" for key in app
-                    if key not in ServeApplicationSchema.model_fields]
+    unknown = [f"  {key}" for key in unknown_keys(config, parsed)]
     if unknown:
         raise ConfigError("Serve config: keys Ray Serve does not know:\n" + "\n".join(unknown))
     for app in config.get("applications", []):

@@ -203,6 +203,26 @@ def test_serve_config_validation_rejects_what_ray_or_r2ray_would():
         deploy.validate_serve_config({"applications": [{"name": "r2ray"}]})
 
 
+def test_serve_config_validation_names_unknown_keys_at_every_depth():
+    """Ray Serve's nested schemas (http_options, deployments, ray_actor_options) drop an unknown
+    key without a word, so a misspelt `port` would leave Serve on its default: each is named."""
+    from r2ray.errors import ConfigError
+
+    config = yaml.safe_load((REPO / deploy.SERVE_CONFIG).read_text())
+    deploy.validate_serve_config(config)
+    config["http_options"]["prot"] = 9000
+    config["grpc_options"] = {"prt": 9001}
+    config["applications"][0]["deployments"] = [
+        {"name": "Router", "num_replicass": 2, "ray_actor_options": {"num_cpu": 1}},
+        {"name": "Pacer", "num_replicas": 1}]
+    with pytest.raises(ConfigError) as raised:
+        deploy.validate_serve_config(config)
+    assert sorted(str(raised.value).splitlines()[1:]) == [
+        "  applications.r2ray.deployments.Router.num_replicass",
+        "  applications.r2ray.deployments.Router.ray_actor_options.num_cpu",
+        "  grpc_options.prt", "  http_options.prot"]
+
+
 def test_fallback_rayjobs_are_the_raycronjobs_templates(builds):
     """The RayJob each *-cronjob overlay's CronJob creates is what `make infra` renders from the
     overlay it wraps (the committed file is current), and the CronJob mounts that ConfigMap."""
