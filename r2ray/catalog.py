@@ -39,6 +39,10 @@ whole context window). Never more than the context leaves: see ``prompting.max_t
 
 DEFAULT_CATALOG = "default_catalog.yaml"
 
+MAX_CATALOG_TOKENS = 2**31 - 1
+"""Largest budget, context or output cap (tokens) a catalogue may give: budgets are int32 in the
+arm arrays and the routed rows (10,000× any model's window, so only a typo reaches it)."""
+
 
 EXECUTION_FIELDS = ("api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute")
 """Optional per-model settings of the execution engine (``r2ray bench collect``, ``r2ray execute``)."""
@@ -64,6 +68,8 @@ def parse_budget(value: int | str) -> int:
             raise ValueError(f"budget {value!r} is neither a positive integer nor 'default'")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"budget {value!r} is neither a positive integer nor 'default'")
+    if value > MAX_CATALOG_TOKENS:
+        raise ValueError(f"budget {value} is above {MAX_CATALOG_TOKENS} tokens")
     return int(value)
 
 
@@ -91,7 +97,7 @@ class ModelSpec(BaseModel):
     name: Annotated[str, Field(min_length=1)]
     input_per_m: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     output_per_m: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    context: Annotated[int, Field(gt=0)]
+    context: Annotated[int, Field(gt=0, le=MAX_CATALOG_TOKENS)]
     budgets: list[int] | None = None
     endpoint: str | None = None
     max_output_tokens: Annotated[int, Field(gt=0)] | None = None  # default arm's cap; None: default
@@ -105,6 +111,12 @@ class ModelSpec(BaseModel):
     @classmethod
     def _budgets(cls, value: Budgets | None) -> list[int] | None:
         return None if value is None else _normalise_budgets(value)
+
+    @field_validator("input_per_m", "output_per_m")
+    @classmethod
+    def _unsigned_zero(cls, value: float) -> float:
+        """-0.0 is 0.0: the same price must give the same fingerprint (JSON writes ``-0.0``)."""
+        return value + 0.0
 
     @model_validator(mode="after")
     def _cap_within_context(self) -> ModelSpec:

@@ -47,11 +47,29 @@ def max_tokens_for(budget_tokens: int, context_tokens: int, input_tokens: int,
     return min(max(1, int(context_tokens) - int(input_tokens)), cap)
 
 
+def length_suffix(budget_tokens: int) -> str:
+    """What a query at this budget gets appended to its user turn: the instruction after a blank
+    line, nothing for the default arm."""
+    if budget_tokens == DEFAULT_BUDGET:
+        return ""
+    return f"\n\n{LENGTH_INSTRUCTION.format(budget_tokens=int(budget_tokens))}"
+
+
+def instruction_tokens_bound(budget_tokens: np.ndarray) -> np.ndarray:
+    """Upper bound (int64 [K], tokens) on what the length instruction adds to each arm's prompt:
+    its UTF-8 bytes (no tokenizer yields more tokens than bytes; ~43 for a 4-digit budget), 0 for
+    the default arm. A given ``input_tokens`` counts the query only, so the worst case at the
+    cap adds this for the prompt actually sent."""
+    budgets = np.asarray(budget_tokens, dtype=np.int64)
+    levels, index = np.unique(budgets, return_inverse=True)   # a grid has a few dozen levels
+    per_level = np.array([len(length_suffix(int(b)).encode()) for b in levels], dtype=np.int64)
+    return per_level[index.reshape(budgets.shape)]
+
+
 def render_messages(query: str, budget_tokens: int,
                     system_prompt: str | None = None) -> list[dict[str, str]]:
     """OpenAI-style chat messages for one query at one budget."""
-    content = query if budget_tokens == DEFAULT_BUDGET else (
-        f"{query}\n\n{LENGTH_INSTRUCTION.format(budget_tokens=int(budget_tokens))}")
+    content = query + length_suffix(budget_tokens)
     messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     messages.append({"role": "user", "content": content})
     return messages
@@ -68,9 +86,7 @@ def render_messages_array(queries: pa.Array | pa.ChunkedArray,
     budgets = np.asarray(budget_tokens, dtype=np.int64)
     n = len(budgets)
     levels, index = np.unique(budgets, return_inverse=True)
-    suffixes = pa.array(["" if b == DEFAULT_BUDGET else
-                         f"\n\n{LENGTH_INSTRUCTION.format(budget_tokens=int(b))}" for b in levels],
-                        pa.string())
+    suffixes = pa.array([length_suffix(int(b)) for b in levels], pa.string())
     content = pc.binary_join_element_wise(
         queries, suffixes.take(pa.array(index.reshape(n), pa.int32())), "")
     if isinstance(content, pa.ChunkedArray):
@@ -86,12 +102,16 @@ def estimate_tokens(text: str | None) -> int:
     cost ~0.3 ms where this costs ~1 µs; ``str.split()`` splits on the same Unicode white space
     as Arrow's ``utf8_split_whitespace`` (tested to agree on every code point)."""
     text = text or ""   # a null text counts as empty, as in the array rule
-    return max(1, len(text.split()), -(-len(text) // 4))
+    n_bytes = len(text.encode("utf-8", "surrogatepass"))   # a lone surrogate from JSON: 3 bytes
+    return max(1, len(text.split()), -(-n_bytes // 4))
 
 
 def estimate_tokens_array(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Rough token counts (int64 [n]): about 4 characters a token, at least one per word, at
-    least 1; for inputs only, where a source gives no count. A null text counts as empty.
+    """Rough token counts (int64 [n]): about 4 UTF-8 bytes a token, at least one per word, at
+    least 1; for inputs only, where a source gives no count. A null text counts as empty. Bytes,
+    not characters: byte-level BPE vocabularies spend a token on ~4 bytes of English but one or
+    more on a CJK character (3 bytes) or an emoji (4), where 4 characters a token counted 6-11×
+    too few (SmolLM2's tokenizer; bytes: 2-3×). Not an upper bound: only bytes are.
 
     The one estimate the batch job, Serve and the bench adapters share, so a query is priced the
     same everywhere. Words split on Unicode white space (no-break and ideographic spaces, line
@@ -101,7 +121,7 @@ def estimate_tokens_array(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
     trimmed = pc.utf8_trim_whitespace(texts)
     words = pc.list_value_length(pc.utf8_split_whitespace(trimmed))
     words = pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), 0, words)
-    chars = pc.utf8_length(texts)
+    n_bytes = pc.binary_length(texts)
     words = pc.fill_null(words, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    chars = pc.fill_null(chars, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.maximum(1, np.maximum(words, -(-chars // 4)))
+    n_bytes = pc.fill_null(n_bytes, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.maximum(1, np.maximum(words, -(-n_bytes // 4)))

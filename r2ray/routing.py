@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from r2ray.catalog import DEFAULT_BUDGET, Catalog
-from r2ray.prompting import max_tokens_array, max_tokens_for, render_messages
+from r2ray.prompting import (instruction_tokens_bound, max_tokens_array, max_tokens_for,
+                             render_messages)
 
 
 def query_key(query: str, query_id: str | None = None) -> int:
@@ -48,9 +49,15 @@ def arm_caps(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
                             arrays["output_cap_tokens"], input_tokens)
 
 
-def worst_case_usd(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
-    """[N, K] float64 USD each arm costs at most: input tokens × p_in + ``max_tokens`` × p_out."""
-    return catalog.arm_cost_usd(input_tokens, arm_caps(catalog, input_tokens))
+def worst_case_usd(catalog: Catalog, input_tokens: np.ndarray,
+                   caps: np.ndarray | None = None) -> np.ndarray:
+    """[N, K] float64 USD each arm costs at most: the prompt sent (input tokens plus the length
+    instruction's bound, :func:`instruction_tokens_bound`) × p_in + ``max_tokens`` × p_out.
+    ``caps``: :func:`arm_caps` of the same input tokens, where the caller has them already."""
+    arrays = catalog.arm_arrays
+    caps = arm_caps(catalog, input_tokens) if caps is None else caps
+    instruction_usd = instruction_tokens_bound(arrays["budget_tokens"]) * arrays["price_in_usd"]
+    return catalog.arm_cost_usd(input_tokens, caps) + instruction_usd[None, :]
 
 
 def arm_scores(quality: np.ndarray, output_tokens: np.ndarray, catalog: Catalog,

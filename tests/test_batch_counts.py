@@ -112,3 +112,30 @@ def test_a_retry_that_leaves_deferred_parts_is_caught_before_the_commit(tmp_path
     kept = int(np.sum(stats.column("queries").to_numpy()))
     with pytest.raises(RuntimeError, match="holds 1 deferred rows but the assign stage deferred 0"):
         check_assigned_parts(str(other / "routed"), kept, str(other / "deferred"), 2 - kept)
+
+
+def test_a_routed_row_carries_its_arms_request_and_the_worst_case_of_the_prompt_sent(tmp_path):
+    """The assign stage's row is ``routing.routed_request`` of its arm, ĉ in float64, and its
+    worst case (in the stats) bounds the bill at the cap of the prompt sent, length instruction
+    included: the block's input tokens (10) are the query's UTF-8 bytes, which bound its tokens.
+    Before the fix the worst case priced the 10 query tokens alone, not the 51 bytes sent."""
+    import pyarrow.parquet as pq
+
+    from r2ray.routing import routed_request
+
+    catalog = catalog_from_dict({"budgets": [50, "default"], "models": [
+        {"name": "a", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096}]}, "test")
+    routed = tmp_path / "routed"
+    stats = assign_stage(_assigned_block([0, 1]), catalog.to_yaml(), str(routed),
+                         str(tmp_path / "deferred"), "v", "r").to_pylist()
+    rows = pq.read_table(next(routed.rglob("*.parquet"))).to_pylist()
+    assert len(rows) == 2 and len(stats) == 1
+    bill = 0.0
+    for row in rows:
+        request = routed_request(f"question {row['query_id'][1:]}", 0, catalog, 10)
+        assert {k: row[k] for k in request} == request
+        assert row["c_hat_usd"] == 1e-5 and row["t_hat"] == 20.0   # the chain's ĉ and t̂
+        sent = len(request["messages"][0]["content"].encode())
+        bill += catalog.cost_usd("a", sent, request["max_tokens"])
+    assert stats[0]["spend_usd"] == 2e-5
+    assert stats[0]["worst_case_usd"] >= bill * (1 - 1e-12), (stats[0], bill)

@@ -66,10 +66,36 @@ def test_per_model_budgets_and_round_trip(tmp_path):
                                    "context": 10, "max_output_tokens": 0}]},
      r"models\.0\.max_output_tokens"),
     ([1, 2], "expected a mapping"),
+    # before the fix: accepted, then an OverflowError traceback when the arms were first priced
+    ({"budgets": [10, 3_000_000_000], "models": []}, "budget 3000000000 is above 2147483647"),
+    ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
+                                   "context": 2**63}]}, r"models\.0\.context.*2147483647"),
 ])
 def test_bad_catalogues_say_where(data, message):
     with pytest.raises(CatalogError, match=message):
         catalog_from_dict(data, "cat.yaml")
+
+
+def test_the_fingerprint_is_the_same_for_the_same_prices_written_otherwise():
+    """Key order, budget order, ``unlimited`` for ``default``, ints for floats and a price of
+    -0.0 for 0 (before the fix: JSON wrote ``-0.0`` and the fingerprint differed) give one
+    fingerprint; any change of a price or an arm gives another."""
+    from r2ray.catalog import catalog_from_yaml
+    plain = catalog_from_yaml("budgets: [10, default]\nmodels:\n"
+                              "  - {name: a, input_per_m: 0, output_per_m: 2, context: 8192}\n")
+    for text in ("budgets: [unlimited, 10]\nmodels:\n"
+                 "  - {context: 8192, output_per_m: 2.0e0, name: a, input_per_m: -0.0}\n",
+                 "models:\n  - {name: a, input_per_m: 0.0, output_per_m: 2, context: 8192.0}\n"
+                 "budgets: ['10', default]\n"):
+        assert catalog_from_yaml(text).fingerprint == plain.fingerprint
+    model = {"name": "a", "input_per_m": 0, "output_per_m": 2, "context": 8192}
+    changed = [{"budgets": [10, "default"], "models": [model | {"output_per_m": 2.0000001}]},
+               {"budgets": [10, "default"], "models": [model | {"input_per_m": 1e-9}]},
+               {"budgets": [10, "default"], "models": [model | {"context": 8191}]},
+               {"budgets": [11, "default"], "models": [model]},
+               {"budgets": [10], "models": [model]}]
+    prints = {catalog_from_dict(data).fingerprint for data in changed}
+    assert len(prints) == len(changed) and plain.fingerprint not in prints
 
 
 def test_bad_yaml_file(tmp_path):

@@ -110,8 +110,8 @@ def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manif
 
 def test_strict_budget_bounds_the_bill_at_the_caps(tmp_path, ray_local, small_routing_model,
                                                   capsys):
-    """--strict-budget: Σ (input × p_in + max_tokens × p_out) over routed rows ≤ the budget,
-    while c_hat_usd stays the predicted cost and the manifest reports both."""
+    """--strict-budget: Σ ((input + length instruction) × p_in + max_tokens × p_out) over routed
+    rows ≤ the budget, while c_hat_usd stays the predicted cost and the manifest reports both."""
     (tmp_path / "in").mkdir()
     catalog = small_routing_model["catalog"]
     backlog = _backlog(tmp_path / "in", catalog, n=200, seed=8)
@@ -127,8 +127,13 @@ def test_strict_budget_bounds_the_bill_at_the_caps(tmp_path, ray_local, small_ro
     assert len(routed) == 200 and spend["usable_usd"] == pytest.approx(200 * 5e-5)
     tokens_in = dict(zip(backlog.column("query_id").to_pylist(),
                          backlog.column("input_tokens").to_pylist()))
+    queries = dict(zip(backlog.column("query_id").to_pylist(),
+                       backlog.column("query").to_pylist()))
     price = {m.name: (m.input_per_m * 1e-6, m.output_per_m * 1e-6) for m in catalog.models}
-    worst = [tokens_in[r["query_id"]] * price[r["model"]][0]
+    # the prompt sent: the query's tokens plus the length instruction's UTF-8 bytes
+    instruction = {r["query_id"]: len(r["messages"][0]["content"].encode())
+                   - len(queries[r["query_id"]].encode()) for r in routed}
+    worst = [(tokens_in[r["query_id"]] + instruction[r["query_id"]]) * price[r["model"]][0]
              + r["max_tokens"] * price[r["model"]][1] for r in routed]
     predicted = [tokens_in[r["query_id"]] * price[r["model"]][0]
                  + r["t_hat"] * price[r["model"]][1] for r in routed]

@@ -16,7 +16,7 @@ SPACES = ["\u00a0", "\u3000", "\u2028", "\u2009", "\t", "\n", "\x1c", "\u200b", 
 
 
 def python_rule(text: str) -> int:
-    return max(1, len(text.split()), math.ceil(len(text) / 4))
+    return max(1, len(text.split()), math.ceil(len(text.encode()) / 4))
 
 
 @settings(max_examples=200, deadline=None)
@@ -36,6 +36,29 @@ def test_batch_validation_and_serve_price_a_query_alike():
     assert good.column("input_tokens").to_pylist() == [estimate_tokens(q) for q in queries]
     assert good.column("input_tokens").to_pylist()[0] == 5  # no-break spaces split words
     assert list(estimate_tokens_array(pa.array(["", None, "  "]))) == [1, 1, 1]
+
+
+def test_the_estimate_counts_utf8_bytes_not_characters():
+    """A CJK character is 3 UTF-8 bytes and about a token (SmolLM2's tokenizer: 1.6), an emoji 4
+    bytes and 1-3 tokens. Before the fix, 4 characters a token counted 116 CJK characters as 29
+    tokens (SmolLM2: 184) and 50 emoji as 13 (SmolLM2: 150); ASCII text is counted as before."""
+    cjk, emoji = "量子计算的基本原理" * 10, "😀🎉🚀👍🔥" * 10
+    assert estimate_tokens(cjk) == 68 and estimate_tokens(emoji) == 50   # old: 23 and 13
+    assert list(estimate_tokens_array(pa.array([cjk, emoji, "x" * 41]))) == [68, 50, 11]
+    assert estimate_tokens("a\ud800b") == 2   # a lone surrogate (JSON allows it): 3 bytes
+
+
+def test_the_instruction_bound_covers_what_rendering_adds():
+    """The worst case at the cap prices the length instruction the prompt carries beyond the
+    query: at least its UTF-8 bytes, which no tokenizer exceeds; nothing for the default arm."""
+    from r2ray.prompting import instruction_tokens_bound   # new with the fix
+
+    budgets = np.array([0, 10, 100, 4000, 100, 123_456])
+    bound = instruction_tokens_bound(budgets)
+    assert bound.dtype == np.int64 and bound[0] == 0 and bound[1] == bound[2] - 1 == 41
+    for b, n in zip(budgets, bound):
+        content = render_messages("Why? 模型", int(b))[-1]["content"]
+        assert n == len(content.encode()) - len("Why? 模型".encode())
 
 
 def test_budgeted_prompt_and_cap():

@@ -36,16 +36,39 @@ def test_caps_of_every_arm_are_the_scalar_rule_and_the_catalogues_cap():
     assert caps[2, 3] == 1 and caps[3, 7] == 1500   # never beyond what the context leaves
 
 
-def test_worst_case_is_input_plus_the_cap_at_the_output_price():
+def test_worst_case_is_the_prompt_sent_plus_the_cap_at_the_output_price():
     catalog = catalog_from_dict({"budgets": [100, "default"], "models": [
         {"name": "a", "input_per_m": 0.5, "output_per_m": 2.0, "context": 8192,
          "max_output_tokens": 3000}]})
     worst = worst_case_usd(catalog, np.array([10, 6000]))
     assert worst.dtype == np.float64
+    instruction = 42   # UTF-8 bytes of "\n\nAnswer concisely, in at most 100 tokens."
     np.testing.assert_allclose(worst, np.array([
-        [10 * 0.5 + 110 * 2.0, 10 * 0.5 + 3000 * 2.0],
-        [6000 * 0.5 + 110 * 2.0, 6000 * 0.5 + 2192 * 2.0]]) * 1e-6, rtol=1e-15)
+        [(10 + instruction) * 0.5 + 110 * 2.0, 10 * 0.5 + 3000 * 2.0],
+        [(6000 + instruction) * 0.5 + 110 * 2.0, 6000 * 0.5 + 2192 * 2.0]]) * 1e-6, rtol=1e-15)
     assert worst_case_usd(catalog, np.zeros(0, np.int64)).shape == (0, 2)
+    caps = np.array([[7, 9], [11, 13]])
+    np.testing.assert_allclose(worst_case_usd(catalog, np.array([10, 6000]), caps), np.array([
+        [(10 + instruction) * 0.5 + 7 * 2.0, 10 * 0.5 + 9 * 2.0],
+        [(6000 + instruction) * 0.5 + 11 * 2.0, 6000 * 0.5 + 13 * 2.0]]) * 1e-6, rtol=1e-15)
+
+
+def test_worst_case_bounds_the_bill_of_the_prompt_actually_sent():
+    """Given input tokens that bound the query (its UTF-8 bytes), the worst case bounds the bill
+    at the cap of the prompt sent, length instruction included. Before the fix it priced the
+    query alone: "What is 2+2?" is 7 SmolLM2 tokens, 21 with the budget-10 instruction, and
+    its bill at the cap (21 + 18 tokens at $1/M each) was 56 % above the worst case (7 + 18)."""
+    catalog = catalog_from_dict({"budgets": [10, 100, 4000, "default"], "models": [
+        {"name": "a", "input_per_m": 1.0, "output_per_m": 1.0, "context": 8192},
+        {"name": "b", "input_per_m": 3.0, "output_per_m": 0.5, "context": 4096}]})
+    for query in ("What is 2+2?", "量子计算的基本原理", "x"):
+        given = len(query.encode())
+        worst = worst_case_usd(catalog, np.array([given]))[0]
+        for arm, (model, _) in enumerate(catalog.arms):
+            request = routed_request(query, arm, catalog, given)
+            sent = sum(len(m["content"].encode()) for m in request["messages"])
+            bill = catalog.cost_usd(model, sent, request["max_tokens"])
+            assert bill <= worst[arm] * (1 + 1e-12), (query, catalog.arms[arm], bill, worst[arm])
 
 
 def test_cost_factors_must_be_one_finite_positive_factor_per_arm():

@@ -19,7 +19,7 @@ from r2ray.bench.io import write_table
 from r2ray.catalog import Catalog, catalog_from_yaml
 from r2ray.manifest import routed_partition
 from r2ray.prompting import MESSAGE_TYPE, render_messages_array
-from r2ray.routing import arm_caps
+from r2ray.routing import arm_caps, worst_case_usd
 from r2ray.solver import DEFER_ARM, chosen_on_chain
 from r2ray.solver.table import list_values
 
@@ -99,7 +99,7 @@ def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog, strict_budget: b
             "model": np.array(catalog.model_names, dtype=object)[arrays["model_index"][arm]],
             "budget": arrays["budget_tokens"][arm], "max_tokens": caps[rows, arm],
             "q_hat": on_chain.quality, "c_hat": c_hat, "t_hat": t_hat,
-            "worst_usd": catalog.arm_cost_usd(input_tokens, caps)[rows, arm]}
+            "worst_usd": worst_case_usd(catalog, input_tokens, caps)[rows, arm]}
 
 
 def _routed_table(batch: pa.Table, chosen: dict, model: str, model_version: str,
