@@ -117,6 +117,38 @@ def test_damaged_saved_folders_are_refused_naming_the_file(fitted, world, catalo
         load_predictor(good)
 
 
+def test_an_edited_document_is_refused_naming_the_file(fitted, tmp_path):
+    """A field a save writes removed (was a bare KeyError naming nothing), and a catalog_yaml that
+    is not the saved one (models reordered: it loaded and labelled model-0's predictions as
+    model-2's): each a PredictorError naming predictor.json, from load_predictor and read_saved."""
+    import yaml
+
+    from r2ray.predictor.persist import read_saved, saved_catalog
+
+    def batch_load(folder: str):   # the batch job's driver: read_saved, then saved_catalog
+        return saved_catalog(read_saved(folder)[0], folder)
+
+    good = save_predictor(fitted["per_arm_ridge"], str(tmp_path / "good"))
+    document = json.loads((tmp_path / "good" / CONFIG_FILE).read_text())
+    reordered = yaml.safe_load(document["catalog_yaml"])
+    reordered["models"].reverse()
+    settings_gone = document | {"state": {k: v for k, v in document["state"].items()
+                                          if k != "settings"}}
+    edits = {"no kind": ({k: v for k, v in document.items() if k != "kind"}, "lacks kind"),
+             "no settings": (settings_gone, "lacks state.settings"),
+             "list state": (document | {"state": []}, "lacks an object as state"),
+             "catalogue": (document | {"catalog_yaml": yaml.safe_dump(reordered)},
+                           "catalog_yaml is not the catalogue the predictor was saved with")}
+    for case, (edited, message) in edits.items():
+        folder = tmp_path / case
+        shutil.copytree(good, folder)
+        (folder / CONFIG_FILE).write_text(json.dumps(edited))
+        for load in (load_predictor, batch_load):
+            with pytest.raises(PredictorError, match=re.escape(f"{folder / CONFIG_FILE}") + ".*"
+                               + re.escape(message)):
+                load(str(folder))
+
+
 def test_loading_warns_on_other_version_or_other_data(fitted, tmp_path):
     save_predictor(fitted["per_arm_ridge"], str(tmp_path))
     document = json.loads((tmp_path / CONFIG_FILE).read_text())

@@ -10,9 +10,11 @@ A saved predictor is a folder (local path or any fsspec URI) with two files:
   predictor), the embedding dimension, the r2ray version, a fingerprint of the training data and
   the sha256 of ``tensors.safetensors``.
 
-Loading refuses, naming the file, a document that does not parse and tensors that are missing,
-unreadable or not the ones the document was saved with (a truncated copy, a flipped bit, another
-predictor's weights: each would otherwise load and predict wrongly). It warns
+Loading refuses, naming the file, a document that does not parse or lacks a field a save writes,
+a ``catalog_yaml`` that is not the catalogue of ``catalog_fingerprint`` (an edited copy would
+label each arm's predictions with another arm), and tensors that are missing, unreadable or not
+the ones the document was saved with (a truncated copy, a flipped bit, another predictor's
+weights: each would otherwise load and predict wrongly). It warns
 (:class:`PredictorVersionWarning`) when the r2ray version differs from this one, and when
 ``expected_data_fingerprint`` is given and differs.
 """
@@ -36,6 +38,10 @@ from r2ray.predictor.base import BasePredictor, PredictorError
 FORMAT_VERSION = 1
 CONFIG_FILE = "predictor.json"
 TENSORS_FILE = "tensors.safetensors"
+# fields every save has written since format 1 (its own and its ``state``'s)
+DOCUMENT_FIELDS = ("kind", "r2ray_version", "encoder", "embedding_dim", "data_fingerprint",
+                   "catalog_fingerprint", "catalog_yaml", "state")
+STATE_FIELDS = ("settings", "fitted", "embedding_dim")
 
 
 class PredictorVersionWarning(UserWarning):
@@ -95,14 +101,42 @@ def read_predictor_config(directory: str) -> dict:
     except json.JSONDecodeError as err:
         raise PredictorError(f"{uri} is not valid JSON ({err}): the saved predictor is damaged "
                              "or was cut short; save or download it again") from None
+    if not isinstance(document, dict):
+        raise PredictorError(f"{uri} holds a JSON {type(document).__name__}, not the saved "
+                             "predictor's object: damaged; save or download it again")
     if document.get("format") != FORMAT_VERSION:
         raise PredictorError(f"{uri}: format {document.get('format')!r} is not {FORMAT_VERSION}; "
                              "retrain the predictor with this r2ray version")
+    check_fields(document, uri)
     return document
 
 
-def saved_catalog(document: dict, source: str = CONFIG_FILE) -> Catalog:
-    return catalog_from_yaml(document["catalog_yaml"], f"{source} catalog_yaml")
+def check_fields(document: dict, uri: str) -> None:
+    """Every field a save writes is there (an edited document that lost one would otherwise
+    fail deep in the load with a bare KeyError naming no file)."""
+    missing = [f for f in DOCUMENT_FIELDS if f not in document]
+    state = document.get("state")
+    if isinstance(state, dict):
+        missing += [f"state.{f}" for f in STATE_FIELDS if f not in state]
+    elif state is not None:
+        missing.append("an object as state")
+    if missing:
+        raise PredictorError(f"{uri} lacks {', '.join(missing)}: the saved predictor was edited "
+                             "or damaged; save or download it again")
+
+
+def saved_catalog(document: dict, directory: str) -> Catalog:
+    """The catalogue the predictor was trained with, once it is the one its fingerprint names:
+    its arm order is the order of every prediction's columns."""
+    uri = storage.join(directory, CONFIG_FILE)
+    catalog = catalog_from_yaml(document["catalog_yaml"], f"{uri} catalog_yaml")
+    if catalog.fingerprint != document["catalog_fingerprint"]:
+        raise PredictorError(f"{uri}: catalog_yaml is not the catalogue the predictor was saved "
+                             f"with (fingerprint {catalog.fingerprint[:12]}…, saved "
+                             f"{document['catalog_fingerprint'][:12]}…): it was edited; save it "
+                             "again, and give other prices or endpoints with --catalog (or the "
+                             "serving config's catalog:) instead")
+    return catalog
 
 
 def read_saved(directory: str, expected_data_fingerprint: str | None = None
