@@ -180,6 +180,17 @@ def test_usage_errors_say_how_to_fix(world, catalog):
 
 
 
+@pytest.mark.parametrize("name", ["r2ray", "per_arm_mlp", "r2ray_residual"])
+def test_a_network_on_two_queries_says_it_needs_three(world, catalog, name):
+    """Was "cannot split 1 queries into two parts; the bench needs at least 2" (a BenchError),
+    from `r2ray evaluate` on a bench of 3 queries: the calibrations' cross-fitting leaves one."""
+    with pytest.raises(PredictorError, match="without a validation set it needs at least 3 "
+                                             "training queries"):
+        make_predictor(name, epochs=2).fit(world[0].subset(np.arange(2)), catalog)
+    three = make_predictor(name, epochs=2).fit(world[0].subset(np.arange(3)), catalog)
+    assert np.isfinite(three.predict(world[1].embedding).quality).all()
+
+
 @pytest.mark.parametrize("name, settings, message", [
     ("per_arm_ridge", {"alpha": "nan"}, "setting alpha='nan' must be a finite number"),
     ("per_arm_ridge", {"alpha": float("nan")}, "setting alpha=nan must be a finite number"),

@@ -338,9 +338,17 @@ def data_fingerprint(arrays: BenchArrays) -> str:
 
 def carve_validation(train: BenchArrays, validation: BenchArrays | None, fraction: float,
                      seed: int) -> tuple[BenchArrays, BenchArrays]:
-    """(fit set, early-stopping set): the given validation set, else a seeded slice of ``train``."""
+    """(fit set, early-stopping set): the given validation set, else a seeded slice of ``train``.
+    One query cannot be cut in two: say why the fit has one (a 2-query training set cross-fitted
+    for the calibrations), not that "the bench" needs 2 when it has more."""
     if validation is not None:
         return train, validation
+    if train.n_queries < 2:
+        raise PredictorError(f"a network fitted on {train.n_queries} query has none left for its "
+                             "early-stopping set: without a validation set it needs at least 3 "
+                             f"training queries (its calibrations are cross-fitted over "
+                             f"{CALIBRATION_FOLDS} folds, each fitted on the others); use a "
+                             "larger bench or a per_arm_ridge / carrot predictor")
     kept, held_out = holdout_indices(train.n_queries, fraction, seed)
     return train.subset(kept), train.subset(held_out)
 
