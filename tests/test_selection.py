@@ -145,6 +145,27 @@ def test_a_device_override_reaches_an_averages_members_and_a_selections_winner(w
     assert "device" not in network["settings"]                  # the saved state is not changed
 
 
+@pytest.mark.parametrize("kind", ["stacked", "averaged"])
+def test_a_composites_seed_reaches_its_network_member(world, kind):
+    """`r2ray train --select none --predictor stacked --seed 5` fitted its r2ray member at seed 0
+    whatever --seed said (averaged passed its seed on; stacked did not); one given its own seed
+    keeps it."""
+    train, catalog = world
+    network = {"kind": "r2ray", "settings": {"epochs": 1, "query_hidden": 8, "joint_hidden": 8,
+                                              "head_hidden": 8}}
+
+    def member_weights(seed: int, member: dict) -> dict[str, np.ndarray]:
+        fitted = make_predictor(kind, members=[{"kind": "per_arm_ridge"}, member], seed=seed)
+        return {k: v.numpy() for k, v in
+                fitted.fit(train, catalog).members_[1].network_.state_dict().items()}
+
+    zero, five = member_weights(0, network), member_weights(5, network)
+    assert not all(np.array_equal(zero[k], five[k]) for k in zero)
+    pinned = network | {"settings": network["settings"] | {"seed": 0}}
+    kept = member_weights(5, pinned)
+    assert all(np.array_equal(zero[k], kept[k]) for k in zero)
+
+
 def test_stack_weights_follow_the_signal_and_sum_to_one():
     rng = np.random.default_rng(0)
     truth = rng.random((400, 3))

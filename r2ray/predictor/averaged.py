@@ -30,7 +30,7 @@ from r2ray.catalog import Catalog
 from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor,
                                   PredictorError, model_fold_ids, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.stacked import blend
+from r2ray.predictor.stacked import blend, member_factory
 
 DEFAULT_MEMBERS = ({"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}, {"kind": "r2ray"})
 
@@ -66,12 +66,7 @@ class AveragedPredictor(BasePredictor):
 
     def _member(self, member: dict) -> BasePredictor:
         """A fresh member; one with a ``seed`` setting it was not given gets the average's."""
-        from r2ray.predictor import make_predictor
-
-        settings = dict(member.get("settings", {}))
-        if "seed" in make_predictor(member["kind"], **settings).settings():
-            settings.setdefault("seed", self.seed)
-        return make_predictor(member["kind"], **settings)
+        return member_factory(member, self.seed)()
 
     def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
              validation: BenchArrays | None) -> None:

@@ -93,10 +93,15 @@ def apply_stack(member_predictions: list[ArmPredictions],
     return ArmPredictions(np.clip(quality, 0.0, 1.0), tokens_from_log(log_tok))
 
 
-def member_factory(member: dict):
+def member_factory(member: dict, seed: int | None = None):
+    """A builder of fresh ``member``s (``{"kind": ..., "settings": {...}}``); one with a ``seed``
+    setting it was not given gets ``seed`` (the composite's: ``--seed`` reaches a network member)."""
     from r2ray.predictor import make_predictor
 
-    return lambda: make_predictor(member["kind"], **member.get("settings", {}))
+    settings = dict(member.get("settings", {}))
+    if seed is not None and "seed" in make_predictor(member["kind"], **settings).settings():
+        settings.setdefault("seed", seed)
+    return lambda: make_predictor(member["kind"], **settings)
 
 
 class StackedPredictor(BasePredictor):
@@ -118,13 +123,14 @@ class StackedPredictor(BasePredictor):
         oof = self.member_out_of_fold
         if oof is None:
             folds = fold_ids(train.n_queries, self.folds, self.seed)
-            oof = [out_of_fold(member_factory(m), train, catalog, folds) for m in self.members]
+            oof = [out_of_fold(member_factory(m, self.seed), train, catalog, folds)
+                   for m in self.members]
         self.member_out_of_fold = None
         self.weights_ = fit_stack(oof, train)
         self.out_of_fold_ = (train, apply_stack(oof, self.weights_))
         self.members_ = []
         for member in self.members:
-            fitted = member_factory(member)()
+            fitted = member_factory(member, self.seed)()
             fitted.catalog_, fitted.embedding_dim_ = catalog, int(x.shape[1])
             fitted._fit(train, training_embedding(train), catalog, validation)
             self.members_.append(fitted)
@@ -149,7 +155,7 @@ class StackedPredictor(BasePredictor):
         self.weights_ = {n: tensors[n] for n in ("quality_weights", "tokens_weights")}
         self.members_ = []
         for i, (member, member_fitted) in enumerate(zip(self.members, fitted["members"])):
-            restored = member_factory(member)()
+            restored = member_factory(member, self.seed)()
             restored.catalog_, restored.embedding_dim_ = self.catalog_, self.embedding_dim_
             prefix = f"member{i}."
             restored._restore(member_fitted, {n.removeprefix(prefix): v for n, v in tensors.items()
