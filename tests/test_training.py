@@ -260,6 +260,29 @@ def test_a_catalogue_model_without_rows_is_refused(bench, tmp_path):
         load_training_data(config(folder, catalog=str(tmp_path / "more.catalog.yaml")))
 
 
+def test_a_query_id_with_two_texts_is_refused_naming_the_row(bench, tmp_path):
+    """Two sources' ids that collide: rows of q1 for model-2 were another question, and were
+    learned (silently) as outcomes on the text of q1's first row, the one embedded."""
+    import pyarrow as pa
+
+    folder, _ = bench
+    table, _ = planted_bench_table(small_catalog(), n_queries=20, dim=16, seed=0)
+    texts = table.column("query").to_pylist()
+    clash = [i for i, (q, m) in enumerate(zip(table.column("query_id").to_pylist(),
+                                               table.column("model").to_pylist()))
+             if q == "q1" and m == "model-2"]
+    for i in clash:
+        texts[i] = "another question under the same id"
+    write_table(table.set_column(table.schema.get_field_index("query"), "query", pa.array(texts)),
+                str(tmp_path / "bench.parquet"))
+    save_catalog(small_catalog(), str(tmp_path / "bench.catalog.yaml"))
+    first = table.column("query_id").to_pylist().index("q1") + 1
+    message = (f"bench.parquet, row {clash[0] + 1}, field 'query': query_id 'q1' has another "
+               f"text here than at row {first};")
+    with pytest.raises(R2RayError, match=message):
+        load_training_data(config(tmp_path, queries=str(folder / "queries.parquet")))
+
+
 @pytest.mark.parametrize("n, extra, message", [
     (2, {}, "2 queries: the random split leaves 1 for training (1 for test); 3-fold "
             "cross-validation needs at least 3 there (a bench of at least 4"),

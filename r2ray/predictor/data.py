@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from r2ray.bench.schema import BenchError
+from r2ray.bench.schema import BenchError, bench_error
 from r2ray.catalog import Catalog
 
 
@@ -85,6 +85,7 @@ def bench_arrays(table: pa.Table, catalog: Catalog, queries: pa.Table | None = N
     arm = arm_positions(catalog, table.column("model"), table.column("budget").to_numpy(), source)
     first_row = np.full(n, -1, dtype=np.int64)
     first_row[inverse[::-1]] = np.arange(table.num_rows)[::-1]  # first row of each query
+    check_one_text_per_query(table, first_row[inverse], source)
 
     def dense(values: np.ndarray, dtype) -> np.ndarray:
         out = np.full((n, k), np.nan, dtype=dtype)
@@ -112,6 +113,20 @@ def bench_arrays(table: pa.Table, catalog: Catalog, queries: pa.Table | None = N
     )
     return arrays if queries is None else arrays.with_embedding(
         embeddings_for(ids, queries, source))
+
+
+def check_one_text_per_query(table: pa.Table, first_rows: np.ndarray, source: str) -> None:
+    """Each query_id names one query: its first row's text is the one embedded, so a row with
+    another text under the same id (two sources' ids that collide) would be learned as an outcome
+    on a question it never answered. ``first_rows`` [R]: each row's query's first row."""
+    text = table.column("query")
+    differs = pc.not_equal(text, text.take(pa.array(first_rows))).to_numpy(zero_copy_only=False)
+    if differs.any():
+        row = int(np.flatnonzero(differs)[0])
+        query_id = table.column("query_id")[row].as_py()
+        raise bench_error(source, row, "query", f"query_id {query_id!r} has another text here than "
+                          f"at row {first_rows[row] + 1}; each query_id names one query: give the "
+                          "other query its own id")
 
 
 def embeddings_for(query_ids: np.ndarray, queries: pa.Table, source: str = "bench") -> np.ndarray:

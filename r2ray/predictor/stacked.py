@@ -95,7 +95,7 @@ def apply_stack(member_predictions: list[ArmPredictions],
 
 def member_factory(member: dict, seed: int | None = None):
     """A builder of fresh ``member``s (``{"kind": ..., "settings": {...}}``); one with a ``seed``
-    setting it was not given gets ``seed`` (the composite's: ``--seed`` reaches a network member)."""
+    setting it was not given gets ``seed``, the composite's: ``--seed`` reaches a network member."""
     from r2ray.predictor import make_predictor
 
     settings = dict(member.get("settings", {}))
