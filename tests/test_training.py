@@ -3,6 +3,7 @@ with --promote; plus its data preparation (catalogue beside the bench, splits, e
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -305,6 +306,22 @@ def test_a_bench_too_small_to_split_says_how_many_queries_it_has_and_needs(tmp_p
     with pytest.raises(R2RayError, match="bench.parquet") as error:
         split_training_data(arrays, config(tmp_path, **extra))
     assert message in str(error.value)
+
+
+def test_the_category_split_refuses_queries_without_one(bench):
+    """Queries without a category were held out together as the category '' (`r2ray train
+    --split category --seed 0`: a test set of the uncategorised, silently; `r2ray evaluate`
+    refuses them); one category was named as [np.str_('chat')]."""
+    folder, _ = bench
+    arrays = load_training_data(config(folder)).arrays
+    category = arrays.category.copy()
+    category[[4, 9]] = ""
+    with pytest.raises(R2RayError, match="needs a category on every query; query_id 'q4' has "
+                                         "none \\(2 queries without one\\)"):
+        split_training_data(replace(arrays, category=category), config(folder, split="category"))
+    with pytest.raises(R2RayError, match=re.escape("the bench has ['chat']; use the random")):
+        split_training_data(replace(arrays, category=np.full(arrays.n_queries, "chat")),
+                            config(folder, split="category"))
 
 
 def test_enough_queries_for_the_folds_split_cleanly(bench):

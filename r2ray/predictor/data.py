@@ -175,10 +175,16 @@ def split_indices(arrays: BenchArrays, split: str = "random", seed: int = 0,
         return holdout_indices(arrays.n_queries, test_fraction, seed)
     if split != "category":
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    uncategorised = np.flatnonzero(arrays.category == "")
+    if uncategorised.size and uncategorised.size < arrays.n_queries:  # '' would be held out as one
+        first = str(arrays.query_id[uncategorised[0]])
+        raise BenchError(f"the category split needs a category on every query; query_id {first!r} "
+                         f"has none ({uncategorised.size} queries without one); give them one or "
+                         "use the random split")
     categories = np.unique(arrays.category)
     if len(categories) < 2:
         raise BenchError(f"the category split needs at least two categories; the bench has "
-                         f"{list(categories)}; use the random split")
+                         f"{categories.tolist()}; use the random split")
     held_out = categories[seed % len(categories)]
     is_test = arrays.category == held_out
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
