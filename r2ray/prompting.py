@@ -4,7 +4,8 @@ A budgeted arm (budget b > 0 tokens) gets the instruction appended to the user's
 ``max_tokens`` cap of b plus a small margin, so a model that overshoots slightly is not cut mid-word
 while one that ignores the instruction is stopped. The default arm (b = 0) gets no instruction: the
 model writes at its own length, capped at its output cap (catalogue ``max_output_tokens``, else
-``DEFAULT_MAX_OUTPUT_TOKENS``). No cap exceeds what the context window leaves after the input.
+``DEFAULT_MAX_OUTPUT_TOKENS``). No cap exceeds what the context window leaves after the input and
+the instruction (bounded by its UTF-8 bytes).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ def max_tokens_array(budget_tokens: np.ndarray, context_tokens: np.ndarray,
                      output_cap_tokens: np.ndarray, input_tokens: np.ndarray) -> np.ndarray:
     """Hard output caps int64 [N, K], the one rule: arms' budget, context and output cap [K]
     (tokens) against prompts of ``input_tokens`` [N]. A budgeted arm gets its budget plus margin,
-    the default arm its output cap; neither more than room = max(1, context − input)."""
+    the default arm its output cap; neither more than room = max(1, context − input − the length
+    instruction's bound, :func:`instruction_tokens_bound`): the prompt sent carries it."""
     budget = np.asarray(budget_tokens, dtype=np.int64)
     margin = np.maximum(CAP_MARGIN_MIN, np.ceil(budget * CAP_MARGIN_SHARE).astype(np.int64))
     cap = np.where(budget == DEFAULT_BUDGET, np.asarray(output_cap_tokens, np.int64),
                    budget + margin)
-    room = np.maximum(1, np.asarray(context_tokens, np.int64)[None, :]
+    room = np.maximum(1, (np.asarray(context_tokens, np.int64)
+                          - instruction_tokens_bound(budget))[None, :]
                       - np.asarray(input_tokens, np.int64)[:, None])
     return np.minimum(room, cap[None, :])
 
@@ -44,7 +47,8 @@ def max_tokens_for(budget_tokens: int, context_tokens: int, input_tokens: int,
     budget = int(budget_tokens)
     cap = int(output_cap_tokens) if budget == DEFAULT_BUDGET else \
         budget + max(CAP_MARGIN_MIN, math.ceil(budget * CAP_MARGIN_SHARE))
-    return min(max(1, int(context_tokens) - int(input_tokens)), cap)
+    instruction = len(length_suffix(budget).encode())   # instruction_tokens_bound's rule
+    return min(max(1, int(context_tokens) - int(input_tokens) - instruction), cap)
 
 
 def length_suffix(budget_tokens: int) -> str:

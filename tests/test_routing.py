@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
-from r2ray.prompting import max_tokens_for
+from r2ray.prompting import instruction_tokens_bound, max_tokens_for
 from r2ray.routing import arm_caps, arm_scores, routed_request, worst_case_usd
 
 
@@ -32,8 +32,14 @@ def test_caps_of_every_arm_are_the_scalar_rule_and_the_catalogues_cap():
             assert caps[i, k] == max_tokens_for(budget, spec.context, int(n_in),
                                                 spec.output_cap_tokens)
             assert caps[i, k] == routed_request("q", k, catalog, int(n_in))["max_tokens"]
-    assert list(caps[0]) == [18, 88, 4095, 4000, 18, 88, 4400, 1500]
+    # a, 4000: 4096 − 1 − 43 (the length instruction's UTF-8 bytes: the prompt sent carries it;
+    # before, 4095, and a prompt of exact input tokens plus the instruction overflowed the window)
+    assert list(caps[0]) == [18, 88, 4052, 4000, 18, 88, 4400, 1500]
     assert caps[2, 3] == 1 and caps[3, 7] == 1500   # never beyond what the context leaves
+    instruction = instruction_tokens_bound(catalog.arm_arrays["budget_tokens"])
+    context = catalog.arm_arrays["context_tokens"]
+    fits = caps > 1   # a prompt that leaves room: input + instruction + cap within the window
+    assert np.all((input_tokens[:, None] + instruction[None, :] + caps <= context[None, :])[fits])
 
 
 def test_worst_case_is_the_prompt_sent_plus_the_cap_at_the_output_price():
