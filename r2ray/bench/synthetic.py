@@ -32,8 +32,9 @@ from r2ray.catalog import Catalog, save_catalog
 from r2ray.errors import R2RayError
 from r2ray.prompting import estimate_tokens
 
-WORLD_VERSION = 3             # 2: default arms capped at the output cap, not the context;
-                              # 3: input tokens estimated from UTF-8 bytes (a "·" is 2)
+WORLD_VERSION = 4             # 2: default arms capped at the output cap, not the context;
+                              # 3: input tokens estimated from UTF-8 bytes (a "·" is 2);
+                              # 4: caps leave the length instruction its room in the window
 BLOCK_QUERIES = 1024          # unit of randomness; chunks are cut from whole blocks
 EMBEDDING_DIM = 384
 EMBEDDING_NOISE = 0.05       # per dimension, against a signal of norm ~1.5
