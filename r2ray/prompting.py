@@ -47,8 +47,7 @@ def max_tokens_for(budget_tokens: int, context_tokens: int, input_tokens: int,
     budget = int(budget_tokens)
     cap = int(output_cap_tokens) if budget == DEFAULT_BUDGET else \
         budget + max(CAP_MARGIN_MIN, math.ceil(budget * CAP_MARGIN_SHARE))
-    instruction = len(length_suffix(budget).encode())   # instruction_tokens_bound's rule
-    return min(max(1, int(context_tokens) - int(input_tokens) - instruction), cap)
+    return min(max(1, int(context_tokens) - int(input_tokens) - instruction_bytes(budget)), cap)
 
 
 def length_suffix(budget_tokens: int) -> str:
@@ -59,6 +58,12 @@ def length_suffix(budget_tokens: int) -> str:
     return f"\n\n{LENGTH_INSTRUCTION.format(budget_tokens=int(budget_tokens))}"
 
 
+def instruction_bytes(budget_tokens: int) -> int:
+    """UTF-8 bytes the length instruction adds to a prompt at this budget (0: default arm): no
+    tokenizer yields more tokens than bytes, so the cap's room and the worst case bound it so."""
+    return len(length_suffix(budget_tokens).encode())
+
+
 def instruction_tokens_bound(budget_tokens: np.ndarray) -> np.ndarray:
     """Upper bound (int64 [K], tokens) on what the length instruction adds to each arm's prompt:
     its UTF-8 bytes (no tokenizer yields more tokens than bytes; ~43 for a 4-digit budget), 0 for
@@ -66,7 +71,7 @@ def instruction_tokens_bound(budget_tokens: np.ndarray) -> np.ndarray:
     cap adds this for the prompt actually sent."""
     budgets = np.asarray(budget_tokens, dtype=np.int64)
     levels, index = np.unique(budgets, return_inverse=True)   # a grid has a few dozen levels
-    per_level = np.array([len(length_suffix(int(b)).encode()) for b in levels], dtype=np.int64)
+    per_level = np.array([instruction_bytes(int(b)) for b in levels], dtype=np.int64)
     return per_level[index.reshape(budgets.shape)]
 
 
