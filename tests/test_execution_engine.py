@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 
 import pyarrow.compute as pc
@@ -338,3 +339,58 @@ def test_a_timeout_before_the_request_went_out_is_not_booked(tmp_path):
     failed = run.failures.to_pylist()[0]
     assert failed["error"].startswith("timed out") and failed["billed_usd"] == 0
     assert run.spend["realised_usd"] == 0
+
+
+def _read_request_then_close(listener: socket.socket, bodies: list[int]) -> None:
+    """A provider that reads each whole request (headers, then Content-Length bytes of body) and
+    drops the connection without answering: it may have run and billed it."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:   # the test closed the listener
+            return
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            while len(body) < length:
+                body += conn.recv(65536)
+            bodies.append(len(body))
+
+
+def test_a_connection_dropped_after_the_request_went_out_is_booked_at_its_worst_case(tmp_path):
+    """The server read the whole request and closed the connection (RemoteProtocolError, which a
+    stale keep-alive connection also gives): it may have answered and billed it, so each attempt
+    is booked at the worst case it reserved, not $0 (it was $0)."""
+    bodies = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        threading.Thread(target=_read_request_then_close, args=(listener, bodies),
+                         daemon=True).start()
+        catalog = stub_catalog(f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+        requests = _requests(catalog, {"dropped": "[say:4]"})
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST), progress=lambda line: None)
+    worst = requests.column("worst_usd").to_pylist()[0]
+    failed = run.failures.to_pylist()[0]
+    assert len(bodies) == failed["attempts"] == 3 and bodies[0] > 0   # each request read whole
+    assert failed["billed_usd"] == pytest.approx(3 * worst) and failed["cost_usd"] == 0
+    assert failed["error"].startswith("connection lost: RemoteProtocolError")
+    assert run.spend["realised_usd"] == pytest.approx(3 * worst)
+
+
+def test_a_refused_connection_is_not_booked(tmp_path):
+    """A connection refused (a port bound but not listening) never sent a byte: nothing is
+    booked for any attempt."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        catalog = stub_catalog(f"http://127.0.0.1:{closed.getsockname()[1]}/v1")
+        run = run_requests(_requests(catalog, {"refused": "[say:4]"}), str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST), progress=lambda line: None)
+    failed = run.failures.to_pylist()[0]
+    assert failed["attempts"] == 3 and failed["error"].startswith("unreachable: ConnectError")
+    assert failed["billed_usd"] == 0 and run.spend["realised_usd"] == 0

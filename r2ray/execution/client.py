@@ -38,9 +38,10 @@ RESULT_SCHEMA = pa.schema([
     pa.field("latency_s", pa.float64()),       # the successful attempt, request to answer
     pa.field("cost_usd", pa.float64()),        # catalogue prices × tokens; 0 when not answered
     pa.field("billed_usd", pa.float64()),      # every attempt the provider billed: cost_usd plus
-                                               # 200s that were no chat completion, and timeouts
-                                               # after the request went out (USD; at the worst
-                                               # case where no usage says what for)
+                                               # 200s that were no chat completion, timeouts
+                                               # after the request went out and connections
+                                               # lost after connecting (USD; at the worst case
+                                               # where no usage says what for)
     pa.field("attempts", pa.int32()),
     pa.field("error", pa.string()),            # why it failed (null when ok)
     pa.field("endpoint", pa.string()),         # host:port, for throughput per endpoint
@@ -106,11 +107,21 @@ class EndpointLimiter:
         self._slots.release()
 
 
+NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
+              httpx.UnsupportedProtocol)
+"""httpx failures raised before any byte of the request left (no connection, no proxy tunnel, no
+pooled slot, a scheme httpx cannot send): never billed. Every other transport failure (a
+connection the server dropped or reset, a malformed reply) may come after the server had the
+whole request: a stale keep-alive connection and a server that read the request then died give
+the same error, so it is booked as billed (at its worst case), the safe side of a budget."""
+
+
 class CallFailed(Exception):
     """One failed attempt. ``billed``: the provider may have billed it though it gave no usable
-    answer — it answered 200 with a body that is no chat completion, or the call timed out after
-    the whole request had gone out; ``usage``: that body's usage block, if it had one (what the
-    attempt was billed for; without it, that is unknown)."""
+    answer — it answered 200 with a body that is no chat completion, the call timed out after the
+    whole request had gone out, or the connection failed other than before sending
+    (:data:`NEVER_SENT`); ``usage``: that body's usage block, if it had one (what the attempt was
+    billed for; without it, that is unknown)."""
 
     def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None,
                  billed: bool = False, usage: dict | None = None):
@@ -143,8 +154,10 @@ async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: st
                                          extensions={"trace": trace})
     except (httpx.TimeoutException, TimeoutError):
         raise CallFailed(f"timed out after {timeout_s:g} s", billed=trace.body_sent) from None
-    except httpx.HTTPError as err:
+    except NEVER_SENT as err:
         raise CallFailed(f"unreachable: {type(err).__name__}") from None
+    except httpx.HTTPError as err:   # the server may have had it all: a dropped connection
+        raise CallFailed(f"connection lost: {type(err).__name__}", billed=True) from None
     if response.status_code >= 400:
         text = redact_text(response.text[:ERROR_TEXT_LIMIT]).replace("\n", " ")
         raise CallFailed(f"HTTP {response.status_code}: {text}", response.status_code,
