@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import threading
 import time
 
+import httpx
 import pyarrow.compute as pc
 import pytest
 
 from r2ray.catalog import CatalogError, catalog_from_dict
-from r2ray.execution.client import SPEND_CAP_REASON, read_usage
+from r2ray.execution.client import SPEND_CAP_REASON, CallFailed, post_chat, read_usage
 from r2ray.execution.engine import EngineConfig, run_requests
 from r2ray.execution.policy import (RetryPolicy, SpendBook, parse_retry_after, plan_todo,
                                     retry_decision)
@@ -188,6 +190,30 @@ def test_api_key_is_sent_from_its_variable_and_never_written(tmp_path, monkeypat
         if path.is_file():
             assert secret.encode() not in path.read_bytes()
     assert secret not in repr(run.summary())
+
+
+@pytest.mark.parametrize("secret", ["sk-test-0123\u00a0", "sk-test\n0123"])
+def test_an_api_key_a_header_cannot_carry_is_a_reason_not_a_crash(tmp_path, monkeypatch, secret):
+    """A pasted non-breaking space made httpx raise outside any HTTP error, taking down the batch
+    with the answers of other models in it (paid for, then lost); a newline was retried as
+    "unreachable". Either is the key's variable named as the reason, nothing sent."""
+    monkeypatch.setenv("STUB_API_KEY", secret)
+    with StubServer() as stub:
+        plain = stub_catalog(stub.url)
+        catalog = catalog_from_dict({"budgets": [8, 32, "default"], "models": [
+            {**vars(plain.model("small")), "api_key_env": "STUB_API_KEY"},
+            vars(plain.model("large"))]})
+        requests = requests_table([arm_request(catalog, "q", "[say:1]", model, 32)
+                                   for model in ("small", "large")])
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=2),
+                           progress=lambda line: None)
+        assert len(stub.calls) == 1   # only the unkeyed model's call
+    assert run.results.column("model").to_pylist() == ["large"]
+    failed = run.failures.to_pylist()[0]
+    assert failed["attempts"] == 0 and failed["error"] == (
+        "environment variable STUB_API_KEY (the API key) holds a character an HTTP header cannot "
+        "carry (non-ASCII or a control character)")
 
 
 def test_rate_limits_space_the_calls(tmp_path):
@@ -394,3 +420,19 @@ def test_a_refused_connection_is_not_booked(tmp_path):
     failed = run.failures.to_pylist()[0]
     assert failed["attempts"] == 3 and failed["error"].startswith("unreachable: ConnectError")
     assert failed["billed_usd"] == 0 and run.spend["realised_usd"] == 0
+
+
+def test_a_request_h11_refuses_to_write_is_not_booked():
+    """httpx's LocalProtocolError (here a header with a trailing space) is raised before the
+    request could leave: the server got nothing, so the attempt is not booked as billed."""
+    async def attempt(url: str) -> CallFailed:
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(CallFailed) as failed:
+                await post_chat(client, f"{url}/chat/completions", {"model": "small"},
+                                "sk-test ", timeout_s=2.0)
+        return failed.value
+
+    with StubServer() as stub:
+        failed = asyncio.run(attempt(stub.url))
+        assert stub.calls == []
+    assert failed.reason == "unreachable: LocalProtocolError" and not failed.billed

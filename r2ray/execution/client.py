@@ -108,12 +108,13 @@ class EndpointLimiter:
 
 
 NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
-              httpx.UnsupportedProtocol)
-"""httpx failures raised before any byte of the request left (no connection, no proxy tunnel, no
-pooled slot, a scheme httpx cannot send): never billed. Every other transport failure (a
-connection the server dropped or reset, a malformed reply) may come after the server had the
-whole request: a stale keep-alive connection and a server that read the request then died give
-the same error, so it is booked as billed (at its worst case), the safe side of a budget."""
+              httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+"""httpx failures raised before the whole request could leave (no connection, no proxy tunnel, no
+pooled slot, a scheme httpx cannot send, a request h11 refuses to write, such as a header ending
+in a space): never billed. Every other transport failure (a connection the server dropped or reset,
+a malformed reply) may come after the server had the whole request: a stale keep-alive connection
+and a server that read the request then died give the same error, so it is booked as billed (at
+its worst case), the safe side of a budget."""
 
 
 class CallFailed(Exception):
@@ -238,8 +239,10 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
     api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     cost = 0.0
     try:
-        if settings.api_key_env and not api_key:
-            row["error"] = f"environment variable {settings.api_key_env} (the API key) is not set"
+        key_problem = api_key_problem(api_key) if settings.api_key_env else None
+        if key_problem:
+            row["error"] = (f"environment variable {settings.api_key_env} (the API key) "
+                            + key_problem)
             return row
         while True:
             row["attempts"] += 1
@@ -283,6 +286,18 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
         row["ended_s"] = time.time()
         if reserved:
             await book.settle(worst, cost)
+
+
+def api_key_problem(api_key: str | None) -> str | None:
+    """Why ``api_key`` cannot go in an Authorization header, else None: unset, or holding a
+    character a header cannot carry (a pasted non-breaking space, which httpx raises on outside
+    any HTTP error and which took the whole batch down, its paid answers with it; a newline). The
+    key itself is never quoted."""
+    if not api_key:
+        return "is not set"
+    if not (api_key.isascii() and api_key.isprintable()):
+        return "holds a character an HTTP header cannot carry (non-ASCII or a control character)"
+    return None
 
 
 def _priced(usage: dict | None, request: dict) -> float:
