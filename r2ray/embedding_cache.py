@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
+import shutil
 import sys
 import time
 import uuid
@@ -42,33 +44,125 @@ def cache_root(variable: str = CACHE_VARIABLE, default: Path = DEFAULT_CACHE) ->
 
 
 def folder_fingerprint(folder: str) -> str:
-    """sha256 (hex, 16 chars) over every file of a model folder: relative path, size, contents.
-    Remembered per process by :func:`files_key` (a few ms), so files changed since are hashed
-    again."""
+    """sha256 (hex, 16 chars) over every file of a model folder (or of one file): relative path,
+    size, contents. Remembered per process by :func:`files_key` (a few ms), so files changed
+    since are hashed again."""
     return _content_fingerprint(folder, files_key(Path(folder), hashlib.sha256()))
 
 
 def files_key(folder: Path, key) -> str:
-    """``key`` (a hashlib object) updated with every file of ``folder``: its name, size and
-    modification time (no contents read: a few ms); its hex digest, 16 characters."""
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    """``key`` (a hashlib object) updated with every file of ``folder`` (or ``folder`` itself
+    when it is a file): its name, size and modification time (no contents read: a few ms); its
+    hex digest, 16 characters."""
+    for name, file in _files(folder):
         stat = file.stat()
-        key.update(f"|{file.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        key.update(f"|{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return key.hexdigest()[:16]
+
+
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """(name relative to ``path``, file) of every file under the folder ``path``, in path order;
+    a file ``path`` is itself, under its own name."""
+    if path.is_file():
+        return [(path.name, path)]
+    return [(str(file.relative_to(path)), file)
+            for file in sorted(p for p in path.rglob("*") if p.is_file())]
 
 
 @functools.lru_cache(maxsize=8)
 def _content_fingerprint(folder: str, files: str) -> str:
     """:func:`folder_fingerprint` of ``folder`` whose files have :func:`files_key` ``files``."""
     digest = hashlib.sha256()
-    root = Path(folder)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
+    for name, path in _files(Path(folder)):
+        digest.update(name.encode())
         digest.update(path.stat().st_size.to_bytes(8, "little"))
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+FINGERPRINT_FORMAT = 1   # what a memo of :func:`remembered_fingerprint` holds; part of its key
+
+
+def remembered_fingerprint(path: Path, root: Path | None) -> str:
+    """:func:`folder_fingerprint` of ``path`` (a model folder or file), remembered in a memo under
+    the cache folder ``root`` (None: hashed every time): the key that lets every install of the
+    same files (another venv, clone or CI run) share one cached copy.
+
+    Hashing MiniLM's 91 MB took 0.08-0.46 s (2 shared cores, 2026-12-06) at every start; the memo,
+    keyed by ``path`` and its files' names, sizes and modification times (:func:`files_key`),
+    answers in 2-8 ms. Files replaced by others of the same size and modification time are not
+    noticed. Memos are a cache's entries like any other (:func:`evict_stale`)."""
+    if root is None:
+        return folder_fingerprint(str(path))
+    key = hashlib.sha256(f"fingerprint {FINGERPRINT_FORMAT}|{path}".encode())
+    memo = root / f"{path.name}-{files_key(path, key)}.fingerprint"
+    try:
+        known = memo.read_text().strip()
+    except (OSError, UnicodeDecodeError):   # none yet (or unreadable): hash the files
+        known = ""
+    if re.fullmatch(r"[0-9a-f]{16}", known):
+        touch(memo)
+        return known
+    fingerprint = folder_fingerprint(str(path))
+    try:
+        from r2ray import storage
+
+        storage.write_bytes(str(memo), fingerprint.encode())
+    except OSError as err:
+        print(f"warning: cannot cache the fingerprint of {path} under {memo} ({err})",
+              file=sys.stderr)
+        return fingerprint
+    evict_stale(memo, re.escape(path.name) + r"-[0-9a-f]{16}\.fingerprint")
+    return fingerprint
+
+
+KEEP_COPIES = 2
+"""Copies of one source a cache keeps when it writes another: the most recently used (a use
+touches its copy), so a reinstall or an upgrade leaves the old copy to go, not to pile up."""
+
+
+def touch(entry: Path) -> None:
+    """Mark a cache entry (file or folder) used now: its modification time orders
+    :func:`evict_stale`. A read-only cache is still read."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+def evict_stale(kept: Path, same_source: str, keep: int = KEEP_COPIES) -> list[Path]:
+    """Remove, from the folder of the copy ``kept`` just written, the copies of the same source
+    beyond the ``keep`` most recently used (``kept`` one of them); returns those removed.
+
+    ``same_source``: a regex the whole name of each such copy matches. Only entries directly in
+    that folder are considered, so nothing outside the cache is touched; a name that does not
+    match (another source, a ``.partial`` folder or ``.tmp-`` file another process is still
+    writing) is left alone."""
+    copies = []
+    for entry in kept.parent.iterdir():
+        if entry != kept and re.fullmatch(same_source, entry.name):
+            try:
+                copies.append((entry.lstat().st_mtime_ns, entry))
+            except FileNotFoundError:   # removed by another process meanwhile
+                continue
+    stale = [entry for _, entry in sorted(copies, reverse=True)[max(keep - 1, 0):]]
+    for entry in stale:
+        _remove(entry)
+    return stale
+
+
+def _remove(entry: Path) -> None:
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    except FileNotFoundError:   # another process evicted it first
+        pass
+    except OSError as err:
+        print(f"warning: cannot remove the stale cache entry {entry} ({err})", file=sys.stderr)
 
 
 def text_keys(texts: list[str]) -> list[bytes]:

@@ -252,6 +252,8 @@ def traced_transformer(path: str, device: str, precision: str):
     TorchScript is deprecated: should a later torch drop it, the trace fail or disagree, this
     warns and returns the eager model. A cache file that cannot be loaded or run is traced again
     (a warning, never a failed start)."""
+    from r2ray.embedding_cache import touch
+
     file = traced_file(path, device, precision)
     if file is None:
         return _eager_call(_eager_transformer(path, device, precision))
@@ -262,6 +264,7 @@ def traced_transformer(path: str, device: str, precision: str):
 
                 traced = torch.jit.load(str(file), map_location=device)
             _check_runs(traced, device)
+            touch(file)   # used now: the last of its source's copies to go
             return traced
         except Exception as err:  # noqa: BLE001 — a bad cache file costs a trace, never a load
             _warn(f"traced encoder {file} cannot be loaded ({type(err).__name__}: {err}); "
@@ -274,19 +277,19 @@ def traced_transformer(path: str, device: str, precision: str):
         _warn(f"encoder at {path} cannot be traced ({type(err).__name__}: {err}); "
               "it runs on transformers")
         return _eager_call(model)
-    _save_traced(traced, file)
+    _save_traced(traced, file, older_traces(file, Path(path).resolve().name))
     return traced
 
 
 def traced_file(path: str, device: str, precision: str) -> Path | None:
-    """Where the traced copy of the model folder at ``path`` lives: one file per folder (its
-    files' names, sizes and modification times: changed weights get a new copy; weights
-    replaced by others of the same size with the same modification time are not noticed), torch
-    and transformers versions, device (with its index: a trace holds its device), precision and
+    """Where the traced copy of the model folder at ``path`` lives: one file per folder name,
+    device (with its index: a trace holds its device) and precision, keyed by the folder's
+    contents (:func:`r2ray.embedding_cache.remembered_fingerprint`: every install of the same
+    files shares one copy; changed weights get a new one), torch and transformers versions and
     :data:`TRACE_FORMAT`; None when the cache is off."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from r2ray.embedding_cache import cache_root, files_key
+    from r2ray.embedding_cache import cache_root, remembered_fingerprint
 
     root = cache_root(ENCODER_CACHE_VARIABLE, DEFAULT_ENCODER_CACHE)
     if root is None:
@@ -301,9 +304,18 @@ def traced_file(path: str, device: str, precision: str) -> Path | None:
     if where.type == "cuda" and where.index is None:
         where = torch.device("cuda", torch.cuda.current_device())
     folder = Path(path).resolve()
-    key = hashlib.sha256(f"{TRACE_FORMAT}|{folder}|{torch.__version__}|{transformers_version}|"
-                         f"{where}|{precision}".encode())
-    return root / f"{folder.name}-{files_key(folder, key)}.pt"
+    key = hashlib.sha256(f"{TRACE_FORMAT}|{remembered_fingerprint(folder, root)}|"
+                         f"{torch.__version__}|{transformers_version}|{where}|{precision}".encode())
+    source = f"{folder.name}-{str(where).replace(':', '')}-{precision}"
+    return root / f"{source}-{key.hexdigest()[:16]}.pt"
+
+
+def older_traces(file: Path, folder_name: str) -> str:
+    """A regex of the names of the older copies of the trace ``file`` (:func:`traced_file`): its
+    source (folder name, device, precision) with any key, or the folder name and a key alone (the
+    names before traces were keyed by content, which nothing reads now)."""
+    source = file.name.rsplit("-", 1)[0]
+    return rf"(?:{re.escape(source)}|{re.escape(folder_name)})-[0-9a-f]{{16}}\.pt"
 
 
 def _eager_call(model):
@@ -371,15 +383,17 @@ def _trace(model):
                                check_trace=False)
 
 
-def _save_traced(traced, file: Path) -> None:
+def _save_traced(traced, file: Path, older: str) -> None:
     """Serialised, then written through :func:`r2ray.storage.write_bytes` (a temporary name
-    renamed into place: concurrent workers never clash and a reader never sees half a file). A
-    cache that cannot be written is a warning."""
+    renamed into place: concurrent workers never clash and a reader never sees half a file); the
+    stale copies whose names match ``older`` then go (:func:`r2ray.embedding_cache.evict_stale`).
+    A cache that cannot be written is a warning."""
     import io
 
     import torch
 
     from r2ray import storage
+    from r2ray.embedding_cache import evict_stale
 
     buffer = io.BytesIO()
     try:
@@ -388,6 +402,8 @@ def _save_traced(traced, file: Path) -> None:
         storage.write_bytes(str(file), buffer.getvalue())
     except (OSError, RuntimeError) as err:
         _warn(f"cannot cache the traced encoder under {file} ({err})")
+        return
+    evict_stale(file, older)
 
 
 @contextlib.contextmanager
@@ -509,43 +525,19 @@ def check_embedding_dimension(embedding: np.ndarray, expected: int, where: str) 
     return embedding
 
 
-FINGERPRINT_FORMAT = 1   # what a memo of :func:`encoder_fingerprint` holds; part of its key
-
-
 def encoder_fingerprint(spec: str) -> str:
     """The fingerprint of the encoder ``spec`` names: sha256 over its model folder's files (names,
     sizes, contents; 16 hex characters, :func:`r2ray.embedding_cache.folder_fingerprint`), the key
     the embedding cache files vectors under, the same on every machine with the same files.
 
     A saved predictor records it (:func:`recorded_fingerprint`) and every load that embeds text
-    for it checks it (:func:`check_encoder`). Hashing MiniLM's 91 MB took 0.08-0.46 s (2 shared
-    cores, 2026-12-06), at every scoring worker's and replica's start: next to
-    ``R2RAY_ENCODER_CACHE``'s traced copies a memo keyed as they are (the files' names, sizes and
-    modification times) answers in 2-8 ms from the second load on; files replaced by others of
-    the same size and modification time are not noticed (nor are they by the traced copy that
-    then runs)."""
-    from r2ray.embedding_cache import cache_root, files_key, folder_fingerprint
+    for it checks it (:func:`check_encoder`). Remembered next to ``R2RAY_ENCODER_CACHE``'s traced
+    copies (:func:`r2ray.embedding_cache.remembered_fingerprint`: 2-8 ms from the second load on,
+    where hashing MiniLM takes 0.1-0.5 s)."""
+    from r2ray.embedding_cache import cache_root, remembered_fingerprint
 
-    folder = encoder_path(spec).resolve()
-    root = cache_root(ENCODER_CACHE_VARIABLE, DEFAULT_ENCODER_CACHE)
-    if root is None:
-        return folder_fingerprint(str(folder))
-    key = hashlib.sha256(f"fingerprint {FINGERPRINT_FORMAT}|{folder}".encode())
-    memo = root / f"{folder.name}-{files_key(folder, key)}.fingerprint"
-    try:
-        known = memo.read_text().strip()
-    except (OSError, UnicodeDecodeError):   # none yet (or unreadable): hash the files
-        known = ""
-    if re.fullmatch(r"[0-9a-f]{16}", known):
-        return known
-    fingerprint = folder_fingerprint(str(folder))
-    try:
-        from r2ray import storage
-
-        storage.write_bytes(str(memo), fingerprint.encode())
-    except OSError as err:
-        _warn(f"cannot cache the encoder's fingerprint under {memo} ({err})")
-    return fingerprint
+    return remembered_fingerprint(encoder_path(spec).resolve(),
+                                  cache_root(ENCODER_CACHE_VARIABLE, DEFAULT_ENCODER_CACHE))
 
 
 def recorded_fingerprint(encoder_spec: str | None) -> str | None:

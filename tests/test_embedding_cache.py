@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from r2ray.embedding_cache import cached_encode, embed_texts, folder_fingerprint
+from r2ray.embedding_cache import (cached_encode, embed_texts, evict_stale, folder_fingerprint,
+                                   remembered_fingerprint, touch)
 from r2ray.encoders import load_encoder
 
 
@@ -82,3 +83,76 @@ def test_the_fingerprint_is_of_the_model_files(tmp_path):
         (tmp_path / name / "sub" / "weights.bin").write_bytes(weight)
     a, b, c = (folder_fingerprint(str(tmp_path / n)) for n in "abc")
     assert a == b != c       # same files anywhere: one cache; one weight byte changed: another
+
+
+def test_a_folder_fingerprint_never_changes(tmp_path):
+    """Saved predictors record it (:func:`r2ray.encoders.check_encoder` compares): the same files
+    must give the same 16 characters in every release."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "vocab.txt").write_text("x")
+    assert folder_fingerprint(str(tmp_path)) == "55c8afe7c89230ac"
+
+
+def test_one_file_is_fingerprinted_by_contents_wherever_it_is_installed(tmp_path, monkeypatch):
+    """The local LLM's GGUF is one file: every install of its bytes (another venv, a touch) gets
+    one key, remembered so the next start reads a memo, not 98 MB."""
+
+    cache = tmp_path / "cache"
+    installs = []
+    for venv in ("venv1", "venv2"):
+        (tmp_path / venv).mkdir()
+        installs.append(tmp_path / venv / "model.gguf")
+        installs[-1].write_bytes(b"GGUF weights")
+    first = remembered_fingerprint(installs[0], cache)
+    assert first == remembered_fingerprint(installs[1], cache) == folder_fingerprint(
+        str(installs[1])) and len(list(cache.iterdir())) == 2        # one memo per install
+    with monkeypatch.context() as patch:
+        patch.setattr("r2ray.embedding_cache.folder_fingerprint",
+                      lambda path: pytest.fail("hashed the file again"))
+        assert remembered_fingerprint(installs[0], cache) == first
+    installs[1].write_bytes(b"GGUF other weights")
+    assert remembered_fingerprint(installs[1], cache) != first
+    assert remembered_fingerprint(installs[0], None) == first          # no cache: hashed
+
+
+def test_a_new_copy_evicts_the_least_recently_used_copies_of_its_source(tmp_path):
+    """Keep the 2 most recently used copies of a source (a use touches it); never a copy of
+    another source, one another process is still writing, or anything outside the cache."""
+    import os
+    import time
+
+
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    cache.mkdir()
+    outside.mkdir()
+    (outside / "weights.bin").write_bytes(b"not the cache's")
+    now = time.time()
+
+    def entry(name: str, age_s: float, folder: bool = True):
+        path = cache / name
+        if folder:
+            path.mkdir()
+            (path / "config.json").write_text("{}")
+        else:
+            path.write_bytes(b"copy")
+        os.utime(path, (now - age_s, now - age_s))
+        return path
+
+    used, older, oldest = (entry(f"smol-{digit * 16}", age)
+                           for digit, age in (("1", 300), ("2", 200), ("3", 100)))
+    old_file = entry(f"smol-{'4' * 16}", 400, folder=False)
+    link = cache / f"smol-{'5' * 16}"
+    link.symlink_to(outside, target_is_directory=True)
+    os.utime(link, (now - 50, now - 50), follow_symlinks=False)
+    spared = [entry(f"smol-{'6' * 16}.123.partial", 900),        # another process is writing it
+              entry(f"smol-{'7' * 16}.tmp-123-ab", 900, folder=False),
+              entry(f"gemma-{'8' * 16}", 900)]                     # another source
+    kept = entry(f"smol-{'9' * 16}", 0)
+    touch(used)                                                   # read just now
+    removed = evict_stale(kept, r"smol-[0-9a-f]{16}")
+    assert sorted(removed) == sorted([older, oldest, old_file, link])
+    assert sorted(cache.iterdir()) == sorted([kept, used, *spared])
+    assert (outside / "weights.bin").read_bytes() == b"not the cache's"   # the link went, not this
+    assert evict_stale(kept, r"smol-[0-9a-f]{16}") == []

@@ -302,7 +302,8 @@ def test_minilm_is_traced_once_and_later_processes_load_it_without_transformers(
         assert done.returncode == 0, done.stderr
         runs.append(done.stdout.strip())
         if name == "cold":
-            assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]
+            assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [
+                ".fingerprint", ".pt"]                   # the trace and its folder's memo
     assert runs == ["transformers imported: True", "transformers imported: False"]
     np.testing.assert_array_equal(np.load(tmp_path / "warm.npy"), np.load(tmp_path / "cold.npy"))
 
@@ -310,6 +311,8 @@ def test_minilm_is_traced_once_and_later_processes_load_it_without_transformers(
 @pytest.mark.filterwarnings("ignore:.*torch.jit.load:DeprecationWarning")
 def test_a_broken_traced_file_is_traced_again_and_an_untraceable_model_runs_eagerly(
         tmp_path, monkeypatch, capsys):
+    import os
+
     import torch
 
     import r2ray.encoders as encoders
@@ -329,7 +332,9 @@ def test_a_broken_traced_file_is_traced_again_and_an_untraceable_model_runs_eage
             raise RuntimeError("no tracing here")
 
         monkeypatch.setattr(encoders, "_trace", untraceable)
+        os.utime(file, (0, 0))
         eager = encoders.traced_transformer(path, "cpu", "float32")  # the good file loads: no trace
+        assert file.stat().st_mtime > 0                             # touched: used, kept longest
         assert torch.equal(eager(input_ids, mask), retraced)
         file.unlink()
         eager = encoders.traced_transformer(path, "cpu", "float32")
@@ -338,16 +343,25 @@ def test_a_broken_traced_file_is_traced_again_and_an_untraceable_model_runs_eage
         torch.testing.assert_close(eager(input_ids, mask), retraced, rtol=0, atol=1e-5)
 
 
-def test_the_traced_file_is_keyed_by_the_folder_files_precision_and_cache_setting(
+def test_the_traced_file_is_keyed_by_the_folder_contents_precision_and_cache_setting(
         tmp_path, monkeypatch):
+    """Every install of the same files (a new venv or clone: another path, other modification
+    times) shares one traced copy; other contents, precision or wrapper get another."""
+    import os
+    import shutil
+
     from r2ray.encoders import traced_file
 
-    folder = tmp_path / "model"
-    folder.mkdir()
+    folder = tmp_path / "venv1" / "model"
+    folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     monkeypatch.setenv("R2RAY_ENCODER_CACHE", str(tmp_path / "cache"))
     first = traced_file(str(folder), "cpu", "float32")
     assert first.parent == tmp_path / "cache" and first == traced_file(str(folder), "cpu", "float32")
+    assert first.name.startswith("model-cpu-float32-")
+    reinstalled = shutil.copytree(folder, tmp_path / "venv2" / "model", copy_function=shutil.copy)
+    os.utime(reinstalled / "config.json", (0, 0))
+    assert traced_file(str(reinstalled), "cpu", "float32") == first
     assert traced_file(str(folder), "cpu", "bfloat16") != first
     (folder / "model.safetensors").write_bytes(b"weights")        # another file: another copy
     second = traced_file(str(folder), "cpu", "float32")
@@ -356,6 +370,40 @@ def test_the_traced_file_is_keyed_by_the_folder_files_precision_and_cache_settin
     assert traced_file(str(folder), "cpu", "float32") not in (first, second)
     monkeypatch.setenv("R2RAY_ENCODER_CACHE", "off")
     assert traced_file(str(folder), "cpu", "float32") is None
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script:DeprecationWarning")
+def test_a_new_trace_removes_the_stale_traces_of_its_folder_device_and_precision(
+        tmp_path, monkeypatch):
+    """Beyond the 2 most recently used, older traces of the folder name on this device and
+    precision go, with the names from before content keys; other traces stay."""
+    import os
+    import time
+
+    import torch
+
+    import r2ray.encoders as encoders
+
+    monkeypatch.setenv("R2RAY_ENCODER_CACHE", str(tmp_path / "cache"))
+    file = encoders.traced_file(model_folder(tmp_path / "model", b"weights v2"), "cpu", "float32")
+    now = time.time()
+
+    def copy(name: str, age_s: float):
+        path = file.with_name(name)
+        path.write_bytes(b"an older trace")
+        os.utime(path, (now - age_s, now - age_s))
+        return path
+
+    used = copy(f"model-cpu-float32-{'0' * 16}.pt", 10)
+    stale = [copy(f"model-cpu-float32-{'1' * 16}.pt", 100),
+             copy(f"model-{'2' * 16}.pt", 200)]                   # named before content keys
+    others = [copy(f"model-cpu-bfloat16-{'3' * 16}.pt", 900),
+              copy(f"other-cpu-float32-{'4' * 16}.pt", 900),
+              copy(f"{file.name}.tmp-123-ab", 900)]     # being written by another process
+    encoders._save_traced(torch.jit.script(torch.nn.Identity()), file,
+                          encoders.older_traces(file, "model"))
+    assert file.exists() and used.exists() and all(p.exists() for p in others)
+    assert not any(p.exists() for p in stale)
 
 
 def test_with_the_cache_off_the_model_runs_eagerly_and_a_disagreeing_trace_is_not_used(
@@ -378,7 +426,7 @@ def test_with_the_cache_off_the_model_runs_eagerly_and_a_disagreeing_trace_is_no
             lambda ids, attention: torch.zeros(*ids.shape, 384)))   # a trace that bakes in junk
         got = encoders.traced_transformer(path, "cpu", "float32")
         assert "the trace disagrees with the model on one unpadded text" in capsys.readouterr().err
-        assert list(tmp_path.iterdir()) == []                    # not saved
+        assert list(tmp_path.glob("*.pt")) == []                 # not saved
         torch.testing.assert_close(got(input_ids, mask), want, rtol=0, atol=1e-6)
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import threading
@@ -79,10 +79,13 @@ class TransformersChat:
         import torch
         from transformers.utils import logging as transformers_logging
 
+        from r2ray.embedding_cache import touch
+
         transformers_logging.disable_progress_bar()   # no per-tensor bars in a server's log
         torch.set_num_threads(self.threads)
         folder = converted_folder(self.model_path)
         if folder is not None and (folder / "config.json").exists():
+            touch(folder)   # used now (before reading it): the last of its GGUF's copies to go
             self._tokenizer, self._model = _load_pretrained(str(folder))
             return self
         parent, name = os.path.split(self.model_path)
@@ -119,16 +122,23 @@ DEFAULT_CACHE = Path("~/.cache/r2ray/local-llm")
 
 
 def converted_folder(model_path: str) -> Path | None:
-    """Where the transformers copy of the GGUF at ``model_path`` lives: one folder per file name,
-    size and modification time (a changed file gets a new copy); None when the cache is off."""
-    from r2ray.embedding_cache import cache_root
+    """Where the transformers copy of the GGUF at ``model_path`` lives: one folder per file name
+    stem and contents (:func:`r2ray.embedding_cache.remembered_fingerprint`: every install of the
+    same file shares one copy; a changed file gets a new one); None when the cache is off."""
+    from r2ray.embedding_cache import cache_root, remembered_fingerprint
 
     root = cache_root(CACHE_VARIABLE, DEFAULT_CACHE)
     if root is None:
         return None
-    stat = os.stat(model_path)
-    key = hashlib.sha256(f"{Path(model_path).name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return root / key.hexdigest()[:16]
+    gguf = Path(model_path).resolve(strict=True)   # a missing file: FileNotFoundError
+    return root / f"{gguf.stem}-{remembered_fingerprint(gguf, root)}"
+
+
+def older_copies(folder: Path) -> str:
+    """A regex of the names of the older copies of the converted ``folder``: its file name stem
+    with any key, or a key alone (the names before copies were keyed by contents, which nothing
+    reads now)."""
+    return rf"(?:{re.escape(folder.name.rsplit('-', 1)[0])}-)?[0-9a-f]{{16}}"
 
 
 def _load_pretrained(folder: str, **source):
@@ -142,7 +152,11 @@ def _load_pretrained(folder: str, **source):
 
 def _save_converted(tokenizer, model, folder: Path) -> None:
     """Save the dequantised model next to its final place, then rename it there, so a reader
-    never sees half a copy. A cache that cannot be written is a warning, not a failed start."""
+    never sees half a copy; then the stale copies of the same GGUF go
+    (:func:`r2ray.embedding_cache.evict_stale`). A cache that cannot be written is a warning, not
+    a failed start."""
+    from r2ray.embedding_cache import evict_stale
+
     staging = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
     try:
         model.hf_quantizer = None   # the weights are plain float32 tensors by now
@@ -154,6 +168,8 @@ def _save_converted(tokenizer, model, folder: Path) -> None:
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         print(f"warning: cannot cache the converted model under {folder} ({err})", file=sys.stderr)
+        return
+    evict_stale(folder, older_copies(folder))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
