@@ -2,6 +2,7 @@
 
 Layout under ``<output>/<run_id>/``::
 
+    _r2ray_lock.json                      the lease of the run now running (r2ray.lease)
     _r2ray_run.json                       the marker, written first: this folder is r2ray's
     attempt-<stamp>-<hex>/                one attempt at the run
         routed/model=<name>/part-*.parquet   routed prompts, one folder per model (name escaped)
@@ -13,8 +14,9 @@ Layout under ``<output>/<run_id>/``::
 Consumers trust a run only once ``manifest.json`` exists, and read the routed prompts from the
 folders it names. Safety rules, in order:
 
-- r2ray never removes what it did not write: a folder without the marker is refused unless empty,
-  and inside a marked folder only ``attempt-*`` folders that no manifest names are ever removed.
+- One run of a run id at a time: a second is refused while the first holds the lease.
+- r2ray never removes what it did not write: a folder without the marker is refused unless empty
+  (or holding only a lease), and inside a marked folder only ``attempt-*`` folders that no manifest names are ever removed.
 - An interrupted run (marker, no manifest) is redone in a new attempt; its old attempts are cleared.
 - A committed run is left alone unless forced; a forced run builds a new attempt beside the old one
   and swaps by overwriting ``manifest.json`` (one atomic write), so a failed forced run leaves the
@@ -39,6 +41,7 @@ from r2ray.redaction import redact_values
 
 MANIFEST = "manifest.json"
 MARKER = "_r2ray_run.json"
+LOCK = "_r2ray_lock.json"
 ATTEMPT_PREFIX = "attempt-"
 
 
@@ -86,6 +89,10 @@ class RunPaths:
     def marker(self) -> str:
         return storage.join(self.root, MARKER)
 
+    @property
+    def lock(self) -> str:
+        return storage.join(self.root, LOCK)
+
 
 def is_committed(paths: RunPaths) -> bool:
     return storage.exists(paths.manifest)
@@ -126,7 +133,7 @@ def check_output(paths: RunPaths, input_files: list[str]) -> None:
         if fs_in.protocol == fs.protocol and (path + "/").startswith(root.rstrip("/") + "/"):
             raise RunFolderError(f"input file {source} lies inside the run folder {paths.root}; "
                                  "choose another --output or --run-id")
-    if names and MARKER not in names:
+    if set(names) - {LOCK} and MARKER not in names:   # a lease alone: a run is starting here
         raise RunFolderError(
             f"{paths.root} exists and is not an r2ray run folder (no {MARKER}; it holds "
             f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}); r2ray will not write into "
@@ -153,12 +160,20 @@ def start_attempt(paths: RunPaths, fingerprint: str, force: bool = False) -> tup
     marker = {"run_id": paths.run_id, "input_fingerprint": fingerprint, "attempt": attempt.attempt,
               "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "r2ray_version": __version__}
-    try:  # the marker is also the write probe: an unwritable output fails here, before any work
+    with writing_to(paths):
         storage.write_text(paths.marker, json.dumps(marker, indent=2) + "\n")
+    return attempt, state
+
+
+@contextlib.contextmanager
+def writing_to(paths: RunPaths):
+    """A run's first writes (its lease, its marker) are also the write probe: an unwritable
+    output fails there, before any work, in one line."""
+    try:
+        yield
     except (OSError, ValueError) as err:   # PermissionError is an OSError
         raise RunFolderError(f"cannot write to the output {paths.root}: "
                              f"{type(err).__name__}: {err}") from None
-    return attempt, state
 
 
 def remove_attempts(paths: RunPaths, keep: str) -> None:
@@ -176,10 +191,15 @@ def abandon(attempt: RunPaths, state: str) -> None:
     storage.remove(attempt.path())
     if state == "fresh":
         storage.remove(attempt.marker)
-        fs, root = storage.filesystem(attempt.root)
-        if fs.exists(root) and not fs.ls(root, detail=False):
-            with contextlib.suppress(FileNotFoundError):  # object stores have no empty folders
-                fs.rmdir(root)
+        remove_if_empty(attempt.root)
+
+
+def remove_if_empty(uri: str) -> None:
+    """Remove the folder ``uri`` if nothing is left in it (a run that made it and failed)."""
+    fs, root = storage.filesystem(uri)
+    if fs.exists(root) and not fs.ls(root, detail=False):
+        with contextlib.suppress(FileNotFoundError):  # object stores have no empty folders
+            fs.rmdir(root)
 
 
 def commit(attempt: RunPaths, manifest: dict) -> None:

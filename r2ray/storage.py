@@ -130,6 +130,38 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole new object unless ``uri`` already exists: True if this call created it,
+    False if it was there. The check and the write are one step, so of two callers at once only
+    one gets True: locally a hard link of a complete temporary file (``link`` fails on an existing
+    name, and a reader never sees the file half written); on an object store a PUT with
+    ``If-None-Match: *`` (s3fs's ``"xb"`` mode; fsspec's memory store checks it too)."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        if is_local(fs):
+            _link_new(path, data)
+        else:
+            with fs.open(path, "xb") as handle:
+                handle.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _link_new(path: str, data: bytes) -> None:
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.link(tmp, path)   # FileExistsError where the name is taken
+    finally:
+        with suppress(OSError):
+            os.remove(tmp)
+
+
 def remove(uri: str, recursive: bool = True) -> None:
     """Remove ``uri`` (and, ``recursive``, what lies under it) by its literal name.
 

@@ -35,6 +35,7 @@ from r2ray.batch.config import RouteConfig
 from r2ray.catalog import Catalog, repriced_catalog
 from r2ray.errors import R2RayError
 from r2ray.failpoints import failpoint
+from r2ray.lease import RunLease, acquire_lease
 from r2ray.manifest import (RunPaths, abandon, check_output, commit, input_fingerprint,
                             is_committed, read_manifest, start_attempt)
 from r2ray.redaction import redact_text, redact_values
@@ -250,20 +251,25 @@ def route_batch(config: RouteConfig) -> dict:
         check_output(paths, files)
         if not config.force and is_committed(paths):
             return _already_committed(paths, config, fingerprint)
-    with _timed(timings, "load_model"):
-        model = load_model(config.model, config.catalog, config.tracking_uri)
-    check_guarantee(config, model)
-    with storage.reporting(f"cannot read cost corrections under {paths.root}"):
-        correction = find_correction(config, model)
-    with storage.reporting(f"cannot write to the output {paths.root}"):
-        attempt, state = start_attempt(paths, fingerprint, config.force)
-    ray_data.join()
+        lease = acquire_lease(paths)   # a second run of this run id is refused here, at once
     try:
-        return _route_attempt(config, attempt, state, model, correction, units, unreadable,
-                              files, fingerprint, timings)
-    except R2RayError:
-        abandon(attempt, state)   # a clean refusal leaves nothing behind (a crash does: redo it)
-        raise
+        with _timed(timings, "load_model"):
+            model = load_model(config.model, config.catalog, config.tracking_uri)
+        check_guarantee(config, model)
+        with storage.reporting(f"cannot read cost corrections under {paths.root}"):
+            correction = find_correction(config, model)
+        with storage.reporting(f"cannot write to the output {paths.root}"):
+            attempt, state = start_attempt(paths, fingerprint, config.force)
+        ray_data.join()
+        try:
+            return _route_attempt(config, attempt, state, model, correction, units, unreadable,
+                                  files, fingerprint, timings, lease)
+        except R2RayError:
+            if lease.holds():   # else the marker is the run's that took the lease over
+                abandon(attempt, state)   # a clean refusal leaves nothing (a crash does: redo it)
+            raise
+    finally:
+        lease.release()   # success or failure; a lease left by a killed process expires
 
 
 def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -> dict:
@@ -321,7 +327,7 @@ def _show(value) -> str:
 
 def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: LoadedModel,
                    correction: CostCorrection | None, units: list[ReadUnit], unreadable: pa.Table, files: list[str],
-                   fingerprint: str, timings: dict) -> dict:
+                   fingerprint: str, timings: dict, lease: RunLease) -> dict:
     import ray
 
     from r2ray.batch.assign import assign_stage
@@ -450,6 +456,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         manifest["artifacts"] = write_report(paths.path(), manifest, stats, plot)
         manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri,
                                                 functools.partial(log_to_mlflow, plot_png=plot))
+    lease.renew()   # LeaseLost where another run took this one's lease over: never commit then
     commit(paths, manifest)
     return manifest
 

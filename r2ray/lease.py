@@ -1,0 +1,153 @@
+"""A lease on a batch run folder: one run of a run id at a time.
+
+Two runs of one run id at once undo each other: the second clears the first's attempt as an
+interrupted one's, and the first's cleanup removes the second's marker. So the run that starts
+first creates ``<output>/<run_id>/_r2ray_lock.json`` exclusively
+(:func:`r2ray.storage.create_exclusive`), naming its owner, host, pid and expiry, and a second run
+is refused at once. The holder renews it every ``RENEW_EVERY_S`` while it runs, checks it is still
+its own just before it commits, and removes it at the end, success or failure. The lease of a run
+that died expires ``LEASE_S`` after its last renewal; the next run takes it over and redoes the run.
+
+Limits: expiry compares the wall clocks of the hosts sharing the output, which must agree well
+within ``LEASE_S``; taking an expired lease over is remove-then-create, so two runs doing it at the
+same instant can both start, and the one whose lease was replaced then refuses to commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+
+from r2ray import storage
+from r2ray.manifest import RunFolderError, RunPaths, remove_if_empty, writing_to
+from r2ray.redaction import redact_text
+
+LEASE_S = 300.0        # a lease not renewed for this long (seconds) is a dead run's
+RENEW_EVERY_S = 60.0   # how often the holder pushes its expiry LEASE_S ahead
+
+
+class RunLocked(RunFolderError):
+    """Another run of this run id holds a live lease on its folder."""
+
+
+class LeaseLost(RunFolderError):
+    """This run's lease expired unrenewed and another run took it over: it must not commit."""
+
+
+class RunLease:
+    """This process's lease on one run folder, from :func:`acquire_lease` to :meth:`release`."""
+
+    def __init__(self, paths: RunPaths):
+        self.paths = paths
+        self.owner = secrets.token_hex(8)
+        self._released = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_until_released, daemon=True,
+                                         name=f"r2ray-lease-{paths.run_id}")
+
+    def start_renewing(self) -> None:
+        self._renewer.start()
+
+    def record(self) -> dict:
+        """The lock's content, expiring ``LEASE_S`` from now (UTC, ISO 8601)."""
+        now = dt.datetime.now(dt.timezone.utc)
+        return {"run_id": self.paths.run_id, "owner": self.owner, "host": socket.gethostname(),
+                "pid": os.getpid(), "renewed_at": now.isoformat(timespec="seconds"),
+                "expires_at": (now + dt.timedelta(seconds=LEASE_S)).isoformat(timespec="seconds")}
+
+    def holds(self) -> bool:
+        """The lock still names this lease (another run replaces it only once it has expired)."""
+        held = read_lease(self.paths)
+        return held is not None and held["owner"] == self.owner
+
+    def renew(self) -> None:
+        """Push the expiry ``LEASE_S`` ahead; :class:`LeaseLost` where another run took it over."""
+        if not self.holds():
+            raise LeaseLost(f"run {self.paths.run_id} lost its lease {self.paths.lock}: it went "
+                            f"unrenewed for {LEASE_S:g} s and another run took it over; nothing "
+                            "was committed by this run")
+        storage.write_bytes(self.paths.lock, _json(self.record()))
+
+    def release(self) -> None:
+        """Stop renewing; remove the lock if it is still this lease's, and the run folder if that
+        leaves it empty (a fresh run that failed before writing anything). A lock that cannot be
+        removed is only warned about: it expires by itself."""
+        self._released.set()
+        if self._renewer.is_alive():
+            self._renewer.join()
+        try:
+            if self.holds():
+                storage.remove(self.paths.lock, recursive=False)
+                remove_if_empty(self.paths.root)
+        except Exception as err:  # noqa: BLE001 — the run's own outcome must not be lost to this
+            _warn(f"could not release the lease {self.paths.lock} ({type(err).__name__}: {err}); "
+                  f"it expires within {LEASE_S:g} s")
+
+    def _renew_until_released(self) -> None:
+        while not self._released.wait(RENEW_EVERY_S):
+            try:
+                self.renew()
+            except LeaseLost:
+                return   # the check before the commit refuses it
+            except Exception as err:  # noqa: BLE001 — a storage blip: the next renewal retries
+                _warn(f"could not renew the lease {self.paths.lock} ({type(err).__name__}: "
+                      f"{err}); trying again in {RENEW_EVERY_S:g} s")
+
+
+def acquire_lease(paths: RunPaths) -> RunLease:
+    """Take the run folder's lease (and start renewing it), or raise :class:`RunLocked` naming
+    the run that holds it. An expired lease (its run died) is taken over."""
+    lease = RunLease(paths)
+    for _ in range(3):   # an expired lease is removed and created afresh: another run may win
+        with writing_to(paths):
+            created = storage.create_exclusive(paths.lock, _json(lease.record()))
+        if created:
+            lease.start_renewing()
+            return lease
+        held = read_lease(paths)
+        if held is not None and not _expired(held):
+            raise RunLocked(
+                f"run {paths.run_id} is already running: owner {held['owner']} on "
+                f"{held.get('host', '?')} (pid {held.get('pid', '?')}) holds its lease "
+                f"{paths.lock} until {held['expires_at']}. Wait for it to finish; a run that "
+                "died leaves its lease to expire by then, and the next run redoes it")
+        if held is not None:
+            storage.remove(paths.lock, recursive=False)
+    raise RunLocked(f"run {paths.run_id}: its lease {paths.lock} changed hands while this run "
+                    "tried to take it; another run of it has just started")
+
+
+def read_lease(paths: RunPaths) -> dict | None:
+    """The lock's content (None: no lease); a lock that is not one names itself in the error."""
+    try:
+        text = storage.read_text(paths.lock)
+    except FileNotFoundError:
+        return None
+    try:
+        held = json.loads(text)
+        if not (isinstance(held.get("owner"), str) and _expires_at(held).tzinfo is not None):
+            raise ValueError("it names no owner, or its expiry no time zone")
+    except (AttributeError, ValueError, KeyError, TypeError) as err:
+        raise RunFolderError(f"{paths.lock} is no lease r2ray can read ({type(err).__name__}: "
+                             f"{err}); if no run of {paths.run_id} is running, remove it") from None
+    return held
+
+
+def _expires_at(held: dict) -> dt.datetime:
+    return dt.datetime.fromisoformat(held["expires_at"])
+
+
+def _expired(held: dict) -> bool:
+    return _expires_at(held) <= dt.datetime.now(dt.timezone.utc)
+
+
+def _json(record: dict) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode("utf-8")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {redact_text(message)}", file=sys.stderr)

@@ -1,0 +1,198 @@
+"""One run of a run id at a time (review D, 2026-12-06): the run folder's lease. Two runs of one run
+id at once used to undo each other; here a second is refused, a dead run's lease is taken over,
+and the lease is released however the run ends. The job's stages are stubbed (``_route_attempt``):
+everything here happens before Ray would start."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from r2ray import manifest as runs
+from r2ray import storage
+from r2ray.batch import job, route_batch
+from r2ray.batch.config import route_config
+from r2ray.bench.io import write_table
+from r2ray.cli import main
+from r2ray.errors import R2RayError
+
+
+@pytest.fixture
+def night(tmp_path, small_routing_model):
+    """A route config for run id ``night`` over a three-query backlog."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "b.jsonl").write_text("".join(
+        json.dumps({"query_id": f"q{i}", "query": f"question {i}", "embedding": [0.1] * 16}) + "\n"
+        for i in range(3)))
+    return route_config(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                        model=small_routing_model["path"], budget_usd=1.0, run_id="night")
+
+
+def _lock_path(config) -> str:
+    return os.path.join(config.output, "night", "_r2ray_lock.json")
+
+
+def _lock(config) -> dict | None:
+    path = _lock_path(config)
+    return json.loads(storage.read_text(path)) if os.path.exists(path) else None
+
+
+def test_a_second_run_of_a_running_run_id_is_refused_and_touches_nothing(night, monkeypatch):
+    # before the fix: the second run cleared the first's attempt as an interrupted one's (and
+    # the first's cleanup would then remove the second's marker)
+    seen = {}
+
+    def first_run(config, attempt, *rest):   # run A at work; run B of the same id starts
+        part = attempt.path("routed", "model=m", "part-0.parquet")
+        write_table(pa.table({"query_id": ["a"]}), part)
+        marker = storage.read_text(attempt.marker)
+        monkeypatch.setattr(job, "_route_attempt", lambda *args: {"second": "ran"})
+        try:
+            seen["second"] = route_batch(night)
+        except R2RayError as err:
+            seen["second"] = str(err)
+        assert os.path.exists(part), "the second run removed the first's attempt"
+        assert pq.read_table(part).num_rows == 1 and storage.read_text(attempt.marker) == marker
+        return {"first": "committed"}
+
+    monkeypatch.setattr(job, "_route_attempt", first_run)
+    assert route_batch(night) == {"first": "committed"}
+    refusal = seen["second"]
+    assert isinstance(refusal, str), refusal
+    assert "run night is already running" in refusal and f"(pid {os.getpid()})" in refusal
+    assert "_r2ray_lock.json until 20" in refusal   # the owner's expiry, in UTC
+    assert _lock(night) is None   # released at the end
+
+
+def test_a_live_lease_refuses_the_cli_in_one_line(night, capsys):
+    # the lease is taken before the marker is written: a folder holding only it is r2ray's
+    from r2ray.lease import acquire_lease
+
+    lease = acquire_lease(runs.RunPaths(night.output, "night"))
+    try:
+        args = ["route", "--input", night.input, "--output", night.output, "--model",
+                night.model, "--budget-usd", "1", "--run-id", "night"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "run night is already running" in err
+        assert f"owner {lease.owner} " in err and "not an r2ray run folder" not in err
+    finally:
+        lease.release()
+    assert not os.path.exists(os.path.join(night.output, "night"))
+
+
+def test_a_dead_runs_lease_is_taken_over_and_the_run_redone(night, monkeypatch):
+    paths = runs.RunPaths(night.output, "night")
+    crashed, _ = runs.start_attempt(paths, fingerprint="f")   # a night that died mid-run
+    storage.write_text(_lock_path(night), json.dumps({
+        "run_id": "night", "owner": "dead", "host": "elsewhere", "pid": 1,
+        "expires_at": "2026-01-01T00:00:00+00:00"}))
+    seen = {}
+
+    def rerun(config, attempt, state, *rest):
+        seen.update(state=state, lock=_lock(night))
+        return {}
+
+    monkeypatch.setattr(job, "_route_attempt", rerun)
+    route_batch(night)
+    assert seen["state"] == "redo" and not os.path.exists(crashed.path())
+    assert seen["lock"]["pid"] == os.getpid() and seen["lock"]["owner"] != "dead"
+    assert _lock(night) is None
+
+
+@pytest.mark.parametrize("failure", [R2RayError("a clean refusal"), RuntimeError("a crash")])
+def test_the_lease_is_released_after_a_failure(night, monkeypatch, failure):
+    seen = {}
+
+    def failing_run(config, attempt, *rest):
+        seen.update(lock=_lock(night), attempt=attempt.path())
+        write_table(pa.table({"query_id": ["a"]}), attempt.path("routed", "part-0.parquet"))
+        raise failure
+
+    monkeypatch.setattr(job, "_route_attempt", failing_run)
+    with pytest.raises(type(failure)):
+        route_batch(night)
+    assert seen["lock"]["pid"] == os.getpid()   # held while the run worked
+    assert _lock(night) is None
+    if isinstance(failure, R2RayError):   # a clean refusal leaves nothing at all
+        assert not os.path.exists(os.path.join(night.output, "night"))
+    else:   # a crash leaves its attempt for the rerun to clear
+        assert os.path.exists(seen["attempt"])
+    monkeypatch.setattr(job, "_route_attempt", lambda *args: {"again": True})
+    assert route_batch(night) == {"again": True}   # the next run is not refused
+
+
+def test_a_run_that_lost_its_lease_leaves_the_new_holders_marker(night, monkeypatch):
+    # its lease expired unrenewed and another run took it over: a refusal now must not abandon
+    # (abandon removes the marker of a folder it made: the new holder's)
+    from r2ray.lease import LeaseLost
+
+    def overtaken(config, attempt, state, *rest):
+        storage.write_text(_lock_path(night), json.dumps({
+            "run_id": "night", "owner": "next", "host": "elsewhere", "pid": 1,
+            "expires_at": "2999-01-01T00:00:00+00:00"}))
+        with pytest.raises(LeaseLost, match="lost its lease"):
+            rest[-1].renew()   # what the job does just before its commit
+        raise R2RayError("this run gives up")
+
+    monkeypatch.setattr(job, "_route_attempt", overtaken)
+    with pytest.raises(R2RayError, match="gives up"):
+        route_batch(night)
+    assert _lock(night)["owner"] == "next"   # the new holder's lease is not removed either
+    assert os.path.exists(runs.RunPaths(night.output, "night").marker)
+
+
+def test_a_lock_that_is_no_lease_is_named(night, monkeypatch):
+    paths = runs.RunPaths(night.output, "night")
+    runs.start_attempt(paths, fingerprint="f")
+    storage.write_text(_lock_path(night), "not json")
+    monkeypatch.setattr(job, "_route_attempt", lambda *args: {"ran": True})
+    with pytest.raises(R2RayError, match="_r2ray_lock.json is no lease r2ray can read"):
+        route_batch(night)
+    assert storage.read_text(_lock_path(night)) == "not json"
+
+
+@pytest.mark.parametrize("where", ["local", "memory", "s3"])
+def test_a_lease_is_held_by_one_run_at_a_time(where, tmp_path, request):
+    # memory:// takes the object-store path (fs.open "xb"); s3 checks the server honours it
+    from r2ray.lease import RunLocked, acquire_lease
+
+    root = {"local": str(tmp_path), "memory": f"memory://review-d/{tmp_path.name}",
+            "s3": request.getfixturevalue("s3_bucket") if where == "s3" else None}[where]
+    paths = runs.RunPaths(storage.join(root, "runs"), "night")
+    first = acquire_lease(paths)
+    storage.write_text(paths.lock, json.dumps(   # as if its run had stalled: the lease expired
+        first.record() | {"expires_at": "2000-01-01T00:00:00+00:00"}))
+    first.renew()   # what its thread does every RENEW_EVERY_S: live again, for LEASE_S
+    with pytest.raises(RunLocked, match=f"owner {first.owner} "):
+        acquire_lease(paths)
+    assert first.holds()
+    first.release()
+    assert not storage.exists(paths.lock)
+    second = acquire_lease(paths)
+    assert second.holds() and not first.holds()
+    second.release()
+    assert not storage.exists(paths.lock)
+
+
+def test_of_runs_starting_at_the_same_instant_one_takes_the_lease(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from r2ray.lease import RunLocked, acquire_lease
+
+    paths, start = runs.RunPaths(str(tmp_path / "runs"), "night"), Barrier(8)
+
+    def start_a_run(_):
+        start.wait()
+        try:
+            return acquire_lease(paths)
+        except RunLocked:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        leases = [lease for lease in pool.map(start_a_run, range(8)) if lease is not None]
+    assert len(leases) == 1 and leases[0].holds()
+    leases[0].release()
