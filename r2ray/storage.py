@@ -7,6 +7,7 @@ standard ``AWS_ENDPOINT_URL``) for an S3-compatible server such as SeaweedFS or 
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import secrets
@@ -148,7 +149,21 @@ def create_exclusive(uri: str, data: bytes) -> bool:
                 handle.write(data)
     except FileExistsError:
         return False
+    except OSError as err:
+        if _precondition_failed(err):
+            return False
+        raise
     return True
+
+
+def _precondition_failed(err: OSError) -> bool:
+    """An object store's 412 to the ``If-None-Match: *`` PUT: the object exists. s3fs reads a
+    412 as FileExistsError only when the reply names its condition; SeaweedFS's does not, so
+    s3fs raises EINVAL with the 412 as its cause (the PUT carries no other condition)."""
+    response = getattr(err.__cause__, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return err.errno == errno.EINVAL and (code in ("PreconditionFailed", "412") or status == 412)
 
 
 def _link_new(path: str, data: bytes) -> None:
