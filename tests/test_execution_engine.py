@@ -436,3 +436,88 @@ def test_a_request_h11_refuses_to_write_is_not_booked():
         failed = asyncio.run(attempt(stub.url))
         assert stub.calls == []
     assert failed.reason == "unreachable: LocalProtocolError" and not failed.billed
+
+
+# ---- one row's surprise is its own failure; replies that are no answer (a review, 2026-12-06) ---
+def test_an_unexpected_exception_fails_its_row_alone(tmp_path, monkeypatch):
+    """An exception no check foresaw in one request took its whole batch down (asyncio.gather),
+    the answers already paid with it. Now it is that row's failure, naming the type, booked at its
+    worst case if raised once the call was made (here reading the answer: it was billed), $0 if
+    before (here the rate limiter); the batch's other answer is written and in the spend."""
+    import r2ray.execution.client as client
+
+    read_usage_as_written, admit_as_written = client.read_usage, client.EndpointLimiter.admit
+
+    def read_usage_raising(usage, request, text):
+        if text == "after":
+            raise RuntimeError("a parse step no check foresaw")
+        return read_usage_as_written(usage, request, text)
+
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {"ok": "[say:ok]", "after": "[say:after]",
+                                       "before": "[say:before] " + "pad " * 40})
+        before_tokens = max(requests["input_tokens_est"].to_pylist()) + 40   # + max_tokens
+
+        async def admit_raising(self, tokens):
+            if tokens == before_tokens:
+                raise KeyError("a limiter step no check foresaw")
+            await admit_as_written(self, tokens)
+
+        monkeypatch.setattr(client, "read_usage", read_usage_raising)
+        monkeypatch.setattr(client.EndpointLimiter, "admit", admit_raising)
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=8),
+                           progress=lambda line: None)
+        assert len(stub.answered()) == 2   # "before" never went out
+    worst = dict(zip(requests["query_id"].to_pylist(), requests["worst_usd"].to_pylist()))
+    failed = {r["query_id"]: r for r in run.failures.to_pylist()}
+    assert run.results["query_id"].to_pylist() == ["ok"]
+    assert failed["after"]["error"] == ("unexpected RuntimeError once its call was made (booked "
+                                        "at its worst case)")
+    assert failed["after"]["billed_usd"] == worst["after"] and failed["after"]["attempts"] == 1
+    assert failed["before"]["error"] == "unexpected KeyError before its call was made"
+    assert failed["before"]["billed_usd"] == 0
+    ok_cost = run.results["cost_usd"][0].as_py()
+    assert run.spend["realised_usd"] == pytest.approx(ok_cost + worst["after"])
+
+
+def test_an_answer_utf8_cannot_carry_is_a_billed_failure_not_a_crash(tmp_path):
+    """A chat completion whose text ends in a lone surrogate escape (half an emoji) passed every
+    check, and writing its batch raised UnicodeEncodeError: the batch's answers were lost, paid.
+    Now that attempt is no chat completion: billed at its usage, retried, the batch written."""
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        run = run_requests(_requests(catalog, {"half": "[fault:surrogate] [say:4]",
+                                               "whole": "[say:4 pad]"}),
+                           str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=8),
+                           progress=lambda line: None)
+    got = {r["query_id"]: r for r in run.results.to_pylist()}
+    assert set(got) == {"half", "whole"} and got["half"]["response"] == "4"
+    assert got["half"]["attempts"] == 2
+    assert got["half"]["billed_usd"] == pytest.approx(2 * got["half"]["cost_usd"])
+
+
+def test_a_redirect_is_reported_not_retried_nor_booked(tmp_path):
+    """httpx follows no redirect, and a 301 (an http:// endpoint served at https://) was read as a
+    200 that is no chat completion: retried to the last attempt, each booked at its worst case,
+    the reason a JSONDecodeError. Now it says where it points, once, unbooked (never run). A 204
+    the server took: booked at its worst case, not retried (the server's way, not a blip)."""
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {"moved": "[fault:redirect]", "empty": "[fault:204]"})
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=FAST, batch_rows=8),
+                           progress=lambda line: None)
+        assert len(stub.calls) == 2
+    https = stub.url.replace("http://", "https://")
+    failed = {r["query_id"]: r for r in run.failures.to_pylist()}
+    assert failed["moved"]["error"] == (
+        f"HTTP 301 redirect to {https}/chat/completions, not followed: set the model's endpoint "
+        f"in the catalogue to {https}")
+    assert failed["moved"]["attempts"] == 1 and failed["moved"]["billed_usd"] == 0
+    assert failed["empty"]["error"].startswith("HTTP 204: answer is not a chat completion")
+    worst = requests.filter(pc.equal(requests["query_id"], "empty"))["worst_usd"][0].as_py()
+    assert failed["empty"]["attempts"] == 1 and failed["empty"]["billed_usd"] == worst
+    assert run.spend["realised_usd"] == worst

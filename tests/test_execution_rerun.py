@@ -112,10 +112,41 @@ def test_an_edited_prompt_is_sent_again(tmp_path):
                               config, progress=lambda line: None)
         assert len(stub.calls) - calls == 1
         assert edited.results["response"].to_pylist() == ["6"]
-        assert edited.spend["realised_usd"] == pytest.approx(edited.results["cost_usd"][0].as_py())
+        assert edited.spend["realised_usd"] == pytest.approx(   # both answers were paid
+            first.spend["realised_usd"] + edited.results["cost_usd"][0].as_py())
         back = run_requests(requests_table([_stub_req(cat, "q", "[say:5]")]), work, cat, config,
                             progress=lambda line: None)   # the first prompt again
         assert back.results["response"].to_pylist() == ["5"]
+
+
+def test_an_edited_prompts_paid_answer_stays_in_the_spend_and_the_cap(tmp_path):
+    # before the fix: the rerun's part (named by its key alone) overwrote the old prompt's, and
+    # the spend counted only rows of the prompt sent now, so a third edit saw realised $0 and the
+    # cap let it pass the money already paid (and going back to the first prompt paid it again)
+    with StubServer() as stub:
+        cat = catalog_from_dict({"budgets": ["default"], "models": [
+            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+             "endpoint": stub.url, "max_output_tokens": 24}]})
+        work = str(tmp_path / "work")
+
+        def run(text: str, cap: float | None = None):
+            return run_requests(requests_table([_stub_req(cat, "q", text)]), work, cat,
+                                EngineConfig(executor="local", max_spend_usd=cap),
+                                progress=lambda line: None)
+
+        paid = [run("[say:5]").spend["realised_usd"]]
+        second = run("[say:6]")
+        paid.append(second.results["cost_usd"][0].as_py())
+        assert second.spend["realised_before_usd"] == pytest.approx(paid[0])
+        assert second.spend["realised_usd"] == pytest.approx(sum(paid))
+        worst = requests_table([_stub_req(cat, "q", "[say:7]")])["worst_usd"][0].as_py()
+        third = run("[say:7]", cap=worst + 0.5 * sum(paid))   # fits only if $0 was paid
+        assert third.spend["realised_before_usd"] == pytest.approx(sum(paid))
+        assert third.spend["refused_calls"] == 1 and third.results.num_rows == 0
+        calls = len(stub.calls)
+        back = run("[say:5]")   # the first prompt again: its answer is on record, not paid again
+        assert len(stub.calls) == calls and back.results["response"].to_pylist() == ["5"]
+        assert back.spend["realised_usd"] == pytest.approx(sum(paid))
 
 
 def test_a_work_folder_without_prompt_hashes_is_reused_once(tmp_path):

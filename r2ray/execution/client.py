@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from r2ray.execution.policy import RetryPolicy, cost_usd, retry_decision
 from r2ray.prompting import estimate_tokens
-from r2ray.redaction import redact_text
+from r2ray.redaction import redact_text, redact_uri
 
 ERROR_TEXT_LIMIT = 200   # characters of an error body kept in a failure's reason
 SPEND_CAP_REASON = "spend cap: issuing it could pass --max-spend-usd"
@@ -38,9 +38,10 @@ RESULT_SCHEMA = pa.schema([
     pa.field("latency_s", pa.float64()),       # the successful attempt, request to answer
     pa.field("cost_usd", pa.float64()),        # catalogue prices × tokens; 0 when not answered
     pa.field("billed_usd", pa.float64()),      # every attempt the provider billed: cost_usd plus
-                                               # 200s that were no chat completion, timeouts
+                                               # 2xx that were no chat completion, timeouts
                                                # after the request went out and connections
-                                               # lost after connecting (USD; at the worst case
+                                               # lost after connecting or raising unforeseen
+                                               # errors once made (USD; at the worst case
                                                # where no usage says what for)
     pa.field("attempts", pa.int32()),
     pa.field("error", pa.string()),            # why it failed (null when ok)
@@ -119,7 +120,7 @@ its worst case), the safe side of a budget."""
 
 class CallFailed(Exception):
     """One failed attempt. ``billed``: the provider may have billed it though it gave no usable
-    answer — it answered 200 with a body that is no chat completion, the call timed out after the
+    answer — it answered 2xx with a body that is no chat completion, the call timed out after the
     whole request had gone out, or the connection failed other than before sending
     (:data:`NEVER_SENT`); ``usage``: that body's usage block, if it had one (what the attempt was
     billed for; without it, that is unknown)."""
@@ -163,20 +164,60 @@ async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: st
         text = redact_text(response.text[:ERROR_TEXT_LIMIT]).replace("\n", " ")
         raise CallFailed(f"HTTP {response.status_code}: {text}", response.status_code,
                          response.headers.get("retry-after"))
+    if response.status_code >= 300:   # not followed, not retried, not run: never billed
+        raise CallFailed(redirect_reason(response), response.status_code)
+    return _chat_completion(response)
+
+
+def redirect_reason(response: httpx.Response) -> str:
+    """Why a 3xx is the call's failure, and what to do: httpx follows no redirect (it would send
+    the POST, key and all, wherever the server points), so every attempt would get the same 3xx;
+    the catalogue's endpoint should be the address it points to (an http:// endpoint served at
+    https://, a moved path)."""
+    head = f"HTTP {response.status_code} redirect"
+    location = response.headers.get("location")
+    if not location:
+        return f"{head} with no Location: the model's endpoint in the catalogue is not the API's"
+    target = redact_uri(location)[:ERROR_TEXT_LIMIT]
+    endpoint = (target.removesuffix("/chat/completions") if target.endswith("/chat/completions")
+                else "where it points")
+    return (f"{head} to {target}, not followed: set the model's endpoint in the catalogue to "
+            f"{endpoint}")
+
+
+def _chat_completion(response: httpx.Response) -> dict:
+    """A 2xx's answer: its text, finish reason and usage, or :class:`CallFailed` (billed: the
+    server took the call) when the body is no chat completion — not JSON, no text, or text UTF-8
+    cannot carry (an unpaired surrogate escape, which no result row can hold). Retried after a
+    200 (a body cut short may come whole), not after another 2xx (201, 204: the server's way)."""
     answer = None
     try:
         answer = response.json()
         choice = answer["choices"][0]
         text = choice["message"]["content"]
-        if not isinstance(text, str):
-            raise TypeError("content is not text")
+        if not _is_text(text):
+            raise TypeError("content is not UTF-8 text")
     except (ValueError, KeyError, IndexError, TypeError) as err:
         usage = answer.get("usage") if isinstance(answer, dict) else None
-        raise CallFailed(f"answer is not a chat completion ({type(err).__name__})", billed=True,
-                         usage=usage if isinstance(usage, dict) else None) from None
+        status = None if response.status_code == 200 else response.status_code
+        raise CallFailed(("" if status is None else f"HTTP {status}: ")
+                         + f"answer is not a chat completion ({type(err).__name__}: {err})", status,
+                         billed=True, usage=usage if isinstance(usage, dict) else None) from None
     finish = choice.get("finish_reason")
-    return {"text": text, "finish_reason": finish if isinstance(finish, str) else None,
+    return {"text": text, "finish_reason": finish if _is_text(finish) else None,
             "usage": answer.get("usage")}
+
+
+def _is_text(value: object) -> bool:
+    """A string UTF-8 can encode (JSON's ``\\ud83d`` escape alone decodes to a lone surrogate,
+    which it cannot)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _count(value: object) -> int | None:
@@ -221,7 +262,8 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
     """Send one request row with retries under the spend cap; a RESULT_SCHEMA row. Every attempt
     is reserved at its worst case first; one the provider billed without a usable answer (or may
     have: :class:`CallFailed`) is booked at its cost, or its worst case where that is unknown,
-    before the next is reserved, so the cap counts what was paid."""
+    before the next is reserved, so the cap counts what was paid. Any other exception (a bug, a
+    reply no check foresaw) is this row's failure, not its batch's: see :func:`_unexpected`."""
     row = {name: request[name] for name in ("key", "purpose", "query_id", "model", "budget",
                                              "max_tokens", "prompt_sha")}
     row.update(ok=False, response=None, input_tokens=None, output_tokens=None,
@@ -238,6 +280,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
             "max_tokens": int(request["max_tokens"]), "temperature": 0}
     api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     cost = 0.0
+    calling = False   # an attempt's request may have reached the server and is not booked yet
     try:
         key_problem = api_key_problem(api_key) if settings.api_key_env else None
         if key_problem:
@@ -249,6 +292,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
             async with limiter:
                 await limiter.admit(int(request["input_tokens_est"]) + int(request["max_tokens"]))
                 sent = time.perf_counter()
+                calling = True
                 try:
                     answer = await post_chat(client, settings.url, body, api_key, policy.timeout_s)
                 except CallFailed as fail:
@@ -258,6 +302,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                     latency = time.perf_counter() - sent
             if failure is None:
                 break
+            calling = False   # booked here as the failure says
             if failure.billed:   # (maybe) billed, unusable: booked now, not at $0
                 spent = _priced(failure.usage, request)
                 row["billed_usd"] += spent
@@ -282,10 +327,27 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                    truncated=answer["finish_reason"] == "length", latency_s=latency,
                    cost_usd=cost, billed_usd=row["billed_usd"] + cost)
         return row
+    except Exception as err:   # an answer already paid in this batch must still be written
+        cost = _unexpected(row, err, worst if calling else None)
+        return row
     finally:
         row["ended_s"] = time.time()
         if reserved:
             await book.settle(worst, cost)
+
+
+def _unexpected(row: dict, err: Exception, called_worst_usd: float | None) -> float:
+    """Record an exception no check foresaw as ``row``'s failure; returns the USD to book for it.
+    ``called_worst_usd``: the attempt's worst case if it was raised once its call was made (the
+    server may have run and billed it; from where it was raised there is no telling), booked at
+    that; None if before, booked at $0. The reason names the type only: a message could quote the
+    key."""
+    booked = called_worst_usd or 0.0
+    when = "before its call was made" if called_worst_usd is None else \
+        "once its call was made (booked at its worst case)"
+    row.update(ok=False, response=None, cost_usd=0.0, billed_usd=row["billed_usd"] + booked,
+               error=f"unexpected {type(err).__name__} {when}")
+    return booked
 
 
 def api_key_problem(api_key: str | None) -> str | None:

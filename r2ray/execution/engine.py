@@ -10,16 +10,18 @@ Work folder layout::
     manifest.json                  written LAST by the caller (collect, execute)
 
 Crash safety: a part is written whole (temp name + rename) once its batch is done and is named by
-its keys, so a kill loses at most the batches in flight. A rerun reads the parts, runs only the
-keys not answered (last run's failures included: they are cleared at the start and retried), and
-the final table keeps one row per key. A failure is never a quality-0 row: it has no answer.
+its keys and prompt hashes, so a kill loses at most the batches in flight. A rerun reads the
+parts, runs only the keys not answered (last run's failures included: they are cleared at the
+start and retried), and the final table keeps one row per key. A failure is never a quality-0
+row: it has no answer.
 
 A part answers a request only if it records the same ``prompt_sha`` (the messages and
-``max_tokens`` sent), so a query edited under the same id is sent again. Parts written before the
-hash was recorded (null ``prompt_sha``) cannot be checked: by default each is reused once, for a
-key with no recorded row and the same ``max_tokens``, stamped with the prompt sent now (a warning
-gives the count), so the calls they paid for are not paid again; ``unrecorded="resend"`` sends
-them again instead.
+``max_tokens`` sent), so a query edited under the same id is sent again (what its first answer
+was billed stays in the spend and the cap: it was paid). Parts written before the hash was
+recorded (null ``prompt_sha``) cannot be checked: by default each is reused once, for a key with
+no recorded row and the same ``max_tokens``, stamped with the prompt sent now (a warning gives the
+count), so the calls they paid for are not paid again; ``unrecorded="resend"`` sends them again
+instead.
 """
 
 from __future__ import annotations
@@ -156,10 +158,14 @@ def _part_name(keys: list[str]) -> str:
 
 
 def _write(table: pa.Table, folder: str, names: list[str] | None = None) -> None:
-    """``table`` as one part, named by its keys (or ``names``)."""
+    """``table`` as one part, named by its keys and prompt hashes (or ``names``): the same batch
+    sent again after a crash rewrites its part, but the answers to a prompt since edited are not
+    overwritten by the new ones, so what they were billed stays on record."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    names = table.column("key").to_pylist() if names is None else names
+    if names is None:
+        names = [f"{key}@{sha}" for key, sha in zip(table.column("key").to_pylist(),
+                                                    table.column("prompt_sha").to_pylist())]
     storage.write_bytes(storage.join(folder, _part_name(names)), sink.getvalue().to_pybytes())
 
 
@@ -267,9 +273,21 @@ def _sent(table: pa.Table) -> pa.ChunkedArray:
 def _requested(results: pa.Table, requests: pa.Table) -> pa.Table:
     """Only the rows that answer a request of this run as it is sent now (same key, same prompt
     hash): parts of other requests (a query since removed, another run's rows in a reused work
-    folder) and parts sent with a prompt since edited are neither results nor spend of this one."""
+    folder) and parts sent with a prompt since edited are no results of this one."""
     return results.filter(pc.fill_null(
         pc.is_in(_sent(results), value_set=_sent(requests).combine_chunks()), False))
+
+
+def _paid(parts: pa.Table, requests: pa.Table) -> float:
+    """USD billed for the keys of ``requests`` in ``parts`` (answered rows), whatever prompt each
+    was sent with: an answer to a prompt since edited under the same id is no result, but it was
+    paid, so it stays in the spend and the cap. A row adopted from a part with no prompt hash is
+    in parts/ twice (as first written, and stamped): it is counted once per key and start time."""
+    mine = parts.filter(pc.is_in(parts["key"], value_set=requests["key"].combine_chunks()))
+    if mine.num_rows == 0:
+        return 0.0
+    once = mine.group_by(["key", "started_s"]).aggregate([("billed_usd", "max")])
+    return float(pc.sum(once["billed_usd_max"]).as_py() or 0.0)
 
 
 def unrecorded_matches(results: pa.Table, requests: pa.Table) -> pa.Table:
@@ -338,12 +356,12 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     emit = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     parts = read_parts(storage.join(work_dir, "parts"))   # read once for both steps
     adopted = adopt_unrecorded(requests, parts, work_dir, config, emit)
-    # the parts as a fresh read would now give them: the adopted rows are recorded
-    todo, done = plan(requests, work_dir, parts=pa.concat_tables([parts, adopted]))
+    parts = pa.concat_tables([parts, adopted])   # as a fresh read would now give them
+    todo, done = plan(requests, work_dir, parts=parts)
     keep_billed_failures(work_dir)
     storage.remove(storage.join(work_dir, "failures"))   # last run's failures: retried now
     billed_before = _billed(read_parts(storage.join(work_dir, "billed")))
-    realised = _billed(done) + billed_before
+    realised = _paid(parts, requests) + billed_before
     models = sorted(set(requests.column("model").to_pylist()))
     settings = {m: asdict(s) for m, s in endpoint_settings(catalog, models,
                                                             config.workers).items()}
@@ -360,14 +378,14 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                 _write(failed, storage.join(work_dir, "failures"))
             meter.update(batch, spend)
     meter.finish()
-    results, dropped = first_per_key(_requested(read_parts(storage.join(work_dir, "parts")),
-                                                requests))
+    parts = read_parts(storage.join(work_dir, "parts"))
+    results, dropped = first_per_key(_requested(parts, requests))
     failures = read_parts(storage.join(work_dir, "failures"))
     return EngineRun(results=results, failures=failures, calls_planned=todo.num_rows,
                      calls_done_before=done.num_rows, duplicates_dropped=dropped,
                      unrecorded_reused=adopted.num_rows,
                      spend={"cap_usd": config.max_spend_usd, "realised_before_usd": realised,
-                            "realised_usd": _billed(results) + _billed(failures)
+                            "realised_usd": _paid(parts, requests) + _billed(failures)
                             + billed_before,
                             "worst_case_planned_usd": worst_case_usd(todo),
                             "refused_calls": meter.refused},

@@ -4,8 +4,10 @@ The last user message steers it: ``[say:TEXT]`` answers TEXT (else ``ok``), one 
 ``[fault:KIND]`` injects a failure — on the first attempt of that request for ``429`` (with
 ``Retry-After``), ``500``, ``timeout`` (sleeps past the client's timeout), ``badjson`` and
 ``billedbad`` (a 200 with the answer's ``usage`` but no choices: billed, unusable) and
-``billednocounts`` (the same with a ``usage`` block holding no counts); on every
-attempt for ``always500``, ``alwaysbilledbad`` and ``400``; ``nousage`` answers without ``usage``.
+``billednocounts`` (the same with a ``usage`` block holding no counts) and ``surrogate`` (an answer
+ending in a lone ``\\ud83d`` escape, half an emoji: text UTF-8 cannot carry); on every attempt for
+``always500``, ``alwaysbilledbad``, ``400``, ``redirect`` (a 301 to the same path on https://) and
+``204`` (no content); ``nousage`` answers without ``usage``.
 ``[slow:S]`` sleeps S seconds before answering; ``[drip:S]`` sends the body a byte every S
 seconds (each gap under a per-read timeout, the whole past it). A judge prompt
 (:mod:`..graders`) is answered ``Score: 1`` when the answer holds the reference, ``Score: 0``
@@ -81,6 +83,11 @@ class StubServer:
             headers = {"Retry-After": self.retry_after} if status == 429 else {}
             return status, headers, json.dumps({"error": {"message": f"injected {fault}"}})\
                 .encode(), sleep
+        if fault == "redirect":
+            return 301, {"Location": self.url.replace("http://", "https://", 1)
+                         + "/chat/completions"}, b"", sleep
+        if fault == "204":
+            return 204, {}, b"", sleep
         if first and fault == "timeout":
             sleep += self.timeout_sleep_s
         if first and fault == "badjson":
@@ -103,6 +110,8 @@ class StubServer:
             answer["choices"] = []
         if first and fault == "billednocounts":   # billed, unusable, and no counts to price it
             answer["choices"], answer["usage"] = [], {"total_tokens": -1}
+        if first and fault == "surrogate":   # json.dumps writes the lone half as "\ud83d"
+            answer["choices"][0]["message"]["content"] += " \ud83d"
         return 200, {}, json.dumps(answer).encode(), sleep
 
     def _handler(self):
