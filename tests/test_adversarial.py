@@ -43,15 +43,17 @@ def _route_args(tmp_path, model, *extra):
             f"sqlite:///{tmp_path}/mlflow.db", *extra]
 
 
-def _fake_committed_run(output, run_id, config: dict | None = None):
-    """A committed run as the job leaves it: marker, one attempt with routed parts, manifest."""
+def _fake_committed_run(output, run_id, config: dict | None = None, model: dict | None = None):
+    """A committed run as the job leaves it: marker, one attempt with routed parts, manifest
+    (with ``model`` as its ``model`` record when given)."""
     paths = runs.RunPaths(str(output), run_id)
     attempt, state = runs.start_attempt(paths, fingerprint="old")
     write_table(pa.table({"query_id": ["kept"]}), attempt.path("routed", "model=m",
                                                                "part-0.parquet"))
     runs.commit(attempt, {"run_id": run_id, "committed_at": "2026-01-01T00:00:00+00:00",
                           "solve": {"lambda": 1.0}, "input": {"fingerprint": "old"},
-                          "config": config or {}, "counts": {"routed": 1}})
+                          "config": config or {}, "counts": {"routed": 1}}
+                | ({"model": model} if model else {}))
     return attempt
 
 
@@ -131,6 +133,34 @@ def test_rerunning_a_committed_run_with_other_settings_warns(tmp_path, small_rou
         route_batch(config.model_copy(update={"run_id": run_id, "encoder_precision": asked}))
         err = capsys.readouterr().err
         assert ("encoder_precision (float32 → auto)" in err) is warned, err
+
+
+def test_rerunning_a_committed_run_after_its_folder_was_retrained_warns(tmp_path,
+                                                                        small_routing_model,
+                                                                        capsys):
+    """Before the fix a folder had "no version" to compare: a run id re-run after a predictor
+    was retrained into the model's folder said "nothing to do", as if it had routed with it."""
+    import shutil
+
+    from r2ray.predictor.persist import document_digest
+
+    folder = tmp_path / "model"
+    shutil.copytree(small_routing_model["path"], folder)
+    document = json.loads((folder / "predictor.json").read_text())
+    config = route_config(input=_backlog(tmp_path / "in"), output=str(tmp_path / "out"),
+                          model=str(folder), budget_usd=1.0, run_id="night")
+    _fake_committed_run(tmp_path / "out", "night", config.model_dump(),
+                        {"uri": str(folder), "name": str(folder), "version": "local",
+                         "fingerprint": document["document_sha256"]})
+    route_batch(config)
+    assert "model (" not in capsys.readouterr().err            # the predictor it routed with
+    resaved = document | {"state": document["state"] | {"settings": {"alpha": 50.0}}}
+    (folder / "predictor.json").write_text(json.dumps(resaved | {
+        "document_sha256": document_digest(resaved)}))          # another one saved there since
+    assert route_batch(config)["committed_at"] == "2026-01-01T00:00:00+00:00"   # left alone ...
+    err = capsys.readouterr().err                                                 # ... not silently
+    assert f"model ({folder} holds another predictor than this run used" in err
+    assert "--force" in err
 
 
 # ---- output locations: found before any work, one line each ----------------------------------

@@ -149,6 +149,81 @@ def test_an_edited_document_is_refused_naming_the_file(fitted, tmp_path):
                 load(str(folder))
 
 
+def test_an_edited_calibration_or_setting_is_refused_naming_the_file(fitted, world, tmp_path):
+    """Before the fix only tensors.safetensors was hashed: token_calibration's smearing tripled
+    in predictor.json loaded silently and moved the mean t̂ from 55 to 141 tokens. Every field
+    a prediction depends on is now under document_sha256; a re-indented copy or another
+    r2ray_version stamp still loads, predicting the same."""
+    from r2ray.predictor.persist import read_saved
+
+    good = save_predictor(fitted["per_arm_ridge"], str(tmp_path / "good"))
+    document = json.loads((tmp_path / "good" / CONFIG_FILE).read_text())
+    state = document["state"]
+    tripled = [[3 * v for v in row] for row in state["token_calibration"]["smearing"]]
+    knots = state["quality_calibration"]["knots_y"]
+    edits = {"smearing": state | {"token_calibration": state["token_calibration"]
+                                  | {"smearing": tripled}},
+             "quality knots": state | {"quality_calibration": state["quality_calibration"]
+                                       | {"knots_y": [[0.9] * len(row) for row in knots]}},
+             "settings": state | {"settings": {"alpha": 50.0}},
+             "spend simulation": {k: v for k, v in state.items() if k != "spend_simulation"}}
+    cases = {case: document | {"state": edited} for case, edited in edits.items()}
+    cases["no tensors hash"] = {k: v for k, v in document.items() if k != "tensors_sha256"}
+    for case, edited in cases.items():
+        folder = tmp_path / case
+        shutil.copytree(good, folder)
+        (folder / CONFIG_FILE).write_text(json.dumps(edited))
+        for load in (load_predictor, read_saved):
+            with pytest.raises(PredictorError, match=re.escape(f"{folder / CONFIG_FILE}: its "
+                                                               "fields are not the ones")):
+                load(str(folder))
+    (tmp_path / "good" / CONFIG_FILE).write_text(json.dumps(
+        document | {"saved_at": "2020-01-01T00:00:00+00:00"}, indent=7))
+    np.testing.assert_array_equal(load_predictor(good).predict(world[1].embedding).output_tokens,
+                                  fitted["per_arm_ridge"].predict(world[1].embedding).output_tokens)
+
+
+def test_a_document_saved_before_its_digest_loads_with_a_warning(fitted, world, tmp_path):
+    from r2ray.predictor.persist import document_digest
+
+    save_predictor(fitted["per_arm_ridge"], str(tmp_path))
+    document = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert document["document_sha256"] == document_digest(document)
+    del document["document_sha256"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(document))
+    with pytest.warns(PredictorVersionWarning, match=re.escape(
+            f"{tmp_path / CONFIG_FILE} records no document_sha256")):
+        loaded = load_predictor(str(tmp_path))
+    np.testing.assert_array_equal(loaded.predict(world[1].embedding).quality,
+                                  fitted["per_arm_ridge"].predict(world[1].embedding).quality)
+    assert loaded.saved_fingerprint_ == document_digest(document)   # its corrections' key
+
+
+def test_the_batch_driver_ships_the_document_it_checked(fitted, tmp_path, monkeypatch):
+    """Before the fix read_saved parsed predictor.json, then read the file again for the
+    workers: a save landing in between (here: the same tensors, other quality calibration)
+    reached the workers while the driver planned with, and recorded, the first document."""
+    from r2ray import storage
+    from r2ray.predictor.persist import document_digest, read_saved
+
+    good = save_predictor(fitted["per_arm_ridge"], str(tmp_path))
+    document = json.loads((tmp_path / CONFIG_FILE).read_text())
+    knots = document["state"]["quality_calibration"]["knots_y"]
+    resaved = document | {"state": document["state"] | {"quality_calibration": document["state"][
+        "quality_calibration"] | {"knots_y": [[0.9] * len(row) for row in knots]}}}
+    resaved["document_sha256"] = document_digest(resaved)
+    read_text = storage.read_text
+
+    def read_then_resave(uri: str, *args, **kwargs) -> str:
+        text = read_text(uri, *args, **kwargs)
+        (tmp_path / CONFIG_FILE).write_text(json.dumps(resaved))
+        return text
+
+    monkeypatch.setattr(storage, "read_text", read_then_resave)
+    checked, files = read_saved(good)
+    assert checked == document and json.loads(files[CONFIG_FILE]) == checked
+
+
 def test_loading_warns_on_other_version_or_other_data(fitted, tmp_path):
     save_predictor(fitted["per_arm_ridge"], str(tmp_path))
     document = json.loads((tmp_path / CONFIG_FILE).read_text())

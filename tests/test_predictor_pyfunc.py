@@ -115,8 +115,10 @@ def test_a_predictor_saved_before_fingerprints_loads_with_a_warning(retrained_en
     saved = retrained_encoder
     document = json.loads((Path(saved) / "predictor.json").read_text())
     del document["encoder_fingerprint"]
+    del document["document_sha256"]   # saved before it too
     (Path(saved) / "predictor.json").write_text(json.dumps(document))
     monkeypatch.setattr("r2ray.encoders.load_encoder", lambda spec, **_: FakeEncoder())
-    with pytest.warns(UserWarning, match=f"{saved} records no fingerprint"):
+    with pytest.warns(UserWarning, match="records no document_sha256"), \
+            pytest.warns(UserWarning, match=f"{saved} records no fingerprint"):
         model = load_routing_model(saved, device="cpu")
     assert isinstance(model.encoder, FakeEncoder)

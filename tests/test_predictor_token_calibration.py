@@ -11,7 +11,7 @@ from predictor_world import planted_arrays, small_catalog
 
 from r2ray.predictor import load_predictor, make_predictor, save_predictor
 from r2ray.predictor import token_calibration
-from r2ray.predictor.persist import CONFIG_FILE
+from r2ray.predictor.persist import CONFIG_FILE, PredictorVersionWarning
 from r2ray.predictor.token_calibration import (BEYOND_TOKENS, TokenCalibration, arm_caps_tokens,
                                                fit_token_calibration)
 
@@ -79,8 +79,10 @@ def test_save_load_keeps_the_correction_and_older_files_still_load(tmp_path):
                                   predictor.predict(test.embedding).output_tokens)
     document = json.loads((tmp_path / CONFIG_FILE).read_text())
     del document["state"]["token_calibration"]        # as saved before the correction existed
+    del document["document_sha256"]                   # (and before the document's digest)
     (tmp_path / CONFIG_FILE).write_text(json.dumps(document))
-    older = load_predictor(str(tmp_path))
+    with pytest.warns(PredictorVersionWarning, match="records no document_sha256"):
+        older = load_predictor(str(tmp_path))
     assert older.token_calibration_ is None
     np.testing.assert_array_equal(older.predict(test.embedding).output_tokens,
                                   predictor._predict(test.embedding).output_tokens)

@@ -258,7 +258,8 @@ def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path
             (tmp_path / "out" / run / "manifest.json").write_text("{}")
         return correction
 
-    assert latest_correction(str(tmp_path / "out"), "/models/m", catalog.fingerprint) is None
+    assert latest_correction(str(tmp_path / "out"), "/models/m", catalog.fingerprint,
+                             None) is None
     made(1, "run-a")
     newest = made(2, "run-b")
     made(3, "run-c", model_label="models/other/2")                       # another model
@@ -267,11 +268,12 @@ def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path
     garbled = tmp_path / "out" / "run-a" / "reconcile" / "x" / "correction.json"
     garbled.parent.mkdir(parents=True)
     garbled.write_text("not json")
-    found = latest_correction(str(tmp_path / "out"), "/models/m", catalog.fingerprint)
+    found = latest_correction(str(tmp_path / "out"), "/models/m", catalog.fingerprint, None)
     assert found == newest
     assert latest_correction(str(tmp_path / "out"), "models/other/2",
-                             catalog.fingerprint).created_at.startswith("2026-11-03")
-    assert latest_correction(str(tmp_path / "nowhere"), "/models/m", catalog.fingerprint) is None
+                             catalog.fingerprint, None).created_at.startswith("2026-11-03")
+    assert latest_correction(str(tmp_path / "nowhere"), "/models/m", catalog.fingerprint,
+                             None) is None
 
 
 def test_latest_correction_looks_under_its_own_output_only(tmp_path):
@@ -286,7 +288,7 @@ def test_latest_correction_looks_under_its_own_output_only(tmp_path):
         folder.mkdir(parents=True)
         (folder / "correction.json").write_text(correction.to_json())
         (tmp_path / output / "night" / "manifest.json").write_text("{}")
-    found = latest_correction(str(tmp_path / "out[1]"), "/models/m", catalog.fingerprint)
+    found = latest_correction(str(tmp_path / "out[1]"), "/models/m", catalog.fingerprint, None)
     assert found.created_at.startswith("2026-11-01")   # its own, though out1's is newer
 
 
@@ -343,7 +345,7 @@ def test_the_command_on_a_hand_built_run(tmp_path, capsys):
     report = open(os.path.join(folder, "report.md")).read()
     assert "| (model, budget) is not an arm of the run's catalogue | 1 |" in report
     assert f"## Cost correction `{version}`" in report
-    found = latest_correction(os.path.dirname(run), "/models/m", _catalog().fingerprint)
+    found = latest_correction(os.path.dirname(run), "/models/m", _catalog().fingerprint, None)
     assert found is not None and found.version == version
 
 
@@ -435,9 +437,12 @@ def test_reconcile_a_routed_run_against_the_worlds_outcomes(tmp_path, ray_local,
     artifacts = MlflowClient(tracking).list_artifacts(manifest["mlflow_run_id"],
                                                       f"reconcile/{version}")
     assert len(artifacts) == 3
+    saved = json.loads(open(os.path.join(small_routing_model["path"], "predictor.json")).read())
+    assert manifest["model"]["fingerprint"] == saved["document_sha256"]   # the predictor routed
     correction = latest_correction(str(tmp_path / "out"), model_label(manifest),
-                                   catalog.fingerprint)
+                                   catalog.fingerprint, saved["document_sha256"])
     assert correction is not None and correction.version == version
+    assert correction.model_fingerprint == saved["document_sha256"]
     assert correction.rows == n - 10 and correction.source_run_id == "night"
     assert correction.factors_for(catalog).shape == (catalog.n_arms,)
     assert correction.overall == pytest.approx(
@@ -624,7 +629,7 @@ def test_a_second_reconciliation_keeps_the_correction_it_was_routed_with(tmp_pat
     run2 = _write_run(out, "night2", catalog, [(f"q{i}", "small", 100, 110, .5, raw * f1)
                                                for i in range(n)], correction=first)
     reconcile_run(run2, actuals("night2"), catalog_path)
-    newest = latest_correction(str(out), "/models/m", catalog.fingerprint)
+    newest = latest_correction(str(out), "/models/m", catalog.fingerprint, None)
     f2 = newest.factors_for(catalog)[catalog.arm_of("small", 100)]
     assert raw * f2 == pytest.approx(bill, rel=0.02)
 
@@ -703,7 +708,70 @@ def test_a_local_models_correction_is_found_however_its_folder_is_spelled(tmp_pa
     for typed in ("models/m", "models/m/", "./models/m", "models/../models/m", "~/models/m",
                   str(folder) + "/", f"file://{folder}"):
         model = LoadedModel({}, catalog, 4, False, typed, typed, "local")
-        found = latest_correction(str(tmp_path / "out"), model.label, catalog.fingerprint)
+        found = latest_correction(str(tmp_path / "out"), model.label, catalog.fingerprint,
+                                  model.fingerprint)
         assert found == correction, typed
     assert _manifest(catalog)["model"].get("label") is None   # runs committed before the label:
     assert model_label(_manifest(catalog)) == "/models/m"     # the URI as it was typed
+
+
+# ---- a review, 2026-12-06: which predictor a local model's correction was fitted on -------------
+def _commit_correction(out, run: str, document: dict) -> None:
+    """``document`` (a correction's JSON) under a committed run ``run`` of output ``out``."""
+    folder = out / run / "reconcile" / document["version"]
+    folder.mkdir(parents=True)
+    (folder / "correction.json").write_text(json.dumps(document))
+    (out / run / "manifest.json").write_text("{}")
+
+
+def test_a_model_retrained_into_its_folder_does_not_take_the_old_ones_correction(tmp_path,
+                                                                                caplog):
+    """Before the fix a correction was matched by the folder's label and the catalogue only: a
+    predictor retrained into the same folder (other settings, other weights) was priced, in the
+    batch job and in Serve, with the factors fitted on the previous predictor's actuals."""
+    import logging
+
+    from predictor_world import planted_arrays, small_catalog
+
+    from r2ray.batch import route_config
+    from r2ray.batch.job import find_correction, load_model
+    from r2ray.predictor import make_predictor, save_predictor
+    from r2ray.serving.router import load_routing_model
+
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=200, dim=8, seed=0)
+    folder, out = str(tmp_path / "models" / "m"), tmp_path / "out"
+    save_predictor(make_predictor("per_arm_ridge").fit(train, catalog), folder)
+    model = load_model(folder, None, None)
+    manifest = _manifest(catalog)
+    manifest["model"] |= {"uri": folder, "label": model.label, "fingerprint": model.fingerprint}
+    routed = _routed([("q1", "model-0", 100, 110, 0.5, 1e-4), ("q2", "model-1", 0, 400, 0.5, 2e-4)])
+    actuals = actuals_from_table(pa.Table.from_pylist([
+        {"query_id": "q1", "model": "model-0", "budget": 100, "input_tokens": 1,
+         "output_tokens": 1, "cost_usd": 3e-4},
+        {"query_id": "q2", "model": "model-1", "budget": 0, "input_tokens": 1,
+         "output_tokens": 1, "cost_usd": 6e-4}]), "mem")
+    correction = fit_correction(reconcile(manifest, routed, actuals, catalog),
+                                now=dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc))
+    assert correction.model_fingerprint == model.fingerprint is not None
+    assert CostCorrection.from_json(correction.to_json()) == correction
+    _commit_correction(out, "night1", json.loads(correction.to_json()))
+    config = route_config(input="in", output=str(out), model=folder, budget_usd=1.0)
+
+    def found() -> tuple:   # (batch job's correction, Serve's correction version)
+        batch = find_correction(config, load_model(folder, None, None))
+        served = load_routing_model(folder, device="cpu", corrections=str(out)).correction
+        return batch and batch.version, served
+
+    assert found() == (correction.version, correction.version)          # the predictor it was for
+    save_predictor(make_predictor("per_arm_ridge", alpha=50.0).fit(train, catalog), folder)
+    assert found() == (None, None)                                        # retrained in place
+
+    # a correction fitted before fingerprints were recorded cannot tell: not taken, and said so
+    older = json.loads(dataclasses.replace(
+        correction, created_at="2026-11-02T00:00:00.000000+00:00").to_json())
+    del older["model_fingerprint"]
+    _commit_correction(out, "night2", older | {"version": "20261102T000000Z-00000000"})
+    with caplog.at_level(logging.WARNING, logger="r2ray.reconcile.correction"):
+        assert found() == (None, None)
+    assert "fitted before r2ray recorded which predictor a run used" in caplog.text

@@ -289,3 +289,44 @@ def test_a_committed_run_re_run_after_its_alias_moved_names_both_versions(store,
     err = capsys.readouterr().err                           # ... but not silently
     assert ("model (models:/r2ray-moved@champion was version 1 for this run, and now resolves "
             "to version 2)") in err and "--force" in err
+
+
+def test_a_name_registered_again_does_not_take_the_old_versions_correction(store, data, tmp_path):
+    """NAME/VERSION names another predictor once the name is deleted and registered again
+    (MLflow starts it at version 1 again). Before the fix its cost corrections were matched by
+    that label and the catalogue alone: the batch job and Serve priced the new r2ray-again/1 with
+    the factors fitted on the old one's actuals."""
+    from r2ray.batch import route_config
+    from r2ray.batch.job import find_correction, load_model
+    from r2ray.reconcile import CostCorrection
+    from r2ray.serving.router import load_routing_model
+
+    uri, _ = store
+    catalog, train, _ = data
+    register_predictor(make_predictor("per_arm_ridge").fit(train, catalog), "r2ray-again",
+                       tracking_uri=uri)
+    model = load_model("models:/r2ray-again/1", None, uri)
+    correction = CostCorrection("20261101T000000Z-00000000", "2026-11-01T00:00:00+00:00",
+                                "night", model.label, catalog.fingerprint, 10, 2.0, (), (),
+                                model_fingerprint=model.fingerprint)
+    folder = tmp_path / "out" / "night" / "reconcile" / correction.version
+    folder.mkdir(parents=True)
+    (folder / "correction.json").write_text(correction.to_json())
+    (tmp_path / "out" / "night" / "manifest.json").write_text("{}")
+    config = route_config(input="in", output=str(tmp_path / "out"),
+                          model="models:/r2ray-again/1", budget_usd=1.0, tracking_uri=uri)
+
+    def found(loaded) -> tuple:   # (batch job's correction, Serve's correction version)
+        served = load_routing_model("models:/r2ray-again/1", uri, device="cpu",
+                                    corrections=str(tmp_path / "out"))
+        batch = find_correction(config, loaded)
+        return batch and batch.version, served.correction
+
+    assert found(model) == (correction.version, correction.version)
+    mlflow.MlflowClient().delete_registered_model("r2ray-again")
+    again = register_predictor(make_predictor("per_arm_ridge", alpha=50.0).fit(train, catalog),
+                               "r2ray-again", tracking_uri=uri)
+    assert again.version == "1"
+    model_again = load_model("models:/r2ray-again/1", None, uri)
+    assert model_again.label == model.label and model_again.fingerprint != model.fingerprint
+    assert found(model_again) == (None, None)

@@ -293,9 +293,11 @@ def test_a_model_without_a_spend_simulation_is_refused_before_anything_is_writte
     shutil.copytree(small_routing_model["path"], model)
     document = json.loads((model / "predictor.json").read_text())
     document["state"].pop("spend_simulation")   # as saved before r2ray fitted one
+    document.pop("document_sha256")             # and before its document's digest
     (model / "predictor.json").write_text(json.dumps(document))
     _write_backlog(tmp_path, small_routing_model["catalog"], n=60)
-    assert main(_route_args(tmp_path, str(model), "--run-id", "old")) == 2
+    with pytest.warns(UserWarning, match="records no document_sha256"):
+        assert main(_route_args(tmp_path, str(model), "--run-id", "old")) == 2
     err = capsys.readouterr().err
     assert "carries no spend simulation" in err and "--spend-guarantee 0" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

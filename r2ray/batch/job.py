@@ -66,13 +66,16 @@ class LoadedModel:
     name: str
     version: str
     spend_simulation: SpendSimulation | None = None   # sizes the spend guarantee
+    fingerprint: str | None = None   # the predictor's document_sha256 (persist.document_digest)
 
 
     @property
     def label(self) -> str:
         """``NAME/VERSION`` for a registered model; for a local one its folder, spelled one way
         (:func:`r2ray.storage.canonical_uri`): its cost corrections are found by this label, and
-        ``/models/m/`` or ``./m`` missed those of ``/models/m``."""
+        ``/models/m/`` or ``./m`` missed those of ``/models/m``. A label may name another
+        predictor later (a folder retrained in place, a registered name deleted and registered
+        again), so corrections are matched by the predictor's :attr:`fingerprint` too."""
         return storage.canonical_uri(self.uri) if self.version == "local" else \
             f"{self.name}/{self.version}"
 
@@ -94,7 +97,7 @@ def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | Non
 
 def _saved_model(folder: str) -> LoadedModel:
     from r2ray.encoders import check_encoder, has_text_encoder
-    from r2ray.predictor.persist import read_saved, saved_catalog
+    from r2ray.predictor.persist import document_digest, read_saved, saved_catalog
     from r2ray.predictor.spend_guarantee import SpendSimulation
 
     document, files = read_saved(folder)
@@ -102,7 +105,8 @@ def _saved_model(folder: str) -> LoadedModel:
     simulation = document["state"].get("spend_simulation")   # absent in older predictors
     return LoadedModel(files, saved_catalog(document, folder), int(document["embedding_dim"]),
                        has_text_encoder(document["encoder"]), folder, folder, "local",
-                       SpendSimulation.from_json(simulation) if simulation else None)
+                       SpendSimulation.from_json(simulation) if simulation else None,
+                       document_digest(document))
 
 
 def _registered_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
@@ -120,7 +124,8 @@ def _registered_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
         files = predictor_files(folder)
     return LoadedModel(files, bundle.catalog, int(bundle.predictor.embedding_dim_),
                        has_text_encoder(bundle.encoder_spec), model_uri, bundle.version.name,
-                       bundle.version.version, bundle.predictor.spend_simulation_)
+                       bundle.version.version, bundle.predictor.spend_simulation_,
+                       bundle.predictor.saved_fingerprint_)
 
 
 def check_guarantee(config: RouteConfig, model: LoadedModel) -> None:
@@ -296,13 +301,18 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
 
 def _model_moved(config: RouteConfig, committed: dict) -> str | None:
     """Why the committed run's model is not the one ``config.model`` names now: an alias (or
-    ``/latest``) that resolves to another version than the run used, though the URI is the same.
-    Asks the registry for the version only (no weights); where it cannot answer, says so."""
+    ``/latest``) that resolves to another version than the run used, though the URI is the same,
+    or a folder retrained in place (:func:`_folder_moved`). Asks the registry for the version
+    only (no weights); where it cannot answer, says so."""
     from r2ray.registry import RegistryError, resolve_version
 
     uri, version = config.model, committed.get("version")
-    if uri != committed.get("uri") or not uri.startswith("models:/") or version is None:
-        return None   # another URI is already named by the settings; a folder has no version
+    if uri != committed.get("uri"):
+        return None   # another URI is already named by the settings
+    if not uri.startswith("models:/"):
+        return _folder_moved(uri, committed.get("fingerprint"))
+    if version is None:
+        return None
     try:
         now = resolve_version(uri, config.tracking_uri)
     except RegistryError as err:
@@ -311,6 +321,25 @@ def _model_moved(config: RouteConfig, committed: dict) -> str | None:
         return None
     return (f"model ({uri} was version {version} for this run, and now resolves to version "
             f"{now.version})")
+
+
+def _folder_moved(folder: str, fingerprint: str | None) -> str | None:
+    """Why ``folder`` no longer holds the predictor a committed run used (``fingerprint``, its
+    manifest's ``model.fingerprint``; None: committed before it was recorded, nothing to
+    compare), else None. Reads ``predictor.json`` only."""
+    from r2ray.predictor.base import PredictorError
+    from r2ray.predictor.persist import document_digest, read_predictor_config
+
+    if fingerprint is None:
+        return None
+    try:
+        now = document_digest(read_predictor_config(folder))
+    except PredictorError as err:
+        return f"model ({folder} could not be read to check it is the run's predictor: {err})"
+    if now == fingerprint:
+        return None
+    return (f"model ({folder} holds another predictor than this run used: fingerprint "
+            f"{fingerprint[:12]}… then, {now[:12]}… now)")
 
 
 DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
@@ -441,7 +470,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                   "by_model": spend_by_model(stats)},
         "solve": None if certificate is None else _solve_record(certificate, solved.in_memory),
         "model": {"uri": model.uri, "name": model.name, "version": model.version,
-                  "label": model.label},
+                  "label": model.label, "fingerprint": model.fingerprint},
         "catalog_fingerprint": model.catalog.fingerprint,
         "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint},
         "output": {"routed": paths.routed, "quarantine": paths.quarantine,
@@ -514,12 +543,14 @@ def warm_up_in_background(config: RouteConfig) -> threading.Thread:
 
 def find_correction(config: RouteConfig, model: LoadedModel) -> CostCorrection | None:
     """The newest per-arm cost correction ``r2ray reconcile`` wrote under this output root for
-    this model version and catalogue (None: none, or ``--no-cost-correction``)."""
+    this model version and predictor (by its fingerprint) and catalogue (None: none, or
+    ``--no-cost-correction``)."""
     if not config.cost_correction:
         return None
     from r2ray.reconcile.correction import latest_correction
 
-    return latest_correction(config.output, model.label, model.catalog.fingerprint)
+    return latest_correction(config.output, model.label, model.catalog.fingerprint,
+                             model.fingerprint)
 
 
 def correction_record(correction: CostCorrection | None, config: RouteConfig) -> dict:

@@ -128,6 +128,8 @@ class BasePredictor:
     spend_simulation_: SpendSimulation | None = None    # None: no spend guarantee possible
     encoder_spec: str | None = None  # the encoder that produced the training embeddings, if known
     encoder_fingerprint: str | None = None  # that encoder's files (encoders.encoder_fingerprint)
+    saved_fingerprint_: str | None = None  # the document_sha256 of the folder it was loaded from
+                                            # (persist.document_digest); None: not loaded
     calibrates_quality = True  # False: q̂ is used as the fit gives it (``averaged``: the members'
                                # own maps already apply)
 

@@ -7,16 +7,19 @@ A saved predictor is a folder (local path or any fsspec URI) with two files:
 * ``predictor.json`` — ``kind`` (the registry key), constructor settings, fitted config, the
   catalogue YAML it was trained with (arm order!), the encoder spec and the fingerprint of its
   files (:func:`r2ray.encoders.encoder_fingerprint`; checked wherever text is embedded for the
-  predictor), the embedding dimension, the r2ray version, a fingerprint of the training data and
-  the sha256 of ``tensors.safetensors``.
+  predictor), the embedding dimension, the r2ray version, a fingerprint of the training data,
+  the sha256 of ``tensors.safetensors`` and ``document_sha256`` (:func:`document_digest`), the
+  sha256 of every field that changes predictions: the predictor's fingerprint.
 
 Loading refuses, naming the file, a document that does not parse or lacks a field a save writes,
 a ``catalog_yaml`` that is not the catalogue of ``catalog_fingerprint`` (an edited copy would
-label each arm's predictions with another arm), and tensors that are missing, unreadable or not
-the ones the document was saved with (a truncated copy, a flipped bit, another predictor's
-weights: each would otherwise load and predict wrongly). It warns
-(:class:`PredictorVersionWarning`) when the r2ray version differs from this one, and when
-``expected_data_fingerprint`` is given and differs.
+label each arm's predictions with another arm), fields that are not the ones of its
+``document_sha256`` (an edited calibration or setting would load and predict other numbers), and
+tensors that are missing, unreadable or not the ones the document was saved with (a truncated
+copy, a flipped bit, another predictor's weights: each would otherwise load and predict wrongly).
+It warns (:class:`PredictorVersionWarning`) when the r2ray version differs from this one, when
+``expected_data_fingerprint`` is given and differs, and when the document records no
+``document_sha256`` (saved before r2ray wrote one: its fields cannot be checked).
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ TENSORS_FILE = "tensors.safetensors"
 DOCUMENT_FIELDS = ("kind", "r2ray_version", "encoder", "embedding_dim", "data_fingerprint",
                    "catalog_fingerprint", "catalog_yaml", "state")
 STATE_FIELDS = ("settings", "fitted", "embedding_dim")
+DIGEST_FIELD = "document_sha256"
+# fields no prediction depends on, so outside the digest: when it was saved, by which r2ray (a
+# warning), and the catalogue's YAML (pinned by catalog_fingerprint, which the digest covers)
+UNDIGESTED_FIELDS = ("saved_at", "r2ray_version", "catalog_yaml", DIGEST_FIELD)
 
 
 class PredictorVersionWarning(UserWarning):
@@ -71,10 +78,27 @@ def save_predictor(predictor: BasePredictor, directory: str,
         "tensors_sha256": hashlib.sha256(data).hexdigest(),
         "state": config,
     }
+    document[DIGEST_FIELD] = document_digest(json.loads(json.dumps(document)))   # as read back
     # the tensors first, the document (which names their sha256) last
     storage.write_bytes(storage.join(directory, TENSORS_FILE), data)
-    storage.write_text(storage.join(directory, CONFIG_FILE), json.dumps(document, indent=2) + "\n")
+    storage.write_text(storage.join(directory, CONFIG_FILE), document_text(document))
     return directory
+
+
+def document_text(document: dict) -> str:
+    """``predictor.json`` as a save writes it."""
+    return json.dumps(document, indent=2) + "\n"
+
+
+def document_digest(document: dict) -> str:
+    """sha256 (hex) of the canonical JSON of every field of a saved predictor's document but
+    ``UNDIGESTED_FIELDS``: its kind, settings, fitted state and calibrations, encoder, catalogue
+    fingerprint, training data fingerprint and tensors' sha256. Two saves share it only if every
+    number they predict with is the same; it is the predictor's fingerprint, which its cost
+    corrections are matched by (:func:`r2ray.reconcile.latest_correction`)."""
+    content = {k: v for k, v in document.items() if k not in UNDIGESTED_FIELDS}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def encoder_record(predictor: BasePredictor, encoder_spec: str | None = None
@@ -108,6 +132,7 @@ def read_predictor_config(directory: str) -> dict:
         raise PredictorError(f"{uri}: format {document.get('format')!r} is not {FORMAT_VERSION}; "
                              "retrain the predictor with this r2ray version")
     check_fields(document, uri)
+    check_digest(document, uri)
     return document
 
 
@@ -123,6 +148,22 @@ def check_fields(document: dict, uri: str) -> None:
     if missing:
         raise PredictorError(f"{uri} lacks {', '.join(missing)}: the saved predictor was edited "
                              "or damaged; save or download it again")
+
+
+def check_digest(document: dict, uri: str) -> None:
+    """The document's fields are the ones it was saved with (its ``document_sha256``): an edited
+    calibration, setting or fitted number is refused, not loaded to predict other numbers. A
+    document saved before the digest was written loads with a warning."""
+    expected = document.get(DIGEST_FIELD)
+    if expected is None:
+        warnings.warn(f"{uri} records no {DIGEST_FIELD} (saved before r2ray wrote one): its "
+                      "settings and calibrations cannot be checked for edits; save it again",
+                      PredictorVersionWarning, stacklevel=3)
+    elif document_digest(document) != expected:
+        raise PredictorError(f"{uri}: its fields are not the ones it was saved with "
+                             f"({DIGEST_FIELD} differs): a setting, calibration or fitted number "
+                             "was edited; save it again, and give other prices or endpoints "
+                             "with --catalog (or the serving config's catalog:) instead")
 
 
 def saved_catalog(document: dict, directory: str) -> Catalog:
@@ -143,9 +184,11 @@ def read_saved(directory: str, expected_data_fingerprint: str | None = None
                ) -> tuple[dict, dict[str, bytes]]:
     """A saved predictor's document and its two files as bytes, checked as
     :func:`load_predictor` checks them (format, version warnings, readable tensors) but not
-    built: no torch. The batch job's driver ships the files to its workers, which build it."""
+    built: no torch. The batch job's driver ships the files to its workers, which build it:
+    the document it checked, not a second read of the file (a save there in between would send
+    the workers a predictor other than the one the driver planned with and recorded)."""
     document = _checked_document(directory, expected_data_fingerprint)
-    files = {CONFIG_FILE: storage.read_bytes(storage.join(directory, CONFIG_FILE)),
+    files = {CONFIG_FILE: document_text(document).encode(),
              TENSORS_FILE: _tensor_bytes(directory, document)}
     checked_tensors(directory, document, files[TENSORS_FILE])
     return document, files
@@ -226,4 +269,5 @@ def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
     predictor.encoder_spec = document["encoder"]
     predictor.encoder_fingerprint = document.get("encoder_fingerprint")   # None: saved before it
     predictor.data_fingerprint_ = document["data_fingerprint"]
+    predictor.saved_fingerprint_ = document_digest(document)
     return predictor

@@ -3,8 +3,11 @@
 Each arm (model, budget) gets a multiplicative factor on ĉ (dimensionless: USD realised per USD
 predicted). Arms are keyed by (model, budget), not by position, so a correction survives a
 reordered catalogue. Corrections are versioned files, ``<run>/reconcile/<version>/correction.json``;
-:func:`latest_correction` finds the newest one for a model and catalogue. Using one is the
-caller's choice (opt-out lives with the caller).
+:func:`latest_correction` finds the newest one for a model and catalogue. A model's label may
+name another predictor later (a local folder retrained in place; a registered name deleted and
+registered again starts at version 1), so a correction also records the predictor's fingerprint
+(``document_sha256`` of its ``predictor.json``) and applies to that predictor only.
+Using one is the caller's choice (opt-out lives with the caller).
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class CostCorrection:
     arms: tuple[Factor, ...]
     prior_rows: float = PRIOR_ROWS
     factor_range: tuple[float, float] = FACTOR_RANGE
+    model_fingerprint: str | None = None  # the predictor's document_sha256; None: fitted
+                                          # before r2ray recorded it
 
     def factors_for(self, catalog: Catalog) -> np.ndarray:
         """float64 [K], one per arm of ``catalog``: the arm's factor, else its model's (an arm
@@ -101,7 +106,8 @@ class CostCorrection:
                 arms=tuple(Factor(f["model"], int(f["budget"]), float(f["factor"]),
                                   int(f["rows"])) for f in document["arms"]),
                 prior_rows=float(document["prior_rows"]),
-                factor_range=tuple(map(float, document["factor_range"])))
+                factor_range=tuple(map(float, document["factor_range"])),
+                model_fingerprint=document.get("model_fingerprint"))   # absent: fitted before
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             if isinstance(err, CorrectionError):
                 raise
@@ -122,6 +128,8 @@ def _problem(correction: CostCorrection) -> str | None:
     if not (len(bounds) == 2 and all(math.isfinite(b) and b > 0 for b in bounds)
             and bounds[0] <= bounds[1]):
         return f"factor_range {list(bounds)} is not two finite positive bounds, low ≤ high"
+    if not isinstance(correction.model_fingerprint, (str, type(None))):
+        return f"model_fingerprint {correction.model_fingerprint!r} is not a sha256 string"
     if not (math.isfinite(correction.prior_rows) and correction.prior_rows >= 0):
         return f"prior_rows {correction.prior_rows:g} is not a finite non-negative row count"
     named = [("overall", correction.overall, correction.rows),
@@ -142,6 +150,7 @@ def _problem(correction: CostCorrection) -> str | None:
 def _content(correction: CostCorrection) -> dict:
     """Everything but the version and the time: what the version's hash covers."""
     return {"source_run_id": correction.source_run_id, "model_label": correction.model_label,
+            "model_fingerprint": correction.model_fingerprint,
             "catalog_fingerprint": correction.catalog_fingerprint, "rows": correction.rows,
             "prior_rows": correction.prior_rows, "factor_range": list(correction.factor_range),
             "overall": correction.overall,
@@ -185,18 +194,21 @@ def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
     when = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     draft = CostCorrection("", when.isoformat(timespec="microseconds"), rec.run_id,
                            rec.model_label, rec.catalog_fingerprint, total, overall,
-                           tuple(models.values()), arms, prior_rows, tuple(factor_range))
+                           tuple(models.values()), arms, prior_rows, tuple(factor_range),
+                           rec.model_fingerprint)
     digest = hashlib.sha256(json.dumps(_content(draft), sort_keys=True).encode()).hexdigest()
     version = f"{when.strftime('%Y%m%dT%H%M%SZ')}-{digest[:8]}"
     return replace(draft, version=version)
 
 
-def latest_correction(output_root: str, model_label: str,
-                      catalog_fingerprint: str) -> CostCorrection | None:
+def latest_correction(output_root: str, model_label: str, catalog_fingerprint: str,
+                      model_fingerprint: str | None) -> CostCorrection | None:
     """The newest correction (by ``created_at``) written under a committed run of
     ``output_root`` (the folder that holds run folders) for this model label and catalogue;
-    None if there is none. Lists ``*/reconcile/*/correction.json`` and ``*/manifest.json`` only;
-    an unreadable correction is skipped with a warning, another model's with a debug note."""
+    None if there is none. ``model_fingerprint``: the predictor's ``document_sha256``, which the
+    correction must record too (:func:`fitted_on`). Lists ``*/reconcile/*/correction.json`` and
+    ``*/manifest.json`` only; an unreadable correction is skipped with a warning, another
+    model's with a debug note."""
     fs, root = storage.filesystem(output_root)
     if not fs.exists(root):
         return None
@@ -216,6 +228,29 @@ def latest_correction(output_root: str, model_label: str,
             log.debug("skipping %s: for model %s, catalogue %s…", path, found.model_label,
                       found.catalog_fingerprint[:12])
             continue
+        if not fitted_on(found, model_fingerprint, path):
+            continue
         if best is None or (found.created_at, found.version) > (best.created_at, best.version):
             best = found
     return best
+
+
+def fitted_on(correction: CostCorrection, model_fingerprint: str | None, path: str) -> bool:
+    """Whether ``correction`` (read from ``path``) was fitted on the predictor of
+    ``model_fingerprint``. One of another predictor under the same label (retrained into the
+    folder, registered again under the name) is skipped with an info note; one fitted before
+    fingerprints were recorded cannot tell, so it is skipped with a warning: never applied to a
+    predictor it may not be about."""
+    if correction.model_fingerprint == model_fingerprint:
+        return True
+    if correction.model_fingerprint is None:
+        log.warning("not applying cost correction %s to %s: it was fitted before r2ray recorded "
+                    "which predictor a run used, and that label may now name another predictor "
+                    "(a folder retrained in place, a registered name deleted and registered "
+                    "again); reconcile a run routed with this one to fit a correction for it",
+                    path, correction.model_label)
+    else:
+        log.info("skipping %s: fitted on another predictor under %s (fingerprint %s…, this one "
+                 "%s…)", path, correction.model_label, correction.model_fingerprint[:12],
+                 str(model_fingerprint)[:12])
+    return False

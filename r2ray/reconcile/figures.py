@@ -58,6 +58,8 @@ class Reconciliation:
     actuals_sources: tuple[str, ...] = ()
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None  # the run's, as its manifest stores it (redacted)
+    model_fingerprint: str | None = None  # the predictor's document_sha256 (None: a run
+                                          # committed before it was recorded)
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for MLflow: the overall figures and the counts."""
@@ -142,7 +144,8 @@ def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table, catalog: Cata
         by_model=_group_table(rows, catalog, by_model=True),
         actuals_sources=tuple(pc.unique(actuals.column("source")).to_pylist()),
         mlflow_run_id=manifest.get("mlflow_run_id"),
-        tracking_uri=manifest.get("config", {}).get("tracking_uri"))
+        tracking_uri=manifest.get("config", {}).get("tracking_uri"),
+        model_fingerprint=manifest["model"].get("fingerprint"))
 
 
 def _joined(routed: pa.Table, usable: pa.Table, catalog: Catalog) -> dict[str, np.ndarray]:

@@ -104,10 +104,18 @@ def _correction_lines(correction: CostCorrection) -> list[str]:
         f"Clipped to [{low:g}, {high:g}]. Arms nothing was routed to take their model's factor; "
         "models never routed to, 1.", "",
         f"- overall: {correction.overall:.3f}", f"- by model: {models}", "",
-        f"The next batch run and the Serve pacer for model `{correction.model_label}` on this "
-        "catalogue pick up the newest correction (`r2ray.reconcile.latest_correction`) unless "
-        "told not to.",
+        f"The next batch run and the Serve pacer for model `{correction.model_label}`"
+        f"{_predictor_clause(correction)} on this catalogue pick up the newest correction "
+        "(`r2ray.reconcile.latest_correction`) unless told not to.",
     ]
+
+
+def _predictor_clause(correction: CostCorrection) -> str:
+    """Which predictor under the model's label the correction is for (another one retrained
+    into its folder, or registered again under its name, is not priced by it)."""
+    if correction.model_fingerprint is None:
+        return ""
+    return f" (predictor `{correction.model_fingerprint[:12]}…`, not another saved under it)"
 
 
 def spend_plot_png(rec: Reconciliation) -> bytes:

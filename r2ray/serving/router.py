@@ -79,7 +79,8 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
     correction = None
     if corrections is not None:
         from r2ray.reconcile.correction import latest_correction
-        correction = latest_correction(corrections, version, catalog.fingerprint)
+        correction = latest_correction(corrections, version, catalog.fingerprint,
+                                       bundle.predictor.saved_fingerprint_)
     return RoutingModel(bundle.predictor, encoder, catalog, version,
                         None if correction is None else correction.factors_for(catalog),
                         None if correction is None else correction.version)
