@@ -1,6 +1,7 @@
 """The evaluation harness on a small synthetic world: splits, every method, metrics.json, curves.png."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from r2ray.bench.synthetic import synth_backlog, synth_bench
 from r2ray.catalog import load_catalog
 from r2ray.errors import R2RayError
-from r2ray.evaluation.harness import aggregate_metrics, category_splits, random_splits
+from r2ray.evaluation.harness import (aggregate_methods, aggregate_metrics, category_splits,
+                                      random_splits)
 from r2ray.evaluation.summary import format_table
 from r2ray.evaluation.run import ModelUnderTest, run_evaluation
 from r2ray.predictor import COMPOSITE, PREDICTORS
@@ -140,3 +142,20 @@ def test_aggregation_rules_by_hand():
     assert got["ratio"]["b"] == float("inf") and got["ratio_std"]["b"] is None
     assert got["ratio"]["c"] == pytest.approx(2.0)
     assert aggregate_metrics(per_split[:1])["audc_std"] is None    # one split: no std
+
+
+def test_a_method_replay_skipped_in_one_split_is_averaged_over_the_splits_that_scored_it():
+    # A sampled bench: the second split's test queries were never dealt model a's default arm, so
+    # replay leaves single:a out there, and r's cost ratio against it exists in the first only
+    # (this raised KeyError: 'single:a' after every method had been fitted).
+    first = {"r": {"audc": 0.6, "ratio": {"single:a": 2.0, "single:b": 1.0}},
+             "single:a": {"audc": 0.3, "ratio": {"r": 0.5, "single:b": 0.5}},
+             "single:b": {"audc": 0.4, "ratio": {"r": 1.0, "single:a": 2.0}}}
+    second = {"r": {"audc": 0.8, "ratio": {"single:b": 3.0}},
+              "single:b": {"audc": 0.2, "ratio": {"r": 1 / 3}}}
+    got = aggregate_methods([SimpleNamespace(summary={"methods": m}) for m in (first, second)])
+    assert got["r"]["ratio"] == pytest.approx({"single:a": 2.0, "single:b": 2.0})
+    assert got["r"]["ratio_std"]["single:a"] is None                # one split scored it
+    assert got["r"]["ratio_std"]["single:b"] == pytest.approx(np.std([1.0, 3.0], ddof=1))
+    assert got["single:a"]["audc"] == pytest.approx(0.3)
+    assert [got[n]["n_splits"] for n in ("r", "single:a", "single:b")] == [2, 1, 2]

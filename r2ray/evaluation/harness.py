@@ -208,11 +208,14 @@ def evaluate_fitted(predictor: Predictor, arrays: BenchArrays, catalog: Catalog,
 
 
 def aggregate_methods(outcomes: list[SplitOutcome]) -> dict[str, dict]:
-    """Per method: every metric as the mean over splits plus ``<metric>_std``."""
+    """Per method: every metric as the mean over splits plus ``<metric>_std``, and ``n_splits``,
+    the splits it was scored in (replay skips a method none of whose picks a split's sample holds)."""
     names = list(dict.fromkeys(n for o in outcomes for n in o.summary["methods"]))
-    return {name: aggregate_metrics([o.summary["methods"][name] for o in outcomes
-                                     if name in o.summary["methods"]])   # replay may skip one
-            for name in names}
+    out = {}
+    for name in names:
+        per_split = [o.summary["methods"][name] for o in outcomes if name in o.summary["methods"]]
+        out[name] = aggregate_metrics(per_split) | {"n_splits": len(per_split)}
+    return out
 
 
 def aggregate_metrics(per_split: list[dict]) -> dict:
@@ -220,11 +223,15 @@ def aggregate_metrics(per_split: list[dict]) -> dict:
 
     A value missing (None: quality never reached) in any split makes the mean None; an ``inf``
     makes it ``inf``; the std is None unless every value is finite and there are 2+ splits.
+    A baseline absent from a split's nested dict (replay skipped it there) is averaged over the
+    splits that scored it.
     """
     out: dict = {}
     for key, first in per_split[0].items():
         if isinstance(first, dict):
-            inner = {b: _mean_std([m[key][b] for m in per_split]) for b in first}
+            baselines = dict.fromkeys(b for m in per_split for b in m[key])
+            inner = {b: _mean_std([m[key][b] for m in per_split if b in m[key]])
+                     for b in baselines}
             out[key] = {b: v[0] for b, v in inner.items()}
             out[f"{key}_std"] = {b: v[1] for b, v in inner.items()}
         else:

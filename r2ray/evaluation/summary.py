@@ -77,6 +77,9 @@ DEFINITIONS = {
                        "split's training part are skipped with a note",
     "_std": "sample std over splits (null with one split or a non-finite value); a mean is null "
             "if the value is null in any split",
+    "n_splits": "splits the method was scored in: on a sampled bench (replay) a method none of "
+                "whose picks a split's test queries were dealt is not scored there, and its means "
+                "(and a cost ratio against it) run over the splits that scored it",
 }
 
 
