@@ -227,12 +227,16 @@ def too_few_queries(n_queries: int, split: str, config: TrainConfig) -> R2RayErr
 
 def build_predictor(config: TrainConfig) -> BasePredictor:
     """``predictor`` with ``settings`` (``select="none"``), else the ``selected`` predictor over
-    ``candidates``, ``settings`` applied to its candidates of kind ``predictor``."""
+    ``candidates``, ``settings`` applied to its candidates of kind ``predictor``. Built before
+    any data is read: a bad setting or candidate name fails in a second, not after the embedding."""
     settings = config.settings | ({"epochs": config.epochs} if config.epochs else {})
     if config.select == "cv":
+        from r2ray.predictor.selection import resolve_candidates
+
+        overrides = {config.predictor: settings} if settings else {}
+        resolve_candidates(config.candidates, overrides, config.seed)  # names, settings: checked
         selected = make_predictor("selected", candidates=config.candidates, folds=config.folds,
-                                  seed=config.seed,
-                                  overrides={config.predictor: settings} if settings else {})
+                                  seed=config.seed, overrides=overrides)
         if config.tune:
             from functools import partial
 
@@ -362,13 +366,13 @@ def train_predictor_job(config: TrainConfig) -> TrainResult:
 
     started = time.perf_counter()
     configure_tracking(config.tracking_uri)
+    predictor = build_predictor(config)
     data = load_training_data(config)
     seconds = {"read and embed": time.perf_counter() - started}
     rows = split_training_data(data.arrays, config)
     parts = {name: data.arrays.subset(index) for name, index in rows.items()}
     check_training_part_observes_models(parts, data.catalog, config)
     counts = {name: part.n_queries for name, part in parts.items()}
-    predictor = build_predictor(config)
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=f"{predictor.name}-{config.split}-seed{config.seed}") as run:
         fit_started = time.perf_counter()

@@ -315,6 +315,31 @@ def test_a_utf8_byte_order_mark_does_not_cost_the_first_jsonl_row(tmp_path):
     assert bad.num_rows == 0 and good.column("query_id").to_pylist() == ["a", "b"]
 
 
+def test_the_bench_and_the_backlog_give_a_jsonl_row_the_same_line(tmp_path):
+    """One rule (r2ray.bench.io.jsonl_lines) for both: a byte order mark, blank and whitespace
+    lines, CRLF endings and a last line without its newline."""
+    from r2ray.batch.backlog import read_unit
+    from r2ray.bench.io import read_table_rows
+
+    rows = [json.dumps({**OK_ROW, "query_id": f"q{i}"}).encode() for i in range(4)]
+    data = (b"\xef\xbb\xbf" + rows[0] + b"\r\n\r\n \t\r\n" + rows[1] + b"\n\n" + rows[2] + b"\r\n"
+            + b"   \n" + rows[3])
+    (tmp_path / "a.jsonl").write_bytes(data)
+    units, _ = plan_units(str(tmp_path))
+    (backlog, failures), = read_unit(units[0])
+    _, bench_lines = read_table_rows(str(tmp_path / "a.jsonl"))
+    assert failures == [] and [r["__line"] for r in backlog] == bench_lines.tolist() == [1, 4, 6, 8]
+
+
+def test_a_line_of_non_json_whitespace_is_quarantined_not_skipped(tmp_path):
+    """A form feed or U+00A0 is no JSON whitespace (pyarrow refuses the bench line): the backlog
+    skipped such a line as blank (str.strip), silently."""
+    (tmp_path / "a.jsonl").write_bytes(json.dumps(OK_ROW).encode() + b"\n\x0c\n\xc2\xa0\n")
+    good, bad = _validate_all(tmp_path)
+    assert good.num_rows == 1 and bad.column("row").to_pylist() == [2, 3]
+    assert all(r.startswith("invalid JSON line") for r in bad.column("reason").to_pylist())
+
+
 def test_string_view_columns_as_polars_writes_them_are_strings(tmp_path):
     """Polars 1.38 wrote string columns to parquet as string_view, which pyarrow has no take,
     filter or string kernels for: every row was quarantined as "query is string_view, not a

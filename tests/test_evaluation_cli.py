@@ -102,6 +102,17 @@ def test_bad_model_or_method_is_a_clear_error(bench_files, tmp_path, capsys):
     assert "unknown method(s) knn" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("methods", [",", " , "])
+def test_a_methods_list_naming_nothing_is_refused(bench_files, tmp_path, capsys, methods):
+    """`--methods ,` ran no learned baseline, with nothing saying so (exit 0)."""
+    code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model",
+                 "per_arm_ridge", "--out", str(tmp_path / "out"), "--queries",
+                 str(bench_files / "backlog.parquet"), "--seeds", "1", "--methods", methods])
+    err = capsys.readouterr().err
+    assert code == 2 and "--methods names no method; give one or more of r2ray" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # an MLflow store and a pyfunc model version
 def test_job_entry_point_evaluates_a_registered_version(bench_files, tmp_path, mlflow_store,
                                                         capsys):

@@ -267,16 +267,100 @@ def test_a_network_on_two_queries_says_it_needs_three(world, catalog, name):
 
 
 @pytest.mark.parametrize("name, settings, message", [
-    ("per_arm_ridge", {"alpha": "nan"}, "setting alpha='nan' must be a finite number"),
-    ("per_arm_ridge", {"alpha": float("nan")}, "setting alpha=nan must be a finite number"),
-    ("r2ray", {"steps": 2.5}, "setting steps=2.5 must be a whole number"),
-    ("carrot_knn_all", {"k": "many"}, "setting k='many' must be a whole number"),
+    ("per_arm_ridge", {"alpha": "nan"}, "setting alpha='nan': input should be a valid number"),
+    ("per_arm_ridge", {"alpha": float("nan")}, "setting alpha=nan: input should be a finite num"),
+    ("r2ray", {"steps": 2.5}, "setting steps=2.5: input should be a valid integer"),
+    ("carrot_knn_all", {"k": "many"}, "setting k='many': input should be a valid integer"),
+    ("r2ray", {"epochs": True}, "setting epochs=True: input should be a valid integer"),
 ])
 def test_a_setting_of_the_wrong_kind_is_refused_before_the_fit(world, catalog, name, settings,
                                                                 message):
     """`--set alpha=nan` (not JSON, so kept as text) was a numpy ufunc traceback in the fit."""
-    with pytest.raises(PredictorError, match=message):
+    with pytest.raises(PredictorError, match=re.escape(message)):
         make_predictor(name, **settings).fit(world[0], catalog)
+
+
+# every setting of every predictor, out of range: each was accepted by make_predictor, then fitted
+# to a meaningless model (alpha=-1, k=0: all-NaN q̂, steps=0, threads=0: torch's count, lr=0),
+# or crashed part-way into the fit with a library's message (ZeroDivisionError, "negative
+# dimension", "range() arg 3 must not be zero", "Expected positive integer total_steps")
+OUT_OF_RANGE = [
+    ("per_arm_ridge", "alpha", -1, "greater than 0"), ("per_arm_ridge", "alpha", 0, "greater than 0"),
+    ("carrot_knn_all", "k", 0, "greater than 0"), ("carrot_knn_all", "k", -3, "greater than 0"),
+    ("carrot_knn_all", "chunk_queries", 0, "greater than 0"),
+    ("carrot_knn_all", "arms", "some", "'default' or 'all'"),
+    ("carrot_linear_all", "l2", -1, "greater than or equal to 0"),
+    ("carrot_linear_all", "alpha", -1, "greater than 0"),
+    ("carrot_linear_all", "max_iter", 0, "greater than 0"),
+    ("carrot_linear_all", "threads", 0, "greater than 0"),
+    ("r2ray", "dropout", 1.5, "less than 1"), ("r2ray", "dropout", -0.1, "greater than or equal"),
+    ("r2ray", "epochs", 0, "greater than 0"), ("r2ray", "steps", -5, "greater than 0"),
+    ("r2ray", "batch_size", 0, "greater than 0"), ("r2ray", "learning_rate", 0, "greater than 0"),
+    ("r2ray", "weight_decay", -1, "greater than or equal to 0"),
+    ("r2ray", "patience", -1, "greater than 0"), ("r2ray", "token_weight", -1, "greater than or"),
+    ("r2ray", "validation_fraction", 1.5, "less than 1"),
+    ("r2ray", "validation_fraction", 0, "greater than 0"),
+    ("r2ray", "seed", -1, "greater than or equal to 0"), ("r2ray", "threads", -1, "greater than 0"),
+    ("r2ray", "time_limit_s", -1, "greater than 0"), ("r2ray", "time_limit_s", "soon", "a valid number"),
+    ("r2ray", "query_hidden", 0, "greater than 0"), ("r2ray", "joint_hidden", -4, "greater than 0"),
+    ("r2ray", "head_hidden", -1, "greater than or equal to 0"),
+    ("r2ray", "rank", -1, "greater than or equal to 0"),
+    ("r2ray", "model_embedding_dim", 0, "greater than 0"),
+    ("r2ray", "budget_embedding_dim", 0, "greater than 0"),
+    ("r2ray", "monotone", "sideways", "'none', 'budgets' or 'budgets+default'"),
+    ("r2ray", "precision", "fp3", "'auto', 'float32' or 'bfloat16'"),
+    ("r2ray", "device", 3, "a valid string"),
+    ("per_arm_mlp", "hidden", [64, 0], "greater than 0"), ("per_arm_mlp", "hidden", 32, "a valid list"),
+    ("per_arm_mlp", "dropout", 1.0, "less than 1"), ("per_arm_mlp", "epochs", 0, "greater than 0"),
+    ("r2ray_residual", "alpha", -1, "greater than 0"),
+    ("r2ray_residual", "base_folds", 1, "greater than or equal to 2"),
+    ("r2ray_residual", "knn", -1, "greater than or equal to 0"),
+    ("r2ray_residual", "members", -1, "greater than or equal to 0"),
+    ("stacked", "folds", 1, "greater than or equal to 2"),
+    ("stacked", "seed", -1, "greater than or equal to 0"),
+    ("averaged", "members", 3, "a valid list"),
+    ("selected", "folds", 0, "greater than or equal to 2"),
+]
+
+
+@pytest.mark.parametrize("name, key, value, message", OUT_OF_RANGE)
+def test_a_setting_out_of_range_is_refused_naming_it_before_any_fit(name, key, value, message):
+    with pytest.raises(PredictorError, match=re.escape(f"predictor {name!r}: setting {key}="
+                                                       f"{value!r}: input should be {message}")):
+        make_predictor(name, **{key: value})
+
+
+def test_settings_in_range_are_taken_as_numpy_or_json_gives_them():
+    assert make_predictor("carrot_knn_all", k=np.int64(3)).k == 3
+    assert make_predictor("per_arm_ridge", alpha=np.float32(0.5)).alpha == 0.5
+    assert make_predictor("per_arm_ridge", alpha=2).alpha == 2            # JSON "2": an int
+    assert make_predictor("per_arm_mlp", hidden=[8, 4], threads=None).hidden == [8, 4]
+    assert make_predictor("r2ray", epochs=None, monotone="budgets").monotone == "budgets"
+
+
+def test_every_setting_of_every_predictor_has_its_range():
+    """A new number or choice setting gets a rule in SETTING_RULES (or --set takes any value)."""
+    import inspect
+
+    from r2ray.predictor.kinds import SETTING_RULES
+
+    free = {"device", "candidates", "members", "overrides"}   # text, or checked where used
+    for name, factory in PREDICTORS.items():
+        for key in inspect.signature(factory).parameters:
+            assert key in SETTING_RULES or key in free, (name, key)
+
+
+def test_a_composite_member_setting_out_of_range_names_the_member(world, catalog):
+    members = [{"kind": "per_arm_ridge", "settings": {"alpha": -1}}, {"kind": "carrot_knn_all"}]
+    with pytest.raises(PredictorError, match="'per_arm_ridge': setting alpha=-1: input should be "
+                                             "greater than 0"):
+        make_predictor("stacked", members=members).fit(world[0], catalog)
+
+
+def test_a_per_arm_mlp_without_hidden_layers_is_a_linear_head(world, catalog):
+    """``hidden=[]`` fitted, then crashed sizing its predict batches (max() of no widths)."""
+    fitted = make_predictor("per_arm_mlp", hidden=[], epochs=2).fit(world[0], catalog)
+    assert np.isfinite(fitted.predict(world[1].embedding).quality).all()
 
 
 @pytest.mark.parametrize("name", list(PREDICTORS))

@@ -228,6 +228,27 @@ def test_cli_train_refuses_bad_values_naming_the_flag(bench, capsys, tmp_path, e
     assert code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--predictor", "per_arm_ridge", "--set", "alpha=-1"],
+     "predictor 'per_arm_ridge': setting alpha=-1: input should be greater than 0"),
+    (["--predictor", "r2ray", "--set", "dropout=1.5"],
+     "predictor 'r2ray': setting dropout=1.5: input should be less than 1"),
+    (["--predictor", "carrot_knn_all", "--select", "cv", "--set", "k=0"],   # a cv candidate's
+     "predictor 'carrot_knn_all': setting k=0: input should be greater than 0"),
+    (["--predictor", "per_arm_mlp", "--select", "cv", "--set", "dropout=0.2"],  # no candidate
+     "settings for per_arm_mlp apply to no candidate (per_arm_ridge, carrot_knn_all, r2ray, "
+     "stacked, averaged)"),
+])
+def test_cli_train_refuses_a_bad_set_before_reading_the_bench(capsys, tmp_path, extra, message):
+    """`--set alpha=-1` trained and registered a Ridge with a negative penalty (exit 0); a
+    setting for a kind no cv candidate has was dropped silently. Both are refused up front: the
+    bench named here does not exist, and the setting is what the one line names."""
+    code = main(["train", "--bench", str(tmp_path / "missing.parquet"), "--register", "x",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_nan_or_infinite_embeddings_are_refused_before_the_fit(bench, tmp_path):
     """A NaN embedding made per_arm_ridge predict NaN on every arm for every query, silently."""
     import pyarrow as pa

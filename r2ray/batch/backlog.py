@@ -9,7 +9,6 @@ good rows plus a quarantine table with a reason per bad row — nothing is silen
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from r2ray import storage
+from r2ray.bench.io import blank_line, jsonl_lines
 from r2ray.prompting import estimate_tokens_array
 
 BACKLOG_SUFFIXES = (".parquet", ".jsonl", ".json")
@@ -95,18 +95,18 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
         return
     with fs.open(path, "rb") as handle:
         rows, failures, pieces = [], [], 0
-        for line_no, raw in enumerate(_jsonl_lines(handle), 1):
+        for line_no, raw in enumerate(jsonl_lines(handle), 1):
             if slice_rows and len(rows) + len(failures) >= slice_rows:
                 yield rows, failures
                 rows, failures, pieces = [], [], pieces + 1
+            if blank_line(raw):
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 failures.append({"source": unit.source, "row": line_no, "query_id": None,
                                  "reason": f"invalid UTF-8 (byte {err.start})",
                                  "raw": raw.decode("utf-8", errors="backslashreplace")})
-                continue
-            if not line.strip():
                 continue
             try:
                 row = json.loads(line)
@@ -135,17 +135,6 @@ def without_views(table: pa.Table) -> pa.Table:
                                  for f in table.schema]))
 
 
-def _jsonl_lines(handle) -> Iterator[bytes]:
-    """Lines of a jsonl file as it is read, split on ``\\n`` only (JSON strings may hold U+2028
-    and friends), without the line end (``\\n`` or ``\\r\\n``) and without a UTF-8 byte order
-    mark at the start of the file (Windows tools write one; it is not part of the first row)."""
-    for number, line in enumerate(handle):
-        if number == 0 and line.startswith(codecs.BOM_UTF8):
-            line = line[len(codecs.BOM_UTF8):]
-        line = line[:-1] if line.endswith(b"\n") else line
-        yield line[:-1] if line.endswith(b"\r") else line
-
-
 def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
     """{1-based row: the row as stored, JSON} for a few rows of one input file (quarantine
     records of rows that were valid on their own, e.g. duplicates, keep their content)."""
@@ -154,7 +143,7 @@ def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
     if not source.endswith(".parquet"):
         found, want = {}, set(wanted)
         with fs.open(path, "rb") as handle:
-            for row, line in enumerate(_jsonl_lines(handle), 1):
+            for row, line in enumerate(jsonl_lines(handle), 1):
                 if row > wanted[-1]:
                     break
                 if row in want:

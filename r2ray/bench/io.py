@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -84,13 +86,33 @@ def _readable(uri: str) -> Iterator[None]:
 JSON_SPACE = " \t\r\n"   # what JSON (and pyarrow, between rows) skips; str.strip() skips more
 
 
+def jsonl_lines(handle: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines of a jsonl file as it is read, split on ``\\n`` only (JSON strings may hold U+2028
+    and friends), without the line end (``\\n`` or ``\\r\\n``) and without a UTF-8 byte order
+    mark at the start of the file (Windows tools write one; it is not part of the first row).
+    Line ``n`` (1-based) of this is what every reader means by a jsonl row's line: the bench
+    (:func:`jsonl_row_lines`) and the batch job's backlog, which streams it from a file."""
+    for number, line in enumerate(handle):
+        if number == 0 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
+        line = line[:-1] if line.endswith(b"\n") else line
+        yield line[:-1] if line.endswith(b"\r") else line
+
+
+def blank_line(line: bytes) -> bool:
+    """A line with no row: JSON whitespace only (as pyarrow: a form feed or U+00A0 is no blank,
+    so such a line is a bad row, not one skipped)."""
+    return not line.strip(JSON_SPACE.encode())
+
+
 def jsonl_row_lines(data: bytes, rows: int) -> np.ndarray:
     """[rows] the 1-based line each of the ``rows`` rows pyarrow read from jsonl ``data`` starts
     on: each line that is not blank, in the usual layout of one row a line; else (several rows on
     a line, or one over several lines, which pyarrow reads too) where each JSON value starts."""
-    text = data.decode("utf-8-sig", errors="replace")
-    filled = [n for n, line in enumerate(text.split("\n"), 1) if line.strip(JSON_SPACE)]
-    return np.asarray(filled if len(filled) == rows else _value_lines(text, rows), np.int64)
+    filled = [n for n, line in enumerate(jsonl_lines(io.BytesIO(data)), 1) if not blank_line(line)]
+    if len(filled) == rows:
+        return np.asarray(filled, np.int64)
+    return np.asarray(_value_lines(data.decode("utf-8-sig", errors="replace"), rows), np.int64)
 
 
 def _value_lines(text: str, rows: int) -> list[int]:
@@ -116,13 +138,12 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
         return pajson.read_json(pa.BufferReader(data),
                                 read_options=pajson.ReadOptions(block_size=1 << 26))
     except pa.ArrowInvalid as err:
-        # Lines end at "\n" only, as pyarrow reads them: splitlines() would also cut inside a
-        # string holding a raw U+2028 and blame a good line. A leading byte-order mark is not
-        # part of the first line (pyarrow skips it; as common.iter_jsonl decodes, "utf-8-sig").
-        for line_no, line in enumerate(data.decode("utf-8-sig", errors="replace").split("\n"), 1):
-            if line.strip(JSON_SPACE):   # as pyarrow: a form feed is no blank
+        # Lines as pyarrow reads them (jsonl_lines: at "\n" only, so a string holding a raw
+        # U+2028 is not cut and a good line blamed; a leading byte-order mark skipped)
+        for line_no, raw in enumerate(jsonl_lines(io.BytesIO(data)), 1):
+            if not blank_line(raw):
                 try:
-                    json.loads(line)
+                    json.loads(raw.decode("utf-8", errors="replace"))
                 except json.JSONDecodeError as bad:
                     raise BenchError(f"{uri}, row {line_no}: invalid JSON ({bad.msg})") from None
                 except RecursionError:

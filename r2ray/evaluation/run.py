@@ -130,15 +130,9 @@ def run_evaluation(arrays: BenchArrays, catalog: Catalog, model: ModelUnderTest,
     under test replaces the entry of its own name. ``method_settings`` gives the other learned
     methods non-default settings (recorded in metrics.json).
     """
-    from r2ray.predictor import COMPOSITE, PREDICTORS
-
     lambdas = lambda_grid() if lambdas is None else lambdas
     method_settings = method_settings or {}
-    names = [n for n in PREDICTORS if n not in COMPOSITE] if methods is None else list(methods)
-    unknown = sorted(set(names) - set(PREDICTORS))
-    if unknown:
-        raise R2RayError(f"unknown method(s) {', '.join(unknown)}; choose from "
-                         f"{', '.join(PREDICTORS)}")
+    names = learned_methods(methods)
     factories = {n: (model.fresh if n == model.name else
                      _factory(n, method_settings.get(n, {}))) for n in names}
     factories.setdefault(model.name, model.fresh)
@@ -162,6 +156,24 @@ def run_evaluation(arrays: BenchArrays, catalog: Catalog, model: ModelUnderTest,
     return metrics
 
 
+def learned_methods(methods: list[str] | None) -> list[str]:
+    """The learned methods ``--methods`` names, checked; None: every key of ``PREDICTORS`` but the
+    ``COMPOSITE`` ones. An empty list (``--methods ,``) is refused: it would run no learned
+    baseline and the report would not say why."""
+    from r2ray.predictor import COMPOSITE, PREDICTORS
+
+    if methods is None:
+        return [n for n in PREDICTORS if n not in COMPOSITE]
+    if not methods:
+        raise R2RayError(f"--methods names no method; give one or more of {', '.join(PREDICTORS)}"
+                         " (comma-separated), or leave it out for the default set")
+    unknown = sorted(set(methods) - set(PREDICTORS))
+    if unknown:
+        raise R2RayError(f"unknown method(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(PREDICTORS)}")
+    return list(methods)
+
+
 def _factory(name: str, settings: dict) -> harness.PredictorFactory:
     return lambda seed: fresh_predictor(name, settings, seed)
 
@@ -183,6 +195,7 @@ def evaluate_uris(bench_uri: str, model_uri: str, out_dir: str, catalog_path: st
     """The whole command: resolve inputs, evaluate, write ``out_dir``/metrics.json and curves.png."""
     if seeds < 1:
         raise R2RayError(f"--seeds must be at least 1, got {seeds}")
+    learned_methods(methods)   # before the bench is read and embedded
     model = resolve_model(model_uri, tracking_uri)
     catalog, catalog_source = choose_catalog(model, catalog_path, bench_uri)
     arrays, embeddings = load_bench_arrays(bench_uri, catalog, queries_uri, model.encoder, log,

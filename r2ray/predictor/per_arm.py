@@ -89,7 +89,8 @@ class PerArmMLP(TorchPredictor):
         return prediction
 
     def _activation_width(self) -> int:
-        return max(self.network_.config.hidden)  # activations are (B, K, 256)
+        # activations are (B, K, 256); no hidden layer: a linear head, (B, K, 2)
+        return max(self.network_.config.hidden, default=2)
 
     def _network_config(self, embedding_dim: int, catalog: Catalog) -> PerArmConfig:
         return PerArmConfig(embedding_dim, catalog.n_arms, list(self.hidden), self.dropout)

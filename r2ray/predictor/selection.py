@@ -97,6 +97,11 @@ def resolve_candidates(spec: str | list[str], overrides: dict[str, dict] | None 
         raise R2RayError(f"unknown candidate(s) {unknown or names}; choose a set "
                          f"({', '.join(CANDIDATE_SETS)}) or names from "
                          f"{', '.join([*CANDIDATES, *COMPOSITES])}")
+    unused = sorted(set(overrides or {}) - {CANDIDATES[n][0] for n in names if n in CANDIDATES})
+    if unused:   # silently fitting the candidates without them would look like they were used
+        raise R2RayError(f"settings for {', '.join(unused)} apply to no candidate "
+                         f"({', '.join(names)}): name a candidate of that kind in --candidates, "
+                         "or fit it alone with --select none")
     singles = []
     for name in dict.fromkeys(n for n in names if n not in COMPOSITES):
         kind, settings = CANDIDATES[name]
