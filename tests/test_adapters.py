@@ -324,3 +324,18 @@ def test_csv_text_that_looks_like_a_null_is_kept(convert, tmp_path, answer):
     row = [r for r in bench.to_pylist() if r["query_id"] == records[1][0]
            and r["model"] == "gpt-4-1106-preview"][0]
     assert row["response"] == answer and row["output_tokens"] == estimate_tokens(answer)
+
+
+# ---- review s22/H: one jsonl line rule for the adapters, the bench reader and the batch job ---
+@pytest.mark.parametrize("filler", ["\f", "\u00a0"])
+def test_a_line_of_only_a_form_feed_or_nbsp_is_a_bad_row_not_skipped(tmp_path, capsys, filler):
+    """JSON whitespace is space, tab, CR and LF only: as the bench reader and the batch job do,
+    an adapter refuses such a line, naming it, rather than dropping it unseen."""
+    shutil.copytree(RA, tmp_path / "ra")
+    path = tmp_path / "ra" / "gemini-2.0-flash-001.jsonl"
+    lines = path.read_text(encoding="utf-8").split("\n")
+    path.write_text("\n".join([lines[0], filler, *lines[1:]]), encoding="utf-8")
+    code = main(["bench", "convert", "--format", "routerarena", str(path),
+                 "--out", str(tmp_path / "bench.parquet")])
+    assert code != 0
+    assert f"{path}, row 2: invalid JSON" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from r2ray import storage
+from r2ray.bench.io import blank_line, jsonl_lines
 from r2ray.bench.schema import (
     BENCH_SCHEMA, REQUIRED_COLUMNS, BenchError, at_source_row, bench_error, validate_bench,
 )
@@ -107,18 +108,16 @@ def stem(uri: str) -> str:
 def iter_jsonl(uri: str) -> Iterator[tuple[int, dict]]:
     """(row, object) for each non-blank line; a bad line is an error naming file and row.
 
-    Lines end at ``\n`` only (JSON Lines): ``str.splitlines`` would also cut at U+2028, U+2029
-    and U+0085, which JSON allows raw inside strings. A leading byte-order mark is dropped, as
-    pyarrow does for the long format."""
-    try:
-        text = storage.read_bytes(uri).decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise BenchError(f"{uri}: not UTF-8 text ({err})") from None
-    for row, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
+    Lines and blanks are the rule every jsonl reader shares (:func:`~r2ray.bench.io.jsonl_lines`,
+    :func:`~r2ray.bench.io.blank_line`): lines end at ``\n`` only, a leading byte-order mark is
+    dropped, and a line of a form feed or U+00A0 is a bad row, not one skipped."""
+    for row, raw in enumerate(jsonl_lines(io.BytesIO(storage.read_bytes(uri))), 1):
+        if blank_line(raw):
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise bench_error(uri, row - 1, None, f"not UTF-8 text (byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise bench_error(uri, row - 1, None, f"invalid JSON ({err.msg} at column {err.colno})"
                               ) from None
