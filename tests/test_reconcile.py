@@ -775,3 +775,30 @@ def test_a_model_retrained_into_its_folder_does_not_take_the_old_ones_correction
     with caplog.at_level(logging.WARNING, logger="r2ray.reconcile.correction"):
         assert found() == (None, None)
     assert "fitted before r2ray recorded which predictor a run used" in caplog.text
+
+
+# ---- review s22/H ------------------------------------------------------------------------------
+def test_a_correction_of_a_run_without_a_predictor_fingerprint_says_it_is_not_applied():
+    # before the fix the report said the next run "picks up" the correction, though
+    # latest_correction skips one that records no predictor (fitted_on, with a warning)
+    from r2ray.reconcile.run import ReconcileResult
+
+    catalog = _catalog()
+    actuals = actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem")
+    written = {"folder": "/out/night/reconcile/v", "mlflow_run_id": None}
+    older_run = reconcile(_manifest(catalog), _routed(), actuals, catalog)   # no model.fingerprint
+    correction = fit_correction(older_run)
+    assert correction.model_fingerprint is None
+    report = report_markdown(older_run, correction)
+    assert "pick up the newest correction" not in report
+    assert "**Not applied to later runs.** Run `night` was committed before r2ray recorded" in report
+    assert "not applied to later runs" in ReconcileResult(older_run, correction, written).summary()
+
+    manifest = _manifest(catalog)
+    manifest["model"] |= {"fingerprint": "ab" * 32}
+    newer_run = reconcile(manifest, _routed(), actuals, catalog)
+    correction = fit_correction(newer_run)
+    report = report_markdown(newer_run, correction)
+    assert f"(predictor `{'ab' * 6}…`, not another saved under it) on this catalogue pick up" \
+        in report and "Not applied" not in report
+    assert "not applied" not in ReconcileResult(newer_run, correction, written).summary()

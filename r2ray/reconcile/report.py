@@ -104,18 +104,26 @@ def _correction_lines(correction: CostCorrection) -> list[str]:
         f"Clipped to [{low:g}, {high:g}]. Arms nothing was routed to take their model's factor; "
         "models never routed to, 1.", "",
         f"- overall: {correction.overall:.3f}", f"- by model: {models}", "",
-        f"The next batch run and the Serve pacer for model `{correction.model_label}`"
-        f"{_predictor_clause(correction)} on this catalogue pick up the newest correction "
-        "(`r2ray.reconcile.latest_correction`) unless told not to.",
+        _pickup_sentence(correction),
     ]
 
 
-def _predictor_clause(correction: CostCorrection) -> str:
-    """Which predictor under the model's label the correction is for (another one retrained
-    into its folder, or registered again under its name, is not priced by it)."""
+def _pickup_sentence(correction: CostCorrection) -> str:
+    """Which later runs price with the correction: those of the predictor it was fitted on
+    (another one retrained into the folder, or registered again under the name, is not priced
+    by it). One of a run committed before r2ray recorded its predictor is applied to none:
+    :func:`r2ray.reconcile.correction.fitted_on` skips it with a warning."""
     if correction.model_fingerprint is None:
-        return ""
-    return f" (predictor `{correction.model_fingerprint[:12]}…`, not another saved under it)"
+        return (f"**Not applied to later runs.** Run `{correction.source_run_id}` was committed "
+                "before r2ray recorded which predictor a run used, and the label "
+                f"`{correction.model_label}` may now name another predictor, so neither the "
+                "batch job nor the Serve pacer takes this correction "
+                "(`r2ray.reconcile.latest_correction` skips it with a warning). Reconcile a run "
+                "routed with the current predictor to fit one they apply.")
+    return (f"The next batch run and the Serve pacer for model `{correction.model_label}` "
+            f"(predictor `{correction.model_fingerprint[:12]}…`, not another saved under it) on "
+            "this catalogue pick up the newest correction (`r2ray.reconcile.latest_correction`) "
+            "unless told not to.")
 
 
 def spend_plot_png(rec: Reconciliation) -> bytes:

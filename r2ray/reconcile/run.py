@@ -47,7 +47,9 @@ class ReconcileResult:
             if overall["rated"] else "  quality: no actual carries one",
             "  largest deviations (USD): " + "; ".join(self._top_arms()),
             f"  correction {self.correction.version}: overall ×{self.correction.overall:.3f}, "
-            f"{len(self.correction.arms)} arms",
+            f"{len(self.correction.arms)} arms"
+            + ("" if self.correction.model_fingerprint else "; not applied to later runs (the "
+               "run was committed before r2ray recorded its predictor; see report.md)"),
             f"  written to {redact_uri(self.written['folder'])} (report.md, "
             "realised_vs_planned.png, correction.json); MLflow run "
             f"{self.written['mlflow_run_id'] or '(none: not logged)'}",
