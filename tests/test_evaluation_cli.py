@@ -113,6 +113,20 @@ def test_a_methods_list_naming_nothing_is_refused(bench_files, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("sizes", [",", " , "])
+def test_a_train_sizes_list_naming_nothing_is_refused_as_empty(bench_files, tmp_path, capsys,
+                                                               sizes):
+    """`--train-sizes ,` was refused with "every size must be at least 10 queries": it names
+    no size at all."""
+    code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model",
+                 "per_arm_ridge", "--out", str(tmp_path / "out"), "--queries",
+                 str(bench_files / "backlog.parquet"), "--seeds", "1", "--methods",
+                 "per_arm_ridge", "--train-sizes", sizes])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--train-sizes {sizes!r} names no size; give whole numbers" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # an MLflow store and a pyfunc model version
 def test_job_entry_point_evaluates_a_registered_version(bench_files, tmp_path, mlflow_store,
                                                         capsys):

@@ -5,6 +5,7 @@ stacked blend puts its weight where the signal is."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import mlflow
@@ -81,8 +82,12 @@ def test_candidate_sets_and_overrides():
         assert composite.settings["members"][2]["settings"] == {"epochs": 2, "seed": 5}
     assert [c.name for c in resolve_candidates("per_arm_ridge, carrot_knn_all")] == [
         "per_arm_ridge", "carrot_knn_all"]
-    with pytest.raises(R2RayError, match="unknown candidate"):
+    with pytest.raises(R2RayError, match=r"unknown candidate\(s\) \['nope'\]"):
         resolve_candidates("per_arm_ridge,nope")
+    for empty in (",", " , ", []):   # was "unknown candidate(s) []"
+        with pytest.raises(R2RayError, match=re.escape(f"--candidates {empty!r} names no "
+                                                       "candidate; choose a set")):
+            resolve_candidates(empty)
     with pytest.raises(R2RayError, match="at least two"):
         resolve_candidates("per_arm_ridge,stacked")
     with pytest.raises(R2RayError, match="averaged candidate needs at least two"):

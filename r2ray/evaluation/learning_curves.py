@@ -30,7 +30,10 @@ def parse_sizes(text: str) -> list[int]:
     except ValueError:
         raise R2RayError(f"--train-sizes {text!r}: give whole numbers, comma-separated "
                          "(e.g. 250,500,1000)") from None
-    if not sizes or sizes[0] < MIN_TRAIN_QUERIES:
+    if not sizes:
+        raise R2RayError(f"--train-sizes {text!r} names no size; give whole numbers, "
+                         "comma-separated (e.g. 250,500,1000)")
+    if sizes[0] < MIN_TRAIN_QUERIES:
         raise R2RayError(f"--train-sizes {text!r}: every size must be at least "
                          f"{MIN_TRAIN_QUERIES} queries")
     return sizes

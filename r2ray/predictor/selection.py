@@ -94,8 +94,9 @@ def resolve_candidates(spec: str | list[str], overrides: dict[str, dict] | None 
         names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in CANDIDATES and n not in COMPOSITES]
     if unknown or not names:
-        raise R2RayError(f"unknown candidate(s) {unknown or names}; choose a set "
-                         f"({', '.join(CANDIDATE_SETS)}) or names from "
+        problem = f"unknown candidate(s) {unknown}" if unknown else \
+            f"--candidates {spec!r} names no candidate"
+        raise R2RayError(f"{problem}; choose a set ({', '.join(CANDIDATE_SETS)}) or names from "
                          f"{', '.join([*CANDIDATES, *COMPOSITES])}")
     unused = sorted(set(overrides or {}) - {CANDIDATES[n][0] for n in names if n in CANDIDATES})
     if unused:   # silently fitting the candidates without them would look like they were used
