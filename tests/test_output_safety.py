@@ -47,6 +47,22 @@ def test_a_committed_batch_run_is_no_work_folder(tmp_path):
     assert runs.read_manifest(paths)["run_id"] == "r1"
 
 
+def test_a_batch_run_holding_only_its_lease_is_no_work_folder(tmp_path):
+    # before the fix: a run in its first moments (its lease taken, no _r2ray_run.json yet) was
+    # taken as a work folder, and the collection's manifest.json written into it
+    from r2ray.lease import acquire_lease
+
+    paths = runs.RunPaths(str(tmp_path / "runs"), "r1")
+    lease = acquire_lease(paths)
+    try:
+        with pytest.raises(R2RayError, match="is a batch run folder \\(it holds _r2ray_lock.json"):
+            open_work(paths.root)
+        assert storage.exists(paths.lock) and not storage.exists(storage.join(paths.root,
+                                                                               "manifest.json"))
+    finally:
+        lease.release()
+
+
 def test_a_work_folder_with_another_manifest_is_refused(tmp_path):
     # before the fix: the project's manifest.json was removed, then replaced by r2ray's
     (tmp_path / "manifest.json").write_text('{"name": "my web app"}')
