@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import threading
 import time
@@ -14,10 +15,10 @@ import pytest
 
 from r2ray.catalog import CatalogError, catalog_from_dict
 from r2ray.execution.client import SPEND_CAP_REASON, CallFailed, post_chat, read_usage
-from r2ray.execution.engine import EngineConfig, run_requests
+from r2ray.execution.engine import EngineConfig, plan, run_requests
 from r2ray.execution.policy import (RetryPolicy, SpendBook, parse_retry_after, plan_todo,
                                     retry_decision)
-from r2ray.execution.requests import arm_request, request_key, requests_table
+from r2ray.execution.requests import RequestError, arm_request, request_key, requests_table
 from r2ray.execution.stub import StubServer
 from r2ray.prompting import LENGTH_INSTRUCTION
 
@@ -168,6 +169,24 @@ def test_ray_executor_runs_the_same_requests(tmp_path):
     assert run.results.num_rows + run.failures.num_rows == 10
     assert run.results.num_rows >= 5       # the cap, shared by both workers through the ledger
     assert all(r["response"] == r["query_id"][1:] for r in run.results.to_pylist())
+
+
+def test_requests_repeating_a_key_are_refused_before_any_call(tmp_path):
+    # before the fix: both rows were sent and paid, while the results kept one row for the key
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        repeated = requests_table([arm_request(catalog, "q1", "[say:4]", "small", 32),
+                                   arm_request(catalog, "q2", "[say:4]", "small", 32),
+                                   arm_request(catalog, "q1", "[say:5]", "small", 32)])
+        key = repeated["key"][0].as_py()
+        named = (f"request rows 1 and 3 repeat key {key} (answer of query 'q1' by 'small' at "
+                 "budget 32)")
+        with pytest.raises(RequestError, match=re.escape(named)):
+            run_requests(repeated, str(tmp_path / "w"), catalog, EngineConfig(executor="local"),
+                         progress=lambda line: None)
+        with pytest.raises(RequestError, match=re.escape(named)):   # a dry run's plan too
+            plan(repeated, str(tmp_path / "w"))
+        assert stub.calls == [] and not (tmp_path / "w").exists()
 
 
 def test_api_key_is_sent_from_its_variable_and_never_written(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ from r2ray.catalog import Catalog
 from r2ray.execution.client import (RESULT_SCHEMA, EndpointLimiter, EndpointSettings, chat_url,
                                     execute_one)
 from r2ray.execution.policy import RetryPolicy, SpendBook, plan_todo
-from r2ray.execution.requests import worst_case_usd
+from r2ray.execution.requests import RequestError, worst_case_usd
 from r2ray.redaction import redact_uri
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,23 @@ def _conform(part: pa.Table) -> pa.Table:
                            pc.coalesce(part["billed_usd"], part["cost_usd"]))
 
 
+def check_unique_keys(requests: pa.Table) -> None:
+    """Refuse requests that repeat a key: each row would be sent and paid, while the results (one
+    row per key, :func:`first_per_key`) show one call. Named by the first repeated key and what
+    it asks (purpose, query, model, budget) and its 1-based request rows."""
+    keys = requests.column("key").to_pylist()
+    seen: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if key in seen:
+            first = requests.slice(seen[key], 1).to_pylist()[0]
+            raise RequestError(
+                f"request rows {seen[key] + 1} and {row + 1} repeat key {key} ({first['purpose']} "
+                f"of query {first['query_id']!r} by {first['model']!r} at budget "
+                f"{first['budget']}): both would be sent and paid, the results would keep one; "
+                "give each (query, model, budget) once")
+        seen[key] = row
+
+
 def first_per_key(results: pa.Table) -> tuple[pa.Table, int]:
     """One row per key (the first), and how many repeats were dropped."""
     if results.num_rows == 0:
@@ -338,6 +355,7 @@ def plan(requests: pa.Table, work_dir: str, unrecorded: bool = False,
     """(requests still to do, results already in the parts). ``unrecorded``: also count as done
     the rows :func:`adopt_unrecorded` would reuse (a dry run, which writes nothing). ``parts``:
     the work folder's rows when the caller has read them (else they are read here)."""
+    check_unique_keys(requests)
     if parts is None:
         parts = read_parts(storage.join(work_dir, "parts"))
     done = _requested(parts, requests)
@@ -351,7 +369,9 @@ def plan(requests: pa.Table, work_dir: str, unrecorded: bool = False,
 
 def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: EngineConfig,
                  progress: Callable[[str], None] | None = None) -> EngineRun:
-    """Run every request not yet answered in ``work_dir``; parts written as batches finish."""
+    """Run every request not yet answered in ``work_dir``; parts written as batches finish.
+    Requests that repeat a key are refused before anything is written or sent."""
+    check_unique_keys(requests)
     started = time.perf_counter()
     emit = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     parts = read_parts(storage.join(work_dir, "parts"))   # read once for both steps
