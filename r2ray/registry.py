@@ -32,7 +32,8 @@ from r2ray.catalog import Catalog
 from r2ray.encoders import has_text_encoder
 from r2ray.errors import R2RayError
 from r2ray.predictor.base import BasePredictor
-from r2ray.predictor.persist import encoder_record, load_predictor, save_predictor
+from r2ray.predictor.persist import (DIGEST_FIELD, encoder_record, load_predictor,
+                                     read_predictor_config, save_predictor)
 from r2ray.redaction import redact_text, redacted_output
 from r2ray.wheel import model_requirements, package_wheel
 
@@ -132,7 +133,9 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
                        tags: dict[str, str] | None = None,
                        tracking_uri: str | None = None) -> VersionInfo:
     """Log ``predictor`` as a pyfunc model in the active MLflow run (one is started if none is)
-    and register it as a new version of ``name``."""
+    and register it as a new version of ``name``. The version's tags name its kind, encoder,
+    catalogue and the predictor's ``document_sha256`` (its fingerprint: which predictor the
+    version holds, as run manifests and cost corrections record it)."""
     import mlflow
 
     from r2ray.predictor.pyfunc import MODEL_CODE_PATH, PREDICTOR_ARTIFACT, arm_labels
@@ -141,6 +144,7 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
     encoder_spec, encoder_fingerprint = encoder_record(predictor, encoder_spec)
     with tempfile.TemporaryDirectory(prefix="r2ray-register-") as tmp:
         folder = save_predictor(predictor, str(Path(tmp) / PREDICTOR_ARTIFACT), encoder_spec)
+        fingerprint = read_predictor_config(folder)[DIGEST_FIELD]
         wheel = package_wheel(tmp)
         active = mlflow.active_run()
         if active is None:  # an experiment of *this* store: MLflow remembers the last one set,
@@ -168,7 +172,7 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
     for key, value in {"kind": predictor.name, "encoder": str(encoder_spec),
                        "encoder_fingerprint": str(encoder_fingerprint),
                        "catalog_fingerprint": predictor.catalog_.fingerprint,
-                       **(tags or {})}.items():
+                       **(tags or {}), DIGEST_FIELD: fingerprint}.items():
         client.set_model_version_tag(name, version, key, str(value))
     return _version_info(client.get_model_version(name, version))
 

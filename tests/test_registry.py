@@ -60,6 +60,10 @@ def test_register_load_and_promote_only_when_better(store, data):
 
     loaded = load_registered("models:/r2ray-promote/1", tracking_uri=uri)
     assert loaded.catalog == catalog and loaded.encoder_spec is None
+    # which predictor each version holds: its fingerprint, as run manifests and cost
+    # corrections record it (review s22/H: the tags did not say)
+    assert versions[0].tags["document_sha256"] == loaded.predictor.saved_fingerprint_
+    assert len({v.tags["document_sha256"] for v in versions}) == 3
     assert loaded.version.version == "1"
     np.testing.assert_array_equal(loaded.predictor.predict(test.embedding).quality,
                                   fitted[0].predict(test.embedding).quality)
