@@ -131,7 +131,8 @@ def _manifest(tracking_uri: str) -> dict:
             "input": {"uri": f"https://h/backlog.jsonl?X-Amz-Signature={SECRET}"},
             "config": {"reserve": 0.02, "tracking_uri": tracking_uri},
             "catalog_fingerprint": "0" * 64,
-            "counts": {"rows_in": 1, "routed": 1, "quarantined": 0, "unreadable_files": 0},
+            "counts": {"rows_in": 1, "routed": 1, "quarantined": 0, "duplicates": 0, "deferred": 0,
+                       "unreadable_files": 0},
             "spend": {"budget_usd": 1.0, "usable_usd": 0.98, "predicted_usd": 0.5},
             "solve": {"lambda": 1.0, "theta": 0.5, "gap": 0.0, "objective": 0.7},
             "timings": {"solve": 0.1}}

@@ -101,7 +101,8 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
         f"- committed: {manifest['committed_at']}",
         f"- model: `{manifest['model']['uri']}` (version {manifest['model']['version']})",
         f"- queries in: {counts['rows_in']:,} · routed: {counts['routed']:,} · "
-        f"quarantined: {counts['quarantined']:,} · unreadable files: {counts['unreadable_files']}",
+        f"deferred: {counts['deferred']:,} · quarantined: {counts['quarantined']:,} · "
+        f"unreadable files: {counts['unreadable_files']}",
         f"- budget: ${spend['budget_usd']:.6g} (planned under ${spend['usable_usd']:.6g}) · "
         f"predicted spend: ${spend['predicted_usd']:.6g} · worst case at the caps: "
         f"${spend.get('worst_case_usd', float('nan')):.6g}",
@@ -122,42 +123,50 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
     ]
     for row in stats.to_pylist():
         n = max(row["queries"], 1)
-        lines.append(f"| {row['model']} | {budget_label(row['budget'])} | {row['queries']:,} | "
-                     f"{row['spend_usd']:.6f} | {row['worst_case_usd']:.6f} | "
+        lines.append(f"| {table_cell(row['model'])} | {budget_label(row['budget'])} | "
+                     f"{row['queries']:,} | {row['spend_usd']:.6g} | {row['worst_case_usd']:.6g} | "
                      f"{row['quality_sum'] / n:.3f} | {row['tokens_sum'] / n:.0f} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest["timings"].items())]
     return "\n".join(lines) + "\n"
 
 
+def table_cell(text: str) -> str:
+    """``text`` as one Markdown table cell: a ``|`` in a model name (names are data) would
+    otherwise end the cell and shift the row's numbers into the wrong columns."""
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
 def spend_plot_png(stats: pa.Table) -> bytes:
-    """A stacked bar chart: predicted spend per model, stacked by budget."""
+    """A stacked bar chart: predicted spend per model, stacked by budget. Model names are drawn
+    as plain text: as mathtext a name with two ``$`` (``a$$b``) failed the whole run's report."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = stats.to_pylist()
-    models = sorted({r["model"] for r in rows}, key=lambda m: -sum(
-        r["spend_usd"] for r in rows if r["model"] == m))
-    budgets = sorted({r["budget"] for r in rows}, key=lambda b: (b == 0, b))
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    bottom = np.zeros(len(models))
-    colours = plt.cm.viridis(np.linspace(0, 1, max(len(budgets), 1)))
-    for colour, budget in zip(colours, budgets):
-        spend = np.array([sum(r["spend_usd"] for r in rows
-                              if r["model"] == m and r["budget"] == budget) for m in models])
-        ax.bar(models, spend, bottom=bottom, color=colour, label=budget_label(budget))
-        bottom += spend
-    ax.set_ylabel("predicted spend (USD)")
-    ax.set_title("Spend by model and length budget")
-    if rows:
-        ax.legend(title="budget (tokens)", fontsize=7, ncol=2)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    with plt.rc_context({"text.parse_math": False}):   # rcParams are read as it draws
+        models = sorted({r["model"] for r in rows}, key=lambda m: -sum(
+            r["spend_usd"] for r in rows if r["model"] == m))
+        budgets = sorted({r["budget"] for r in rows}, key=lambda b: (b == 0, b))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        bottom = np.zeros(len(models))
+        colours = plt.cm.viridis(np.linspace(0, 1, max(len(budgets), 1)))
+        for colour, budget in zip(colours, budgets):
+            spend = np.array([sum(r["spend_usd"] for r in rows
+                                  if r["model"] == m and r["budget"] == budget) for m in models])
+            ax.bar(models, spend, bottom=bottom, color=colour, label=budget_label(budget))
+            bottom += spend
+        ax.set_ylabel("predicted spend (USD)")
+        ax.set_title("Spend by model and length budget")
+        if rows:
+            ax.legend(title="budget (tokens)", fontsize=7, ncol=2)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        return buffer.getvalue()
 
 
 def prepare_report(tracking_uri: str | None = None, experiment: str = BATCH_EXPERIMENT) -> None:
@@ -218,6 +227,7 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str, plot_png: bytes) 
         })
         mlflow.log_metrics({
             "rows_in": manifest["counts"]["rows_in"], "routed": manifest["counts"]["routed"],
+            "deferred": manifest["counts"]["deferred"],
             "quarantined": manifest["counts"]["quarantined"],
             "predicted_spend_usd": manifest["spend"]["predicted_usd"],
             **({"worst_case_spend_usd": manifest["spend"]["worst_case_usd"]}
