@@ -215,6 +215,21 @@ def test_a_selected_average_predicts_exactly_as_the_average_fitted_alone(world):
     np.testing.assert_array_equal(selected.spend_simulation_.ratio, alone.spend_simulation_.ratio)
 
 
+def test_a_selected_averages_raw_quality_is_its_members_before_their_maps(world):
+    """``r2ray evaluate`` reports q̂ before calibration from ``predict(raw_quality=True)``; for a
+    selected average it must be the members' raw q̂, as the average fitted alone gives it, not
+    the calibrated q̂ again (which would report that calibration changed nothing)."""
+    train, catalog = world
+    selected = make_predictor("selected", candidates="per_arm_ridge,carrot_knn_all,averaged",
+                              seed=3).fit(train, catalog)
+    alone = make_predictor("averaged", **selected.winner_.settings()).fit(train, catalog)
+    mine = selected.predict(train.embedding, raw_quality=True)
+    theirs = alone.predict(train.embedding, raw_quality=True)
+    np.testing.assert_array_equal(mine.quality, theirs.quality)
+    np.testing.assert_array_equal(mine.output_tokens, theirs.output_tokens)
+    assert not np.array_equal(mine.quality, selected.predict(train.embedding).quality)
+
+
 @pytest.mark.parametrize("seed", [0, 7])
 def test_selected_predicts_exactly_as_its_winner_fitted_alone(world, seed):
     """The CV folds are the calibrations' folds whatever the seed: a single winner's calibrations

@@ -62,6 +62,15 @@ class SelectedPredictor(BasePredictor):
     def _predict(self, x: np.ndarray) -> ArmPredictions:
         return self.winner_._predict(x)
 
+    def predict(self, embedding: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
+        """As every predictor's; ``raw_quality`` with a winner that has no q̂ map of its own
+        (``averaged``): the winner's q̂ before its members' maps, as it reports fitted alone (the
+        selection has no map to leave out, so the base class would return the calibrated q̂)."""
+        if not raw_quality or self.calibrates_quality:
+            return super().predict(embedding, raw_quality)
+        return ArmPredictions(self.winner_.predict(embedding, raw_quality=True).quality,
+                              super().predict(embedding).output_tokens)
+
     def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
         fitted, tensors = self.winner_._fitted_tensors()
         return {"winner": self.winner_name_, "kind": self.winner_.name,
