@@ -59,3 +59,30 @@ def test_the_report_and_mlflow_count_the_deferred_rows(tmp_path, mlflow_store):
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
     assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics["deferred"] == 5
+
+
+def test_a_plot_that_cannot_be_drawn_costs_the_picture_not_the_run(tmp_path, mlflow_store,
+                                                                    monkeypatch, capsys):
+    """The plot pictures figures report.md and the manifest already hold: a matplotlib failure
+    (any, not only a name read as mathtext) used to fail the run after its solve, uncommitted."""
+    import matplotlib.figure
+
+    from r2ray.batch import report as batch_report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no renderer")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    manifest, stats = _manifest(3, 0, 3e-5), _stats(["m"])
+    assert batch_report.spend_plot_or_none(stats) is None
+    assert "spend plot could not be drawn (RuntimeError: no renderer)" in capsys.readouterr().err
+    artifacts = batch_report.write_report(str(tmp_path / "run"), manifest, stats, None)
+    assert artifacts == {"report": str(tmp_path / "run" / "report.md")}
+    assert "predicted spend: $3e-05" in (tmp_path / "run" / "report.md").read_text()
+    uri, before = mlflow_store(tmp_path), (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    try:
+        run_id = log_to_mlflow(manifest, stats, uri)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics["routed"] == 3

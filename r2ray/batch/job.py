@@ -363,7 +363,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     from r2ray.batch.dedupe import drop_rows_stage, first_seen_duplicates
     from r2ray.batch.pool import pool_shape
     from r2ray.batch.report import (STATS_SCHEMA, combine_stats, log_to_mlflow, spend_by_model,
-                                    spend_plot_png, write_report)
+                                    spend_plot_or_none, write_report)
     from r2ray.batch.score import ScoreWorker
     from r2ray.bench.io import write_table
     from r2ray.predictor.spend_guarantee import plan_budget
@@ -481,7 +481,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     }
     with _timed(timings, "report"):   # recorded in manifest.json, after report.md is written
         warm.join(timeout=WARM_UP_WAIT_S)   # else the report does what is left itself
-        plot = spend_plot_png(stats)
+        plot = spend_plot_or_none(stats)
         manifest["artifacts"] = write_report(paths.path(), manifest, stats, plot)
         manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri,
                                                 functools.partial(log_to_mlflow, plot_png=plot))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -162,11 +163,25 @@ def spend_plot_png(stats: pa.Table) -> bytes:
         if rows:
             ax.legend(title="budget (tokens)", fontsize=7, ncol=2)
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        return buffer.getvalue()
+        try:
+            fig.tight_layout()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=110)
+            return buffer.getvalue()
+        finally:
+            plt.close(fig)
+
+
+def spend_plot_or_none(stats: pa.Table) -> bytes | None:
+    """:func:`spend_plot_png`, or None with a warning where it cannot be drawn: the plot is a
+    picture of figures report.md and the manifest already hold, so a drawing failure never
+    keeps a finished, paid-for solve from committing."""
+    try:
+        return spend_plot_png(stats)
+    except Exception as err:  # noqa: BLE001 — anything matplotlib raises costs the picture only
+        print(f"warning: the spend plot could not be drawn ({type(err).__name__}: {err}); the "
+              "run commits without spend.png", file=sys.stderr)
+        return None
 
 
 def prepare_report(tracking_uri: str | None = None, experiment: str = BATCH_EXPERIMENT) -> None:
@@ -190,11 +205,14 @@ def prepare_report(tracking_uri: str | None = None, experiment: str = BATCH_EXPE
 
 
 def write_report(root_uri: str, manifest: dict, stats: pa.Table,
-                 plot_png: bytes) -> dict[str, str]:
-    """report.md and spend.png (``plot_png``: :func:`spend_plot_png` of ``stats``, drawn once
-    for this and the MLflow run) under the run folder; returns their URIs."""
-    report_uri, plot_uri = storage.join(root_uri, "report.md"), storage.join(root_uri, "spend.png")
+                 plot_png: bytes | None) -> dict[str, str]:
+    """report.md and spend.png (``plot_png``: :func:`spend_plot_or_none` of ``stats``, drawn
+    once for this and the MLflow run; None: no plot) under the run folder; returns their URIs."""
+    report_uri = storage.join(root_uri, "report.md")
     storage.write_text(report_uri, report_markdown(manifest, stats))
+    if plot_png is None:
+        return {"report": report_uri}
+    plot_uri = storage.join(root_uri, "spend.png")
     storage.write_bytes(plot_uri, plot_png)
     return {"report": report_uri, "spend_plot": plot_uri}
 
@@ -209,7 +227,7 @@ def log_to_mlflow(manifest: dict, stats: pa.Table, tracking_uri: str | None = No
     with mlflow_guard():
         configure_tracking(tracking_uri)
         return _log_run(redact_values(manifest), stats, experiment,
-                        plot_png or spend_plot_png(stats))
+                        plot_png if plot_png is not None else spend_plot_or_none(stats))
 
 
 def _log_run(manifest: dict, stats: pa.Table, experiment: str, plot_png: bytes) -> str:
@@ -239,7 +257,8 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str, plot_png: bytes) 
             **{f"seconds_{k}": v for k, v in manifest["timings"].items()},
         })
         mlflow.log_text(report_markdown(manifest, stats), "report.md")
-        mlflow.log_image(_png_image(plot_png), "spend.png")
+        if plot_png is not None:
+            mlflow.log_image(_png_image(plot_png), "spend.png")
         mlflow.log_dict(manifest, "manifest.json")
         return run.info.run_id
 
