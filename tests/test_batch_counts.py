@@ -139,3 +139,26 @@ def test_a_routed_row_carries_its_arms_request_and_the_worst_case_of_the_prompt_
         bill += catalog.cost_usd("a", sent, request["max_tokens"])
     assert stats[0]["spend_usd"] == 2e-5
     assert stats[0]["worst_case_usd"] >= bill * (1 - 1e-12), (stats[0], bill)
+
+
+def test_a_deferred_part_reads_back_as_a_backlog_with_its_tenant_and_tokens(tmp_path):
+    """Deferred rows are tomorrow's input: read back through the batch reader, they validate
+    whole, with each row's tenant and input tokens (before: only query_id, query and reason,
+    so a re-queue per tenant needed a join back to the input)."""
+    from r2ray.batch.backlog import plan_units, read_and_validate
+
+    catalog = catalog_from_dict({"budgets": [50, "default"], "models": [
+        {"name": "a", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096}]}, "test")
+    block = _assigned_block([0, 1, 2])
+    block = block.set_column(3, "tenant_name", pa.array(["acme", None, "beta"]))
+    block = block.set_column(2, "input_tokens", pa.array([7, 11, 13], pa.int64()))
+    block = block.set_column(5, "arm", pa.array([DEFER_ARM, -1, 0], pa.int64()))
+    deferred = tmp_path / "deferred"
+    assign_stage(block, catalog.to_yaml(), str(tmp_path / "routed"), str(deferred), "v", "r")
+    units, unreadable = plan_units(str(deferred))
+    assert unreadable.num_rows == 0 and len(units) == 1
+    good, bad = read_and_validate(units[0], max_context_tokens=4096, embedding_dim=4)
+    assert bad.num_rows == 0
+    assert good.select(["query_id", "query", "input_tokens", "tenant"]).to_pylist() == [
+        {"query_id": "q0", "query": "question 0", "input_tokens": 7, "tenant": "acme"},
+        {"query_id": "q1", "query": "question 1", "input_tokens": 11, "tenant": None}]

@@ -38,6 +38,14 @@ ROUTED_SCHEMA = pa.schema([
     pa.field("run_id", pa.string()),
 ])
 
+DEFERRED_SCHEMA = pa.schema([        # a backlog's columns, so deferred/ can be re-queued as is
+    pa.field("query_id", pa.string()),
+    pa.field("query", pa.string()),
+    pa.field("input_tokens", pa.int64()),      # as validated: given, or estimated from the text
+    pa.field("tenant", pa.string()),
+    pa.field("reason", pa.string()),           # why it was not routed
+])
+
 
 def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_uri: str,
                  model_version: str, run_id: str, strict_budget: bool = False,
@@ -56,9 +64,7 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
     if (~routed).any():
         reasons = np.where(arm[~routed] == DEFER_ARM, "deferred: the budget could not pay for it",
                            "no arm available: every prediction was NaN/inf or too long")
-        rest = batch.filter(pa.array(~routed))
-        write_table(pa.table({"query_id": rest.column("query_id"), "query": rest.column("query"),
-                              "reason": pa.array(reasons, pa.string())}),
+        write_table(_deferred_table(batch.filter(pa.array(~routed)), reasons),
                     storage.join(deferred_uri, part))
     batch = batch.filter(pa.array(routed))
     chosen = _chosen(batch, arm[routed], catalog, strict_budget, cost_factors)
@@ -76,6 +82,17 @@ def assign_stage(batch: pa.Table, catalog_yaml: str, routed_uri: str, deferred_u
                           "quality_sum": float(chosen["q_hat"][sel].sum(dtype=np.float64)),
                           "tokens_sum": float(chosen["t_hat"][sel].sum(dtype=np.float64))})
     return pa.Table.from_pylist(stats, schema=STATS_SCHEMA)
+
+
+def _deferred_table(rest: pa.Table, reasons: np.ndarray) -> pa.Table:
+    """Deferred rows as a backlog (``query_id, query, input_tokens, tenant``) plus the
+    ``reason``, so ``deferred/`` can be read straight back as tomorrow's input, per tenant, with
+    the token counts (tokens) the night was priced on. The embedding is not among them: scoring
+    drops it, so a model without a text encoder needs it joined back from the input."""
+    return pa.table({"query_id": rest.column("query_id"), "query": rest.column("query"),
+                     "input_tokens": rest.column("input_tokens"),
+                     "tenant": rest.column("tenant_name"),
+                     "reason": pa.array(reasons, pa.string())}, schema=DEFERRED_SCHEMA)
 
 
 def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog, strict_budget: bool,
