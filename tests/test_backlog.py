@@ -156,7 +156,8 @@ def test_a_row_group_that_fails_part_way_keeps_what_was_read_and_names_the_rest(
     assert good.column("query_id").to_pylist() == [f"q{i}" for i in range(60)]
     assert len(bad) == 1 and bad[0]["row"] is None   # a unit-level record, as for a whole unit
     assert bad[0]["reason"] == ("unreadable input from row 61 on (the rows before it were "
-                                "read): connection reset")
+                                "read), 40 rows not read: connection reset")
+    assert bad[0]["unread_rows"] == 40   # from the footer: the row group's 100 less 60 read
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"query_id": f"j{i}", "query": "x"})
                                               + "\n" for i in range(100)))
     units, _ = plan_units(str(tmp_path / "b.jsonl"))
@@ -164,6 +165,54 @@ def test_a_row_group_that_fails_part_way_keeps_what_was_read_and_names_the_rest(
     assert sum(g.num_rows for g, _ in pieces) == 60
     assert [b for _, b in pieces if b.num_rows][0].column("reason").to_pylist() == [
         "unreadable input from row 61 on (the rows before it were read): connection reset"]
+
+
+def _corrupt_row_group(path, group: int) -> None:
+    """Overwrite bytes in the middle of row group ``group``'s ``query`` column chunk, so that
+    reading it fails part-way (the footer, and so the row counts, stay readable)."""
+    chunk = pq.ParquetFile(path).metadata.row_group(group).column(1)
+    data = bytearray(path.read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[middle:middle + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+
+def test_rows_a_damaged_file_leaves_unread_are_counted_from_its_footer(tmp_path):
+    """A row group that fails part-way is one record with ``row`` null: its unread rows are in
+    no count, so the record carries how many the footer says were left (before: none, and the
+    manifest's only trace was one "unreadable file"); a file with two failed row groups is one
+    unreadable file, not two."""
+    from r2ray.batch.job import quarantine_counts, summarise_manifest
+
+    path = tmp_path / "in" / "a.parquet"
+    path.parent.mkdir()
+    n = 1000
+    pq.write_table(pa.table({"query_id": [f"q{i}" for i in range(n)],
+                             "query": [f"question number {i} " * 3 for i in range(n)]}),
+                   path, row_group_size=250, compression="none", use_dictionary=False,
+                   data_page_size=2000)
+    _corrupt_row_group(path, 1)
+    _corrupt_row_group(path, 3)
+    units, _ = plan_units(str(path))
+    quarantine = tmp_path / "quarantine"
+    items = unit_items(units)
+    batch = {k: np.array([item[k] for item in items]) for k in items[0]}
+    read = sum(t.num_rows for t in read_stage(batch, str(quarantine), CONTEXT, DIM, False,
+                                              slice_rows=50))
+    records = pq.read_table(quarantine).to_pylist()
+    assert [r["row"] for r in records] == [None, None]
+    unread = sum(r["unread_rows"] for r in records)
+    assert read + unread == n and 0 < unread < 500   # part of each damaged row group was read
+    counts = quarantine_counts(str(quarantine))
+    assert (counts["files"], counts["rows"], counts["unread_rows"]) == (1, 0, unread)
+    manifest = {"run_id": "r", "committed_at": "t", "output": {"routed": "o/r/a/routed"},
+                "counts": {"rows_in": read, "routed": read, "quarantined": 0, "duplicates": 0,
+                           "deferred": 0, "unreadable_files": counts["files"],
+                           "unread_rows": counts["unread_rows"]},
+                "spend": {"predicted_usd": 0.0, "usable_usd": 1.0, "budget_usd": 1.0,
+                          "by_model": {}}, "solve": None, "timings": {}}
+    assert (f"1 unreadable file(s) ({unread:,} rows in them not read, not in the counts)"
+            in summarise_manifest(manifest))
 
 
 def test_the_read_stage_yields_each_slice_and_quarantines_a_unit_once(tmp_path):

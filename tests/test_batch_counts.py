@@ -22,7 +22,7 @@ def test_counts_of_absent_empty_and_filled_folders(tmp_path):
     for folder in (absent, empty):   # before the fix: the empty one raised FileNotFoundError
         assert _count_rows(str(folder)) == 0
         assert quarantine_counts(str(folder)) == {"records": 0, "rows": 0, "duplicates": 0,
-                                                  "files": 0}
+                                                  "files": 0, "unread_rows": 0}
     records = [{"source": "a.jsonl", "row": 2, "query_id": "q", "reason": "duplicate of row 1",
                 "raw": "{}"},
                {"source": "b.parquet", "row": None, "query_id": None, "reason": "unreadable",
@@ -30,17 +30,19 @@ def test_counts_of_absent_empty_and_filled_folders(tmp_path):
     write_table(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA),
                 str(empty / "part-1.parquet"))
     assert _count_rows(str(empty)) == 2
-    assert quarantine_counts(str(empty)) == {"records": 2, "rows": 1, "duplicates": 1, "files": 1}
+    assert quarantine_counts(str(empty)) == {"records": 2, "rows": 1, "duplicates": 1, "files": 1,
+                                             "unread_rows": 0}   # b.parquet's footer: unread
 
 
 def test_quarantine_counts_do_not_read_the_raw_rows(tmp_path):
     """A night's bad rows are mostly their ``raw`` text (here 20,000 rows of 5 kB: 100 MB); the
-    driver counts them from ``row`` and ``reason`` alone. Before: Arrow's peak was the raw column,
+    driver counts them without the raw text. Before: Arrow's peak was the raw column,
     100 MB+ (in a fresh process, so no earlier allocation sets the peak)."""
     n, width = 20_000, 5_000
     write_table(pa.table({"source": ["a.jsonl"] * n, "row": pa.array(range(1, n + 1), pa.int64()),
                           "query_id": pa.nulls(n, pa.string()), "reason": ["query is blank"] * n,
-                          "raw": [str(i).rjust(width, "x") for i in range(n)]},
+                          "raw": [str(i).rjust(width, "x") for i in range(n)],
+                          "unread_rows": pa.nulls(n, pa.int64())},
                          schema=QUARANTINE_SCHEMA), str(tmp_path / "part-0.parquet"))
     probe = ("import sys, pyarrow as pa; from r2ray.batch.job import quarantine_counts; "
              "print(quarantine_counts(sys.argv[1])['rows'], pa.default_memory_pool().max_memory())")

@@ -146,7 +146,8 @@ def test_planning_counts_parquet_rows_and_not_jsonl(tmp_path):
     units, _ = plan_units(str(tmp_path))
     assert [u.rows for u in units] == [100, 100, 50, None]
     assert planned_rows(units) == 250 and planned_rows(units[3:]) is None
-    assert all("rows" not in item for item in unit_items(units))   # readers never see it
+    # readers get it (-1: unknown) to count the rows a failing unit leaves unread
+    assert [item["rows"] for item in unit_items(units)] == [100, 100, 50, -1]
 
 
 def test_encoder_precision_is_a_checked_setting_the_score_workers_load_with(small_routing_model,

@@ -73,7 +73,7 @@ def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manif
     quarantine = read_table_all(paths.quarantine)
     counts = manifest["counts"]
     assert counts == {"rows_in": 405, "routed": 400, "quarantined": 5, "duplicates": 1,
-                      "deferred": 0, "unreadable_files": 1}
+                      "deferred": 0, "unreadable_files": 1, "unread_rows": 0}
     assert routed.num_rows == 400 and len(set(routed.column("query_id").to_pylist())) == 400
     assert set(routed.column("query_id").to_pylist()) == set(table.column("query_id").to_pylist())
     reasons = sorted(r for r in quarantine.column("reason").to_pylist())
@@ -202,7 +202,7 @@ def test_a_backlog_of_only_bad_rows_commits_its_quarantine(tmp_path, ray_local,
     assert "no query could be routed" in capsys.readouterr().out
     manifest = runs.read_manifest(runs.RunPaths(config.output, "bad-night"))
     assert manifest["counts"] == {"rows_in": 2, "routed": 0, "quarantined": 2, "duplicates": 0,
-                                  "deferred": 0, "unreadable_files": 1}
+                                  "deferred": 0, "unreadable_files": 1, "unread_rows": 0}
     assert manifest["solve"] is None
     quarantine = read_table_all(manifest["output"]["quarantine"])
     assert quarantine.num_rows == 3

@@ -32,6 +32,8 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("query_id", pa.string()),   # when it could be read
     pa.field("reason", pa.string()),
     pa.field("raw", pa.string()),        # the row as read, JSON, so nothing is lost
+    pa.field("unread_rows", pa.int64()),  # a unit not read (row null): its rows left unread, from
+                                          # the parquet footer; null = a row's record, or unknown
 ])
 
 GOOD_SCHEMA = pa.schema([
@@ -387,11 +389,7 @@ def validated_slices(unit: ReadUnit, max_context_tokens: int, embedding_dim: int
         except StopIteration:
             return
         except (pa.ArrowInvalid, OSError) as err:
-            where = "" if first == unit.first_row else \
-                f" from row {first + 1} on (the rows before it were read)"
-            yield empty_good(), pa.Table.from_pylist(
-                [_bad(unit.source, None, None, f"unreadable input{where}: {err}")],
-                schema=QUARANTINE_SCHEMA)
+            yield empty_good(), _unread_rest(unit, first, err)
             return
         if isinstance(raw, pa.Table):
             lines = np.arange(first + 1, first + raw.num_rows + 1)
@@ -409,6 +407,17 @@ def validated_slices(unit: ReadUnit, max_context_tokens: int, embedding_dim: int
             bad = pa.concat_tables([pa.Table.from_pylist(failures, schema=QUARANTINE_SCHEMA),
                                     bad]).sort_by("row")
         yield good, bad
+
+
+def _unread_rest(unit: ReadUnit, first: int, err: Exception) -> pa.Table:
+    """The one quarantine record of a unit that failed from 0-based row ``first`` on, with the
+    count of rows it left unread where the parquet footer gives the unit's size (jsonl: unknown)."""
+    where = "" if first == unit.first_row else \
+        f" from row {first + 1} on (the rows before it were read)"
+    unread = None if unit.rows is None else unit.first_row + unit.rows - first
+    counted = "" if unread is None else f", {unread} rows not read"
+    record = _bad(unit.source, None, None, f"unreadable input{where}{counted}: {err}")
+    return pa.Table.from_pylist([{**record, "unread_rows": unread}], schema=QUARANTINE_SCHEMA)
 
 
 def _with_rows_as_read(bad: pa.Table, rows: list[dict]) -> pa.Table:
@@ -440,9 +449,10 @@ def read_stage(batch: dict, quarantine_uri: str, max_context_tokens: int, embedd
     yielded = False
     for i in range(len(batch["source"])):
         row_group = batch["row_group"][i]
+        rows = batch["rows"][i]
         unit = ReadUnit(str(batch["source"][i]), int(batch["file_index"][i]),
                         None if row_group is None or row_group < 0 else int(row_group),
-                        int(batch["first_row"][i]))
+                        int(batch["first_row"][i]), None if rows is None or rows < 0 else int(rows))
         bads = []
         for good, bad in validated_slices(unit, max_context_tokens, embedding_dim,
                                           embedding_required, slice_rows):
@@ -458,10 +468,10 @@ def read_stage(batch: dict, quarantine_uri: str, max_context_tokens: int, embedd
 
 
 def unit_items(units: list[ReadUnit]) -> list[dict]:
-    """Read units as Ray Data items (a missing row group is -1: Arrow columns need one type; the
-    row count is planning's, not the readers')."""
-    return [{**{k: v for k, v in dataclasses.asdict(u).items() if k != "rows"},
-             "row_group": -1 if u.row_group is None else u.row_group} for u in units]
+    """Read units as Ray Data items (a missing row group or row count is -1: Arrow columns need
+    one type); the row count lets a unit that fails say how many rows it left unread."""
+    return [{**dataclasses.asdict(u), "row_group": -1 if u.row_group is None else u.row_group,
+             "rows": -1 if u.rows is None else u.rows} for u in units]
 
 
 def planned_rows(units: list[ReadUnit]) -> int | None:

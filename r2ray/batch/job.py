@@ -186,10 +186,12 @@ def _count_rows(uri: str) -> int:
         return sum(pool.map(rows, parts))
 
 
-def _read_columns(part: str, columns: list[str]) -> pa.Table:
+def _read_columns(part: str, columns: list[str], dictionary: tuple[str, ...] = ()) -> pa.Table:
+    """``columns`` of one part; those in ``dictionary`` read dictionary-encoded (a URI repeated
+    on every bad row of a file is held once)."""
     fs, path = storage.filesystem(part)
     with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+        return pq.read_table(handle, columns=columns, read_dictionary=list(dictionary) or None)
 
 
 def check_assigned_parts(routed_uri: str, routed: int, deferred_uri: str | None = None,
@@ -213,18 +215,24 @@ def check_assigned_parts(routed_uri: str, routed: int, deferred_uri: str | None 
 
 
 def quarantine_counts(uri: str) -> dict[str, int]:
-    """Quarantine records: row-level ones, duplicates among them, and whole unreadable files.
-    Reads only the ``row`` and ``reason`` columns: a night of bad rows is mostly their ``raw``
-    text, which the driver need not hold to count them."""
+    """Quarantine records: row-level ones, duplicates among them, the files not read through (a
+    file counted once however many of its row groups failed), and the rows those left unread
+    where the parquet footers count them (``unread_rows``: none for a file whose footer, or a
+    jsonl file, could not be read; such rows are in no other count). Reads no ``raw`` column: a
+    night of bad rows is mostly its text, which the driver need not hold to count them."""
     parts = _parts(uri)
     if not parts:
-        return {"records": 0, "rows": 0, "duplicates": 0, "files": 0}
-    table = pa.concat_tables([_read_columns(part, ["row", "reason"]) for part in parts])
-    file_level = int(table.column("row").null_count)
+        return {"records": 0, "rows": 0, "duplicates": 0, "files": 0, "unread_rows": 0}
+    table = pa.concat_tables([_read_columns(part, ["source", "row", "reason", "unread_rows"],
+                                            dictionary=("source",))
+                              for part in parts])
+    unit_level = table.filter(pa.compute.is_null(table.column("row")))
     duplicates = int(np.sum(pa.compute.starts_with(table.column("reason"), "duplicate")
                             .to_numpy(zero_copy_only=False)))
-    return {"records": table.num_rows, "rows": table.num_rows - file_level,
-            "duplicates": duplicates, "files": file_level}
+    return {"records": table.num_rows, "rows": table.num_rows - unit_level.num_rows,
+            "duplicates": duplicates,
+            "files": len(set(unit_level.column("source").to_pylist())),
+            "unread_rows": int(pa.compute.sum(unit_level.column("unread_rows")).as_py() or 0)}
 
 
 def _log_report(manifest: dict, stats: pa.Table, tracking_uri: str | None, log) -> str | None:
@@ -461,7 +469,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "r2ray_version": __version__,
         "counts": {"rows_in": routed + deferred + quarantine["rows"], "routed": routed,
                    "quarantined": quarantine["rows"], "duplicates": quarantine["duplicates"],
-                   "deferred": deferred, "unreadable_files": quarantine["files"]},
+                   "deferred": deferred, "unreadable_files": quarantine["files"],
+                   "unread_rows": quarantine["unread_rows"]},
         "spend": {"budget_usd": budget_usd, "usable_usd": usable_usd,
                   "predicted_usd": predicted_spend, "worst_case_usd": worst_case,
                   "strict_budget": config.strict_budget,
@@ -611,6 +620,13 @@ def _usd(value: float) -> str:
     return f"${value:.6g}"
 
 
+def _unread_words(counts: dict) -> str:
+    """The rows the unreadable files left unread, where their footers count them: they are in
+    no other count, ``rows_in`` included (older committed runs lack the key)."""
+    unread = counts.get("unread_rows", 0)
+    return f" ({unread:,} rows in them not read, not in the counts)" if unread else ""
+
+
 def summarise_manifest(manifest: dict) -> str:
     """A few lines for the terminal: where the run is, what it routed, what it spent."""
     from r2ray.batch.report import correction_lines
@@ -621,7 +637,8 @@ def summarise_manifest(manifest: dict) -> str:
         f"({manifest['output']['routed'].rsplit('/routed', 1)[0]})",
         f"  queries: {counts['rows_in']:,} in, {counts['routed']:,} routed, "
         f"{counts['quarantined']:,} quarantined ({counts['duplicates']:,} duplicates), "
-        f"{counts['deferred']:,} deferred, {counts['unreadable_files']} unreadable file(s)",
+        f"{counts['deferred']:,} deferred, {counts['unreadable_files']} unreadable file(s)"
+        + _unread_words(counts),
         f"  spend: predicted {_usd(spend['predicted_usd'])} of {_usd(spend['usable_usd'])} "
         f"usable (budget {_usd(spend['budget_usd'])}{_guarantee_words(spend.get('guarantee'))})"
         + ("" if "worst_case_usd" not in spend else  # older committed runs lack it

@@ -103,7 +103,9 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
         f"- model: `{manifest['model']['uri']}` (version {manifest['model']['version']})",
         f"- queries in: {counts['rows_in']:,} · routed: {counts['routed']:,} · "
         f"deferred: {counts['deferred']:,} · quarantined: {counts['quarantined']:,} · "
-        f"unreadable files: {counts['unreadable_files']}",
+        f"unreadable files: {counts['unreadable_files']}"
+        + (f" · rows in them not read: {counts['unread_rows']:,}" if counts.get("unread_rows")
+           else ""),
         f"- budget: ${spend['budget_usd']:.6g} (planned under ${spend['usable_usd']:.6g}) · "
         f"predicted spend: ${spend['predicted_usd']:.6g} · worst case at the caps: "
         f"${spend.get('worst_case_usd', float('nan')):.6g}",
