@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from r2ray import __version__, storage
 from r2ray.bench.io import check_apart, check_output_name, read_table, write_table
@@ -218,7 +217,7 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
     open_work(config.work_dir)
     cap = config.engine.max_spend_usd
     answer_engine = config.engine if cap is None or judge_cat is None else _with_cap(
-        config.engine, cap - judge_spent_usd(config.work_dir, requests))
+        config.engine, cap - judge_spent_usd(config.work_dir))
     answers = run_requests(requests, storage.join(config.work_dir, "answers"), catalog,
                            answer_engine, progress)
     judge_run = None
@@ -291,17 +290,16 @@ def _nothing_graded(requests: int, answers: EngineRun, ungraded: int, work_dir: 
             + f"; the spend so far is kept in {work_dir}, and a rerun resumes there")
 
 
-def judge_spent_usd(work_dir: str, requests: pa.Table) -> float:
-    """USD the judge already spent in ``work_dir`` on answers of these requests (every judge row
-    of their keys: at least what the judge run will count as realised). The answers' cap leaves it
-    out, so answers + judge stay within --max-spend-usd over reruns of a work folder."""
-    from r2ray.execution.engine import read_parts
+def judge_spent_usd(work_dir: str) -> float:
+    """USD the judge already spent in ``work_dir``: every judge row, whatever its key, billed
+    failures too, counted as the judge run counts its realised spend (at least that: failures/
+    is counted too, before the run moves what was billed of it to billed/). The answers' cap
+    leaves it out, so answers + judge stay within --max-spend-usd over reruns of a work folder."""
+    from r2ray.execution.engine import _billed, _paid, read_parts
 
-    keys = pa.array([k + "-judge" for k in requests.column("key").to_pylist()], pa.string())
-    rows = pa.concat_tables([read_parts(storage.join(work_dir, "judge", folder))
-                             for folder in ("parts", "failures", "billed")])  # billed failures too
-    mine = rows.filter(pc.is_in(rows["key"], value_set=keys))
-    return float(pc.sum(mine["billed_usd"]).as_py() or 0.0)
+    judge = storage.join(work_dir, "judge")
+    return _paid(read_parts(storage.join(judge, "parts"))) + _billed(pa.concat_tables(
+        [read_parts(storage.join(judge, folder)) for folder in ("failures", "billed")]))
 
 
 def _with_cap(engine: EngineConfig, cap: float) -> EngineConfig:

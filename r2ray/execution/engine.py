@@ -295,15 +295,15 @@ def _requested(results: pa.Table, requests: pa.Table) -> pa.Table:
         pc.is_in(_sent(results), value_set=_sent(requests).combine_chunks()), False))
 
 
-def _paid(parts: pa.Table, requests: pa.Table) -> float:
-    """USD billed for the keys of ``requests`` in ``parts`` (answered rows), whatever prompt each
-    was sent with: an answer to a prompt since edited under the same id is no result, but it was
-    paid, so it stays in the spend and the cap. A row adopted from a part with no prompt hash is
-    in parts/ twice (as first written, and stamped): it is counted once per key and start time."""
-    mine = parts.filter(pc.is_in(parts["key"], value_set=requests["key"].combine_chunks()))
-    if mine.num_rows == 0:
+def _paid(parts: pa.Table) -> float:
+    """USD billed for every answered row in ``parts``, whatever its key or prompt: an answer to a
+    prompt since edited under the same id, or to a query since removed, is no result of this run,
+    but it was paid into this output, so it stays in the spend and the cap (as billed/ failures
+    do). A row adopted from a part with no prompt hash is in parts/ twice (as first written, and
+    stamped): it is counted once per key and start time."""
+    if parts.num_rows == 0:
         return 0.0
-    once = mine.group_by(["key", "started_s"]).aggregate([("billed_usd", "max")])
+    once = parts.group_by(["key", "started_s"]).aggregate([("billed_usd", "max")])
     return float(pc.sum(once["billed_usd_max"]).as_py() or 0.0)
 
 
@@ -381,7 +381,7 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     keep_billed_failures(work_dir)
     storage.remove(storage.join(work_dir, "failures"))   # last run's failures: retried now
     billed_before = _billed(read_parts(storage.join(work_dir, "billed")))
-    realised = _paid(parts, requests) + billed_before
+    realised = _paid(parts) + billed_before
     models = sorted(set(requests.column("model").to_pylist()))
     settings = {m: asdict(s) for m, s in endpoint_settings(catalog, models,
                                                             config.workers).items()}
@@ -405,7 +405,7 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                      calls_done_before=done.num_rows, duplicates_dropped=dropped,
                      unrecorded_reused=adopted.num_rows,
                      spend={"cap_usd": config.max_spend_usd, "realised_before_usd": realised,
-                            "realised_usd": _paid(parts, requests) + _billed(failures)
+                            "realised_usd": _paid(parts) + _billed(failures)
                             + billed_before,
                             "worst_case_planned_usd": worst_case_usd(todo),
                             "refused_calls": meter.refused},
