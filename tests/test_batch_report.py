@@ -86,3 +86,29 @@ def test_a_plot_that_cannot_be_drawn_costs_the_picture_not_the_run(tmp_path, mlf
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
     assert mlflow.MlflowClient(uri).get_run(run_id).data.metrics["routed"] == 3
+
+
+def _read_cell(cell: str) -> str:
+    """The text a CommonMark reader shows for ``cell``, failing on any special character it
+    would act on (one not escaped with a backslash)."""
+    shown, chars = [], iter(cell)
+    for char in chars:
+        if char == "\\":
+            shown.append(next(chars))
+        else:
+            assert char not in "`*_[]<>|~&$", (cell, char)
+            shown.append(char)
+    return "".join(shown)
+
+
+def test_the_report_table_shows_model_names_as_written():
+    """``*``, ``_``, backticks, ``<``, ``[``, ``&``, ``~``, ``$`` in a model name formatted in
+    report.md (``*fast*`` in italics, ``<img src=x>`` as HTML): only ``|`` and ``\\`` were
+    escaped."""
+    names = ["*fast*", "_v2_", "a`b`c", "<img src=x>", "[x](u)", "m&amp;", "~~old~~", "$5$",
+             r"a\*b", "x|y", "gpt-4o.mini"]
+    report = report_markdown(_manifest(3, 0, 1e-5), _stats(names))
+    cells = [line.split(" | ")[0].removeprefix("| ") for line in report.splitlines()
+             if line.startswith("| ") and " | default | " in line]
+    assert sorted(_read_cell(cell) for cell in cells) == sorted(names)
+    assert r"| \*fast\* | default |" in report and "| gpt-4o.mini | default |" in report

@@ -133,10 +133,16 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKDOWN_SPECIAL = "\\`*_[]<>|~&$"   # inline Markdown (GFM, math) a table cell would act on
+
+
 def table_cell(text: str) -> str:
-    """``text`` as one Markdown table cell: a ``|`` in a model name (names are data) would
-    otherwise end the cell and shift the row's numbers into the wrong columns."""
-    return text.replace("\\", "\\\\").replace("|", "\\|")
+    """``text`` as one Markdown table cell that reads as written: model names are data, and a
+    ``|`` would end the cell (the row's numbers shifting into the wrong columns), ``*``/``_``
+    emphasise, backticks make code, ``<`` start HTML, ``[`` a link, ``&`` an entity, ``~``
+    strike and ``$`` math. Each is escaped with a backslash, as CommonMark allows for any ASCII
+    punctuation."""
+    return "".join("\\" + char if char in MARKDOWN_SPECIAL else char for char in text)
 
 
 def spend_plot_png(stats: pa.Table) -> bytes:
