@@ -260,8 +260,9 @@ def log_selection(predictor: BasePredictor) -> str | None:
     result = getattr(predictor, "cross_validation_", None)
     if result is None:
         return None
-    columns = ["name", "kind", "audc", "audc_std", "audc_uncalibrated", "brier",
-               "log_tokens_mae", "ece", "fit_seconds", "chosen"]
+    columns = ["name", "kind", "audc", "audc_std"] + (
+        ["audc_uncalibrated"] if result.measured_uncalibrated else []) + [
+        "brier", "log_tokens_mae", "ece", "fit_seconds", "chosen"]
     mlflow.log_table({c: [row[c] for row in result.table] for c in columns}, "cv_selection.json")
     for row in result.table:
         mlflow.log_metrics({f"cv_{key}_{row['name']}": row[key]

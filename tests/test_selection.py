@@ -60,6 +60,21 @@ def test_the_uncalibrated_column_is_empty_for_the_average_which_has_no_map_of_it
     assert rows["per_arm_ridge"]["audc_uncalibrated"] != rows["per_arm_ridge"]["audc"]
 
 
+def test_the_cv_table_shows_the_uncalibrated_column_only_when_it_was_measured(world):
+    """`r2ray train` never asks for the uncalibrated AUDC (it doubles the scoring time): before
+    the fix its printed and logged table had an "uncalibrated" column of "—" on every row."""
+    train, catalog = world
+    candidates = [Candidate("ridge", "per_arm_ridge", {})]
+    header, row = cross_validate(train, catalog, candidates, folds=3).report().splitlines()
+    assert "uncalibrated" not in header and "—" not in row
+    assert header.split() == ["candidate", "CV", "AUDC", "Brier", "log-tok", "MAE", "ECE", "fit",
+                              "s"]
+    assert len(row.split()) == 10   # name, AUDC ± std, Brier, MAE, ECE, seconds, ← chosen
+    measured = cross_validate(train, catalog, candidates, folds=3, uncalibrated=True).report()
+    header, row = measured.splitlines()
+    assert "uncalibrated" in header and "—" not in row and len(row.split()) == 11
+
+
 def test_ties_on_audc_go_to_the_lower_brier_then_token_error():
     table = [{"name": "a", "audc": 0.8000, "brier": 0.20, "log_tokens_mae": 0.1},
              {"name": "b", "audc": 0.7995, "brier": 0.18, "log_tokens_mae": 0.3},
@@ -290,6 +305,7 @@ def test_train_selects_on_the_training_part_only_and_logs_the_table(tmp_path, mo
     logged = json.loads(open(client.download_artifacts(run.info.run_id, "cv_selection.json",
                                                        str(tmp_path))).read())
     assert len(logged["data"]) == 3 and run.data.params["cv_winner"] == version.tags["winner"]
+    assert "audc_uncalibrated" not in logged["columns"]   # train does not measure it
     for name in ("per_arm_ridge", "per_arm_ridge_strong", "carrot_knn_all"):
         assert 0 < run.data.metrics[f"cv_audc_{name}"] <= 1
 

@@ -142,17 +142,26 @@ class CrossValidation:
     candidates: list[Candidate] = field(default_factory=list)   # those scored (a search may stop some)
     stopped: list[dict] = field(default_factory=list)   # name, folds done, running AUDC: ASHA's
 
+    @property
+    def measured_uncalibrated(self) -> bool:
+        """Whether the AUDC of q̂ without its calibration was scored (``cross_validate``'s
+        ``uncalibrated``: `r2ray train` does not ask, it doubles the scoring time)."""
+        return any(row["audc_uncalibrated"] is not None for row in self.table)
+
     def report(self) -> str:
-        lines = [f"{'candidate':22} {'CV AUDC':>15} {'uncalibrated':>12} {'Brier':>7} "
-                 f"{'log-tok MAE':>11} {'ECE':>6} {'fit s':>7}"]
+        """The table as text; the uncalibrated AUDC column only when it was measured (an
+        always-empty column would read as a failed measurement)."""
+        raw = self.measured_uncalibrated
+        lines = [f"{'candidate':22} {'CV AUDC':>15} " + (f"{'uncalibrated':>12} " if raw else "")
+                 + f"{'Brier':>7} {'log-tok MAE':>11} {'ECE':>6} {'fit s':>7}"]
         for row in sorted(self.table, key=lambda r: -r["audc"]):
             mark = " ← chosen" if row["name"] == self.winner else ""
             uncalibrated = ("—" if row["audc_uncalibrated"] is None
                             else f"{row['audc_uncalibrated']:.4f}")
             lines.append(f"{row['name']:22} {row['audc']:>7.4f} ± {row['audc_std']:.4f} "
-                         f"{uncalibrated:>12} {row['brier']:>7.4f} "
-                         f"{row['log_tokens_mae']:>11.4f} {row['ece']:>6.4f} "
-                         f"{row['fit_seconds']:>7.1f}{mark}")
+                         + (f"{uncalibrated:>12} " if raw else "")
+                         + f"{row['brier']:>7.4f} {row['log_tokens_mae']:>11.4f} "
+                         f"{row['ece']:>6.4f} {row['fit_seconds']:>7.1f}{mark}")
         lines += [f"{row['name']:22} stopped by ASHA after {row['folds']} fold(s), running AUDC "
                   f"{row['audc']:.4f} (uncalibrated)" for row in self.stopped]
         return "\n".join(lines)
