@@ -367,6 +367,20 @@ def test_spread_folds_are_the_calibrations_too(world, candidates):
     np.testing.assert_array_equal(mine.output_tokens, theirs.output_tokens)
 
 
+def test_a_stack_fitted_alone_spreads_a_model_of_one_fold_as_cross_validation_does(world):
+    """Fitted alone (not handed CV's predictions), the stack drew plain ``fold_ids``: a model whose
+    few queries all fell in one fold had NaN member predictions there, so its arms' weights and
+    the stack's calibrations were fitted on none of its held-out rows."""
+    train, catalog = world
+    few = np.flatnonzero(fold_ids(train.n_queries, 3) == 0)[:5]
+    sparse = with_model_only_on(train, catalog, 2, few)
+    stack = make_predictor("stacked", members=[
+        {"kind": "per_arm_ridge"}, {"kind": "per_arm_ridge", "settings": {"alpha": 100.0}}])
+    _, held_out = stack.fit(sparse, catalog).out_of_fold_
+    arms = catalog.arm_arrays["model_index"] == 2
+    assert np.isfinite(held_out.quality[np.ix_(few, arms)]).all()
+
+
 def test_a_model_with_one_training_query_is_refused_by_name(world):
     train, catalog = world
     lone = with_model_only_on(train, catalog, 1, np.array([7]))

@@ -4,7 +4,9 @@ Members are registry entries with their settings. Per arm j the blend is q̂_j =
 and log(1 + t̂_j) = Σ_m v_jm log(1 + t̂_jm), with w_j and v_j on the simplex (non-negative, summing
 to 1), chosen to minimise the squared error (Brier for q̂) on *out-of-fold* predictions: each
 member is fitted ``folds`` times on the other folds and predicts the held-out one, so the weights
-reward members that generalise, not those that memorise. An arm's weights are shrunk toward the
+reward members that generalise, not those that memorise. The folds are cross-validation's
+(:func:`~r2ray.predictor.base.model_fold_ids`: a model with a few queries is spread over two or
+more folds, so no member predicts its held-out rows from none of its outcomes). An arm's weights are shrunk toward the
 weights pooled over all arms (a prior worth ``PRIOR_CELLS`` cells), so arms with few outcomes take
 the pooled blend. The members are then refitted on all of ``train``. Where a member has no
 prediction (NaN) the others' weights are renormalised.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from r2ray.catalog import Catalog
-from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_ids, log_tokens,
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, log_tokens, model_fold_ids,
                                   out_of_fold, tokens_from_log, training_embedding)
 from r2ray.predictor.data import BenchArrays
 
@@ -122,7 +124,7 @@ class StackedPredictor(BasePredictor):
              validation: BenchArrays | None) -> None:
         oof = self.member_out_of_fold
         if oof is None:
-            folds = fold_ids(train.n_queries, self.folds, self.seed)
+            folds = model_fold_ids(train, catalog, self.folds)  # cross-validation's folds
             oof = [out_of_fold(member_factory(m, self.seed), train, catalog, folds)
                    for m in self.members]
         self.member_out_of_fold = None
