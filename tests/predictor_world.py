@@ -8,10 +8,13 @@ so a predictor that learns the structure beats the per-arm mean by a clear margi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, catalog_from_dict
+from r2ray.predictor.base import ArmPredictions
 from r2ray.predictor.data import BenchArrays
 
 TOPICS = ["math", "code", "chat"]
@@ -89,3 +92,32 @@ def model_folder(path, weights: bytes) -> str:
     (path / "config.json").write_text("{}")
     (path / "model.safetensors").write_bytes(weights)
     return str(path)
+
+
+def sampled_arrays(catalog: Catalog, n_queries: int, without_model: int,
+                   never_dealt: np.ndarray) -> BenchArrays:
+    """A sampled bench (one arm dealt per query, ``bench collect --arms 1``) of a planted world,
+    whose queries ``never_dealt`` were dealt no arm of model ``without_model``."""
+    arrays, _ = planted_arrays(catalog, n_queries, dim=8, seed=0, missing_share=0.0)
+    model = catalog.arm_arrays["model_index"]
+    rng = np.random.default_rng(0)
+    dealt = rng.integers(0, catalog.n_arms, n_queries)
+    dealt[never_dealt] = rng.choice(np.flatnonzero(model != without_model), len(never_dealt))
+    kept = np.zeros(arrays.quality.shape, bool)
+    kept[np.arange(n_queries), dealt] = True
+    return replace(arrays, **{name: np.where(kept, getattr(arrays, name), np.nan)
+                              for name in ("quality", "output_tokens", "cost_usd")})
+
+
+class OneModelBeliever:
+    """A learned method sure that ``model`` answers everything: every pick is an arm of it."""
+
+    def __init__(self, catalog: Catalog, model: int):
+        self.believed = (catalog.arm_arrays["model_index"] == model).astype(np.float32)
+
+    def fit(self, train: BenchArrays, catalog: Catalog) -> OneModelBeliever:
+        return self
+
+    def predict(self, embedding: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
+        quality = np.repeat(self.believed[None], len(embedding), axis=0)
+        return ArmPredictions(quality, np.full(quality.shape, 10.0, np.float32))

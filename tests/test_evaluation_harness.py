@@ -5,13 +5,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from predictor_world import OneModelBeliever, sampled_arrays, small_catalog
 
 from r2ray.bench.synthetic import synth_backlog, synth_bench
 from r2ray.catalog import load_catalog
 from r2ray.errors import R2RayError
-from r2ray.evaluation.harness import (aggregate_methods, aggregate_metrics, category_splits,
-                                      random_splits)
-from r2ray.evaluation.summary import format_table
+from r2ray.evaluation.harness import (Split, aggregate_methods, aggregate_metrics,
+                                      category_splits, evaluate_split, random_splits)
+from r2ray.evaluation.summary import format_table, quality_calibration_block
 from r2ray.evaluation.run import ModelUnderTest, run_evaluation
 from r2ray.predictor import COMPOSITE, PREDICTORS
 from r2ray.predictor.data import bench_arrays
@@ -159,3 +160,19 @@ def test_a_method_replay_skipped_in_one_split_is_averaged_over_the_splits_that_s
     assert got["r"]["ratio_std"]["single:b"] == pytest.approx(np.std([1.0, 3.0], ddof=1))
     assert got["single:a"]["audc"] == pytest.approx(0.3)
     assert [got[n]["n_splits"] for n in ("r", "single:a", "single:b")] == [2, 1, 2]
+
+
+def test_a_learned_method_replay_skips_in_one_split_has_no_quality_outcome_there():
+    # Its picks (model 0's arms) were dealt to none of the first split's test queries: replay
+    # leaves it out of that split's results, and its AUDC with raw q̂ then failed the evaluation
+    # (no deferral curve from no points); the quality block averages it over the other split.
+    catalog = small_catalog()
+    arrays = sampled_arrays(catalog, 200, without_model=0, never_dealt=np.arange(150, 200))
+    splits = [Split("no model-0", 0, np.arange(150), np.arange(150, 200)),
+              Split("model-0", 1, np.arange(50, 200), np.arange(50))]
+    factories = {"zero": lambda seed: OneModelBeliever(catalog, 0)}
+    outcomes = [evaluate_split(arrays, catalog, s, factories, log=lambda line: None)
+                for s in splits]
+    assert "zero" not in outcomes[0].quality and "zero" in outcomes[1].quality
+    block = quality_calibration_block(outcomes, "zero")
+    assert block["methods"]["zero"]["audc"] == pytest.approx(outcomes[1].quality["zero"]["audc"])

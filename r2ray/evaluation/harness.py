@@ -149,12 +149,15 @@ def quality_outcomes(fitted: dict[str, Predictor], predictions: dict[str, ArmPre
                      results: dict[str, MethodResult], summary: dict, test: BenchArrays,
                      catalog: Catalog, lambdas: np.ndarray | None) -> dict[str, dict]:
     """Per learned method: ECE and reliability bins of q̂ with and without the predictor's own
-    quality calibration, and AUDC both ways (on this split's cost normalisation)."""
+    quality calibration, and AUDC both ways (on this split's cost normalisation). A method replay
+    scored none of the picks of (:func:`evaluate_methods` left it out) has none here either."""
     from r2ray.evaluation.metrics import lambda_grid
 
     bounds = (summary["normalisation"]["cost_min_usd"], summary["normalisation"]["cost_max_usd"])
     out = {}
     for name, predictor in fitted.items():
+        if name not in results:
+            continue
         if (getattr(predictor, "quality_calibration_", None) is not None
                 or not getattr(predictor, "calibrates_quality", True)):   # averaged: members'
             raw = predictor.predict(test.embedding, raw_quality=True).quality

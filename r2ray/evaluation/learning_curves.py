@@ -5,7 +5,9 @@ queries is drawn from the split's training part (the subsets are nested: a large
 smaller one's queries), every learned method is fitted on it, and all methods are scored on the
 split's whole test part exactly as in the main evaluation (costs normalised over every method
 scored together). A size above a split's training part is skipped, with a note. Per method and
-size: AUDC mean and sample std over the splits.
+size: AUDC mean and sample std over the splits that scored it, and their number (on a sampled
+bench, replay leaves out a method none of whose picks a split's test queries were dealt; a size
+no split scored has AUDC None).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def learning_curves(arrays: BenchArrays, catalog: Catalog, splits: list[Split], 
                     factories: dict[str, PredictorFactory], lambdas: np.ndarray | None = None,
                     log: Callable[[str], None] = log_line) -> dict:
     """``{"sizes", "skipped", "methods": {name: {"audc", "audc_std", "n_splits"}}}``; lists run
-    over the sizes kept (those at most every split's training part)."""
+    over the sizes kept (those at most every split's training part); ``n_splits``: the splits
+    that scored the method at each size (module doc)."""
     largest = min(len(s.train) for s in splits)
     kept = [n for n in sizes if n <= largest]
     skipped = [{"size": n, "reason": f"above the training part of the splits ({largest} queries)"}
@@ -61,12 +64,12 @@ def learning_curves(arrays: BenchArrays, catalog: Catalog, splits: list[Split], 
                                     factories, label, log)
             predictions = {name: p.predict(test.embedding) for name, p in fitted.items()}
             summary = summarise(evaluate_methods(test, catalog, predictions, lambdas))
-            for name in predictions:
+            for name in [n for n in predictions if n in summary["methods"]]:  # replay may skip
                 per_size.setdefault(name, [[] for _ in kept])[i].append(
                     summary["methods"][name]["audc"])
-    methods = {name: {"audc": [float(np.mean(v)) for v in values],
+    methods = {name: {"audc": [float(np.mean(v)) if v else None for v in values],
                       "audc_std": [float(np.std(v, ddof=1)) if len(v) > 1 else None
                                    for v in values],
-                      "n_splits": len(splits)}
+                      "n_splits": [len(v) for v in values]}
                for name, values in per_size.items()}
     return {"sizes": kept, "skipped": skipped, "methods": methods}

@@ -138,7 +138,7 @@ def learning_curves_png(block: dict, references: dict[str, float], subject: str,
     axis = figure.subplots()
     sizes = np.asarray(block["sizes"], dtype=float)
     for i, (name, curve) in enumerate(sorted(block["methods"].items())):
-        mean = np.asarray(curve["audc"], dtype=float)
+        mean = np.asarray([a if a is not None else np.nan for a in curve["audc"]], dtype=float)
         std = np.asarray([s if s is not None else 0.0 for s in curve["audc_std"]], dtype=float)
         style = _style(name, subject, i)
         axis.plot(sizes, mean, marker="o", label=name, **style)

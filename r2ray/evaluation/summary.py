@@ -74,7 +74,8 @@ DEFINITIONS = {
     "learning_curves": "per learned method, AUDC (mean and sample std over splits) when fitted "
                        "on a seeded random subset of each split's training part of each size "
                        "(nested subsets), scored on the split's whole test part; sizes above a "
-                       "split's training part are skipped with a note",
+                       "split's training part are skipped with a note; n_splits per size: the "
+                       "splits that scored it (replay may leave one out; null AUDC if none)",
     "_std": "sample std over splits (null with one split or a non-finite value); a mean is null "
             "if the value is null in any split",
     "n_splits": "splits the method was scored in: on a sampled bench (replay) a method none of "
@@ -138,11 +139,14 @@ def cost_calibration_block(outcomes: list[SplitOutcome], subject: str) -> dict:
 
 def quality_calibration_block(outcomes: list[SplitOutcome], subject: str) -> dict:
     """Per learned method: ECE and AUDC with and without its quality calibration, means over
-    splits; the subject's reliability bins from the first split."""
+    splits (those that scored it: replay may leave a method out of one); the subject's reliability
+    bins from the first split."""
     keys = ("ece", "ece_uncalibrated", "audc", "audc_uncalibrated")
+    names = dict.fromkeys(name for o in outcomes for name in o.quality)
     block = {"split": outcomes[0].split.label, "methods": {
-        name: {k: float(np.mean([o.quality[name][k] for o in outcomes])) for k in keys}
-        for name in outcomes[0].quality}}
+        name: {k: float(np.mean([o.quality[name][k] for o in outcomes if name in o.quality]))
+               for k in keys}
+        for name in names}}
     if subject in outcomes[0].quality:
         block["reliability"] = {k: outcomes[0].quality[subject][k]
                                 for k in ("bins", "bins_uncalibrated", "ece", "ece_uncalibrated")}
@@ -268,7 +272,7 @@ def format_table(metrics: dict) -> str:
     if curves and curves["sizes"]:
         lines.append(f"learning curves, AUDC at {', '.join(map(str, curves['sizes']))} training "
                      "queries: " + "; ".join(
-                         f"{name} {' '.join(f'{a:.3f}' for a in c['audc'])}"
+                         f"{name} {' '.join('n/a' if a is None else f'{a:.3f}' for a in c['audc'])}"
                          for name, c in curves["methods"].items()))
     for note in (curves or {}).get("skipped", []):
         lines.append(f"learning curves: size {note['size']} skipped: {note['reason']}")
