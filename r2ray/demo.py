@@ -14,6 +14,26 @@ DEMO_MODEL = "r2ray"
 DEMO_ALIAS = "champion"
 TRAIN_QUERIES = 3_000            # bench queries × 176 arms
 BUDGET_PER_QUERY_USD = 2e-4      # between the cheapest arms (~1e-5) and the best (~1e-3)
+ARTIFACTS_FOLDER = "mlartifacts"  # under workdir: the local store's artifacts (models, plots)
+
+
+def demo_experiments(tracking_uri: str, artifact_root: str) -> None:
+    """Create the MLflow experiments the demo logs to with their artifacts under
+    ``artifact_root``: a local SQLite store otherwise puts them in ``./mlruns`` of the current
+    folder, outside ``workdir`` (left behind by ``rm -r workdir``, and lost to the registered
+    model when the demo is next run from elsewhere). An existing experiment is left as it is."""
+    from mlflow import MlflowClient
+
+    from r2ray.batch.report import BATCH_EXPERIMENT
+    from r2ray.registry import REGISTER_EXPERIMENT, mlflow_guard
+    from r2ray.training import TrainConfig
+
+    client = MlflowClient(tracking_uri)
+    with mlflow_guard():
+        for name in (TrainConfig.model_fields["experiment"].default, REGISTER_EXPERIMENT,
+                     BATCH_EXPERIMENT):
+            if client.get_experiment_by_name(name) is None:
+                client.create_experiment(name, artifact_location=f"{artifact_root}/{name}")
 
 
 def run_demo(workdir: str = "runs/demo", n_queries: int = 20_000, seed: int = 0) -> dict:
@@ -27,6 +47,7 @@ def run_demo(workdir: str = "runs/demo", n_queries: int = 20_000, seed: int = 0)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     tracking = f"sqlite:///{workdir}/mlflow.db"
+    demo_experiments(tracking, f"{workdir}/{ARTIFACTS_FOLDER}")
     catalog = load_catalog()
     bench, backlog = f"{workdir}/bench.parquet", f"{workdir}/backlog/part-0.parquet"
 

@@ -106,7 +106,12 @@ def validate_serve_config(config: dict) -> None:
 
 def render_serve_config(config_path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
     """``serve/config.yaml`` with ``overrides`` (dotted path → value) applied, validated."""
-    config = yaml.safe_load(Path(config_path).read_text())
+    try:
+        text = Path(config_path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read the Serve config {config_path}: "
+                          f"{err.strerror or err}") from None
+    config = parse_yaml(text, f"Serve config {config_path}")
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path}: not a Serve config (a YAML mapping)")
     config = copy.deepcopy(config)
@@ -114,6 +119,15 @@ def render_serve_config(config_path: str | Path, overrides: dict[str, Any] | Non
         set_path(config, path, value)
     validate_serve_config(config)
     return config
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` parsed as YAML; malformed YAML is a :class:`ConfigError` naming ``what`` (a file or
+    a ``--set``), so the command prints one line and exits 2 instead of a parser traceback."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {err}") from None
 
 
 def dump(data: Any) -> str:
@@ -171,7 +185,7 @@ def kustomize_build(folder: str | Path) -> list[dict]:
 
 
 def rendered_rayservice(root: Path) -> str:
-    overrides = yaml.safe_load((root / SERVE_OVERRIDES).read_text()) or {}
+    overrides = parse_yaml((root / SERVE_OVERRIDES).read_text(), str(SERVE_OVERRIDES)) or {}
     config = render_serve_config(root / SERVE_CONFIG, overrides)
     return with_serve_config_v2((root / RAYSERVICE).read_text(), dump(config))
 
@@ -229,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 path, sep, value = setting.partition("=")
                 if not sep:
                     raise ConfigError(f"--set {setting!r}: expected PATH=VALUE")
-                overrides[path] = yaml.safe_load(value)
+                overrides[path] = parse_yaml(value, f"--set {setting!r}")
             print(dump(render_serve_config(args.config, overrides)), end="")
             return 0
         drifted = render(args.root, check=args.check)

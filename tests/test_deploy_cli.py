@@ -1,0 +1,26 @@
+"""`python -m r2ray.deploy serve-config`: a config a user can fix is one error line and exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from r2ray import deploy
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "malformed"])
+def test_serve_config_that_cannot_be_read_is_a_user_error(tmp_path, capsys, case):
+    path = {"missing": tmp_path / "nope.yaml", "folder": tmp_path,
+            "malformed": tmp_path / "bad.yaml"}[case]
+    (tmp_path / "bad.yaml").write_text("applications: [\n")
+    assert deploy.main(["serve-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r2ray.deploy: error:") and str(path) in err
+    assert "Traceback" not in err
+
+
+def test_set_value_that_is_not_yaml_names_the_setting(capsys):
+    assert deploy.main(["serve-config", "--config", str(REPO / deploy.SERVE_CONFIG),
+                        "--set", "applications.r2ray.args.manifest=[s3://b/"]) == 2
+    err = capsys.readouterr().err
+    assert "--set 'applications.r2ray.args.manifest=[s3://b/' is not valid YAML" in err
