@@ -66,9 +66,7 @@ def test_a_removed_querys_paid_answer_stays_in_the_spend_and_the_cap(tmp_path):
     # before the fix: realised_before $0 (only the keys asked for now were counted), so the cap
     # admitted a call past the $1e-5 already paid into the folder for queries since removed
     with StubServer() as stub:
-        cat = catalog_from_dict({"budgets": ["default"], "models": [
-            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
-             "endpoint": stub.url, "max_output_tokens": 24}]})
+        cat = _stub_catalog(stub.url)
         work = str(tmp_path / "work")
         gone = [_answered(_req(cat, qid, "hi"), "x") for qid in ("a", "b")]
         _write(pa.Table.from_pylist(gone, schema=RESULT_SCHEMA), work + "/parts")
@@ -127,6 +125,13 @@ def _write_legacy(rows: list[dict], folder: Path) -> None:
                    folder / "part-legacy.parquet")
 
 
+def _stub_catalog(url: str):
+    """One model, "small", at the stub server ``url``: $1 / $2 per M tokens in / out."""
+    return catalog_from_dict({"budgets": ["default"], "models": [
+        {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
+         "endpoint": url, "max_output_tokens": 24}]})
+
+
 def _stub_req(catalog, qid: str, text: str) -> dict:
     return request_row(catalog, "answer", qid, "small", 0, [{"role": "user", "content": text}], 24)
 
@@ -135,9 +140,7 @@ def test_an_edited_prompt_is_sent_again(tmp_path):
     # before the fix: 0 calls on the rerun and the answer "5" to the prompt that now says 6 (the
     # key was (purpose, query id, model, budget) only); expected: 1 call, answer "6"
     with StubServer() as stub:
-        cat = catalog_from_dict({"budgets": ["default"], "models": [
-            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
-             "endpoint": stub.url, "max_output_tokens": 24}]})
+        cat = _stub_catalog(stub.url)
         work, config = str(tmp_path / "work"), EngineConfig(executor="local")
         first = run_requests(requests_table([_stub_req(cat, "q", "[say:5]")]), work, cat, config,
                              progress=lambda line: None)
@@ -159,9 +162,7 @@ def test_an_edited_prompts_paid_answer_stays_in_the_spend_and_the_cap(tmp_path):
     # the spend counted only rows of the prompt sent now, so a third edit saw realised $0 and the
     # cap let it pass the money already paid (and going back to the first prompt paid it again)
     with StubServer() as stub:
-        cat = catalog_from_dict({"budgets": ["default"], "models": [
-            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
-             "endpoint": stub.url, "max_output_tokens": 24}]})
+        cat = _stub_catalog(stub.url)
         work = str(tmp_path / "work")
 
         def run(text: str, cap: float | None = None):
@@ -202,9 +203,7 @@ def test_a_work_folder_without_prompt_hashes_is_reused_once(tmp_path):
                          progress=lines.append)
     assert again.calls_planned == 0 and again.unrecorded_reused == 0   # stamped: no warning
     with StubServer() as stub:
-        cat2 = catalog_from_dict({"budgets": ["default"], "models": [
-            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
-             "endpoint": stub.url, "max_output_tokens": 24}]})
+        cat2 = _stub_catalog(stub.url)
         edited = run_requests(requests_table([_stub_req(cat2, "a", "[say:z]"), b]), str(work),
                               cat2, EngineConfig(executor="local"), progress=lambda line: None)
         assert len(stub.calls) == 1
@@ -213,9 +212,7 @@ def test_a_work_folder_without_prompt_hashes_is_reused_once(tmp_path):
 
 def test_unrecorded_parts_are_sent_again_when_asked_or_when_the_cap_differs(tmp_path):
     with StubServer() as stub:
-        cat = catalog_from_dict({"budgets": ["default"], "models": [
-            {"name": "small", "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096,
-             "endpoint": stub.url, "max_output_tokens": 24}]})
+        cat = _stub_catalog(stub.url)
         a, b = _stub_req(cat, "a", "[say:new]"), _stub_req(cat, "b", "[say:new]")
         work = tmp_path / "work"
         _write_legacy([_answered(a, "old"), dict(_answered(b, "old"), max_tokens=99)],
