@@ -97,7 +97,7 @@ def load_model(model_uri: str, catalog_path: str | None, tracking_uri: str | Non
 
 def _saved_model(folder: str) -> LoadedModel:
     from r2ray.encoders import check_encoder, has_text_encoder
-    from r2ray.predictor.persist import document_digest, read_saved, saved_catalog
+    from r2ray.predictor.persist import predictor_fingerprint, read_saved, saved_catalog
     from r2ray.predictor.spend_guarantee import SpendSimulation
 
     document, files = read_saved(folder)
@@ -106,7 +106,7 @@ def _saved_model(folder: str) -> LoadedModel:
     return LoadedModel(files, saved_catalog(document, folder), int(document["embedding_dim"]),
                        has_text_encoder(document["encoder"]), folder, folder, "local",
                        SpendSimulation.from_json(simulation) if simulation else None,
-                       document_digest(document))
+                       predictor_fingerprint(document))
 
 
 def _registered_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
@@ -336,12 +336,12 @@ def _folder_moved(folder: str, fingerprint: str | None) -> str | None:
     manifest's ``model.fingerprint``; None: committed before it was recorded, nothing to
     compare), else None. Reads ``predictor.json`` only."""
     from r2ray.predictor.base import PredictorError
-    from r2ray.predictor.persist import document_digest, read_predictor_config
+    from r2ray.predictor.persist import predictor_fingerprint, read_predictor_config
 
     if fingerprint is None:
         return None
     try:
-        now = document_digest(read_predictor_config(folder))
+        now = predictor_fingerprint(read_predictor_config(folder))
     except PredictorError as err:
         return f"model ({folder} could not be read to check it is the run's predictor: {err})"
     if now == fingerprint:

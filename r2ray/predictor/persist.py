@@ -136,6 +136,13 @@ def read_predictor_config(directory: str) -> dict:
     return document
 
 
+def predictor_fingerprint(document: dict) -> str:
+    """The predictor's fingerprint (what its cost corrections are matched by): the
+    ``document_sha256`` it records, which reading checked (:func:`check_digest`), else, for a
+    document saved before r2ray wrote one, its :func:`document_digest` computed now."""
+    return document.get(DIGEST_FIELD) or document_digest(document)
+
+
 def check_fields(document: dict, uri: str) -> None:
     """Every field a save writes is there (an edited document that lost one would otherwise
     fail deep in the load with a bare KeyError naming no file)."""
@@ -269,5 +276,5 @@ def load_predictor(directory: str, expected_data_fingerprint: str | None = None,
     predictor.encoder_spec = document["encoder"]
     predictor.encoder_fingerprint = document.get("encoder_fingerprint")   # None: saved before it
     predictor.data_fingerprint_ = document["data_fingerprint"]
-    predictor.saved_fingerprint_ = document_digest(document)
+    predictor.saved_fingerprint_ = predictor_fingerprint(document)
     return predictor
