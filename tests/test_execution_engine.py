@@ -14,8 +14,10 @@ import pyarrow.compute as pc
 import pytest
 
 from r2ray.catalog import CatalogError, catalog_from_dict
-from r2ray.execution.client import SPEND_CAP_REASON, CallFailed, post_chat, read_usage
-from r2ray.execution.engine import EngineConfig, plan, run_requests
+from r2ray.execution import engine
+from r2ray.execution.client import (SPEND_CAP_REASON, CallFailed, SpendBookError, post_chat,
+                                    read_usage)
+from r2ray.execution.engine import EngineConfig, plan, read_parts, run_requests
 from r2ray.execution.policy import (RetryPolicy, SpendBook, parse_retry_after, plan_todo,
                                     retry_decision)
 from r2ray.execution.requests import RequestError, arm_request, request_key, requests_table
@@ -516,6 +518,89 @@ def test_an_answer_utf8_cannot_carry_is_a_billed_failure_not_a_crash(tmp_path):
     assert set(got) == {"half", "whole"} and got["half"]["response"] == "4"
     assert got["half"]["attempts"] == 2
     assert got["half"]["billed_usd"] == pytest.approx(2 * got["half"]["cost_usd"])
+
+
+def test_an_answer_that_cannot_be_stored_is_paid_for_twice_at_most(tmp_path):
+    """A model that answers with a lone surrogate every time (temperature 0: the same text) was
+    retried to the last attempt, each answer paid: 5 payments for one failure. Now it is retried
+    once (a sampling server may answer whole), then given up, both booked in the spend."""
+    policy = RetryPolicy(max_attempts=5, base_s=0.01, cap_s=0.05, timeout_s=1.0)
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {"half": "[fault:alwayssurrogate] [say:4]"})
+        run = run_requests(requests, str(tmp_path), catalog,
+                           EngineConfig(executor="local", retry=policy, max_spend_usd=1.0),
+                           progress=lambda line: None)
+        assert len(stub.answered()) == 2
+    [failed] = run.failures.to_pylist()
+    prompt_tokens = sum(-(-len(m["content"].encode()) // 4) + 4   # as the stub counts them
+                        for m in requests["messages"][0].as_py())
+    once = prompt_tokens * 1e-6 + 1 * 2e-6   # "4" counted (the half emoji added after), $1/$2 per M
+    assert failed["attempts"] == 2 and failed["error"].endswith(
+        "(again on its retry: not retried more, each is paid)")
+    assert failed["billed_usd"] == pytest.approx(2 * once)
+    assert run.spend["realised_usd"] == failed["billed_usd"]
+
+
+def broken_book(reserve_raises_on: int = 0, settle_raises_on: int = 0) -> type:
+    """A SpendBook whose n-th reserve / settle raises (0: never), as a lost ledger would."""
+    class BrokenBook(engine.SpendBook):
+        reserves = settles = 0
+
+        def reserve(self, worst_usd):
+            BrokenBook.reserves += 1
+            if BrokenBook.reserves == reserve_raises_on:
+                raise OSError("the ledger went away")
+            return super().reserve(worst_usd)
+
+        def settle(self, worst_usd, cost_usd):
+            BrokenBook.settles += 1
+            if BrokenBook.settles == settle_raises_on:
+                raise OSError("the ledger went away")
+            super().settle(worst_usd, cost_usd)
+    return BrokenBook
+
+
+def test_a_spend_book_that_raises_stops_the_run_after_writing_its_batch(tmp_path, monkeypatch):
+    """Booking a call's spend raising (a Ray ledger actor lost, a bug) escaped the row and took
+    its batch down unwritten: answers paid for and lost, paid again on the rerun. Now the batch is
+    written, the row that could not book says so, and the run stops; the rerun sends only what
+    was not answered, the answers paid before in its spend."""
+    BrokenBook = broken_book(reserve_raises_on=3, settle_raises_on=2)
+    config = EngineConfig(executor="local", retry=FAST, batch_rows=8)
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {f"q{i}": "[say:4]" for i in range(3)})
+        monkeypatch.setattr(engine, "SpendBook", BrokenBook)
+        with pytest.raises(SpendBookError, match=re.escape(
+                "stopped: spend book failed: OSError")):
+            run_requests(requests, str(tmp_path), catalog, config, progress=lambda line: None)
+        assert len(stub.answered()) == 2   # the third was never sent
+        answered = read_parts(str(tmp_path / "parts")).to_pylist()
+        [unsent] = read_parts(str(tmp_path / "failures")).to_pylist()
+        assert len(answered) == 2 and all(r["ok"] and r["error"] is None for r in answered)
+        assert unsent["error"] == "spend book failed: OSError before its call was made"
+        monkeypatch.undo()
+        rerun = run_requests(requests, str(tmp_path), catalog, config, progress=lambda line: None)
+        assert len(stub.answered()) == 3 and rerun.calls_done_before == 2
+    assert rerun.spend["realised_before_usd"] == sum(r["billed_usd"] for r in answered)
+    assert rerun.results.num_rows == 3 and rerun.failures.num_rows == 0
+
+
+def test_booking_a_billed_failure_that_raises_keeps_what_it_billed(tmp_path, monkeypatch):
+    """The book raising as a billed, unreadable attempt is booked: the row records the attempt it
+    came on and what that attempt billed, is written to failures/, and the run stops."""
+    monkeypatch.setattr(engine, "SpendBook", broken_book(settle_raises_on=1))
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        with pytest.raises(SpendBookError, match="0 answer.s. and 1 failure.s. are written"):
+            run_requests(_requests(catalog, {"bad": "[fault:billedbad] [say:4]"}), str(tmp_path),
+                         catalog, EngineConfig(executor="local", retry=FAST),
+                         progress=lambda line: None)
+        assert len(stub.answered()) == 1   # not retried: the book can no longer keep the cap
+    [failed] = read_parts(str(tmp_path / "failures")).to_pylist()
+    assert failed["error"] == "spend book failed: OSError on attempt 1"
+    assert failed["billed_usd"] > 0 and failed["attempts"] == 1
 
 
 def test_a_redirect_is_reported_not_retried_nor_booked(tmp_path):

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 import httpx
 import pyarrow as pa
 
-from r2ray.execution.policy import RetryPolicy, cost_usd, retry_decision
+from r2ray.execution.policy import Decision, RetryPolicy, cost_usd, retry_decision
 from r2ray.prompting import estimate_tokens
 from r2ray.redaction import redact_text, redact_uri
 
 ERROR_TEXT_LIMIT = 200   # characters of an error body kept in a failure's reason
 SPEND_CAP_REASON = "spend cap: issuing it could pass --max-spend-usd"
+SPEND_BOOK_FAILED = "spend book failed"
+"""Where a row's ``error`` holds this, booking its spend raised (a Ray ledger actor lost, a bug):
+the row is returned as it stands, an answer it paid for included, and the engine writes its batch,
+then stops the run, since the cap can no longer be kept (a rerun reads the spend back from the
+parts)."""
 
 RESULT_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
@@ -126,10 +131,21 @@ class CallFailed(Exception):
     billed for; without it, that is unknown)."""
 
     def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None,
-                 billed: bool = False, usage: dict | None = None):
+                 billed: bool = False, usage: dict | None = None, unstorable: bool = False):
         super().__init__(reason)
         self.reason, self.status, self.retry_after = reason, status, retry_after
         self.billed, self.usage = billed, usage
+        self.unstorable = unstorable   # a whole answer whose text no row can hold
+
+
+class SpendBookError(Exception):
+    """Booking a call's spend raised (or the run stopped for it, its batch written)."""
+
+    @classmethod
+    def raised(cls, err: BaseException) -> SpendBookError:
+        """:data:`SPEND_BOOK_FAILED` and the type of what was raised (not its text, which could
+        quote anything)."""
+        return cls(f"{SPEND_BOOK_FAILED}: {type(err).__name__}")
 
 
 class _SendTrace:
@@ -188,9 +204,10 @@ def redirect_reason(response: httpx.Response) -> str:
 def _chat_completion(response: httpx.Response) -> dict:
     """A 2xx's answer: its text, finish reason and usage, or :class:`CallFailed` (billed: the
     server took the call) when the body is no chat completion — not JSON, no text, or text UTF-8
-    cannot carry (an unpaired surrogate escape, which no result row can hold). Retried after a
-    200 (a body cut short may come whole), not after another 2xx (201, 204: the server's way)."""
-    answer = None
+    cannot carry (an unpaired surrogate escape, which no result row can hold: ``unstorable``, see
+    :func:`next_try`). Retried after a 200 (a body cut short may come whole), not after another
+    2xx (201, 204: the server's way)."""
+    answer = text = None
     try:
         answer = response.json()
         choice = answer["choices"][0]
@@ -202,7 +219,8 @@ def _chat_completion(response: httpx.Response) -> dict:
         status = None if response.status_code == 200 else response.status_code
         raise CallFailed(("" if status is None else f"HTTP {status}: ")
                          + f"answer is not a chat completion ({type(err).__name__}: {err})", status,
-                         billed=True, usage=usage if isinstance(usage, dict) else None) from None
+                         billed=True, usage=usage if isinstance(usage, dict) else None,
+                         unstorable=isinstance(text, str)) from None   # text is read last
     finish = choice.get("finish_reason")
     return {"text": text, "finish_reason": finish if _is_text(finish) else None,
             "usage": answer.get("usage")}
@@ -272,8 +290,12 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                endpoint=httpx.URL(settings.url).netloc.decode(), started_s=time.time(),
                ended_s=None)
     worst = float(request["worst_usd"])
-    if not await book.reserve(worst):
-        row.update(error=SPEND_CAP_REASON, ended_s=time.time())
+    try:
+        if not await book.reserve(worst):
+            row.update(error=SPEND_CAP_REASON, ended_s=time.time())
+            return row
+    except SpendBookError as err:
+        row.update(error=f"{err} before its call was made", ended_s=time.time())
         return row
     reserved = True
     body = {"model": request["model"], "messages": list(request["messages"]),
@@ -281,6 +303,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
     api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     cost = 0.0
     calling = False   # an attempt's request may have reached the server and is not booked yet
+    unstorable = 0    # attempts answered whole with text no row can hold
     try:
         key_problem = api_key_problem(api_key) if settings.api_key_env else None
         if key_problem:
@@ -308,8 +331,8 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                 row["billed_usd"] += spent
                 reserved = False
                 await book.settle(worst, spent)
-            decision = retry_decision(policy, row["attempts"], failure.reason, failure.status,
-                                      failure.retry_after, rng)
+            unstorable += failure.unstorable
+            decision = next_try(policy, row["attempts"], failure, unstorable, rng)
             if not decision.retry:
                 row["error"] = decision.reason
                 return row
@@ -333,7 +356,28 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
     finally:
         row["ended_s"] = time.time()
         if reserved:
-            await book.settle(worst, cost)
+            await _settle_last(book, row, worst, cost)
+
+
+def next_try(policy: RetryPolicy, attempt: int, failure: CallFailed, unstorable: int,
+             rng: random.Random) -> Decision:
+    """:func:`retry_decision` for ``failure``, but an answer that cannot be stored is retried once
+    at most (``unstorable``: such answers so far): it came whole and was paid, and a model at
+    temperature 0 sends the same text again, each time paid, up to the last attempt."""
+    if failure.unstorable and unstorable > 1:
+        return Decision(False, 0.0, f"{failure.reason} (again on its retry: not retried more, "
+                        "each is paid)")
+    return retry_decision(policy, attempt, failure.reason, failure.status, failure.retry_after,
+                          rng)
+
+
+async def _settle_last(book, row: dict, worst_usd: float, cost: float) -> None:
+    """Settle the row's last reservation; where the book raises, the row says so (its outcome,
+    a paid answer included, kept) rather than the exception taking its batch down unwritten."""
+    try:
+        await book.settle(worst_usd, cost)
+    except SpendBookError as err:
+        row["error"] = f"{row['error']}; {err}" if row["error"] else f"{err} booking its cost"
 
 
 def _unexpected(row: dict, err: Exception, called_worst_usd: float | None) -> float:
@@ -341,12 +385,16 @@ def _unexpected(row: dict, err: Exception, called_worst_usd: float | None) -> fl
     ``called_worst_usd``: the attempt's worst case if it was raised once its call was made (the
     server may have run and billed it; from where it was raised there is no telling), booked at
     that; None if before, booked at $0. The reason names the type only: a message could quote the
-    key."""
+    key. A :class:`SpendBookError` (booking a billed attempt, reserving a retry) is named as such,
+    with the attempt it came on."""
     booked = called_worst_usd or 0.0
+    what = f"unexpected {type(err).__name__}"
     when = "before its call was made" if called_worst_usd is None else \
         "once its call was made (booked at its worst case)"
+    if isinstance(err, SpendBookError):
+        what, when = str(err), f"on attempt {row['attempts']}"
     row.update(ok=False, response=None, cost_usd=0.0, billed_usd=row["billed_usd"] + booked,
-               error=f"unexpected {type(err).__name__} {when}")
+               error=f"{what} {when}")
     return booked
 
 

@@ -27,6 +27,7 @@ instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -44,8 +45,8 @@ import pyarrow.parquet as pq
 
 from r2ray import storage
 from r2ray.catalog import Catalog
-from r2ray.execution.client import (RESULT_SCHEMA, EndpointLimiter, EndpointSettings, chat_url,
-                                    execute_one)
+from r2ray.execution.client import (RESULT_SCHEMA, SPEND_BOOK_FAILED, EndpointLimiter,
+                                    EndpointSettings, SpendBookError, chat_url, execute_one)
 from r2ray.execution.policy import RetryPolicy, SpendBook, plan_todo
 from r2ray.execution.requests import RequestError, worst_case_usd
 from r2ray.redaction import redact_uri
@@ -86,13 +87,27 @@ def endpoint_settings(catalog: Catalog, models: list[str], workers: int) -> dict
     return out
 
 
+def _booking(method):
+    """A book's method whose every exception is a :class:`SpendBookError`, which
+    :func:`execute_one` records on the row rather than losing the batch to it."""
+    @functools.wraps(method)
+    async def booked(*args):
+        try:
+            return await method(*args)
+        except Exception as err:
+            raise SpendBookError.raised(err) from err
+    return booked
+
+
 class _LocalBook:
     def __init__(self, book: SpendBook):
         self.book = book
 
+    @_booking
     async def reserve(self, worst_usd: float) -> bool:
         return self.book.reserve(worst_usd)
 
+    @_booking
     async def settle(self, worst_usd: float, cost_usd: float) -> None:
         self.book.settle(worst_usd, cost_usd)
 
@@ -101,9 +116,11 @@ class _ActorBook:
     def __init__(self, actor):
         self.actor = actor
 
+    @_booking
     async def reserve(self, worst_usd: float) -> bool:
         return await self.actor.reserve.remote(worst_usd)
 
+    @_booking
     async def settle(self, worst_usd: float, cost_usd: float) -> None:
         await self.actor.settle.remote(worst_usd, cost_usd)
 
@@ -389,14 +406,9 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     if todo.num_rows:
         batches = (_ray_batches if config.executor == "ray" else _local_batches)(
             todo, settings, config, realised)
-        for batch, spend in batches:
-            ok = batch.filter(batch["ok"])
-            failed = batch.filter(pc.invert(batch["ok"]))
-            if ok.num_rows:
-                _write(ok, storage.join(work_dir, "parts"))
-            if failed.num_rows:
-                _write(failed, storage.join(work_dir, "failures"))
-            meter.update(batch, spend)
+        for batch, spend in batches:   # spend read once the batch is written: it may raise
+            write_batch(batch, work_dir)
+            meter.update(batch, spend())
     meter.finish()
     parts = read_parts(storage.join(work_dir, "parts"))
     results, dropped = first_per_key(_requested(parts, requests))
@@ -413,6 +425,27 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                      throughput=throughput_by_endpoint(results) if results.num_rows else {})
 
 
+def write_batch(batch: pa.Table, work_dir: str) -> None:
+    """A finished batch into ``parts/`` (answered) and ``failures/``; then, where booking a row's
+    spend raised (:data:`SPEND_BOOK_FAILED` in its ``error``), :class:`SpendBookError` stops the
+    run: the cap can no longer be kept, and the answers paid for are written first, not lost."""
+    ok = batch.filter(batch["ok"])
+    failed = batch.filter(pc.invert(batch["ok"]))
+    if ok.num_rows:   # an answer's error only said its cost was not booked: not kept
+        _write(ok.set_column(ok.schema.get_field_index("error"), "error",
+                             pa.nulls(ok.num_rows, pa.string())), storage.join(work_dir, "parts"))
+    if failed.num_rows:
+        _write(failed, storage.join(work_dir, "failures"))
+    unbooked = batch.filter(pc.fill_null(pc.match_substring(batch["error"], SPEND_BOOK_FAILED),
+                                         False))
+    if unbooked.num_rows:
+        raise SpendBookError(
+            f"stopped: {unbooked['error'][0].as_py()} (request {unbooked['key'][0].as_py()}, "
+            f"{unbooked.num_rows} in its batch); the batch's {ok.num_rows} answer(s) and "
+            f"{failed.num_rows} failure(s) are written in {redact_uri(work_dir)}, where a rerun "
+            "reads the spend so far back and resumes")
+
+
 def _billed(rows: pa.Table) -> float:
     """USD the provider billed for ``rows`` (RESULT_SCHEMA), answers it sent unreadable included."""
     return float(pc.sum(rows["billed_usd"]).as_py() or 0.0) if rows.num_rows else 0.0
@@ -423,7 +456,7 @@ def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realise
     worker = RequestWorker(settings, asdict(config.retry), book=book, seed=config.seed)
     try:
         for start in range(0, todo.num_rows, config.batch_rows):
-            yield worker(todo.slice(start, config.batch_rows)), book.state()
+            yield worker(todo.slice(start, config.batch_rows)), book.state
     finally:
         worker.close()
 
@@ -442,7 +475,7 @@ def _ray_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised:
                                "ledger": ledger, "seed": config.seed},
         compute=ray.data.ActorPoolStrategy(size=config.workers), num_cpus=config.cpus_per_worker)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch, ray.get(ledger.state.remote())
+        yield batch, lambda: ray.get(ledger.state.remote())
 
 
 class _Progress:

@@ -7,7 +7,8 @@ The last user message steers it: ``[say:TEXT]`` answers TEXT (else ``ok``), one 
 ``billednocounts`` (the same with a ``usage`` block holding no counts) and ``surrogate`` (an answer
 ending in a lone ``\\ud83d`` escape, half an emoji: text UTF-8 cannot carry); on every attempt for
 ``always500``, ``alwaysbilledbad``, ``400``, ``redirect`` (a 301 to the same path on https://) and
-``204`` (no content); ``nousage`` answers without ``usage``.
+``204`` (no content) and ``alwayssurrogate`` (as ``surrogate``: a model that answers so every
+time); ``nousage`` answers without ``usage``.
 ``[slow:S]`` sleeps S seconds before answering; ``[drip:S]`` sends the body a byte every S
 seconds (each gap under a per-read timeout, the whole past it). A judge prompt
 (:mod:`..graders`) is answered ``Score: 1`` when the answer holds the reference, ``Score: 0``
@@ -110,7 +111,7 @@ class StubServer:
             answer["choices"] = []
         if first and fault == "billednocounts":   # billed, unusable, and no counts to price it
             answer["choices"], answer["usage"] = [], {"total_tokens": -1}
-        if first and fault == "surrogate":   # json.dumps writes the lone half as "\ud83d"
+        if fault == "alwayssurrogate" or (first and fault == "surrogate"):   # json.dumps writes the lone half as "\ud83d"
             answer["choices"][0]["message"]["content"] += " \ud83d"
         return 200, {}, json.dumps(answer).encode(), sleep
 
