@@ -8,20 +8,32 @@ is refused at once. The holder renews it every ``RENEW_EVERY_S`` while it runs, 
 its own just before it commits, and removes it at the end, success or failure. The lease of a run
 that died expires ``LEASE_S`` after its last renewal; the next run takes it over and redoes the run.
 
+Taking an expired lease over removes it and creates a fresh one. Every change to the lock after
+its creation (a takeover's removal, a renewal, a release) first creates a claim named after the
+lock content it read (``<lock>.takeover-<digest>``, exclusively, as the lock itself), re-reads
+the lock and changes it only if it is still that content, then removes the claim. So of two runs
+that read one dead lock only one removes it, and neither removes (nor a stalled holder's renewal
+overwrites) the fresh lock another run has just taken it over with: at most one run holds the
+lease. This needs nothing but the exclusive create, locally (a hard link) and on S3
+(``If-None-Match: *``); S3's ``If-Match`` is not needed.
+
 Limits: expiry compares the wall clocks of the hosts sharing the output, which must agree well
-within ``LEASE_S``; taking an expired lease over is remove-then-create, so two runs doing it at the
-same instant can both start, and the one whose lease was replaced then refuses to commit.
+within ``LEASE_S``. A run that dies between creating a claim and removing it (milliseconds) leaves
+the claim, and the lock content it names is then never changed until the claim is removed by hand
+(a takeover's refusal names it); a holder's next renewal is refused as a lost lease then.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
 import socket
 import sys
 import threading
+from collections.abc import Callable
 
 from r2ray import storage
 from r2ray.manifest import RunFolderError, RunPaths, remove_if_empty, writing_to
@@ -29,6 +41,7 @@ from r2ray.redaction import redact_text
 
 LEASE_S = 300.0        # a lease not renewed for this long (seconds) is a dead run's
 RENEW_EVERY_S = 60.0   # how often the holder pushes its expiry LEASE_S ahead
+_CLAIM = ".takeover-"  # <lock>.takeover-<digest of the content read>: held for milliseconds
 
 
 class RunLocked(RunFolderError):
@@ -46,6 +59,7 @@ class RunLease:
         self.paths = paths
         self.owner = secrets.token_hex(8)
         self._released = threading.Event()
+        self._renewing = threading.Lock()
         self._renewer = threading.Thread(target=self._renew_until_released, daemon=True,
                                          name=f"r2ray-lease-{paths.run_id}")
 
@@ -61,16 +75,26 @@ class RunLease:
 
     def holds(self) -> bool:
         """The lock still names this lease (another run replaces it only once it has expired)."""
+        return self._own_lock() is not None
+
+    def _own_lock(self) -> dict | None:
+        """The lock's content if it names this lease, else None."""
         held = read_lease(self.paths)
-        return held is not None and held["owner"] == self.owner
+        return held if held is not None and held["owner"] == self.owner else None
 
     def renew(self) -> None:
-        """Push the expiry ``LEASE_S`` ahead; :class:`LeaseLost` where another run took it over."""
-        if not self.holds():
-            raise LeaseLost(f"run {self.paths.run_id} lost its lease {self.paths.lock}: it went "
-                            f"unrenewed for {LEASE_S:g} s and another run took it over; nothing "
-                            "was committed by this run")
-        storage.write_bytes(self.paths.lock, _json(self.record()))
+        """Push the expiry ``LEASE_S`` ahead; :class:`LeaseLost` where another run took it over
+        (or is taking it over). The rewrite is made under the lock's claim
+        (:func:`_change_if_still`), so a late renewal never overwrites the lease another run has
+        just taken it over with."""
+        with self._renewing:   # the renewer thread and the check before the commit
+            held = self._own_lock()
+            if held is None or not _change_if_still(
+                    self.paths, held, lambda: storage.write_bytes(self.paths.lock,
+                                                                  _json(self.record()))):
+                raise LeaseLost(f"run {self.paths.run_id} lost its lease {self.paths.lock}: it "
+                                f"went unrenewed for {LEASE_S:g} s and another run took it over; "
+                                "nothing was committed by this run")
 
     def release(self) -> None:
         """Stop renewing; remove the lock if it is still this lease's, and the run folder if that
@@ -80,8 +104,9 @@ class RunLease:
         if self._renewer.is_alive():
             self._renewer.join()
         try:
-            if self.holds():
-                storage.remove(self.paths.lock, recursive=False)
+            held = self._own_lock()
+            if held is not None and _change_if_still(
+                    self.paths, held, lambda: storage.remove(self.paths.lock, recursive=False)):
                 remove_if_empty(self.paths.root)
         except Exception as err:  # noqa: BLE001 — the run's own outcome must not be lost to this
             _warn(f"could not release the lease {self.paths.lock} ({type(err).__name__}: {err}); "
@@ -116,9 +141,31 @@ def acquire_lease(paths: RunPaths) -> RunLease:
                 f"{paths.lock} until {held['expires_at']}. Wait for it to finish; a run that "
                 "died leaves its lease to expire by then, and the next run redoes it")
         if held is not None:
-            storage.remove(paths.lock, recursive=False)
+            _change_if_still(paths, held, lambda: storage.remove(paths.lock, recursive=False))
     raise RunLocked(f"run {paths.run_id}: its lease {paths.lock} changed hands while this run "
-                    "tried to take it; another run of it has just started")
+                    "tried to take it; another run of it has just started (or is taking it over: "
+                    f"if none is, remove {paths.lock}{_CLAIM}*)")
+
+
+def _change_if_still(paths: RunPaths, seen: dict, change: Callable[[], None]) -> bool:
+    """Run ``change`` (remove or rewrite the lock) only if the lock is still ``seen``: True if it
+    ran. Every run changing one lock content first creates the same claim exclusively, so one at
+    a time re-reads and changes: without it a run that read a dead lock late removed the fresh
+    lock another run had just taken it over with, and both ran (and a renewal or release could
+    overwrite or remove it likewise). False, unchanged, where another run holds the claim. The
+    claim is removed at once after."""
+    claim = paths.lock + _CLAIM + hashlib.sha256(_json(seen)).hexdigest()[:16]
+    with writing_to(paths):
+        claimed = storage.create_exclusive(claim, _json({"owner": seen["owner"]}))
+    if not claimed:
+        return False
+    try:
+        if read_lease(paths) != seen:
+            return False
+        change()
+        return True
+    finally:
+        storage.remove(claim, recursive=False)
 
 
 def read_lease(paths: RunPaths) -> dict | None:

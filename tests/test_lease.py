@@ -196,3 +196,82 @@ def test_of_runs_starting_at_the_same_instant_one_takes_the_lease(tmp_path):
         leases = [lease for lease in pool.map(start_a_run, range(8)) if lease is not None]
     assert len(leases) == 1 and leases[0].holds()
     leases[0].release()
+
+
+
+def _store(where, tmp_path, request) -> str:
+    """A folder on the local disk, in fsspec's memory store (the object-store path, ``"xb"``) or
+    in the test S3 bucket."""
+    return {"local": str(tmp_path), "memory": f"memory://review-d-takeover/{tmp_path.name}",
+            "s3": request.getfixturevalue("s3_bucket") if where == "s3" else None}[where]
+
+
+def _take_over_after_the_next_read(monkeypatch, paths) -> list:
+    """The next read of the lock returns what it read only after another run has taken the
+    lease over (the list then holds that run's lease): a deterministic race."""
+    from r2ray import lease as leases
+
+    read_lease, taken = leases.read_lease, []
+
+    def read_then_another_run_takes_over(read_paths):
+        held = read_lease(read_paths)
+        monkeypatch.setattr(leases, "read_lease", read_lease)
+        taken.append(leases.acquire_lease(paths))
+        return held
+
+    monkeypatch.setattr(leases, "read_lease", read_then_another_run_takes_over)
+    return taken
+
+
+def _dead_lease(paths) -> None:
+    storage.write_text(paths.lock, json.dumps({
+        "run_id": "night", "owner": "dead", "host": "elsewhere", "pid": 1,
+        "expires_at": "2000-01-01T00:00:00+00:00"}))
+
+
+@pytest.mark.parametrize("where", ["local", "memory", "s3"])
+def test_of_two_runs_taking_over_one_dead_lease_one_is_refused(where, tmp_path, request,
+                                                                monkeypatch):
+    # before the fix: B read the dead lease, A took it over, then B removed A's fresh lock as the
+    # dead one it had read and created its own: both runs held the lease
+    from r2ray.lease import RunLocked, acquire_lease
+
+    paths = runs.RunPaths(storage.join(_store(where, tmp_path, request), "runs"), "night")
+    _dead_lease(paths)
+    taken = _take_over_after_the_next_read(monkeypatch, paths)
+    try:
+        second = acquire_lease(paths)   # B: its first read of the dead lock lets A take it over
+    except RunLocked as refusal:
+        second, refused = None, str(refusal)
+    first = taken[0]
+    both = [lease for lease in (first, second) if lease is not None and lease.holds()]
+    assert runs.children(paths.root) == ["_r2ray_lock.json"]   # no claim is left behind
+    for lease in (first, second):
+        if lease is not None:
+            lease.release()
+    assert second is None, "B took over the lease A had just taken over"
+    assert f"owner {first.owner} " in refused and both == [first]
+    assert not storage.exists(paths.lock)
+
+
+@pytest.mark.parametrize("where", ["local", "memory", "s3"])
+@pytest.mark.parametrize("step", ["renew", "release"])
+def test_a_stalled_run_leaves_the_lease_another_run_took_over(step, where, tmp_path, request,
+                                                                monkeypatch):
+    # before the fix: a run whose lease had expired read it as its own, another run took it over,
+    # and the stalled run's renewal then overwrote the new lease (its release removed it)
+    from r2ray.lease import LeaseLost, acquire_lease
+
+    paths = runs.RunPaths(storage.join(_store(where, tmp_path, request), "runs"), "night")
+    stalled = acquire_lease(paths)
+    storage.write_text(paths.lock, json.dumps(   # it went unrenewed for LEASE_S
+        stalled.record() | {"expires_at": "2000-01-01T00:00:00+00:00"}))
+    taken = _take_over_after_the_next_read(monkeypatch, paths)
+    if step == "renew":
+        with pytest.raises(LeaseLost, match="lost its lease"):
+            stalled.renew()
+    stalled.release()
+    new = taken[0]
+    assert new.holds() and not stalled.holds()
+    new.release()
+    assert not storage.exists(paths.lock)
