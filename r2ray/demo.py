@@ -36,6 +36,18 @@ def demo_experiments(tracking_uri: str, artifact_root: str) -> None:
                 client.create_experiment(name, artifact_location=f"{artifact_root}/{name}")
 
 
+def check_demo_arguments(n_queries: int, seed: int) -> None:
+    """Refuse a backlog size below 1 query or a negative seed before any work: the backlog is
+    written only after minutes of training, so a bad ``--queries`` used to fail there."""
+    from r2ray.errors import R2RayError
+
+    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 1:
+        raise R2RayError(f"--queries {n_queries!r}: give a whole number of backlog queries of "
+                         "at least 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise R2RayError(f"--seed {seed!r}: give a whole number of at least 0")
+
+
 def run_demo(workdir: str = "runs/demo", n_queries: int = 20_000, seed: int = 0) -> dict:
     from r2ray.bench.stats import bench_stats_report
     from r2ray.bench.synthetic import write_world
@@ -44,6 +56,7 @@ def run_demo(workdir: str = "runs/demo", n_queries: int = 20_000, seed: int = 0)
     from r2ray.batch import route_batch, summarise_manifest
     from r2ray.training import TrainConfig, train_predictor_job
 
+    check_demo_arguments(n_queries, seed)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     tracking = f"sqlite:///{workdir}/mlflow.db"
