@@ -9,12 +9,18 @@ folder's files: another model, or the same name with other weights, never shares
 encode that missed writes one Parquet shard (``text_sha256``, ``embedding``) under a unique name,
 written whole and renamed, so concurrent processes never clash and a killed one leaves nothing
 half-written. A shard that cannot be read is skipped with a warning: the texts are encoded again.
+
+The cache is bounded: after each shard it writes, the least recently used shards (a hit touches
+its shard), of any encoder, go until all of them fit in ``R2RAY_EMBEDDING_CACHE_MAX_GB`` (GB,
+10^9 bytes; default 5, about 3 million MiniLM texts), so benches and encoder upgrades never pile
+up without end. The shard just written always stays.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -31,6 +37,9 @@ import pyarrow.parquet as pq
 
 CACHE_VARIABLE = "R2RAY_EMBEDDING_CACHE"
 DEFAULT_CACHE = Path("~/.cache/r2ray/embeddings")
+LIMIT_VARIABLE = "R2RAY_EMBEDDING_CACHE_MAX_GB"
+DEFAULT_LIMIT_GB = 5.0
+"""Embedding shards kept, all encoders together (GB, 10^9 bytes): a MiniLM vector is 1.5 KB."""
 
 
 def cache_root(variable: str = CACHE_VARIABLE, default: Path = DEFAULT_CACHE) -> Path | None:
@@ -165,6 +174,45 @@ def _remove(entry: Path) -> None:
         print(f"warning: cannot remove the stale cache entry {entry} ({err})", file=sys.stderr)
 
 
+def cache_limit_bytes() -> int:
+    """The size bound of the embedding cache, bytes (``R2RAY_EMBEDDING_CACHE_MAX_GB``, GB)."""
+    from r2ray.errors import R2RayError
+
+    value = os.environ.get(LIMIT_VARIABLE, "").strip()
+    try:
+        gigabytes = float(value) if value else DEFAULT_LIMIT_GB
+    except ValueError:
+        gigabytes = math.nan
+    if not 0 <= gigabytes < math.inf:   # NaN too
+        raise R2RayError(f"{LIMIT_VARIABLE}={value!r}: give a finite number of GB of at least 0 "
+                         f"(default {DEFAULT_LIMIT_GB:g}), or turn the cache off with "
+                         f"{CACHE_VARIABLE}=off")
+    return int(gigabytes * 1e9)
+
+
+def evict_over_limit(root: Path, limit_bytes: int, kept: Path) -> list[Path]:
+    """Remove the least recently used shards under the cache ``root`` (every encoder's folder)
+    until the rest fit in ``limit_bytes``; ``kept``, the shard just written, always stays.
+    Returns those removed. Only ``*.parquet`` shards one folder down are considered, so a shard
+    another process is still writing (``.tmp``) and anything else is left alone."""
+    shards = []
+    for shard in root.glob("*/*.parquet"):
+        try:
+            stat = shard.stat()
+        except FileNotFoundError:   # evicted by another process meanwhile
+            continue
+        shards.append((stat.st_mtime_ns, stat.st_size, shard))
+    total, removed = sum(size for _, size, _ in shards), []
+    for _, size, shard in sorted(shards):
+        if total <= limit_bytes:
+            break
+        if shard != kept:
+            _remove(shard)
+            total -= size
+            removed.append(shard)
+    return removed
+
+
 def text_keys(texts: list[str]) -> list[bytes]:
     return [hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest() for text in texts]
 
@@ -184,10 +232,12 @@ def read_cached(folder: Path, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
                   f"{err}); those texts are encoded again", file=sys.stderr)
             continue
         found.update(zip(keys, vectors))   # only the wanted rows are turned into vectors
+        if keys:
+            touch(shard)   # used now: the last to go when the cache is over its bound
     return found
 
 
-def write_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> None:
+def write_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     table = pa.table({"text_sha256": pa.array(keys, pa.binary(32)),
                       "embedding": pa.array(list(vectors.astype(np.float32)),
@@ -195,7 +245,9 @@ def write_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> None:
     name = uuid.uuid4().hex
     temporary = folder / f".{name}.tmp"
     pq.write_table(table, temporary)
-    temporary.rename(folder / f"{name}.parquet")
+    shard = folder / f"{name}.parquet"
+    temporary.rename(shard)
+    return shard
 
 
 def cached_encode(texts: list[str], fingerprint: str,
@@ -207,6 +259,7 @@ def cached_encode(texts: list[str], fingerprint: str,
     root = cache_root()
     if root is None or not texts:
         return encode(texts), 0
+    limit_bytes = cache_limit_bytes()   # a bad bound is an error before the encode, not after
     folder = root / fingerprint
     keys = text_keys(texts)
     found = read_cached(folder, set(keys))
@@ -216,7 +269,7 @@ def cached_encode(texts: list[str], fingerprint: str,
         vectors = encode([text_of[k] for k in missing])
         found.update(zip(missing, vectors))
         try:
-            write_shard(folder, missing, vectors)
+            evict_over_limit(root, limit_bytes, write_shard(folder, missing, vectors))
         except OSError as err:   # a read-only or full disk: the run goes on, uncached
             print(f"warning: cannot write the embedding cache under {folder} ({err})",
                   file=sys.stderr)

@@ -156,3 +156,44 @@ def test_a_new_copy_evicts_the_least_recently_used_copies_of_its_source(tmp_path
     assert sorted(cache.iterdir()) == sorted([kept, used, *spared])
     assert (outside / "weights.bin").read_bytes() == b"not the cache's"   # the link went, not this
     assert evict_stale(kept, r"smol-[0-9a-f]{16}") == []
+
+
+def test_the_cache_is_bounded_least_recently_used_shards_go_first(cache, monkeypatch):
+    """Shards of every encoder count against R2RAY_EMBEDDING_CACHE_MAX_GB; over it, the least
+    recently used go (a hit touches its shard); the shard just written, and a shard another
+    process is still writing, stay. Before, nothing was ever removed."""
+    import os
+    import time
+
+    def shards():
+        return sorted(cache.glob("*/*.parquet"))
+
+    cached_encode(["old bench"], "a" * 16, fake_encode)          # an encoder since upgraded
+    cached_encode(["used bench"], "b" * 16, fake_encode)
+    cached_encode(["unused bench"], "b" * 16, fake_encode)
+    (cache / ("b" * 16) / ".another-process.tmp").write_bytes(b"half a shard")
+    one_shard = max(path.stat().st_size for path in shards())
+    hour_ago = time.time() - 3600
+    for path in shards():
+        os.utime(path, (hour_ago, hour_ago))
+    cached_encode(["used bench"], "b" * 16, fake_encode)          # a hit: its shard is used now
+    monkeypatch.setenv("R2RAY_EMBEDDING_CACHE_MAX_GB", str(2.5 * one_shard / 1e9))
+    encode = Counting(fake_encode)
+    cached_encode(["new bench"], "c" * 16, encode)
+    assert len(shards()) == 2 and (cache / ("b" * 16) / ".another-process.tmp").exists()
+    assert cached_encode(["used bench"], "b" * 16, encode)[1] == 1    # kept: no encode
+    assert cached_encode(["new bench"], "c" * 16, encode)[1] == 1
+    assert encode.calls == [["new bench"]]
+    assert cached_encode(["old bench"], "a" * 16, encode)[1] == 0     # evicted: encoded again
+    monkeypatch.setenv("R2RAY_EMBEDDING_CACHE_MAX_GB", "0")       # the shard just written stays
+    cached_encode(["another"], "c" * 16, fake_encode)
+    assert [path.parent.name for path in shards()] == ["c" * 16]
+
+
+@pytest.mark.parametrize("bound", ["lots", "-1", "nan", "inf"])
+def test_a_bad_cache_bound_is_an_error_naming_the_variable(cache, monkeypatch, bound):
+    from r2ray.errors import R2RayError
+
+    monkeypatch.setenv("R2RAY_EMBEDDING_CACHE_MAX_GB", bound)
+    with pytest.raises(R2RayError, match=f"R2RAY_EMBEDDING_CACHE_MAX_GB='{bound}'"):
+        cached_encode(["a text"], "a" * 16, fake_encode)
