@@ -4,6 +4,7 @@ its cache of converted models."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,6 +58,22 @@ def test_the_converted_copy_is_keyed_by_the_gguf_contents_not_its_install(tmp_pa
         converted_folder(str(tmp_path / "none.gguf"))
     monkeypatch.setenv("R2RAY_LOCAL_LLM_CACHE", "off")
     assert converted_folder(reinstalled) is None
+
+
+def test_the_converted_copy_is_keyed_by_the_transformers_version_too(tmp_path, monkeypatch):
+    """The copy is one transformers version's conversion, saved in its format: another version
+    (an upgrade or a downgrade) converts again rather than reading it."""
+    import importlib.metadata
+
+    monkeypatch.setenv("R2RAY_LOCAL_LLM_CACHE", str(tmp_path / "cache"))
+    model = gguf(tmp_path / "venv", b"GGUF weights")
+    installed = converted_folder(model)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.57.0"
+                        if name == "transformers" else real(name))
+    upgraded = converted_folder(model)
+    assert upgraded != installed and upgraded.parent == installed.parent
+    assert re.fullmatch(local_llm.older_copies(upgraded), installed.name)   # the stale copy
 
 
 class Saving:

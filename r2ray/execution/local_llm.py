@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import importlib.util
 import os
 import re
@@ -123,15 +124,20 @@ DEFAULT_CACHE = Path("~/.cache/r2ray/local-llm")
 
 def converted_folder(model_path: str) -> Path | None:
     """Where the transformers copy of the GGUF at ``model_path`` lives: one folder per file name
-    stem and contents (:func:`r2ray.embedding_cache.remembered_fingerprint`: every install of the
-    same file shares one copy; a changed file gets a new one); None when the cache is off."""
+    stem, contents (:func:`r2ray.embedding_cache.remembered_fingerprint`: every install of the
+    same file shares one copy; a changed file gets a new one) and transformers version (the copy
+    is that version's conversion, in its save format: an upgrade or downgrade converts again,
+    and the old copy goes as a stale one); None when the cache is off."""
+    from importlib.metadata import version
+
     from r2ray.embedding_cache import cache_root, remembered_fingerprint
 
     root = cache_root(CACHE_VARIABLE, DEFAULT_CACHE)
     if root is None:
         return None
     gguf = Path(model_path).resolve(strict=True)   # a missing file: FileNotFoundError
-    return root / f"{gguf.stem}-{remembered_fingerprint(gguf, root)}"
+    source = f"{remembered_fingerprint(gguf, root)}|transformers {version('transformers')}"
+    return root / f"{gguf.stem}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 
 
 def older_copies(folder: Path) -> str:
