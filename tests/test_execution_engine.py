@@ -15,6 +15,7 @@ import pytest
 
 from r2ray.catalog import CatalogError, catalog_from_dict
 from r2ray.execution import engine
+from r2ray.errors import R2RayError
 from r2ray.execution.client import (SPEND_CAP_REASON, CallFailed, SpendBookError, post_chat,
                                     read_usage)
 from r2ray.execution.engine import EngineConfig, plan, read_parts, run_requests
@@ -573,8 +574,9 @@ def test_a_spend_book_that_raises_stops_the_run_after_writing_its_batch(tmp_path
         requests = _requests(catalog, {f"q{i}": "[say:4]" for i in range(3)})
         monkeypatch.setattr(engine, "SpendBook", BrokenBook)
         with pytest.raises(SpendBookError, match=re.escape(
-                "stopped: spend book failed: OSError")):
+                "stopped: spend book failed: OSError")) as stopped:
             run_requests(requests, str(tmp_path), catalog, config, progress=lambda line: None)
+        assert isinstance(stopped.value, R2RayError)   # the CLI's one line, not a traceback
         assert len(stub.answered()) == 2   # the third was never sent
         answered = read_parts(str(tmp_path / "parts")).to_pylist()
         [unsent] = read_parts(str(tmp_path / "failures")).to_pylist()

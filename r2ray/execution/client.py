@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 import pyarrow as pa
 
+from r2ray.errors import R2RayError
 from r2ray.execution.policy import Decision, RetryPolicy, cost_usd, retry_decision
 from r2ray.prompting import estimate_tokens
 from r2ray.redaction import redact_text, redact_uri
@@ -138,8 +139,11 @@ class CallFailed(Exception):
         self.unstorable = unstorable   # a whole answer whose text no row can hold
 
 
-class SpendBookError(Exception):
-    """Booking a call's spend raised (or the run stopped for it, its batch written)."""
+class SpendBookError(R2RayError):
+    """Booking a call's spend raised (or the run stopped for it, its batch written). An
+    :class:`~r2ray.errors.R2RayError`: the message says what stopped and where the paid answers
+    are, and the cause is the operator's to fix (a full disk, a lost store), so the CLI prints
+    that one line, not a traceback."""
 
     @classmethod
     def raised(cls, err: BaseException) -> SpendBookError:
