@@ -17,8 +17,9 @@ from r2ray.catalog import catalog_from_dict, save_catalog
 from r2ray.cli import main
 from r2ray.predictor import make_predictor, save_predictor
 from r2ray.predictor.data import bench_arrays
-from r2ray.predictor.extend import (ExtensionError, arrays_over, extend_predictor,
-                                    plan_extension, without_models)
+from r2ray.predictor.base import fold_ids
+from r2ray.predictor.extend import (ExtensionError, arrays_over, cross_fitted_new_arms,
+                                    extend_predictor, plan_extension, without_models)
 from r2ray.registry import load_registered
 
 FULL = small_catalog(n_models=3)
@@ -306,3 +307,24 @@ def test_a_new_model_without_rows_is_refused_by_name():
     rows = replace(rows, quality=np.where(other, np.nan, rows.quality).astype(np.float32))
     with pytest.raises(ExtensionError, match=r"no outcome of the new model\(s\) 'model-2';"):
         extend_predictor(ridge, wider, rows)
+
+
+def test_a_new_model_on_a_few_rows_of_one_fold_is_calibrated_on_held_out_predictions(planted):
+    """Two new models, one run on six rows that all fell in one of the calibrations' folds: the
+    fit holding that fold out never saw it, so its held-out predictions were NaN and its
+    calibrations fitted on none of its rows. The folds spread it, as cross-validation's do."""
+    train, _ = planted
+    old_pool = without_models(FULL, ["model-1", "model-2"])
+    arms = np.flatnonzero(FULL.arm_arrays["model_index"] == 2)
+    every_arm = ~np.isnan(train.quality[:60, arms]).any(axis=1)
+    few = np.flatnonzero((fold_ids(60, 3, 0) == 0) & every_arm)[:6]
+    values = {name: getattr(train, name)[:60].copy() for name in ("quality", "output_tokens",
+                                                                    "cost_usd")}
+    for array in values.values():
+        array[np.ix_(~np.isin(np.arange(60), few), arms)] = np.nan
+    rows = replace(train.subset(np.arange(60)), **values)
+    old = make_predictor("per_arm_ridge").fit(arrays_over(train, FULL, old_pool), old_pool)
+    extension = replace(plan_extension(old_pool, FULL), folds=3, seed=0)
+    held_out = cross_fitted_new_arms(old, extension, rows, 1.0, folds=3, seed=0)
+    assert np.isfinite(held_out.quality[np.ix_(few, arms)]).all()
+    assert np.isfinite(held_out.output_tokens[np.ix_(few, arms)]).all()

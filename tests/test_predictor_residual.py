@@ -7,6 +7,7 @@ import pytest
 from predictor_world import planted_arrays, small_catalog
 
 from r2ray.predictor import PerArmRidge, ResidualPredictor, load_predictor, save_predictor
+from r2ray.predictor.base import fold_ids
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.residual import (budget_chains, monotone_in_budget, neighbour_means,
                                      out_of_fold_ridge)
@@ -77,13 +78,13 @@ def test_learns_a_planted_cross_arm_signal_ridge_cannot():
 
 def test_base_inputs_never_see_their_own_row(world):
     """The network's inputs on a training row come from fits that left that row out."""
-    _, train, _ = world
+    catalog, train, _ = world
     x = train.embedding
-    quality, _ = out_of_fold_ridge(x, train, alpha=10.0, folds=5, seed=0)
+    quality, _ = out_of_fold_ridge(x, train, catalog, alpha=10.0, folds=5, seed=0)
     moved = train.quality.copy()
     moved[0] = np.where(np.isnan(moved[0]), np.nan, 1.0 - moved[0])  # flip row 0's labels
     flipped = BenchArrays(**{**train.__dict__, "quality": moved})
-    again, _ = out_of_fold_ridge(x, flipped, alpha=10.0, folds=5, seed=0)
+    again, _ = out_of_fold_ridge(x, flipped, catalog, alpha=10.0, folds=5, seed=0)
     np.testing.assert_array_equal(quality[0], again[0])
     unit = unit_rows(x)
     own = neighbour_means(unit, unit, train.quality, k=8, exclude_self=True)
@@ -112,3 +113,20 @@ def test_an_arm_without_training_outcomes_is_nan_like_ridges(world, settings):
     assert np.isnan(ridge.quality[:, 1]).all()
     assert np.isnan(prediction.quality[:, 1]).all() and np.isnan(prediction.output_tokens[:, 1]).all()
     assert np.isfinite(np.delete(prediction.quality, 1, axis=1)).all()
+
+
+def test_a_model_on_a_few_queries_of_one_base_fold_gets_a_held_out_base(world):
+    """Its queries all in one of the base's folds, the fit holding that fold out never saw the
+    model: its rows' base was NaN (read by the network as q̂ 0.5, 0 log tokens) on every cell
+    they are trained on. The base folds spread it, as cross-validation's do."""
+    catalog, train, _ = world
+    arms = np.flatnonzero(catalog.arm_arrays["model_index"] == 2)
+    every_arm = ~np.isnan(train.quality[:, arms]).any(axis=1)   # (the folds spread models)
+    few = np.flatnonzero((fold_ids(train.n_queries, 5, 0) == 0) & every_arm)[:6]
+    sparse = {name: getattr(train, name).copy() for name in ("quality", "output_tokens")}
+    for values in sparse.values():
+        values[np.ix_(~np.isin(np.arange(train.n_queries), few), arms)] = np.nan
+    rows = BenchArrays(**{**train.__dict__, **sparse})
+    quality, tokens = out_of_fold_ridge(rows.embedding, rows, catalog, 10.0, folds=5, seed=0)
+    assert np.isfinite(quality[np.ix_(few, arms)]).all()
+    assert np.isfinite(tokens[np.ix_(few, arms)]).all()

@@ -19,7 +19,7 @@ from r2ray.cli import main
 from r2ray.errors import R2RayError
 from r2ray.evaluation.method_scores import is_sampled
 from r2ray.predictor import PerArmRidge, load_predictor, make_predictor, save_predictor
-from r2ray.predictor.base import fold_ids, model_fold_ids
+from r2ray.predictor.base import fold_ids, model_fold_ids, router_view
 from r2ray.predictor.data import split_indices
 from r2ray.predictor.selection import (Candidate, choose, cross_validate, resolve_candidates)
 from r2ray.predictor.stacked import blend, blend_weights, project_simplex
@@ -399,3 +399,45 @@ def test_a_fold_not_sampled_on_a_bench_that_is_scores_only_its_full_queries():
     assert not is_sampled(train.subset(np.flatnonzero(fold == 0)), catalog)
     result = cross_validate(train, catalog, [Candidate("ridge", "per_arm_ridge", {})], folds=3)
     assert len(result.table[0]["audc_folds"]) == 3
+
+
+def test_a_fold_is_corrected_by_maps_fitted_on_the_other_folds_only(world):
+    """Given the out-of-fold predictions' folds, the router's view of a fold's rows is corrected
+    by token and quality maps fitted on the other folds' rows alone: changing the outcomes of the
+    other rows of that fold (predicted by the same fold model) leaves it as it was. Two random
+    folds, as before, put a third of a fold's own rows in the map that corrects it."""
+    train, catalog = world
+    fold = model_fold_ids(train, catalog, 3)
+    predicted = PerArmRidge().fit(train, catalog)._predict(train.embedding)
+    row = int(np.flatnonzero(fold == 0)[0])
+    others = np.flatnonzero(fold == 0)[1:]
+    changed = {name: getattr(train, name).copy() for name in ("quality", "output_tokens")}
+    changed["quality"][others] = 1.0 - changed["quality"][others]
+    changed["output_tokens"][others] *= 5.0
+    before = router_view(predicted, train, catalog, folds=fold)
+    after = router_view(predicted, replace(train, **changed), catalog, folds=fold)
+    np.testing.assert_array_equal(before.quality[row], after.quality[row])
+    np.testing.assert_array_equal(before.output_tokens[row], after.output_tokens[row])
+
+
+def test_cross_validation_corrects_each_fold_by_maps_of_the_other_folds(world, monkeypatch):
+    """Every router view the CV scores (the candidates', the average's members') is cross-fitted
+    over the CV folds, not over folds of its own that mix a fold's rows into its map."""
+    import r2ray.predictor.averaged as averaged
+    import r2ray.predictor.selection as selection
+
+    train, catalog = world
+    given = []
+
+    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None):
+        given.append(folds)
+        return router_view(predicted, rows, catalog, calibrate_quality,
+                           **({} if folds is None else {"folds": folds}))
+
+    monkeypatch.setattr(selection, "router_view", spy)
+    monkeypatch.setattr(averaged, "router_view", spy)
+    cross_validate(train, catalog, resolve_candidates("per_arm_ridge,carrot_knn_all,averaged"),
+                   uncalibrated=True)
+    assert len(given) == 7   # 3 views, 2 uncalibrated, 2 members of the average
+    assert all(folds is not None and (folds == model_fold_ids(train, catalog, 3)).all()
+               for folds in given)

@@ -13,7 +13,7 @@ Per cell: q̂ is the mean of the members' calibrated q̂ and t̂ the mean of the
 without a prediction (NaN) is left out of that cell's mean. The average's own token calibration
 and spend simulation are fitted like every predictor's, on held-out predictions: here the mean of
 the members' out-of-fold predictions, each corrected by calibrations cross-fitted over those rows
-(:func:`~r2ray.predictor.base.router_view`). Its q̂ gets no map of its own
+(:func:`~r2ray.predictor.base.router_view`, by the members' folds). Its q̂ gets no map of its own
 (``calibrates_quality``): a second isotonic map on top of the members' ones, fitted on a few
 hundred held-out queries, cost 0.002-0.003 AUDC on the small real benches (measured). The members
 are fitted on all of ``train``, their calibrations on the same out-of-fold predictions
@@ -45,9 +45,10 @@ def mean_of(members: list[ArmPredictions]) -> ArmPredictions:
 
 
 def averaged_out_of_fold(members: list[ArmPredictions], rows: BenchArrays,
-                         catalog: Catalog) -> ArmPredictions:
-    """The average's held-out predictions from its members' uncorrected out-of-fold ones."""
-    return mean_of([router_view(p, rows, catalog) for p in members])
+                         catalog: Catalog, folds: np.ndarray | None = None) -> ArmPredictions:
+    """The average's held-out predictions from its members' uncorrected out-of-fold ones
+    (``folds``: :func:`~r2ray.predictor.base.router_view`'s)."""
+    return mean_of([router_view(p, rows, catalog, folds=folds) for p in members])
 
 
 class AveragedPredictor(BasePredictor):
@@ -74,13 +75,13 @@ class AveragedPredictor(BasePredictor):
             raise PredictorError("averaged: no members to average; give at least one "
                                  "{'kind': ..., 'settings': {...}}")
         oof, self.member_out_of_fold = self.member_out_of_fold, None
+        folds = model_fold_ids(train, catalog, CALIBRATION_FOLDS)   # cross-validation's, at 3
         if oof is None:
-            folds = model_fold_ids(train, catalog, CALIBRATION_FOLDS)
             oof = [out_of_fold(lambda m=m: self._member(m), train, catalog, folds)
                    for m in self.members]
         self.members_ = [self._member(m).fit(train, catalog, validation, held_out=(train, p))
                          for m, p in zip(self.members, oof)]
-        self.out_of_fold_ = (train, averaged_out_of_fold(oof, train, catalog))
+        self.out_of_fold_ = (train, averaged_out_of_fold(oof, train, catalog, folds))
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
                               ) -> tuple[BenchArrays, ArmPredictions]:

@@ -235,14 +235,17 @@ class BasePredictor:
 
 
 def router_view(predicted: ArmPredictions, rows: BenchArrays, catalog: Catalog,
-                calibrate_quality: bool = True) -> ArmPredictions:
+                calibrate_quality: bool = True, folds: np.ndarray | None = None) -> ArmPredictions:
     """Held-out predictions of ``rows`` corrected as the router would see them: by token (and
     quality) calibrations cross-fitted over the same rows, so no row is corrected by a map
-    fitted on its own outcome."""
-    quality = (cross_fitted_quality(predicted.quality, rows.quality, catalog)
+    fitted on its own outcome. ``folds`` [M]: the folds whose models made ``predicted`` (out of
+    fold): each fold is then corrected by maps fitted on the other folds' rows only, as the
+    router's maps never saw the refitted model's predictions; None: two seeded random folds."""
+    split = 2 if folds is None else folds
+    quality = (cross_fitted_quality(predicted.quality, rows.quality, catalog, split)
                if calibrate_quality else predicted.quality)
     return ArmPredictions(quality, cross_fitted_mean_tokens(predicted.output_tokens,
-                                                            rows.output_tokens, catalog))
+                                                            rows.output_tokens, catalog, split))
 
 
 def fold_ids(n_queries: int, folds: int, seed: int = FOLD_SEED) -> np.ndarray:
@@ -265,14 +268,15 @@ def fold_counts(presence: np.ndarray, fold: np.ndarray, folds: int) -> np.ndarra
     return np.stack([presence[fold == f].sum(axis=0) for f in range(folds)], axis=1)
 
 
-def model_fold_ids(train: BenchArrays, catalog: Catalog, folds: int) -> np.ndarray:
+def model_fold_ids(train: BenchArrays, catalog: Catalog, folds: int,
+                   seed: int = FOLD_SEED) -> np.ndarray:
     """:func:`fold_ids`, with pairs of queries swapped between folds (sizes kept) until every
     model with outcomes in two or more queries has them in two or more folds: each fold's fit then
     sees every such model, instead of predicting its held-out rows from none of its outcomes (a
     model run on a few queries, all dealt to one fold). Exactly :func:`fold_ids` where no model's
     queries lie in one fold; a model with one query stays where it is
-    (:func:`r2ray.predictor.selection.check_folds_see_models` names it)."""
-    fold = fold_ids(train.n_queries, folds)
+    (:func:`r2ray.predictor.selection.check_folds_see_models` names it). ``seed``: fold_ids'."""
+    fold = fold_ids(train.n_queries, folds, seed)
     presence = model_presence(train, catalog)
     for m in np.flatnonzero(presence.sum(axis=0) >= 2):
         counts = fold_counts(presence, fold, folds)

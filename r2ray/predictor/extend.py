@@ -48,8 +48,8 @@ from torch import nn
 from r2ray.catalog import Catalog
 from r2ray.encoders import check_embedding_dimension
 from r2ray.errors import R2RayError
-from r2ray.predictor.base import (ArmPredictions, BasePredictor, data_fingerprint, fold_ids,
-                                  log_tokens, training_embedding)
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, data_fingerprint, log_tokens,
+                                  model_fold_ids, training_embedding)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.diagnostics import summary_metrics
 from r2ray.predictor.network import R2Net, arm_table, budget_chain
@@ -413,8 +413,10 @@ class ExtensionReport:
 def cross_fitted_new_arms(predictor: BasePredictor, extension: Extension, rows: BenchArrays,
                           prior: float, folds: int, seed: int) -> ArmPredictions:
     """Uncorrected predictions [M, K_new] of every new row by extensions fitted on the other
-    folds' rows (NaN on old arms)."""
-    fold = fold_ids(rows.n_queries, folds, seed)
+    folds' rows (NaN on old arms). A new model on a few rows is spread over two folds
+    (:func:`~r2ray.predictor.base.model_fold_ids`): all in one, its held-out predictions were
+    NaN and its calibrations fitted on none of its rows."""
+    fold = model_fold_ids(rows, extension.new, folds, seed)
     quality = np.full(rows.quality.shape, np.nan, dtype=np.float32)
     tokens = np.full(rows.quality.shape, np.nan, dtype=np.float32)
     new = extension.new_arms

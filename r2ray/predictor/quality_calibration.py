@@ -161,9 +161,10 @@ def fit_quality_calibration(quality_hat: np.ndarray, quality: np.ndarray, catalo
 
 
 def cross_fitted_quality(quality_hat: np.ndarray, quality: np.ndarray, catalog: Catalog,
-                         folds: int = 2, seed: int = 0) -> np.ndarray:
+                         folds: int | np.ndarray = 2, seed: int = 0) -> np.ndarray:
     """Calibrated q̂ [M, K] for held-out rows, each row mapped by a calibration fitted on the other
-    rows (as :func:`r2ray.predictor.token_calibration.cross_fitted_mean_tokens` does for t̂)."""
+    rows (as :func:`r2ray.predictor.token_calibration.cross_fitted_mean_tokens` does for t̂,
+    ``folds`` likewise)."""
     return cross_fit(quality_hat, quality, lambda hat, observed, rows: fit_quality_calibration(
         hat, observed, catalog).apply(rows), True, folds, seed)
 

@@ -43,7 +43,7 @@ from torch import nn
 from r2ray.catalog import Catalog
 from r2ray.encoders import default_device
 from r2ray.predictor.base import (ArmPredictions, BasePredictor, carve_validation, column_means,
-                                  fold_ids, log_tokens, tokens_from_log)
+                                  log_tokens, model_fold_ids, tokens_from_log)
 from r2ray.predictor.carrot import masked_neighbour_mean, nearest_rows, unit_rows
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.network import NetworkConfig, R2Net, arm_table, budget_chain, budget_chains
@@ -56,10 +56,12 @@ LOGIT_EPS = 1e-3  # base q̂ clipped to [eps, 1 - eps] before its logit (Ridge i
 
 
 # ---- the base and the neighbour features: numpy, no torch --------------------------------------
-def out_of_fold_ridge(x: np.ndarray, train: BenchArrays, alpha: float, folds: int,
-                      seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge's q̂ and log t̂ [N, K] on each training row by a fit on the other folds."""
-    fold = fold_ids(len(x), folds, seed)
+def out_of_fold_ridge(x: np.ndarray, train: BenchArrays, catalog: Catalog, alpha: float,
+                      folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge's q̂ and log t̂ [N, K] on each training row by a fit on the other folds; a model on a
+    few queries is spread over two folds (:func:`~r2ray.predictor.base.model_fold_ids`): all in
+    one, its rows' base was NaN, and the network read it as q̂ 0.5 and 0 log tokens."""
+    fold = model_fold_ids(train, catalog, folds, seed)
     quality = np.empty(train.quality.shape, np.float32)
     tokens = np.empty(train.quality.shape, np.float32)
     for f in range(folds):
@@ -177,7 +179,7 @@ class ResidualPredictor(BasePredictor):
         self.networks_ = []
         if not self.knn and not self.members:
             return
-        ridge = out_of_fold_ridge(x, train, self.alpha, self.base_folds, self.seed)
+        ridge = out_of_fold_ridge(x, train, catalog, self.alpha, self.base_folds, self.seed)
         if self.knn:
             self.coef_ |= {"unit_embedding": unit_rows(x), "train_outcomes": np.concatenate(
                 [train.quality, log_tokens(train.output_tokens)], axis=1).astype(np.float32)}

@@ -12,8 +12,11 @@ spread over two or more folds, so that every fold's fit sees it; :func:`check_fo
 refuses a model that is not): at the default 3 folds a single winner is calibrated
 exactly as it is when fitted alone. Every candidate is fitted ``folds`` times and predicts the fold
 it did not see; those out-of-fold predictions are then corrected as the router would see them
-(token and quality calibrations cross-fitted over the out-of-fold rows) and scored per fold with
-the evaluation package's AUDC (:func:`r2ray.evaluation.method_scores.score_predictions`: the metric
+(token and quality calibrations cross-fitted over the out-of-fold rows by the same folds: a fold's
+rows are mapped by calibrations fitted on the other folds' rows, never on rows its own fold model
+predicted, as the router's maps never saw the refitted model; mixing them in raised the joint
+network's CV AUDC by 0.008 on the small ParetoBandit copy, Ridge's by 0.001) and scored per fold
+with the evaluation package's AUDC (:func:`r2ray.evaluation.method_scores.score_predictions`: the metric
 ``r2ray evaluate`` reports, costs normalised over the non-learned methods). The stack's weights are
 cross-fitted too: for each fold, fitted on the other folds' out-of-fold predictions. (Those came
 from members that saw this fold's labels, a small optimism the single candidates do not get.) The
@@ -202,7 +205,7 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
     kept = [c for c in singles if c.name in oof]
     combine = {STACKED: lambda parts: cross_fitted_stack(parts, train, fold),
-               AVERAGED: lambda parts: averaged_out_of_fold(parts, train, catalog)}
+               AVERAGED: lambda parts: averaged_out_of_fold(parts, train, catalog, fold)}
     composites = []
     for name in [c.kind for c in candidates if c.kind in COMPOSITES]:
         members = composite_members(name, kept)
@@ -265,9 +268,9 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
     from r2ray.evaluation.method_scores import evaluable_queries, score_predictions
     from r2ray.predictor.diagnostics import summary_metrics
 
-    views = {name: router_view(p, train, catalog, calibrate_quality=name not in raw_quality)
+    views = {name: router_view(p, train, catalog, name not in raw_quality, fold)
              for name, p in oof.items()}
-    raw = {f"{name}\x00raw": router_view(p, train, catalog, calibrate_quality=False)
+    raw = {f"{name}\x00raw": router_view(p, train, catalog, False, fold)
            for name, p in oof.items() if name not in raw_quality} if uncalibrated else {}
     per_fold = []
     for f in np.unique(fold):

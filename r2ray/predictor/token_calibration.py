@@ -100,23 +100,27 @@ def fit_token_calibration(tokens_hat: np.ndarray, tokens: np.ndarray,
 
 
 def cross_fitted_mean_tokens(tokens_hat: np.ndarray, tokens: np.ndarray, catalog: Catalog,
-                             folds: int = 2, seed: int = 0) -> np.ndarray:
+                             folds: int | np.ndarray = 2, seed: int = 0) -> np.ndarray:
     """Mean tokens [M, K] for held-out rows, each row corrected by a calibration fitted on the
     *other* rows: what the router would have seen, for judging the calibrated predictor on the
-    same rows the calibration learns from (the spend simulation does)."""
+    same rows the calibration learns from (the spend simulation does). ``folds``: as
+    :func:`cross_fit`'s."""
     return cross_fit(tokens_hat, tokens, lambda hat, observed, rows: fit_token_calibration(
         hat, observed, catalog).mean_tokens(rows), False, folds, seed)
 
 
 def cross_fit(predicted: np.ndarray, observed: np.ndarray, fit_apply, keep: bool = False,
-              folds: int = 2, seed: int = 0) -> np.ndarray:
+              folds: int | np.ndarray = 2, seed: int = 0) -> np.ndarray:
     """[M, K] float32: each row of ``predicted`` mapped by ``fit_apply(predicted of the other
-    rows, observed of the other rows, this fold's predicted rows)``; a fold with no other rows
-    (M < 2) stays NaN, or as predicted with ``keep``."""
-    part = np.random.default_rng(seed).permutation(len(predicted)) % folds
+    folds' rows, observed of those rows, this fold's predicted rows)``; a fold with no other rows
+    (M < 2) stays NaN, or as predicted with ``keep``. ``folds``: that many seeded random folds,
+    or [M] the fold of each row (out-of-fold predictions: their model's folds, so no row is mapped
+    by a calibration fitted on rows its own fold model predicted)."""
+    part = (np.asarray(folds) if np.ndim(folds)
+            else np.random.default_rng(seed).permutation(len(predicted)) % folds)
     out = (np.array(predicted, dtype=np.float32, copy=True) if keep
            else np.full(predicted.shape, np.nan, dtype=np.float32))
-    for fold in range(folds):
+    for fold in np.unique(part):
         rows = part == fold
         if rows.any() and not rows.all():
             out[rows] = fit_apply(predicted[~rows], observed[~rows], predicted[rows])
