@@ -1,7 +1,8 @@
 """Small data: the joint network, its Ridge-residual variant and the baselines on every real bench.
 
 Benches: ParetoBandit (3,559 queries, 4 models) and RouterArena (809 queries, 2 models × 16 hard-cap
-budgets) from ``../shared/data`` (skipped when absent), their copies in ``tests/data`` (301 and
+budgets) from ``../shared/data`` beside the repository, or ``R2RAY_SHARED_DATA`` (skipped, saying
+where it looked, when absent), their copies in ``tests/data`` (301 and
 204 queries), the synthetic world (``--world-queries``, seed 11, default knobs and catalogue) and
 an *other world* whose knobs were fixed before any result was seen: budgets {50, 200, 1000,
 default} only (44 arms: fewer budgets that matter) and more noise (answer-length spread 0.55 → 0.8,
@@ -42,14 +43,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED, TESTS = ROOT.parent / "shared" / "data", ROOT / "tests" / "data"
+SHARED = Path(os.environ.get("R2RAY_SHARED_DATA") or ROOT.parent / "shared" / "data")  # full benches
+TESTS = ROOT / "tests" / "data"
 BASELINES = ("per_arm_ridge", "carrot_knn_default", "carrot_knn_all")
 OTHER_WORLD_BUDGETS = [50, 200, 1000, "default"]
 OTHER_WORLD_KNOBS = {"length_sigma": 0.8, "capability_sharpness": 6.0, "obey_sigma": 0.35}
 
 
-def real_benches(folder: Path) -> dict[str, tuple[str, list[str]]]:
-    """name → (format, input files) of the real benches that exist."""
+def real_benches() -> dict[str, tuple[str, list[str]]]:
+    """name → (format, input files) of the real benches that exist: the full ones under
+    ``SHARED`` (``R2RAY_SHARED_DATA``, else ``../shared/data`` beside the repository), their
+    copies in ``tests/data`` as ``tests:NAME``."""
     found = {}
     for prefix, root in (("", SHARED), ("tests:", TESTS)):
         pb, ra = root / "paretobandit", root / "routerarena"
@@ -222,7 +226,7 @@ def main() -> None:
     methods = [m.strip() for m in top_level_split(args.methods) if m.strip()]
     seeds = list(range(args.seeds))
     cache = read_cache(args.cache)
-    real = real_benches(ROOT)
+    real = real_benches()
     encoded = "" if args.encoder == "minilm" else f"@{Path(args.encoder).name}"  # real benches' key
     with tempfile.TemporaryDirectory() as folder:
         for name in [b.strip() for b in args.benches.split(",") if b.strip()]:
@@ -231,7 +235,8 @@ def main() -> None:
             elif name in real:
                 loader = lambda spec=real[name]: load_real(*spec, folder, args.encoder)  # noqa: E731
             else:
-                print(f"== {name}: not found, skipped")
+                print(f"== {name}: not found, skipped (the full benches are read from {SHARED}; "
+                      "R2RAY_SHARED_DATA=DIR reads them elsewhere)")
                 continue
             key = f"{name}@{args.world_queries}" if name.startswith("world") else name + encoded
             results = bench_results(key, loader, methods, seeds, cache, args.cache)

@@ -104,9 +104,11 @@ def real_bench(args) -> None:
     from r2ray.evaluation.adherence import guarantee_on_splits
     from r2ray.predictor import make_predictor
 
-    benches = small_data.real_benches(small_data.ROOT)
+    benches = small_data.real_benches()
     if args.bench not in benches:
-        raise SystemExit(f"no bench {args.bench!r} here; found: {', '.join(benches) or 'none'}")
+        raise SystemExit(f"no bench {args.bench!r} here; found: {', '.join(benches) or 'none'} "
+                         f"(the full benches are read from {small_data.SHARED}; "
+                         "R2RAY_SHARED_DATA=DIR reads them elsewhere)")
     with tempfile.TemporaryDirectory(prefix="r2ray-guarantee-") as folder:
         arrays, catalog = small_data.load_real(*benches[args.bench], folder)
     n_test = arrays.n_queries - int(round(arrays.n_queries * 0.8))
