@@ -376,7 +376,7 @@ def test_a_stack_fitted_alone_spreads_a_model_of_one_fold_as_cross_validation_do
     sparse = with_model_only_on(train, catalog, 2, few)
     stack = make_predictor("stacked", members=[
         {"kind": "per_arm_ridge"}, {"kind": "per_arm_ridge", "settings": {"alpha": 100.0}}])
-    _, held_out = stack.fit(sparse, catalog).out_of_fold_
+    _, held_out, _ = stack.fit(sparse, catalog).out_of_fold_
     arms = catalog.arm_arrays["model_index"] == 2
     assert np.isfinite(held_out.quality[np.ix_(few, arms)]).all()
 
@@ -441,3 +441,48 @@ def test_cross_validation_corrects_each_fold_by_maps_of_the_other_folds(world, m
     assert len(given) == 7   # 3 views, 2 uncalibrated, 2 members of the average
     assert all(folds is not None and (folds == model_fold_ids(train, catalog, 3)).all()
                for folds in given)
+
+
+def folds_given_to_router_view(monkeypatch) -> list:
+    """The ``folds`` of every router view a fit takes from now on (base's and the average's)."""
+    import r2ray.predictor.averaged as averaged
+    import r2ray.predictor.base as base
+
+    given = []
+
+    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None):
+        given.append(folds)
+        return router_view(predicted, rows, catalog, calibrate_quality, folds)
+
+    monkeypatch.setattr(base, "router_view", spy)
+    monkeypatch.setattr(averaged, "router_view", spy)
+    return given
+
+
+@pytest.mark.parametrize("kind, settings, folds", [
+    ("per_arm_ridge", {}, 3),
+    ("averaged", {"members": [{"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}]}, 3),
+    ("stacked", {"folds": 4}, 4),
+    ("selected", {"candidates": "per_arm_ridge,carrot_knn_all,averaged", "folds": 4, "seed": 3},
+     4)])
+def test_the_spend_simulation_corrects_each_fold_by_maps_of_the_other_folds(world, monkeypatch,
+                                                                            kind, settings, folds):
+    """The spend simulation (which sizes κ) sees the held-out predictions as the router would:
+    each fold's rows corrected by maps fitted on the other folds' rows, the folds whose models
+    made them (the calibrations' or the cross-validation's, also for an average's members), not
+    two random halves that put a third of a fold's own rows into the map that corrects it."""
+    train, catalog = world
+    given = folds_given_to_router_view(monkeypatch)
+    predictor = make_predictor(kind, **settings).fit(train, catalog)
+    assert given and all(f is not None and (f == model_fold_ids(train, catalog, folds)).all()
+                         for f in given)
+    if kind == "selected":
+        assert predictor.winner_name_ == "averaged"   # its members' simulations on the CV folds
+
+
+def test_a_validation_set_is_one_fit_so_its_simulation_keeps_two_random_halves(world,
+                                                                               monkeypatch):
+    train, catalog = world
+    given = folds_given_to_router_view(monkeypatch)
+    PerArmRidge().fit(train.subset(np.arange(200)), catalog, train.subset(np.arange(200, 300)))
+    assert given == [None]

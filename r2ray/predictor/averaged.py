@@ -18,8 +18,9 @@ the members' out-of-fold predictions, each corrected by calibrations cross-fitte
 hundred held-out queries, cost 0.002-0.003 AUDC on the small real benches (measured). The members
 are fitted on all of ``train``, their calibrations on the same out-of-fold predictions
 (the calibrations' folds, :func:`~r2ray.predictor.base.model_fold_ids`), so there are no further
-refits, and cross-validation, which already has those predictions, hands them over
-(``member_out_of_fold``).
+refits, and cross-validation, which already has those predictions, hands them over with its
+folds (``member_out_of_fold``): every spend simulation's view is cross-fitted by the folds that
+made its predictions.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from r2ray.catalog import Catalog
-from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor,
+from r2ray.predictor.base import (CALIBRATION_FOLDS, ArmPredictions, BasePredictor, HeldOut,
                                   PredictorError, model_fold_ids, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.stacked import blend, member_factory
@@ -63,7 +64,8 @@ class AveragedPredictor(BasePredictor):
                         else members)
         self.seed = seed
         self.members_: list[BasePredictor] | None = None
-        self.member_out_of_fold: list[ArmPredictions] | None = None  # given by cross-validation
+        self.member_out_of_fold: tuple[list[ArmPredictions], np.ndarray] | None = None
+        # (the members' out-of-fold predictions, the [N] folds that made them): cross-validation's
 
     def _member(self, member: dict) -> BasePredictor:
         """A fresh member; one with a ``seed`` setting it was not given gets the average's."""
@@ -74,18 +76,21 @@ class AveragedPredictor(BasePredictor):
         if not self.members:
             raise PredictorError("averaged: no members to average; give at least one "
                                  "{'kind': ..., 'settings': {...}}")
-        oof, self.member_out_of_fold = self.member_out_of_fold, None
-        folds = model_fold_ids(train, catalog, CALIBRATION_FOLDS)   # cross-validation's, at 3
-        if oof is None:
+        given, self.member_out_of_fold = self.member_out_of_fold, None
+        if given is None:
+            folds = model_fold_ids(train, catalog, CALIBRATION_FOLDS)
             oof = [out_of_fold(lambda m=m: self._member(m), train, catalog, folds)
                    for m in self.members]
-        self.members_ = [self._member(m).fit(train, catalog, validation, held_out=(train, p))
+        else:
+            oof, folds = given
+        self.members_ = [self._member(m).fit(train, catalog, validation,
+                                             held_out=(train, p, folds))
                          for m, p in zip(self.members, oof)]
-        self.out_of_fold_ = (train, averaged_out_of_fold(oof, train, catalog, folds))
+        self.out_of_fold_ = (train, averaged_out_of_fold(oof, train, catalog, folds), folds)
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
-                              ) -> tuple[BenchArrays, ArmPredictions]:
-        """The averaged out-of-fold predictions of the fit (no refits)."""
+                              ) -> HeldOut:
+        """The averaged out-of-fold predictions of the fit (no refits), with their folds."""
         return self.out_of_fold_
 
     def _predict(self, x: np.ndarray, raw_quality: bool = False) -> ArmPredictions:

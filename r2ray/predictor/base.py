@@ -53,6 +53,11 @@ class ArmPredictions:
         return ArmPredictions(self.quality[index], self.output_tokens[index])
 
 
+# (held-out rows, their uncorrected predictions [M, K] by fits that never saw them, the [M] fold
+# of the fit that made each row's prediction, or None where one fit made them all)
+HeldOut = tuple[BenchArrays, ArmPredictions, np.ndarray | None]
+
+
 class Predictor(Protocol):
     name: str
 
@@ -139,11 +144,12 @@ class BasePredictor:
         return {n: getattr(self, n) for n in names}
 
     def fit(self, train: BenchArrays, catalog: Catalog, validation: BenchArrays | None = None,
-            held_out: tuple[BenchArrays, ArmPredictions] | None = None) -> BasePredictor:
+            held_out: HeldOut | None = None) -> BasePredictor:
         """Fit on ``train``; then the token and quality calibrations and the spend simulation on
         held-out rows: ``held_out`` = (rows, their uncorrected predictions by fits that never saw
-        them) when the caller has them (cross-validation's out-of-fold predictions), else the
-        validation set, else cross-fitted copies (:meth:`_held_out_predictions`)."""
+        them, the [M] folds of those fits or None for one fit) when the caller has them
+        (cross-validation's out-of-fold predictions), else the validation set, else cross-fitted
+        copies (:meth:`_held_out_predictions`)."""
         x = training_embedding(train)   # NaN/inf rows would make every arm's fit NaN, silently
         check_embedding_dimension(x, x.shape[1], f"{self.name}.fit(train=...)")
         check_catalog(train, catalog)
@@ -154,20 +160,23 @@ class BasePredictor:
         self.catalog_, self.embedding_dim_ = catalog, int(x.shape[1])
         self.data_fingerprint_ = data_fingerprint(train)
         self._fit(train, x, catalog, validation)
-        rows, predicted = held_out or self._held_out_predictions(train, validation)
-        self.fit_calibrations(rows, predicted, catalog)
+        rows, predicted, folds = held_out or self._held_out_predictions(train, validation)
+        self.fit_calibrations(rows, predicted, catalog, folds)
         return self
 
     def fit_calibrations(self, held_out: BenchArrays, predicted: ArmPredictions,
-                         catalog: Catalog) -> None:
+                         catalog: Catalog, folds: np.ndarray | None = None) -> None:
         """Token and quality calibration from held-out rows and their uncorrected predictions;
-        the spend simulation on the same rows, each corrected by calibrations cross-fitted on the
-        other half (what the router would have seen)."""
+        the spend simulation on the same rows, each corrected by calibrations cross-fitted over
+        them (what the router would have seen): by ``folds`` [M], the folds whose models made
+        ``predicted``, so no fold's rows are mapped by a calibration fitted on that fold model's
+        predictions (a third of each map's rows were, with two random halves: κ sized on an
+        optimistic view); None (a validation set, one fit): two random halves."""
         self.token_calibration_ = fit_token_calibration(
             predicted.output_tokens, held_out.output_tokens, catalog)
         self.quality_calibration_ = (fit_quality_calibration(
             predicted.quality, held_out.quality, catalog) if self.calibrates_quality else None)
-        seen = router_view(predicted, held_out, catalog, self.calibrates_quality)
+        seen = router_view(predicted, held_out, catalog, self.calibrates_quality, folds)
         self.spend_simulation_ = simulate_spend(
             seen.quality, catalog.arm_cost_usd(held_out.input_tokens, seen.output_tokens),
             held_out.quality, held_out.cost_usd)
@@ -186,14 +195,15 @@ class BasePredictor:
         return ArmPredictions(quality, tokens)
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
-                              ) -> tuple[BenchArrays, ArmPredictions]:
-        """(held-out rows, their uncorrected predictions [M, K]) for rows the fitted state never
-        saw: the validation set when given, else ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
+                              ) -> HeldOut:
+        """(held-out rows, their uncorrected predictions [M, K], their folds [M] or None) for rows
+        the fitted state never saw: the validation set when given (one fit: None), else
+        ``CALIBRATION_FOLDS``-fold cross-fitted copies."""
         if validation is not None:
-            return validation, self._predict(validation.embedding)
+            return validation, self._predict(validation.embedding), None
         folds = model_fold_ids(train, self.catalog_, CALIBRATION_FOLDS)
         return train, out_of_fold(lambda: type(self)(**self.settings()), train, self.catalog_,
-                                  folds)
+                                  folds), folds
 
     # ---- persistence: a JSON-able dict plus named arrays, never pickles -------------------------
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:

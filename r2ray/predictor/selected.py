@@ -11,7 +11,7 @@ import logging
 import numpy as np
 
 from r2ray.catalog import Catalog
-from r2ray.predictor.base import ArmPredictions, BasePredictor
+from r2ray.predictor.base import ArmPredictions, BasePredictor, HeldOut
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.selection import (COMPOSITES, CrossValidation, composite_members,
                                       cross_validate, resolve_candidates)
@@ -41,13 +41,13 @@ class SelectedPredictor(BasePredictor):
         winner = chosen.build()
         if chosen.kind in COMPOSITES:  # from the members' out-of-fold predictions: no refits
             singles = [c for c in result.candidates if c.kind not in COMPOSITES]
-            winner.member_out_of_fold = [result.out_of_fold[c.name]
-                                         for c in composite_members(chosen.kind, singles)]
+            winner.member_out_of_fold = ([result.out_of_fold[c.name] for c in
+                                          composite_members(chosen.kind, singles)], result.fold)
         winner.catalog_, winner.embedding_dim_ = catalog, int(x.shape[1])
         winner._fit(train, x, catalog, validation)
         self.winner_, self.winner_name_ = winner, chosen.name
         self.selection_, self.cross_validation_ = result.table, result
-        self.out_of_fold_ = (train, result.out_of_fold[chosen.name])
+        self.out_of_fold_ = (train, result.out_of_fold[chosen.name], result.fold)
 
     @property
     def calibrates_quality(self) -> bool:
@@ -55,8 +55,9 @@ class SelectedPredictor(BasePredictor):
         return self.winner_ is None or self.winner_.calibrates_quality
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
-                              ) -> tuple[BenchArrays, ArmPredictions]:
-        """The winner's out-of-fold predictions from the cross-validation (no refits)."""
+                              ) -> HeldOut:
+        """The winner's out-of-fold predictions from the cross-validation (no refits), with its
+        folds."""
         return self.out_of_fold_
 
     def _predict(self, x: np.ndarray) -> ArmPredictions:

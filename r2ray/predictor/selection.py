@@ -144,6 +144,7 @@ class CrossValidation:
     out_of_fold: dict[str, ArmPredictions]     # uncorrected, every training row
     candidates: list[Candidate] = field(default_factory=list)   # those scored (a search may stop some)
     stopped: list[dict] = field(default_factory=list)   # name, folds done, running AUDC: ASHA's
+    fold: np.ndarray | None = None   # [N] the fold whose fit made each row's out-of-fold prediction
 
     @property
     def measured_uncalibrated(self) -> bool:
@@ -223,7 +224,7 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     winner = choose(table)
     for row in table:
         row["chosen"] = row["name"] == winner
-    return CrossValidation(table, winner, oof, kept, stopped)
+    return CrossValidation(table, winner, oof, kept, stopped, fold)
 
 
 def check_folds_see_models(train: BenchArrays, catalog: Catalog, fold: np.ndarray,

@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from r2ray.catalog import Catalog
-from r2ray.predictor.base import (ArmPredictions, BasePredictor, log_tokens, model_fold_ids,
-                                  out_of_fold, tokens_from_log, training_embedding)
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, HeldOut, log_tokens,
+                                  model_fold_ids, out_of_fold, tokens_from_log,
+                                  training_embedding)
 from r2ray.predictor.data import BenchArrays
 
 PRIOR_CELLS = 50.0   # strength of the pull of an arm's weights toward the pooled weights
@@ -117,19 +118,21 @@ class StackedPredictor(BasePredictor):
         self.folds, self.seed = folds, seed
         self.members_: list[BasePredictor] | None = None
         self.weights_: dict[str, np.ndarray] | None = None
-        self.member_out_of_fold: list[ArmPredictions] | None = None  # given by the caller, else
-        # computed in _fit (cross-validation already has them)
+        self.member_out_of_fold: tuple[list[ArmPredictions], np.ndarray] | None = None
+        # (the members' out-of-fold predictions, the [N] folds that made them): given by the
+        # caller, else computed in _fit (cross-validation already has them)
 
     def _fit(self, train: BenchArrays, x: np.ndarray, catalog: Catalog,
              validation: BenchArrays | None) -> None:
-        oof = self.member_out_of_fold
-        if oof is None:
+        given, self.member_out_of_fold = self.member_out_of_fold, None
+        if given is None:
             folds = model_fold_ids(train, catalog, self.folds)  # cross-validation's folds
             oof = [out_of_fold(member_factory(m, self.seed), train, catalog, folds)
                    for m in self.members]
-        self.member_out_of_fold = None
+        else:
+            oof, folds = given
         self.weights_ = fit_stack(oof, train)
-        self.out_of_fold_ = (train, apply_stack(oof, self.weights_))
+        self.out_of_fold_ = (train, apply_stack(oof, self.weights_), folds)
         self.members_ = []
         for member in self.members:
             fitted = member_factory(member, self.seed)()
@@ -138,8 +141,8 @@ class StackedPredictor(BasePredictor):
             self.members_.append(fitted)
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
-                              ) -> tuple[BenchArrays, ArmPredictions]:
-        """The blended out-of-fold predictions of the fit (no refits)."""
+                              ) -> HeldOut:
+        """The blended out-of-fold predictions of the fit (no refits), with their folds."""
         return self.out_of_fold_
 
     def _predict(self, x: np.ndarray) -> ArmPredictions:
