@@ -132,11 +132,11 @@ class CallFailed(Exception):
     billed for; without it, that is unknown)."""
 
     def __init__(self, reason: str, status: int | None = None, retry_after: str | None = None,
-                 billed: bool = False, usage: dict | None = None, unstorable: bool = False):
+                 billed: bool = False, usage: dict | None = None, non_answer: bool = False):
         super().__init__(reason)
         self.reason, self.status, self.retry_after = reason, status, retry_after
         self.billed, self.usage = billed, usage
-        self.unstorable = unstorable   # a whole answer whose text no row can hold
+        self.non_answer = non_answer   # a whole, billed answer with no text a row can hold
 
 
 class SpendBookError(R2RayError):
@@ -208,23 +208,26 @@ def redirect_reason(response: httpx.Response) -> str:
 def _chat_completion(response: httpx.Response) -> dict:
     """A 2xx's answer: its text, finish reason and usage, or :class:`CallFailed` (billed: the
     server took the call) when the body is no chat completion — not JSON, no text, or text UTF-8
-    cannot carry (an unpaired surrogate escape, which no result row can hold: ``unstorable``, see
-    :func:`next_try`). Retried after a 200 (a body cut short may come whole), not after another
-    2xx (201, 204: the server's way)."""
-    answer = text = None
+    cannot carry (an unpaired surrogate escape, which no result row can hold). Retried after a 200
+    (a body cut short may come whole), not after another 2xx (201, 204: the server's way). A body
+    that came whole with a choice or a usage block but no text (``content`` null: a content
+    filter, a reasoning model that spent ``max_tokens`` thinking; no choices) is ``non_answer``:
+    billed, and the model at temperature 0 answers so again (see :func:`next_try`)."""
+    answer = choice = None
     try:
         answer = response.json()
         choice = answer["choices"][0]
         text = choice["message"]["content"]
         if not _is_text(text):
-            raise TypeError("content is not UTF-8 text")
+            raise TypeError("content is not UTF-8 text" if isinstance(text, str) else
+                            f"content is {'null' if text is None else type(text).__name__}")
     except (ValueError, KeyError, IndexError, TypeError) as err:
         usage = answer.get("usage") if isinstance(answer, dict) else None
         status = None if response.status_code == 200 else response.status_code
         raise CallFailed(("" if status is None else f"HTTP {status}: ")
                          + f"answer is not a chat completion ({type(err).__name__}: {err})", status,
                          billed=True, usage=usage if isinstance(usage, dict) else None,
-                         unstorable=isinstance(text, str)) from None   # text is read last
+                         non_answer=choice is not None or isinstance(usage, dict)) from None
     finish = choice.get("finish_reason")
     return {"text": text, "finish_reason": finish if _is_text(finish) else None,
             "usage": answer.get("usage")}
@@ -307,7 +310,7 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
     api_key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
     cost = 0.0
     calling = False   # an attempt's request may have reached the server and is not booked yet
-    unstorable = 0    # attempts answered whole with text no row can hold
+    non_answers = 0   # attempts answered whole and billed, with no text a row can hold
     try:
         key_problem = api_key_problem(api_key) if settings.api_key_env else None
         if key_problem:
@@ -335,8 +338,8 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
                 row["billed_usd"] += spent
                 reserved = False
                 await book.settle(worst, spent)
-            unstorable += failure.unstorable
-            decision = next_try(policy, row["attempts"], failure, unstorable, rng)
+            non_answers += failure.non_answer
+            decision = next_try(policy, row["attempts"], failure, non_answers, rng)
             if not decision.retry:
                 row["error"] = decision.reason
                 return row
@@ -363,12 +366,13 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
             await _settle_last(book, row, worst, cost)
 
 
-def next_try(policy: RetryPolicy, attempt: int, failure: CallFailed, unstorable: int,
+def next_try(policy: RetryPolicy, attempt: int, failure: CallFailed, non_answers: int,
              rng: random.Random) -> Decision:
-    """:func:`retry_decision` for ``failure``, but an answer that cannot be stored is retried once
-    at most (``unstorable``: such answers so far): it came whole and was paid, and a model at
-    temperature 0 sends the same text again, each time paid, up to the last attempt."""
-    if failure.unstorable and unstorable > 1:
+    """:func:`retry_decision` for ``failure``, but a whole, billed answer with no text a row can
+    hold (null content, no choices, a lone surrogate) is retried once at most (``non_answers``:
+    such answers so far): a model at temperature 0 sends the same again, each time paid, up to
+    the last attempt."""
+    if failure.non_answer and non_answers > 1:
         return Decision(False, 0.0, f"{failure.reason} (again on its retry: not retried more, "
                         "each is paid)")
     return retry_decision(policy, attempt, failure.reason, failure.status, failure.retry_after,

@@ -8,7 +8,8 @@ The last user message steers it: ``[say:TEXT]`` answers TEXT (else ``ok``), one 
 ending in a lone ``\\ud83d`` escape, half an emoji: text UTF-8 cannot carry); on every attempt for
 ``always500``, ``alwaysbilledbad``, ``400``, ``redirect`` (a 301 to the same path on https://) and
 ``204`` (no content) and ``alwayssurrogate`` (as ``surrogate``: a model that answers so every
-time); ``nousage`` answers without ``usage``.
+time) and ``alwaysnull`` (a choice whose ``content`` is null, billed: a content filter, or a
+reasoning model that spent ``max_tokens`` thinking); ``nousage`` answers without ``usage``.
 ``[slow:S]`` sleeps S seconds before answering; ``[drip:S]`` sends the body a byte every S
 seconds (each gap under a per-read timeout, the whole past it). A judge prompt
 (:mod:`..graders`) is answered ``Score: 1`` when the answer holds the reference, ``Score: 0``
@@ -113,6 +114,8 @@ class StubServer:
             answer["choices"], answer["usage"] = [], {"total_tokens": -1}
         if fault == "alwayssurrogate" or (first and fault == "surrogate"):   # json.dumps writes the lone half as "\ud83d"
             answer["choices"][0]["message"]["content"] += " \ud83d"
+        if fault == "alwaysnull":
+            answer["choices"][0]["message"]["content"] = None
         return 200, {}, json.dumps(answer).encode(), sleep
 
     def _handler(self):
