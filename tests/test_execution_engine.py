@@ -629,3 +629,52 @@ def test_a_redirect_is_reported_not_retried_nor_booked(tmp_path):
     worst = requests.filter(pc.equal(requests["query_id"], "empty"))["worst_usd"][0].as_py()
     assert failed["empty"]["attempts"] == 1 and failed["empty"]["billed_usd"] == worst
     assert run.spend["realised_usd"] == worst
+
+
+@pytest.mark.slow
+def test_a_ray_run_stopped_by_its_spend_book_writes_the_batches_in_flight(tmp_path, monkeypatch):
+    """On the Ray path, one batch's SpendBookError stopped the run while another worker's batch
+    was still in flight: its answer was paid, then neither written nor counted (paid again on the
+    rerun). Now the book is closed to new calls, the batches in flight are written, then the run
+    stops."""
+    class LedgerLostOnLarge(SpendBook):   # local, on SpendBook: Ray ships it by value
+        """A ledger whose reserve raises for the large model's calls (as a lost actor would)."""
+
+        def __init__(self, cap_usd, realised_usd):
+            SpendBook.__init__(self, cap_usd=cap_usd, realised_usd=realised_usd)
+
+        def reserve(self, worst_usd):
+            if worst_usd > 1e-3:   # the large model's worst case at budget 32, not the small's
+                raise OSError("the ledger went away")
+            return SpendBook.reserve(self, worst_usd)
+
+    monkeypatch.setattr(engine, "SpendLedger", LedgerLostOnLarge)
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = requests_table([arm_request(catalog, "lost", "[say:4]", "large", 32),
+                                   arm_request(catalog, "slow", "[slow:3] [say:4]", "small", 32)])
+        assert requests["worst_usd"][1].as_py() < 1e-3 < requests["worst_usd"][0].as_py()
+        with pytest.raises(SpendBookError, match=r"spend book failed: \w*\(?OSError"):
+            run_requests(requests, str(tmp_path), catalog,
+                         EngineConfig(executor="ray", workers=2, batch_rows=1,
+                                      retry=RetryPolicy(max_attempts=1, timeout_s=30.0)),
+                         progress=lambda line: None)
+        time.sleep(5)   # the stub logs a call once it has answered it
+        [paid] = stub.answered()
+    answered = read_parts(str(tmp_path / "parts")).to_pylist()
+    assert paid["content"].startswith("[slow:3] [say:4]")
+    assert [r["query_id"] for r in answered] == ["slow"] and answered[0]["billed_usd"] > 0
+
+
+def test_a_closed_spend_book_reserves_nothing_and_still_settles():
+    """The run stopping closes the book: no new call, the calls in flight still booked."""
+    from r2ray.execution.policy import BookClosed
+
+    book = SpendBook(cap_usd=1.0)
+    assert book.reserve(0.25)
+    book.close()
+    with pytest.raises(BookClosed):
+        book.reserve(0.25)
+    book.settle(0.25, 0.125)
+    assert book.state() == {"cap_usd": 1.0, "realised_usd": 0.125, "in_flight_usd": 0.0,
+                            "refused": 0}

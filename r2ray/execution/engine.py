@@ -406,9 +406,7 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
     if todo.num_rows:
         batches = (_ray_batches if config.executor == "ray" else _local_batches)(
             todo, settings, config, realised)
-        for batch, spend in batches:   # spend read once the batch is written: it may raise
-            write_batch(batch, work_dir)
-            meter.update(batch, spend())
+        write_batches(batches, work_dir, meter)
     meter.finish()
     parts = read_parts(storage.join(work_dir, "parts"))
     results, dropped = first_per_key(_requested(parts, requests))
@@ -423,6 +421,27 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                             "refused_calls": meter.refused},
                      wall_s=round(time.perf_counter() - started, 3),
                      throughput=throughput_by_endpoint(results) if results.num_rows else {})
+
+
+def write_batches(batches, work_dir: str, meter: _Progress) -> None:
+    """Write each ``(batch, spend, close_book)`` as it comes (:func:`write_batch`). Where one
+    stops the run, ``close_book`` (None: one batch at a time, none in flight) refuses new calls
+    and the batches other Ray workers have in flight are still written, their paid answers with
+    them (dropped unwritten before, paid again on the rerun); then the run stops."""
+    stopped = None
+    for batch, spend, close_book in batches:
+        try:
+            write_batch(batch, work_dir)
+        except SpendBookError as err:
+            if close_book is None:
+                raise
+            if stopped is None:
+                stopped = err
+                close_book()
+        if stopped is None:   # spend read once the batch is written: it may raise
+            meter.update(batch, spend())
+    if stopped is not None:
+        raise stopped
 
 
 def write_batch(batch: pa.Table, work_dir: str) -> None:
@@ -456,7 +475,7 @@ def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realise
     worker = RequestWorker(settings, asdict(config.retry), book=book, seed=config.seed)
     try:
         for start in range(0, todo.num_rows, config.batch_rows):
-            yield worker(todo.slice(start, config.batch_rows)), book.state
+            yield worker(todo.slice(start, config.batch_rows)), book.state, None
     finally:
         worker.close()
 
@@ -475,7 +494,7 @@ def _ray_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised:
                                "ledger": ledger, "seed": config.seed},
         compute=ray.data.ActorPoolStrategy(size=config.workers), num_cpus=config.cpus_per_worker)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch, lambda: ray.get(ledger.state.remote())
+        yield batch, lambda: ray.get(ledger.state.remote()), ledger.close.remote
 
 
 class _Progress:

@@ -71,17 +71,23 @@ def retry_decision(policy: RetryPolicy, attempt: int, reason: str, status: int |
                     reason)
 
 
+class BookClosed(Exception):
+    """The run is stopping (booking a spend failed): no new call is issued."""
+
+
 @dataclass
 class SpendBook:
     """The spend cap: a call is issued only if realised + in-flight worst cases + its own worst
     case stay within ``cap_usd``; its reservation is swapped for its real cost when it returns.
     Thread-safe; a Ray actor (:class:`r2ray.execution.engine.SpendLedger`) wraps one for many
-    workers. ``cap_usd`` None: no cap, the books are still kept."""
+    workers. ``cap_usd`` None: no cap, the books are still kept. Once closed (:meth:`close`),
+    reserving raises :class:`BookClosed` (calls in flight are still settled)."""
 
     cap_usd: float | None = None
     realised_usd: float = 0.0
     in_flight_usd: float = 0.0
     refused: int = 0
+    closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def reserve(self, worst_usd: float) -> bool:
@@ -89,12 +95,19 @@ class SpendBook:
         cap of NaN) refuses the call rather than issuing every one: a comparison with NaN is
         false."""
         with self._lock:
+            if self.closed:
+                raise BookClosed("the run is stopping: no new call")
             if self.cap_usd is not None and \
                     not self.realised_usd + self.in_flight_usd + worst_usd <= self.cap_usd:
                 self.refused += 1
                 return False
             self.in_flight_usd += worst_usd
             return True
+
+    def close(self) -> None:
+        """No call is reserved any more: the run stops, its calls in flight are waited for."""
+        with self._lock:
+            self.closed = True
 
     def settle(self, worst_usd: float, cost_usd: float) -> None:
         """A reserved call came back: ``cost_usd`` (0 for a call that was never billed)."""
