@@ -649,6 +649,11 @@ def test_a_ray_run_stopped_by_its_spend_book_writes_the_batches_in_flight(tmp_pa
             return SpendBook.reserve(self, worst_usd)
 
     monkeypatch.setattr(engine, "SpendLedger", LedgerLostOnLarge)
+    # both actors up before the first batch is dealt, so the least busy gets each: one actor
+    # taking both would run the lost batch first and the slow one never in flight
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
     with StubServer() as stub:
         catalog = stub_catalog(stub.url)
         requests = requests_table([arm_request(catalog, "lost", "[say:4]", "large", 32),
