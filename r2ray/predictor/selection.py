@@ -49,7 +49,7 @@ from r2ray.predictor.averaged import averaged_out_of_fold
 from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_counts, model_fold_ids,
                                   model_presence, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.stacked import apply_stack, fit_stack
+from r2ray.predictor.stacked import cross_fitted_stack
 
 AUDC_TIE = 0.001  # mean-AUDC gap under which two candidates count as tied
 STACKED = "stacked"
@@ -243,19 +243,6 @@ def check_folds_see_models(train: BenchArrays, catalog: Catalog, fold: np.ndarra
                          f"of the {folds} folds, so the fit that holds that fold out "
                          "never sees it; add rows of it for more queries, drop it from --catalog, "
                          "or train with --select none")
-
-
-def cross_fitted_stack(members: list[ArmPredictions], train: BenchArrays,
-                       fold: np.ndarray) -> ArmPredictions:
-    """The stack's out-of-fold predictions: per fold, weights fitted on the other folds' rows."""
-    quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
-    tokens = np.full(train.quality.shape, np.nan, dtype=np.float32)
-    for f in np.unique(fold):
-        rows, other = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
-        weights = fit_stack([m.subset(other) for m in members], train.subset(other))
-        blended = apply_stack([m.subset(rows) for m in members], weights)
-        quality[rows], tokens[rows] = blended.quality, blended.output_tokens
-    return ArmPredictions(quality, tokens)
 
 
 def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalog: Catalog,

@@ -11,8 +11,12 @@ weights pooled over all arms (a prior worth ``PRIOR_CELLS`` cells), so arms with
 the pooled blend. The members are then refitted on all of ``train``. Where a member has no
 prediction (NaN) the others' weights are renormalised.
 
-The blended out-of-fold predictions are the held-out predictions of the stack itself: its token
-and quality calibrations and spend simulation are fitted on them, with no further refits.
+The stack's own held-out predictions blend each fold's out-of-fold member predictions with
+weights fitted on the other folds' rows only (:func:`cross_fitted_stack`; cross-validation scores
+the stack by the same function): its token and quality calibrations and spend simulation, which
+sizes the spend guarantee's κ, are fitted on them, with no further refits. Blending with the
+weights fitted on every row, as the refitted stack predicts, let each row's weights see its own
+label, a small optimism in that view.
 """
 
 from __future__ import annotations
@@ -96,6 +100,20 @@ def apply_stack(member_predictions: list[ArmPredictions],
     return ArmPredictions(np.clip(quality, 0.0, 1.0), tokens_from_log(log_tok))
 
 
+def cross_fitted_stack(members: list[ArmPredictions], train: BenchArrays,
+                       fold: np.ndarray) -> ArmPredictions:
+    """The stack's out-of-fold predictions [N, K] from its members' [N, K] each: per fold, the
+    weights are fitted on the other folds' rows, so no row's blend saw its own outcomes."""
+    quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
+    tokens = np.full(train.quality.shape, np.nan, dtype=np.float32)
+    for f in np.unique(fold):
+        rows, other = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+        weights = fit_stack([m.subset(other) for m in members], train.subset(other))
+        blended = apply_stack([m.subset(rows) for m in members], weights)
+        quality[rows], tokens[rows] = blended.quality, blended.output_tokens
+    return ArmPredictions(quality, tokens)
+
+
 def member_factory(member: dict, seed: int | None = None):
     """A builder of fresh ``member``s (``{"kind": ..., "settings": {...}}``); one with a ``seed``
     setting it was not given gets ``seed``, the composite's: ``--seed`` reaches a network member."""
@@ -132,7 +150,7 @@ class StackedPredictor(BasePredictor):
         else:
             oof, folds = given
         self.weights_ = fit_stack(oof, train)
-        self.out_of_fold_ = (train, apply_stack(oof, self.weights_), folds)
+        self.out_of_fold_ = (train, cross_fitted_stack(oof, train, folds), folds)
         self.members_ = []
         for member in self.members:
             fitted = member_factory(member, self.seed)()
@@ -142,7 +160,8 @@ class StackedPredictor(BasePredictor):
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
                               ) -> HeldOut:
-        """The blended out-of-fold predictions of the fit (no refits), with their folds."""
+        """The cross-fitted blend of the members' out-of-fold predictions (no refits), with
+        their folds."""
         return self.out_of_fold_
 
     def _predict(self, x: np.ndarray) -> ArmPredictions:
