@@ -17,10 +17,15 @@ overwrites) the fresh lock another run has just taken it over with: at most one 
 lease. This needs nothing but the exclusive create, locally (a hard link) and on S3
 (``If-None-Match: *``); S3's ``If-Match`` is not needed.
 
+A claim, like the lock, names its expiry (``LEASE_S`` after it was made; it is held for
+milliseconds): one left by a run that died holding it is removed once it has expired, with a
+warning, and the change goes ahead, so a crash in that window costs the next run ``LEASE_S`` of
+waiting, not a hand-removed file.
+
 Limits: expiry compares the wall clocks of the hosts sharing the output, which must agree well
-within ``LEASE_S``. A run that dies between creating a claim and removing it (milliseconds) leaves
-the claim, and the lock content it names is then never changed until the claim is removed by hand
-(a takeover's refusal names it); a holder's next renewal is refused as a lost lease then.
+within ``LEASE_S``. Removing an expired claim is remove-then-create again, one level up: two runs
+doing it at the same instant for the same dead claim could both go on; that needs a run to have
+died in the milliseconds it held the claim, and two more to meet there.
 """
 
 from __future__ import annotations
@@ -144,7 +149,8 @@ def acquire_lease(paths: RunPaths) -> RunLease:
             _change_if_still(paths, held, lambda: storage.remove(paths.lock, recursive=False))
     raise RunLocked(f"run {paths.run_id}: its lease {paths.lock} changed hands while this run "
                     "tried to take it; another run of it has just started (or is taking it over: "
-                    f"if none is, remove {paths.lock}{_CLAIM}*)")
+                    f"if none is, the claim {paths.lock}{_CLAIM}* a dead run left expires within "
+                    f"{LEASE_S:g} s)")
 
 
 def _change_if_still(paths: RunPaths, seen: dict, change: Callable[[], None]) -> bool:
@@ -154,10 +160,8 @@ def _change_if_still(paths: RunPaths, seen: dict, change: Callable[[], None]) ->
     lock another run had just taken it over with, and both ran (and a renewal or release could
     overwrite or remove it likewise). False, unchanged, where another run holds the claim. The
     claim is removed at once after."""
-    claim = paths.lock + _CLAIM + hashlib.sha256(_json(seen)).hexdigest()[:16]
-    with writing_to(paths):
-        claimed = storage.create_exclusive(claim, _json({"owner": seen["owner"]}))
-    if not claimed:
+    claim = claim_path(paths, seen)
+    if not _take_claim(paths, claim, seen):
         return False
     try:
         if read_lease(paths) != seen:
@@ -166,6 +170,39 @@ def _change_if_still(paths: RunPaths, seen: dict, change: Callable[[], None]) ->
         return True
     finally:
         storage.remove(claim, recursive=False)
+
+
+def claim_path(paths: RunPaths, seen: dict) -> str:
+    """The claim every run changing the lock content ``seen`` must create first."""
+    return paths.lock + _CLAIM + hashlib.sha256(_json(seen)).hexdigest()[:16]
+
+
+def _take_claim(paths: RunPaths, claim: str, seen: dict) -> bool:
+    """Create ``claim`` exclusively (True); one a dead run left (expired) is removed first."""
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=LEASE_S)
+    record = _json({"owner": seen["owner"], "expires_at": expires.isoformat(timespec="seconds")})
+    for attempt in range(2):
+        with writing_to(paths):
+            if storage.create_exclusive(claim, record):
+                return True
+        expired_at = None if attempt else _claim_expired_at(claim)
+        if expired_at is None:
+            return False
+        if expired_at:   # else it was removed meanwhile: create it again
+            _warn(f"removing {claim}: a run that died holding it left it (expired {expired_at})")
+            storage.remove(claim, recursive=False)
+    return False
+
+
+def _claim_expired_at(claim: str) -> str | None:
+    """When the claim expired ("" if it is gone), or None: live, or unreadable (left alone)."""
+    try:
+        held = json.loads(storage.read_text(claim))
+        return held["expires_at"] if _expired(held) else None
+    except FileNotFoundError:
+        return ""
+    except (AttributeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_lease(paths: RunPaths) -> dict | None:

@@ -275,3 +275,27 @@ def test_a_stalled_run_leaves_the_lease_another_run_took_over(step, where, tmp_p
     assert new.holds() and not stalled.holds()
     new.release()
     assert not storage.exists(paths.lock)
+
+
+@pytest.mark.parametrize("where", ["local", "memory", "s3"])
+@pytest.mark.parametrize("claim_expires", ["2000-01-01T00:00:00+00:00", "2999-01-01T00:00:00+00:00"])
+def test_a_claim_left_by_a_run_that_died_holding_it_expires(claim_expires, where, tmp_path,
+                                                             request, capsys):
+    # before: a run killed in the milliseconds it held a claim left it, and every later run of
+    # the run id was refused until someone removed the claim by hand
+    from r2ray.lease import RunLocked, acquire_lease, claim_path, read_lease
+
+    paths = runs.RunPaths(storage.join(_store(where, tmp_path, request), "runs"), "night")
+    _dead_lease(paths)
+    claim = claim_path(paths, read_lease(paths))
+    storage.write_text(claim, json.dumps({"owner": "dead", "expires_at": claim_expires}))
+    if claim_expires.startswith("2999"):   # a live claim: another run is changing the lock
+        with pytest.raises(RunLocked, match="takeover-"):
+            acquire_lease(paths)
+        assert storage.exists(claim) and read_lease(paths)["owner"] == "dead"
+        return
+    lease = acquire_lease(paths)
+    assert lease.holds() and "a run that died holding it left it" in capsys.readouterr().err
+    assert runs.children(paths.root) == ["_r2ray_lock.json"]   # the dead claim is gone
+    lease.release()
+    assert not storage.exists(paths.lock)
