@@ -76,7 +76,7 @@ class RunLease:
         now = dt.datetime.now(dt.timezone.utc)
         return {"run_id": self.paths.run_id, "owner": self.owner, "host": socket.gethostname(),
                 "pid": os.getpid(), "renewed_at": now.isoformat(timespec="seconds"),
-                "expires_at": (now + dt.timedelta(seconds=LEASE_S)).isoformat(timespec="seconds")}
+                "expires_at": _expiry(now)}
 
     def holds(self) -> bool:
         """The lock still names this lease (another run replaces it only once it has expired)."""
@@ -179,8 +179,8 @@ def claim_path(paths: RunPaths, seen: dict) -> str:
 
 def _take_claim(paths: RunPaths, claim: str, seen: dict) -> bool:
     """Create ``claim`` exclusively (True); one a dead run left (expired) is removed first."""
-    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=LEASE_S)
-    record = _json({"owner": seen["owner"], "expires_at": expires.isoformat(timespec="seconds")})
+    record = _json({"owner": seen["owner"],
+                    "expires_at": _expiry(dt.datetime.now(dt.timezone.utc))})
     for attempt in range(2):
         with writing_to(paths):
             if storage.create_exclusive(claim, record):
@@ -219,6 +219,11 @@ def read_lease(paths: RunPaths) -> dict | None:
         raise RunFolderError(f"{paths.lock} is no lease r2ray can read ({type(err).__name__}: "
                              f"{err}); if no run of {paths.run_id} is running, remove it") from None
     return held
+
+
+def _expiry(now: dt.datetime) -> str:
+    """When a lock or a claim made ``now`` expires: ``LEASE_S`` later (UTC, ISO 8601)."""
+    return (now + dt.timedelta(seconds=LEASE_S)).isoformat(timespec="seconds")
 
 
 def _expires_at(held: dict) -> dt.datetime:

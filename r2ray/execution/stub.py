@@ -112,7 +112,8 @@ class StubServer:
             answer["choices"] = []
         if first and fault == "billednocounts":   # billed, unusable, and no counts to price it
             answer["choices"], answer["usage"] = [], {"total_tokens": -1}
-        if fault == "alwayssurrogate" or (first and fault == "surrogate"):   # json.dumps writes the lone half as "\ud83d"
+        if fault == "alwayssurrogate" or (first and fault == "surrogate"):
+            # json.dumps writes the lone half as "\ud83d"
             answer["choices"][0]["message"]["content"] += " \ud83d"
         if fault == "alwaysnull":
             answer["choices"][0]["message"]["content"] = None

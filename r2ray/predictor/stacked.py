@@ -6,9 +6,9 @@ to 1), chosen to minimise the squared error (Brier for q̂) on *out-of-fold* pre
 member is fitted ``folds`` times on the other folds and predicts the held-out one, so the weights
 reward members that generalise, not those that memorise. The folds are cross-validation's
 (:func:`~r2ray.predictor.base.model_fold_ids`: a model with a few queries is spread over two or
-more folds, so no member predicts its held-out rows from none of its outcomes). An arm's weights are shrunk toward the
-weights pooled over all arms (a prior worth ``PRIOR_CELLS`` cells), so arms with few outcomes take
-the pooled blend. The members are then refitted on all of ``train``. Where a member has no
+more folds, so no member predicts its held-out rows from none of its outcomes). An arm's weights
+are shrunk toward the weights pooled over all arms (a prior worth ``PRIOR_CELLS`` cells), so arms
+with few outcomes take the pooled blend. The members are then refitted on all of ``train``. Where a member has no
 prediction (NaN) the others' weights are renormalised.
 
 The stack's own held-out predictions blend each fold's out-of-fold member predictions with
