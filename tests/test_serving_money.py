@@ -126,6 +126,19 @@ def test_pacer_applies_each_ingress_sequence_number_once():
     assert pacer.total_spend_usd == pytest.approx(2.25)
 
 
+
+def test_the_spend_limit_stops_routing_before_the_pacer_hears_of_the_spend(routing_model,
+                                                                             embedding):
+    """The Pacer learns an ingress's spend only at its next sync; the ingress knows it already,
+    so a request once the limit is reached goes to the cheapest arm (before the fix: at the
+    paced λ until the sync, 3× the limit spent in a burst of 10 requests between two syncs)."""
+    service = _service(routing_model, pacing={"spend_limit_usd": 1.0})
+    request = {"query": "hi", "embedding": embedding}
+    assert _post(service, "/v1/route", request).json()["reason"].startswith("best value")
+    service.book.add(1.0)                        # spent since the last sync: the limit reached
+    assert _post(service, "/v1/route", request).json()["reason"].startswith("hard stop")
+    assert not service.book.state.stopped        # the Pacer's last answer, unchanged
+
 # ---- 3. max_tokens and max_completion_tokens both sent: both capped --------------------------------
 def test_both_length_fields_are_capped_in_the_forwarded_body(routing_model, embedding):
     sent = []

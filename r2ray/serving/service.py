@@ -12,12 +12,12 @@ import asyncio
 import copy
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import httpx
 
 from r2ray.prompting import estimate_tokens, render_messages
-from r2ray.serving.config import ServeConfig
+from r2ray.serving.config import PacingConfig, ServeConfig
 from r2ray.serving.pacer import PriceState
 from r2ray.routing import query_key
 from r2ray.serving.router import RouteDecision, RouteItem, RouteRejected
@@ -77,6 +77,17 @@ class SpendBook:
         """USD the Pacer has not acknowledged: pending plus any sync in doubt."""
         return self.pending_usd + (0.0 if self.unsent is None else self.unsent[1])
 
+    def price(self, pacing: PacingConfig) -> PriceState:
+        """The price to route at now: the Pacer's last answer, hard-stopped already when its
+        total (USD) plus this ingress's unreported spend reaches ``spend_limit_usd``. The Pacer
+        hears of that spend only at the next sync, ``price_sync_s`` later, and every request
+        routed meanwhile would otherwise spend past the limit at the paced λ."""
+        limit = pacing.spend_limit_usd
+        if self.state.stopped or limit is None \
+                or self.state.total_spend_usd + self.unreported_usd < limit:
+            return self.state
+        return replace(self.state, stopped=True)
+
 
 async def sync_spend(book: SpendBook, ingress: str,
                      sync: Callable[[str, int, float], Awaitable[PriceState]]) -> PriceState:
@@ -107,7 +118,7 @@ class RoutingService:
 
     async def _decide(self, options: RoutingOptions, query: str, input_tokens: int,
                       **limits) -> RouteDecision:
-        item = route_item(options, query, input_tokens, self.book.state,
+        item = route_item(options, query, input_tokens, self.book.price(self.config.pacing),
                           self.config.alternatives, **limits)
         decision = await self._route(item)
         if isinstance(decision, RouteRejected):
