@@ -18,14 +18,15 @@ lease. This needs nothing but the exclusive create, locally (a hard link) and on
 (``If-None-Match: *``); S3's ``If-Match`` is not needed.
 
 A claim, like the lock, names its expiry (``LEASE_S`` after it was made; it is held for
-milliseconds): one left by a run that died holding it is removed once it has expired, with a
-warning, and the change goes ahead, so a crash in that window costs the next run ``LEASE_S`` of
-waiting, not a hand-removed file.
+milliseconds): one left by a run that died holding it is passed once it has expired, with a
+warning: the next run creates the claim named after the dead one's content instead
+(``<claim>.takeover-<digest>``, exclusively again), changes the lock, and removes both. So a
+crash in that window costs the next run ``LEASE_S`` of waiting, not a hand-removed file, and of
+two runs passing one dead claim at once only one goes on (removing it and creating it afresh let
+each remove the other's fresh claim as the dead one, and both went on).
 
 Limits: expiry compares the wall clocks of the hosts sharing the output, which must agree well
-within ``LEASE_S``. Removing an expired claim is remove-then-create again, one level up: two runs
-doing it at the same instant for the same dead claim could both go on; that needs a run to have
-died in the milliseconds it held the claim, and two more to meet there.
+within ``LEASE_S``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from r2ray.redaction import redact_text
 LEASE_S = 300.0        # a lease not renewed for this long (seconds) is a dead run's
 RENEW_EVERY_S = 60.0   # how often the holder pushes its expiry LEASE_S ahead
 _CLAIM = ".takeover-"  # <lock>.takeover-<digest of the content read>: held for milliseconds
+_CLAIM_TRIES = 4       # claims created or passed before a change gives up (a claim a run left
+                       # dying is passed by the next, named after it: one level per such death)
 
 
 class RunLocked(RunFolderError):
@@ -159,9 +162,9 @@ def _change_if_still(paths: RunPaths, seen: dict, change: Callable[[], None]) ->
     a time re-reads and changes: without it a run that read a dead lock late removed the fresh
     lock another run had just taken it over with, and both ran (and a renewal or release could
     overwrite or remove it likewise). False, unchanged, where another run holds the claim. The
-    claim is removed at once after."""
-    claim = claim_path(paths, seen)
-    if not _take_claim(paths, claim, seen):
+    claim (and the dead ones it passed) is removed at once after."""
+    claims = _take_claim(paths, claim_path(paths, seen), seen)
+    if claims is None:
         return False
     try:
         if read_lease(paths) != seen:
@@ -169,36 +172,48 @@ def _change_if_still(paths: RunPaths, seen: dict, change: Callable[[], None]) ->
         change()
         return True
     finally:
-        storage.remove(claim, recursive=False)
+        for claim in claims:
+            storage.remove(claim, recursive=False)
 
 
 def claim_path(paths: RunPaths, seen: dict) -> str:
     """The claim every run changing the lock content ``seen`` must create first."""
-    return paths.lock + _CLAIM + hashlib.sha256(_json(seen)).hexdigest()[:16]
+    return paths.lock + _CLAIM + _digest(_json(seen))
 
 
-def _take_claim(paths: RunPaths, claim: str, seen: dict) -> bool:
-    """Create ``claim`` exclusively (True); one a dead run left (expired) is removed first."""
+def _take_claim(paths: RunPaths, claim: str, seen: dict) -> list[str] | None:
+    """Create ``claim`` exclusively: the claims to remove once the change is made (the one taken
+    and the dead ones passed), or None where a live (or unreadable) claim stands.
+
+    A claim a dead run left (expired) is not removed and made again: two runs that read it at
+    once could each remove the other's fresh one as the dead one, and both go on. It is passed:
+    the claim named after its content (``<claim>.takeover-<digest>``) is created exclusively
+    instead, so of the runs that read one dead claim one goes on, with nothing but the exclusive
+    create. The dead claim is removed with the taken one, after the change."""
     record = _json({"owner": seen["owner"],
                     "expires_at": _expiry(dt.datetime.now(dt.timezone.utc))})
-    for attempt in range(2):
+    passed: list[str] = []
+    for _ in range(_CLAIM_TRIES):
         with writing_to(paths):
             if storage.create_exclusive(claim, record):
-                return True
-        expired_at = None if attempt else _claim_expired_at(claim)
-        if expired_at is None:
-            return False
-        if expired_at:   # else it was removed meanwhile: create it again
-            _warn(f"removing {claim}: a run that died holding it left it (expired {expired_at})")
-            storage.remove(claim, recursive=False)
-    return False
+                return [claim, *passed]
+        dead = _dead_claim(claim)
+        if dead is None:
+            return None
+        if dead:   # else it was removed meanwhile: create it again
+            _warn(f"passing {claim}: a run that died holding it left it (expired "
+                  f"{json.loads(dead)['expires_at']}); it is removed after this change")
+            passed.append(claim)
+            claim += _CLAIM + _digest(dead.encode("utf-8"))
+    return None
 
 
-def _claim_expired_at(claim: str) -> str | None:
-    """When the claim expired ("" if it is gone), or None: live, or unreadable (left alone)."""
+def _dead_claim(claim: str) -> str | None:
+    """The claim's content if it has expired ("" if it is gone), or None: live, or unreadable
+    (left alone)."""
     try:
-        held = json.loads(storage.read_text(claim))
-        return held["expires_at"] if _expired(held) else None
+        text = storage.read_text(claim)
+        return text if _expired(json.loads(text)) else None
     except FileNotFoundError:
         return ""
     except (AttributeError, ValueError, KeyError, TypeError):
@@ -232,6 +247,11 @@ def _expires_at(held: dict) -> dt.datetime:
 
 def _expired(held: dict) -> bool:
     return _expires_at(held) <= dt.datetime.now(dt.timezone.utc)
+
+
+def _digest(content: bytes) -> str:
+    """What names a claim: sha256 of the content it is about (hex, 16 characters)."""
+    return hashlib.sha256(content).hexdigest()[:16]
 
 
 def _json(record: dict) -> bytes:

@@ -299,3 +299,52 @@ def test_a_claim_left_by_a_run_that_died_holding_it_expires(claim_expires, where
     assert runs.children(paths.root) == ["_r2ray_lock.json"]   # the dead claim is gone
     lease.release()
     assert not storage.exists(paths.lock)
+
+
+@pytest.mark.parametrize("where", ["local", "memory", "s3"])
+def test_of_two_runs_passing_one_dead_claim_one_changes_the_lock(where, tmp_path, request,
+                                                                 monkeypatch):
+    # before the fix: B read the dead claim as expired, A removed it and made its own, then B
+    # removed A's live claim as the dead one and made its own: both changed the lock (review C)
+    import threading
+
+    from r2ray import lease as leases
+
+    paths = runs.RunPaths(storage.join(_store(where, tmp_path, request), "runs"), "night")
+    _dead_lease(paths)
+    seen = leases.read_lease(paths)
+    claim = leases.claim_path(paths, seen)
+    storage.write_text(claim, json.dumps({"owner": "dead",
+                                          "expires_at": "2000-01-01T00:00:00+00:00"}))
+    a_changing, b_done, changed = threading.Event(), threading.Event(), []
+    read_text = storage.read_text
+
+    def b_reads_the_dead_claim_then_waits_for_a(uri):
+        text = read_text(uri)
+        if threading.current_thread().name == "B" and uri == claim and not a_changing.is_set():
+            threading.Thread(target=run, args=("A",), name="A").start()
+            assert a_changing.wait(30), "A never reached its change"
+        return text
+
+    def change(name):
+        changed.append(name)
+        if name == "A":   # A changes the lock only once B has gone as far as it can
+            a_changing.set()
+            assert b_done.wait(30), "B never finished"
+
+    def run(name):
+        try:
+            leases._change_if_still(paths, seen, lambda: change(name))
+        finally:
+            if name == "B":
+                b_done.set()
+
+    monkeypatch.setattr(storage, "read_text", b_reads_the_dead_claim_then_waits_for_a)
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    b.join(60)
+    for thread in threading.enumerate():
+        if thread.name == "A":
+            thread.join(60)
+    assert changed == ["A"], f"{changed}: both runs changed the lock read as {seen['owner']}"
+    assert runs.children(paths.root) == ["_r2ray_lock.json"]   # no claim is left behind
