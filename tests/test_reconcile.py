@@ -634,6 +634,39 @@ def test_a_second_reconciliation_keeps_the_correction_it_was_routed_with(tmp_pat
     assert raw * f2 == pytest.approx(bill, rel=0.02)
 
 
+
+def test_a_model_the_correction_priced_out_of_the_night_keeps_its_factor(tmp_path):
+    # before the fix: night1 bills "large" 3x its ĉ -> factor ≈ 3; night2, priced with it, routes
+    # nothing to "large"; its correction had no "large" entry, so the night after priced "large"
+    # at factor 1.0, a third of its bill, and would route to it again
+    catalog, n = _catalog(), 1000
+    catalog_path = str(tmp_path / "catalog.yaml")
+    save_catalog(catalog, catalog_path)
+    out = tmp_path / "out"
+
+    def billed(run_id, rows):   # (query_id, model, budget, max_tokens, q̂, ĉ) → bill per model
+        path = tmp_path / f"{run_id}.jsonl"
+        path.write_text("".join(json.dumps(dict(GOOD_ROW, query_id=q, model=m, budget=b,
+                                                cost_usd=c * {"small": 1.0, "large": 3.0}[m]))
+                                + "\n" for q, m, b, _, _, c in rows))
+        return str(path)
+
+    night1 = [(f"s{i}", "small", 100, 110, .5, 1e-4) for i in range(n)] \
+        + [(f"l{i}", "large", 100, 110, .5, 1e-3) for i in range(n)]
+    first = reconcile_run(_write_run(out, "night1", catalog, night1), billed("night1", night1),
+                          catalog_path).correction
+    large, small = catalog.arm_of("large", 100), catalog.arm_of("small", 100)
+    f1 = first.factors_for(catalog)
+    assert f1[large] == pytest.approx(3.0, rel=0.02)
+    night2 = [(f"s{i}", "small", 100, 110, .5, 1e-4 * f1[small]) for i in range(n)]
+    reconcile_run(_write_run(out, "night2", catalog, night2, correction=first),
+                  billed("night2", night2), catalog_path)
+    newest = latest_correction(str(out), "/models/m", catalog.fingerprint, None)
+    assert newest.source_run_id == "night2"
+    f2, large_default = newest.factors_for(catalog), catalog.arm_of("large", 0)
+    assert f2[[large, large_default]] == pytest.approx(f1[[large, large_default]])  # before: 1.0
+    assert f2[small] == pytest.approx(1.0, rel=0.01)     # refitted on night2's own rows
+
 @pytest.mark.parametrize("field, value, match", [
     ("factor_range", [4.0, 0.25], "factor_range"), ("factor_range", [0.25], "factor_range"),
     ("factor_range", [-1, 4], "factor_range"), ("prior_rows", -5, "prior_rows"),

@@ -173,10 +173,14 @@ def shrunk_ratio(realised_usd: float, planned_usd: float, rows: int, parent: flo
 
 def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
                    factor_range: tuple[float, float] = FACTOR_RANGE,
-                   now: dt.datetime | None = None) -> CostCorrection:
+                   now: dt.datetime | None = None,
+                   priced_with: CostCorrection | None = None) -> CostCorrection:
     """Factors from the matched rows of ``rec``: overall ratio shrunk toward 1, each model's
     toward the overall, each arm's toward its model (:func:`shrunk_ratio`), every one clipped to
-    ``factor_range``. Raises :class:`CorrectionError` when no routed row was matched."""
+    ``factor_range``. ``priced_with``: the correction the run's ĉ was multiplied by; a model or
+    arm of it that no matched row of ``rec`` speaks for keeps its factor (a model its factor
+    priced out of the night would otherwise fall back to 1.0 and be routed to at a fraction of
+    its bill the night after). Raises :class:`CorrectionError` when no routed row was matched."""
     total = rec.counts["matched"]
     if total == 0:
         raise CorrectionError(f"run {rec.run_id}: no routed row has an actual, so there is "
@@ -191,6 +195,11 @@ def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
     arms = tuple(Factor(row["model"], row["budget"], clip(shrunk_ratio(
         row["realised_usd"], row["planned_raw_usd"], row["matched"], models[row["model"]].factor,
         prior_rows)), row["matched"]) for row in rec.by_arm.to_pylist() if row["matched"])
+    if priced_with is not None:
+        kept = lambda f: f._replace(factor=clip(f.factor))  # noqa: E731 — in this range too
+        models |= {f.model: kept(f) for f in priced_with.models if f.model not in models}
+        fitted = {(f.model, f.budget) for f in arms}
+        arms += tuple(kept(f) for f in priced_with.arms if (f.model, f.budget) not in fitted)
     when = (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
     draft = CostCorrection("", when.isoformat(timespec="microseconds"), rec.run_id,
                            rec.model_label, rec.catalog_fingerprint, total, overall,

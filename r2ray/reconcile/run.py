@@ -72,21 +72,22 @@ def reconcile_run(run_uri: str, actuals_uri: str, catalog_path: str | None = Non
     catalog = run_catalog(manifest, catalog_path, tracking_uri)
     with storage.reporting(f"cannot read the routed rows of {redact_uri(run_uri)}"):
         routed = read_routed(manifest)
+    priced_with = applied_correction(run_uri, manifest)
     rec = reconcile(manifest, routed, read_actuals(actuals_uri), catalog,
-                    applied_correction_factors(run_uri, manifest, catalog))
+                    None if priced_with is None else priced_with.factors_for(catalog))
     if rec.counts["matched"] == 0:
         raise R2RayError(f"none of the {rec.counts['actuals_usable']:,} usable actuals rows in "
                          f"{redact_uri(actuals_uri)} matches a routed (query_id, model, budget) of "
                          f"run {rec.run_id}: is it the right run? Nothing was written")
-    correction = fit_correction(rec)
+    correction = fit_correction(rec, priced_with=priced_with)
     with storage.reporting(f"cannot write to {redact_uri(run_uri)}"):
         written = write_reconciliation(run_uri, rec, correction, tracking_uri)
     return ReconcileResult(rec, correction, written)
 
 
-def applied_correction_factors(run_uri: str, manifest: dict, catalog: Catalog):
-    """[K] the per-arm factors the run's ĉ was priced with (None: no correction applied); the
-    correction is read from ``<output>/<source run>/reconcile/<version>/``."""
+def applied_correction(run_uri: str, manifest: dict) -> CostCorrection | None:
+    """The correction the run's ĉ was priced with (None: none applied), read from
+    ``<output>/<source run>/reconcile/<version>/``."""
     import posixpath
 
     record = manifest.get("spend", {}).get("cost_correction") or {}
@@ -101,8 +102,7 @@ def applied_correction_factors(run_uri: str, manifest: dict, catalog: Catalog):
             raise R2RayError(f"run {manifest.get('run_id')} was priced with cost correction "
                              f"{record['version']}, which is not at {redact_uri(uri)}: without "
                              "it a new correction cannot be fitted")
-        correction = CostCorrection.from_json(storage.read_bytes(uri).decode("utf-8"), uri)
-    return correction.factors_for(catalog)
+        return CostCorrection.from_json(storage.read_bytes(uri).decode("utf-8"), uri)
 
 
 def committed_manifest(run_uri: str) -> dict:
