@@ -236,6 +236,32 @@ def test_a_selected_composite_predicts_exactly_as_it_does_fitted_alone(world, co
     np.testing.assert_array_equal(selected.spend_simulation_.ratio, alone.spend_simulation_.ratio)
 
 
+def test_a_selected_average_makes_its_held_out_view_once(world, monkeypatch):
+    """Cross-validation averages the members' out-of-fold predictions; the chosen average's fit
+    averaged them again (and corrected each by cross-fitted maps) for a view nothing asked for
+    (review C). Made once, it is the same view the selection scored and calibrated on."""
+    from r2ray.predictor import averaged, selection
+
+    made, average = [], averaged.averaged_out_of_fold
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return average(*args, **kwargs)
+
+    monkeypatch.setattr(averaged, "averaged_out_of_fold", counted)
+    monkeypatch.setattr(selection, "averaged_out_of_fold", counted)
+    train, catalog = world
+    selected = make_predictor("selected", candidates="per_arm_ridge,carrot_knn_all,averaged",
+                              seed=3).fit(train, catalog)
+    assert selected.winner_name_ == "averaged" and len(made) == 1
+    rows, view, folds = selected.winner_._held_out_predictions(train, None)
+    _, scored, scored_folds = selected.out_of_fold_
+    np.testing.assert_array_equal(view.quality, scored.quality)
+    np.testing.assert_array_equal(view.output_tokens, scored.output_tokens)
+    np.testing.assert_array_equal(folds, scored_folds)
+    assert rows is train
+
+
 def test_a_stacks_held_out_view_never_saw_the_outcomes_of_the_rows_it_predicts(world):
     """The stack's held-out predictions (what its calibrations and spend simulation, hence κ, are
     fitted on) blended each row with weights fitted on every row, its own included: flipping one

@@ -86,12 +86,15 @@ class AveragedPredictor(BasePredictor):
         self.members_ = [self._member(m).fit(train, catalog, validation,
                                              held_out=(train, p, folds))
                          for m, p in zip(self.members, oof)]
-        self.out_of_fold_ = (train, averaged_out_of_fold(oof, train, catalog, folds), folds)
+        self.held_out_parts_ = (oof, folds)   # what the held-out view is made of (not saved)
 
     def _held_out_predictions(self, train: BenchArrays, validation: BenchArrays | None
                               ) -> HeldOut:
-        """The averaged out-of-fold predictions of the fit (no refits), with their folds."""
-        return self.out_of_fold_
+        """The average of the members' out-of-fold predictions of the fit (no refits), with their
+        folds: made here, when asked, not in the fit (a selection that chose the average has it
+        from its cross-validation already, and never asks)."""
+        oof, folds = self.held_out_parts_
+        return train, averaged_out_of_fold(oof, train, self.catalog_, folds), folds
 
     def _predict(self, x: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
         return mean_of([m.predict(x, raw_quality=raw_quality) for m in self.members_])
