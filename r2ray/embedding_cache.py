@@ -13,7 +13,8 @@ half-written. A shard that cannot be read is skipped with a warning: the texts a
 The cache is bounded: after each shard it writes, the least recently used shards (a hit touches
 its shard), of any encoder, go until all of them fit in ``R2RAY_EMBEDDING_CACHE_MAX_GB`` (GB,
 10^9 bytes; default 5, about 3 million MiniLM texts), so benches and encoder upgrades never pile
-up without end. The shard just written always stays.
+up without end. The shard just written always stays. A process that only reads (every text a
+hit) checks the bound once too, so a bound lowered since the last write is met without one.
 """
 
 from __future__ import annotations
@@ -190,9 +191,10 @@ def cache_limit_bytes() -> int:
     return int(gigabytes * 1e9)
 
 
-def evict_over_limit(root: Path, limit_bytes: int, kept: Path) -> list[Path]:
+def evict_over_limit(root: Path, limit_bytes: int, kept: Path | None) -> list[Path]:
     """Remove the least recently used shards under the cache ``root`` (every encoder's folder)
-    until the rest fit in ``limit_bytes``; ``kept``, the shard just written, always stays.
+    until the rest fit in ``limit_bytes``; ``kept``, the shard just written (None: none), always
+    stays.
     Returns those removed. Only ``*.parquet`` shards one folder down are considered, so a shard
     another process is still writing (``.tmp``) and anything else is left alone."""
     shards = []
@@ -211,6 +213,14 @@ def evict_over_limit(root: Path, limit_bytes: int, kept: Path) -> list[Path]:
             total -= size
             removed.append(shard)
     return removed
+
+
+@functools.lru_cache(maxsize=8)
+def evict_over_limit_once(root: Path, limit_bytes: int) -> None:
+    """:func:`evict_over_limit` once per process and bound, for a cache read without a write: a
+    bound lowered since the last write (hits write nothing) is met by the next process that only
+    reads, not only by the next encode. One listing of the shards per process, not per read."""
+    evict_over_limit(root, limit_bytes, kept=None)
 
 
 def text_keys(texts: list[str]) -> list[bytes]:
@@ -273,6 +283,8 @@ def cached_encode(texts: list[str], fingerprint: str,
         except OSError as err:   # a read-only or full disk: the run goes on, uncached
             print(f"warning: cannot write the embedding cache under {folder} ({err})",
                   file=sys.stderr)
+    else:   # every text a hit (just touched: the last to go)
+        evict_over_limit_once(root, limit_bytes)
     encoded = set(missing)
     hits = sum(1 for k in keys if k not in encoded)
     return np.stack([found[k] for k in keys]).astype(np.float32), hits

@@ -197,3 +197,24 @@ def test_a_bad_cache_bound_is_an_error_naming_the_variable(cache, monkeypatch, b
     monkeypatch.setenv("R2RAY_EMBEDDING_CACHE_MAX_GB", bound)
     with pytest.raises(R2RayError, match=f"R2RAY_EMBEDDING_CACHE_MAX_GB='{bound}'"):
         cached_encode(["a text"], "a" * 16, fake_encode)
+
+
+def test_a_cache_over_a_lowered_bound_shrinks_on_a_read_that_writes_nothing(cache, monkeypatch):
+    """The bound was met only after a write: a cache over a bound lowered since (or filled by an
+    older r2ray) stayed over it while every read was a hit (review C). A hit's shard was just
+    used: it is the one that stays."""
+    import os
+    import time
+
+    cached_encode(["this bench"], "b" * 16, fake_encode)
+    cached_encode(["old bench"], "a" * 16, fake_encode)
+    cached_encode(["other bench"], "a" * 16, fake_encode)
+    shards = sorted(cache.glob("*/*.parquet"))
+    this_one = next(cache.glob(("b" * 16) + "/*.parquet"))
+    for age, path in enumerate([this_one, *(p for p in shards if p != this_one)]):
+        os.utime(path, (time.time() - 3600 * (3 - age),) * 2)   # this bench's: the oldest
+    monkeypatch.setenv("R2RAY_EMBEDDING_CACHE_MAX_GB",
+                       str(1.5 * max(path.stat().st_size for path in shards) / 1e9))
+    encode = Counting(fake_encode)
+    assert cached_encode(["this bench"], "b" * 16, encode)[1] == 1 and encode.calls == []
+    assert sorted(cache.glob("*/*.parquet")) == [this_one]
