@@ -8,16 +8,17 @@ import re
 import socket
 import threading
 import time
+from dataclasses import asdict
 
 import httpx
 import pyarrow.compute as pc
 import pytest
 
 from r2ray.catalog import CatalogError, catalog_from_dict
-from r2ray.execution import engine
+from r2ray.execution import client, engine
 from r2ray.errors import R2RayError
-from r2ray.execution.client import (SPEND_CAP_REASON, CallFailed, SpendBookError, post_chat,
-                                    read_usage)
+from r2ray.execution.client import (RUN_STOPPED, SPEND_CAP_REASON, CallFailed, RunStopped,
+                                    SpendBookError, post_chat, read_usage)
 from r2ray.execution.engine import EngineConfig, plan, read_parts, run_requests
 from r2ray.execution.policy import (RetryPolicy, SpendBook, parse_retry_after, plan_todo,
                                     retry_decision)
@@ -683,3 +684,107 @@ def test_a_closed_spend_book_reserves_nothing_and_still_settles():
     book.settle(0.25, 0.125)
     assert book.state() == {"cap_usd": 1.0, "realised_usd": 0.125, "in_flight_usd": 0.0,
                             "refused": 0}
+
+
+def test_rows_not_called_as_the_run_stops_say_so_and_are_sent_on_the_rerun(tmp_path):
+    """A closed book (the run stopping: another batch's booking failed) refused each call left,
+    and the row said "spend book failed", as a book that raised does: "not called, the run
+    stopped" could not be told from "the ledger broke". Now it says it was not called; written to
+    failures/ it does not stop the run again, and the rerun sends it (nothing was paid)."""
+    book = SpendBook()
+    book.close()
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {"left": "[say:4]", "also": "[say:4]"})
+        settings = {m: asdict(s) for m, s in
+                    engine.endpoint_settings(catalog, ["small"], 1).items()}
+        worker = engine.RequestWorker(settings, asdict(FAST), book=book)
+        try:
+            batch = worker(requests)
+        finally:
+            worker.close()
+        assert stub.calls == []
+        assert batch["error"].to_pylist() == [RUN_STOPPED] * 2
+        assert batch["billed_usd"].to_pylist() == [0.0, 0.0]
+        engine.write_batch(batch, str(tmp_path))   # not a book that raised: no SpendBookError
+        assert engine.failure_reasons(read_parts(str(tmp_path / "failures"))) == {RUN_STOPPED: 2}
+        rerun = run_requests(requests, str(tmp_path), catalog,
+                             EngineConfig(executor="local", retry=FAST),
+                             progress=lambda line: None)
+        assert len(stub.answered()) == 2
+    assert rerun.calls_planned == 2 and rerun.calls_done_before == 0
+    assert rerun.results.num_rows == 2 and rerun.failures.num_rows == 0
+
+
+def test_a_retry_the_stopping_run_does_not_make_says_so():
+    """A row whose retry the closed book refused said "spend book failed ... on attempt 1"."""
+    row = {"attempts": 1, "billed_usd": 0.5}
+    assert client._unexpected(row, RunStopped(), None) == 0.0
+    assert row["error"] == "the run was stopping after attempt 1: not retried"
+    assert row["billed_usd"] == 0.5 and not row["ok"]
+
+
+@pytest.mark.slow
+def test_a_ray_ledger_closed_is_told_from_one_lost():
+    """Through the ledger actor, a closed book's refusal is RunStopped (Ray wraps BookClosed in
+    its task error), and a lost actor a SpendBookError naming the book failed."""
+    import ray
+
+    from r2ray.batch.job import _init_ray
+
+    _init_ray()
+    ledger = ray.remote(num_cpus=0)(engine.SpendLedger).remote(None, 0.0)
+    book = engine._ActorBook(ledger)
+    assert asyncio.run(book.reserve(0.25))
+    ray.get(ledger.close.remote())
+    with pytest.raises(RunStopped):
+        asyncio.run(book.reserve(0.25))
+    ray.kill(ledger)
+    with pytest.raises(SpendBookError, match=r"^spend book failed: \w*Actor\w*Error") as lost:
+        asyncio.run(book.reserve(0.25))
+    assert not isinstance(lost.value, RunStopped)
+
+
+@pytest.mark.slow
+def test_a_ray_run_whose_ledger_actor_dies_writes_every_answer_it_paid(tmp_path, monkeypatch):
+    """The ledger actor dying mid-run: reading the spend raised Ray's ActorDiedError out of the
+    run (a traceback, not the CLI's one line), and the batches in flight were dropped unwritten,
+    answers paid with them (2 calls paid, 1 row written, the other 6 not recorded). Now every
+    answered row is written with its cost, the rest are failures not called, and the run stops
+    with a SpendBookError."""
+    class LedgerKilledOnThirdReserve(SpendBook):   # local, on SpendBook: Ray ships it by value
+        def __init__(self, cap_usd, realised_usd):
+            SpendBook.__init__(self, cap_usd=cap_usd, realised_usd=realised_usd)
+            self.reserves = 0
+
+        def reserve(self, worst_usd):
+            self.reserves += 1
+            if self.reserves == 3:
+                import ray
+                ray.kill(ray.get_runtime_context().current_actor)
+            return SpendBook.reserve(self, worst_usd)
+
+    monkeypatch.setattr(engine, "SpendLedger", LedgerKilledOnThirdReserve)
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 120)
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, {f"q{i}": "[say:4]" if i % 2 else "[slow:1] [say:4]"
+                                       for i in range(8)})
+        with pytest.raises(SpendBookError, match=r"stopped: spend book failed: \w*Error"):
+            run_requests(requests, str(tmp_path), catalog,
+                         EngineConfig(executor="ray", workers=2, batch_rows=1,
+                                      retry=RetryPolicy(max_attempts=1, timeout_s=30.0)),
+                         progress=lambda line: None)
+        time.sleep(3)   # the stub logs a call once it has answered it
+        paid = stub.answered()
+    answered = read_parts(str(tmp_path / "parts")).to_pylist()
+    failed = read_parts(str(tmp_path / "failures")).to_pylist()
+    assert len(answered) == len(paid) >= 2
+    assert all(r["ok"] and r["cost_usd"] > 0 and r["billed_usd"] == r["cost_usd"]
+               for r in answered)
+    assert sorted(r["key"] for r in answered + failed) == sorted(requests["key"].to_pylist())
+    assert all(r["attempts"] == 0 and r["billed_usd"] == 0 and (
+        r["error"] == RUN_STOPPED or r["error"].endswith("before its call was made"))
+        for r in failed)

@@ -15,7 +15,7 @@ import httpx
 import pyarrow as pa
 
 from r2ray.errors import R2RayError
-from r2ray.execution.policy import Decision, RetryPolicy, cost_usd, retry_decision
+from r2ray.execution.policy import BookClosed, Decision, RetryPolicy, cost_usd, retry_decision
 from r2ray.prompting import estimate_tokens
 from r2ray.redaction import redact_text, redact_uri
 
@@ -26,6 +26,9 @@ SPEND_BOOK_FAILED = "spend book failed"
 the row is returned as it stands, an answer it paid for included, and the engine writes its batch,
 then stops the run, since the cap can no longer be kept (a rerun reads the spend back from the
 parts)."""
+RUN_STOPPED = "not called: the run was stopping (no new call once it stops); a rerun sends it"
+"""A row's ``error`` where its call was never made because the book was closed (:class:`BookClosed`:
+another batch's booking failed): told apart from :data:`SPEND_BOOK_FAILED`; nothing was paid."""
 
 RESULT_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
@@ -150,6 +153,19 @@ class SpendBookError(R2RayError):
         """:data:`SPEND_BOOK_FAILED` and the type of what was raised (not its text, which could
         quote anything)."""
         return cls(f"{SPEND_BOOK_FAILED}: {type(err).__name__}")
+
+
+class RunStopped(SpendBookError):
+    """The book is closed (:class:`BookClosed`, on Ray raised inside the ledger actor): the run is
+    stopping and the call is not made; the row says :data:`RUN_STOPPED`, not that a book failed."""
+
+    def __init__(self):
+        super().__init__(RUN_STOPPED)
+
+    @staticmethod
+    def closed(err: BaseException) -> bool:
+        """Whether ``err`` is the book refusing as closed, here or as a Ray actor's task error."""
+        return isinstance(err, BookClosed) or isinstance(getattr(err, "cause", None), BookClosed)
 
 
 class _SendTrace:
@@ -302,7 +318,8 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
             row.update(error=SPEND_CAP_REASON, ended_s=time.time())
             return row
     except SpendBookError as err:
-        row.update(error=f"{err} before its call was made", ended_s=time.time())
+        row.update(error=str(err) if isinstance(err, RunStopped) else
+                   f"{err} before its call was made", ended_s=time.time())
         return row
     reserved = True
     body = {"model": request["model"], "messages": list(request["messages"]),
@@ -399,7 +416,9 @@ def _unexpected(row: dict, err: Exception, called_worst_usd: float | None) -> fl
     what = f"unexpected {type(err).__name__}"
     when = "before its call was made" if called_worst_usd is None else \
         "once its call was made (booked at its worst case)"
-    if isinstance(err, SpendBookError):
+    if isinstance(err, RunStopped):   # its retry not reserved: a rerun sends it again
+        what, when = "the run was stopping", f"after attempt {row['attempts']}: not retried"
+    elif isinstance(err, SpendBookError):
         what, when = str(err), f"on attempt {row['attempts']}"
     row.update(ok=False, response=None, cost_usd=0.0, billed_usd=row["billed_usd"] + booked,
                error=f"{what} {when}")

@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 from r2ray import storage
 from r2ray.catalog import Catalog
 from r2ray.execution.client import (RESULT_SCHEMA, SPEND_BOOK_FAILED, EndpointLimiter,
-                                    EndpointSettings, SpendBookError, chat_url, execute_one)
+                                    EndpointSettings, RunStopped, SpendBookError, chat_url,
+                                    execute_one)
 from r2ray.execution.policy import RetryPolicy, SpendBook, plan_todo
 from r2ray.execution.requests import RequestError, worst_case_usd
 from r2ray.redaction import redact_uri
@@ -89,12 +90,15 @@ def endpoint_settings(catalog: Catalog, models: list[str], workers: int) -> dict
 
 def _booking(method):
     """A book's method whose every exception is a :class:`SpendBookError`, which
-    :func:`execute_one` records on the row rather than losing the batch to it."""
+    :func:`execute_one` records on the row rather than losing the batch to it; a closed book's
+    refusal is :class:`RunStopped` (the call not made: nothing failed here)."""
     @functools.wraps(method)
     async def booked(*args):
         try:
             return await method(*args)
         except Exception as err:
+            if RunStopped.closed(err):
+                raise RunStopped() from err
             raise SpendBookError.raised(err) from err
     return booked
 
@@ -427,21 +431,35 @@ def write_batches(batches, work_dir: str, meter: _Progress) -> None:
     """Write each ``(batch, spend, close_book)`` as it comes (:func:`write_batch`). Where one
     stops the run, ``close_book`` (None: one batch at a time, none in flight) refuses new calls
     and the batches other Ray workers have in flight are still written, their paid answers with
-    them (dropped unwritten before, paid again on the rerun); then the run stops."""
+    them (dropped unwritten before, paid again on the rerun); then the run stops. Reading the
+    spend raising (the Ray ledger actor lost) stops it alike."""
     stopped = None
     for batch, spend, close_book in batches:
         try:
             write_batch(batch, work_dir)
+            if stopped is None:   # spend read once the batch is written
+                meter.update(batch, _spend_so_far(spend, work_dir))
         except SpendBookError as err:
             if close_book is None:
                 raise
             if stopped is None:
                 stopped = err
                 close_book()
-        if stopped is None:   # spend read once the batch is written: it may raise
-            meter.update(batch, spend())
     if stopped is not None:
         raise stopped
+
+
+def _spend_so_far(spend: Callable[[], dict], work_dir: str) -> dict:
+    """The book's state (USD); where reading it raises (a Ray ledger actor lost: the next read
+    raised out of the run, the batches in flight dropped unwritten, their paid answers with them),
+    a :class:`SpendBookError` that stops the run once those are written."""
+    try:
+        return spend()
+    except Exception as err:
+        raise SpendBookError(
+            f"stopped: {SpendBookError.raised(err)} reading the spend so far; the batches done are "
+            f"written in {redact_uri(work_dir)}, where a rerun reads the spend so far back and "
+            "resumes") from err
 
 
 def write_batch(batch: pa.Table, work_dir: str) -> None:
