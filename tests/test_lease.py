@@ -198,7 +198,6 @@ def test_of_runs_starting_at_the_same_instant_one_takes_the_lease(tmp_path):
     leases[0].release()
 
 
-
 def _store(where, tmp_path, request) -> str:
     """A folder on the local disk, in fsspec's memory store (the object-store path, ``"xb"``) or
     in the test S3 bucket."""

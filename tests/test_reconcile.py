@@ -634,7 +634,6 @@ def test_a_second_reconciliation_keeps_the_correction_it_was_routed_with(tmp_pat
     assert raw * f2 == pytest.approx(bill, rel=0.02)
 
 
-
 def test_a_model_the_correction_priced_out_of_the_night_keeps_its_factor(tmp_path):
     # before the fix: night1 bills "large" 3x its ĉ -> factor ≈ 3; night2, priced with it, routes
     # nothing to "large"; its correction had no "large" entry, so the night after priced "large"
@@ -666,6 +665,7 @@ def test_a_model_the_correction_priced_out_of_the_night_keeps_its_factor(tmp_pat
     f2, large_default = newest.factors_for(catalog), catalog.arm_of("large", 0)
     assert f2[[large, large_default]] == pytest.approx(f1[[large, large_default]])  # before: 1.0
     assert f2[small] == pytest.approx(1.0, rel=0.01)     # refitted on night2's own rows
+
 
 @pytest.mark.parametrize("field, value, match", [
     ("factor_range", [4.0, 0.25], "factor_range"), ("factor_range", [0.25], "factor_range"),

@@ -368,7 +368,6 @@ def test_train_selects_on_the_training_part_only_and_logs_the_table(tmp_path, mo
         assert 0 < run.data.metrics[f"cv_audc_{name}"] <= 1
 
 
-
 def test_the_average_combines_ridge_knn_and_the_network_of_any_set():
     full = {c.name: c for c in resolve_candidates("full")}
     assert [m["kind"] for m in full["averaged"].settings["members"]] == [

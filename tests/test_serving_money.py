@@ -126,7 +126,6 @@ def test_pacer_applies_each_ingress_sequence_number_once():
     assert pacer.total_spend_usd == pytest.approx(2.25)
 
 
-
 def test_the_spend_limit_stops_routing_before_the_pacer_hears_of_the_spend(routing_model,
                                                                              embedding):
     """The Pacer learns an ingress's spend only at its next sync; the ingress knows it already,
