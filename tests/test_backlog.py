@@ -407,3 +407,46 @@ def test_string_view_columns_as_polars_writes_them_are_strings(tmp_path):
     assert _reasons(bad) == {(2, "b"): "empty or whitespace-only query"}
     assert json.loads(bad.column("raw")[0].as_py())["note"] == "in the"
     assert json.loads(raw_rows(str(tmp_path / "polars.parquet"), [3])[3])["note"] == "raw rows"
+
+
+def test_a_lone_surrogate_in_a_jsonl_field_is_quarantined_not_a_crash(tmp_path):
+    """``"\\ud800"`` is valid JSON but half a UTF-16 pair: Arrow could not hold the decoded str,
+    and the UnicodeEncodeError failed the whole file's read task on every retry."""
+    _jsonl(tmp_path / "a.jsonl", [OK_ROW, '{"query_id": "b", "query": "x\\ud800y"}',
+                                  '{"query_id": "\\udc00", "query": "q"}',
+                                  '{"query_id": "d", "query": "q", "tenant": "\\ud800"}',
+                                  '{"query_id": "e", "query": "\\ud83d\\ude00 a pair is fine"}'])
+    good, bad = _validate_all(tmp_path)
+    assert good.column("query_id").to_pylist() == [OK_ROW["query_id"], "e"]
+    assert _reasons(bad) == {
+        (2, "b"): "query holds a lone surrogate ('\\ud800' at character 1)",
+        (3, None): "query_id holds a lone surrogate ('\\udc00' at character 0)",
+        (4, "d"): "tenant holds a lone surrogate ('\\ud800' at character 0)"}
+    assert json.loads(bad.column("raw")[1].as_py())["query_id"] == "\udc00"   # kept as read
+
+
+def _invalid_utf8(values: list[bytes]) -> pa.Array:
+    """A string array holding ``values`` as they are, valid UTF-8 or not (as a foreign parquet
+    writer may store them; pyarrow reads them back unchecked)."""
+    offsets = np.cumsum([0] + [len(v) for v in values]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(values), [
+        None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(values))])
+
+
+@pytest.mark.parametrize("column", ["query_id", "query", "tenant", "note"])
+def test_invalid_utf8_in_a_parquet_string_column_is_quarantined_not_a_crash(tmp_path, column):
+    """Arrow's string kernels raised ArrowInvalid on the bad bytes (query_id, query) out of the
+    read task on every retry; a bad tenant passed into the routed rows, where listing it raised
+    UnicodeDecodeError; and listing the raw record of a row quarantined for its blank query
+    raised it for the bytes of any other column (``note``)."""
+    columns = {"query_id": ["a", "b"], "query": ["x", " "], "tenant": ["t", "t"],
+               "note": ["n", "n"]}
+    table = pa.table({name: _invalid_utf8([b"ok", b"b\xffad"]) if name == column
+                      else pa.array(values) for name, values in columns.items()})
+    pq.write_table(table, tmp_path / "a.parquet")
+    good, bad = _validate_all(tmp_path)
+    assert good.num_rows == 1 and good.column("order").to_pylist() == [0]
+    (record,) = bad.to_pylist()
+    assert record["row"] == 2 and record["reason"] == f"invalid UTF-8 in {column} (byte 1)"
+    assert json.loads(record["raw"])[column] == "b\\xffad"   # the bytes kept, escaped
+    good.validate(full=True)

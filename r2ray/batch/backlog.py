@@ -191,6 +191,10 @@ def _field_type_problem(row: dict) -> str | None:
         value = row.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
             return f"{name} is a {type(value).__name__}, not a {' or '.join(t.__name__ for t in allowed)}"
+    for name in ("query_id", "query", "tenant"):
+        at = _lone_surrogate_at(row.get(name))
+        if at is not None:   # a JSON escape of half a pair: Arrow cannot hold it as UTF-8
+            return f"{name} holds a lone surrogate ({row[name][at]!a} at character {at})"
     vector = row.get("embedding")
     if vector is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                       for v in vector):
@@ -206,10 +210,23 @@ def _field_type_problem(row: dict) -> str | None:
     return None
 
 
+def _lone_surrogate_at(value) -> int | None:
+    """The index of the first lone surrogate in a str (``"\\ud800"`` in JSON decodes to one, and
+    it has no UTF-8 form); None: none, or not a str."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return err.start
+
+
 def _bad(source: str, line: int | None, row: dict | None, reason: str) -> dict:
     query_id = (row or {}).get("query_id")
     return {"source": source, "row": line,
-            "query_id": query_id if isinstance(query_id, str) else None,
+            "query_id": query_id if isinstance(query_id, str)
+            and _lone_surrogate_at(query_id) is None else None,
             "reason": reason, "raw": None if row is None else json.dumps(row, default=str)}
 
 
@@ -231,6 +248,7 @@ def validate_table(table: pa.Table, unit: ReadUnit, max_context_tokens: int,
         mask = np.asarray(mask, dtype=bool) & (reasons == None)  # noqa: E711 (elementwise)
         reasons[mask] = reason if isinstance(reason, str) else [reason(i) for i in np.flatnonzero(mask)]
 
+    table = _valid_utf8(table, flag)
     query_id = _string_column(table, "query_id", flag)
     query = _string_column(table, "query", flag)
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(query)), 0)
@@ -272,6 +290,41 @@ def validate_table(table: pa.Table, unit: ReadUnit, max_context_tokens: int,
 
 def _filled(array, value) -> np.ndarray:
     return pc.fill_null(array, value).to_numpy(zero_copy_only=False)
+
+
+def _valid_utf8(table: pa.Table, flag) -> pa.Table:
+    """``table`` with each string value that is not valid UTF-8 flagged and its bytes kept
+    backslash-escaped. Parquet readers do not check a string column's bytes (a foreign writer's
+    bad bytes read as they are): Arrow's string kernels then raised out of the read task on every
+    retry, and listing a bad row's ``raw`` did too. Any string column counts, as any byte of a
+    jsonl line does (``read_unit``: "invalid UTF-8")."""
+    for index, name in enumerate(table.column_names):
+        column = _decoded(table.column(name).combine_chunks())
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        try:
+            column.validate(full=True)   # the usual case: one pass over the bytes, no copy
+            continue
+        except pa.ArrowInvalid:
+            pass
+        values = column.cast(pa.binary() if pa.types.is_string(column.type)
+                             else pa.large_binary()).to_pylist()
+        bad_at = [None if v is None else _bad_utf8_at(v) for v in values]
+        flag(np.array([at is not None for at in bad_at], dtype=bool),
+             lambda i: f"invalid UTF-8 in {name} (byte {bad_at[i]})")
+        text = [None if v is None else v.decode("utf-8", errors="backslashreplace")
+                for v in values]
+        table = table.set_column(index, name, pa.array(text, column.type))
+    return table
+
+
+def _bad_utf8_at(value: bytes) -> int | None:
+    """The offset of the first byte of ``value`` that is not UTF-8; None: all of it is."""
+    try:
+        value.decode("utf-8")
+        return None
+    except UnicodeDecodeError as err:
+        return err.start
 
 
 def _decoded(column: pa.Array) -> pa.Array:
