@@ -649,3 +649,56 @@ def test_wrong_json_types_in_routing_options_are_a_422_naming_the_field(routing_
     ok = _call(app, "POST", "/v1/route", json={"query": "x", "embedding": embedding,
                                                "lambda": 2, "max_cost_usd": 1})
     assert ok.status_code == 200, ok.text      # a JSON integer is still a number
+
+
+# ---- 7. an upstream redirect with a JSON body is the caller's 200 (a review, 2026-12-06) ---------
+def test_upstream_redirect_is_a_502_saying_where_it_points_and_books_nothing(routing_model,
+                                                                           embedding):
+    def redirect(request):
+        return httpx.Response(308, json={"detail": "moved"},
+                              headers={"location": "https://llm.test/v1/chat/completions"})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(redirect))
+    service = _service(_with_endpoints(routing_model), client)
+    r = _call(_app(service), "POST", "/v1/chat/completions",
+              json=CHAT | {"r2ray": {"embedding": embedding}})
+    # before the fix: 200 with the body {"detail": "moved"} as the chat answer, c_hat booked
+    assert r.status_code == 502, r.text
+    assert "https://llm.test/v1" in r.json()["error"]["message"]
+    assert service.book.pending_usd == 0.0   # not followed: the model never ran
+
+
+# ---- 8. a named model outside the request's own allowed_models is called (a review, 2026-12-06) --
+def test_chat_model_outside_its_own_allowed_models_is_a_422_naming_model(routing_model, embedding):
+    sent = []
+    service = _forwarding_service(routing_model, b'{"choices": []}', sent)
+    app = _app(service)
+    r = _call(app, "POST", "/v1/chat/completions", json=CHAT | {
+        "model": "Gemma-3-1B", "r2ray": {"embedding": embedding, "allowed_models": ["GLM-4.6"]}})
+    # before the fix: 200, Gemma-3-1B called and booked, allowed_models silently dropped
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == "model" and "allowed_models" in error["message"], error
+    assert sent == [] and service.book.pending_usd == 0.0
+    ok = _call(app, "POST", "/v1/chat/completions", json=CHAT | {
+        "model": "GLM-4.6", "r2ray": {"embedding": embedding, "allowed_models": ["GLM-4.6"]}})
+    assert ok.status_code == 200 and sent[0]["model"] == "GLM-4.6", ok.text
+
+
+# ---- 9. a NaN in a field passed through to the upstream is a 500 (a review, 2026-12-06) ---------
+def test_non_finite_number_in_a_passed_through_field_is_a_422_naming_it(routing_model, embedding):
+    sent = []
+    service = _forwarding_service(routing_model, b'{"choices": []}', sent)
+    app = _app(service)
+    head = ('{"model": "r2ray", "r2ray": {"embedding": %s}, "messages": [{"role": "user", '
+            % json.dumps(embedding))
+    for body, param in (
+            (head + '"content": "hi"}], "temperature": NaN}', "temperature"),
+            (head + '"content": "hi"}], "logit_bias": {"15": -Infinity}}', "logit_bias.15"),
+            (head + '"content": [{"type": "text", "text": "hi", "w": 1e999}]}]}',
+             "messages.0.content.0.w")):
+        r = _call(app, "POST", "/v1/chat/completions", content=body.encode(),
+                  headers={"content-type": "application/json"})
+        # before the fix: 500 (httpx writes strict JSON: "Out of range float values")
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == param
+    assert sent == [] and service.book.pending_usd == 0.0

@@ -9,9 +9,12 @@ model unchanged, since OpenAI adds parameters faster than any router can list th
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 ROUTER_MODEL = "r2ray"   # `model` value in a chat request that asks r2ray to choose
 MAX_INPUT_TOKENS = 1_000_000_000   # far past any context window; keeps token arithmetic in int64
@@ -117,6 +120,36 @@ class ChatCompletionRequest(BaseModel):
         if not any(m.role == "user" and message_text(m) for m in value):
             raise ValueError("needs at least one user message with text content")
         return value
+
+    @model_validator(mode="after")
+    def _finite_numbers(self) -> ChatCompletionRequest:
+        """A 422 naming where a NaN or ±Infinity lies in what passes through to the upstream:
+        pydantic's JSON parser reads them, but the forwarded body is strict JSON, which cannot
+        carry them (a 500 after routing). The declared fields check their own numbers."""
+        passed = [((), self.model_extra)] + [
+            (("messages", i), m.model_extra | {"content": m.content})
+            for i, m in enumerate(self.messages)]
+        for loc, value in passed:
+            found = non_finite_at(value, loc)
+            if found is not None:
+                raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                    type=PydanticCustomError("finite_number", "Input should be a finite number"),
+                    loc=found, input=None)])
+        return self
+
+
+def non_finite_at(value, loc: tuple = ()) -> tuple | None:
+    """Where in a parsed JSON value the first NaN or ±Infinity lies (``loc`` extended by keys
+    and indices), or None when every number is finite."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else loc
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = non_finite_at(item, (*loc, key))
+        if found is not None:
+            return found
+    return None
 
 
 def message_text(message: ChatMessage) -> str:

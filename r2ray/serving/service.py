@@ -141,7 +141,7 @@ class RoutingService:
         cap = request.max_completion_tokens or request.max_tokens
         limits = {"max_output_tokens": cap}
         if request.model != ROUTER_MODEL:
-            limits["allowed_models"] = [request.model]
+            limits["allowed_models"] = named_model(request.model, options.allowed_models)
         try:
             decision = await self._decide(options, query, estimate_tokens(text), **limits)
         except RouteRejected as rejected:
@@ -202,6 +202,16 @@ def route_item(options: RoutingOptions, query: str, input_tokens: int, price: Pr
         price_source=source,
         embedding=options.embedding, max_cost_usd=options.max_cost_usd,
         n_alternatives=n_alternatives, **fields)
+
+
+def named_model(model: str, allowed_models: list[str] | None) -> list[str]:
+    """The arms a chat naming ``model`` may use: that model's, which must also be one of the
+    request's ``r2ray.allowed_models`` when it lists them (it replaces them as the limit, so a
+    model outside them would otherwise be called against the caller's own restriction)."""
+    if allowed_models is not None and model not in allowed_models:
+        raise RouteRejected("model", f"model {model!r} is not one of r2ray.allowed_models "
+                            f"({', '.join(allowed_models)}); name one of them, or r2ray")
+    return [model]
 
 
 _RESPONSE_FIELDS = tuple(f.name for f in fields(RouteDecision) if f.name not in ("arm", "spec"))

@@ -15,6 +15,7 @@ import httpx
 
 from r2ray.catalog import ModelSpec
 from r2ray.errors import R2RayError
+from r2ray.execution.client import redirect_reason
 from r2ray.redaction import MASK, redact_text
 
 ERROR_TEXT_LIMIT = 300   # characters of an upstream error body quoted back to the caller
@@ -75,17 +76,19 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
                             f"{response.status_code}: {quoted_error(response.text, api_key)}",
                             status=status, retry_after=response.headers.get("retry-after")
                             if status == 429 else None)
+    if response.status_code >= 300:   # a redirect, not followed: the request never ran
+        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
+                            f"{redirect_reason(response)}")
     # a 2xx whose body is unusable was accepted, and so may be billed
-    accepted = response.is_success
     try:
         answer = response.json()
     except ValueError:
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
                             f"{response.status_code} with a body that is not JSON",
-                            may_have_billed=accepted) from None
+                            may_have_billed=True) from None
     if not isinstance(answer, dict):
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered a JSON "
-                            f"{type(answer).__name__}, not an object", may_have_billed=accepted)
+                            f"{type(answer).__name__}, not an object", may_have_billed=True)
     return answer
 
 
