@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from r2ray.errors import R2RayError
 from r2ray.solver import hull_steps, solve_budget, solve_groups
 from r2ray.solver.distributed import LOCAL_SOLVE_ENV, local_solve_limit, solve_dataset
 from r2ray.solver.table import steps_to_table
@@ -160,6 +161,18 @@ def test_the_limit_defaults_to_a_share_of_free_memory_and_can_be_set(monkeypatch
     assert local_solve_limit(8_000) == 1_000 and local_solve_limit(1 << 50) == 1 << 30
     monkeypatch.setenv(LOCAL_SOLVE_ENV, "12345")
     assert local_solve_limit() == 12345 == local_solve_limit(8_000)
+
+
+@pytest.mark.parametrize("value", ["1GB", "-5", "nan", "1e9", "\u00b2"])
+def test_a_bad_limit_is_an_error_naming_the_variable_before_the_run_scores(monkeypatch, value):
+    """Not a ValueError traceback at the solve, after every query was scored, nor a negative
+    limit that silently sent every solve to the distributed passes."""
+    from r2ray.batch.job import check_solve_limit
+
+    monkeypatch.setenv(LOCAL_SOLVE_ENV, value)
+    for check in (local_solve_limit, check_solve_limit):
+        with pytest.raises(R2RayError, match=f"{LOCAL_SOLVE_ENV}=.*whole number of bytes"):
+            check()
 
 
 @pytest.mark.slow

@@ -128,6 +128,14 @@ def _registered_model(model_uri: str, tracking_uri: str | None) -> LoadedModel:
                        bundle.predictor.saved_fingerprint_)
 
 
+def check_solve_limit() -> None:
+    """A bad ``R2RAY_LOCAL_SOLVE_BYTES`` fails the run before it scores anything, not at the
+    solve after every query was scored (:func:`r2ray.solver.distributed.local_solve_limit`)."""
+    from r2ray.solver.distributed import local_solve_limit_override
+
+    local_solve_limit_override()
+
+
 def check_guarantee(config: RouteConfig, model: LoadedModel) -> None:
     """A spend guarantee needs the model's spend simulation: refuse before anything is written."""
     if config.spend_guarantee > 0 and not config.strict_budget and model.spend_simulation is None:
@@ -269,6 +277,7 @@ def route_batch(config: RouteConfig) -> dict:
         with _timed(timings, "load_model"):
             model = load_model(config.model, config.catalog, config.tracking_uri)
         check_guarantee(config, model)
+        check_solve_limit()
         with storage.reporting(f"cannot read cost corrections under {paths.root}"):
             correction = find_correction(config, model)
         with storage.reporting(f"cannot write to the output {paths.root}"):

@@ -46,10 +46,28 @@ def local_solve_limit(available_bytes: int | None = None) -> int:
     ``R2RAY_LOCAL_SOLVE_BYTES`` if set, else ``LOCAL_SOLVE_BYTES`` capped at 1/``MEMORY_SHARE``
     of ``available_bytes``, the memory available now on the solver's node
     (:meth:`SolveWorker.placement`; default: this node's)."""
-    if os.environ.get(LOCAL_SOLVE_ENV):
-        return int(os.environ[LOCAL_SOLVE_ENV])
+    override = local_solve_limit_override()
+    if override is not None:
+        return override
     return min(LOCAL_SOLVE_BYTES, (available_bytes if available_bytes is not None
                                    else available_memory()) // MEMORY_SHARE)
+
+
+def local_solve_limit_override() -> int | None:
+    """``R2RAY_LOCAL_SOLVE_BYTES`` as bytes of step columns (None: unset). A value that is not a
+    whole number of bytes of at least 0 is an error naming the variable: read as it was, "1GB"
+    raised a ValueError traceback once every query was scored, and "-5" sent every solve to the
+    distributed passes without a word."""
+    from r2ray.errors import R2RayError
+
+    value = os.environ.get(LOCAL_SOLVE_ENV, "").strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()):   # no sign, point, exponent or unit
+        raise R2RayError(f"{LOCAL_SOLVE_ENV}={value!r}: give a whole number of bytes of at "
+                         f"least 0 (default {LOCAL_SOLVE_BYTES:,}, at most 1/{MEMORY_SHARE} of "
+                         "the free memory), or unset it")
+    return int(value)
 
 
 def available_memory() -> int:
