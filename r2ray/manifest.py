@@ -122,15 +122,14 @@ def children(uri: str) -> list[str]:
 
 def check_output(paths: RunPaths, input_files: list[str]) -> None:
     """Refuse a run folder r2ray may not write into, before anything is written or removed."""
-    fs, root = storage.filesystem(paths.root)
     names = children(paths.root)   # first: it raises at once where the store is unreachable
     for uri in (paths.output, paths.root):
         fs_, path = storage.filesystem(uri)
         if fs_.isfile(path):
             raise RunFolderError(f"output {uri} is a file, not a folder")
+    inside = storage.canonical_uri(paths.root).rstrip("/") + "/"   # symlinks, `..` resolved
     for source in input_files:
-        fs_in, path = storage.filesystem(source)
-        if fs_in.protocol == fs.protocol and (path + "/").startswith(root.rstrip("/") + "/"):
+        if (storage.canonical_uri(source) + "/").startswith(inside):
             raise RunFolderError(f"input file {source} lies inside the run folder {paths.root}; "
                                  "choose another --output or --run-id")
     if set(names) - {LOCK} and MARKER not in names:   # a lease alone: a run is starting here

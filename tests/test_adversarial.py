@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from r2ray import manifest as runs
+from r2ray import manifest as runs, storage
 from r2ray.batch.backlog import ROW_BITS, plan_units, read_and_validate
 from r2ray.bench.io import write_table
 from r2ray.catalog import CatalogError, catalog_from_dict
@@ -86,6 +86,20 @@ def test_input_inside_the_run_folder_is_refused(tmp_path, small_routing_model, c
     assert main(args) == 2
     assert "lies inside the run folder" in capsys.readouterr().err
     assert os.listdir(inside) == ["b.jsonl"]
+
+
+def test_input_reached_through_a_symlink_into_the_run_folder_is_refused(tmp_path):
+    """An interrupted run's redo clears its attempts: an input inside one, spelt through a
+    symlink, must be refused before that clearing, not deleted by it."""
+    paths = runs.RunPaths(str(tmp_path / "out"), "night")
+    crashed, _ = runs.start_attempt(paths, fingerprint="f")
+    write_table(pa.table({"query_id": ["q0"]}), crashed.path("deferred", "part-0.parquet"))
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    files = storage.list_files(str(tmp_path / "link" / "night" / crashed.attempt / "deferred"),
+                               (".parquet",))
+    with pytest.raises(runs.RunFolderError, match="lies inside the run folder"):
+        runs.check_output(paths, files)
+    assert os.path.exists(crashed.path("deferred", "part-0.parquet"))
 
 
 def test_a_failed_forced_run_leaves_the_committed_run_intact(tmp_path, capsys, mlflow_store):
