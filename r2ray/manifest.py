@@ -120,23 +120,37 @@ def children(uri: str) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in listing)
 
 
-def check_output(paths: RunPaths, input_files: list[str]) -> None:
-    """Refuse a run folder r2ray may not write into, before anything is written or removed."""
+def check_output(paths: RunPaths, input_files: list[str], input_uri: str | None = None) -> None:
+    """Refuse a run folder r2ray may not write into, before anything is written or removed;
+    and an input (``input_uri``, as given) that sweeps in the output folder's runs."""
     names = children(paths.root)   # first: it raises at once where the store is unreachable
     for uri in (paths.output, paths.root):
         fs_, path = storage.filesystem(uri)
         if fs_.isfile(path):
             raise RunFolderError(f"output {uri} is a file, not a folder")
-    inside = storage.canonical_uri(paths.root).rstrip("/") + "/"   # symlinks, `..` resolved
     for source in input_files:
-        if (storage.canonical_uri(source) + "/").startswith(inside):
+        if _below(source, paths.root):
             raise RunFolderError(f"input file {source} lies inside the run folder {paths.root}; "
                                  "choose another --output or --run-id")
+    if input_uri is not None and not _below(input_uri, paths.output):
+        swept = next((source for source in input_files if _below(source, paths.output)), None)
+        if swept is not None:
+            raise RunFolderError(
+                f"input {input_uri} holds the output {paths.output} (it reads {swept}): each "
+                "night would route again the earlier runs' deferred rows and quarantine their "
+                "manifests; choose an --output outside the input (a deferred/ folder passed "
+                "as --input itself is fine)")
     if set(names) - {LOCK} and MARKER not in names:   # a lease alone: a run is starting here
         raise RunFolderError(
             f"{paths.root} exists and is not an r2ray run folder (no {MARKER}; it holds "
             f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}); r2ray will not write into "
             "or clear it — choose another --run-id or --output, or move its contents away")
+
+
+def _below(uri: str, folder: str) -> bool:
+    """``uri`` lies strictly inside ``folder``, however either is spelt (a symlink, ``..``,
+    ``file://``: :func:`r2ray.storage.canonical_uri`)."""
+    return storage.canonical_uri(uri).startswith(storage.canonical_uri(folder).rstrip("/") + "/")
 
 
 def start_attempt(paths: RunPaths, fingerprint: str, force: bool = False) -> tuple[RunPaths, str]:

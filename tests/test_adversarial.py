@@ -102,6 +102,23 @@ def test_input_reached_through_a_symlink_into_the_run_folder_is_refused(tmp_path
     assert os.path.exists(crashed.path("deferred", "part-0.parquet"))
 
 
+def test_an_input_folder_holding_the_output_is_refused(tmp_path, small_routing_model, capsys):
+    """``--input data --output data/out``: the second night would read the first's deferred
+    rows (routing them again) and its manifest as backlog; its own deferred/ as input is fine."""
+    args = _route_args(tmp_path, small_routing_model["path"], "--run-id", "night2")
+    data = args[args.index("--input") + 1]
+    args[args.index("--output") + 1] = os.path.join(data, "out")
+    first = _fake_committed_run(os.path.join(data, "out"), "night1")
+    write_table(pa.table({"query_id": ["d"], "query": ["deferred"]}),
+                first.path("deferred", "part-0.parquet"))
+    assert main(args) == 2
+    assert f"input {data} holds the output" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(data, "out", "night2"))
+    requeued = storage.list_files(first.deferred, (".parquet",))
+    runs.check_output(runs.RunPaths(os.path.join(data, "out"), "night2"), requeued,
+                      first.deferred)
+
+
 def test_a_failed_forced_run_leaves_the_committed_run_intact(tmp_path, capsys, mlflow_store):
     mlflow_store(tmp_path)
     attempt = _fake_committed_run(tmp_path / "out", "night")

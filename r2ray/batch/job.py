@@ -269,7 +269,7 @@ def route_batch(config: RouteConfig) -> dict:
         files = sorted({u.source for u in units} | set(unreadable.column("source").to_pylist()))
         fingerprint = input_fingerprint(files)
     with storage.reporting(f"cannot use the output {paths.root}"):
-        check_output(paths, files)
+        check_output(paths, files, config.input)
         if not config.force and is_committed(paths):
             return _already_committed(paths, config, fingerprint)
         lease = acquire_lease(paths)   # a second run of this run id is refused here, at once
