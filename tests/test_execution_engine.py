@@ -632,6 +632,17 @@ def test_a_redirect_is_reported_not_retried_nor_booked(tmp_path):
     assert run.spend["realised_usd"] == worst
 
 
+def _run_on_ray_until_the_book_fails(requests, tmp_path, catalog, match: str) -> None:
+    """The Ray path, two workers, one row a batch, no retries: it must stop with a SpendBookError
+    matching ``match``."""
+    with pytest.raises(SpendBookError, match=match):
+        run_requests(requests, str(tmp_path), catalog,
+                     EngineConfig(executor="ray", workers=2, batch_rows=1,
+                                  retry=RetryPolicy(max_attempts=1, timeout_s=30.0)),
+                     progress=lambda line: None)
+
+
+
 @pytest.mark.slow
 def test_a_ray_run_stopped_by_its_spend_book_writes_the_batches_in_flight(tmp_path, monkeypatch):
     """On the Ray path, one batch's SpendBookError stopped the run while another worker's batch
@@ -660,11 +671,8 @@ def test_a_ray_run_stopped_by_its_spend_book_writes_the_batches_in_flight(tmp_pa
         requests = requests_table([arm_request(catalog, "lost", "[say:4]", "large", 32),
                                    arm_request(catalog, "slow", "[slow:3] [say:4]", "small", 32)])
         assert requests["worst_usd"][1].as_py() < 1e-3 < requests["worst_usd"][0].as_py()
-        with pytest.raises(SpendBookError, match=r"spend book failed: \w*\(?OSError"):
-            run_requests(requests, str(tmp_path), catalog,
-                         EngineConfig(executor="ray", workers=2, batch_rows=1,
-                                      retry=RetryPolicy(max_attempts=1, timeout_s=30.0)),
-                         progress=lambda line: None)
+        _run_on_ray_until_the_book_fails(requests, tmp_path, catalog,
+                                         r"spend book failed: \w*\(?OSError")
         time.sleep(5)   # the stub logs a call once it has answered it
         [paid] = stub.answered()
     answered = read_parts(str(tmp_path / "parts")).to_pylist()
@@ -772,11 +780,8 @@ def test_a_ray_run_whose_ledger_actor_dies_writes_every_answer_it_paid(tmp_path,
         catalog = stub_catalog(stub.url)
         requests = _requests(catalog, {f"q{i}": "[say:4]" if i % 2 else "[slow:1] [say:4]"
                                        for i in range(8)})
-        with pytest.raises(SpendBookError, match=r"stopped: spend book failed: \w*Error"):
-            run_requests(requests, str(tmp_path), catalog,
-                         EngineConfig(executor="ray", workers=2, batch_rows=1,
-                                      retry=RetryPolicy(max_attempts=1, timeout_s=30.0)),
-                         progress=lambda line: None)
+        _run_on_ray_until_the_book_fails(requests, tmp_path, catalog,
+                                         r"stopped: spend book failed: \w*Error")
         time.sleep(3)   # the stub logs a call once it has answered it
         paid = stub.answered()
     answered = read_parts(str(tmp_path / "parts")).to_pylist()
