@@ -364,3 +364,57 @@ def test_a_corrupt_simulation_is_refused_not_used(position, n_queries, match):
                           np.ones(3), np.zeros(3), n_queries, np.array(position))
     with pytest.raises(ValueError, match=match):
         plan_budget(0.2, 1000, 0.95, sim, span=BacklogSpan(0.05, 0.5))
+
+
+# ---- a corrupt simulation was refused only after scoring; an overflowed budget planned ∞ ------
+# (a review, 2026-12-06)
+CORRUPT_SIMULATIONS = {   # predictor.json's spend_simulation, hand-edited or truncated
+    "nan": {"spend_per_query_usd": [1e-4, 1e-3], "ratio": [1.2, float("nan")],
+            "cv": [0.5, 0.5], "quality": [0.5, 0.6], "n_queries": 200},
+    "empty": {"spend_per_query_usd": [], "ratio": [], "cv": [], "quality": [], "n_queries": 200},
+    "ragged": {"spend_per_query_usd": [1e-4, 1e-3], "ratio": [1.2], "cv": [0.5, 0.5],
+               "quality": [0.5, 0.6], "n_queries": 200, "position": [0.0, 1.0]}}
+
+
+def _route_config(**budget):
+    from r2ray.batch.config import route_config
+
+    return route_config(input="in", output="out", model="m", **budget)
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT_SIMULATIONS))
+def test_a_corrupt_simulation_is_refused_before_any_query_is_scored(name):
+    # before the fix: check_guarantee let it through, and plan_budget raised a bare ValueError
+    # ("array of sample points is empty" for an empty one) after the whole backlog was scored
+    from types import SimpleNamespace
+
+    from r2ray.batch.job import check_guarantee
+    from r2ray.errors import R2RayError
+
+    model = SimpleNamespace(label="m/3",
+                            spend_simulation=SpendSimulation.from_json(CORRUPT_SIMULATIONS[name]))
+    with pytest.raises(R2RayError, match="model m/3: the model's spend simulation .*"
+                                         "--spend-guarantee 0"):
+        check_guarantee(_route_config(budget_usd=1.0), model)
+    with pytest.raises(ValueError, match="spend simulation"):
+        plan_budget(1.0, 1000, 0.95, model.spend_simulation, span=BacklogSpan(0.1, 0.8))
+    check_guarantee(_route_config(budget_usd=1.0, spend_guarantee=0), model)  # not needed:
+    check_guarantee(_route_config(budget_usd=1.0, strict_budget=True), model)  # no refusal
+
+
+def test_a_budget_per_query_that_overflows_the_total_is_refused():
+    # before the fix: 1e306 USD per query × 1,000 queries planned an infinite limit, and the
+    # manifest recorded budget ∞ and quality_given_up_at_most NaN (λ* 0 × ∞ held back)
+    from r2ray.batch.job import total_budget_usd
+    from r2ray.errors import R2RayError
+
+    with pytest.raises(R2RayError, match="--budget-per-query 1e\\+306 × 1000 queries overflows"):
+        total_budget_usd(_route_config(budget_per_query_usd=1e306), 1000)
+    assert total_budget_usd(_route_config(budget_per_query_usd=2e-4), 1000) == pytest.approx(0.2)
+
+
+def test_plan_budget_refuses_a_budget_that_is_not_a_finite_number_of_usd():
+    # before the fix: ∞ planned an infinite limit (κ 1.03); NaN and −1 gave a NaN or negative one
+    for budget in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="finite number of USD"):
+            plan_budget(budget, 1000, 0.95, simulation())

@@ -17,6 +17,7 @@ import datetime as dt
 import functools
 import importlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -137,12 +138,32 @@ def check_solve_limit() -> None:
 
 
 def check_guarantee(config: RouteConfig, model: LoadedModel) -> None:
-    """A spend guarantee needs the model's spend simulation: refuse before anything is written."""
-    if config.spend_guarantee > 0 and not config.strict_budget and model.spend_simulation is None:
+    """A spend guarantee needs the model's spend simulation, one κ can be read from: refuse
+    before anything is written, not after every query was scored."""
+    if config.spend_guarantee <= 0 or config.strict_budget:
+        return
+    if model.spend_simulation is None:
         raise R2RayError(f"model {model.label} carries no spend simulation (it was saved before "
                          "r2ray fitted one, or its held-out rows were too few), so the spend "
                          "guarantee cannot be sized: retrain it, or pass --spend-guarantee 0 to "
                          "plan the whole budget on predicted costs")
+    try:
+        model.spend_simulation.check()
+    except ValueError as err:
+        raise R2RayError(f"model {model.label}: {err}") from None
+
+
+def total_budget_usd(config: RouteConfig, n_queries: int) -> float:
+    """The run's budget (USD): ``--budget-usd``, or ``--budget-per-query`` × the ``n_queries``
+    left after dedupe, refused where that product overflows float64 (an infinite budget would
+    plan an infinite limit and record NaN quality given up)."""
+    if config.budget_usd is not None:
+        return config.budget_usd
+    total = config.budget_per_query_usd * n_queries
+    if not math.isfinite(total):
+        raise R2RayError(f"--budget-per-query {config.budget_per_query_usd!r} × {n_queries} "
+                         "queries overflows a float64 budget: give a smaller budget")
+    return total
 
 
 def score_pool_options(pool) -> dict:
@@ -432,8 +453,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         n_solvable = solvable.count()
     if n_solvable == 0 and quarantine_counts(paths.quarantine)["records"] == 0:
         raise EmptyInput(f"input {config.input} holds no queries ({len(files)} file(s), 0 rows)")
-    budget_usd = (config.budget_usd if config.budget_usd is not None
-                  else config.budget_per_query_usd * n_solvable)
+    budget_usd = total_budget_usd(config, n_solvable)
     span = None
     if (0 < config.spend_guarantee < 1 and not config.strict_budget and n_solvable > 0
             and model.spend_simulation.position is not None):   # else κ is looked up by spend

@@ -177,6 +177,22 @@ class SpendSimulation:
         ratio, cv = self.at(spend_per_query_usd, position)   # below p = 0.5 the margin is < 0,
         return max(1.0, max(1.0, ratio) + cv * self._margin(n_backlog, probability))  # κ ≥ 1
 
+    def check(self) -> None:
+        """Refuse a simulation no κ can be read from (a corrupt or hand-edited ``predictor.json``):
+        no levels, levels of unequal lengths, NaN/inf, or no held-out queries. ValueError."""
+        levels = (self.spend_per_query_usd, self.ratio, self.cv,
+                  *(() if self.position is None else (self.position,)))
+        if len({len(a) for a in levels}) != 1 or len(self.ratio) == 0:
+            raise ValueError(f"the model's spend simulation has {[len(a) for a in levels]} "
+                             "spend levels, ρ, cv (and positions): it needs the same number "
+                             "(at least one) of each: refit it, or plan with --spend-guarantee 0")
+        if not all(np.isfinite(a).all() for a in levels):
+            raise ValueError("the model's spend simulation holds NaN/inf (ρ, cv, spend levels or "
+                             "positions): refit it, or plan with --spend-guarantee 0")
+        if self.n_queries < 1:
+            raise ValueError(f"the model's spend simulation rests on {self.n_queries} held-out "
+                             "queries: refit it, or plan with --spend-guarantee 0")
+
     def to_json(self) -> dict:
         document = {"spend_per_query_usd": self.spend_per_query_usd.tolist(),
                     "ratio": self.ratio.tolist(), "cv": self.cv.tolist(),
@@ -255,7 +271,10 @@ def plan_budget(budget_usd: float, n_queries: int, probability: float,
     arm priced at its cap) already bounds the bill with certainty, so it plans the whole budget
     too. ``span``: the backlog's (:func:`span_of_steps`), to look κ up by the plan's position in
     it (else by spend per query). κ depends on where it is looked up, which depends on κ: the κ
-    returned is one the rule accepts at its own plan (κ ≥ the κ asked for there), by bisection."""
+    returned is one the rule accepts at its own plan (κ ≥ the κ asked for there), by bisection.
+    A budget that is not a finite number ≥ 0 (an overflowed budget per query × N) is refused."""
+    if not (math.isfinite(budget_usd) and budget_usd >= 0):
+        raise ValueError(f"budget must be a finite number of USD ≥ 0; got {budget_usd!r}")
     if strict:
         return SpendPlan(budget_usd, budget_usd, 1.0, 1.0, 1.0,
                          "strict budget: every arm priced at its max_tokens cap, Σ ≤ budget")
@@ -264,14 +283,7 @@ def plan_budget(budget_usd: float, n_queries: int, probability: float,
                          "none: planned on predicted costs (--spend-guarantee 0)")
     if simulation is None:
         raise ValueError("the model carries no spend simulation")
-    levels = (simulation.spend_per_query_usd, simulation.ratio, simulation.cv,
-              *(() if simulation.position is None else (simulation.position,)))
-    if not all(np.isfinite(a).all() for a in levels):
-        raise ValueError("the model's spend simulation holds NaN/inf (ρ, cv, spend levels or "
-                         "positions): refit it, or plan with --spend-guarantee 0")
-    if simulation.n_queries < 1:
-        raise ValueError(f"the model's spend simulation rests on {simulation.n_queries} held-out "
-                         "queries: refit it, or plan with --spend-guarantee 0")
+    simulation.check()
     n = max(n_queries, 1)
     by_position = span is not None and simulation.position is not None
     where = span.position if by_position else (lambda planned: None)
