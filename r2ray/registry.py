@@ -181,6 +181,13 @@ def register_predictor(predictor: BasePredictor, name: str, *, encoder_spec: str
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
 
 
+def _quoted(name: str) -> str:
+    """``name`` as a string in an MLflow search filter: in double quotes when it holds a single
+    one (``alice's-router``: in single quotes the filter was refused as invalid, so /latest of a
+    name that exists did not resolve); MLflow's filters have no escapes."""
+    return f'"{name}"' if "'" in name else f"'{name}'"
+
+
 @mlflow_guard()
 def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (or ``/latest``) → its version."""
@@ -197,7 +204,7 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
         if alias:
             found = client.get_model_version_by_alias(name, alias)
         elif version == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
+            versions = client.search_model_versions(f"name={_quoted(name)}")
             if not versions:
                 raise ValueError(f"registered model {name!r} has no versions")
             found = max(versions, key=lambda v: int(v.version))
@@ -219,15 +226,22 @@ def load_registered(uri: str, tracking_uri: str | None = None,
         predictor = load_predictor(uri, device=device)
         return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, None)
     import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
 
     version = resolve_version(uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="r2ray-load-") as tmp:  # weights are read into memory
         try:
             model = mlflow.pyfunc.load_model(version.uri, dst_path=tmp,
                                              model_config={"device": device} if device else None)
-        except (R2RayError, OSError) as err:  # its artifact is gone or damaged in the store
+        # its files are gone or damaged in the store: the predictor's (R2RayError, OSError), or
+        # MLflow's own (MlflowException; an MLmodel that is not YAML, or not a mapping, reaches
+        # here as MLflow's parse error: YAMLError, AttributeError, TypeError)
+        except (R2RayError, OSError, MlflowException, yaml.YAMLError, AttributeError,
+                TypeError) as err:
             raise RegistryError(redact_text(f"{uri} ({version.uri}, source {version.source}) "
-                                            f"cannot be loaded: {err}")) from None
+                                            f"cannot be loaded: {type(err).__name__}: {err}")
+                                ) from None
         predictor = model.unwrap_python_model().predictor
     return RegisteredPredictor(predictor, predictor.catalog_, predictor.encoder_spec, version)
 
@@ -254,13 +268,19 @@ class Promotion:
     def report(self) -> str:
         def line(label: str, info: VersionInfo | None, score: dict | None) -> str:
             metrics = ("not scored" if score is None else ", ".join(
-                f"{k} {score[k]:.4f}" for k in ("audc", "qnc", "peak") if k in score))
+                f"{k} {_metric_text(score[k])}" for k in ("audc", "qnc", "peak") if k in score))
             return f"  {label:<10} {info.uri if info else '(none)':<28} {metrics}"
 
         verdict = "promoted" if self.promoted else "not promoted"
         return "\n".join([f"alias @{self.alias}: {verdict} ({self.reason})",
                           line("candidate", self.candidate, self.candidate_score),
                           line("holder", self.holder, self.holder_score)])
+
+
+def _metric_text(value) -> str:
+    """A score's metric as the report shows it: 4 decimals, or as it is where it is no number
+    (None: a refusal says why, and the report must still print)."""
+    return f"{value:.4f}" if isinstance(value, (int, float, np.number)) else str(value)
 
 
 def _not_finite(label: str, score: dict) -> str | None:

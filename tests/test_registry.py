@@ -224,6 +224,12 @@ def test_scores_that_are_not_numbers_never_move_the_alias(store, data):
     kept = promote_if_better(second, "champion", score, tracking_uri=uri)
     assert not kept.promoted and "the holder's audc is nan" in kept.reason
     assert alias_holder("r2ray-nan", "champion", uri).version == "1"
+    # a score with no audc at all is refused too, and its report still prints (it raised
+    # TypeError formatting None with :.4f)
+    missing = promote_if_better(second, "champion", score, tracking_uri=uri,
+                                candidate_score={"audc": None, "qnc": 0.5})
+    assert not missing.promoted and "audc is None" in missing.reason
+    assert "audc None, qnc 0.5000" in missing.report()
 
 
 def test_an_alias_moved_while_scoring_is_not_overwritten(store, data):
@@ -257,6 +263,27 @@ def test_a_version_whose_artifact_is_gone_is_an_error_naming_it(store, data):
         load_registered("models:/r2ray-gone/1", tracking_uri=uri)
     with pytest.raises(RegistryError, match="'no-such-model' has no versions"):
         load_registered("models:/no-such-model/latest", tracking_uri=uri)
+    # a name with an apostrophe: MLflow registers it, and /latest resolves it (the search
+    # filter quoted it in single quotes and was refused as invalid)
+    register_predictor(make_predictor("per_arm_ridge").fit(train, catalog), "alice's-router",
+                       tracking_uri=uri)
+    assert load_registered("models:/alice's-router/latest", uri).version.version == "1"
+
+
+@pytest.mark.parametrize("damage", ["", "{{{ [", None], ids=["empty", "not-yaml", "gone"])
+def test_a_version_whose_mlmodel_is_damaged_is_an_error_naming_it(store, data, damage):
+    """An MLmodel file cut to nothing or not YAML came out of load_registered as a bare
+    AttributeError / yaml ParserError naming a temporary folder, not the version."""
+    uri, _ = store
+    catalog, train, _ = data
+    name = f"r2ray-mlmodel-{'gone' if damage is None else len(damage)}"
+    version = register_predictor(make_predictor("per_arm_ridge").fit(train, catalog), name,
+                                 tracking_uri=uri)
+    folder = mlflow.MlflowClient().get_model_version_download_uri(name, version.version)
+    mlmodel = Path(folder.removeprefix("file://")) / "MLmodel"
+    mlmodel.unlink() if damage is None else mlmodel.write_text(damage)
+    with pytest.raises(RegistryError, match=f"models:/{name}/1 .*cannot be loaded"):
+        load_registered(f"models:/{name}/1", tracking_uri=uri)
 
 
 def test_a_committed_run_re_run_after_its_alias_moved_names_both_versions(store, data, tmp_path,
@@ -293,6 +320,48 @@ def test_a_committed_run_re_run_after_its_alias_moved_names_both_versions(store,
     err = capsys.readouterr().err                           # ... but not silently
     assert ("model (models:/r2ray-moved@champion was version 1 for this run, and now resolves "
             "to version 2)") in err and "--force" in err
+
+
+def test_a_committed_run_re_run_after_its_name_was_registered_again_says_so(store, data,
+                                                                            tmp_path, capsys):
+    """The name deleted and registered again: @champion resolves to version 1 as it did for the
+    committed run, but version 1 now holds another predictor. The re-run said "nothing to do";
+    the version's fingerprint tag against the manifest's shows it."""
+    from r2ray import manifest as runs
+    from r2ray.batch import route_batch
+    from r2ray.batch.config import route_config
+    from r2ray.batch.job import load_model
+
+    uri, _ = store
+    catalog, train, _ = data
+    client = mlflow.MlflowClient()
+
+    def register(alpha: float) -> None:
+        register_predictor(make_predictor("per_arm_ridge", alpha=alpha).fit(train, catalog),
+                           "r2ray-renamed", tracking_uri=uri)
+        client.set_registered_model_alias("r2ray-renamed", "champion", "1")
+
+    register(1.0)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "q.jsonl").write_text('{"query_id": "a", "query": "hi"}\n')
+    config = route_config(input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                          model="models:/r2ray-renamed@champion", budget_per_query_usd=1e-4,
+                          run_id="nightly", tracking_uri=uri)
+    model = load_model(config.model, None, uri)   # what the run recorded of its model
+    fingerprint = runs.input_fingerprint([str(tmp_path / "in" / "q.jsonl")])
+    attempt, _ = runs.start_attempt(runs.RunPaths(config.output, "nightly"), fingerprint)
+    runs.commit(attempt, {"run_id": "nightly", "input": {"fingerprint": fingerprint},
+                          "model": {"uri": config.model, "name": model.name,
+                                    "version": model.version, "fingerprint": model.fingerprint},
+                          "config": config.model_dump()})
+    route_batch(config)
+    assert "nothing to do" in capsys.readouterr().err
+    client.delete_registered_model("r2ray-renamed")
+    register(50.0)
+    assert route_batch(config)["model"]["version"] == "1"   # still left alone ...
+    err = capsys.readouterr().err                           # ... but not silently
+    assert ("model (models:/r2ray-renamed/1, its name registered again, holds another predictor "
+            f"than this run used: fingerprint {model.fingerprint[:12]}") in err and "--force" in err
 
 
 def test_a_name_registered_again_does_not_take_the_old_versions_correction(store, data, tmp_path):

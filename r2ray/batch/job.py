@@ -44,6 +44,7 @@ from r2ray.redaction import redact_text, redact_values
 if TYPE_CHECKING:  # the predictor package imports torch: only the route itself needs it
     from r2ray.predictor.spend_guarantee import SpendPlan, SpendSimulation
     from r2ray.reconcile import CostCorrection
+    from r2ray.registry import VersionInfo
 
 
 class EmptyInput(R2RayError):
@@ -340,8 +341,9 @@ def _already_committed(paths: RunPaths, config: RouteConfig, fingerprint: str) -
 def _model_moved(config: RouteConfig, committed: dict) -> str | None:
     """Why the committed run's model is not the one ``config.model`` names now: an alias (or
     ``/latest``) that resolves to another version than the run used, though the URI is the same,
-    or a folder retrained in place (:func:`_folder_moved`). Asks the registry for the version
-    only (no weights); where it cannot answer, says so."""
+    a version number that names another predictor (the name deleted and registered again:
+    :func:`_version_moved`), or a folder retrained in place (:func:`_folder_moved`). Asks the
+    registry for the version and its tags only (no weights); where it cannot answer, says so."""
     from r2ray.registry import RegistryError, resolve_version
 
     uri, version = config.model, committed.get("version")
@@ -356,9 +358,22 @@ def _model_moved(config: RouteConfig, committed: dict) -> str | None:
     except RegistryError as err:
         return f"model ({uri} could not be resolved to check its version: {err})"
     if now.version == str(version):
-        return None
+        return _version_moved(now, committed.get("fingerprint"))
     return (f"model ({uri} was version {version} for this run, and now resolves to version "
             f"{now.version})")
+
+
+def _version_moved(now: VersionInfo, fingerprint: str | None) -> str | None:
+    """Why the registered version ``now``, the version number a committed run used, holds
+    another predictor than that run's (``fingerprint``, its manifest's ``model.fingerprint``,
+    against the version's ``document_sha256`` tag), else None; None too where either is not
+    recorded (committed, or registered, before fingerprints were)."""
+    from r2ray.predictor.persist import DIGEST_FIELD
+
+    tagged = now.tags.get(DIGEST_FIELD)
+    if fingerprint is None or tagged is None or tagged == fingerprint:
+        return None
+    return _holds_another(f"{now.uri}, its name registered again,", fingerprint, tagged)
 
 
 def _folder_moved(folder: str, fingerprint: str | None) -> str | None:
@@ -376,8 +391,14 @@ def _folder_moved(folder: str, fingerprint: str | None) -> str | None:
         return f"model ({folder} could not be read to check it is the run's predictor: {err})"
     if now == fingerprint:
         return None
-    return (f"model ({folder} holds another predictor than this run used: fingerprint "
-            f"{fingerprint[:12]}… then, {now[:12]}… now)")
+    return _holds_another(folder, fingerprint, now)
+
+
+def _holds_another(model: str, then: str, now: str) -> str:
+    """The warning for ``model`` holding another predictor (fingerprint ``now``) than the
+    committed run used (``then``)."""
+    return (f"model ({model} holds another predictor than this run used: fingerprint "
+            f"{then[:12]}… then, {now[:12]}… now)")
 
 
 DECISION_SETTINGS = ("input", "model", "budget_usd", "budget_per_query_usd", "spend_guarantee",
