@@ -290,6 +290,43 @@ def test_judge_score_out_of_ten_is_not_full_marks():
     assert graders.parse_judge_score("Score: **0.5**") == 0.5
 
 
+# ---- graders: a second review (2026-12-06) ---------------------------------------------------
+@pytest.mark.parametrize("reply, score", [
+    ("Score: 1 out of 10", None), ("Score: 1 / 10", None), ("Score: 0,5", None),
+    ("Score: 1e-1", None), ("Score: 0.8 out of 1", 0.8), ('{"score": 0.8}', 0.8),
+    ("Score: 1.", 1.0)])
+def test_judge_score_in_words_decimal_comma_and_json(reply, score):
+    # before the fix: "1 out of 10" -> 1.0 (full marks for 1/10), "0,5" -> 0.0, JSON -> None
+    assert graders.parse_judge_score(reply) == score
+
+
+def test_choice_reads_the_letter_finally_stated():
+    # before the fix: A (the first "answer"), I (the pronoun), and None for the rest
+    assert graders.choice_letter("To find the answer: A is wrong, it ignores friction. "
+                                 "Answer: C") == "C"
+    assert graders.choice_letter("The answer is A? No wait, the answer is C.") == "C"
+    assert graders.choice_letter("Answer: I think it is B") != "I"
+    assert graders.choice_letter("Answer: I'd say C") != "I"
+    assert graders.choice_letter("The answer is: J") == "J"
+    assert graders.choice_letter("**B**\n\nBecause Paris is the capital.") == "B"
+    assert graders.choice_letter("so $\\boxed{\\text{B}}$") == "B"
+    assert graders.grade("choice", "b", "B") == 1.0
+    assert graders.choice_letter("Answer: I") == "I"                  # option I still counts
+    assert graders.choice_letter("Answer: I. It is the only one.") == "I"
+
+
+@pytest.mark.parametrize("grader, response, reference, grade", [
+    ("numeric", "4.2e1", "42", 1.0), ("numeric", "c is about 3e8 m/s", "300000000", 1.0),
+    ("numeric", "1.5E-3", "0.0015", 1.0), ("numeric", "The answer is ４２.", "42", 1.0),
+    ("numeric", "4.2e1", "4.2", 0.0), ("exact", "４２", "42", 1.0),
+    ("exact", "\ufb01sh", "fish", 1.0), ("exact", "cafe\u0301", "caf\u00e9", 1.0),
+    ("exact", "４３", "42", 0.0)])
+def test_e_notation_and_unicode_forms(grader, response, reference, grade):
+    # before the fix: 0.0 — math-verify reads "4.2e1" as 4.2 and no number in "４２"; exact
+    # compared full-width digits, a ligature and a decomposed accent as other text
+    assert graders.grade(grader, response, reference) == grade
+
+
 def test_dry_run_bounds_the_judge(tmp_path):
     """The dry run's judge worst case is at least what the judge's requests reserve: an answer of
     max_tokens tokens can be 4 UTF-8 bytes a token (more for long tokens), and the judge's bound

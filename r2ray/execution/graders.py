@@ -12,23 +12,32 @@ from __future__ import annotations
 import logging
 import re
 import string
+import unicodedata
 from collections.abc import Callable
+from decimal import Decimal
 
 from r2ray.errors import R2RayError
 
 _ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*(.+)$", re.IGNORECASE | re.DOTALL)
-_LETTER_PATTERNS = [   # most explicit first
-    # a lowercase letter only as an option ("answer: b)", "the answer is c."), never the article
-    re.compile(r"(?i:answer)\s*(?i:is|:)?\s*\(?\**([A-J]|[a-j](?=\**\)|\**[.:;,]?\s*$))"
-               r"\**\)?(?![A-Za-z])"),
+_STATED = [   # the last one stated is the final answer ("answer: A is wrong ... Answer: C")
+    re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-Ja-j])\)?\s*\}"),
+    # a lowercase letter only as an option ("answer: b)", "the answer is c."), never the
+    # article; "I" never as the pronoun ("Answer: I think it is B", "answer: I'd say C")
+    re.compile(r"(?i:answer)\s*(?i:is\s*:?|:)?\s*\(?\**([A-HJ]|I(?!['’]|[ \t]+[a-z])"
+               r"|[a-j](?=\**\)|\**[.:;,]?\s*$))\**\)?(?![A-Za-z])"),
+]
+_MENTIONED = [   # else the first letter the answer opens with or names as an option
     re.compile(r"^\s*\(?\**([A-J])\**[\)\.:](?![A-Za-z])"),
-    re.compile(r"^\s*([A-J])\s*$"),
+    re.compile(r"^\s*\(?\**([A-Ja-j])\**\)?\.?\s*(?:\n|$)"),   # a line of its own: "**B**", "b"
     re.compile(r"\(([A-J])\)"),
     re.compile(r"(?<![A-Za-z])([A-J])\)"),
 ]
-_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([01](?:\.\d+)?|\.\d+)(?!\d|\.\d|\s*/\s*(?!1\b))",
-                    re.IGNORECASE)   # not the "1" of "10" or of "1/10" ("x/1" is x)
-
+_SCORE = re.compile(   # also JSON ('"score": 0.8'); not the "1" of "10", "1/10", "1 out of 10"
+    # ("x/1" is x) nor of "1e-1", nor the "0" of a decimal comma ("0,5")
+    r"score[\"']?\s*[:=]?\s*\**[\"']?\s*([01](?:\.\d+)?|\.\d+)"
+    r"(?!\d|[.,]\d|[eE][-+]?\d|\s*(?:/|out\s+of)(?!\s*1\b))", re.IGNORECASE)
+_E_NOTATION = re.compile(r"(?<![\w.])(?:\d+(?:\.\d+)?|\.\d+)[eE][-+]?\d{1,3}(?!\w|\.\d)")
+_FULL_WIDTH = {0xFF01 + i: 0x21 + i for i in range(94)} | {0x3000: 0x20}   # "４２" -> "42"
 
 _STRIP = string.punctuation + " “”‘’"
 
@@ -38,8 +47,9 @@ class GraderError(R2RayError, ValueError):
 
 
 def normalise(text: str) -> str:
-    """Lower case, single spaces, no surrounding punctuation or quotes."""
-    text = " ".join(str(text).lower().split())
+    """NFKC (full-width digits, ligatures, composed accents as one form), lower case, single
+    spaces, no surrounding punctuation or quotes."""
+    text = " ".join(unicodedata.normalize("NFKC", str(text)).lower().split())
     core = text.strip(_STRIP)
     lead = text[: len(text) - len(text.lstrip(_STRIP))]
     return "-" + core if lead.endswith("-") and core[:1].isdigit() else core   # keep a sign
@@ -59,8 +69,13 @@ def grade_exact(response: str, reference: str) -> float:
 
 def choice_letter(response: str) -> str | None:
     """The letter a response commits to (A–J), or None."""
-    for pattern in _LETTER_PATTERNS:
-        found = pattern.search(response.strip())
+    text = response.strip()
+    for pattern in _STATED:
+        stated = pattern.findall(text)
+        if stated:
+            return stated[-1].upper()
+    for pattern in _MENTIONED:
+        found = pattern.search(text)
         if found:
             return found.group(1).upper()
     return None
@@ -81,11 +96,18 @@ def grade_numeric(response: str, reference: str) -> float:
                           "'math-verify>=0.9' (in r2ray's dev extra)") from None
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout is disabled", per call
-    gold = parse(str(reference), parsing_timeout=None)
-    answer = parse(str(response), parsing_timeout=None)
+    gold = parse(_plain_numbers(reference), parsing_timeout=None)
+    answer = parse(_plain_numbers(response), parsing_timeout=None)
     if not gold or not answer:
         return 0.0
     return float(verify(gold, answer, timeout_seconds=None))
+
+
+def _plain_numbers(text: str) -> str:
+    """Full-width characters as ASCII and ``4.2e1`` as ``42``: math-verify reads neither (it
+    takes e-notation's mantissa, 4.2). Not NFKC, which would make ``5²`` the number 52."""
+    return _E_NOTATION.sub(lambda m: format(Decimal(m.group(0)), "f"),
+                           str(text).translate(_FULL_WIDTH))
 
 
 GRADERS: dict[str, Callable[[str, str], float]] = {
