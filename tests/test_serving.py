@@ -684,6 +684,20 @@ def test_chat_model_outside_its_own_allowed_models_is_a_422_naming_model(routing
     assert ok.status_code == 200 and sent[0]["model"] == "GLM-4.6", ok.text
 
 
+# ---- 8b. a 200 whose body is an error object, not a chat completion (a review, 2026-12-06) ---
+def test_upstream_200_with_an_error_body_is_a_502_quoting_it_and_books_c_hat(routing_model,
+                                                                           embedding):
+    answer = b'{"error": {"message": "provider overloaded", "code": 503}}'
+    service = _forwarding_service(routing_model, answer, [])
+    r = _call(_app(service), "POST", "/v1/chat/completions",
+              json=CHAT | {"r2ray": {"embedding": embedding}})
+    # before the fix: 200 with the error object as the chat answer (no choices)
+    assert r.status_code == 502, r.text
+    assert "no chat completion" in r.json()["error"]["message"]
+    assert "provider overloaded" in r.json()["error"]["message"]
+    assert service.book.pending_usd > 0   # a 2xx was accepted: it may be billed, so c_hat counts
+
+
 # ---- 9. a NaN in a field passed through to the upstream is a 500 (a review, 2026-12-06) ---------
 def test_non_finite_number_in_a_passed_through_field_is_a_422_naming_it(routing_model, embedding):
     sent = []

@@ -56,7 +56,8 @@ def upstream_key(model: str, key_envs: dict[str, str]) -> str | None:
 
 async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: str | None,
                        timeout_s: float) -> dict:
-    """POST ``body`` to ``url``; the parsed JSON of a 2xx answer, else :class:`UpstreamError`."""
+    """POST ``body`` to ``url``; the parsed JSON of a 2xx answer that is a chat completion (has
+    a ``choices`` list), else :class:`UpstreamError` (one a 2xx accepted may have been billed)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     host = httpx.URL(url).host
     try:
@@ -89,6 +90,10 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
     if not isinstance(answer, dict):
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered a JSON "
                             f"{type(answer).__name__}, not an object", may_have_billed=True)
+    if not isinstance(answer.get("choices"), list):   # e.g. {"error": ...} under a 200
+        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
+                            f"{response.status_code} with no chat completion (no choices): "
+                            f"{quoted_error(response.text, api_key)}", may_have_billed=True)
     return answer
 
 
