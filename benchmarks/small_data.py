@@ -115,7 +115,8 @@ def split_scores(arrays, catalog, methods: list[str], seed: int, truth=None) -> 
     """Per method (and oracle_all, random; ``truth``: the world's expected quality and tokens
     [N, K] as a router's beliefs, the ceiling of any predictor): AUDC, QNC, fit seconds on one
     80/20 split."""
-    from r2ray.evaluation.method_scores import evaluable_queries, evaluate_methods, summarise
+    from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods,
+                                                reference_methods, summarise)
     from r2ray.predictor.data import holdout_indices
 
     train_rows, test_rows = holdout_indices(arrays.n_queries, 0.2, seed)
@@ -134,7 +135,7 @@ def split_scores(arrays, catalog, methods: list[str], seed: int, truth=None) -> 
     if truth is not None:
         predictions["truth"] = truth.subset(test_rows[evaluable])
     results = evaluate_methods(test, catalog, predictions)
-    summary = summarise(results, normalise_over=[n for n in results if n not in predictions])
+    summary = summarise(results, normalise_over=reference_methods(results, predictions))
     names = [*methods, "oracle_all", "random", *(["truth"] if truth is not None else [])]
     return {n: {"audc": summary["methods"][n]["audc"], "qnc": summary["methods"][n]["qnc"],
                 "seconds": seconds.get(n, 0.0)} | picked.get(n, {}) for n in names}

@@ -152,3 +152,32 @@ def test_score_predictor_uses_the_non_learned_scale():
         "oracle_all", "oracle_default", "random", "single:A", "single:B"]
     with pytest.raises(ValueError, match="needs test.embedding"):
         score_predictor(FixedPredictor([0, 1, 0, 0], TOKENS), bench(), CATALOG)
+
+
+class _Beliefs:
+    """A fitted predictor stand-in whose beliefs are fixed [N, K] arrays (rows = queries)."""
+
+    def __init__(self, quality: np.ndarray):
+        self.quality = quality
+
+    def predict(self, embedding: np.ndarray) -> ArmPredictions:
+        rows = embedding[:, 0].astype(int)   # each query's embedding carries its row index
+        return ArmPredictions(self.quality[rows], np.tile(TOKENS, (len(rows), 1)).astype(np.float32))
+
+
+def test_a_learned_method_is_scored_on_the_non_learned_methods_scale_only():
+    """Costs are normalised over a fixed set (the non-learned methods), so a learned router's AUDC
+    does not move with which learned methods were scored beside it (before: `r2ray evaluate` and
+    its learning curves normalised over every method scored, learned ones included)."""
+    from r2ray.evaluation.harness import evaluate_fitted
+
+    tokens = np.array([[1.0, 30.0, 10.0, 20.0], [1.0, 2.0, 10.0, 40.0]])  # per query, per arm
+    test = bench(QUALITY[:2], embedding=np.arange(2, dtype=np.float32)[:, None])
+    test = BenchArrays(**{**test.__dict__, "output_tokens": tokens.astype(np.float32),
+                          "cost_usd": tokens * U})
+    dearest = _Beliefs(tokens.astype(np.float32) / 100)   # believes the dearest arm is best
+    scored = evaluate_fitted(dearest, test, CATALOG, name="dearest")
+    # its curve reaches (30 + 40) / 2 = 35e-6, past single:B's 30e-6: the scale must not follow it
+    assert scored["methods"]["dearest"]["max_cost_usd"] == pytest.approx(35 * U)
+    assert "dearest" not in scored["normalisation"]["over"]
+    assert scored["normalisation"]["cost_max_usd"] == pytest.approx(30 * U)   # single:B

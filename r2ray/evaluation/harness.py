@@ -31,8 +31,8 @@ from r2ray.errors import R2RayError
 from r2ray.evaluation.adherence import budget_levels
 from r2ray.evaluation.calibration import cost_calibration, quality_calibration
 from r2ray.evaluation.method_scores import (MethodResult, evaluable_queries, evaluate_methods,
-                                            evaluate_scores, is_sampled, reference_quality,
-                                            summarise)
+                                            evaluate_scores, is_sampled, reference_methods,
+                                            reference_quality, summarise)
 from r2ray.evaluation.methods import (ORACLE_ALL, SINGLE_PREFIX, MethodScores, oracle,
                                       scores_from_predictions)
 from r2ray.evaluation.metrics import audc
@@ -123,7 +123,7 @@ def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
     arm_names = [f"{a.model}@{a.budget_tokens or 'default'}" for a in catalog.arms]
     calibration = {name: cost_calibration(p.cost_usd(catalog, test.input_tokens), test.cost_usd,
                                           arm_names) for name, p in predictions.items()}
-    summary = summarise(results)
+    summary = summarise(results, normalise_over=reference_methods(results, predictions))
     return SplitOutcome(split, results, summary, seconds, test.n_queries,
                         len(split.test) - len(keep), calibration,
                         method_adherence(test, catalog, predictions, results, simulations),
@@ -205,8 +205,9 @@ def evaluate_fitted(predictor: Predictor, arrays: BenchArrays, catalog: Catalog,
                     name: str = "registered", lambdas: np.ndarray | None = None) -> dict:
     """Score an already fitted predictor on every evaluable query (no re-fit), with the baselines."""
     test = arrays.subset(evaluable_queries(arrays, catalog))
-    results = evaluate_methods(test, catalog, {name: predictor.predict(test.embedding)}, lambdas)
-    summary = summarise(results)
+    predictions = {name: predictor.predict(test.embedding)}
+    results = evaluate_methods(test, catalog, predictions, lambdas)
+    summary = summarise(results, normalise_over=reference_methods(results, predictions))
     return {"n_queries": test.n_queries, **summary}
 
 

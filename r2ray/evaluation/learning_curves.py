@@ -19,7 +19,8 @@ import numpy as np
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 from r2ray.evaluation.harness import PredictorFactory, Split, fit_methods, log_line
-from r2ray.evaluation.method_scores import evaluable_queries, evaluate_methods, summarise
+from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods, reference_methods,
+                                            summarise)
 from r2ray.predictor.data import BenchArrays
 
 MIN_TRAIN_QUERIES = 10
@@ -63,7 +64,8 @@ def learning_curves(arrays: BenchArrays, catalog: Catalog, splits: list[Split], 
             fitted, _ = fit_methods(arrays.subset(np.sort(order[:size])), catalog, split.seed,
                                     factories, label, log)
             predictions = {name: p.predict(test.embedding) for name, p in fitted.items()}
-            summary = summarise(evaluate_methods(test, catalog, predictions, lambdas))
+            results = evaluate_methods(test, catalog, predictions, lambdas)
+            summary = summarise(results, normalise_over=reference_methods(results, predictions))
             for name in [n for n in predictions if n in summary["methods"]]:  # replay may skip
                 per_size.setdefault(name, [[] for _ in kept])[i].append(
                     summary["methods"][name]["audc"])

@@ -1,9 +1,9 @@
 """Score methods on one test set: deferral curves, then AUDC / QNC / Peak / cost ratios.
 
 Reference quality: 95% of the best single model's quality on the same test set (``target``).
-Normalisation: costs min–max normalised over the curves of a stated set of methods; by default
-every method scored together (the harness), or only the non-learned reference methods
-(:func:`score_predictor`, so that two predictors are scored on the same scale).
+Normalisation: costs min–max normalised over the curves of a stated, fixed set of methods: the
+non-learned reference methods (:func:`reference_methods`: random, the oracles, each single model),
+so that a learned method's score does not move with which other learned methods ran beside it.
 """
 
 from __future__ import annotations
@@ -163,12 +163,19 @@ def score_predictor(predictor: Predictor, test: BenchArrays, catalog: Catalog,
                              lambdas)["predictor"]
 
 
+def reference_methods(results: dict[str, MethodResult],
+                      predictions: dict[str, ArmPredictions]) -> list[str]:
+    """The methods costs are normalised over: those scored in ``results`` that are not among the
+    learned ``predictions`` (random, the oracles, the single models)."""
+    return [name for name in results if name not in predictions]
+
+
 def score_predictions(predictions: dict[str, ArmPredictions], test: BenchArrays, catalog: Catalog,
                       lambdas: np.ndarray | None = None) -> dict[str, dict]:
     """Per named prediction [N, K] on ``test`` (evaluable queries only): AUDC, QNC, Peak, cost
     at 95%, with costs normalised over the non-learned methods only (one scale for all)."""
     results = evaluate_methods(test, catalog, predictions, lambdas)
-    summary = summarise(results, normalise_over=[n for n in results if n not in predictions])
+    summary = summarise(results, normalise_over=reference_methods(results, predictions))
     return {name: {key: summary["methods"][name][key] for key in (
         "audc", "qnc", "peak", "cost_usd_at_95", "cost_ratio_at_95_vs_best_default")} | {
         "n_queries": test.n_queries,

@@ -32,7 +32,9 @@ DEFINITIONS = {
     "curve": "upper-left Pareto frontier of the points, linearly interpolated",
     "audc": "area under quality vs normalised cost on [0, 1]; 0 left of the curve's cheapest "
             "point, flat at its peak right of its dearest point",
-    "normalisation": "cost min–max over every method's curve in the same split (the 'over' list)",
+    "normalisation": "cost min–max over the non-learned methods' curves in the same split (the "
+                     "'over' list: random, the oracles, each single model), so a learned method's "
+                     "score does not depend on which other learned methods ran",
     "audc_log_cost": "supplementary, not the paper's AUDC: the same area with log10 cost min–max "
                      "normalised (null if a cost is 0); costs span decades, and on the linear "
                      "scale every router's curve saturates within the first few percent",
