@@ -21,15 +21,17 @@ def config(**given):
 @pytest.mark.parametrize("cpus, workers, per_worker, threads", [
     (2, 2, 0.5, 1),       # this machine: both cores, one CPU left for a repartition task
     (16, 16, 0.937, 1),
-    (1, 1, 0.5, 1),       # less than two: half for the pool, half for the tasks
-    (0.5, 1, 0.25, 1),
+    (3, 3, 0.666, 1),
+    (64, 64, 0.984, 1),
+    (1, 1, 0.0, 1),       # less than two: all for the whole-CPU repartition task (0.5 hung)
+    (1.5, 1, 0.5, 1),
 ])
 def test_cpu_defaults_put_one_single_threaded_worker_on_each_core(cpus, workers, per_worker,
                                                                    threads):
     pool = pool_shape(config(), {"CPU": cpus}, encodes_text=True)
     assert (pool.workers, pool.threads_per_worker) == (workers, threads)
     assert pool.cpus_per_worker == pytest.approx(per_worker, abs=1e-3)
-    assert pool.workers * pool.cpus_per_worker <= max(cpus - 1, cpus / 2) + 1e-9  # room left
+    assert pool.workers * pool.cpus_per_worker <= cpus - 1 + 1e-9  # room for a repartition
 
 
 def test_given_settings_win_and_threads_follow_the_cpus_asked_for():
@@ -45,7 +47,29 @@ def test_given_settings_win_and_threads_follow_the_cpus_asked_for():
 def test_gpu_workers_one_per_gpu_share_with_at_most_one_core_each():
     pool = pool_shape(config(gpus_per_worker=0.5), {"CPU": 16, "GPU": 2}, encodes_text=True)
     assert (pool.workers, pool.gpus_per_worker, pool.cpus_per_worker) == (4, 0.5, 1.0)
-    assert pool_shape(config(gpus_per_worker=1), {"CPU": 4}, True).workers == 1  # none visible
+    pool = pool_shape(config(gpus_per_worker=0.3), {"CPU": 8, "GPU": 1}, encodes_text=True)
+    assert (pool.workers, pool.cpus_per_worker) == (3, 1.0)                  # 0.9 of the GPU
+    pool = pool_shape(config(gpus_per_worker=1), {"CPU": 2, "GPU": 4}, encodes_text=True)
+    assert (pool.workers, pool.cpus_per_worker) == (4, 0.25)                 # few CPUs: shared
+
+
+@pytest.mark.parametrize("given, cluster, named", [
+    ({"gpus_per_worker": 1}, {"CPU": 4}, "1 GPUs"),                          # none visible
+    ({"gpus_per_worker": 2}, {"CPU": 8, "GPU": 1}, "2 GPUs"),
+    ({"workers": 3, "gpus_per_worker": 1}, {"CPU": 16, "GPU": 2}, "3 GPUs"),
+    ({"cpus_per_worker": 4}, {"CPU": 2}, "8 CPUs"),
+    ({"cpus_per_worker": 1}, {"CPU": 2}, "2 CPUs"),      # two whole-CPU actors on 2: hung
+    ({"workers": 1, "cpus_per_worker": 0.5}, {"CPU": 1}, "0.5 CPUs"),
+    ({}, {"CPU": 0}, "the cluster has 0 CPUs"),
+])
+def test_a_pool_the_cluster_cannot_start_is_refused_not_waited_for(given, cluster, named):
+    """Ray Data does not fail on resources the cluster lacks: it waits for them forever (seen:
+    2 actors × 1 CPU on 2 CPUs, 1 × 0.5 on 1 CPU, 2 × 4 on 2), so such a pool is a ConfigError
+    naming what it asks for."""
+    from r2ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        pool_shape(config(**given), cluster, encodes_text=True)
 
 
 def test_rows_per_call_depend_on_what_the_workers_compute():

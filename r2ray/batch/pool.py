@@ -6,10 +6,12 @@ Why these defaults (measured on 2 busy cores, ``benchmarks/batch.py``):
 - one torch thread per worker and one worker per CPU: the encoder and the predictor run small
   batches, where a second intra-op thread adds little and, on a loaded host, spin-waits; separate
   processes scale with the cores instead;
-- each worker asks for (CPUs − 1) ÷ workers CPUs (half the CPUs below two), so the tasks that
+- each worker asks for (CPUs − 1) ÷ workers CPUs (none below two CPUs), so the tasks that
   feed the pool still find room: Ray Data's repartition tasks ask for a whole CPU, and with
-  1.75 of 2 CPUs held by actors the job hung; the CPUs are logical, the threads are what runs, so
-  the actors' torch threads are set explicitly, not left to Ray's ``OMP_NUM_THREADS`` guess;
+  1.75 of 2 CPUs held by actors the job hung (as it did on 1 CPU with 0.5 held); the CPUs are
+  logical, the threads are what runs, so the actors' torch threads are set explicitly, not left
+  to Ray's ``OMP_NUM_THREADS`` guess. Settings given that leave no such room, or ask for more
+  GPUs than the cluster has, are refused (:func:`check_fits`): Ray would wait for them forever;
 - with ``gpus_per_worker``, one worker per GPU share it asks for;
 - rows per call: thousands of precomputed embeddings (the call overhead dominates); for texts,
   about ``CALLS_PER_WORKER`` calls per worker over the backlog, within ``TEXT_BATCH_LIMITS``: the
@@ -43,7 +45,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from r2ray.encoders import resolve_precision
+from r2ray.errors import ConfigError
 
+REPARTITION_CPUS = 1.0         # CPUs a Ray Data repartition task asks for beside the actors
 TEXT_BATCH_ROWS = 256          # texts per actor call when the backlog's size is unknown
 TEXT_BATCH_LIMITS = (256, 2048)  # texts per actor call sized from the backlog
 CALLS_PER_WORKER = 8           # text calls per worker a sized backlog is cut into
@@ -79,7 +83,7 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
     rows planning counted (None: unknown), which size the text calls."""
     cpus = float(cluster.get("CPU", 1.0))
     gpus = config.gpus_per_worker
-    free_cpus = cpus - 1 if cpus >= 2 else cpus / 2   # room for the tasks feeding the pool
+    free_cpus = max(0.0, cpus - REPARTITION_CPUS)   # room for the tasks feeding the pool
     if config.workers is not None:
         workers = config.workers
     elif gpus > 0:
@@ -94,9 +98,31 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
                                  else EMBEDDING_BATCH_ROWS)
     in_flight = TEXT_CALLS_IN_FLIGHT if encodes_text else EMBEDDING_CALLS_IN_FLIGHT
     reads = config.read_tasks or math.ceil(workers / WORKERS_PER_READ_TASK)
-    return PoolShape(workers, max(per_worker, 0.001), gpus, threads, rows, in_flight, reads,
+    pool = PoolShape(workers, per_worker, gpus, threads, rows, in_flight, reads,
                      encoder_precision(config.encoder_precision, gpus > 0) if encodes_text
                      else None)
+    check_fits(pool, cpus, float(cluster.get("GPU", 0.0)))
+    return pool
+
+
+def check_fits(pool: PoolShape, cpus: float, gpus: float) -> None:
+    """Refuse a pool the cluster (``cpus``, ``gpus``: its totals) can never start beside a
+    repartition task: Ray Data would not fail but wait for the resources forever."""
+    held_cpus, held_gpus = pool.workers * pool.cpus_per_worker, pool.workers * pool.gpus_per_worker
+    if held_gpus > gpus + 1e-9:
+        raise ConfigError(f"the scoring pool asks for {held_gpus:g} GPUs ({pool.workers} workers × "
+                          f"gpus_per_worker {pool.gpus_per_worker:g}); the cluster has {gpus:g}: "
+                          "Ray would wait for them forever; give fewer workers or GPUs per worker")
+    if cpus < REPARTITION_CPUS:
+        raise ConfigError(f"the cluster has {cpus:g} CPUs; the batch job needs at least "
+                          f"{REPARTITION_CPUS:g} (Ray Data's repartition task asks for a whole one)")
+    if held_cpus + REPARTITION_CPUS > cpus + 1e-9:
+        raise ConfigError(f"the scoring pool asks for {held_cpus:g} CPUs ({pool.workers} workers × "
+                          f"cpus_per_worker {pool.cpus_per_worker:g}); the cluster has {cpus:g} "
+                          f"and Ray Data's repartition needs {REPARTITION_CPUS:g} beside them, or "
+                          "the job waits forever; give at most "
+                          f"{max(0.0, cpus - REPARTITION_CPUS) / pool.workers:.3g} per worker, "
+                          "or leave cpus_per_worker unset")
 
 
 def encoder_precision(asked: str, on_gpus: bool) -> str:
