@@ -43,9 +43,18 @@ MAX_CATALOG_TOKENS = 2**31 - 1
 """Largest budget, context or output cap (tokens) a catalogue may give: budgets are int32 in the
 arm arrays and the routed rows (10,000× any model's window, so only a typo reaches it)."""
 
+MAX_PRICE_PER_M = 1e6
+"""Largest price (USD per million tokens, in or out) a catalogue may give: USD 1 a token, over
+1,000× the dearest model offered, so only a typo reaches it; a bill at it stays finite
+(a price near float64's top made a 2,000-token bill ``inf`` USD)."""
+
 
 EXECUTION_FIELDS = ("api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute")
 """Optional per-model settings of the execution engine (``r2ray bench collect``, ``r2ray execute``)."""
+
+NUMERIC_FIELDS = ("input_per_m", "output_per_m", "context", "max_output_tokens", "max_concurrency",
+                  "requests_per_minute", "tokens_per_minute")
+"""A model's fields that hold a number (USD per million tokens, tokens, requests): never a bool."""
 
 
 class CatalogError(R2RayError, ValueError):
@@ -95,8 +104,8 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, Field(min_length=1)]
-    input_per_m: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    output_per_m: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    input_per_m: Annotated[float, Field(ge=0, le=MAX_PRICE_PER_M, allow_inf_nan=False)]
+    output_per_m: Annotated[float, Field(ge=0, le=MAX_PRICE_PER_M, allow_inf_nan=False)]
     context: Annotated[int, Field(gt=0, le=MAX_CATALOG_TOKENS)]
     budgets: list[int] | None = None
     endpoint: str | None = None
@@ -112,6 +121,15 @@ class ModelSpec(BaseModel):
     def _budgets(cls, value: Budgets | None) -> list[int] | None:
         return None if value is None else _normalise_budgets(value)
 
+    @field_validator(*NUMERIC_FIELDS, mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        """YAML reads ``yes``/``true`` as a bool, which pydantic would take as 1 (USD 1 per
+        million tokens, a 1-token context): a price or a size is a number, never a yes/no."""
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is a yes/no value, not a number")
+        return value
+
     @field_validator("input_per_m", "output_per_m")
     @classmethod
     def _unsigned_zero(cls, value: float) -> float:
@@ -123,6 +141,10 @@ class ModelSpec(BaseModel):
         if self.max_output_tokens is not None and self.max_output_tokens > self.context:
             raise ValueError(f"max_output_tokens {self.max_output_tokens} of {self.name!r} exceeds "
                              f"its context window ({self.context} tokens): give at most that")
+        too_long = [b for b in self.budgets or [] if b >= self.context]
+        if too_long:   # routing.context_fits never lets a prompt beside it: an arm never used
+            raise ValueError(f"budgets of {self.name!r}: budget {too_long[0]} leaves no room for a "
+                             f"prompt in its context window ({self.context} tokens)")
         return self
 
     @property
@@ -165,11 +187,17 @@ class Catalog(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Catalog:
-        seen: set[str] = set()
+        """Names must differ in more than letter case or Unicode form: each model's routed rows
+        go to a ``routed/model=<name>/`` folder, one folder for both on a case-insensitive or
+        normalising file system (macOS, Windows), and the two read the same in a report."""
+        seen: dict[str, str] = {}
         for spec in self.models:
-            if spec.name in seen:
-                raise ValueError(f"duplicate model name {spec.name!r}")
-            seen.add(spec.name)
+            key = unicodedata.normalize("NFC", spec.name).casefold()
+            if key in seen:
+                same = "" if seen[key] == spec.name else f" (the same as {seen[key]!r} but for " \
+                    "letter case or Unicode form)"
+                raise ValueError(f"duplicate model name {spec.name!r}{same}")
+            seen[key] = spec.name
         return self
 
     # ---- lookups -------------------------------------------------------------------------
@@ -276,13 +304,26 @@ class Catalog(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _format_validation(source: str, error: ValidationError) -> str:
+def _format_validation(source: str, error: ValidationError, data: dict) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        where = _where(item["loc"], data)
         msg = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where}: {msg} (got {item.get('input')!r})")
+        got = "" if item.get("input") is data else f" (got {item.get('input')!r})"
+        lines.append(f"  {where}: {msg}{got}")
     return f"catalogue {source} is invalid:\n" + "\n".join(lines)
+
+
+def _where(loc: tuple, data: dict) -> str:
+    """An error's place, a model named as well as numbered (``models.7 (GLM-4.5-Air).context``):
+    nobody should have to count entries to find the one at fault."""
+    parts = [str(p) for p in loc]
+    models = data.get("models")
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int) \
+            and isinstance(models, list) and isinstance(models[loc[1]], dict) \
+            and isinstance(models[loc[1]].get("name"), str):
+        parts[1] = f"{loc[1]} ({models[loc[1]]['name']})"
+    return ".".join(parts) or "(top level)"
 
 
 def catalog_from_dict(data: object, source: str = "<dict>") -> Catalog:
@@ -291,7 +332,7 @@ def catalog_from_dict(data: object, source: str = "<dict>") -> Catalog:
     try:
         return Catalog.model_validate(data)
     except ValidationError as err:
-        raise CatalogError(_format_validation(source, err)) from None
+        raise CatalogError(_format_validation(source, err, data)) from None
 
 
 @lru_cache(maxsize=8)

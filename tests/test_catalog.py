@@ -52,9 +52,38 @@ def test_per_model_budgets_and_round_trip(tmp_path):
     assert again == catalog and again.fingerprint == catalog.fingerprint
 
 
+def _two(second: dict, first_name: str = "a") -> dict:
+    """A catalogue of model ``first_name`` and a second one that differs by ``second``."""
+    first = {"name": first_name, "input_per_m": 1, "output_per_m": 1, "context": 10}
+    return {"budgets": [10], "models": [first, first | second]}
+
+
+@pytest.mark.parametrize("data, message", [
+    # before the fix: accepted as two models (one routed/model=<name>/ folder on macOS)
+    (_two({"name": "A"}), "duplicate model name 'A' .the same as 'a' but for letter case"),
+    (_two({"name": "\u00e9"}, first_name="e\u0301"),   # é composed and decomposed
+     "duplicate model name '\u00e9' .the same as 'e\u0301' but for letter case or Unicode"),
+    # before the fix: YAML's yes/true read as USD 1 per million tokens, a 1-token context
+    (_two({"name": "b", "output_per_m": True}),
+     r"models\.1 \(b\)\.output_per_m: True is a yes/no value, not a number"),
+    (_two({"name": "b", "context": True}), r"models\.1 \(b\)\.context: True is a yes/no"),
+    # before the fix: accepted, and a 2,000-token bill at it was inf USD
+    (_two({"name": "b", "input_per_m": 1e305}),
+     r"models\.1 \(b\)\.input_per_m: Input should be less than or equal to 1000000"),
+    # before the fix: accepted, an arm that routing.context_fits never let a prompt beside
+    (_two({"name": "b", "budgets": [5, 40, "default"], "context": 40}),
+     r"models\.1 \(b\): budgets of 'b': budget 40 leaves no room for a prompt in its context"),
+    # before the fix: the error said models.1.ouput_per_m, not which model that is
+    (_two({"name": "b", "ouput_per_m": 3}), r"models\.1 \(b\)\.ouput_per_m: Extra inputs"),
+])
+def test_bad_models_are_named_in_the_error(data, message):
+    with pytest.raises(CatalogError, match=message):
+        catalog_from_dict(data, "cat.yaml")
+
+
 @pytest.mark.parametrize("data, message", [
     ({"budgets": [10], "models": [{"name": "a", "input_per_m": -1, "output_per_m": 1,
-                                   "context": 10}]}, r"models\.0\.input_per_m"),
+                                   "context": 10}]}, r"models\.0 \(a\)\.input_per_m"),
     ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
                                    "context": 10}] * 2}, "duplicate model name 'a'"),
     ({"budgets": [10, -5], "models": []}, "budget -5 is neither"),
@@ -64,12 +93,12 @@ def test_per_model_budgets_and_round_trip(tmp_path):
                                    "context": 10, "colour": "red"}]}, "colour"),
     ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
                                    "context": 10, "max_output_tokens": 0}]},
-     r"models\.0\.max_output_tokens"),
+     r"models\.0 \(a\)\.max_output_tokens"),
     ([1, 2], "expected a mapping"),
     # before the fix: accepted, then an OverflowError traceback when the arms were first priced
     ({"budgets": [10, 3_000_000_000], "models": []}, "budget 3000000000 is above 2147483647"),
     ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
-                                   "context": 2**63}]}, r"models\.0\.context.*2147483647"),
+                                   "context": 2**63}]}, r"models\.0 \(a\)\.context.*2147483647"),
 ])
 def test_bad_catalogues_say_where(data, message):
     with pytest.raises(CatalogError, match=message):
