@@ -3,6 +3,7 @@ the knobs that set the batch job's throughput (measured in benchmarks/batch.py, 
 
 from __future__ import annotations
 
+import logging
 import numpy as np
 import pytest
 import torch
@@ -60,16 +61,26 @@ def test_gpu_workers_one_per_gpu_share_with_at_most_one_core_each():
     ({"cpus_per_worker": 4}, {"CPU": 2}, "8 CPUs"),
     ({"cpus_per_worker": 1}, {"CPU": 2}, "2 CPUs"),      # two whole-CPU actors on 2: hung
     ({"workers": 1, "cpus_per_worker": 0.5}, {"CPU": 1}, "0.5 CPUs"),
-    ({}, {"CPU": 0}, "the cluster has 0 CPUs"),
+    ({}, {"CPU": 0.5}, "the cluster has 0.5 CPUs"),
 ])
-def test_a_pool_the_cluster_cannot_start_is_refused_not_waited_for(given, cluster, named):
-    """Ray Data does not fail on resources the cluster lacks: it waits for them forever (seen:
-    2 actors × 1 CPU on 2 CPUs, 1 × 0.5 on 1 CPU, 2 × 4 on 2), so such a pool is a ConfigError
-    naming what it asks for."""
-    from r2ray.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=named):
+def test_a_pool_the_cluster_cannot_start_now_is_warned_of_naming_it(given, cluster, named,
+                                                                     caplog):
+    """Ray Data does not fail on resources the cluster lacks: it waits for them (seen: 2 actors
+    × 1 CPU on 2 CPUs, 1 × 0.5 on 1 CPU, 2 × 4 on 2, forever on a fixed cluster), and an
+    autoscaler or workers still joining may bring them, so the job warns, naming the setting."""
+    with caplog.at_level(logging.WARNING, logger="r2ray.batch.pool"):
         pool_shape(config(**given), cluster, encodes_text=True)
+    assert named in caplog.text and "waits until the cluster has them" in caplog.text
+
+
+def test_a_pool_that_fits_is_not_warned_of_and_no_gpu_visible_is_one_worker(caplog):
+    with caplog.at_level(logging.WARNING, logger="r2ray.batch.pool"):
+        for cpus in (1, 1.5, 2, 3, 16):
+            pool_shape(config(), {"CPU": cpus}, encodes_text=True)
+        pool_shape(config(gpus_per_worker=0.5), {"CPU": 16, "GPU": 2}, encodes_text=True)
+    assert caplog.text == ""
+    # GPU nodes an autoscaler has yet to add: one worker, which waits for them
+    assert pool_shape(config(gpus_per_worker=1), {"CPU": 4}, True).workers == 1
 
 
 def test_rows_per_call_depend_on_what_the_workers_compute():

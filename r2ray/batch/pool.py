@@ -10,8 +10,10 @@ Why these defaults (measured on 2 busy cores, ``benchmarks/batch.py``):
   feed the pool still find room: Ray Data's repartition tasks ask for a whole CPU, and with
   1.75 of 2 CPUs held by actors the job hung (as it did on 1 CPU with 0.5 held); the CPUs are
   logical, the threads are what runs, so the actors' torch threads are set explicitly, not left
-  to Ray's ``OMP_NUM_THREADS`` guess. Settings given that leave no such room, or ask for more
-  GPUs than the cluster has, are refused (:func:`check_fits`): Ray would wait for them forever;
+  to Ray's ``OMP_NUM_THREADS`` guess. Settings that leave no such room, or ask for more GPUs
+  than the cluster has now, are warned of (:func:`shortfall`): Ray waits for them, until an
+  autoscaler or joining workers bring them, on a fixed cluster forever (none visible: one GPU
+  worker, for the autoscaler to make room for);
 - with ``gpus_per_worker``, one worker per GPU share it asks for;
 - rows per call: thousands of precomputed embeddings (the call overhead dominates); for texts,
   about ``CALLS_PER_WORKER`` calls per worker over the backlog, within ``TEXT_BATCH_LIMITS``: the
@@ -39,13 +41,15 @@ Why these defaults (measured on 2 busy cores, ``benchmarks/batch.py``):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from r2ray.encoders import resolve_precision
-from r2ray.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 REPARTITION_CPUS = 1.0         # CPUs a Ray Data repartition task asks for beside the actors
 TEXT_BATCH_ROWS = 256          # texts per actor call when the backlog's size is unknown
@@ -101,28 +105,32 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
     pool = PoolShape(workers, per_worker, gpus, threads, rows, in_flight, reads,
                      encoder_precision(config.encoder_precision, gpus > 0) if encodes_text
                      else None)
-    check_fits(pool, cpus, float(cluster.get("GPU", 0.0)))
+    short = shortfall(pool, cpus, float(cluster.get("GPU", 0.0)))
+    if short:
+        log.warning("%s: the job waits until the cluster has them (an autoscaler, workers "
+                    "still joining), on a cluster of fixed size forever", short)
     return pool
 
 
-def check_fits(pool: PoolShape, cpus: float, gpus: float) -> None:
-    """Refuse a pool the cluster (``cpus``, ``gpus``: its totals) can never start beside a
-    repartition task: Ray Data would not fail but wait for the resources forever."""
+def shortfall(pool: PoolShape, cpus: float, gpus: float) -> str | None:
+    """What the pool asks for that the cluster (``cpus``, ``gpus``: its totals now) lacks beside
+    a repartition task, else None. Ray Data does not fail on it: it waits until the cluster has it
+    (an autoscaler adding nodes, workers still joining), on a fixed cluster forever; so the job
+    warns, naming the setting, rather than refusing a cluster about to grow."""
     held_cpus, held_gpus = pool.workers * pool.cpus_per_worker, pool.workers * pool.gpus_per_worker
     if held_gpus > gpus + 1e-9:
-        raise ConfigError(f"the scoring pool asks for {held_gpus:g} GPUs ({pool.workers} workers × "
-                          f"gpus_per_worker {pool.gpus_per_worker:g}); the cluster has {gpus:g}: "
-                          "Ray would wait for them forever; give fewer workers or GPUs per worker")
+        return (f"the scoring pool asks for {held_gpus:g} GPUs ({pool.workers} workers × "
+                f"gpus_per_worker {pool.gpus_per_worker:g}); the cluster has {gpus:g} now")
+    if held_cpus + REPARTITION_CPUS > max(cpus, REPARTITION_CPUS) + 1e-9:
+        return (f"the scoring pool asks for {held_cpus:g} CPUs ({pool.workers} workers × "
+                f"cpus_per_worker {pool.cpus_per_worker:g}); the cluster has {cpus:g} now and Ray "
+                f"Data's repartition needs {REPARTITION_CPUS:g} beside them: give at most "
+                f"{max(0.0, cpus - REPARTITION_CPUS) / pool.workers:.3g} per worker, or leave "
+                "cpus_per_worker unset")
     if cpus < REPARTITION_CPUS:
-        raise ConfigError(f"the cluster has {cpus:g} CPUs; the batch job needs at least "
-                          f"{REPARTITION_CPUS:g} (Ray Data's repartition task asks for a whole one)")
-    if held_cpus + REPARTITION_CPUS > cpus + 1e-9:
-        raise ConfigError(f"the scoring pool asks for {held_cpus:g} CPUs ({pool.workers} workers × "
-                          f"cpus_per_worker {pool.cpus_per_worker:g}); the cluster has {cpus:g} "
-                          f"and Ray Data's repartition needs {REPARTITION_CPUS:g} beside them, or "
-                          "the job waits forever; give at most "
-                          f"{max(0.0, cpus - REPARTITION_CPUS) / pool.workers:.3g} per worker, "
-                          "or leave cpus_per_worker unset")
+        return (f"the cluster has {cpus:g} CPUs now; the batch job needs at least "
+                f"{REPARTITION_CPUS:g} (Ray Data's repartition task asks for a whole one)")
+    return None
 
 
 def encoder_precision(asked: str, on_gpus: bool) -> str:
