@@ -247,12 +247,24 @@ def load_registered(uri: str, tracking_uri: str | None = None,
 
 
 # ---- promote -------------------------------------------------------------------------------------
+@mlflow_guard()
 def alias_holder(name: str, alias: str, tracking_uri: str | None = None) -> VersionInfo | None:
-    """The version ``name@alias`` points at, or None when the alias (or the model) is not set."""
+    """The version ``name@alias`` points at, or None when the registry says the model does not
+    exist or holds no such alias. Any other failure (a registry down or erring) is a
+    RegistryError: read as "no holder", it promoted a candidate without comparing it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure_tracking(tracking_uri)
+    client = mlflow.MlflowClient()
     try:
-        return resolve_version(f"models:/{name}@{alias}", tracking_uri)
-    except RegistryError:
-        return None
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = (model.aliases or {}).get(alias)
+    return None if version is None else _version_info(client.get_model_version(name, version))
 
 
 @dataclass

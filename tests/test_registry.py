@@ -403,3 +403,35 @@ def test_a_name_registered_again_does_not_take_the_old_versions_correction(store
     model_again = load_model("models:/r2ray-again/1", None, uri)
     assert model_again.label == model.label and model_again.fingerprint != model.fingerprint
     assert found(model_again) == (None, None)
+
+
+def test_a_registry_that_errs_while_reading_the_holder_promotes_nothing(store, data, monkeypatch):
+    """Only "no such model" or "no such alias" is no holder; a registry erring (down, a 500) read
+    as none too, and the candidate took the alias from a better holder without a comparison."""
+    from mlflow.exceptions import MlflowException
+
+    uri, _ = store
+    catalog, train, _ = data
+    fitted = make_predictor("per_arm_ridge").fit(train, catalog)
+    first, second = (register_predictor(fitted, "r2ray-flaky", tracking_uri=uri) for _ in range(2))
+    mlflow.MlflowClient().set_registered_model_alias("r2ray-flaky", "champion", first.version)
+    assert alias_holder("r2ray-flaky", "champion", uri).version == "1"
+    assert alias_holder("r2ray-flaky", "no-such-alias", uri) is None
+
+    failures = [2]   # the registry errs on the next two alias reads, then answers again
+
+    def erring(read):
+        def call(self, *args):
+            if failures[0]:
+                failures[0] -= 1
+                raise MlflowException("the registry is unavailable",
+                                      error_code="TEMPORARILY_UNAVAILABLE")
+            return read(self, *args)
+        return call
+    for name in ("get_registered_model", "get_model_version_by_alias"):  # however it is read
+        monkeypatch.setattr(mlflow.MlflowClient, name, erring(getattr(mlflow.MlflowClient, name)))
+    with pytest.raises(RegistryError, match="unavailable"):
+        promote_if_better(second, "champion", lambda r: {"audc": 0.9}, tracking_uri=uri,
+                          candidate_score={"audc": 0.1})   # nothing loaded: the holder's read
+    monkeypatch.undo()
+    assert alias_holder("r2ray-flaky", "champion", uri).version == "1"   # before: version 2
