@@ -305,6 +305,26 @@ def test_a_query_id_with_two_texts_is_refused_naming_the_row(bench, tmp_path):
         load_training_data(config(tmp_path, queries=str(folder / "queries.parquet")))
 
 
+def test_a_query_id_with_two_embeddings_in_the_queries_is_refused(bench, tmp_path):
+    """Two queries files whose ids collide: q4's embedding was the last row's, another question's
+    vector, taken without a word. A file read twice (equal rows) still trains."""
+    import pyarrow as pa
+
+    from r2ray.bench.io import read_table
+
+    folder, _ = bench
+    queries = read_table(str(folder / "queries.parquet"))
+    other = queries.slice(4, 1).set_column(1, "embedding", pa.array(
+        [[9.0] * 16], queries.schema.field("embedding").type))
+    write_table(pa.concat_tables([queries, other]), str(tmp_path / "clash.parquet"))
+    with pytest.raises(R2RayError, match="query_id 'q4' has 2 rows with different embeddings"):
+        load_training_data(config(folder, queries=str(tmp_path / "clash.parquet")))
+    write_table(pa.concat_tables([queries, queries.slice(4, 1)]), str(tmp_path / "twice.parquet"))
+    twice = load_training_data(config(folder, queries=str(tmp_path / "twice.parquet"))).arrays
+    once = load_training_data(config(folder)).arrays
+    np.testing.assert_array_equal(twice.embedding, once.embedding)
+
+
 @pytest.mark.parametrize("n, extra, message", [
     (2, {}, "2 queries: the random split leaves 1 for training (1 for test); 3-fold "
             "cross-validation needs at least 3 there (a bench of at least 4"),

@@ -138,8 +138,29 @@ def embeddings_for(query_ids: np.ndarray, queries: pa.Table, source: str = "benc
     if missing:
         raise BenchError(f"{source}: no embedding for query_id {missing[0]!r} "
                          f"({len(missing)} queries without one)")
+    check_one_embedding_per_query(queries, query_ids, source)
     index = np.fromiter((position[q] for q in query_ids), dtype=np.int64, count=len(query_ids))
     return embedding_matrix(queries.column("embedding").take(pa.array(index)))
+
+
+def check_one_embedding_per_query(queries: pa.Table, query_ids: np.ndarray, source: str) -> None:
+    """A query_id of ``query_ids`` on two rows of ``queries`` with different embeddings (two
+    backlogs whose ids collide) is an error naming it: the last row's was taken without a word,
+    and the query learned or scored on another question's vector. Equal repeats (one backlog
+    read twice) are harmless and pass."""
+    ids = queries.column("query_id").to_numpy(zero_copy_only=False).astype(str)
+    uniques, counts = np.unique(ids, return_counts=True)
+    repeated = uniques[(counts > 1) & np.isin(uniques, query_ids)]
+    if not repeated.size:
+        return
+    rows = np.flatnonzero(np.isin(ids, repeated))
+    vectors = embedding_matrix(queries.column("embedding").take(pa.array(rows)))
+    for query_id in repeated:
+        mine = vectors[ids[rows] == query_id]
+        if not all(np.array_equal(v, mine[0], equal_nan=True) for v in mine[1:]):
+            raise BenchError(f"{source}: query_id {str(query_id)!r} has {len(mine)} rows with "
+                             "different embeddings in the queries table; each query_id names "
+                             "one query: give the other its own id (in the bench as well)")
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
