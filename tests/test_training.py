@@ -86,6 +86,38 @@ def test_job_trains_logs_registers_then_promotion_compares_on_the_same_test(
     assert str(holder_now) == ("2" if promoted else "1")
 
 
+def test_promotion_leaves_out_the_test_queries_the_holder_was_fitted_on(
+        bench, capsys, monkeypatch, mlflow_store, tmp_path):
+    """Retrained with another --seed, 48 of the 60 test queries were the holder's training
+    queries: it was scored on what it had fitted, and kept the alias from memory."""
+    from r2ray.evaluation.method_scores import score_predictor
+    from r2ray.registry import load_registered
+
+    folder, _ = bench
+    tracking = mlflow_store(tmp_path)
+    for name in ("R2RAY_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    common = ["--bench", str(folder / "bench.parquet"), "--queries", str(folder / "queries.parquet"),
+              "--register", "r2ray-test", "--promote", "champion", "--tracking-uri", tracking,
+              "--predictor", "per_arm_ridge", "--select", "none"]
+    assert main(["train", *common, "--seed", "0"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "--seed", "1"]) == 0
+    report = capsys.readouterr().out
+    data = load_training_data(config(folder))
+    first = split_training_data(data.arrays, config(folder, select="none", seed=0))
+    fitted = data.arrays.query_id[np.concatenate([first["train"], first["validation"]])]
+    test = split_training_data(data.arrays, config(folder, select="none", seed=1))["test"]
+    unseen = test[~np.isin(data.arrays.query_id[test], fitted)]
+    assert 0 < len(unseen) < len(test)
+    assert f"on the {len(unseen)} of {len(test)} test queries the holder was not fitted on" in report
+    holder = load_registered("models:/r2ray-test/1", tracking_uri=tracking)
+    audc = score_predictor(holder.predictor, data.arrays.subset(unseen), holder.catalog)["audc"]
+    holder_line = next(line for line in report.splitlines() if line.startswith("  holder"))
+    assert f"audc {audc:.4f}" in holder_line     # scored on the queries it never saw
+
+
 def test_catalog_beside_the_bench_and_the_queries_embeddings_are_used(bench):
     folder, catalog = bench
     data = load_training_data(config(folder))
