@@ -213,6 +213,11 @@ def test_cli_warm_start_registers_logs_and_promotes_the_extension(benches, capsy
     run = client.get_run(version.run_id)
     assert run.data.params["n_new_queries"] == "50" and run.data.params["prior"] == "2.0"
     assert np.isfinite(run.data.metrics["new_arms_oof_brier"])
+    fitted = {v: set(mlflow.artifacts.load_dict(  # a later promotion leaves them out of its test
+        f"runs:/{client.get_model_version('pool', v).run_id}/training_query_ids.json")["query_ids"])
+        for v in ("1", "2")}
+    assert fitted["2"] == fitted["1"] | {f"q{i}" for i in range(150, 200)}
+    assert len(fitted["1"]) == 120   # 150 queries less the 30 of the source's test split
     registered = load_registered("models:/pool@champion", tracking_uri=tracking)
     assert registered.version.version == "2"
     assert registered.catalog.fingerprint == FULL.fingerprint
