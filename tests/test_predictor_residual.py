@@ -40,6 +40,18 @@ def test_fit_predict_contract_and_round_trip(world, tmp_path):
     np.testing.assert_array_equal(prediction.output_tokens, again.output_tokens)
 
 
+def test_a_device_override_loads_a_residual_with_its_count_of_networks(world, tmp_path):
+    """load_predictor(folder, device="cpu") (the batch job's, Serve's and the pyfunc model's
+    load) raised TypeError 'int' object is not iterable for every residual with networks: its
+    ``members`` setting (a count, 1 by default) was read as a composite's list of members."""
+    catalog, train, test = world
+    predictor = ResidualPredictor(**FAST).fit(train, catalog)
+    save_predictor(predictor, str(tmp_path))
+    loaded = load_predictor(str(tmp_path), device="cpu")
+    assert loaded.device == "cpu" and len(loaded.networks_) == len(predictor.networks_) > 0
+    np.testing.assert_array_equal(loaded.predict(test.embedding).quality,
+                                  predictor.predict(test.embedding).quality)
+
 def test_without_its_residual_it_is_per_arm_ridge(world):
     catalog, train, test = world
     residual = ResidualPredictor(alpha=3.0, members=0, knn=0).fit(train, catalog)

@@ -242,14 +242,16 @@ def _checked_document(directory: str, expected_data_fingerprint: str | None) -> 
 
 def with_device(kind: str, state: dict, device: str) -> dict:
     """A saved ``state`` whose settings run on ``device`` wherever the predictor, a composite's
-    members or a selection's winner take one (the saved document is not changed)."""
+    members or a selection's winner take one (the saved document is not changed). A composite's
+    ``members`` is a list of member specs; ``r2ray_residual``'s is a count of networks (an int,
+    which all of them run on the residual's own device)."""
     from r2ray.predictor.kinds import make_predictor
 
     def settings_on(kind: str, settings: dict) -> dict:
         out = dict(settings)
         if "device" in make_predictor(kind).settings():
             out["device"] = device
-        if out.get("members"):
+        if isinstance(out.get("members"), list):
             out["members"] = [m | {"settings": settings_on(m["kind"], m.get("settings") or {})}
                               for m in out["members"]]
         return out
