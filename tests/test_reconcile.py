@@ -835,3 +835,23 @@ def test_a_correction_of_a_run_without_a_predictor_fingerprint_says_it_is_not_ap
     assert f"(predictor `{'ab' * 6}…`, not another saved under it) on this catalogue pick up" \
         in report and "Not applied" not in report
     assert "not applied" not in ReconcileResult(newer_run, correction, written).summary()
+
+
+# ---- a review, 2026-12-06 (S): bills repeated, bad rows located ---------------------------------
+def test_money_billed_again_to_a_repeated_key_is_reported(tmp_path):
+    # before the fix: a retried call billed twice (q4 again, $5, in a second file of the bill
+    # folder) and a repeated q1 priced at its arm were only a count of "duplicate" rows; the
+    # money they billed was in no money figure of the report
+    folder = tmp_path / "bills"
+    folder.mkdir()
+    _write_actuals(GOOD_ACTUALS, folder / "a.jsonl")
+    _write_actuals([dict(GOOD_ACTUALS[3], cost_usd=5.0), GOOD_ACTUALS[0]], folder / "b.parquet")
+    catalog = _catalog()
+    rec = reconcile(_manifest(catalog), _routed(), read_actuals(str(folder)), catalog)
+    priced_q1 = 10 * P_IN["small"] + 40 * P_OUT["small"]
+    assert rec.invalid == {"duplicate (query_id, model, budget)": 2}
+    assert rec.overall["duplicate_usd"] == pytest.approx(5.0 + priced_q1, rel=1e-12)
+    assert rec.overall["realised_usd"] < 0.01   # the first bill of each key is the realised one
+    report = report_markdown(rec, fit_correction(rec))
+    assert "| billed again to a repeated (query_id, model, budget) (not in realised) | " \
+        "$5.00009 | 500.009 |" in report

@@ -29,6 +29,7 @@ from r2ray.redaction import redact_uri
 REQUIRED = ["query_id", "model", "budget", "input_tokens", "output_tokens"]
 OPTIONAL = ["quality", "cost_usd"]
 KEY = ["query_id", "model", "budget"]
+DUPLICATE = "duplicate (query_id, model, budget)"
 ACTUALS_SCHEMA = pa.schema([
     pa.field("query_id", pa.string()),
     pa.field("model", pa.string()),
@@ -163,7 +164,7 @@ def mark_duplicates(actuals: pa.Table) -> pa.Table:
     kept[first.column("_position_min").to_numpy()] = True
     repeated = np.zeros(actuals.num_rows, dtype=bool)
     repeated[usable.column("_position").to_numpy()] = True
-    return _with_reason(actuals, repeated & ~kept, "duplicate (query_id, model, budget)")
+    return _with_reason(actuals, repeated & ~kept, DUPLICATE)
 
 
 def arm_index(catalog: Catalog, models: pa.ChunkedArray, budgets: pa.ChunkedArray) -> np.ndarray:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from r2ray import storage
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
-from r2ray.reconcile.actuals import (KEY, arm_index, invalid_counts, mark_duplicates,
+from r2ray.reconcile.actuals import (DUPLICATE, KEY, arm_index, invalid_counts, mark_duplicates,
                                      mark_unknown_arms)
 
 ROUTED_COLUMNS = ["query_id", "model", "budget", "max_tokens", "q_hat", "t_hat", "c_hat_usd"]
@@ -42,7 +42,8 @@ class Reconciliation:
     ``realised_usd`` Σ realised cost of the matched rows, ``mean_q_hat`` over the matched rows,
     ``mean_q_hat_rated`` and ``mean_quality`` over the ``rated`` ones (actuals with a quality).
     ``overall["not_routed_usd"]``: Σ billed to usable actuals of no routed row (not in
-    ``realised_usd``).
+    ``realised_usd``); ``overall["duplicate_usd"]``: Σ billed to rows repeating the key of an
+    earlier usable actual (a retried call billed twice: money spent, not in ``realised_usd``).
     """
 
     run_id: str
@@ -136,6 +137,8 @@ def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table, catalog: Cata
     overall = {name: float(whole[name][0]) for name in GROUP_COLUMNS if name not in counts}
     overall |= _spend_figures(rows, whole, budget_usd)
     overall["not_routed_usd"] = _not_routed_usd(routed, usable, catalog)
+    overall["duplicate_usd"] = _billed_total_usd(
+        actuals.filter(pc.equal(actuals["invalid"], DUPLICATE)), catalog)
     return Reconciliation(
         run_id=manifest["run_id"], model_label=model_label(manifest),
         catalog_fingerprint=catalog.fingerprint, budget_usd=budget_usd, counts=counts,
@@ -192,10 +195,15 @@ def _billed_usd(catalog: Catalog, arm: np.ndarray, recorded_usd: np.ndarray,
 def _not_routed_usd(routed: pa.Table, usable: pa.Table, catalog: Catalog) -> float:
     """Σ USD (float64) billed to usable actuals whose key no routed row has (a deferred query run
     anyway, another run's query): money really spent that no planned figure holds."""
-    rest = usable.join(_routed_keys(routed, usable), KEY, join_type="left anti",
-                       use_threads=False)
-    column = lambda name: rest.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
-    billed = _billed_usd(catalog, arm_index(catalog, rest.column("model"), rest.column("budget")),
+    return _billed_total_usd(usable.join(_routed_keys(routed, usable), KEY,
+                                         join_type="left anti", use_threads=False), catalog)
+
+
+def _billed_total_usd(actuals: pa.Table, catalog: Catalog) -> float:
+    """Σ USD (float64) the ``actuals`` rows (each of a catalogue arm, with its tokens) billed."""
+    column = lambda name: actuals.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    billed = _billed_usd(catalog, arm_index(catalog, actuals.column("model"),
+                                            actuals.column("budget")),
                          np.asarray(column("cost_usd"), np.float64), column("input_tokens"),
                          column("output_tokens"))
     return float(billed.sum(dtype=np.float64))

@@ -67,7 +67,9 @@ _SPEND_ROWS = [("budget", "budget_usd"), ("planned Σ ĉ, all routed rows", "pla
                ("**realised, matched rows**", "realised_usd"),
                ("projected realised, all routed rows", "projected_usd"),
                ("worst case at the `max_tokens` caps, matched rows", "worst_case_usd"),
-               ("billed to usable actuals of no routed row (not in realised)", "not_routed_usd")]
+               ("billed to usable actuals of no routed row (not in realised)", "not_routed_usd"),
+               ("billed again to a repeated (query_id, model, budget) (not in realised)",
+                "duplicate_usd")]
 
 
 def _invalid_lines(rec: Reconciliation) -> list[str]:

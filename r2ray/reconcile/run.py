@@ -36,7 +36,8 @@ class ReconcileResult:
             f"  routed {counts['routed']:,}: {counts['matched']:,} matched, "
             f"{counts['routed_without_actuals']:,} without an actual; "
             f"{counts['actuals_not_routed']:,} usable actuals of no routed row "
-            f"(${overall['not_routed_usd']:.6g} billed, not in realised)",
+            f"(${overall['not_routed_usd']:.6g} billed, not in realised); "
+            f"${overall['duplicate_usd']:.6g} billed again to a repeated key, not in realised",
             f"  spend: realised ${overall['realised_usd']:.6g} vs planned "
             f"${overall['planned_usd']:.6g} on the matched rows "
             f"(×{overall['realised_over_planned']:.3f}); budget ${rec.budget_usd:.6g}: realised "
