@@ -855,3 +855,27 @@ def test_money_billed_again_to_a_repeated_key_is_reported(tmp_path):
     report = report_markdown(rec, fit_correction(rec))
     assert "| billed again to a repeated (query_id, model, budget) (not in realised) | " \
         "$5.00009 | 500.009 |" in report
+
+
+def test_a_bad_jsonl_row_is_named_by_its_line_and_lines_split_as_every_jsonl_reader_does(
+        tmp_path):
+    # before the fix: "row N" counted the rows, not the lines (after a blank line it named the
+    # wrong line); and where a row made the file fall back to one line at a time (a budget of
+    # "default" beside numbers) a byte order mark spoiled the first row and a U+2028 inside a
+    # query id (valid JSON) split that row into two bad ones
+    good, default = GOOD_ACTUALS[0], dict(GOOD_ACTUALS[1], budget="default")
+    too_good = json.dumps(dict(GOOD_ACTUALS[2], quality=7))
+    fast = tmp_path / "fast.jsonl"
+    fast.write_text(f"{json.dumps(good)}\n\n\n{too_good}\n")
+    lenient = tmp_path / "lenient.jsonl"
+    lenient.write_bytes(b"\xef\xbb\xbf" + "\n".join([
+        json.dumps(good), "", json.dumps(dict(GOOD_ACTUALS[3], query_id="q\u20284"),
+                                         ensure_ascii=False),
+        json.dumps(default), "not json", too_good]).encode() + b"\n")
+    fast_rows, lenient_rows = read_actuals(str(fast)), read_actuals(str(lenient))
+    assert fast_rows.column("row").to_pylist() == [1, 4]
+    assert fast_rows.column("invalid").to_pylist() == [None, "quality outside [0, 1]"]
+    assert lenient_rows.column("row").to_pylist() == [1, 3, 4, 5, 6]
+    assert lenient_rows.column("query_id").to_pylist()[:3] == ["q1", "q\u20284", "q2"]
+    assert lenient_rows.column("invalid").to_pylist() == [
+        None, None, None, "not a JSON object", "quality outside [0, 1]"]

@@ -13,6 +13,7 @@ good row), so the reconciliation counts it. Checks that need the catalogue or ev
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from r2ray import storage
-from r2ray.bench.io import SUFFIXES, read_table
+from r2ray.bench.io import SUFFIXES, blank_line, jsonl_lines, read_table_rows
 from r2ray.bench.schema import BenchError
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
@@ -39,7 +40,7 @@ ACTUALS_SCHEMA = pa.schema([
     pa.field("quality", pa.float64()),        # null: not judged
     pa.field("cost_usd", pa.float64()),       # USD billed; null: price it from the catalogue
     pa.field("source", pa.string()),          # file the row came from
-    pa.field("row", pa.int64()),              # 1-based data row in that file
+    pa.field("row", pa.int64()),              # 1-based: data row (parquet), line (jsonl)
     pa.field("invalid", pa.string()),         # why the row cannot be used; null: good
 ])
 
@@ -51,16 +52,22 @@ class ActualsError(R2RayError, ValueError):
 def read_actuals(uri: str) -> pa.Table:
     """Every row of the actuals under ``uri`` (ACTUALS_SCHEMA), bad ones marked in ``invalid``."""
     with storage.reporting(f"cannot read the actuals {redact_uri(uri)}"):
-        tables = [actuals_from_table(_read_file(path), redact_uri(path))
-                  for path in storage.list_files(uri, SUFFIXES)]
+        tables = [_read_actuals_file(path) for path in storage.list_files(uri, SUFFIXES)]
     return pa.concat_tables(tables) if tables else ACTUALS_SCHEMA.empty_table()
 
 
-def _read_file(uri: str) -> pa.Table:
-    """Arrow's fast reader; for a jsonl file it refuses (a line that is not JSON, a column that
-    mixes numbers and text such as ``"budget": "default"``), one line at a time."""
+def _read_actuals_file(uri: str) -> pa.Table:
+    table, rows = _read_file(uri)
+    return actuals_from_table(table, redact_uri(uri), rows)
+
+
+def _read_file(uri: str) -> tuple[pa.Table, np.ndarray]:
+    """The table and [rows] where each row is (1-based data row in parquet, line in jsonl, as the
+    bench readers name it): Arrow's fast reader; for a jsonl file it refuses (a line that is not
+    JSON, a column that mixes numbers and text such as ``"budget": "default"``), one line at a
+    time."""
     try:
-        table = read_table(uri)
+        table, rows = read_table_rows(uri)
     except BenchError:
         if uri.endswith(".parquet"):
             raise
@@ -69,16 +76,20 @@ def _read_file(uri: str) -> pa.Table:
             pa.types.is_temporal(table.schema.field(name).type)
             for name in REQUIRED + OPTIONAL if name in table.column_names):
         return _lenient_jsonl(storage.read_bytes(uri))
-    return table
+    return table, rows
 
 
-def _lenient_jsonl(data: bytes) -> pa.Table:
-    """Every non-blank line a row; a line that is no JSON object is marked ``_unparsed``; a column
-    that mixes kinds is read as text (coercion then judges each value)."""
-    records, unparsed = [], []
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
+def _lenient_jsonl(data: bytes) -> tuple[pa.Table, np.ndarray]:
+    """Every non-blank line a row (lines split as every jsonl reader splits them: on ``\\n``
+    only, a byte order mark dropped), and [rows] its line; a line that is no JSON object is
+    marked ``_unparsed``; a column that mixes kinds is read as text (coercion then judges each
+    value)."""
+    records, unparsed, lines = [], [], []
+    for number, raw in enumerate(jsonl_lines(io.BytesIO(data)), 1):
+        if blank_line(raw):
             continue
+        line = raw.decode("utf-8", errors="replace")
+        lines.append(number)
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
@@ -87,7 +98,8 @@ def _lenient_jsonl(data: bytes) -> pa.Table:
         records.append(record if isinstance(record, dict) else {})
     names = [name for name in REQUIRED + OPTIONAL if any(name in r for r in records)]
     columns = {name: _loose_column([r.get(name) for r in records]) for name in names}
-    return pa.table(columns | {"_unparsed": pa.array(unparsed, pa.bool_())})
+    table = pa.table(columns | {"_unparsed": pa.array(unparsed, pa.bool_())})
+    return table, np.asarray(lines, np.int64)
 
 
 def _loose_column(values: list) -> pa.Array:
@@ -97,8 +109,9 @@ def _loose_column(values: list) -> pa.Array:
         return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
-def actuals_from_table(table: pa.Table, source: str) -> pa.Table:
-    """One file's rows coerced to ACTUALS_SCHEMA; the first problem of each row in ``invalid``."""
+def actuals_from_table(table: pa.Table, source: str, rows: np.ndarray | None = None) -> pa.Table:
+    """One file's rows coerced to ACTUALS_SCHEMA; the first problem of each row in ``invalid``.
+    ``rows`` [R]: where each row is in its file, 1-based (None: its position in ``table``)."""
     if table.num_rows == 0:
         return ACTUALS_SCHEMA.empty_table()
     missing = [name for name in REQUIRED if name not in table.column_names]
@@ -141,7 +154,7 @@ def actuals_from_table(table: pa.Table, source: str) -> pa.Table:
         "quality": pa.array(quality, pa.float64(), mask=np.isnan(quality)),
         "cost_usd": pa.array(cost, pa.float64(), mask=np.isnan(cost)),
         "source": pa.array([source] * n, pa.string()),
-        "row": pa.array(np.arange(1, n + 1), pa.int64()),
+        "row": pa.array(np.arange(1, n + 1) if rows is None else rows, pa.int64()),
         "invalid": pa.array(invalid, pa.string()),
     }, schema=ACTUALS_SCHEMA)
 
