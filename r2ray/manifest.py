@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 from r2ray import __version__, storage
 from r2ray.errors import R2RayError
-from r2ray.redaction import redact_values
+from r2ray.redaction import redact_uri, redact_values
 
 MANIFEST = "manifest.json"
 MARKER = "_r2ray_run.json"
@@ -99,8 +99,16 @@ def is_committed(paths: RunPaths) -> bool:
 
 
 def read_manifest(paths_or_uri: RunPaths | str) -> dict:
+    """A committed run's manifest; an error naming it where it is not a JSON object (a bare
+    JSONDecodeError named no file, and Serve's start reads every run's under a folder)."""
     uri = paths_or_uri.manifest if isinstance(paths_or_uri, RunPaths) else paths_or_uri
-    return json.loads(storage.read_text(uri))
+    try:
+        record = json.loads(storage.read_text(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise R2RayError(f"{redact_uri(uri)} is not a readable manifest: {err}") from None
+    if not isinstance(record, dict):
+        raise R2RayError(f"{redact_uri(uri)} is not a readable manifest: not a JSON object")
+    return record
 
 
 def committed_paths(paths: RunPaths) -> RunPaths:

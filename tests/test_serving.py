@@ -9,6 +9,7 @@ import json
 import math
 import pickle
 import sys
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -154,13 +155,55 @@ def test_starting_price_from_the_latest_committed_manifest(tmp_path):
         commit(RunPaths(str(tmp_path), run_id), {"committed_at": committed_at, "solve": {
             "lambda": lam, "tie_cut": 0.25, "seed": 4}})
     (tmp_path / "uncommitted").mkdir()
-    lam, tie_cut, seed, source = starting_price(str(tmp_path), None)
+    lam, tie_cut, seed, source, _ = starting_price(str(tmp_path), None)
     assert (lam, tie_cut, seed) == (7.0, 0.25, 4) and "new/manifest.json" in source
     assert starting_price(str(tmp_path / "old" / "manifest.json"), 9.0)[0] == 3.0
-    assert starting_price(None, 9.0) == (9.0, 1.0, 0, "config")
+    assert starting_price(None, 9.0) == (9.0, 1.0, 0, "config", None)
     assert starting_price(None, None)[0] == 0.0
     with pytest.raises(R2RayError, match="no committed batch run"):
         starting_price(str(tmp_path / "uncommitted"), None)
+
+
+def test_a_manifest_that_cannot_price_is_an_error_naming_it(tmp_path):
+    """A run whose every row was quarantined (``solve: null``) given as the manifest was a
+    TypeError, and a manifest that is not JSON a JSONDecodeError naming no file."""
+    commit(RunPaths(str(tmp_path), "quarantined"), {"committed_at": "2026-01-01", "solve": None})
+    with pytest.raises(R2RayError, match="quarantined/manifest.json has no solve"):
+        starting_price(str(tmp_path / "quarantined" / "manifest.json"), None)
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "manifest.json").write_text('{"solve": {"lamb')
+    for manifest in (tmp_path, tmp_path / "torn" / "manifest.json"):
+        with pytest.raises(R2RayError, match="torn/manifest.json is not a readable manifest"):
+            starting_price(str(manifest), None)
+
+
+def test_lambda_solved_for_another_model_or_catalogue_is_warned_when_loaded(tmp_path, caplog,
+                                                                          monkeypatch):
+    """λ* is quality per USD of one predictor's ĉ at one catalogue's prices: the ingress warns
+    when the model it loads (at start, or swapped in when the alias moves) is another."""
+    from r2ray.serving import deployments
+    from r2ray.serving.deployments import Ingress
+    from r2ray.serving.pacer import SolvedFor
+
+    monkeypatch.setattr(deployments.logger, "handlers", [caplog.handler])  # Ray's: no propagation
+
+    commit(RunPaths(str(tmp_path), "run"), {
+        "committed_at": "2026-01-01", "solve": {"lambda": 3.0, "tie_cut": 1.0, "seed": 0},
+        "model": {"label": "r2ray/3"}, "catalog_fingerprint": "c" * 64})
+    start = starting_price(str(tmp_path), None)
+    assert start.solved_for == SolvedFor("r2ray/3", "c" * 64)
+    ingress = object.__new__(Ingress.func_or_class)
+    ingress.book = SpendBook(Pacer(PacingConfig(), start.lam, source=start.source,
+                                   solved_for=start.solved_for).state())
+    for version, fingerprint, warned in (("r2ray/3", "c" * 64, None),
+                                         ("r2ray/4", "c" * 64, "model r2ray/3, not r2ray/4"),
+                                         ("r2ray/3", "d" * 64, "catalogue cccccccccccc, not dddd")):
+        ingress.model = SimpleNamespace(version=version,
+                                        catalog=SimpleNamespace(fingerprint=fingerprint))
+        caplog.clear()
+        ingress._check_price()
+        assert (warned is None) == (caplog.text == ""), caplog.text
+        assert warned is None or warned in caplog.text and "mispriced" in caplog.text
 
 
 # ---- schemas, config, auth -----------------------------------------------------------------------

@@ -53,13 +53,12 @@ class PacerDeployment:
 
     def __init__(self, config: dict):
         config = ServeConfig.model_validate(config)
-        lam, tie_cut, seed, source = starting_price(config.manifest, config.lam, config.tie_cut,
-                                                    config.seed)
-        self.pacer = Pacer(config.pacing, lam, tie_cut=tie_cut, seed=seed, source=source,
-                           now=time.monotonic())
+        start = starting_price(config.manifest, config.lam, config.tie_cut, config.seed)
+        self.pacer = Pacer(config.pacing, start.lam, tie_cut=start.tie_cut, seed=start.seed,
+                           source=start.source, now=time.monotonic(), solved_for=start.solved_for)
         self.gauge = metrics.Gauge("r2ray_lambda", description="price of budget, quality per USD")
         self.gauge.set(self.pacer.lam)
-        logger.info("pacer starts at lambda=%.6g from %s", lam, source)
+        logger.info("pacer starts at lambda=%.6g from %s", start.lam, start.source)
 
     async def sync(self, ingress: str, seq: int, spend_usd: float) -> PriceState:
         """Add an ingress's spend since its last sync (USD) unless this ``seq`` from that
@@ -102,6 +101,7 @@ class Ingress:
         self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)
         self.ingress_id = uuid.uuid4().hex   # names this replica's syncs to the Pacer
         self.book = SpendBook(await pacer.sync.remote(self.ingress_id, 0, 0.0))
+        self._check_price()
         self.service = RoutingService(self.config, self._route_one, self.book, self._describe,
                                       httpx.AsyncClient(), ServeMetrics())
         self.in_flight = InFlight(build_api(self.service, self.key_digests,
@@ -129,6 +129,20 @@ class Ingress:
                                    corrections=c.corrections_root(), precision=c.encoder_precision)
         warm_up(model)
         return model
+
+    def _check_price(self) -> None:
+        """Warn when the starting λ* was solved for another model version or catalogue than the
+        one loaded (the alias moved past the newest batch run, or ``catalog`` reprices): it is
+        quality per USD of another predictor's ĉ, so decisions are mispriced until pacing
+        moves λ or a batch run for this version commits. Served still: refusing would leave
+        the endpoint dead until then."""
+        solved_for = self.book.state.solved_for
+        differs = None if solved_for is None else \
+            solved_for.mismatch(self.model.version, self.model.catalog.fingerprint)
+        if differs is not None:
+            logger.warning("lambda from %s was solved for %s: decisions are mispriced until "
+                           "pacing moves it or a batch run of this model commits",
+                           self.book.state.source, differs)
 
     async def _route_one(self, item: RouteItem) -> RouteDecision | RouteRejected:
         """A request that brings its embedding and is the only HTTP request open in the replica
@@ -176,6 +190,7 @@ class Ingress:
                     logger.info("model %s: swapping %s for %s", self.config.model,
                                 self.model.version, fresh.version)
                     self.model = fresh
+                    self._check_price()
                     if self.config.gc_freeze:   # let the old version's cycles be collected
                         gc.unfreeze()
                         self._freeze_heap()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from r2ray.serving.config import PacingConfig
 
@@ -27,6 +28,29 @@ def paced_lambda(lam: float, spend_rate_usd_s: float, target_usd_s: float,
     ratio = min(spend_rate_usd_s / target_usd_s, config.max_ratio)
     moved = lam * math.exp(config.eta * (ratio - 1.0))
     return min(max(moved, config.lambda_min), config.lambda_max)
+
+
+@dataclass(frozen=True)
+class SolvedFor:
+    """The model version and catalogue a batch manifest's λ* was solved for: λ* is quality per
+    USD of *that* predictor's q̂ and ĉ at *those* prices, so it misprices any other's."""
+
+    model: str | None     # the manifest's ``model.label``: NAME/VERSION, or the model's folder
+    catalog: str | None   # its ``catalog_fingerprint``
+
+    @classmethod
+    def of(cls, manifest: dict) -> SolvedFor:
+        return cls((manifest.get("model") or {}).get("label"), manifest.get("catalog_fingerprint"))
+
+    def mismatch(self, version: str, catalog_fingerprint: str) -> str | None:
+        """What differs from the served ``version`` (RoutingModel.version, labelled as the batch
+        job labels it) and catalogue, in words; None: the same (or not recorded)."""
+        differs = []
+        if self.model is not None and self.model != version:
+            differs.append(f"model {self.model}, not {version}")
+        if self.catalog is not None and self.catalog != catalog_fingerprint:
+            differs.append(f"catalogue {self.catalog[:12]}, not {catalog_fingerprint[:12]}")
+        return "; ".join(differs) or None
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,7 @@ class PriceState:
     total_spend_usd: float = 0.0
     updates: int = 0      # windows closed so far
     floor: bool = False   # λ is paced with request_lambda "floor": a request's λ may only raise it
+    solved_for: SolvedFor | None = None   # what the manifest's λ* priced; None: not a manifest's
 
     def request_price(self, requested: float | None) -> tuple[float, str]:
         """(λ, its source) for a request that asked for ``requested`` (None: the paced λ)."""
@@ -56,11 +81,12 @@ class Pacer:
     """Holds λ and the spend books; ``record`` spend as it happens, ``tick`` to close windows."""
 
     def __init__(self, config: PacingConfig, lam: float, *, tie_cut: float = 1.0, seed: int = 0,
-                 source: str = "config", now: float = 0.0):
+                 source: str = "config", now: float = 0.0, solved_for: SolvedFor | None = None):
         self.config = config
         self.lam = min(max(float(lam), config.lambda_min), config.lambda_max) \
             if config.target_usd_per_s is not None else float(lam)
         self.tie_cut, self.seed, self.source = tie_cut, seed, source
+        self.solved_for = solved_for
         self.window_start = now
         self.window_spend_usd = 0.0
         self.total_spend_usd = 0.0
@@ -107,14 +133,24 @@ class Pacer:
         c = self.config
         return PriceState(self.lam, self.tie_cut, self.seed, self.stopped, self.source,
                           self.window_spend_usd, self.total_spend_usd, self.updates,
-                          c.target_usd_per_s is not None and c.request_lambda == "floor")
+                          c.target_usd_per_s is not None and c.request_lambda == "floor",
+                          self.solved_for)
+
+
+class StartingPrice(NamedTuple):
+    lam: float                # quality per USD
+    tie_cut: float
+    seed: int
+    source: str               # "manifest <uri>", "config" or "default"
+    solved_for: SolvedFor | None = None   # a manifest's: the model and catalogue λ* priced
 
 
 def starting_price(manifest: str | None, lam: float | None, tie_cut: float = 1.0,
-                   seed: int = 0) -> tuple[float, float, int, str]:
-    """(λ, tie_cut, seed, source) to start from: a committed batch manifest's λ*, θ*-cut and seed
-    (``manifest`` is a ``manifest.json`` URI, or a batch output folder whose newest committed run
-    is used), else ``lam`` from the config, else 0 (every query gets its best predicted arm)."""
+                   seed: int = 0) -> StartingPrice:
+    """λ, tie_cut, seed and source to start from: a committed batch manifest's λ*, θ*-cut and
+    seed (``manifest`` is a ``manifest.json`` URI, or a batch output folder whose newest committed
+    run is used) with the model and catalogue it was solved for, else ``lam`` from the config,
+    else 0 (every query gets its best predicted arm)."""
     from r2ray.errors import R2RayError
     from r2ray.redaction import redact_uri
     from r2ray.manifest import MANIFEST, latest_committed, read_manifest
@@ -124,9 +160,14 @@ def starting_price(manifest: str | None, lam: float | None, tie_cut: float = 1.0
         if uri is None:
             raise R2RayError(f"manifest: no committed batch run under {redact_uri(manifest)}; run "
                              "`r2ray route` first, or give lambda instead")
-        solve = read_manifest(uri)["solve"]
-        return float(solve["lambda"]), float(solve["tie_cut"]), int(solve["seed"]), \
-            f"manifest {redact_uri(uri)}"
+        record = read_manifest(uri)
+        solve = record.get("solve")
+        if not solve:   # every row of that run was quarantined: it priced nothing
+            raise R2RayError(f"manifest: {redact_uri(uri)} has no solve (its run routed no "
+                             "query); give its batch output folder, whose newest run with a "
+                             "solve is used, or lambda instead")
+        return StartingPrice(float(solve["lambda"]), float(solve["tie_cut"]), int(solve["seed"]),
+                             f"manifest {redact_uri(uri)}", SolvedFor.of(record))
     if lam is not None:
-        return float(lam), tie_cut, seed, "config"
-    return 0.0, tie_cut, seed, "default"
+        return StartingPrice(float(lam), tie_cut, seed, "config")
+    return StartingPrice(0.0, tie_cut, seed, "default")
