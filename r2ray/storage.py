@@ -8,6 +8,7 @@ standard ``AWS_ENDPOINT_URL``) for an S3-compatible server such as SeaweedFS or 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
 import secrets
@@ -20,6 +21,8 @@ from fsspec.core import url_to_fs
 
 from r2ray.errors import R2RayError
 from r2ray.redaction import redact_text, redact_uri
+
+log = logging.getLogger(__name__)
 
 
 def s3_options() -> dict:
@@ -201,9 +204,11 @@ def has_wildcard(path: str) -> bool:
 def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str]:
     """Expand files, directories/prefixes and globs into a sorted list of data-file URIs.
 
-    Hidden files and names starting with ``_`` (``_SUCCESS``, ``_tmp``) are skipped. An input that
-    matches nothing is an error naming it, so a typo never reads as an empty backlog. A name that
-    exists is taken as it is: ``night[1].jsonl`` is that file, not a glob matching ``night1.jsonl``.
+    Hidden files and names starting with ``_`` (``_SUCCESS``, ``_tmp``) are skipped; any other
+    file of another suffix (a ``.csv`` beside the ``.parquet`` files) is skipped with a warning
+    naming it, so it is never dropped without a word. An input that matches nothing is an error
+    naming it, so a typo never reads as an empty backlog. A name that exists is taken as it is:
+    ``night[1].jsonl`` is that file, not a glob matching ``night1.jsonl``.
     """
     found: list[str] = []
     for uri in [uris] if isinstance(uris, str) else list(uris):
@@ -218,13 +223,19 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
         else:
             raise FileNotFoundError(f"input {redact_uri(uri)} does not exist")
         base = (_glob_root(path) if glob else path).rstrip("/")
-        matched = [   # skip hidden/underscore names at any level below the input (_temporary/)
+        visible = [   # skip hidden/underscore names at any level below the input (_temporary/)
             p for p in paths
-            if p.endswith(suffixes) and not any(
-                part.startswith((".", "_"))
-                for part in (p[len(base):] if p.startswith(base + "/") else
-                             posixpath.basename(p)).split("/") if part)
+            if not any(part.startswith((".", "_"))
+                       for part in (p[len(base):] if p.startswith(base + "/") else
+                                    posixpath.basename(p)).split("/") if part)
         ]
+        matched = [p for p in visible if p.endswith(suffixes)]
+        other = [p for p in visible if not p.endswith(suffixes) and not fs.isdir(p)]
+        if matched and other:
+            log.warning("input %s: %d file(s) not ending in %s skipped: %s%s", redact_uri(uri),
+                        len(other), ", ".join(suffixes),
+                        ", ".join(posixpath.basename(p) for p in other[:5]),
+                        " …" if len(other) > 5 else "")
         if not matched:
             raise FileNotFoundError(f"input {redact_uri(uri)} holds no files ending in "
                                     f"{', '.join(suffixes)}")

@@ -1,5 +1,6 @@
 """Storage helpers on the local disk and on a real S3 server (SeaweedFS on 127.0.0.1)."""
 
+import logging
 import os
 
 import pyarrow as pa
@@ -34,6 +35,21 @@ def test_missing_input_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no files ending in .parquet"):
         storage.list_files(str(tmp_path / "empty"), (".parquet",))
+
+
+def test_a_file_of_another_suffix_beside_the_data_is_skipped_with_a_warning(tmp_path, caplog):
+    """A .csv beside the .parquet parts of a backlog or a bill folder is not read; that was said
+    nowhere (its rows were simply not routed, or its money not reconciled). Hidden and ``_``
+    names (``_SUCCESS``) stay quiet."""
+    write_table(pa.table({"query_id": ["a"]}), str(tmp_path / "part-0.parquet"))
+    (tmp_path / "bill.csv").write_text("query_id\na\n")
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / ".part-0.parquet.crc").write_text("")
+    with caplog.at_level(logging.WARNING, logger="r2ray.storage"):
+        files = storage.list_files(str(tmp_path), (".parquet",))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-0.parquet"]
+    assert "1 file(s) not ending in .parquet skipped: bill.csv" in caplog.text
+    assert "_SUCCESS" not in caplog.text and ".crc" not in caplog.text
 
 
 def test_local_write_is_atomic_rename(tmp_path):
