@@ -1,8 +1,9 @@
 """The ``r2ray`` command: argument parsing only; every command calls one library function.
 
 Errors a user can fix (:class:`r2ray.errors.R2RayError`, missing files) print one clear line
-and exit with status 2; ``route`` exits 3 when it committed a run that routed nothing; anything
-else is a bug and keeps its traceback.
+and exit with status 2; ``route`` exits 3 when it committed a run that routed nothing; Ctrl-C
+prints one line and exits 130, as a shell reports an interrupted tool; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ EXIT_USER_ERROR = 2
 EXIT_NOTHING_ROUTED = 3
 """``route`` committed a run that routed no query (every row quarantined or deferred): the run is
 on record, but a scheduler should alert on it."""
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+"""Ctrl-C, as a shell reports an interrupted tool: a route leaves its committed run whole and its
+interrupted attempt for the rerun to redo."""
 
 BENCH_FORMATS = ["long", "r2bench", "routerbench", "paretobandit", "routerarena"]
 
@@ -311,6 +315,7 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from r2ray.demo import run_demo
 
+    sys.stdout.reconfigure(line_buffering=True)   # each [n/4] step shows as it starts, piped too
     run_demo(workdir=args.workdir, n_queries=args.queries, seed=args.seed)
 
 
@@ -344,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="r2ray", description="An LLM router on Ray: for every query, which model answers it "
         "and how many output tokens it may use, under one global spend limit (USD). Exit status: "
         "0 done, 2 bad input or configuration (nothing committed), 3 a route committed but "
-        "routed nothing.")
+        "routed nothing, 130 interrupted (Ctrl-C).")
     commands = parser.add_subparsers(dest="command", required=True)
     _bench_parsers(commands)
     _route_parser(commands)
@@ -383,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except (R2RayError, FileNotFoundError) as err:
         print(f"r2ray {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:   # Ctrl-C: the user's stop, not a bug (a run is redone on its rerun)
+        print(f"r2ray {args.command}: interrupted; run it again to redo it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:   # the reader left early (`r2ray bench stats B | head`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush
         return 128 + signal.SIGPIPE   # what a shell reports for a tool its pipe's reader left

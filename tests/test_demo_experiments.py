@@ -49,3 +49,44 @@ def test_bad_demo_arguments_are_refused_before_any_work(tmp_path, monkeypatch, c
     error = capsys.readouterr().err
     assert error.startswith(f"r2ray demo: error: {named}:") and error.count("\n") == 1
     assert not workdir.exists()
+
+
+def test_ctrl_c_prints_one_line_and_exits_as_interrupted(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `make run` (here raised where the demo works) printed a 30-line traceback through
+    Ray Data's internals and exited 1, the status of a crash: one line and 130 (128 + SIGINT)."""
+    import signal
+
+    import r2ray.demo
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(r2ray.demo, "run_demo", interrupted)
+    try:
+        code = main(["demo", "--workdir", str(tmp_path / "demo")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left r2ray.cli.main as a KeyboardInterrupt and its traceback")
+    assert code == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "r2ray demo: interrupted; run it again to redo it\n"
+
+
+def test_demo_steps_show_as_they_start_when_its_output_is_piped(tmp_path, monkeypatch):
+    """`make run | tee log` (stdout a pipe, block-buffered): the [3/4] and [4/4] headers and the
+    training report reached the pipe only when the demo exited, so the minutes of routing showed
+    no step; each line is now written as it is printed."""
+    import io
+    import sys
+
+    import r2ray.demo
+
+    piped = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(piped, encoding="utf-8"))
+    written = []
+
+    def demo(**kwargs):
+        print("[4/4] route")
+        written.append(piped.getvalue())   # what the reader has while the step works
+
+    monkeypatch.setattr(r2ray.demo, "run_demo", demo)
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
+    assert written == [b"[4/4] route\n"]
