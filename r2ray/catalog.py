@@ -90,6 +90,9 @@ Budgets = list[int | str]
 
 
 def _normalise_budgets(values: Budgets) -> list[int]:
+    if not isinstance(values, (list, tuple)):   # a str was read character by character ('d')
+        raise ValueError(f"budgets must be a list, e.g. [100, 1000, default]; got the "
+                         f"{type(values).__name__} {values!r}")
     budgets = [parse_budget(v) for v in values]
     if not budgets:
         raise ValueError("the budget list is empty")

@@ -99,6 +99,12 @@ def test_bad_models_are_named_in_the_error(data, message):
     ({"budgets": [10, 3_000_000_000], "models": []}, "budget 3000000000 is above 2147483647"),
     ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
                                    "context": 2**63}]}, r"models\.0 \(a\)\.context.*2147483647"),
+    # a str was read character by character: "budget 'd' is neither a positive integer ..."
+    ({"budgets": "default", "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
+                                        "context": 99}]}, r"budgets must be a list.*'default'"),
+    ({"budgets": [10], "models": [{"name": "a", "input_per_m": 1, "output_per_m": 1,
+                                   "context": 99, "budgets": "10"}]},
+     r"models\.0 \(a\)\.budgets: budgets must be a list"),
 ])
 def test_bad_catalogues_say_where(data, message):
     with pytest.raises(CatalogError, match=message):

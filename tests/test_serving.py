@@ -741,6 +741,18 @@ def test_upstream_200_with_an_error_body_is_a_502_quoting_it_and_books_c_hat(rou
     assert service.book.pending_usd > 0   # a 2xx was accepted: it may be billed, so c_hat counts
 
 
+# ---- 8c. max_tokens: true read as 1 (a review, 2026-12-06) ----------------------------------
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_boolean_token_cap_is_a_422_naming_it(routing_model, embedding, field):
+    service = _forwarding_service(routing_model, b'{"choices": []}', [])
+    r = _call(_app(service), "POST", "/v1/chat/completions",
+              json=CHAT | {field: True, "r2ray": {"embedding": embedding}})
+    # before: read as 1, then a 422 saying no arm has a length budget of at most 1 token
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and "not a boolean" in error["message"], error
+
+
 # ---- 9. a NaN in a field passed through to the upstream is a 500 (a review, 2026-12-06) ---------
 def test_non_finite_number_in_a_passed_through_field_is_a_422_naming_it(routing_model, embedding):
     sent = []

@@ -107,6 +107,13 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     r2ray: RoutingOptions | None = None
 
+    @field_validator("max_tokens", "max_completion_tokens", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        if isinstance(value, bool):   # JSON true read as 1: "no arm has a budget of at most 1"
+            raise ValueError("must be a whole number of tokens, not a boolean")
+        return value
+
     @field_validator("stream")
     @classmethod
     def _no_stream(cls, value: bool) -> bool:
