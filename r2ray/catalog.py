@@ -144,10 +144,12 @@ class ModelSpec(BaseModel):
         if self.max_output_tokens is not None and self.max_output_tokens > self.context:
             raise ValueError(f"max_output_tokens {self.max_output_tokens} of {self.name!r} exceeds "
                              f"its context window ({self.context} tokens): give at most that")
-        too_long = [b for b in self.budgets or [] if b >= self.context]
+        from r2ray.prompting import instruction_bytes   # prompting imports this module
+        too_long = [b for b in self.budgets or [] if b + instruction_bytes(b) >= self.context]
         if too_long:   # routing.context_fits never lets a prompt beside it: an arm never used
             raise ValueError(f"budgets of {self.name!r}: budget {too_long[0]} leaves no room for a "
-                             f"prompt in its context window ({self.context} tokens)")
+                             f"prompt in its context window ({self.context} tokens) beside its "
+                             f"length instruction ({instruction_bytes(too_long[0])} UTF-8 bytes)")
         return self
 
     @property

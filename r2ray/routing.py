@@ -35,9 +35,12 @@ class ArmScores:
 
 
 def context_fits(catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
-    """[N, K] bool: the prompt plus the arm's budget (at least one token) fits the model's context."""
+    """[N, K] bool: the prompt sent (input tokens plus the length instruction's bound,
+    :func:`instruction_tokens_bound`) and the arm's budget (at least one token) fit the model's
+    context, so a usable arm's ``max_tokens`` is at least its budget and the request fits."""
     context = catalog.arm_arrays["context_tokens"]
-    need = np.maximum(catalog.arm_arrays["budget_tokens"].astype(np.int64), 1)
+    budgets = catalog.arm_arrays["budget_tokens"].astype(np.int64)
+    need = np.maximum(budgets, 1) + instruction_tokens_bound(budgets)
     # input <= context - need, not input + need <= context: the sum wraps past int64's max
     return np.asarray(input_tokens, dtype=np.int64)[:, None] <= (context - need)[None, :]
 

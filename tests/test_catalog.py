@@ -71,7 +71,8 @@ def _two(second: dict, first_name: str = "a") -> dict:
     (_two({"name": "b", "input_per_m": 1e305}),
      r"models\.1 \(b\)\.input_per_m: Input should be less than or equal to 1000000"),
     # before the fix: accepted, an arm that routing.context_fits never let a prompt beside
-    (_two({"name": "b", "budgets": [5, 40, "default"], "context": 40}),
+    # (budget 40 and its 41-byte length instruction fill an 80-token window; budget 5's 40 not)
+    (_two({"name": "b", "budgets": [5, 40, "default"], "context": 80}),
      r"models\.1 \(b\): budgets of 'b': budget 40 leaves no room for a prompt in its context"),
     # before the fix: the error said models.1.ouput_per_m, not which model that is
     (_two({"name": "b", "ouput_per_m": 3}), r"models\.1 \(b\)\.ouput_per_m: Extra inputs"),

@@ -90,3 +90,25 @@ def test_cost_factors_must_be_one_finite_positive_factor_per_arm():
                            ([1.0, np.inf], "finite and positive"), ([2.0], "2 arms")):
         with pytest.raises(ValueError, match=match):
             arm_scores(quality, tokens, catalog, np.array([10]), cost_factors=factors)
+
+
+def test_a_usable_arm_leaves_room_for_the_instruction_and_its_budget():
+    """An arm the context check lets a prompt use is sent whole: input tokens + the length
+    instruction's bound + ``max_tokens`` fit the window, and the cap is at least the budget.
+    Before the fix the check left the instruction out: a 4,086-token prompt kept the budget-10
+    arm of a 4,096-token model, sent with a cap of 1 and a prompt (with its ~14-token
+    instruction) past the window; at 4,050 tokens its cap of 5 cut the 10-token answer."""
+    catalog = catalog_from_dict({"budgets": [1, 10, 100, 4000, "default"], "models": [
+        {"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096}]})
+    input_tokens = np.arange(1, 4097)
+    fits = arm_scores(np.full((4096, 5), 0.5), np.full((4096, 5), 10.0), catalog,
+                      input_tokens).cost_usd
+    fits = np.isfinite(fits)
+    caps = arm_caps(catalog, input_tokens)
+    budgets = catalog.arm_arrays["budget_tokens"]
+    sent = input_tokens[:, None] + instruction_tokens_bound(budgets)[None, :] + caps
+    assert np.all((sent <= 4096)[fits]) and np.all((caps >= np.maximum(budgets, 1))[fits])
+    ten = catalog.arm_of("a", 10)
+    longest = 4096 - 41 - 10   # the longest prompt it takes: 41 instruction bytes at b = 10
+    assert fits[longest - 1, ten] and not fits[longest, ten]   # row i: i + 1 input tokens
+    assert fits[4094, catalog.arm_of("a", DEFAULT_BUDGET)]   # no instruction: one token left
