@@ -2,7 +2,8 @@
 
 :func:`redact_uri` masks the password of ``scheme://user:password@host`` and the values of
 credential query parameters (``?token=…``, ``X-Amz-Signature=…``); :func:`redact_text` does the
-same to every URI inside a message; :func:`redact_values` to every string in params or a manifest.
+same to every URI inside a message; :func:`redact_values` to every string in params or a manifest;
+:func:`quoted_error` to an error body a server sent back, with the key it was sent masked too.
 :func:`redacted_output` guards calls into code that quotes URIs as given (MLflow prints run links
 and raises errors with the tracking URI, password included).
 """
@@ -47,6 +48,15 @@ def redact_uri(uri: str) -> str:
 def redact_text(text: str) -> str:
     """``text`` with every URI in it redacted as :func:`redact_uri` does."""
     return _PARAM.sub(rf"\g<1>{MASK}", _URI.sub(lambda m: _mask_password(m[0]), text))
+
+
+def quoted_error(text: str, api_key: str | None, limit: int) -> str:
+    """The first ``limit`` characters of an error body a server answered, safe to show or store:
+    the key sent masked wherever it is echoed ("invalid API key: sk-…"), before the cut so no
+    prefix of it is left, and the credentials of any URL in it."""
+    if api_key:
+        text = text.replace(api_key, MASK)
+    return redact_text(text[:limit])
 
 
 def redact_values(value):

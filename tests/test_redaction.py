@@ -18,6 +18,7 @@ from conftest import free_port, wait_for_port
 
 from r2ray import storage
 from r2ray.catalog import ModelSpec
+from r2ray.execution.client import CallFailed, post_chat
 from r2ray.errors import R2RayError
 from r2ray.redaction import (SENSITIVE_PARAMS, redact_text, redact_uri, redact_values,
                              redacted_output)
@@ -218,3 +219,23 @@ def test_a_catalogue_endpoint_is_redacted_and_an_upstream_echo_of_it_too():
         asyncio.run(forward())
     assert SECRET not in str(raised.value)
     assert "https://u:***@api.example.com" in str(raised.value)
+
+
+def test_the_batch_executor_never_stores_the_api_key_an_upstream_echoes():
+    """An upstream quoting back the key it was sent ("Incorrect API key provided: sk-…"): the
+    serving path masked it, the executor's failure reason (a result row's ``error``, stored and
+    summarised) kept it whole (a review, 2026-12-06)."""
+    key = f"sk-live-{SECRET}"
+
+    def echo_key(request: httpx.Request) -> httpx.Response:
+        sent = request.headers["authorization"].removeprefix("Bearer ")
+        return httpx.Response(401, json={"error": f"Incorrect API key provided: {sent}"})
+
+    async def attempt() -> CallFailed:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(echo_key)) as client:
+            with pytest.raises(CallFailed) as failed:
+                await post_chat(client, "https://api.example.com/v1/chat/completions",
+                                {"model": "m"}, key, 5.0)
+        return failed.value
+
+    assert asyncio.run(attempt()).reason == 'HTTP 401: {"error":"Incorrect API key provided: ***"}'

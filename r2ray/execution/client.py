@@ -17,7 +17,7 @@ import pyarrow as pa
 from r2ray.errors import R2RayError
 from r2ray.execution.policy import BookClosed, Decision, RetryPolicy, cost_usd, retry_decision
 from r2ray.prompting import estimate_tokens
-from r2ray.redaction import redact_text, redact_uri
+from r2ray.redaction import quoted_error, redact_uri
 
 ERROR_TEXT_LIMIT = 200   # characters of an error body kept in a failure's reason
 SPEND_CAP_REASON = "spend cap: issuing it could pass --max-spend-usd"
@@ -197,7 +197,7 @@ async def post_chat(client: httpx.AsyncClient, url: str, body: dict, api_key: st
     except httpx.HTTPError as err:   # the server may have had it all: a dropped connection
         raise CallFailed(f"connection lost: {type(err).__name__}", billed=True) from None
     if response.status_code >= 400:
-        text = redact_text(response.text[:ERROR_TEXT_LIMIT]).replace("\n", " ")
+        text = quoted_error(response.text, api_key, ERROR_TEXT_LIMIT).replace("\n", " ")
         raise CallFailed(f"HTTP {response.status_code}: {text}", response.status_code,
                          response.headers.get("retry-after"))
     if response.status_code >= 300:   # not followed, not retried, not run: never billed

@@ -16,7 +16,7 @@ import httpx
 from r2ray.catalog import ModelSpec
 from r2ray.errors import R2RayError
 from r2ray.execution.client import redirect_reason
-from r2ray.redaction import MASK, redact_text
+from r2ray.redaction import quoted_error
 
 ERROR_TEXT_LIMIT = 300   # characters of an upstream error body quoted back to the caller
 
@@ -73,8 +73,9 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
                             f"{type(err).__name__}", may_have_billed=True) from None
     if response.status_code >= 400:
         status = response.status_code if response.status_code in PASSED_THROUGH else 502
+        said = quoted_error(response.text, api_key, ERROR_TEXT_LIMIT)
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code}: {quoted_error(response.text, api_key)}",
+                            f"{response.status_code}: {said}",
                             status=status, retry_after=response.headers.get("retry-after")
                             if status == 429 else None)
     if response.status_code >= 300:   # a redirect, not followed: the request never ran
@@ -91,19 +92,11 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered a JSON "
                             f"{type(answer).__name__}, not an object", may_have_billed=True)
     if not isinstance(answer.get("choices"), list):   # e.g. {"error": ...} under a 200
+        said = quoted_error(response.text, api_key, ERROR_TEXT_LIMIT)
         raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
                             f"{response.status_code} with no chat completion (no choices): "
-                            f"{quoted_error(response.text, api_key)}", may_have_billed=True)
+                            f"{said}", may_have_billed=True)
     return answer
-
-
-def quoted_error(text: str, api_key: str | None) -> str:
-    """The start of an upstream's error body, safe to show the caller: the key sent masked
-    wherever it is echoed ("invalid API key: sk-…"), before the cut so no prefix of it is left,
-    and the credentials of any URL in it."""
-    if api_key:
-        text = text.replace(api_key, MASK)
-    return redact_text(text[:ERROR_TEXT_LIMIT])
 
 
 def realised_cost_usd(spec: ModelSpec, answer: dict) -> float | None:
