@@ -28,7 +28,16 @@ _PARAM = re.compile(rf"([?&;#](?:{'|'.join(map(re.escape, SENSITIVE_PARAMS))})=)
                     re.IGNORECASE)
 
 
+# scheme://user:password@ where the password holds a "/" (an AWS secret key often does), which
+# ends urlsplit's netloc early; a password of digits up to that "/" is a port (host:8080/a@b)
+_SLASHED_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/?#@:\s]*:)(?!\d*/)([^@\s]*/[^@\s]*)@",
+                               re.IGNORECASE)
+
+
 def _mask_password(uri: str) -> str:
+    slashed = _SLASHED_PASSWORD.sub(rf"\g<1>{MASK}@", uri, count=1)
+    if slashed != uri:
+        return slashed
     try:
         parts = urlsplit(uri)
         if parts.password is None:

@@ -42,8 +42,20 @@ def s3_options() -> dict:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a path or URI."""
     uri = str(uri)
-    options = s3_options() if uri.startswith(("s3://", "s3a://")) else {}
+    options = {}
+    if uri.startswith(("s3://", "s3a://")):
+        refuse_s3_credentials(uri)
+        options = s3_options()
     return url_to_fs(uri, **options)
+
+
+def refuse_s3_credentials(uri: str) -> None:
+    """s3fs takes no keys from a URI: ``s3://KEY:SECRET@bucket/…`` names a bucket
+    ``KEY:SECRET@bucket``, which botocore quotes back whole in its error (and a signed query, a
+    key ``k?X-Amz-Signature=…``). Refused here, naming the URI redacted."""
+    if redact_uri(uri) != uri:
+        raise R2RayError(f"{redact_uri(uri)} carries credentials; give the URI alone and the keys "
+                         "in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -35,9 +35,13 @@ SECRET = "s3cr3t-Pa55"
     (f"postgresql+psycopg2://mlflow:{SECRET}@db/mlflow", "postgresql+psycopg2://mlflow:***@db/mlflow"),
     (f"https://u:{SECRET}@x@host/path", "https://u:***@host/path"),          # raw "@" in it
     (f"http://:{SECRET}@host", "http://:***@host"),
+    # a "/" in it (an AWS secret key often has one) ended urlsplit's netloc before the "@"
+    (f"s3://AKIAKEY:wJalr/{SECRET}+bPx@bucket/k", "s3://AKIAKEY:***@bucket/k"),
+    (f"memory://AKIAKEY:{SECRET}/a/b@bucket/k", "memory://AKIAKEY:***@bucket/k"),
 ])
 def test_userinfo_password_is_masked_and_the_user_kept(uri, expected):
     assert redact_uri(uri) == expected
+    assert redact_text(f"input {uri} does not exist") == f"input {expected} does not exist"
 
 
 @pytest.mark.parametrize("name", SENSITIVE_PARAMS + ("TOKEN", "x-amz-signature"))
@@ -59,6 +63,7 @@ def test_a_presigned_s3_url_and_an_oauth_fragment():
     "models:/r2ray@champion", "models:/r2ray/3", "s3://bucket/backlog/part-0.jsonl",
     "sqlite:///mlflow.db", "/data/run-1/manifest.json", "user@example.com", "token=abc",
     "https://api.example.com/v1?keyword=x", "http://[::1/", "", "plain words, no URI",
+    "http://host:8080/users/@me", "https://example.com/a:b@c",   # a port, a path: no password
 ])
 def test_strings_without_credentials_are_untouched(text):
     assert redact_uri(text) == text
@@ -195,6 +200,19 @@ def test_an_s3_endpoint_with_credentials_is_refused_without_quoting_them(monkeyp
     with pytest.raises(R2RayError, match=r"carries credentials") as raised:
         storage.exists("s3://bucket/backlog")
     assert SECRET not in str(raised.value) and "***" in str(raised.value)
+
+
+@pytest.mark.parametrize("uri", [f"s3://AKIAKEY:{SECRET}@bucket/bench.parquet",
+                                 f"s3a://AKIAKEY:wJalr/{SECRET}@bucket/bench.parquet",
+                                 f"s3://bucket/bench.parquet?X-Amz-Signature={SECRET}"])
+def test_an_s3_uri_with_credentials_is_refused_without_quoting_them(capsys, uri):
+    """s3fs reads ``KEY:SECRET@bucket`` as the bucket's name and botocore's validation error,
+    a traceback out of the CLI, quoted it whole (a review, 2026-12-06)."""
+    from r2ray.cli import main
+
+    assert main(["bench", "stats", uri]) == 2
+    err = capsys.readouterr().err
+    assert SECRET not in err and "carries credentials" in err and "***" in err
 
 
 def test_an_s3_endpoint_without_credentials_is_used_as_given(monkeypatch):
