@@ -299,9 +299,11 @@ def _valid_utf8(table: pa.Table, flag) -> pa.Table:
     retry, and listing a bad row's ``raw`` did too. Any string column counts, as any byte of a
     jsonl line does (``read_unit``: "invalid UTF-8")."""
     for index, name in enumerate(table.column_names):
+        kind = table.column(name).type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            continue   # before combining chunks: an embedding column is not copied for nothing
         column = _decoded(table.column(name).combine_chunks())
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            continue
         try:
             column.validate(full=True)   # the usual case: one pass over the bytes, no copy
             continue
