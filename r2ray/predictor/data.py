@@ -83,8 +83,7 @@ def bench_arrays(table: pa.Table, catalog: Catalog, queries: pa.Table | None = N
     ids, inverse = _first_seen_codes(table.column("query_id"))
     n, k = len(ids), catalog.n_arms
     arm = arm_positions(catalog, table.column("model"), table.column("budget").to_numpy(), source)
-    first_row = np.full(n, -1, dtype=np.int64)
-    first_row[inverse[::-1]] = np.arange(table.num_rows)[::-1]  # first row of each query
+    first_row = _first_rows(inverse, n)
     check_one_text_per_query(table, first_row[inverse], source)
 
     def dense(values: np.ndarray, dtype) -> np.ndarray:
@@ -147,20 +146,24 @@ def check_one_embedding_per_query(queries: pa.Table, query_ids: np.ndarray, sour
     """A query_id of ``query_ids`` on two rows of ``queries`` with different embeddings (two
     backlogs whose ids collide) is an error naming it: the last row's was taken without a word,
     and the query learned or scored on another question's vector. Equal repeats (one backlog
-    read twice) are harmless and pass."""
-    ids = queries.column("query_id").to_numpy(zero_copy_only=False).astype(str)
-    uniques, counts = np.unique(ids, return_counts=True)
-    repeated = uniques[(counts > 1) & np.isin(uniques, query_ids)]
-    if not repeated.size:
+    read twice) are harmless and pass. Each repeated row is compared with its id's first row, as
+    :func:`check_one_text_per_query` compares texts."""
+    ids, inverse = _first_seen_codes(queries.column("query_id"))
+    if len(ids) == queries.num_rows:   # no id repeats: nothing to compare
         return
-    rows = np.flatnonzero(np.isin(ids, repeated))
-    vectors = embedding_matrix(queries.column("embedding").take(pa.array(rows)))
-    for query_id in repeated:
-        mine = vectors[ids[rows] == query_id]
-        if not all(np.array_equal(v, mine[0], equal_nan=True) for v in mine[1:]):
-            raise BenchError(f"{source}: query_id {str(query_id)!r} has {len(mine)} rows with "
-                             "different embeddings in the queries table; each query_id names "
-                             "one query: give the other its own id (in the bench as well)")
+    first = _first_rows(inverse, len(ids))[inverse]
+    rows = np.flatnonzero(first != np.arange(len(first)))
+    rows = rows[np.isin(ids, query_ids)[inverse[rows]]]   # only ids the bench uses
+    column = queries.column("embedding")
+    repeat, original = (embedding_matrix(column.take(pa.array(r))) for r in (rows, first[rows]))
+    same = (repeat == original) | (np.isnan(repeat) & np.isnan(original))
+    differs = np.flatnonzero(~same.all(axis=1))
+    if differs.size:
+        code = inverse[rows[differs[0]]]
+        raise BenchError(f"{source}: query_id {str(ids[code])!r} has "
+                         f"{int(np.count_nonzero(inverse == code))} rows with different embeddings "
+                         "in the queries table; each query_id names one query: give the other its "
+                         "own id (in the bench as well)")
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -173,6 +176,13 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         raise BenchError(f"embeddings have different lengths ({lengths.min()}..{lengths.max()})")
     flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32)
     return flat.reshape(len(column), int(lengths[0]))
+
+
+def _first_rows(inverse: np.ndarray, n: int) -> np.ndarray:
+    """[n] the first row of each of ``n`` codes (``inverse``: each row's code)."""
+    first_row = np.full(n, -1, dtype=np.int64)
+    first_row[inverse[::-1]] = np.arange(len(inverse))[::-1]
+    return first_row
 
 
 def _first_seen_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
