@@ -242,7 +242,8 @@ def list_files(uris: str | Iterable[str], suffixes: tuple[str, ...]) -> list[str
                                     posixpath.basename(p)).split("/") if part)
         ]
         matched = [p for p in visible if p.endswith(suffixes)]
-        other = [p for p in visible if not p.endswith(suffixes) and not fs.isdir(p)]
+        other = [p for p in visible   # only a glob lists folders: a find lists files alone
+                 if not p.endswith(suffixes) and not (glob and fs.isdir(p))]
         if matched and other:
             log.warning("input %s: %d file(s) not ending in %s skipped: %s%s", redact_uri(uri),
                         len(other), ", ".join(suffixes),
