@@ -59,43 +59,39 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
     """POST ``body`` to ``url``; the parsed JSON of a 2xx answer that is a chat completion (has
     a ``choices`` list), else :class:`UpstreamError` (one a 2xx accepted may have been billed)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    host = httpx.URL(url).host
+    upstream = f"upstream {body.get('model')} at {httpx.URL(url).host}"   # who answered
     try:
         response = await client.post(url, json=body, headers=headers, timeout=timeout_s)
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
-        raise UpstreamError(f"upstream {body.get('model')} at {host} is unreachable: "
-                            f"{type(err).__name__}") from None
+        raise UpstreamError(f"{upstream} is unreachable: {type(err).__name__}") from None
     except httpx.TimeoutException:
-        raise UpstreamError(f"upstream {body.get('model')} at {host} timed out after "
-                            f"{timeout_s:g} s", may_have_billed=True) from None
+        raise UpstreamError(f"{upstream} timed out after {timeout_s:g} s",
+                            may_have_billed=True) from None
     except httpx.HTTPError as err:
-        raise UpstreamError(f"upstream {body.get('model')} at {host} failed: "
-                            f"{type(err).__name__}", may_have_billed=True) from None
+        raise UpstreamError(f"{upstream} failed: {type(err).__name__}",
+                            may_have_billed=True) from None
     if response.status_code >= 400:
         status = response.status_code if response.status_code in PASSED_THROUGH else 502
         said = quoted_error(response.text, api_key, ERROR_TEXT_LIMIT)
-        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code}: {said}",
+        raise UpstreamError(f"{upstream} answered {response.status_code}: {said}",
                             status=status, retry_after=response.headers.get("retry-after")
                             if status == 429 else None)
     if response.status_code >= 300:   # a redirect, not followed: the request never ran
-        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{redirect_reason(response)}")
+        raise UpstreamError(f"{upstream} answered {redirect_reason(response)}")
     # a 2xx whose body is unusable was accepted, and so may be billed
     try:
         answer = response.json()
     except ValueError:
-        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code} with a body that is not JSON",
+        raise UpstreamError(f"{upstream} answered {response.status_code} with a body that "
+                            "is not JSON",
                             may_have_billed=True) from None
     if not isinstance(answer, dict):
-        raise UpstreamError(f"upstream {body.get('model')} at {host} answered a JSON "
-                            f"{type(answer).__name__}, not an object", may_have_billed=True)
+        raise UpstreamError(f"{upstream} answered a JSON {type(answer).__name__}, not an "
+                            "object", may_have_billed=True)
     if not isinstance(answer.get("choices"), list):   # e.g. {"error": ...} under a 200
         said = quoted_error(response.text, api_key, ERROR_TEXT_LIMIT)
-        raise UpstreamError(f"upstream {body.get('model')} at {host} answered "
-                            f"{response.status_code} with no chat completion (no choices): "
-                            f"{said}", may_have_billed=True)
+        raise UpstreamError(f"{upstream} answered {response.status_code} with no chat "
+                            f"completion (no choices): {said}", may_have_billed=True)
     return answer
 
 
