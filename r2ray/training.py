@@ -338,10 +338,11 @@ def promote_on_unseen(version: VersionInfo, alias: str, data: TrainingData, test
     all, as before."""
     holder = alias_holder(version.name, alias)
     seen = training_query_ids(holder)
-    if seen is None or not np.isin(test_ids, seen).any():
+    held_saw = np.zeros(len(test_ids), bool) if seen is None else np.isin(test_ids, seen)
+    if not held_saw.any():
         return promote_if_better(version, alias, score_on_test(data, test_ids),
                                  candidate_score=candidate_score)
-    unseen = test_ids[~np.isin(test_ids, seen)]
+    unseen = test_ids[~held_saw]
     if not len(unseen):
         return Promotion(alias, version, holder, candidate_score, None, False,
                          f"the holder {holder.uri} was fitted on every test query of this run; "
