@@ -105,6 +105,19 @@ def render_messages_array(queries: pa.Array | pa.ChunkedArray,
     return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), turns)
 
 
+def lone_surrogate_at(value: object) -> int | None:
+    """Where the first lone surrogate of a str lies (JSON's ``\\ud83d`` escape alone decodes to
+    one, and UTF-8 cannot carry it: no Arrow column or result row can hold it); None: none, or not
+    a str."""
+    if not isinstance(value, str):
+        return None
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return err.start
+
+
 def estimate_tokens(text: str | None) -> int:
     """Rough token count of one text: :func:`estimate_tokens_array`'s rule on one string, in
     plain Python. Serve prices every request with it, and six Arrow kernels over a one-row array

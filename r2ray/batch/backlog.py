@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from r2ray import storage
 from r2ray.bench.io import blank_line, jsonl_lines
-from r2ray.prompting import estimate_tokens_array
+from r2ray.prompting import estimate_tokens_array, lone_surrogate_at
 
 BACKLOG_SUFFIXES = (".parquet", ".jsonl", ".json")
 ROW_BITS = 40  # order key = file index << 40 | row: unique, sortable, stable across re-runs
@@ -192,7 +192,7 @@ def _field_type_problem(row: dict) -> str | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
             return f"{name} is a {type(value).__name__}, not a {' or '.join(t.__name__ for t in allowed)}"
     for name in ("query_id", "query", "tenant"):
-        at = _lone_surrogate_at(row.get(name))
+        at = lone_surrogate_at(row.get(name))
         if at is not None:   # a JSON escape of half a pair: Arrow cannot hold it as UTF-8
             return f"{name} holds a lone surrogate ({row[name][at]!a} at character {at})"
     vector = row.get("embedding")
@@ -210,23 +210,11 @@ def _field_type_problem(row: dict) -> str | None:
     return None
 
 
-def _lone_surrogate_at(value) -> int | None:
-    """The index of the first lone surrogate in a str (``"\\ud800"`` in JSON decodes to one, and
-    it has no UTF-8 form); None: none, or not a str."""
-    if not isinstance(value, str):
-        return None
-    try:
-        value.encode("utf-8")
-        return None
-    except UnicodeEncodeError as err:
-        return err.start
-
-
 def _bad(source: str, line: int | None, row: dict | None, reason: str) -> dict:
     query_id = (row or {}).get("query_id")
     return {"source": source, "row": line,
             "query_id": query_id if isinstance(query_id, str)
-            and _lone_surrogate_at(query_id) is None else None,
+            and lone_surrogate_at(query_id) is None else None,
             "reason": reason, "raw": None if row is None else json.dumps(row, default=str)}
 
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from r2ray.errors import R2RayError
 from r2ray.execution.policy import BookClosed, Decision, RetryPolicy, cost_usd, retry_decision
-from r2ray.prompting import estimate_tokens
+from r2ray.prompting import estimate_tokens, lone_surrogate_at
 from r2ray.redaction import quoted_error, redact_uri
 
 ERROR_TEXT_LIMIT = 200   # characters of an error body kept in a failure's reason
@@ -252,13 +252,7 @@ def _chat_completion(response: httpx.Response) -> dict:
 def _is_text(value: object) -> bool:
     """A string UTF-8 can encode (JSON's ``\\ud83d`` escape alone decodes to a lone surrogate,
     which it cannot)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(value, str) and lone_surrogate_at(value) is None
 
 
 def _count(value: object) -> int | None:
