@@ -70,6 +70,33 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def publish(tmp: str, path: str) -> None:
+    """Rename the finished local file ``tmp`` onto ``path`` durably: its bytes are flushed to the
+    disk first and the folder's new entry after. Without the first ``fsync`` a power loss soon
+    after a commit can leave ``path`` present but empty (ext4 and xfs write a new file's data
+    later than the rename); the manifest would then name a part that lost its rows."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_folder(os.path.dirname(path) or ".")
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:   # a platform whose folders cannot be opened: the rename is what it offers
+        return
+    try:
+        os.fsync(fd)
+    except OSError:   # some filesystems refuse fsync on a folder (EINVAL); the data is synced
+        pass
+    finally:
+        os.close(fd)
+
+
 def canonical_uri(uri: str) -> str:
     """One spelling per location: two URIs naming one file or folder get the same, whatever their
     spelling (``file://``, ``./``, ``a/../b``, a trailing ``/``; locally also ``~``, a relative
@@ -121,8 +148,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object. Local files go through a temp name + rename so readers never see half;
-    a write that fails (a full disk, a rename refused) removes its temporary file and raises."""
+    """Write a whole object. Local files go through a temp name + a durable rename
+    (:func:`publish`) so readers never see half; a write that fails (a full disk, a rename refused) removes its temporary file and raises."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)
     if parent:
@@ -132,7 +159,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)
-            os.replace(tmp, path)
+            publish(tmp, path)
         except BaseException:
             with suppress(OSError):
                 os.remove(tmp)

@@ -97,6 +97,36 @@ def test_a_successful_stream_is_complete_and_leaves_no_temporary(tmp_path):
     assert pq.read_table(out).num_rows == 2 and os.listdir(tmp_path) == ["bench.parquet"]
 
 
+@pytest.mark.parametrize("writer", ["write_text", "TableWriter"])
+def test_a_local_file_is_on_disk_before_its_name_appears(writer, tmp_path, monkeypatch):
+    """A manifest or a routed part renamed into place before its bytes reach the disk can be
+    empty after a power loss while the name is there (the commit names a part with no rows):
+    the file is fsynced before the rename and its folder after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "run" / ("manifest.json" if writer == "write_text" else "part-0.parquet")
+    if writer == "write_text":
+        storage.write_text(str(target), "{}")
+    else:
+        with TableWriter(str(target), pa.schema([("a", pa.int64())])) as out:
+            out.write(pa.table({"a": [1]}))
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert ".tmp-" in events[0][1] and events[1][1] == str(target)
+    assert events[2][1] == str(target.parent)
+
+
 def test_files_under_underscore_or_hidden_folders_are_not_input(tmp_path):
     table = pa.table({"query_id": ["a"], "query": ["q"]})
     (tmp_path / "_temporary" / "0").mkdir(parents=True)   # Spark/Hadoop in-progress output

@@ -177,7 +177,7 @@ class TableWriter:
     """Stream record batches to one parquet or jsonl file (by suffix). Use as a context manager.
 
     The file appears at ``uri`` only once closed without an error: locally it is written under a
-    temporary name and renamed; on an object store a failed write's upload is discarded."""
+    temporary name and renamed once on disk (:func:`r2ray.storage.publish`); on an object store a failed write's upload is discarded."""
 
     def __init__(self, uri: str, schema: pa.Schema):
         self.uri, self.schema = str(uri), schema
@@ -208,7 +208,7 @@ class TableWriter:
             self._parquet.close()
         self._handle.close()
         if self._tmp is not None:
-            os.replace(self._tmp, self._path)
+            storage.publish(self._tmp, self._path)
 
     def abort(self) -> None:
         """Drop what was written: nothing appears at ``uri``."""
