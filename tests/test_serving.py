@@ -206,6 +206,20 @@ def test_lambda_solved_for_another_model_or_catalogue_is_warned_when_loaded(tmp_
         assert warned is None or warned in caplog.text and "mispriced" in caplog.text
 
 
+def test_healthz_says_when_lambda_was_solved_for_another_model(routing_model):
+    """The mismatch was only logged: an operator watching /healthz saw a healthy router pricing
+    with another predictor's λ*."""
+    from r2ray.serving.pacer import SolvedFor
+
+    same = SolvedFor(routing_model.version, routing_model.catalog.fingerprint)
+    for solved_for, expected in ((None, None), (same, None),
+                                 (SolvedFor("r2ray/0", routing_model.catalog.fingerprint),
+                                  f"model r2ray/0, not {routing_model.version}")):
+        app = build_api(_service(routing_model, solved_for=solved_for), frozenset(),
+                        max_request_bytes=20_000)
+        assert _call(app, "GET", "/healthz").json()["price_mismatch"] == expected
+
+
 # ---- schemas, config, auth -----------------------------------------------------------------------
 def test_route_request_rejects_unknown_and_bad_fields_by_name():
     assert RouteRequest.model_validate({"query": "hi", "lambda": 2.5}).lam == 2.5
@@ -380,15 +394,18 @@ def test_query_key_is_stable_and_prefers_the_id():
 
 
 # ---- the HTTP API in process (no Ray, no sockets) ------------------------------------------------
-def _service(routing_model, client: httpx.AsyncClient | None = None, **config) -> RoutingService:
+def _service(routing_model, client: httpx.AsyncClient | None = None, solved_for=None,
+             **config) -> RoutingService:
     async def route(item):
         return route_items(routing_model, [item])[0]
 
     async def describe():
         return {"version": routing_model.version, "models": routing_model.catalog.model_names,
+                "catalog_fingerprint": routing_model.catalog.fingerprint,
                 "encoder": None, "encoder_precision": None}
 
-    book = SpendBook(PriceState(lam=0.0, tie_cut=1.0, seed=0, stopped=False, source="test"))
+    book = SpendBook(PriceState(lam=0.0, tie_cut=1.0, seed=0, stopped=False, source="test",
+                                solved_for=solved_for))
     return RoutingService(serve_config(config), route, book, describe, client)
 
 

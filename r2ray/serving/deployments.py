@@ -135,10 +135,8 @@ class Ingress:
         one loaded (the alias moved past the newest batch run, or ``catalog`` reprices): it is
         quality per USD of another predictor's ĉ, so decisions are mispriced until pacing
         moves λ or a batch run for this version commits. Served still: refusing would leave
-        the endpoint dead until then."""
-        solved_for = self.book.state.solved_for
-        differs = None if solved_for is None else \
-            solved_for.mismatch(self.model.version, self.model.catalog.fingerprint)
+        the endpoint dead until then; ``/healthz`` says so as ``price_mismatch``."""
+        differs = self.book.state.mismatch(self.model.version, self.model.catalog.fingerprint)
         if differs is not None:
             logger.warning("lambda from %s was solved for %s: decisions are mispriced until "
                            "pacing moves it or a batch run of this model commits",
@@ -167,6 +165,7 @@ class Ingress:
 
     async def _describe(self) -> dict:
         return {"version": self.model.version, "models": self.model.catalog.model_names,
+                "catalog_fingerprint": self.model.catalog.fingerprint,
                 "embedding_dim": self.model.embedding_dim,
                 "encoder": None if self.model.encoder is None else self.model.encoder.name,
                 "encoder_precision": None if self.model.encoder is None

@@ -68,6 +68,12 @@ class PriceState:
     floor: bool = False   # λ is paced with request_lambda "floor": a request's λ may only raise it
     solved_for: SolvedFor | None = None   # what the manifest's λ* priced; None: not a manifest's
 
+    def mismatch(self, version: str, catalog_fingerprint: str) -> str | None:
+        """What the served model and catalogue differ in from those λ* was solved for, in words
+        (None: the same, or λ is not a manifest's): such a λ misprices every decision."""
+        return None if self.solved_for is None else \
+            self.solved_for.mismatch(version, catalog_fingerprint)
+
     def request_price(self, requested: float | None) -> tuple[float, str]:
         """(λ, its source) for a request that asked for ``requested`` (None: the paced λ)."""
         if requested is None:

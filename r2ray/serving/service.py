@@ -187,7 +187,10 @@ class RoutingService:
                 "encoder_precision": described["encoder_precision"], "lambda": state.lam,
                 "stopped": state.stopped, "price_source": state.source,
                 "window_spend_usd": state.window_spend_usd,
-                "total_spend_usd": state.total_spend_usd, "pacer_updates": state.updates}
+                "total_spend_usd": state.total_spend_usd, "pacer_updates": state.updates,
+                # λ* solved for another model version or catalogue: mispriced until paced/rerun
+                "price_mismatch": state.mismatch(described["version"],
+                                                 described["catalog_fingerprint"])}
 
 
 def route_item(options: RoutingOptions, query: str, input_tokens: int, price: PriceState,
