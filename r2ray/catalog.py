@@ -144,13 +144,20 @@ class ModelSpec(BaseModel):
         if self.max_output_tokens is not None and self.max_output_tokens > self.context:
             raise ValueError(f"max_output_tokens {self.max_output_tokens} of {self.name!r} exceeds "
                              f"its context window ({self.context} tokens): give at most that")
+        self.check_budgets_fit(self.budgets or [], "budgets")
+        return self
+
+    def check_budgets_fit(self, budgets: list[int], which: str) -> None:
+        """Every budget leaves room for a prompt in the context window beside its length
+        instruction: :func:`r2ray.routing.context_fits` never lets a prompt beside a budget
+        that does not, so its arm would be one that is never used. ``which`` names the list
+        in the error: the model's own ``budgets``, or the catalogue's that it inherits."""
         from r2ray.prompting import instruction_bytes   # prompting imports this module
-        too_long = [b for b in self.budgets or [] if b + instruction_bytes(b) >= self.context]
-        if too_long:   # routing.context_fits never lets a prompt beside it: an arm never used
-            raise ValueError(f"budgets of {self.name!r}: budget {too_long[0]} leaves no room for a "
+        too_long = [b for b in budgets if b + instruction_bytes(b) >= self.context]
+        if too_long:
+            raise ValueError(f"{which} of {self.name!r}: budget {too_long[0]} leaves no room for a "
                              f"prompt in its context window ({self.context} tokens) beside its "
                              f"length instruction ({instruction_bytes(too_long[0])} UTF-8 bytes)")
-        return self
 
     @property
     def output_cap_tokens(self) -> int:
@@ -203,6 +210,15 @@ class Catalog(BaseModel):
                     "letter case or Unicode form)"
                 raise ValueError(f"duplicate model name {spec.name!r}{same}")
             seen[key] = spec.name
+        return self
+
+    @model_validator(mode="after")
+    def _inherited_budgets_fit(self) -> Catalog:
+        """A model without budgets of its own takes the catalogue's: they must fit its context
+        as its own would (:meth:`ModelSpec.check_budgets_fit`)."""
+        for spec in self.models:
+            if spec.budgets is None:
+                spec.check_budgets_fit(self.budgets, "the catalogue's budgets, inherited by the model")
         return self
 
     # ---- lookups -------------------------------------------------------------------------

@@ -74,6 +74,11 @@ def _two(second: dict, first_name: str = "a") -> dict:
     # (budget 40 and its 41-byte length instruction fill an 80-token window; budget 5's 40 not)
     (_two({"name": "b", "budgets": [5, 40, "default"], "context": 80}),
      r"models\.1 \(b\): budgets of 'b': budget 40 leaves no room for a prompt in its context"),
+    # before the fix: accepted when b took the catalogue's budgets rather than its own
+    ({"budgets": [5, 40, "default"], "models": [
+        {"name": "a", "input_per_m": 1, "output_per_m": 1, "context": 4096},
+        {"name": "b", "input_per_m": 1, "output_per_m": 1, "context": 80}]},
+     r"the catalogue's budgets, inherited by the model of 'b': budget 40 leaves no room"),
     # before the fix: the error said models.1.ouput_per_m, not which model that is
     (_two({"name": "b", "ouput_per_m": 3}), r"models\.1 \(b\)\.ouput_per_m: Extra inputs"),
 ])
