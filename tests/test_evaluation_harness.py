@@ -176,3 +176,28 @@ def test_a_learned_method_replay_skips_in_one_split_has_no_quality_outcome_there
     assert "zero" not in outcomes[0].quality and "zero" in outcomes[1].quality
     block = quality_calibration_block(outcomes, "zero")
     assert block["methods"]["zero"]["audc"] == pytest.approx(outcomes[1].quality["zero"]["audc"])
+
+
+def test_the_table_says_what_its_plus_minus_is():
+    """The printed table's ``±`` is the sample std over splits (``aggregate_metrics``); the table
+    said so nowhere, so a reader could take it for a standard error or an interval."""
+    from predictor_world import planted_arrays
+
+    from r2ray.evaluation.metrics import lambda_grid
+    from r2ray.evaluation.summary import metrics_document
+
+    catalog = small_catalog()
+    arrays, _ = planted_arrays(catalog, n_queries=100, dim=8, seed=0, missing_share=0.0)
+    factories = {"zero": lambda seed: OneModelBeliever(catalog, 0)}
+    outcomes = [evaluate_split(arrays, catalog, s, factories, log=lambda line: None)
+                for s in random_splits(arrays.n_queries, [0, 1, 2])]
+    metrics = metrics_document(outcomes, ModelUnderTest("zero", "zero", {}), "random", [0, 1, 2],
+                               lambda_grid(), {}, {})
+    table = format_table(metrics)
+    std = metrics["methods"]["zero"]["audc_std"]
+    assert std == pytest.approx(np.std([o.summary["methods"]["zero"]["audc"] for o in outcomes],
+                                       ddof=1))
+    assert f"± {std:.3f}" in table
+    assert "mean ± sample std (ddof 1) over the 3 splits" in table
+    assert "± sample std" not in format_table(metrics_document(
+        outcomes[:1], ModelUnderTest("zero", "zero", {}), "random", [0], lambda_grid(), {}, {}))

@@ -178,3 +178,18 @@ def test_budget_adherence_of_the_truth_never_overspends():
         assert row["feasible"]
         assert row["realised_spend_ratio"] == row["predicted_spend_ratio"] <= 1.0
     assert rows[0]["realised_spend_ratio"] > 0.999   # the tightest budget is spent to the cent
+
+
+def test_budget_levels_when_every_query_has_a_free_arm():
+    """A catalogue may price a model at 0 USD (a local one): the cheapest-arm spend is then 0,
+    where no geometric scale starts (this raised ZeroDivisionError, ending ``r2ray evaluate``
+    after every fit). The levels run linearly from 0 up to the best single model's spend."""
+    from r2ray.evaluation.adherence import LEVEL_FRACTIONS, budget_adherence, budget_levels
+
+    rng = np.random.default_rng(0)
+    quality = rng.random((100, 3))
+    cost = np.column_stack([np.zeros(100), rng.lognormal(-9, 1.5, (100, 2))])   # arm 0 is free
+    levels = budget_levels(cost, best_arm=2)
+    np.testing.assert_allclose(levels, np.asarray(LEVEL_FRACTIONS) * cost[:, 2].mean())
+    for row in budget_adherence(quality, cost, quality, cost, levels * 100):
+        assert row["feasible"] and row["realised_spend_ratio"] <= 1.0 + 1e-12

@@ -8,14 +8,18 @@ overspend the solver could not see. Arms the bench has no outcome for are never 
 
 Levels (:func:`budget_levels`): per-query budgets spaced geometrically from the cheapest-arm
 spend (every query on its cheapest realised arm) to the best single model's spend, at
-``LEVEL_FRACTIONS`` of that span in log10 USD; the same for every method on a split.
+``LEVEL_FRACTIONS`` of that span in log10 USD (linearly from 0 USD when the cheapest arms are
+free); the same for every method on a split.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from r2ray.predictor.spend_guarantee import solve_and_bill as budget_adherence  # noqa: F401
+from r2ray.predictor.spend_guarantee import solve_and_bill as budget_adherence
+
+__all__ = ["LEVEL_FRACTIONS", "budget_adherence", "budget_levels", "guarantee_on_splits",
+           "guarantee_sweep"]
 
 LEVEL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 """Level positions in log USD: 0 = the cheapest-arm spend, 1 = the best single model's."""
@@ -26,11 +30,16 @@ def budget_levels(realised_cost: np.ndarray, best_arm: int,
     """Per-query budgets (USD) [L]: mean cheapest realised arm × (best model's mean ÷ it)^f.
 
     ``realised_cost`` [N, K] USD (NaN: no outcome); ``best_arm`` is the best single model's
-    default arm, whose cost every query has.
+    default arm, whose cost every query has. A catalogue may price a model at 0 (a local one):
+    when every query's cheapest arm is free, no geometric scale starts at 0 USD, and the levels
+    are ``f`` × the best model's mean instead (linear from 0).
     """
     low = float(np.nanmin(realised_cost, axis=1).mean())
     high = max(float(realised_cost[:, best_arm].mean()), low)
-    return low * (high / low) ** np.asarray(fractions, dtype=np.float64)
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if low == 0.0:
+        return high * fractions
+    return low * (high / low) ** fractions
 
 
 def guarantee_sweep(predictor, catalog, seeds, n_queries: int, budgets_per_query,

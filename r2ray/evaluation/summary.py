@@ -59,8 +59,9 @@ DEFINITIONS = {
                         "global-budget solve on the method's q̂ and ĉ (arms the bench lacks "
                         "excluded) at per-query budgets low × (high/low)^f, f in "
                         f"{list(LEVEL_FRACTIONS)}, low = mean cheapest realised arm, high = the "
-                        "best single model's mean realised cost; per level the mean over splits of "
-                        "predicted and realised spend ÷ budget and quality, feasible_splits = "
+                        "best single model's mean realised cost (f × high when low is 0: free "
+                        "arms); per level the mean over splits of predicted and realised "
+                        "spend ÷ budget and quality, feasible_splits = "
                         "splits where the budget covers the method's cheapest plan (else every "
                         "query on its cheapest predicted arm); worst = max over the levels "
                         "feasible in every split (of the means; _any_split: over feasible (split, "
@@ -253,6 +254,7 @@ def format_table(metrics: dict) -> str:
                      f"{_pm(m, 'audc_log_cost')} {_number(m['cost_usd_at_95'], '{:.3g}'):>11} "
                      f"{worst:>11} {guaranteed:>10} {ratio:>16}")
     splits = metrics["splits"]
+    lines.append(f"AUDC, QNC, Peak, AUDC log-cost: {_spread_note(len(splits))}")
     lines.append(f"split: {metrics['split']} ({len(splits)} × ~{splits[0]['n_test']} test queries); "
                  f"95% target = {REFERENCE_FRACTION} × best single model's quality; "
                  f"{subject} vs best default-arm baseline at it: "
@@ -279,6 +281,13 @@ def format_table(metrics: dict) -> str:
     for note in (curves or {}).get("skipped", []):
         lines.append(f"learning curves: size {note['size']} skipped: {note['reason']}")
     return "\n".join(lines)
+
+
+def _spread_note(n_splits: int) -> str:
+    """What a table cell's number (and its ``±``) is: the ``_std`` of :func:`aggregate_metrics`."""
+    if n_splits == 1:
+        return "the one split's value (no spread)"
+    return f"mean ± sample std (ddof 1) over the {n_splits} splits"
 
 
 def _pm(m: dict, key: str) -> str:
