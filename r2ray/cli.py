@@ -164,7 +164,8 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and curves.png")
     evaluate.add_argument("--catalog", help="catalogue YAML (default: the model's training one, "
                           "else <bench without suffix>.catalog.yaml, else the default pool)")
-    evaluate.add_argument("--seeds", type=int, default=5, help="random splits (default 5)")
+    evaluate.add_argument("--seeds", type=int, help="random splits (default 5; --split "
+                          "category makes one split per category instead)")
     evaluate.add_argument("--split", choices=["random", "category"], default="random",
                           help="random 80/20 per seed, or leave one category out")
     evaluate.add_argument("--queries", help="table with query_id + embedding (skips the encoder)")

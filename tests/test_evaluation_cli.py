@@ -113,6 +113,18 @@ def test_a_methods_list_naming_nothing_is_refused(bench_files, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
+def test_seeds_with_a_category_split_are_refused_not_ignored(bench_files, tmp_path, capsys):
+    """`--split category --seeds 3` ran the one leave-one-category-out split and wrote
+    ``seeds: [0]``, with nothing saying the 3 was ignored."""
+    code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model",
+                 "per_arm_ridge", "--out", str(tmp_path / "out"), "--queries",
+                 str(bench_files / "backlog.parquet"), "--split", "category", "--seeds", "3",
+                 "--methods", "per_arm_ridge"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--seeds 3 asks for random splits; --split category" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("sizes", [",", " , "])
 def test_a_train_sizes_list_naming_nothing_is_refused_as_empty(bench_files, tmp_path, capsys,
                                                                sizes):

@@ -188,11 +188,17 @@ def _registered_block(model: ModelUnderTest, arrays: BenchArrays, catalog: Catal
 
 
 def evaluate_uris(bench_uri: str, model_uri: str, out_dir: str, catalog_path: str | None = None,
-                  seeds: int = 5, split: str = "random", queries_uri: str | None = None,
+                  seeds: int | None = None, split: str = "random", queries_uri: str | None = None,
                   methods: list[str] | None = None, tracking_uri: str | None = None,
                   train_sizes: list[int] | None = None,
                   log: Callable[[str], None] = log_line) -> dict:
-    """The whole command: resolve inputs, evaluate, write ``out_dir``/metrics.json and curves.png."""
+    """The whole command: resolve inputs, evaluate, write ``out_dir``/metrics.json and curves.png.
+    ``seeds``: random splits (default 5); ``split="category"`` has one split per category and
+    refuses more than one seed rather than ignore it."""
+    if split == "category" and seeds not in (None, 1):
+        raise R2RayError(f"--seeds {seeds} asks for random splits; --split category makes one "
+                         "split per category (leave --seeds out)")
+    seeds = 5 if seeds is None else seeds
     if seeds < 1:
         raise R2RayError(f"--seeds must be at least 1, got {seeds}")
     learned_methods(methods)   # before the bench is read and embedded
