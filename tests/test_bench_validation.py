@@ -206,6 +206,35 @@ def test_budget_the_catalog_does_not_offer_names_the_row(fails, tmp_path):
     assert "mine.jsonl, row 2, field 'budget'" in err and "'small'" in err
 
 
+def test_read_bench_names_the_file_and_line_of_a_budget_the_catalog_does_not_offer(tmp_path):
+    """read_bench (train, evaluate) refuses an arm the catalogue lacks at its file and line; it
+    passed, and the pivot after it named a row of all files joined (here row 3), in no file."""
+    from r2ray.bench.io import read_bench
+    from r2ray.bench.schema import BenchError
+    from r2ray.catalog import load_catalog
+
+    (tmp_path / "a.jsonl").write_text(json.dumps(long_row()) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n\n" + json.dumps(long_row(query_id="q2")) + "\n"
+                                      + json.dumps(long_row(query_id="q3", budget=77)) + "\n")
+    with pytest.raises(BenchError, match=r"b\.jsonl, row 4, field 'budget': model 'GLM-4\.6' "
+                                         r"offers no budget 77; it offers \['10', '20'"):
+        read_bench(str(tmp_path), load_catalog())
+
+
+def test_read_bench_names_the_file_and_line_of_a_row_repeated_across_files(tmp_path):
+    """A repeat across files is named in the file that repeats it, at its line (as
+    `r2ray bench stats` names it), not at a row of the files joined ("bench (all files)")."""
+    from r2ray.bench.io import read_bench
+    from r2ray.bench.schema import BenchError
+
+    (tmp_path / "a.jsonl").write_text(json.dumps(long_row()) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n" + json.dumps(long_row(query_id="q2")) + "\n"
+                                      + json.dumps(long_row(quality=0.0)) + "\n")
+    with pytest.raises(BenchError, match=r"b\.jsonl, row 3, field 'query_id': duplicate "
+                                         r"\(query_id, model, budget\) = \('q1', 'GLM-4\.6', 0\)"):
+        read_bench(str(tmp_path))
+
+
 def test_a_bench_read_with_an_infinite_cost_names_the_row():
     """read_bench's check, not only the converters': a bench written by another tool with an
     infinite realised cost would pass into statistics and pricing fits."""

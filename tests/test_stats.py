@@ -1,5 +1,7 @@
 """`r2ray bench stats`: per (model, budget) statistics, hand-computed, and the printed report."""
 
+import json
+
 import pyarrow as pa
 import pytest
 
@@ -108,6 +110,23 @@ def test_cli_stats_prints_the_table_and_rejects_bad_rows(catalog, tmp_path, caps
     assert main(["bench", "stats", str(tmp_path / "bad.parquet")]) == 2
     err = capsys.readouterr().err
     assert "bad.parquet, row 3, field 'quality'" in err and "1.5" in err
+
+
+def test_report_names_the_line_of_a_bad_jsonl_row_after_blank_lines(tmp_path):
+    """pyarrow skips blank lines: the bad row is table row 3 but line 5, the line read_bench
+    names; the report named row 3 (in a batch, and across batches)."""
+    bad = tiny_bench().set_column(5, "quality", pa.array([0.1, 0.2, 1.5, 0.0, 0.0, 0.0, 0.0]))
+    rows = [json.dumps(row) for row in bad.to_pylist()]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(["", rows[0], "", *rows[1:]]) + "\n")
+    for batch_rows in (1 << 20, 2):
+        with pytest.raises(BenchError, match=r"bad\.jsonl, row 5, field 'quality'.*1\.5"):
+            bench_stats_report(str(path), batch_rows=batch_rows)
+    rows = [json.dumps(row) for row in tiny_bench().to_pylist()]
+    rows.append(rows[1])   # a repeat of line 4, on line 10
+    path.write_text("\n".join(["", rows[0], "", *rows[1:]]) + "\n")
+    with pytest.raises(BenchError, match=r"bad\.jsonl, row 10, field 'query_id'.*duplicate"):
+        bench_stats_report(str(path), batch_rows=3)
 
 
 def test_report_refuses_an_arm_repeated_across_files_or_batches(tmp_path):

@@ -15,7 +15,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from r2ray import storage
-from r2ray.bench.schema import BenchError, at_source_row, validate_bench
+from r2ray.bench.schema import (BenchError, at_source_row, check_unique_across, row_keys,
+                                validate_bench)
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 
@@ -154,23 +155,30 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
 
 def read_bench(uris: str | Iterable[str], catalog: Catalog | None = None) -> pa.Table:
     """Read and validate a bench from files, directories or globs (parquet and/or jsonl)."""
-    tables = [_read_valid_bench(uri, catalog) for uri in storage.list_files(uris, SUFFIXES)]
-    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    if len(tables) > 1:  # duplicates across files
-        validate_bench(table, "bench (all files)", catalog)
-    return table
+    files = storage.list_files(uris, SUFFIXES)
+    tables = [_read_valid_bench(uri, catalog) for uri in files]
+    try:   # duplicates across files
+        check_unique_across([row_keys(t, i) for i, t in enumerate(tables)], files)
+    except BenchError as err:
+        raise at_file_line(err) from None
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
 
 
 def _read_valid_bench(uri: str, catalog: Catalog | None) -> pa.Table:
-    """One bench file, validated; an error at a row of a jsonl file names the line it is on
-    (found by reading the file again, on an error only)."""
+    """One bench file, validated; an error at a row of a jsonl file names the line it is on."""
     table = read_table(uri)
     try:
         return validate_bench(table, uri, catalog)
     except BenchError as err:
-        if err.row is None or uri.endswith(".parquet"):
-            raise
-        raise at_source_row(err, uri, read_table_rows(uri)[1]) from None
+        raise at_file_line(err) from None
+
+
+def at_file_line(err: BenchError) -> BenchError:
+    """``err``, about a table row of its bench file, pointed at the line that row is on where the
+    file is jsonl (found by reading the file again, on an error only); else ``err`` itself."""
+    if err.row is None or err.source is None or not err.source.endswith((".jsonl", ".json")):
+        return err
+    return at_source_row(err, err.source, read_table_rows(err.source)[1])
 
 
 class TableWriter:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from r2ray.catalog import Catalog
+from r2ray.catalog import Catalog, CatalogError
 from r2ray.errors import R2RayError
 
 BENCH_SCHEMA = pa.schema([
@@ -41,6 +41,7 @@ class BenchError(R2RayError, ValueError):
     row: int | None = None
     field: str | None = None
     detail: str | None = None
+    source: str | None = None
 
 
 def bench_error(source: str, row: int | None, field: str | None, message: str) -> BenchError:
@@ -50,7 +51,7 @@ def bench_error(source: str, row: int | None, field: str | None, message: str) -
     if field is not None:
         where.append(f"field {field!r}")
     error = BenchError(": ".join([", ".join(where), message]))
-    error.row, error.field, error.detail = row, field, message
+    error.row, error.field, error.detail, error.source = row, field, message, source
     return error
 
 
@@ -98,7 +99,8 @@ def validate_bench(table: pa.Table, source: str, catalog: Catalog | None = None,
 
     ``row_offset`` is added to row numbers when ``table`` is one chunk of a larger file.
     Checks: required columns, no nulls in required fields, quality in [0, 1], non-negative
-    tokens, non-negative budget, unique (query_id, model, budget), models known to ``catalog``.
+    tokens, non-negative budget, unique (query_id, model, budget), models and their budgets
+    (arms) known to ``catalog``.
     """
     table = conform(table, source)
 
@@ -130,8 +132,31 @@ def validate_bench(table: pa.Table, source: str, catalog: Catalog | None = None,
         fail(unknown.to_numpy(zero_copy_only=False), "model",
              lambda r: f"unknown model {models[r].as_py()!r}; the catalogue has: "
                        f"{', '.join(catalog.model_names)}")
+        fail(~_known_arms(table, catalog), "budget",
+             lambda r: _arm_refusal(catalog, models[r].as_py(), table.column("budget")[r].as_py()))
     check_unique(table, source, row_offset)
     return table
+
+
+def _known_arms(table: pa.Table, catalog: Catalog) -> np.ndarray:
+    """[rows] bool: the row's (model, budget) is an arm of ``catalog`` (models already known,
+    budgets non-negative int32: one int64 key per arm, model position × 2³² + budget)."""
+    def keys(models, budgets) -> np.ndarray:
+        position = pc.index_in(models, value_set=pa.array(catalog.model_names))
+        return (position.to_numpy(zero_copy_only=False).astype(np.int64) << 32) \
+            + np.asarray(budgets, np.int64)
+    arms = catalog.arms
+    known = keys(pa.array([a.model for a in arms]), [a.budget_tokens for a in arms])
+    return np.isin(keys(table.column("model"), table.column("budget").to_numpy()), known)
+
+
+def _arm_refusal(catalog: Catalog, model: str, budget: int) -> str:
+    """The catalogue's own words for an arm it lacks (which budgets the model offers)."""
+    try:
+        catalog.arm_of(model, budget)
+    except CatalogError as err:
+        return str(err)
+    return f"({model!r}, {budget}) is not an arm of the catalogue"
 
 
 def check_unique(table: pa.Table, source: str, row_offset: int = 0) -> None:
@@ -147,3 +172,24 @@ def check_unique(table: pa.Table, source: str, row_offset: int = 0) -> None:
             source, first["_row_max"] + row_offset, "query_id",
             f"duplicate (query_id, model, budget) = ({first['query_id']!r}, {first['model']!r}, "
             f"{first['budget']}); each query answers each arm once")
+
+
+def row_keys(table: pa.Table, file_index: int, offset: int = 0) -> pa.Table:
+    """The arm key of each row, with its file (index into the file list) and 0-based row there."""
+    return table.select(["query_id", "model", "budget"]).append_column(
+        "_file", pa.array(np.full(table.num_rows, file_index, np.int32))).append_column(
+        "_row", pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64)))
+
+
+def check_unique_across(keys: list[pa.Table], files: list[str]) -> None:
+    """:func:`check_unique` over the :func:`row_keys` of several files or batches, each already
+    checked alone; its error names the file and row (0-based there) of the first row that
+    repeats an earlier one, not a row of their concatenation, which no file has."""
+    if len(keys) < 2:
+        return
+    table = pa.concat_tables(keys)
+    try:
+        check_unique(table, "bench (all files)")
+    except BenchError as err:
+        file, row = table.column("_file")[err.row].as_py(), table.column("_row")[err.row].as_py()
+        raise bench_error(files[file], row, err.field, err.detail) from None

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from r2ray import storage
-from r2ray.bench.io import SUFFIXES, iter_batches
-from r2ray.bench.schema import BenchError, bench_error, check_unique, validate_bench
+from r2ray.bench.io import SUFFIXES, at_file_line, iter_batches
+from r2ray.bench.schema import BenchError, check_unique_across, row_keys, validate_bench
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, budget_label, load_catalog
 
 WITHIN_FACTOR_TENTHS = 11  # "within 1.1× budget": 10 × output_tokens ≤ 11 × budget, exact in integers
@@ -144,35 +144,27 @@ def bench_stats_report(uris: str | Iterable[str], catalog_path: str | None = Non
     for index, uri in enumerate(files):
         offset = 0
         for batch in iter_batches(uri, batch_rows):
-            table = validate_bench(pa.Table.from_batches([batch]), uri, row_offset=offset)
+            table = _valid_batch(batch, uri, offset)
             partials.append(partial_sums(table, catalog))
-            keys.append(_row_keys(table, index, offset))
+            keys.append(row_keys(table, index, offset))
             offset += table.num_rows
         rows += offset
-    _check_unique_across(keys, files)
+    try:
+        check_unique_across(keys, files)
+    except BenchError as err:
+        raise at_file_line(err) from None
     stats = finalise_stats(combine_partials(partials), catalog)
     header = f"bench: {len(files)} file(s), {rows:,} rows; prices: {catalog_source}"
     return "\n".join([header, format_stats(stats), *_notes(stats, catalog_source)])
 
 
-def _row_keys(table: pa.Table, file_index: int, offset: int) -> pa.Table:
-    """The arm key of each row, with its file (index into the file list) and 0-based row there."""
-    return table.select(["query_id", "model", "budget"]).append_column(
-        "_file", pa.array(np.full(table.num_rows, file_index, np.int32))).append_column(
-        "_row", pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64)))
-
-
-def _check_unique_across(keys: list[pa.Table], files: list[str]) -> None:
-    """:func:`r2ray.bench.schema.check_unique` over every batch's keys, its error pointed at the
-    file and row of the first row that repeats an earlier one."""
-    if len(keys) < 2:
-        return  # one batch: validate_bench has checked it
-    table = pa.concat_tables(keys)
+def _valid_batch(batch: pa.RecordBatch, uri: str, offset: int) -> pa.Table:
+    """One batch of ``uri`` from its row ``offset`` (0-based), validated; an error names the
+    row's line in a jsonl file, as :func:`r2ray.bench.io.read_bench` does."""
     try:
-        check_unique(table, "bench (all files)")
+        return validate_bench(pa.Table.from_batches([batch]), uri, row_offset=offset)
     except BenchError as err:
-        file, row = table.column("_file")[err.row].as_py(), table.column("_row")[err.row].as_py()
-        raise bench_error(files[file], row, err.field, err.detail) from None
+        raise at_file_line(err) from None
 
 
 def catalog_for_bench(first_file: str, catalog_path: str | None) -> tuple[Catalog, str]:
