@@ -319,6 +319,22 @@ def test_numbers_python_reads_but_a_file_does_not_mean(fails, tmp_path, tokens):
     assert "GLM-4.6.csv, row 2, field 'unlimited_count'" in err and "not a number" in err
 
 
+def test_long_jsonl_field_of_another_json_kind_names_its_line(fails, tmp_path):
+    """A quality "0.5" under numbers: pyarrow's own message names its row in a block, 0-based,
+    blank lines skipped (here "row 2"); the error names the line and the field."""
+    from r2ray.bench.io import read_bench
+    from r2ray.bench.schema import BenchError
+
+    lines = ["", json.dumps(long_row()), "", json.dumps(long_row(query_id="q2", truncated=False)),
+             json.dumps(long_row(query_id="q3", quality="0.5"))]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    message = r"mine\.jsonl, row 5, field 'quality': a JSON string where the rows before hold a number"
+    with pytest.raises(BenchError, match=message):
+        read_bench(str(path))
+    assert "mine.jsonl, row 5, field 'quality'" in fails("long", [path])
+
+
 def test_long_jsonl_bad_line_after_a_raw_line_separator(fails, tmp_path):
     """A raw U+2028 inside a string does not end a line: the broken line is the one named."""
     good = json.dumps(long_row(query="a\u2028b"), ensure_ascii=False)

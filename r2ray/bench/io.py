@@ -15,8 +15,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from r2ray import storage
-from r2ray.bench.schema import (BenchError, at_source_row, check_unique_across, row_keys,
-                                validate_bench)
+from r2ray.bench.schema import (BenchError, at_source_row, bench_error, check_unique_across,
+                                row_keys, validate_bench)
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 
@@ -85,6 +85,8 @@ def _readable(uri: str) -> Iterator[None]:
 
 
 JSON_SPACE = " \t\r\n"   # what JSON (and pyarrow, between rows) skips; str.strip() skips more
+JSON_KINDS = {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+              dict: "object"}   # what JSON calls the kind of a value json.loads gives; null: none
 
 
 def jsonl_lines(handle: Iterable[bytes]) -> Iterator[bytes]:
@@ -139,18 +141,33 @@ def _read_jsonl(data: bytes, uri: str) -> pa.Table:
         return pajson.read_json(pa.BufferReader(data),
                                 read_options=pajson.ReadOptions(block_size=1 << 26))
     except pa.ArrowInvalid as err:
-        # Lines as pyarrow reads them (jsonl_lines: at "\n" only, so a string holding a raw
-        # U+2028 is not cut and a good line blamed; a leading byte-order mark skipped)
-        for line_no, raw in enumerate(jsonl_lines(io.BytesIO(data)), 1):
-            if not blank_line(raw):
-                try:
-                    json.loads(raw.decode("utf-8", errors="replace"))
-                except json.JSONDecodeError as bad:
-                    raise BenchError(f"{uri}, row {line_no}: invalid JSON ({bad.msg})") from None
-                except RecursionError:
-                    raise BenchError(f"{uri}, row {line_no}: invalid JSON (nested too deeply)"
-                                     ) from None
-        raise BenchError(f"{uri}: not a readable jsonl file ({err})") from None
+        raise _first_unreadable_line(data, uri) or BenchError(
+            f"{uri}: not a readable jsonl file ({err})") from None
+
+
+def _first_unreadable_line(data: bytes, uri: str) -> BenchError | None:
+    """The error at the first line pyarrow could not read: invalid JSON, or a field of another
+    JSON kind than in the rows before (``"0.5"`` under numbers), which pyarrow names by its row
+    in a block, 0-based, blank lines skipped: not the line. Lines as pyarrow reads them
+    (jsonl_lines: at "\\n" only, so a string holding a raw U+2028 is not cut and a good line
+    blamed; a leading byte-order mark skipped)."""
+    kinds: dict[str, str] = {}   # field -> the JSON kind its first non-null value has
+    for line_no, raw in enumerate(jsonl_lines(io.BytesIO(data)), 1):
+        if blank_line(raw):
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as bad:
+            return BenchError(f"{uri}, row {line_no}: invalid JSON ({bad.msg})")
+        except RecursionError:
+            return BenchError(f"{uri}, row {line_no}: invalid JSON (nested too deeply)")
+        for field, value in record.items() if isinstance(record, dict) else ():
+            kind = JSON_KINDS.get(type(value))
+            first = kinds.setdefault(field, kind) if kind else None
+            if first != kind:
+                return bench_error(uri, line_no - 1, field, f"a JSON {kind} where the rows "
+                                   f"before hold a {first}: give every row the same kind")
+    return None
 
 
 def read_bench(uris: str | Iterable[str], catalog: Catalog | None = None) -> pa.Table:
