@@ -5,7 +5,8 @@ Encoding is the costliest step of training on text (MiniLM: ~140 short texts/s o
 per core at 256 tokens), and every command used to encode the same bench again. The cache lives
 in ``R2RAY_EMBEDDING_CACHE`` (a folder; ``off`` turns it off), default
 ``~/.cache/r2ray/embeddings``, one sub-folder per encoder fingerprint (a hash of the model
-folder's files: another model, or the same name with other weights, never shares vectors). Each
+folder's files: another model, or the same name with other weights, never shares vectors) and
+precision (:func:`encoder_key`: bfloat16 vectors are not float32's). Each
 encode that missed writes one Parquet shard (``text_sha256``, ``embedding``) under a unique name,
 written whole and renamed, so concurrent processes never clash and a killed one leaves nothing
 half-written. A shard that cannot be read is skipped with a warning: the texts are encoded again.
@@ -191,14 +192,23 @@ def cache_limit_bytes() -> int:
     return int(gigabytes * 1e9)
 
 
+SHARD_NAME = r"[0-9a-f]{32}\.parquet"
+"""The name of every shard :func:`write_shard` writes (a uuid4's hex): the only files that
+:func:`evict_over_limit` removes."""
+
+
 def evict_over_limit(root: Path, limit_bytes: int, kept: Path | None) -> list[Path]:
     """Remove the least recently used shards under the cache ``root`` (every encoder's folder)
     until the rest fit in ``limit_bytes``; ``kept``, the shard just written (None: none), always
     stays.
-    Returns those removed. Only ``*.parquet`` shards one folder down are considered, so a shard
-    another process is still writing (``.tmp``) and anything else is left alone."""
+    Returns those removed. Only shards one folder down named as :func:`write_shard` names them
+    (:data:`SHARD_NAME`) are considered, so a shard another process is still writing (``.tmp``)
+    and anything else (a bench's own Parquet, should the cache be pointed at a data folder) is
+    left alone."""
     shards = []
     for shard in root.glob("*/*.parquet"):
+        if not re.fullmatch(SHARD_NAME, shard.name):
+            continue
         try:
             stat = shard.stat()
         except FileNotFoundError:   # evicted by another process meanwhile
@@ -248,15 +258,17 @@ def read_cached(folder: Path, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
 
 
 def write_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """A new shard, written whole through :func:`r2ray.storage.write_bytes` (a temporary name
+    renamed into place, removed should the write fail: a full disk leaves no half shard)."""
+    from r2ray import storage
+
     table = pa.table({"text_sha256": pa.array(keys, pa.binary(32)),
                       "embedding": pa.array(list(vectors.astype(np.float32)),
                                             pa.list_(pa.float32()))})
-    name = uuid.uuid4().hex
-    temporary = folder / f".{name}.tmp"
-    pq.write_table(table, temporary)
-    shard = folder / f"{name}.parquet"
-    temporary.rename(shard)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    shard = folder / f"{uuid.uuid4().hex}.parquet"
+    storage.write_bytes(str(shard), buffer.getvalue().to_pybytes())
     return shard
 
 
@@ -297,7 +309,9 @@ EMBED_CHUNK_QUERIES = 2048
 def embed_texts(encoder, texts: list[str]) -> np.ndarray:
     """[N, D] float32: ``encoder`` (:class:`r2ray.encoders.Encoder`) on ``texts`` through the cache,
     with a line on stderr per chunk encoded (count, rate), so a long encode is never silent."""
-    from r2ray.encoders import encoder_fingerprint
+    from r2ray.encoders import check_texts, encoder_fingerprint
+
+    texts = check_texts(texts)   # a clear error naming the row, before any text is hashed
 
     def encode(missing: list[str]) -> np.ndarray:
         started, parts = time.perf_counter(), []
@@ -311,9 +325,16 @@ def embed_texts(encoder, texts: list[str]) -> np.ndarray:
 
     if cache_root() is None:
         return encode(texts)
-    fingerprint = encoder_fingerprint(encoder.name)
-    vectors, hits = cached_encode(texts, fingerprint, encode)
+    key = encoder_key(encoder_fingerprint(encoder.name), encoder.precision)
+    vectors, hits = cached_encode(texts, key, encode)
     if hits:
         print(f"embedding cache: {hits:,} of {len(texts):,} queries already embedded with "
-              f"{encoder.name} ({cache_root() / fingerprint})", file=sys.stderr, flush=True)
+              f"{encoder.name} ({cache_root() / key})", file=sys.stderr, flush=True)
     return vectors
+
+
+def encoder_key(fingerprint: str, precision: str) -> str:
+    """The cache folder name of an encoder: its fingerprint, with the forward pass's precision
+    appended when it is not ``float32``: a bfloat16 pass's vectors differ from float32's (up to
+    ~2e-3 a component for MiniLM), so training must never read them as float32's."""
+    return fingerprint if precision == "float32" else f"{fingerprint}-{precision}"

@@ -116,11 +116,32 @@ class Encoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """[N, D] float32 embeddings, encoded in batches of ``batch_size`` on the model's device."""
+        texts = check_texts(texts)
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self._model.encode(list(texts), batch_size=self.batch_size,
+        vectors = self._model.encode(texts, batch_size=self.batch_size,
                                      convert_to_numpy=True, show_progress_bar=False)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def check_texts(texts: list[str]) -> list[str]:
+    """``texts`` as a list, or an :class:`EncoderError` naming the first row (from 1) that is not
+    text the tokenizer can read: not a str, or a str with a lone surrogate (no UTF-8 form). A
+    single str is refused: ``list()`` of it is its characters, one vector each."""
+    from r2ray.prompting import lone_surrogate_at
+
+    if isinstance(texts, str):
+        raise EncoderError("texts to encode must be a list of str, got one str (it would be "
+                           "encoded one character a row): pass [text]")
+    texts = list(texts)
+    for row, text in enumerate(texts, start=1):
+        if not isinstance(text, str):
+            raise EncoderError(f"text of row {row} to encode is a {type(text).__name__}, not a str")
+        at = lone_surrogate_at(text)
+        if at is not None:
+            raise EncoderError(f"text of row {row} to encode has a lone surrogate at character "
+                               f"{at} (no UTF-8 form)")
+    return texts
 
 
 def load_encoder(spec: str = MINILM, device: str | None = None,

@@ -218,3 +218,56 @@ def test_a_cache_over_a_lowered_bound_shrinks_on_a_read_that_writes_nothing(cach
     encode = Counting(fake_encode)
     assert cached_encode(["this bench"], "b" * 16, encode)[1] == 1 and encode.calls == []
     assert sorted(cache.glob("*/*.parquet")) == [this_one]
+
+
+def test_vectors_of_another_precision_are_never_served(cache, tmp_path):
+    """The cache was keyed by the encoder's files alone: a bfloat16 encoder's vectors (MiniLM:
+    up to 1.8e-3 off float32's) were served to a float32 encoder of the same folder (review Z)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+
+    class Encoder:   # what embed_texts reads of r2ray.encoders.Encoder
+        name, device = str(folder), "cpu"
+
+        def __init__(self, precision, shift):
+            self.precision, self.shift = precision, shift
+
+        def encode(self, texts):
+            return fake_encode(texts) + self.shift
+
+    texts = ["what is 2 + 2?", "a haiku about rays"]
+    fast = embed_texts(Encoder("bfloat16", 0.5), texts)
+    np.testing.assert_array_equal(embed_texts(Encoder("float32", 0.0), texts), fake_encode(texts))
+    np.testing.assert_array_equal(embed_texts(Encoder("bfloat16", 9.0), texts), fast)   # cached
+    assert sorted(path.name for path in cache.iterdir()) == [                 # float32's stay
+        remembered_fingerprint(folder, None), remembered_fingerprint(folder, None) + "-bfloat16"]
+
+
+def test_the_bound_removes_only_the_caches_own_shards(cache, monkeypatch):
+    """Any ``*.parquet`` one folder down counted as a shard: a cache pointed at a data folder
+    deleted the bench files in it once over its bound (review Z)."""
+    cached_encode(["old bench"], "a" * 16, fake_encode)
+    (cache / "bench").mkdir()
+    (cache / "bench" / "queries.parquet").write_bytes(b"a bench's own table")
+    monkeypatch.setenv("R2RAY_EMBEDDING_CACHE_MAX_GB", "0")
+    cached_encode(["new bench"], "a" * 16, fake_encode)
+    assert (cache / "bench" / "queries.parquet").read_bytes() == b"a bench's own table"
+    assert len(list((cache / ("a" * 16)).glob("*.parquet"))) == 1   # the old shard went
+
+
+def test_a_shard_that_cannot_be_written_leaves_nothing_behind(cache, monkeypatch, capsys):
+    """A failed write (a full disk, a rename refused) left its half-written ``.tmp`` shard in the
+    cache for good: never read, never counted against the bound, never removed (review Z)."""
+    import os
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", disk_full)
+        patch.setattr(os, "replace", disk_full)
+        out, hits = cached_encode(["a text"], "a" * 16, fake_encode)
+    np.testing.assert_array_equal(out, fake_encode(["a text"]))
+    assert "No space left on device" in capsys.readouterr().err
+    assert list((cache / ("a" * 16)).iterdir()) == []

@@ -444,3 +444,18 @@ def test_the_encoder_benchmark_counts_padded_tokens_from_the_models_plan(minilm,
     assert benchmark.padding(minilm._model, [texts], batch_size=1) == 1.0
     monkeypatch.setattr(minilm._model, "overhead", np.inf)   # fixed slices: one pass of three
     assert benchmark.padding(minilm._model, [texts], batch_size=3) == pytest.approx(24 / 15)
+
+
+def test_texts_that_are_not_a_list_of_str_are_an_error_naming_the_row(minilm):
+    """One str was encoded a character a row (5 vectors for "hello"); None, bytes or a lone
+    surrogate failed inside the tokenizer ("TextEncodeInput must be Union[...]") or the cache
+    (AttributeError), naming no row (review Z)."""
+    from r2ray.embedding_cache import embed_texts
+
+    with pytest.raises(EncoderError, match="one str"):
+        minilm.encode("hello")
+    for texts, row in ((["ok", None], 2), ([b"bytes"], 1), (["ok", "ok", "\ud800x"], 3)):
+        for encode in (minilm.encode, lambda texts: embed_texts(minilm, texts)):
+            with pytest.raises(EncoderError, match=f"row {row} "):
+                encode(texts)
+    assert minilm.encode(("", "a tuple")).shape == (2, 384)
