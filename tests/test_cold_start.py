@@ -333,3 +333,53 @@ def test_a_new_model_on_a_few_rows_of_one_fold_is_calibrated_on_held_out_predict
     held_out = cross_fitted_new_arms(old, extension, rows, 1.0, folds=3, seed=0)
     assert np.isfinite(held_out.quality[np.ix_(few, arms)]).all()
     assert np.isfinite(held_out.output_tokens[np.ix_(few, arms)]).all()
+
+
+def test_an_extended_network_is_extended_again_with_its_first_catalogues_inputs():
+    """A team adds a model, then later another: the second warm start, of the registered
+    extension, was refused ('arm inputs do not match its own catalogue ... saved by another r2ray
+    version?'), the arm inputs standardised afresh over the once-extended catalogue, not with the
+    statistics the network was trained with; and its budget rows sorted anew, though the first
+    extension appended its new budget value (50) after the old ones."""
+    document = small_catalog(n_models=4).to_dict()
+    document["models"][1]["budgets"] = [20, 50, 100, 400, "default"]
+    four = catalog_from_dict(document)
+    first, once = without_models(four, ["model-1", "model-3"]), without_models(four, ["model-3"])
+    past, _ = planted_arrays(four, n_queries=120, dim=16, seed=0)
+    rows, _ = planted_arrays(four, n_queries=60, dim=16, seed=3)
+    test, _ = planted_arrays(four, n_queries=30, dim=16, seed=9)
+    network = make_predictor("r2ray", **KINDS["r2ray"]).fit(arrays_over(past, four, first), first)
+    extended, _ = extend_predictor(network, once, arrays_over(rows.subset(np.arange(30)), four,
+                                                            once))
+    again, _ = extend_predictor(extended, four, rows.subset(np.arange(30, 60)))
+    columns = plan_extension(once, four).arm_map
+    before, after = extended.predict(test.embedding), again.predict(test.embedding)
+    np.testing.assert_array_equal(after.quality[:, columns], before.quality)
+    np.testing.assert_array_equal(after.output_tokens[:, columns], before.output_tokens)
+    grown, trained = again.network_, network.network_
+    old_arms = plan_extension(first, four).arm_map
+    np.testing.assert_array_equal(grown.arm_features.numpy()[old_arms], trained.arm_features)
+    np.testing.assert_array_equal(grown.arm_budget.numpy()[old_arms], trained.arm_budget)
+
+
+def test_a_new_model_with_another_context_than_the_whole_old_pool_is_not_saturated():
+    """Every old model had an 8,192-token context, so that feature's spread over the old arms was
+    rounding noise (1.8e-15) and the new model's 32,768 standardised to 7.8e14: the frozen arm
+    tower saturated and q̂ was 1.0 on every query (the rows' mean quality: 0.41). A feature the
+    old pool never varied gets the old arms' value; the new model's embedding row carries it."""
+    document = small_catalog(n_models=3).to_dict()
+    document["models"][1]["context"] = 32768
+    full = catalog_from_dict(document)
+    old_pool = without_models(full, ["model-1"])
+    past, _ = planted_arrays(full, n_queries=200, dim=16, seed=0)
+    rows, _ = planted_arrays(full, n_queries=60, dim=16, seed=3)
+    test, _ = planted_arrays(full, n_queries=50, dim=16, seed=9)
+    network = make_predictor("r2ray", **KINDS["r2ray"]).fit(arrays_over(past, full, old_pool),
+                                                           old_pool)
+    extended, _ = extend_predictor(network, full, rows)
+    new = plan_extension(old_pool, full).new_arms
+    context = extended.network_.arm_features.numpy()[:, 4]
+    assert (context[new] == network.network_.arm_features.numpy()[0, 4]).all()
+    quality = extended.predict(test.embedding, raw_quality=True).quality[:, new]
+    assert abs(quality.mean() - np.nanmean(rows.quality[:, new])) < 0.1, quality.mean()
+    assert quality.max() < 0.99

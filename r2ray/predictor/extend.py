@@ -15,8 +15,9 @@ predict exactly as before. Per kind:
   Only those are fitted, full batch by L-BFGS on the new rows, with a Gaussian prior pulling them
   toward their start (``prior``, in pseudo-queries): a new model is placed in the learned model
   space, so a few queries move a few dozen numbers, not a network. Arm features are standardised
-  with the *old* catalogue's statistics (:func:`r2ray.predictor.network.arm_table`), so the frozen
-  arm tower sees old arms' inputs unchanged.
+  with the statistics the network was trained with, read back from its own arm inputs
+  (:func:`r2ray.predictor.network.extended_arm_table`), so the frozen arm tower sees old arms'
+  inputs unchanged, and an extended network can be extended again.
 * ``per_arm_ridge``, ``carrot_linear_*``: per-arm models share nothing, so the new arms get their
   own fits on the new rows alone.
 * ``stacked``: each member extended; a member that cannot cover new arms (``carrot_knn_*``: its
@@ -52,7 +53,7 @@ from r2ray.predictor.base import (ArmPredictions, BasePredictor, data_fingerprin
                                   model_fold_ids, training_embedding)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.diagnostics import summary_metrics
-from r2ray.predictor.network import R2Net, arm_table, budget_chain
+from r2ray.predictor.network import R2Net, budget_chain, extended_arm_table
 from r2ray.predictor.per_arm import fit_ridge
 from r2ray.predictor.quality_calibration import extend_quality_calibration, fit_quality_calibration
 from r2ray.predictor.token_calibration import extend_token_calibration, fit_token_calibration
@@ -162,15 +163,17 @@ def _mean_by_budget(old_values: np.ndarray, old_rows: np.ndarray, new_rows: np.n
 def grow_network(old: R2Net, extension: Extension) -> GrownNetwork:
     """``old`` over the new catalogue: shared weights and old rows copied, new rows at their start
     values (module doc)."""
-    arms = arm_table(extension.new, reference=extension.old)
+    arms = extended_arm_table(extension.new, extension.old, old.arm_features.numpy(),
+                              old.arm_budget.numpy())
     config = replace(old.config, n_arms=extension.new.n_arms, n_models=arms.n_models,
                      n_budget_values=arms.n_budget_values)
-    network = R2Net(config)
-    chain, first = budget_chain(extension.new, config.monotone)
-    network.load_arms(arms, chain, first, old.x_mean.numpy(), old.x_scale.numpy())
     if not np.allclose(arms.features[extension.arm_map], old.arm_features.numpy(), atol=1e-5):
         raise ExtensionError("the registered network's arm inputs do not match its own catalogue "
                              "(saved by another r2ray version?); retrain it")
+    arms.features[extension.arm_map] = old.arm_features.numpy()  # bit for bit, not to rounding
+    network = R2Net(config)
+    chain, first = budget_chain(extension.new, config.monotone)
+    network.load_arms(arms, chain, first, old.x_mean.numpy(), old.x_scale.numpy())
     shared = {k: v for k, v in old.state_dict().items()
               if k.split(".")[0] in ("query_tower", "arm_tower", "head", "query_factors")}
     network.load_state_dict(shared, strict=False)

@@ -55,7 +55,8 @@ class NetworkConfig:
 @dataclass
 class ArmTable:
     model_index: np.ndarray   # [K] int64
-    budget_index: np.ndarray  # [K] int64, into the sorted distinct budgets (default last)
+    budget_index: np.ndarray  # [K] int64, budget embedding rows: budget_values order, an
+                              # extension's new values appended (extended_arm_table)
     features: np.ndarray      # [K, 5] float32, standardised over arms
     n_models: int
     n_budget_values: int
@@ -84,25 +85,51 @@ def budget_values(catalog: Catalog) -> list[int]:
     return sorted(budgets, key=lambda b: (b == DEFAULT_BUDGET, b))
 
 
-def arm_table(catalog: Catalog, reference: Catalog | None = None) -> ArmTable:
-    """The arm inputs of ``catalog``. ``reference``: the catalogue a network was trained on, when
-    ``catalog`` extends it (:mod:`r2ray.predictor.extend`): features are standardised with the
-    reference's statistics and budgets keep the reference's embedding rows (new budget values are
-    appended), so the frozen arm tower sees exactly the inputs it was trained on for old arms."""
-    base = reference if reference is not None else catalog
-    basis = _raw_arm_features(base)
-    spread = basis.std(axis=0)
-    features = (_raw_arm_features(catalog) - basis.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
-    values = budget_values(base)
-    values += [b for b in budget_values(catalog) if b not in values]
-    row = {b: i for i, b in enumerate(values)}
+def arm_table(catalog: Catalog) -> ArmTable:
+    """The arm inputs of ``catalog``: features standardised over its arms, budgets on the rows of
+    :func:`budget_values`."""
+    raw = _raw_arm_features(catalog)
+    spread = raw.std(axis=0)
+    return _table(catalog, raw.mean(axis=0), np.where(spread > 0, spread, 1.0),
+                  {b: i for i, b in enumerate(budget_values(catalog))})
+
+
+def extended_arm_table(catalog: Catalog, trained: Catalog, features: np.ndarray,
+                       budget_rows: np.ndarray) -> ArmTable:
+    """The arm inputs of ``catalog``, which extends ``trained`` (:mod:`r2ray.predictor.extend`),
+    as a network over ``trained`` sees them: its own arms' standardised ``features`` [K_trained,
+    5] and ``budget_rows`` [K_trained] (its buffers) give the statistics its arm tower was trained
+    with and its budget embedding's rows (new budget values appended), so the frozen tower sees
+    old arms' inputs unchanged. Read back from the network, not recomputed from ``trained``: a
+    network extended before was standardised with the catalogue it was first trained on, and its
+    rows are in that catalogue's order (recomputed, a second warm start was refused). A feature
+    its arms all share (one context window for the whole pool) taught the tower nothing, and its
+    spread was rounding noise (1.8e-15): new arms take the old arms' value there, not their raw
+    difference over that noise (a longer context read as 7.8e14, and q̂ = 1 on every query)."""
+    raw = _raw_arm_features(trained)
+    varied = (np.ptp(raw, axis=0) > 0) & (np.ptp(features, axis=0) > 0)
+    scale = np.ones(raw.shape[1])
+    scale[varied] = raw[:, varied].std(axis=0) / features[:, varied].std(axis=0)
+    rows = dict(zip(trained.arm_arrays["budget_tokens"].astype(np.int64).tolist(),
+                    np.asarray(budget_rows).tolist()))
+    for value in budget_values(catalog):
+        rows.setdefault(value, len(rows))
+    table = _table(catalog, (raw - features * scale).mean(axis=0), scale, rows)
+    table.features[:, ~varied] = features[0, ~varied]
+    return table
+
+
+def _table(catalog: Catalog, mean: np.ndarray, scale: np.ndarray, rows: dict[int, int]
+           ) -> ArmTable:
+    """``catalog``'s arms with features (raw - ``mean``) / ``scale`` and budget embedding rows
+    ``rows`` ({budget tokens: row})."""
     budgets = catalog.arm_arrays["budget_tokens"].astype(np.int64)
     return ArmTable(
         model_index=catalog.arm_arrays["model_index"].astype(np.int64),
-        budget_index=np.array([row[b] for b in budgets.tolist()], dtype=np.int64),
-        features=features.astype(np.float32),
+        budget_index=np.array([rows[b] for b in budgets.tolist()], dtype=np.int64),
+        features=((_raw_arm_features(catalog) - mean) / scale).astype(np.float32),
         n_models=len(catalog.models),
-        n_budget_values=len(values),
+        n_budget_values=len(rows),
     )
 
 
