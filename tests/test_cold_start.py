@@ -314,6 +314,22 @@ def test_a_new_model_without_rows_is_refused_by_name():
         extend_predictor(ridge, wider, rows)
 
 
+def test_a_new_model_on_one_query_is_refused_by_name():
+    """A new model run on one query passed: the calibrations' fold holding that query out never
+    saw the model, and per-arm Ridge predicted that one outcome (q̂ 1.0) on every query."""
+    wider = small_catalog(n_models=4)
+    old = without_models(wider, ["model-1", "model-2"])
+    past, _ = planted_arrays(wider, n_queries=100, dim=16, seed=0)
+    ridge = make_predictor("per_arm_ridge").fit(arrays_over(past, wider, old), old)
+    rows, _ = planted_arrays(wider, n_queries=40, dim=16, seed=3)
+    other = np.array([arm.model == "model-2" for arm in wider.arms])
+    lone = np.arange(rows.n_queries)[:, None] > 0
+    rows = replace(rows, quality=np.where(other & lone, np.nan, rows.quality).astype(np.float32))
+    with pytest.raises(ExtensionError, match=r"new model\(s\) 'model-2' \(1\) have outcomes on "
+                                             r"fewer than 2 queries"):
+        extend_predictor(ridge, wider, rows)
+
+
 def test_a_new_model_on_a_few_rows_of_one_fold_is_calibrated_on_held_out_predictions(planted):
     """Two new models, one run on six rows that all fell in one of the calibrations' folds: the
     fit holding that fold out never saw it, so its held-out predictions were NaN and its

@@ -50,7 +50,7 @@ from r2ray.catalog import Catalog
 from r2ray.encoders import check_embedding_dimension
 from r2ray.errors import R2RayError
 from r2ray.predictor.base import (ArmPredictions, BasePredictor, data_fingerprint, log_tokens,
-                                  model_fold_ids, training_embedding)
+                                  model_fold_ids, model_presence, training_embedding)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.diagnostics import summary_metrics
 from r2ray.predictor.network import R2Net, budget_chain, extended_arm_table
@@ -130,15 +130,28 @@ def extension_rows(rows: BenchArrays, extension: Extension) -> tuple[BenchArrays
     return rows.subset(keep), ignored
 
 
+MIN_NEW_MODEL_QUERIES = 2
+"""Queries a new model needs outcomes on: with one, the calibrations' fold that holds it out
+never sees the model, and a per-arm fit predicts that one outcome for every query."""
+
+
 def check_new_models_observed(rows: BenchArrays, extension: Extension) -> None:
-    """Every new model needs a row: one without would keep its start values, and the joint
-    network predict it from the old pool's mean model (a q̂ the router acts on)."""
+    """Every new model needs outcomes on :data:`MIN_NEW_MODEL_QUERIES` queries: one without any
+    would keep its start values, and the joint network predict it from the old pool's mean model
+    (a q̂ the router acts on); one on a single query is that query's outcome everywhere."""
     missing = [name for name in rows.unobserved_models(extension.new)
                if name in extension.new_models]
     if missing:
         raise ExtensionError(f"the new rows have no outcome of the new model(s) "
                              f"{', '.join(map(repr, missing))}; add rows of them or drop them "
                              "from --catalog (warm-start them later)")
+    queries = model_presence(rows, extension.new).sum(axis=0)
+    few = [f"{name!r} ({int(queries[m])})" for m, name in enumerate(extension.new.model_names)
+           if name in extension.new_models and queries[m] < MIN_NEW_MODEL_QUERIES]
+    if few:
+        raise ExtensionError(f"the new model(s) {', '.join(few)} have outcomes on fewer than "
+                             f"{MIN_NEW_MODEL_QUERIES} queries: too few to fit and calibrate "
+                             "them; add rows of them or drop them from --catalog")
 
 
 # ---- the joint network --------------------------------------------------------------------------
