@@ -4,6 +4,8 @@ every candidate must be either scored or reported as stopped."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 from predictor_world import planted_arrays, small_catalog
@@ -56,3 +58,25 @@ def test_tune_needs_the_cross_validation(tmp_path):
     config = TrainConfig(bench=str(tmp_path), registered_name="x", select="none", tune=True)
     with pytest.raises(R2RayError, match="--tune searches"):
         build_predictor(config)
+
+
+def test_tune_names_a_ray_address_where_no_cluster_answers(monkeypatch):
+    """RAY_ADDRESS pointing at no cluster is one error naming it, not ray.init retrying the GCS
+    for minutes (it was still retrying after 300 s)."""
+    import ray
+
+    with socket.socket() as probe:   # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("ray.init reached: it would hang"))
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=30, dim=4, seed=0)
+    fold = fold_ids(train.n_queries, 3, 0)
+    singles = [Candidate("ridge", "per_arm_ridge", {})]
+    for address, why in [(f"127.0.0.1:{port}", "no Ray cluster answers there"),
+                         (f"ray://127.0.0.1:{port}", "no Ray cluster answers there"),
+                         ("head-node", "give the Ray head as HOST:PORT")]:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(R2RayError, match=f"RAY_ADDRESS='{address}': {why}"):
+            asha_search(singles, train, catalog, fold, print)
