@@ -300,15 +300,20 @@ def test_cli_warm_start_refuses_an_infinite_prior_and_a_negative_seed(benches, c
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_a_new_model_without_rows_is_refused_by_name():
-    """Two new models, rows of one: the other kept its start values, and the joint network
-    predicted it at q̂ ≈ 0.48 from nothing (per-arm Ridge: NaN), registered without a word."""
+def _two_new_models():
+    """(a pool of 4, per-arm Ridge fitted on 2 of them, 40 new rows over all 4, model-2's arms)."""
     wider = small_catalog(n_models=4)
     old = without_models(wider, ["model-1", "model-2"])
     past, _ = planted_arrays(wider, n_queries=100, dim=16, seed=0)
     ridge = make_predictor("per_arm_ridge").fit(arrays_over(past, wider, old), old)
     rows, _ = planted_arrays(wider, n_queries=40, dim=16, seed=3)
-    other = np.array([arm.model == "model-2" for arm in wider.arms])
+    return wider, ridge, rows, np.array([arm.model == "model-2" for arm in wider.arms])
+
+
+def test_a_new_model_without_rows_is_refused_by_name():
+    """Two new models, rows of one: the other kept its start values, and the joint network
+    predicted it at q̂ ≈ 0.48 from nothing (per-arm Ridge: NaN), registered without a word."""
+    wider, ridge, rows, other = _two_new_models()
     rows = replace(rows, quality=np.where(other, np.nan, rows.quality).astype(np.float32))
     with pytest.raises(ExtensionError, match=r"no outcome of the new model\(s\) 'model-2';"):
         extend_predictor(ridge, wider, rows)
@@ -317,12 +322,7 @@ def test_a_new_model_without_rows_is_refused_by_name():
 def test_a_new_model_on_one_query_is_refused_by_name():
     """A new model run on one query passed: the calibrations' fold holding that query out never
     saw the model, and per-arm Ridge predicted that one outcome (q̂ 1.0) on every query."""
-    wider = small_catalog(n_models=4)
-    old = without_models(wider, ["model-1", "model-2"])
-    past, _ = planted_arrays(wider, n_queries=100, dim=16, seed=0)
-    ridge = make_predictor("per_arm_ridge").fit(arrays_over(past, wider, old), old)
-    rows, _ = planted_arrays(wider, n_queries=40, dim=16, seed=3)
-    other = np.array([arm.model == "model-2" for arm in wider.arms])
+    wider, ridge, rows, other = _two_new_models()
     lone = np.arange(rows.n_queries)[:, None] > 0
     rows = replace(rows, quality=np.where(other & lone, np.nan, rows.quality).astype(np.float32))
     with pytest.raises(ExtensionError, match=r"new model\(s\) 'model-2' \(1\) have outcomes on "

@@ -60,14 +60,33 @@ def test_tune_needs_the_cross_validation(tmp_path):
         build_predictor(config)
 
 
+def test_the_batch_job_names_a_ray_address_where_no_cluster_answers(monkeypatch):
+    """The nightly job's own Ray start retried an address nothing answers at past 90 s (a
+    route killed by a timeout left its attempt folder behind)."""
+    import ray
+
+    from r2ray.batch.job import _init_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("ray.init reached: it would hang"))
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    with pytest.raises(R2RayError, match="no Ray cluster answers there"):
+        _init_ray()
+
+
+def _closed_port() -> int:
+    """A port nothing listens on (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_tune_names_a_ray_address_where_no_cluster_answers(monkeypatch):
     """RAY_ADDRESS pointing at no cluster is one error naming it, not ray.init retrying the GCS
     for minutes (it was still retrying after 300 s)."""
     import ray
 
-    with socket.socket() as probe:   # a port nothing listens on once closed
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _closed_port()
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("ray.init reached: it would hang"))
     catalog = small_catalog()
