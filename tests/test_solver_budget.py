@@ -294,7 +294,37 @@ def test_the_upper_bound_holds_when_under_half_an_ulp_of_the_budget_is_left():
     assert result.arm.tolist() == [0, 1, 0, 1] and cert.lam == pytest.approx(1e9)
     assert chosen(c, result.arm) <= budget and cert.gap >= 0
     assert cert.upper_bound >= cert.objective
-    exact_dual = Fraction(cert.lam) * Fraction(budget) + sum(
-        max(Fraction(float(qj)) - Fraction(cert.lam) * Fraction(float(cj))
+    assert Fraction(cert.upper_bound) >= exact_dual(q, c, budget, cert.lam)
+
+
+def exact_dual(q, c, budget: float, lam: float) -> Fraction:
+    """g(λ) = λB + Σ_i max_j (q_ij - λ c_ij) over the valid arms, in exact fractions."""
+    return Fraction(lam) * Fraction(budget) + sum(
+        max(Fraction(float(qj)) - Fraction(lam) * Fraction(float(cj))
             for qj, cj in zip(qi, ci) if math.isfinite(qj)) for qi, ci in zip(q, c))
-    assert Fraction(cert.upper_bound) >= exact_dual
+
+
+def test_the_upper_bound_covers_the_float_rounding_of_the_chains():
+    # dq = 0.78 - 0.07 and 0.38 - 0.03 are rounded differences and λ* a rounded dq / dc: the
+    # bound summed from them fell 1.5e-16 below g(λ*), below the optimum (both best arms fit)
+    q = np.array([[0.78, 0.07], [0.03, 0.38]])
+    c = np.array([[0.00087, 0.00013], [1e-05, 0.00048]])
+    budget = 0.00135
+    cert = solve_budget(hull_steps(q, c), budget).certificate
+    optimum = Fraction(0.78) + Fraction(0.38)
+    assert Fraction(0.00087) + Fraction(0.00048) <= Fraction(budget)
+    assert Fraction(cert.upper_bound) >= exact_dual(q, c, budget, cert.lam) >= optimum
+    assert Fraction(cert.gap) >= optimum - Fraction(cert.objective)
+    assert cert.gap == pytest.approx(cert.upper_bound - cert.objective)
+
+
+def test_a_cost_that_underflows_its_quantum_still_costs_one():
+    # beside 1e300 USD costs a quantum is ~2**936 USD and 1e-310 / 2**936 underflows to 0:
+    # rounded up it was 0 quanta, so the 1e-310 USD step looked free and passed the budget
+    q = np.array([[1e-320, 1e-300], [5e-324, 1e300]])
+    c = np.array([[0.0, 1e-310], [5e-324, 1e300]])
+    for budget in (5e-324, 1e300):
+        result = solve_budget(hull_steps(q, c), budget)
+        spend = sum(Fraction(float(c[i, a])) for i, a in enumerate(result.arm))
+        assert spend <= Fraction(budget)
+        assert Fraction(result.certificate.spend_usd) >= spend

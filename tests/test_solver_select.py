@@ -118,7 +118,8 @@ def test_the_driver_sees_only_histograms_and_scalars(n_queries):
 @pytest.mark.parametrize("exponent", [-1074, -1060, -1022, -60, -40, 0, 17, 1022, 1030])
 def test_quanta_round_as_ldexp_does_at_every_exponent(exponent):
     """The one-pass kernel multiplies by 2**-exponent where that is a float64 and calls ldexp
-    elsewhere; both must give numpy's ceil / rint of ldexp, subnormals and halves included."""
+    elsewhere; both must give numpy's ceil / rint of ldexp, subnormals and halves included,
+    except that rounded up a positive value is at least one quantum (ldexp underflows to 0)."""
     from r2ray.solver.blocks import to_quanta
     rng = np.random.default_rng(exponent + 2000)
     values = np.concatenate([
@@ -128,7 +129,8 @@ def test_quanta_round_as_ldexp_does_at_every_exponent(exponent):
     scaled = np.ldexp(values, -exponent)
     values = values[np.isfinite(scaled) & (np.abs(scaled) < 2.0 ** 62)]
     scaled = scaled[np.isfinite(scaled) & (np.abs(scaled) < 2.0 ** 62)]
-    assert np.array_equal(to_quanta(values, exponent, True), np.ceil(scaled).astype(np.int64))
+    ceil = np.where(values > 0, np.maximum(np.ceil(scaled), 1), np.ceil(scaled))
+    assert np.array_equal(to_quanta(values, exponent, True), ceil.astype(np.int64))
     assert np.array_equal(to_quanta(values, exponent, False), np.rint(scaled).astype(np.int64))
 
 

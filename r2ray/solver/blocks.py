@@ -83,7 +83,7 @@ class StepBlock:
 def to_quanta(values: np.ndarray, exponent: int, round_up: bool) -> np.ndarray:
     """int64 multiples of 2**exponent: ceil (costs, so spend is never under-counted) or
     round-half-even (qualities) of values / 2**exponent; what np.ceil / np.rint of
-    np.ldexp(values, -exponent) give, in one pass."""
+    np.ldexp(values, -exponent) give, in one pass, but a positive cost is at least 1."""
     return _to_quanta(np.ascontiguousarray(values, np.float64), np.int64(exponent), round_up)
 
 
@@ -96,9 +96,13 @@ def quantum_scale(exponent):
 @njit(cache=True, nogil=True)
 def quantum(value, scale, exponent, round_up):
     """One value in quanta of 2**exponent, as a float64 the caller casts. Multiplying by an
-    exact power of two rounds as ldexp does; ldexp itself only where ``scale`` is 0."""
+    exact power of two rounds as ldexp does; ldexp itself only where ``scale`` is 0. Rounded
+    up, a positive value is at least one quantum: scaled, it can underflow to 0 (a cost below
+    2**(exponent - 1074) USD, beside costs summing past 2**61 USD) and would then be free."""
     x = value * scale if scale else math.ldexp(value, -exponent)
-    return np.ceil(x) if round_up else np.rint(x)
+    if round_up:
+        return max(np.ceil(x), 1.0) if value > 0 else np.ceil(x)
+    return np.rint(x)
 
 
 @njit(cache=True, nogil=True)

@@ -18,7 +18,9 @@ from r2ray.solver.blocks import StepBlock, blocks_of, tie_hash, with_defer_arm
 from r2ray.solver.hull import HullSteps, hull_steps
 from r2ray.solver.passes import HASH_RANGE, arm_after, block_assign, taken_steps
 from r2ray.solver.search import FILL_LIMIT, InfeasibleBudget, Outcome, run_solve
-from r2ray.solver.select import float_at_least
+from r2ray.solver.select import TOTAL_BITS, float_at_least
+
+FLOAT_SLACK_BITS = 48     # the dual bound adds 2**-48 of the chains' magnitudes: see _dual_bound
 
 
 @dataclass(frozen=True)
@@ -156,19 +158,26 @@ def _certificate(o: Outcome, g: int) -> DualCertificate:
 def _dual_bound(o: Outcome, g: int, lam: float, items: int) -> Fraction | float:
     """The dual bound g(λ*) (q̂ units) as an exact fraction: Σ q̂ on the arms above λ* plus
     λ* × (B - their spend) (USD), plus what rounding costs (a quantum per query and step) and
-    qualities (half a quantum each) to quanta can hide.
+    qualities (half a quantum each) to quanta can hide, plus what float rounding can hide: a
+    step's dq is a rounded difference of two arms' qualities, its dc a rounded-up one, λ* a
+    rounded dq / dc and the hull's slopes float comparisons, each off by a few ulps of |dq| and
+    λ*·dc, whose sums lie below 2**(quality_exp + 61) and 2**(cost_exp + 61): 2**-48 of those
+    (q̂ units; USD times λ*) covers them. Without it the bound fell ~1e-16 below g(λ*) and the
+    optimum (0.78, 0.07 / 0.03, 0.38 at 0.87, 0.13 / 0.01, 0.48 mUSD with 1.35 mUSD).
 
     Not in floats: B - spend cancels, and the spend (up to 61 bits of quanta) rounded to a float
     can land on B with up to half an ulp of B still unspent; times a λ* of 1e9 quality per USD
     (steps costing nano-dollars) that put the bound below the objective (a negative gap)."""
     t = o.totals
     bound = _exactly(int(t.base_q[g] + t.above_dq[g]) + Fraction(items, 2), o.quality_exp)
+    bound += _exactly(1, o.quality_exp + TOTAL_BITS - FLOAT_SLACK_BITS)
     if not lam:     # at λ* = 0 the budget's terms vanish (the budget may be infinite)
         return bound
     if math.isinf(lam):     # a step of infinite efficiency (its cost underflowed): no bound
         return math.inf
     spend_less_rounding = _exactly(o.base_spend[g] + int(t.above_dc[g]) - items, o.cost_exp)
-    return bound + Fraction(lam) * (Fraction(o.budgets[g]) - spend_less_rounding)
+    float_slack = _exactly(1, o.cost_exp + TOTAL_BITS - FLOAT_SLACK_BITS)
+    return bound + Fraction(lam) * (Fraction(o.budgets[g]) - spend_less_rounding + float_slack)
 
 
 def _exactly(quanta, exponent: int) -> Fraction:
