@@ -167,3 +167,47 @@ def test_apply_is_bit_identical_on_calibrations_loaded_from_disk(tmp_path):
         for n in (1, 1, 7):
             quality = odd_quality(rng, n, catalog.n_arms)
             assert loaded.apply(quality).tobytes() == per_arm_rule(fitted, quality).tobytes()
+
+
+def test_equal_predictions_share_one_knot_at_their_mean_quality():
+    rng = np.random.default_rng(0)
+    labels = (rng.random(600) < 0.47).astype(np.float64)
+    x, y = isotonic_knots(np.full(600, 0.5), labels)   # 600 ties: once 256 groups, rising knots
+    np.testing.assert_allclose(x, [0.5])
+    np.testing.assert_allclose(y, [labels.mean()])
+    said = np.concatenate([rng.uniform(0, 0.9, 600), np.ones(600)])   # saturated q̂ = 1.0
+    x, y = isotonic_knots(said, np.concatenate([rng.random(600) < 0.3, labels]).astype(float))
+    assert (np.diff(x) > 0).all(), x
+
+
+def budget_skewed(catalog, n, seed):
+    """q̂ rising with the budget in each model, default on top; labels better than said at budget
+    20 and worse at 100, so maps fitted per arm would reverse the two."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.2, 0.8, (n, 1))
+    budget = catalog.arm_arrays["budget_tokens"]
+    step = np.select([budget == 20, budget == 100, budget == 400], [0.0, 0.05, 0.1], 0.15)
+    shift = np.select([budget == 20, budget == 100], [0.15, -0.15], 0.0)
+    said = (base + step).astype(np.float32)
+    labels = (rng.random(said.shape) < np.clip(said + shift, 0, 1)).astype(np.float32)
+    return said, labels
+
+
+def test_a_monotone_predictors_maps_keep_q_non_decreasing_along_its_budget_chains():
+    from dataclasses import replace
+
+    from r2ray.predictor.base import ArmPredictions
+    from r2ray.predictor.network import budget_chains
+
+    catalog = small_catalog()
+    said, labels = budget_skewed(catalog, 3000, seed=0)   # over ARM_ROWS cells per arm
+    rows = replace(planted_arrays(catalog, n_queries=3000, dim=4, seed=0)[0], quality=labels)
+    for monotone in ("budgets", "budgets+default"):
+        predictor = make_predictor("r2ray", monotone=monotone)
+        predictor.fit_calibrations(rows, ArmPredictions(said, rows.output_tokens), catalog)
+        mapped = predictor.quality_calibration_.apply(said)
+        for chain in budget_chains(catalog, monotone):
+            assert (np.diff(mapped[:, chain], axis=1) >= 0).all(), (monotone, chain)
+    assert len(set(predictor.quality_calibration_.group.tolist())) == 3   # one map per model
+    unchained = fit_quality_calibration(said, labels, catalog)   # no chains: a map per arm
+    assert len(set(unchained.group.tolist())) == catalog.n_arms

@@ -507,9 +507,9 @@ def folds_given_to_router_view(monkeypatch) -> list:
 
     given = []
 
-    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None):
+    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None, chains=()):
         given.append(folds)
-        return router_view(predicted, rows, catalog, calibrate_quality, folds)
+        return router_view(predicted, rows, catalog, calibrate_quality, folds, chains)
 
     monkeypatch.setattr(base, "router_view", spy)
     monkeypatch.setattr(averaged, "router_view", spy)

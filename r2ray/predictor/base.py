@@ -174,12 +174,24 @@ class BasePredictor:
         optimistic view); None (a validation set, one fit): two random halves."""
         self.token_calibration_ = fit_token_calibration(
             predicted.output_tokens, held_out.output_tokens, catalog)
+        chains = self.quality_chains(catalog)
         self.quality_calibration_ = (fit_quality_calibration(
-            predicted.quality, held_out.quality, catalog) if self.calibrates_quality else None)
-        seen = router_view(predicted, held_out, catalog, self.calibrates_quality, folds)
+            predicted.quality, held_out.quality, catalog, chains=chains)
+            if self.calibrates_quality else None)
+        seen = router_view(predicted, held_out, catalog, self.calibrates_quality, folds, chains)
         self.spend_simulation_ = simulate_spend(
             seen.quality, catalog.arm_cost_usd(held_out.input_tokens, seen.output_tokens),
             held_out.quality, held_out.cost_usd)
+
+    def quality_chains(self, catalog: Catalog) -> list[np.ndarray]:
+        """The budget chains along which this predictor's q̂ never falls (its ``monotone``
+        setting, where it has one), so the q̂ calibration gives each chain one map."""
+        monotone = getattr(self, "monotone", "none")
+        if monotone == "none":
+            return []
+        from r2ray.predictor.network import budget_chains  # torch: only a monotone fit pays
+
+        return budget_chains(catalog, monotone)
 
     def predict(self, embedding: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
         """q̂ and t̂ [N, K] as the router uses them; ``raw_quality``: q̂ before its calibration
@@ -245,14 +257,17 @@ class BasePredictor:
 
 
 def router_view(predicted: ArmPredictions, rows: BenchArrays, catalog: Catalog,
-                calibrate_quality: bool = True, folds: np.ndarray | None = None) -> ArmPredictions:
+                calibrate_quality: bool = True, folds: np.ndarray | None = None,
+                chains: list[np.ndarray] = ()) -> ArmPredictions:
     """Held-out predictions of ``rows`` corrected as the router would see them: by token (and
     quality) calibrations cross-fitted over the same rows, so no row is corrected by a map
     fitted on its own outcome. ``folds`` [M]: the folds whose models made ``predicted`` (out of
     fold): each fold is then corrected by maps fitted on the other folds' rows only, as the
-    router's maps never saw the refitted model's predictions; None: two seeded random folds."""
+    router's maps never saw the refitted model's predictions; None: two seeded random folds.
+    ``chains``: the predictor's budget chains (:meth:`BasePredictor.quality_chains`)."""
     split = 2 if folds is None else folds
-    quality = (cross_fitted_quality(predicted.quality, rows.quality, catalog, split)
+    quality = (cross_fitted_quality(predicted.quality, rows.quality, catalog, split,
+                                    chains=chains)
                if calibrate_quality else predicted.quality)
     return ArmPredictions(quality, cross_fitted_mean_tokens(predicted.output_tokens,
                                                             rows.output_tokens, catalog, split))
