@@ -81,6 +81,16 @@ def arm_scores(quality: np.ndarray, output_tokens: np.ndarray, catalog: Catalog,
                      np.where(usable, cost, np.nan))
 
 
+def solve_costs(scores: ArmScores, catalog: Catalog, input_tokens: np.ndarray,
+                strict_budget: bool = False) -> np.ndarray:
+    """[N, K] float64 USD the decision spends per arm: the predicted ĉ, or with ``strict_budget``
+    each usable arm's :func:`worst_case_usd` at its cap (masked arms stay NaN). The batch solve
+    and Serve's choice at a strict-budget run's λ* both price with this, so they pick alike."""
+    if not strict_budget:
+        return scores.cost_usd
+    return np.where(np.isnan(scores.cost_usd), np.nan, worst_case_usd(catalog, input_tokens))
+
+
 def checked_cost_factors(cost_factors, catalog: Catalog) -> np.ndarray:
     """``cost_factors`` as float64 [K], refused unless one finite positive factor per arm: a NaN
     would mask its arm as if unusable, a negative one make its cost negative, a single one be

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import REPO
+from r2ray.batch.score import score_batch
 from r2ray.bench.synthetic import synth_backlog
 from r2ray.catalog import catalog_from_dict
 from r2ray.errors import R2RayError
@@ -35,8 +36,9 @@ from r2ray.serving.pacer import Pacer, PriceState, paced_lambda, starting_price
 from r2ray.routing import query_key
 from r2ray.serving.router import RouteItem, RouteRejected, RoutingModel, route_items
 from r2ray.serving.schema import ChatCompletionRequest, RouteRequest
-from r2ray.serving.service import RoutingService, SpendBook, routing_headers, upstream_body
-from r2ray.solver import choose_arms, hull_steps, solve_budget
+from r2ray.serving.service import (RoutingService, SpendBook, route_item, routing_headers,
+                                   upstream_body)
+from r2ray.solver import choose_arms, hull_steps, solve_budget, table_to_steps
 
 
 # ---- pacing --------------------------------------------------------------------------------------
@@ -355,6 +357,45 @@ def test_online_router_picks_the_batch_solves_arm_including_ties(routing_model):
     copies_taken = online_arms[[0, 300, 301, 302]] != steps.base_arm[[0, 300, 301, 302]]
     assert 0 < copies_taken.sum() < 4                   # some copies stepped up, some did not
     assert all(d.version == "test/1" and d.lam == cert.lam for d in online)
+
+
+def test_serve_at_a_strict_budget_runs_lambda_picks_that_runs_arms(routing_model, tmp_path):
+    """A --strict-budget run's λ* is the price of each arm's worst case at its cap (the costs its
+    solve spent), not of ĉ: Serve started from its manifest prices the choice the same way, so a
+    query gets the arm the run gave it. Before, Serve priced ĉ at that λ* (59 of 300 differed)."""
+    catalog = routing_model.catalog
+    rows = _queries(catalog, 300, seed=5)
+    backlog = pa.Table.from_pylist([dict(r, tenant=None, order=i) for i, r in enumerate(rows)])
+    scored = score_batch(backlog, routing_model.predictor, catalog, strict_budget=True)
+    steps, _, keys, _ = table_to_steps(scored)
+    solved = solve_budget(steps, steps.base_c.sum() + 0.5 * steps.dc.sum(), seed=7,
+                          query_key=keys)
+    cert = solved.certificate
+    commit(RunPaths(str(tmp_path), "night"), {"committed_at": "2026-01-01T00:00:00+00:00",
+                                              "spend": {"strict_budget": True},
+                                              "solve": {"lambda": cert.lam, "seed": 7,
+                                                        "tie_cut": cert.tie_cut}})
+    start = starting_price(str(tmp_path), None)
+    price = Pacer(PacingConfig(), start.lam, tie_cut=start.tie_cut, seed=start.seed,
+                  source=start.source, solved_for=start.solved_for).state()
+    items = [route_item(RouteRequest(query=r["query"], query_id=r["query_id"],
+                                     embedding=list(r["embedding"])),
+                        r["query"], r["input_tokens"], price, 0) for r in rows]
+    online = np.array([d.arm for d in route_items(routing_model, items)])
+    kept = ~solved.filled
+    assert kept.sum() >= len(rows) - 3
+    np.testing.assert_array_equal(online[kept], solved.arm[kept])
+    at_c_hat = choose_arms(*_predicted(routing_model, rows), cert.lam, tie_cut=cert.tie_cut,
+                           seed=7, query_key=keys)
+    assert (at_c_hat != solved.arm).sum() > 10          # ĉ at this λ* would route otherwise
+
+
+def _predicted(routing_model, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(q̂, ĉ USD) [N, K] of backlog rows, as ``arm_scores`` prices them."""
+    predictions = routing_model.predictor.predict(np.array([r["embedding"] for r in rows]))
+    scores = arm_scores(predictions.quality, predictions.output_tokens, routing_model.catalog,
+                        np.array([r["input_tokens"] for r in rows]))
+    return scores.quality, scores.cost_usd
 
 
 def test_router_limits_hard_stop_and_rejections(routing_model):

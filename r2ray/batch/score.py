@@ -22,7 +22,7 @@ from r2ray.catalog import Catalog, catalog_from_yaml
 from r2ray.encoders import check_embedding_dimension, embed_or_encode
 from r2ray.failpoints import kill_worker_once
 from r2ray.predictor.data import embedding_matrix
-from r2ray.routing import arm_scores, query_key, worst_case_usd
+from r2ray.routing import arm_scores, query_key, solve_costs
 from r2ray.solver import HullSteps, hull_steps, hull_values, step_columns
 from r2ray.solver.table import CHAIN_COLUMNS
 
@@ -62,9 +62,7 @@ def score_batch(table: pa.Table, predictor, catalog: Catalog, encoder=None,
     input_tokens = table.column("input_tokens").to_numpy()
     scores = arm_scores(predictions.quality, predictions.output_tokens, catalog, input_tokens,
                         cost_factors=cost_factors)
-    cost_usd = scores.cost_usd
-    if strict_budget:  # same mask (NaN), priced at the caps
-        cost_usd = np.where(np.isnan(cost_usd), np.nan, worst_case_usd(catalog, input_tokens))
+    cost_usd = solve_costs(scores, catalog, input_tokens, strict_budget)   # same mask (NaN)
     columns = hull_columns(hull_steps(scores.quality, cost_usd), scores.output_tokens)
     return _with_columns(table, columns)
 

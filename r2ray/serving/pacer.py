@@ -37,10 +37,13 @@ class SolvedFor:
 
     model: str | None     # the manifest's ``model.label``: NAME/VERSION, or the model's folder
     catalog: str | None   # its ``catalog_fingerprint``
+    strict_budget: bool = False   # its ``spend.strict_budget``: λ* priced each arm's worst case
+                                  # at its cap, not ĉ (routing.solve_costs), so Serve must too
 
     @classmethod
     def of(cls, manifest: dict) -> SolvedFor:
-        return cls((manifest.get("model") or {}).get("label"), manifest.get("catalog_fingerprint"))
+        return cls((manifest.get("model") or {}).get("label"), manifest.get("catalog_fingerprint"),
+                   bool((manifest.get("spend") or {}).get("strict_budget", False)))
 
     def mismatch(self, version: str, catalog_fingerprint: str) -> str | None:
         """What differs from the served ``version`` (RoutingModel.version, labelled as the batch

@@ -26,7 +26,7 @@ from r2ray.catalog import DEFAULT_BUDGET, Catalog, ModelSpec, UnknownModel, repr
 from r2ray.encoders import embed_or_encode
 from r2ray.errors import R2RayError
 from r2ray.routing import (ArmScores, allowed_arms, arm_caps, arm_scores, routed_request,
-                           worst_case_usd)
+                           solve_costs, worst_case_usd)
 from r2ray.serving.schema import MAX_INPUT_TOKENS
 from r2ray.solver import NO_ARM, choose_arm, choose_arms
 
@@ -97,6 +97,8 @@ class RouteItem:
     tie_cut: float = 1.0
     seed: int = 0
     stopped: bool = False                      # hard stop: cheapest arm
+    strict_budget: bool = False                # λ is a --strict-budget run's: arms are priced
+                                               # at their worst case (routing.solve_costs)
     price_source: str = "config"
     embedding: list[float] | None = None
     allowed_models: list[str] | None = None
@@ -232,26 +234,33 @@ def within_cost(catalog: Catalog, input_tokens: np.ndarray,
 
 def decide(model: RoutingModel, scores: ArmScores,
            items: list[RouteItem]) -> list[RouteDecision | RouteRejected]:
-    """``choose_arms`` once per distinct (price, tie cut, seed); a hard stop prices at +inf,
-    which leaves every query on its cheapest arm."""
+    """``choose_arms`` once per distinct (price, tie cut, seed, cost basis); a hard stop prices
+    at +inf, which leaves every query on its (predicted) cheapest arm. At a strict-budget run's
+    λ the choice prices arms at their worst case, as that run's solve did (``solve_costs``)."""
     prices = np.array([math.inf if i.stopped else i.lam for i in items])
+    strict = np.array([i.strict_budget and not i.stopped for i in items])
+    priced = scores.cost_usd if not strict.any() else np.where(
+        strict[:, None], solve_costs(scores, model.catalog, np.array(
+            [i.input_tokens for i in items], dtype=np.int64), strict_budget=True), scores.cost_usd)
     arms = np.full(len(items), NO_ARM, dtype=np.int64)
     groups: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault((prices[i], item.tie_cut, item.seed), []).append(i)
     for (lam, tie_cut, seed), rows in groups.items():
         if len(rows) == 1:   # a lone request: the one-row path (same arm, a fifth of the cost)
-            arms[rows[0]] = choose_arm(scores.quality[rows[0]], scores.cost_usd[rows[0]], lam,
+            arms[rows[0]] = choose_arm(scores.quality[rows[0]], priced[rows[0]], lam,
                                        tie_cut=tie_cut, seed=seed, query_key=items[rows[0]].key)
             continue
         keys = np.array([items[i].key for i in rows], dtype=np.uint64)
-        arms[rows] = choose_arms(scores.quality[rows], scores.cost_usd[rows], lam,
+        arms[rows] = choose_arms(scores.quality[rows], priced[rows], lam,
                                  tie_cut=tie_cut, seed=seed, query_key=keys)
-    return [_decision(model, scores, i, int(arms[i]), item) for i, item in enumerate(items)]
+    return [_decision(model, scores, i, int(arms[i]), item, priced[i])
+            for i, item in enumerate(items)]
 
 
 def _decision(model: RoutingModel, scores: ArmScores, row: int, arm: int,
-              item: RouteItem) -> RouteDecision | RouteRejected:
+              item: RouteItem, priced: np.ndarray) -> RouteDecision | RouteRejected:
+    """``priced``: the row's costs (USD) the choice spent, which rank its alternatives."""
     if arm == NO_ARM:
         return _no_arm(model, item)
     routed = routed_request(item.query, arm, model.catalog, item.input_tokens)
@@ -266,7 +275,8 @@ def _decision(model: RoutingModel, scores: ArmScores, row: int, arm: int,
         version=model.version, input_tokens=item.input_tokens, arm=arm,
         spec=model.catalog.model(routed["model"]),
         alternatives=alternatives(model.catalog, scores, row, arm,
-                                  math.inf if item.stopped else item.lam, item.n_alternatives))
+                                  math.inf if item.stopped else item.lam, item.n_alternatives,
+                                  priced))
 
 
 def _no_arm(model: RoutingModel, item: RouteItem) -> RouteRejected:
@@ -300,10 +310,12 @@ def _no_arm(model: RoutingModel, item: RouteItem) -> RouteRejected:
 
 
 def alternatives(catalog: Catalog, scores: ArmScores, row: int, chosen: int, lam: float,
-                 n: int) -> list[dict]:
-    """The next best usable arms after ``chosen``, by value q̂ − λ·ĉ (by cost under a hard stop)."""
+                 n: int, priced: np.ndarray | None = None) -> list[dict]:
+    """The next best usable arms after ``chosen``, by value q̂ − λ·c (by cost under a hard stop),
+    c the costs the choice spent (``priced``, USD [K]; None: ĉ); each reports its ĉ."""
     q, c, t = scores.quality[row], scores.cost_usd[row], scores.output_tokens[row]
-    value = -c if math.isinf(lam) else q - lam * c
+    spent = c if priced is None else priced
+    value = -spent if math.isinf(lam) else q - lam * spent
     usable = np.flatnonzero(np.isfinite(value) & (np.arange(len(q)) != chosen))
     ranked = usable[np.lexsort((-q[usable], -value[usable]))][:n]
     return [{"model": catalog.arms[j].model, "budget": int(catalog.arms[j].budget_tokens),

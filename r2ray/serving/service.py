@@ -203,6 +203,7 @@ def route_item(options: RoutingOptions, query: str, input_tokens: int, price: Pr
         query=query, input_tokens=input_tokens, key=query_key(query, options.query_id),
         lam=lam, tie_cut=price.tie_cut, seed=price.seed, stopped=price.stopped,
         price_source=source,
+        strict_budget=price.solved_for is not None and price.solved_for.strict_budget,
         embedding=options.embedding, max_cost_usd=options.max_cost_usd,
         n_alternatives=n_alternatives, **fields)
 
