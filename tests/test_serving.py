@@ -385,6 +385,8 @@ def test_serve_at_a_strict_budget_runs_lambda_picks_that_runs_arms(routing_model
     kept = ~solved.filled
     assert kept.sum() >= len(rows) - 3
     np.testing.assert_array_equal(online[kept], solved.arm[kept])
+    lone = [route_items(routing_model, [items[i]])[0].arm for i in np.flatnonzero(kept)[:20]]
+    assert lone == solved.arm[np.flatnonzero(kept)[:20]].tolist()   # the one-row path too
     at_c_hat = choose_arms(*_predicted(routing_model, rows), cert.lam, tie_cut=cert.tie_cut,
                            seed=7, query_key=keys)
     assert (at_c_hat != solved.arm).sum() > 10          # ĉ at this λ* would route otherwise
