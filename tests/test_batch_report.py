@@ -112,3 +112,61 @@ def test_the_report_table_shows_model_names_as_written():
              if line.startswith("| ") and " | default | " in line]
     assert sorted(_read_cell(cell) for cell in cells) == sorted(names)
     assert r"| \*fast\* | default |" in report and "| gpt-4o.mini | default |" in report
+
+
+def _guaranteed(probability: float, objective: float, gap: float = 1e-4) -> dict:
+    """A manifest of a run planned under ``probability``'s spend guarantee whose solve kept
+    Σ q̂ = ``objective`` (0: every row deferred), with the record the job writes."""
+    from types import SimpleNamespace
+
+    from r2ray.batch.job import guarantee_record
+    from r2ray.predictor.spend_guarantee import SpendPlan
+
+    plan = SpendPlan(budget_usd=1e-3, planned_limit_usd=9e-4, inflation=1e-3 / 9e-4,
+                     probability=probability, expected_ratio=1.01, method="simulated",
+                     position=0.5)
+    certificate = SimpleNamespace(gap=gap, lam=0.1, objective=objective)
+    manifest = _manifest(3, 0, 8e-4)
+    manifest["spend"]["guarantee"] = guarantee_record(plan, certificate, 8e-4)
+    manifest["solve"] |= {"objective": objective, "upper_bound": objective + gap}
+    manifest["output"] = {"routed": "/out/nightly/attempt-1/routed"}
+    manifest["spend"]["by_model"] = {}
+    return manifest
+
+
+def test_a_guarantee_is_never_rounded_past_what_it_promises():
+    """p = 0.995 read "probability ≥ 100%" (the strict budget's certainty), and a share of the
+    objective given up of 0.004% read "≤ 0.00%": a bound rounded to the nearest is no bound."""
+    from r2ray.batch.job import summarise_manifest
+
+    manifest = _guaranteed(0.995, objective=2.0, gap=0.0)   # given up: 0.1 × 1e-4 = 1e-5 Σ q̂
+    report, summary = report_markdown(manifest, _stats(["m"])), summarise_manifest(manifest)
+    assert "with probability ≥ 99.5%," in report and "with p ≥ 99.5%:" in summary
+    assert "(0.01% of the objective; dual bound)" in report
+    assert "quality given up ≤ 0.01%" in summary
+
+
+def test_a_run_that_kept_no_quality_reports_no_share_of_it():
+    """Every row deferred: the objective is 0, and the quality given up was divided by 1e-300
+    into a share of 1e296, shown as a 300-digit percentage in report.md and the summary."""
+    from r2ray.batch.job import summarise_manifest
+
+    manifest = _guaranteed(0.9, objective=0.0)
+    assert manifest["spend"]["guarantee"]["quality_given_up_share_at_most"] is None
+    report, summary = report_markdown(manifest, STATS_SCHEMA.empty_table()), \
+        summarise_manifest(manifest)
+    assert "at most 0.00011 Σ q̂ (dual bound)" in report
+    assert "quality given up" not in summary and "%)" not in summary
+
+
+def test_a_run_without_a_guarantee_records_strict_json():
+    """``--spend-guarantee 0``: the plan's expected ratio is NaN, which manifest.json held as a
+    bare ``NaN`` (not JSON: JavaScript's JSON.parse and Go's encoding/json refuse it)."""
+    import json
+
+    from r2ray.batch.job import guarantee_record
+    from r2ray.predictor.spend_guarantee import plan_budget
+
+    record = guarantee_record(plan_budget(1e-3, 3, 0.0, None), None, 8e-4)
+    assert record["expected_realised_over_planned"] is None
+    json.dumps(record, allow_nan=False)

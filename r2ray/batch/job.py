@@ -423,8 +423,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     from r2ray.batch.assign import assign_stage
     from r2ray.batch.dedupe import drop_rows_stage, first_seen_duplicates
     from r2ray.batch.pool import pool_shape
-    from r2ray.batch.report import (STATS_SCHEMA, combine_stats, log_to_mlflow, spend_by_model,
-                                    spend_plot_or_none, write_report)
+    from r2ray.batch.report import (STATS_SCHEMA, combine_stats, log_to_mlflow, percent_bound,
+                                    spend_by_model, spend_plot_or_none, write_report)
     from r2ray.batch.score import ScoreWorker
     from r2ray.bench.io import write_table
     from r2ray.predictor.spend_guarantee import plan_budget
@@ -501,7 +501,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                 strict = ", every arm at its worst case (--strict-budget)" \
                     if config.strict_budget else ""
                 held = "" if plan.inflation == 1 else (
-                    f" after the {plan.probability:.0%} spend guarantee (--spend-guarantee) held "
+                    f" after the {percent_bound(plan.probability, upper=False)} spend guarantee (--spend-guarantee) held "
                     f"back {1 - 1 / plan.inflation:.1%}")
                 raise R2RayError(f"infeasible budget: {err} (usable budget {_usd(usable_usd)}"
                                  f"{held}{strict}); nothing was committed") from None
@@ -637,11 +637,15 @@ def guarantee_record(plan: SpendPlan, certificate, predicted_usd: float) -> dict
     record = plan.to_json()
     sized = 0 < plan.probability < 1   # 0: no guarantee; 1: the strict budget's certainty
     record["expected_realised_usd"] = predicted_usd * plan.expected_ratio if sized else None
+    if not math.isfinite(plan.expected_ratio):   # NaN without a guarantee: not JSON (RFC 8259)
+        record["expected_realised_over_planned"] = None
     if certificate is not None:
         held_back = plan.budget_usd - plan.planned_limit_usd
         given_up = certificate.gap + certificate.lam * held_back
         record["quality_given_up_at_most"] = given_up
-        record["quality_given_up_share_at_most"] = given_up / max(certificate.objective, 1e-300)
+        # a share of nothing kept (every row deferred: objective 0) has no meaning: None
+        record["quality_given_up_share_at_most"] = \
+            given_up / certificate.objective if certificate.objective > 0 else None
     return record
 
 
@@ -661,10 +665,13 @@ def _guarantee_words(guarantee: dict | None) -> str:
     if not guarantee or guarantee["probability"] in (0, 1):
         return "" if not guarantee else (", no spend guarantee" if guarantee["probability"] == 0
                                          else "")
+    from r2ray.batch.report import percent_bound
+
     given_up = guarantee.get("quality_given_up_share_at_most")
-    return (f"; realised ≤ budget with p ≥ {guarantee['probability']:.0%}: planned 1/"
-            f"{guarantee['inflation']:.4f} of it"
-            + ("" if given_up is None else f", quality given up ≤ {given_up:.2%}"))
+    return (f"; realised ≤ budget with p ≥ {percent_bound(guarantee['probability'], upper=False)}"
+            f": planned 1/{guarantee['inflation']:.4f} of it"
+            + ("" if given_up is None else
+               f", quality given up ≤ {percent_bound(given_up, upper=True)}"))
 
 
 def _usd(value: float) -> str:

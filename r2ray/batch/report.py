@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import sys
 
@@ -60,16 +61,28 @@ def guarantee_lines(guarantee: dict | None) -> list[str]:
     if guarantee["probability"] == 1:
         return [f"- spend guarantee: {guarantee['method']}"]
     lines = [f"- **spend guarantee**: realised spend ≤ ${guarantee['budget_usd']:.6g} with "
-             f"probability ≥ {guarantee['probability']:.0%}, planning under "
+             f"probability ≥ {percent_bound(guarantee['probability'], upper=False)}, planning under "
              f"${guarantee['planned_limit_usd']:.6g} (budget ÷ {guarantee['inflation']:.4f}); "
              f"expected realised ≈ ${guarantee['expected_realised_usd']:.6g}",
              f"  - method: {guarantee['method']}"]
     if "quality_given_up_at_most" in guarantee:
+        share = guarantee.get("quality_given_up_share_at_most")
         lines.append(f"  - quality given up for it: at most "
-                     f"{guarantee['quality_given_up_at_most']:.6g} Σ q̂ "
-                     f"({guarantee['quality_given_up_share_at_most']:.2%} of the objective; dual "
-                     "bound)")
+                     f"{guarantee['quality_given_up_at_most']:.6g} Σ q̂ ("
+                     + ("" if share is None else
+                        f"{percent_bound(share, upper=True)} of the objective; ")
+                     + "dual bound)")
     return lines
+
+
+def percent_bound(share: float, upper: bool) -> str:
+    """A bound given as a share (0.995) in percent with up to two decimals, rounded so that it
+    stays true: a lower bound (a guarantee's probability) down, an upper bound (the quality
+    given up) up. Rounded to the nearest, p ≥ 0.995 read "≥ 100%", the strict budget's
+    certainty, and a share of 0.004% given up read "≤ 0.00%"."""
+    hundredths = round(share * 1e4, 6)   # 0.29 × 1e4 is 2899.9999999999995
+    hundredths = math.ceil(hundredths) if upper else math.floor(hundredths)
+    return f"{hundredths / 100:.2f}".rstrip("0").rstrip(".") + "%"
 
 
 def correction_lines(record: dict | None) -> list[str]:
