@@ -5,6 +5,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import json
+import logging
 import os
 
 import numpy as np
@@ -243,7 +244,9 @@ def test_factors_for_any_catalogue_and_the_json_round_trip():
         CostCorrection.from_json(json.dumps({**json.loads(correction.to_json()), "overall": -1}))
 
 
-def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path):
+def _corrections(tmp_path):
+    """(catalogue, ``made(day, run, committed=True, **changes)``): writes a correction fitted on
+    day ``day`` of November under ``tmp_path/out/<run>/reconcile/``, its run committed or not."""
     catalog = _catalog()
     rec = reconcile(_manifest(catalog), _routed(),
                     actuals_from_table(pa.Table.from_pylist(GOOD_ACTUALS), "mem"), catalog)
@@ -258,6 +261,11 @@ def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path
             (tmp_path / "out" / run / "manifest.json").write_text("{}")
         return correction
 
+    return catalog, made
+
+
+def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path):
+    catalog, made = _corrections(tmp_path)
     assert latest_correction(str(tmp_path / "out"), "/models/m", catalog.fingerprint,
                              None) is None
     made(1, "run-a")
@@ -274,6 +282,35 @@ def test_latest_correction_picks_the_newest_for_the_model_and_catalogue(tmp_path
                              catalog.fingerprint, None).created_at.startswith("2026-11-03")
     assert latest_correction(str(tmp_path / "nowhere"), "/models/m", catalog.fingerprint,
                              None) is None
+
+
+def test_serve_prices_with_the_correction_of_the_run_whose_lambda_it_serves(tmp_path, caplog):
+    """Serve took the newest correction whatever the served run had used: λ* of a run that
+    applied none (or an older one) was paired with other factors, and Serve and that run chose
+    other arms at the same λ*."""
+    from r2ray.serving.pacer import SolvedFor
+    from r2ray.serving.router import served_correction
+
+    catalog, made = _corrections(tmp_path)
+    older, newest = made(1, "run-a"), made(2, "run-b")
+    out, fp = str(tmp_path / "out"), catalog.fingerprint
+
+    def served(solved_for):
+        found = served_correction(out, "/models/m", fp, None, solved_for)
+        return None if found is None else found.version
+
+    assert served(SolvedFor("/models/m", fp, correction=older.version)) == older.version
+    assert served(SolvedFor("/models/m", fp, correction="")) is None   # the run applied none
+    assert served(None) == newest.version                              # no run served
+    assert served(SolvedFor("/models/m", fp)) == newest.version        # not recorded
+    assert served(SolvedFor("models/m/2", fp, correction="")) == newest.version  # another model
+    with caplog.at_level(logging.WARNING):
+        assert served(SolvedFor("/models/m", fp, correction="gone")) == newest.version
+    assert "cost correction gone, which priced the served run, is not under" in caplog.text
+    applied = {"spend": {"cost_correction": {"applied": True, "version": older.version}}}
+    assert SolvedFor.of(applied).correction == older.version
+    assert SolvedFor.of({"spend": {"cost_correction": {"applied": False}}}).correction == ""
+    assert SolvedFor.of({}).correction is None
 
 
 def test_latest_correction_looks_under_its_own_output_only(tmp_path):
@@ -478,6 +515,11 @@ def test_reconcile_a_routed_run_against_the_worlds_outcomes(tmp_path, ray_local,
     online = load_routing_model(small_routing_model["path"], corrections=root)
     plain = load_routing_model(small_routing_model["path"])
     assert online.correction == version and plain.correction is None
+    from r2ray.serving.pacer import starting_price   # the served run's own: none, then this one
+    for served_run, expected in (("night", None), ("next-night", version)):
+        start = starting_price(str(tmp_path / "out" / served_run / "manifest.json"), None)
+        assert load_routing_model(small_routing_model["path"], corrections=root,
+                                  solved_for=start.solved_for).correction == expected
     query = synth_backlog(catalog, 1, seed=12, embeddings=True).to_pylist()[0]
     item = RouteItem(query["query"], query["input_tokens"], query_key(query["query"]), 0.0,
                      embedding=query["embedding"])

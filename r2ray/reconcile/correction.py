@@ -211,12 +211,14 @@ def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
 
 
 def latest_correction(output_root: str, model_label: str, catalog_fingerprint: str,
-                      model_fingerprint: str | None) -> CostCorrection | None:
+                      model_fingerprint: str | None, version: str | None = None
+                      ) -> CostCorrection | None:
     """The newest correction (by ``created_at``) written under a committed run of
     ``output_root`` (the folder that holds run folders) for this model label and catalogue;
     None if there is none. ``model_fingerprint``: the predictor's ``document_sha256``, which the
-    correction must record too (:func:`fitted_on`). Lists ``*/reconcile/*/correction.json`` and
-    ``*/manifest.json`` only; an unreadable correction is skipped with a warning, another
+    correction must record too (:func:`fitted_on`). ``version``: only the correction of that
+    version qualifies (the one a run recorded in ``spend.cost_correction``). Lists
+    ``*/reconcile/*/correction.json`` and ``*/manifest.json`` only; an unreadable correction is skipped with a warning, another
     model's with a debug note."""
     fs, root = storage.filesystem(output_root)
     if not fs.exists(root):
@@ -236,6 +238,8 @@ def latest_correction(output_root: str, model_label: str, catalog_fingerprint: s
         if (found.model_label, found.catalog_fingerprint) != (model_label, catalog_fingerprint):
             log.debug("skipping %s: for model %s, catalogue %s…", path, found.model_label,
                       found.catalog_fingerprint[:12])
+            continue
+        if version is not None and found.version != version:
             continue
         if not fitted_on(found, model_fingerprint, path):
             continue

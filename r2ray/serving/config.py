@@ -56,8 +56,9 @@ class ServeConfig(BaseModel):
     tracking_uri: str | None = None            # MLflow; default R2RAY_TRACKING_URI / MLflow's own
     catalog: str | None = None                 # prices/endpoints override; same arms as the model
     manifest: str | None = None                # a manifest.json, or a batch output folder (latest)
-    cost_correction: bool = True               # ĉ × the latest reconcile's factors found beside
-                                               # the manifest (its batch output folder)
+    cost_correction: bool = True               # ĉ × the reconcile factors the served run used
+                                               # (router.served_correction), found beside the
+                                               # manifest (its batch output folder)
     lam: float | None = Field(default=None, ge=0, allow_inf_nan=False,  # quality per USD
                               validation_alias=AliasChoices("lambda", "lam"))
     tie_cut: Annotated[float, Field(ge=0, le=1)] = 1.0  # overridden by the manifest's

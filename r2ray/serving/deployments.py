@@ -96,11 +96,12 @@ class Ingress:
         self.config = ServeConfig.model_validate(config)
         self.pacer = pacer
         self.key_digests = frozenset(key_digests)
+        self.ingress_id = uuid.uuid4().hex   # names this replica's syncs to the Pacer
+        # the price first: the run whose λ* it is names the cost correction the model loads with
+        self.book = SpendBook(await pacer.sync.remote(self.ingress_id, 0, 0.0))
         self.model = await asyncio.to_thread(self._load)
         self.route.set_max_batch_size(self.config.batch_max_size)
         self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)
-        self.ingress_id = uuid.uuid4().hex   # names this replica's syncs to the Pacer
-        self.book = SpendBook(await pacer.sync.remote(self.ingress_id, 0, 0.0))
         self._check_price()
         self.service = RoutingService(self.config, self._route_one, self.book, self._describe,
                                       httpx.AsyncClient(), ServeMetrics())
@@ -123,10 +124,12 @@ class Ingress:
         return self.in_flight
 
     def _load(self):
-        """The configured model version, loaded and warmed (``router.warm_up``)."""
+        """The configured model version, loaded and warmed (``router.warm_up``), its ĉ priced
+        with the cost correction of the run whose λ* is served (``router.served_correction``)."""
         c = self.config
         model = load_routing_model(c.model, c.tracking_uri, c.catalog, c.device,
-                                   corrections=c.corrections_root(), precision=c.encoder_precision)
+                                   corrections=c.corrections_root(), precision=c.encoder_precision,
+                                   solved_for=self.book.state.solved_for)
         warm_up(model)
         return model
 

@@ -39,11 +39,17 @@ class SolvedFor:
     catalog: str | None   # its ``catalog_fingerprint``
     strict_budget: bool = False   # its ``spend.strict_budget``: λ* priced each arm's worst case
                                   # at its cap, not ĉ (routing.solve_costs), so Serve must too
+    correction: str | None = None  # the cost correction's version that priced its ĉ; "": none
+                                   # (None: not recorded)
 
     @classmethod
     def of(cls, manifest: dict) -> SolvedFor:
+        spend = manifest.get("spend") or {}
+        recorded = spend.get("cost_correction")
+        correction = None if not isinstance(recorded, dict) else \
+            (recorded.get("version") or "") if recorded.get("applied") else ""
         return cls((manifest.get("model") or {}).get("label"), manifest.get("catalog_fingerprint"),
-                   bool((manifest.get("spend") or {}).get("strict_budget", False)))
+                   bool(spend.get("strict_budget", False)), correction)
 
     def mismatch(self, version: str, catalog_fingerprint: str) -> str | None:
         """What differs from the served ``version`` (RoutingModel.version, labelled as the batch

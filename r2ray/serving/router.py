@@ -16,6 +16,8 @@ Nothing here knows about Ray: the Serve Router deployment calls :func:`route_ite
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass, field, replace
 
@@ -25,10 +27,14 @@ from r2ray import storage
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, ModelSpec, UnknownModel, repriced_catalog
 from r2ray.encoders import embed_or_encode
 from r2ray.errors import R2RayError
+from r2ray.redaction import redact_uri
 from r2ray.routing import (ArmScores, allowed_arms, arm_caps, arm_scores, routed_request,
                            solve_costs, worst_case_usd)
 from r2ray.serving.schema import MAX_INPUT_TOKENS
+from r2ray.serving.pacer import SolvedFor
 from r2ray.solver import NO_ARM, choose_arm, choose_arms
+
+logger = logging.getLogger(__name__)
 
 
 class RouteRejected(R2RayError, ValueError):
@@ -60,11 +66,12 @@ class RoutingModel:
 
 def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: str | None = None,
                        device: str | None = None, corrections: str | None = None,
-                       precision: str = "auto") -> RoutingModel:
+                       precision: str = "auto", solved_for: SolvedFor | None = None
+                       ) -> RoutingModel:
     """Load ``models:/NAME@ALIAS`` (or a folder) with its encoder; ``catalog_path`` may change
     prices and endpoints, never the arms the model was trained on. ``corrections``: a batch
-    output folder whose newest ``r2ray reconcile`` for this version and catalogue prices ĉ, as
-    the next batch run there would. ``precision``: the text encoder's forward pass
+    output folder whose ``r2ray reconcile`` factors price ĉ (:func:`served_correction`, for the
+    run ``solved_for`` names). ``precision``: the text encoder's forward pass
     (:func:`r2ray.encoders.load_encoder`; ``auto``, as the batch job's default)."""
     from r2ray.encoders import default_device, model_encoder
     from r2ray.registry import load_registered
@@ -76,14 +83,36 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
                             device=device, precision=precision)
     version = storage.canonical_uri(uri) if bundle.version is None else \
         f"{bundle.version.name}/{bundle.version.version}"   # a folder: as the batch job labels it
-    correction = None
-    if corrections is not None:
-        from r2ray.reconcile.correction import latest_correction
-        correction = latest_correction(corrections, version, catalog.fingerprint,
-                                       bundle.predictor.saved_fingerprint_)
+    correction = None if corrections is None else served_correction(
+        corrections, version, catalog.fingerprint, bundle.predictor.saved_fingerprint_, solved_for)
     return RoutingModel(bundle.predictor, encoder, catalog, version,
                         None if correction is None else correction.factors_for(catalog),
                         None if correction is None else correction.version)
+
+
+def served_correction(root: str, version: str, catalog_fingerprint: str,
+                      model_fingerprint: str | None, solved_for: SolvedFor | None):
+    """The cost correction under the batch output ``root`` that prices Serve's ĉ: the one the
+    run whose λ* is served priced its own ĉ with (none where it applied none), so Serve and that
+    run choose alike at λ*; the newest for this model version and catalogue where λ* is another
+    model's or catalogue's (already mispriced: ``price_mismatch``), where no run is served, or
+    where the run's own correction is gone (with a warning)."""
+    from r2ray.reconcile.correction import latest_correction
+
+    newest = functools.partial(latest_correction, root, version, catalog_fingerprint,
+                               model_fingerprint)
+    if solved_for is None or solved_for.correction is None \
+            or solved_for.mismatch(version, catalog_fingerprint) is not None:
+        return newest()
+    if solved_for.correction == "":
+        return None
+    found = newest(version=solved_for.correction)
+    if found is None:
+        logger.warning("cost correction %s, which priced the served run, is not under %s: "
+                       "pricing with the newest for %s", solved_for.correction,
+                       redact_uri(root), version)
+        return newest()
+    return found
 
 
 @dataclass(frozen=True)
