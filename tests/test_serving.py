@@ -730,7 +730,8 @@ def test_image_part_of_the_user_turn_reaches_the_upstream(routing_model, embeddi
 
 # ---- 5. a text part with "text": null is read as the word "None" ---------------------------------
 def test_null_text_part_is_not_the_word_none():
-    with pytest.raises(Exception, match="user message"):   # before the fix: accepted, query "None"
+    # before the fix: accepted, query "None"; a ValidationError is the API's 422 (any other, a 500)
+    with pytest.raises(ValidationError, match="user message"):
         ChatCompletionRequest.model_validate({"model": "r2ray", "messages": [
             {"role": "user", "content": [{"type": "text", "text": None}]}]})
 
