@@ -730,7 +730,7 @@ def test_image_part_of_the_user_turn_reaches_the_upstream(routing_model, embeddi
 
 # ---- 5. a text part with "text": null is read as the word "None" ---------------------------------
 def test_null_text_part_is_not_the_word_none():
-    # before the fix: accepted, query "None"; a ValidationError is the API's 422 (any other, a 500)
+    # before the fix: accepted, query "None". A ValidationError, the API's 422: not any Exception
     with pytest.raises(ValidationError, match="user message"):
         ChatCompletionRequest.model_validate({"model": "r2ray", "messages": [
             {"role": "user", "content": [{"type": "text", "text": None}]}]})
