@@ -69,8 +69,9 @@ def test_the_batch_job_names_a_ray_address_where_no_cluster_answers(monkeypatch)
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **_: pytest.fail("ray.init reached: it would hang"))
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
-    with pytest.raises(R2RayError, match="no Ray cluster answers there"):
+    address = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(R2RayError, match=f"RAY_ADDRESS='{address}': no Ray cluster answers there"):
         _init_ray()
 
 
