@@ -18,22 +18,32 @@ PACKAGE = Path(__file__).resolve().parent.parent / "r2ray"
 _IMPORTS = """
 import ast, json, sys
 from pathlib import Path
+root = Path(sys.argv[1])
+
+def absolute(node, path):   # the module a from-import names, a relative one resolved
+    if not node.level:
+        return node.module
+    package = path.relative_to(root.parent).with_suffix("").parts[:-1]
+    base = package[:len(package) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
 found = {}
-for path in sorted(Path(sys.argv[1]).rglob("*.py")):
+for path in sorted(root.rglob("*.py")):
     names, top = set(), set()
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(node, path)
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}
     for node in tree.body:
         if isinstance(node, ast.Import):
             top |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top.add(node.module)
-    found[str(path.relative_to(Path(sys.argv[1]).parent))] = [sorted(names), sorted(top)]
+        elif isinstance(node, ast.ImportFrom):
+            top.add(absolute(node, path))
+    found[str(path.relative_to(root.parent))] = [sorted(names), sorted(top)]
 print(json.dumps(found))
 """
 
