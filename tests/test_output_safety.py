@@ -75,9 +75,13 @@ def test_a_work_folder_with_another_manifest_is_refused(tmp_path):
 def test_a_work_folder_of_an_earlier_run_is_reopened(tmp_path, kind):
     work = str(tmp_path / "w.work")
     open_work(work)   # absent: a new work folder
+    part = tmp_path / "w.work" / "answers" / "part-0.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"the earlier run's answers")
     commit_work(work, {"kind": kind})
     open_work(work)   # its own manifest: removed until this run commits
     assert not (tmp_path / "w.work" / "manifest.json").exists()
+    assert part.read_bytes() == b"the earlier run's answers"   # its parts kept: the run resumes
 
 
 def test_collect_refuses_a_committed_run_as_its_work_folder(tmp_path):
