@@ -430,9 +430,8 @@ def test_with_the_cache_off_the_model_runs_eagerly_and_a_disagreeing_trace_is_no
         torch.testing.assert_close(got(input_ids, mask), want, rtol=0, atol=1e-6)
 
 
-def test_the_encoder_benchmark_counts_padded_tokens_from_the_models_plan(minilm, monkeypatch):
-    """``benchmarks/encoder.py``'s padding figure reads ``MeanPooledTransformer.plan``: one
-    text per pass pads nothing; three texts of 3, 4 and 8 tokens in one pass pad to 3 × 8."""
+def encoder_benchmark():
+    """``benchmarks/encoder.py`` as a module (the folder is no package)."""
     import importlib.util
     from pathlib import Path
 
@@ -440,10 +439,30 @@ def test_the_encoder_benchmark_counts_padded_tokens_from_the_models_plan(minilm,
         "encoder_benchmark", Path(__file__).parents[1] / "benchmarks" / "encoder.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_the_encoder_benchmark_counts_padded_tokens_from_the_models_plan(minilm, monkeypatch):
+    """``benchmarks/encoder.py``'s padding figure reads ``MeanPooledTransformer.plan``: one
+    text per pass pads nothing; three texts of 3, 4 and 8 tokens in one pass pad to 3 × 8."""
+    benchmark = encoder_benchmark()
     texts = ["a", "a b", "a b c d e f"]          # [CLS] ... [SEP]: 3, 4 and 8 tokens
     assert benchmark.padding(minilm._model, [texts], batch_size=1) == 1.0
     monkeypatch.setattr(minilm._model, "overhead", np.inf)   # fixed slices: one pass of three
     assert benchmark.padding(minilm._model, [texts], batch_size=3) == pytest.approx(24 / 15)
+
+
+def test_the_encoder_benchmarks_objective_loss_is_a_share_of_the_gain_over_the_cheapest_arm():
+    """The precision benchmark's "objective lost, % of routing's gain over the cheapest arm"
+    divided by the gain over the arm of lowest objective (docs/design.md quotes it): query 0's
+    gain over its cheapest arm (value 0) is 1, over its worst (value -5) 6, so a decision that
+    loses all of the first read as 1/7 lost (review AZ). An unscored (NaN) arm is never the
+    cheapest, however low its cost."""
+    value = np.array([[0.0, 1.0, -5.0], [np.nan, 2.0, 1.0]])
+    cost_usd = np.array([[1.0, 2.0, 3.0], [0.5, 2.0, 3.0]])
+    exact, fast = np.array([1, 1]), np.array([0, 1])
+    share = encoder_benchmark().objective_lost_share(value, cost_usd, exact, fast)
+    assert share == pytest.approx(1.0)   # lost 1 of a gain of 1 + 0 over the cheapest arms
 
 
 def test_texts_that_are_not_a_list_of_str_are_an_error_naming_the_row(minilm):
