@@ -117,7 +117,7 @@ def test_queries_missing_a_default_arm_are_not_evaluable():
 
 def test_single_models_need_a_default_arm():
     catalog = catalog_from_dict({"budgets": [10, "default"], "models": [
-        {"name": "A", "input_per_m": 0, "output_per_m": 1, "context": 9},
+        {"name": "A", "input_per_m": 0, "output_per_m": 1, "context": 100},
         {"name": "C", "input_per_m": 0, "output_per_m": 1, "context": 60, "budgets": [10]}]})
     assert single_model_names(catalog) == ["single:A"]
     ones = np.ones((2, 3), np.float32)  # arms A/10, A/default, C/10

@@ -229,7 +229,7 @@ def test_factors_for_any_catalogue_and_the_json_round_trip():
     assert set(arm) == {("small", 100), ("small", 0), ("large", 100)}   # large/default: no actual
     other = catalog_from_dict({"budgets": [50, 100, "default"], "models": [
         CATALOG["models"][1], {"name": "extra", "input_per_m": 1, "output_per_m": 1,
-                               "context": 100}, CATALOG["models"][0]]})
+                               "context": 1000}, CATALOG["models"][0]]})
     expected = [model["large"], arm[("large", 100)], model["large"], 1.0, 1.0, 1.0,
                 model["small"], arm[("small", 100)], arm[("small", 0)]]
     factors = correction.factors_for(other)
