@@ -8,8 +8,9 @@ Two estimators on the frozen query embedding, each run on two arm sets:
 
 ``carrot_knn_*``: the k nearest training queries by cosine similarity; q̂ is the mean observed
 quality of the neighbours, t̂ the mean of their log(1 + tokens), per arm.
-``carrot_linear_*``: L2-regularised logistic regression on the soft quality labels (fitted with
-L-BFGS, all arms at once) and Ridge on log(1 + tokens).
+``carrot_linear_*``: L2-regularised logistic regression on the soft quality labels (per arm,
+scikit-learn's at C = 1 / l2; fitted with L-BFGS, all arms at once) and Ridge (α) on log(1 + tokens),
+both on the standardised embedding.
 """
 
 from __future__ import annotations
@@ -109,9 +110,12 @@ def fit_logistic(x: np.ndarray, targets: np.ndarray, l2: float, max_iter: int = 
                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multi-output logistic regression on soft labels in [0, 1] over observed (non-NaN) cells.
 
-    x [N, D], targets [N, A] → (weights [D, A], intercept [A]); loss = mean masked BCE
-    + l2 / 2 · ‖W‖² / N (intercept unpenalised), minimised with L-BFGS. A column with no
-    observation gets a NaN intercept, as in :func:`fit_ridge`.
+    x [N, D], targets [N, A] → (weights [D, A], intercept [A]); loss = (Σ masked BCE
+    + l2 / 2 · ‖W‖²) / (observed cells) (intercept unpenalised), minimised with L-BFGS: per
+    column, scikit-learn's ``LogisticRegression(C=1 / l2)`` on its observed rows, whatever other
+    columns are fitted beside it (a mean BCE over all cells with the penalty over N had scaled
+    each column's penalty by the observed cells per row: 16× stronger on 176 arms than on 11).
+    A column with no observation gets a NaN intercept, as in :func:`fit_ridge`.
     """
     with torch_threads(threads):
         xt = torch.as_tensor(x, dtype=torch.float32)
@@ -128,7 +132,7 @@ def fit_logistic(x: np.ndarray, targets: np.ndarray, l2: float, max_iter: int = 
             optimiser.zero_grad()
             bce = torch.nn.functional.binary_cross_entropy_with_logits(
                 xt @ weights + intercept, y, reduction="none")
-            loss = (bce * observed).sum() / n_observed + 0.5 * l2 * (weights ** 2).sum() / len(x)
+            loss = ((bce * observed).sum() + 0.5 * l2 * (weights ** 2).sum()) / n_observed
             loss.backward()
             return loss
 
