@@ -543,3 +543,33 @@ def test_a_validation_set_is_one_fit_so_its_simulation_keeps_two_random_halves(w
     given = folds_given_to_router_view(monkeypatch)
     PerArmRidge().fit(train.subset(np.arange(200)), catalog, train.subset(np.arange(200, 300)))
     assert given == [None]
+
+
+def test_a_candidate_whose_fit_raises_is_named(world, monkeypatch):
+    """A failed fit stops the selection with the candidate's name (was: the fit's bare error)."""
+    train, catalog = world
+
+    def singular(self, *args):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    monkeypatch.setattr(type(make_predictor("carrot_knn_all")), "_fit", singular)
+    with pytest.raises(R2RayError, match=r"candidate 'carrot_knn_all' \(carrot_knn_all, settings "
+                                         r"\{\}\) failed to fit: LinAlgError: Singular matrix"):
+        cross_validate(train, catalog, resolve_candidates("per_arm_ridge,carrot_knn_all"), folds=3)
+
+
+def test_a_candidate_that_predicts_nan_is_named_not_a_fold_local_query_index(world, monkeypatch):
+    """A fit that diverged (q̂ NaN everywhere) was reported as "query 0 has no arm ...", an index
+    into one fold, without the candidate's name."""
+    train, catalog = world
+    knn = type(make_predictor("carrot_knn_all"))
+    predict = knn._predict
+
+    def diverged(self, x):
+        return replace(predict(self, x), quality=np.full((len(x), catalog.n_arms), np.nan,
+                                                         dtype=np.float32))
+
+    monkeypatch.setattr(knn, "_predict", diverged)
+    with pytest.raises(R2RayError, match=r"candidate 'carrot_knn_all' predicted no arm of "
+                                         r"query_id 'q\d+' \(nor of \d+ more of the \d+ scored"):
+        cross_validate(train, catalog, resolve_candidates("per_arm_ridge,carrot_knn_all"), folds=3)

@@ -32,7 +32,9 @@ gap (the one-standard-error rule): on a few hundred queries three folds cannot t
 apart, and the average was the steadiest choice on every bench measured (``docs/design.md``). It is refitted on all the training
 data and wrapped: the ``selected`` predictor predicts with it, and its calibrations and spend
 simulation are fitted on the winner's out-of-fold predictions (no further refits). The CV table
-is kept in the fitted state (``selection_``) and saved with it.
+is kept in the fitted state (``selection_``) and saved with it. A candidate whose fit raises, or
+that predicts no arm of a scored query (NaN), stops the selection with an error naming it: never
+dropped from the table in silence.
 """
 
 from __future__ import annotations
@@ -184,11 +186,22 @@ def sequential_search(singles: list[Candidate], train: BenchArrays, catalog: Cat
     oof, seconds = {}, {}
     for candidate in singles:
         started = time.perf_counter()
-        oof[candidate.name] = out_of_fold(candidate.build, train, catalog, fold)
+        try:
+            oof[candidate.name] = out_of_fold(candidate.build, train, catalog, fold)
+        except Exception as err:  # noqa: BLE001 — whatever a fit raises, say which candidate
+            raise failed_candidate(candidate, err) from err
         seconds[candidate.name] = time.perf_counter() - started
         log(f"  cv: {candidate.name} {len(np.unique(fold))} folds in "
             f"{seconds[candidate.name]:.1f} s")
     return oof, seconds, []
+
+
+def failed_candidate(candidate: Candidate, err: Exception) -> R2RayError:
+    """The error for a candidate whose fit raised: the fit's own message says what failed, not
+    which of the candidates it was, nor that the others were fine."""
+    return R2RayError(f"cross-validation: candidate {candidate.name!r} ({candidate.kind}, "
+                      f"settings {candidate.settings}) failed to fit: {type(err).__name__}: "
+                      f"{err}; drop it from --candidates or change its settings")
 
 
 def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candidate],
@@ -265,6 +278,7 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
         rows = np.flatnonzero(fold == f)   # a fold is scored as sampled or not on its own rows
         rows = rows[evaluable_queries(train.subset(rows), catalog)]   # (is_sampled): so judged
         if len(rows):
+            check_predicts_every_query(views, train, catalog, rows)
             both = {n: p.subset(rows) for n, p in (views | raw).items()}
             per_fold.append(score_predictions(both, train.subset(rows), catalog))
     if not per_fold:
@@ -283,6 +297,27 @@ def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalo
                      "log_tokens_mae": metrics["test_log_tokens_mae"],
                      "ece": metrics["test_calibration_error"]}
     return out
+
+
+def check_predicts_every_query(views: dict[str, ArmPredictions], train: BenchArrays,
+                               catalog: Catalog, rows: np.ndarray) -> None:
+    """A candidate must predict q̂ and t̂ on an arm the bench has for every scored query of a
+    full-information fold (a replayed one skips queries by design): else the scoring stops at a
+    fold-local query index without saying whose predictions were NaN (a fit that diverged)."""
+    from r2ray.evaluation.method_scores import is_sampled
+
+    if is_sampled(train.subset(rows), catalog):
+        return
+    present = np.isfinite(train.quality[rows])
+    for name, view in views.items():
+        usable = present & np.isfinite(view.quality[rows]) & np.isfinite(view.output_tokens[rows])
+        blind = rows[~usable.any(axis=1)]
+        if blind.size:
+            first = str(train.query_id[blind[0]])
+            raise R2RayError(f"cross-validation: candidate {name!r} predicted no arm of query_id "
+                             f"{first!r} (nor of {blind.size - 1} more of the {rows.size} "
+                             "scored in its fold: NaN q̂ or t̂, a fit that failed); drop it "
+                             "from --candidates or change its settings")
 
 
 def choose(table: list[dict], prefer: str = AVERAGED) -> str:
