@@ -129,3 +129,30 @@ def test_random_instances_over_blocks_match_one_node(ray_local, instance, fracti
                            local_limit_bytes=DISTRIBUTED)
     assert result.certificate == single.certificate
     np.testing.assert_array_equal(arms_of(result)[0], single.arm)
+
+
+def test_blocks_held_inline_by_their_owner_are_read_in_place(monkeypatch):
+    """A task's small return (under Ray's 100 KB inline limit: the batch job's 64-row blocks) is
+    in no object store: its location names no node. It is read where asked for, not given a
+    projecting task each (60 such blocks: a 3 s first solve instead of 0.1 s)."""
+    import ray.experimental
+
+    from r2ray.solver.distributed import _on_this_node
+
+    where = {"plasma-here": {"node_ids": ["n1"], "object_size": 9e5, "did_spill": False},
+             "plasma-there": {"node_ids": ["n2"], "object_size": 9e5, "did_spill": False},
+             "inline": {"node_ids": [], "object_size": 7762, "did_spill": False},
+             "spilled": {"node_ids": [], "object_size": 9e5, "did_spill": True}}
+    monkeypatch.setattr(ray.experimental, "get_object_locations", lambda refs: where)
+
+    class Context:
+        def get_node_id(self):
+            return "n1"
+
+    class FakeRay:
+        def get_runtime_context(self):
+            return Context()
+
+    refs = list(where)
+    assert _on_this_node(FakeRay(), refs) == [True, False, True, False]
+    assert _on_this_node(FakeRay(), refs, "n2") == [False, True, True, False]
