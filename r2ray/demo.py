@@ -1,9 +1,10 @@
 """`r2ray demo` (the README's `make run`): the main job end to end on the embedded default.
 
-Synthetic world bench → train the jointly conditioned predictor on MiniLM embeddings of the query
-text, register it in a local MLflow store and promote it to ``champion`` → route a fresh synthetic
-backlog of queries (text only; the workers embed it) under one global budget on a local Ray →
-print the committed manifest's summary. Everything lands under ``workdir`` (local files).
+Synthetic world bench → the predictor chosen by 3-fold cross-validation among the ``small``
+candidates (``TrainConfig``'s defaults) on MiniLM embeddings of the query text, register it in a
+local MLflow store and promote it to ``champion`` → route a fresh synthetic backlog of queries
+(text only; the workers embed it) under one global budget on a local Ray → print the committed
+manifest's summary. Everything lands under ``workdir`` (local files).
 """
 
 from __future__ import annotations
