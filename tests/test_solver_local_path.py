@@ -155,6 +155,23 @@ def test_an_infeasible_budget_in_the_worker_reaches_the_caller_as_itself(ray_loc
     assert type(raised.value) is InfeasibleBudget     # not Ray's wrapper with its traceback
 
 
+def test_an_infeasible_budget_leaves_no_unhandled_error_behind(ray_local, monkeypatch):
+    """The solve's other returns hold the same error: dropped unread, Ray logged each as an
+    "Unhandled error" with the solver's traceback after `r2ray route`'s own message."""
+    import gc
+
+    from r2ray.solver import InfeasibleBudget
+    unhandled = []
+    monkeypatch.setattr("ray._private.worker._unhandled_error_handler", unhandled.append)
+    steps = random_steps(7)
+    dataset, _ = scattered_dataset(ray_local, steps, n_blocks=2)
+    with pytest.raises(InfeasibleBudget) as raised:
+        solve_dataset(dataset, 0.5 * steps.base_c.sum(), local_limit_bytes=PATHS["memory"])
+    del raised                       # its traceback holds the solve's frames and their refs
+    gc.collect()                     # Ray reports an unread error when its ref is freed
+    assert unhandled == []
+
+
 def test_the_limit_defaults_to_a_share_of_free_memory_and_can_be_set(monkeypatch):
     monkeypatch.delenv(LOCAL_SOLVE_ENV, raising=False)
     assert 0 < local_solve_limit() <= 1 << 30

@@ -18,6 +18,7 @@ elsewhere as a slice: no second pass and no re-aligning of blocks).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -330,6 +331,7 @@ def _solve_in_worker(solver, solver_node: str, refs, steps: list, here: list[boo
     try:
         outcome, metadata = ray.get(returns[0])
     except ray.exceptions.RayTaskError as err:      # the solver's own error, not Ray's wrapper
+        _read_failed_returns(ray, returns[1:])
         raise err.cause if isinstance(err.cause, Exception) else err from None
     outs = list(returns[1:])
     others = [] if then is None else [i for i, h in enumerate(at_solver) if not h]
@@ -341,6 +343,15 @@ def _solve_in_worker(solver, solver_node: str, refs, steps: list, here: list[boo
         for i, meta in zip(others, ray.get([metadata[i] for i in others])):   # one wait
             metadata[i] = meta
     return outcome, _arms_dataset(outs, metadata)
+
+
+def _read_failed_returns(ray, refs) -> None:
+    """Read the arm refs of a solve that raised, so Ray counts their error (the one the caller
+    gets) as handled: dropped unread, each logged an "Unhandled error" with the solver's
+    traceback after the run's own message (an infeasible budget on two blocks printed two)."""
+    for ref in refs:
+        with contextlib.suppress(ray.exceptions.RayTaskError):
+            ray.get(ref)
 
 
 @dataclass(frozen=True)
