@@ -501,8 +501,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
                 strict = ", every arm at its worst case (--strict-budget)" \
                     if config.strict_budget else ""
                 held = "" if plan.inflation == 1 else (
-                    f" after the {percent_bound(plan.probability, upper=False)} spend guarantee (--spend-guarantee) held "
-                    f"back {1 - 1 / plan.inflation:.1%}")
+                    f" after the {percent_bound(plan.probability, upper=False)} spend guarantee "
+                    f"(--spend-guarantee) held back {1 - 1 / plan.inflation:.1%}")
                 raise R2RayError(f"infeasible budget: {err} (usable budget {_usd(usable_usd)}"
                                  f"{held}{strict}); nothing was committed") from None
         certificate = solved.certificate
