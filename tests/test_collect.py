@@ -107,6 +107,18 @@ def test_bad_queries_name_row_and_field(tmp_path):
             read_queries(empty, None, judge=False)
 
 
+@pytest.mark.parametrize("query", [{"text": "x"}, 7])
+def test_a_query_that_is_not_text_is_refused_at_the_boundary(tmp_path, capsys, query):
+    """A struct or number in `query` was an AttributeError traceback from the token estimate of
+    ``--dry-run``; it is an error naming the row and field, exit 2."""
+    catalog = write_catalog(tmp_path / "pool.yaml", "http://127.0.0.1:9/v1")
+    queries = write_queries(tmp_path / "q.jsonl", [{"query_id": "a", "query": query,
+                                                    "reference": "1"}])
+    assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                 str(tmp_path / "bench.parquet"), "--executor", "local", "--dry-run"]) == 2
+    assert "row 1, field 'query': is " in capsys.readouterr().err
+
+
 # ---- against the stub --------------------------------------------------------------------------------
 def test_collect_grades_every_arm(tmp_path, capsys):
     with StubServer() as stub:

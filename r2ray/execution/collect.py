@@ -69,6 +69,9 @@ def read_queries(uri: str, default_grader: str | None, judge: bool) -> list[dict
         for name in ("query_id", "query"):
             if row.get(name) is None or not str(row[name]).strip():
                 raise bench_error(uri, i, name, "is empty")
+        if not isinstance(row["query"], str):   # a struct or number failed in estimate_tokens
+            raise bench_error(uri, i, "query", f"is {type(row['query']).__name__} "
+                              f"{row['query']!r}, not text")
         row["query_id"] = str(row["query_id"])
         if row["query_id"] in seen:
             raise bench_error(uri, i, "query_id", f"duplicate query_id {row['query_id']!r}")
