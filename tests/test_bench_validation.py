@@ -272,6 +272,23 @@ def test_convert_output_names_must_be_readable(tmp_path, capsys, out):
     assert not (tmp_path / out).exists()
 
 
+@pytest.mark.parametrize("argv", [
+    ["bench", "convert", "--format", "long", "IN", "--out", "FOLDER"],
+    ["bench", "convert", "--format", "long", "IN", "--out", "OUT", "--catalog-out", "FOLDER"],
+    ["bench", "synth", "--queries", "3", "--backlog", "FOLDER"]])
+def test_an_output_file_named_by_a_folder_is_refused_up_front(tmp_path, capsys, argv):
+    """A folder at an output's name was an IsADirectoryError traceback from the final rename,
+    after the work was done; it is refused first, naming the option."""
+    folder = tmp_path / "part.parquet"
+    folder.mkdir()
+    given = {"IN": str(write_long(tmp_path, [long_row()])), "OUT": str(tmp_path / "b.parquet"),
+             "FOLDER": str(folder)}
+    code = main([given.get(arg, arg) for arg in argv])
+    option = argv[argv.index("FOLDER") - 1]
+    assert code == 2 and f"{option} {folder} is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "b.parquet").exists()
+
+
 # ---- review s19/A: empty inputs, nulls read as text, repeated headers, huge numbers ------------
 def test_an_input_with_no_rows_is_an_error_naming_it(fails, tmp_path):
     header_only = copy_with(tmp_path, R2 / "GLM-4.6.csv", lambda lines: lines[:1])

@@ -102,6 +102,18 @@ def test_bad_model_or_method_is_a_clear_error(bench_files, tmp_path, capsys):
     assert "unknown method(s) knn" in capsys.readouterr().err
 
 
+def test_an_out_that_is_a_file_is_refused_before_fitting(bench_files, tmp_path, capsys):
+    """--out naming a file was a FileExistsError traceback after every split was fitted."""
+    taken = tmp_path / "metrics.parquet"
+    taken.write_bytes(b"mine")
+    code = main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model",
+                 "per_arm_ridge", "--out", str(taken), "--queries",
+                 str(bench_files / "backlog.parquet"), "--seeds", "1", "--methods",
+                 "per_arm_ridge"])
+    assert code == 2 and f"--out {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_bytes() == b"mine"
+
+
 @pytest.mark.parametrize("methods", [",", " , "])
 def test_a_methods_list_naming_nothing_is_refused(bench_files, tmp_path, capsys, methods):
     """`--methods ,` ran no learned baseline, with nothing saying so (exit 0)."""

@@ -29,6 +29,16 @@ def check_output_name(uri: str, option: str) -> None:
     if not str(uri).endswith(WRITE_SUFFIXES):
         raise R2RayError(f"{option} {uri}: name a .parquet or .jsonl file (the suffix picks the "
                          "format, and readers skip other names)")
+    refuse_folder(uri, option)
+
+
+def refuse_folder(uri: str, option: str) -> None:
+    """An output file's name taken by a folder: refused up front, not an IsADirectoryError
+    traceback from the final rename once the work (or a collect's spend) is done."""
+    fs, path = storage.filesystem(uri)
+    if fs.isdir(path):
+        raise R2RayError(f"{option} {uri} is a folder: name a file (r2ray does not write into "
+                         "or over a folder here)")
 
 
 def check_apart(outputs: list[tuple[str, str]],

@@ -210,6 +210,9 @@ def evaluate_uris(bench_uri: str, model_uri: str, out_dir: str, catalog_path: st
                                        "n_arms": catalog.n_arms, "catalog": catalog_source,
                                        "catalog_fingerprint": catalog.fingerprint},
                              "embeddings": embeddings})  # metrics.json: no credentials
-    storage.filesystem(out_dir)  # fail on a bad URI before hours of fitting
+    fs, out_path = storage.filesystem(out_dir)  # fail on a bad URI before hours of fitting
+    if fs.isfile(out_path):   # else a FileExistsError traceback once every split was fitted
+        raise R2RayError(f"--out {out_dir} is a file, not a folder: give a folder for "
+                         "metrics.json and the plots")
     return run_evaluation(arrays, catalog, model, list(range(seeds)), split, out_dir, context,
                           methods, train_sizes=train_sizes, log=log)

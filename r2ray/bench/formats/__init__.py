@@ -19,7 +19,7 @@ from r2ray.bench.formats.common import AdapterOptions, Converted, ModelPrice, va
 from r2ray.bench.formats.pricing import (
     check_catalog_budgets, default_last, found_catalog, resolve_prices, write_found_catalog,
 )
-from r2ray.bench.io import check_apart, check_output_name, write_table
+from r2ray.bench.io import check_apart, check_output_name, refuse_folder, write_table
 from r2ray.catalog import budget_label, load_catalog
 from r2ray.errors import R2RayError
 
@@ -59,6 +59,7 @@ def convert_files(format: str, inputs: list[str], *, out: str, catalog_out: str 
     adapter = ADAPTERS[format]
     files = storage.list_files(inputs, adapter.suffixes)
     catalog_out = catalog_out or default_catalog_out(out)
+    refuse_folder(catalog_out, "--catalog-out")
     check_apart([("--out", out), ("--catalog-out", catalog_out)],
                 [("input", f) for f in files] + ([("--catalog", catalog_path)] if catalog_path
                                                  else []))
