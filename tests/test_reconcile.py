@@ -409,6 +409,20 @@ def test_the_command_refuses_what_it_cannot_reconcile(tmp_path, capsys):
     assert not os.path.exists(os.path.join(run, "reconcile"))
 
 
+def test_actuals_with_no_usable_row_say_why_not_only_is_it_the_right_run(tmp_path, capsys):
+    """Every row bad (output_tokens "five"): the error asked only 'is it the right run?' and named
+    no row; it gives the reason and the first row."""
+    run, catalog_path = _hand_built_run(tmp_path)
+    bad = _write_actuals([dict(r, output_tokens="five") for r in GOOD_ACTUALS],
+                         tmp_path / "usage.jsonl")
+    assert main(["reconcile", "--run", run, "--actuals", bad, "--catalog",
+                 catalog_path]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert (f"{len(GOOD_ACTUALS)} actuals row(s) unusable, most often ({len(GOOD_ACTUALS)}): "
+            "output_tokens missing, negative or not an integer (first: ") in err
+    assert "usage.jsonl row 1)." in err
+
+
 @pytest.mark.slow
 def test_reconcile_a_routed_run_against_the_worlds_outcomes(tmp_path, ray_local,
                                                            small_routing_model, capsys):

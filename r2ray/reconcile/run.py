@@ -65,6 +65,16 @@ class ReconcileResult:
                 "rows)" for r in rows[:TOP_ARMS]]
 
 
+def _unusable_note(rec: Reconciliation) -> str:
+    """Why the most common unusable actuals rows were set aside, and where the first one is:
+    with every row bad (output_tokens "five"), 'is it the right run?' alone named no row."""
+    if not rec.invalid:
+        return ""
+    reason, rows = max(rec.invalid.items(), key=lambda item: item[1])
+    return (f" {sum(rec.invalid.values()):,} actuals row(s) unusable, most often ({rows:,}): "
+            f"{reason} (first: {rec.invalid_first[reason]}).")
+
+
 def reconcile_run(run_uri: str, actuals_uri: str, catalog_path: str | None = None,
                   tracking_uri: str | None = None) -> ReconcileResult:
     """Reconcile the committed run in the folder ``run_uri`` (``<output>/<run_id>``) with the
@@ -79,7 +89,8 @@ def reconcile_run(run_uri: str, actuals_uri: str, catalog_path: str | None = Non
     if rec.counts["matched"] == 0:
         raise R2RayError(f"none of the {rec.counts['actuals_usable']:,} usable actuals rows in "
                          f"{redact_uri(actuals_uri)} matches a routed (query_id, model, budget) of "
-                         f"run {rec.run_id}: is it the right run? Nothing was written")
+                         f"run {rec.run_id}: is it the right run?{_unusable_note(rec)} Nothing "
+                         "was written")
     correction = fit_correction(rec, priced_with=priced_with)
     with storage.reporting(f"cannot write to {redact_uri(run_uri)}"):
         written = write_reconciliation(run_uri, rec, correction, tracking_uri)
