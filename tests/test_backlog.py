@@ -355,8 +355,20 @@ def test_nan_input_tokens_is_quarantined_in_parquet_and_jsonl_alike(tmp_path):
     good, bad = _validate_all(tmp_path)   # before the fix: b and d estimated from the text
     assert good.column("query_id").to_pylist() == ["a", "c"]
     assert all(n >= 1 for n in good.column("input_tokens").to_pylist())
-    assert _reasons(bad) == {(2, "b"): "input_tokens nan is not a non-negative integer",
-                             (2, "d"): "input_tokens nan is not a non-negative integer"}
+    assert _reasons(bad) == {(2, "b"): "input_tokens nan is not a positive integer",
+                             (2, "d"): "input_tokens nan is not a positive integer"}
+
+
+def test_zero_input_tokens_is_quarantined_as_serve_refuses_it(tmp_path):
+    """A count of 0 for a query with text priced its prompt as free, where Serve refuses it
+    (``input_tokens`` > 0): the batch and Serve priced the same query differently."""
+    pq.write_table(pa.table({"query_id": ["a", "b"], "query": ["hello there", "x"],
+                             "input_tokens": pa.array([0, 3], pa.int64())}),
+                   tmp_path / "a.parquet")
+    good, bad = _validate_all(tmp_path)
+    assert good.column("query_id").to_pylist() == ["b"]
+    assert good.column("input_tokens").to_pylist() == [3]
+    assert _reasons(bad) == {(1, "a"): "input_tokens 0 is not a positive integer"}
 
 
 def test_a_utf8_byte_order_mark_does_not_cost_the_first_jsonl_row(tmp_path):

@@ -343,8 +343,10 @@ def _string_column(table: pa.Table, name: str, flag) -> pa.Array:
 def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
     """Given counts where present and valid, estimated from the text (float64 [n]) by
     :func:`r2ray.prompting.estimate_tokens_array` (the estimate Serve uses too) where null or
-    absent. A value that is not a non-negative integer, NaN included (a float column's NaN is a
-    bad count, not a missing one: parquet and jsonl both tell it from null), is flagged."""
+    absent. A value that is not a positive integer, NaN included (a float column's NaN is a
+    bad count, not a missing one: parquet and jsonl both tell it from null), is flagged: 0 too,
+    since a query with text is at least one token (a 0 would price the prompt as free, and Serve
+    refuses it)."""
     estimate = estimate_tokens_array(query).astype(np.float64)
     if "input_tokens" not in table.column_names:
         return estimate
@@ -355,9 +357,9 @@ def _input_tokens(table: pa.Table, query: pa.Array, flag) -> np.ndarray:
         return estimate
     missing = _filled(pc.is_null(column), True)
     given = _filled(column.cast(pa.float64(), safe=False), np.nan)   # 2**60: huge, not a crash
-    flag(~missing & ~(np.isfinite(given) & (given >= 0) & (given == np.floor(given))),
-         lambda i: f"input_tokens {given[i]:g} is not a non-negative integer")
-    return np.where(missing | ~np.isfinite(given) | (given < 0), estimate, given)
+    flag(~missing & ~(np.isfinite(given) & (given >= 1) & (given == np.floor(given))),
+         lambda i: f"input_tokens {given[i]:g} is not a positive integer")
+    return np.where(missing | ~np.isfinite(given) | (given < 1), estimate, given)
 
 
 def _optional_string(table: pa.Table, name: str, n: int, flag) -> pa.Array:
