@@ -732,6 +732,19 @@ def test_a_retry_the_stopping_run_does_not_make_says_so():
     assert row["billed_usd"] == 0.5 and not row["ok"]
 
 
+def _wait_until_dead(actor, tries: int = 200) -> None:
+    """Return once ``actor`` answers with Ray's actor error (bounded: 200 × 50 ms)."""
+    import ray
+
+    for _ in range(tries):
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{actor} still alive after ray.kill")
+
+
 @pytest.mark.slow
 def test_a_ray_ledger_closed_is_told_from_one_lost():
     """Through the ledger actor, a closed book's refusal is RunStopped (Ray wraps BookClosed in
@@ -748,6 +761,7 @@ def test_a_ray_ledger_closed_is_told_from_one_lost():
     with pytest.raises(RunStopped):
         asyncio.run(book.reserve(0.25))
     ray.kill(ledger)
+    _wait_until_dead(ledger)   # the kill is asynchronous: a call before it lands finds the book
     with pytest.raises(SpendBookError, match=r"^spend book failed: \w*Actor\w*Error") as lost:
         asyncio.run(book.reserve(0.25))
     assert not isinstance(lost.value, RunStopped)
