@@ -218,7 +218,8 @@ class Catalog(BaseModel):
         as its own would (:meth:`ModelSpec.check_budgets_fit`)."""
         for spec in self.models:
             if spec.budgets is None:
-                spec.check_budgets_fit(self.budgets, "the catalogue's budgets, inherited by the model")
+                spec.check_budgets_fit(self.budgets,
+                                       "the catalogue's budgets, inherited by the model")
         return self
 
     # ---- lookups -------------------------------------------------------------------------

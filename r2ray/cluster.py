@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from r2ray.errors import R2RayError
 
 CONNECT_TIMEOUT_S = 5.0   # to open a TCP connection to RAY_ADDRESS's head, seconds
+
+
+def ray_address() -> str | None:
+    """``RAY_ADDRESS`` for ``ray.init(address=...)``, checked (:func:`check_ray_address`)."""
+    address = os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
+    return address
 
 
 def check_ray_address(address: str | None) -> None:

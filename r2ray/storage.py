@@ -149,7 +149,8 @@ def read_bytes(uri: str) -> bytes:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object. Local files go through a temp name + a durable rename
-    (:func:`publish`) so readers never see half; a write that fails (a full disk, a rename refused) removes its temporary file and raises."""
+    (:func:`publish`) so readers never see half; a write that fails (a full disk, a rename
+    refused) removes its temporary file and raises."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)
     if parent:

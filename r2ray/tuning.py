@@ -24,13 +24,15 @@ from collections.abc import Callable
 import numpy as np
 
 from r2ray.catalog import Catalog
-from r2ray.cluster import check_ray_address
+from r2ray.cluster import ray_address
 from r2ray.predictor.base import ArmPredictions, fold_predictions
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.selection import Candidate
 
 ASHA_REDUCTION = 2
 CPUS_PER_TRIAL = 1.0
+
+
 def fold_audc(predictions: ArmPredictions, train: BenchArrays, catalog: Catalog,
               rows: np.ndarray) -> float:
     """AUDC of uncalibrated out-of-fold predictions on ``rows`` (the evaluation's metric)."""
@@ -72,9 +74,7 @@ def asha_search(singles: list[Candidate], train: BenchArrays, catalog: Catalog, 
     from ray.tune.schedulers import ASHAScheduler
 
     if not ray.is_initialized():
-        check_ray_address(os.environ.get("RAY_ADDRESS"))
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address=ray_address(), include_dashboard=False, log_to_driver=False)
     n_folds = len(np.unique(fold))
     trainable = tune.with_resources(
         tune.with_parameters(candidate_trial, train=train, catalog=catalog, fold=fold),

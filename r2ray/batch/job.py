@@ -18,7 +18,6 @@ import functools
 import importlib
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -34,7 +33,7 @@ from r2ray import __version__, storage
 from r2ray.batch.backlog import ReadUnit, plan_units, planned_rows, read_stage, unit_items
 from r2ray.batch.config import RouteConfig
 from r2ray.catalog import Catalog, repriced_catalog
-from r2ray.cluster import check_ray_address
+from r2ray.cluster import ray_address
 from r2ray.errors import R2RayError
 from r2ray.failpoints import failpoint
 from r2ray.lease import RunLease, acquire_lease
@@ -181,8 +180,7 @@ def _init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        check_ray_address(address)   # else ray.init retries an address nothing answers at
+        address = ray_address()   # checked: else ray.init retries an address nothing answers at
         # Ray 2.60 turns token auth on for a local instance and logs a notice every time; the
         # README says so once (the `ray job` CLIs need RAY_AUTH_MODE=token), the job stays quiet
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(

@@ -61,8 +61,8 @@ def guarantee_lines(guarantee: dict | None) -> list[str]:
     if guarantee["probability"] == 1:
         return [f"- spend guarantee: {guarantee['method']}"]
     lines = [f"- **spend guarantee**: realised spend ≤ ${guarantee['budget_usd']:.6g} with "
-             f"probability ≥ {percent_bound(guarantee['probability'], upper=False)}, planning under "
-             f"${guarantee['planned_limit_usd']:.6g} (budget ÷ {guarantee['inflation']:.4f}); "
+             f"probability ≥ {percent_bound(guarantee['probability'], upper=False)}, "
+             f"planning under ${guarantee['planned_limit_usd']:.6g} (budget ÷ {guarantee['inflation']:.4f}); "
              f"expected realised ≈ ${guarantee['expected_realised_usd']:.6g}",
              f"  - method: {guarantee['method']}"]
     if "quality_given_up_at_most" in guarantee:

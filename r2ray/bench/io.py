@@ -212,7 +212,8 @@ class TableWriter:
     """Stream record batches to one parquet or jsonl file (by suffix). Use as a context manager.
 
     The file appears at ``uri`` only once closed without an error: locally it is written under a
-    temporary name and renamed once on disk (:func:`r2ray.storage.publish`); on an object store a failed write's upload is discarded."""
+    temporary name and renamed once on disk (:func:`r2ray.storage.publish`); on an object store
+    a failed write's upload is discarded."""
 
     def __init__(self, uri: str, schema: pa.Schema):
         self.uri, self.schema = str(uri), schema

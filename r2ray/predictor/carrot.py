@@ -9,8 +9,8 @@ Two estimators on the frozen query embedding, each run on two arm sets:
 ``carrot_knn_*``: the k nearest training queries by cosine similarity; q̂ is the mean observed
 quality of the neighbours, t̂ the mean of their log(1 + tokens), per arm.
 ``carrot_linear_*``: L2-regularised logistic regression on the soft quality labels (per arm,
-scikit-learn's at C = 1 / l2; fitted with L-BFGS, all arms at once) and Ridge (α) on log(1 + tokens),
-both on the standardised embedding.
+scikit-learn's at C = 1 / l2; fitted with L-BFGS, all arms at once) and Ridge (α) on
+log(1 + tokens), both on the standardised embedding.
 """
 
 from __future__ import annotations

@@ -56,7 +56,6 @@ def isotonic_knots(predicted: np.ndarray, observed: np.ndarray,
     return np.asarray(xs) / np.asarray(weights), np.asarray(values)
 
 
-
 def tie_groups(x_sorted: np.ndarray, max_points: int) -> list[np.ndarray]:
     """Indices of ``x_sorted`` (ascending) in at most ``max_points`` groups of about equal count,
     each boundary moved past the run of equal values it would cut. A run cut in two gave two
@@ -67,6 +66,7 @@ def tie_groups(x_sorted: np.ndarray, max_points: int) -> list[np.ndarray]:
     cuts = np.cumsum(cuts)[:-1]
     cuts = np.unique(np.searchsorted(x_sorted, x_sorted[cuts - 1], side="right"))
     return np.split(np.arange(n), cuts[cuts < n])
+
 
 @njit(cache=True, nogil=True)
 def _interp(x, xs, ys, lo, hi):

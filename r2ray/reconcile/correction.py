@@ -218,8 +218,8 @@ def latest_correction(output_root: str, model_label: str, catalog_fingerprint: s
     None if there is none. ``model_fingerprint``: the predictor's ``document_sha256``, which the
     correction must record too (:func:`fitted_on`). ``version``: only the correction of that
     version qualifies (the one a run recorded in ``spend.cost_correction``). Lists
-    ``*/reconcile/*/correction.json`` and ``*/manifest.json`` only; an unreadable correction is skipped with a warning, another
-    model's with a debug note."""
+    ``*/reconcile/*/correction.json`` and ``*/manifest.json`` only; an unreadable correction is
+    skipped with a warning, another model's with a debug note."""
     fs, root = storage.filesystem(output_root)
     if not fs.exists(root):
         return None

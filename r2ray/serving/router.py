@@ -30,8 +30,8 @@ from r2ray.errors import R2RayError
 from r2ray.redaction import redact_uri
 from r2ray.routing import (ArmScores, allowed_arms, arm_caps, arm_scores, routed_request,
                            solve_costs, worst_case_usd)
-from r2ray.serving.schema import MAX_INPUT_TOKENS
 from r2ray.serving.pacer import SolvedFor
+from r2ray.serving.schema import MAX_INPUT_TOKENS
 from r2ray.solver import NO_ARM, choose_arm, choose_arms
 
 logger = logging.getLogger(__name__)

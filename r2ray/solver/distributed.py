@@ -486,7 +486,8 @@ def blocks_in_place(refs, fn, *args, num_cpus: float, num_returns: int = 1,
 
 def _on_this_node(ray, refs, node: str | None = None) -> list[bool]:
     """Whether each object is in this node's object store (then ``ray.get`` maps it, no copy),
-    or in ``node``'s, or is held inline by its owner (:func:`_inlined`): read where it is asked for."""
+    or in ``node``'s, or is held inline by its owner (:func:`_inlined`): read where it is asked
+    for."""
     try:
         from ray.experimental import get_object_locations
         where = get_object_locations(refs)

@@ -88,8 +88,8 @@ def _check_feasible(exact_base_spend, budgets, names) -> None:
     lines = [f"{who(g)}budget {budgets[g]:.12g} USD is below the minimum feasible spend "
              f"{m!r} USD (every query on its cheapest valid arm)"
              for g, m in zip(short, min_usd)]
-    raise InfeasibleBudget("; ".join(lines) + ". Raise the budget or solve with defer=True (r2ray route --defer).",
-                           min_usd[0])
+    raise InfeasibleBudget("; ".join(lines) + ". Raise the budget or solve with defer=True "
+                           "(r2ray route --defer).", min_usd[0])
 
 
 def _select_efficiency(passes, hist, active, target, cost_exp):
