@@ -936,3 +936,24 @@ def test_a_bad_jsonl_row_is_named_by_its_line_and_lines_split_as_every_jsonl_rea
     assert lenient_rows.column("query_id").to_pylist()[:3] == ["q1", "q\u20284", "q2"]
     assert lenient_rows.column("invalid").to_pylist() == [
         None, None, None, "not a JSON object", "quality outside [0, 1]"]
+
+
+def test_a_few_rows_confirming_the_factor_a_night_was_priced_with_keep_it():
+    # before the fix: night1 bills "large" 3x its ĉ on 1000 rows -> factor ≈ 3; night2, priced
+    # with it, routes one row to "large", billed 3x again; that row was shrunk toward the
+    # *fresh* model factor (itself one row shrunk toward ~1.0), so the night after priced
+    # "large" at 1.2, 40% of its bill, while with no row at all it kept 3.0
+    catalog = _catalog()
+    large, small = catalog.arm_of("large", 100), catalog.arm_of("small", 100)
+    routed, actuals = _scaled_run({("small", 100): (1000, 1e-4, 1e-4),
+                                   ("large", 100): (1000, 1e-3, 3e-3)})
+    first = fit_correction(reconcile(_manifest(catalog), routed, actuals, catalog))
+    f1 = first.factors_for(catalog)
+    assert f1[large] == pytest.approx(3.0, rel=1e-3)
+    for rows in (1, 5):
+        routed, actuals = _scaled_run({("small", 100): (1000, 1e-4 * f1[small], 1e-4),
+                                       ("large", 100): (rows, 1e-3 * f1[large], 3e-3)})
+        rec = reconcile(_manifest(catalog), routed, actuals, catalog, f1)
+        f2 = fit_correction(rec, priced_with=first).factors_for(catalog)
+        assert f2[large] == pytest.approx(3.0, rel=1e-3)     # before: 1.20 (1 row), 1.78 (5)
+        assert f2[small] == pytest.approx(1.0, rel=1e-3)

@@ -32,7 +32,8 @@ from r2ray.reconcile.figures import Reconciliation
 
 PRIOR_ROWS = 20.0
 """Prior weight, in rows: an arm with n matched rows moves n / (n + PRIOR_ROWS) of the way from
-its model's factor to its own ratio (and a model from the overall ratio, the overall from 1)."""
+its model's factor to its own ratio (and a model from the overall ratio, the overall from 1);
+from the factor the run was priced with, where that correction has one."""
 FACTOR_RANGE = (0.25, 4.0)
 """Every factor is clipped to this range: one night's actuals never scale a cost more than 4×."""
 FORMAT = 1
@@ -177,24 +178,30 @@ def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
                    priced_with: CostCorrection | None = None) -> CostCorrection:
     """Factors from the matched rows of ``rec``: overall ratio shrunk toward 1, each model's
     toward the overall, each arm's toward its model (:func:`shrunk_ratio`), every one clipped to
-    ``factor_range``. ``priced_with``: the correction the run's ĉ was multiplied by; a model or
-    arm of it that no matched row of ``rec`` speaks for keeps its factor (a model its factor
-    priced out of the night would otherwise fall back to 1.0 and be routed to at a fraction of
-    its bill the night after). Raises :class:`CorrectionError` when no routed row was matched."""
+    ``factor_range``. ``priced_with``: the correction the run's ĉ was multiplied by; where it
+    has a factor for the overall, a model or an arm, that factor is the parent instead, so a
+    model or arm of it that no matched row of ``rec`` speaks for keeps its factor and one that
+    few rows speak for moves from it by their weight (a model its factor priced out of the night
+    would otherwise fall back to 1.0, or after one matched row most of the way to it, and be
+    routed to at a fraction of its bill the night after). Raises :class:`CorrectionError` when
+    no routed row was matched."""
     total = rec.counts["matched"]
     if total == 0:
         raise CorrectionError(f"run {rec.run_id}: no routed row has an actual, so there is "
                               "nothing to fit a cost correction on")
     clip = lambda x: float(np.clip(x, *factor_range))  # noqa: E731
+    before = _priced_factors(priced_with)
     # against ĉ before any correction the run applied: the factor found multiplies that ĉ
     overall = clip(shrunk_ratio(rec.overall["realised_usd"], rec.overall["planned_raw_usd"],
-                                total, 1.0, prior_rows))
+                                total, before.get(None, 1.0), prior_rows))
     models = {row["model"]: Factor(row["model"], None, clip(shrunk_ratio(
-        row["realised_usd"], row["planned_raw_usd"], row["matched"], overall, prior_rows)),
+        row["realised_usd"], row["planned_raw_usd"], row["matched"],
+        before.get(row["model"], overall), prior_rows)),
         row["matched"]) for row in rec.by_model.to_pylist() if row["matched"]}
     arms = tuple(Factor(row["model"], row["budget"], clip(shrunk_ratio(
-        row["realised_usd"], row["planned_raw_usd"], row["matched"], models[row["model"]].factor,
-        prior_rows)), row["matched"]) for row in rec.by_arm.to_pylist() if row["matched"])
+        row["realised_usd"], row["planned_raw_usd"], row["matched"],
+        before.get((row["model"], row["budget"]), models[row["model"]].factor), prior_rows)),
+        row["matched"]) for row in rec.by_arm.to_pylist() if row["matched"])
     if priced_with is not None:
         kept = lambda f: f._replace(factor=clip(f.factor))  # noqa: E731 — in this range too
         models |= {f.model: kept(f) for f in priced_with.models if f.model not in models}
@@ -208,6 +215,15 @@ def fit_correction(rec: Reconciliation, prior_rows: float = PRIOR_ROWS,
     digest = hashlib.sha256(json.dumps(_content(draft), sort_keys=True).encode()).hexdigest()
     version = f"{when.strftime('%Y%m%dT%H%M%SZ')}-{digest[:8]}"
     return replace(draft, version=version)
+
+
+def _priced_factors(priced_with: CostCorrection | None) -> dict:
+    """The factors ĉ was priced with, keyed None (overall), model, or (model, budget); empty
+    when none was: the parents :func:`fit_correction` shrinks toward where they exist."""
+    if priced_with is None:
+        return {}
+    return ({None: priced_with.overall} | {f.model: f.factor for f in priced_with.models}
+            | {(f.model, f.budget): f.factor for f in priced_with.arms})
 
 
 def latest_correction(output_root: str, model_label: str, catalog_fingerprint: str,

@@ -102,9 +102,11 @@ def _correction_lines(correction: CostCorrection) -> list[str]:
         f"Multiplicative factors on ĉ per arm (`{CORRECTION_FILE}`), resting on "
         f"{correction.rows:,} matched rows. Each is (n·r + m·parent) / (n + m): r = Σ realised ÷ "
         f"Σ ĉ over the arm's n matched rows, m = {correction.prior_rows:g} rows of prior weight; "
-        "an arm's parent is its model's factor, a model's the overall one, the overall one's 1. "
-        f"Clipped to [{low:g}, {high:g}]. A model or arm with no matched row keeps the factor "
-        "the run was priced with; without one, an arm takes its model's factor, a model 1.", "",
+        "an arm's parent is its model's factor, a model's the overall one, the overall one's 1; "
+        "where the correction the run was priced with has a factor for it, that factor is the "
+        f"parent. Clipped to [{low:g}, {high:g}]. A model or arm with no matched row keeps the "
+        "factor the run was priced with; without one, an arm takes its model's factor, a model "
+        "1.", "",
         f"- overall: {correction.overall:.3f}", f"- by model: {models}", "",
         _pickup_sentence(correction),
     ]
