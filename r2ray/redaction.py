@@ -22,22 +22,26 @@ MASK = "***"
 SENSITIVE_PARAMS = ("token", "access_token", "api_key", "apikey", "key", "secret", "password",
                     "pwd", "sig", "signature", "X-Amz-Signature", "X-Amz-Credential",
                     "X-Amz-Security-Token")
-_URI = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>`]+", re.IGNORECASE)
+# a URI ends where another begins ("…@h1,https://u:pw@h2", "?next=https://u:pw@h"): each is
+# masked on its own, as one match only the first one's password was
+_URI = re.compile(r"\b[a-z][a-z0-9+.-]*://(?:(?![a-z][a-z0-9+.-]*://)[^\s'\"<>`])+",
+                  re.IGNORECASE)
 # a credential parameter anywhere after ? & ; or # (also in the path-only URLs urllib3 quotes)
 _PARAM = re.compile(rf"([?&;#](?:{'|'.join(map(re.escape, SENSITIVE_PARAMS))})=)[^&#;\s'\"<>`]*",
                     re.IGNORECASE)
 
 
-# scheme://user:password@ where the password holds a "/" (an AWS secret key often does), which
-# ends urlsplit's netloc early; a password of digits up to that "/" is a port (host:8080/a@b)
-_SLASHED_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/?#@:\s]*:)(?!\d*/)([^@\s]*/[^@\s]*)@",
-                               re.IGNORECASE)
+# scheme://user:password@ where the password holds a raw "/", "?" or "#" (an AWS secret key
+# often has a "/", generated passwords a "#"), which ends urlsplit's netloc early; a password of
+# digits up to that character is a port (host:8080/a@b, host:8080?to=a@b)
+_DELIMITED_PASSWORD = re.compile(
+    r"^([a-z][a-z0-9+.-]*://[^/?#@:\s]*:)(?!\d*[/?#])([^@\s]*[/?#][^@\s]*)@", re.IGNORECASE)
 
 
 def _mask_password(uri: str) -> str:
-    slashed = _SLASHED_PASSWORD.sub(rf"\g<1>{MASK}@", uri, count=1)
-    if slashed != uri:
-        return slashed
+    delimited = _DELIMITED_PASSWORD.sub(rf"\g<1>{MASK}@", uri, count=1)
+    if delimited != uri:
+        return delimited
     try:
         parts = urlsplit(uri)
         if parts.password is None:

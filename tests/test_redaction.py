@@ -38,6 +38,9 @@ SECRET = "s3cr3t-Pa55"
     # a "/" in it (an AWS secret key often has one) ended urlsplit's netloc before the "@"
     (f"s3://AKIAKEY:wJalr/{SECRET}+bPx@bucket/k", "s3://AKIAKEY:***@bucket/k"),
     (f"memory://AKIAKEY:{SECRET}/a/b@bucket/k", "memory://AKIAKEY:***@bucket/k"),
+    # a raw "#" or "?" in it (generated passwords often have one) ended the netloc too
+    (f"postgresql://mlflow:{SECRET}#1@db/mlflow", "postgresql://mlflow:***@db/mlflow"),
+    (f"https://u:{SECRET}?x@host/v1", "https://u:***@host/v1"),
 ])
 def test_userinfo_password_is_masked_and_the_user_kept(uri, expected):
     assert redact_uri(uri) == expected
@@ -64,6 +67,7 @@ def test_a_presigned_s3_url_and_an_oauth_fragment():
     "sqlite:///mlflow.db", "/data/run-1/manifest.json", "user@example.com", "token=abc",
     "https://api.example.com/v1?keyword=x", "http://[::1/", "", "plain words, no URI",
     "http://host:8080/users/@me", "https://example.com/a:b@c",   # a port, a path: no password
+    "https://host:8080?to=me@example.com", "https://host:443#user@example.com",
 ])
 def test_strings_without_credentials_are_untouched(text):
     assert redact_uri(text) == text
@@ -77,6 +81,14 @@ def test_every_uri_in_a_message_is_redacted():
     assert redact_text(message) == (
         "API request to http://u:***@127.0.0.1:9/api/2.0/x failed; retried "
         "'https://a:***@b.example.com/v1' and (s3://bucket/k), url: /api?name=m&token=***")
+
+
+def test_uris_joined_or_nested_in_a_message_are_each_redacted():
+    """One match ran from the first scheme to the next white space, so only the first URI's
+    password was masked: a comma-joined list leaked the second, a redirect URL the inner one."""
+    assert redact_text(f"tried http://a:{SECRET}@h1,http://b:{SECRET}@h2 and "
+                       f"https://proxy/login?next=https://c:{SECRET}@h3/x") == (
+        "tried http://a:***@h1,http://b:***@h2 and https://proxy/login?next=https://c:***@h3/x")
 
 
 def test_params_and_manifests_are_redacted_all_the_way_down():

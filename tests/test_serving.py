@@ -728,6 +728,25 @@ def test_image_part_of_the_user_turn_reaches_the_upstream(routing_model, embeddi
     assert "Answer concisely" in json.dumps(content)
 
 
+def test_a_forwarded_chat_sends_the_prompt_and_cap_the_route_endpoint_renders(routing_model,
+                                                                              embedding):
+    """A chat of one user turn is forwarded with the messages and ``max_tokens`` that
+    ``/v1/route`` answers for the same query (``routing.routed_request``, which the batch job's
+    rows equal: tests/test_pipeline.py), byte for byte: the same input-token estimate, template
+    and cap rule. Unicode edge cases: CJK, an emoji, a combining mark, a long unbroken token."""
+    query = "模型 naïve 😀 e\u0301 " + "x" * 300
+    options = {"embedding": embedding, "max_budget_tokens": 400}
+    sent = []
+    app = _app(_forwarding_service(routing_model, b'{"choices": []}', sent))
+    routed = _call(app, "POST", "/v1/route", json={"query": query} | options).json()
+    assert _call(app, "POST", "/v1/chat/completions", json={
+        "model": "r2ray", "messages": [{"role": "user", "content": query}],
+        "r2ray": options}).status_code == 200
+    assert routed["budget"] > 0 and sent[0]["model"] == routed["model"]
+    assert json.dumps(sent[0]["messages"]) == json.dumps(routed["messages"])
+    assert sent[0]["max_tokens"] == routed["max_tokens"]
+
+
 # ---- 5. a text part with "text": null is read as the word "None" ---------------------------------
 def test_null_text_part_is_not_the_word_none():
     # before the fix: accepted, query "None". A ValidationError, the API's 422: not any Exception
