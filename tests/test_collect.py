@@ -362,3 +362,27 @@ def test_dry_run_bounds_the_judge(tmp_path):
     judged = c.judge_requests(answers, {r["query_id"]: r for r in rows}, load_catalog(catalog),
                               "small")
     assert worst_case_usd(judged) <= bound
+
+
+def test_another_judge_model_in_the_same_work_folder_is_asked_again(tmp_path):
+    """A judge call's key is the judged answer's, the same whoever judges: the second judge's
+    scores were the first's, unasked, while the manifest named the second; now it is asked, and
+    what the first was paid stays in the judge's spend."""
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        judges = tmp_path / "judges.yaml"
+        judges.write_text(yaml.safe_dump({"budgets": ["default"], "models": [
+            {"name": name, "input_per_m": 0.5, "output_per_m": 1.0, "context": 8192,
+             "endpoint": stub.url} for name in ("judge_a", "judge_b")]}))
+        queries = write_queries(tmp_path / "q.jsonl", QUERIES[:2])
+        spend = {}
+        for judge in ("judge_a", "judge_b"):
+            assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                         str(tmp_path / "bench.jsonl"), "--executor", "local", "--arms", "1",
+                         "--judge-model", judge, "--judge-catalog", str(judges)]) == 0
+            manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
+            spend[judge] = manifest["judge"]["spend"]["realised_usd"]
+        asked = Counter(c["model"] for c in stub.calls)
+    assert asked["judge_a"] == 2 and asked["judge_b"] == 2
+    assert manifest["judge"]["calls_planned"] == 2 and manifest["judge"]["calls_done_before"] == 0
+    assert spend["judge_b"] == pytest.approx(2 * spend["judge_a"])

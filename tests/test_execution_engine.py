@@ -344,6 +344,29 @@ def test_billed_failures_stay_in_the_spend_of_later_runs(tmp_path):
     assert billed.num_rows == 2 and sum(billed["billed_usd"].to_pylist()) == pytest.approx(2 * first)
 
 
+def test_a_crash_clearing_failures_does_not_count_a_billed_failure_twice(tmp_path):
+    """A run moves last run's billed failures to billed/, then clears failures/ a part at a time;
+    killed in between, the rerun moved the parts left again, under another name (that of the
+    rows left), and counted them twice in its spend and cap (1.5 × what was billed here)."""
+    from r2ray.execution.engine import keep_billed_failures
+
+    prompts = {"a": "[fault:alwaysbilledbad] [say:4]", "b": "[fault:alwaysbilledbad] [say:5]"}
+    with StubServer() as stub:
+        catalog = stub_catalog(stub.url)
+        requests = _requests(catalog, prompts)
+        first = run_requests(requests, str(tmp_path), catalog,
+                             EngineConfig(executor="local", retry=FAST, batch_rows=1),
+                             progress=lambda line: None)
+        keep_billed_failures(str(tmp_path))   # the next run's start, killed clearing failures/
+        sorted((tmp_path / "failures").iterdir())[0].unlink()
+        rerun = run_requests(requests, str(tmp_path), catalog,
+                             EngineConfig(executor="local", retry=FAST, max_spend_usd=0.0),
+                             progress=lambda line: None)
+    billed = sum(first.failures["billed_usd"].to_pylist())
+    assert billed > 0 and rerun.spend["refused_calls"] == 2
+    assert rerun.spend["realised_before_usd"] == pytest.approx(billed)
+
+
 def test_a_timeout_after_the_request_went_out_is_booked_at_its_worst_case(tmp_path):
     """The server had the whole request when the call timed out, so it may have answered and
     billed it (the stub did, a second later): the attempt is booked at the worst case it reserved,

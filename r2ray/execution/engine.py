@@ -16,12 +16,13 @@ start and retried), and the final table keeps one row per key. A failure is neve
 row: it has no answer.
 
 A part answers a request only if it records the same ``prompt_sha`` (the messages and
-``max_tokens`` sent), so a query edited under the same id is sent again (what its first answer
-was billed stays in the spend and the cap: it was paid). Parts written before the hash was
-recorded (null ``prompt_sha``) cannot be checked: by default each is reused once, for a key with
-no recorded row and the same ``max_tokens``, stamped with the prompt sent now (a warning gives the
-count), so the calls they paid for are not paid again; ``unrecorded="resend"`` sends them again
-instead.
+``max_tokens`` sent) and model (a judge's key names the answer judged, not the judge: another
+``--judge-model`` in the same work folder is asked again), so a query edited under the same id is
+sent again (what its first answer was billed stays in the spend and the cap: it was paid). Parts
+written before the hash was recorded (null ``prompt_sha``) cannot be checked: by default each is
+reused once, for a key with no recorded row and the same ``max_tokens`` and model, stamped with
+the prompt sent now (a warning gives the count), so the calls they paid for are not paid again;
+``unrecorded="resend"`` sends them again instead.
 """
 
 from __future__ import annotations
@@ -179,14 +180,15 @@ def _part_name(keys: list[str]) -> str:
 
 
 def _write(table: pa.Table, folder: str, names: list[str] | None = None) -> None:
-    """``table`` as one part, named by its keys and prompt hashes (or ``names``): the same batch
-    sent again after a crash rewrites its part, but the answers to a prompt since edited are not
-    overwritten by the new ones, so what they were billed stays on record."""
+    """``table`` as one part, named by its keys, prompt hashes and models (or ``names``): the
+    same batch sent again after a crash rewrites its part, but the answers to a prompt since
+    edited (or from another judge model) are not overwritten by the new ones, so what they were
+    billed stays on record."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     if names is None:
-        names = [f"{key}@{sha}" for key, sha in zip(table.column("key").to_pylist(),
-                                                    table.column("prompt_sha").to_pylist())]
+        names = [f"{key}@{sha}@{model}" for key, sha, model in zip(
+            table["key"].to_pylist(), table["prompt_sha"].to_pylist(), table["model"].to_pylist())]
     storage.write_bytes(storage.join(folder, _part_name(names)), sink.getvalue().to_pybytes())
 
 
@@ -304,13 +306,15 @@ def throughput_by_endpoint(results: pa.Table) -> dict[str, dict]:
 
 
 def _sent(table: pa.Table) -> pa.ChunkedArray:
-    """key + prompt hash of each row: what was (or is to be) sent; null where no hash is recorded."""
-    return pc.binary_join_element_wise(table["key"], table["prompt_sha"], "\x1f")
+    """key + prompt hash + model of each row: what was (or is to be) sent, and to which model (a
+    judge's key is the judged answer's, the same for every judge); null where no hash is
+    recorded."""
+    return pc.binary_join_element_wise(table["key"], table["prompt_sha"], table["model"], "\x1f")
 
 
 def _requested(results: pa.Table, requests: pa.Table) -> pa.Table:
-    """Only the rows that answer a request of this run as it is sent now (same key, same prompt
-    hash): parts of other requests (a query since removed, another run's rows in a reused work
+    """Only the rows that answer a request of this run as it is sent now (same key, prompt hash
+    and model): parts of other requests (a query since removed, another run's rows in a reused work
     folder) and parts sent with a prompt since edited are no results of this one."""
     return results.filter(pc.fill_null(
         pc.is_in(_sent(results), value_set=_sent(requests).combine_chunks()), False))
@@ -321,29 +325,27 @@ def _paid(parts: pa.Table) -> float:
     prompt since edited under the same id, or to a query since removed, is no result of this run,
     but it was paid into this output, so it stays in the spend and the cap (as billed/ failures
     do). A row adopted from a part with no prompt hash is in parts/ twice (as first written, and
-    stamped): it is counted once per key and start time."""
-    if parts.num_rows == 0:
-        return 0.0
-    once = parts.group_by(["key", "started_s"]).aggregate([("billed_usd", "max")])
-    return float(pc.sum(once["billed_usd_max"]).as_py() or 0.0)
+    stamped): it is counted once (:func:`_billed`)."""
+    return _billed(parts)
 
 
 def unrecorded_matches(results: pa.Table, requests: pa.Table) -> pa.Table:
     """Rows of parts written before the prompt hash was recorded that may answer a request: the
-    same key and ``max_tokens``, and no recorded row of that key (one means the key was sent since,
-    so the unrecorded row is older). One per key, stamped with the request's hash. Their messages
-    were not stored, so whether the prompt changed cannot be checked."""
+    same key, ``max_tokens`` and model, and no recorded row of that key (one means the key was
+    sent since, so the unrecorded row is older). One per key, stamped with the request's hash.
+    Their messages were not stored, so whether the prompt changed cannot be checked."""
     legacy = results.filter(pc.is_null(results["prompt_sha"]))
     if legacy.num_rows == 0:
         return legacy
     recorded = set(results.filter(pc.is_valid(results["prompt_sha"]))["key"].to_pylist())
-    wanted = {k: (sha, cap) for k, sha, cap in zip(requests["key"].to_pylist(),
-                                                   requests["prompt_sha"].to_pylist(),
-                                                   requests["max_tokens"].to_pylist())}
+    wanted = {k: (sha, (cap, model)) for k, sha, cap, model in zip(
+        requests["key"].to_pylist(), requests["prompt_sha"].to_pylist(),
+        requests["max_tokens"].to_pylist(), requests["model"].to_pylist())}
     keep, shas = [], []
-    for i, (key, cap) in enumerate(zip(legacy["key"].to_pylist(),
-                                       legacy["max_tokens"].to_pylist())):
-        if key in wanted and key not in recorded and wanted[key][1] == cap:
+    for i, sent in enumerate(zip(legacy["key"].to_pylist(), legacy["max_tokens"].to_pylist(),
+                                 legacy["model"].to_pylist())):
+        key = sent[0]
+        if key in wanted and key not in recorded and wanted[key][1] == sent[1:]:
             recorded.add(key)   # one row per key
             keep.append(i)
             shas.append(wanted[key][0])
@@ -484,8 +486,14 @@ def write_batch(batch: pa.Table, work_dir: str) -> None:
 
 
 def _billed(rows: pa.Table) -> float:
-    """USD the provider billed for ``rows`` (RESULT_SCHEMA), answers it sent unreadable included."""
-    return float(pc.sum(rows["billed_usd"]).as_py() or 0.0) if rows.num_rows else 0.0
+    """USD the provider billed for ``rows`` (RESULT_SCHEMA), answers it sent unreadable included,
+    each row once per key and start time: a row can be in two parts (a failure moved to
+    ``billed/`` again after a crash removing ``failures/`` left some of its parts, under the
+    name of those left; an answer adopted from a part with no prompt hash)."""
+    if rows.num_rows == 0:
+        return 0.0
+    once = rows.group_by(["key", "started_s"]).aggregate([("billed_usd", "max")])
+    return float(pc.sum(once["billed_usd_max"]).as_py() or 0.0)
 
 
 def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float):
