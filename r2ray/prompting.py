@@ -75,6 +75,19 @@ def instruction_tokens_bound(budget_tokens: np.ndarray) -> np.ndarray:
     return per_level[index.reshape(budgets.shape)]
 
 
+def instruction_tokens_estimate(budget_tokens: np.ndarray) -> np.ndarray:
+    """Estimated tokens (int64 [K]) the length instruction adds to each arm's prompt: the
+    :func:`estimate_tokens` of its text (11 for a 3- or 4-digit budget), 0 for the default arm.
+    A given ``input_tokens`` counts the query only, and every budgeted call's bill carries the
+    instruction too, so ĉ adds this (:func:`r2ray.routing.call_cost_usd`); at ~11 tokens it is a
+    fifth of ĉ on a 10-token arm of a short query."""
+    budgets = np.asarray(budget_tokens, dtype=np.int64)
+    levels, index = np.unique(budgets, return_inverse=True)
+    per_level = np.array([0 if b == DEFAULT_BUDGET else estimate_tokens(length_suffix(int(b)))
+                          for b in levels], dtype=np.int64)
+    return per_level[index.reshape(budgets.shape)]
+
+
 def render_messages(query: str, budget_tokens: int,
                     system_prompt: str | None = None) -> list[dict[str, str]]:
     """OpenAI-style chat messages for one query at one budget."""

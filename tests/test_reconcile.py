@@ -15,6 +15,7 @@ import pytest
 from r2ray.bench.io import write_table
 from r2ray.catalog import catalog_from_dict, save_catalog
 from r2ray.cli import EXIT_USER_ERROR, main
+from r2ray.prompting import instruction_tokens_estimate
 from r2ray.reconcile import (ActualsError, CatalogMismatch, CorrectionError, CostCorrection,
                              actuals_from_table, fit_correction, latest_correction, model_label,
                              read_actuals, reconcile, write_reconciliation)
@@ -515,7 +516,8 @@ def test_reconcile_a_routed_run_against_the_worlds_outcomes(tmp_path, ray_local,
         ["query_id", "input_tokens"]).to_pydict().values()))
     for row in read_routed(following).to_pylist():
         arm = catalog.arm_of(row["model"], row["budget"])
-        uncorrected = (tokens_in[row["query_id"]] * price[row["model"]][0]
+        sent = tokens_in[row["query_id"]] + instruction_tokens_estimate(row["budget"])  # + instruction
+        uncorrected = (sent * price[row["model"]][0]
                        + row["t_hat"] * price[row["model"]][1])
         assert row["c_hat_usd"] == pytest.approx(uncorrected * factors[arm], rel=1e-6)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
-from r2ray.prompting import instruction_tokens_bound, max_tokens_for
+from r2ray.prompting import estimate_tokens, instruction_tokens_bound, max_tokens_for
 from r2ray.routing import arm_caps, arm_scores, routed_request, worst_case_usd
 
 
@@ -77,6 +77,30 @@ def test_worst_case_bounds_the_bill_of_the_prompt_actually_sent():
             assert bill <= worst[arm] * (1 + 1e-12), (query, catalog.arms[arm], bill, worst[arm])
 
 
+def test_c_hat_prices_the_prompt_sent_with_its_length_instruction():
+    # before the fix: ĉ priced the query's tokens only, while a budgeted arm's call also sends
+    # the instruction (~11 tokens): a fifth of ĉ on a 10-token arm of a short query here
+    catalog = load_catalog()
+    queries = ["What is 2 + 2?", "Name three primes.", "Explain entropy in one paragraph."]
+    input_tokens = np.array([estimate_tokens(q) for q in queries])
+    t_hat = np.full((len(queries), catalog.n_arms), 40.0, np.float32)
+    scores = arm_scores(np.full_like(t_hat, 0.5), t_hat, catalog, input_tokens)
+    price_in = catalog.arm_arrays["price_in_usd"]
+    for i, query in enumerate(queries):
+        for arm in range(catalog.n_arms):
+            request = routed_request(query, arm, catalog, int(input_tokens[i]))
+            sent = estimate_tokens(request["messages"][-1]["content"])
+            bill = catalog.cost_usd(request["model"], sent, 40.0)
+            # the estimate of the whole prompt is not additive in its parts by a token or two
+            assert abs(scores.cost_usd[i, arm] - bill) <= 2 * price_in[arm] + 1e-18, \
+                (query, catalog.arms[arm])
+            assert sent - input_tokens[i] >= (9 if request["budget"] else 0)
+    query_only = catalog.arm_cost_usd(input_tokens, t_hat)
+    budgeted = catalog.arm_arrays["budget_tokens"] != DEFAULT_BUDGET
+    assert np.allclose(scores.cost_usd - query_only, np.where(budgeted, 11 * price_in, 0.0),
+                       rtol=1e-9, atol=0)
+
+
 def test_cost_factors_must_be_one_finite_positive_factor_per_arm():
     # before the fix: NaN masked the arm as unusable, -1 made its cost negative, [2.0] was
     # broadcast to every arm
@@ -84,7 +108,8 @@ def test_cost_factors_must_be_one_finite_positive_factor_per_arm():
         {"name": "a", "input_per_m": 1, "output_per_m": 2, "context": 4096}]})
     quality, tokens = np.full((1, 2), 0.5, np.float32), np.full((1, 2), 50, np.float32)
     scores = arm_scores(quality, tokens, catalog, np.array([10]), cost_factors=[2.0, 1.0])
-    assert scores.cost_usd[0].tolist() == pytest.approx([2 * 110e-6, 110e-6])
+    # budget 100: 10 query + 11 instruction tokens at $1/M, 50 out at $2/M
+    assert scores.cost_usd[0].tolist() == pytest.approx([2 * 121e-6, 110e-6])
     for factors, match in (([np.nan, 1.0], r"cost_factors\[0\] \(a, budget 100\) is nan"),
                            ([1.0, -1.0], r"cost_factors\[1\] \(a, budget 0\) is -1"),
                            ([1.0, np.inf], "finite and positive"), ([2.0], "2 arms")):

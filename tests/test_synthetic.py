@@ -16,7 +16,7 @@ from r2ray.bench.synthetic import (BLOCK_QUERIES, EMBEDDING_DIM, World, WorldErr
 from r2ray.bench.world import TOPIC_NAMES, TOPICS, answer_setting, model_size_b
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
 from r2ray.cli import main
-from r2ray.prompting import max_tokens_for
+from r2ray.prompting import estimate_tokens, length_suffix, max_tokens_for
 from r2ray.routing import arm_caps
 
 N_FACTS = 4096  # queries behind every realism assertion
@@ -137,9 +137,14 @@ def test_bench_rows_are_valid_and_costed(catalog, sample):
     validate_bench(bench, "synthetic", catalog)
     first = bench.slice(0, catalog.n_arms).to_pylist()
     assert [(r["model"], r["budget"]) for r in first] == [tuple(a) for a in catalog.arms]
-    row = first[20]
-    expected = catalog.cost_usd(row["model"], row["input_tokens"], row["output_tokens"])
-    assert row["cost_usd"] == pytest.approx(expected)
+    default_row = next(r for r in first if r["budget"] == DEFAULT_BUDGET)
+    assert first[20]["budget"] != DEFAULT_BUDGET
+    for row in (first[20], default_row):
+        # the bill of the prompt sent: a budgeted arm's carries the length instruction
+        sent = row["input_tokens"] + (0 if row["budget"] == DEFAULT_BUDGET
+                                      else estimate_tokens(length_suffix(row["budget"])))
+        expected = catalog.cost_usd(row["model"], sent, row["output_tokens"])
+        assert row["cost_usd"] == pytest.approx(expected, rel=1e-12)
     assert set(bench.column("category").to_pylist()) == set(TOPIC_NAMES)
 
 

@@ -30,6 +30,7 @@ from r2ray.bench.world import (KNOBS, TOPIC_NAMES, TOPICS, Knobs, QueryFeatures,
 from r2ray.bench.world_text import render_queries
 from r2ray.catalog import Catalog, save_catalog
 from r2ray.errors import R2RayError
+from r2ray.routing import call_cost_usd
 from r2ray.prompting import estimate_tokens
 
 WORLD_VERSION = 4             # 2: default arms capped at the output cap, not the context;
@@ -175,7 +176,7 @@ class WorldChunk:
         tokens, label, truncated = self.outcomes
         row_query = np.repeat(np.arange(self.n), k)
         row_arm = np.tile(np.arange(k), self.n)
-        cost = catalog.arm_cost_usd(self.input_tokens, tokens)
+        cost = call_cost_usd(catalog, self.input_tokens, tokens)   # the prompt sent: + instruction
         take = lambda values: pa.array(values, pa.string()).take(row_query)  # noqa: E731
         return pa.table({
             "query_id": take(self.query_id), "query": take(self.query), "category": take(self.category),

@@ -30,6 +30,7 @@ from r2ray.predictor.quality_calibration import (QualityCalibration, cross_fitte
 from r2ray.predictor.spend_guarantee import SpendSimulation, simulate_spend
 from r2ray.predictor.token_calibration import (TokenCalibration, cross_fitted_mean_tokens,
                                                fit_token_calibration)
+from r2ray.routing import call_cost_usd
 
 CALIBRATION_FOLDS = 3  # cross-fitting folds for the calibrations when no validation set
 FOLD_SEED = 0  # the order of every query fold: calibration's and cross-validation's (see fold_ids)
@@ -45,9 +46,9 @@ class ArmPredictions:
     output_tokens: np.ndarray  # [N, K] float32, tokens; NaN = arm not covered
 
     def cost_usd(self, catalog: Catalog, input_tokens: np.ndarray) -> np.ndarray:
-        """[N, K] float64 USD: input tokens [N] × input price + predicted output tokens × output
-        price."""
-        return catalog.arm_cost_usd(input_tokens, self.output_tokens)
+        """[N, K] float64 USD ĉ: :func:`r2ray.routing.call_cost_usd` of input tokens [N] and the
+        predicted output tokens."""
+        return call_cost_usd(catalog, input_tokens, self.output_tokens)
 
     def subset(self, index: np.ndarray) -> ArmPredictions:
         return ArmPredictions(self.quality[index], self.output_tokens[index])
@@ -180,7 +181,7 @@ class BasePredictor:
             if self.calibrates_quality else None)
         seen = router_view(predicted, held_out, catalog, self.calibrates_quality, folds, chains)
         self.spend_simulation_ = simulate_spend(
-            seen.quality, catalog.arm_cost_usd(held_out.input_tokens, seen.output_tokens),
+            seen.quality, call_cost_usd(catalog, held_out.input_tokens, seen.output_tokens),
             held_out.quality, held_out.cost_usd)
 
     def quality_chains(self, catalog: Catalog) -> list[np.ndarray]:
