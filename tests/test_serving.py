@@ -851,3 +851,74 @@ def test_non_finite_number_in_a_passed_through_field_is_a_422_naming_it(routing_
         assert r.status_code == 422, r.text
         assert r.json()["error"]["param"] == param
     assert sent == [] and service.book.pending_usd == 0.0
+
+
+# ---- 10. concurrent forwarded calls all route as if the spend limit were far (a review, 12-06) ---
+def test_calls_in_flight_count_against_the_spend_limit(routing_model, embedding):
+    limit, n = 0.01, 10
+    arrived, release = [], asyncio.Event()
+
+    async def slow_upstream(request):   # holds every call until all n have been routed
+        arrived.append(request)
+        if len(arrived) == n:
+            release.set()
+        await release.wait()
+        return httpx.Response(200, json={"choices": [], "usage": {"prompt_tokens": 10,
+                                                                   "completion_tokens": 1000}})
+    client = httpx.AsyncClient(transport=httpx.MockTransport(slow_upstream))
+    service = _service(_with_endpoints(routing_model), client,
+                       pacing={"spend_limit_usd": limit})
+
+    async def go():
+        transport = httpx.ASGITransport(app=_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ray") as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=CHAT | {
+                "r2ray": {"embedding": embedding}}) for _ in range(n)))
+    responses = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200] * n
+    stopped = sum("hard stop" in r.headers["x-r2ray-reason"] for r in responses)
+    most = max(float(r.headers["x-r2ray-c-hat-usd"]) for r in responses)
+    # before the fix: none stopped, 0.0176 USD spent against the 0.01 limit (sent one after
+    # another the same calls stop at 0.0108)
+    assert stopped > 0 and service.book.pending_usd <= limit + most, service.book.pending_usd
+    assert service.book.in_flight == 0 and service.book.in_flight_usd == 0.0
+
+
+# ---- 11. both length fields sent: the looser one is used and the other raised (a review, 12-06) --
+def test_the_tighter_of_max_tokens_and_max_completion_tokens_binds(routing_model, embedding):
+    sent = []
+    app = _app(_forwarding_service(routing_model, b'{"choices": []}', sent))
+    r = _call(app, "POST", "/v1/chat/completions", json=CHAT | {
+        "max_tokens": 30, "max_completion_tokens": 5000, "r2ray": {"embedding": embedding}})
+    # before the fix: routed under 5000, and the caller's max_tokens 30 sent as 4000
+    assert r.status_code == 200, r.text
+    assert int(r.headers["x-r2ray-budget"]) == 20, r.headers["x-r2ray-budget"]
+    assert sent[0]["max_tokens"] <= 30 and sent[0]["max_completion_tokens"] <= 30, sent[0]
+    r = _call(app, "POST", "/v1/chat/completions", json=CHAT | {
+        "max_tokens": 5000, "max_completion_tokens": 5, "r2ray": {"embedding": embedding}})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+
+
+# ---- 12. an upstream 200 nested past json's depth limit is a 500, nothing booked (a review) ------
+def test_upstream_answer_nested_too_deep_is_a_502_and_books_c_hat(routing_model, embedding):
+    answer = b'{"choices": [], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    service = _forwarding_service(routing_model, answer, [])
+    r = _call(_app(service), "POST", "/v1/chat/completions",
+              json=CHAT | {"r2ray": {"embedding": embedding}})
+    # before the fix: 500 (RecursionError in json.loads), and the accepted 2xx not booked
+    assert r.status_code == 502, r.text
+    assert "not JSON" in r.json()["error"]["message"]
+    assert service.book.pending_usd > 0
+
+
+# ---- 13. a malformed message content names pydantic's union members (a review, 2026-12-06) -----
+@pytest.mark.parametrize("content", [{"text": "hi"}, [1, 2], 5,
+                                     [{"type": "text", "text": "hi"}, "x"]])
+def test_malformed_message_content_is_a_422_naming_the_content(routing_model, content):
+    r = _call(_app(_service(routing_model)), "POST", "/v1/chat/completions", json={
+        "model": "r2ray", "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    # before the fix: param "messages.0.content.str", and a line per member of the union
+    assert error["param"] == "messages.0.content", error
+    assert "list of content parts" in error["message"] and "dict[" not in error["message"]

@@ -93,6 +93,16 @@ class ChatMessage(BaseModel):
     role: Annotated[str, Field(min_length=1)]
     content: str | list[dict] | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value):
+        """One error at ``content`` itself: pydantic's own names each member of the union
+        (``content.str``, ``content.list[dict[any,any]].0``), paths no OpenAI client sent."""
+        if value is None or isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(p, dict) for p in value)):
+            return value
+        raise ValueError("must be a string, a list of content parts (objects), or null")
+
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI ``POST /v1/chat/completions``; ``model: "r2ray"`` lets r2ray choose the model and
@@ -127,6 +137,17 @@ class ChatCompletionRequest(BaseModel):
         if not any(m.role == "user" and message_text(m) for m in value):
             raise ValueError("needs at least one user message with text content")
         return value
+
+    @property
+    def output_cap(self) -> tuple[str, int] | None:
+        """(field, tokens) of the tighter output cap the caller sent, ``max_tokens`` or
+        ``max_completion_tokens``; None: neither. An upstream may read either field, so the
+        smaller is the caller's limit: routing under the larger, and sending it in both, raised
+        a caller's ``max_tokens: 30`` to 4,000."""
+        sent = [(tokens, name) for name, tokens in (("max_completion_tokens",
+                                                     self.max_completion_tokens),
+                                                    ("max_tokens", self.max_tokens)) if tokens]
+        return None if not sent else min(sent)[::-1]
 
     @model_validator(mode="after")
     def _finite_numbers(self) -> ChatCompletionRequest:

@@ -9,9 +9,10 @@ spend that the Pacer will see at the next sync.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import fields, replace
 
 import httpx
@@ -51,12 +52,27 @@ class SpendBook:
         self.pending_usd = 0.0
         self.seq = 0
         self.unsent: tuple[int, float] | None = None   # (seq, USD) sent, not acknowledged
+        self.in_flight_usd = 0.0   # ĉ (USD) of forwarded calls not answered yet
+        self.in_flight = 0         # how many such calls
 
     def add(self, cost_usd: float) -> None:
-        # a negative amount would cancel other requests' spend (the Pacer clamps only the
-        # sum it is sent); NaN or inf would poison every later sync
-        if math.isfinite(cost_usd) and cost_usd > 0:
+        if countable(cost_usd):
             self.pending_usd += float(cost_usd)
+
+    @contextlib.contextmanager
+    def reserved(self, cost_usd: float) -> Iterator[None]:
+        """Hold ``cost_usd`` (USD, the call's ĉ) against the spend limit while a forwarded call
+        runs: it is booked only when the answer comes, and every request routed meanwhile would
+        otherwise see the limit as not reached (10 concurrent calls spent 1.8× a limit that
+        stopped the same 10 sent one after another at 1.08×)."""
+        held = float(cost_usd) if countable(cost_usd) else 0.0
+        self.in_flight, self.in_flight_usd = self.in_flight + 1, self.in_flight_usd + held
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            # back to exactly 0 when idle: float sums leave a residue that never cancels
+            self.in_flight_usd = self.in_flight_usd - held if self.in_flight else 0.0
 
     def take(self) -> float:
         pending, self.pending_usd = self.pending_usd, 0.0
@@ -79,14 +95,21 @@ class SpendBook:
 
     def price(self, pacing: PacingConfig) -> PriceState:
         """The price to route at now: the Pacer's last answer, hard-stopped already when its
-        total (USD) plus this ingress's unreported spend reaches ``spend_limit_usd``. The Pacer
-        hears of that spend only at the next sync, ``price_sync_s`` later, and every request
-        routed meanwhile would otherwise spend past the limit at the paced λ."""
+        total (USD) plus this ingress's unreported and in-flight spend reaches
+        ``spend_limit_usd``. The Pacer hears of that spend only at the next sync,
+        ``price_sync_s`` later, and every request routed meanwhile would otherwise spend past
+        the limit at the paced λ."""
         limit = pacing.spend_limit_usd
-        if self.state.stopped or limit is None \
-                or self.state.total_spend_usd + self.unreported_usd < limit:
+        if self.state.stopped or limit is None or self.state.total_spend_usd \
+                + self.unreported_usd + self.in_flight_usd < limit:
             return self.state
         return replace(self.state, stopped=True)
+
+
+def countable(cost_usd: float) -> bool:
+    """Whether an amount (USD) may enter the books: a negative one would cancel other requests'
+    spend (the Pacer clamps only the sum it is sent); NaN or inf would poison every later sync."""
+    return math.isfinite(cost_usd) and cost_usd > 0
 
 
 async def sync_spend(book: SpendBook, ingress: str,
@@ -138,8 +161,8 @@ class RoutingService:
         query = next(message_text(m) for m in reversed(request.messages) if m.role == "user"
                      and message_text(m))
         text = "\n".join(message_text(m) for m in request.messages)
-        cap = request.max_completion_tokens or request.max_tokens
-        limits = {"max_output_tokens": cap}
+        cap = request.output_cap
+        limits = {"max_output_tokens": None if cap is None else cap[1]}
         if request.model != ROUTER_MODEL:
             limits["allowed_models"] = named_model(request.model, options.allowed_models)
         try:
@@ -148,9 +171,9 @@ class RoutingService:
             if request.model != ROUTER_MODEL and rejected.param == "allowed_models":
                 rejected.param = "model"
             elif rejected.param == "max_output_tokens":   # the caller's own cap
-                name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-                raise RouteRejected(name, f"no arm has a length budget of at most {name}={cap} "
-                                    f"tokens; raise {name}") from None
+                name, tokens = cap
+                raise RouteRejected(name, f"no arm has a length budget of at most {name}="
+                                    f"{tokens} tokens; raise {name}") from None
             raise
         headers = routing_headers(decision)
         url = chat_url(decision.spec)
@@ -159,10 +182,11 @@ class RoutingService:
             return route_response(decision, options.tenant).model_dump(by_alias=True), headers
         body = upstream_body(request, decision)
         try:
-            answer = await forward_chat(self.client, url, body,
-                                        upstream_key(decision.model,
-                                                     self.config.upstream_key_envs),
-                                        self.config.upstream_timeout_s)
+            with self.book.reserved(decision.c_hat_usd):
+                answer = await forward_chat(self.client, url, body,
+                                            upstream_key(decision.model,
+                                                         self.config.upstream_key_envs),
+                                            self.config.upstream_timeout_s)
         except (UpstreamError, asyncio.CancelledError) as err:
             # sent, answer lost, or the caller gone while the upstream runs it (Serve cancels a
             # request whose client disconnects or times out): it may be billed, so count ĉ
@@ -245,10 +269,10 @@ def upstream_body(request: ChatCompletionRequest, decision: RouteDecision) -> di
             parts.append({"type": "text", "text": instructed[len(text):].lstrip("\n")})
     else:
         message["content"] = instructed
-    # OpenAI reads max_completion_tokens over max_tokens, but an upstream may read either:
-    # every length field sent is capped, so none lets the answer run past the routed cap
-    cap = request.max_completion_tokens or request.max_tokens
-    capped = decision.max_tokens if cap is None else min(decision.max_tokens, cap)
+    # an upstream may read either length field: every one sent carries the routed cap, within
+    # the tighter of the caller's, so none lets the answer run past either
+    cap = request.output_cap
+    capped = decision.max_tokens if cap is None else min(decision.max_tokens, cap[1])
     sent = [f for f in ("max_completion_tokens", "max_tokens") if getattr(request, f)]
     for name in sent or ["max_tokens"]:
         body[name] = capped

@@ -81,7 +81,7 @@ async def forward_chat(client: httpx.AsyncClient, url: str, body: dict, api_key:
     # a 2xx whose body is unusable was accepted, and so may be billed
     try:
         answer = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):   # RecursionError: nested past json's depth limit
         raise UpstreamError(f"{upstream} answered {response.status_code} with a body that "
                             "is not JSON",
                             may_have_billed=True) from None
