@@ -418,3 +418,25 @@ def test_plan_budget_refuses_a_budget_that_is_not_a_finite_number_of_usd():
     for budget in (math.inf, math.nan, -1.0):
         with pytest.raises(ValueError, match="finite number of USD"):
             plan_budget(budget, 1000, 0.95, simulation())
+
+
+def test_plan_budget_refuses_a_probability_outside_0_to_1():
+    # before the fix: NaN planned κ 1 (the whole budget, no guarantee) and recorded probability
+    # NaN; 1 and 1.5 raised statistics' "p must be in the range 0.0 < p < 1.0"; −0.1 was "none"
+    for probability in (math.nan, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="spend guarantee must be a probability in"):
+            plan_budget(1.0, 1000, probability, simulation())
+
+
+def test_kappa_never_falls_as_the_guarantee_rises():
+    """ρ and cv that go up and down level to level: the rule accepts κ in more than one stretch.
+    A bisection over all of [1, top] returned κ 2.07 at p 0.98 (held back 52 %) and 1.30 at 0.99;
+    the least κ the rule accepts is 1.30 at 0.98 already, and κ never falls as p rises."""
+    sim = SpendSimulation(np.array([0.25, 0.5, 0.75, 1.0]), np.array([1.1, 2.1, 0.9, 2.4]),
+                          np.array([0.8, 0.0, 0.5, 1.7]), np.zeros(4), 100)
+    probabilities = np.linspace(0.5, 0.99, 50)
+    kappas = np.array([plan_budget(100.0, 100, p, sim).inflation for p in probabilities])
+    assert (np.diff(kappas) >= -1e-9).all()
+    assert plan_budget(100.0, 100, 0.98, sim).inflation < 1.31
+    for p, kappa in zip(probabilities, kappas):   # each one the rule accepts at its own plan
+        assert kappa >= sim.inflation(100.0 / kappa / 100, 100, p) - 1e-9

@@ -47,6 +47,7 @@ from r2ray.solver import InfeasibleBudget, hull_steps, solve_budget
 DEFAULT_GUARANTEE = 0.95  # P(realised ≤ budget) the batch job plans for unless told otherwise
 N_LEVELS = 16           # simulated spend levels, geometric from the cheapest plan to λ = 0
 MIN_QUERIES = 50        # fewer held-out queries than this: no simulation (no guarantee)
+KAPPA_STEP = 1.01        # the ladder plan_budget climbs to the least κ its rule accepts
 _METHOD = ("cross-fitted simulation of the exact solve on the model's held-out bench rows (n "
            "queries): planned = budget ÷ (max(1, ρ) + z_p · cv · (1/√N + 1/√n)), ρ = realised ÷ "
            "planned and cv its per-query spread at the plan's {where}, N the backlog's queries")
@@ -161,11 +162,6 @@ class SpendSimulation:
         spread = 1.0 / math.sqrt(max(n_backlog, 1)) + 1.0 / math.sqrt(self.n_queries)
         return NormalDist().inv_cdf(probability) * spread
 
-    def largest_inflation(self, n_backlog: int, probability: float) -> float:
-        """The largest κ any level asks for: an upper end for :func:`plan_budget`'s search."""
-        margin = self._margin(n_backlog, probability)
-        return max(1.0, float(np.max(np.maximum(self.ratio, 1.0) + self.cv * margin)))
-
     def inflation(self, spend_per_query_usd: float, n_backlog: int, probability: float,
                   position: float | None = None) -> float:
         """κ ≥ 1: plan budget ÷ κ so that realised ≤ budget with about ``probability``. A
@@ -271,10 +267,15 @@ def plan_budget(budget_usd: float, n_queries: int, probability: float,
     arm priced at its cap) already bounds the bill with certainty, so it plans the whole budget
     too. ``span``: the backlog's (:func:`span_of_steps`), to look κ up by the plan's position in
     it (else by spend per query). κ depends on where it is looked up, which depends on κ: the κ
-    returned is one the rule accepts at its own plan (κ ≥ the κ asked for there), by bisection.
-    A budget that is not a finite number ≥ 0 (an overflowed budget per query × N) is refused."""
+    returned is the least the rule accepts at its own plan (κ ≥ the κ asked for there) on a
+    ladder of ``KAPPA_STEP`` steps up from 1, refined by bisection below it. A budget that is not
+    a finite number ≥ 0 (an overflowed budget per query × N), or a ``probability`` outside
+    [0, 1), is refused."""
     if not (math.isfinite(budget_usd) and budget_usd >= 0):
         raise ValueError(f"budget must be a finite number of USD ≥ 0; got {budget_usd!r}")
+    if not 0 <= probability < 1:   # NaN planned κ 1 (no guarantee), 1 a StatisticsError
+        raise ValueError(f"the spend guarantee must be a probability in [0, 1); got "
+                         f"{probability!r}")
     if strict:
         return SpendPlan(budget_usd, budget_usd, 1.0, 1.0, 1.0,
                          "strict budget: every arm priced at its max_tokens cap, Σ ≤ budget")
@@ -293,13 +294,14 @@ def plan_budget(budget_usd: float, n_queries: int, probability: float,
         planned = budget_usd / kappa
         return simulation.inflation(planned / n, n, probability, where(planned))
 
-    # κ ≥ wanted(κ): wanted is continuous and between 1 and the largest level's value, so a
-    # κ with κ = wanted(κ) lies in [1, top]; bisection finds it where a few fixed-point steps
-    # can oscillate (a narrow span moves the position a lot for a small change in κ)
-    at_whole_budget = wanted(1.0)
-    low, high = 1.0, max(at_whole_budget, simulation.largest_inflation(n, probability))
-    if at_whole_budget <= 1.0:
-        high = low
+    # κ ≥ wanted(κ): wanted is continuous, ≥ 1 and at most the largest level's κ (a finite
+    # simulation: check), so the climb ends. It may cross κ more than once (ρ and cv go up and
+    # down level to level): a bisection over all of [1, that top] found whichever crossing its
+    # midpoints met, so a larger p could plan more. The first rung of one ladder (the same for
+    # every p) the rule accepts, then bisection from the rung below, keeps κ non-decreasing in p
+    low = high = 1.0
+    while wanted(high) > high:
+        low, high = high, high * KAPPA_STEP
     while high - low > 1e-12 * high:
         middle = 0.5 * (low + high)
         low, high = (middle, high) if wanted(middle) > middle else (low, middle)
