@@ -339,6 +339,20 @@ def test_e_notation_and_unicode_forms(grader, response, reference, grade):
     assert graders.grade(grader, response, reference) == grade
 
 
+@pytest.mark.parametrize("grader, response, reference, grade", [
+    ("numeric", "\u22125", "-5", 1.0), ("numeric", "Answer: \u22123", "-3", 1.0),
+    ("numeric", "-5", "\u22125", 1.0), ("numeric", "\u22125", "5", 0.0),
+    ("exact", "\u22125", "-5", 1.0), ("exact", "\u22125", "5", 0.0),
+    ("math", "\\dfrac{3}{4}", "3/4", 1.0), ("math", "$\\frac{3}{4}$", "\\dfrac{3}{4}", 1.0),
+    ("math", "\\boxed{\\sqrt{2}}", "\\sqrt{2}", 1.0), ("math", "\\sqrt{3}", "\\sqrt{2}", 0.0),
+    ("math", "The answer is $\\frac{3}{5}$", "\\dfrac{3}{4}", 0.0)])
+def test_unicode_minus_and_bare_latex(grader, response, reference, grade):
+    # before the fix: a right answer scored 0.0 — math-verify finds no number in "\u22125" (the
+    # minus sign), NFKC keeps it apart from "-", and math-verify reads LaTeX only between
+    # delimiters, so a bare reference such as "\\sqrt{2}" (MATH's form) parsed to nothing
+    assert graders.grade(grader, response, reference) == grade
+
+
 def test_dry_run_bounds_the_judge(tmp_path):
     """The dry run's judge worst case is at least what the judge's requests reserve: an answer of
     max_tokens tokens can be 4 UTF-8 bytes a token (more for long tokens), and the judge's bound

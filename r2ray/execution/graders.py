@@ -38,6 +38,7 @@ _SCORE = re.compile(   # also JSON ('"score": 0.8'); not the "1" of "10", "1/10"
     r"(?!\d|[.,]\d|[eE][-+]?\d|\s*(?:/|out\s+of)(?!\s*1\b))", re.IGNORECASE)
 _E_NOTATION = re.compile(r"(?<![\w.])(?:\d+(?:\.\d+)?|\.\d+)[eE][-+]?\d{1,3}(?!\w|\.\d)")
 _FULL_WIDTH = {0xFF01 + i: 0x21 + i for i in range(94)} | {0x3000: 0x20}   # "４２" -> "42"
+_MINUS = {0x2212: 0x2D}   # "−5" -> "-5": the minus sign, which NFKC keeps and math-verify skips
 
 _STRIP = string.punctuation + " “”‘’"
 
@@ -49,7 +50,7 @@ class GraderError(R2RayError, ValueError):
 def normalise(text: str) -> str:
     """NFKC (full-width digits, ligatures, composed accents as one form), lower case, single
     spaces, no surrounding punctuation or quotes."""
-    text = " ".join(unicodedata.normalize("NFKC", str(text)).lower().split())
+    text = " ".join(unicodedata.normalize("NFKC", str(text)).translate(_MINUS).lower().split())
     core = text.strip(_STRIP)
     lead = text[: len(text) - len(text.lstrip(_STRIP))]
     return "-" + core if lead.endswith("-") and core[:1].isdigit() else core   # keep a sign
@@ -96,18 +97,24 @@ def grade_numeric(response: str, reference: str) -> float:
                           "'math-verify>=0.9' (in r2ray's dev extra)") from None
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)   # "timeout is disabled", per call
-    gold = parse(_plain_numbers(reference), parsing_timeout=None)
-    answer = parse(_plain_numbers(response), parsing_timeout=None)
+    gold, answer = _math_parse(reference, parse), _math_parse(response, parse)
     if not gold or not answer:
         return 0.0
     return float(verify(gold, answer, timeout_seconds=None))
 
 
+def _math_parse(text: str, parse: Callable) -> list:
+    """math-verify's reading of ``text``; bare LaTeX (``\\dfrac{3}{4}``, ``\\sqrt{2}``, the form
+    MATH references take) read as if between ``$``: math-verify reads LaTeX only in delimiters."""
+    plain = _plain_numbers(text)
+    return parse(plain, parsing_timeout=None) or parse(f"${plain}$", parsing_timeout=None)
+
+
 def _plain_numbers(text: str) -> str:
-    """Full-width characters as ASCII and ``4.2e1`` as ``42``: math-verify reads neither (it
-    takes e-notation's mantissa, 4.2). Not NFKC, which would make ``5²`` the number 52."""
+    """Full-width characters and the minus sign as ASCII and ``4.2e1`` as ``42``: math-verify
+    reads none of them (it takes e-notation's mantissa, 4.2; no number in ``−5``). Not NFKC, which would make ``5²`` the number 52."""
     return _E_NOTATION.sub(lambda m: format(Decimal(m.group(0)), "f"),
-                           str(text).translate(_FULL_WIDTH))
+                           str(text).translate(_FULL_WIDTH | _MINUS))
 
 
 GRADERS: dict[str, Callable[[str, str], float]] = {
