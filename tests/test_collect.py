@@ -353,6 +353,21 @@ def test_unicode_minus_and_bare_latex(grader, response, reference, grade):
     assert graders.grade(grader, response, reference) == grade
 
 
+@pytest.mark.parametrize("grader, response, reference, grade", [
+    ("exact", "\\boxed{Paris}", "Paris", 1.0),
+    ("exact", "So it is $\\boxed{\\text{Paris}}$.", "Paris", 1.0),
+    ("exact", "\\boxed{Paris} no, \\boxed{Lyon}", "Paris", 0.0),
+    ("exact", "\\boxed{Lyon}", "Paris", 0.0),
+    ("exact", "Reasoning.\n**Answer**: Paris", "Paris", 1.0),
+    ("exact", "**Final Answer**: Paris\nas it is the capital", "Paris", 1.0),
+    ("choice", "Reasoning.\n\n**Answer:** C", "C", 1.0), ("choice", "**Answer**: (d)", "D", 1.0),
+    ("choice", "**Answer:** C", "A", 0.0), ("choice", "**Answer**: I think so, B", "I", 0.0)])
+def test_boxed_and_bold_answers(grader, response, reference, grade):
+    # before the fix: exact never looked inside \\boxed{..}, and neither exact nor choice read an
+    # answer after a bold label ("**Answer:** C", "**Answer**: Paris"), so right answers scored 0.0
+    assert graders.grade(grader, response, reference) == grade
+
+
 def test_dry_run_bounds_the_judge(tmp_path):
     """The dry run's judge worst case is at least what the judge's requests reserve: an answer of
     max_tokens tokens can be 4 UTF-8 bytes a token (more for long tokens), and the judge's bound

@@ -1,6 +1,7 @@
 """Graders: a response and a reference → quality in [0, 1]. Pure functions, one registry.
 
-``exact`` (normalised string match, also against the text after a final "answer:"),
+``exact`` (normalised string match, also against the text after a final "answer:" and the
+last ``\\boxed{..}``),
 ``choice`` (the multiple-choice letter the response commits to), ``numeric`` / ``math``
 (math-verify's parser and checker: numbers, fractions, LaTeX, units) — and ``judge``, an LLM
 through any OpenAI-compatible endpoint: :func:`judge_messages` asks it for a score with a rubric,
@@ -16,14 +17,16 @@ import unicodedata
 from collections.abc import Callable
 from decimal import Decimal
 
+from r2ray.bench.answers import boxed_answers
 from r2ray.errors import R2RayError
 
-_ANSWER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*(.+)$", re.IGNORECASE | re.DOTALL)
+_ANSWER = re.compile(r"(?:final answer|answer)\**\s*(?:is|:|=)\s*(.+)$", re.IGNORECASE | re.DOTALL)
 _STATED = [   # the last one stated is the final answer ("answer: A is wrong ... Answer: C")
     re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{)?\s*\(?([A-Ja-j])\)?\s*\}"),
     # a lowercase letter only as an option ("answer: b)", "the answer is c."), never the
-    # article; "I" never as the pronoun ("Answer: I think it is B", "answer: I'd say C")
-    re.compile(r"(?i:answer)\s*(?i:is\s*:?|:)?\s*\(?\**([A-HJ]|I(?!['’]|[ \t]+[a-z])"
+    # article; "I" never as the pronoun ("Answer: I think it is B", "answer: I'd say C");
+    # the label may be bold ("**Answer:** C", "**Answer**: C")
+    re.compile(r"(?i:answer)\**\s*(?i:is\s*:?|:)?\**\s*\(?\**([A-HJ]|I(?!['’]|[ \t]+[a-z])"
                r"|[a-j](?=\**\)|\**[.:;,]?\s*$))\**\)?(?![A-Za-z])"),
 ]
 _MENTIONED = [   # else the first letter the answer opens with or names as an option
@@ -65,6 +68,7 @@ def grade_exact(response: str, reference: str) -> float:
     lines = [line for line in response.strip().splitlines() if line.strip()]
     if lines:
         candidates.append(lines[-1])
+    candidates += boxed_answers(response)[-1:]   # "\\boxed{Paris}": the last box, unwrapped
     return float(any(normalise(c) == want for c in candidates))
 
 
@@ -112,7 +116,8 @@ def _math_parse(text: str, parse: Callable) -> list:
 
 def _plain_numbers(text: str) -> str:
     """Full-width characters and the minus sign as ASCII and ``4.2e1`` as ``42``: math-verify
-    reads none of them (it takes e-notation's mantissa, 4.2; no number in ``−5``). Not NFKC, which would make ``5²`` the number 52."""
+    reads none of them (it takes e-notation's mantissa, 4.2; no number in ``−5``). Not NFKC,
+    which would make ``5²`` the number 52."""
     return _E_NOTATION.sub(lambda m: format(Decimal(m.group(0)), "f"),
                            str(text).translate(_FULL_WIDTH | _MINUS))
 
