@@ -464,3 +464,35 @@ def test_invalid_utf8_in_a_parquet_string_column_is_quarantined_not_a_crash(tmp_
     assert record["row"] == 2 and record["reason"] == f"invalid UTF-8 in {column} (byte 1)"
     assert json.loads(record["raw"])[column] == "b\\xffad"   # the bytes kept, escaped
     good.validate(full=True)
+
+
+def test_a_bad_row_with_an_integer_id_is_quarantined_under_that_id(tmp_path):
+    """An integer id is a valid id (routed as its digits), so its bad row's record names it too:
+    before, a jsonl number id with a mistyped field, and every bad row of a parquet int64
+    ``query_id`` column, were quarantined with no id."""
+    (tmp_path / "a.jsonl").write_text(
+        '{"query_id": 7, "query": "x", "input_tokens": "5"}\n'
+        '{"query_id": 8, "query": "x", "embedding": ["a", "b", "c"]}\n'
+        '{"query_id": true, "query": "x"}\n')
+    pq.write_table(pa.table({"query_id": pa.array([9, 10], pa.int64()), "query": ["ok", "  "]}),
+                   tmp_path / "b.parquet")
+    good, bad = _validate_all(tmp_path)
+    assert good.column("query_id").to_pylist() == ["9"]
+    assert sorted(bad.column("query_id").to_pylist(), key=str) == ["10", "7", "8", None]
+
+
+def test_a_repeated_column_quarantines_its_file_and_a_line_column_is_read(tmp_path):
+    """A parquet file that holds ``query`` twice (pyarrow writes one) is quarantined whole with
+    its row count, and one with a column named ``__line`` is read like any other: before, either
+    raised a KeyError out of the read task on every retry, and the whole run failed."""
+    two_queries = pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["x", "y"]),
+                                        pa.array(["u", "v"])], names=["query_id", "query", "query"])
+    pq.write_table(two_queries, tmp_path / "a.parquet")
+    pq.write_table(pa.table({"query_id": ["c", "d"], "query": ["x", "y"], "__line": [5, 6]}),
+                   tmp_path / "b.parquet")
+    good, bad = _validate_all(tmp_path)
+    assert good.column("query_id").to_pylist() == ["c", "d"]
+    assert good.column("order").to_pylist() == [1 << ROW_BITS, (1 << ROW_BITS) | 1]
+    (record,) = bad.to_pylist()
+    assert record["source"].endswith("a.parquet") and record["row"] is None
+    assert record["unread_rows"] == 2 and "more than one column named query" in record["reason"]

@@ -90,10 +90,10 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
         with fs.open(path, "rb") as handle:
             file = pq.ParquetFile(handle)
             if slice_rows is None:
-                yield without_views(file.read_row_group(unit.row_group)), []
+                yield without_views(_checked_columns(file.read_row_group(unit.row_group))), []
                 return
             for batch in file.iter_batches(batch_size=slice_rows, row_groups=[unit.row_group]):
-                yield without_views(pa.Table.from_batches([batch])), []
+                yield without_views(_checked_columns(pa.Table.from_batches([batch]))), []
         return
     with fs.open(path, "rb") as handle:
         rows, failures, pieces = [], [], 0
@@ -121,6 +121,22 @@ def read_unit(unit: ReadUnit, slice_rows: int | None = None
                                  "reason": f"invalid JSON line: {err}", "raw": line})
         if rows or failures or not pieces:
             yield rows, failures
+
+
+KNOWN_COLUMNS = ("query_id", "query", "input_tokens", "tenant", "embedding")
+"""The input columns validation reads (by name); any other column is only kept in ``raw``."""
+
+
+def _checked_columns(table: pa.Table) -> pa.Table:
+    """A parquet piece without any column named ``__line`` (the row numbers validation adds; a
+    jsonl field of that name is overwritten alike), or ArrowInvalid where a column of
+    :data:`KNOWN_COLUMNS` is there twice (pyarrow writes such a file): which one holds the rows
+    is unknown. Either raised a KeyError out of the read task on every retry, failing the run."""
+    names = table.column_names
+    repeated = sorted({name for name in names if name in KNOWN_COLUMNS and names.count(name) > 1})
+    if repeated:
+        raise pa.ArrowInvalid(f"more than one column named {', '.join(repeated)}")
+    return table.select([i for i, name in enumerate(names) if name != "__line"])
 
 
 VIEW_TYPES = {pa.string_view(): pa.large_string(), pa.binary_view(): pa.large_binary()}
@@ -174,8 +190,7 @@ def _jsonl_table(rows: list[dict], unit: ReadUnit) -> tuple[pa.Table, list[dict]
             kept.append(row)
         else:
             bad.append(_bad(unit.source, row.pop("__line"), row, reason))
-    columns = {name: [r.get(name) for r in kept] for name in
-               ("query_id", "query", "input_tokens", "tenant", "embedding")
+    columns = {name: [r.get(name) for r in kept] for name in KNOWN_COLUMNS
                if any(name in r for r in kept)}
     columns["__line"] = [r["__line"] for r in kept]
     types = {"query_id": pa.string(), "query": pa.string(), "input_tokens": pa.float64(),
@@ -211,11 +226,17 @@ def _field_type_problem(row: dict) -> str | None:
 
 
 def _bad(source: str, line: int | None, row: dict | None, reason: str) -> dict:
-    query_id = (row or {}).get("query_id")
-    return {"source": source, "row": line,
-            "query_id": query_id if isinstance(query_id, str)
-            and lone_surrogate_at(query_id) is None else None,
+    return {"source": source, "row": line, "query_id": _record_id((row or {}).get("query_id")),
             "reason": reason, "raw": None if row is None else json.dumps(row, default=str)}
+
+
+def _record_id(query_id) -> str | None:
+    """A quarantine record's ``query_id``: the row's id as a routed row would carry it, an
+    integer id as its digits (a parquet int64 column, a jsonl number: both are valid ids, and
+    their bad rows' records named no id); None where it has none that Arrow can hold."""
+    if isinstance(query_id, int) and not isinstance(query_id, bool):
+        return str(query_id)
+    return query_id if isinstance(query_id, str) and lone_surrogate_at(query_id) is None else None
 
 
 def validate_table(table: pa.Table, unit: ReadUnit, max_context_tokens: int,
