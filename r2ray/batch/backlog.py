@@ -176,9 +176,49 @@ def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
         for group in np.unique(group_of):
             mine = [r for r, g in zip(wanted, group_of) if g == group]
             table = without_views(parquet.read_row_group(int(group)))
-            picked = table.take(pa.array([r - 1 - starts[group] for r in mine])).to_pylist()
+            picked = _listed(table.take(pa.array([r - 1 - starts[group] for r in mine])))
             found.update((r, json.dumps(row, default=str)) for r, row in zip(mine, picked))
     return found
+
+
+def _listed(table: pa.Table) -> list[dict]:
+    """The rows of ``table`` as dicts, for a quarantine record's ``raw``. A list or struct
+    column's strings are not checked for UTF-8 where the file is read (a foreign writer's bytes
+    read as they are; :func:`_valid_utf8` checks and escapes top-level columns only): where one
+    is not, that column is listed with its strings as bytes, as ``to_pylist`` raised
+    UnicodeDecodeError out of the read task (and the duplicates stage) on every retry."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    return table.cast(pa.schema([
+        field if _is_valid(table.column(i)) else field.with_type(_strings_as_bytes(field.type))
+        for i, field in enumerate(table.schema)])).to_pylist()
+
+
+def _is_valid(column: pa.Array | pa.ChunkedArray) -> bool:
+    """The column passes Arrow's full validation (its strings, however nested, are UTF-8)."""
+    try:
+        column.validate(full=True)
+        return True
+    except pa.ArrowInvalid:
+        return False
+
+
+def _strings_as_bytes(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with each string type in it, however nested, as the binary type of its width."""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return pa.binary() if pa.types.is_string(kind) else pa.large_binary()
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_strings_as_bytes(field.type)) for field in kind])
+    if pa.types.is_map(kind):
+        return pa.map_(_strings_as_bytes(kind.key_type), _strings_as_bytes(kind.item_type))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        value = kind.value_field.with_type(_strings_as_bytes(kind.value_type))
+        return (pa.large_list(value) if pa.types.is_large_list(kind) else
+                pa.list_(value, kind.list_size) if pa.types.is_fixed_size_list(kind) else
+                pa.list_(value))
+    return kind
 
 
 def _jsonl_table(rows: list[dict], unit: ReadUnit) -> tuple[pa.Table, list[dict]]:
@@ -291,7 +331,7 @@ def validate_table(table: pa.Table, unit: ReadUnit, max_context_tokens: int,
     good = good.append_column("embedding", rows(embedding))
     fields = table.drop_columns(["__line"])
     # a table of no known column (jsonl rows of only unknown keys) has no rows to list
-    raw_rows = ((fields.take(pa.array(bad)).to_pylist() if fields.num_columns
+    raw_rows = ((_listed(fields.take(pa.array(bad))) if fields.num_columns
                  else [{} for _ in bad]) if len(bad) else [])
     quarantine = [_bad(unit.source, int(lines[i]), raw, reasons[i]) for i, raw in zip(bad, raw_rows)]
     return good, pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
@@ -313,11 +353,8 @@ def _valid_utf8(table: pa.Table, flag) -> pa.Table:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             continue   # before combining chunks: an embedding column is not copied for nothing
         column = _decoded(table.column(name).combine_chunks())
-        try:
-            column.validate(full=True)   # the usual case: one pass over the bytes, no copy
+        if _is_valid(column):   # the usual case: one pass over the bytes, no copy
             continue
-        except pa.ArrowInvalid:
-            pass
         values = column.cast(pa.binary() if pa.types.is_string(column.type)
                              else pa.large_binary()).to_pylist()
         bad_at = [None if v is None else _bad_utf8_at(v) for v in values]
