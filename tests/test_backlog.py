@@ -498,23 +498,26 @@ def test_a_repeated_column_quarantines_its_file_and_a_line_column_is_read(tmp_pa
     assert record["unread_rows"] == 2 and "more than one column named query" in record["reason"]
 
 
-def test_invalid_utf8_nested_in_a_list_or_struct_column_is_listed_not_a_crash(tmp_path):
-    """A string under a list or struct is not checked where the file is read: listing the raw
-    record of a row quarantined for another reason (its blank query), or of a repeated id, raised
-    UnicodeDecodeError on every retry and failed the whole run. The column is listed with its
-    strings as bytes instead; the other columns as they are."""
+def test_a_column_python_cannot_hold_is_listed_in_raw_not_a_crash(tmp_path):
+    """A string under a list or struct is not checked where the file is read, and a timestamp
+    past Python's range (an export's "infinity", the largest int64) is no datetime: listing the
+    raw record of a row quarantined for another reason (its blank query), or of a repeated id,
+    raised UnicodeDecodeError or OverflowError on every retry and failed the whole run. Such a
+    column is listed with its strings as bytes, or as Arrow prints it; the others as they are."""
     from r2ray.batch.backlog import raw_rows
 
     bad_bytes = _invalid_utf8([b"ok", b"b\xffad"])
     tags = pa.ListArray.from_arrays(pa.array([0, 1, 2], pa.int32()), bad_bytes)
     meta = pa.StructArray.from_arrays([bad_bytes], names=["note"])
+    until = pa.array([0, 2 ** 63 - 1], pa.timestamp("us"))
     pq.write_table(pa.table({"query_id": ["a", "b"], "query": ["fine", " "], "tags": tags,
-                             "meta": meta}), tmp_path / "a.parquet")
+                             "meta": meta, "until": until}), tmp_path / "a.parquet")
     good, bad = _validate_all(tmp_path)
     assert good.column("query_id").to_pylist() == ["a"]
     (record,) = bad.to_pylist()
     raw = json.loads(record["raw"])
     assert record["row"] == 2 and raw["query_id"] == "b" and raw["query"] == " "
     assert raw["tags"] == ["b'b\\xffad'"] and raw["meta"] == {"note": "b'b\\xffad'"}
+    assert raw["until"] == "<value out of range: 9223372036854775807>"
     listed = raw_rows(str(tmp_path / "a.parquet"), [2])   # a repeated id's record
     assert json.loads(listed[2])["tags"] == ["b'b\\xffad'"]

@@ -182,27 +182,28 @@ def raw_rows(source: str, rows: list[int]) -> dict[int, str]:
 
 
 def _listed(table: pa.Table) -> list[dict]:
-    """The rows of ``table`` as dicts, for a quarantine record's ``raw``. A list or struct
-    column's strings are not checked for UTF-8 where the file is read (a foreign writer's bytes
-    read as they are; :func:`_valid_utf8` checks and escapes top-level columns only): where one
-    is not, that column is listed with its strings as bytes, as ``to_pylist`` raised
-    UnicodeDecodeError out of the read task (and the duplicates stage) on every retry."""
+    """The rows of ``table`` as dicts, for a quarantine record's ``raw``; a column Python cannot
+    hold as it is listed by :func:`_column_values`. ``to_pylist`` raised out of the read task (a
+    bad row) or the duplicates stage (a repeated id) on every retry, failing the whole run."""
     try:
         return table.to_pylist()
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, OverflowError, ValueError):
         pass
-    return table.cast(pa.schema([
-        field if _is_valid(table.column(i)) else field.with_type(_strings_as_bytes(field.type))
-        for i, field in enumerate(table.schema)])).to_pylist()
+    values = [_column_values(table.column(i)) for i in range(table.num_columns)]
+    return [dict(zip(table.column_names, row)) for row in zip(*values)]
 
 
-def _is_valid(column: pa.Array | pa.ChunkedArray) -> bool:
-    """The column passes Arrow's full validation (its strings, however nested, are UTF-8)."""
+def _column_values(column: pa.ChunkedArray) -> list:
+    """A column's values: as they are; with its strings as bytes where a string nested in a list
+    or struct is not UTF-8 (a foreign writer's bytes read unchecked: :func:`_valid_utf8` checks
+    top-level columns only); as Arrow prints them where a date or time lies past Python's range
+    (e.g. an export's "infinity" timestamp, the largest int64)."""
     try:
-        column.validate(full=True)
-        return True
-    except pa.ArrowInvalid:
-        return False
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        return column.cast(_strings_as_bytes(column.type)).to_pylist()
+    except (OverflowError, ValueError):
+        return column.cast(pa.string()).to_pylist()
 
 
 def _strings_as_bytes(kind: pa.DataType) -> pa.DataType:
@@ -353,8 +354,11 @@ def _valid_utf8(table: pa.Table, flag) -> pa.Table:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             continue   # before combining chunks: an embedding column is not copied for nothing
         column = _decoded(table.column(name).combine_chunks())
-        if _is_valid(column):   # the usual case: one pass over the bytes, no copy
+        try:
+            column.validate(full=True)   # the usual case: one pass over the bytes, no copy
             continue
+        except pa.ArrowInvalid:
+            pass
         values = column.cast(pa.binary() if pa.types.is_string(column.type)
                              else pa.large_binary()).to_pylist()
         bad_at = [None if v is None else _bad_utf8_at(v) for v in values]
