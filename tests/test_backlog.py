@@ -521,3 +521,26 @@ def test_a_column_python_cannot_hold_is_listed_in_raw_not_a_crash(tmp_path):
     assert raw["until"] == "<value out of range: 9223372036854775807>"
     listed = raw_rows(str(tmp_path / "a.parquet"), [2])   # a repeated id's record
     assert json.loads(listed[2])["tags"] == ["b'b\\xffad'"]
+
+
+def test_a_parquet_footer_with_a_latin1_column_name_is_quarantined_whole(tmp_path):
+    """pyarrow's parquet reader raises UnicodeDecodeError on a column name that is not UTF-8 (a
+    latin-1 writer's ``café``): before, it escaped the plan (and a unit's read) and failed the
+    whole run, good files and all."""
+    from r2ray.batch.backlog import ReadUnit
+
+    pq.write_table(pa.table({"query_id": ["a"], "query": ["x"], "caf\u00e9X": ["y"]}),
+                   tmp_path / "latin1.parquet")
+    data = (tmp_path / "latin1.parquet").read_bytes()
+    (tmp_path / "latin1.parquet").write_bytes(
+        data.replace("caf\u00e9X".encode(), "caf\u00e9".encode("latin-1") + b"XX"))
+    pq.write_table(pa.table({"query_id": ["b"], "query": ["x"]}), tmp_path / "good.parquet")
+    good, bad = _validate_all(tmp_path)
+    assert good.column("query_id").to_pylist() == ["b"]
+    (record,) = bad.to_pylist()
+    assert record["source"].endswith("latin1.parquet") and record["row"] is None
+    assert record["reason"].startswith("unreadable parquet file: 'utf-8' codec can't decode")
+    # a file that turned so between the plan and its read: the unit is quarantined, counted
+    unit = ReadUnit(str(tmp_path / "latin1.parquet"), 0, row_group=0, first_row=0, rows=1)
+    ((read, unread),) = validated_slices(unit, CONTEXT, DIM)
+    assert read.num_rows == 0 and unread.column("unread_rows").to_pylist() == [1]

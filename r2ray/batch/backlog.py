@@ -45,6 +45,12 @@ GOOD_SCHEMA = pa.schema([
 ])
 
 
+UNREADABLE = (pa.ArrowInvalid, OSError, UnicodeDecodeError)
+"""What reading a damaged file raises: Arrow's checks, the file system's and the parquet thrift
+reader's (corrupt data, a truncated file; a footer whose column name is not UTF-8, as a latin-1
+writer leaves ``café``, raised UnicodeDecodeError out of the plan and failed the whole run)."""
+
+
 @dataclass(frozen=True)
 class ReadUnit:
     """One piece of input: a parquet row group or a whole jsonl file."""
@@ -68,7 +74,7 @@ def plan_units(input_uri: str | list[str]) -> tuple[list[ReadUnit], pa.Table]:
             fs, path = storage.filesystem(source)
             with fs.open(path, "rb") as handle:
                 meta = pq.ParquetFile(handle).metadata
-        except (pa.ArrowInvalid, OSError) as err:
+        except UNREADABLE as err:
             broken.append({"source": source, "row": None, "query_id": None,
                            "reason": f"unreadable parquet file: {err}", "raw": None})
             continue
@@ -495,7 +501,7 @@ def validated_slices(unit: ReadUnit, max_context_tokens: int, embedding_dim: int
             raw, failures = next(pieces)
         except StopIteration:
             return
-        except (pa.ArrowInvalid, OSError) as err:
+        except UNREADABLE as err:
             yield empty_good(), _unread_rest(unit, first, err)
             return
         if isinstance(raw, pa.Table):
