@@ -11,6 +11,7 @@ from predictor_world import model_folder, planted_arrays, small_catalog
 
 from r2ray.encoders import EncoderError
 from r2ray.predictor import make_predictor
+from r2ray.predictor.base import PredictorError
 from r2ray.predictor.pyfunc import arm_labels, predict_frame
 from r2ray.prompting import estimate_tokens
 
@@ -55,6 +56,17 @@ def test_text_without_an_encoder_or_a_wrong_vector_is_a_clear_error(predictor):
                                                "input_tokens": [5]}), None)
     with pytest.raises(EncoderError, match="'query' column"):
         predict_frame(predictor, pd.DataFrame({"input_tokens": [5]}), FakeEncoder())
+
+
+@pytest.mark.parametrize("bad", [-100, 0, 2.5, np.inf, "many"])
+def test_an_input_token_count_that_is_not_a_positive_integer_is_refused_naming_its_row(predictor,
+                                                                                        bad):
+    """-100 input tokens priced every arm below zero (ĉ < 0 USD), and "many" was estimated from
+    the text instead, silently; the batch job and Serve refuse both."""
+    frame = pd.DataFrame({"query": ["a", "b"], "input_tokens": pd.Series([5, bad], dtype=object),
+                          "embedding": [[0.0] * 16] * 2})
+    with pytest.raises(PredictorError, match="input row 1, column 'input_tokens'"):
+        predict_frame(predictor, frame, None)
 
 
 def test_arm_labels_follow_arm_order():

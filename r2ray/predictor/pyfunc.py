@@ -2,7 +2,7 @@
 
 Input columns: ``query`` (text, encoded with the predictor's encoder), optional ``embedding``
 (a precomputed vector per row; skips the encoder for that row), optional ``input_tokens``
-(tokens; estimated from the text when absent). Output, one row per input row: ``input_tokens``
+(tokens, a positive integer; estimated from the text when absent). Output, one row per input row: ``input_tokens``
 and three list columns in ``catalog.arms`` order — ``quality`` (q̂ ∈ [0, 1]), ``output_tokens``
 (t̂, tokens) and ``cost_usd`` (ĉ, USD). The arm order is in the model's metadata (``arms``, as
 ``model|budget``) and in :func:`arm_labels`.
@@ -24,7 +24,7 @@ from mlflow.pyfunc import PythonModel
 from r2ray.catalog import Catalog, budget_label
 from r2ray.encoders import (Encoder, EncoderError, check_embedding_dimension, embed_or_encode,
                             model_encoder)
-from r2ray.predictor.base import BasePredictor
+from r2ray.predictor.base import BasePredictor, PredictorError
 from r2ray.prompting import estimate_tokens
 
 PREDICTOR_ARTIFACT = "predictor"
@@ -59,14 +59,30 @@ def frame_embeddings(frame: pd.DataFrame, predictor: BasePredictor,
 
 
 def frame_input_tokens(frame: pd.DataFrame) -> np.ndarray:
-    """[N] float64 input tokens: the ``input_tokens`` column, else estimated from ``query``."""
-    given = (pd.to_numeric(frame["input_tokens"], errors="coerce").to_numpy(float)
-             if "input_tokens" in frame.columns else np.full(len(frame), np.nan))
+    """[N] float64 input tokens: the ``input_tokens`` column, else (a missing value: None or
+    NaN) estimated from ``query``. A given count that is not a positive integer is refused,
+    naming its row, as the batch job and Serve refuse it: a negative one priced ĉ below zero."""
+    given = (given_input_tokens(frame["input_tokens"]) if "input_tokens" in frame.columns
+             else np.full(len(frame), np.nan))
     if np.isnan(given).any():
         if "query" not in frame.columns:
             raise EncoderError("give 'input_tokens' or a 'query' to estimate them from")
         estimate = frame["query"].map(lambda q: estimate_tokens(str(q))).to_numpy(float)
         given = np.where(np.isnan(given), estimate, given)
+    return given
+
+
+def given_input_tokens(column: pd.Series) -> np.ndarray:
+    """[N] float64 counts of the ``input_tokens`` column, NaN where missing; a value that is not
+    a positive integer (0, negative, fractional, infinite or not a number) is a PredictorError
+    naming its row."""
+    given = pd.to_numeric(column, errors="coerce").to_numpy(float)
+    bad = ~column.isna().to_numpy() & ~(np.isfinite(given) & (given >= 1)
+                                        & (given == np.floor(given)))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise PredictorError(f"input row {row}, column 'input_tokens': {column.iloc[row]!r} is "
+                             f"not a positive integer ({int(bad.sum())} rows with one)")
     return given
 
 
