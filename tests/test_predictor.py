@@ -83,6 +83,19 @@ def test_save_load_round_trip_gives_identical_predictions(name, fitted, world, t
     np.testing.assert_array_equal(before.output_tokens, after.output_tokens)
 
 
+@pytest.mark.parametrize("name", list(PREDICTORS))
+def test_a_loaded_predictor_saved_again_is_the_same_document(name, fitted, tmp_path):
+    """Its fingerprint (``document_sha256``, which cost corrections are matched by) survives a
+    load and a save: the networks' fit record (epochs, precision, seconds) was dropped on load,
+    so r2ray, per_arm_mlp and an average with a network member became another document."""
+    first = save_predictor(fitted[name], str(tmp_path / "first"))
+    again = save_predictor(load_predictor(first), str(tmp_path / "again"))
+    documents = [json.loads((tmp_path / folder / CONFIG_FILE).read_text())
+                 for folder in ("first", "again")]
+    assert documents[1]["state"] == documents[0]["state"]
+    assert documents[1]["document_sha256"] == documents[0]["document_sha256"]
+
+
 def test_saved_files_hold_no_pickles(fitted, tmp_path):
     save_predictor(fitted["r2ray"], str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictor.json", "tensors.safetensors"]

@@ -272,6 +272,7 @@ class TorchPredictor(BasePredictor):
     steps: int = FitSettings.steps   # a subclass without a ``steps`` setting plans in epochs only
     network_: nn.Module | None = None
     history_: FitHistory | None = None
+    saved_history_: dict | None = None   # the fit's record as a loaded document had it
 
     def _fit_settings(self) -> FitSettings:
         return FitSettings(epochs=self.epochs, batch_size=self.batch_size,
@@ -310,20 +311,29 @@ class TorchPredictor(BasePredictor):
 
     def _fitted_tensors(self) -> tuple[dict, dict[str, np.ndarray]]:
         fitted = {"network": asdict(self.network_.config)}
-        if self.history_ is not None:
-            fitted["history"] = {"epochs_run": self.history_.epochs_run,
-                                 "best_epoch": self.history_.best_epoch,
-                                 "steps_run": self.history_.steps_run,
-                                 "batch_size": self.history_.batch_size,
-                                 "precision": self.history_.precision,
-                                 "seconds": round(self.history_.seconds, 3)}
+        history = self._history_record()
+        if history is not None:
+            fitted["history"] = history
         tensors = {k: v.detach().cpu().numpy() for k, v in self.network_.state_dict().items()}
         return fitted, tensors
+
+    def _history_record(self) -> dict | None:
+        """The fit's record a save writes (epochs, steps, batch size, precision, seconds): this
+        fit's, else the one the loaded document had, as it had it; dropped on load, a predictor
+        loaded and saved again was another document, so another fingerprint (``document_sha256``,
+        which its cost corrections are matched by). None: an extension's network, never fitted
+        whole."""
+        if self.history_ is None:
+            return self.saved_history_
+        return {"epochs_run": self.history_.epochs_run, "best_epoch": self.history_.best_epoch,
+                "steps_run": self.history_.steps_run, "batch_size": self.history_.batch_size,
+                "precision": self.history_.precision, "seconds": round(self.history_.seconds, 3)}
 
     def _restore(self, fitted: dict, tensors: dict[str, np.ndarray]) -> None:
         network = self.network_class(self.config_class(**fitted["network"]))
         network.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()})
         self.network_ = network.eval()
+        self.saved_history_ = fitted.get("history")
 
     # ---- subclass hooks -------------------------------------------------------------------------
     def _network_config(self, embedding_dim: int, catalog: Catalog):
