@@ -89,7 +89,7 @@ def test_a_loaded_predictor_saved_again_is_the_same_document(name, fitted, tmp_p
     load and a save: the networks' fit record (epochs, precision, seconds) was dropped on load,
     so r2ray, per_arm_mlp and an average with a network member became another document."""
     first = save_predictor(fitted[name], str(tmp_path / "first"))
-    again = save_predictor(load_predictor(first), str(tmp_path / "again"))
+    save_predictor(load_predictor(first), str(tmp_path / "again"))
     documents = [json.loads((tmp_path / folder / CONFIG_FILE).read_text())
                  for folder in ("first", "again")]
     assert documents[1]["state"] == documents[0]["state"]
