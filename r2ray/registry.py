@@ -206,6 +206,7 @@ def resolve_version(uri: str, tracking_uri: str | None = None) -> VersionInfo:
         elif version == "latest":
             versions = client.search_model_versions(f"name={_quoted(name)}")
             if not versions:
+                client.get_registered_model(name)   # a name that does not exist: MLflow says so
                 raise ValueError(f"registered model {name!r} has no versions")
             found = max(versions, key=lambda v: int(v.version))
         else:

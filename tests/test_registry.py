@@ -144,6 +144,9 @@ def test_uris_that_do_not_resolve_are_clear_errors(store):
     with pytest.raises(RegistryError, match="is not models:/NAME@ALIAS"):
         load_registered("models:/a/b/c", tracking_uri=uri)
     assert alias_holder("no-such-model", "champion", uri) is None
+    # a misspelt name was "registered model 'no-such-model' has no versions", as if it existed
+    with pytest.raises(RegistryError, match="name=no-such-model not found"):
+        load_registered("models:/no-such-model/latest", tracking_uri=uri)
 
 
 def test_pyfunc_by_alias_in_a_fresh_process_returns_q_t_c_per_arm(store, data, tmp_path):
