@@ -331,7 +331,7 @@ def _reconcile_parser(commands: argparse._SubParsersAction) -> None:
                                 "model, budget, input_tokens, output_tokens, optional quality, "
                                 "cost_usd)")
     reconcile.add_argument("--catalog", help="catalogue YAML the run was priced with (default: "
-                           "the run's --catalog, else the one its model carries)")
+                           "the run's --catalog, else the one its model version carries)")
     reconcile.add_argument("--tracking-uri", help="MLflow tracking URI (default: the run's, "
                            "else the environment)")
     reconcile.set_defaults(handler=_reconcile)

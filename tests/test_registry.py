@@ -325,6 +325,31 @@ def test_a_committed_run_re_run_after_its_alias_moved_names_both_versions(store,
             "to version 2)") in err and "--force" in err
 
 
+def test_a_runs_catalogue_is_its_versions_after_the_alias_moved(store, data):
+    """`r2ray reconcile` (and `r2ray execute`) take the catalogue of a run of
+    models:/NAME@ALIAS from the version its manifest records: read from the alias, a promotion
+    since the run (here of a version with other prices) refused the run as priced with another
+    catalogue."""
+    from r2ray.catalog import catalog_from_dict
+    from r2ray.reconcile import run_catalog
+
+    uri, _ = store
+    catalog, train, _ = data
+    repriced = catalog_from_dict(catalog.to_dict() | {"models": [
+        m | {"output_per_m": 2 * m["output_per_m"]} for m in catalog.to_dict()["models"]]})
+    for prices in (catalog, repriced):
+        register_predictor(make_predictor("per_arm_ridge").fit(train, prices), "r2ray-priced",
+                           tracking_uri=uri)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("r2ray-priced", "champion", "1")
+    manifest = {"run_id": "nightly", "catalog_fingerprint": catalog.fingerprint,
+                "config": {"tracking_uri": uri},
+                "model": {"uri": "models:/r2ray-priced@champion", "name": "r2ray-priced",
+                          "version": "1"}}
+    client.set_registered_model_alias("r2ray-priced", "champion", "2")
+    assert run_catalog(manifest).fingerprint == catalog.fingerprint
+
+
 def test_a_committed_run_re_run_after_its_name_was_registered_again_says_so(store, data,
                                                                             tmp_path, capsys):
     """The name deleted and registered again: @champion resolves to version 1 as it did for the

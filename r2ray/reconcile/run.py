@@ -140,7 +140,7 @@ def run_catalog(manifest: dict, catalog_path: str | None = None,
         source = f"--catalog {path}" if catalog_path else f"the run's --catalog {path}"
         catalog = load_catalog(path)
     else:
-        source = f"the catalogue of model {manifest['model']['uri']}"
+        source = f"the catalogue of model {run_model_uri(manifest)}"
         catalog = _model_catalog(manifest, tracking_uri)
     check_catalog(manifest, catalog, redact_uri(source))
     return catalog
@@ -156,4 +156,16 @@ def _model_catalog(manifest: dict, tracking_uri: str | None) -> Catalog:
 
     stored = manifest.get("config", {}).get("tracking_uri")
     stored = stored if stored and MASK not in stored else None
-    return load_registered(uri, tracking_uri or stored, device="cpu").catalog
+    return load_registered(run_model_uri(manifest), tracking_uri or stored, device="cpu").catalog
+
+
+def run_model_uri(manifest: dict) -> str:
+    """The model the run used: ``models:/NAME/VERSION``, the version its manifest records, for a
+    run of ``models:/NAME@ALIAS`` (or ``/latest``), which may name another version since (a
+    promotion: the holder's catalogue was refused as not the run's); the URI as given for a
+    folder, or a manifest that records no version."""
+    model = manifest["model"]
+    uri, name, version = model["uri"], model.get("name"), model.get("version")
+    if not uri.startswith("models:/") or not (name and version):
+        return uri
+    return f"models:/{name}/{version}"
