@@ -306,6 +306,26 @@ def _not_finite(label: str, score: dict) -> str | None:
     return None
 
 
+def _embeds_text(version: VersionInfo) -> bool:
+    """Whether the version's predictor can embed text: its ``encoder`` tag names a text encoder
+    (the tag is ``"None"`` for precomputed embeddings; a version without the tag counts as
+    one that cannot)."""
+    spec = version.tags.get("encoder")
+    return has_text_encoder(None if spec == "None" else spec)
+
+
+def _drops_text(candidate: VersionInfo, holder: VersionInfo | None) -> str | None:
+    """Why ``candidate`` may not take the alias from ``holder``: the holder embeds text and the
+    candidate cannot (fitted on precomputed embeddings with no encoder named), so with the alias
+    Serve would refuse every request without an ``embedding`` and the batch job quarantine
+    every such query, however well it scores; else None."""
+    if holder is None or not _embeds_text(holder) or _embeds_text(candidate):
+        return None
+    return (f"the holder {holder.uri} embeds text with {holder.tags['encoder']!r} and the "
+            "candidate cannot (fitted on precomputed embeddings): Serve and the batch job would "
+            "refuse every query sent without an embedding; train it with --encoder")
+
+
 def _compare(candidate_score: dict, holder_score: dict) -> tuple[bool, str]:
     """(promoted, reason): the candidate wins on a strictly higher ``audc``."""
     promoted = candidate_score[PRIMARY_METRIC] > holder_score[PRIMARY_METRIC]
@@ -325,6 +345,9 @@ def promote_if_better(candidate: VersionInfo, alias: str,
     a finite number promotes nothing, and neither does an alias that moved while scoring (another
     promotion won meanwhile: this one compared against a version that no longer holds it)."""
     holder = alias_holder(candidate.name, alias, tracking_uri)
+    dropped = _drops_text(candidate, holder)
+    if dropped:
+        return Promotion(alias, candidate, holder, candidate_score, None, False, dropped)
     if candidate_score is None:
         candidate_score = score(load_registered(candidate.uri, tracking_uri))
     refused = _not_finite("candidate", candidate_score)

@@ -348,6 +348,8 @@ def promote_on_unseen(version: VersionInfo, alias: str, data: TrainingData, test
                          f"the holder {holder.uri} was fitted on every test query of this run; "
                          "compare them with `r2ray evaluate` on a bench neither saw")
     promotion = promote_if_better(version, alias, score_on_test(data, unseen))
+    if promotion.holder_score is None:   # refused before the two were compared
+        return promotion
     return replace(promotion, reason=f"{promotion.reason}, on the {len(unseen)} of "
                                      f"{len(test_ids)} test queries the holder was not fitted on")
 

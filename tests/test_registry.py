@@ -211,6 +211,30 @@ def test_a_version_records_its_encoders_fingerprint_and_serving_checks_it(store,
         load_routing_model(version.uri, uri, device="cpu")
 
 
+def test_a_candidate_that_cannot_embed_text_never_takes_the_alias_from_one_that_can(store, data,
+                                                                                    tmp_path):
+    """Retrained on precomputed embeddings with no --encoder, the candidate won on AUDC and took
+    @champion from a text model: Serve then refused every request without an embedding, and the
+    batch job quarantined every such query. The other way round is an upgrade: promoted."""
+    uri, _ = store
+    catalog, train, _ = data
+    fitted = make_predictor("per_arm_ridge").fit(train, catalog)
+    spec = model_folder(tmp_path / "encoder", b"weights")
+    text, embeddings = (register_predictor(fitted, "r2ray-inputs", encoder_spec=encoder,
+                                           tracking_uri=uri) for encoder in (spec, None))
+    audc = {text.version: 0.6, embeddings.version: 0.9}
+    score = lambda r: {"audc": audc[r.version.version]}  # noqa: E731
+    mlflow.MlflowClient().set_registered_model_alias("r2ray-inputs", "champion", text.version)
+    refused = promote_if_better(embeddings, "champion", score, tracking_uri=uri)
+    assert not refused.promoted and "the candidate cannot" in refused.reason
+    assert "--encoder" in refused.reason and spec in refused.reason
+    assert alias_holder("r2ray-inputs", "champion", uri).version == text.version
+    mlflow.MlflowClient().set_registered_model_alias("r2ray-inputs", "champion",
+                                                     embeddings.version)
+    audc[text.version] = 0.95
+    assert promote_if_better(text, "champion", score, tracking_uri=uri).promoted
+
+
 def test_scores_that_are_not_numbers_never_move_the_alias(store, data):
     """NaN compares false both ways: a NaN candidate took a free alias, and a NaN holder kept it
     against every candidate ("audc 0.7000 <= nan")."""
