@@ -288,8 +288,9 @@ def test_a_version_whose_artifact_is_gone_is_an_error_naming_it(store, data):
     shutil.rmtree(Path(folder.removeprefix("file://")) / "artifacts" / "predictor")
     with pytest.raises(RegistryError, match="models:/r2ray-gone/1 .*cannot be loaded"):
         load_registered("models:/r2ray-gone/1", tracking_uri=uri)
-    with pytest.raises(RegistryError, match="'no-such-model' has no versions"):
-        load_registered("models:/no-such-model/latest", tracking_uri=uri)
+    mlflow.MlflowClient().create_registered_model("r2ray-empty")
+    with pytest.raises(RegistryError, match="'r2ray-empty' has no versions"):
+        load_registered("models:/r2ray-empty/latest", tracking_uri=uri)
     # a name with an apostrophe: MLflow registers it, and /latest resolves it (the search
     # filter quoted it in single quotes and was refused as invalid)
     register_predictor(make_predictor("per_arm_ridge").fit(train, catalog), "alice's-router",
