@@ -81,7 +81,7 @@ def given_input_tokens(column: pd.Series) -> np.ndarray:
                                         & (given == np.floor(given)))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise PredictorError(f"input row {row}, column 'input_tokens': {column.iloc[row]!r} is "
+        raise PredictorError(f"input row {row}, column 'input_tokens': {column.iloc[row]} is "
                              f"not a positive integer ({int(bad.sum())} rows with one)")
     return given
 
