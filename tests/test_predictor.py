@@ -16,6 +16,7 @@ from r2ray.predictor import (
     make_predictor, save_predictor)
 from r2ray.predictor.base import default_arm_mask
 from r2ray.predictor.persist import CONFIG_FILE
+from r2ray.prompting import instruction_tokens_estimate
 
 FAST = {"r2ray": {"epochs": 4}, "per_arm_mlp": {"epochs": 3, "hidden": [32, 16, 8]},
         "selected": {"candidates": "per_arm_ridge,carrot_knn_all,stacked"},
@@ -61,8 +62,9 @@ def test_predictions_cover_the_right_arms_with_valid_values(name, fitted, world,
     assert (prediction.output_tokens[:, covered] >= 0).all()
     cost = prediction.cost_usd(catalog, test.input_tokens)
     prices = catalog.arm_arrays
-    expected = (test.input_tokens[:, None] * prices["price_in_usd"]
-                + prediction.output_tokens * prices["price_out_usd"])
+    sent = (test.input_tokens[:, None]                 # the prompt sent: + its instruction
+            + instruction_tokens_estimate(prices["budget_tokens"])[None, :])
+    expected = sent * prices["price_in_usd"] + prediction.output_tokens * prices["price_out_usd"]
     np.testing.assert_allclose(cost, expected)
 
 
