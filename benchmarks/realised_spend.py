@@ -17,10 +17,11 @@ predictor says they cost. The synthetic world knows each arm's true outcome, so:
    and worst case at the caps, each ÷ the budget; mean q̂ and realised mean quality; the wall
    time of the route; for the guarantee, κ and the quality given up against the plan without it.
 
-Realised cost is the bench's ``cost_usd`` (the world writes input × p_in + output × p_out at the
-catalogue's prices for the arm as sent, ``max_tokens`` cap included); where a bench row has no
-``cost_usd`` it is computed from the catalogue, and the script prints how far the recorded costs
-are from the catalogue's (they should agree to rounding). Money is summed in float64.
+Realised cost is the bench's ``cost_usd`` (the world bills the arm as sent, ``max_tokens`` cap
+included, with :func:`r2ray.routing.call_cost_usd`: (input + the length instruction's estimated
+tokens) × p_in + output × p_out at the catalogue's prices); where a bench row has no ``cost_usd``
+it is computed so from the catalogue, and the script prints how far the recorded costs are from
+that (they should agree to rounding). Money is summed in float64.
 
 The routes share one local Ray that the script starts first (``address="local"``, so it never
 attaches to a cluster some ``ray start`` left running; set RAY_ADDRESS to use one), so no route's
@@ -80,11 +81,12 @@ def read_bench_outcomes(bench_uri: str, backlog_uri: str, catalog):
     backlog's queries, in order, with its input tokens, every arm once. Returns (table, cost
     note)."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from r2ray.predictor.data import arm_positions
-    from r2ray.reconcile import priced_usd
+    from r2ray.routing import call_cost_usd
 
     backlog = pq.read_table(backlog_uri, columns=["query_id", "input_tokens"])
     schema = pq.read_schema(bench_uri)
@@ -107,20 +109,23 @@ def read_bench_outcomes(bench_uri: str, backlog_uri: str, catalog):
 
     arm = arm_positions(catalog, bench.column("model"), bench.column("budget").to_numpy(),
                         bench_uri)
-    priced = priced_usd(catalog, arm, bench.column("input_tokens").to_numpy(),
-                        bench.column("output_tokens").to_numpy())
+    priced = call_cost_usd(catalog, bench.column("input_tokens").to_numpy(),
+                           bench.column("output_tokens").to_numpy(), arm)
     if "cost_usd" in bench.column_names:
         recorded = bench.column("cost_usd").to_numpy(zero_copy_only=False).astype(np.float64)
         present = ~np.isnan(recorded)
         gap = float(np.max(np.abs(recorded[present] - priced[present])
                            / np.maximum(priced[present], 1e-300))) if present.any() else 0.0
         note = (f"realised cost = the bench's cost_usd ({present.mean():.1%} of rows; largest "
-                f"relative gap to input × p_in + output × p_out at catalogue prices: {gap:.1e})")
+                f"relative gap to routing.call_cost_usd at catalogue prices: {gap:.1e})")
         if not present.all():
             note += "; catalogue prices where it is null"
+        bench = bench.drop_columns(["cost_usd"])
+        priced = np.where(present, recorded, priced)
     else:
-        note = "realised cost = input × p_in + output × p_out at catalogue prices (no cost_usd)"
-    return bench, note
+        note = "realised cost = routing.call_cost_usd at catalogue prices (no cost_usd)"
+    # the actuals carry the bill: reconcile would price a null at the query's tokens alone
+    return bench.append_column("cost_usd", pa.array(priced, pa.float64())), note
 
 
 def start_ray() -> float:

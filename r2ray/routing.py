@@ -64,16 +64,26 @@ def worst_case_usd(catalog: Catalog, input_tokens: np.ndarray,
     return catalog.arm_cost_usd(input_tokens, caps) + instruction_usd[None, :]
 
 
-def call_cost_usd(catalog: Catalog, input_tokens: np.ndarray,
-                  output_tokens: np.ndarray) -> np.ndarray:
+def call_cost_usd(catalog: Catalog, input_tokens: np.ndarray, output_tokens: np.ndarray,
+                  arm: np.ndarray | None = None) -> np.ndarray:
     """[N, K] float64 USD of each arm's call for queries of ``input_tokens`` [N] (the query's
     own) answered in ``output_tokens`` [N, K]: the prompt sent, the query plus the length
     instruction a budgeted arm appends (:func:`instruction_tokens_estimate`), × p_in, + output ×
     p_out. ĉ prices predicted tokens with it and the synthetic world bills its outcomes with it:
     without the instruction ĉ ran a median 3 % and up to a fifth under the bill of a budgeted
-    call of the default pool."""
-    return (catalog.arm_cost_usd(input_tokens, output_tokens)
-            + instruction_cost_usd(catalog)[None, :])
+    call of the default pool. With ``arm`` [R] (each row's arm), [R] USD of rows of
+    ``input_tokens`` [R] and ``output_tokens`` [R] each called at its arm: a bench row's bill
+    where it recorded none, the strict solve's ĉ of a chosen arm."""
+    arrays = catalog.arm_arrays
+    price_in, price_out = arrays["price_in_usd"], arrays["price_out_usd"]
+    instruction_usd = instruction_cost_usd(catalog)
+    input_tokens = np.asarray(input_tokens, dtype=np.float64)
+    if arm is None:   # every arm: [N, 1] against [K]
+        input_tokens = input_tokens[:, None]
+    else:             # each row's own arm: [R] against [R]
+        price_in, price_out, instruction_usd = price_in[arm], price_out[arm], instruction_usd[arm]
+    return (input_tokens * price_in + np.asarray(output_tokens, dtype=np.float64) * price_out
+            + instruction_usd)
 
 
 def instruction_cost_usd(catalog: Catalog) -> np.ndarray:

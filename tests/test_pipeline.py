@@ -15,7 +15,7 @@ from r2ray.cli import EXIT_NOTHING_ROUTED, main
 from r2ray.batch.config import route_config
 from r2ray.catalog import Arm
 from r2ray.errors import R2RayError
-from r2ray.prompting import estimate_tokens
+from r2ray.prompting import estimate_tokens, length_suffix
 from r2ray.routing import routed_request
 from r2ray.failpoints import FAILPOINT_ENV
 from r2ray.batch import route_batch
@@ -135,8 +135,11 @@ def test_strict_budget_bounds_the_bill_at_the_caps(tmp_path, ray_local, small_ro
                    - len(queries[r["query_id"]].encode()) for r in routed}
     worst = [(tokens_in[r["query_id"]] + instruction[r["query_id"]]) * price[r["model"]][0]
              + r["max_tokens"] * price[r["model"]][1] for r in routed]
-    predicted = [tokens_in[r["query_id"]] * price[r["model"]][0]
-                 + r["t_hat"] * price[r["model"]][1] for r in routed]
+    # ĉ prices the prompt sent too, with the instruction's estimated tokens (routing.call_cost_usd)
+    sent = [tokens_in[r["query_id"]]
+            + (estimate_tokens(length_suffix(r["budget"])) if r["budget"] else 0) for r in routed]
+    predicted = [tokens * price[r["model"]][0] + r["t_hat"] * price[r["model"]][1]
+                 for tokens, r in zip(sent, routed)]
     assert sum(worst) <= spend["usable_usd"] * (1 + 1e-12)
     assert sum(worst) > 0.9 * spend["usable_usd"]        # the guarantee binds, and is used
     assert spend["worst_case_usd"] == pytest.approx(sum(worst), rel=1e-9)

@@ -5,7 +5,7 @@ import pytest
 
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
 from r2ray.prompting import estimate_tokens, instruction_tokens_bound, max_tokens_for
-from r2ray.routing import arm_caps, arm_scores, routed_request, worst_case_usd
+from r2ray.routing import arm_caps, arm_scores, call_cost_usd, routed_request, worst_case_usd
 
 
 def test_a_default_arm_is_sent_with_the_output_cap_never_the_context():
@@ -99,6 +99,26 @@ def test_c_hat_prices_the_prompt_sent_with_its_length_instruction():
     budgeted = catalog.arm_arrays["budget_tokens"] != DEFAULT_BUDGET
     assert np.allclose(scores.cost_usd - query_only, np.where(budgeted, 11 * price_in, 0.0),
                        rtol=1e-9, atol=0)
+
+
+def test_the_cost_of_each_rows_own_arm_is_its_cell_of_every_arms_cost():
+    # one formula for both shapes: the bench's bill of a row with no cost_usd, the strict
+    # solve's ĉ of a chosen arm and the benchmark's realised cost index it by each row's arm
+    catalog = load_catalog()
+    rng = np.random.default_rng(0)
+    input_tokens = rng.integers(1, 5000, 40)
+    output_tokens = rng.integers(0, 4000, (40, catalog.n_arms)).astype(np.float32)
+    arm = rng.integers(0, catalog.n_arms, 40)
+    rows = np.arange(40)
+    every = call_cost_usd(catalog, input_tokens, output_tokens)
+    own = call_cost_usd(catalog, input_tokens, output_tokens[rows, arm], arm)
+    assert own.dtype == np.float64 and own.shape == (40,)
+    assert np.array_equal(own, every[rows, arm])
+    budgeted = catalog.arm_arrays["budget_tokens"][arm] != DEFAULT_BUDGET
+    assert budgeted.any() and (~budgeted).any()
+    query_only = catalog.arm_cost_usd(input_tokens, output_tokens)[rows, arm]
+    assert np.array_equal(own[~budgeted], query_only[~budgeted])   # the default arm: no instruction
+    assert (own[budgeted] > query_only[budgeted]).all()
 
 
 def test_cost_factors_must_be_one_finite_positive_factor_per_arm():

@@ -16,6 +16,7 @@ from r2ray.bench.synthetic import (BLOCK_QUERIES, EMBEDDING_DIM, World, WorldErr
 from r2ray.bench.world import TOPIC_NAMES, TOPICS, answer_setting, model_size_b
 from r2ray.catalog import DEFAULT_BUDGET, catalog_from_dict, load_catalog
 from r2ray.cli import main
+from r2ray.predictor.data import bench_arrays
 from r2ray.prompting import estimate_tokens, length_suffix, max_tokens_for
 from r2ray.routing import arm_caps
 
@@ -146,6 +147,41 @@ def test_bench_rows_are_valid_and_costed(catalog, sample):
         expected = catalog.cost_usd(row["model"], sent, row["output_tokens"])
         assert row["cost_usd"] == pytest.approx(expected, rel=1e-12)
     assert set(bench.column("category").to_pylist()) == set(TOPIC_NAMES)
+
+
+def test_a_bench_without_cost_usd_is_billed_as_the_world_bills_it(catalog, sample):
+    # before the fix: bench_arrays priced a row with no cost_usd at input × p_in + output ×
+    # p_out, the length instruction left out, while ĉ (and the world's bill) carry it: a
+    # budgeted cell up to a third under the bill, so the spend simulation and the evaluation
+    # compared ĉ with a "realised" cost it did not price
+    _, bench = sample
+    recorded = bench_arrays(bench, catalog).cost_usd
+    priced = bench_arrays(bench.drop_columns(["cost_usd"]), catalog).cost_usd
+    assert np.array_equal(np.isnan(priced), np.isnan(recorded))
+    covered = ~np.isnan(recorded)
+    assert np.allclose(priced[covered], recorded[covered], rtol=1e-12, atol=0)
+
+
+def test_the_realised_spend_benchmark_bills_a_null_cost_as_the_world_does(catalog, tmp_path):
+    # before the fix: benchmarks/realised_spend.py checked the world's cost_usd against input ×
+    # p_in + output × p_out ("should agree to rounding": 58 % apart, the instruction), and a
+    # null cost_usd went to reconcile, which priced it at the query's tokens alone
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "realised_spend", Path(__file__).parents[1] / "benchmarks" / "realised_spend.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    backlog, bench = benchmark.write_route_world(str(tmp_path), catalog, 30, 12)
+    table = pq.read_table(bench)
+    world_bill = table.column("cost_usd").to_numpy()
+    nulled = np.where(np.arange(table.num_rows) % 3 == 0, np.nan, world_bill)
+    pq.write_table(table.set_column(table.schema.get_field_index("cost_usd"), "cost_usd",
+                                    pa.array(nulled, from_pandas=True)), bench)
+    read, note = benchmark.read_bench_outcomes(bench, backlog, catalog)
+    assert "relative gap to routing.call_cost_usd at catalogue prices: 0.0e+00" in note
+    assert np.allclose(read.column("cost_usd").to_numpy(), world_bill, rtol=1e-12, atol=0)
 
 
 def test_truth_is_the_exact_expectation_of_the_bench(catalog, sample):

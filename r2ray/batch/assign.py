@@ -19,7 +19,7 @@ from r2ray.bench.io import write_table
 from r2ray.catalog import Catalog, catalog_from_yaml
 from r2ray.manifest import routed_partition
 from r2ray.prompting import MESSAGE_TYPE, render_messages_array
-from r2ray.routing import arm_caps, instruction_cost_usd, worst_case_usd
+from r2ray.routing import arm_caps, call_cost_usd, worst_case_usd
 from r2ray.solver import DEFER_ARM, chosen_on_chain
 from r2ray.solver.table import list_values
 
@@ -106,9 +106,7 @@ def _chosen(batch: pa.Table, arm: np.ndarray, catalog: Catalog, strict_budget: b
     arrays = catalog.arm_arrays
     if strict_budget:
         factor = 1.0 if cost_factors is None else np.asarray(cost_factors, np.float64)[arm]
-        c_hat = (input_tokens * arrays["price_in_usd"][arm]
-                 + t_hat.astype(np.float64) * arrays["price_out_usd"][arm]
-                 + instruction_cost_usd(catalog)[arm]) * factor
+        c_hat = call_cost_usd(catalog, input_tokens, t_hat, arm) * factor
     else:
         c_hat = on_chain.cost_usd
     rows = np.arange(len(arm))

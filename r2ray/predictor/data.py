@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from r2ray.bench.schema import BenchError, bench_error
 from r2ray.catalog import Catalog
+from r2ray.routing import call_cost_usd
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class BenchArrays:
     input_tokens: np.ndarray   # [N] float64, tokens
     quality: np.ndarray        # [N, K] float32 in [0, 1], NaN = arm not in the bench
     output_tokens: np.ndarray  # [N, K] float32, tokens, NaN = missing
-    cost_usd: np.ndarray       # [N, K] float64 realised USD (bench cost_usd, else catalogue prices)
+    cost_usd: np.ndarray       # [N, K] float64 realised USD: bench cost_usd, else call_cost_usd
     embedding: np.ndarray | None = None  # [N, D] float32, when known
 
     @property
@@ -94,8 +95,8 @@ def bench_arrays(table: pa.Table, catalog: Catalog, queries: pa.Table | None = N
     quality = dense(table.column("quality").to_numpy(), np.float32)
     output_tokens = dense(table.column("output_tokens").to_numpy().astype(np.float64), np.float32)
     input_rows = table.column("input_tokens").to_numpy().astype(np.float64)
-    realised = catalog.arm_arrays["price_in_usd"][arm] * input_rows \
-        + catalog.arm_arrays["price_out_usd"][arm] * table.column("output_tokens").to_numpy()
+    # no recorded cost: the bill of the prompt sent, instruction included, as ĉ prices it
+    realised = call_cost_usd(catalog, input_rows, table.column("output_tokens").to_numpy(), arm)
     if "cost_usd" in table.column_names:
         recorded = table.column("cost_usd").to_numpy(zero_copy_only=False).astype(np.float64)
         realised = np.where(np.isnan(recorded), realised, recorded)
