@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +59,17 @@ def test_text_without_an_encoder_or_a_wrong_vector_is_a_clear_error(predictor):
         predict_frame(predictor, pd.DataFrame({"input_tokens": [5]}), FakeEncoder())
 
 
+@pytest.mark.parametrize("dtype", [object, None])   # None: the column's own (int64, float64)
 @pytest.mark.parametrize("bad", [-100, 0, 2.5, np.inf, "many"])
 def test_an_input_token_count_that_is_not_a_positive_integer_is_refused_naming_its_row(predictor,
-                                                                                        bad):
+                                                                                        bad, dtype):
     """-100 input tokens priced every arm below zero (ĉ < 0 USD), and "many" was estimated from
-    the text instead, silently; the batch job and Serve refuse both."""
-    frame = pd.DataFrame({"query": ["a", "b"], "input_tokens": pd.Series([5, bad], dtype=object),
+    the text instead, silently; the batch job and Serve refuse both. The value is named as the
+    caller wrote it (-100, not np.int64(-100) as an int64 column's repr had it)."""
+    frame = pd.DataFrame({"query": ["a", "b"], "input_tokens": pd.Series([5, bad], dtype=dtype),
                           "embedding": [[0.0] * 16] * 2})
-    with pytest.raises(PredictorError, match="input row 1, column 'input_tokens'"):
+    named = re.escape(f"input row 1, column 'input_tokens': {bad} is not a positive integer")
+    with pytest.raises(PredictorError, match=named):
         predict_frame(predictor, frame, None)
 
 
