@@ -70,6 +70,19 @@ def test_pacer_updates_once_per_window_and_hard_stops():
     assert limited.stopped and limited.tick(1e6).lam == 5.0  # no target: λ never moves
 
 
+
+def test_an_idle_stretch_leaves_lambda_where_traffic_left_it():
+    """A window in which no query was booked says nothing of the price: an idle hour stepped λ
+    down once a window, from 5 to λ_min, and sent the traffic after it to the dearest arms. A
+    window of free queries (0 USD, a free arm) is traffic, and lowers λ as before."""
+    config = PacingConfig(target_usd_per_s=0.01, window_s=10.0, eta=0.5)
+    pacer = Pacer(config, 5.0, now=0.0)
+    for second in range(1, 3601):           # the ingresses' syncs tick it while nobody calls
+        pacer.tick(float(second))
+    assert pacer.lam == 5.0 and pacer.state().updates == 0   # before the fix: 0.001, 360
+    pacer.record(0.0, now=3601.0, queries=3)
+    assert pacer.tick(3611.0).lam == pytest.approx(5.0 * math.exp(-0.5))
+
 def _stream_window(rng, n: int, difficulty: float) -> tuple[np.ndarray, np.ndarray]:
     """q, c [n, 12] for 3 models × 4 budgets; harder queries need more tokens for the same
     quality and write longer answers, so the same λ buys dearer arms as difficulty drifts up."""

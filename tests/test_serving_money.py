@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import httpx
 import numpy as np
@@ -77,8 +78,8 @@ class _LossyPacer:
         self.pacer = Pacer(PacingConfig(), 0.0)
         self.lose_reply = False
 
-    async def sync(self, ingress: str, seq: int, spend_usd: float) -> PriceState:
-        self.pacer.report(ingress, seq, spend_usd, now=0.0)
+    async def sync(self, ingress: str, seq: int, spend_usd: float, queries: int) -> PriceState:
+        self.pacer.report(ingress, seq, spend_usd, now=0.0, queries=queries)
         if self.lose_reply:
             raise TimeoutError("reply lost")
         return self.pacer.state()
@@ -101,7 +102,7 @@ def test_a_sync_whose_reply_is_lost_is_not_counted_twice():
 
 def test_a_sync_cancelled_in_flight_keeps_its_spend_for_the_last_flush():
     class Hanging:
-        async def sync(self, ingress, seq, spend_usd):
+        async def sync(self, ingress, seq, spend_usd, queries):
             await asyncio.sleep(3600)
 
     async def cancelled(book):
@@ -125,6 +126,16 @@ def test_pacer_applies_each_ingress_sequence_number_once():
     assert pacer.report("a", 2, 0.25, now=0.0)
     assert pacer.total_spend_usd == pytest.approx(2.25)
 
+
+
+def test_a_free_query_reaches_the_pacer_as_traffic_not_idle():
+    """The Pacer holds λ through a window with no query booked; a query on a free arm books 0 USD
+    and must still count as one, or λ high enough to send every query to that arm never falls."""
+    remote, book = _LossyPacer(), SpendBook(_state())
+    remote.pacer = Pacer(PacingConfig(target_usd_per_s=0.01, window_s=10.0, eta=0.5), 5.0)
+    book.add(0.0)
+    asyncio.run(sync_spend(book, "ingress-1", remote.sync))
+    assert remote.pacer.tick(10.0).lam == pytest.approx(5.0 * math.exp(-0.5))
 
 def test_the_spend_limit_stops_routing_before_the_pacer_hears_of_the_spend(routing_model,
                                                                              embedding):

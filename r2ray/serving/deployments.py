@@ -60,10 +60,11 @@ class PacerDeployment:
         self.gauge.set(self.pacer.lam)
         logger.info("pacer starts at lambda=%.6g from %s", start.lam, start.source)
 
-    async def sync(self, ingress: str, seq: int, spend_usd: float) -> PriceState:
-        """Add an ingress's spend since its last sync (USD) unless this ``seq`` from that
-        ingress was applied already (a resend after a lost reply); the current price."""
-        self.pacer.report(ingress, seq, spend_usd, time.monotonic())
+    async def sync(self, ingress: str, seq: int, spend_usd: float, queries: int) -> PriceState:
+        """Add an ingress's spend (USD) over the ``queries`` it booked since its last sync unless
+        this ``seq`` from that ingress was applied already (a resend after a lost reply); the
+        current price."""
+        self.pacer.report(ingress, seq, spend_usd, time.monotonic(), queries)
         self.gauge.set(self.pacer.lam)
         return self.pacer.state()
 
@@ -98,7 +99,7 @@ class Ingress:
         self.key_digests = frozenset(key_digests)
         self.ingress_id = uuid.uuid4().hex   # names this replica's syncs to the Pacer
         # the price first: the run whose λ* it is names the cost correction the model loads with
-        self.book = SpendBook(await pacer.sync.remote(self.ingress_id, 0, 0.0))
+        self.book = SpendBook(await pacer.sync.remote(self.ingress_id, 0, 0.0, 0))
         self.model = await asyncio.to_thread(self._load)
         self.route.set_max_batch_size(self.config.batch_max_size)
         self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)

@@ -6,8 +6,11 @@ Once per window of ``window_s`` seconds::
 
 Spending faster than the target raises λ (cheaper arms win), slower lowers it. This is a
 multiplicative (log-space integral) dual update, so the *average* spend rate converges to the
-target even when query difficulty drifts. Two hard stops send every query to its cheapest arm:
-a window that has already spent ``hard_stop_ratio`` × its share, and a total ``spend_limit_usd``.
+target even when query difficulty drifts. A window in which no query was booked (not even a
+free one) leaves λ where it is: it says nothing of the price, and an idle hour of such windows
+took λ from λ* to λ_min, every query after it to the dearest arms until λ climbed back. Two
+hard stops send every query to its cheapest arm: a window that has already spent
+``hard_stop_ratio`` × its share, and a total ``spend_limit_usd``.
 
 :class:`Pacer` is pure: time is passed in (seconds, any monotonic clock), so tests can simulate
 hours of traffic in milliseconds. The Serve ``Pacer`` deployment only holds one and a clock.
@@ -73,7 +76,7 @@ class PriceState:
     source: str           # where λ started: "manifest <uri>", "config" or "default"
     window_spend_usd: float = 0.0
     total_spend_usd: float = 0.0
-    updates: int = 0      # windows closed so far
+    updates: int = 0      # λ updates so far (windows that closed with queries)
     floor: bool = False   # λ is paced with request_lambda "floor": a request's λ may only raise it
     solved_for: SolvedFor | None = None   # what the manifest's λ* priced; None: not a manifest's
 
@@ -104,34 +107,42 @@ class Pacer:
         self.solved_for = solved_for
         self.window_start = now
         self.window_spend_usd = 0.0
+        self.window_queries = 0   # queries booked in the window: none, and λ stays at its close
         self.total_spend_usd = 0.0
         self.updates = 0
         self.last_seq: dict[str, int] = {}   # per ingress: the newest sync applied
 
-    def report(self, ingress: str, seq: int, spend_usd: float, now: float) -> bool:
-        """Record an ingress's sync ``seq`` of ``spend_usd`` (USD) once: an ingress resends a
-        sync whose reply it lost, and the Pacer may have applied it already. False: a repeat."""
+    def report(self, ingress: str, seq: int, spend_usd: float, now: float,
+               queries: int = 1) -> bool:
+        """Record an ingress's sync ``seq`` of ``spend_usd`` (USD) over ``queries`` booked queries
+        once: an ingress resends a sync whose reply it lost, and the Pacer may have applied it
+        already. False: a repeat."""
         if seq <= self.last_seq.get(ingress, 0):
             self.tick(now)
             return False
         self.last_seq[ingress] = seq
-        self.record(spend_usd, now)
+        self.record(spend_usd, now, queries)
         return True
 
-    def record(self, spend_usd: float, now: float) -> None:
-        """Add spend (USD) that happened at time ``now``; closes any window that ended first."""
+    def record(self, spend_usd: float, now: float, queries: int = 1) -> None:
+        """Add spend (USD) of ``queries`` queries booked at time ``now`` (0 USD for a free arm's:
+        still a query); closes any window that ended first."""
         self.tick(now)
+        self.window_queries += queries
         self.window_spend_usd += max(float(spend_usd), 0.0)
         self.total_spend_usd += max(float(spend_usd), 0.0)
 
     def tick(self, now: float) -> PriceState:
-        """Close the window if ``window_s`` has passed (one update over the elapsed time)."""
+        """Close the window if ``window_s`` has passed: one update over the elapsed time, none
+        for a window in which no query was booked (idle traffic, not a price too high)."""
         elapsed = now - self.window_start
         target = self.config.target_usd_per_s
         if target is not None and elapsed >= self.config.window_s:
-            self.lam = paced_lambda(self.lam, self.window_spend_usd / elapsed, target, self.config)
-            self.window_start, self.window_spend_usd = now, 0.0
-            self.updates += 1
+            if self.window_queries:
+                self.lam = paced_lambda(self.lam, self.window_spend_usd / elapsed, target,
+                                        self.config)
+                self.updates += 1
+            self.window_start, self.window_spend_usd, self.window_queries = now, 0.0, 0
         return self.state()
 
     @property

@@ -50,12 +50,17 @@ class SpendBook:
     def __init__(self, state: PriceState):
         self.state = state
         self.pending_usd = 0.0
+        self.pending_queries = 0   # queries booked since the last sync, free ones too
         self.seq = 0
-        self.unsent: tuple[int, float] | None = None   # (seq, USD) sent, not acknowledged
+        self.unsent: tuple[int, float, int] | None = None   # (seq, USD, queries) sent, not
+                                                            # acknowledged
         self.in_flight_usd = 0.0   # ĉ (USD) of forwarded calls not answered yet
         self.in_flight = 0         # how many such calls
 
     def add(self, cost_usd: float) -> None:
+        """Book one query's spend (USD); a free or uncountable one is still a query, which tells
+        the Pacer its window was not idle (``Pacer.tick``)."""
+        self.pending_queries += 1
         if countable(cost_usd):
             self.pending_usd += float(cost_usd)
 
@@ -78,11 +83,13 @@ class SpendBook:
         pending, self.pending_usd = self.pending_usd, 0.0
         return pending
 
-    def next_sync(self) -> tuple[int, float]:
-        """(seq, USD) to send: the unacknowledged sync again, else the pending spend as a new one."""
+    def next_sync(self) -> tuple[int, float, int]:
+        """(seq, USD, queries) to send: the unacknowledged sync again, else the pending spend as
+        a new one."""
         if self.unsent is None:
             self.seq += 1
-            self.unsent = (self.seq, self.take())
+            queries, self.pending_queries = self.pending_queries, 0
+            self.unsent = (self.seq, self.take(), queries)
         return self.unsent
 
     def acknowledge(self, state: PriceState) -> None:
@@ -113,11 +120,11 @@ def countable(cost_usd: float) -> bool:
 
 
 async def sync_spend(book: SpendBook, ingress: str,
-                     sync: Callable[[str, int, float], Awaitable[PriceState]]) -> PriceState:
-    """Report the book's spend to the Pacer (``sync(ingress, seq, usd)``) and keep the price it
-    answers. On any failure or cancellation the sync stays in the book to be sent again."""
-    seq, spend = book.next_sync()
-    book.acknowledge(await sync(ingress, seq, spend))
+                     sync: Callable[[str, int, float, int], Awaitable[PriceState]]) -> PriceState:
+    """Report the book's spend to the Pacer (``sync(ingress, seq, usd, queries)``) and keep the
+    price it answers. On any failure or cancellation the sync stays in the book to be sent
+    again."""
+    book.acknowledge(await sync(ingress, *book.next_sync()))
     return book.state
 
 
