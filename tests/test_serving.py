@@ -221,6 +221,37 @@ def test_lambda_solved_for_another_model_or_catalogue_is_warned_when_loaded(tmp_
         assert warned is None or warned in caplog.text and "mispriced" in caplog.text
 
 
+
+def test_a_restarted_pacers_new_run_reloads_the_model_with_that_runs_correction(monkeypatch):
+    """A restarted Pacer reads the newest committed run of a manifest folder: the ingress priced
+    at that run's λ* with ĉ corrected by the factors of the run it had loaded for (one run's
+    price, another's costs; /healthz saw no mismatch, model and catalogue being the same)."""
+    from r2ray.serving import deployments
+    from r2ray.serving.pacer import SolvedFor
+
+    loaded, new = (SolvedFor("r2ray/3", "c" * 64, correction=v) for v in ("C1", "C2"))
+
+    async def one_interval(seconds):   # the watch loop's sleep: once, then stop
+        slept.append(seconds)
+        if len(slept) % 2 == 0:
+            raise asyncio.CancelledError
+
+    def load():   # as Ingress._load: ĉ corrected for the run whose λ* the Pacer serves now
+        loads.append(ingress.book.state.solved_for)
+        return SimpleNamespace(version="r2ray/3", catalog=SimpleNamespace(fingerprint="c" * 64),
+                               priced_for=ingress.book.state.solved_for)
+
+    monkeypatch.setattr(deployments.asyncio, "sleep", one_interval)
+    ingress, loads, slept = object.__new__(deployments.Ingress.func_or_class), [], []
+    ingress.config = serve_config({"model": "/models/m", "manifest": "/runs", "gc_freeze": False})
+    ingress.book = SpendBook(Pacer(PacingConfig(), 3.0, solved_for=loaded).state())
+    ingress._load, ingress.model = load, load()
+    for pacer_run, expected in ((loaded, [loaded]), (new, [loaded, new])):
+        ingress.book.acknowledge(Pacer(PacingConfig(), 7.0, solved_for=pacer_run).state())
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(ingress._watch())
+        assert loads == expected and ingress.model.priced_for == pacer_run
+
 def test_healthz_says_when_lambda_was_solved_for_another_model(routing_model):
     """The mismatch was only logged: an operator watching /healthz saw a healthy router pricing
     with another predictor's λ*."""

@@ -177,29 +177,40 @@ class Ingress:
                 "cost_correction": self.model.correction}
 
     async def _watch(self) -> None:
-        """Re-resolve ``models:/NAME@ALIAS`` every ``watch_interval_s``; load a new version
-        beside the old one, then swap the reference (in-flight batches keep the old one)."""
-        from r2ray.registry import resolve_version
-
-        if not self.config.model.startswith("models:/"):
-            return
+        """Every ``watch_interval_s``, load the model again when it is stale (``_stale``) beside
+        the one serving, then swap the reference (in-flight batches keep the old one)."""
         while True:
             await asyncio.sleep(self.config.watch_interval_s)
             try:
-                found = await asyncio.to_thread(resolve_version, self.config.model,
-                                                self.config.tracking_uri)
-                if f"{found.name}/{found.version}" != self.model.version:
+                why = await asyncio.to_thread(self._stale)
+                if why is not None:
                     fresh = await asyncio.to_thread(self._load)
-                    logger.info("model %s: swapping %s for %s", self.config.model,
-                                self.model.version, fresh.version)
+                    logger.info("model %s: swapping %s for %s (%s)", self.config.model,
+                                self.model.version, fresh.version, why)
                     self.model = fresh
                     self._check_price()
                     if self.config.gc_freeze:   # let the old version's cycles be collected
                         gc.unfreeze()
                         self._freeze_heap()
             except Exception as err:  # keep serving the loaded version; say why
-                logger.warning("model %s: alias check failed, keeping %s: %s",
+                logger.warning("model %s: check or reload failed, keeping %s: %s",
                                self.config.model, self.model.version, redact_text(str(err)))
+
+    def _stale(self) -> str | None:
+        """Why the loaded model must be loaded again, in words (None: it is current):
+        ``models:/NAME@ALIAS`` names another version now, or the Pacer prices with another
+        batch run's λ* than the run its cost correction was chosen for (a restarted Pacer reads
+        the newest run of a manifest folder), which paired one run's λ* with another's ĉ."""
+        from r2ray.registry import resolve_version
+
+        if self.config.model.startswith("models:/"):
+            found = resolve_version(self.config.model, self.config.tracking_uri)
+            if f"{found.name}/{found.version}" != self.model.version:
+                return f"the alias names {found.name}/{found.version}"
+        if self.config.corrections_root() is not None \
+                and self.book.state.solved_for != self.model.priced_for:
+            return "lambda is another batch run's, whose cost correction ĉ needs"
+        return None
 
     async def _sync_prices(self) -> None:
         """Report spend and fetch λ every ``price_sync_s``; on failure keep the last price."""

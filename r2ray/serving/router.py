@@ -58,6 +58,8 @@ class RoutingModel:
     version: str               # "NAME/VERSION" from the registry, or the folder it came from
     cost_factors: np.ndarray | None = None  # [K] ĉ multipliers of the latest reconciliation
     correction: str | None = None           # its version, for /v1/models and logs
+    priced_for: SolvedFor | None = None     # the served run its correction was chosen for
+                                            # (served_correction); None: none served
 
     @property
     def embedding_dim(self) -> int:
@@ -87,7 +89,7 @@ def load_routing_model(uri: str, tracking_uri: str | None = None, catalog_path: 
         corrections, version, catalog.fingerprint, bundle.predictor.saved_fingerprint_, solved_for)
     return RoutingModel(bundle.predictor, encoder, catalog, version,
                         None if correction is None else correction.factors_for(catalog),
-                        None if correction is None else correction.version)
+                        None if correction is None else correction.version, solved_for)
 
 
 def served_correction(root: str, version: str, catalog_fingerprint: str,
