@@ -421,8 +421,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     from r2ray.batch.assign import assign_stage
     from r2ray.batch.dedupe import drop_rows_stage, first_seen_duplicates
     from r2ray.batch.pool import pool_shape
-    from r2ray.batch.report import (STATS_SCHEMA, combine_stats, log_to_mlflow, percent_bound,
-                                    spend_by_model, spend_plot_or_none, write_report)
+    from r2ray.batch.report import STATS_SCHEMA, combine_stats, percent_bound, spend_by_model
     from r2ray.batch.score import ScoreWorker
     from r2ray.bench.io import write_table
     from r2ray.predictor.spend_guarantee import plan_budget
@@ -538,6 +537,14 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "scoring_pool": pool.to_json(),   # the config's open settings resolved on this cluster
         "config": config.model_dump(),
     }
+    return _report_and_commit(config, paths, manifest, stats, warm, timings, lease)
+
+
+def _report_and_commit(config: RouteConfig, paths: RunPaths, manifest: dict, stats: pa.Table,
+                       warm, timings: dict, lease: RunLease) -> dict:
+    """Write the report (report.md, spend.png, the MLflow run), then commit the manifest."""
+    from r2ray.batch.report import log_to_mlflow, spend_plot_or_none, write_report
+
     with _timed(timings, "report"):   # recorded in manifest.json, after report.md is written
         warm.join(timeout=WARM_UP_WAIT_S)   # else the report does what is left itself
         plot = spend_plot_or_none(stats)
