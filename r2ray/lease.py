@@ -5,8 +5,9 @@ interrupted one's, and the first's cleanup removes the second's marker. So the r
 first creates ``<output>/<run_id>/_r2ray_lock.json`` exclusively
 (:func:`r2ray.storage.create_exclusive`), naming its owner, host, pid and expiry, and a second run
 is refused at once. The holder renews it every ``RENEW_EVERY_S`` while it runs, checks it is still
-its own just before it commits, and removes it at the end, success or failure. The lease of a run
-that died expires ``LEASE_S`` after its last renewal; the next run takes it over and redoes the run.
+its own just before its report and its commit, and removes it at the end, success or failure. The
+lease of a run that died expires ``LEASE_S`` after its last renewal; the next run takes it over
+and redoes the run.
 
 Taking an expired lease over removes it and creates a fresh one. Every change to the lock after
 its creation (a takeover's removal, a renewal, a release) first creates a claim named after the

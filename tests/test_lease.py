@@ -130,9 +130,7 @@ def test_a_run_that_lost_its_lease_leaves_the_new_holders_marker(night, monkeypa
     from r2ray.lease import LeaseLost
 
     def overtaken(config, attempt, state, *rest):
-        storage.write_text(_lock_path(night), json.dumps({
-            "run_id": "night", "owner": "next", "host": "elsewhere", "pid": 1,
-            "expires_at": "2999-01-01T00:00:00+00:00"}))
+        _take_over(night)
         with pytest.raises(LeaseLost, match="lost its lease"):
             rest[-1].renew()   # what the job does just before its commit
         raise R2RayError("this run gives up")
@@ -142,6 +140,57 @@ def test_a_run_that_lost_its_lease_leaves_the_new_holders_marker(night, monkeypa
         route_batch(night)
     assert _lock(night)["owner"] == "next"   # the new holder's lease is not removed either
     assert os.path.exists(runs.RunPaths(night.output, "night").marker)
+
+
+def _take_over(config) -> None:
+    """What another run does to the lease of one that went unrenewed: its own lock, live."""
+    storage.write_text(_lock_path(config), json.dumps({
+        "run_id": "night", "owner": "next", "host": "elsewhere", "pid": 1,
+        "expires_at": "2999-01-01T00:00:00+00:00"}))
+
+
+def test_a_run_that_lost_its_lease_removes_its_own_attempt(night, monkeypatch):
+    # the new holder clears attempts when it starts and commits: one written after (this run
+    # stalled, then finished its work) was left beside its committed run for good
+    def overtaken(config, attempt, state, *rest):
+        write_table(pa.table({"query_id": ["q0"]}), os.path.join(attempt.routed, "part-0.parquet"))
+        _take_over(night)
+        rest[-1].renew()   # LeaseLost, as at the commit
+
+    monkeypatch.setattr(job, "_route_attempt", overtaken)
+    with pytest.raises(R2RayError, match="lost its lease"):
+        route_batch(night)
+    root = os.path.join(night.output, "night")
+    assert not [n for n in os.listdir(root) if n.startswith(runs.ATTEMPT_PREFIX)]
+    assert os.path.exists(runs.RunPaths(night.output, "night").marker)   # the new holder's
+    assert _lock(night)["owner"] == "next"
+
+
+def test_a_run_that_lost_its_lease_reports_nothing(night, monkeypatch):
+    # checked only before the commit, it logged an MLflow run (and wrote report.md) for a night
+    # another run now routes: two MLflow runs of one run id, one of them never committed
+    import threading
+
+    from r2ray.batch import report
+    from r2ray.batch.report import STATS_SCHEMA, combine_stats
+    from r2ray.lease import LeaseLost, acquire_lease
+
+    paths = runs.RunPaths(night.output, "night")
+    lease = acquire_lease(paths)
+    attempt, _ = runs.start_attempt(paths, fingerprint="f")
+    reported = []
+    monkeypatch.setattr(report, "write_report", lambda *args: reported.append("report.md") or {})
+    monkeypatch.setattr(job, "_log_report", lambda *args: reported.append("mlflow"))
+    warm = threading.Thread(target=lambda: None)
+    warm.start()
+    _take_over(night)
+    stats = combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
+    try:
+        with pytest.raises(LeaseLost, match="lost its lease"):
+            job._report_and_commit(night, attempt, {"run_id": "night"}, stats, warm, {}, lease)
+    finally:
+        lease.release()
+    assert reported == [] and not runs.is_committed(paths)
 
 
 def test_a_lock_that_is_no_lease_is_named(night, monkeypatch):

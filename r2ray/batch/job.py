@@ -309,8 +309,11 @@ def route_batch(config: RouteConfig) -> dict:
             return _route_attempt(config, attempt, state, model, correction, units, unreadable,
                                   files, fingerprint, timings, lease)
         except R2RayError:
-            if lease.holds():   # else the marker is the run's that took the lease over
+            if lease.holds():
                 abandon(attempt, state)   # a clean refusal leaves nothing (a crash does: redo it)
+            else:   # the marker is the new holder's; the attempt is this run's alone, and the
+                    # holder, if it committed already, no longer clears attempts: remove it here
+                storage.remove(attempt.path())
             raise
     finally:
         lease.release()   # success or failure; a lease left by a killed process expires
@@ -542,9 +545,13 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
 
 def _report_and_commit(config: RouteConfig, paths: RunPaths, manifest: dict, stats: pa.Table,
                        warm, timings: dict, lease: RunLease) -> dict:
-    """Write the report (report.md, spend.png, the MLflow run), then commit the manifest."""
+    """Write the report (report.md, spend.png, the MLflow run), then commit the manifest: each
+    only while this run still holds its lease. Checked only before the commit, a run whose lease
+    went unrenewed (a stall, a storage outage) and was taken over logged an MLflow run (and wrote
+    a report) for a night it never committed, beside the new holder's."""
     from r2ray.batch.report import log_to_mlflow, spend_plot_or_none, write_report
 
+    lease.renew()   # LeaseLost where another run took this one's lease over: report nothing
     with _timed(timings, "report"):   # recorded in manifest.json, after report.md is written
         warm.join(timeout=WARM_UP_WAIT_S)   # else the report does what is left itself
         plot = spend_plot_or_none(stats)
