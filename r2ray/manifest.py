@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import glob
 import hashlib
 import json
@@ -216,11 +217,19 @@ def abandon(attempt: RunPaths, state: str) -> None:
 
 
 def remove_if_empty(uri: str) -> None:
-    """Remove the folder ``uri`` if nothing is left in it (a run that made it and failed)."""
+    """Remove the folder ``uri`` if nothing is left in it (a run that made it and failed). One
+    that another run has just written in (its lease) stays, and one another run has just removed
+    is gone: neither is a failure to remove it."""
     fs, root = storage.filesystem(uri)
-    if fs.exists(root) and not fs.ls(root, detail=False):
-        with contextlib.suppress(FileNotFoundError):  # object stores have no empty folders
-            fs.rmdir(root)
+    if not fs.exists(root) or children(uri):
+        return
+    try:
+        fs.rmdir(root)
+    except FileNotFoundError:   # removed meanwhile; object stores have no empty folders
+        pass
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):   # EEXIST: POSIX allows either
+            raise
 
 
 def commit(attempt: RunPaths, manifest: dict) -> None:

@@ -181,15 +181,14 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     name, and a reader never sees the file half written); on an object store a PUT with
     ``If-None-Match: *`` (s3fs's ``"xb"`` mode; fsspec's memory store checks it too)."""
     fs, path = filesystem(uri)
+    if is_local(fs):
+        return _link_new(path, data)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     try:
-        if is_local(fs):
-            _link_new(path, data)
-        else:
-            with fs.open(path, "xb") as handle:
-                handle.write(data)
+        with fs.open(path, "xb") as handle:
+            handle.write(data)
     except FileExistsError:
         return False
     except OSError as err:
@@ -197,6 +196,9 @@ def create_exclusive(uri: str, data: bytes) -> bool:
             return False
         raise
     return True
+
+
+_FOLDER_TRIES = 3   # times the local folder is made again when it vanishes (see _link_new)
 
 
 def _precondition_failed(err: OSError) -> bool:
@@ -209,15 +211,30 @@ def _precondition_failed(err: OSError) -> bool:
     return err.errno == errno.EINVAL and (code in ("PreconditionFailed", "412") or status == 412)
 
 
-def _link_new(path: str, data: bytes) -> None:
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.link(tmp, path)   # FileExistsError where the name is taken
-    finally:
-        with suppress(OSError):
-            os.remove(tmp)
+def _link_new(path: str, data: bytes) -> bool:
+    """:func:`create_exclusive` on the local disk. The folder is made again where it vanished
+    before the temporary file was written in it: a run releasing its lease removes the run folder
+    it left empty, and another run taking the lease at that moment failed ("cannot write to the
+    output …: No such file or directory", or makedirs' own "File exists")."""
+    folder = os.path.dirname(path) or "."
+    for tries_left in reversed(range(_FOLDER_TRIES)):
+        with suppress(FileExistsError):   # os.makedirs found it, and it was gone when it looked
+            os.makedirs(folder, exist_ok=True)
+        tmp = temporary_path(path)
+        try:
+            with open(tmp, "wb") as handle:   # once written, the folder is not empty: it stays
+                handle.write(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:   # the name is taken
+            return False
+        except FileNotFoundError:   # the folder was removed (and maybe made again) meanwhile
+            if not tries_left:
+                raise
+        finally:
+            with suppress(OSError):
+                os.remove(tmp)
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 def remove(uri: str, recursive: bool = True) -> None:

@@ -193,6 +193,55 @@ def test_a_run_that_lost_its_lease_reports_nothing(night, monkeypatch):
     assert reported == [] and not runs.is_committed(paths)
 
 
+def test_a_run_takes_the_lease_of_a_folder_another_run_empties_meanwhile(tmp_path, monkeypatch):
+    # a run that failed before writing anything removes its emptied run folder as it releases
+    # its lease; the run taking the lease at that moment (the folder made, the lock's temporary
+    # file not yet written) failed "cannot write to the output …: No such file or directory"
+    from r2ray.lease import acquire_lease
+
+    paths = runs.RunPaths(str(tmp_path), "night")
+    name = storage.temporary_path
+
+    def released_meanwhile(path):
+        if os.path.isdir(paths.root) and not os.listdir(paths.root):
+            os.rmdir(paths.root)   # the other run's release, once
+            monkeypatch.setattr(storage, "temporary_path", name)
+        return name(path)
+
+    monkeypatch.setattr(storage, "temporary_path", released_meanwhile)
+    lease = acquire_lease(paths)
+    assert _lock(paths)["owner"] == lease.owner
+    lease.release()
+
+
+@pytest.mark.parametrize("meanwhile", ["entered", "removed"])
+def test_a_release_leaves_the_run_folder_to_the_next_run(meanwhile, night, monkeypatch, capsys):
+    # its lock removed, the release lists the run folder to remove it if empty; meanwhile the
+    # next run's lease lands in it ("Directory not empty"), or the next run's own release removes
+    # it ("No such file or directory"): the release warned "could not release the lease" though
+    # it had
+    from fsspec.implementations.local import LocalFileSystem
+
+    from r2ray.lease import acquire_lease
+
+    paths = runs.RunPaths(night.output, "night")
+    lease = acquire_lease(paths)
+    listing = LocalFileSystem.ls
+
+    def next_run_meanwhile(fs, path, detail=True, **kwargs):
+        if path.rstrip("/") == paths.root and meanwhile == "removed":
+            os.rmdir(paths.root)
+        found = listing(fs, path, detail=detail, **kwargs)
+        if path.rstrip("/") == paths.root and meanwhile == "entered":
+            _take_over(night)
+        return found
+
+    monkeypatch.setattr(LocalFileSystem, "ls", next_run_meanwhile)
+    lease.release()
+    assert "warning" not in capsys.readouterr().err
+    assert os.path.isdir(paths.root) == (meanwhile == "entered")
+
+
 def test_a_lock_that_is_no_lease_is_named(night, monkeypatch):
     paths = runs.RunPaths(night.output, "night")
     runs.start_attempt(paths, fingerprint="f")
