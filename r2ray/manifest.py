@@ -149,11 +149,20 @@ def check_output(paths: RunPaths, input_files: list[str], input_uri: str | None 
                 "night would route again the earlier runs' deferred rows and quarantine their "
                 "manifests; choose an --output outside the input (a deferred/ folder passed "
                 "as --input itself is fine)")
-    if set(names) - {LOCK} and MARKER not in names:   # a lease alone: a run is starting here
+    if set(names) - set(lease_files(names)) and MARKER not in names:   # a run is starting here
         raise RunFolderError(
             f"{paths.root} exists and is not an r2ray run folder (no {MARKER}; it holds "
             f"{', '.join(names[:5])}{', …' if len(names) > 5 else ''}); r2ray will not write into "
             "or clear it — choose another --run-id or --output, or move its contents away")
+
+
+def lease_files(names: list[str]) -> list[str]:
+    """The names among a folder's that are a run's lease (:mod:`r2ray.lease`): the lock, and what
+    creating or changing it leaves for milliseconds (its claims ``<lock>.takeover-*``, their and
+    the lock's temporary files ``*.tmp-*``), or for good where a run was killed in them. Read as
+    not r2ray's, a run starting beside one that renewed its lease before writing its marker was
+    told to move a live run's files away."""
+    return [name for name in names if name.startswith(LOCK)]
 
 
 def _below(uri: str, folder: str) -> bool:

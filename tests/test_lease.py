@@ -242,6 +242,29 @@ def test_a_release_leaves_the_run_folder_to_the_next_run(meanwhile, night, monke
     assert os.path.isdir(paths.root) == (meanwhile == "entered")
 
 
+def test_a_run_checking_the_folder_while_its_holder_renews_is_told_it_is_running(night,
+                                                                                 monkeypatch):
+    # a renewal holds a claim on the lock (and writes a temporary file) for milliseconds; a run
+    # checking the folder then, while the holder still loads its model (no marker yet), was told
+    # the folder was not r2ray's: "move its contents away", a live run's lease
+    from r2ray.lease import RunLocked, acquire_lease
+
+    lease = acquire_lease(runs.RunPaths(night.output, "night"))
+    write = storage.write_bytes
+
+    def second_run_meanwhile(uri, data):   # the lock's rewrite, under its claim
+        monkeypatch.setattr(storage, "write_bytes", write)
+        with pytest.raises(RunLocked, match="already running"):
+            route_batch(night)
+        write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", second_run_meanwhile)
+    try:
+        lease.renew()
+    finally:
+        lease.release()
+
+
 def test_a_lock_that_is_no_lease_is_named(night, monkeypatch):
     paths = runs.RunPaths(night.output, "night")
     runs.start_attempt(paths, fingerprint="f")

@@ -63,6 +63,15 @@ def test_a_batch_run_holding_only_its_lease_is_no_work_folder(tmp_path):
         lease.release()
 
 
+def test_a_batch_run_folder_holding_only_a_claim_on_its_lease_is_no_work_folder(tmp_path):
+    # a run killed in the milliseconds its release held the claim (its lock removed, the claim
+    # not yet): the folder was taken as a work folder, its claim read as no run's
+    paths = runs.RunPaths(str(tmp_path / "runs"), "r1")
+    storage.write_text(paths.lock + ".takeover-0123456789abcdef", "{}")
+    with pytest.raises(R2RayError, match="is a batch run folder \\(it holds _r2ray_lock.json."):
+        open_work(paths.root)
+
+
 def test_a_work_folder_with_another_manifest_is_refused(tmp_path):
     # before the fix: the project's manifest.json was removed, then replaced by r2ray's
     (tmp_path / "manifest.json").write_text('{"name": "my web app"}')

@@ -12,7 +12,7 @@ import json
 
 from r2ray import storage
 from r2ray.errors import R2RayError
-from r2ray.manifest import LOCK, MARKER, children
+from r2ray.manifest import MARKER, children, lease_files
 
 MANIFEST = "manifest.json"
 WORK_KINDS = ("execute", "bench-collect")   # the ``kind`` of the manifests commit_work writes
@@ -29,10 +29,10 @@ def open_work(work_dir: str) -> None:
 
 def check_work(work_dir: str) -> None:
     """Refuse a batch run folder (it holds ``_r2ray_run.json``, or in a run's first moments
-    only its lease ``_r2ray_lock.json``) and a folder whose ``manifest.json`` no collection or
+    only its lease's ``_r2ray_lock.json*``) and a folder whose ``manifest.json`` no collection or
     execution wrote, before anything there is touched."""
     names = children(work_dir)
-    run_files = [name for name in (MARKER, LOCK) if name in names]
+    run_files = [name for name in names if name == MARKER] + lease_files(names)
     if run_files:
         raise WorkFolderError(f"work folder {work_dir} is a batch run folder (it holds "
                               f"{run_files[0]}); give another --work: a run folder is r2ray "
