@@ -65,9 +65,11 @@ def test_a_batch_run_holding_only_its_lease_is_no_work_folder(tmp_path):
 
 def test_a_batch_run_folder_holding_only_a_claim_on_its_lease_is_no_work_folder(tmp_path):
     # a run killed in the milliseconds its release held the claim (its lock removed, the claim
-    # not yet): the folder was taken as a work folder, its claim read as no run's
+    # not yet): the folder was taken as a work folder, its claim read as no run's; and the next
+    # run of r1 refused, its folder "not an r2ray run folder", for good
     paths = runs.RunPaths(str(tmp_path / "runs"), "r1")
     storage.write_text(paths.lock + ".takeover-0123456789abcdef", "{}")
+    runs.check_output(paths, [])
     with pytest.raises(R2RayError, match="is a batch run folder \\(it holds _r2ray_lock.json."):
         open_work(paths.root)
 
