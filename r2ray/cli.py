@@ -124,10 +124,12 @@ def _route_parser(commands: argparse._SubParsersAction) -> None:
                        help="predictor actors (default: one per CPU of the cluster, or one per "
                             "GPU share with --gpus-per-worker)")
     route.add_argument("--cpus-per-worker", type=float,
-                       help="default: (cluster CPUs - 1) / workers, room for the read tasks")
+                       help="default: (cluster CPUs - 1 per node) / workers, room for the read "
+                            "tasks")
     route.add_argument("--gpus-per-worker", type=float, help="default 0")
     route.add_argument("--threads-per-worker", type=int,
-                       help="torch threads in each worker (default: its CPUs rounded, at least 1)")
+                       help="torch threads in each worker (default: its CPUs rounded down, at "
+                            "least 1)")
     route.add_argument("--batch-size", type=int,
                        help="rows per actor call (default: texts, parquet rows / (workers x 8) "
                             "as a power of two within 256-2,048, 256 when unknown; 8,192 "

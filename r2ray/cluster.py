@@ -33,3 +33,12 @@ def check_ray_address(address: str | None) -> None:
         raise R2RayError(f"RAY_ADDRESS={address!r}: no Ray cluster answers there ({err}); start "
                          "the cluster or fix the address, or unset it to start a local Ray") \
             from None
+
+
+def node_resources() -> list[dict[str, float]]:
+    """Each live node's total resources (``CPU``, ``GPU``), for shaping the scoring pool
+    (:func:`r2ray.batch.pool.pool_shape`): one node's room, not the cluster's, decides whether a
+    task fits. Needs ``ray.init`` first."""
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]

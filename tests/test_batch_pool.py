@@ -13,6 +13,7 @@ from r2ray.batch.pool import (EMBEDDING_BATCH_ROWS, TEXT_BATCH_ROWS, TEXT_CALLS_
                               WORKERS_PER_READ_TASK, pool_shape, text_batch_rows)
 from r2ray.batch.score import use_threads
 from r2ray.predictor.torch_fit import inference_rows, predict_module
+from r2ray.errors import ConfigError
 
 
 def config(**given):
@@ -52,6 +53,52 @@ def test_gpu_workers_one_per_gpu_share_with_at_most_one_core_each():
     assert (pool.workers, pool.cpus_per_worker) == (3, 1.0)                  # 0.9 of the GPU
     pool = pool_shape(config(gpus_per_worker=1), {"CPU": 2, "GPU": 4}, encodes_text=True)
     assert (pool.workers, pool.cpus_per_worker) == (4, 0.25)                 # few CPUs: shared
+
+
+@pytest.mark.parametrize("share, workers", [(0.2, 5), (0.1, 10), (0.25, 4), (1 / 3, 3)])
+def test_gpu_shares_that_fill_a_gpu_exactly_each_get_a_worker(share, workers):
+    """1 // 0.2 is 4.0 in floats: five 0.2 shares fit one GPU, and the pool takes all five."""
+    pool = pool_shape(config(gpus_per_worker=share), {"CPU": 16, "GPU": 1}, encodes_text=True)
+    assert pool.workers == workers
+
+
+@pytest.mark.parametrize("cpus, workers, threads", [(4, 2, 1), (6, 2, 2), (8, 2, 3), (4, 1, 3)])
+def test_derived_threads_never_exceed_the_cpus_a_worker_holds(cpus, workers, threads):
+    """Torch threads beyond the logical CPUs an actor holds spin on cores the feeding tasks
+    were left (4 CPUs, 2 workers of 1.5: round gave 2 threads each, 4 on the 3 CPUs left)."""
+    pool = pool_shape(config(workers=workers), {"CPU": cpus}, encodes_text=True)
+    assert pool.threads_per_worker == threads <= max(1.0, pool.cpus_per_worker)
+
+
+def test_each_node_keeps_a_whole_cpu_for_the_repartition_task(caplog):
+    """Two 2-CPU nodes (and a head of none): from the totals, four workers of 0.75 left 0.5 CPUs
+    free on each node, so the whole-CPU repartition task ran nowhere and the job hung (a
+    ray.cluster_utils.Cluster run); one CPU kept per node leaves some node a whole one."""
+    nodes = [{"CPU": 0.0}, {"CPU": 2.0}, {"CPU": 2.0}]
+    with caplog.at_level(logging.WARNING, logger="r2ray.batch.pool"):
+        pool = pool_shape(config(), {"CPU": 4}, encodes_text=False, nodes=nodes)
+        assert caplog.text == ""
+        assert (pool.workers, pool.cpus_per_worker) == (4, 0.5)
+        pool_shape(config(cpus_per_worker=0.75), {"CPU": 4}, encodes_text=False, nodes=nodes)
+    assert "needs 2 beside them (1 per node)" in caplog.text and "at most 0.5 per" in caplog.text
+
+
+def test_a_cluster_that_reports_no_cpus_is_warned_of(caplog):
+    """ray.cluster_resources() has no CPU key where no node has CPUs (a head started with
+    --num-cpus=0, workers yet to join): that is no CPUs, not one."""
+    with caplog.at_level(logging.WARNING, logger="r2ray.batch.pool"):
+        pool = pool_shape(config(), {}, encodes_text=True)
+    assert pool.workers == 1 and "the cluster has 0 CPUs now" in caplog.text
+
+
+@pytest.mark.parametrize("field", ["cpus_per_worker", "gpus_per_worker", "task_cpus",
+                                   "spend_guarantee"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_pool_and_plan_settings_are_refused_naming_the_field(field, value):
+    """An infinite cpus_per_worker passed validation and then overflowed the thread count; a
+    NaN spend guarantee was refused as 'should be less than 1'."""
+    with pytest.raises(ConfigError, match=rf"{field}: Input should be a finite number"):
+        config(**{field: value})
 
 
 @pytest.mark.parametrize("given, cluster, named", [
@@ -194,7 +241,6 @@ def test_encoder_precision_is_a_checked_setting_the_score_workers_load_with(smal
     from r2ray.batch.job import load_model
     from r2ray.batch.score import ScoreWorker
     from r2ray.bench.synthetic import synth_bench
-    from r2ray.errors import ConfigError
     from r2ray.predictor import make_predictor, save_predictor
     from r2ray.predictor.data import bench_arrays
 

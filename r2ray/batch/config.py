@@ -17,6 +17,9 @@ from r2ray.encoders import Precision
 from r2ray.errors import ConfigError
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# a float the pool and the plan can use: NaN fails no bound with a clear message, and an
+# infinite CPU share overflows the thread count derived from it
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class RouteConfig(BaseModel):
@@ -29,7 +32,7 @@ class RouteConfig(BaseModel):
     model: Annotated[str, Field(min_length=1)]           # models:/NAME@ALIAS, models:/NAME/V or a dir
     budget_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     budget_per_query_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    spend_guarantee: Annotated[float, Field(ge=0, lt=1)] = 0.95  # P(realised ≤ budget) to plan
+    spend_guarantee: Annotated[Finite, Field(ge=0, lt=1)] = 0.95  # P(realised ≤ budget) to plan
                                                          # for; 0 = on predicted costs alone
                                                          # (= spend_guarantee.DEFAULT_GUARANTEE)
     strict_budget: bool = False                          # price arms at max_tokens: bill ≤ budget
@@ -44,11 +47,12 @@ class RouteConfig(BaseModel):
     # the scoring pool (r2ray.batch.pool): None = derived from ray.cluster_resources()
     workers: Annotated[int, Field(ge=1)] | None = None   # predictor actors; default one per CPU
                                                          # (one per GPU share with gpus_per_worker)
-    cpus_per_worker: Annotated[float, Field(gt=0)] | None = None  # default (CPUs − 1) ÷
-                                                         # workers: room for the feeding tasks
-    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    cpus_per_worker: Annotated[Finite, Field(gt=0)] | None = None  # default (CPUs − 1 per
+                                                         # node) ÷ workers: room for the feeding
+                                                         # tasks
+    gpus_per_worker: Annotated[Finite, Field(ge=0)] = 0.0
     threads_per_worker: Annotated[int, Field(ge=1)] | None = None  # torch threads; default
-                                                         # round(cpus_per_worker), at least 1
+                                                         # cpus_per_worker rounded down, ≥ 1
     batch_size: Annotated[int, Field(ge=1)] | None = None  # rows per actor call; default 256
                                                          # texts or 8,192 embeddings
     read_tasks: Annotated[int, Field(ge=1)] | None = None  # read tasks at once; default one
@@ -56,7 +60,7 @@ class RouteConfig(BaseModel):
     encoder_precision: Precision = "auto"                # the text encoder's forward pass
                                                          # (encoders.load_encoder): bfloat16
                                                          # where native, as Serve's
-    task_cpus: Annotated[float, Field(gt=0)] = 0.25      # each small task (read, dedupe, solve,
+    task_cpus: Annotated[Finite, Field(gt=0)] = 0.25     # each small task (read, dedupe, solve,
                                                          # assign): fractional, beside the actors
 
     @field_validator("run_id")

@@ -33,7 +33,7 @@ from r2ray import __version__, storage
 from r2ray.batch.backlog import ReadUnit, plan_units, planned_rows, read_stage, unit_items
 from r2ray.batch.config import RouteConfig
 from r2ray.catalog import Catalog, repriced_catalog
-from r2ray.cluster import ray_address
+from r2ray.cluster import node_resources, ray_address
 from r2ray.errors import R2RayError
 from r2ray.failpoints import failpoint
 from r2ray.lease import RunLease, acquire_lease
@@ -438,7 +438,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         _init_ray()
     max_context = max(m.context for m in model.catalog.models)
     pool = pool_shape(config, ray.cluster_resources(), model.has_text_encoder,
-                      planned_rows(units))
+                      planned_rows(units), node_resources())
     cost_factors = None if correction is None else correction.factors_for(model.catalog).tolist()
     warm = warm_up_in_background(config)   # the driver only waits while the workers score
     solver = start_solver(config.defer, modules=("r2ray.batch.assign",))   # warms meanwhile

@@ -6,14 +6,15 @@ Why these defaults (measured on 2 busy cores, ``benchmarks/batch.py``):
 - one torch thread per worker and one worker per CPU: the encoder and the predictor run small
   batches, where a second intra-op thread adds little and, on a loaded host, spin-waits; separate
   processes scale with the cores instead;
-- each worker asks for (CPUs − 1) ÷ workers CPUs (none below two CPUs), so the tasks that
-  feed the pool still find room: Ray Data's repartition tasks ask for a whole CPU, and with
-  1.75 of 2 CPUs held by actors the job hung (as it did on 1 CPU with 0.5 held); the CPUs are
-  logical, the threads are what runs, so the actors' torch threads are set explicitly, not left
-  to Ray's ``OMP_NUM_THREADS`` guess. Settings that leave no such room, or ask for more GPUs
-  than the cluster has now, are warned of (:func:`shortfall`): Ray waits for them, until an
-  autoscaler or joining workers bring them, on a fixed cluster forever (none visible: one GPU
-  worker, for the autoscaler to make room for);
+- each worker asks for (CPUs − 1 per node) ÷ workers CPUs (none below two CPUs), so the tasks
+  that feed the pool still find room (:func:`repartition_reserve`): Ray Data's repartition tasks
+  ask for a whole CPU, and with 1.75 of 2 CPUs held by actors the job hung (as it did on 1 CPU
+  with 0.5 held, and on two 2-CPU nodes with 0.5 free on each); the CPUs are logical, the
+  threads are what runs, so the actors' torch threads are set explicitly, not left to Ray's
+  ``OMP_NUM_THREADS`` guess (the CPUs held, rounded down: no more threads than those).
+  Settings that leave no such room, or ask for more GPUs than the cluster has now, are warned
+  of (:func:`shortfall`): Ray waits for them, until an autoscaler or joining workers bring them,
+  on a fixed cluster forever (none visible: one GPU worker, for the autoscaler to make room for);
 - with ``gpus_per_worker``, one worker per GPU share it asks for;
 - rows per call: thousands of precomputed embeddings (the call overhead dominates); for texts,
   about ``CALLS_PER_WORKER`` calls per worker over the backlog, within ``TEXT_BATCH_LIMITS``: the
@@ -78,26 +79,28 @@ class PoolShape:
 
 
 def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
-               backlog_rows: int | None = None) -> PoolShape:
+               backlog_rows: int | None = None,
+               nodes: list[dict[str, float]] | None = None) -> PoolShape:
     """The pool for ``config`` (a :class:`~r2ray.batch.config.RouteConfig`; its ``workers``,
     ``cpus_per_worker``, ``threads_per_worker``, ``batch_size`` and ``read_tasks`` win where
     given) on a cluster with ``cluster`` resources (``ray.cluster_resources()``: ``CPU``,
-    ``GPU`` totals).
+    ``GPU`` totals; no ``CPU`` key: none) on ``nodes`` (each live node's resources,
+    :func:`r2ray.cluster.node_resources`; None: one node).
     ``encodes_text``: the workers embed text (else rows carry embeddings); ``backlog_rows``: the
     rows planning counted (None: unknown), which size the text calls."""
-    cpus = float(cluster.get("CPU", 1.0))
+    cpus = float(cluster.get("CPU", 0.0))
     gpus = config.gpus_per_worker
-    free_cpus = max(0.0, cpus - REPARTITION_CPUS)   # room for the tasks feeding the pool
+    free_cpus = max(0.0, cpus - repartition_reserve(nodes))   # room for the feeding tasks
     if config.workers is not None:
         workers = config.workers
-    elif gpus > 0:
-        workers = max(1, int(float(cluster.get("GPU", 0.0)) // gpus))
+    elif gpus > 0:   # the epsilon: 1 // 0.2 is 4.0 in floats, and five 0.2 shares fit one GPU
+        workers = max(1, math.floor(float(cluster.get("GPU", 0.0)) / gpus + 1e-9))
     else:
         workers = max(1, math.floor(cpus))
     per_worker = config.cpus_per_worker or math.floor(1000 * free_cpus / workers) / 1000
     if gpus > 0 and config.cpus_per_worker is None:
         per_worker = min(per_worker, 1.0)   # a GPU worker needs one core to feed it
-    threads = config.threads_per_worker or max(1, round(per_worker))
+    threads = config.threads_per_worker or max(1, math.floor(per_worker + 1e-9))
     rows = config.batch_size or (text_batch_rows(backlog_rows, workers) if encodes_text
                                  else EMBEDDING_BATCH_ROWS)
     in_flight = TEXT_CALLS_IN_FLIGHT if encodes_text else EMBEDDING_CALLS_IN_FLIGHT
@@ -105,28 +108,40 @@ def pool_shape(config, cluster: dict[str, float], encodes_text: bool,
     pool = PoolShape(workers, per_worker, gpus, threads, rows, in_flight, reads,
                      encoder_precision(config.encoder_precision, gpus > 0) if encodes_text
                      else None)
-    short = shortfall(pool, cpus, float(cluster.get("GPU", 0.0)))
+    short = shortfall(pool, cpus, float(cluster.get("GPU", 0.0)), repartition_reserve(nodes))
     if short:
         log.warning("%s: the job waits until the cluster has them (an autoscaler, workers "
                     "still joining), on a cluster of fixed size forever", short)
     return pool
 
 
-def shortfall(pool: PoolShape, cpus: float, gpus: float) -> str | None:
+def repartition_reserve(nodes: list[dict[str, float]] | None) -> float:
+    """CPUs the default pool leaves free so a whole-CPU repartition task finds one node to run
+    on: ``REPARTITION_CPUS`` on each node that can hold one (at least one node). Free CPUs
+    summing to one whole CPU can be split over nodes, none of which then has it (two 2-CPU
+    nodes, four workers of 0.75: 0.5 free on each, and the job hung); one per node leaves some
+    node a whole one however the actors are placed, as the free CPUs sum to the node count."""
+    big = sum(1 for node in nodes or () if node.get("CPU", 0.0) >= REPARTITION_CPUS - 1e-9)
+    return REPARTITION_CPUS * max(1, big)
+
+
+def shortfall(pool: PoolShape, cpus: float, gpus: float,
+              reserve: float = REPARTITION_CPUS) -> str | None:
     """What the pool asks for that the cluster (``cpus``, ``gpus``: its totals now) lacks beside
-    a repartition task, else None. Ray Data does not fail on it: it waits until the cluster has it
-    (an autoscaler adding nodes, workers still joining), on a fixed cluster forever; so the job
-    warns, naming the setting, rather than refusing a cluster about to grow."""
+    ``reserve`` CPUs for repartition tasks (:func:`repartition_reserve`), else None. Ray Data
+    does not fail on it: it waits until the cluster has it (an autoscaler adding nodes, workers
+    still joining), on a fixed cluster forever; so the job warns, naming the setting, rather
+    than refusing a cluster about to grow."""
     held_cpus, held_gpus = pool.workers * pool.cpus_per_worker, pool.workers * pool.gpus_per_worker
     if held_gpus > gpus + 1e-9:
         return (f"the scoring pool asks for {held_gpus:g} GPUs ({pool.workers} workers × "
                 f"gpus_per_worker {pool.gpus_per_worker:g}); the cluster has {gpus:g} now")
-    if held_cpus + REPARTITION_CPUS > max(cpus, REPARTITION_CPUS) + 1e-9:
+    if held_cpus + reserve > max(cpus, reserve) + 1e-9:
         return (f"the scoring pool asks for {held_cpus:g} CPUs ({pool.workers} workers × "
                 f"cpus_per_worker {pool.cpus_per_worker:g}); the cluster has {cpus:g} now and Ray "
-                f"Data's repartition needs {REPARTITION_CPUS:g} beside them: give at most "
-                f"{max(0.0, cpus - REPARTITION_CPUS) / pool.workers:.3g} per worker, or leave "
-                "cpus_per_worker unset")
+                f"Data's repartition needs {reserve:g} beside them ({REPARTITION_CPUS:g} per "
+                f"node): give at most {max(0.0, cpus - reserve) / pool.workers:.3g} per worker, "
+                "or leave cpus_per_worker unset")
     if cpus < REPARTITION_CPUS:
         return (f"the cluster has {cpus:g} CPUs now; the batch job needs at least "
                 f"{REPARTITION_CPUS:g} (Ray Data's repartition task asks for a whole one)")
