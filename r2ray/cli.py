@@ -1,6 +1,6 @@
 """The ``r2ray`` command: argument parsing only; every command calls one library function.
 
-Errors a user can fix (:class:`r2ray.errors.R2RayError`, missing files) print one clear line
+Errors a user can fix (:class:`r2ray.errors.R2RayError`, a path that cannot be used) print one clear line
 and exit with status 2; ``route`` exits 3 when it committed a run that routed nothing; Ctrl-C
 prints one line and exits 130, as a shell reports an interrupted tool; anything else is a bug and
 keeps its traceback.
@@ -25,6 +25,12 @@ on record, but a scheduler should alert on it."""
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 """Ctrl-C, as a shell reports an interrupted tool: a route leaves its committed run whole and its
 interrupted attempt for the rerun to redo."""
+
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+"""A path the user gave that cannot be used: missing, a file where a folder must be (``--out
+notes.txt/bench.parquet``) or the other way round, not permitted. The message names the path; a
+traceback through the writer would not help."""
 
 BENCH_FORMATS = ["long", "r2bench", "routerbench", "paretobandit", "routerarena"]
 
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (R2RayError, FileNotFoundError) as err:
+    except (R2RayError, *PATH_ERRORS) as err:
         print(f"r2ray {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:   # Ctrl-C: the user's stop, not a bug (a run is redone on its rerun)
