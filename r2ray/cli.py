@@ -1,9 +1,9 @@
 """The ``r2ray`` command: argument parsing only; every command calls one library function.
 
-Errors a user can fix (:class:`r2ray.errors.R2RayError`, a path that cannot be used) print one clear line
-and exit with status 2; ``route`` exits 3 when it committed a run that routed nothing; Ctrl-C
-prints one line and exits 130, as a shell reports an interrupted tool; anything else is a bug and
-keeps its traceback.
+Errors a user can fix (:class:`r2ray.errors.R2RayError`, a path that cannot be used) print one
+clear line and exit with status 2; ``route`` exits 3 when it committed a run that routed nothing;
+Ctrl-C prints one line and exits 130, as a shell reports an interrupted tool; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -100,3 +100,34 @@ def test_tune_names_a_ray_address_where_no_cluster_answers(monkeypatch):
         monkeypatch.setenv("RAY_ADDRESS", address)
         with pytest.raises(R2RayError, match=f"RAY_ADDRESS='{address}': {why}"):
             asha_search(singles, train, catalog, fold, print)
+
+
+@pytest.mark.parametrize("answers, joins", [(False, "local"), (True, None)])
+def test_a_recorded_cluster_that_is_gone_starts_a_local_ray(tmp_path, monkeypatch, capsys,
+                                                           answers, joins):
+    """RAY_ADDRESS unset, Ray joins the cluster ``ray start`` recorded in ray_current_cluster; a
+    head killed without ``ray stop`` leaves the record, and `make run` retried that dead GCS for
+    minutes. A record nothing answers at starts a local Ray (one line says so); a live one is
+    joined as before."""
+    import ray
+    import ray._common.utils
+
+    from r2ray.batch.job import _init_ray
+
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        if answers:
+            head.listen()
+        record = tmp_path / "ray_current_cluster"
+        record.write_text(f"127.0.0.1:{head.getsockname()[1]}")
+        if not answers:
+            head.close()
+        monkeypatch.setattr(ray._common.utils, "get_ray_address_file", lambda temp_dir: str(record))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        init = {}
+        monkeypatch.setattr(ray, "init", lambda **kwargs: init.update(kwargs))
+        _init_ray()
+    assert init["address"] == joins and init["include_dashboard"] is False
+    said = capsys.readouterr().err
+    assert ("does not answer; starting a local Ray" in said) == (not answers)

@@ -185,7 +185,7 @@ def _init_ray() -> None:
         # README says so once (the `ray job` CLIs need RAY_AUTH_MODE=token), the job stays quiet
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR)
-        ray.init(address=address, include_dashboard=False if not address else None,
+        ray.init(address=address, include_dashboard=False if address in (None, "local") else None,
                  ignore_reinit_error=True, log_to_driver=True)
 
 
