@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 
+import httpcore
 import httpx
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ from r2ray.predictor import load_predictor
 from r2ray.routing import worst_case_usd
 from r2ray.serving.api import build_api
 from r2ray.serving.config import PacingConfig, serve_config
+from r2ray.serving.deployments import INGRESS_MAX_ONGOING
 from r2ray.serving.pacer import Pacer, PriceState
 from r2ray.serving.router import RouteItem, RouteRejected, RoutingModel, route_items
-from r2ray.serving.service import RoutingService, SpendBook, sync_spend
+from r2ray.serving.service import NON_TEXT_PART_TOKENS, RoutingService, SpendBook, sync_spend
+from r2ray.serving.upstream import upstream_client
 
 from test_serving import _with_endpoints
 
@@ -284,3 +287,103 @@ def test_the_upstream_key_echoed_in_an_error_is_masked(routing_model, embedding,
         r = _post(service, "/v1/chat/completions", _chat(embedding))
         assert r.status_code == 502 and "answered 401" in r.text, r.text
         assert "sk-live" not in r.text, r.text   # before the fix: the key, or its first 10 chars
+
+
+# ---- 9. what a forwarded call may cost (a review, 2026-12-06) -----------------------------------
+@pytest.mark.parametrize("n", [2, 8, True, 0])
+def test_n_completions_is_a_422_naming_n_and_nothing_is_sent(routing_model, embedding, n):
+    sent = []
+    service = _forwarding(routing_model, lambda request: sent.append(request) or httpx.Response(
+        200, json={"choices": [{}] * 8}))
+    r = _post(service, "/v1/chat/completions", _chat(embedding, n=n))
+    # before the fix: 200, n=8 billed by the upstream, one call's ĉ priced, reserved and booked
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == "n" and "one completion" in r.json()["error"]["message"]
+    assert sent == [] and service.book.pending_usd == 0.0
+
+
+def test_n_of_one_is_forwarded_as_sent(routing_model, embedding):
+    sent = []
+    service = _forwarding(routing_model, lambda request: sent.append(json.loads(request.content))
+                          or httpx.Response(200, json={"choices": []}))
+    assert _post(service, "/v1/chat/completions", _chat(embedding, n=1)).status_code == 200
+    assert sent[0]["n"] == 1
+
+
+def test_image_parts_are_priced_as_input_tokens(routing_model, embedding):
+    images = 20
+    items = []
+    service = _forwarding(routing_model, lambda request: httpx.Response(200, json={"choices": []}))
+    route = service._route
+
+    async def recording(item):
+        items.append(item)
+        return await route(item)
+    service._route = recording
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    r = _post(service, "/v1/chat/completions", _chat(embedding, messages=[{
+        "role": "user", "content": [{"type": "text", "text": "What is in these?"}]
+        + [image] * images}]))
+    assert r.status_code == 200, r.text
+    # before the fix: 4 input tokens, the caption's; the images priced at nothing
+    assert items[0].input_tokens >= images * NON_TEXT_PART_TOKENS, items[0].input_tokens
+    price_in = routing_model.catalog.model(r.headers["x-r2ray-model"]).input_per_m
+    assert float(r.headers["x-r2ray-c-hat-usd"]) >= \
+        images * NON_TEXT_PART_TOKENS * price_in * 1e-6 * (1 - 1e-5)   # header: 6 digits
+
+
+class _HeldUpstream(httpcore.AsyncNetworkBackend):
+    """An upstream reached over real pooled connections that answers none until ``n`` are open
+    at once: calls the client's pool cannot hold wait for a connection that never frees."""
+
+    def __init__(self, n: int):
+        self.n, self.opened, self.all_open = n, 0, asyncio.Event()
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None,
+                          socket_options=None):
+        self.opened += 1
+        if self.opened == self.n:
+            self.all_open.set()
+        return _HeldStream(self.all_open)
+
+    async def sleep(self, seconds):
+        await asyncio.sleep(seconds)
+
+
+class _HeldStream(httpcore.AsyncNetworkStream):
+    ANSWER = b'{"choices": []}'
+
+    def __init__(self, all_open: asyncio.Event):
+        self.all_open, self.pending = all_open, b""
+
+    async def write(self, buffer, timeout=None):
+        self.pending = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                        + str(len(self.ANSWER)).encode() + b"\r\n\r\n" + self.ANSWER)
+
+    async def read(self, max_bytes, timeout=None):
+        try:   # the timeout a socket read has
+            await asyncio.wait_for(self.all_open.wait(), timeout)
+        except TimeoutError:
+            raise httpcore.ReadTimeout("no answer") from None
+        chunk, self.pending = self.pending[:max_bytes], self.pending[max_bytes:]
+        return chunk
+
+    async def aclose(self):
+        pass
+
+
+def test_as_many_calls_as_the_ingress_admits_reach_the_upstream_at_once(routing_model,
+                                                                         embedding):
+    client = upstream_client(INGRESS_MAX_ONGOING)
+    client._transport._pool._network_backend = _HeldUpstream(INGRESS_MAX_ONGOING)
+    service = _service(_with_endpoints(routing_model), client, upstream_timeout_s=10.0)
+
+    async def go():
+        transport = httpx.ASGITransport(app=build_api(service, frozenset(), 1_000_000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://r2ray") as c:
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=_chat(embedding))
+                                          for _ in range(INGRESS_MAX_ONGOING)))
+    failed = [r.json()["error"]["message"] for r in asyncio.run(go()) if r.status_code != 200]
+    # httpx's default pool (100 connections): every call a 502, the 156 past the pool with
+    # PoolTimeout after upstream_timeout_s, and the 100 sent with it waiting on them
+    assert failed == [], (len(failed), sorted(set(failed)))

@@ -27,7 +27,6 @@ import logging
 import time
 import uuid
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -42,6 +41,7 @@ from r2ray.serving.pacer import Pacer, PriceState, starting_price
 from r2ray.serving.router import (RouteDecision, RouteItem, RouteRejected, load_routing_model,
                                   route_items, warm_up)
 from r2ray.serving.service import NullMetrics, RoutingService, SpendBook, sync_spend
+from r2ray.serving.upstream import upstream_client
 
 logger = logging.getLogger("ray.serve")
 INGRESS_MAX_ONGOING = 256   # requests per ingress replica; they are I/O-bound awaits
@@ -105,7 +105,7 @@ class Ingress:
         self.route.set_batch_wait_timeout_s(self.config.batch_wait_s)
         self._check_price()
         self.service = RoutingService(self.config, self._route_one, self.book, self._describe,
-                                      httpx.AsyncClient(), ServeMetrics())
+                                      upstream_client(INGRESS_MAX_ONGOING), ServeMetrics())
         self.in_flight = InFlight(build_api(self.service, self.key_digests,
                                             self.config.max_request_bytes))
         self._syncer = asyncio.create_task(self._sync_prices())

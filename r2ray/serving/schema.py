@@ -115,6 +115,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: Annotated[int, Field(gt=0)] | None = None
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
     stream: bool = False
+    n: int | None = None       # completions per call: 1 only (``_one_completion``)
     r2ray: RoutingOptions | None = None
 
     @field_validator("max_tokens", "max_completion_tokens", mode="before")
@@ -123,6 +124,17 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(value, bool):   # JSON true read as 1: "no arm has a budget of at most 1"
             raise ValueError("must be a whole number of tokens, not a boolean")
         return value
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _one_completion(cls, value):
+        """r2ray routes, prices (ĉ, ``max_cost_usd``) and reserves one completion a call, while
+        an upstream bills ``n``: ``n: 8`` was billed 8 completions where one was priced and,
+        with no ``usage`` in the answer, booked one call's ĉ."""
+        if value is None or (value == 1 and not isinstance(value, bool)):
+            return value
+        raise ValueError("r2ray routes and prices one completion a call: send n: 1 or leave "
+                         "it out, and make n calls for n answers")
 
     @field_validator("stream")
     @classmethod
@@ -187,6 +199,12 @@ def message_text(message: ChatMessage) -> str:
     parts = message.content or []
     return "\n".join(p["text"] for p in parts
                      if p.get("type") == "text" and isinstance(p.get("text"), str))
+
+
+def non_text_parts(message: ChatMessage) -> int:
+    """How many content parts of a message are not text (images, audio, files)."""
+    parts = message.content if isinstance(message.content, list) else []
+    return sum(p.get("type") != "text" for p in parts)
 
 
 class ModelCard(BaseModel):

@@ -23,9 +23,17 @@ from r2ray.serving.pacer import PriceState
 from r2ray.routing import query_key
 from r2ray.serving.router import RouteDecision, RouteItem, RouteRejected
 from r2ray.serving.schema import (ROUTER_MODEL, ChatCompletionRequest, ModelCard, ModelList,
-                                  RouteRequest, RouteResponse, RoutingOptions, message_text)
+                                  RouteRequest, RouteResponse, RoutingOptions, message_text,
+                                  non_text_parts)
 from r2ray.serving.upstream import (UpstreamError, chat_url, forward_chat, realised_cost_usd,
                                     upstream_key)
+
+NON_TEXT_PART_TOKENS = 1_600
+"""Input tokens counted for each content part that is not text (an image, audio, a file), whose
+bill the text estimate cannot see: about the most one image costs at the common providers
+(OpenAI high detail: 85 + 170 per 512-pixel tile, at most 8 tiles, 1,445; Anthropic about
+1,600 at its largest size). Counted as 0 before, 20 images priced as their caption alone. An
+allowance, not a bound: a long audio clip or a many-page file costs more."""
 
 RouteFn = Callable[[RouteItem], Awaitable["RouteDecision | RouteRejected"]]
 
@@ -167,13 +175,12 @@ class RoutingService:
         options = request.r2ray or RoutingOptions()
         query = next(message_text(m) for m in reversed(request.messages) if m.role == "user"
                      and message_text(m))
-        text = "\n".join(message_text(m) for m in request.messages)
         cap = request.output_cap
         limits = {"max_output_tokens": None if cap is None else cap[1]}
         if request.model != ROUTER_MODEL:
             limits["allowed_models"] = named_model(request.model, options.allowed_models)
         try:
-            decision = await self._decide(options, query, estimate_tokens(text), **limits)
+            decision = await self._decide(options, query, chat_input_tokens(request), **limits)
         except RouteRejected as rejected:
             if request.model != ROUTER_MODEL and rejected.param == "allowed_models":
                 rejected.param = "model"
@@ -237,6 +244,14 @@ def route_item(options: RoutingOptions, query: str, input_tokens: int, price: Pr
         strict_budget=price.solved_for is not None and price.solved_for.strict_budget,
         embedding=options.embedding, max_cost_usd=options.max_cost_usd,
         n_alternatives=n_alternatives, **fields)
+
+
+def chat_input_tokens(request: ChatCompletionRequest) -> int:
+    """Estimated input tokens of a chat: its messages' text, plus ``NON_TEXT_PART_TOKENS`` for
+    each image, audio or file part, so ĉ and ``max_cost_usd`` price what the upstream bills."""
+    text = "\n".join(message_text(m) for m in request.messages)
+    return estimate_tokens(text) + NON_TEXT_PART_TOKENS * sum(
+        non_text_parts(m) for m in request.messages)
 
 
 def named_model(model: str, allowed_models: list[str] | None) -> list[str]:

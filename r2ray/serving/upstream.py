@@ -48,6 +48,13 @@ def chat_url(spec: ModelSpec) -> str | None:
     return None if not spec.endpoint else spec.endpoint.rstrip("/") + "/chat/completions"
 
 
+def upstream_client(max_connections: int) -> httpx.AsyncClient:
+    """The client that forwards calls, pooling as many connections as the ingress admits
+    requests (``max_connections``): httpx's default pool of 100 held the rest of 256 concurrent
+    calls waiting for a connection, each a 502 (``PoolTimeout``) after ``upstream_timeout_s``."""
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections))
+
+
 def upstream_key(model: str, key_envs: dict[str, str]) -> str | None:
     """The API key for ``model``'s endpoint from its named environment variable, if one is named."""
     name = key_envs.get(model, key_envs.get("*"))
