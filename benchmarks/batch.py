@@ -139,7 +139,8 @@ def text_figures(args, catalog) -> None:
     import ray
 
     walls: dict[str, list[tuple[int, float, float]]] = {}   # as embedding_figures keeps them
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+             log_to_driver=False)   # "local": never a cluster a stale ray_current_cluster names
     with tempfile.TemporaryDirectory(prefix="r2ray-bench-") as tmp:
         model = train_model(f"{tmp}/model", catalog, encoder="minilm", n_queries=1000)
         for size in args.text_queries:
@@ -247,7 +248,8 @@ def running_cluster() -> str:
     before = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:          # read at start-up only: later children that start their own Ray do not see it
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
     finally:
         if before is None:
             os.environ.pop("RAY_AUTH_MODE")

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     with socket.socket() as sock:          # a free port on 127.0.0.1
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": "models:/r2ray-bench@champion", "tracking_uri": uri, "lambda": 2000.0,
               "router_cpus": 0.2, "encoder_precision": precision}

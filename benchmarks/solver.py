@@ -198,7 +198,7 @@ def figure_ray(sizes: list[int], n_blocks: int = 16) -> None:
     single-node solve of the same scores."""
     import ray
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     except Exception as err:            # a raylet that misses its 30 s start on a busy machine
         print(f"\n[4] Ray did not start: {err}")
