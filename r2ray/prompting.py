@@ -69,10 +69,7 @@ def instruction_tokens_bound(budget_tokens: np.ndarray) -> np.ndarray:
     its UTF-8 bytes (no tokenizer yields more tokens than bytes; ~43 for a 4-digit budget), 0 for
     the default arm. A given ``input_tokens`` counts the query only, so the worst case at the
     cap adds this for the prompt actually sent."""
-    budgets = np.asarray(budget_tokens, dtype=np.int64)
-    levels, index = np.unique(budgets, return_inverse=True)   # a grid has a few dozen levels
-    per_level = np.array([instruction_bytes(int(b)) for b in levels], dtype=np.int64)
-    return per_level[index.reshape(budgets.shape)]
+    return _per_budget_level(budget_tokens, instruction_bytes)
 
 
 def instruction_tokens_estimate(budget_tokens: np.ndarray) -> np.ndarray:
@@ -81,10 +78,16 @@ def instruction_tokens_estimate(budget_tokens: np.ndarray) -> np.ndarray:
     A given ``input_tokens`` counts the query only, and every budgeted call's bill carries the
     instruction too, so ĉ adds this (:func:`r2ray.routing.call_cost_usd`); at ~11 tokens it is a
     fifth of ĉ on a 10-token arm of a short query."""
+    return _per_budget_level(budget_tokens, lambda b: 0 if b == DEFAULT_BUDGET
+                             else estimate_tokens(length_suffix(b)))
+
+
+def _per_budget_level(budget_tokens: np.ndarray, tokens_at) -> np.ndarray:
+    """int64 array of ``budget_tokens``' shape: ``tokens_at(budget)`` computed once per distinct
+    budget (a grid has a few dozen levels) and spread back over the arms."""
     budgets = np.asarray(budget_tokens, dtype=np.int64)
     levels, index = np.unique(budgets, return_inverse=True)
-    per_level = np.array([0 if b == DEFAULT_BUDGET else estimate_tokens(length_suffix(int(b)))
-                          for b in levels], dtype=np.int64)
+    per_level = np.array([tokens_at(int(b)) for b in levels], dtype=np.int64)
     return per_level[index.reshape(budgets.shape)]
 
 

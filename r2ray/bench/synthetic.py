@@ -30,8 +30,8 @@ from r2ray.bench.world import (KNOBS, TOPIC_NAMES, TOPICS, Knobs, QueryFeatures,
 from r2ray.bench.world_text import render_queries
 from r2ray.catalog import Catalog, save_catalog
 from r2ray.errors import R2RayError
-from r2ray.routing import call_cost_usd
 from r2ray.prompting import estimate_tokens
+from r2ray.routing import call_cost_usd
 
 WORLD_VERSION = 4             # 2: default arms capped at the output cap, not the context;
                               # 3: input tokens estimated from UTF-8 bytes (a "·" is 2);
