@@ -19,10 +19,13 @@ import yaml
 
 from r2ray.bench.io import read_bench
 from r2ray.bench.schema import BenchError
+from r2ray.catalog import load_catalog
 from r2ray.cli import main
 from r2ray.execution import graders
 from r2ray.execution.collect import assign_arms, read_queries
 from r2ray.execution.stub import StubServer
+from r2ray.predictor.data import bench_arrays
+from r2ray.prompting import estimate_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,10 +145,12 @@ def test_collect_grades_every_arm(tmp_path, capsys):
     long = {(r["model"], r["budget"]): r for r in bench if r["query_id"] == "long"}
     assert long[("small", 4)]["truncated"] and long[("small", 4)]["output_tokens"] == 12  # 4 + 8
     assert long[("small", 12)]["output_tokens"] == 20 and long[("small", 0)]["output_tokens"] == 24
+    sent = {(r["query_id"], r["model"], r["budget"]): r["input_tokens"]   # the API's count
+            for r in pq.read_table(tmp_path / "bench.work" / "answers" / "parts").to_pylist()}
     for r in bench:
         price_in, price_out = (1e-6, 2e-6) if r["model"] == "small" else (10e-6, 30e-6)
-        assert r["cost_usd"] == pytest.approx(r["input_tokens"] * price_in
-                                              + r["output_tokens"] * price_out)
+        assert r["cost_usd"] == pytest.approx(sent[(r["query_id"], r["model"], r["budget"])]
+                                              * price_in + r["output_tokens"] * price_out)
     assert not any(r["query_id"] == "broken" for r in bench)   # a failure is no quality-0 row
     work = tmp_path / "bench.work"
     failures = pq.read_table(work / "answers" / "failures").to_pylist()
@@ -154,6 +159,27 @@ def test_collect_grades_every_arm(tmp_path, capsys):
     assert manifest["counts"]["bench_rows"] == 36 and manifest["spend"]["total_usd"] > 0
     assert (tmp_path / "bench.catalog.yaml").exists()
     assert "calls/s" in printed and "failures" in printed
+
+
+def test_input_tokens_are_the_querys_own_on_every_arm(tmp_path):
+    """A row's input_tokens is the query's own prompt as routing estimates it, not the API's count
+    of the prompt sent (instruction included, per arm): ĉ adds the instruction itself, so that
+    count priced it twice, and bench_arrays read whichever arm's row came first."""
+    query = "Capital of France, the country in Europe? [say:Paris is the capital.]"
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        queries = write_queries(tmp_path / "q.jsonl", [{"query_id": "city", "query": query,
+                                                        "reference": "paris"}])
+        out = tmp_path / "bench.parquet"
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(out), "--executor", "local"]) == 0
+    bench = read_bench(str(out))
+    assert set(bench.column("input_tokens").to_pylist()) == {estimate_tokens(query)}
+    pool = load_catalog(catalog)
+    reversed_rows = bench.take(pa.array(range(bench.num_rows - 1, -1, -1)))
+    arrays = [bench_arrays(table, pool) for table in (bench, reversed_rows)]
+    assert arrays[0].input_tokens.tolist() == arrays[1].input_tokens.tolist() \
+        == [estimate_tokens(query)]
 
 
 def test_collect_with_a_judge_and_k_arms(tmp_path):

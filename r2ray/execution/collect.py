@@ -4,6 +4,8 @@ Queries (parquet or jsonl): ``query_id``, ``query``, optional ``category``, ``re
 ``grader`` (``exact``, ``choice``, ``numeric``, ``math``, ``judge``). Every query gets every arm
 (``arms="all"``) or k arms, dealt so every arm is answered equally often (±1). A failed call is
 no bench row: it is in ``<work>/answers/failures/`` with its reason and is retried by a rerun.
+A row's ``input_tokens`` is the query's own prompt as routing estimates it, the same on every arm
+(:func:`bench_input_tokens`); its ``cost_usd`` is the bill of the prompt sent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from r2ray.execution import graders
 from r2ray.execution.engine import EngineConfig, EngineRun, run_requests
 from r2ray.execution.requests import arm_request, request_row, requests_table, worst_case_usd
 from r2ray.execution.workdir import commit_work, open_work
+from r2ray.prompting import estimate_tokens
 from r2ray.redaction import redact_values
 
 JUDGE_MAX_TOKENS = 16   # "Score: 0.75" and a little room
@@ -253,7 +256,8 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
             continue
         rows.append({"query_id": answer["query_id"], "query": query["query"],
                      "category": query["category"], "model": answer["model"],
-                     "budget": answer["budget"], "input_tokens": answer["input_tokens"],
+                     "budget": answer["budget"],
+                     "input_tokens": bench_input_tokens(query["query"]),
                      "output_tokens": answer["output_tokens"], "quality": float(quality),
                      "truncated": answer["truncated"], "response": answer["response"],
                      "cost_usd": answer["cost_usd"]})
@@ -281,6 +285,16 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
     }
     commit_work(config.work_dir, redact_values(manifest))
     return CollectResult(bench.num_rows, answers, judge_run, stats, agreement, ungraded, manifest)
+
+
+def bench_input_tokens(query: str) -> int:
+    """Tokens of the query's own prompt, as a bench row records them: routing's estimate
+    (:func:`estimate_tokens`, the figure :func:`arm_request` renders the call with), the same on
+    every arm. Not the API's count of the prompt sent, which differs per arm and includes the
+    length instruction that ĉ (``routing.call_cost_usd``) adds on its own: priced twice, and
+    ``bench_arrays`` taking a query's first row, evaluation and κ read whichever arm came first.
+    The API's count stays in ``<work>/answers/`` and is billed in ``cost_usd``."""
+    return estimate_tokens(query)
 
 
 def _nothing_graded(requests: int, answers: EngineRun, ungraded: int, work_dir: str) -> str:
