@@ -48,13 +48,26 @@ def test_hand_computed_statistics(catalog):
     assert a10["mean_output_tokens"] == pytest.approx(10.0)
     assert a10["share_within_1_1x"] == pytest.approx(0.5)       # 8 ≤ 11, 12 > 11
     assert a10["share_truncated"] == pytest.approx(0.5)
-    assert a10["mean_cost_usd"] == pytest.approx((116e-6 + 124e-6) / 2)  # 100·1 + 8·2, 100·1 + 12·2
+    # 100·1 + 8·2, 100·1 + 12·2, each + the length instruction's 11 estimated tokens × 1
+    assert a10["mean_cost_usd"] == pytest.approx((116e-6 + 124e-6) / 2 + 11e-6)
     assert a_default["share_within_1_1x"] is None
     assert a_default["mean_quality"] == pytest.approx(0.75)
     assert a_default["mean_cost_usd"] == pytest.approx((700e-6 + 1100e-6) / 2)
     assert b10["share_within_1_1x"] == pytest.approx(0.5)       # 11 is exactly 1.1 × 10: within
-    assert b10["mean_cost_usd"] == pytest.approx((0.5 + 1400e-6) / 2)
+    assert b10["mean_cost_usd"] == pytest.approx((0.5 + 1400e-6 + 110e-6) / 2)
     assert c_default["mean_cost_usd"] is None and c_default["count"] == 1
+
+
+def test_a_row_without_cost_is_billed_as_routing_prices_it(catalog):
+    """A row recording no cost_usd is priced by routing.call_cost_usd: the prompt sent carries a
+    budgeted arm's length instruction (11 estimated tokens at budget 10), which the old formula
+    left out; a (model, budget) the catalogue does not offer has no price."""
+    table = tiny_bench().slice(0, 1)                       # A at budget 10: 100 in, 8 out
+    assert bench_stats(table, catalog).column("mean_cost_usd")[0].as_py() == pytest.approx(
+        (100 + 11) * 1e-6 + 8 * 2e-6)
+    off_grid = table.set_column(table.schema.get_field_index("budget"), "budget",
+                                pa.array([7], pa.int32()))
+    assert bench_stats(off_grid, catalog).column("mean_cost_usd")[0].as_py() is None
 
 
 def test_without_a_catalogue_only_recorded_costs_count():
@@ -84,7 +97,7 @@ def test_report_uses_the_catalogue_beside_and_notes_unpriced_models(catalog, tmp
     assert lines[0] == f"bench: 1 file(s), 7 rows; prices: {tmp_path / 'bench.catalog.yaml'}"
     assert lines[1].split() == ["model", "budget", "count", "quality", "out_tokens", "within_1.1x",
                                 "truncated", "cost_usd"]
-    assert lines[2].split() == ["A", "10", "2", "0.500", "10.0", "50.0%", "50.0%", "1.200e-04"]
+    assert lines[2].split() == ["A", "10", "2", "0.500", "10.0", "50.0%", "50.0%", "1.310e-04"]
     assert lines[3].split()[:2] == ["A", "default"] and lines[3].split()[5] == "-"
     assert lines[5].split() == ["C", "default", "1", "0.300", "100.0", "-", "0.0%"]
     assert "no prices for C" in lines[-1]
@@ -104,7 +117,7 @@ def test_cli_stats_prints_the_table_and_rejects_bad_rows(catalog, tmp_path, caps
     yaml_path = tmp_path / "prices.yaml"
     save_catalog(catalog, str(yaml_path))
     assert main(["bench", "stats", str(bench), "--catalog", str(yaml_path)]) == 0
-    assert "1.200e-04" in capsys.readouterr().out
+    assert "1.310e-04" in capsys.readouterr().out
     bad = tiny_bench().set_column(5, "quality", pa.array([0.1, 0.2, 1.5, 0.0, 0.0, 0.0, 0.0]))
     write_table(bad, str(tmp_path / "bad.parquet"))
     assert main(["bench", "stats", str(tmp_path / "bad.parquet")]) == 2

@@ -139,15 +139,24 @@ def validate_bench(table: pa.Table, source: str, catalog: Catalog | None = None,
 
 
 def _known_arms(table: pa.Table, catalog: Catalog) -> np.ndarray:
-    """[rows] bool: the row's (model, budget) is an arm of ``catalog`` (models already known,
-    budgets non-negative int32: one int64 key per arm, model position × 2³² + budget)."""
+    """[rows] bool: the row's (model, budget) is an arm of ``catalog``."""
+    return arm_indices(table, catalog) >= 0
+
+
+def arm_indices(table: pa.Table, catalog: Catalog) -> np.ndarray:
+    """[rows] int64: each row's arm, its index in ``catalog.arms``, or -1 where its (model,
+    budget) is no arm of ``catalog`` (an unknown model too). One int64 key per arm, model
+    position × 2³² + budget (budgets non-negative int32)."""
     def keys(models, budgets) -> np.ndarray:
-        position = pc.index_in(models, value_set=pa.array(catalog.model_names))
+        position = pc.index_in(models, value_set=pa.array(catalog.model_names)).fill_null(-1)
         return (position.to_numpy(zero_copy_only=False).astype(np.int64) << 32) \
             + np.asarray(budgets, np.int64)
     arms = catalog.arms
     known = keys(pa.array([a.model for a in arms]), [a.budget_tokens for a in arms])
-    return np.isin(keys(table.column("model"), table.column("budget").to_numpy()), known)
+    rows = keys(table.column("model"), table.column("budget").to_numpy())
+    order = np.argsort(known)
+    at = np.minimum(np.searchsorted(known, rows, sorter=order), len(known) - 1)
+    return np.where(known[order][at] == rows, order[at], -1)
 
 
 def _arm_refusal(catalog: Catalog, model: str, budget: int) -> str:

@@ -11,12 +11,13 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from r2ray import storage
 from r2ray.bench.io import SUFFIXES, at_file_line, iter_batches
-from r2ray.bench.schema import BenchError, check_unique_across, row_keys, validate_bench
+from r2ray.bench.schema import (BenchError, arm_indices, check_unique_across, row_keys,
+                                validate_bench)
 from r2ray.catalog import DEFAULT_BUDGET, Catalog, budget_label, load_catalog
+from r2ray.routing import call_cost_usd
 
 WITHIN_FACTOR_TENTHS = 11  # "within 1.1× budget": 10 × output_tokens ≤ 11 × budget, exact in integers
 STATS_SCHEMA = pa.schema([
@@ -43,17 +44,15 @@ def catalog_uri_beside(bench_uri: str) -> str:
 
 
 def row_cost_usd(table: pa.Table, catalog: Catalog | None) -> np.ndarray:
-    """[rows] USD: the recorded ``cost_usd`` where present, else catalogue prices, else NaN."""
+    """[rows] USD: the recorded ``cost_usd`` where present, else the bill of the prompt sent as
+    ĉ prices it (``routing.call_cost_usd``: the query's input tokens plus a budgeted arm's length
+    instruction, × p_in, + output × p_out), else NaN (no catalogue, or no such arm in it)."""
     cost = np.full(table.num_rows, np.nan)
     if catalog is not None:
-        position = pc.index_in(table.column("model"), value_set=pa.array(catalog.model_names))
-        known = position.is_valid().to_numpy(zero_copy_only=False)
-        model = position.fill_null(0).to_numpy(zero_copy_only=False)
-        price_in = np.array([m.input_per_m for m in catalog.models])[model] * 1e-6
-        price_out = np.array([m.output_per_m for m in catalog.models])[model] * 1e-6
-        priced = (table.column("input_tokens").to_numpy() * price_in
-                  + table.column("output_tokens").to_numpy() * price_out)
-        cost = np.where(known, priced, np.nan)
+        arm = arm_indices(table, catalog)
+        known = arm >= 0
+        cost[known] = call_cost_usd(catalog, table.column("input_tokens").to_numpy()[known],
+                                    table.column("output_tokens").to_numpy()[known], arm[known])
     if "cost_usd" in table.column_names:
         recorded = table.column("cost_usd").to_numpy(zero_copy_only=False).astype(np.float64)
         cost = np.where(np.isnan(recorded), cost, recorded)
@@ -125,8 +124,8 @@ def _order(table: pa.Table, catalog: Catalog | None) -> list[int]:
 def bench_stats(table: pa.Table, catalog: Catalog | None = None) -> pa.Table:
     """Per (model, budget): count, mean quality, mean output tokens, share of answers within 1.1×
     the budget (null for default), share cut by the hard cap, and mean cost in USD over the rows
-    whose cost is known (``cost_usd`` where recorded, else catalogue prices; null for a model the
-    catalogue lacks and whose rows record none). Columns as :data:`STATS_SCHEMA`."""
+    whose cost is known (``cost_usd`` where recorded, else :func:`row_cost_usd`'s catalogue bill;
+    null for an arm the catalogue lacks and whose rows record none). Columns as :data:`STATS_SCHEMA`."""
     return finalise_stats(combine_partials([partial_sums(table, catalog)]), catalog)
 
 
@@ -183,8 +182,8 @@ def _notes(stats: pa.Table, catalog_source: str) -> list[str]:
                                         stats.column("mean_cost_usd").to_pylist()) if c is None})
     if not missing:
         return []
-    return [f"note: no prices for {', '.join(missing)} (not in {catalog_source} and no cost_usd); "
-            "their cost column is empty — pass --catalog to price them"]
+    return [f"note: no prices for {', '.join(missing)} (no such arm in {catalog_source} and no "
+            "cost_usd); their cost column is empty — pass --catalog to price them"]
 
 
 def format_stats(stats: pa.Table) -> str:
