@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from r2ray.cli import main
@@ -106,6 +108,16 @@ def test_negative_tokens(fails, tmp_path):
     assert "negative" in err
     err = fails("long", [write_long(tmp_path, [long_row(output_tokens=-1)])])
     assert "mine.jsonl, row 1, field 'output_tokens'" in err and "negative" in err
+
+
+def test_token_count_past_int64_names_the_row(fails, tmp_path):
+    """A parquet uint64 count past int64's range is the row's error, not an OverflowError."""
+    rows = [long_row(query_id="q1"), long_row(query_id="q2")]
+    table = pa.Table.from_pylist(rows).set_column(
+        5, "input_tokens", pa.array([4, 2**63 + 5], pa.uint64()))
+    pq.write_table(table, tmp_path / "mine.parquet")
+    err = fails("long", [tmp_path / "mine.parquet"])
+    assert "mine.parquet, row 2, field 'input_tokens'" in err and "cannot read as int64" in err
 
 
 # ---- duplicate (query, model, budget) --------------------------------------------------------

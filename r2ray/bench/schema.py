@@ -80,9 +80,11 @@ def conform(table: pa.Table, source: str) -> pa.Table:
 
 
 def _first_uncastable(column: pa.ChunkedArray, type_: pa.DataType) -> int | None:
-    for i, value in enumerate(column.to_pylist()):
+    """The first row whose value alone fails the cast, tried in the column's own type: through
+    Python, a uint64 past int64's range raised an OverflowError, not the row's BenchError."""
+    for i in range(len(column)):
         try:
-            pa.array([value]).cast(type_)
+            column.slice(i, 1).cast(type_)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
             return i
     return None
