@@ -189,3 +189,31 @@ def test_catalog_text_is_parsed_once_per_process_and_errors_still_name_the_sourc
     for _ in range(2):                                      # an error is not cached away
         with pytest.raises(CatalogError, match="catalogue x: expected a mapping"):
             catalog_from_yaml("- just a list", "x")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("budgets: [10, default]\nmodels:\n  - {name: a, input_per_m: 1, output_per_m: 2, context: 8192}\n"
+     "models:\n  - {name: b, input_per_m: 1, output_per_m: 2, context: 8192}\n", "'models'"),
+    ("budgets: [10, default]\nmodels:\n"
+     "  - {name: a, input_per_m: 1, output_per_m: 2, context: 8192, output_per_m: 20}\n",
+     "'output_per_m'")])
+def test_a_key_given_twice_is_an_error_not_the_last_one_kept(tmp_path, text, key):
+    """PyYAML keeps a repeated key's last value: a second ``models:`` list silently dropped the
+    first's models, and a price written twice silently took the second."""
+    from r2ray.catalog import catalog_from_yaml
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(CatalogError, match=rf"twice\.yaml is not valid YAML(.|\n)*the key {key} "
+                                           r"is given twice(.|\n)*line [34]"):
+        load_catalog(str(path))
+    with pytest.raises(CatalogError, match=rf"catalogue x is not valid YAML(.|\n)*{key}"):
+        catalog_from_yaml(text, "x")
+
+
+def test_a_merge_key_may_still_be_overridden():
+    from r2ray.catalog import catalog_from_yaml
+    catalog = catalog_from_yaml("budgets: [10, default]\nmodels:\n"
+                                "  - &base {name: a, input_per_m: 1, output_per_m: 2, context: 8192}\n"
+                                "  - {<<: *base, name: b, output_per_m: 4}\n")
+    assert [(m.name, m.input_per_m, m.output_per_m) for m in catalog.models] == [
+        ("a", 1.0, 2.0), ("b", 1.0, 4.0)]
