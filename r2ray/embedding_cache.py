@@ -9,7 +9,8 @@ folder's files: another model, or the same name with other weights, never shares
 precision (:func:`encoder_key`: bfloat16 vectors are not float32's). Each
 encode that missed writes one Parquet shard (``text_sha256``, ``embedding``) under a unique name,
 written whole and renamed, so concurrent processes never clash and a killed one leaves nothing
-half-written. A shard that cannot be read is skipped with a warning: the texts are encoded again.
+half-written. A shard that cannot be read, or whose page checksums do not match (a flipped bit
+was otherwise read as a wrong vector), is skipped with a warning: the texts are encoded again.
 
 The cache is bounded: after each shard it writes, the least recently used shards (a hit touches
 its shard), of any encoder, go until all of them fit in ``R2RAY_EMBEDDING_CACHE_MAX_GB`` (GB,
@@ -243,10 +244,12 @@ def read_cached(folder: Path, wanted: set[bytes]) -> dict[bytes, np.ndarray]:
     value_set = pa.array(list(wanted), pa.binary(32))
     for shard in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
         try:
-            table = pq.read_table(shard)
+            table = pq.read_table(shard, page_checksum_verification=True)
             table = table.filter(pc.is_in(table.column("text_sha256"), value_set=value_set))
             keys = table.column("text_sha256").to_pylist()
             vectors = table.column("embedding").to_numpy(zero_copy_only=False)
+        except FileNotFoundError:   # evicted by another process since the listing: not a fault
+            continue
         except Exception as err:  # noqa: BLE001 — a bad shard costs a re-encode, never a run
             print(f"warning: embedding cache shard {shard} is unreadable ({type(err).__name__}: "
                   f"{err}); those texts are encoded again", file=sys.stderr)
@@ -266,7 +269,7 @@ def write_shard(folder: Path, keys: list[bytes], vectors: np.ndarray) -> Path:
                       "embedding": pa.array(list(vectors.astype(np.float32)),
                                             pa.list_(pa.float32()))})
     buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
+    pq.write_table(table, buffer, write_page_checksum=True)   # read_cached verifies them
     shard = folder / f"{uuid.uuid4().hex}.parquet"
     storage.write_bytes(str(shard), buffer.getvalue().to_pybytes())
     return shard

@@ -56,6 +56,43 @@ def test_a_bad_shard_is_skipped_and_the_texts_encoded_again(cache, capsys):
     np.testing.assert_array_equal(out, fake_encode(["x", "z"]))
 
 
+
+def test_a_corrupted_shard_is_never_read_as_vectors(cache, capsys):
+    """One flipped bit in a shard's vector bytes (a bad disk, a bad copy) was read back as a
+    wrong vector with no warning; page checksums make it an unreadable shard, encoded again."""
+    rng = np.random.default_rng(0)
+    vectors = {text: rng.standard_normal(8).astype(np.float32) for text in ("x", "y")}
+    encode = Counting(lambda texts: np.stack([vectors[t] for t in texts]))
+    cached_encode(["x", "y"], "enc", encode)
+    shard = next((cache / "enc").glob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[data.index(vectors["y"].tobytes()) + 5] ^= 0x10   # random floats are stored verbatim
+    shard.write_bytes(bytes(data))
+    out, hits = cached_encode(["x", "y"], "enc", encode)
+    assert hits == 0 and encode.calls[-1] == ["x", "y"]
+    assert "unreadable" in capsys.readouterr().err
+    np.testing.assert_array_equal(out, np.stack([vectors["x"], vectors["y"]]))
+
+
+def test_a_shard_another_process_evicts_meanwhile_is_no_warning(cache, monkeypatch, capsys):
+    """Two processes share the cache: a shard listed, then evicted by the other before it is
+    read, was reported as "unreadable" (FileNotFoundError), a fault that is none."""
+    import pyarrow.parquet as pq
+
+    encode = Counting(fake_encode)
+    cached_encode(["x"], "enc", encode)
+    read_table = pq.read_table
+
+    def evicted_first(shard, **options):
+        shard.unlink()   # the other process's eviction, between the listing and the read
+        return read_table(shard, **options)
+
+    monkeypatch.setattr(pq, "read_table", evicted_first)
+    out, hits = cached_encode(["x"], "enc", encode)
+    assert hits == 0 and encode.calls[-1] == ["x"]
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(out, fake_encode(["x"]))
+
 def test_off_turns_it_off(tmp_path, monkeypatch):
     monkeypatch.setenv("R2RAY_EMBEDDING_CACHE", "off")
     encode = Counting(fake_encode)
