@@ -53,8 +53,9 @@ class RouteConfig(BaseModel):
     gpus_per_worker: Annotated[Finite, Field(ge=0)] = 0.0
     threads_per_worker: Annotated[int, Field(ge=1)] | None = None  # torch threads; default
                                                          # cpus_per_worker rounded down, ≥ 1
-    batch_size: Annotated[int, Field(ge=1)] | None = None  # rows per actor call; default 256
-                                                         # texts or 8,192 embeddings
+    batch_size: Annotated[int, Field(ge=1)] | None = None  # rows per actor call; default
+                                                         # texts sized from the backlog (256–
+                                                         # 2,048), 8,192 embeddings (pool)
     read_tasks: Annotated[int, Field(ge=1)] | None = None  # read tasks at once; default one
                                                          # per 8 workers (r2ray.batch.pool)
     encoder_precision: Precision = "auto"                # the text encoder's forward pass
