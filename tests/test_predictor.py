@@ -445,3 +445,50 @@ def test_carrot_logistic_is_each_arms_own_l2_fit_whatever_arms_beside_it():
         residual = p - train.quality[rows, arm]
         gradient = np.append(x[rows].T @ residual + l2 * weights[:, arm], residual.sum())
         assert np.abs(gradient).max() < 0.05, (arm, np.abs(gradient).max())   # old code: 4.4–11.6
+
+
+@pytest.mark.parametrize("name", ["per_arm_ridge", "carrot_knn_all", "carrot_linear_all",
+                                  "averaged"])
+def test_a_one_query_bench_says_cross_fitting_needs_two(world, catalog, name):
+    """Was "the train set has no queries" (it had one): the calibrations' (and the average's)
+    cross-fitting dealt it one fold, and the fit on the other folds had no rows."""
+    settings = {"members": [{"kind": "per_arm_ridge"}, {"kind": "carrot_knn_all"}]} \
+        if name == "averaged" else {}
+    with pytest.raises(PredictorError, match="cross-fitting needs training queries in two folds "
+                                             "at least, the train set has 1 query"):
+        make_predictor(name, **settings).fit(world[0].subset(np.arange(1)), catalog)
+
+
+@pytest.mark.parametrize("name", ["selected", "stacked"])
+def test_cross_validation_over_more_folds_than_queries_is_refused(world, catalog, name):
+    """5 folds on 4 queries ran as 4 folds, in silence: fold_ids deals no more folds than
+    there are queries."""
+    settings = {"candidates": "per_arm_ridge,carrot_knn_all"} if name == "selected" else {}
+    with pytest.raises(PredictorError, match="5-fold cross-validation needs at least 5 training "
+                                             "queries, the train set has 4"):
+        make_predictor(name, folds=5, **settings).fit(world[0].subset(np.arange(4)), catalog)
+
+
+def test_knn_predicts_an_arm_its_neighbours_lack_from_the_arms_training_mean(world, catalog):
+    """An arm observed on a few queries was NaN on every query whose k nearest lacked it (16 of
+    20 at k = 8, 6 rows of 120): the router never picked it there though the predictor had its
+    outcomes. Now its training mean; an arm no row has stays NaN."""
+    train, test = world
+    quality, tokens = train.quality.copy(), train.output_tokens.copy()
+    sparse, hidden = 0, 1
+    quality[6:, sparse] = tokens[6:, sparse] = np.nan
+    quality[:, hidden] = tokens[:, hidden] = np.nan
+    holes = type(train)(**{**train.__dict__, "quality": quality, "output_tokens": tokens})
+    predictor = make_predictor("carrot_knn_all", k=8).fit(holes, catalog)
+    from r2ray.predictor.carrot import nearest_rows, unit_rows
+    neighbours, = nearest_rows(unit_rows(test.embedding), unit_rows(train.embedding), 8)
+    lacking = ~np.isin(neighbours, np.arange(6)).any(axis=1)   # no neighbour has the arm
+    assert lacking.sum() >= 5
+    np.testing.assert_allclose(predictor._predict(test.embedding).quality[lacking, sparse],
+                               np.nanmean(quality[:6, sparse]), rtol=1e-6)
+    prediction = predictor.predict(test.embedding)
+    assert np.isfinite(prediction.quality[:, sparse]).all()
+    assert np.isfinite(prediction.output_tokens[:, sparse]).all()
+    assert np.isnan(prediction.quality[:, hidden]).all()
+    assert np.isnan(prediction.output_tokens[:, hidden]).all()
+    assert np.isfinite(np.delete(prediction.quality, hidden, axis=1)).all()

@@ -313,6 +313,16 @@ def model_fold_ids(train: BenchArrays, catalog: Catalog, folds: int,
     return fold
 
 
+def check_fold_count(n_queries: int, folds: int, who: str) -> None:
+    """A ``folds``-fold cross-validation needs ``folds`` training queries: with fewer,
+    :func:`fold_ids` deals only as many folds as there are queries, and the fit ran on fewer folds
+    than asked, in silence (5 folds on 2 queries: 2 folds of one query each)."""
+    if n_queries < folds:
+        raise PredictorError(f"{who}: {folds}-fold cross-validation needs at least {folds} "
+                             f"training queries, the train set has {n_queries}; ask for fewer "
+                             "folds or use a larger bench")
+
+
 def spreading_swap(m: int, presence: np.ndarray, fold: np.ndarray,
                    counts: np.ndarray) -> tuple[int, int] | None:
     """(query of model ``m``, query of another fold) whose exchange spreads ``m`` over two folds
@@ -336,6 +346,12 @@ def out_of_fold(make: Callable[[], BasePredictor], train: BenchArrays, catalog: 
                 folds: np.ndarray) -> ArmPredictions:
     """Uncorrected predictions [N, K] for every row of ``train`` by a fresh ``make()`` fitted
     (``_fit`` only: no calibrations) on the rows of the other folds."""
+    if len(np.unique(folds)) < 2:   # else the one fold's fit has no rows: "no queries"
+        raise PredictorError(
+            f"cross-fitting needs training queries in two folds at least, the train set has "
+            f"{train.n_queries} quer{'y' if train.n_queries == 1 else 'ies'}: each row is "
+            "predicted by a fit on the other folds' rows (the calibrations', the stack's, the "
+            "average's), so use a bench of 2 queries or more")
     quality = np.full(train.quality.shape, np.nan, dtype=np.float32)
     tokens_hat = np.full(train.output_tokens.shape, np.nan, dtype=np.float32)
     for fold in np.unique(folds):

@@ -7,7 +7,8 @@ Two estimators on the frozen query embedding, each run on two arm sets:
 * ``arms="all"`` — the fair variant: every (model, budget) arm is treated as its own "model".
 
 ``carrot_knn_*``: the k nearest training queries by cosine similarity; q̂ is the mean observed
-quality of the neighbours, t̂ the mean of their log(1 + tokens), per arm.
+quality of the neighbours, t̂ the mean of their log(1 + tokens), per arm (an arm none of them
+has, on a bench with holes: its mean over the training queries that have it).
 ``carrot_linear_*``: L2-regularised logistic regression on the soft quality labels (per arm,
 scikit-learn's at C = 1 / l2; fitted with L-BFGS, all arms at once) and Ridge (α) on
 log(1 + tokens), both on the standardised embedding.
@@ -42,8 +43,10 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def masked_neighbour_mean(values: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """[Q, k] neighbour rows of values [N, A] (NaN = unobserved) → [Q, A] mean over observed.
+def masked_neighbour_mean(values: np.ndarray, neighbours: np.ndarray,
+                          fallback: np.ndarray | None = None) -> np.ndarray:
+    """[Q, k] neighbour rows of values [N, A] (NaN = unobserved) → [Q, A] mean over observed;
+    where no neighbour observed a column, ``fallback`` [A] (its training mean), or NaN if None.
     Values with no NaN (a full bench) take one gather and a sum, without the masks (2,048
     queries × 2,000 rows × 176 arms, one thread: 91 → 30 ms per call)."""
     gathered = values[neighbours]                       # (Q, k, A)
@@ -52,7 +55,8 @@ def masked_neighbour_mean(values: np.ndarray, neighbours: np.ndarray) -> np.ndar
     observed = ~np.isnan(gathered)
     counts = observed.sum(axis=1)
     sums = np.where(observed, gathered, 0.0).sum(axis=1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
+    none = np.nan if fallback is None else fallback
+    return np.where(counts > 0, sums / np.maximum(counts, 1), none).astype(np.float32)
 
 
 def nearest_rows(unit_query: np.ndarray, unit_train: np.ndarray, k: int,
@@ -86,12 +90,17 @@ class CarrotKNN(BasePredictor):
                        "log_tokens": log_tokens(train.output_tokens[:, arms])}
 
     def _predict(self, x: np.ndarray) -> ArmPredictions:
+        """Per arm, the neighbours' mean; where none of them has the arm (a bench with holes),
+        its mean over the training rows that have it: NaN only on an arm no row has, not on a
+        query whose k nearest happen to miss it (a router would never pick the arm there)."""
         t = self.train_
+        prior_quality = column_means(t["quality"], fallback=np.nan)
+        prior_log_tokens = column_means(t["log_tokens"], fallback=np.nan)
         quality, log_tok = [], []
         for neighbours in nearest_rows(unit_rows(x), t["unit_embedding"], self.k,
                                        chunk=self.chunk_queries):
-            quality.append(masked_neighbour_mean(t["quality"], neighbours))
-            log_tok.append(masked_neighbour_mean(t["log_tokens"], neighbours))
+            quality.append(masked_neighbour_mean(t["quality"], neighbours, prior_quality))
+            log_tok.append(masked_neighbour_mean(t["log_tokens"], neighbours, prior_log_tokens))
         n_arms = self.catalog_.n_arms
         a = len(t["arms"])
         quality = np.concatenate(quality) if quality else np.zeros((0, a), np.float32)

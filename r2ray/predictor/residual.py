@@ -79,8 +79,7 @@ def neighbour_means(unit_query: np.ndarray, unit_train: np.ndarray, values: np.n
     fallback = column_means(values, fallback=0.5)
     out = []
     for neighbours in nearest_rows(unit_query, unit_train, k, exclude_self, chunk):
-        mean = masked_neighbour_mean(values, neighbours)
-        out.append(np.where(np.isnan(mean), fallback, mean))
+        out.append(masked_neighbour_mean(values, neighbours, fallback))
     return np.concatenate(out) if out else np.zeros((0, values.shape[1]), np.float32)
 
 

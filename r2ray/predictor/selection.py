@@ -48,8 +48,8 @@ import numpy as np
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 from r2ray.predictor.averaged import averaged_out_of_fold
-from r2ray.predictor.base import (ArmPredictions, BasePredictor, fold_counts, model_fold_ids,
-                                  model_presence, out_of_fold, router_view)
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, check_fold_count, fold_counts,
+                                  model_fold_ids, model_presence, out_of_fold, router_view)
 from r2ray.predictor.data import BenchArrays
 from r2ray.predictor.stacked import cross_fitted_stack
 
@@ -213,6 +213,7 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     ``uncalibrated``: also score q̂ without its calibration (a measurement, not a criterion).
     ``seed`` seeds the stack, not the folds. ``search`` fits the single candidates (default
     :func:`sequential_search`); the stack and the average then combine those it kept."""
+    check_fold_count(train.n_queries, folds, "cross-validation")
     fold = model_fold_ids(train, catalog, folds)  # the calibrations' folds, not ``seed``
     check_folds_see_models(train, catalog, fold, folds)
     singles = [c for c in candidates if c.kind not in COMPOSITES]

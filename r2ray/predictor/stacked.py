@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from r2ray.catalog import Catalog
-from r2ray.predictor.base import (ArmPredictions, BasePredictor, HeldOut, log_tokens,
-                                  model_fold_ids, out_of_fold, tokens_from_log,
+from r2ray.predictor.base import (ArmPredictions, BasePredictor, HeldOut, check_fold_count,
+                                  log_tokens, model_fold_ids, out_of_fold, tokens_from_log,
                                   training_embedding)
 from r2ray.predictor.data import BenchArrays
 
@@ -144,6 +144,7 @@ class StackedPredictor(BasePredictor):
              validation: BenchArrays | None) -> None:
         given, self.member_out_of_fold = self.member_out_of_fold, None
         if given is None:
+            check_fold_count(train.n_queries, self.folds, self.name)
             folds = model_fold_ids(train, catalog, self.folds)  # cross-validation's folds
             oof = [out_of_fold(member_factory(m, self.seed), train, catalog, folds)
                    for m in self.members]
