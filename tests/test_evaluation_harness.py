@@ -201,3 +201,46 @@ def test_the_table_says_what_its_plus_minus_is():
     assert "mean ± sample std (ddof 1) over the 3 splits" in table
     assert "± sample std" not in format_table(metrics_document(
         outcomes[:1], ModelUnderTest("zero", "zero", {}), "random", [0], lambda_grid(), {}, {}))
+
+
+def test_every_split_of_a_bench_is_scored_one_way_decided_on_the_whole_bench():
+    """Half the queries have every arm, half were dealt one (two benches read as one): the bench
+    is not sampled, so every split scores its full queries by full information. Decided per
+    test part, split B (a quarter full) was scored by replay over all its queries while split A
+    dropped its dealt ones, the means mixed the two, and budget_adherence_block raised KeyError
+    (split A had adherence rows, B none) after every fit."""
+    from dataclasses import replace
+
+    from predictor_world import planted_arrays
+
+    from r2ray.evaluation.learning_curves import learning_curves
+    from r2ray.evaluation.method_scores import evaluable_queries, score_predictions
+    from r2ray.evaluation.metrics import lambda_grid
+    from r2ray.evaluation.summary import metrics_document
+
+    catalog = small_catalog()
+    full, _ = planted_arrays(catalog, 200, dim=8, seed=0, missing_share=0.0)
+    dealt = sampled_arrays(catalog, 200, without_model=1, never_dealt=np.array([], dtype=int))
+    first_half = (np.arange(200) < 100)[:, None]
+    arrays = replace(full, **{name: np.where(first_half, getattr(full, name), getattr(dealt, name))
+                              for name in ("quality", "output_tokens", "cost_usd")})
+    test_a = np.r_[0:30, 100:110]    # three quarters full
+    test_b = np.r_[30:40, 110:140]   # a quarter full
+    splits = [Split(label, seed, np.setdiff1d(np.arange(200), test), test)
+              for label, seed, test in (("A", 0, test_a), ("B", 1, test_b))]
+    factories = {"zero": lambda seed: OneModelBeliever(catalog, 0)}
+    outcomes = [evaluate_split(arrays, catalog, s, factories, log=lambda line: None)
+                for s in splits]
+    assert [(o.n_test, o.n_dropped) for o in outcomes] == [(30, 10), (10, 30)]
+    by_hand = []
+    for split in splits:   # its full queries alone: full information whatever decides it
+        test = arrays.subset(split.test[split.test < 100])
+        assert len(evaluable_queries(test, catalog)) == test.n_queries
+        by_hand.append(score_predictions({"zero": OneModelBeliever(catalog, 0).predict(
+            test.embedding)}, test, catalog)["zero"]["audc"])
+    assert [o.summary["methods"]["zero"]["audc"] for o in outcomes] == pytest.approx(by_hand)
+    metrics = metrics_document(outcomes, ModelUnderTest("zero", "zero", {}), "random", [0, 1],
+                               lambda_grid(), {}, {})
+    assert set(metrics["budget_adherence"]) == {"zero", "oracle_all"}
+    curves = learning_curves(arrays, catalog, splits, [50], factories, log=lambda line: None)
+    assert curves["methods"]["zero"]["audc"] == pytest.approx([np.mean(by_hand)])

@@ -109,26 +109,32 @@ def make_splits(arrays: BenchArrays, split: str, seeds: list[int]) -> list[Split
 def evaluate_split(arrays: BenchArrays, catalog: Catalog, split: Split,
                    factories: dict[str, PredictorFactory], lambdas: np.ndarray | None = None,
                    log: Callable[[str], None] = log_line) -> SplitOutcome:
-    """Fit every learned method on the split's training part; score all methods on its test part."""
+    """Fit every learned method on the split's training part; score all methods on its test part.
+
+    Replay or full information is decided on the whole bench (:func:`is_sampled`), not on the
+    split's test part: near the threshold a test part could fall either side, and the splits'
+    means would mix two estimators over different queries."""
+    replay = is_sampled(arrays, catalog)
     train = arrays.subset(split.train)
     test = arrays.subset(split.test)
-    keep = evaluable_queries(test, catalog)
+    keep = evaluable_queries(test, catalog, replay)
     test = test.subset(keep)
     if test.n_queries == 0:
         raise R2RayError(f"{split.label}: no test query has every default arm in the bench")
     fitted, seconds = fit_methods(train, catalog, split.seed, factories, split.label, log)
     predictions = {name: p.predict(test.embedding) for name, p in fitted.items()}
     simulations = {name: getattr(p, "spend_simulation_", None) for name, p in fitted.items()}
-    results = evaluate_methods(test, catalog, predictions, lambdas)
+    results = evaluate_methods(test, catalog, predictions, lambdas, replay)
     arm_names = [f"{a.model}@{a.budget_tokens or 'default'}" for a in catalog.arms]
     calibration = {name: cost_calibration(p.cost_usd(catalog, test.input_tokens), test.cost_usd,
                                           arm_names) for name, p in predictions.items()}
     summary = summarise(results, normalise_over=reference_methods(results, predictions))
     return SplitOutcome(split, results, summary, seconds, test.n_queries,
                         len(split.test) - len(keep), calibration,
-                        method_adherence(test, catalog, predictions, results, simulations),
+                        method_adherence(test, catalog, predictions, results, replay,
+                                         simulations),
                         quality_outcomes(fitted, predictions, results, summary, test, catalog,
-                                         lambdas))
+                                         lambdas, replay))
 
 
 def fit_methods(train: BenchArrays, catalog: Catalog, seed: int,
@@ -147,10 +153,12 @@ def fit_methods(train: BenchArrays, catalog: Catalog, seed: int,
 
 def quality_outcomes(fitted: dict[str, Predictor], predictions: dict[str, ArmPredictions],
                      results: dict[str, MethodResult], summary: dict, test: BenchArrays,
-                     catalog: Catalog, lambdas: np.ndarray | None) -> dict[str, dict]:
+                     catalog: Catalog, lambdas: np.ndarray | None,
+                     replay: bool) -> dict[str, dict]:
     """Per learned method: ECE and reliability bins of q̂ with and without the predictor's own
-    quality calibration, and AUDC both ways (on this split's cost normalisation). A method replay
-    scored none of the picks of (:func:`evaluate_methods` left it out) has none here either."""
+    quality calibration, and AUDC both ways (on this split's cost normalisation; ``replay`` as the
+    split was scored). A method replay scored none of the picks of (:func:`evaluate_methods` left
+    it out) has none here either."""
     from r2ray.evaluation.metrics import lambda_grid
 
     bounds = (summary["normalisation"]["cost_min_usd"], summary["normalisation"]["cost_max_usd"])
@@ -166,22 +174,22 @@ def quality_outcomes(fitted: dict[str, Predictor], predictions: dict[str, ArmPre
         scores = MethodScores(raw.astype(np.float64),
                               predictions[name].cost_usd(catalog, test.input_tokens))
         curve = evaluate_scores(scores, test, lambda_grid() if lambdas is None else lambdas,
-                                is_sampled(test, catalog)).curve
+                                replay).curve
         out[name] = quality_calibration(predictions[name].quality, raw, test.quality) | {
             "audc": audc(results[name].curve, *bounds), "audc_uncalibrated": audc(curve, *bounds)}
     return out
 
 
 def method_adherence(test: BenchArrays, catalog: Catalog, predictions: dict[str, ArmPredictions],
-                     results: dict[str, MethodResult],
+                     results: dict[str, MethodResult], replay: bool,
                      simulations: dict[str, SpendSimulation | None] | None = None
                      ) -> dict[str, list[dict]]:
     """Budget adherence of every learned method and ``oracle_all`` (realised = predicted) at
     :func:`budget_levels` of this split, topped by the best single model's spend. A method with a
     spend simulation is also solved under its spend guarantee at ``GUARANTEE`` (the batch job's
     default): ``guaranteed_*`` keys, realised spend and quality of that plan. A sampled bench
-    has no adherence: a plan's arms mostly have no realised outcome there."""
-    if is_sampled(test, catalog):
+    (``replay``) has no adherence: a plan's arms mostly have no realised outcome there."""
+    if replay:
         return {}
     best = reference_quality(results)[0].removeprefix(SINGLE_PREFIX)
     budgets = budget_levels(test.cost_usd, catalog.arm_of(best, DEFAULT_BUDGET)) * test.n_queries

@@ -3,11 +3,11 @@
 For each requested size and each split of the evaluation, a seeded random subset of that many
 queries is drawn from the split's training part (the subsets are nested: a larger size keeps the
 smaller one's queries), every learned method is fitted on it, and all methods are scored on the
-split's whole test part exactly as in the main evaluation (costs normalised over every method
-scored together). A size above a split's training part is skipped, with a note. Per method and
-size: AUDC mean and sample std over the splits that scored it, and their number (on a sampled
-bench, replay leaves out a method none of whose picks a split's test queries were dealt; a size
-no split scored has AUDC None).
+split's whole test part exactly as in the main evaluation (costs normalised over the non-learned
+methods; by replay when the whole bench is sampled). A size above a split's training part is
+skipped, with a note. Per method and size: AUDC mean and sample std over the splits that scored
+it, and their number (on a sampled bench, replay leaves out a method none of whose picks a split's
+test queries were dealt; a size no split scored has AUDC None).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
 from r2ray.evaluation.harness import PredictorFactory, Split, fit_methods, log_line
-from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods, reference_methods,
-                                            summarise)
+from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods, is_sampled,
+                                            reference_methods, summarise)
 from r2ray.predictor.data import BenchArrays
 
 MIN_TRAIN_QUERIES = 10
@@ -55,16 +55,17 @@ def learning_curves(arrays: BenchArrays, catalog: Catalog, splits: list[Split], 
     for note in skipped:
         log(f"learning curve: size {note['size']} skipped: {note['reason']}")
     per_size: dict[str, list[list[float]]] = {}
+    replay = is_sampled(arrays, catalog)   # the whole bench's, as evaluate_split decides it
     for split in splits:
         test = arrays.subset(split.test)
-        test = test.subset(evaluable_queries(test, catalog))
+        test = test.subset(evaluable_queries(test, catalog, replay))
         order = np.random.default_rng(split.seed).permutation(split.train)  # nested subsets
         for i, size in enumerate(kept):
             label = f"{split.label}, {size} train"
             fitted, _ = fit_methods(arrays.subset(np.sort(order[:size])), catalog, split.seed,
                                     factories, label, log)
             predictions = {name: p.predict(test.embedding) for name, p in fitted.items()}
-            results = evaluate_methods(test, catalog, predictions, lambdas)
+            results = evaluate_methods(test, catalog, predictions, lambdas, replay)
             summary = summarise(results, normalise_over=reference_methods(results, predictions))
             for name in [n for n in predictions if n in summary["methods"]]:  # replay may skip
                 per_size.setdefault(name, [[] for _ in kept])[i].append(

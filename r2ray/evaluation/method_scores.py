@@ -52,10 +52,17 @@ def is_sampled(test: BenchArrays, catalog: Catalog) -> bool:
     return test.n_queries > 0 and full.mean() < SAMPLED_SHARE
 
 
-def evaluable_queries(test: BenchArrays, catalog: Catalog) -> np.ndarray:
+def scored_by_replay(test: BenchArrays, catalog: Catalog, replay: bool | None) -> bool:
+    """``replay`` when the caller decided it on the whole bench (an evaluation's splits must all
+    be scored one way), else whether ``test`` itself :func:`is_sampled`."""
+    return is_sampled(test, catalog) if replay is None else replay
+
+
+def evaluable_queries(test: BenchArrays, catalog: Catalog,
+                      replay: bool | None = None) -> np.ndarray:
     """Indices of the queries every method can be scored on: those whose bench has every default
-    arm, or on a sampled bench (replay) those with any arm."""
-    if is_sampled(test, catalog):
+    arm, or on a sampled bench (replay) those with any arm. ``replay``: :func:`scored_by_replay`."""
+    if scored_by_replay(test, catalog, replay):
         return np.flatnonzero(test.mask.any(axis=1))
     return np.flatnonzero(test.mask[:, default_arm_mask(catalog)].all(axis=1))
 
@@ -68,14 +75,15 @@ def evaluate_scores(scores: MethodScores, test: BenchArrays, lambdas: np.ndarray
 
 def evaluate_methods(test: BenchArrays, catalog: Catalog,
                      predictions: dict[str, ArmPredictions],
-                     lambdas: np.ndarray | None = None) -> dict[str, MethodResult]:
+                     lambdas: np.ndarray | None = None,
+                     replay: bool | None = None) -> dict[str, MethodResult]:
     """Curves of the given learned predictions plus every non-learned method on ``test``.
 
-    ``test`` must hold only :func:`evaluable_queries`. On a sampled bench every method is scored
-    by replay, and the oracles know only the dealt arms.
+    ``test`` must hold only :func:`evaluable_queries` (with the same ``replay``). On a sampled
+    bench every method is scored by replay, and the oracles know only the dealt arms.
     """
     lambdas = lambda_grid() if lambdas is None else lambdas
-    replay = is_sampled(test, catalog)
+    replay = scored_by_replay(test, catalog, replay)
     scores = {name: scores_from_predictions(p, catalog, test.input_tokens)
               for name, p in predictions.items()}
     scores.update(non_learned_scores(test, catalog))
