@@ -328,3 +328,19 @@ def test_a_cost_that_underflows_its_quantum_still_costs_one():
         spend = sum(Fraction(float(c[i, a])) for i, a in enumerate(result.arm))
         assert spend <= Fraction(budget)
         assert Fraction(result.certificate.spend_usd) >= spend
+
+
+def test_no_money_left_at_an_infinite_price_leaves_the_lp_value_finite():
+    # a 5e-324 USD step's efficiency overflows to λ* = inf; with nothing left to spend the
+    # LP value was inf × 0 = NaN
+    q, c = np.array([[0.0, 1.0], [0.5, 1.0]]), np.array([[0.0, 5e-324], [1.0, 2.0]])
+    cert = solve_budget(hull_steps(q, c), 1.0).certificate
+    assert math.isinf(cert.lam) and cert.lp_value == 0.5 == cert.objective
+
+
+def test_the_stated_spend_bounds_the_chosen_arms_exact_spend():
+    # 3 × 813.2702392002724 USD is 2439.810717600817 USD and a quarter ulp: the spend's quanta
+    # rounded to the nearest float stated an ulp less than the chosen arms cost
+    c = np.full((3, 1), 813.2702392002724)
+    cert = solve_budget(hull_steps(np.zeros((3, 1)), c), math.inf).certificate
+    assert Fraction(cert.spend_usd) >= 3 * Fraction(813.2702392002724)

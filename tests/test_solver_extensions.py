@@ -1,6 +1,8 @@
 """Per-tenant budgets and per-model caps, each with its certificate."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -98,10 +100,20 @@ def test_caps_that_do_not_bind_leave_prices_at_zero():
     (dict(model=0), "exactly one"),
     (dict(model=0, max_queries=1, max_spend_usd=1.0), "exactly one"),
     (dict(model=0, max_queries=-1), ">= 0"),
+    (dict(model=0, max_spend_usd=float("nan")), "a number >= 0"),
 ])
 def test_bad_caps_say_how_to_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelCap(**kwargs)
+
+
+def test_an_infinite_cap_leaves_a_finite_certificate():
+    """An unpriced cap adds nothing to the bound: 0 × an infinite cap made it NaN."""
+    q, c, arm_model, budget = caps_instance(4)
+    plain = solve_budget(hull_steps(q, c), budget).certificate
+    cert = solve_with_model_caps(q, c, arm_model, budget,
+                                 [ModelCap(0, max_spend_usd=math.inf)]).certificate
+    assert cert.upper_bound == plain.upper_bound and cert.gap == pytest.approx(plain.gap)
 
 
 def test_a_cap_the_budget_cannot_avoid_is_reported():

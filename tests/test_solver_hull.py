@@ -283,6 +283,15 @@ def test_negative_cost_in_a_later_chunk_names_its_row():
         hull_steps(np.ones((10, 3)), c, chunk_rows=4)
 
 
+def test_a_quality_gain_that_overflows_names_its_row():
+    # finite q̂ 3e308 apart: the step's dq was inf, and the solve then failed with a bare
+    # OverflowError (or reported an objective of -1.5e308 with an lp_value of inf)
+    q = np.zeros((10, 2))
+    q[6] = -1.5e308, 1.5e308
+    with pytest.raises(ValueError, match=r"q\[6\]: two arms' qualities differ by more"):
+        hull_steps(q, np.tile([1.0, 2.0], (10, 1)), chunk_rows=4)
+
+
 def test_efficiency_key_matches_the_numpy_rounding():
     rng = np.random.default_rng(5)
     eff = np.concatenate([rng.random(1000) * 10.0 ** rng.integers(-45, 45, 1000),

@@ -135,7 +135,8 @@ def _certificate(o: Outcome, g: int) -> DualCertificate:
     lam = float(np.uint64(o.selection.lam64[g]).view(np.float64))
     items = int(s.n_queries[g] + s.n_steps[g])
     above_q = quality(t.base_q[g] + t.above_dq[g])
-    lp_value = above_q + lam * usd(o.remaining[g])
+    # no money left adds nothing, even at a λ* of inf (a step whose efficiency overflowed)
+    lp_value = above_q + (lam * usd(o.remaining[g]) if o.remaining[g] else 0.0)
     upper = _dual_bound(o, g, lam, items)
     objective = quality(t.quality[g])
     tie_weight = o.tie_weight[g]
@@ -143,9 +144,12 @@ def _certificate(o: Outcome, g: int) -> DualCertificate:
         lam=lam, theta=o.tied_taken[g] / tie_weight if tie_weight else 1.0,
         tie_cut=int(o.selection.cut[g]) / HASH_RANGE,
         lp_fraction=o.remaining[g] / tie_weight if tie_weight else 1.0,
-        # quanta round costs up, so this bounds the true spend; it can pass the budget only
-        # when the exact base spend fits a budget that the rounded one does not (no steps taken)
-        spend_usd=min(usd(t.spend[g]), o.budgets[g]), budget_usd=o.budgets[g],
+        # quanta round costs up, so this bounds the true spend (and so does the float, rounded
+        # up: its up to 61 bits of quanta rounded to nearest fell an ulp below the arms' sum);
+        # it can pass the budget only when the exact base spend fits a budget that the rounded
+        # one does not (no steps taken)
+        spend_usd=min(float_at_least(_exactly(int(t.spend[g]), o.cost_exp)), o.budgets[g]),
+        budget_usd=o.budgets[g],
         objective=objective,
         lp_value=lp_value, upper_bound=float_at_least(upper),
         gap=float_at_least(upper - _exactly(int(t.quality[g]), o.quality_exp)),

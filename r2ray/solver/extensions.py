@@ -47,8 +47,9 @@ class ModelCap:
         if (self.max_spend_usd is None) == (self.max_queries is None):
             raise ValueError(f"ModelCap({self.model}): set exactly one of max_spend_usd, "
                              "max_queries (use two caps for both)")
-        if self.limit < 0:
-            raise ValueError(f"ModelCap({self.model}): the cap must be >= 0; got {self.limit}")
+        if not self.limit >= 0:     # NaN too: no usage passes it, so no price could meet it
+            raise ValueError(f"ModelCap({self.model}): the cap must be a number >= 0; "
+                             f"got {self.limit}")
 
     @property
     def limit(self) -> float:
@@ -118,8 +119,14 @@ class _CappedProblem:
                           for k in range(prices.size)])
         objective = float(self._chosen(self.q, result.arm).sum())
         spend = float(self._chosen(self.c, result.arm).sum())
-        bound = result.certificate.upper_bound + float(prices @ self.limits)
+        bound = result.certificate.upper_bound + self.priced_limits(prices)
         return _Trial(prices.copy(), result, usage, objective, spend, bound)
+
+    def priced_limits(self, prices: np.ndarray) -> float:
+        """Σ μ·cap (q̂ units) over the priced caps: an unpriced cap adds nothing, even an
+        infinite one (0·inf would make the bound NaN)."""
+        return float(sum(p * limit for p, limit in zip(prices.tolist(), self.limits.tolist())
+                         if p > 0))
 
     @staticmethod
     def _chosen(values: np.ndarray, arm: np.ndarray) -> np.ndarray:

@@ -131,7 +131,19 @@ def _chunk_hull(q: np.ndarray, c: np.ndarray, first_row: int) -> HullSteps:
     if bad_row >= 0:
         raise ValueError(f"costs must be >= 0 USD; c[{first_row + bad_row}, {bad_arm}] = "
                          f"{float(c[bad_row, bad_arm])!r}. Use NaN to mark an unavailable arm.")
-    return HullSteps(*chains)
+    steps = HullSteps(*chains)
+    _check_finite_steps(steps, first_row)
+    return steps
+
+
+def _check_finite_steps(steps: HullSteps, first_row: int) -> None:
+    """Raise if a hull step's quality gain overflowed to inf (finite q̂ about 1e308 apart): the
+    solve's quanta and sums would then be garbage or fail with a bare OverflowError."""
+    overflowed = np.flatnonzero(np.isinf(steps.dq))
+    if overflowed.size:
+        row = int(np.searchsorted(steps.offsets, overflowed[0], side="right")) - 1
+        raise ValueError(f"q[{first_row + row}]: two arms' qualities differ by more than the "
+                         "largest float64 (their step's gain overflows to inf); rescale q")
 
 
 def _kernel_input(x: np.ndarray) -> np.ndarray:
