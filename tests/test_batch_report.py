@@ -170,3 +170,77 @@ def test_a_run_without_a_guarantee_records_strict_json():
     record = guarantee_record(plan_budget(1e-3, 3, 0.0, None), None, 8e-4)
     assert record["expected_realised_over_planned"] is None
     json.dumps(record, allow_nan=False)
+
+
+def test_money_in_the_report_and_summary_keeps_its_cents():
+    """Six significant digits read a $12,345.67 budget as $12345.7 and $1,234,567.89 as
+    $1.23457e+06, in report.md and on the terminal; tiny per-query sums stay readable."""
+    from r2ray.batch.job import summarise_manifest
+
+    manifest = _guaranteed(0.95, objective=1.5)
+    manifest["spend"] |= {"budget_usd": 1234567.89, "usable_usd": 12345.67,
+                          "predicted_usd": 3e-5, "worst_case_usd": 123456.78}
+    manifest["spend"]["guarantee"] |= {"budget_usd": 1234567.89, "planned_limit_usd": 12345.67}
+    report = report_markdown(manifest, _stats(["m"], spend_usd=12345.67))
+    assert "- budget: $1234567.89 (planned under $12345.67) · predicted spend: $3e-05 · " \
+           "worst case at the caps: $123456.78" in report
+    assert "realised spend ≤ $1234567.89 with probability ≥ 95%, planning under $12345.67" \
+        in report
+    assert "| m | default | 3 | 12345.67 | 24691.34 |" in report
+    assert "predicted $3e-05 of $12345.67 usable (budget $1234567.89" in \
+        summarise_manifest(manifest)
+
+
+def test_the_mlflow_run_logs_every_count_the_report_shows(tmp_path, mlflow_store):
+    """report.md shows duplicates' rows, unreadable files and the rows left unread in them; the
+    MLflow run logged only rows_in, routed, deferred and quarantined."""
+    manifest = _manifest(3, 0, 3e-5)
+    manifest["counts"] |= {"duplicates": 2, "unreadable_files": 1, "unread_rows": 7}
+    uri, before = mlflow_store(tmp_path), (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    try:
+        run_id = log_to_mlflow(manifest, _stats(["m"]), uri)
+    finally:   # log_to_mlflow points MLflow at this store process-wide
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    assert {name: metrics[name] for name in manifest["counts"]} == manifest["counts"]
+
+
+def test_a_night_that_does_not_commit_leaves_its_mlflow_run_failed(tmp_path, mlflow_store):
+    """The lease lost between the MLflow run and the commit: the run stayed FINISHED, showing
+    the counts and spend of a night no manifest committed."""
+    import threading
+
+    import pytest
+
+    from r2ray.batch.config import route_config
+    from r2ray.batch.job import _report_and_commit
+    from r2ray.lease import LeaseLost
+    from r2ray.manifest import RunPaths, is_committed
+
+    class LostAtTheCommit:   # renewed before the report, taken over before the commit
+        renewals = 0
+
+        def renew(self) -> None:
+            self.renewals += 1
+            if self.renewals == 2:
+                raise LeaseLost("another run took the lease over")
+
+    uri, before = mlflow_store(tmp_path), (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    config = route_config(input="in", output=str(tmp_path / "out"), model="m", budget_usd=1.0,
+                          run_id="nightly", tracking_uri=uri)
+    paths = RunPaths(config.output, "nightly", "attempt-1")
+    warm = threading.Thread(target=lambda: None)
+    warm.start()
+    try:
+        with pytest.raises(LeaseLost):
+            _report_and_commit(config, paths, _manifest(3, 0, 3e-5), _stats(["m"]), warm, {},
+                               LostAtTheCommit())
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    assert not is_committed(paths)
+    (run,) = mlflow.MlflowClient(uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["r2ray.not_committed"] == "LeaseLost: another run took the lease over"

@@ -558,9 +558,33 @@ def _report_and_commit(config: RouteConfig, paths: RunPaths, manifest: dict, sta
         manifest["artifacts"] = write_report(paths.path(), manifest, stats, plot)
         manifest["mlflow_run_id"] = _log_report(manifest, stats, config.tracking_uri,
                                                 functools.partial(log_to_mlflow, plot_png=plot))
-    lease.renew()   # LeaseLost where another run took this one's lease over: never commit then
-    commit(paths, manifest)
+    try:
+        lease.renew()   # LeaseLost where another run took this one's lease over: never commit then
+        commit(paths, manifest)
+    except BaseException as err:
+        if manifest["mlflow_run_id"] is not None:
+            _mark_uncommitted(manifest["mlflow_run_id"], config.tracking_uri, err)
+        raise
     return manifest
+
+
+def _mark_uncommitted(mlflow_run_id: str, tracking_uri: str | None, err: BaseException) -> None:
+    """The MLflow run logged for a night that then did not commit (its lease lost, the manifest
+    unwritten) ends FAILED, tagged with why: left FINISHED, it showed operators the counts and
+    spend of routed output no consumer will ever read. A tracking failure here only warns."""
+    from r2ray.registry import configure_tracking, mlflow_guard
+
+    try:
+        with mlflow_guard():
+            import mlflow
+
+            client = mlflow.MlflowClient(configure_tracking(tracking_uri))
+            client.set_tag(mlflow_run_id, "r2ray.not_committed",
+                           redact_text(f"{type(err).__name__}: {err}")[:500])
+            client.set_terminated(mlflow_run_id, status="FAILED")
+    except Exception as failure:  # noqa: BLE001 — the run's own error is the one to raise
+        print(f"warning: could not mark MLflow run {mlflow_run_id} as not committed "
+              f"({type(failure).__name__}: {redact_text(str(failure))})", file=sys.stderr)
 
 
 def dataset_span(dataset, num_cpus: float):
@@ -687,8 +711,11 @@ def _guarantee_words(guarantee: dict | None) -> str:
 
 
 def _usd(value: float) -> str:
-    """Money for people: six significant digits, whatever the magnitude ($1e+300, $0.399998)."""
-    return f"${value:.6g}"
+    """Money for people (:func:`r2ray.batch.report.usd_digits`): the cents kept, whatever the
+    magnitude ($12345.67, $0.399998, $1e+300)."""
+    from r2ray.batch.report import usd_digits
+
+    return f"${usd_digits(value)}"
 
 
 def _unread_words(counts: dict) -> str:

@@ -53,6 +53,15 @@ def spend_by_model(stats: pa.Table) -> dict[str, dict]:
     return out
 
 
+def usd_digits(value: float) -> str:
+    """A sum of money (USD) for people, without the ``$``: six significant digits, the cents
+    kept however large it is (``.6g`` read a $12,345.67 budget as 12345.7 and $1,234,567.89 as
+    1.23457e+06), and a tiny per-query sum readable (3e-05). From $1e15 on, where a float64
+    holds no cents, six significant digits ($1e+300)."""
+    whole_digits = len(f"{abs(value):.0f}") if abs(value) < 1e15 else 0   # NaN: 0
+    return f"{value:.{max(6, whole_digits + 2)}g}"
+
+
 def guarantee_lines(guarantee: dict | None) -> list[str]:
     """The spend guarantee in words: what is promised, how it was sized, what it cost."""
     if not guarantee or guarantee["probability"] == 0:
@@ -60,10 +69,10 @@ def guarantee_lines(guarantee: dict | None) -> list[str]:
             if guarantee else []
     if guarantee["probability"] == 1:
         return [f"- spend guarantee: {guarantee['method']}"]
-    lines = [f"- **spend guarantee**: realised spend ≤ ${guarantee['budget_usd']:.6g} with "
+    lines = [f"- **spend guarantee**: realised spend ≤ ${usd_digits(guarantee['budget_usd'])} with "
              f"probability ≥ {percent_bound(guarantee['probability'], upper=False)}, "
-             f"planning under ${guarantee['planned_limit_usd']:.6g} (budget ÷ {guarantee['inflation']:.4f}); "
-             f"expected realised ≈ ${guarantee['expected_realised_usd']:.6g}",
+             f"planning under ${usd_digits(guarantee['planned_limit_usd'])} (budget ÷ {guarantee['inflation']:.4f}); "
+             f"expected realised ≈ ${usd_digits(guarantee['expected_realised_usd'])}",
              f"  - method: {guarantee['method']}"]
     if "quality_given_up_at_most" in guarantee:
         share = guarantee.get("quality_given_up_share_at_most")
@@ -119,9 +128,9 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
         f"unreadable files: {counts['unreadable_files']}"
         + (f" · rows in them not read: {counts['unread_rows']:,}" if counts.get("unread_rows")
            else ""),
-        f"- budget: ${spend['budget_usd']:.6g} (planned under ${spend['usable_usd']:.6g}) · "
-        f"predicted spend: ${spend['predicted_usd']:.6g} · worst case at the caps: "
-        f"${spend.get('worst_case_usd', float('nan')):.6g}",
+        f"- budget: ${usd_digits(spend['budget_usd'])} (planned under ${usd_digits(spend['usable_usd'])}) · "
+        f"predicted spend: ${usd_digits(spend['predicted_usd'])} · worst case at the caps: "
+        f"${usd_digits(spend.get('worst_case_usd', float('nan')))}",
         *guarantee_lines(spend.get("guarantee")),
         *("- " + line for line in correction_lines(spend.get("cost_correction"))),
         "- **strict budget**: every arm was priced at its worst case (`max_tokens` × output "
@@ -140,7 +149,7 @@ def report_markdown(manifest: dict, stats: pa.Table) -> str:
     for row in stats.to_pylist():
         n = max(row["queries"], 1)
         lines.append(f"| {table_cell(row['model'])} | {budget_label(row['budget'])} | "
-                     f"{row['queries']:,} | {row['spend_usd']:.6g} | {row['worst_case_usd']:.6g} | "
+                     f"{row['queries']:,} | {usd_digits(row['spend_usd'])} | {usd_digits(row['worst_case_usd'])} | "
                      f"{row['quality_sum'] / n:.3f} | {row['tokens_sum'] / n:.0f} |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest["timings"].items())]
     return "\n".join(lines) + "\n"
@@ -265,9 +274,7 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str, plot_png: bytes) 
             "catalog_fingerprint": manifest["catalog_fingerprint"][:16],
         })
         mlflow.log_metrics({
-            "rows_in": manifest["counts"]["rows_in"], "routed": manifest["counts"]["routed"],
-            "deferred": manifest["counts"]["deferred"],
-            "quarantined": manifest["counts"]["quarantined"],
+            **manifest["counts"],   # every count report.md shows, unreadable files included
             "predicted_spend_usd": manifest["spend"]["predicted_usd"],
             **({"worst_case_spend_usd": manifest["spend"]["worst_case_usd"]}
                if "worst_case_usd" in manifest["spend"] else {}),
