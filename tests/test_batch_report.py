@@ -244,3 +244,15 @@ def test_a_night_that_does_not_commit_leaves_its_mlflow_run_failed(tmp_path, mlf
         [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()])
     assert run.info.status == "FAILED"
     assert run.data.tags["r2ray.not_committed"] == "LeaseLost: another run took the lease over"
+
+
+def test_each_stage_says_on_stderr_when_it_starts_and_ends(capsys):
+    """Ray Data shows progress for its datasets only: the plan's listing, the solve, the assign
+    and write and the report ran for minutes on a large night without a line on the terminal."""
+    from r2ray.batch.job import _timed
+
+    timings = {}
+    with _timed(timings, "solve_assign_write"):
+        assert capsys.readouterr().err == "r2ray: solve_assign_write …\n"
+    assert capsys.readouterr().err == \
+        f"r2ray: solve_assign_write done in {timings['solve_assign_write']} s\n"

@@ -53,9 +53,14 @@ class EmptyInput(R2RayError):
 
 @contextmanager
 def _timed(timings: dict, stage: str) -> Iterator[None]:
+    """Time ``stage`` into ``timings`` (seconds), with a line on stderr as it starts and ends: the
+    operator's progress through stages Ray Data shows none for (the plan's listing, the solve,
+    the assign and write, the report), and which stage a stalled night is in."""
+    print(f"r2ray: {stage} …", file=sys.stderr, flush=True)
     start = time.perf_counter()
     yield
     timings[stage] = round(time.perf_counter() - start, 3)
+    print(f"r2ray: {stage} done in {timings[stage]} s", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
