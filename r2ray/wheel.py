@@ -41,14 +41,16 @@ def _source_files(root: Path) -> list[Path]:
 @functools.lru_cache(maxsize=2)
 def _built_wheel(root: Path, fingerprint: str) -> tuple[str, bytes]:
     """(file name, bytes) of the wheel of the sources at ``root``; ``fingerprint`` (of their
-    content) keys the cache, so a process builds each version of the sources once (~1 s)."""
+    content) keys the cache, so a process builds each version of the sources once (~1 s). Built
+    with the setuptools installed here (no isolation), checked against pyproject's
+    ``build-system.requires`` first, so one too old is named rather than failing in setuptools."""
     with tempfile.TemporaryDirectory(prefix="r2ray-wheel-") as tmp:
         source = Path(tmp) / "source"  # a copy: setuptools writes build/ and *.egg-info beside it
         for file in _source_files(root):
             (source / file.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, source / file.relative_to(root))
         built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                                "--no-index", "--no-build-isolation",
+                                "--no-index", "--no-build-isolation", "--check-build-dependencies",
                                 "--wheel-dir", str(Path(tmp) / "out"), str(source)],
                                capture_output=True, text=True)
         if built.returncode != 0:
