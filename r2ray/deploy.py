@@ -184,9 +184,18 @@ def kustomize_build(folder: str | Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
-def rendered_rayservice(root: Path) -> str:
+def serve_overrides(root: Path) -> dict[str, Any]:
+    """``serve-overrides.yaml``: a mapping of dotted paths to values (empty: no override). Any
+    other YAML is a :class:`ConfigError` naming the file, not a traceback from applying it."""
     overrides = parse_yaml((root / SERVE_OVERRIDES).read_text(), str(SERVE_OVERRIDES)) or {}
-    config = render_serve_config(root / SERVE_CONFIG, overrides)
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise ConfigError(f"{SERVE_OVERRIDES}: expected a mapping of dotted paths "
+                          "(applications.r2ray.args.manifest) to values")
+    return overrides
+
+
+def rendered_rayservice(root: Path) -> str:
+    config = render_serve_config(root / SERVE_CONFIG, serve_overrides(root))
     return with_serve_config_v2((root / RAYSERVICE).read_text(), dump(config))
 
 

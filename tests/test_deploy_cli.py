@@ -24,3 +24,15 @@ def test_set_value_that_is_not_yaml_names_the_setting(capsys):
                         "--set", "applications.r2ray.args.manifest=[s3://b/"]) == 2
     err = capsys.readouterr().err
     assert "--set 'applications.r2ray.args.manifest=[s3://b/' is not valid YAML" in err
+
+
+@pytest.mark.parametrize("overrides", ["- applications.r2ray.args.manifest: s3://b/\n",
+                                       "1: s3://b/\n", "s3://b/\n"])
+def test_serve_overrides_that_are_not_a_mapping_of_paths_are_a_user_error(tmp_path, capsys,
+                                                                          overrides):
+    (tmp_path / deploy.SERVE_OVERRIDES).parent.mkdir(parents=True)
+    (tmp_path / deploy.SERVE_OVERRIDES).write_text(overrides)
+    assert deploy.main(["render", "--check", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r2ray.deploy: error:") and str(deploy.SERVE_OVERRIDES) in err
+    assert "Traceback" not in err
