@@ -263,6 +263,11 @@ def expand(entrypoint: str) -> list[str]:
     return done.stdout.split("\0")[:-1]
 
 
+def cpus(quantity: str) -> float:
+    """A Kubernetes CPU quantity ("4", "500m") in CPUs."""
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
 def test_entrypoints_expand_and_parse_with_the_r2ray_cli(builds):
     from r2ray.cli import build_parser
 
@@ -282,6 +287,11 @@ def test_entrypoints_expand_and_parse_with_the_r2ray_cli(builds):
         gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
                        .get("nvidia.com/gpu", 0)) * g["replicas"] for g in workers)
         assert (args.gpus_per_worker or 0) * args.workers <= gpus, name
+        # the README's pool rule: the actors leave a CPU per node for the tasks that feed them
+        # (KubeRay gives Ray a pod's CPU limit, else its request, as num-cpus)
+        room = sum((cpus(g["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+                    - 1) * g["replicas"] for g in workers)
+        assert args.workers * args.cpus_per_worker <= room, name
         assert bool(args.gpus_per_worker) == ("gpu" in name), name
         assert spec["shutdownAfterJobFinishes"] is True
         assert 0 < spec["activeDeadlineSeconds"] < 24 * 3600  # never overlaps the next night
