@@ -344,3 +344,15 @@ def test_secrets_are_examples_referenced_by_name(builds):
         named |= set(re.findall(r"secretRef:\s*\n\s*name: (\S+)", text))
         named |= set(re.findall(r"secretKeyRef:\s*\n(?:\s*\w+: \S+\n)*?\s*name: (\S+)", text))
     assert named == set(examples)
+
+
+def test_one_torch_version_everywhere():
+    """`make setup` and the images install the same torch, the one installed here (its public
+    version: a +cpu build is the same release)."""
+    import torch
+
+    makefile = (REPO / "Makefile").read_text()
+    dockerfile = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    pins = set(re.findall(r"pip install -q torch==([\d.]+)", makefile))
+    pins |= set(re.findall(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M))
+    assert pins == {torch.__version__.split("+")[0]}
