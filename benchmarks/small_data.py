@@ -26,7 +26,10 @@ costliest; ``averaged`` the plain mean of Ridge, KNN and the joint network, whic
 keeps unless a candidate beats it by more than one standard error; ``selected``'s rows keep the CV winner and each candidate's CV AUDC (``winner``, ``cv``), and the
 table prints the winner per seed. ``r2ray`` trains on its step budget (batch 128 for up to 40
 epochs at these sizes); the epoch plan it had before, for comparison: ``r2ray_old=r2ray{"epochs":12,"batch_size":512,
-"patience":3}``. ``--cache`` keeps each (bench, method, seed) result, so a rerun fits only what is new.
+"patience":3}``. ``--cache`` keeps each (bench, method, seed) result with the fingerprint of what
+produced it (the r2ray package's code and default catalogue, this script with its world knobs, and a
+real bench's input files and encoder), so a rerun fits only what is new and never reuses a result of
+other code, data or settings (such rows stay in the file, unused).
 On the shared 2-core host at load 10–20, one world split with every method took 10–20 minutes
 (the residual network and the joint network's fits dominate), a real bench's split 1–5 minutes.
 """
@@ -34,6 +37,7 @@ On the shared 2-core host at load 10–20, one world split with every method too
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -154,32 +158,49 @@ def top_level_split(spec: str) -> list[str]:
 
 
 def read_cache(path: str | None) -> dict[tuple, dict]:
+    """(bench, method, seed, fingerprint) → scores of every row of the cache file (rows written
+    before fingerprints have none, so no run reuses them)."""
     if not path or not os.path.exists(path):
         return {}
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return {(r["bench"], r["method"], r["seed"]): r for r in rows}
+    return {(r["bench"], r["method"], r["seed"], r.get("fingerprint")): r for r in rows}
 
 
-def bench_results(name: str, loader, methods: list[str], seeds: list[int],
-                  cache: dict, cache_path: str | None) -> dict[str, list[dict]]:
-    """{method: [per-seed scores]}, fitting only what the cache lacks."""
+def fingerprint(settings: str, inputs: list[str] = ()) -> str:
+    """What a result depends on besides (bench name, method spec, seed): the imported r2ray
+    package (code, default catalogue), this script, ``settings`` (the world's budgets and knobs,
+    or a real bench's encoder) and a real bench's input files' bytes. 16 hex digits of a sha256."""
+    import r2ray
+
+    package = Path(r2ray.__file__).resolve().parent
+    code = sorted(p for p in package.rglob("*") if p.suffix in (".py", ".yaml", ".json"))
+    digest = hashlib.sha256(settings.encode())
+    for path in [*code, Path(__file__).resolve(), *map(Path, inputs)]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def bench_results(name: str, loader, methods: list[str], seeds: list[int], cache: dict,
+                  cache_path: str | None, source: str) -> dict[str, list[dict]]:
+    """{method: [per-seed scores]}, fitting only what the cache lacks under the ``source``
+    :func:`fingerprint`."""
     data = None
     out: dict[str, list[dict]] = {}
     for seed in seeds:
-        wanted = [m for m in methods if (name, m, seed) not in cache]
-        if wanted or (name, "random", seed) not in cache or (
-                name.startswith("world") and (name, "truth", seed) not in cache):
+        wanted = [m for m in methods if (name, m, seed, source) not in cache]
+        if wanted or (name, "random", seed, source) not in cache or (
+                name.startswith("world") and (name, "truth", seed, source) not in cache):
             data = data or loader()
             fresh = split_scores(data[0], data[1], wanted, seed, *data[2:])
             for method, scores in fresh.items():
-                row = {"bench": name, "method": method, "seed": seed} | scores
-                cache[(name, method, seed)] = row
+                row = {"bench": name, "method": method, "seed": seed, "fingerprint": source} | scores
+                cache[(name, method, seed, source)] = row
                 if cache_path:
                     with open(cache_path, "a") as handle:
                         handle.write(json.dumps(row) + "\n")
         extra = ["truth"] if name.startswith("world") else []
         for method in [*methods, "oracle_all", "random", *extra]:
-            out.setdefault(method, []).append(cache[(name, method, seed)])
+            out.setdefault(method, []).append(cache[(name, method, seed, source)])
     return out
 
 
@@ -241,14 +262,17 @@ def main() -> None:
         for name in [b.strip() for b in args.benches.split(",") if b.strip()]:
             if name in ("world", "world_other"):
                 loader = lambda other=name == "world_other": load_world(args.world_queries, other)  # noqa: E731
+                source = fingerprint(json.dumps([OTHER_WORLD_BUDGETS, OTHER_WORLD_KNOBS]))
             elif name in real:
                 loader = lambda spec=real[name]: load_real(*spec, folder, args.encoder)  # noqa: E731
+                encoder = os.path.abspath(args.encoder) if os.path.isdir(args.encoder) else args.encoder
+                source = fingerprint(encoder, real[name][1])
             else:
                 print(f"== {name}: not found, skipped (the full benches are read from {SHARED}; "
                       "R2RAY_SHARED_DATA=DIR reads them elsewhere)")
                 continue
             key = f"{name}@{args.world_queries}" if name.startswith("world") else name + encoded
-            results = bench_results(key, loader, methods, seeds, cache, args.cache)
+            results = bench_results(key, loader, methods, seeds, cache, args.cache, source)
             print(table(key, results, methods), flush=True)
 
 
