@@ -118,14 +118,17 @@ def build(method: str, seed: int):
 def split_scores(arrays, catalog, methods: list[str], seed: int, truth=None) -> dict[str, dict]:
     """Per method (and oracle_all, random; ``truth``: the world's expected quality and tokens
     [N, K] as a router's beliefs, the ceiling of any predictor): AUDC, QNC, fit seconds on one
-    80/20 split."""
-    from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods,
+    80/20 split. Replay or full information is decided on the whole bench, as ``r2ray evaluate``
+    does: decided on each test part, a bench near the sampled threshold had some seeds scored by
+    replay and others by full information over their full queries only."""
+    from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods, is_sampled,
                                                 reference_methods, summarise)
     from r2ray.predictor.data import holdout_indices
 
+    replay = is_sampled(arrays, catalog)
     train_rows, test_rows = holdout_indices(arrays.n_queries, 0.2, seed)
     train, test = arrays.subset(train_rows), arrays.subset(test_rows)
-    evaluable = evaluable_queries(test, catalog)
+    evaluable = evaluable_queries(test, catalog, replay)
     test = test.subset(evaluable)
     predictions, seconds, picked = {}, {}, {}
     for method in methods:
@@ -138,7 +141,7 @@ def split_scores(arrays, catalog, methods: list[str], seed: int, truth=None) -> 
                               "cv": {r["name"]: r["audc"] for r in fitted.selection_}}
     if truth is not None:
         predictions["truth"] = truth.subset(test_rows[evaluable])
-    results = evaluate_methods(test, catalog, predictions)
+    results = evaluate_methods(test, catalog, predictions, replay=replay)
     summary = summarise(results, normalise_over=reference_methods(results, predictions))
     names = [*methods, "oracle_all", "random", *(["truth"] if truth is not None else [])]
     return {n: {"audc": summary["methods"][n]["audc"], "qnc": summary["methods"][n]["qnc"],
