@@ -84,7 +84,14 @@ def world_parts(full, args, seed: int):
 
 def bench_parts(arrays, args, seed: int):
     """The same three parts drawn from one bench's queries by a seeded permutation: test first,
-    then the new-model candidates, then up to ``--train-queries`` training queries."""
+    then the new-model candidates, then up to ``--train-queries`` training queries. A bench too
+    small for the first two and one training query is refused (it left those parts empty, and
+    the run failed later on a bare IndexError)."""
+    needed = args.test_queries + max(args.sizes) + 1
+    if arrays.n_queries < needed:
+        raise SystemExit(f"the bench has {arrays.n_queries:,} queries; --test-queries "
+                         f"{args.test_queries:,} + the largest of --sizes {max(args.sizes):,} + one "
+                         f"training query need {needed:,}: lower them")
     order = np.random.default_rng(seed).permutation(arrays.n_queries)
     cuts = np.cumsum([args.test_queries, max(args.sizes), args.train_queries])
     test, new, train = (order[:cuts[0]], order[cuts[0]:cuts[1]], order[cuts[1]:cuts[2]])
