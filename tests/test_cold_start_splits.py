@@ -7,7 +7,6 @@ import importlib.util
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 from predictor_world import planted_arrays, small_catalog
 
