@@ -20,6 +20,8 @@ from r2ray.predictor.data import bench_arrays
 from r2ray.predictor.base import fold_ids
 from r2ray.predictor.extend import (ExtensionError, arrays_over, cross_fitted_new_arms,
                                     extend_predictor, plan_extension, without_models)
+from r2ray.predictor.network import budget_chains
+from r2ray.predictor.quality_calibration import ARM_ROWS
 from r2ray.registry import load_registered
 
 FULL = small_catalog(n_models=3)
@@ -399,3 +401,20 @@ def test_a_new_model_with_another_context_than_the_whole_old_pool_is_not_saturat
     quality = extended.predict(test.embedding, raw_quality=True).quality[:, new]
     assert abs(quality.mean() - np.nanmean(rows.quality[:, new])) < 0.1, quality.mean()
     assert quality.max() < 0.99
+
+
+def test_a_monotone_networks_new_budget_chain_shares_one_quality_map():
+    """A monotone network's fit gives each model's budget chain one q̂ map (a map per arm lets
+    calibrated q̂ fall as the budget grows); its extension fitted the new model's maps without
+    the chains, so a new model with ``ARM_ROWS`` rows got a map per arm and its calibrated q̂
+    fell from one budget to the next on 6 of 500 test queries (raw q̂: none)."""
+    train, _ = planted_arrays(FULL, n_queries=ARM_ROWS + 100, dim=16, seed=0, missing_share=0.0)
+    test, _ = planted_arrays(FULL, n_queries=500, dim=16, seed=9)
+    network = make_predictor("r2ray", **KINDS["r2ray"]).fit(
+        arrays_over(train.subset(np.arange(200)), FULL, OLD), OLD)
+    extended, _ = extend_predictor(network, FULL, train)
+    chain = next(c for c in budget_chains(FULL, "budgets") if FULL.arms[c[0]].model == NEW)
+    groups = extended.quality_calibration_.group[chain]
+    assert (groups >= 0).all() and len(set(groups.tolist())) == 1, groups
+    quality = extended.predict(test.embedding).quality[:, chain]
+    assert (np.diff(quality, axis=1) >= 0).all()

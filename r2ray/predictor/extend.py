@@ -32,7 +32,8 @@ predict exactly as before. Per kind:
 
 Calibrations are per arm, so they are extended too: the new arms' token and quality calibrations
 are fitted on out-of-fold predictions of the new rows (the extension refitted ``folds`` times, each
-predicting the rows it did not see), old arms keep theirs. The spend simulation stays the old
+predicting the rows it did not see; a monotone network's new budget chains share one q̂ map, as
+in its fit), old arms keep theirs. The spend simulation stays the old
 pool's: the new rows do not give realised outcomes of the old arms on the same queries.
 """
 
@@ -461,7 +462,8 @@ def extend_predictor(predictor: BasePredictor, catalog: Catalog, rows: BenchArra
     if folds >= 2:
         held_out = cross_fitted_new_arms(predictor, extension, rows, prior, folds, seed)
         new_token = fit_token_calibration(held_out.output_tokens, rows.output_tokens, catalog)
-        new_quality = (fit_quality_calibration(held_out.quality, rows.quality, catalog)
+        new_quality = (fit_quality_calibration(held_out.quality, rows.quality, catalog,
+                                               chains=extended.quality_chains(catalog))
                        if predictor.calibrates_quality else None)   # averaged: members' maps
         metrics = {k.replace("test_", "new_arms_oof_"): v
                    for k, v in summary_metrics(held_out, rows).items()}
