@@ -418,3 +418,22 @@ def test_a_monotone_networks_new_budget_chain_shares_one_quality_map():
     assert (groups >= 0).all() and len(set(groups.tolist())) == 1, groups
     quality = extended.predict(test.embedding).quality[:, chain]
     assert (np.diff(quality, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("kind, settings", [
+    ("averaged", KINDS["averaged"]),
+    ("selected", {"candidates": "per_arm_ridge,carrot_knn_all,averaged"}),
+])
+def test_an_averaged_needs_the_new_model_in_every_folds_fitting_part(planted, kind, settings):
+    """A new model on 2 queries passes the rows' check, but each cross-fitting fold extends the
+    average's members, with their calibrations, on the other fold's 1 query: the member's
+    extension refused, telling a user who gave 2 queries that the model had outcomes on 1."""
+    train, _ = planted
+    old = make_predictor(kind, **settings).fit(arrays_over(train, FULL, OLD), OLD)
+    if kind == "selected":
+        assert old.winner_name_ == "averaged"
+    with pytest.raises(ExtensionError, match=r"calibrates an averaged predictor's members on the "
+                       r"rows outside each of the 2 cross-fitting folds.*'model-1' \(2 queries, "
+                       r"1 outside fold 0\)"):
+        extend_predictor(old, FULL, train.subset(np.arange(2)))
+    extend_predictor(old, FULL, train.subset(np.arange(6)))   # 4 outside each fold

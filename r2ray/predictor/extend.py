@@ -434,6 +434,8 @@ def cross_fitted_new_arms(predictor: BasePredictor, extension: Extension, rows: 
     (:func:`~r2ray.predictor.base.model_fold_ids`): all in one, its held-out predictions were
     NaN and its calibrations fitted on none of its rows."""
     fold = model_fold_ids(rows, extension.new, folds, seed)
+    if calibrates_members(predictor):
+        check_folds_calibrate_members(rows, extension, fold, predictor.name)
     quality = np.full(rows.quality.shape, np.nan, dtype=np.float32)
     tokens = np.full(rows.quality.shape, np.nan, dtype=np.float32)
     new = extension.new_arms
@@ -444,6 +446,33 @@ def cross_fitted_new_arms(predictor: BasePredictor, extension: Extension, rows: 
         quality[np.ix_(held, new)] = predicted.quality[:, new]
         tokens[np.ix_(held, new)] = predicted.output_tokens[:, new]
     return ArmPredictions(quality, tokens)
+
+
+def calibrates_members(predictor: BasePredictor) -> bool:
+    """Whether extending ``predictor`` extends and calibrates members by :func:`extend_predictor`
+    (``averaged``, or a ``selected`` whose winner is one)."""
+    winner = getattr(predictor, "winner_", None)
+    return predictor.name == "averaged" or (winner is not None and calibrates_members(winner))
+
+
+def check_folds_calibrate_members(rows: BenchArrays, extension: Extension, fold: np.ndarray,
+                                  kind: str) -> None:
+    """Each cross-fitting fold extends an ``averaged``'s members on the other folds' rows, each
+    with its own calibrations, so a new model needs :data:`MIN_NEW_MODEL_QUERIES` queries in every
+    fold's fitting part, not only in the rows: a model on 2 queries in 2 folds has 1 there, and
+    the members' extension failed saying the model had 1 query."""
+    presence = model_presence(rows, extension.new)
+    for f in np.unique(fold):
+        queries = presence[fold != f].sum(axis=0)
+        few = [f"{name!r} ({int(presence[:, m].sum())} queries, {int(queries[m])} outside "
+               f"fold {f})" for m, name in enumerate(extension.new.model_names)
+               if name in extension.new_models and queries[m] < MIN_NEW_MODEL_QUERIES]
+        if few:
+            raise ExtensionError(
+                f"extending {kind!r} calibrates an averaged predictor's members on the rows "
+                f"outside each of the {len(np.unique(fold))} cross-fitting folds, which need "
+                f"outcomes of every new model on {MIN_NEW_MODEL_QUERIES} queries: the new "
+                f"model(s) {', '.join(few)} have fewer; add rows of them")
 
 
 def extend_predictor(predictor: BasePredictor, catalog: Catalog, rows: BenchArrays,
