@@ -437,3 +437,19 @@ def test_an_averaged_needs_the_new_model_in_every_folds_fitting_part(planted, ki
                        r"1 outside fold 0\)"):
         extend_predictor(old, FULL, train.subset(np.arange(2)))
     extend_predictor(old, FULL, train.subset(np.arange(6)))   # 4 outside each fold
+
+
+@pytest.mark.parametrize("kind, members", [
+    ("stacked", [{"kind": "carrot_knn_all", "settings": {}},
+                 {"kind": "carrot_knn_default", "settings": {}}]),
+    ("averaged", [{"kind": "carrot_knn_all"}, {"kind": "carrot_knn_default"}]),
+])
+def test_a_composite_of_knn_members_only_is_refused(planted, kind, members):
+    """No member covers a new arm: the extension predicted NaN on every one of them (the new
+    model registered but never routed to, its out-of-fold metrics NaN), without a word."""
+    train, _ = planted
+    old = make_predictor(kind, members=members).fit(arrays_over(train, FULL, OLD), OLD)
+    with pytest.raises(ExtensionError, match=rf"the '{kind}' predictor cannot be extended to new "
+                       r"models: each of its members \(carrot_knn_all, carrot_knn_default\) is a "
+                       "KNN"):
+        extend_predictor(old, FULL, train.subset(np.arange(30)))

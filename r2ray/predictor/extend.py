@@ -23,10 +23,10 @@ predict exactly as before. Per kind:
 * ``stacked``: each member extended; a member that cannot cover new arms (``carrot_knn_*``: its
   neighbours are the old training queries, which have no outcome for the new model) predicts NaN
   there and the blend renormalises over the others; new arms take the mean of the old arms' blend
-  weights.
+  weights. A stack of KNNs alone would cover no new arm: refused.
 * ``averaged``: each member extended with its own calibrations (it predicts with them), by
   :func:`extend_predictor` itself; a KNN member covers the old arms only, and the mean on the new
-  ones is over the others.
+  ones is over the others (an average of KNNs alone is refused, as a stack of them).
 * ``selected``: its winner extended.
 * Anything else (``per_arm_mlp``, a lone ``carrot_knn_*``) is an :class:`ExtensionError` saying why.
 
@@ -338,7 +338,20 @@ def knn_old_arms_only(predictor, extension: Extension, rows: BenchArrays, prior:
 
 
 # ---- composites -------------------------------------------------------------------------------------
+def check_a_member_covers_new_arms(predictor: BasePredictor) -> None:
+    """A composite whose every member is a KNN (old arms only) would predict NaN on every new
+    arm: the new model registered, never routed to, and its metrics NaN."""
+    members = [m.name for m in predictor.members_]
+    if all(name in STACK_ONLY for name in members):
+        raise ExtensionError(f"the {predictor.name!r} predictor cannot be extended to new "
+                             f"models: each of its members ({', '.join(members)}) is a KNN, "
+                             "whose q̂ is the mean over the nearest old training queries, which "
+                             "have no outcome of the new model; retrain on the new catalogue "
+                             "with `r2ray train`")
+
+
 def extend_stacked(predictor, extension: Extension, rows: BenchArrays, prior: float):
+    check_a_member_covers_new_arms(predictor)
     fresh = _fresh(predictor, extension)
     fresh.members_ = [_extend(m, extension, rows, prior, in_stack=True)
                       for m in predictor.members_]
@@ -352,6 +365,7 @@ def extend_stacked(predictor, extension: Extension, rows: BenchArrays, prior: fl
 def extend_averaged(predictor, extension: Extension, rows: BenchArrays, prior: float):
     """Each member extended with its own calibrations (the average predicts with them); a KNN
     member keeps the old arms only and the mean is over the others on the new ones."""
+    check_a_member_covers_new_arms(predictor)
     fresh = _fresh(predictor, extension)
     fresh.members_ = [_extend_calibrated(m, extension, rows, prior) for m in predictor.members_]
     return fresh
