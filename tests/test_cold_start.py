@@ -4,6 +4,7 @@ extension, bad input is refused with a reason."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import mlflow
@@ -439,17 +440,23 @@ def test_an_averaged_needs_the_new_model_in_every_folds_fitting_part(planted, ki
     extend_predictor(old, FULL, train.subset(np.arange(6)))   # 4 outside each fold
 
 
-@pytest.mark.parametrize("kind, members", [
-    ("stacked", [{"kind": "carrot_knn_all", "settings": {}},
-                 {"kind": "carrot_knn_default", "settings": {}}]),
-    ("averaged", [{"kind": "carrot_knn_all"}, {"kind": "carrot_knn_default"}]),
+KNN_PAIR = [{"kind": "carrot_knn_all"}, {"kind": "carrot_knn_default"}]
+KNN_LINEAR = [{"kind": "carrot_knn_all"}, {"kind": "carrot_linear_default"}]
+
+
+@pytest.mark.parametrize("kind, members, arms", [
+    ("stacked", KNN_PAIR, "model-1|20, model-1|100, model-1|400, model-1|default"),
+    ("averaged", KNN_PAIR, "model-1|20, model-1|100, model-1|400, model-1|default"),
+    ("stacked", KNN_LINEAR, "model-1|20, model-1|100, model-1|400"),
+    ("averaged", KNN_LINEAR, "model-1|20, model-1|100, model-1|400"),
 ])
-def test_a_composite_of_knn_members_only_is_refused(planted, kind, members):
-    """No member covers a new arm: the extension predicted NaN on every one of them (the new
-    model registered but never routed to, its out-of-fold metrics NaN), without a word."""
+def test_a_composite_whose_members_cover_no_new_arm_is_refused(planted, kind, members, arms):
+    """No member covers these new arms (a KNN covers old arms only, carrot_linear_default the
+    default arms only), though the composite predicts the old arms of their budgets: the
+    extension predicted NaN there (the new model registered, never routed to those arms; with
+    KNNs alone its out-of-fold metrics NaN), without a word."""
     train, _ = planted
     old = make_predictor(kind, members=members).fit(arrays_over(train, FULL, OLD), OLD)
-    with pytest.raises(ExtensionError, match=rf"the '{kind}' predictor cannot be extended to new "
-                       r"models: each of its members \(carrot_knn_all, carrot_knn_default\) is a "
-                       "KNN"):
+    with pytest.raises(ExtensionError, match=rf"the extended '{kind}' predictor predicts no q̂ "
+                       rf"for the new arm\(s\) {re.escape(arms)}: none of its members covers"):
         extend_predictor(old, FULL, train.subset(np.arange(30)))

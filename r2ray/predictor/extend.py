@@ -23,10 +23,11 @@ predict exactly as before. Per kind:
 * ``stacked``: each member extended; a member that cannot cover new arms (``carrot_knn_*``: its
   neighbours are the old training queries, which have no outcome for the new model) predicts NaN
   there and the blend renormalises over the others; new arms take the mean of the old arms' blend
-  weights. A stack of KNNs alone would cover no new arm: refused.
+  weights. A new arm no member covers (a stack of KNNs alone) is refused where the old arms of its
+  budget are predicted.
 * ``averaged``: each member extended with its own calibrations (it predicts with them), by
   :func:`extend_predictor` itself; a KNN member covers the old arms only, and the mean on the new
-  ones is over the others (an average of KNNs alone is refused, as a stack of them).
+  ones is over the others (refused, as a stack, where no member covers a new arm).
 * ``selected``: its winner extended.
 * Anything else (``per_arm_mlp``, a lone ``carrot_knn_*``) is an :class:`ExtensionError` saying why.
 
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from r2ray.catalog import Catalog
+from r2ray.catalog import Catalog, budget_label
 from r2ray.encoders import check_embedding_dimension
 from r2ray.errors import R2RayError
 from r2ray.predictor.base import (ArmPredictions, BasePredictor, data_fingerprint, log_tokens,
@@ -338,20 +339,7 @@ def knn_old_arms_only(predictor, extension: Extension, rows: BenchArrays, prior:
 
 
 # ---- composites -------------------------------------------------------------------------------------
-def check_a_member_covers_new_arms(predictor: BasePredictor) -> None:
-    """A composite whose every member is a KNN (old arms only) would predict NaN on every new
-    arm: the new model registered, never routed to, and its metrics NaN."""
-    members = [m.name for m in predictor.members_]
-    if all(name in STACK_ONLY for name in members):
-        raise ExtensionError(f"the {predictor.name!r} predictor cannot be extended to new "
-                             f"models: each of its members ({', '.join(members)}) is a KNN, "
-                             "whose q̂ is the mean over the nearest old training queries, which "
-                             "have no outcome of the new model; retrain on the new catalogue "
-                             "with `r2ray train`")
-
-
 def extend_stacked(predictor, extension: Extension, rows: BenchArrays, prior: float):
-    check_a_member_covers_new_arms(predictor)
     fresh = _fresh(predictor, extension)
     fresh.members_ = [_extend(m, extension, rows, prior, in_stack=True)
                       for m in predictor.members_]
@@ -365,7 +353,6 @@ def extend_stacked(predictor, extension: Extension, rows: BenchArrays, prior: fl
 def extend_averaged(predictor, extension: Extension, rows: BenchArrays, prior: float):
     """Each member extended with its own calibrations (the average predicts with them); a KNN
     member keeps the old arms only and the mean is over the others on the new ones."""
-    check_a_member_covers_new_arms(predictor)
     fresh = _fresh(predictor, extension)
     fresh.members_ = [_extend_calibrated(m, extension, rows, prior) for m in predictor.members_]
     return fresh
@@ -489,6 +476,26 @@ def check_folds_calibrate_members(rows: BenchArrays, extension: Extension, fold:
                 f"model(s) {', '.join(few)} have fewer; add rows of them")
 
 
+def check_new_arms_predicted(predictor: BasePredictor, extended: BasePredictor,
+                             extension: Extension, probe: np.ndarray) -> None:
+    """A new arm that no member of a composite covers (a KNN covers old arms only, a
+    ``carrot_linear_default`` default arms only) is NaN: refused where the old predictor covers
+    arms of its budget, else the new model is registered but never routed there. ``probe``: one
+    embedding [1, D]; coverage does not depend on the query."""
+    old = np.isfinite(predictor._predict(probe).quality[0])
+    new = np.isfinite(extended._predict(probe).quality[0])
+    budgets = {arm.budget_tokens for arm, covered in zip(extension.old.arms, old) if covered}
+    missing = [f"{arm.model}|{budget_label(arm.budget_tokens)}"
+               for arm in (extension.new.arms[j] for j in extension.new_arms if not new[j])
+               if arm.budget_tokens in budgets]
+    if missing:
+        raise ExtensionError(
+            f"the extended {predictor.name!r} predictor predicts no q̂ for the new arm(s) "
+            f"{', '.join(missing)}: none of its members covers them (a KNN member covers the old "
+            "arms only, a carrot_linear_default one the default arms only), though it covers the "
+            "old arms of those budgets; retrain on the new catalogue with `r2ray train`")
+
+
 def extend_predictor(predictor: BasePredictor, catalog: Catalog, rows: BenchArrays,
                      prior: float = DEFAULT_PRIOR, folds: int = DEFAULT_FOLDS, seed: int = 0
                      ) -> tuple[BasePredictor, ExtensionReport]:
@@ -500,6 +507,7 @@ def extend_predictor(predictor: BasePredictor, catalog: Catalog, rows: BenchArra
     check_embedding_dimension(training_embedding(rows, "new rows"), predictor.embedding_dim_,
                               "the new rows' embeddings")
     extended = _extend(predictor, extension, rows, prior)
+    check_new_arms_predicted(predictor, extended, extension, training_embedding(rows)[:1])
     folds = min(folds, rows.n_queries) if rows.n_queries >= 2 else 0
     metrics = {}
     if folds >= 2:
