@@ -531,6 +531,7 @@ def warm_start_rows(config: WarmStartConfig, registered: RegisteredPredictor
     queries = read_queries(config.queries) if config.queries else None
     arrays = bench_arrays(table, catalog, queries, source=config.bench)
     if arrays.embedding is not None:
+        check_finite_embeddings(arrays, config.queries)   # else "row N" of the kept rows only
         return catalog, arrays
     encoder = model_encoder(registered.encoder_spec, registered.predictor.encoder_fingerprint,
                             config.warm_start)

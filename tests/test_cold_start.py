@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 import pytest
 from predictor_world import model_folder, planted_arrays, planted_bench_table, small_catalog
 
@@ -285,6 +286,23 @@ def test_cli_warm_start_refuses_to_embed_new_rows_with_other_weights_of_the_enco
                  "--register", "x", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
     err = capsys.readouterr().err
     assert code == 2 and f"{tmp_path / 'saved'} was trained on embeddings of encoder" in err
+
+
+def test_cli_warm_start_names_the_query_of_a_nan_embedding(benches, tmp_path, capsys):
+    """A NaN in --queries was reported as 'embedding of row 21' for q170: the 21st query kept for
+    the fit, neither a row of the bench nor a query id the user could find."""
+    folder = benches
+    _, queries = planted_bench_table(FULL, n_queries=200, dim=16, seed=0)
+    embedding = queries.column("embedding").to_pylist()
+    embedding[queries.column("query_id").to_pylist().index("q170")][3] = float("nan")
+    write_table(queries.set_column(1, "embedding", pa.array(embedding, pa.list_(pa.float32()))),
+                str(tmp_path / "queries.parquet"))
+    code = main(["train", "--warm-start", str(folder / "saved"), "--bench",
+                 str(folder / "mixed.parquet"), "--catalog", str(folder / "full.catalog.yaml"),
+                 "--queries", str(tmp_path / "queries.parquet"), "--register", "x",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the embedding of query_id 'q170' has NaN or infinite values" in err, err
 
 
 @pytest.mark.parametrize("extra, message", [
