@@ -8,7 +8,8 @@ the folds done so far (uncalibrated: the calibrations need every fold). ASHA (gr
 fold, reduction factor ``ASHA_REDUCTION``) stops a candidate that trails the others at the same
 number of folds. The survivors' out-of-fold predictions come back as trial checkpoints and are
 scored exactly as plain cross-validation scores them, so the winner is chosen by the same rule;
-a stopped candidate is listed in the CV table with its folds done and running AUDC.
+a stopped candidate is listed in the CV table with its folds done and running AUDC. A trial whose
+fit raises stops the selection with an error naming its candidate, as plain cross-validation does.
 
 Trials write checkpoints under ``storage_path`` (default: a temporary folder, fine for one
 machine; on a multi-node cluster give shared storage, e.g. ``s3://bucket/tune``, as Tune needs).
@@ -27,7 +28,7 @@ from r2ray.catalog import Catalog
 from r2ray.cluster import ray_address
 from r2ray.predictor.base import ArmPredictions, fold_predictions
 from r2ray.predictor.data import BenchArrays
-from r2ray.predictor.selection import Candidate
+from r2ray.predictor.selection import Candidate, failed_candidate
 
 ASHA_REDUCTION = 2
 CPUS_PER_TRIAL = 1.0
@@ -88,13 +89,13 @@ def asha_search(singles: list[Candidate], train: BenchArrays, catalog: Catalog, 
             param_space={"candidate": tune.grid_search(
                 [{"name": c.name, "kind": c.kind, "settings": c.settings} for c in singles])},
             tune_config=tune.TuneConfig(metric="audc", mode="max", scheduler=scheduler),
-            run_config=tune.RunConfig(name="r2ray-cv", storage_path=storage_path or scratch,
+            run_config=tune.RunConfig(name="r2ray-cv",
+                                      storage_path=storage_uri(storage_path or scratch),
                                       verbose=0))
         results = tuner.fit()
+        check_trials_ran(singles, results)
         oof, seconds, stopped = {}, {}, []
         for result in results:
-            if result.error is not None:
-                raise result.error
             name = result.config["candidate"]["name"]
             done = int(result.metrics["fold"])
             if done < n_folds:
@@ -108,3 +109,25 @@ def asha_search(singles: list[Candidate], train: BenchArrays, catalog: Catalog, 
             log(f"  cv (tune): {name} {n_folds} folds in {seconds[name]:.1f} s")
     ordered = {c.name: oof[c.name] for c in singles if c.name in oof}   # candidate order
     return ordered, seconds, sorted(stopped, key=lambda row: order[row["name"]])
+
+
+def storage_uri(storage_path: str) -> str:
+    """``storage_path`` as Tune takes it: a URI (``s3://...``) as given, a local folder made
+    absolute (Tune hands it to pyarrow's ``FileSystem.from_uri``: ``--tune-storage runs/tune``
+    failed with "ArrowInvalid: URI has empty scheme" after the data was read and embedded)."""
+    if "://" in storage_path:
+        return storage_path
+    return os.path.abspath(os.path.expanduser(storage_path))
+
+
+def check_trials_ran(singles: list[Candidate], results) -> None:
+    """A trial whose fit raised stops the selection as in plain cross-validation: one error
+    naming the first such candidate (in candidate order) and its settings, not Ray's traceback of
+    a trial id (``RayTaskError``) that names neither."""
+    errors = {result.config["candidate"]["name"]: result.error for result in results
+              if result.error is not None}
+    for candidate in singles:
+        if candidate.name in errors:
+            error = errors[candidate.name]
+            cause = getattr(error, "cause", None) or error   # RayTaskError: the fit's own error
+            raise failed_candidate(candidate, cause) from error

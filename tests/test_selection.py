@@ -573,3 +573,27 @@ def test_a_candidate_that_predicts_nan_is_named_not_a_fold_local_query_index(wor
     with pytest.raises(R2RayError, match=r"candidate 'carrot_knn_all' predicted no arm of "
                                          r"query_id 'q\d+' \(nor of \d+ more of the \d+ scored"):
         cross_validate(train, catalog, resolve_candidates("per_arm_ridge,carrot_knn_all"), folds=3)
+
+
+def test_a_composite_whose_members_a_search_stopped_is_listed_not_dropped(world):
+    """ASHA stopping all but one of a composite's members left it out of the CV table, the log and
+    the report (MLflow's cv_selection.txt) without a word: asked for, never scored, never said."""
+    from r2ray.predictor.selection import sequential_search
+
+    train, catalog = world
+
+    def stops_knn(singles, train, catalog, fold, log):     # as ASHA would, after one fold
+        oof, seconds, _ = sequential_search([c for c in singles if c.name != "carrot_knn_all"],
+                                            train, catalog, fold, log)
+        return oof, seconds, [{"name": "carrot_knn_all", "folds": 1, "audc": 0.5}]
+
+    lines = []
+    result = cross_validate(train, catalog, resolve_candidates(
+        "per_arm_ridge,carrot_knn_all,stacked,averaged"), folds=3, log=lines.append,
+        search=stops_knn)
+    assert [row["name"] for row in result.table] == ["per_arm_ridge"]
+    for name in ("stacked", "averaged"):
+        said = f"{name} not scored: the search stopped all but one of its members"
+        assert any(said in line for line in lines)
+        assert re.search(rf"^{name} +not scored: the search stopped", result.report(), re.M)
+    assert result.unscored == ["stacked", "averaged"]

@@ -131,3 +131,71 @@ def test_a_recorded_cluster_that_is_gone_starts_a_local_ray(tmp_path, monkeypatc
     assert init["address"] == joins and init["include_dashboard"] is False
     said = capsys.readouterr().err
     assert ("does not answer; starting a local Ray" in said) == (not answers)
+
+
+
+class FakeResult:
+    """A Tune result: the trial's candidate and error (``None``: it ran)."""
+
+    def __init__(self, name, error=None):
+        self.config, self.error = {"candidate": {"name": name}}, error
+        self.metrics = {"fold": 0, "audc": float("nan")}
+
+
+def fake_tune(monkeypatch, results: list[FakeResult]) -> dict:
+    """Tune stood in for, so no Ray starts: ``Tuner.fit`` returns ``results``; the returned dict
+    gets the Tuner's keyword arguments."""
+    import ray
+    from ray import tune
+
+    made = {}
+
+    class Tuner:
+        def __init__(self, trainable, **kwargs):
+            made.update(kwargs)
+
+        def fit(self):
+            return results
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(tune, "Tuner", Tuner)
+    monkeypatch.setattr(tune, "with_parameters", lambda trainable, **_: trainable)  # no object
+    monkeypatch.setattr(tune, "with_resources", lambda trainable, _: trainable)     # store
+    return made
+
+
+def test_a_trial_whose_fit_raises_is_named_as_in_plain_cross_validation(monkeypatch):
+    """A trial's failed fit came back as Ray's RayTaskError: a traceback of a trial id, naming
+    neither the candidate nor its settings; plain cross-validation names both. (What Tune returned
+    for such a trial: its error wraps the fit's own.)"""
+    from ray.exceptions import RayTaskError
+
+    from r2ray.predictor.base import PredictorError
+
+    bad = PredictorError("predictor 'per_arm_ridge': setting alpha=-5.0: input should be "
+                         "greater than 0")
+    trial_error = RayTaskError("ImplicitFunc.train", "Traceback ...", bad).as_instanceof_cause()
+    fake_tune(monkeypatch, [FakeResult("weak", trial_error), FakeResult("bad", trial_error)])
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=30, dim=4, seed=0)
+    singles = [Candidate("bad", "per_arm_ridge", {"alpha": -5.0}),
+               Candidate("weak", "per_arm_ridge", {"alpha": 0.01})]
+    with pytest.raises(R2RayError, match=r"^cross-validation: candidate 'bad' \(per_arm_ridge, "
+                                         r"settings \{'alpha': -5.0\}\) failed to fit: "
+                                         r"PredictorError: predictor 'per_arm_ridge': setting"):
+        asha_search(singles, train, catalog, fold_ids(train.n_queries, 3, 0), print)
+
+
+def test_a_relative_tune_storage_is_made_absolute(monkeypatch, tmp_path):
+    """``--tune-storage runs/tune`` reached Tune as given, and Tune's pyarrow refused it
+    ("ArrowInvalid: URI has empty scheme") after the data was read; a URI stays as given."""
+    monkeypatch.chdir(tmp_path)
+    catalog = small_catalog()
+    train, _ = planted_arrays(catalog, n_queries=30, dim=4, seed=0)
+    fold = fold_ids(train.n_queries, 3, 0)
+    for given, used in [("runs/tune", str(tmp_path / "runs" / "tune")),
+                        ("s3://bucket/tune", "s3://bucket/tune")]:
+        made = fake_tune(monkeypatch, [])
+        asha_search([Candidate("ridge", "per_arm_ridge", {})], train, catalog, fold, print,
+                    storage_path=given)
+        assert made["run_config"].storage_path == used

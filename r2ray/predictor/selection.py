@@ -34,7 +34,8 @@ data and wrapped: the ``selected`` predictor predicts with it, and its calibrati
 simulation are fitted on the winner's out-of-fold predictions (no further refits). The CV table
 is kept in the fitted state (``selection_``) and saved with it. A candidate whose fit raises, or
 that predicts no arm of a scored query (NaN), stops the selection with an error naming it: never
-dropped from the table in silence.
+dropped from the table in silence. A composite whose members a search (``--tune``'s ASHA)
+stopped, all but one, is listed as not scored.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class CrossValidation:
     candidates: list[Candidate] = field(default_factory=list)   # those scored (a search may stop some)
     stopped: list[dict] = field(default_factory=list)   # name, folds done, running AUDC: ASHA's
     fold: np.ndarray | None = None   # [N] the fold whose fit made each row's out-of-fold prediction
+    unscored: list[str] = field(default_factory=list)   # composites left with < 2 members kept
 
     @property
     def measured_uncalibrated(self) -> bool:
@@ -170,6 +172,7 @@ class CrossValidation:
                          f"{row['ece']:>6.4f} {row['fit_seconds']:>7.1f}{mark}")
         lines += [f"{row['name']:22} stopped by ASHA after {row['folds']} fold(s), running AUDC "
                   f"{row['audc']:.4f} (uncalibrated)" for row in self.stopped]
+        lines += [f"{name:22} {unscored_reason(name)}" for name in self.unscored]
         return "\n".join(lines)
 
 
@@ -221,10 +224,12 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     kept = [c for c in singles if c.name in oof]
     combine = {STACKED: lambda parts: cross_fitted_stack(parts, train, fold),
                AVERAGED: lambda parts: averaged_out_of_fold(parts, train, catalog, fold)}
-    composites = []
+    composites, unscored = [], []
     for name in [c.kind for c in candidates if c.kind in COMPOSITES]:
         members = composite_members(name, kept)
-        if len(members) < 2:                    # the search stopped the others
+        if len(members) < 2:                    # the search stopped the others: say so
+            unscored.append(name)
+            log(f"  cv: {name} {unscored_reason(name)}")
             continue
         started = time.perf_counter()
         oof[name] = combine[name]([oof[c.name] for c in members])
@@ -238,7 +243,13 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     winner = choose(table)
     for row in table:
         row["chosen"] = row["name"] == winner
-    return CrossValidation(table, winner, oof, kept, stopped, fold)
+    return CrossValidation(table, winner, oof, kept, stopped, fold, unscored)
+
+
+def unscored_reason(composite: str) -> str:
+    """Why ``composite`` has no row in the CV table (a search stopped its members): a candidate
+    asked for never vanishes from the table, the log and MLflow's cv_selection.txt in silence."""
+    return "not scored: the search stopped all but one of its members (fewer than two kept)"
 
 
 def check_folds_see_models(train: BenchArrays, catalog: Catalog, fold: np.ndarray,
