@@ -5,11 +5,14 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from r2ray.batch.assign import assign_stage
-from r2ray.batch.backlog import QUARANTINE_SCHEMA
-from r2ray.batch.job import _count_rows, check_assigned_parts, quarantine_counts
+from r2ray.batch.backlog import QUARANTINE_SCHEMA, footer_rows, plan_units, read_stage, unit_items
+from r2ray.batch.dedupe import drop_rows_stage, repeated_ids
+from r2ray.batch.job import (_count_rows, check_assigned_parts, check_rows_accounted,
+                             quarantine_counts, rows_check_words)
 from r2ray.bench.io import write_table
 from r2ray.catalog import catalog_from_dict
 from r2ray.solver import DEFER_ARM
@@ -164,3 +167,85 @@ def test_a_deferred_part_reads_back_as_a_backlog_with_its_tenant_and_tokens(tmp_
     assert good.select(["query_id", "query", "input_tokens", "tenant"]).to_pylist() == [
         {"query_id": "q0", "query": "question 0", "input_tokens": 7, "tenant": "acme"},
         {"query_id": "q1", "query": "question 1", "input_tokens": 11, "tenant": None}]
+
+
+def _night(folder) -> None:
+    """A parquet backlog of every kind of row the accounting must see: 300 rows in row groups of
+    100 (a blank query and a repeated id among them, the second row group damaged part-way so
+    its footer counts rows never read), a second file repeating two of its ids, and a file whose
+    footer cannot be read."""
+    folder.mkdir()
+    ids = [f"q{i}" for i in range(300)]
+    ids[7] = "q3"                                              # a repeat within the file
+    queries = [f"question number {i} " * 3 for i in range(300)]
+    queries[11] = "   "                                        # a bad row
+    pq.write_table(pa.table({"query_id": ids, "query": queries}), folder / "a.parquet",
+                   row_group_size=100, compression="none", use_dictionary=False,
+                   data_page_size=2000)
+    chunk = pq.ParquetFile(folder / "a.parquet").metadata.row_group(1).column(1)
+    data = bytearray((folder / "a.parquet").read_bytes())
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
+    data[middle:middle + 64] = b"\xff" * 64                   # row group 1 fails part-way
+    (folder / "a.parquet").write_bytes(bytes(data))
+    pq.write_table(pa.table({"query_id": ["q1", "q250", "b0"], "query": ["x", "y", "z"]}),
+                   folder / "b.parquet")
+    (folder / "c.parquet").write_bytes(b"not a parquet file at all")
+
+
+def _read_and_dedupe(folder, drop_from_unit: int | None = None) -> tuple[int, dict, list]:
+    """The job's read → dedupe stages in process over ``folder``: (rows left for the solve, the
+    quarantine counts, the read units). ``drop_from_unit``: lose that unit's first good row, as
+    a retried read task that did not emit a slice again would."""
+    from r2ray.bench.io import write_table as write
+
+    units, unreadable = plan_units(str(folder))
+    quarantine = folder.parent / "quarantine"
+    if unreadable.num_rows:
+        write(unreadable, str(quarantine / "part-unreadable.parquet"))
+    good = []
+    for index, item in enumerate(unit_items(units)):
+        batch = {k: np.array([v]) for k, v in item.items()}
+        tables = [t for t in read_stage(batch, str(quarantine), 1000, 3, False, slice_rows=40)
+                  if t.num_rows]
+        if index == drop_from_unit:
+            tables[0] = tables[0].slice(1)
+        good += tables
+    sources = {u.file_index: u.source for u in units}
+    first_seen = repeated_ids([t.select(["query_id", "order"]) for t in good])
+    solvable = sum(drop_rows_stage(t, first_seen, sources, str(quarantine)).num_rows
+                   for t in good)
+    return solvable, quarantine_counts(str(quarantine)), units
+
+
+def test_every_planned_row_is_solved_quarantined_or_left_unread(tmp_path):
+    """The identity the commit checks: the parquet footers' count = rows the solve sees (after
+    dedupe) + rows quarantined one by one (duplicates included) + rows damaged units left
+    unread; an unreadable footer's file is in neither side."""
+    _night(tmp_path / "in")
+    solvable, quarantine, units = _read_and_dedupe(tmp_path / "in")
+    assert footer_rows(units) == 303 and rows_check_words(units) == "passed"
+    assert (quarantine["rows"], quarantine["duplicates"], quarantine["files"]) == (4, 3, 2)
+    assert 0 < quarantine["unread_rows"] < 100   # part of row group 1 was read
+    assert solvable + quarantine["rows"] + quarantine["unread_rows"] == 303
+    check_rows_accounted(footer_rows(units), solvable, quarantine)
+
+
+def test_a_row_lost_between_the_read_and_the_solve_is_refused(tmp_path):
+    """Before, ``rows_in`` was derived from the same counts, so a lost row only made it smaller
+    and the run committed."""
+    _night(tmp_path / "in")
+    solvable, quarantine, units = _read_and_dedupe(tmp_path / "in", drop_from_unit=2)
+    with pytest.raises(RuntimeError, match=r"footers count 303 rows but the run accounts for "
+                                           r"302 \(.*nothing was committed"):
+        check_rows_accounted(footer_rows(units), solvable, quarantine)
+
+
+def test_a_jsonl_file_in_the_input_skips_the_check_and_says_so(tmp_path):
+    _night(tmp_path / "in")
+    (tmp_path / "in" / "d.jsonl").write_text('{"query_id": "j1", "query": "hi"}\n{"query": 1}\n')
+    solvable, quarantine, units = _read_and_dedupe(tmp_path / "in", drop_from_unit=2)
+    assert footer_rows(units) is None
+    assert rows_check_words(units) == ("skipped: 1 jsonl file(s) in the input, whose rows are "
+                                       "counted only as read")
+    check_rows_accounted(footer_rows(units), solvable, quarantine)   # a lost row goes unseen
+    assert footer_rows([]) == 0   # every file unreadable: nothing planned, nothing to account

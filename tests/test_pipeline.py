@@ -73,7 +73,8 @@ def _assert_every_row_routed_or_quarantined_within_budget(tmp_path, table, manif
     quarantine = read_table_all(paths.quarantine)
     counts = manifest["counts"]
     assert counts == {"rows_in": 405, "routed": 400, "quarantined": 5, "duplicates": 1,
-                      "deferred": 0, "unreadable_files": 1, "unread_rows": 0}
+                      "deferred": 0, "unreadable_files": 1, "unread_rows": 0,
+                      "rows_planned": None}
     assert routed.num_rows == 400 and len(set(routed.column("query_id").to_pylist())) == 400
     assert set(routed.column("query_id").to_pylist()) == set(table.column("query_id").to_pylist())
     reasons = sorted(r for r in quarantine.column("reason").to_pylist())
@@ -205,10 +206,41 @@ def test_a_backlog_of_only_bad_rows_commits_its_quarantine(tmp_path, ray_local,
     assert "no query could be routed" in capsys.readouterr().out
     manifest = runs.read_manifest(runs.RunPaths(config.output, "bad-night"))
     assert manifest["counts"] == {"rows_in": 2, "routed": 0, "quarantined": 2, "duplicates": 0,
-                                  "deferred": 0, "unreadable_files": 1, "unread_rows": 0}
+                                  "deferred": 0, "unreadable_files": 1, "unread_rows": 0,
+                                  "rows_planned": None}
     assert manifest["solve"] is None
     quarantine = read_table_all(manifest["output"]["quarantine"])
     assert quarantine.num_rows == 3
+
+
+def test_a_row_lost_between_the_read_and_the_solve_is_caught_before_the_commit(
+        tmp_path, ray_local, small_routing_model, monkeypatch):
+    """A parquet night (row groups of 50, a repeated id, a corrupt file) commits with the
+    footers' count checked; the same night with one row of each read unit lost on the way (as
+    a retried read task that did not emit a slice again would) is refused, nothing committed.
+    Before, ``rows_in`` was derived from the rows that arrived and the lossy run committed."""
+    from r2ray.batch import backlog, job
+
+    (tmp_path / "in").mkdir()
+    table = synth_backlog(small_routing_model["catalog"], 200, seed=3, embeddings=True)
+    pq.write_table(table, tmp_path / "in" / "a.parquet", row_group_size=50)
+    write_table(table.slice(0, 2), str(tmp_path / "in" / "b.parquet"))   # two repeated ids
+    (tmp_path / "in" / "c.parquet").write_bytes(b"not a parquet file at all")
+    manifest = route_batch(_config(tmp_path, small_routing_model, run_id="clean"))
+    assert manifest["counts"]["rows_planned"] == 202 and manifest["input"]["rows_check"] == "passed"
+    assert (manifest["counts"]["rows_in"], manifest["counts"]["duplicates"]) == (202, 2)
+
+    original = backlog.read_stage
+
+    def lossy_read_stage(batch, **kwargs):
+        for index, good in enumerate(original(batch, **kwargs)):
+            yield good.slice(1) if index == 0 else good
+
+    monkeypatch.setattr(job, "read_stage", lossy_read_stage)
+    lossy = _config(tmp_path, small_routing_model, run_id="lossy")
+    with pytest.raises(RuntimeError, match="footers count 202 rows but the run accounts for 197 "):
+        route_batch(lossy)
+    assert not runs.is_committed(runs.RunPaths(lossy.output, "lossy"))
 
 
 def test_infeasible_budget_commits_nothing(tmp_path, ray_local, small_routing_model):

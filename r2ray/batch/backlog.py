@@ -592,3 +592,10 @@ def planned_rows(units: list[ReadUnit]) -> int | None:
     them, whose rows are known only once read); None when no unit has a count."""
     counts = [u.rows for u in units if u.rows is not None]
     return sum(counts) if counts else None
+
+
+def footer_rows(units: list[ReadUnit]) -> int | None:
+    """Rows in ``units`` as the parquet footers count them, when every unit has a count (0 for
+    none); None when a jsonl file is among them, whose rows are known only once read. The job
+    checks every row it read, quarantined or left unread against this before it commits."""
+    return None if any(u.rows is None for u in units) else sum(u.rows for u in units)

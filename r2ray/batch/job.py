@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r2ray import __version__, storage
-from r2ray.batch.backlog import ReadUnit, plan_units, planned_rows, read_stage, unit_items
+from r2ray.batch.backlog import (ReadUnit, footer_rows, plan_units, planned_rows, read_stage,
+                                 unit_items)
 from r2ray.batch.config import RouteConfig
 from r2ray.catalog import Catalog, repriced_catalog
 from r2ray.cluster import node_resources, ray_address
@@ -247,6 +248,33 @@ def check_assigned_parts(routed_uri: str, routed: int, deferred_uri: str | None 
                 f"{uri} holds {listed} {what} rows but the assign stage {what} {rows}: a "
                 "retried task left part files of an earlier run; nothing was committed (run the "
                 "same run id again: it is redone in a new attempt)")
+
+
+def check_rows_accounted(planned: int | None, solvable: int, quarantine: dict[str, int]) -> None:
+    """Refuse to commit unless the rows the solve saw (``solvable``, after dedupe), the rows
+    quarantined one by one (duplicates included) and the rows damaged units left unread (as
+    their footers count them) add up to ``planned``, the input's own count from its parquet
+    footers (:func:`r2ray.batch.backlog.footer_rows`; None: a jsonl file among the input, not
+    checked). ``rows_in`` is derived from the same counts, so a block dropped or a slice not
+    re-emitted by a retried task would otherwise only make it smaller."""
+    if planned is None:
+        return
+    accounted = solvable + quarantine["rows"] + quarantine["unread_rows"]
+    if accounted != planned:
+        raise RuntimeError(
+            f"the input's parquet footers count {planned} rows but the run accounts for "
+            f"{accounted} ({solvable} solved, {quarantine['rows']} quarantined, "
+            f"{quarantine['unread_rows']} left unread): rows were lost or repeated between the "
+            "read and the solve; nothing was committed (run the same run id again: it is redone "
+            "in a new attempt)")
+
+
+def rows_check_words(units: list[ReadUnit]) -> str:
+    """The manifest's ``input.rows_check``: whether the commit checked every row against the
+    input's own count, and why not where it could not."""
+    jsonl = len({u.source for u in units if u.rows is None})
+    return "passed" if not jsonl else \
+        f"skipped: {jsonl} jsonl file(s) in the input, whose rows are counted only as read"
 
 
 def quarantine_counts(uri: str) -> dict[str, int]:
@@ -517,6 +545,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
     deferred = n_solvable - routed   # every row the solve saw is routed or deferred, once
     check_assigned_parts(paths.routed, routed, paths.deferred, deferred)
     quarantine = quarantine_counts(paths.quarantine)
+    rows_planned = footer_rows(units)
+    check_rows_accounted(rows_planned, n_solvable, quarantine)
     predicted_spend = float(np.sum(stats.column("spend_usd").to_numpy(), dtype=np.float64))
     worst_case = float(np.sum(stats.column("worst_case_usd").to_numpy(), dtype=np.float64))
     manifest = {
@@ -527,7 +557,7 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "counts": {"rows_in": routed + deferred + quarantine["rows"], "routed": routed,
                    "quarantined": quarantine["rows"], "duplicates": quarantine["duplicates"],
                    "deferred": deferred, "unreadable_files": quarantine["files"],
-                   "unread_rows": quarantine["unread_rows"]},
+                   "unread_rows": quarantine["unread_rows"], "rows_planned": rows_planned},
         "spend": {"budget_usd": budget_usd, "usable_usd": usable_usd,
                   "predicted_usd": predicted_spend, "worst_case_usd": worst_case,
                   "strict_budget": config.strict_budget,
@@ -538,7 +568,8 @@ def _route_attempt(config: RouteConfig, paths: RunPaths, state: str, model: Load
         "model": {"uri": model.uri, "name": model.name, "version": model.version,
                   "label": model.label, "fingerprint": model.fingerprint},
         "catalog_fingerprint": model.catalog.fingerprint,
-        "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint},
+        "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint,
+                  "rows_check": rows_check_words(units)},
         "output": {"routed": paths.routed, "quarantine": paths.quarantine,
                    "deferred": paths.deferred},
         "timings": timings,
