@@ -206,6 +206,21 @@ def test_the_mlflow_run_logs_every_count_the_report_shows(tmp_path, mlflow_store
     assert {name: metrics[name] for name in manifest["counts"]} == manifest["counts"]
 
 
+def test_a_count_the_run_could_not_know_is_left_out_of_the_mlflow_metrics(tmp_path, mlflow_store):
+    """``rows_planned`` is None when a jsonl file is in the input (its rows are counted only as
+    read): logged as a metric, MLflow refused the run's every metric."""
+    manifest = _manifest(3, 0, 3e-5)
+    manifest["counts"] |= {"rows_planned": None}
+    uri, before = mlflow_store(tmp_path), (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    try:
+        run_id = log_to_mlflow(manifest, _stats(["m"]), uri)
+    finally:   # log_to_mlflow points MLflow at this store process-wide
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    assert "rows_planned" not in metrics and metrics["routed"] == 3
+
+
 def test_a_night_that_does_not_commit_leaves_its_mlflow_run_failed(tmp_path, mlflow_store):
     """The lease lost between the MLflow run and the commit: the run stayed FINISHED, showing
     the counts and spend of a night no manifest committed."""

@@ -62,6 +62,13 @@ def usd_digits(value: float) -> str:
     return f"{value:.{max(6, whole_digits + 2)}g}"
 
 
+def known_counts(counts: dict) -> dict[str, int]:
+    """The manifest's counts MLflow can log: every one but a count the run could not know
+    (``rows_planned`` is None where a jsonl file is in the input; MLflow refuses a None metric,
+    and the whole run's metrics with it)."""
+    return {name: value for name, value in counts.items() if value is not None}
+
+
 def guarantee_lines(guarantee: dict | None) -> list[str]:
     """The spend guarantee in words: what is promised, how it was sized, what it cost."""
     if not guarantee or guarantee["probability"] == 0:
@@ -274,7 +281,7 @@ def _log_run(manifest: dict, stats: pa.Table, experiment: str, plot_png: bytes) 
             "catalog_fingerprint": manifest["catalog_fingerprint"][:16],
         })
         mlflow.log_metrics({
-            **manifest["counts"],   # every count report.md shows, unreadable files included
+            **known_counts(manifest["counts"]),   # every count report.md shows
             "predicted_spend_usd": manifest["spend"]["predicted_usd"],
             **({"worst_case_spend_usd": manifest["spend"]["worst_case_usd"]}
                if "worst_case_usd" in manifest["spend"] else {}),
