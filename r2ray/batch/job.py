@@ -53,15 +53,18 @@ class EmptyInput(R2RayError):
 
 
 @contextmanager
-def _timed(timings: dict, stage: str) -> Iterator[None]:
+def _timed(timings: dict, stage: str, announce: bool = True) -> Iterator[None]:
     """Time ``stage`` into ``timings`` (seconds), with a line on stderr as it starts and ends: the
-    operator's progress through stages Ray Data shows none for (the plan's listing, the solve,
-    the assign and write, the report), and which stage a stalled night is in."""
-    print(f"r2ray: {stage} …", file=sys.stderr, flush=True)
+    operator's progress through stages Ray Data shows none for (the solve, the assign and write,
+    the report), and which stage a stalled night is in. ``announce=False``: timed only (the
+    plan, before the lease: a run refused there says so in its one line, as the CLI promises)."""
+    if announce:
+        print(f"r2ray: {stage} …", file=sys.stderr, flush=True)
     start = time.perf_counter()
     yield
     timings[stage] = round(time.perf_counter() - start, 3)
-    print(f"r2ray: {stage} done in {timings[stage]} s", file=sys.stderr, flush=True)
+    if announce:
+        print(f"r2ray: {stage} done in {timings[stage]} s", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +322,7 @@ def route_batch(config: RouteConfig) -> dict:
     # before Ray starts, so the two threads never import Ray's own modules at once
     ray_data = in_background("r2ray-imports", lambda: importlib.import_module("ray.data"))
     paths = RunPaths(config.output, config.resolved_run_id())
-    with _timed(timings, "plan"), storage.reporting(f"cannot read the input {config.input}"):
+    with _timed(timings, "plan", announce=False), storage.reporting(f"cannot read the input {config.input}"):
         units, unreadable = plan_units(config.input)
         files = sorted({u.source for u in units} | set(unreadable.column("source").to_pylist()))
         fingerprint = input_fingerprint(files)
