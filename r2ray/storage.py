@@ -26,13 +26,19 @@ log = logging.getLogger(__name__)
 
 
 def s3_options() -> dict:
-    """s3fs keyword arguments from the environment: endpoint only; keys stay in the environment."""
+    """s3fs keyword arguments from the environment: endpoint only; keys stay in the environment.
+
+    s3fs's listings cache is off: one filesystem serves the whole process, and a folder listed
+    once was answered from memory ever after, blind to what other hosts write. A run that had
+    listed its folder read a lock another run had just taken as absent (refused as "changed
+    hands", not by its holder's name), a manifest another run had just committed as missing, and
+    one it had rewritten as expired (FileExpired, its cached ETag)."""
     endpoint = os.environ.get("R2RAY_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and redact_uri(endpoint) != endpoint:  # botocore would quote it back in errors
         raise R2RayError(f"the S3 endpoint {redact_uri(endpoint)} (R2RAY_S3_ENDPOINT or "
                          "AWS_ENDPOINT_URL) carries credentials; give the server's URL alone and "
                          "the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    options: dict = {}
+    options: dict = {"use_listings_cache": False}
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
         options["config_kwargs"] = {"s3": {"addressing_style": "path"}}

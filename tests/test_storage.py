@@ -1,5 +1,7 @@
 """Storage helpers on the local disk and on a real S3 server (SeaweedFS on 127.0.0.1)."""
 
+import datetime as dt
+import json
 import logging
 import os
 
@@ -160,3 +162,31 @@ def test_a_name_with_glob_characters_is_removed_by_that_name(where, request):
     assert storage.exists(storage.join(root, "runs1", "r", "attempt-1", "part-0.parquet"))
     assert not storage.exists(storage.join(root, "runs[1]", "r", "_r2ray_run.json"))
     assert not storage.exists(storage.join(root, "runs[1]", "r", "attempt-1", "part-0.parquet"))
+
+
+def test_s3_sees_what_another_host_wrote_after_this_process_listed(s3_bucket, s3_server):
+    """One s3fs filesystem serves the whole process, and its listings cache answered a folder
+    listed once from memory ever after: a manifest another host committed read as missing, one it
+    rewrote as expired (FileExpired), and a lease it took as absent, so a second run was refused
+    as "changed hands" instead of by its holder's name."""
+    import s3fs
+
+    from r2ray.lease import RunLocked, acquire_lease
+    from r2ray.manifest import RunPaths, check_output, children, is_committed, read_manifest
+
+    other_host = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server},
+                                   skip_instance_cache=True)
+    paths = RunPaths(storage.join(s3_bucket, "out"), "night")
+    other_host.pipe(storage.filesystem(paths.marker)[1], b"{}")
+    check_output(paths, [])   # lists the run folder, as a batch run does first
+    assert not is_committed(paths)
+    other_host.pipe(storage.filesystem(paths.manifest)[1], b'{"attempt": "a1"}')
+    assert is_committed(paths) and children(paths.root) == ["_r2ray_run.json", "manifest.json"]
+    assert read_manifest(paths) == {"attempt": "a1"}
+    other_host.pipe(storage.filesystem(paths.manifest)[1], b'{"attempt": "a2-forced"}')
+    assert read_manifest(paths) == {"attempt": "a2-forced"}   # before: FileExpired
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)).isoformat()
+    other_host.pipe(storage.filesystem(paths.lock)[1],   # another host's run takes the lease
+                    json.dumps({"owner": "run-on-host-b", "expires_at": later}).encode())
+    with pytest.raises(RunLocked, match="already running: owner run-on-host-b"):
+        acquire_lease(paths)   # before: "changed hands", the lock read as absent
