@@ -27,10 +27,10 @@ def write_catalog(path, url: str) -> str:
     return str(path)
 
 
-def committed_run(root, catalog_path: str, n: int = 12) -> str:
+def committed_run(root, catalog_path: str, n: int = 12, run_id: str = "night") -> str:
     """A run folder as ``r2ray route`` commits it: routed parts per model, manifest last."""
     catalog = load_catalog(catalog_path)
-    run = root / "out" / "night"
+    run = root / "out" / run_id
     attempt = run / "attempt-1"
     rows = []
     for i in range(n):
@@ -38,14 +38,14 @@ def committed_run(root, catalog_path: str, n: int = 12) -> str:
         request = routed_request(f"say {i} [say:{' '.join(['w'] * i)}]", arm, catalog, 12)
         rows.append({"query_id": f"q{i}", "tenant": None, **request, "q_hat": 0.5, "t_hat": 3.0,
                      "c_hat_usd": 1e-5, "lambda_star": 1.0, "model_version": "m/1",
-                     "run_id": "night"})
+                     "run_id": run_id})
     table = pa.Table.from_pylist(rows, schema=ROUTED_SCHEMA)
     for model in catalog.model_names:
         folder = attempt / "routed" / routed_partition(model)
         folder.mkdir(parents=True)
         pq.write_table(table.filter(pa.compute.equal(table["model"], model)),
                        folder / "part-0.parquet")
-    manifest = {"run_id": "night", "catalog_fingerprint": catalog.fingerprint,
+    manifest = {"run_id": run_id, "catalog_fingerprint": catalog.fingerprint,
                 "spend": {"budget_usd": 0.01}, "counts": {"routed": n},
                 "model": {"uri": "/models/m", "name": "/models/m", "version": "local"},
                 "output": {"routed": str(attempt / "routed")},
@@ -96,3 +96,23 @@ def test_execute_refuses_an_output_no_reader_picks_up(tmp_path, capsys, name):
         assert main(["execute", "--run", run, "--out", str(tmp_path / name),
                      "--executor", "local"]) == 2
     assert ".parquet or .jsonl" in capsys.readouterr().err
+
+
+def test_another_nights_actuals_are_refused_by_their_run_id(tmp_path, capsys):
+    """Two nights over the same query ids and arms: night A's actuals reconciled as night B's
+    were all matched and fitted B's correction (exit 0, correction.json written); execute
+    writes the run's id and reconcile refuses actuals of which no row is the run's."""
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        run_a = committed_run(tmp_path, catalog, run_id="nightA")
+        run_b = committed_run(tmp_path, catalog, run_id="nightB")
+        out = str(tmp_path / "actuals_A.parquet")
+        assert main(["execute", "--run", run_a, "--out", out, "--executor", "local"]) == 0
+    capsys.readouterr()
+    assert set(pq.read_table(out).column("run_id").to_pylist()) == {"nightA"}
+    assert main(["reconcile", "--run", run_b, "--actuals", out]) == 2
+    assert ("none of the 12 rows is of run 'nightB'; they name run(s) ['nightA']"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out" / "nightB" / "reconcile").exists()
+    assert main(["reconcile", "--run", run_a, "--actuals", out]) == 0
+    assert "against 12 actuals rows (12 usable)\n" in capsys.readouterr().out

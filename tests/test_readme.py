@@ -117,7 +117,7 @@ def test_the_documented_reconcile_actuals_are_the_columns_it_reads():
     required, optional = re.search(r"\(parquet/jsonl: `([a-z_, ]+)`, optional ([^)]+)\)",
                                    command_row("r2ray reconcile")).groups()
     assert required.split(", ") == actuals.REQUIRED
-    assert re.findall(r"`([a-z_]+)`", optional) == actuals.OPTIONAL
+    assert re.findall(r"`([a-z_]+)`", optional) == actuals.OPTIONAL + [actuals.RUN_ID]
 
 
 def test_the_exit_codes_are_the_cli_codes():

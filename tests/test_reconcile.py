@@ -86,7 +86,7 @@ def test_join_and_figures_on_hand_built_tables(tmp_path, name, default):
     planned = [1e-4, 2e-4, 1e-3, 2e-3]
     assert rec.counts == {"routed": 5, "matched": 4, "routed_without_actuals": 1,
                           "actuals_rows": 5, "actuals_usable": 5, "actuals_not_routed": 1,
-                          "priced_from_catalogue": 2}
+                          "priced_from_catalogue": 2, "actuals_run_unchecked": 5}
     assert rec.invalid == {}
     figures = rec.overall
     assert figures["planned_usd"] == pytest.approx(sum(planned), rel=1e-12)
@@ -959,3 +959,42 @@ def test_a_few_rows_confirming_the_factor_a_night_was_priced_with_keep_it():
         f2 = fit_correction(rec, priced_with=first).factors_for(catalog)
         assert f2[large] == pytest.approx(3.0, rel=1e-3)     # before: 1.20 (1 row), 1.78 (5)
         assert f2[small] == pytest.approx(1.0, rel=1e-3)
+
+
+# ---- another night's bills (the same query ids and arms) were joined as this run's ----------
+def test_rows_billed_to_another_run_are_invalid_naming_both_runs(tmp_path):
+    """Nightly backlogs reuse query ids: a file holding last night's bills beside tonight's
+    matched both and the older ones counted as repeats of the key; each is marked with both
+    ids (a date-like run id in jsonl stays text) and only the run's own bills are realised."""
+    catalog = _catalog()
+    own = [dict(r, run_id="night") for r in GOOD_ACTUALS[:4]]
+    other = [dict(r, run_id="2026-12-05", cost_usd=1.0) for r in GOOD_ACTUALS[:4]]
+    path = _write_actuals(other + own, tmp_path / "usage.jsonl")
+    rec = reconcile(_manifest(catalog), _routed(), read_actuals(path), catalog)
+    assert rec.invalid == {"billed to run '2026-12-05', not run 'night'": 4}
+    assert rec.invalid_first["billed to run '2026-12-05', not run 'night'"] == f"{path} row 1"
+    assert rec.counts["matched"] == 4 and rec.counts["actuals_run_unchecked"] == 0
+    assert rec.overall["realised_usd"] == pytest.approx(9e-5 + 3e-4 + 1.6e-3 + 1e-3)
+    assert rec.overall["duplicate_usd"] == 0.0
+
+
+def test_actuals_without_a_run_id_are_reconciled_and_said_unchecked(tmp_path, capsys):
+    run, catalog_path = _hand_built_run(tmp_path)
+    export = _write_actuals(GOOD_ACTUALS, tmp_path / "usage.jsonl")   # a provider's export
+    assert main(["reconcile", "--run", run, "--actuals", export, "--catalog",
+                 catalog_path]) == 0
+    note = ("5 name no run_id: whether they are run night's bills could not be checked")
+    assert note in capsys.readouterr().out
+    [version] = os.listdir(os.path.join(run, "reconcile"))
+    assert note in open(os.path.join(run, "reconcile", version, "report.md")).read()
+
+
+def test_actuals_of_which_no_row_is_the_runs_are_refused(tmp_path, capsys):
+    run, catalog_path = _hand_built_run(tmp_path)
+    other = _write_actuals([dict(r, run_id="night0") for r in GOOD_ACTUALS],
+                           tmp_path / "usage.parquet")
+    assert main(["reconcile", "--run", run, "--actuals", other, "--catalog",
+                 catalog_path]) == EXIT_USER_ERROR
+    assert ("none of the 5 rows is of run 'night'; they name run(s) ['night0']"
+            in capsys.readouterr().err)
+    assert not os.path.exists(os.path.join(run, "reconcile"))

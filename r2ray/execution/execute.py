@@ -2,8 +2,10 @@
 
 The routed rows already carry the chat messages (the length instruction) and the hard
 ``max_tokens`` the run planned with; they are sent as they are. The actuals are what
-``r2ray reconcile`` reads: ``query_id, model, budget, input_tokens, output_tokens, cost_usd``
-plus ``response``, ``truncated``, ``usage_estimated``, ``finish_reason`` and ``latency_s``.
+``r2ray reconcile`` reads: ``run_id, query_id, model, budget, input_tokens, output_tokens,
+cost_usd`` plus ``response``, ``truncated``, ``usage_estimated``, ``finish_reason`` and
+``latency_s``. ``run_id`` (the run's, from its manifest) lets reconcile refuse another night's
+bills: nightly backlogs reuse query ids, so the key alone matched them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from r2ray.execution.requests import request_row, requests_table, worst_case_usd
 from r2ray.execution.workdir import commit_work, open_work
 from r2ray.redaction import redact_uri, redact_values
 
-ACTUALS_COLUMNS = ["query_id", "model", "budget", "input_tokens", "output_tokens", "cost_usd",
+ACTUALS_COLUMNS = ["run_id", "query_id", "model", "budget", "input_tokens", "output_tokens", "cost_usd",
                    "response", "truncated", "usage_estimated", "finish_reason", "latency_s"]
+ENGINE_COLUMNS = ACTUALS_COLUMNS[1:]   # what the engine's results hold; run_id is the run's
 ROUTED_READ = ["query_id", "model", "budget", "messages", "max_tokens"]
 
 
@@ -91,7 +94,7 @@ def execute_run(config: ExecuteConfig, progress=None) -> ExecuteResult:
     open_work(config.work_dir)
     run = run_requests(requests, storage.join(config.work_dir, "calls"), catalog, config.engine,
                        progress)
-    actuals = run.results.select(ACTUALS_COLUMNS)
+    actuals = with_run_id(run.results.select(ENGINE_COLUMNS), manifest.get("run_id"))
     write_table(actuals, config.out)
     record = {"kind": "execute", "r2ray_version": __version__, "run": config.run,
               "run_id": manifest.get("run_id"), "actuals": config.out,
@@ -100,3 +103,8 @@ def execute_run(config: ExecuteConfig, progress=None) -> ExecuteResult:
               "calls": run.summary()}
     commit_work(config.work_dir, redact_values(record))
     return ExecuteResult(actuals.num_rows, run, record)
+
+
+def with_run_id(results: pa.Table, run_id: str | None) -> pa.Table:
+    """``results`` with the run's id as their first column (ACTUALS_COLUMNS)."""
+    return results.add_column(0, "run_id", pa.array([run_id] * results.num_rows, pa.string()))

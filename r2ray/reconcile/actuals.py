@@ -1,14 +1,16 @@
 """Realised usage as the execution engine writes it: read, coerce, and mark every bad row.
 
 One row per executed request: ``query_id, model, budget`` (output tokens, 0 or ``"default"`` for
-the default arm), ``input_tokens, output_tokens`` (tokens billed), optional ``quality`` ∈ [0, 1]
-and ``cost_usd`` (USD billed). Parquet or jsonl, a file, a folder or a glob, local or ``s3://``.
+the default arm), ``input_tokens, output_tokens`` (tokens billed), optional ``quality`` ∈ [0, 1],
+``cost_usd`` (USD billed) and ``run_id`` (the run billed, as ``r2ray execute`` writes it; absent
+or blank: not said, as in a provider's billing export). Parquet or jsonl, a file, a folder or a
+glob, local or ``s3://``.
 
 A missing column stops with an :class:`ActualsError` naming it and the file. A bad row is never
 dropped silently and never stops the read: it is kept with its reason in ``invalid`` (null for a
 good row), so the reconciliation counts it. Checks that need the catalogue or every row at once
-(an arm outside the catalogue, a repeated key) are :func:`mark_unknown_arms` and
-:func:`mark_duplicates`.
+(another run's bill, an arm outside the catalogue, a repeated key) are :func:`mark_other_runs`,
+:func:`mark_unknown_arms` and :func:`mark_duplicates`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from r2ray.redaction import redact_uri
 
 REQUIRED = ["query_id", "model", "budget", "input_tokens", "output_tokens"]
 OPTIONAL = ["quality", "cost_usd"]
+RUN_ID = "run_id"   # optional text: the run the row was billed to
 KEY = ["query_id", "model", "budget"]
 DUPLICATE = "duplicate (query_id, model, budget)"
 ACTUALS_SCHEMA = pa.schema([
@@ -39,6 +42,7 @@ ACTUALS_SCHEMA = pa.schema([
     pa.field("output_tokens", pa.int64()),
     pa.field("quality", pa.float64()),        # null: not judged
     pa.field("cost_usd", pa.float64()),       # USD billed; null: price it from the catalogue
+    pa.field("run_id", pa.string()),          # the run billed; null: not said (not checked)
     pa.field("source", pa.string()),          # file the row came from
     pa.field("row", pa.int64()),              # 1-based: data row (parquet), line (jsonl)
     pa.field("invalid", pa.string()),         # why the row cannot be used; null: good
@@ -74,7 +78,7 @@ def _read_file(uri: str) -> tuple[pa.Table, np.ndarray]:
         return _lenient_jsonl(storage.read_bytes(uri))
     if not uri.endswith(".parquet") and any(   # Arrow inferred a date from text ("2024-01-01")
             pa.types.is_temporal(table.schema.field(name).type)
-            for name in REQUIRED + OPTIONAL if name in table.column_names):
+            for name in REQUIRED + OPTIONAL + [RUN_ID] if name in table.column_names):
         return _lenient_jsonl(storage.read_bytes(uri))
     return table, rows
 
@@ -96,7 +100,7 @@ def _lenient_jsonl(data: bytes) -> tuple[pa.Table, np.ndarray]:
             record = None
         unparsed.append(not isinstance(record, dict))
         records.append(record if isinstance(record, dict) else {})
-    names = [name for name in REQUIRED + OPTIONAL if any(name in r for r in records)]
+    names = [name for name in REQUIRED + OPTIONAL + [RUN_ID] if any(name in r for r in records)]
     columns = {name: _loose_column([r.get(name) for r in records]) for name in names}
     table = pa.table(columns | {"_unparsed": pa.array(unparsed, pa.bool_())})
     return table, np.asarray(lines, np.int64)
@@ -153,10 +157,37 @@ def actuals_from_table(table: pa.Table, source: str, rows: np.ndarray | None = N
         "output_tokens": _integers(numbers["output_tokens"], usable, pa.int64()),
         "quality": pa.array(quality, pa.float64(), mask=np.isnan(quality)),
         "cost_usd": pa.array(cost, pa.float64(), mask=np.isnan(cost)),
+        "run_id": _run_ids(table, source),
         "source": pa.array([source] * n, pa.string()),
         "row": pa.array(np.arange(1, n + 1) if rows is None else rows, pa.int64()),
         "invalid": pa.array(invalid, pa.string()),
     }, schema=ACTUALS_SCHEMA)
+
+
+def mark_other_runs(actuals: pa.Table, run_id: str) -> pa.Table:
+    """Usable rows billed to another run than ``run_id``, marked with a reason naming both ids:
+    nightly backlogs reuse query ids, so another night's bills matched this run's keys and fitted
+    its correction. Rows that name no run are kept (they cannot be checked)."""
+    named = actuals.column("run_id").to_numpy(zero_copy_only=False)
+    usable = pc.is_null(actuals.column("invalid")).to_numpy(zero_copy_only=False)
+    for other in other_run_ids(actuals, run_id):
+        actuals = _with_reason(actuals, usable & (named == other),
+                               f"billed to run {other!r}, not run {run_id!r}")
+    return actuals
+
+
+def other_run_ids(actuals: pa.Table, run_id: str) -> list[str]:
+    """The run ids the rows name other than ``run_id``, sorted."""
+    return sorted(set(pc.unique(actuals.column("run_id")).drop_null().to_pylist()) - {run_id})
+
+
+def check_run_ids(actuals: pa.Table, run_id: str, where: str) -> None:
+    """Refuse actuals of which no row is ``run_id``'s: every row names another run."""
+    named = actuals.column("run_id")
+    if actuals.num_rows and named.null_count == 0 and run_id not in pc.unique(named).to_pylist():
+        raise ActualsError(f"actuals {where}: none of the {actuals.num_rows:,} rows is of run "
+                           f"{run_id!r}; they name run(s) {other_run_ids(actuals, run_id)}: give "
+                           f"the actuals r2ray execute wrote for run {run_id!r}")
 
 
 def mark_unknown_arms(actuals: pa.Table, catalog: Catalog) -> pa.Table:
@@ -213,6 +244,14 @@ def _text(column: pa.ChunkedArray, name: str, source: str) -> pa.Array:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         raise ActualsError(f"actuals {source}: column {name!r} is {column.type}, "
                            "not text") from None
+
+
+def _run_ids(table: pa.Table, source: str) -> pa.Array:
+    """run_id [R] as text; null where the column is absent or the value blank (not said)."""
+    if RUN_ID not in table.column_names:
+        return pa.nulls(table.num_rows, pa.string())
+    named = _text(table.column(RUN_ID), RUN_ID, source)
+    return pc.if_else(pa.array(_blank(named)), pa.scalar(None, pa.string()), named)
 
 
 def _float_values(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:

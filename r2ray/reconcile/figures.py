@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from r2ray import storage
 from r2ray.catalog import Catalog
 from r2ray.errors import R2RayError
-from r2ray.reconcile.actuals import (DUPLICATE, KEY, arm_index, invalid_counts, mark_duplicates,
-                                     mark_unknown_arms)
+from r2ray.reconcile.actuals import (DUPLICATE, KEY, arm_index, check_run_ids, invalid_counts,
+                                     mark_duplicates, mark_other_runs, mark_unknown_arms)
 
 ROUTED_COLUMNS = ["query_id", "model", "budget", "max_tokens", "q_hat", "t_hat", "c_hat_usd"]
 GROUP_COLUMNS = ["routed", "matched", "planned_usd", "planned_raw_usd", "planned_all_usd",
@@ -116,10 +116,14 @@ def priced_usd(catalog: Catalog, arm: np.ndarray, input_tokens: np.ndarray,
 def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table, catalog: Catalog,
               applied_factors: np.ndarray | None = None) -> Reconciliation:
     """Join ``routed`` (ROUTED_COLUMNS) with ``actuals`` (ACTUALS_SCHEMA) on (query_id, model,
-    budget); ``catalog`` must be the run's (its fingerprint is checked). ``applied_factors`` [K]:
-    the cost correction the run's ĉ was multiplied by (``planned_raw_usd`` divides it out)."""
+    budget); ``catalog`` must be the run's (its fingerprint is checked). Rows billed to another
+    run are invalid (none of the run's: refused). ``applied_factors`` [K]: the cost correction
+    the run's ĉ was multiplied by (``planned_raw_usd`` divides it out)."""
     check_catalog(manifest, catalog)
-    actuals = mark_duplicates(mark_unknown_arms(actuals, catalog))
+    run_id = manifest["run_id"]
+    check_run_ids(actuals, run_id, ", ".join(pc.unique(actuals.column("source")).to_pylist()))
+    unchecked = actuals.column("run_id").null_count
+    actuals = mark_duplicates(mark_unknown_arms(mark_other_runs(actuals, run_id), catalog))
     invalid, first = invalid_counts(actuals)
     usable = actuals.filter(pc.is_null(actuals["invalid"]))
     rows = _joined(routed, usable, catalog)
@@ -131,7 +135,8 @@ def reconcile(manifest: dict, routed: pa.Table, actuals: pa.Table, catalog: Cata
               "routed_without_actuals": routed.num_rows - matched,
               "actuals_rows": actuals.num_rows, "actuals_usable": usable.num_rows,
               "actuals_not_routed": usable.num_rows - matched,
-              "priced_from_catalogue": int((rows["matched"] & rows["priced"]).sum())}
+              "priced_from_catalogue": int((rows["matched"] & rows["priced"]).sum()),
+              "actuals_run_unchecked": unchecked}
     budget_usd = float(manifest["spend"]["budget_usd"])
     whole = _group_figures(rows, np.zeros(routed.num_rows, np.int64), 1)   # one group: all rows
     overall = {name: float(whole[name][0]) for name in GROUP_COLUMNS if name not in counts}

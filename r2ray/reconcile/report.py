@@ -38,7 +38,7 @@ def report_markdown(rec: Reconciliation, correction: CostCorrection) -> str:
         f"- model: `{rec.model_label}` · catalogue {rec.catalog_fingerprint[:12]}…",
         f"- actuals: {', '.join(f'`{s}`' for s in rec.actuals_sources) or 'none'} — "
         f"{counts['actuals_rows']:,} rows, {counts['actuals_usable']:,} usable, "
-        f"{sum(rec.invalid.values()):,} invalid",
+        f"{sum(rec.invalid.values()):,} invalid{run_check_note(rec)}",
         f"- routed rows: {counts['routed']:,} · matched by an actual: {counts['matched']:,} · "
         f"routed without an actual: {counts['routed_without_actuals']:,} · usable actuals of no "
         f"routed row: {counts['actuals_not_routed']:,} · matched rows priced from the catalogue "
@@ -60,6 +60,16 @@ def report_markdown(rec: Reconciliation, correction: CostCorrection) -> str:
         *_correction_lines(correction),
     ]
     return redact_text("\n".join(lines)) + "\n"
+
+
+def run_check_note(rec: Reconciliation) -> str:
+    """Whether the actuals could be checked as the run's: rows with no ``run_id`` (a provider's
+    billing export) may be another night's bills with the same keys."""
+    unchecked = rec.counts["actuals_run_unchecked"]
+    if not unchecked:
+        return ""
+    return (f"; {unchecked:,} name no run_id: whether they are run {rec.run_id}'s bills "
+            "could not be checked")
 
 
 _SPEND_ROWS = [("budget", "budget_usd"), ("planned Σ ĉ, all routed rows", "planned_all_usd"),

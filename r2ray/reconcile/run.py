@@ -12,7 +12,7 @@ from r2ray.reconcile.actuals import read_actuals
 from r2ray.reconcile.correction import (CORRECTION_FILE, CostCorrection, correction_folder,
                                         fit_correction)
 from r2ray.reconcile.figures import Reconciliation, check_catalog, read_routed, reconcile
-from r2ray.reconcile.report import write_reconciliation
+from r2ray.reconcile.report import run_check_note, write_reconciliation
 from r2ray.redaction import MASK, redact_uri
 
 TOP_ARMS = 5
@@ -32,7 +32,7 @@ class ReconcileResult:
         lines = [
             f"reconciled run {rec.run_id} against {counts['actuals_rows']:,} actuals rows "
             f"({counts['actuals_usable']:,} usable"
-            + (f"; invalid: {invalid})" if invalid else ")"),
+            + (f"; invalid: {invalid})" if invalid else ")") + run_check_note(rec),
             f"  routed {counts['routed']:,}: {counts['matched']:,} matched, "
             f"{counts['routed_without_actuals']:,} without an actual; "
             f"{counts['actuals_not_routed']:,} usable actuals of no routed row "
