@@ -22,8 +22,9 @@ from r2ray.execution.requests import request_row, requests_table, worst_case_usd
 from r2ray.execution.workdir import commit_work, open_work
 from r2ray.redaction import redact_uri, redact_values
 
-ACTUALS_COLUMNS = ["run_id", "query_id", "model", "budget", "input_tokens", "output_tokens", "cost_usd",
-                   "response", "truncated", "usage_estimated", "finish_reason", "latency_s"]
+ACTUALS_COLUMNS = ["run_id", "query_id", "model", "budget", "input_tokens", "output_tokens",
+                   "cost_usd", "response", "truncated", "usage_estimated", "finish_reason",
+                   "latency_s"]
 ENGINE_COLUMNS = ACTUALS_COLUMNS[1:]   # what the engine's results hold; run_id is the run's
 ROUTED_READ = ["query_id", "model", "budget", "messages", "max_tokens"]
 
