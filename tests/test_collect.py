@@ -441,3 +441,30 @@ def test_another_judge_model_in_the_same_work_folder_is_asked_again(tmp_path):
     assert asked["judge_a"] == 2 and asked["judge_b"] == 2
     assert manifest["judge"]["calls_planned"] == 2 and manifest["judge"]["calls_done_before"] == 0
     assert spend["judge_b"] == pytest.approx(2 * spend["judge_a"])
+
+
+def test_a_work_folder_answered_at_other_prices_is_refused(tmp_path, capsys):
+    """A work folder reused with a catalogue whose prices changed: its answers were reused
+    unsent, so the bench's ``cost_usd`` stayed at the old prices while the catalogue saved beside
+    it gives the new ones (100× here). Refused, naming both; the same prices resume."""
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        queries = write_queries(tmp_path / "q.jsonl", QUERIES[:2])
+        work = ["--work", str(tmp_path / "work"), "--executor", "local"]
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(tmp_path / "b1.parquet"), *work]) == 0
+        repriced = yaml.safe_load(Path(catalog).read_text())
+        repriced["models"][0].update(input_per_m=100.0, output_per_m=200.0)
+        (tmp_path / "repriced.yaml").write_text(yaml.safe_dump(repriced))
+        capsys.readouterr()
+        for dry in ([], ["--dry-run"]):
+            assert main(["bench", "collect", "--queries", queries, "--catalog",
+                         str(tmp_path / "repriced.yaml"), "--out", str(tmp_path / "b2.parquet"),
+                         *work, *dry]) == 2
+            assert ("'large 10.0/30.0, small 1.0/2.0' there, 'large 10.0/30.0, small "
+                    "100.0/200.0' here" in capsys.readouterr().err)
+        assert not (tmp_path / "b2.parquet").exists()
+        calls = len(stub.calls)
+        assert main(["bench", "collect", "--queries", queries, "--catalog", catalog, "--out",
+                     str(tmp_path / "b1.parquet"), *work]) == 0   # same prices: resumes
+        assert len(stub.calls) == calls

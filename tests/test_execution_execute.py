@@ -116,3 +116,35 @@ def test_another_nights_actuals_are_refused_by_their_run_id(tmp_path, capsys):
     assert not (tmp_path / "out" / "nightB" / "reconcile").exists()
     assert main(["reconcile", "--run", run_a, "--actuals", out]) == 0
     assert "against 12 actuals rows (12 usable)\n" in capsys.readouterr().out
+
+
+def test_a_work_folder_of_another_run_is_refused_naming_both_runs(tmp_path, capsys):
+    """Night B executed in night A's work folder: B's requests (same query ids, same routing)
+    were answered by A's recorded calls, none sent, and A's bills written as B's actuals. The
+    folder is bound to its run: another run's is refused (dry run too), its own rerun resumes."""
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        run_a = committed_run(tmp_path, catalog, run_id="nightA")
+        run_b = committed_run(tmp_path, catalog, run_id="nightB")
+        work = str(tmp_path / "work")
+        execute = ["--work", work, "--executor", "local"]
+        assert main(["execute", "--run", run_a, "--out", str(tmp_path / "A.parquet"),
+                     *execute]) == 0
+        assert len(stub.calls) == 12
+        capsys.readouterr()
+        for dry in ([], ["--dry-run"]):
+            assert main(["execute", "--run", run_b, "--out", str(tmp_path / "B.parquet"),
+                         *execute, *dry]) == 2
+            err = capsys.readouterr().err
+            assert "run_id 'nightA' there, 'nightB' here" in err and "fresh --work" in err
+        assert not (tmp_path / "B.parquet").exists() and len(stub.calls) == 12
+        (tmp_path / "work" / "work.json").unlink()   # a folder from before it was bound
+        assert main(["execute", "--run", run_b, "--out", str(tmp_path / "B.parquet"),
+                     *execute]) == 2
+        assert "run_id 'nightA' there, 'nightB' here" in capsys.readouterr().err
+        assert main(["execute", "--run", run_a, "--out", str(tmp_path / "A.parquet"),
+                     *execute]) == 0   # its own run resumes: nothing sent again
+        assert len(stub.calls) == 12
+        assert main(["execute", "--run", run_b, "--out", str(tmp_path / "B.parquet"),
+                     "--work", str(tmp_path / "work_B"), "--executor", "local"]) == 0
+        assert len(stub.calls) == 24

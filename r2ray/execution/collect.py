@@ -25,7 +25,7 @@ from r2ray.errors import R2RayError
 from r2ray.execution import graders
 from r2ray.execution.engine import EngineConfig, EngineRun, run_requests
 from r2ray.execution.requests import arm_request, request_row, requests_table, worst_case_usd
-from r2ray.execution.workdir import commit_work, open_work
+from r2ray.execution.workdir import check_work, commit_work, open_work
 from r2ray.prompting import estimate_tokens
 from r2ray.redaction import redact_values
 
@@ -162,6 +162,7 @@ def dry_run(config: CollectConfig) -> str:
     catalog = load_catalog(config.catalog)
     queries = read_queries(config.queries, config.grader, config.judge_model is not None)
     requests = answer_requests(queries, catalog, config.arms, config.seed)
+    check_work(config.work_dir, work_binding(catalog))
     from r2ray.execution.engine import plan
 
     todo, done = plan(requests, storage.join(config.work_dir, "answers"),
@@ -220,7 +221,7 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
     queries = read_queries(config.queries, config.grader, judge_cat is not None)
     by_id = {q["query_id"]: q for q in queries}
     requests = answer_requests(queries, catalog, config.arms, config.seed)
-    open_work(config.work_dir)
+    open_work(config.work_dir, work_binding(catalog))
     cap = config.engine.max_spend_usd
     answer_engine = config.engine if cap is None or judge_cat is None else _with_cap(
         config.engine, cap - judge_spent_usd(config.work_dir))
@@ -285,6 +286,15 @@ def collect(config: CollectConfig, progress=None) -> CollectResult:
     }
     commit_work(config.work_dir, redact_values(manifest))
     return CollectResult(bench.num_rows, answers, judge_run, stats, agreement, ungraded, manifest)
+
+
+def work_binding(catalog: Catalog) -> dict:
+    """What the work folder's answers were priced at: each model's prices (USD per million
+    tokens, in/out). A bench row's ``cost_usd`` is its recorded answer's, so answers priced by
+    another catalogue made a bench at odds with the catalogue saved beside it."""
+    prices = ", ".join(f"{m.name} {m.input_per_m!r}/{m.output_per_m!r}"
+                       for m in sorted(catalog.models, key=lambda m: m.name))
+    return {"kind": "bench-collect", "prices_usd_per_m": prices}
 
 
 def bench_input_tokens(query: str) -> int:

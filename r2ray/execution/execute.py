@@ -5,11 +5,13 @@ The routed rows already carry the chat messages (the length instruction) and the
 ``r2ray reconcile`` reads: ``run_id, query_id, model, budget, input_tokens, output_tokens,
 cost_usd`` plus ``response``, ``truncated``, ``usage_estimated``, ``finish_reason`` and
 ``latency_s``. ``run_id`` (the run's, from its manifest) lets reconcile refuse another night's
-bills: nightly backlogs reuse query ids, so the key alone matched them.
+bills: nightly backlogs reuse query ids, so the key alone matched them. For the same reason the
+work folder is bound to the run it executes (:func:`work_binding`): another run's is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -19,7 +21,7 @@ from r2ray import __version__, storage
 from r2ray.bench.io import check_output_name, write_table
 from r2ray.execution.engine import EngineConfig, EngineRun, plan, run_requests
 from r2ray.execution.requests import request_row, requests_table, worst_case_usd
-from r2ray.execution.workdir import commit_work, open_work
+from r2ray.execution.workdir import check_work, commit_work, open_work
 from r2ray.redaction import redact_uri, redact_values
 
 ACTUALS_COLUMNS = ["run_id", "query_id", "model", "budget", "input_tokens", "output_tokens",
@@ -80,8 +82,19 @@ class ExecuteResult:
         return "\n".join(lines)
 
 
+def work_binding(manifest: dict, requests: pa.Table) -> dict:
+    """What the work folder answers: the run (its id) and its routed calls (a sha256 over each
+    request's key and prompt hash), so the calls of another night, whose query ids and prompts
+    recur, are never taken for this run's; a rerun of this run resumes."""
+    sent = sorted(f"{key}@{sha}" for key, sha in zip(requests["key"].to_pylist(),
+                                                     requests["prompt_sha"].to_pylist()))
+    return {"kind": "execute", "run_id": manifest.get("run_id"),
+            "routed_fingerprint": hashlib.sha256("\n".join(sent).encode()).hexdigest()}
+
+
 def dry_run(config: ExecuteConfig) -> str:
-    _, requests = routed_requests(config)
+    manifest, requests = routed_requests(config)
+    check_work(config.work_dir, work_binding(manifest, requests))
     todo, done = plan(requests, storage.join(config.work_dir, "calls"),
                       config.engine.unrecorded == "reuse")
     return (f"dry run: {todo.num_rows:,} calls to make ({done.num_rows:,} already done), "
@@ -92,7 +105,7 @@ def execute_run(config: ExecuteConfig, progress=None) -> ExecuteResult:
     check_output_name(config.out, "--out")
     manifest, requests = routed_requests(config)
     catalog = manifest.pop("_catalog")
-    open_work(config.work_dir)
+    open_work(config.work_dir, work_binding(manifest, requests))
     run = run_requests(requests, storage.join(config.work_dir, "calls"), catalog, config.engine,
                        progress)
     actuals = with_run_id(run.results.select(ENGINE_COLUMNS), manifest.get("run_id"))
