@@ -225,8 +225,10 @@ def choose_arm(q_row: np.ndarray, c_row: np.ndarray, lam: float, *, tie_cut: flo
 
 
 def _lam_bits(lam: float) -> np.uint64:
-    """Bits of the price as the tie rule compares them with steps' efficiency bits."""
-    return np.float64(max(float(lam), 0.0)).view(np.uint64)
+    """Bits of the price as the tie rule compares them with steps' efficiency bits. A price of
+    -0.0 (``"lambda": -0.0`` passes ``ge=0``) is 0: its sign bit made it the largest price,
+    every query on its cheapest arm where λ = 0 gives each its best."""
+    return np.float64(max(float(lam), 0.0) + 0.0).view(np.uint64)   # -0.0 + 0.0 is +0.0
 
 
 def _hash_cut(tie_cut: float) -> int:
