@@ -409,7 +409,7 @@ def test_dry_run_bounds_the_judge(tmp_path):
     config = c.CollectConfig(queries=str(queries), catalog=catalog, out=str(tmp_path / "b.jsonl"),
                              judge_model="small", arms="1")
     said = c.dry_run(config)
-    bound = float(re.search(r"judge calls, worst case \$([0-9.]+)", said).group(1))
+    bound = float(re.search(r"judge calls, worst case \$([0-9.e+-]+)", said).group(1))
     rows = c.read_queries(str(queries), None, True)
     requests = c.answer_requests(rows, load_catalog(catalog), "1", 0)
     answers = requests.select(["key", "query_id", "model", "budget"]).append_column(

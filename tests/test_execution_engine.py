@@ -67,6 +67,26 @@ def test_spend_book_never_passes_the_cap():
     assert book.state()["refused"] == 2
 
 
+def test_an_idle_spend_book_holds_exactly_nothing_in_flight():
+    """Reserving $0.05 and $0.15 and releasing both (the calls failed unbilled) left 2.8e-17 USD
+    in flight with no call running (0.05 + 0.15 - 0.05 - 0.15 in floats), and a call of worst
+    case exactly the $0.20 cap was then refused: the books at rest hold exactly 0."""
+    book = SpendBook(cap_usd=0.2)
+    assert book.reserve(0.05) and book.reserve(0.15)
+    book.settle(0.05, 0.0)
+    book.settle(0.15, 0.0)
+    assert book.state()["in_flight_usd"] == 0.0
+    assert book.reserve(0.2) and book.state()["refused"] == 0
+
+
+def test_the_progress_line_shows_a_small_spend():
+    """``.6f`` printed a spend of $4e-07 (a few calls of a cheap local model) as $0.000000 and one
+    of $4.5e-06 as $0.000004; a large one keeps its cents."""
+    assert "spend $4e-07," in engine._Progress(10, 4e-7, 60.0, print).line()
+    assert "spend $4.5e-06," in engine._Progress(10, 4.5e-6, 60.0, print).line()
+    assert "spend $12345.67," in engine._Progress(10, 12345.67, 60.0, print).line()
+
+
 def test_a_nan_cap_refuses_every_call():
     """Every comparison with NaN is false: the cap tested "over?" with ``>``, so a NaN cap (or
     --max-spend-usd nan, which the CLI took) issued every call with no cap at all."""

@@ -998,3 +998,24 @@ def test_actuals_of_which_no_row_is_the_runs_are_refused(tmp_path, capsys):
     assert ("none of the 5 rows is of run 'night'; they name run(s) ['night0']"
             in capsys.readouterr().err)
     assert not os.path.exists(os.path.join(run, "reconcile"))
+
+
+# ---- review s27/GI: money printed with its cents ------------------------------------------------
+def test_the_report_and_summary_keep_the_cents_of_large_sums():
+    # before the fix: ``.6g`` printed a $12,345.67 budget as $12345.7 and ``.4g`` an arm's
+    # $1,234.56 realised as $1235, in report.md and in the terminal summary
+    from r2ray.reconcile.run import ReconcileResult
+
+    catalog = _catalog()
+    billed = [dict(row) for row in GOOD_ACTUALS]
+    billed[3]["cost_usd"] = 1234.56   # q4 (large @ 100) billed $1,234.56
+    manifest = _manifest(catalog)
+    manifest["spend"]["budget_usd"] = 12345.67
+    rec = reconcile(manifest, _routed(), actuals_from_table(pa.Table.from_pylist(billed), "mem"),
+                    catalog)
+    correction = fit_correction(rec)
+    report = report_markdown(rec, correction)
+    assert "| budget | $12345.67 | 1.000 |" in report
+    assert "| large | 100 | 2 | 2 | 0.003 | 1234.56 |" in report
+    summary = ReconcileResult(rec, correction, {"folder": "/o", "mlflow_run_id": None}).summary()
+    assert "budget $12345.67:" in summary and "large @ 100: $1234.56 vs $0.003 " in summary

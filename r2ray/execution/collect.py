@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from r2ray import __version__, storage
+from r2ray.batch.report import usd_digits
 from r2ray.bench.io import check_apart, check_output_name, read_table, write_table
 from r2ray.bench.schema import bench_error, validate_bench
 from r2ray.bench.stats import bench_stats, format_stats
@@ -141,9 +142,10 @@ class CollectResult:
         lines = [f"bench: {self.bench_rows:,} rows "
                  f"({a.results.num_rows:,} answered, {a.failures.num_rows:,} failed calls, "
                  f"{self.ungraded:,} ungraded)",
-                 f"spend: ${self.manifest['spend']['total_usd']:.6f} "
-                 f"(answers ${a.spend['realised_usd']:.6f}"
-                 + (f", judge ${self.judge.spend['realised_usd']:.6f}" if self.judge else "")
+                 f"spend: ${usd_digits(self.manifest['spend']['total_usd'])} "
+                 f"(answers ${usd_digits(a.spend['realised_usd'])}"
+                 + (f", judge ${usd_digits(self.judge.spend['realised_usd'])}"
+                    if self.judge else "")
                  + ")"]
         for endpoint, t in a.throughput.items():
             lines.append(f"  {endpoint}: {t['calls']} calls, {t['calls_per_s']:.2f} calls/s, "
@@ -182,11 +184,11 @@ def dry_run(config: CollectConfig) -> str:
                 judge_worst += per_call
                 judge_typical += judge_typical_usd(spec, r, q)
     return (f"dry run: {todo.num_rows:,} answer calls to make ({done.num_rows:,} already done), "
-            f"worst case ${worst:.6f} at the caps"
-            + (f"; up to {judged:,} judge calls, worst case ${judge_worst:.6f} (each prompt the "
-               f"judge's whole context; with answers of {TYPICAL_BYTES_PER_TOKEN} bytes a token "
-               f"at their caps, ${judge_typical:.6f})" if judged else "")
-            + f"; total worst case ${worst + judge_worst:.6f}")
+            f"worst case ${usd_digits(worst)} at the caps"
+            + (f"; up to {judged:,} judge calls, worst case ${usd_digits(judge_worst)} (each "
+               f"prompt the judge's whole context; with answers of {TYPICAL_BYTES_PER_TOKEN} bytes "
+               f"a token at their caps, ${usd_digits(judge_typical)})" if judged else "")
+            + f"; total worst case ${usd_digits(worst + judge_worst)}")
 
 
 TYPICAL_BYTES_PER_TOKEN = 4   # English text in a BPE vocabulary: about 4 UTF-8 bytes a token

@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from r2ray import storage
+from r2ray.batch.report import usd_digits
 from r2ray.catalog import Catalog
 from r2ray.execution.client import (RESULT_SCHEMA, SPEND_BOOK_FAILED, EndpointLimiter,
                                     EndpointSettings, RunStopped, SpendBookError, chat_url,
@@ -545,7 +546,7 @@ class _Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         return (f"calls {self.done:,}/{self.total:,} ({self.failed:,} failed), {rate:.2f}/s, "
-                f"spend ${self.spend_usd:.6f}, ETA {eta:.0f} s")
+                f"spend ${usd_digits(self.spend_usd)}, ETA {eta:.0f} s")
 
     def finish(self) -> None:
         if self.total and self.shown != self.done:

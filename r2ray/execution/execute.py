@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from r2ray import __version__, storage
+from r2ray.batch.report import usd_digits
 from r2ray.bench.io import check_output_name, write_table
 from r2ray.execution.engine import EngineConfig, EngineRun, plan, run_requests
 from r2ray.execution.requests import request_row, requests_table, worst_case_usd
@@ -71,7 +72,7 @@ class ExecuteResult:
     def summary(self) -> str:
         lines = [f"actuals: {self.actuals_rows:,} rows → {redact_uri(self.manifest['actuals'])} "
                  f"({self.run.failures.num_rows:,} failed calls)",
-                 f"spend: ${self.run.spend['realised_usd']:.6f}"]
+                 f"spend: ${usd_digits(self.run.spend['realised_usd'])}"]
         for endpoint, t in self.run.throughput.items():
             lines.append(f"  {endpoint}: {t['calls']} calls, {t['calls_per_s']:.2f} calls/s, "
                          f"{t['output_tokens_per_s']:.1f} output tokens/s")
@@ -98,7 +99,7 @@ def dry_run(config: ExecuteConfig) -> str:
     todo, done = plan(requests, storage.join(config.work_dir, "calls"),
                       config.engine.unrecorded == "reuse")
     return (f"dry run: {todo.num_rows:,} calls to make ({done.num_rows:,} already done), "
-            f"worst case ${worst_case_usd(todo):.6f} at the caps")
+            f"worst case ${usd_digits(worst_case_usd(todo))} at the caps")
 
 
 def execute_run(config: ExecuteConfig, progress=None) -> ExecuteResult:

@@ -86,6 +86,7 @@ class SpendBook:
     cap_usd: float | None = None
     realised_usd: float = 0.0
     in_flight_usd: float = 0.0
+    in_flight: int = 0      # calls reserved and not settled yet
     refused: int = 0
     closed: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -101,7 +102,7 @@ class SpendBook:
                     not self.realised_usd + self.in_flight_usd + worst_usd <= self.cap_usd:
                 self.refused += 1
                 return False
-            self.in_flight_usd += worst_usd
+            self.in_flight, self.in_flight_usd = self.in_flight + 1, self.in_flight_usd + worst_usd
             return True
 
     def close(self) -> None:
@@ -112,7 +113,10 @@ class SpendBook:
     def settle(self, worst_usd: float, cost_usd: float) -> None:
         """A reserved call came back: ``cost_usd`` (0 for a call that was never billed)."""
         with self._lock:
-            self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd)
+            self.in_flight -= 1
+            # back to exactly 0 when idle: reserving $0.05 and $0.15 then releasing both left
+            # 2.8e-17 USD, and a later call of worst case exactly the $0.20 cap was refused
+            self.in_flight_usd = max(0.0, self.in_flight_usd - worst_usd) if self.in_flight else 0.0
             self.realised_usd += cost_usd
 
     def state(self) -> dict:

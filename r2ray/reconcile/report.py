@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from r2ray import storage
+from r2ray.batch.report import usd_digits
 from r2ray.catalog import budget_label
 from r2ray.reconcile.correction import (CORRECTION_FILE, RECONCILE_FOLDER, CostCorrection,
                                         correction_folder)
@@ -23,8 +24,10 @@ REPORT_FILE = "report.md"
 PLOT_FILE = "realised_vs_planned.png"
 
 
-def _usd(value: float) -> str:
-    return "—" if not np.isfinite(value) else f"${value:.6g}"
+def usd_text(value: float) -> str:
+    """Money for people: ``$`` and :func:`r2ray.batch.report.usd_digits` (the cents kept: ``.6g``
+    read a $12,345.67 budget as $12345.7), "—" where there is none (NaN)."""
+    return "—" if not np.isfinite(value) else f"${usd_digits(value)}"
 
 
 def _ratio(value: float) -> str:
@@ -45,7 +48,7 @@ def report_markdown(rec: Reconciliation, correction: CostCorrection) -> str:
         f"(no `cost_usd`): {counts['priced_from_catalogue']:,}", "",
         "## Spend", "",
         "| | USD | ÷ budget |", "|---|---:|---:|",
-        *(f"| {label} | {_usd(overall[key])} | {_ratio(overall[key] / rec.budget_usd)} |"
+        *(f"| {label} | {usd_text(overall[key])} | {_ratio(overall[key] / rec.budget_usd)} |"
           for label, key in _SPEND_ROWS),
         "", "Realised ÷ planned on the matched rows: "
         f"**{_ratio(overall['realised_over_planned'])}**. Projected: every routed row at that "
@@ -98,7 +101,7 @@ def _group_lines(table: pa.Table, with_budget: bool) -> list[str]:
     for row in table.to_pylist():
         budget = f" {budget_label(row['budget'])} |" if with_budget else ""
         lines.append(f"| {row['model']} |{budget} {row['routed']:,} | {row['matched']:,} | "
-                     f"{row['planned_usd']:.6g} | {row['realised_usd']:.6g} | "
+                     f"{usd_digits(row['planned_usd'])} | {usd_digits(row['realised_usd'])} | "
                      f"{_ratio(row['realised_over_planned'])} | {_ratio(row['mean_q_hat'])} | "
                      f"{_ratio(row['mean_quality'])} ({row['rated']:,}) |")
     return lines

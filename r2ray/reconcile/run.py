@@ -12,7 +12,7 @@ from r2ray.reconcile.actuals import read_actuals
 from r2ray.reconcile.correction import (CORRECTION_FILE, CostCorrection, correction_folder,
                                         fit_correction)
 from r2ray.reconcile.figures import Reconciliation, check_catalog, read_routed, reconcile
-from r2ray.reconcile.report import run_check_note, write_reconciliation
+from r2ray.reconcile.report import run_check_note, usd_text, write_reconciliation
 from r2ray.redaction import MASK, redact_uri
 
 TOP_ARMS = 5
@@ -36,12 +36,12 @@ class ReconcileResult:
             f"  routed {counts['routed']:,}: {counts['matched']:,} matched, "
             f"{counts['routed_without_actuals']:,} without an actual; "
             f"{counts['actuals_not_routed']:,} usable actuals of no routed row "
-            f"(${overall['not_routed_usd']:.6g} billed, not in realised); "
-            f"${overall['duplicate_usd']:.6g} billed again to a repeated key, not in realised",
-            f"  spend: realised ${overall['realised_usd']:.6g} vs planned "
-            f"${overall['planned_usd']:.6g} on the matched rows "
-            f"(×{overall['realised_over_planned']:.3f}); budget ${rec.budget_usd:.6g}: realised "
-            f"{overall['realised_over_budget']:.3f} × budget, "
+            f"({usd_text(overall['not_routed_usd'])} billed, not in realised); "
+            f"{usd_text(overall['duplicate_usd'])} billed again to a repeated key, not in realised",
+            f"  spend: realised {usd_text(overall['realised_usd'])} vs planned "
+            f"{usd_text(overall['planned_usd'])} on the matched rows "
+            f"(×{overall['realised_over_planned']:.3f}); budget {usd_text(rec.budget_usd)}: "
+            f"realised {overall['realised_over_budget']:.3f} × budget, "
             f"projected to every routed row {overall['projected_over_budget']:.3f} ×",
             f"  quality: mean q̂ {overall['mean_q_hat_rated']:.3f} vs realised "
             f"{overall['mean_quality']:.3f} on {int(overall['rated']):,} rated rows"
@@ -60,9 +60,9 @@ class ReconcileResult:
     def _top_arms(self) -> list[str]:
         rows = [r for r in self.reconciliation.by_arm.to_pylist() if r["matched"]]
         rows.sort(key=lambda r: -abs(r["realised_usd"] - r["planned_usd"]))
-        return [f"{r['model']} @ {budget_label(r['budget'])}: ${r['realised_usd']:.4g} vs "
-                f"${r['planned_usd']:.4g} (×{r['realised_over_planned']:.3f}, {r['matched']:,} "
-                "rows)" for r in rows[:TOP_ARMS]]
+        return [f"{r['model']} @ {budget_label(r['budget'])}: {usd_text(r['realised_usd'])} vs "
+                f"{usd_text(r['planned_usd'])} (×{r['realised_over_planned']:.3f}, "
+                f"{r['matched']:,} rows)" for r in rows[:TOP_ARMS]]
 
 
 def _unusable_note(rec: Reconciliation) -> str:
