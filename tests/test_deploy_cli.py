@@ -30,7 +30,12 @@ def test_set_value_that_is_not_yaml_names_the_setting(capsys):
                                        "1: s3://b/\n", "s3://b/\n"])
 def test_serve_overrides_that_are_not_a_mapping_of_paths_are_a_user_error(tmp_path, capsys,
                                                                           overrides):
-    (tmp_path / deploy.SERVE_OVERRIDES).parent.mkdir(parents=True)
+    """With the repository's own Serve config and RayService beside them, so the overrides
+    reach the render (where a list or a number key raised AttributeError with a traceback),
+    not an error about a missing file."""
+    for path in (deploy.SERVE_CONFIG, deploy.RAYSERVICE):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text((REPO / path).read_text())
     (tmp_path / deploy.SERVE_OVERRIDES).write_text(overrides)
     assert deploy.main(["render", "--check", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
