@@ -52,6 +52,11 @@ MAX_PRICE_PER_M = 1e6
 EXECUTION_FIELDS = ("api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute")
 """Optional per-model settings of the execution engine (``r2ray bench collect``, ``r2ray execute``)."""
 
+FILE_NAME_BYTES = 255
+"""The longest file name (bytes) ext4, xfs, btrfs and most file systems take: a model's routed
+folder is one, and a longer name failed the batch job's assign stage (``File name too long``, after
+every query was scored) where a name of 28 CJK characters escaped to 258 bytes."""
+
 NUMERIC_FIELDS = ("input_per_m", "output_per_m", "context", "max_output_tokens", "max_concurrency",
                   "requests_per_minute", "tokens_per_minute")
 """A model's fields that hold a number (USD per million tokens, tokens, requests): never a bool."""
@@ -176,6 +181,12 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model name {value!r} holds a control character")
         if any(part in (".", "..") for part in value.replace("\\", "/").split("/")):
             raise ValueError(f"model name {value!r} holds a '.' or '..' path segment")
+        from r2ray.manifest import routed_partition   # manifest's storage imports are heavy
+        folder = len(routed_partition(value).encode())
+        if folder > FILE_NAME_BYTES:
+            raise ValueError(f"model name {value!r} is {folder} bytes as the batch job's folder of "
+                             f"its routed prompts (model=<name percent-escaped>); a file name "
+                             f"holds at most {FILE_NAME_BYTES}: shorten it")
         return value
 
 

@@ -220,30 +220,54 @@ def test_an_unreachable_s3_output_is_one_line(tmp_path, small_routing_model, cap
 
 
 # ---- model names are data, never paths ----------------------------------------------------------
+def _one_query_per_arm(catalog) -> pa.Table:
+    """A solved block: query j on arm j of ``catalog``."""
+    n = catalog.n_arms
+    return pa.table({"query_id": [f"q{j}" for j in range(n)],
+                     "query": [f"question {j}" for j in range(n)],
+                     "input_tokens": pa.array(np.full(n, 10), pa.int64()),
+                     "tenant_name": pa.nulls(n, pa.string()),
+                     "order": pa.array(np.arange(n), pa.int64()),
+                     "arm": pa.array(np.arange(n), pa.int64()),
+                     "lambda_star": np.full(n, 1.0),
+                     "base_q": np.full(n, 0.5), "base_c": np.full(n, 1e-5),
+                     "step_arm": pa.array([[]] * n, pa.large_list(pa.int32())),
+                     "dq": pa.array([[]] * n, pa.large_list(pa.float64())),
+                     "dc": pa.array([[]] * n, pa.large_list(pa.float64())),
+                     "hull_tokens": pa.array([[20.0]] * n, pa.large_list(pa.float32()))})
+
+
 def test_model_names_round_trip_through_hive_partitions(tmp_path):
     catalog = catalog_from_dict({"budgets": [50, "default"], "models": [
         {"name": name, "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096}
         for name in HOSTILE_NAMES]}, "test")
-    n = catalog.n_arms
-    batch = pa.table({"query_id": [f"q{j}" for j in range(n)],
-                      "query": [f"question {j}" for j in range(n)],
-                      "input_tokens": pa.array(np.full(n, 10), pa.int64()),
-                      "tenant_name": pa.nulls(n, pa.string()),
-                      "order": pa.array(np.arange(n), pa.int64()),
-                      "arm": pa.array(np.arange(n), pa.int64()),
-                      "lambda_star": np.full(n, 1.0),
-                      "base_q": np.full(n, 0.5), "base_c": np.full(n, 1e-5),
-                      "step_arm": pa.array([[]] * n, pa.large_list(pa.int32())),
-                      "dq": pa.array([[]] * n, pa.large_list(pa.float64())),
-                      "dc": pa.array([[]] * n, pa.large_list(pa.float64())),
-                      "hull_tokens": pa.array([[20.0]] * n, pa.large_list(pa.float32()))})
     routed = tmp_path / "out" / "routed"
-    assign_stage(batch, catalog.to_yaml(), str(routed), str(tmp_path / "out" / "deferred"),
-                 model_version="v", run_id="r")
+    assign_stage(_one_query_per_arm(catalog), catalog.to_yaml(), str(routed),
+                 str(tmp_path / "out" / "deferred"), model_version="v", run_id="r")
     assert sorted(os.listdir(routed)) == sorted(runs.routed_partition(m) for m in HOSTILE_NAMES)
     read = ds.dataset(str(routed), partitioning="hive").to_table()
     assert sorted(read.column("model").to_pylist()) == sorted(
         a.model for a in catalog.arms)  # the partition value and the column agree
+
+
+def test_a_model_name_too_long_for_its_routed_folder_is_refused_up_front(tmp_path):
+    """A CJK character is 9 bytes percent-escaped: 27 of them (and ``-7B``) make a 252-byte
+    ``model=<name>`` folder, written and read back whole; 28 make 258, past a file name's 255.
+    Before: the catalogue took it, and the assign stage failed with ``File name too long``
+    after every query was scored."""
+    def catalogue(name):
+        return catalog_from_dict({"budgets": ["default"], "models": [
+            {"name": name, "input_per_m": 1.0, "output_per_m": 2.0, "context": 4096}]}, "test")
+
+    with pytest.raises(CatalogError, match="is 258 bytes as the batch job's folder"):
+        catalogue("模" * 28)
+    longest = catalogue("模" * 27 + "-7B")
+    routed = tmp_path / "routed"
+    assign_stage(_one_query_per_arm(longest), longest.to_yaml(), str(routed),
+                 str(tmp_path / "deferred"), model_version="v", run_id="r")
+    (part,) = routed.glob("*/*.parquet")
+    assert len(part.parent.name.encode()) == 252
+    assert pq.read_table(part, columns=["model"]).column("model").to_pylist() == ["模" * 27 + "-7B"]
 
 
 @pytest.mark.parametrize("name", ["x/../../../../escape", "..", "tab\tname", "line\nbreak",

@@ -167,6 +167,11 @@ def test_a_deferred_part_reads_back_as_a_backlog_with_its_tenant_and_tokens(tmp_
     assert good.select(["query_id", "query", "input_tokens", "tenant"]).to_pylist() == [
         {"query_id": "q0", "query": "question 0", "input_tokens": 7, "tenant": "acme"},
         {"query_id": "q1", "query": "question 1", "input_tokens": 11, "tenant": None}]
+    # no embedding among them (README): a model without a text encoder quarantines each row
+    good, bad = read_and_validate(units[0], max_context_tokens=4096, embedding_dim=4,
+                                  embedding_required=True)
+    assert good.num_rows == 0 and bad.column("reason").to_pylist() == [
+        "no embedding; the model names no text encoder, so every query needs one"] * 2
 
 
 def _night(folder) -> None:
