@@ -59,11 +59,54 @@ def test_factors_per_quartile_of_t_hat_and_pooled_for_thin_arms():
     ratio = (1 + tokens) / (1 + tokens_hat)
     assert (calibration.smearing[0] == np.nanmean(ratio)).all()
     quartile = np.searchsorted(np.quantile(tokens_hat[:, 1], [0.25, 0.5, 0.75]), tokens_hat[:, 1])
-    np.testing.assert_allclose(calibration.smearing[1],
-                               [ratio[quartile == b, 1].mean() for b in range(4)])
-    got = calibration.mean_tokens(tokens_hat.astype(np.float32))[:, 1]
-    np.testing.assert_allclose(got, (1 + tokens_hat[:, 1]) * calibration.smearing[1][quartile] - 1,
+    np.testing.assert_allclose(calibration.smearing[1],   # Σ (1 + T) ÷ Σ (1 + t̂) per quartile
+                               [(1 + tokens[quartile == b, 1]).sum()
+                                / (1 + tokens_hat[quartile == b, 1]).sum() for b in range(4)])
+    np.testing.assert_allclose(calibration.centres[1],
+                               [tokens_hat[quartile == b, 1].mean() for b in range(4)])
+    knots = calibration.centres[1][:, None].repeat(catalog.n_arms, axis=1).astype(np.float32)
+    got = calibration.mean_tokens(knots)[np.arange(4), 1]  # at a bin's centre: its factor
+    want = (1 + calibration.centres[1]) * calibration.smearing[1] - 1
+    assert (np.diff(want) > 0).all()                       # rising: no knots pooled
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_mean_tokens_never_falls_as_t_hat_rises_across_bin_edges():
+    """Regression to the mean gives high-t̂ bins a smaller factor: each bin's own factor made the
+    mean fall just across an edge (carrot_linear_all, 3,000 synthetic queries: by up to 25 %),
+    reordering ĉ = price × t̂ within an arm. The map joins the bins' centres, pooled where they
+    fall, so it is non-decreasing, and below the first centre or above the last it scales t̂ by
+    that bin's factor."""
+    catalog = small_catalog(budgets=("default",), n_models=1)
+    rng = np.random.default_rng(7)
+    tokens_hat = rng.uniform(0, 1000, size=(800, 1))
+    tokens = np.maximum(300 + 0.2 * (tokens_hat - 300) + rng.normal(0, 20, tokens_hat.shape), 0)
+    calibration = fit_token_calibration(tokens_hat, tokens, catalog)
+    assert (np.diff(calibration.smearing[0]) < 0).all()   # shrinking factors: the old jump
+    grid = np.sort(np.concatenate([np.linspace(0, 5000, 20_001), calibration.edges[0],
+                                   np.nextafter(calibration.edges[0], np.inf)]))
+    mapped = calibration.mean_tokens(grid[:, None].astype(np.float32))[:, 0].astype(np.float64)
+    assert (np.diff(mapped) >= 0).all(), np.diff(mapped).min()
+    first, last = calibration.centres[0][[0, -1]]
+    low, high = grid <= first, grid >= last
+    np.testing.assert_allclose(mapped[low], (1 + grid[low]) * calibration.smearing[0][0] - 1,
+                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(mapped[high], (1 + grid[high]) * calibration.smearing[0][-1] - 1,
                                rtol=1e-5)
+
+
+def test_falling_bin_means_are_pooled_not_reversed():
+    """Where t̂ is anti-informative (a higher bin with fewer tokens on average) the two knots
+    pool into one at their mean t̂ and mean tokens: the map rises through it, never falls."""
+    catalog = small_catalog(budgets=("default",), n_models=1)
+    centres = np.array([[10.0, 100.0, 200.0, 400.0]])
+    smearing = np.array([[2.0, 1.5, 0.5, 0.6]])   # E[1 + T]: 22, 151.5, 100.5, 240.6
+    calibration = TokenCalibration(np.array([[50.0, 150.0, 300.0]]), smearing,
+                                   arm_caps_tokens(catalog), centres)
+    grid = np.linspace(0, 1000, 4001, dtype=np.float32)[:, None]
+    mapped = calibration.mean_tokens(grid)[:, 0]
+    assert (np.diff(mapped) >= 0).all()
+    assert mapped[600] == np.float32((151.5 + 100.5) / 2 - 1)   # t̂ = 150: the pooled knot
 
 
 def test_save_load_keeps_the_correction_and_older_files_still_load(tmp_path):
@@ -151,5 +194,10 @@ def test_mean_tokens_is_bit_identical_after_save_and_load(tmp_path):
     rng = np.random.default_rng(1)
     for n in (1, 1, 9):
         tokens = odd_tokens(rng, n, catalog.n_arms)
-        tokens[:, 0] = fitted.edges[0, 0]              # on an edge (float32 rounds it)
-        assert loaded.mean_tokens(tokens).tobytes() == take_along_rule(fitted, tokens).tobytes()
+        tokens[:, 0] = fitted.centres[0, 0]            # on a knot (float32 rounds it)
+        assert loaded.mean_tokens(tokens).tobytes() == fitted.mean_tokens(tokens).tobytes()
+    np.testing.assert_array_equal(loaded.centres, fitted.centres)
+    step = TokenCalibration(fitted.edges, fitted.smearing, fitted.cap_tokens)  # saved before
+    assert "centres" not in step.to_json()                                 # centres: as saved
+    assert (TokenCalibration.from_json(step.to_json()).mean_tokens(tokens).tobytes()
+            == take_along_rule(fitted, tokens).tobytes())
