@@ -121,3 +121,16 @@ class OneModelBeliever:
     def predict(self, embedding: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
         quality = np.repeat(self.believed[None], len(embedding), axis=0)
         return ArmPredictions(quality, np.full(quality.shape, 10.0, np.float32))
+
+
+def budget_skewed(catalog, n, seed):
+    """q̂ rising with the budget in each model, default on top; labels better than said at budget
+    20 and worse at 100, so maps fitted per arm would reverse the two."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.2, 0.8, (n, 1))
+    budget = catalog.arm_arrays["budget_tokens"]
+    step = np.select([budget == 20, budget == 100, budget == 400], [0.0, 0.05, 0.1], 0.15)
+    shift = np.select([budget == 20, budget == 100], [0.15, -0.15], 0.0)
+    said = (base + step).astype(np.float32)
+    labels = (rng.random(said.shape) < np.clip(said + shift, 0, 1)).astype(np.float32)
+    return said, labels

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from predictor_world import planted_arrays, small_catalog
+from predictor_world import budget_skewed, planted_arrays, small_catalog
 
 from r2ray.evaluation.calibration import quality_calibration
 from r2ray.predictor import make_predictor
@@ -178,19 +178,6 @@ def test_equal_predictions_share_one_knot_at_their_mean_quality():
     said = np.concatenate([rng.uniform(0, 0.9, 600), np.ones(600)])   # saturated q̂ = 1.0
     x, y = isotonic_knots(said, np.concatenate([rng.random(600) < 0.3, labels]).astype(float))
     assert (np.diff(x) > 0).all(), x
-
-
-def budget_skewed(catalog, n, seed):
-    """q̂ rising with the budget in each model, default on top; labels better than said at budget
-    20 and worse at 100, so maps fitted per arm would reverse the two."""
-    rng = np.random.default_rng(seed)
-    base = rng.uniform(0.2, 0.8, (n, 1))
-    budget = catalog.arm_arrays["budget_tokens"]
-    step = np.select([budget == 20, budget == 100, budget == 400], [0.0, 0.05, 0.1], 0.15)
-    shift = np.select([budget == 20, budget == 100], [0.15, -0.15], 0.0)
-    said = (base + step).astype(np.float32)
-    labels = (rng.random(said.shape) < np.clip(said + shift, 0, 1)).astype(np.float32)
-    return said, labels
 
 
 def test_a_monotone_predictors_maps_keep_q_non_decreasing_along_its_budget_chains():

@@ -11,7 +11,7 @@ from dataclasses import replace
 import mlflow
 import numpy as np
 import pytest
-from predictor_world import planted_arrays, planted_bench_table, small_catalog
+from predictor_world import budget_skewed, planted_arrays, planted_bench_table, small_catalog
 
 from r2ray.bench.io import write_table
 from r2ray.catalog import save_catalog
@@ -486,10 +486,10 @@ def test_cross_validation_corrects_each_fold_by_maps_of_the_other_folds(world, m
     train, catalog = world
     given = []
 
-    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None):
+    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None, chains=()):
         given.append(folds)
         return router_view(predicted, rows, catalog, calibrate_quality,
-                           **({} if folds is None else {"folds": folds}))
+                           **({} if folds is None else {"folds": folds}), chains=chains)
 
     monkeypatch.setattr(selection, "router_view", spy)
     monkeypatch.setattr(averaged, "router_view", spy)
@@ -597,3 +597,44 @@ def test_a_composite_whose_members_a_search_stopped_is_listed_not_dropped(world)
         assert any(said in line for line in lines)
         assert re.search(rf"^{name} +not scored: the search stopped", result.report(), re.M)
     assert result.unscored == ["stacked", "averaged"]
+
+
+def test_a_selected_monotone_network_calibrates_q_along_its_budget_chains():
+    """A ``selected`` whose winner is a monotone network takes the winner's budget chains: one q̂
+    map per chain keeps calibrated q̂ non-decreasing in the budget, as the network's is. Without
+    them (a map per arm, 3,000 held-out rows) calibrated q̂ fell from budget 20 to 100."""
+    from r2ray.predictor.base import ArmPredictions
+    from r2ray.predictor.network import budget_chains
+
+    catalog = small_catalog()
+    said, labels = budget_skewed(catalog, 3000, seed=0)
+    rows = replace(planted_arrays(catalog, n_queries=3000, dim=4, seed=0)[0], quality=labels)
+    selected = make_predictor("selected", candidates=["r2ray"])
+    selected.winner_ = make_predictor("r2ray", monotone="budgets")
+    selected.fit_calibrations(rows, ArmPredictions(said, rows.output_tokens), catalog)
+    mapped = selected.quality_calibration_.apply(said)
+    for chain in budget_chains(catalog, "budgets"):
+        assert (np.diff(mapped[:, chain], axis=1) >= 0).all(), chain
+
+
+def test_cross_validation_scores_a_monotone_candidate_with_its_budget_chains(world, monkeypatch):
+    """The CV scores each candidate on the q̂ maps it would be fitted with: a monotone network's
+    router view takes its budget chains, a ridge's none."""
+    import r2ray.predictor.selection as selection
+    from r2ray.predictor.network import budget_chains
+
+    train, catalog = world
+    given = {}
+
+    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None, chains=()):
+        given[id(predicted)] = [c.tolist() for c in chains]
+        return router_view(predicted, rows, catalog, calibrate_quality, folds, chains)
+
+    monkeypatch.setattr(selection, "router_view", spy)
+    network = {"monotone": "budgets", "epochs": 1, "query_hidden": 8, "joint_hidden": 8,
+               "head_hidden": 8}
+    result = cross_validate(train, catalog, resolve_candidates(
+        "per_arm_ridge,r2ray", overrides={"r2ray": network}))
+    assert given[id(result.out_of_fold["r2ray"])] == [
+        c.tolist() for c in budget_chains(catalog, "budgets")] != []
+    assert given[id(result.out_of_fold["per_arm_ridge"])] == []

@@ -41,7 +41,7 @@ stopped, all but one, is listed as not scored.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -239,7 +239,8 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     table = [row | {"name": c.name, "kind": c.kind, "fit_seconds": seconds[c.name]}
              for c, row in zip(kept, score_out_of_fold(
                  {c.name: oof[c.name] for c in kept}, train, catalog, fold, uncalibrated,
-                 raw_quality={c.name for c in kept if not c.build().calibrates_quality}).values())]
+                 raw_quality={c.name for c in kept if not c.build().calibrates_quality},
+                 chains={c.name: c.build().quality_chains(catalog) for c in kept}).values())]
     winner = choose(table)
     for row in table:
         row["chosen"] = row["name"] == winner
@@ -272,16 +273,20 @@ def check_folds_see_models(train: BenchArrays, catalog: Catalog, fold: np.ndarra
 
 def score_out_of_fold(oof: dict[str, ArmPredictions], train: BenchArrays, catalog: Catalog,
                       fold: np.ndarray, uncalibrated: bool = False,
-                      raw_quality: set[str] = frozenset()) -> dict[str, dict]:
+                      raw_quality: set[str] = frozenset(),
+                      chains: Mapping[str, list[np.ndarray]] | None = None) -> dict[str, dict]:
     """Per candidate: mean and std over folds of AUDC, Brier, log-token MAE and expected
     calibration error over every out-of-fold cell; with ``uncalibrated``, also the AUDC with q̂
     not calibrated (``audc_uncalibrated``, else None; it doubles the scoring time). Candidates in
     ``raw_quality`` have no q̂ calibration of their own (``calibrates_quality``): their q̂ is
-    already their members' calibrated one, so they have no uncalibrated AUDC (None)."""
+    already their members' calibrated one, so they have no uncalibrated AUDC (None).
+    ``chains``: each candidate's budget chains (:meth:`BasePredictor.quality_chains`), so a
+    monotone network is scored on the q̂ maps it is fitted with (one per chain), not per arm."""
     from r2ray.evaluation.method_scores import evaluable_queries, score_predictions
     from r2ray.predictor.diagnostics import summary_metrics
 
-    views = {name: router_view(p, train, catalog, name not in raw_quality, fold)
+    views = {name: router_view(p, train, catalog, name not in raw_quality, fold,
+                               (chains or {}).get(name, []))
              for name, p in oof.items()}
     raw = {f"{name}\x00raw": router_view(p, train, catalog, False, fold)
            for name, p in oof.items() if name not in raw_quality} if uncalibrated else {}
