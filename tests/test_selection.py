@@ -618,23 +618,48 @@ def test_a_selected_monotone_network_calibrates_q_along_its_budget_chains():
 
 
 def test_cross_validation_scores_a_monotone_candidate_with_its_budget_chains(world, monkeypatch):
-    """The CV scores each candidate on the q̂ maps it would be fitted with: a monotone network's
-    router view takes its budget chains, a ridge's none."""
+    """The CV views each candidate with the q̂ maps it would be fitted with: a monotone
+    network's router view takes its budget chains, a ridge's none, in its own score and as a
+    member of the average (whose members predict with their own maps)."""
+    import r2ray.predictor.averaged as averaged
     import r2ray.predictor.selection as selection
     from r2ray.predictor.network import budget_chains
 
     train, catalog = world
-    given = {}
+    given = []
 
     def spy(predicted, rows, catalog, calibrate_quality=True, folds=None, chains=()):
-        given[id(predicted)] = [c.tolist() for c in chains]
+        given.append((id(predicted), [c.tolist() for c in chains]))
         return router_view(predicted, rows, catalog, calibrate_quality, folds, chains)
 
     monkeypatch.setattr(selection, "router_view", spy)
+    monkeypatch.setattr(averaged, "router_view", spy)
     network = {"monotone": "budgets", "epochs": 1, "query_hidden": 8, "joint_hidden": 8,
                "head_hidden": 8}
     result = cross_validate(train, catalog, resolve_candidates(
-        "per_arm_ridge,r2ray", overrides={"r2ray": network}))
-    assert given[id(result.out_of_fold["r2ray"])] == [
-        c.tolist() for c in budget_chains(catalog, "budgets")] != []
-    assert given[id(result.out_of_fold["per_arm_ridge"])] == []
+        "per_arm_ridge,r2ray,averaged", overrides={"r2ray": network}))
+    chains = [c.tolist() for c in budget_chains(catalog, "budgets")]
+    seen = lambda name: [c for i, c in given if i == id(result.out_of_fold[name])]  # noqa: E731
+    assert seen("r2ray") == [chains, chains]          # its score, and as the average's member
+    assert seen("per_arm_ridge") == [[], []]
+
+
+def test_an_averages_held_out_view_takes_a_monotone_members_budget_chains(world, monkeypatch):
+    """Fitted alone, the average's held-out view (its spend simulation's) maps a monotone
+    member's q̂ along that member's budget chains, as the member predicts."""
+    import r2ray.predictor.averaged as averaged
+    from r2ray.predictor.network import budget_chains
+
+    train, catalog = world
+    given = []
+
+    def spy(predicted, rows, catalog, calibrate_quality=True, folds=None, chains=()):
+        given.append([c.tolist() for c in chains])
+        return router_view(predicted, rows, catalog, calibrate_quality, folds, chains)
+
+    monkeypatch.setattr(averaged, "router_view", spy)
+    network = {"monotone": "budgets", "epochs": 1, "query_hidden": 8, "joint_hidden": 8,
+               "head_hidden": 8}
+    make_predictor("averaged", members=[{"kind": "per_arm_ridge"},
+                                        {"kind": "r2ray", "settings": network}]).fit(train, catalog)
+    assert given == [[], [c.tolist() for c in budget_chains(catalog, "budgets")]]

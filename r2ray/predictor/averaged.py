@@ -46,10 +46,15 @@ def mean_of(members: list[ArmPredictions]) -> ArmPredictions:
 
 
 def averaged_out_of_fold(members: list[ArmPredictions], rows: BenchArrays,
-                         catalog: Catalog, folds: np.ndarray | None = None) -> ArmPredictions:
+                         catalog: Catalog, folds: np.ndarray | None = None,
+                         chains: list[list[np.ndarray]] | None = None) -> ArmPredictions:
     """The average's held-out predictions from its members' uncorrected out-of-fold ones
-    (``folds``: :func:`~r2ray.predictor.base.router_view`'s)."""
-    return mean_of([router_view(p, rows, catalog, folds=folds) for p in members])
+    (``folds``: :func:`~r2ray.predictor.base.router_view`'s; ``chains``: each member's budget
+    chains, :meth:`BasePredictor.quality_chains`, so a monotone member is viewed with the q̂
+    maps it predicts with)."""
+    chains = chains or [[] for _ in members]
+    return mean_of([router_view(p, rows, catalog, folds=folds, chains=c)
+                    for p, c in zip(members, chains)])
 
 
 class AveragedPredictor(BasePredictor):
@@ -94,7 +99,8 @@ class AveragedPredictor(BasePredictor):
         folds: made here, when asked, not in the fit (a selection that chose the average has it
         from its cross-validation already, and never asks)."""
         oof, folds = self.held_out_parts_
-        return train, averaged_out_of_fold(oof, train, self.catalog_, folds), folds
+        chains = [m.quality_chains(self.catalog_) for m in self.members_]
+        return train, averaged_out_of_fold(oof, train, self.catalog_, folds, chains), folds
 
     def _predict(self, x: np.ndarray, raw_quality: bool = False) -> ArmPredictions:
         return mean_of([m.predict(x, raw_quality=raw_quality) for m in self.members_])

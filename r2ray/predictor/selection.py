@@ -222,8 +222,11 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     singles = [c for c in candidates if c.kind not in COMPOSITES]
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
     kept = [c for c in singles if c.name in oof]
-    combine = {STACKED: lambda parts: cross_fitted_stack(parts, train, fold),
-               AVERAGED: lambda parts: averaged_out_of_fold(parts, train, catalog, fold)}
+    combine = {STACKED: lambda members: cross_fitted_stack(
+                   [oof[c.name] for c in members], train, fold),
+               AVERAGED: lambda members: averaged_out_of_fold(
+                   [oof[c.name] for c in members], train, catalog, fold,
+                   [c.build().quality_chains(catalog) for c in members])}
     composites, unscored = [], []
     for name in [c.kind for c in candidates if c.kind in COMPOSITES]:
         members = composite_members(name, kept)
@@ -232,7 +235,7 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
             log(f"  cv: {name} {unscored_reason(name)}")
             continue
         started = time.perf_counter()
-        oof[name] = combine[name]([oof[c.name] for c in members])
+        oof[name] = combine[name](members)
         seconds[name] = time.perf_counter() - started
         composites.append(composite_candidate(name, members, seed))
     kept += composites
