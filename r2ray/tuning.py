@@ -11,8 +11,9 @@ scored exactly as plain cross-validation scores them, so the winner is chosen by
 a stopped candidate is listed in the CV table with its folds done and running AUDC. A trial whose
 fit raises stops the selection with an error naming its candidate, as plain cross-validation does.
 
-Trials write checkpoints under ``storage_path`` (default: a temporary folder, fine for one
-machine; on a multi-node cluster give shared storage, e.g. ``s3://bucket/tune``, as Tune needs).
+Trials write checkpoints under ``storage_path`` (``--tune-storage``; default: a temporary folder,
+fine for one machine; on a multi-node cluster give shared storage, e.g. ``s3://bucket/tune``, as
+Tune needs). A relative local folder is made absolute (:func:`storage_uri`).
 """
 
 from __future__ import annotations

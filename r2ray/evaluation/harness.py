@@ -16,6 +16,10 @@ Splits: ``random`` — 80/20 per seed (``holdout_indices``), metrics as mean and
 seeds; ``category`` — leave one category out (seed 0), mean and std over held-out categories.
 Learned methods carve their early-stopping validation set out of the training part themselves
 (never from the test part). Test queries lacking any default arm are dropped (counted).
+Replay or full information (:func:`r2ray.evaluation.method_scores.is_sampled`) is decided once on
+the whole bench, so every split is scored the same way: decided per split's test part, near the
+threshold one split was scored by replay and another by full information, and the means mixed
+them.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ Per cell: q̂ is the mean of the members' calibrated q̂ and t̂ the mean of the
 without a prediction (NaN) is left out of that cell's mean. The average's own token calibration
 and spend simulation are fitted like every predictor's, on held-out predictions: here the mean of
 the members' out-of-fold predictions, each corrected by calibrations cross-fitted over those rows
-(:func:`~r2ray.predictor.base.router_view`, by the members' folds). Its q̂ gets no map of its own
-(``calibrates_quality``): a second isotonic map on top of the members' ones, fitted on a few
+(:func:`~r2ray.predictor.base.router_view`, by the members' folds; each member's q̂ mapped along
+that member's budget chains, as it predicts: a monotone network's chains share one map). Its q̂
+gets no map of its own (``calibrates_quality``): a second isotonic map on top of the members' ones, fitted on a few
 hundred held-out queries, cost 0.002-0.003 AUDC on the small real benches (measured). The members
 are fitted on all of ``train``, their calibrations on the same out-of-fold predictions
 (the calibrations' folds, :func:`~r2ray.predictor.base.model_fold_ids`), so there are no further

@@ -27,7 +27,10 @@ predict exactly as before. Per kind:
   budget are predicted.
 * ``averaged``: each member extended with its own calibrations (it predicts with them), by
   :func:`extend_predictor` itself; a KNN member covers the old arms only, and the mean on the new
-  ones is over the others (refused, as a stack, where no member covers a new arm).
+  ones is over the others (refused, as a stack, where no member covers a new arm). Each
+  cross-fitting fold extends the members on the other folds' rows, so each new model needs
+  :data:`MIN_NEW_MODEL_QUERIES` queries in every fold's fitting part
+  (:func:`check_folds_calibrate_members`).
 * ``selected``: its winner extended.
 * Anything else (``per_arm_mlp``, a lone ``carrot_knn_*``) is an :class:`ExtensionError` saying why.
 

@@ -12,7 +12,8 @@ spread over two or more folds, so that every fold's fit sees it; :func:`check_fo
 refuses a model that is not): at the default 3 folds a single winner is calibrated
 exactly as it is when fitted alone. Every candidate is fitted ``folds`` times and predicts the fold
 it did not see; those out-of-fold predictions are then corrected as the router would see them
-(token and quality calibrations cross-fitted over the out-of-fold rows by the same folds: a fold's
+(token and quality calibrations cross-fitted over the out-of-fold rows by the same folds, each
+candidate's q̂ mapped along its own budget chains as it predicts: a fold's
 rows are mapped by calibrations fitted on the other folds' rows, never on rows its own fold model
 predicted, as the router's maps never saw the refitted model; mixing them in raised the joint
 network's CV AUDC by 0.008 on the small ParetoBandit copy, Ridge's by 0.001) and scored per fold

@@ -4,14 +4,16 @@ Every predictor regresses log(1 + tokens), so exp(μ̂) − 1 estimates a geomet
 which lies below the mean for right-skewed lengths (by exp(σ²/2) for log-normal ones). The solver
 sums expected costs, so t̂ must estimate the mean tokens of the arm as sent, E[min(T, max_tokens)].
 
-Duan's smearing, per arm and per quantile bin of t̂: on rows the fit did not see, the factor
-s = mean((1 + T) / (1 + t̂)) = mean(exp(r)) of the log residuals r turns 1 + t̂ into an estimate of
+A smearing factor in the spirit of Duan's, per arm and per quantile bin of t̂: on rows the fit did
+not see, s = Σ (1 + T) ÷ Σ (1 + t̂) over the bin (:func:`bin_factor`; an arm with too few rows takes
+the mean of exp(r) of the log residuals r over every arm) turns 1 + t̂ into an estimate of
 E[1 + T], with no assumption on the shape of r; then t̂ ≤ cap, the arm's ``max_tokens`` for an
 empty prompt. Binning by t̂ follows residuals that change with t̂: regression to the mean of an
 overfitted fit, and answers that bunch below the cap (held-out T already stop there). Measured
-(Σ ĉ ÷ Σ realised cost on a held-out 30 %, synthetic world; see issue 10): carrot_linear_all 0.914
-before, 1.066 with one factor per arm, 0.997 with four bins; a log-normal capped mean instead cut
-at the cap twice (per_arm_ridge 0.974 against 0.995).
+(Σ ĉ ÷ Σ realised cost on a held-out 30 %, synthetic world; see issue 10; measured before
+627654a, 2026-12-06, with each bin's factor mean((1 + T) / (1 + t̂)) applied as a step):
+carrot_linear_all 0.914 before, 1.066 with one factor per arm, 0.997 with four bins; a
+log-normal capped mean instead cut at the cap twice (per_arm_ridge 0.974 against 0.995).
 
 Applied, the bins are joined, not stepped: knots at each bin's mean t̂ and mean tokens
 (Σ (1 + T) ÷ Σ (1 + t̂) of the bin times 1 + its mean t̂), pooled where a higher bin's mean falls

@@ -2,8 +2,10 @@
 
 Every routed row is keyed by ``(query_id, model, budget)`` (budget in output tokens, 0 for the
 default arm, as :mod:`r2ray.batch.assign` writes it); each usable actual with the same key bills
-it. Realised cost (USD) is the actual's ``cost_usd`` when given, else input tokens × input price +
-output tokens × output price at the run's catalogue. Money is summed in float64.
+it (usable: valid, and billed to this run or naming none; another run's rows are marked invalid by
+:func:`r2ray.reconcile.actuals.mark_other_runs`). Realised cost (USD) is the actual's ``cost_usd``
+when given, else input tokens × input price + output tokens × output price at the run's
+catalogue. Money is summed in float64.
 """
 
 from __future__ import annotations
