@@ -114,6 +114,58 @@ def test_an_out_that_is_a_file_is_refused_before_fitting(bench_files, tmp_path, 
     assert taken.read_bytes() == b"mine"
 
 
+def _evaluate_fast(bench_files, out, *extra):
+    """`r2ray evaluate` of carrot_knn_default alone on one split (seconds)."""
+    return main(["evaluate", "--bench", str(bench_files / "bench.parquet"), "--model",
+                 "carrot_knn_default", "--methods", "carrot_knn_default", "--out", str(out),
+                 "--queries", str(bench_files / "backlog.parquet"), "--seeds", "1", *extra])
+
+
+def test_a_second_run_into_the_same_out_leaves_no_plot_of_the_first(bench_files, tmp_path):
+    """A run without --train-sizes into a folder where one with them had run left the old
+    learning_curves.png beside a metrics.json with no learning curves."""
+    out = tmp_path / "out"
+    assert _evaluate_fast(bench_files, out, "--train-sizes", "40") == 0
+    assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert _evaluate_fast(bench_files, out) == 0
+    assert "learning_curves" not in json.loads((out / "metrics.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cost_calibration.png", "curves.png", "metrics.json", "reliability.png"]
+
+
+def test_a_run_stopped_while_writing_plots_leaves_no_metrics_json(bench_files, tmp_path,
+                                                                   monkeypatch):
+    """metrics.json was written before the plots: a run that failed (or was stopped) while
+    writing them left a complete-looking metrics.json beside the previous run's plots. It is
+    now written last, and the previous run's goes first."""
+    from r2ray import storage
+
+    out = tmp_path / "out"
+    assert _evaluate_fast(bench_files, out) == 0
+    write_bytes = storage.write_bytes
+
+    def fail_on_reliability(uri, data):
+        if uri.endswith("reliability.png"):
+            raise OSError("no space left on device")
+        write_bytes(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", fail_on_reliability)
+    with pytest.raises(OSError, match="no space left"):
+        _evaluate_fast(bench_files, out, "--train-sizes", "40")
+    assert not (out / "metrics.json").exists()
+
+
+def test_the_table_says_the_oracle_has_no_guaranteed_spend_not_never(bench_files, tmp_path,
+                                                                      capsys):
+    """oracle_all is solved without a spend guarantee (the truth has no spend simulation), and
+    its `guaranteed` cell read "never", as if the guarantee had failed."""
+    assert _evaluate_fast(bench_files, tmp_path / "out") == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()}
+    assert rows["oracle_all"][-2] == "—", rows["oracle_all"]
+    assert float(rows["carrot_knn_default"][-2]) > 0, rows["carrot_knn_default"]
+
+
 @pytest.mark.parametrize("methods", [",", " , "])
 def test_a_methods_list_naming_nothing_is_refused(bench_files, tmp_path, capsys, methods):
     """`--methods ,` ran no learned baseline, with nothing saying so (exit 0)."""

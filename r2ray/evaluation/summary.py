@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 METRICS_FILE, CURVES_FILE = "metrics.json", "curves.png"
 CALIBRATION_FILE = "cost_calibration.png"
 RELIABILITY_FILE, LEARNING_CURVES_FILE = "reliability.png", "learning_curves.png"
+OUTPUT_PLOTS = (CURVES_FILE, CALIBRATION_FILE, RELIABILITY_FILE, LEARNING_CURVES_FILE)
 
 DEFINITIONS = {
     "choice": "per query argmax_j q̂_ij − λ ĉ_ij over the arms a method can use and the bench has "
@@ -204,30 +205,45 @@ def _json_safe(value):
 
 
 def write_outputs(metrics: dict, outcomes: list[SplitOutcome], out_dir: str, subject: str) -> None:
+    """Write the plots, then ``metrics.json`` last, so that a ``metrics.json`` in ``out_dir``
+    always describes every file beside it: an earlier run's ``metrics.json`` goes first (a run
+    stopped while plotting leaves none, not an old one beside new plots), and its plots that this
+    run does not draw (``learning_curves.png`` of a run with ``--train-sizes``) go too."""
+    plots = _plots(metrics, outcomes, subject)
+    storage.remove(storage.join(out_dir, METRICS_FILE), recursive=False)
+    for name in OUTPUT_PLOTS:
+        if name in plots:
+            storage.write_bytes(storage.join(out_dir, name), plots[name])
+        else:
+            storage.remove(storage.join(out_dir, name), recursive=False)
+    storage.write_text(storage.join(out_dir, METRICS_FILE), to_json(metrics) + "\n")
+
+
+def _plots(metrics: dict, outcomes: list[SplitOutcome], subject: str) -> dict[str, bytes]:
+    """{file name: PNG bytes} of the plots this evaluation has data for."""
     from r2ray.evaluation.plots import (cost_calibration_png, curves_png, learning_curves_png,
                                         reliability_png)
 
-    storage.write_text(storage.join(out_dir, METRICS_FILE), to_json(metrics) + "\n")
     title = f"{metrics.get('bench', {}).get('uri', 'bench')} — {metrics['curves_png']}"
-    storage.write_bytes(storage.join(out_dir, CURVES_FILE),
-                        curves_png(outcomes[0].results, outcomes[0].summary, title, subject))
+    plots = {CURVES_FILE: curves_png(outcomes[0].results, outcomes[0].summary, title, subject)}
     if subject in outcomes[0].calibration:
-        storage.write_bytes(storage.join(out_dir, CALIBRATION_FILE), cost_calibration_png(
+        plots[CALIBRATION_FILE] = cost_calibration_png(
             outcomes[0].calibration[subject], f"{subject}: predicted vs realised cost, "
-            f"{outcomes[0].split.label}"))
+            f"{outcomes[0].split.label}")
     reliability = metrics["quality_calibration"].get("reliability")
     if reliability is not None:
-        storage.write_bytes(storage.join(out_dir, RELIABILITY_FILE), reliability_png(
-            reliability, f"{subject}: reliability of q̂ on {outcomes[0].split.label}'s test cells"))
+        plots[RELIABILITY_FILE] = reliability_png(
+            reliability, f"{subject}: reliability of q̂ on {outcomes[0].split.label}'s test cells")
     curves = metrics.get("learning_curves")
     if curves and curves["sizes"]:
         singles = {n: m["audc"] for n, m in metrics["methods"].items()
                    if n.startswith("single:") or n == "oracle_all"}
         best = max((n for n in singles if n.startswith("single:")), key=singles.get, default=None)
         references = {n: singles[n] for n in ("oracle_all", best) if n in singles}
-        storage.write_bytes(storage.join(out_dir, LEARNING_CURVES_FILE), learning_curves_png(
+        plots[LEARNING_CURVES_FILE] = learning_curves_png(
             curves, references, subject, "AUDC against training queries (lines: full training "
-            "part)"))
+            "part)")
+    return plots
 
 
 def format_table(metrics: dict) -> str:
@@ -248,8 +264,7 @@ def format_table(metrics: dict) -> str:
         ratio = "—" if name == subject else _number(ratios.get(name), "{:.2f}×")
         worst = ("—" if name not in adherence else
                  _number(adherence[name]["worst_realised_spend_ratio"], "{:.3f}", "infeasible"))
-        guaranteed = ("—" if name not in adherence else _number(
-            adherence[name].get("worst_guaranteed_spend_ratio_any_split"), "{:.3f}"))
+        guaranteed = _guaranteed_cell(adherence.get(name))
         lines.append(f"{name:{width}} {_pm(m, 'audc')} {_pm(m, 'qnc')} {_pm(m, 'peak')} "
                      f"{_pm(m, 'audc_log_cost')} {_number(m['cost_usd_at_95'], '{:.3g}'):>11} "
                      f"{worst:>11} {guaranteed:>10} {ratio:>16}")
@@ -281,6 +296,17 @@ def format_table(metrics: dict) -> str:
     for note in (curves or {}).get("skipped", []):
         lines.append(f"learning curves: size {note['size']} skipped: {note['reason']}")
     return "\n".join(lines)
+
+
+def _guaranteed_cell(adherence: dict | None) -> str:
+    """The table's ``guaranteed`` cell: "—" for a method solved without a spend guarantee
+    (``oracle_all``: the truth has no spend simulation to size one; a predictor that built
+    none, as on a bench of a few queries), "infeasible" when no budget
+    level was feasible, as ``spend/B max`` says it (it read "never", as if the guarantee failed)."""
+    levels = (adherence or {}).get("levels", [])
+    if not any("guaranteed_realised_spend_ratio" in level for level in levels):
+        return "—"
+    return _number(adherence["worst_guaranteed_spend_ratio_any_split"], "{:.3f}", "infeasible")
 
 
 def _spread_note(n_splits: int) -> str:
