@@ -2,19 +2,22 @@
 
 Errors a user can fix (:class:`r2ray.errors.R2RayError`, a path that cannot be used) print one
 clear line and exit with status 2; ``route`` exits 3 when it committed a run that routed nothing;
-Ctrl-C prints one line and exits 130, as a shell reports an interrupted tool; anything else is a
-bug and keeps its traceback.
+Ctrl-C prints one line and exits 130, as a shell reports an interrupted tool, and SIGTERM (a
+Kubernetes pod deleted) stops a run the same way and exits 143; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 
-from r2ray.errors import R2RayError
+from r2ray.errors import R2RayError, Terminated, raise_terminated
 from r2ray.redaction import redact_text
 
 EXIT_USER_ERROR = 2
@@ -25,6 +28,9 @@ on record, but a scheduler should alert on it."""
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 """Ctrl-C, as a shell reports an interrupted tool: a route leaves its committed run whole and its
 interrupted attempt for the rerun to redo."""
+EXIT_TERMINATED = 128 + signal.SIGTERM
+"""SIGTERM (a Kubernetes pod deleted, ``ray job stop``), as a shell reports a terminated tool: the
+run stops as on Ctrl-C, its lease released, so a rerun starts at once."""
 
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError)
@@ -358,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="r2ray", description="An LLM router on Ray: for every query, which model answers it "
         "and how many output tokens it may use, under one global spend limit (USD). Exit status: "
         "0 done, 2 bad input or configuration (nothing committed), 3 a route committed but "
-        "routed nothing, 130 interrupted (Ctrl-C).")
+        "routed nothing, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.")
     commands = parser.add_subparsers(dest="command", required=True)
     _bench_parsers(commands)
     _route_parser(commands)
@@ -390,13 +396,31 @@ def _refuse_empty_text(parser: argparse.ArgumentParser) -> None:
             action.type = _nonempty
 
 
+@contextlib.contextmanager
+def _sigterm_stops_the_command():
+    """SIGTERM raises :class:`Terminated` while a command runs (main thread only: the only one
+    :func:`signal.signal` may be called from); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args) or 0
+        with _sigterm_stops_the_command():
+            return args.handler(args) or 0
     except (R2RayError, *PATH_ERRORS) as err:
         print(f"r2ray {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Terminated:   # the pod deleted: stopped as on Ctrl-C, lease released
+        print(f"r2ray {args.command}: stopped by SIGTERM; run it again to redo it", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:   # Ctrl-C: the user's stop, not a bug (a run is redone on its rerun)
         print(f"r2ray {args.command}: interrupted; run it again to redo it", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class R2RayError(Exception):
     """Bad input or configuration; the message says what and where."""
@@ -16,3 +18,15 @@ class ConfigError(R2RayError, ValueError):
         lines = [f"  {'.'.join(map(str, e['loc'])) or 'config'}: "
                  f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
         return cls(f"invalid {what}:\n" + "\n".join(lines))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes deleting a job's pod, ``ray job stop``), raised in the main thread as
+    Ctrl-C raises :class:`KeyboardInterrupt`, so a run stops the same way: its lease released,
+    its attempt left for the rerun. Python's default ended the process on the spot: the lease
+    stayed and refused the rerun for its whole five minutes."""
+
+
+def raise_terminated(signum: int, frame) -> None:
+    """The SIGTERM handler the CLI installs (:func:`signal.signal`)."""
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")

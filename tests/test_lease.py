@@ -5,6 +5,10 @@ everything here happens before Ray would start."""
 
 import json
 import os
+import pathlib
+import signal
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -468,3 +472,48 @@ def test_of_two_runs_passing_one_dead_claim_one_changes_the_lock(where, tmp_path
             thread.join(60)
     assert changed == ["A"], f"{changed}: both runs changed the lock read as {seen['owner']}"
     assert runs.children(paths.root) == ["_r2ray_lock.json"]   # no claim is left behind
+
+
+_STOPPED_ROUTE = """
+import os, sys, time
+from r2ray.batch import job
+from r2ray.cli import main
+
+def stopped_here(*args):   # the attempt at work (after Ray started, where asked) when the signal comes
+    if os.environ.get("START_RAY"):
+        job._init_ray()
+    print("at work", flush=True)
+    time.sleep(120)
+
+job._route_attempt = stopped_here
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stop, status, start_ray", [
+    (signal.SIGINT, 130, False), (signal.SIGTERM, 143, False), (signal.SIGTERM, 143, True)],
+    ids=["ctrl-c", "sigterm", "sigterm-after-ray-started"])
+def test_a_stopped_run_releases_its_lease_and_says_so(night, tmp_path, stop, status, start_ray):
+    """Ctrl-C and SIGTERM (Kubernetes deleting the pod) stop a run alike: the lease is released,
+    so a rerun starts at once, and the one line says what to do. SIGTERM used to end the process
+    on the spot (status -15, nothing said, the lease left to refuse the rerun for five minutes),
+    and once Ray had started, Ray's handler exited with status 15."""
+    script = tmp_path / "route.py"
+    script.write_text(_STOPPED_ROUTE)
+    env = dict(os.environ, RAY_ADDRESS="local", START_RAY="1" if start_ray else "")
+    child = subprocess.Popen(
+        [sys.executable, str(script), "route", "--input", night.input, "--output", night.output,
+         "--model", night.model, "--budget-usd", "1", "--run-id", "night"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline() == "at work\n"
+        child.send_signal(stop)
+        _, err = child.communicate(timeout=90)
+    finally:
+        child.kill()
+    assert child.returncode == status, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "r2ray route: interrupted; run it again to redo it" if stop == signal.SIGINT
+        else "r2ray route: stopped by SIGTERM; run it again to redo it")
+    assert _lock(night) is None
+    assert not (pathlib.Path(night.output) / "night" / "manifest.json").exists()

@@ -123,7 +123,8 @@ def test_the_documented_reconcile_actuals_are_the_columns_it_reads():
 def test_the_exit_codes_are_the_cli_codes():
     sentence = re.search(r"Exit codes: (.*?)\. Each run", readme(), re.S).group(1)
     codes = {int(c) for c in re.findall(r"(?:^|; )(\d+) ", sentence)}
-    assert codes == {0, cli.EXIT_USER_ERROR, cli.EXIT_NOTHING_ROUTED, cli.EXIT_INTERRUPTED}
+    assert codes == {0, cli.EXIT_USER_ERROR, cli.EXIT_NOTHING_ROUTED, cli.EXIT_INTERRUPTED,
+                     cli.EXIT_TERMINATED}
 
 
 def test_the_run_folder_names_are_the_codes():

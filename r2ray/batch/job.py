@@ -18,6 +18,7 @@ import functools
 import importlib
 import logging
 import math
+import signal
 import sys
 import threading
 import time
@@ -35,7 +36,7 @@ from r2ray.batch.backlog import (ReadUnit, footer_rows, plan_units, planned_rows
 from r2ray.batch.config import RouteConfig
 from r2ray.catalog import Catalog, repriced_catalog
 from r2ray.cluster import node_resources, ray_address
-from r2ray.errors import R2RayError
+from r2ray.errors import R2RayError, raise_terminated
 from r2ray.failpoints import failpoint
 from r2ray.lease import RunLease, acquire_lease
 from r2ray.manifest import (RunPaths, abandon, check_output, commit, input_fingerprint,
@@ -189,6 +190,7 @@ def _init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        sigterm = signal.getsignal(signal.SIGTERM)
         address = ray_address()   # checked: else ray.init retries an address nothing answers at
         # Ray 2.60 turns token auth on for a local instance and logs a notice every time; the
         # README says so once (the `ray job` CLIs need RAY_AUTH_MODE=token), the job stays quiet
@@ -196,6 +198,14 @@ def _init_ray() -> None:
             logging.ERROR)
         ray.init(address=address, include_dashboard=False if address in (None, "local") else None,
                  ignore_reinit_error=True, log_to_driver=True)
+        _keep_sigterm_handler(sigterm)
+
+
+def _keep_sigterm_handler(before) -> None:
+    """Put the CLI's SIGTERM handler back where ``ray.init`` replaced it (in the main thread) with
+    Ray's own, which exits with status 15 and no word on what to do."""
+    if before is raise_terminated and signal.getsignal(signal.SIGTERM) is not before:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _parts(uri: str) -> list[str]:
