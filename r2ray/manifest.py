@@ -242,11 +242,22 @@ def remove_if_empty(uri: str) -> None:
 
 
 def commit(attempt: RunPaths, manifest: dict) -> None:
-    """Write the manifest (the last write of a run; ``manifest['attempt']`` is set to name its
-    attempt), then drop the attempts it supersedes."""
+    """Write the manifest (:func:`write_manifest`), then drop the attempts it supersedes."""
+    write_manifest(attempt, manifest)
+    drop_superseded(attempt)
+
+
+def write_manifest(attempt: RunPaths, manifest: dict) -> None:
+    """The commit itself: the last write of a run, in one write (``manifest['attempt']`` is set
+    to name its attempt)."""
     manifest["attempt"] = attempt.attempt
     stored = redact_values(manifest)   # URIs (tracking, input, output) may carry credentials
     storage.write_text(attempt.manifest, json.dumps(stored, indent=2, sort_keys=True) + "\n")
+
+
+def drop_superseded(attempt: RunPaths) -> None:
+    """After the commit, the attempts its manifest no longer names (a run stopped here is
+    committed all the same)."""
     remove_attempts(attempt, keep=attempt.attempt)
 
 

@@ -517,3 +517,37 @@ def test_a_stopped_run_releases_its_lease_and_says_so(night, tmp_path, stop, sta
         else "r2ray route: stopped by SIGTERM; run it again to redo it")
     assert _lock(night) is None
     assert not (pathlib.Path(night.output) / "night" / "manifest.json").exists()
+
+
+def test_a_run_stopped_after_its_manifest_is_written_keeps_its_mlflow_run(night, monkeypatch):
+    """SIGTERM (or any error) while the commit removes the attempts it supersedes comes after the
+    manifest is written: the run is committed, and its MLflow run must not be marked FAILED and
+    tagged not committed (it was, for a night whose routed output consumers do read)."""
+    import threading
+
+    from r2ray.batch import report
+    from r2ray.batch.report import STATS_SCHEMA, combine_stats
+    from r2ray.errors import Terminated
+    from r2ray.lease import acquire_lease
+
+    paths = runs.RunPaths(night.output, "night")
+    lease = acquire_lease(paths)
+    attempt, _ = runs.start_attempt(paths, fingerprint="f")
+    marked = []
+    monkeypatch.setattr(report, "write_report", lambda *args: {})
+    monkeypatch.setattr(job, "_log_report", lambda *args: "mlflow-run-1")
+    monkeypatch.setattr(job, "_mark_uncommitted", lambda *args: marked.append(args[0]))
+
+    def stopped(*args, **kwargs):
+        raise Terminated("stopped by SIGTERM")
+
+    monkeypatch.setattr(runs, "remove_attempts", stopped)
+    warm = threading.Thread(target=lambda: None)
+    warm.start()
+    stats = combine_stats(pa.Table.from_pylist([], schema=STATS_SCHEMA))
+    try:
+        with pytest.raises(Terminated):
+            job._report_and_commit(night, attempt, {"run_id": "night"}, stats, warm, {}, lease)
+    finally:
+        lease.release()
+    assert runs.is_committed(paths) and marked == []

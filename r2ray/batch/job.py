@@ -39,8 +39,9 @@ from r2ray.cluster import node_resources, ray_address
 from r2ray.errors import R2RayError, raise_terminated
 from r2ray.failpoints import failpoint
 from r2ray.lease import RunLease, acquire_lease
-from r2ray.manifest import (RunPaths, abandon, check_output, commit, input_fingerprint,
-                            is_committed, read_manifest, start_attempt)
+from r2ray.manifest import (RunPaths, abandon, check_output, drop_superseded,
+                            input_fingerprint, is_committed, read_manifest, start_attempt,
+                            write_manifest)
 from r2ray.redaction import redact_text, redact_values
 
 if TYPE_CHECKING:  # the predictor package imports torch: only the route itself needs it
@@ -609,11 +610,12 @@ def _report_and_commit(config: RouteConfig, paths: RunPaths, manifest: dict, sta
                                                 functools.partial(log_to_mlflow, plot_png=plot))
     try:
         lease.renew()   # LeaseLost where another run took this one's lease over: never commit then
-        commit(paths, manifest)
+        write_manifest(paths, manifest)
     except BaseException as err:
         if manifest["mlflow_run_id"] is not None:
             _mark_uncommitted(manifest["mlflow_run_id"], config.tracking_uri, err)
         raise
+    drop_superseded(paths)   # committed: a stop (SIGTERM) or an error here leaves its MLflow run be
     return manifest
 
 
