@@ -26,6 +26,7 @@ from r2ray.batch.score import score_batch
 from r2ray.bench.synthetic import synth_backlog
 from r2ray.manifest import RunPaths, commit
 from r2ray.predictor import load_predictor
+from r2ray.prompting import max_tokens_for
 from r2ray.serving.config import PacingConfig, serve_config
 from r2ray.serving.pacer import Pacer, starting_price
 from r2ray.serving.router import RouteItem, RoutingModel, route_items
@@ -34,15 +35,22 @@ from r2ray.serving.service import RoutingService, SpendBook, route_item
 from r2ray.solver import solve_budget, table_to_steps
 
 SEED = 7
+LONG_QUERY_TOKENS = [   # input tokens, each near a model's context (32,768; 131,072; 202,752)
+    28_000, 30_000, 32_000, 127_500, 129_500, 199_000, 201_000, 202_000]
 DECISION = ("model", "budget", "messages", "max_tokens")
 
 
 def _backlog(catalog, embedding_dim: int, folder) -> pa.Table:
     """300 synthetic queries with embeddings, the first 10 sent 3 times more under new ids (their
-    hull steps tie exactly), validated as the batch job validates them (input tokens estimated
-    from the text, as Serve estimates them)."""
+    hull steps tie exactly), 8 padded to ``LONG_QUERY_TOKENS`` (near each model's context, so
+    ``max_tokens`` is context-bound) and 5 with white space around them, validated as the batch
+    job validates them (input tokens estimated from the text, as Serve estimates them)."""
     rows = synth_backlog(catalog, 300, seed=5, embeddings=True).to_pylist()
     rows += [dict(r, query_id=f"{r['query_id']}-copy{k}") for r in rows[:10] for k in range(3)]
+    rows += [dict(r, query_id=f"{r['query_id']}-long", query=f"{r['query']} {'x' * 4 * tokens}")
+             for r, tokens in zip(rows[10:], LONG_QUERY_TOKENS)]
+    rows += [dict(r, query_id=f"{r['query_id']}-padded", query=f"  {r['query']}\n")
+             for r in rows[20:25]]
     for row in rows:
         del row["input_tokens"]
     path = folder / "backlog.parquet"
@@ -123,6 +131,14 @@ def _at_lambda(steps, lam: float) -> np.ndarray:
                        minlength=steps.n_queries) > 0
 
 
+def _context_bound(batch: dict[str, dict], catalog) -> list[str]:
+    """Query ids whose routed ``max_tokens`` is their model's context less the prompt (tokens),
+    below the budget's own cap: the long queries' branch of the cap rule, where the input-token
+    estimate decides the cap."""
+    return [q for q, r in batch.items() if r["max_tokens"] < max_tokens_for(
+        r["budget"], 2**40, 0, catalog.model(r["model"]).output_cap_tokens)]
+
+
 @pytest.mark.parametrize("share, strict", [(0.4, False), (0.4, True), (1.5, False)],
                          ids=["predicted", "strict-budget", "lambda-0"])
 def test_serve_gives_each_query_the_batch_jobs_decision(small_routing_model, tmp_path, share,
@@ -138,6 +154,7 @@ def test_serve_gives_each_query_the_batch_jobs_decision(small_routing_model, tmp
     online = _online(_service(model, tmp_path), model, rows)
 
     wanted = [tuple(batch[r["query_id"]][f] for f in DECISION) for r in rows]
+    assert _context_bound(batch, catalog), "no routed max_tokens is bound by a context window"
     moved = solved.filled
     split = _at_lambda(steps, solved.certificate.lam)
     assert moved.sum() + split.sum() <= 12, (moved.sum(), split.sum())
