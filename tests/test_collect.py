@@ -419,6 +419,29 @@ def test_dry_run_bounds_the_judge(tmp_path):
     assert worst_case_usd(judged) <= bound
 
 
+def test_the_dry_run_prints_a_small_worst_case_readably(tmp_path):
+    """A cheap model's collection: ``.6f`` printed a worst case of $7.7e-07 as $0.000001. The
+    printed worst case reads back as the requests' own (USD), however small."""
+    from r2ray.execution import collect as c
+    from r2ray.execution.requests import worst_case_usd
+
+    catalog = yaml.safe_load(Path(write_catalog(tmp_path / "cat.yaml", "http://127.0.0.1:1/v1"))
+                             .read_text())
+    for model in catalog["models"]:
+        model.update(input_per_m=model["input_per_m"] * 1e-4,
+                     output_per_m=model["output_per_m"] * 1e-4)
+    (tmp_path / "cheap.yaml").write_text(yaml.safe_dump(catalog))
+    queries = write_queries(tmp_path / "q.jsonl", QUERIES[:2])
+    config = c.CollectConfig(queries=queries, catalog=str(tmp_path / "cheap.yaml"),
+                             out=str(tmp_path / "b.jsonl"))
+    said = c.dry_run(config)
+    worst = worst_case_usd(c.answer_requests(c.read_queries(queries, None, False),
+                                             load_catalog(config.catalog), config.arms, 0))
+    assert 0 < worst < 1e-6
+    printed = float(re.search(r"worst case \$([0-9.e+-]+) at the caps", said).group(1))
+    assert printed == pytest.approx(worst, rel=1e-5)
+
+
 def test_another_judge_model_in_the_same_work_folder_is_asked_again(tmp_path):
     """A judge call's key is the judged answer's, the same whoever judges: the second judge's
     scores were the first's, unasked, while the manifest named the second; now it is asked, and

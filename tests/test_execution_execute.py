@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,11 +19,12 @@ from r2ray.reconcile import read_actuals
 from r2ray.routing import routed_request
 
 
-def write_catalog(path, url: str) -> str:
-    """Two priced models on the stub, budgets 4, 12 and default (cap 24)."""
+def write_catalog(path, url: str, price_scale: float = 1.0) -> str:
+    """Two priced models on the stub, budgets 4, 12 and default (cap 24); ``price_scale``
+    multiplies both models' prices (USD per million tokens)."""
     path.write_text(yaml.safe_dump({"budgets": [4, 12, "default"], "models": [
-        {"name": name, "input_per_m": p_in, "output_per_m": p_out, "context": 4096,
-         "endpoint": url, "max_output_tokens": 24}
+        {"name": name, "input_per_m": p_in * price_scale, "output_per_m": p_out * price_scale,
+         "context": 4096, "endpoint": url, "max_output_tokens": 24}
         for name, p_in, p_out in [("small", 1.0, 2.0), ("large", 10.0, 30.0)]]}))
     return str(path)
 
@@ -148,3 +150,49 @@ def test_a_work_folder_of_another_run_is_refused_naming_both_runs(tmp_path, caps
         assert main(["execute", "--run", run_b, "--out", str(tmp_path / "B.parquet"),
                      "--work", str(tmp_path / "work_B"), "--executor", "local"]) == 0
         assert len(stub.calls) == 24
+
+
+def test_a_work_folder_of_the_same_run_id_routed_otherwise_is_refused(tmp_path, capsys):
+    """The binding's second half: a run id committed again with other routed calls (6 queries
+    where the folder answered 12) is refused naming the routed fingerprint, none sent; the run
+    id alone would have let the folder's recorded calls answer it."""
+    with StubServer() as stub:
+        catalog = write_catalog(tmp_path / "pool.yaml", stub.url)
+        first = committed_run(tmp_path / "first", catalog)
+        again = committed_run(tmp_path / "again", catalog, n=6)
+        execute = ["--work", str(tmp_path / "work"), "--executor", "local"]
+        assert main(["execute", "--run", first, "--out", str(tmp_path / "A.parquet"),
+                     *execute]) == 0
+        capsys.readouterr()
+        assert main(["execute", "--run", again, "--out", str(tmp_path / "B.parquet"),
+                     *execute]) == 2
+        err = capsys.readouterr().err
+        assert "holds the calls of another run (routed_fingerprint '" in err
+        assert not (tmp_path / "B.parquet").exists() and len(stub.calls) == 12
+
+
+def _dollars(text: str, label: str) -> float:
+    """The amount (USD) printed after ``label $`` in ``text``."""
+    return float(re.search(re.escape(label) + r" \$([0-9.e+-]+)", text).group(1))
+
+
+def test_the_dry_run_and_summary_print_a_small_spend_readably(tmp_path, capsys):
+    """A cheap local model's night: ``.6f`` printed the dry run's worst case of $8.1e-07 as
+    $0.000001 and the realised spend of $2.5e-07 as $0.000000. Each printed amount reads back
+    as what was bid or billed: the worst case at 1e-4 of the prices is 1e-4 of the full-price
+    run's, the spend the actuals' sum."""
+    with StubServer() as stub:
+        worst = []
+        for scale in (1.0, 1e-4):
+            folder = tmp_path / f"prices-{scale:g}"
+            folder.mkdir()
+            run = committed_run(folder, write_catalog(folder / "pool.yaml", stub.url, scale))
+            execute = ["execute", "--run", run, "--out", str(folder / "actuals.parquet"),
+                       "--work", str(folder / "work"), "--executor", "local"]
+            assert main([*execute, "--dry-run"]) == 0
+            worst.append(_dollars(capsys.readouterr().out, "worst case"))
+        assert main(execute) == 0
+    billed = pq.read_table(folder / "actuals.parquet").column("cost_usd").to_numpy().sum()
+    assert 0 < billed < 1e-6
+    assert _dollars(capsys.readouterr().out, "spend:") == pytest.approx(billed, rel=1e-5)
+    assert worst[1] == pytest.approx(worst[0] * 1e-4, rel=1e-5)
