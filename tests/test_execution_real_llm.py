@@ -116,17 +116,23 @@ def test_real_model_loop(tmp_path, local_llm, ray_local, capsys):
     queries_n = len(real_queries())
     assert len(rows) == queries_n * 2 * len(BUDGETS)
     cap = {4: 12, 24: 32, 0: MAX_OUTPUT_TOKENS}  # the routing rule: b + max(8, 10 %)
+    answers = {(a["query_id"], a["model"], a["budget"]): a for a in pa.parquet.read_table(
+        tmp_path / "bench.work" / "answers" / "parts").to_pylist() if a["ok"]}
+    own_tokens = {}
     for r in rows:
         assert 0 < r["output_tokens"] <= cap[r["budget"]]
         assert r["output_tokens"] == cap[r["budget"]] or not r["truncated"]   # cut at the cap
         assert r["input_tokens"] > 0 and r["quality"] in (0.0, 1.0)
+        # a bench row's input_tokens is the query's own prompt, the same on every arm; its cost
+        # is the bill of the prompt sent, as the runtime counted it (instruction, template)
+        assert own_tokens.setdefault(r["query_id"], r["input_tokens"]) == r["input_tokens"]
+        sent = answers[(r["query_id"], r["model"], r["budget"])]
         price = (0.05e-6, 0.10e-6) if r["model"] == "smol-cheap" else (0.50e-6, 2.00e-6)
-        assert r["cost_usd"] == pytest.approx(r["input_tokens"] * price[0]
-                                              + r["output_tokens"] * price[1])
+        assert r["cost_usd"] == sent["cost_usd"] == pytest.approx(
+            sent["input_tokens"] * price[0] + sent["output_tokens"] * price[1])
+        assert sent["output_tokens"] == r["output_tokens"] and not sent["usage_estimated"]
     manifest = json.loads((tmp_path / "bench.work" / "manifest.json").read_text())
     assert manifest["answers"]["failed"] == 0
-    assert not any(r["usage_estimated"] for r in pa.parquet.read_table(
-        tmp_path / "bench.work" / "answers" / "parts").to_pylist())   # the runtime's own counts
     assert any(r["quality"] == 1.0 for r in rows)       # a 135M model gets some right
     assert any(r["truncated"] for r in rows if r["budget"] == 4)   # 12 tokens cut some answers
     # same weights, same greedy answers: both names agree arm by arm
