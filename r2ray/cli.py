@@ -410,6 +410,14 @@ def _sigterm_stops_the_command():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _stop_note(err: KeyboardInterrupt) -> str:
+    """What a stop adds to its line: an execution stopped by a second Ctrl-C or SIGTERM says
+    its calls in flight may be billed unrecorded (``note``, :class:`~r2ray.execution.engine.
+    StopOnSignal`); a first one waited for them and recorded them."""
+    note = getattr(err, "note", "")
+    return f" ({note})" if note else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -418,11 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     except (R2RayError, *PATH_ERRORS) as err:
         print(f"r2ray {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Terminated:   # the pod deleted: stopped as on Ctrl-C, lease released
-        print(f"r2ray {args.command}: stopped by SIGTERM; run it again to redo it", file=sys.stderr)
+    except Terminated as err:   # the pod deleted: stopped as on Ctrl-C, lease released
+        print(f"r2ray {args.command}: stopped by SIGTERM{_stop_note(err)}; run it again to redo it",
+              file=sys.stderr)
         return EXIT_TERMINATED
-    except KeyboardInterrupt:   # Ctrl-C: the user's stop, not a bug (a run is redone on its rerun)
-        print(f"r2ray {args.command}: interrupted; run it again to redo it", file=sys.stderr)
+    except KeyboardInterrupt as err:   # Ctrl-C: the user's stop, not a bug (redone on its rerun)
+        print(f"r2ray {args.command}: interrupted{_stop_note(err)}; run it again to redo it",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:   # the reader left early (`r2ray bench stats B | head`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush

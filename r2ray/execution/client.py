@@ -28,7 +28,13 @@ then stops the run, since the cap can no longer be kept (a rerun reads the spend
 parts)."""
 RUN_STOPPED = "not called: the run was stopping (no new call once it stops); a rerun sends it"
 """A row's ``error`` where its call was never made because the book was closed (:class:`BookClosed`:
-another batch's booking failed): told apart from :data:`SPEND_BOOK_FAILED`; nothing was paid."""
+another batch's booking failed) or the run was stopped (a Ctrl-C or SIGTERM: its limiter closed):
+told apart from :data:`SPEND_BOOK_FAILED`; nothing was paid."""
+
+CUT_OFF = ("in flight when the run was stopped (Ctrl-C, SIGTERM) and unanswered within the wait "
+           "for it: booked at its worst case, since the provider may bill it; a rerun sends it")
+"""A row's ``error`` where its call was in flight when the run stopped and did not come back within
+the wait (the calls' timeout): what it may be billed is kept in the spend and the cap, not lost."""
 
 RESULT_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
@@ -98,12 +104,14 @@ class Pacer:
 
 class EndpointLimiter:
     """Concurrency, requests per minute and tokens per minute (prompt estimate + ``max_tokens``)
-    of one endpoint within one worker."""
+    of one endpoint within one worker. Once ``closed`` (the run is stopping: a Ctrl-C or SIGTERM),
+    it admits no call: one waiting for a slot raises :class:`RunStopped` instead of being sent."""
 
     def __init__(self, settings: EndpointSettings):
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._requests = Pacer(settings.requests_per_minute)
         self._tokens = Pacer(settings.tokens_per_minute)
+        self.closed = False   # set from a signal handler: a plain flag, no lock
 
     async def __aenter__(self):
         await self._slots.acquire()
@@ -112,6 +120,8 @@ class EndpointLimiter:
     async def admit(self, tokens: int) -> None:
         await self._requests.take(1)
         await self._tokens.take(tokens)
+        if self.closed:
+            raise RunStopped()
 
     async def __aexit__(self, *exc):
         self._slots.release()
@@ -370,6 +380,11 @@ async def execute_one(client: httpx.AsyncClient, request: dict, settings: Endpoi
         return row
     except Exception as err:   # an answer already paid in this batch must still be written
         cost = _unexpected(row, err, worst if calling else None)
+        return row
+    except asyncio.CancelledError:   # the run stopped and its wait ran out: recorded, not lost
+        cost = worst if calling else 0.0
+        row.update(ok=False, response=None, cost_usd=0.0, billed_usd=row["billed_usd"] + cost,
+                   error=CUT_OFF if calling else RUN_STOPPED)
         return row
     finally:
         row["ended_s"] = time.time()

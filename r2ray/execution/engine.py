@@ -10,7 +10,11 @@ Work folder layout::
     manifest.json                  written LAST by the caller (collect, execute)
 
 Crash safety: a part is written whole (temp name + rename) once its batch is done and is named by
-its keys and prompt hashes, so a kill loses at most the batches in flight. A rerun reads the
+its keys and prompt hashes, so a kill loses at most the batches in flight. A Ctrl-C or SIGTERM is
+no kill (:class:`StopOnSignal`): the first issues no new call and waits for the calls in flight,
+at most the calls' timeout (``RetryPolicy.timeout_s``, ``--timeout-s``), writes their answers and
+cost as any, books a call still out then at its worst case, and stops; a second stops at once,
+calls in flight maybe billed unrecorded. A rerun reads the
 parts, runs only the keys not answered (last run's failures included: they are cleared at the
 start and retried), and the final table keeps one row per key. A failure is never a quality-0
 row: it has no answer.
@@ -28,12 +32,15 @@ the prompt sent now (a warning gives the count), so the calls they paid for are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +54,7 @@ import pyarrow.parquet as pq
 from r2ray import storage
 from r2ray.batch.report import usd_digits
 from r2ray.catalog import Catalog
+from r2ray.errors import Terminated
 from r2ray.execution.client import (RESULT_SCHEMA, SPEND_BOOK_FAILED, EndpointLimiter,
                                     EndpointSettings, RunStopped, SpendBookError, chat_url,
                                     execute_one)
@@ -131,6 +139,73 @@ class _ActorBook:
         await self.actor.settle.remote(worst_usd, cost_usd)
 
 
+UNRECORDED_NOTE = "stopped at once: calls in flight may be billed and not recorded"
+"""What a second Ctrl-C or SIGTERM says (the CLI prints it): the calls in flight were not waited
+for, so what the provider bills for them is in no part and no spend."""
+
+
+class StopOnSignal:
+    """While a run's calls go out, SIGINT (Ctrl-C) and SIGTERM stop it without losing the calls
+    in flight, which the provider bills: the first sets :attr:`signum` and calls each listener
+    (a worker closes its limiters, so no new call is made) and the run writes what comes back,
+    then :meth:`raise_if_stopped` raises as the CLI expects (:class:`KeyboardInterrupt`, or
+    :class:`~r2ray.errors.Terminated`); a second raises at once with :data:`UNRECORDED_NOTE`.
+    Listeners run inside the signal handler: plain flags and ``call_soon_threadsafe`` only, no
+    lock (the interrupted code may hold it)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.listeners: list[Callable[[], None]] = []
+        self.handled: list[int] = []   # the signals it handles (installed in the main thread)
+
+    def reinstall(self) -> None:
+        """Handle its signals again where another handler replaced it (``ray.init`` sets its
+        own SIGTERM handler, which exits 15 at once)."""
+        for signum in self.handled:
+            if signal.getsignal(signum) is not self:
+                signal.signal(signum, self)
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise self.stop(signum, UNRECORDED_NOTE)
+        self.signum = signum
+        for listener in self.listeners:
+            listener()
+
+    @staticmethod
+    def stop(signum: int, note: str = "") -> KeyboardInterrupt:
+        err = (Terminated(f"stopped by {signal.Signals(signum).name}")
+               if signum == signal.SIGTERM else KeyboardInterrupt())
+        err.note = note
+        return err
+
+    def raise_if_stopped(self) -> None:
+        if self.signum is not None:
+            raise self.stop(self.signum)
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls):
+        """A :class:`StopOnSignal` handling SIGINT and SIGTERM for the block (main thread only,
+        the one a handler may be set from; a signal ignored, as in a ``nohup`` job, stays so);
+        the previous handlers are restored after."""
+        stop = cls()
+        if threading.current_thread() is not threading.main_thread():
+            yield stop
+            return
+        previous = {signum: signal.getsignal(signum) for signum in cls.SIGNALS}
+        stop.handled = [signum for signum, handler in previous.items()
+                        if handler is not signal.SIG_IGN]
+        stop.reinstall()
+        try:
+            yield stop
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
 class SpendLedger(SpendBook):
     """The one :class:`SpendBook` of a run, as a Ray actor the workers share."""
 
@@ -151,9 +226,20 @@ class RequestWorker:
         self._loop = asyncio.new_event_loop()
         self._client: httpx.AsyncClient | None = None
         self._limiters: dict[str, EndpointLimiter] = {}
+        self._stopping = False
+        self._woken: asyncio.Event | None = None   # set when the run stops mid-batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._loop.run_until_complete(self._run(batch.to_pylist()))
+
+    def stop(self) -> None:
+        """The run is stopping (a :class:`StopOnSignal` listener): no new call from now on, the
+        batch's calls in flight waited for (:meth:`_wait`). Flags and a thread-safe wake only."""
+        self._stopping = True
+        for limiter in list(self._limiters.values()):
+            limiter.closed = True
+        if self._woken is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._woken.set)
 
     async def _run(self, requests: list[dict]) -> pa.Table:
         if self._client is None:
@@ -162,11 +248,27 @@ class RequestWorker:
             url = self.settings[request["model"]].url
             if url not in self._limiters:
                 self._limiters[url] = EndpointLimiter(self.settings[request["model"]])
-        rows = await asyncio.gather(*(
-            execute_one(self._client, r, self.settings[r["model"]],
-                        self._limiters[self.settings[r["model"]].url], self.retry, self.book,
-                        self.rng) for r in requests))
-        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+                self._limiters[url].closed = self._stopping
+        self._woken = asyncio.Event()
+        calls = [asyncio.ensure_future(execute_one(
+            self._client, r, self.settings[r["model"]], self._limiters[self.settings[r["model"]].url],
+            self.retry, self.book, self.rng)) for r in requests]
+        await self._wait(calls)
+        return pa.Table.from_pylist([call.result() for call in calls], schema=RESULT_SCHEMA)
+
+    async def _wait(self, calls: list[asyncio.Future]) -> None:
+        """Until every call is back; once the run stops (:meth:`stop`), at most the calls' own
+        timeout (``RetryPolicy.timeout_s``) more, then those still out are cancelled, each row
+        booked at its worst case if its call had gone out (:data:`CUT_OFF`)."""
+        everything = asyncio.gather(*calls)
+        woken = asyncio.ensure_future(self._woken.wait())
+        await asyncio.wait([everything, woken], return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+        if not everything.done():
+            _, late = await asyncio.wait(calls, timeout=self.retry.timeout_s)
+            for call in late:
+                call.cancel()
+        await everything
 
     def close(self) -> None:
         if self._client is not None:
@@ -411,9 +513,11 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                                                             config.workers).items()}
     meter = _Progress(todo.num_rows, realised, config.progress_every_s, emit)
     if todo.num_rows:
-        batches = (_ray_batches if config.executor == "ray" else _local_batches)(
-            todo, settings, config, realised)
-        write_batches(batches, work_dir, meter)
+        with StopOnSignal.installed() as signalled:
+            batches = (_ray_batches if config.executor == "ray" else _local_batches)(
+                todo, settings, config, realised, signalled)
+            with contextlib.closing(batches):   # its worker closed now, whatever stops the run
+                write_batches(batches, work_dir, meter, signalled)
     meter.finish()
     parts = read_parts(storage.join(work_dir, "parts"))
     results, dropped = first_per_key(_requested(parts, requests))
@@ -430,13 +534,15 @@ def run_requests(requests: pa.Table, work_dir: str, catalog: Catalog, config: En
                      throughput=throughput_by_endpoint(results) if results.num_rows else {})
 
 
-def write_batches(batches, work_dir: str, meter: _Progress) -> None:
+def write_batches(batches, work_dir: str, meter: _Progress,
+                  signalled: StopOnSignal | None = None) -> None:
     """Write each ``(batch, spend, close_book)`` as it comes (:func:`write_batch`). Where one
     stops the run, ``close_book`` (None: one batch at a time, none in flight) refuses new calls
     and the batches other Ray workers have in flight are still written, their paid answers with
     them (dropped unwritten before, paid again on the rerun); then the run stops. Reading the
-    spend raising (the Ray ledger actor lost) stops it alike."""
-    stopped = None
+    spend raising (the Ray ledger actor lost) stops it alike, and so does a Ctrl-C or SIGTERM
+    (``signalled``), once the batch it came in is written."""
+    stopped = closed = None
     for batch, spend, close_book in batches:
         try:
             write_batch(batch, work_dir)
@@ -447,9 +553,15 @@ def write_batches(batches, work_dir: str, meter: _Progress) -> None:
                 raise
             if stopped is None:
                 stopped = err
-                close_book()
+        if signalled is not None and signalled.signum is not None and close_book is None:
+            break   # in-process: nothing else is in flight
+        if close_book is not None and not closed and (stopped or (signalled and signalled.signum)):
+            closed = True
+            close_book()
     if stopped is not None:
         raise stopped
+    if signalled is not None:
+        signalled.raise_if_stopped()
 
 
 def _spend_so_far(spend: Callable[[], dict], work_dir: str) -> dict:
@@ -497,9 +609,11 @@ def _billed(rows: pa.Table) -> float:
     return float(pc.sum(once["billed_usd_max"]).as_py() or 0.0)
 
 
-def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float):
+def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float,
+                   signalled: StopOnSignal):
     book = SpendBook(cap_usd=config.max_spend_usd, realised_usd=realised)
     worker = RequestWorker(settings, asdict(config.retry), book=book, seed=config.seed)
+    signalled.listeners.append(worker.stop)
     try:
         for start in range(0, todo.num_rows, config.batch_rows):
             yield worker(todo.slice(start, config.batch_rows)), book.state, None
@@ -507,12 +621,17 @@ def _local_batches(todo: pa.Table, settings: dict, config: EngineConfig, realise
         worker.close()
 
 
-def _ray_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float):
+def _ray_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised: float,
+                 signalled: StopOnSignal):
+    """Batches from a Ray Data actor pool sharing one ledger actor; on a Ctrl-C or SIGTERM
+    (``signalled``) :func:`write_batches` closes the ledger and drains the rest: calls the
+    workers have in flight come back and are written, the others come back not called."""
     import ray
 
     from r2ray.batch.job import _init_ray
 
     _init_ray()
+    signalled.reinstall()
     ledger = ray.remote(num_cpus=0)(SpendLedger).remote(config.max_spend_usd, realised)
     ds = ray.data.from_arrow(todo).repartition(
         max(1, -(-todo.num_rows // config.batch_rows))).map_batches(

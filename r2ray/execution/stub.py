@@ -13,7 +13,8 @@ reasoning model that spent ``max_tokens`` thinking); ``nousage`` answers without
 ``[slow:S]`` sleeps S seconds before answering; ``[drip:S]`` sends the body a byte every S
 seconds (each gap under a per-read timeout, the whole past it). A judge prompt
 (:mod:`..graders`) is answered ``Score: 1`` when the answer holds the reference, ``Score: 0``
-when not, ``Score: 0.5`` without one. Every request is logged in ``calls``.
+when not, ``Score: 0.5`` without one. Every request is logged in ``calls`` once answered, and
+counted in ``arrived`` as it comes (a test can stop a run while calls are in flight).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class StubServer:
     def __init__(self, retry_after: str = "0.3", timeout_sleep_s: float = 2.0):
         self.retry_after, self.timeout_sleep_s = retry_after, timeout_sleep_s
         self.calls: list[dict] = []      # {model, content, max_tokens, status}
+        self.arrived = 0                 # requests received, answered or not yet
         self._attempts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -132,6 +134,8 @@ class StubServer:
                     body = json.loads(self.rfile.read(length) or b"{}")
                 except json.JSONDecodeError:
                     body = {}
+                with stub._lock:
+                    stub.arrived += 1
                 status, headers, data, sleep = stub._reply(body)
                 if sleep:
                     time.sleep(sleep)
