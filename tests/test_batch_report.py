@@ -191,18 +191,23 @@ def test_money_in_the_report_and_summary_keeps_its_cents():
         summarise_manifest(manifest)
 
 
-def test_the_mlflow_run_logs_every_count_the_report_shows(tmp_path, mlflow_store):
-    """report.md shows duplicates' rows, unreadable files and the rows left unread in them; the
-    MLflow run logged only rows_in, routed, deferred and quarantined."""
-    manifest = _manifest(3, 0, 3e-5)
-    manifest["counts"] |= {"duplicates": 2, "unreadable_files": 1, "unread_rows": 7}
-    uri, before = mlflow_store(tmp_path), (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+def _logged_metrics(manifest: dict, uri: str) -> dict[str, float]:
+    """The metrics of the MLflow run ``log_to_mlflow`` logs for ``manifest`` into store ``uri``."""
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     try:
         run_id = log_to_mlflow(manifest, _stats(["m"]), uri)
     finally:   # log_to_mlflow points MLflow at this store process-wide
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
-    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    return mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+
+
+def test_the_mlflow_run_logs_every_count_the_report_shows(tmp_path, mlflow_store):
+    """report.md shows duplicates' rows, unreadable files and the rows left unread in them; the
+    MLflow run logged only rows_in, routed, deferred and quarantined."""
+    manifest = _manifest(3, 0, 3e-5)
+    manifest["counts"] |= {"duplicates": 2, "unreadable_files": 1, "unread_rows": 7}
+    metrics = _logged_metrics(manifest, mlflow_store(tmp_path))
     assert {name: metrics[name] for name in manifest["counts"]} == manifest["counts"]
 
 
@@ -211,13 +216,7 @@ def test_a_count_the_run_could_not_know_is_left_out_of_the_mlflow_metrics(tmp_pa
     read): logged as a metric, MLflow refused the run's every metric."""
     manifest = _manifest(3, 0, 3e-5)
     manifest["counts"] |= {"rows_planned": None}
-    uri, before = mlflow_store(tmp_path), (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    try:
-        run_id = log_to_mlflow(manifest, _stats(["m"]), uri)
-    finally:   # log_to_mlflow points MLflow at this store process-wide
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
-    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    metrics = _logged_metrics(manifest, mlflow_store(tmp_path))
     assert "rows_planned" not in metrics and metrics["routed"] == 3
 
 

@@ -3,21 +3,15 @@ by name (it left the new-model and training parts empty and failed on a bare Ind
 
 from __future__ import annotations
 
-import importlib.util
 import types
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import benchmark_module
 from predictor_world import planted_arrays, small_catalog
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "cold_start.py"
 
 
 def cold_start():
-    spec = importlib.util.spec_from_file_location("cold_start_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("cold_start")
 
 
 def test_bench_parts_are_disjoint_and_a_small_bench_is_refused():

@@ -431,15 +431,10 @@ def test_with_the_cache_off_the_model_runs_eagerly_and_a_disagreeing_trace_is_no
 
 
 def encoder_benchmark():
-    """``benchmarks/encoder.py`` as a module (the folder is no package)."""
-    import importlib.util
-    from pathlib import Path
+    """``benchmarks/encoder.py`` as a module."""
+    from benchmark_scripts import benchmark_module
 
-    spec = importlib.util.spec_from_file_location(
-        "encoder_benchmark", Path(__file__).parents[1] / "benchmarks" / "encoder.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    return benchmark
+    return benchmark_module("encoder")
 
 
 def test_the_encoder_benchmark_counts_padded_tokens_from_the_models_plan(minilm, monkeypatch):

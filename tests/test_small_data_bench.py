@@ -5,25 +5,18 @@ full information), decided on the whole bench."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
+from benchmark_scripts import benchmark_module
 from predictor_world import planted_arrays, small_catalog
 
 from r2ray.evaluation.method_scores import (evaluable_queries, evaluate_methods, is_sampled,
                                             reference_methods, summarise)
 from r2ray.predictor.data import holdout_indices
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "small_data.py"
-
-
 def small_data():
-    spec = importlib.util.spec_from_file_location("small_data_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("small_data")
 
 
 def test_fingerprint_follows_settings_and_input_bytes(tmp_path):

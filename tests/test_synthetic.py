@@ -166,13 +166,9 @@ def test_the_realised_spend_benchmark_bills_a_null_cost_as_the_world_does(catalo
     # before the fix: benchmarks/realised_spend.py checked the world's cost_usd against input ×
     # p_in + output × p_out ("should agree to rounding": 58 % apart, the instruction), and a
     # null cost_usd went to reconcile, which priced it at the query's tokens alone
-    import importlib.util
-    from pathlib import Path
+    from benchmark_scripts import benchmark_module
 
-    spec = importlib.util.spec_from_file_location(
-        "realised_spend", Path(__file__).parents[1] / "benchmarks" / "realised_spend.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = benchmark_module("realised_spend")
     backlog, bench = benchmark.write_route_world(str(tmp_path), catalog, 30, 12)
     table = pq.read_table(bench)
     world_bill = table.column("cost_usd").to_numpy()
