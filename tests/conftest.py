@@ -104,6 +104,14 @@ def _mlflow_experiment_per_module():
         os.environ["MLFLOW_EXPERIMENT_ID"] = variable
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a child a test stops with SIGINT: Ctrl-C's default disposition. A
+    non-interactive shell starts a background job (``make test &``, a CI step) with SIGINT
+    ignored, the child inherits it, and Python then installs no KeyboardInterrupt handler, so
+    the signal did nothing and the test waited out its timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(path: Path, *args: str) -> int:
     """Run a script as ``python path args...`` would (``sys.argv``, ``__main__``), in this
     process; its exit code. The jobs/ scripts only call ``r2ray.cli.main``: a fresh interpreter

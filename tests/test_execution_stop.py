@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import default_sigint
 
 from r2ray.catalog import catalog_from_dict
 from r2ray.execution.client import (CUT_OFF, RUN_STOPPED, EndpointLimiter, EndpointSettings,
@@ -55,7 +56,8 @@ def _run_child(stub: StubServer, work: str, mark: str, timeout_s: float = 30.0,
     ``signals``; its stdout."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen([sys.executable, "-c", CHILD, stub.url, work, mark, str(timeout_s)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 60
         while signals and stub.arrived < 4 and time.monotonic() < deadline:

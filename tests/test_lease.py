@@ -13,6 +13,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import default_sigint
 
 from r2ray import manifest as runs
 from r2ray import storage
@@ -504,7 +505,8 @@ def test_a_stopped_run_releases_its_lease_and_says_so(night, tmp_path, stop, sta
     child = subprocess.Popen(
         [sys.executable, str(script), "route", "--input", night.input, "--output", night.output,
          "--model", night.model, "--budget-usd", "1", "--run-id", "night"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=default_sigint)
     try:
         assert child.stdout.readline() == "at work\n"
         child.send_signal(stop)
