@@ -27,6 +27,14 @@ class Terminated(KeyboardInterrupt):
     stayed and refused the rerun for its whole five minutes."""
 
 
+def stopped_by(signum: int) -> KeyboardInterrupt:
+    """What a stop raises in the main thread: :class:`Terminated` for SIGTERM, as Ctrl-C (SIGINT)
+    raises :class:`KeyboardInterrupt`; the CLI says which and exits 143 or 130."""
+    if signum == signal.SIGTERM:
+        return Terminated(f"stopped by {signal.Signals(signum).name}")
+    return KeyboardInterrupt()
+
+
 def raise_terminated(signum: int, frame) -> None:
     """The SIGTERM handler the CLI installs (:func:`signal.signal`)."""
-    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+    raise stopped_by(signum)

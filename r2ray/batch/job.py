@@ -36,7 +36,7 @@ from r2ray.batch.backlog import (ReadUnit, footer_rows, plan_units, planned_rows
 from r2ray.batch.config import RouteConfig
 from r2ray.catalog import Catalog, repriced_catalog
 from r2ray.cluster import node_resources, ray_address
-from r2ray.errors import R2RayError, raise_terminated
+from r2ray.errors import R2RayError
 from r2ray.failpoints import failpoint
 from r2ray.lease import RunLease, acquire_lease
 from r2ray.manifest import (RunPaths, abandon, check_output, drop_superseded,
@@ -203,9 +203,11 @@ def _init_ray() -> None:
 
 
 def _keep_sigterm_handler(before) -> None:
-    """Put the CLI's SIGTERM handler back where ``ray.init`` replaced it (in the main thread) with
-    Ray's own, which exits with status 15 and no word on what to do."""
-    if before is raise_terminated and signal.getsignal(signal.SIGTERM) is not before:
+    """Put back the Python SIGTERM handler ``ray.init`` replaced (in the main thread) with Ray's
+    own, which exits with status 15 and no word on what to do: the CLI's (a stop as on Ctrl-C, its
+    lease released) and the execution engine's (:class:`~r2ray.execution.engine.StopOnSignal`:
+    the calls in flight recorded). Where none was set, Ray's stays."""
+    if callable(before) and signal.getsignal(signal.SIGTERM) is not before:
         signal.signal(signal.SIGTERM, before)
 
 

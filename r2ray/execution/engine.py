@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from r2ray import storage
 from r2ray.batch.report import usd_digits
 from r2ray.catalog import Catalog
-from r2ray.errors import Terminated
+from r2ray.errors import stopped_by
 from r2ray.execution.client import (RESULT_SCHEMA, SPEND_BOOK_FAILED, EndpointLimiter,
                                     EndpointSettings, RunStopped, SpendBookError, chat_url,
                                     execute_one)
@@ -158,14 +158,6 @@ class StopOnSignal:
     def __init__(self):
         self.signum: int | None = None
         self.listeners: list[Callable[[], None]] = []
-        self.handled: list[int] = []   # the signals it handles (installed in the main thread)
-
-    def reinstall(self) -> None:
-        """Handle its signals again where another handler replaced it (``ray.init`` sets its
-        own SIGTERM handler, which exits 15 at once)."""
-        for signum in self.handled:
-            if signal.getsignal(signum) is not self:
-                signal.signal(signum, self)
 
     def __call__(self, signum: int, frame) -> None:
         if self.signum is not None:
@@ -176,8 +168,7 @@ class StopOnSignal:
 
     @staticmethod
     def stop(signum: int, note: str = "") -> KeyboardInterrupt:
-        err = (Terminated(f"stopped by {signal.Signals(signum).name}")
-               if signum == signal.SIGTERM else KeyboardInterrupt())
+        err = stopped_by(signum)
         err.note = note
         return err
 
@@ -196,9 +187,9 @@ class StopOnSignal:
             yield stop
             return
         previous = {signum: signal.getsignal(signum) for signum in cls.SIGNALS}
-        stop.handled = [signum for signum, handler in previous.items()
-                        if handler is not signal.SIG_IGN]
-        stop.reinstall()
+        for signum, handler in previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(signum, stop)
         try:
             yield stop
         finally:
@@ -630,8 +621,7 @@ def _ray_batches(todo: pa.Table, settings: dict, config: EngineConfig, realised:
 
     from r2ray.batch.job import _init_ray
 
-    _init_ray()
-    signalled.reinstall()
+    _init_ray()   # keeps ``signalled`` as the SIGTERM handler, where ray.init set Ray's
     ledger = ray.remote(num_cpus=0)(SpendLedger).remote(config.max_spend_usd, realised)
     ds = ray.data.from_arrow(todo).repartition(
         max(1, -(-todo.num_rows // config.batch_rows))).map_batches(
