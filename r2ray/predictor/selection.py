@@ -223,11 +223,12 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
     singles = [c for c in candidates if c.kind not in COMPOSITES]
     oof, seconds, stopped = (search or sequential_search)(singles, train, catalog, fold, log)
     kept = [c for c in singles if c.name in oof]
+    chains = {c.name: c.build().quality_chains(catalog) for c in kept}   # the q̂ maps' chains
     combine = {STACKED: lambda members: cross_fitted_stack(
                    [oof[c.name] for c in members], train, fold),
                AVERAGED: lambda members: averaged_out_of_fold(
                    [oof[c.name] for c in members], train, catalog, fold,
-                   [c.build().quality_chains(catalog) for c in members])}
+                   [chains[c.name] for c in members])}
     composites, unscored = [], []
     for name in [c.kind for c in candidates if c.kind in COMPOSITES]:
         members = composite_members(name, kept)
@@ -240,11 +241,12 @@ def cross_validate(train: BenchArrays, catalog: Catalog, candidates: list[Candid
         seconds[name] = time.perf_counter() - started
         composites.append(composite_candidate(name, members, seed))
     kept += composites
+    chains |= {c.name: c.build().quality_chains(catalog) for c in composites}
     table = [row | {"name": c.name, "kind": c.kind, "fit_seconds": seconds[c.name]}
              for c, row in zip(kept, score_out_of_fold(
                  {c.name: oof[c.name] for c in kept}, train, catalog, fold, uncalibrated,
                  raw_quality={c.name for c in kept if not c.build().calibrates_quality},
-                 chains={c.name: c.build().quality_chains(catalog) for c in kept}).values())]
+                 chains=chains).values())]
     winner = choose(table)
     for row in table:
         row["chosen"] = row["name"] == winner
